@@ -1,0 +1,1 @@
+"""Architectures, datasets, the bundle format and the training recipes of shieldserve."""

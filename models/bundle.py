@@ -1,0 +1,279 @@
+"""The bundle: a directory with `manifest.json` and `*.safetensors` weights.
+
+Loading verifies the sha256 of every file the manifest names before any of it is used, and
+never unpickles: weights come from safetensors, architectures from the manifest's spec. The
+one exception to "weights in safetensors" is a user's TorchScript classifier, which is loaded
+with `torch.jit.load` after its sha256 is checked (TorchScript's loader restricts what it
+deserialises; the file is code the operator chose to run).
+
+Manifest layout (format 1):
+  format_version, name, version (derived from the artifact hashes), dataset, input
+  {shape, value_range, mean, std, class_names}, artifacts {name: {file, sha256,
+  architecture, training, metrics}}, defenses {name: {...calibration, settings...}},
+  metrics {...}, build {command, seed, preset, steps[...]}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from models.architectures import build_architecture
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be used: missing file, wrong hash, unknown format."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the classifier takes: the decoder converts every upload to this."""
+
+    shape: tuple[int, int, int]  # (C, H, W)
+    class_names: tuple[str, ...]
+    # The network's input range: pixels in [0, 1] are mapped to [lo, hi] and then
+    # normalised with mean/std, inside the Classifier wrapper. Defenses always see [0, 1].
+    value_range: tuple[float, float] = (0.0, 1.0)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"shape": list(self.shape), "class_names": list(self.class_names),
+                               "value_range": list(self.value_range)}
+        if self.mean is not None:
+            out["mean"], out["std"] = list(self.mean), list(self.std or ())
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "InputSpec":
+        shape = tuple(int(v) for v in d["shape"])
+        if len(shape) != 3 or min(shape) < 1:
+            raise BundleError(f"input shape must be (C, H, W), got {shape}")
+        return cls(shape=shape, class_names=tuple(str(c) for c in d["class_names"]),  # type: ignore[arg-type]
+                   value_range=tuple(d.get("value_range", (0.0, 1.0))),  # type: ignore[arg-type]
+                   mean=tuple(d["mean"]) if d.get("mean") is not None else None,
+                   std=tuple(d["std"]) if d.get("std") is not None else None)
+
+
+class Classifier(nn.Module):
+    """A network plus the input conversion the manifest describes.
+
+    Takes pixels in [0, 1] with shape (B, C, H, W) and returns logits (B, K). `features`
+    returns the penultimate activations when the network has a `features` method.
+    """
+
+    def __init__(self, network: nn.Module, spec: InputSpec) -> None:
+        super().__init__()
+        self.network = network
+        self.spec = spec
+        lo, hi = spec.value_range
+        self.scale, self.offset = float(hi - lo), float(lo)
+        c = spec.channels
+        mean = torch.tensor(spec.mean if spec.mean else [0.0] * c).view(1, c, 1, 1)
+        std = torch.tensor(spec.std if spec.std else [1.0] * c).view(1, c, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        self._identity = (self.scale == 1.0 and self.offset == 0.0
+                          and spec.mean is None and spec.std is None)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self._identity:
+            return x
+        return ((x * self.scale + self.offset) - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(self.prepare(x))
+
+    @property
+    def has_features(self) -> bool:
+        return hasattr(self.network, "features")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network.features(self.prepare(x))  # type: ignore[operator]
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    _verified: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
+        """Read the manifest and (by default) check every artifact's sha256 up front."""
+        root = Path(path)
+        manifest_path = root / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise BundleError(f"{root}: no {MANIFEST_NAME}; build a bundle with `shieldserve train --out {root}`")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise BundleError(f"{root}: bundle format {manifest.get('format_version')!r}, "
+                              f"this shieldserve reads {FORMAT_VERSION}")
+        bundle = cls(root, manifest)
+        InputSpec.from_json(manifest["input"])
+        if verify:
+            for name in manifest.get("artifacts", {}):
+                bundle._read_verified(name)
+        return bundle
+
+    def _read_verified(self, name: str) -> bytes:
+        if name in self._verified:
+            return self._verified[name]
+        record = self.artifact(name)
+        file = (self.path / record["file"]).resolve()
+        if self.path.resolve() not in file.parents:
+            raise BundleError(f"artifact {name!r}: file {record['file']!r} is outside the bundle")
+        if not file.is_file():
+            raise BundleError(f"artifact {name!r}: {file} is missing")
+        data = file.read_bytes()
+        digest = sha256_bytes(data)
+        if digest != record["sha256"]:
+            raise BundleError(f"artifact {name!r}: sha256 of {record['file']} is {digest}, "
+                              f"the manifest says {record['sha256']}; refusing to load it")
+        self._verified[name] = data
+        return data
+
+    # ----------------------------------------------------------------- access
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.from_json(self.manifest["input"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.get("version", "unversioned"))
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name", self.path.name))
+
+    def has(self, artifact: str) -> bool:
+        return artifact in self.manifest.get("artifacts", {})
+
+    def artifact(self, name: str) -> dict[str, Any]:
+        try:
+            return self.manifest["artifacts"][name]
+        except KeyError:
+            raise BundleError(f"bundle {self.path} has no artifact {name!r}; "
+                              f"it has {sorted(self.manifest.get('artifacts', {}))}") from None
+
+    def defense(self, name: str) -> dict[str, Any]:
+        """The manifest's section for one defense (calibration thresholds, settings)."""
+        try:
+            return self.manifest["defenses"][name]
+        except KeyError:
+            raise BundleError(f"bundle {self.path} has no section for defense {name!r}; "
+                              f"rebuild it with `shieldserve train`") from None
+
+    def tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        data = self._read_verified(name)
+        if self.artifact(name).get("format", "safetensors") != "safetensors":
+            raise BundleError(f"artifact {name!r} is not a safetensors file")
+        return {k: v.to(device) for k, v in load_safetensors_bytes(data).items()}
+
+    def module(self, name: str, device: str | torch.device = "cpu") -> nn.Module:
+        """Build a network from its architecture spec and load its verified weights (eval mode)."""
+        record = self.artifact(name)
+        arch = record.get("architecture")
+        if arch is None:
+            raise BundleError(f"artifact {name!r} has no architecture")
+        if arch.get("kind") == "torchscript":
+            import io
+            net = torch.jit.load(io.BytesIO(self._read_verified(name)), map_location=device)
+        else:
+            net = build_architecture(arch)
+            state = self.tensors(name)
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise BundleError(f"artifact {name!r}: weights do not fit its architecture "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            net = net.to(device)
+        net.eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net
+
+    def classifier(self, device: str | torch.device = "cpu", artifact: str = "classifier") -> Classifier:
+        return Classifier(self.module(artifact, device), self.input_spec).to(device).eval()
+
+
+class BundleWriter:
+    """Builds or extends a bundle directory; `save()` writes the manifest last."""
+
+    def __init__(self, path: str | Path, manifest: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest: dict[str, Any] = manifest or {}
+        self.manifest.setdefault("format_version", FORMAT_VERSION)
+        self.manifest.setdefault("name", self.path.name)
+        self.manifest.setdefault("artifacts", {})
+        self.manifest.setdefault("defenses", {})
+        self.manifest.setdefault("metrics", {})
+        self.manifest.setdefault("build", {"steps": []})
+
+    @classmethod
+    def extend(cls, path: str | Path) -> "BundleWriter":
+        return cls(path, Bundle.load(path).manifest)
+
+    def set_input(self, spec: InputSpec) -> None:
+        self.manifest["input"] = spec.to_json()
+
+    def add_tensors(self, name: str, tensors: dict[str, torch.Tensor], **meta: Any) -> dict[str, Any]:
+        data = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        return self.add_file(name, f"{name}.safetensors", data, format="safetensors", **meta)
+
+    def add_module(self, name: str, module: nn.Module, architecture: dict[str, Any], **meta: Any) -> dict[str, Any]:
+        state = {k: v for k, v in module.state_dict().items()}
+        return self.add_tensors(name, state, architecture=architecture, **meta)
+
+    def add_file(self, name: str, filename: str, data: bytes, **meta: Any) -> dict[str, Any]:
+        (self.path / filename).write_bytes(data)
+        record = {"file": filename, "sha256": sha256_bytes(data), "bytes": len(data), **meta}
+        self.manifest["artifacts"][name] = record
+        return record
+
+    def set_defense(self, name: str, section: dict[str, Any]) -> None:
+        self.manifest["defenses"][name] = section
+
+    def record_step(self, step: str, command: str, seconds: float, **extra: Any) -> None:
+        steps = [s for s in self.manifest["build"].get("steps", []) if s.get("step") != step]
+        steps.append({"step": step, "command": command, "seconds": round(seconds, 1),
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra})
+        self.manifest["build"]["steps"] = steps
+
+    def save(self) -> Path:
+        hashes = sorted(f"{k}:{v['sha256']}" for k, v in self.manifest["artifacts"].items())
+        defenses = json.dumps(self.manifest.get("defenses", {}), sort_keys=True)
+        self.manifest["version"] = sha256_bytes(("\n".join(hashes) + defenses).encode())[:12]
+        out = self.path / MANIFEST_NAME
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+        tmp.replace(out)
+        return out

@@ -1,0 +1,57 @@
+"""Pieces every recipe shares: seeding, progress bars, augmentation, evaluation."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def seeded(seed: int, step: str) -> torch.Generator:
+    """A generator for one build step, derived from the build seed and the step's name."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + sum(ord(c) * 131 ** i for i, c in enumerate(step))) % 2**63)
+    return g
+
+
+def progress(total: int, desc: str) -> tqdm:
+    disable = os.environ.get("SHIELDSERVE_PROGRESS", "1") == "0"
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=disable,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None,
+            shuffle: bool = True) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for i in range(0, n, batch_size):
+        yield order[i:i + batch_size]
+
+
+def random_affine(x: torch.Tensor, generator: torch.Generator, max_shift: float = 2.0,
+                  max_degrees: float = 10.0, max_scale: float = 0.1) -> torch.Tensor:
+    """Small random shifts, rotations and scalings: cheap augmentation for small digit sets."""
+    b, _, h, w = x.shape
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(max_degrees)
+    scale = 1 + (torch.rand(b, generator=generator) * 2 - 1) * max_scale
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * max_shift
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([
+        torch.stack([cos, -sin, shift[:, 0] * 2 / w], 1),
+        torch.stack([sin, cos, shift[:, 1] * 2 / h], 1),
+    ], 1).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid.to(x.device), padding_mode="zeros", align_corners=False)
+
+
+@torch.no_grad()
+def accuracy(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             batch_size: int = 500) -> float:
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    return correct / max(len(x), 1)

@@ -1,0 +1,152 @@
+"""`shieldserve train`: build a complete bundle from a dataset, step by step.
+
+Each step is a recipe module with `build_step(ctx: BuildContext) -> None` that trains its
+artifacts, calibrates what needs calibrating, and adds both to the bundle. Steps run in the
+order of STEPS; `--steps` picks some of them to add to (or refresh in) an existing bundle.
+Every step draws its randomness from a generator derived from the seed and the step's name,
+so rebuilding with the same seed reproduces the manifest's metrics.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.bundle import Bundle, BundleWriter, Classifier, InputSpec
+from models.datasets import Dataset, load_dataset
+
+log = logging.getLogger("shieldserve.train")
+
+# (step name, recipe module). Later steps may use the classifier the first one built.
+STEPS: list[tuple[str, str]] = [
+    ("classifier", "models.recipes.classifier"),
+]
+
+
+@dataclass
+class ClassifierSource:
+    """Where the base classifier comes from when the user brings their own."""
+
+    kind: str                  # "import" | "torchscript"
+    target: str                # "pkg.module:factory" or a TorchScript file
+    weights: Path | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BuildContext:
+    dataset: Dataset
+    writer: BundleWriter
+    preset: str
+    seed: int
+    device: torch.device
+    command: str
+    options: dict[str, Any] = field(default_factory=dict)
+    byo_classifier: bool = False
+    _classifier: Classifier | None = None
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.from_json(self.writer.manifest["input"])
+
+    def classifier(self) -> Classifier:
+        """The base classifier as saved so far (frozen, eval mode)."""
+        if self._classifier is None:
+            self.writer.save()
+            self._classifier = Bundle.load(self.writer.path).classifier(self.device)
+        return self._classifier
+
+    def forget_classifier(self) -> None:
+        self._classifier = None
+
+
+def parse_classifier(spec: str, weights: str | None, kwargs: dict[str, Any]) -> ClassifierSource:
+    kind, sep, target = spec.partition(":")
+    if kind == "torchscript" and target:
+        return ClassifierSource("torchscript", target)
+    if kind == "import" and target:
+        if not weights:
+            raise ValueError("--classifier import:... needs --classifier-weights FILE.safetensors")
+        return ClassifierSource("import", target, Path(weights), kwargs)
+    if spec.endswith((".pt", ".ts", ".torchscript")) and not sep:
+        return ClassifierSource("torchscript", spec)
+    raise ValueError("--classifier must be 'import:package.module:factory' (with --classifier-weights) "
+                     "or 'torchscript:FILE'")
+
+
+def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dataset, device: torch.device) -> dict:
+    """Put the user's pretrained classifier into the bundle unchanged, and measure it."""
+    from models.recipes.common import accuracy
+
+    if src.kind == "torchscript":
+        data = Path(src.target).read_bytes()
+        record = writer.add_file("classifier", "classifier.torchscript", data, format="torchscript",
+                                 architecture={"kind": "torchscript"}, source=str(src.target))
+    else:
+        from safetensors.torch import load_file
+
+        from models.architectures import build_architecture
+
+        arch = {"kind": "import", "factory": src.target, "kwargs": src.kwargs}
+        net = build_architecture(arch)
+        net.load_state_dict(load_file(str(src.weights)))
+        record = writer.add_module("classifier", net, arch, source=str(src.weights))
+    writer.save()
+    clf = Bundle.load(writer.path).classifier(device)
+    record["metrics"] = {"test_accuracy": round(accuracy(clf, dataset.test.x.to(device), dataset.test.y.to(device)), 4)}
+    record["pretrained"] = True
+    return record
+
+
+def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "default", seed: int = 0,
+                 steps: list[str] | None = None, classifier: ClassifierSource | None = None,
+                 device: str = "cpu", input_overrides: dict[str, Any] | None = None,
+                 options: dict[str, Any] | None = None, argv: list[str] | None = None) -> Path:
+    """Build (or extend, with `steps`) the bundle at `out`. Returns the manifest's path."""
+    out = Path(out)
+    started = time.monotonic()
+    ds = load_dataset(dataset)
+    known = [name for name, _ in STEPS]
+    chosen = steps or known
+    for s in chosen:
+        if s not in known:
+            raise ValueError(f"unknown step {s!r}; steps: {known}")
+    extending = bool(steps) and (out / "manifest.json").exists()
+    writer = BundleWriter.extend(out) if extending else BundleWriter(out)
+    command = "shieldserve train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
+    if not extending:
+        spec = InputSpec(shape=ds.input_shape, class_names=tuple(ds.class_names),
+                         **(input_overrides or {}))
+        writer.set_input(spec)
+        writer.manifest["dataset"] = ds.describe()
+        writer.manifest["build"].update({"seed": seed, "preset": preset, "dataset": dataset,
+                                         "command": command,
+                                         "versions": {"python": platform.python_version(),
+                                                      "torch": torch.__version__}})
+    ctx = BuildContext(ds, writer, preset, seed, torch.device(device), command, dict(options or {}),
+                       byo_classifier=classifier is not None)
+    for name, module_path in STEPS:
+        if name not in chosen:
+            continue
+        t0 = time.monotonic()
+        if name == "classifier" and classifier is not None:
+            record = add_byo_classifier(writer, classifier, ds, ctx.device)
+            writer.manifest["metrics"]["classifier_test_accuracy"] = record["metrics"]["test_accuracy"]
+        else:
+            importlib.import_module(module_path).build_step(ctx)
+        if name == "classifier":
+            ctx.forget_classifier()
+        writer.record_step(name, command, time.monotonic() - t0)
+        writer.save()
+        log.info("step %s done in %.1fs", name, time.monotonic() - t0)
+    writer.manifest["build"]["seconds"] = round(time.monotonic() - started, 1)
+    return writer.save()

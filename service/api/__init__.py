@@ -1,0 +1,1 @@
+"""The HTTP edge: routers, pydantic models, error handling."""

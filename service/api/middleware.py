@@ -1,0 +1,94 @@
+"""ASGI middleware that must see every request before FastAPI does."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from service.api.errors import is_oip
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over `max_bytes` with 413, also chunked ones with no Content-Length.
+
+    The body is read here (up to the limit) and replayed to the app, so no handler can be
+    made to buffer more than the limit.
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_bytes
+            except ValueError:
+                return await self._reject(scope, send, 400, "bad_request", "Content-Length is not a number")
+            if too_big:
+                return await self._too_big(scope, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._too_big(scope, send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_big(self, scope: dict, send: Any) -> None:
+        await self._reject(scope, send, 413, "payload_too_large",
+                           f"request body is larger than the limit of {self.max_bytes} bytes")
+
+    @staticmethod
+    async def _reject(scope: dict, send: Any, status: int, code: str, message: str) -> None:
+        payload = {"error": message} if is_oip(scope["path"]) else {"error": {"code": code, "message": message}}
+        body = json.dumps(payload).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class RequestIdMiddleware:
+    """Accept a sane `X-Request-ID` or make one; expose it to handlers and echo it back."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

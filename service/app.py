@@ -1,0 +1,69 @@
+"""The app factory: everything is built from settings; tests build their own app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+import service
+from service.api import info, predict
+from service.api.errors import install_error_handlers
+from service.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from service.runtime import Runtime
+from service.settings import Settings, load_settings
+
+log = logging.getLogger("shieldserve")
+
+
+class InflightMiddleware:
+    """Counts requests being served (the `shieldserve_inflight_requests` gauge)."""
+
+    def __init__(self, app: Any, runtime: Runtime) -> None:
+        self.app, self.runtime = app, runtime
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == "/metrics":
+            return await self.app(scope, receive, send)
+        gauge = self.runtime.metrics.inflight
+        gauge.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            gauge.dec()
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    runtime = runtime or Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.warmup:
+            await asyncio.get_running_loop().run_in_executor(runtime.executor, runtime.warmup)
+        runtime.ready = True
+        yield
+        app.state.draining = True
+        runtime.ready = False
+        await runtime.close()
+
+    app = FastAPI(title="shieldserve", version=service.__version__, lifespan=lifespan,
+                  description="An image classifier behind runtime adversarial defenses.")
+    app.state.runtime = runtime
+    app.state.settings = settings
+    app.state.draining = False
+    install_error_handlers(app)
+    app.include_router(predict.router)
+    app.include_router(info.router)
+    from service.api import oip
+
+    app.include_router(oip.router)
+    # outermost first: request id, then in-flight count, then the body limit
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(InflightMiddleware, runtime=runtime)
+    app.add_middleware(RequestIdMiddleware)
+    return app

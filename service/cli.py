@@ -1,0 +1,81 @@
+"""The `shieldserve` command (also `python -m service`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    settings = load_settings(args.config, host=args.host, port=args.port)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from models.train import build_bundle, parse_classifier
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    classifier = None
+    if args.classifier:
+        classifier = parse_classifier(args.classifier, args.classifier_weights,
+                                      json.loads(args.classifier_kwargs or "{}"))
+    overrides = {}
+    if args.value_range:
+        overrides["value_range"] = tuple(float(v) for v in args.value_range.split(","))
+    if args.mean:
+        overrides["mean"] = tuple(float(v) for v in args.mean.split(","))
+        overrides["std"] = tuple(float(v) for v in (args.std or "1").split(","))
+    options = json.loads(args.options) if args.options else {}
+    manifest = build_bundle(args.out, dataset=args.dataset, preset=args.preset, seed=args.seed,
+                            steps=args.steps.split(",") if args.steps else None, classifier=classifier,
+                            device=args.device, input_overrides=overrides, options=options,
+                            argv=sys.argv[2:])
+    data = json.loads(Path(manifest).read_text())
+    print(json.dumps({"bundle": str(Path(args.out)), "version": data["version"],
+                      "metrics": data.get("metrics", {})}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shieldserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve a bundle over HTTP")
+    s.add_argument("--config", help="YAML config merged over the packaged one")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=_serve)
+
+    t = sub.add_parser("train", help="build a complete bundle (every artifact every defense needs)")
+    t.add_argument("--out", required=True, help="bundle directory to write")
+    t.add_argument("--dataset", default="mnist5k", help="mnist5k | idx:DIR | npz:FILE")
+    t.add_argument("--preset", default="default", choices=["default", "quick"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", help="comma-separated steps to (re)build into an existing bundle")
+    t.add_argument("--classifier", help="your pretrained classifier: import:pkg.module:factory or torchscript:FILE")
+    t.add_argument("--classifier-weights", help="safetensors weights for an import: classifier")
+    t.add_argument("--classifier-kwargs", help="JSON keyword arguments for the factory")
+    t.add_argument("--value-range", help="the classifier's input range as LO,HI (default 0,1)")
+    t.add_argument("--mean", help="per-channel normalisation mean, e.g. 0.1307")
+    t.add_argument("--std", help="per-channel normalisation std, e.g. 0.3081")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--options", help="JSON recipe overrides, e.g. '{\"classifier\": {\"adversarial\": \"pgd\"}}'")
+    t.set_defaults(func=_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

@@ -1,0 +1,155 @@
+"""The four roles a defense component can play in a pipeline (see DESIGN.md).
+
+  Detector   batch -> one score per image per detector; reject where score > threshold
+  Purifier   batch -> batch of the same shape
+  Adapter    (batch, classifier) -> the classifier to use for that batch
+  Decider    (batch, classify) -> label or abstention, optional certified radius
+
+A defense module (`service/defenses/<name>.py`) exposes
+    build(options: dict, env: DefenseEnv) -> list[Component]
+    PUBLIC_OPTIONS / public_settings(components) for GET /pipelines (never secrets)
+and may return several components (MagNet is a detector set and a reformer).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from models.bundle import Bundle, Classifier
+
+Classify = Callable[[torch.Tensor], torch.Tensor]  # pixels in [0, 1] -> logits
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed, or its client went away, while work was running."""
+
+
+@dataclass
+class RunContext:
+    """What one pipeline run may use besides the batch: device, randomness, deadline."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    deadline: float | None = None  # time.monotonic() value
+    cancelled: Callable[[], bool] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # per-request knobs (e.g. smoothing n)
+    _generator: torch.Generator | None = field(default=None, repr=False)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """A generator seeded from `seed` on the run's device, so a run can be reproduced."""
+        if self._generator is None:
+            self._generator = torch.Generator(device=self.device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def check(self) -> None:
+        """Long loops call this between steps; it raises once the work is no longer wanted."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded("deadline exceeded")
+        if self.cancelled is not None and self.cancelled():
+            raise DeadlineExceeded("client disconnected")
+
+
+@dataclass
+class DefenseEnv:
+    """What a defense's `build` gets: the loaded bundle, the base classifier, settings."""
+
+    bundle: "Bundle"
+    classifier: "Classifier"
+    device: torch.device
+    settings: Any = None
+
+
+@dataclass
+class Detection:
+    """One detector's scores on a batch and the threshold it was calibrated to."""
+
+    detector: str
+    scores: torch.Tensor  # (B,)
+    threshold: float
+
+    @property
+    def rejected(self) -> torch.Tensor:
+        return self.scores > self.threshold
+
+
+@dataclass
+class Purified:
+    x: torch.Tensor
+    details: dict[str, torch.Tensor] = field(default_factory=dict)  # per-image numbers for the stage report
+
+
+@dataclass
+class Decision:
+    labels: torch.Tensor                 # (B,) int64; -1 where abstained
+    confidence: torch.Tensor             # (B,) float
+    probabilities: torch.Tensor          # (B, K)
+    abstained: torch.Tensor              # (B,) bool
+    radius: torch.Tensor | None = None   # (B,) float, when the decider certifies
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Component:
+    """Base for every pipeline component: the defense it belongs to and its role."""
+
+    role: ClassVar[str] = ""
+    defense: str = ""
+
+    def public_settings(self) -> dict[str, Any]:
+        """Settings safe to show on GET /pipelines. Never a secret."""
+        return {}
+
+
+@runtime_checkable
+class Detector(Protocol):
+    role: ClassVar[str]  # "detector"
+    defense: str
+
+    def detect(self, x: torch.Tensor, classify: Classify, ctx: RunContext) -> list[Detection]: ...
+
+
+@runtime_checkable
+class Purifier(Protocol):
+    role: ClassVar[str]  # "purifier"
+    defense: str
+
+    def purify(self, x: torch.Tensor, classify: Classify, ctx: RunContext) -> Purified: ...
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    role: ClassVar[str]  # "adapter"
+    defense: str
+
+    def adapt(self, x: torch.Tensor, classifier: "Classifier", ctx: RunContext) -> Classify: ...
+
+
+@runtime_checkable
+class Decider(Protocol):
+    role: ClassVar[str]  # "decider"
+    defense: str
+    certifies: bool
+
+    def decide(self, x: torch.Tensor, classify: Classify, ctx: RunContext) -> Decision: ...
+
+
+class ArgmaxDecider(Component):
+    """The default decision: the most probable class, never abstains, no certificate."""
+
+    role = "decider"
+    defense = "argmax"
+    certifies = False
+
+    def decide(self, x: torch.Tensor, classify: Classify, ctx: RunContext) -> Decision:
+        with torch.no_grad():
+            probs = torch.softmax(classify(x).float(), dim=1)
+        conf, labels = probs.max(dim=1)
+        return Decision(labels=labels, confidence=conf, probabilities=probs,
+                        abstained=torch.zeros_like(labels, dtype=torch.bool))

@@ -1,0 +1,64 @@
+"""Prometheus metrics (prefix `shieldserve_`), one registry per app.
+
+Labels are low-cardinality by construction: pipeline and defense names come from the
+configuration, endpoint from the route table, outcome from a fixed set. Never an image hash,
+a request id or a secret.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RADIUS_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+SCORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+OUTCOMES = ("accepted", "rejected", "abstained", "mixed", "error", "overloaded", "deadline_exceeded")
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("shieldserve_requests", "Requests answered, by outcome.",
+                                ["pipeline", "endpoint", "outcome"], registry=r)
+        self.request_duration = Histogram("shieldserve_request_duration_seconds",
+                                          "Time from request to response.", ["pipeline", "endpoint"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_duration = Histogram("shieldserve_stage_duration_seconds",
+                                        "Time spent in one defense stage, per batch.",
+                                        ["pipeline", "defense"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rejections = Counter("shieldserve_rejections", "Images rejected as adversarial.",
+                                  ["pipeline", "defense"], registry=r)
+        self.detector_score = Histogram("shieldserve_detector_score", "Detector scores of served images.",
+                                        ["pipeline", "defense"], buckets=SCORE_BUCKETS, registry=r)
+        self.certified_radius = Histogram("shieldserve_certified_radius", "Certified L2 radii of answers.",
+                                          ["pipeline"], buckets=RADIUS_BUCKETS, registry=r)
+        self.abstentions = Counter("shieldserve_abstentions", "Images the pipeline abstained on.",
+                                   ["pipeline"], registry=r)
+        self.images = Counter("shieldserve_images", "Images classified, by final status.",
+                              ["pipeline", "status"], registry=r)
+        self.batch_size = Histogram("shieldserve_batch_size", "Images per batch run through a pipeline.",
+                                    ["pipeline"], buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("shieldserve_queue_depth", "Images waiting in the batcher.", ["pipeline"],
+                                 registry=r, multiprocess_mode="livesum")
+        self.inflight = Gauge("shieldserve_inflight_requests", "Requests being served now.",
+                              registry=r, multiprocess_mode="livesum")
+        self.queue_wait = Histogram("shieldserve_queue_wait_seconds", "Time an image waited for its batch.",
+                                    ["pipeline"], buckets=LATENCY_BUCKETS, registry=r)
+
+    def exposition(self) -> bytes:
+        """The text format for GET /metrics; aggregates all workers in multiprocess mode."""
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

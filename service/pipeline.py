@@ -1,0 +1,225 @@
+"""A pipeline: a named, ordered list of defense components, checked when it is built.
+
+Order: detectors, then purifiers, then at most one adapter, then at most one decider.
+Purifiers placed *after* a certifying decider (randomized smoothing) become part of the
+function the decider samples: the certificate then covers them too (denoised smoothing).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from models.bundle import Classifier
+from service.defenses import build_defense
+from service.defenses.base import (
+    ArgmaxDecider, Classify, Component, Decision, DefenseEnv, Detection, RunContext,
+)
+
+_ORDER = {"detector": 0, "purifier": 1, "adapter": 2, "decider": 3}
+
+
+class PipelineConfigError(ValueError):
+    """A pipeline whose configuration cannot be built; raised at start-up."""
+
+
+@dataclass
+class Rejection:
+    defense: str
+    detector: str
+    score: float
+    threshold: float
+
+
+@dataclass
+class Stage:
+    defense: str
+    role: str
+    seconds: float
+    details: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ImageResult:
+    """The pipeline's answer for one image."""
+
+    status: str                      # accepted | rejected | abstained
+    label: int | None = None
+    class_name: str | None = None
+    confidence: float | None = None
+    certified_radius: float | None = None
+    probabilities: list[float] | None = None
+    rejected_by: list[Rejection] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)  # "defense/detector" -> score
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Pipeline:
+    name: str
+    components: list[Component]
+    classifier: Classifier
+    class_names: tuple[str, ...]
+    description: str = ""
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, name: str, config: dict[str, Any], env: DefenseEnv) -> "Pipeline":
+        entries = config.get("defenses", []) or []
+        components: list[Component] = []
+        for entry in entries:
+            if isinstance(entry, str):
+                defense, options = entry, {}
+            elif isinstance(entry, dict) and "defense" in entry:
+                options = {k: v for k, v in entry.items() if k != "defense"}
+                defense = entry["defense"]
+            else:
+                raise PipelineConfigError(f"pipeline {name!r}: each defense is a name or a mapping "
+                                          f"with a 'defense' key, got {entry!r}")
+            try:
+                components.extend(build_defense(defense, options, env))
+            except PipelineConfigError:
+                raise
+            except Exception as exc:
+                raise PipelineConfigError(f"pipeline {name!r}: defense {defense!r}: {exc}") from exc
+        cls._check_order(name, components)
+        return cls(name, components, env.classifier, env.bundle.input_spec.class_names,
+                   str(config.get("description", "")))
+
+    @staticmethod
+    def _check_order(name: str, components: list[Component]) -> None:
+        roles = [c.role for c in components]
+        for r in roles:
+            if r not in _ORDER:
+                raise PipelineConfigError(f"pipeline {name!r}: unknown role {r!r}")
+        if roles.count("adapter") > 1 or roles.count("decider") > 1:
+            raise PipelineConfigError(f"pipeline {name!r}: at most one adapter and one decider")
+        decider_at = roles.index("decider") if "decider" in roles else len(roles)
+        head, tail = roles[:decider_at], roles[decider_at + 1:]
+        if any(_ORDER[a] > _ORDER[b] for a, b in zip(head, head[1:])):
+            raise PipelineConfigError(f"pipeline {name!r}: order must be detectors, purifiers, "
+                                      f"adapter, decider; got {roles}")
+        if tail and (any(r != "purifier" for r in tail) or not getattr(components[decider_at], "certifies", False)):
+            raise PipelineConfigError(f"pipeline {name!r}: only purifiers may follow the decider, "
+                                      f"and only a certifying one (smoothing)")
+
+    # ------------------------------------------------------------------ describing
+    @property
+    def decider(self) -> Component:
+        for c in self.components:
+            if c.role == "decider":
+                return c
+        return ArgmaxDecider()
+
+    @property
+    def certifies(self) -> bool:
+        return bool(getattr(self.decider, "certifies", False))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "certifies": self.certifies,
+                "defenses": [{"defense": c.defense, "role": c.role, "settings": c.public_settings()}
+                             for c in self.components]}
+
+    # ------------------------------------------------------------------ running
+    def run(self, x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        """Run the whole batch through every stage; rejected images skip later stages."""
+        b = x.shape[0]
+        results = [ImageResult(status="accepted") for _ in range(b)]
+        alive = torch.ones(b, dtype=torch.bool)
+        roles = [c.role for c in self.components]
+        decider_at = roles.index("decider") if "decider" in roles else len(roles)
+        before, after = self.components[:decider_at], self.components[decider_at + 1:]
+        decider = self.components[decider_at] if decider_at < len(roles) else ArgmaxDecider()
+        classify: Classify = self.classifier
+        current = x
+
+        for comp in before:
+            ctx.check()
+            idx = alive.nonzero().flatten()
+            if idx.numel() == 0:
+                break
+            start = time.perf_counter()
+            if comp.role == "detector":
+                with torch.no_grad():
+                    detections: list[Detection] = comp.detect(current[idx], classify, ctx)  # type: ignore[attr-defined]
+                seconds = time.perf_counter() - start
+                for det in detections:
+                    scores = det.scores.detach().float().cpu()
+                    for j, i in enumerate(idx.tolist()):
+                        results[i].scores[f"{comp.defense}/{det.detector}"] = float(scores[j])
+                        if scores[j] > det.threshold:
+                            results[i].rejected_by.append(
+                                Rejection(comp.defense, det.detector, float(scores[j]), float(det.threshold)))
+                self._stage(results, idx, comp, seconds)
+                for i in idx.tolist():
+                    if results[i].rejected_by:
+                        alive[i] = False
+                        results[i].status = "rejected"
+            elif comp.role == "purifier":
+                out = comp.purify(current[idx], classify, ctx)  # type: ignore[attr-defined]
+                current = current.clone()
+                current[idx] = out.x.to(current.dtype)
+                self._stage(results, idx, comp, time.perf_counter() - start, out.details)
+            elif comp.role == "adapter":
+                # the adapted classifier answers for exactly these rows: no detector follows it
+                classify = comp.adapt(current[idx], self.classifier, ctx)  # type: ignore[attr-defined]
+                self._stage(results, idx, comp, time.perf_counter() - start)
+
+        idx = alive.nonzero().flatten()
+        if idx.numel() == 0:
+            return results
+        return self._decide(results, decider, after, classify, current[idx], idx, ctx)
+
+    def _decide(self, results: list[ImageResult], decider: Component, after: list[Component],
+                classify: Classify, x: torch.Tensor, idx: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        ctx.check()
+        if after:
+            classify = _compose(after, classify, ctx)
+        start = time.perf_counter()
+        decision: Decision = decider.decide(x, classify, ctx)  # type: ignore[attr-defined]
+        if decider.defense != "argmax":
+            self._stage(results, idx, decider, time.perf_counter() - start)
+        probs = decision.probabilities.detach().float().cpu()
+        labels = decision.labels.detach().cpu()
+        conf = decision.confidence.detach().float().cpu()
+        abst = decision.abstained.detach().cpu()
+        radius = decision.radius.detach().float().cpu() if decision.radius is not None else None
+        for j, i in enumerate(idx.tolist()):
+            r = results[i]
+            r.probabilities = [round(float(p), 6) for p in probs[j]]
+            for key, value in decision.details.items():
+                if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == len(idx):
+                    r.details[key] = value[j].item()
+                elif isinstance(value, list) and len(value) == len(idx):
+                    r.details[key] = value[j]
+            if bool(abst[j]):
+                r.status = "abstained"
+                continue
+            r.label = int(labels[j])
+            r.class_name = self.class_names[r.label] if 0 <= r.label < len(self.class_names) else str(r.label)
+            r.confidence = float(conf[j])
+            if radius is not None:
+                r.certified_radius = float(radius[j])
+        return results
+
+    @staticmethod
+    def _stage(results: list[ImageResult], idx: torch.Tensor, comp: Component, seconds: float,
+               details: dict[str, torch.Tensor] | None = None) -> None:
+        for j, i in enumerate(idx.tolist()):
+            extra = {k: float(v[j]) for k, v in (details or {}).items()}
+            results[i].stages.append(Stage(comp.defense, comp.role, seconds, extra))
+
+
+def _compose(purifiers: list[Component], classify: Classify, ctx: RunContext) -> Classify:
+    """The function a certifying decider samples: purifiers after the noise, then the classifier."""
+
+    def composed(x: torch.Tensor) -> torch.Tensor:
+        for p in purifiers:
+            x = p.purify(x, classify, ctx).x  # type: ignore[attr-defined]
+        return classify(x)
+
+    return composed

@@ -1,0 +1,108 @@
+"""Everything a running service holds, built from settings by the app factory: the verified
+bundle, the pipelines, one batcher per pipeline, the metrics. No module-level state."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from models.bundle import Bundle
+from service.batcher import Batcher, BatchReport
+from service.defenses.base import DefenseEnv, RunContext
+from service.metrics import Metrics
+from service.pipeline import ImageResult, Pipeline, PipelineConfigError
+from service.settings import Settings
+
+log = logging.getLogger("shieldserve")
+
+
+class UnknownPipeline(KeyError):
+    pass
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.device = torch.device(settings.device)
+        started = time.monotonic()
+        self.bundle = Bundle.load(settings.bundle)  # verifies every sha256; raises BundleError
+        self.input_spec = self.bundle.input_spec
+        self.classifier = self.bundle.classifier(self.device)
+        env = DefenseEnv(bundle=self.bundle, classifier=self.classifier, device=self.device, settings=settings)
+        self.pipelines: dict[str, Pipeline] = {}
+        for name, cfg in settings.pipelines.items():
+            self.pipelines[name] = Pipeline.build(name, cfg.model_dump(), env)
+        if settings.default_pipeline not in self.pipelines:
+            raise PipelineConfigError(f"default_pipeline {settings.default_pipeline!r} is not configured; "
+                                      f"pipelines: {sorted(self.pipelines)}")
+        self.metrics = Metrics()
+        # Inference runs off the event loop. One thread per pipeline at most runs a batch;
+        # torch parallelises inside each call.
+        self.executor = ThreadPoolExecutor(max_workers=max(2, min(8, len(self.pipelines))),
+                                           thread_name_prefix="shieldserve-infer")
+        b = settings.batching
+        self.batchers = {
+            name: Batcher(name, pipeline.run, self.executor, device=self.device, enabled=b.enabled,
+                          max_batch_size=b.max_batch_size, max_delay_ms=b.max_delay_ms,
+                          max_queue=b.max_queue, retry_after_s=b.retry_after_s,
+                          on_batch=lambda report, n=name: self._observe_batch(n, report),
+                          on_queue_change=lambda depth, n=name: self.metrics.queue_depth.labels(n).set(depth))
+            for name, pipeline in self.pipelines.items()
+        }
+        self.ready = False
+        self.load_seconds = time.monotonic() - started
+        log.info("bundle %s (version %s) loaded in %.2fs with pipelines %s", self.bundle.name,
+                 self.bundle.version, self.load_seconds, sorted(self.pipelines))
+
+    # ------------------------------------------------------------------ serving
+    def pipeline(self, name: str | None) -> Pipeline:
+        name = name or self.settings.default_pipeline
+        if name not in self.pipelines:
+            raise UnknownPipeline(name)
+        return self.pipelines[name]
+
+    async def infer(self, pipeline: str, x: torch.Tensor, *, deadline: float | None = None,
+                    options: dict[str, Any] | None = None) -> list[ImageResult]:
+        self.pipeline(pipeline)
+        return await self.batchers[pipeline].submit(x, deadline=deadline, options=options)
+
+    def warmup(self) -> None:
+        """One small run through every pipeline, so the first client does not pay for it."""
+        c, h, w = self.input_spec.shape
+        x = torch.zeros(1, c, h, w, device=self.device)
+        for name, pipeline in self.pipelines.items():
+            started = time.monotonic()
+            pipeline.run(x, RunContext(device=self.device, seed=0))
+            log.info("warmed pipeline %s in %.2fs", name, time.monotonic() - started)
+
+    def _observe_batch(self, pipeline: str, report: BatchReport) -> None:
+        m = self.metrics
+        m.batch_size.labels(pipeline).observe(report.size)
+        for wait in report.queue_waits:
+            m.queue_wait.labels(pipeline).observe(wait)
+        seen: set[str] = set()
+        for r in report.results:
+            for stage in r.stages:
+                if stage.defense not in seen:
+                    seen.add(stage.defense)
+                    m.stage_duration.labels(pipeline, stage.defense).observe(stage.seconds)
+            for key, score in r.scores.items():
+                m.detector_score.labels(pipeline, key.split("/", 1)[0]).observe(score)
+            for defense in {rej.defense for rej in r.rejected_by}:
+                m.rejections.labels(pipeline, defense).inc()
+            if r.status == "abstained":
+                m.abstentions.labels(pipeline).inc()
+            if r.certified_radius is not None:
+                m.certified_radius.labels(pipeline).observe(r.certified_radius)
+            m.images.labels(pipeline, r.status).inc()
+
+    async def close(self) -> None:
+        for b in self.batchers.values():
+            await b.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,129 @@
+"""Settings: built-in defaults < the packaged `default_config.yaml` < your `--config FILE`
+< `SHIELDSERVE_*` environment variables < explicit overrides (CLI flags, tests).
+
+Nested fields use `__` in the environment, e.g. `SHIELDSERVE_BATCHING__MAX_BATCH_SIZE=64`.
+A config file is merged over the packaged one: pipelines are merged by name, and a pipeline
+set to `null` is removed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+PACKAGED_CONFIG = Path(__file__).with_name("default_config.yaml")
+
+
+def _default_bundle() -> Path:
+    import models
+
+    return Path(models.__file__).resolve().parent / "default"
+
+
+class PipelineConfig(BaseModel):
+    description: str = ""
+    # each entry: "name" or {"defense": "name", ...options}
+    defenses: list[str | dict[str, Any]] = Field(default_factory=list)
+
+
+class LimitsConfig(BaseModel):
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body (413 above)")
+    max_image_bytes: int = Field(4 * 1024 * 1024, gt=0, description="largest encoded image")
+    max_pixels: int = Field(4096 * 4096, gt=0, description="width*height, checked before decoding")
+    max_images_per_request: int = Field(64, gt=0)
+    formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG"])
+    resize: Literal["resize", "pad", "reject"] = "resize"
+
+
+class BatchingConfig(BaseModel):
+    enabled: bool = True
+    max_batch_size: int = Field(64, gt=0, description="images per merged batch")
+    max_delay_ms: float = Field(2.0, ge=0, description="how long the first request waits for company")
+    max_queue: int = Field(1024, gt=0, description="queued images per pipeline before 503 overloaded")
+    retry_after_s: int = Field(1, ge=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHIELDSERVE_", env_nested_delimiter="__",
+                                      extra="forbid", validate_default=True)
+
+    bundle: Path = Field(default_factory=_default_bundle)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1" or "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    default_pipeline: str = "default"
+    pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    request_timeout_s: float = Field(60.0, gt=0)
+    torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
+    warmup: bool = True
+    admin_api_key: SecretStr | None = None
+    defense_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-defense service settings (store sizes, maxima)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return v
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if k == "pipelines" and isinstance(v, dict):
+            merged = dict(out.get("pipelines") or {})
+            for name, p in v.items():
+                if p is None:
+                    merged.pop(name, None)
+                else:
+                    merged[name] = p
+            out[k] = merged
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    data = yaml.safe_load(PACKAGED_CONFIG.read_text()) or {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        user = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(user, dict):
+            raise ValueError(f"config file {p} must hold a mapping")
+        if "bundle" in user and not Path(user["bundle"]).is_absolute():
+            user["bundle"] = str((p.parent / user["bundle"]).resolve())
+        data = _deep_merge(data, user)
+    return data
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from the config files, the environment and explicit overrides."""
+    file_data = read_config_file(config or os.environ.get("SHIELDSERVE_CONFIG"))
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+
+    class _Loaded(Settings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                       init_settings: PydanticBaseSettingsSource,
+                                       env_settings: PydanticBaseSettingsSource,
+                                       dotenv_settings: PydanticBaseSettingsSource,
+                                       file_secret_settings: PydanticBaseSettingsSource,
+                                       ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_data))
+
+    return _Loaded(**explicit)

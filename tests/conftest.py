@@ -1,0 +1,68 @@
+"""Shared fixtures: the real mnist5k digits, a quick bundle trained in seconds, app clients."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("SHIELDSERVE_PROGRESS", "0")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = REPO / "models" / "default"
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from models.datasets import load_dataset
+
+    return load_dataset("mnist5k")
+
+
+@pytest.fixture(scope="session")
+def quick_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete bundle (every step) built with the `quick` preset, once per test session."""
+    from models.train import build_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "quick"
+    build_bundle(out, preset="quick", seed=0, argv=["--out", str(out), "--preset", "quick"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_bundle() -> Path:
+    if not (DEFAULT_BUNDLE / "manifest.json").exists():
+        pytest.skip("models/default is not built")
+    return DEFAULT_BUNDLE
+
+
+@pytest.fixture
+def make_client(quick_bundle: Path) -> Iterator[Callable[..., object]]:
+    """make_client(**settings_overrides) -> a started TestClient; closed after the test."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    clients: list[TestClient] = []
+
+    def make(**overrides: object) -> TestClient:
+        overrides.setdefault("bundle", quick_bundle)
+        client = TestClient(create_app(load_settings(**overrides)))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+def png(x: torch.Tensor) -> bytes:
+    from service.imaging import encode_png
+
+    return encode_png(x)
