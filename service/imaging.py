@@ -1,0 +1,535 @@
+"""Decoding untrusted image uploads into the classifier's input tensor.
+
+Every upload, whatever its format, mode or size, becomes a float32 tensor of shape
+``spec.shape`` = (C, H, W) with values in [0, 1], or an :class:`ImageError` carrying the HTTP
+status and error code of the contract. No other exception escapes for any input bytes:
+the decoder is the first thing hostile input reaches, so it is written to fail closed.
+
+Safety, in the order the checks run
+    1. Zero bytes are 400 ``invalid_image``; more than ``ImageLimits.max_bytes`` encoded bytes
+       are 413 ``payload_too_large``.
+    2. The format is sniffed from the magic bytes: a recognised image format that is not in
+       ``ImageLimits.formats`` is 415 ``unsupported_media_type``. Pillow is then only allowed
+       to try the configured formats' parsers (``Image.open(..., formats=...)``), which keeps
+       the rarely used plugins away from untrusted bytes. Bytes no allowed parser accepts
+       are 400 ``invalid_image``.
+    3. ``Image.open`` is lazy: width x height is read from the header and checked against
+       ``ImageLimits.max_pixels`` *before* any pixel is decoded (413 ``payload_too_large``).
+       Pillow's own global ``Image.MAX_IMAGE_PIXELS`` is left untouched (changing a
+       process-wide setting per request would race between concurrent requests); its
+       ``DecompressionBombError`` / ``DecompressionBombWarning`` remain a backstop and are
+       answered 413 as well.
+    4. Multi-frame images (animated GIF, APNG, WebP, multi-page TIFF) are 400 unless
+       ``ImageLimits.allow_animated``, in which case frame 0 is used. (A JPEG "MPO" file, the
+       stereo/preview container some cameras write, is a JPEG whose first frame is used.)
+    5. Decoding (``load()``) runs inside a handler that turns every decoder failure -
+       truncated data, bad CRC, malformed headers - into 400 ``invalid_image``.
+
+Orientation
+    A JPEG's EXIF orientation tag is applied (``ImageOps.exif_transpose``), so a photo looks
+    to the classifier the way it looks in a viewer. A broken EXIF block is ignored.
+
+Mode conversion (to C = 1 or C = 3 channels)
+    * Grayscale target (C = 1): colour images use the ITU-R 601-2 luma transform that
+      Pillow's ``convert("L")`` uses, L = 0.299 R + 0.587 G + 0.114 B, computed in floating
+      point (no extra rounding to 8 bits).
+    * Colour target (C = 3): grayscale images are broadcast to three equal channels, exactly
+      as ``convert("RGB")`` does.
+    * 8-bit modes ("L", "RGB", "P", "1", ...) are divided by 255. Bilevel "1" becomes 0 / 1.
+    * 16-bit grayscale ("I;16", "I;16B", "I;16L") is divided by 65535, so 65535 -> 1.0 and
+      32768 -> 0.50001; precision is kept (the value is not squeezed through 8 bits first).
+      32-bit integer "I" images (how older Pillow opens 16-bit PNGs) are read the same way,
+      clipped to [0, 65535].
+    * Float "F" images must be finite. Values already in [0, 1] are used as they are; otherwise
+      they are taken as 8-bit-scaled when the maximum is at most 255 (divided by 255) and
+      16-bit-scaled otherwise (divided by 65535); then clipped to [0, 1].
+    * "CMYK", "YCbCr", "RGBX", "HSV" and other colour modes go through Pillow's
+      ``convert("RGB")``; a mode Pillow cannot convert is 400 ``invalid_image``.
+    * Alpha ("LA", "RGBA", "PA", palette images with a transparent colour) is composited over
+      a BLACK background: value * alpha. MNIST-style digits are white strokes on black, so a
+      transparent background must read as black (background), not white (ink); a white
+      background would turn a transparent-background digit into a white page.
+    * Any other channel count C is accepted only when the decoded image already has exactly
+      C bands; those bands are used raw (divided by 255), alpha included.
+
+Resize policy (``ImageLimits.resize``), applied after the mode conversion
+    * ``"resize"`` (default): stretch to the target H x W with Pillow's BILINEAR filter, which
+      Pillow applies as an antialiasing (support-scaled) filter when shrinking. Resizing runs
+      on float32 planes, so 16-bit precision survives. An image that already has the target
+      size is not resampled at all (an 8-bit image then round-trips exactly).
+    * ``"pad"``: keep the aspect ratio, scale (up or down, BILINEAR) so the image fits inside
+      H x W, and centre it on a zero (black) canvas; black matches MNIST's background.
+    * ``"reject"``: the image must already be exactly H x W, otherwise 422
+      ``invalid_parameter`` (a client error in the request, not in the image's encoding).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models.bundle import InputSpec
+
+__all__ = [
+    "ALLOWED_CONTENT_TYPES",
+    "ImageError",
+    "ImageLimits",
+    "RESIZE_POLICIES",
+    "check_content_type",
+    "decode_batch",
+    "decode_image",
+    "encode_png",
+    "sniff_format",
+]
+
+RESIZE_POLICIES = ("resize", "pad", "reject")
+
+# Declared content types that name an image format, mapped to Pillow's format name. Whether a
+# type is *accepted* depends on ImageLimits.formats; this table only says what it means.
+ALLOWED_CONTENT_TYPES: dict[str, str] = {
+    "image/png": "PNG",
+    "image/x-png": "PNG",
+    "image/apng": "PNG",
+    "image/jpeg": "JPEG",
+    "image/jpg": "JPEG",
+    "image/pjpeg": "JPEG",
+    "image/gif": "GIF",
+    "image/bmp": "BMP",
+    "image/x-bmp": "BMP",
+    "image/x-ms-bmp": "BMP",
+    "image/tiff": "TIFF",
+    "image/tiff-fx": "TIFF",
+    "image/webp": "WEBP",
+}
+
+# Content types that say nothing about the format: the bytes decide.
+_NEUTRAL_CONTENT_TYPES = frozenset({"application/octet-stream", "binary/octet-stream"})
+
+# Common spellings operators may write in a config file, mapped to Pillow's names.
+_FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF", "APNG": "PNG"}
+
+# Formats that are really another format: Pillow may report "MPO" for a JPEG file.
+_FORMAT_FAMILY = {"MPO": "JPEG"}
+
+
+class ImageError(Exception):
+    """An upload the service refuses, with the HTTP status and contract error code to answer.
+
+    ``status`` is the HTTP status (400, 413, 415 or 422), ``code`` the snake_case code of the
+    contract's error body, ``message`` a human sentence safe to show the client (it never
+    contains the uploaded bytes).
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = int(status)
+        self.code = code
+        self.message = message
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        """The contract's error body, ``{"error": {"code": ..., "message": ...}}``."""
+        return {"error": {"code": self.code, "message": self.message}}
+
+    def __repr__(self) -> str:
+        return f"ImageError({self.status}, {self.code!r}, {self.message!r})"
+
+
+def _invalid(message: str) -> ImageError:
+    return ImageError(400, "invalid_image", message)
+
+
+def _too_large(message: str) -> ImageError:
+    return ImageError(413, "payload_too_large", message)
+
+
+def _unsupported(message: str) -> ImageError:
+    return ImageError(415, "unsupported_media_type", message)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What the decoder accepts. Frozen so one instance can be shared by concurrent requests.
+
+    ``max_pixels`` bounds width x height as read from the header, before decoding; it is
+    what stops a decompression bomb (a few kilobytes that inflate to gigabytes).
+    ``formats`` are Pillow format names; only those parsers ever see untrusted bytes.
+    """
+
+    max_bytes: int = 4 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    formats: tuple[str, ...] = ("PNG", "JPEG")
+    resize: str = "resize"
+    allow_animated: bool = False
+
+    def __post_init__(self) -> None:
+        if int(self.max_bytes) < 1:
+            raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
+        if int(self.max_pixels) < 1:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if isinstance(self.formats, str):
+            raise ValueError("formats must be a sequence of format names, not a string")
+        formats: list[str] = []
+        for name in self.formats:
+            upper = _FORMAT_ALIASES.get(str(name).upper(), str(name).upper())
+            if upper not in formats:
+                formats.append(upper)
+        if not formats:
+            raise ValueError("formats must name at least one image format")
+        object.__setattr__(self, "formats", tuple(formats))
+        object.__setattr__(self, "max_bytes", int(self.max_bytes))
+        object.__setattr__(self, "max_pixels", int(self.max_pixels))
+
+    def accepts(self, pillow_format: str | None) -> bool:
+        """Whether a format Pillow reports (or the sniffer found) is allowed."""
+        if pillow_format is None:
+            return False
+        fmt = pillow_format.upper()
+        return fmt in self.formats or _FORMAT_FAMILY.get(fmt) in self.formats
+
+    def _pillow_formats(self) -> list[str]:
+        """The plugin IDs Image.open may try (MPO files are opened by the JPEG plugin)."""
+        return list(self.formats)
+
+    def _accepted_types(self) -> list[str]:
+        return sorted(ct for ct, fmt in ALLOWED_CONTENT_TYPES.items() if fmt in self.formats)
+
+
+def check_content_type(content_type: str | None, limits: ImageLimits) -> None:
+    """Refuse (415) a declared content type that is not an accepted image type.
+
+    A missing type and ``application/octet-stream`` are allowed: they make no claim, and the
+    bytes decide (a wrong format there is caught by :func:`decode_image`). Parameters after
+    ``;`` are ignored and the comparison is case-insensitive. The declared type is not trusted
+    to *allow* anything either: the bytes are always sniffed and checked again.
+    """
+    if content_type is None:
+        return
+    base = content_type.split(";", 1)[0].strip().lower()
+    if not base or base in _NEUTRAL_CONTENT_TYPES:
+        return
+    fmt = ALLOWED_CONTENT_TYPES.get(base)
+    if fmt is None or fmt not in limits.formats:
+        shown = base if len(base) <= 80 else base[:77] + "..."
+        raise _unsupported(f"content type {shown!r} is not accepted; "
+                           f"send one of {', '.join(limits._accepted_types()) or 'none'}")
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Name the image format from magic bytes, without invoking any parser.
+
+    Used to answer 415 for a real image in a format the service does not take (rather than a
+    misleading 400), while Pillow itself is only ever handed the allowed parsers.
+    Returns a Pillow format name, or None for bytes that match no known signature.
+    """
+    head = bytes(data[:32])
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        return "TIFF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith(b"BM") and len(head) >= 26:
+        return "BMP"
+    if head.startswith(b"8BPS"):
+        return "PSD"
+    if head.startswith(b"\x00\x00\x01\x00"):
+        return "ICO"
+    if head.startswith(b"icns"):
+        return "ICNS"
+    if head.startswith(b"qoif"):
+        return "QOI"
+    if head.startswith(b"DDS "):
+        return "DDS"
+    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xffO\xffQ")):
+        return "JPEG2000"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "AVIF"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"hevc", b"mif1", b"msf1"):
+        return "HEIF"
+    if len(head) >= 3 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3] in b" \t\r\n":
+        return "PPM"
+    return None
+
+
+# ------------------------------------------------------------------------------ decoding
+def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
+    """Decode one upload to a float32 tensor of shape ``spec.shape`` with values in [0, 1].
+
+    Raises :class:`ImageError` (and nothing else) for any input it refuses; see the module
+    docstring for the checks, the mode conversion and the resize policy.
+    """
+    try:
+        return _decode(data, spec, limits)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise _too_large("the image's pixel count is over the decompression-bomb limit") from None
+    except MemoryError:
+        raise _too_large("the image needs more memory to decode than the service allows") from None
+    except Exception as exc:  # noqa: BLE001 - the point: nothing but ImageError escapes
+        raise _invalid(f"the image could not be decoded ({type(exc).__name__})") from None
+
+
+def _decode(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise _invalid("the upload is not a byte string")
+    data = bytes(data)
+    channels, height, width = (int(v) for v in spec.shape)
+    if len(data) == 0:
+        raise _invalid("the upload is empty (zero bytes)")
+    if len(data) > limits.max_bytes:
+        raise _too_large(f"the image is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+
+    sniffed = sniff_format(data)
+    if sniffed is not None and not limits.accepts(sniffed):
+        raise _unsupported(f"{sniffed} images are not accepted; "
+                           f"send one of {', '.join(limits.formats)}")
+
+    im = _open(data, limits)
+    try:
+        if not limits.accepts(im.format):
+            raise _unsupported(f"{im.format} images are not accepted; "
+                               f"send one of {', '.join(limits.formats)}")
+        w, h = im.size
+        if w < 1 or h < 1:
+            raise _invalid(f"the image has no pixels ({w}x{h})")
+        if w * h > limits.max_pixels:
+            raise _too_large(f"the image is {w}x{h} = {w * h} pixels; "
+                             f"the limit is {limits.max_pixels} pixels")
+        # is_animated stops at the second frame; n_frames could walk a huge GIF to its end.
+        multi = bool(getattr(im, "is_animated", False))
+        is_mpo = (im.format or "").upper() == "MPO"
+        if multi and not is_mpo and not limits.allow_animated:
+            raise _invalid("the image has more than one frame; animated or multi-frame images "
+                           "are not accepted")
+        if multi:
+            im.seek(0)
+            if im.size[0] * im.size[1] > limits.max_pixels:
+                raise _too_large(f"frame 0 is {im.size[0]}x{im.size[1]} pixels; "
+                                 f"the limit is {limits.max_pixels} pixels")
+        _load(im)
+        oriented = _exif_transpose(im)
+        planes = _to_planes(oriented, channels)
+    finally:
+        im.close()
+    return torch.from_numpy(_fit(planes, height, width, limits.resize))
+
+
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    """``Image.open`` restricted to the allowed parsers, mapping its failures to ImageError."""
+    try:
+        # A DecompressionBombWarning that a warnings filter turns into an error is a 413;
+        # left as a warning, our own max_pixels check right after refuses the image anyway.
+        # (warnings.catch_warnings would change process-wide state, racing other requests.)
+        return Image.open(io.BytesIO(data), formats=limits._pillow_formats())
+    except Image.DecompressionBombError:
+        raise _too_large("the image's pixel count is over the decompression-bomb limit") from None
+    except Image.DecompressionBombWarning:
+        raise _too_large("the image's pixel count is over the decompression-bomb limit") from None
+    except UnidentifiedImageError:
+        raise _invalid(f"the upload is not a decodable image (accepted formats: "
+                       f"{', '.join(limits.formats)})") from None
+    except (OSError, SyntaxError, ValueError, struct.error, zlib.error, EOFError,
+            IndexError, KeyError, TypeError, AttributeError) as exc:
+        raise _invalid(f"the image header is malformed ({type(exc).__name__})") from None
+
+
+def _load(im: Image.Image) -> None:
+    """Decode the pixels; every decoder failure is the client's broken file (400)."""
+    try:
+        im.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise _too_large("the image's pixel count is over the decompression-bomb limit") from None
+    except (OSError, SyntaxError, ValueError, struct.error, zlib.error, EOFError,
+            IndexError, KeyError, TypeError, AttributeError) as exc:
+        detail = "truncated" if "truncated" in str(exc).lower() else type(exc).__name__
+        raise _invalid(f"the image data is broken ({detail})") from None
+
+
+def _exif_transpose(im: Image.Image) -> Image.Image:
+    """Apply a JPEG's EXIF orientation; a broken EXIF block is ignored, not an error."""
+    if (im.format or "").upper() not in ("JPEG", "MPO"):
+        return im
+    try:
+        out = ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - orientation is a nicety; the pixels are fine
+        return im
+    return out if out is not None else im
+
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as convert("L")
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I;16BS", "I;16LS")
+
+
+def _to_planes(im: Image.Image, channels: int) -> np.ndarray:
+    """Convert a loaded image to a float32 (C, H, W) array in [0, 1] with C = ``channels``."""
+    mode = im.mode
+    if channels not in (1, 3):
+        bands = len(im.getbands())
+        if bands != channels:
+            raise _invalid(f"the model takes {channels}-channel images; this image is "
+                           f"{mode} with {bands} channel(s)")
+        arr = np.asarray(im)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.dtype != np.uint8:
+            raise _invalid(f"{channels}-channel input must be 8 bits per channel, not {mode}")
+        return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+
+    color, alpha = _color_and_alpha(im)
+    if alpha is not None:
+        color = color * alpha[:, :, None]  # composite over black
+    if channels == 1 and color.shape[2] == 3:
+        color = (color @ _LUMA)[:, :, None]
+    elif channels == 3 and color.shape[2] == 1:
+        color = np.repeat(color, 3, axis=2)
+    planes = np.ascontiguousarray(color.transpose(2, 0, 1), dtype=np.float32)
+    return np.clip(planes, 0.0, 1.0, out=planes)
+
+
+def _color_and_alpha(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Split an image into float color (H, W, 1 or 3) and optional alpha (H, W), both in [0, 1]."""
+    mode = im.mode
+    if mode in _MODES_16BIT:
+        arr = np.asarray(im).astype(np.float32)
+        if mode.endswith("S"):  # signed 16-bit: negative values are below black
+            arr = np.clip(arr, 0.0, 32767.0) * np.float32(65535.0 / 32767.0)
+        return arr[:, :, None] / np.float32(65535.0), None
+    if mode == "I":
+        arr = np.clip(np.asarray(im).astype(np.float64), 0.0, 65535.0).astype(np.float32)
+        return arr[:, :, None] / np.float32(65535.0), None
+    if mode == "F":
+        arr = np.asarray(im).astype(np.float32)
+        if not np.all(np.isfinite(arr)):
+            raise _invalid("the float image contains NaN or infinite values")
+        top = float(arr.max()) if arr.size else 0.0
+        if float(arr.min() if arr.size else 0.0) >= 0.0 and top <= 1.0:
+            pass
+        elif top <= 255.0:
+            arr = arr / np.float32(255.0)
+        else:
+            arr = arr / np.float32(65535.0)
+        return np.clip(arr, 0.0, 1.0)[:, :, None], None
+    if mode == "1":
+        im = im.convert("L")
+        mode = "L"
+    if mode == "P":
+        has_alpha = "transparency" in im.info or (im.palette is not None and im.palette.mode == "RGBA")
+        im = im.convert("RGBA" if has_alpha else "RGB")
+        mode = im.mode
+    elif mode == "PA":
+        im = im.convert("RGBA")
+        mode = "RGBA"
+
+    scale = np.float32(255.0)  # divide (not multiply by 1/255): exactly what x/255 gives
+    if mode == "L":
+        return np.asarray(im, dtype=np.float32)[:, :, None] / scale, None
+    if mode == "LA":
+        arr = np.asarray(im, dtype=np.float32) / scale
+        return arr[:, :, :1], arr[:, :, 1]
+    if mode == "La":  # premultiplied: the gray value already is the composite over black
+        return np.asarray(im, dtype=np.float32)[:, :, :1] / scale, None
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.float32) / scale, None
+    if mode == "RGBA":
+        arr = np.asarray(im, dtype=np.float32) / scale
+        return arr[:, :, :3], arr[:, :, 3]
+    if mode == "RGBa":
+        return np.asarray(im, dtype=np.float32)[:, :, :3] / scale, None
+    try:
+        rgb = im.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise _invalid(f"images in mode {mode} cannot be converted ({exc})") from None
+    return np.asarray(rgb, dtype=np.float32) / scale, None
+
+
+def _resize_planes(planes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """BILINEAR (antialiased when shrinking) resize of each float32 plane with Pillow."""
+    if planes.shape[1:] == (height, width):
+        return planes
+    out = np.empty((planes.shape[0], height, width), dtype=np.float32)
+    for c, plane in enumerate(planes):
+        img = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))  # mode "F"
+        out[c] = np.asarray(img.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _fit(planes: np.ndarray, height: int, width: int, policy: str) -> np.ndarray:
+    """Apply the resize policy to (C, h, w) planes, giving (C, height, width)."""
+    c, h, w = planes.shape
+    if (h, w) == (height, width):
+        return planes
+    if policy == "reject":
+        raise ImageError(422, "invalid_parameter",
+                         f"the image is {w}x{h} (width x height); this model takes exactly "
+                         f"{width}x{height} and the resize policy is 'reject'")
+    if policy == "resize":
+        return _resize_planes(planes, height, width)
+    # pad: fit inside, keep aspect ratio, centre on black
+    scale = min(width / w, height / h)
+    nw = min(width, max(1, round(w * scale)))
+    nh = min(height, max(1, round(h * scale)))
+    inner = _resize_planes(planes, nh, nw)
+    out = np.zeros((c, height, width), dtype=np.float32)
+    top, left = (height - nh) // 2, (width - nw) // 2
+    out[:, top:top + nh, left:left + nw] = inner
+    return out
+
+
+def decode_batch(items: Sequence[tuple[bytes, str | None]], spec: InputSpec, limits: ImageLimits,
+                 max_images: int) -> torch.Tensor:
+    """Decode several uploads (bytes, declared content type) into one (N, C, H, W) tensor.
+
+    All-or-nothing: the first refused item refuses the request, and its error message starts
+    with ``file i:`` where i is the item's 0-based position in the upload (the same index its
+    result would have had in the response's ``results`` list).
+    """
+    n = len(items)
+    if n == 0:
+        raise _invalid("the request contains no image")
+    if n > max_images:
+        raise _too_large(f"the request contains {n} images; the limit is {max_images} per request")
+    tensors = []
+    for i, item in enumerate(items):
+        try:
+            data, content_type = item
+            check_content_type(content_type, limits)
+            tensors.append(decode_image(data, spec, limits))
+        except ImageError as exc:
+            raise ImageError(exc.status, exc.code, f"file {i}: {exc.message}") from None
+        except Exception as exc:  # noqa: BLE001 - a malformed item tuple, say
+            raise _invalid(f"file {i}: the upload could not be read ({type(exc).__name__})") from None
+    return torch.stack(tensors)
+
+
+def encode_png(x: torch.Tensor) -> bytes:
+    """Encode a (C, H, W) tensor in [0, 1] as PNG bytes: 1 channel -> "L", 3 -> "RGB", 4 -> "RGBA".
+
+    Values are clamped to [0, 1] and rounded to 8 bits, so decoding the PNG gives the input
+    back within 1/510. A (H, W) tensor is taken as one channel.
+    """
+    t = x.detach().to("cpu", torch.float32)
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
+        raise ValueError(f"encode_png takes a (C, H, W) tensor with C in 1, 3, 4; got {tuple(x.shape)}")
+    arr = (t.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy()
+    img = Image.fromarray(arr[0]) if arr.shape[0] == 1 else Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
