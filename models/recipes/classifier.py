@@ -43,7 +43,7 @@ class ClassifierRecipe:
 
 PRESETS: dict[str, ClassifierRecipe] = {
     "default": ClassifierRecipe(),
-    "quick": ClassifierRecipe(width=8, hidden=64, epochs=2, batch_size=128, lr=3e-3, augment=False),
+    "quick": ClassifierRecipe(width=8, hidden=64, epochs=4, batch_size=128, lr=3e-3, augment=False),
 }
 
 
