@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default=str(REPO / "models" / "default"))
     ap.add_argument("--limit", type=int, default=0, help="test digits for the default projection (0: all)")
-    ap.add_argument("--paper-per-class", type=int, default=20, help="subset for `paper`: digits per class")
+    ap.add_argument("--paper-per-class", type=int, default=10, help="subset for `paper`: digits per class")
     ap.add_argument("--eps", type=float, default=0.3)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)

@@ -110,7 +110,7 @@ class DefenseGanRecipe:
     betas: tuple[float, float] = (0.5, 0.9)
     batch_size: int = 64
     encoder_width: int = 16
-    encoder_steps: int = 1500
+    encoder_steps: int = 600
     encoder_batch_size: int = 64
     encoder_lr: float = 1e-3
     encoder_real_weight: float = 1.0  # weight of ||G(E(x)) - x||^2 on real digits

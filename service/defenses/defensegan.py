@@ -57,8 +57,8 @@ class ProjectionSettings:
 
 PRESETS: dict[str, ProjectionSettings] = {
     "paper": ProjectionSettings(),
-    "default": ProjectionSettings(steps=60, restarts=2, optimizer="adam", lr=0.05, init="encoder",
-                                  init_noise=0.5, prune_at=10, patience=6, min_delta=2e-3,
+    "default": ProjectionSettings(steps=100, restarts=4, optimizer="adam", lr=0.05, init="encoder",
+                                  init_noise=0.5, prune_at=10, patience=10, min_delta=2e-3,
                                   decay_at=0.8, decay=0.3),
 }
 
