@@ -15,11 +15,13 @@ def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.settings import load_settings
 
+    from service.logs import configure_logging
+
     settings = load_settings(args.config, host=args.host, port=args.port)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level, settings.json_logs)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+                log_config=None, timeout_graceful_shutdown=30)
     return 0
 
 
