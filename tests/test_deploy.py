@@ -1,0 +1,379 @@
+"""The compose topology without Docker: nginx (the shipped docker/nginx.conf), two real
+service replicas, redis-server and Prometheus (the shipped docker/prometheus.yml and
+docker/alerts.yml), all from Debian packages on 127.0.0.1, started and stopped here.
+
+What it shows: requests through the gateway answer with real classifications; /metrics and
+/admin are not public; one replica killed (SIGKILL) in the middle of a bounded load costs no
+client request (nginx retries on the other replica); Prometheus scrapes both replicas and
+sees the dead one go down; `promtool check config|rules` and the alert unit tests pass.
+
+Pending (needs the /certify store, another branch): a digit posted through one replica and
+certified through the other, with the Redis store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import png
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name, path=SBIN)
+
+
+def need(*names: str) -> dict[str, str]:
+    found = {n: which(n) for n in names}
+    missing = [n for n, p in found.items() if not p]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian packages nginx, prometheus, redis-server; "
+                    f".ci/run installs them)")
+    return found  # type: ignore[return-value]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float, procs: list[subprocess.Popen] = ()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{what}: process {p.args[:3]} exited with {p.returncode}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s")
+
+
+def http_get(port: int, path: str, timeout: float = 5.0):
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=timeout)
+
+
+def render_nginx(ports: dict[str, int], tmp: Path) -> str:
+    """docker/nginx.conf with only its `# test:` lines rewritten for 127.0.0.1 and `tmp`."""
+    text = (DOCKER / "nginx.conf").read_text()
+    subs = {
+        "worker_processes": "worker_processes 1;",
+        "pid": f"pid {tmp}/nginx.pid;",
+        "error_log": f"error_log {tmp}/nginx-error.log info;",
+        "access_log": f"access_log {tmp}/nginx-access.log;",
+        "replica1": f"server 127.0.0.1:{ports['replica1']} max_fails=1 fail_timeout=5s;",
+        "replica2": f"server 127.0.0.1:{ports['replica2']} max_fails=1 fail_timeout=5s;",
+        "listen": f"listen 127.0.0.1:{ports['gateway']};",
+    }
+    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        subs[f"{name}_temp_path"] = f"{name}_temp_path {tmp}/nginx_{name};"
+    seen = set()
+
+    def sub(m: re.Match) -> str:
+        key = m.group(2)
+        if key not in subs:
+            raise KeyError(f"docker/nginx.conf marks an unknown test line: {key}")
+        seen.add(key)
+        return m.group(1) + subs[key]
+
+    out = re.sub(r"^(\s*)\S.*#\s*test:\s*(\w+)\s*$", sub, text, flags=re.M)
+    assert seen == set(subs), f"docker/nginx.conf lacks the test markers {sorted(set(subs) - seen)}"
+    if os.geteuid() == 0:  # workers would run as `nobody`, unable to reach the temp dirs
+        out = "user root;\n" + out
+    return out
+
+
+def render_prometheus(ports: dict[str, int]) -> dict:
+    """docker/prometheus.yml with the replicas' ports, a 1 s interval and absolute rule paths."""
+    cfg = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    cfg["global"]["scrape_interval"] = "1s"
+    cfg["global"]["evaluation_interval"] = "1s"
+    cfg["rule_files"] = [str(DOCKER / f) for f in cfg["rule_files"]]
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    shipped = jobs["shieldserve"]["static_configs"][0]["targets"]
+    assert shipped == ["replica1:8000", "replica2:8000"], shipped
+    jobs["shieldserve"]["static_configs"] = [
+        {"targets": [f"127.0.0.1:{ports['replica1']}", f"127.0.0.1:{ports['replica2']}"]}]
+    jobs["shieldserve"]["scrape_timeout"] = "1s"
+    jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{ports['prometheus']}"]}]
+    return cfg
+
+
+def redis_ping(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(64).startswith(b"+PONG")
+
+
+class Topology:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.ports = {k: free_port() for k in ("gateway", "replica1", "replica2", "redis", "prometheus")}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._logs: list = []
+
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")
+        self._logs.append(log)
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.tmp,
+                             start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        for f in self._logs:
+            f.close()
+
+
+@pytest.fixture(scope="module")
+def topology(quick_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    bins = need("nginx", "redis-server", "prometheus")
+    tmp = tmp_path_factory.mktemp("topology")
+    topo = Topology(tmp)
+    ports = topo.ports
+    try:
+        # the two replicas, as in docker-compose.yml
+        env = dict(os.environ, PYTHONPATH=str(REPO), SHIELDSERVE_BUNDLE=str(quick_bundle),
+                   SHIELDSERVE_PROGRESS="0", SHIELDSERVE_WARMUP="true", SHIELDSERVE_TORCH_THREADS="1",
+                   SHIELDSERVE_LOG_LEVEL="warning")
+        env.pop("SHIELDSERVE_CONFIG", None)
+        for r in ("replica1", "replica2"):
+            topo.start(r, [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1",
+                           "--port", str(ports[r])], env)
+        # Redis: part of the topology (the shared image/certificate store uses it)
+        topo.start("redis", [bins["redis-server"], "--port", str(ports["redis"]), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--protected-mode", "yes"])
+        # Prometheus on the shipped config, rewritten for the test's ports
+        prom_cfg = tmp / "prometheus.yml"
+        prom_cfg.write_text(yaml.safe_dump(render_prometheus(ports)))
+        topo.start("prometheus", [bins["prometheus"], f"--config.file={prom_cfg}",
+                                  f"--storage.tsdb.path={tmp / 'prom-data'}",
+                                  f"--web.listen-address=127.0.0.1:{ports['prometheus']}"])
+        wait_for("redis", lambda: redis_ping(ports["redis"]), 20, [topo.procs["redis"]])
+        for r in ("replica1", "replica2"):
+            wait_for(r, lambda r=r: http_get(ports[r], "/readyz").status_code == 200, 120, [topo.procs[r]])
+        # nginx on the shipped config: first `nginx -t`, then in the foreground
+        conf = tmp / "nginx.conf"
+        conf.write_text(render_nginx(ports, tmp))
+        check = subprocess.run([bins["nginx"], "-t", "-p", str(tmp), "-e", "stderr", "-c", str(conf)],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        topo.start("nginx", [bins["nginx"], "-p", str(tmp), "-e", "stderr", "-c", str(conf),
+                             "-g", "daemon off;"])
+        wait_for("gateway", lambda: http_get(ports["gateway"], "/readyz").status_code == 200, 20,
+                 [topo.procs["nginx"]])
+        wait_for("prometheus", lambda: http_get(ports["prometheus"], "/-/ready").status_code == 200, 30,
+                 [topo.procs["prometheus"]])
+    except BaseException:
+        for name in topo.procs:
+            print(f"---- {name} log\n{topo.log(name)}")
+        topo.stop()
+        raise
+    yield topo
+    topo.stop()
+
+
+def digits(mnist, n: int) -> list[tuple[bytes, int]]:
+    test = mnist.test
+    return [(png(test.x[i]), int(test.y[i])) for i in range(n)]
+
+
+def prom_query(port: int, query: str) -> list[dict]:
+    r = http_get(port, f"/api/v1/query?query={query}")
+    r.raise_for_status()
+    body = r.json()
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+# ---------------------------------------------------------------------------------------- tests
+def test_promtool_checks_the_shipped_files() -> None:
+    bins = need("promtool")
+    for argv in (["check", "config", str(DOCKER / "prometheus.yml")],
+                 ["check", "rules", str(DOCKER / "alerts.yml")],
+                 ["test", "rules", str(DOCKER / "alerts.test.yml")]):
+        r = subprocess.run([bins["promtool"], *argv], capture_output=True, text=True, cwd=DOCKER)
+        assert r.returncode == 0, f"promtool {' '.join(argv)}:\n{r.stdout}\n{r.stderr}"
+    # the alert rules use the contract's metric names only
+    rules = yaml.safe_load((DOCKER / "alerts.yml").read_text())["groups"][0]["rules"]
+    names = {r["alert"] for r in rules}
+    assert {"ShieldserveRejectionRateSpike", "ShieldserveAbstentionSpike", "ShieldserveErrorRate",
+            "ShieldserveP99LatencyHigh", "ShieldserveQueueSaturation"} <= names
+    used = set(re.findall(r"\b(shieldserve_[a-z_]+)", " ".join(r["expr"] for r in rules)))
+    assert used <= {"shieldserve_requests_total", "shieldserve_request_duration_seconds_bucket",
+                    "shieldserve_rejections_total", "shieldserve_abstentions_total", "shieldserve_images_total",
+                    "shieldserve_queue_depth", "shieldserve_inflight_requests"}, used
+
+
+def test_requests_through_the_gateway(topology: Topology, mnist) -> None:
+    import httpx
+
+    gw = f"http://127.0.0.1:{topology.ports['gateway']}"
+    samples = digits(mnist, 20)
+    correct = 0
+    with httpx.Client(base_url=gw, timeout=30) as c:
+        for data, label in samples:
+            r = c.post("/predict", content=data, headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+            result = r.json()["results"][0]
+            assert result["status"] in ("accepted", "rejected", "abstained")
+            correct += result["label"] == label
+        # the same answer as a replica gives directly
+        direct = httpx.post(f"http://127.0.0.1:{topology.ports['replica1']}/predict", content=samples[0][0],
+                            headers={"content-type": "image/png"}, timeout=30).json()
+        via = c.post("/predict", content=samples[0][0], headers={"content-type": "image/png"}).json()
+        assert via["results"][0]["label"] == direct["results"][0]["label"]
+        assert via["model_version"] == direct["model_version"]
+        # the request id travels through the gateway and back
+        r = c.get("/pipelines", headers={"x-request-id": "gw-test-1"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "gw-test-1"
+        assert c.get("/healthz").json()["status"] == "ok"
+        assert c.get("/gateway/healthz").status_code == 200
+        # not public
+        for path in ("/metrics", "/admin/", "/admin/reload"):
+            r = c.get(path)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
+        assert "shieldserve_requests_total" in http_get(topology.ports["replica1"], "/metrics").text
+        # the gateway's body limit answers in the contract's shape
+        r = c.post("/predict", content=b"\0" * (9 * 1024 * 1024), headers={"content-type": "image/png"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    print(f"\n[deploy] through the gateway: {correct}/{len(samples)} real digits classified correctly")
+    assert correct >= 0.8 * len(samples)
+    # the Redis of the topology answers (the shared store will use it)
+    assert redis_ping(topology.ports["redis"])
+
+
+def test_prometheus_scrapes_both_replicas(topology: Topology, mnist) -> None:
+    import httpx
+
+    ports = topology.ports
+    data = digits(mnist, 1)[0][0]
+    for r in ("replica1", "replica2"):  # traffic on each replica, so both expose request counters
+        for _ in range(3):
+            assert httpx.post(f"http://127.0.0.1:{ports[r]}/predict", content=data,
+                              headers={"content-type": "image/png"}, timeout=30).status_code == 200
+    want = {f"127.0.0.1:{ports['replica1']}", f"127.0.0.1:{ports['replica2']}"}
+
+    def scraped() -> bool:
+        up = {s["metric"]["instance"] for s in prom_query(ports["prometheus"], 'up{job="shieldserve"}')
+              if s["value"][1] == "1"}
+        counted = {s["metric"]["instance"]: float(s["value"][1]) for s in prom_query(
+            ports["prometheus"], 'sum by (instance) (shieldserve_requests_total{endpoint="predict"})')}
+        return up == want and set(counted) == want and all(v >= 3 for v in counted.values())
+
+    wait_for("prometheus scrapes both replicas", scraped, 30, [topology.procs["prometheus"]])
+    rules = http_get(ports["prometheus"], "/api/v1/rules").json()["data"]["groups"]
+    loaded = {r["name"] for g in rules for r in g["rules"]}
+    assert "ShieldserveRejectionRateSpike" in loaded and "ShieldserveQueueSaturation" in loaded
+
+
+def test_replica_killed_mid_load_costs_no_request(topology: Topology, mnist) -> None:
+    """300 requests from 8 concurrent clients; replica2 is SIGKILLed after 100 answers."""
+    import httpx
+
+    ports = topology.ports
+    total, clients, kill_after = 300, 8, 100
+    samples = digits(mnist, 16)
+    latencies: list[float] = []
+    failures: list[str] = []
+    done = 0
+    lock = threading.Lock()
+    killed = threading.Event()
+    killed_at: list[int] = []
+    next_i = iter(range(total))
+
+    def client() -> None:
+        nonlocal done
+        with httpx.Client(base_url=f"http://127.0.0.1:{ports['gateway']}", timeout=60) as c:
+            while True:
+                with lock:
+                    i = next(next_i, None)
+                if i is None:
+                    return
+                data, _ = samples[i % len(samples)]
+                t0 = time.perf_counter()
+                try:
+                    r = c.post("/predict", content=data, headers={"content-type": "image/png"})
+                    ok = r.status_code == 200 and len(r.json()["results"]) == 1
+                    why = f"{r.status_code} {r.text[:200]}"
+                except Exception as exc:  # connection errors count as failed requests
+                    ok, why = False, repr(exc)
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+                    done += 1
+                    if not ok:
+                        failures.append(why)
+                    if done >= kill_after and not killed.is_set():
+                        killed.set()
+                        killed_at.append(done)
+                        topology.procs["replica2"].send_signal(signal.SIGKILL)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    wall = time.perf_counter() - started
+    assert killed.is_set() and topology.procs["replica2"].wait(timeout=10) == -signal.SIGKILL
+
+    lat = sorted(latencies)
+    p50 = lat[len(lat) // 2]
+    p99 = lat[min(len(lat) - 1, int(round(0.99 * len(lat))) - 1)]
+    figures = {"requests": total, "clients": clients, "killed_after": killed_at[0], "answered": len(lat),
+               "failed": len(failures), "p50_ms": round(p50 * 1000, 1), "p99_ms": round(p99 * 1000, 1),
+               "max_ms": round(lat[-1] * 1000, 1), "wall_s": round(wall, 2)}
+    print(f"\n[deploy] failover: {json.dumps(figures)}")
+    if failures:
+        print("[deploy] failures:", failures[:5], "\n---- nginx error log\n",
+              (topology.tmp / "nginx-error.log").read_text()[-3000:])
+    assert len(lat) == total
+    assert not failures, f"{len(failures)} of {total} client requests failed: {failures[:3]}"
+
+    # the survivor answered the rest, and Prometheus sees the dead replica go down
+    dead = f"127.0.0.1:{ports['replica2']}"
+    wait_for("prometheus marks the killed replica down",
+             lambda: any(s["metric"]["instance"] == dead and s["value"][1] == "0"
+                         for s in prom_query(ports["prometheus"], 'up{job="shieldserve"}')),
+             20, [topology.procs["prometheus"]])
+    r = http_get(ports["gateway"], "/readyz")
+    assert r.status_code == 200
