@@ -26,6 +26,7 @@ Ray settings (environment, all optional):
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from ray import serve
 
 DEPLOYMENT_NAME = "shieldserve"
 APP_NAME = "shieldserve"
+
+log = logging.getLogger("shieldserve")
 
 
 def _env(name: str, default: Any, cast: type) -> Any:
@@ -155,20 +158,35 @@ def build_app(config: str | Path | None = None, options: RayOptions | None = Non
 
 
 def run(config: str | None = None, host: str | None = None, port: int | None = None,
-        address: str | None = None, options: RayOptions | None = None, blocking: bool = True) -> None:
+        address: str | None = None, options: RayOptions | None = None) -> None:
     """`shieldserve serve --ray`: start (or join) Ray, start Serve's HTTP proxy on host:port,
-    run the app, and block until interrupted."""
+    run the app, and serve until SIGINT or SIGTERM; then delete the app (replicas drain
+    their in-flight requests) and leave Ray."""
+    import signal
+    import threading
+
     import ray
 
     from service.settings import load_settings
 
     settings = load_settings(config, host=host, port=port)
+    app = build_app(config, options)  # a bad configuration fails here, before Ray starts
     address = address if address is not None else os.environ.get("SHIELDSERVE_RAY_ADDRESS") or None
-    if not ray.is_initialized():
-        ray.init(address=address, runtime_env=_runtime_env(), log_to_driver=True)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    app = build_app(config, options)
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
+    ray.init(address=address, runtime_env=_runtime_env())
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        log.info("shieldserve on Ray Serve at http://%s:%d/", settings.host, settings.port)
+        stop.wait()
+        log.info("stopping: deleting the application (replicas drain)")
+        serve.delete(APP_NAME)
+        if address is None:
+            serve.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def _runtime_env() -> dict[str, Any]:

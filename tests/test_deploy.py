@@ -169,6 +169,7 @@ def topology(quick_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     tmp = tmp_path_factory.mktemp("topology")
     topo = Topology(tmp)
     ports = topo.ports
+    t0 = time.perf_counter()
     try:
         # the two replicas, as in docker-compose.yml
         env = dict(os.environ, PYTHONPATH=str(REPO), SHIELDSERVE_BUNDLE=str(quick_bundle),
@@ -202,6 +203,7 @@ def topology(quick_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                  [topo.procs["nginx"]])
         wait_for("prometheus", lambda: http_get(ports["prometheus"], "/-/ready").status_code == 200, 30,
                  [topo.procs["prometheus"]])
+        print(f"\n[deploy] topology up in {time.perf_counter() - t0:.1f} s: {json.dumps(ports)}")
     except BaseException:
         for name in topo.procs:
             print(f"---- {name} log\n{topo.log(name)}")
@@ -301,8 +303,19 @@ def test_prometheus_scrapes_both_replicas(topology: Topology, mnist) -> None:
 
     wait_for("prometheus scrapes both replicas", scraped, 30, [topology.procs["prometheus"]])
     rules = http_get(ports["prometheus"], "/api/v1/rules").json()["data"]["groups"]
-    loaded = {r["name"] for g in rules for r in g["rules"]}
-    assert "ShieldserveRejectionRateSpike" in loaded and "ShieldserveQueueSaturation" in loaded
+    loaded = {r["name"]: r for g in rules for r in g["rules"]}
+    shipped = yaml.safe_load((DOCKER / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert set(loaded) == {r["alert"] for r in shipped}
+    assert all(r["health"] == "ok" for r in loaded.values()), [r for r in loaded.values() if r["health"] != "ok"]
+    # every Grafana panel's query runs on this Prometheus (Grafana's variables filled in)
+    dash = json.loads((DOCKER / "grafana" / "dashboards" / "shieldserve.json").read_text())
+    answered = {}
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "1m").replace("$pipeline", ".*")
+            answered[panel["title"]] = prom_query(ports["prometheus"], expr)
+    by_replica = {s["metric"]["instance"] for s in answered["Requests / s by replica"]}
+    assert by_replica == want, answered["Requests / s by replica"]
 
 
 def test_replica_killed_mid_load_costs_no_request(topology: Topology, mnist) -> None:
