@@ -318,24 +318,29 @@ def test_prometheus_scrapes_both_replicas(topology: Topology, mnist) -> None:
     assert by_replica == want, answered["Requests / s by replica"]
 
 
-def test_replica_killed_mid_load_costs_no_request(topology: Topology, mnist) -> None:
-    """300 requests from 8 concurrent clients; replica2 is SIGKILLed after 100 answers."""
+def predict_count(port: int) -> float:
+    """POST /predict requests a replica has answered, from its own /metrics."""
+    text = http_get(port, "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("shieldserve_requests_total{") and 'endpoint="predict"' in line)
+
+
+def run_load(topology: Topology, samples: list[tuple[bytes, int]], total: int, clients: int,
+             kill: tuple[str, int] | None = None) -> tuple[dict, list[str]]:
+    """`total` POST /predict through the gateway from `clients` threads; with kill=(replica, n),
+    that replica is SIGKILLed once n answers have come back. Returns figures and failures."""
     import httpx
 
-    ports = topology.ports
-    total, clients, kill_after = 300, 8, 100
-    samples = digits(mnist, 16)
     latencies: list[float] = []
     failures: list[str] = []
     done = 0
     lock = threading.Lock()
-    killed = threading.Event()
     killed_at: list[int] = []
     next_i = iter(range(total))
 
     def client() -> None:
         nonlocal done
-        with httpx.Client(base_url=f"http://127.0.0.1:{ports['gateway']}", timeout=60) as c:
+        with httpx.Client(base_url=f"http://127.0.0.1:{topology.ports['gateway']}", timeout=60) as c:
             while True:
                 with lock:
                     i = next(next_i, None)
@@ -355,10 +360,9 @@ def test_replica_killed_mid_load_costs_no_request(topology: Topology, mnist) -> 
                     done += 1
                     if not ok:
                         failures.append(why)
-                    if done >= kill_after and not killed.is_set():
-                        killed.set()
+                    if kill and done >= kill[1] and not killed_at:
                         killed_at.append(done)
-                        topology.procs["replica2"].send_signal(signal.SIGKILL)
+                        topology.procs[kill[0]].send_signal(signal.SIGKILL)
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -367,20 +371,38 @@ def test_replica_killed_mid_load_costs_no_request(topology: Topology, mnist) -> 
     for t in threads:
         t.join(timeout=300)
     wall = time.perf_counter() - started
-    assert killed.is_set() and topology.procs["replica2"].wait(timeout=10) == -signal.SIGKILL
-
     lat = sorted(latencies)
-    p50 = lat[len(lat) // 2]
-    p99 = lat[min(len(lat) - 1, int(round(0.99 * len(lat))) - 1)]
-    figures = {"requests": total, "clients": clients, "killed_after": killed_at[0], "answered": len(lat),
-               "failed": len(failures), "p50_ms": round(p50 * 1000, 1), "p99_ms": round(p99 * 1000, 1),
+    figures = {"requests": total, "clients": clients, "killed_after": killed_at[0] if killed_at else None,
+               "answered": len(lat), "failed": len(failures),
+               "p50_ms": round(lat[len(lat) // 2] * 1000, 1),
+               "p99_ms": round(lat[min(len(lat) - 1, int(round(0.99 * len(lat))) - 1)] * 1000, 1),
                "max_ms": round(lat[-1] * 1000, 1), "wall_s": round(wall, 2)}
-    print(f"\n[deploy] failover: {json.dumps(figures)}")
+    return figures, failures
+
+
+def test_replica_killed_mid_load_costs_no_request(topology: Topology, mnist) -> None:
+    """300 requests from 8 concurrent clients, twice: both replicas up (the baseline), then
+    replica2 SIGKILLed after the 100th answer. No client request may fail."""
+    ports = topology.ports
+    total, clients, kill_after = 300, 8, 100
+    samples = digits(mnist, 16)
+
+    baseline, failures = run_load(topology, samples, total, clients)
+    print(f"\n[deploy] steady (2 replicas): {json.dumps(baseline)}")
+    assert not failures, failures[:3]
+
+    survivor_before = predict_count(ports["replica1"])
+    figures, failures = run_load(topology, samples, total, clients, kill=("replica2", kill_after))
+    print(f"[deploy] failover: {json.dumps(figures)}")
     if failures:
         print("[deploy] failures:", failures[:5], "\n---- nginx error log\n",
               (topology.tmp / "nginx-error.log").read_text()[-3000:])
-    assert len(lat) == total
+    assert figures["killed_after"] is not None
+    assert topology.procs["replica2"].wait(timeout=10) == -signal.SIGKILL
+    assert figures["answered"] == total
     assert not failures, f"{len(failures)} of {total} client requests failed: {failures[:3]}"
+    # every request after the kill was answered by the survivor
+    assert predict_count(ports["replica1"]) - survivor_before >= total - figures["killed_after"]
 
     # the survivor answered the rest, and Prometheus sees the dead replica go down
     dead = f"127.0.0.1:{ports['replica2']}"
@@ -390,3 +412,12 @@ def test_replica_killed_mid_load_costs_no_request(topology: Topology, mnist) -> 
              20, [topology.procs["prometheus"]])
     r = http_get(ports["gateway"], "/readyz")
     assert r.status_code == 200
+    # with no replica left, the gateway answers the contract's 503 overloaded itself
+    topology.procs["replica1"].send_signal(signal.SIGKILL)
+    topology.procs["replica1"].wait(timeout=10)
+    import httpx
+
+    r = httpx.post(f"http://127.0.0.1:{ports['gateway']}/predict", content=samples[0][0],
+                   headers={"content-type": "image/png"}, timeout=30)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert r.json()["error"]["code"] == "overloaded"
