@@ -20,8 +20,8 @@ Ray settings (environment, all optional):
   SHIELDSERVE_RAY_NUM_CPUS                1    CPUs reserved per replica
   SHIELDSERVE_RAY_NUM_GPUS                0.5 when the device is cuda, else 0: a fraction packs
                                                replicas on one GPU (0.5 = two per GPU)
-  SHIELDSERVE_RAY_ADDRESS                 ""   an existing cluster ("auto", "ray://host:10001");
-                                               empty starts a local Ray
+  SHIELDSERVE_RAY_ADDRESS                 local  an existing cluster ("auto", "ray://host:10001");
+                                                 "local" (the default) starts a Ray of its own
 """
 
 from __future__ import annotations
@@ -171,7 +171,9 @@ def run(config: str | None = None, host: str | None = None, port: int | None = N
 
     settings = load_settings(config, host=host, port=port)
     app = build_app(config, options)  # a bad configuration fails here, before Ray starts
-    address = address if address is not None else os.environ.get("SHIELDSERVE_RAY_ADDRESS") or None
+    # "local" starts a Ray of our own; ray.init(address=None) would join whatever cluster
+    # `ray start` last recorded on this machine
+    address = address or os.environ.get("SHIELDSERVE_RAY_ADDRESS") or "local"
     ray.init(address=address, runtime_env=_runtime_env())
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
@@ -183,7 +185,7 @@ def run(config: str | None = None, host: str | None = None, port: int | None = N
         stop.wait()
         log.info("stopping: deleting the application (replicas drain)")
         serve.delete(APP_NAME)
-        if address is None:
+        if address == "local":
             serve.shutdown()
     finally:
         ray.shutdown()

@@ -59,7 +59,7 @@ def ray_serve(quick_bundle: Path):
 
     port = free_port()
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "SHIELDSERVE_PROGRESS": "0"}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -101,3 +101,43 @@ def test_predict_through_ray_serve(ray_serve: str, mnist) -> None:
     status = serve.status().applications[APP_NAME]
     assert status.status == "RUNNING"
     assert status.deployments[DEPLOYMENT_NAME].status == "HEALTHY"
+
+
+def test_serve_ray_cli_joins_a_cluster_and_drains_on_sigterm(ray_serve: str, quick_bundle: Path, mnist,
+                                                             tmp_path: Path) -> None:
+    """`shieldserve serve --ray --ray-address ADDR` on the running Ray: it redeploys the app,
+    answers, and on SIGTERM deletes the application and exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from service.ray_app import APP_NAME
+
+    port = int(ray_serve.rsplit(":", 1)[1])
+    env = dict(os.environ, SHIELDSERVE_BUNDLE=str(quick_bundle), SHIELDSERVE_TORCH_THREADS="1",
+               SHIELDSERVE_PROGRESS="0", SHIELDSERVE_LOG_LEVEL="warning", SHIELDSERVE_RAY_NUM_CPUS="0.5",
+               SHIELDSERVE_RAY_MAX_REPLICAS="1")
+    log = tmp_path / "serve-ray.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--ray", "--ray-address",
+                                 ray.get_runtime_context().gcs_address, "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while "shieldserve on Ray Serve at" not in log.read_text(errors="replace"):
+                assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+                assert time.monotonic() < deadline, "serve --ray did not come up in 120 s"
+                time.sleep(0.5)
+            r = httpx.post(f"{ray_serve}/predict", content=png(mnist.test.x[0]),
+                           headers={"content-type": "image/png"}, timeout=60)
+            assert r.status_code == 200 and r.json()["results"][0]["label"] == int(mnist.test.y[0])
+            assert serve.status().applications[APP_NAME].status == "RUNNING"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=90) == 0, log.read_text(errors="replace")[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "deleting the application" in log.read_text(errors="replace")
+    assert APP_NAME not in serve.status().applications
