@@ -86,8 +86,6 @@ def render_nginx(ports: dict[str, int], tmp: Path) -> str:
         "pid": f"pid {tmp}/nginx.pid;",
         "error_log": f"error_log {tmp}/nginx-error.log info;",
         "access_log": f"access_log {tmp}/nginx-access.log;",
-        "replica1": f"server 127.0.0.1:{ports['replica1']} max_fails=1 fail_timeout=5s;",
-        "replica2": f"server 127.0.0.1:{ports['replica2']} max_fails=1 fail_timeout=5s;",
         "listen": f"listen 127.0.0.1:{ports['gateway']};",
     }
     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -96,13 +94,19 @@ def render_nginx(ports: dict[str, int], tmp: Path) -> str:
 
     def sub(m: re.Match) -> str:
         key = m.group(2)
+        if key in ("replica1", "replica2"):  # same server line, the test's address
+            seen.add(key)
+            line = m.group(0).split("#")[0].rstrip()
+            assert f"server {key}:8000 " in line, line
+            return line.replace(f"{key}:8000", f"127.0.0.1:{ports[key]}")
         if key not in subs:
             raise KeyError(f"docker/nginx.conf marks an unknown test line: {key}")
         seen.add(key)
         return m.group(1) + subs[key]
 
     out = re.sub(r"^(\s*)\S.*#\s*test:\s*(\w+)\s*$", sub, text, flags=re.M)
-    assert seen == set(subs), f"docker/nginx.conf lacks the test markers {sorted(set(subs) - seen)}"
+    want = set(subs) | {"replica1", "replica2"}
+    assert seen == want, f"docker/nginx.conf lacks the test markers {sorted(want - seen)}"
     if os.geteuid() == 0:  # workers would run as `nobody`, unable to reach the temp dirs
         out = "user root;\n" + out
     return out
