@@ -58,7 +58,7 @@ def free_port() -> int:
 
 
 def wait_for(what: str, check, timeout: float, procs: list[subprocess.Popen] = ()) -> None:
-    deadline = time.monotonic() + timeout
+    deadline, last = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         for p in procs:
             if p.poll() is not None:
@@ -66,10 +66,10 @@ def wait_for(what: str, check, timeout: float, procs: list[subprocess.Popen] = (
         try:
             if check():
                 return
-        except Exception:
-            pass
+        except Exception as exc:  # not up yet
+            last = exc
         time.sleep(0.2)
-    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s")
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s (last error: {last!r})")
 
 
 def http_get(port: int, path: str, timeout: float = 5.0):
