@@ -272,6 +272,7 @@ def test_requests_through_the_gateway(topology: Topology, mnist) -> None:
         r = c.get("/pipelines", headers={"x-request-id": "gw-test-1"})
         assert r.status_code == 200 and r.headers["x-request-id"] == "gw-test-1"
         assert c.get("/healthz").json()["status"] == "ok"
+        assert c.get("/v2/health/ready").status_code == 200  # the Open Inference Protocol too
         assert c.get("/gateway/healthz").status_code == 200
         # not public
         for path in ("/metrics", "/admin/", "/admin/reload"):
