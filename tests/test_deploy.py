@@ -140,14 +140,19 @@ class Topology:
         self.ports = {k: free_port() for k in ("gateway", "replica1", "replica2", "redis", "prometheus")}
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
+        self.replica_env: dict[str, str] = {}
 
     def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "wb")
+        log = open(self.tmp / f"{name}.log", "ab")
         self._logs.append(log)
         p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.tmp,
                              start_new_session=True)
         self.procs[name] = p
         return p
+
+    def start_replica(self, name: str) -> subprocess.Popen:
+        return self.start(name, [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1",
+                                 "--port", str(self.ports[name])], self.replica_env)
 
     def log(self, name: str) -> str:
         path = self.tmp / f"{name}.log"
@@ -180,9 +185,9 @@ def topology(quick_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                    SHIELDSERVE_PROGRESS="0", SHIELDSERVE_WARMUP="true", SHIELDSERVE_TORCH_THREADS="1",
                    SHIELDSERVE_LOG_LEVEL="warning")
         env.pop("SHIELDSERVE_CONFIG", None)
+        topo.replica_env = env
         for r in ("replica1", "replica2"):
-            topo.start(r, [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1",
-                           "--port", str(ports[r])], env)
+            topo.start_replica(r)
         # Redis: part of the topology (the shared image/certificate store uses it)
         topo.start("redis", [bins["redis-server"], "--port", str(ports["redis"]), "--bind", "127.0.0.1",
                              "--save", "", "--appendonly", "no", "--protected-mode", "yes"])
@@ -331,9 +336,10 @@ def predict_count(port: int) -> float:
 
 
 def run_load(topology: Topology, samples: list[tuple[bytes, int]], total: int, clients: int,
-             kill: tuple[str, int] | None = None) -> tuple[dict, list[str]]:
-    """`total` POST /predict through the gateway from `clients` threads; with kill=(replica, n),
-    that replica is SIGKILLed once n answers have come back. Returns figures and failures."""
+             kill: tuple[str, int, signal.Signals] | None = None) -> tuple[dict, list[str]]:
+    """`total` POST /predict through the gateway from `clients` threads; with
+    kill=(replica, n, signal), that replica gets the signal once n answers have come back.
+    Returns figures and failures."""
     import httpx
 
     latencies: list[float] = []
@@ -367,7 +373,7 @@ def run_load(topology: Topology, samples: list[tuple[bytes, int]], total: int, c
                         failures.append(why)
                     if kill and done >= kill[1] and not killed_at:
                         killed_at.append(done)
-                        topology.procs[kill[0]].send_signal(signal.SIGKILL)
+                        topology.procs[kill[0]].send_signal(kill[2])
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -385,31 +391,55 @@ def run_load(topology: Topology, samples: list[tuple[bytes, int]], total: int, c
     return figures, failures
 
 
-def test_replica_killed_mid_load_costs_no_request(topology: Topology, mnist) -> None:
-    """300 requests from 8 concurrent clients, twice: both replicas up (the baseline), then
-    replica2 SIGKILLed after the 100th answer. No client request may fail."""
+def test_replica_stopped_or_killed_mid_load_costs_no_request(topology: Topology, mnist) -> None:
+    """300 requests from 8 concurrent clients, three times: both replicas up (the baseline);
+    replica2 stopped with SIGTERM after the 100th answer (a rolling restart), then started
+    again; replica2 SIGKILLed after the 100th answer (a crash). No client request may fail."""
     ports = topology.ports
     total, clients, kill_after = 300, 8, 100
     samples = digits(mnist, 16)
+
+    def failover(sig: signal.Signals, label: str) -> dict:
+        survivor_before = predict_count(ports["replica1"])
+        figures, failures = run_load(topology, samples, total, clients, kill=("replica2", kill_after, sig))
+        print(f"[deploy] {label}: {json.dumps(figures)}")
+        if failures:
+            print("[deploy] failures:", failures[:5], "\n---- nginx error log\n",
+                  (topology.tmp / "nginx-error.log").read_text()[-3000:])
+        assert figures["killed_after"] is not None and figures["answered"] == total
+        assert not failures, f"{label}: {len(failures)} of {total} client requests failed: {failures[:3]}"
+        # every request after the signal was answered by the survivor
+        assert predict_count(ports["replica1"]) - survivor_before >= total - figures["killed_after"]
+        return figures
 
     baseline, failures = run_load(topology, samples, total, clients)
     print(f"\n[deploy] steady (2 replicas): {json.dumps(baseline)}")
     assert not failures, failures[:3]
 
-    survivor_before = predict_count(ports["replica1"])
-    figures, failures = run_load(topology, samples, total, clients, kill=("replica2", kill_after))
-    print(f"[deploy] failover: {json.dumps(figures)}")
-    if failures:
-        print("[deploy] failures:", failures[:5], "\n---- nginx error log\n",
-              (topology.tmp / "nginx-error.log").read_text()[-3000:])
-    assert figures["killed_after"] is not None
-    assert topology.procs["replica2"].wait(timeout=10) == -signal.SIGKILL
-    assert figures["answered"] == total
-    assert not failures, f"{len(failures)} of {total} client requests failed: {failures[:3]}"
-    # every request after the kill was answered by the survivor
-    assert predict_count(ports["replica1"]) - survivor_before >= total - figures["killed_after"]
+    # a rolling restart: SIGTERM (uvicorn drains in-flight requests; it re-raises the signal
+    # once done, hence -SIGTERM), then the replica comes back and gets traffic again
+    failover(signal.SIGTERM, "stopped (SIGTERM)")
+    assert topology.procs["replica2"].wait(timeout=60) in (0, -signal.SIGTERM)
+    topology.start_replica("replica2")
+    wait_for("replica2 restarted", lambda: http_get(ports["replica2"], "/readyz").status_code == 200, 120,
+             [topology.procs["replica2"]])
+    data = samples[0][0]
 
-    # the survivor answered the rest, and Prometheus sees the dead replica go down
+    def routed_again() -> bool:
+        import httpx
+
+        for _ in range(4):
+            httpx.post(f"http://127.0.0.1:{ports['gateway']}/predict", content=data,
+                       headers={"content-type": "image/png"}, timeout=30).raise_for_status()
+        return predict_count(ports["replica2"]) > 0
+
+    wait_for("the gateway routes to the restarted replica", routed_again, 30)
+
+    # a crash
+    failover(signal.SIGKILL, "failover (SIGKILL)")
+    assert topology.procs["replica2"].wait(timeout=10) == -signal.SIGKILL
+
+    # Prometheus sees the dead replica go down
     dead = f"127.0.0.1:{ports['replica2']}"
     wait_for("prometheus marks the killed replica down",
              lambda: any(s["metric"]["instance"] == dead and s["value"][1] == "0"
