@@ -3,9 +3,10 @@ service replicas, redis-server and Prometheus (the shipped docker/prometheus.yml
 docker/alerts.yml), all from Debian packages on 127.0.0.1, started and stopped here.
 
 What it shows: requests through the gateway answer with real classifications; /metrics and
-/admin are not public; one replica killed (SIGKILL) in the middle of a bounded load costs no
-client request (nginx retries on the other replica); Prometheus scrapes both replicas and
-sees the dead one go down; `promtool check config|rules` and the alert unit tests pass.
+/admin are not public; a replica stopped (SIGTERM) and, once back, killed (SIGKILL) in the
+middle of a bounded load costs no client request (nginx retries on the other replica);
+Prometheus scrapes both replicas, runs every alert rule and dashboard query, and sees the
+dead one go down; `promtool check config|rules` and the alert unit tests pass.
 
 Pending (needs the /certify store, another branch): a digit posted through one replica and
 certified through the other, with the Redis store.
