@@ -146,7 +146,7 @@ def build_app(config: str | Path | None = None, options: RayOptions | None = Non
     """
     from service.settings import load_settings
 
-    config = str(config) if config else None
+    config = str(Path(config).resolve()) if config else None  # replicas run in another directory
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "bundle" in overrides:
         overrides["bundle"] = str(Path(overrides["bundle"]).resolve())
