@@ -307,6 +307,8 @@ def train_gan(x_train: torch.Tensor, r: DefenseGanRecipe, g: torch.Generator, ck
     gen.eval()
     for p in gen.parameters():
         p.requires_grad_(False)
+    if start >= r.generator_steps and history:  # resumed a finished run: report its last estimate
+        w_dist = history[-1]["wasserstein_estimate"]
     metrics = {"generator_steps": r.generator_steps, "wasserstein_estimate": round(w_dist, 4),
                "train_seconds": round(seconds, 1), "resumed_from_step": start, "history": history[-5:]}
     return gen, metrics
