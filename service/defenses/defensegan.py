@@ -50,6 +50,7 @@ class ProjectionSettings:
     prune_at: int = 0               # after this many steps keep each image's best restart only (0: never)
     patience: int = 0               # stop a restart after this many steps without improvement (0: never)
     min_delta: float = 1e-3         # relative improvement that counts
+    max_norm: float = 0.0           # keep ||z|| <= max_norm * sqrt(latent) (0: unconstrained, the paper's)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,8 +58,9 @@ class ProjectionSettings:
 
 PRESETS: dict[str, ProjectionSettings] = {
     "paper": ProjectionSettings(),
-    "default": ProjectionSettings(steps=100, restarts=4, optimizer="adam", lr=0.05, init="encoder",
-                                  init_noise=0.5, prune_at=10, patience=10, min_delta=2e-3,
+    # tuned on validation digits (clean and FGSM) against `paper`: lower error at ~1/12 the passes
+    "default": ProjectionSettings(steps=150, restarts=6, optimizer="adam", lr=0.05, init="encoder",
+                                  init_noise=0.5, prune_at=10, patience=15, min_delta=2e-3,
                                   decay_at=0.8, decay=0.3),
 }
 
@@ -151,6 +153,10 @@ def project(generator: nn.Module, x: torch.Tensor, settings: ProjectionSettings,
             z[rows] = zr.detach() - lr * m_hat / (v_hat.sqrt() + eps)
         else:
             raise ValueError(f"unknown optimizer {s.optimizer!r}")
+        if s.max_norm > 0:  # stay where N(0, I) puts its mass: far-out z draw hazy non-digits
+            zn = z[rows]
+            radius = s.max_norm * latent ** 0.5
+            z[rows] = zn * (radius / zn.norm(dim=1, keepdim=True).clamp_min(radius))
 
         if s.patience > 0:
             active &= since < s.patience
