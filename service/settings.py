@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     request_timeout_s: float = Field(60.0, gt=0)
+    workers: int = Field(1, ge=1, description="uvicorn worker processes")
+    drain_seconds: float = Field(2.0, ge=0, description="after SIGTERM, answer /readyz 503 this long before closing")
+    graceful_timeout_s: float = Field(30.0, ge=0, description="how long in-flight requests may take to finish")
     torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
     warmup: bool = True
     admin_api_key: SecretStr | None = None
