@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -49,6 +50,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.warmup:
             await asyncio.get_running_loop().run_in_executor(runtime.executor, runtime.warmup)
+        # Everything loaded so far lives as long as the process: keep it out of the garbage
+        # collector's full passes, which otherwise stall the event loop for ~100 ms under load.
+        gc.collect()
+        gc.freeze()
         runtime.ready = True
         yield
         app.state.draining = True

@@ -43,7 +43,9 @@ class LimitsConfig(BaseModel):
 class BatchingConfig(BaseModel):
     enabled: bool = True
     max_batch_size: int = Field(64, gt=0, description="images per merged batch")
-    max_delay_ms: float = Field(2.0, ge=0, description="how long the first request waits for company")
+    # 0: an idle pipeline runs a request at once; requests that arrive while a batch runs
+    # still merge into the next one. A delay > 0 trades single-client latency for batch size.
+    max_delay_ms: float = Field(0.0, ge=0, description="how long the first request waits for company")
     max_queue: int = Field(1024, gt=0, description="queued images per pipeline before 503 overloaded")
     retry_after_s: int = Field(1, ge=0)
 
