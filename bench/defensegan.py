@@ -19,8 +19,6 @@ Prints a table and writes bench/results/defensegan.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import now_iso, write_results  # noqa: E402
 from models.bundle import Bundle  # noqa: E402
 from models.datasets import Split, load_dataset  # noqa: E402
 from service.attacks import fgsm  # noqa: E402
@@ -68,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "defensegan.json"))
     args = ap.parse_args(argv)
+    started_at = now_iso()
 
     bundle = Bundle.load(args.bundle)
     clf = bundle.classifier()
@@ -139,12 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                     for k, row in rows.items()},
            "ratios_paper_over_default": {"generator_evals": evals_ratio, "wall_time": time_ratio},
            "reconstruction_error_default_over_paper": err_ratio, "accuracy_default_minus_paper_points": acc_diff,
-           "detector": detector, "goals": goals, "torch_threads": torch.get_num_threads(),
-           "python": platform.python_version(), "torch": torch.__version__,
+           "detector": detector, "goals": goals,
            "command": "python bench/defensegan.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    path = write_results("defensegan", out, out=args.out, started=started_at)
+    print(f"wrote {path}")
     return 0
 
 
