@@ -37,7 +37,7 @@ class RmcRecipe:
     steps: int = 10
     patience: int = 3
     stop_loss: float = 0.01
-    trainable: str = "all"
+    trainable: str = "head"
     # the manifest's metrics: K-nearest-neighbour vote on validation images
     eval_images: int = 500
     eval_pgd_steps: int = 40
@@ -47,7 +47,7 @@ class RmcRecipe:
 
 
 PRESETS: dict[str, RmcRecipe] = {
-    "default": RmcRecipe(),
+    "default": RmcRecipe(eval_images=200),
     "quick": RmcRecipe(pgd_steps=(2, 4, 8), adv_fraction=0.1, eval_images=100, eval_pgd_steps=5),
 }
 
