@@ -76,9 +76,10 @@ def test_bundle_index_matches_the_stored_images(quick_bundle: Path, rmc_env: Def
     assert torch.equal(ids[:, 0], rows) and float(dist.max()) < 1e-6
 
 
-def test_batched_adaptation_equals_one_image_at_a_time(rmc_env: DefenseEnv, attack) -> None:
+@pytest.mark.parametrize("trainable", ["head", "all"])
+def test_batched_adaptation_equals_one_image_at_a_time(rmc_env: DefenseEnv, attack, trainable: str) -> None:
     x, _, adv = attack
-    rmc = RMC(rmc_env, steps=4)
+    rmc = RMC(rmc_env, steps=4, trainable=trainable)
     batch = torch.cat([x[:2], adv[:2]])
     ids, _ = rmc.neighbours(batch)
     nx, ny = from_uint8(rmc.images[ids]), rmc.labels[ids]
