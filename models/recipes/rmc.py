@@ -33,8 +33,8 @@ class RmcRecipe:
     hnsw_m: int = 32               # hnsw
     # serving defaults written to the manifest (a pipeline's options override them)
     k: int | str = "auto"
-    lr: float = 1e-3
-    steps: int = 10
+    lr: float = 3e-3
+    steps: int = 20
     patience: int = 3
     stop_loss: float = 0.01
     trainable: str = "head"
