@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-images", type=int, default=30)
     p.add_argument("--batch", type=int, default=32, help="images in the batched-vs-serial comparison")
     p.add_argument("--seed", type=int, default=0)
-    X
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's default; 1 is fastest on a shared, busy CPU)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if args.threads:
