@@ -299,13 +299,17 @@ class RMC(Component):
     def __init__(self, env: DefenseEnv, *, mode: str = "isolated", k: int | str = "auto",
                  lr: float | None = None, steps: int | None = None, patience: int | None = None,
                  min_delta: float | None = None, stop_loss: float | None = None,
-                 trainable: str | None = None, parallel: int = 16, search: str = "faiss",
+                 trainable: str | None = None, parallel: int | None = None, search: str = "faiss",
                  nprobe: int | None = None, ef_search: int | None = None,
                  snapshot_every: int = 100, snapshots: int = 5) -> None:
         if mode not in ("isolated", "online"):
             raise ValueError(f"mode must be 'isolated' or 'online', got {mode!r}")
         if search not in ("faiss", "torch"):
             raise ValueError(f"search must be 'faiss' or 'torch', got {search!r}")
+        # Batching copies of the weights pays on a GPU; on a CPU the stacked copies (and their
+        # Adam state) fall out of cache and one image at a time is faster (bench/rmc.py).
+        if parallel is None:
+            parallel = 16 if env.device.type == "cuda" else 1
         if int(parallel) < 1 or int(snapshot_every) < 1 or int(snapshots) < 1:
             raise ValueError("parallel, snapshot_every and snapshots must be >= 1")
         section = env.bundle.defense(NAME)
