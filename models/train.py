@@ -30,6 +30,7 @@ log = logging.getLogger("shieldserve.train")
 STEPS: list[tuple[str, str]] = [
     ("classifier", "models.recipes.classifier"),
     ("defensegan", "models.recipes.defensegan"),
+    ("rmc", "models.recipes.rmc"),
 ]
 
 

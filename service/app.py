@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 
 import service
-from service.api import info, predict
+from service.api import admin, info, predict
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from service.metrics import multiprocess_dir
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     install_error_handlers(app)
     app.include_router(predict.router)
     app.include_router(info.router)
+    app.include_router(admin.router)
     from service.api import oip
 
     app.include_router(oip.router)

@@ -1,0 +1,67 @@
+"""Admin routes, behind the `X-API-Key` header (settings.admin_api_key).
+
+With no key configured the admin API is off: every admin route answers 403. The key is
+compared in constant time (hmac.compare_digest), and it is checked before anything else in
+the request is looked at, so a caller without it learns nothing about the pipelines.
+
+`POST /admin/rmc/reset?pipeline=NAME[&to=bundle|snapshot]` puts an online RMC pipeline's
+adaptation stream back to the bundle's weights (or to its latest in-memory snapshot).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.api.errors import ApiError
+from service.api.schemas import ErrorBody
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+def require_admin_key(request: Request,
+                      x_api_key: str | None = Header(None, alias="X-API-Key",
+                                                     description="the admin API key")) -> None:
+    configured = request.app.state.settings.admin_api_key
+    secret = configured.get_secret_value() if configured is not None else ""
+    if not secret:
+        raise ApiError(403, "forbidden", "admin API disabled: no admin_api_key is configured "
+                                         "(set SHIELDSERVE_ADMIN_API_KEY)")
+    if not x_api_key:
+        raise ApiError(401, "unauthorized", "this route needs the admin key in the X-API-Key header",
+                       {"WWW-Authenticate": "X-API-Key"})
+    if not hmac.compare_digest(x_api_key.encode(), secret.encode()):
+        raise ApiError(403, "forbidden", "the X-API-Key header does not hold the admin key")
+
+
+class RmcResetResponse(BaseModel):
+    pipeline: str
+    mode: str = Field(description="the RMC adapter's mode: online or isolated")
+    restored: str = Field(description="'bundle', or 'snapshot@N' (the stream after N images)")
+    discarded_images: int = Field(description="adapted images whose influence the reset removed")
+
+
+@router.post("/rmc/reset", response_model=RmcResetResponse,
+             responses={c: {"model": ErrorBody} for c in (401, 403, 404, 422)},
+             dependencies=[Depends(require_admin_key)],
+             summary="Reset an online RMC pipeline's adapted weights")
+async def rmc_reset(request: Request,
+                    pipeline: str = Query(..., description="the pipeline whose RMC adapter to reset"),
+                    to: Literal["bundle", "snapshot"] = Query(
+                        "bundle", description="the bundle's weights, or the latest in-memory snapshot"),
+                    ) -> RmcResetResponse:
+    runtime = request.app.state.runtime
+    if pipeline not in runtime.pipelines:
+        raise ApiError(404, "unknown_pipeline",
+                       f"no pipeline {pipeline!r}; configured: {', '.join(sorted(runtime.pipelines))}")
+    adapters = [c for c in runtime.pipelines[pipeline].components
+                if c.role == "adapter" and callable(getattr(c, "reset", None))]
+    if not adapters:
+        raise ApiError(422, "invalid_parameter", f"pipeline {pipeline!r} has no RMC adapter to reset")
+    # the reset waits for a running adaptation to finish (the stream's lock): off the event loop
+    outcome = await run_in_threadpool(adapters[0].reset, to)
+    return RmcResetResponse(pipeline=pipeline, **outcome)
