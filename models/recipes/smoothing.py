@@ -90,6 +90,7 @@ class SmoothingRecipe:
     denoiser_batch_size: int = 64
     denoiser_lr: float = 1e-3
     stability_weight: float = 1.0
+    denoiser_max_train: int = 0        # 0: every training digit
     denoiser: bool = True
 
     def to_json(self) -> dict[str, Any]:
@@ -100,7 +101,8 @@ PRESETS: dict[str, SmoothingRecipe] = {
     "default": SmoothingRecipe(),
     "quick": SmoothingRecipe(architecture="smoothing_mlp_small", epochs=2, batch_size=128, lr=3e-3,
                              augment=False, denoiser_width=8, denoiser_depth=3, denoiser_epochs=1,
-                             denoiser_mse_epochs=1, denoiser_batch_size=128, denoiser_lr=3e-3),
+                             denoiser_mse_epochs=1, denoiser_batch_size=128, denoiser_lr=3e-3,
+                             denoiser_max_train=1000),
 }
 
 
@@ -119,7 +121,7 @@ def train_denoiser(dataset, classifier: nn.Module, sigma: float, r: SmoothingRec
     spec = builtin_spec("dncnn", in_channels=c, width=r.denoiser_width, depth=r.denoiser_depth)
     net = DnCNN(in_channels=c, width=r.denoiser_width, depth=r.denoiser_depth)
     opt = torch.optim.Adam(net.parameters(), lr=r.denoiser_lr)
-    x_train = dataset.train.x
+    x_train = dataset.train.x[:r.denoiser_max_train or None]
     with torch.no_grad():
         targets = torch.cat([classifier(x_train[i:i + 500]).argmax(1) for i in range(0, len(x_train), 500)])
     steps = r.denoiser_epochs * -(-len(x_train) // r.denoiser_batch_size)
