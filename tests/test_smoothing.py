@@ -9,8 +9,8 @@ import torch
 from scipy.stats import binom, norm
 
 from service.defenses.smoothing import (
-    ABSTAIN, NoiseSampler, certify, certify_at_radius, geometric_schedule, lower_confidence_bound,
-    predict_from_counts, radius_from, upper_confidence_bound,
+    ABSTAIN, NoiseSampler, alpha_spending, certify, certify_at_radius, geometric_schedule,
+    lower_confidence_bound, predict_from_counts, radius_from, upper_confidence_bound,
 )
 
 
@@ -100,4 +100,4 @@ def test_radius_decision_stops_early_on_a_sure_input() -> None:
                                 radius=0.25, n0=64, n_max=100_000, alpha=0.001, seed=0)
     assert cert.certified is False and cert.samples < 5000
     assert geometric_schedule(1000, first=128) == [128, 256, 512, 1000]
-    assert math.isclose(sum(0.001 / len(geometric_schedule(100_000)) for _ in geometric_schedule(100_000)), 0.001)
+    assert math.isclose(sum(alpha_spending(0.001, len(geometric_schedule(100_000)))), 0.001)

@@ -11,7 +11,7 @@ norm below R = sigma * Phi^-1(pA_lower) changes g's answer.
                             abstain if pA_lower < 1/2, else radius sigma * Phi^-1(pA_lower).
   CERTIFY_AT(x, r, ...)     is c_A certified at radius r? Sequential: draw samples on a
                             geometric schedule and stop as soon as the Clopper-Pearson interval
-                            (alpha split evenly over the looks, a union bound) lies wholly above
+                            (alpha split over the looks, a union bound) lies wholly above
                             or below Phi(r / sigma). Easy inputs stop after a few hundred samples.
 
 What the certificate covers (the `denoiser` option):
@@ -76,6 +76,15 @@ def geometric_schedule(n_max: int, first: int = 128, factor: float = 2.0) -> lis
         n *= factor
     sizes.append(int(n_max))
     return sizes
+
+
+def alpha_spending(alpha: float, looks: int) -> list[float]:
+    """How CERTIFY_AT splits alpha over its looks: half at the last look (so that at n_max it
+    decides almost as a fixed-n CERTIFY would), the other half evenly over the earlier ones.
+    The parts sum to alpha: the union bound keeps the overall error at most alpha."""
+    if looks == 1:
+        return [alpha]
+    return [alpha / (2 * (looks - 1))] * (looks - 1) + [alpha / 2]
 
 
 # ---------------------------------------------------------------------- sampling
@@ -150,9 +159,10 @@ def certify_at_radius(sampler: NoiseSampler, x: torch.Tensor, radius: float, n0:
     """Is the smoothed classifier certified at `radius`? Stops as soon as that is settled.
 
     c_A comes from n0 selection samples as in CERTIFY. Estimation samples are drawn on a
-    geometric schedule up to n_max; at each of the K looks the Clopper-Pearson interval at
-    level alpha / K is compared with p* = Phi(radius / sigma). Certified once the lower bound
-    exceeds p*, refused once the upper bound falls below it (or at n_max). By the union bound
+    geometric schedule up to n_max; at each of the K looks the Clopper-Pearson interval at that
+    look's share of alpha (`alpha_spending`) is compared with p* = Phi(radius / sigma).
+    Certified once the lower bound exceeds p*, refused once the upper bound falls below it
+    (or at n_max). By the union bound
     over the looks, a "certified" answer is wrong with probability at most alpha, as in CERTIFY
     with fixed n; the reported p_a_lower is valid at the same level.
     """
@@ -162,10 +172,10 @@ def certify_at_radius(sampler: NoiseSampler, x: torch.Tensor, radius: float, n0:
     c_a = int(sampler.counts(x, n0, g, ctx).argmax())
     target = float(norm.cdf(radius / sampler.sigma))
     schedule = geometric_schedule(n_max, first=min(first, n_max))
-    alpha_look = alpha / len(schedule)
+    spend = alpha_spending(alpha, len(schedule))
     counts = torch.zeros(sampler.num_classes, dtype=torch.long)
     drawn, p_lower, certified = 0, 0.0, False
-    for size in schedule:
+    for size, alpha_look in zip(schedule, spend):
         counts += sampler.counts(x, size - drawn, g, ctx)
         drawn = size
         k = int(counts[c_a])
@@ -287,7 +297,7 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     n = int(options.get("n", _setting(env, "predict_n", 1000)))
     n0 = int(options.get("n0", _setting(env, "predict_n0", 64)))
     alpha = float(options.get("alpha", _setting(env, "alpha", 0.001)))
-    batch_size = int(options.get("batch_size", _setting(env, "batch_size", 1000)))
+    batch_size = int(options.get("batch_size", _setting(env, "batch_size", 8000)))
     if not (n >= 1 and n0 >= 1 and batch_size >= 1 and 0 < alpha < 1):
         raise ValueError("smoothing needs n >= 1, n0 >= 1, batch_size >= 1 and 0 < alpha < 1")
     return [SmoothingDecider(classifiers=classifiers, denoisers=denoisers, sigma=sigma, denoiser=use_denoiser,
@@ -302,6 +312,6 @@ def _frozen(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return module
 
 
-__all__ = ["ABSTAIN", "Certificate", "NoiseSampler", "SmoothingDecider", "build", "certify",
-           "certify_at_radius", "geometric_schedule", "lower_confidence_bound", "predict_from_counts",
-           "radius_from", "upper_confidence_bound"]
+__all__ = ["ABSTAIN", "Certificate", "NoiseSampler", "SmoothingDecider", "alpha_spending", "build",
+           "certify", "certify_at_radius", "geometric_schedule", "lower_confidence_bound",
+           "predict_from_counts", "radius_from", "upper_confidence_bound"]
