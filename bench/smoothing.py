@@ -250,6 +250,28 @@ class Bench:
         print(table(rows, list(rows[0])))
 
 
+def combine_plots(paths: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for name, res in data.get("certified", {}).items():
+            ax.plot(RADII, [res["certified_accuracy"][f"{r:g}"] for r in RADII], marker="o",
+                    label=f"{Path(path).stem}: {name} ({res['digits']} digits)")
+    ax.set_xlabel("L2 radius r")
+    ax.set_ylabel("certified accuracy")
+    ax.set_title("Randomized smoothing, mnist5k test digits, alpha=0.001")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    log(f"plot: {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", default="models/default")
@@ -267,7 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sections", nargs="+", default=["flops", "certified", "sequential", "art"])
     p.add_argument("--out", default=str(RESULTS / "smoothing.json"))
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="only draw one plot from the certified sections of earlier runs' JSON, to --out (.png)")
     args = p.parse_args(argv)
+    if args.combine:
+        combine_plots(args.combine, Path(args.out))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = Bench(args)

@@ -101,9 +101,9 @@ register_builtin("dncnn", DnCNN)
 
 @dataclass(frozen=True)
 class SmoothingRecipe:
-    architecture: str = "smoothing_mlp"
+    architecture: str = "smoothing_cnn"
     sigmas: tuple[float, ...] = SIGMAS
-    epochs: int = 30
+    epochs: int = 15
     batch_size: int = 128
     lr: float = 1e-3
     augment: bool = True
