@@ -116,6 +116,7 @@ class SmoothingRecipe:
     stability_weight: float = 1.0
     denoiser_max_train: int = 0        # 0: every training digit
     denoiser: bool = True
+    classifiers: bool = True           # False: keep the bundle's noise-trained classifiers, (re)train denoisers only
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,9 +188,10 @@ def _denoised_accuracy(denoiser: nn.Module, classifier: nn.Module, dataset, sigm
 def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildContext
     """Noise-trained classifiers at each sigma, a denoiser per sigma, and the manifest section."""
     r = recipe(ctx.preset, **ctx.options.get("smoothing", {}))
-    section: dict[str, Any] = {"sigmas": list(r.sigmas), "classifiers": {}, "denoisers": {},
-                               "recipe": r.to_json()}
-    for sigma in r.sigmas:
+    prev = ctx.writer.manifest.get("defenses", {}).get("smoothing", {})
+    section: dict[str, Any] = {"sigmas": list(r.sigmas), "recipe": r.to_json(), "denoisers": {},
+                               "classifiers": {} if r.classifiers else dict(prev.get("classifiers", {}))}
+    for sigma in (r.sigmas if r.classifiers else ()):
         name = f"smoothing_{sigma_tag(sigma)}"
         cr = classifier_recipe(ctx.preset, architecture=r.architecture, epochs=r.epochs,
                                batch_size=r.batch_size, lr=r.lr, augment=r.augment, noise_sigma=sigma)
