@@ -29,11 +29,8 @@ log = logging.getLogger("shieldserve.train")
 # (step name, recipe module). Later steps may use the classifier the first one built.
 STEPS: list[tuple[str, str]] = [
     ("classifier", "models.recipes.classifier"),
-<<<<<<< HEAD
-    ("smoothing", "models.recipes.smoothing"),
-=======
     ("defensegan", "models.recipes.defensegan"),
->>>>>>> main
+    ("smoothing", "models.recipes.smoothing"),
 ]
 
 
