@@ -31,6 +31,7 @@ STEPS: list[tuple[str, str]] = [
     ("classifier", "models.recipes.classifier"),
     ("defensegan", "models.recipes.defensegan"),
     ("rmc", "models.recipes.rmc"),
+    ("smoothing", "models.recipes.smoothing"),
 ]
 
 

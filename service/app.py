@@ -13,12 +13,13 @@ from typing import Any
 from fastapi import FastAPI
 
 import service
-from service.api import admin, info, predict
+from service.api import admin, certify, info, predict
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from service.metrics import multiprocess_dir
 from service.runtime import Runtime
 from service.settings import Settings, load_settings
+from service.store import MemoryStore, Store
 
 log = logging.getLogger("shieldserve")
 
@@ -40,11 +41,14 @@ class InflightMiddleware:
             gauge.dec()
 
 
-def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
+               store: Store | None = None) -> FastAPI:
     """Build the app. Without arguments, settings come from SHIELDSERVE_CONFIG and the
     environment (how `--workers N` and Ray build one app per process)."""
     settings = settings or load_settings()
     runtime = runtime or Runtime(settings)
+    c = settings.certify  # recently posted images and their certificates, for GET /certify
+    store = store or MemoryStore(c.store_max_images, c.store_max_certificates, c.store_max_age_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,9 +72,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                   description="An image classifier behind runtime adversarial defenses.")
     app.state.runtime = runtime
     app.state.settings = settings
+    app.state.store = store
     app.state.draining = False
     install_error_handlers(app)
     app.include_router(predict.router)
+    app.include_router(certify.router)
     app.include_router(info.router)
     app.include_router(admin.router)
     from service.api import oip

@@ -50,6 +50,24 @@ class BatchingConfig(BaseModel):
     retry_after_s: int = Field(1, ge=0)
 
 
+class CertifyConfig(BaseModel):
+    """Randomized smoothing's service settings: sample counts for /predict, maxima for /certify,
+    and the bounded store of recently posted images and their certificates."""
+
+    predict_n: int = Field(1000, gt=0, description="estimation samples per image on /predict")
+    predict_n0: int = Field(64, gt=0, description="selection samples per image on /predict")
+    default_n: int = Field(10_000, gt=0, description="estimation samples on /certify without n=")
+    default_n0: int = Field(100, gt=0, description="selection samples on /certify without n0=")
+    max_n: int = Field(100_000, gt=0, description="largest n a caller may ask for (422 above)")
+    max_n0: int = Field(10_000, gt=0, description="largest n0 a caller may ask for (422 above)")
+    alpha: float = Field(0.001, gt=0, lt=1)
+    batch_size: int = Field(8000, gt=0, description="noisy copies per forward pass (bench: larger is faster on CPU)")
+    pipeline: str = Field("smoothing", description="pipeline /certify uses without pipeline=")
+    store_max_images: int = Field(4096, ge=0, description="images kept for GET /certify")
+    store_max_certificates: int = Field(4096, ge=0)
+    store_max_age_s: float = Field(3600.0, gt=0, description="older entries are forgotten")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHIELDSERVE_", env_nested_delimiter="__",
                                       extra="forbid", validate_default=True)
@@ -64,6 +82,7 @@ class Settings(BaseSettings):
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    certify: CertifyConfig = Field(default_factory=CertifyConfig)
     request_timeout_s: float = Field(60.0, gt=0)
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     drain_seconds: float = Field(2.0, ge=0, description="after SIGTERM, answer /readyz 503 this long before closing")

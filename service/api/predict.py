@@ -122,6 +122,8 @@ async def predict(request: Request,
             raise ApiError(404, "unknown_pipeline",
                            f"no pipeline {name!r}; configured: {', '.join(sorted(runtime.pipelines))}")
         x, digests = await decode_request(request, runtime)
+        for digest, image in zip(digests, x):  # so GET /certify?image_sha256= can find them
+            request.app.state.store.put_image(digest, image)
         results = await run_pipeline(request, runtime, name, x)
         outcome = outcome_of(results)
         return PredictResponse(request_id=request.state.request_id, pipeline=name,

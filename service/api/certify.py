@@ -1,0 +1,189 @@
+"""GET /certify and POST /certify: a randomized-smoothing certificate for one image.
+
+GET certifies an image recently posted to /predict or /certify (found by the sha256 of its
+bytes in the bounded store); POST takes the image itself. Certification is expensive, so it
+runs on the runtime's executor, off the event loop, and stops at the request's deadline.
+Certificates are cached by (image, pipeline, bundle version, sigma, n0, n, alpha, radius, seed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
+
+from service.api.errors import ApiError
+from service.api.predict import decode_request
+from service.api.schemas import ErrorBody, RejectionOut
+from service.defenses.base import DeadlineExceeded, RunContext
+from service.runtime import Runtime
+
+router = APIRouter(tags=["certify"])
+
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 504)}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class CertifyResponse(BaseModel):
+    image_sha256: str
+    pipeline: str
+    model_version: str
+    status: str = Field(description="accepted | abstained | rejected (by a detector before smoothing)")
+    label: int | None
+    class_name: str | None = None
+    abstained: bool
+    radius: float | None = Field(description="certified L2 radius; null when abstained or rejected")
+    p_a_lower: float | None
+    sigma: float
+    n0: int
+    n: int = Field(description="estimation samples drawn (fewer than asked with radius=)")
+    alpha: float
+    samples: int = Field(description="all noise samples drawn: n0 + n")
+    seconds: float
+    seed: int | None = Field(description="the noise seed: pass it back as seed= to reproduce this certificate")
+    batch_size: int | None = None
+    target_radius: float | None = None
+    certified: bool | None = Field(None, description="with radius=: is the label certified at that radius")
+    cached: bool = False
+    rejected_by: list[RejectionOut] = Field(default_factory=list)
+
+
+def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int | None, n0: int | None,
+            alpha: float | None, radius: float | None, seed: int | None) -> tuple[str, dict[str, Any]]:
+    cfg = runtime.settings.certify
+    name = pipeline or (cfg.pipeline if cfg.pipeline in runtime.pipelines else runtime.settings.default_pipeline)
+    if name not in runtime.pipelines:
+        raise ApiError(404, "unknown_pipeline", f"no pipeline {name!r}; configured: {', '.join(sorted(runtime.pipelines))}")
+    decider = runtime.pipelines[name].decider
+    if not getattr(decider, "certifies", False):
+        raise ApiError(422, "invalid_parameter", f"pipeline {name!r} does not certify; use a smoothing pipeline")
+    n = cfg.default_n if n is None else n
+    n0 = cfg.default_n0 if n0 is None else n0
+    if n > cfg.max_n:
+        raise ApiError(422, "invalid_parameter", f"n={n} is above this server's maximum of {cfg.max_n}")
+    if n0 > cfg.max_n0:
+        raise ApiError(422, "invalid_parameter", f"n0={n0} is above this server's maximum of {cfg.max_n0}")
+    sigma = float(decider.sigma) if sigma is None else float(sigma)  # type: ignore[attr-defined]
+    if sigma not in decider.sigmas:  # type: ignore[attr-defined]
+        raise ApiError(422, "invalid_parameter", f"sigma={sigma:g} is not available on pipeline {name!r}; "
+                       f"choose from {[float(s) for s in decider.sigmas]}")  # type: ignore[attr-defined]
+    opts: dict[str, Any] = {"sigma": sigma, "n": n, "n0": n0, "alpha": cfg.alpha if alpha is None else alpha}
+    if radius is not None:
+        opts["radius"] = radius
+    if seed is not None:
+        opts["seed"] = seed
+    return name, opts
+
+
+async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, Any]) -> CertifyResponse:
+    runtime: Runtime = request.app.state.runtime
+    store = request.app.state.store
+    pipeline = runtime.pipelines[name]
+    key = (digest, name, runtime.bundle.version, opts["sigma"], opts["n0"], opts["n"], opts["alpha"],
+           opts.get("radius"), opts.get("seed"))
+    cached = store.get_certificate(key)
+    if cached is not None:
+        return CertifyResponse(**{**cached, "cached": True})
+    ctx = RunContext(device=runtime.device, seed=int(opts.get("seed", secrets.randbits(63))),
+                     deadline=time.monotonic() + runtime.settings.request_timeout_s,
+                     options=dict(opts))
+    loop = asyncio.get_running_loop()
+    try:
+        [result] = await loop.run_in_executor(runtime.executor, pipeline.run, x.unsqueeze(0).to(runtime.device), ctx)
+    except DeadlineExceeded:
+        raise ApiError(504, "deadline_exceeded",
+                       f"certification did not finish within {runtime.settings.request_timeout_s:g} s; "
+                       f"ask for a smaller n") from None
+    cert = result.details.get("certificate") or {}
+    body = CertifyResponse(
+        image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status=result.status,
+        label=result.label, class_name=result.class_name, abstained=result.status != "accepted",
+        radius=result.certified_radius, p_a_lower=cert.get("p_a_lower"), sigma=opts["sigma"],
+        n0=cert.get("n0", opts["n0"]), n=cert.get("n", 0), alpha=opts["alpha"], samples=cert.get("samples", 0),
+        seconds=round(float(cert.get("seconds", 0.0)), 4), seed=cert.get("seed"), batch_size=cert.get("batch_size"),
+        target_radius=cert.get("target_radius"), certified=cert.get("certified"),
+        rejected_by=[RejectionOut(defense=j.defense, detector=j.detector, score=j.score, threshold=j.threshold)
+                     for j in result.rejected_by])
+    if result.status == "accepted" and result.certified_radius is not None:
+        runtime.metrics.certified_radius.labels(name).observe(result.certified_radius)
+    elif result.status == "abstained":
+        runtime.metrics.abstentions.labels(name).inc()
+    store.put_certificate(key, body.model_dump(exclude={"cached"}))
+    return body
+
+
+async def _observed(request: Request, name_hint: str | None, work) -> CertifyResponse:
+    runtime: Runtime = request.app.state.runtime
+    started, outcome = time.perf_counter(), "error"
+    label = name_hint if name_hint in runtime.pipelines else "unknown"
+    try:
+        body = await work()
+        label, outcome = body.pipeline, body.status
+        return body
+    except ApiError as exc:
+        outcome = exc.code if exc.code in ("overloaded", "deadline_exceeded") else "error"
+        raise
+    finally:
+        runtime.metrics.requests.labels(label, "certify", outcome).inc()
+        runtime.metrics.request_duration.labels(label, "certify").observe(time.perf_counter() - started)
+
+
+@router.get("/certify", response_model=CertifyResponse, responses=_ERRORS,
+            summary="Certify an image recently posted to /predict or /certify")
+async def certify_get(
+        request: Request,
+        image_sha256: str = Query(..., description="hex sha256 of the image bytes posted earlier"),
+        pipeline: str | None = Query(None, description="a certifying pipeline; default: settings.certify.pipeline"),
+        sigma: float | None = Query(None, gt=0, description="noise level; one the pipeline has"),
+        n: int | None = Query(None, ge=1, description="estimation samples (the maximum is configured)"),
+        n0: int | None = Query(None, ge=1, description="selection samples"),
+        alpha: float | None = Query(None, gt=0, lt=0.5, description="failure probability"),
+        radius: float | None = Query(None, ge=0, description="only decide: certified at this radius?"),
+        seed: int | None = Query(None, ge=0, lt=2**63, description="noise seed, to reproduce a certificate"),
+) -> CertifyResponse:
+    runtime: Runtime = request.app.state.runtime
+
+    async def work() -> CertifyResponse:
+        digest = image_sha256.strip().lower()
+        if not _HEX64.match(digest):
+            raise ApiError(422, "invalid_parameter", "image_sha256 must be 64 hex digits")
+        name, opts = _params(runtime, pipeline, sigma, n, n0, alpha, radius, seed)
+        x = request.app.state.store.get_image(digest)
+        if x is None:
+            raise ApiError(404, "unknown_image", f"no recently posted image has sha256 {digest}; "
+                           f"POST it to /certify or /predict first")
+        return await _certify(request, digest, x, name, opts)
+
+    return await _observed(request, pipeline, work)
+
+
+@router.post("/certify", response_model=CertifyResponse, responses=_ERRORS,
+             summary="Certify one posted image",
+             openapi_extra={"requestBody": {"content": {
+                 "multipart/form-data": {"schema": {"type": "object", "properties": {
+                     "file": {"type": "string", "format": "binary"}}}},
+                 "image/png": {"schema": {"type": "string", "format": "binary"}},
+                 "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}})
+async def certify_post(
+        request: Request,
+        pipeline: str | None = Query(None), sigma: float | None = Query(None, gt=0),
+        n: int | None = Query(None, ge=1), n0: int | None = Query(None, ge=1),
+        alpha: float | None = Query(None, gt=0, lt=0.5), radius: float | None = Query(None, ge=0),
+        seed: int | None = Query(None, ge=0, lt=2**63),
+) -> CertifyResponse:
+    runtime: Runtime = request.app.state.runtime
+
+    async def work() -> CertifyResponse:
+        name, opts = _params(runtime, pipeline, sigma, n, n0, alpha, radius, seed)
+        x, digests = await decode_request(request, runtime)
+        if len(digests) != 1:
+            raise ApiError(422, "invalid_parameter", f"POST /certify takes one image, got {len(digests)}")
+        request.app.state.store.put_image(digests[0], x[0])
+        return await _certify(request, digests[0], x[0], name, opts)
+
+    return await _observed(request, pipeline, work)

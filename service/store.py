@@ -1,0 +1,88 @@
+"""A bounded store of recently posted images (by the sha256 of their bytes) and of the
+certificates computed for them, so `GET /certify?image_sha256=...` can find an image that was
+posted to /predict or /certify.
+
+`Store` is the interface; `MemoryStore` (the default) keeps both maps in memory, bounded by
+count and by age, least recently used out first. A shared store for several replicas (Redis)
+implements the same four methods: images as raw float32 bytes plus shape, certificates as JSON.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
+
+import torch
+
+
+class Store(Protocol):
+    def put_image(self, digest: str, x: torch.Tensor) -> None: ...
+
+    def get_image(self, digest: str) -> torch.Tensor | None: ...
+
+    def put_certificate(self, key: Hashable, certificate: dict[str, Any]) -> None: ...
+
+    def get_certificate(self, key: Hashable) -> dict[str, Any] | None: ...
+
+
+class _Bounded:
+    """An LRU map with a size limit and a maximum age; safe to use from several threads."""
+
+    def __init__(self, max_items: int, max_age_s: float, clock: Callable[[], float]) -> None:
+        self.max_items, self.max_age_s, self.clock = max_items, max_age_s, clock
+        self._items: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, key: Hashable, value: Any) -> None:
+        if self.max_items <= 0:
+            return
+        with self._lock:
+            self._items[key] = (self.clock(), value)
+            self._items.move_to_end(key)
+            self._expire()
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            self._expire()
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[1]
+
+    def _expire(self) -> None:
+        # entries are in insertion/use order, not age order: scan from the oldest use
+        cutoff = self.clock() - self.max_age_s
+        stale = [k for k, (t, _) in self._items.items() if t < cutoff]
+        for k in stale:
+            del self._items[k]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class MemoryStore:
+    """Images and certificates in process memory, bounded by count and age."""
+
+    def __init__(self, max_images: int = 4096, max_certificates: int = 4096, max_age_s: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.images = _Bounded(max_images, max_age_s, clock)
+        self.certificates = _Bounded(max_certificates, max_age_s, clock)
+
+    def put_image(self, digest: str, x: torch.Tensor) -> None:
+        self.images.put(digest, x.detach().to("cpu", torch.float32).clone())
+
+    def get_image(self, digest: str) -> torch.Tensor | None:
+        return self.images.get(digest)
+
+    def put_certificate(self, key: Hashable, certificate: dict[str, Any]) -> None:
+        self.certificates.put(key, dict(certificate))
+
+    def get_certificate(self, key: Hashable) -> dict[str, Any] | None:
+        found = self.certificates.get(key)
+        return dict(found) if found is not None else None

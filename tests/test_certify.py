@@ -1,0 +1,85 @@
+"""GET/POST /certify and /predict on smoothing pipelines: real digits, real HTTP round trips."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from tests.conftest import png
+
+PNG = {"content-type": "image/png"}
+
+
+@pytest.fixture(scope="module")
+def digits(mnist) -> list[tuple[bytes, int]]:
+    test = mnist.test.per_class(1)
+    return [(png(test.x[i]), int(test.y[i])) for i in range(len(test))]
+
+
+def test_predict_on_smoothing_returns_a_radius(make_client, digits) -> None:
+    client = make_client(warmup=False)
+    certified = 0
+    for body, y in digits[:6]:
+        r = client.post("/predict?pipeline=smoothing", content=body, headers=PNG)
+        assert r.status_code == 200, r.text
+        res = r.json()["results"][0]
+        assert res["status"] in ("accepted", "abstained")
+        if res["status"] == "accepted":
+            assert res["certified_radius"] is not None and res["certified_radius"] >= 0
+            certified += int(res["label"] == y and res["certified_radius"] > 0)
+        else:
+            assert res["label"] is None and res["certified_radius"] is None
+    assert certified >= 4
+    assert "shieldserve_certified_radius_count" in client.get("/metrics").text
+
+
+def test_get_certify_after_predict_and_errors(make_client, digits) -> None:
+    client = make_client(warmup=False, certify={"max_n": 5000, "default_n": 2000})
+    body, y = digits[3]
+    digest = hashlib.sha256(body).hexdigest()
+    # unknown digest -> 404 before anything was posted
+    r = client.get(f"/certify?image_sha256={digest}")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_image"
+    assert client.post("/predict?pipeline=smoothing", content=body, headers=PNG).status_code == 200
+    r = client.get(f"/certify?image_sha256={digest}&n0=50&alpha=0.001")
+    assert r.status_code == 200, r.text
+    cert = r.json()
+    for field in ("image_sha256", "pipeline", "label", "abstained", "radius", "p_a_lower", "sigma", "n0", "n",
+                  "alpha", "samples", "seconds", "seed"):
+        assert field in cert
+    assert cert["image_sha256"] == digest and cert["pipeline"] == "smoothing"
+    assert (cert["n"], cert["n0"], cert["samples"], cert["sigma"]) == (2000, 50, 2050, 0.25)
+    assert cert["label"] == y and not cert["abstained"] and cert["radius"] > 0 and not cert["cached"]
+    # the same question again is answered from the cache
+    again = client.get(f"/certify?image_sha256={digest}&n0=50&alpha=0.001").json()
+    assert again["cached"] and again["radius"] == cert["radius"]
+    # the recorded seed reproduces the certificate exactly (a fresh computation: seed is in the key)
+    rep = client.get(f"/certify?image_sha256={digest}&n0=50&alpha=0.001&seed={cert['seed']}").json()
+    assert not rep["cached"] and (rep["label"], rep["p_a_lower"], rep["radius"]) == \
+        (cert["label"], cert["p_a_lower"], cert["radius"])
+    # n above the configured maximum, an unknown sigma, a pipeline without certificates
+    r = client.get(f"/certify?image_sha256={digest}&n=5001")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"
+    assert client.get(f"/certify?image_sha256={digest}&sigma=0.3").status_code == 422
+    assert client.get(f"/certify?image_sha256={digest}&pipeline=baseline").status_code == 422
+    assert client.get(f"/certify?image_sha256={digest}&pipeline=nope").status_code == 404
+    assert client.get("/certify?image_sha256=xyz").status_code == 422
+
+
+def test_post_certify_round_trip_and_target_radius(make_client, digits) -> None:
+    client = make_client(warmup=False)
+    body, y = digits[1]
+    r = client.post("/certify?n=2000&sigma=0.5", content=body, headers=PNG)
+    assert r.status_code == 200, r.text
+    cert = r.json()
+    assert cert["image_sha256"] == hashlib.sha256(body).hexdigest() and cert["sigma"] == 0.5
+    assert cert["label"] == y and cert["radius"] > 0
+    # the posted image is now in the store: GET finds it; radius= settles with fewer samples
+    r = client.get(f"/certify?image_sha256={cert['image_sha256']}&radius=0.25&n=100000")
+    assert r.status_code == 200, r.text
+    seq = r.json()
+    assert seq["certified"] is True and seq["radius"] >= 0.25 and seq["samples"] < 10_000
+    # denoised smoothing through the plain classifier answers the same way
+    r = client.post("/certify?pipeline=denoised&n=500&n0=20", content=body, headers=PNG)
+    assert r.status_code == 200 and r.json()["pipeline"] == "denoised"

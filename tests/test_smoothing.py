@@ -1,0 +1,103 @@
+"""Randomized smoothing's statistics and sampling, on known counts and real digits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import binom, norm
+
+from service.defenses.smoothing import (
+    ABSTAIN, NoiseSampler, alpha_spending, certify, certify_at_radius, geometric_schedule,
+    lower_confidence_bound, predict_from_counts, radius_from, upper_confidence_bound,
+)
+
+
+def test_radius_formula_on_known_counts() -> None:
+    # all n samples agree: the Clopper-Pearson lower bound is alpha ** (1 / n) in closed form
+    n, alpha, sigma = 100_000, 0.001, 0.25
+    p = lower_confidence_bound(n, n, alpha)
+    assert p == pytest.approx(alpha ** (1 / n), rel=1e-12)
+    assert radius_from(p, sigma) == pytest.approx(sigma * norm.ppf(alpha ** (1 / n)), rel=1e-9)
+    assert radius_from(p, sigma) == pytest.approx(0.9532, abs=1e-3)
+    # 990 of 1000: the bound p solves P(X >= 990 | p) = alpha
+    p = lower_confidence_bound(990, 1000, alpha)
+    assert binom.sf(989, 1000, p) == pytest.approx(alpha, rel=1e-6)
+    assert radius_from(p, 0.5) == pytest.approx(0.5 * norm.ppf(p))
+    assert 0.97 < p < 0.99
+    # the upper bound mirrors it
+    q = upper_confidence_bound(10, 1000, alpha)
+    assert binom.cdf(10, 1000, q) == pytest.approx(alpha, rel=1e-6)
+    assert lower_confidence_bound(0, 10, alpha) == 0.0 and upper_confidence_bound(10, 10, alpha) == 1.0
+    assert radius_from(0.5, 0.25) == 0.0
+
+
+def _coin(x: torch.Tensor) -> torch.Tensor:
+    """A base classifier whose answer under noise is a fair coin between classes 0 and 1."""
+    heads = (x.flatten(1)[:, 0] > 0.5).float()
+    return torch.stack([heads, 1 - heads] + [torch.full_like(heads, -1.0)] * 8, dim=1)
+
+
+def test_tie_between_top_two_classes_abstains() -> None:
+    assert predict_from_counts(torch.tensor([500, 500, 0, 0]), alpha=0.001) == ABSTAIN
+    assert predict_from_counts(torch.tensor([520, 480, 0, 0]), alpha=0.001) == ABSTAIN
+    assert predict_from_counts(torch.tensor([900, 100, 0, 0]), alpha=0.001) == 0
+    x = torch.full((1, 28, 28), 0.5)
+    sampler = NoiseSampler(_coin, sigma=0.25, num_classes=10, batch_size=500)
+    cert, counts = certify(sampler, x, n0=100, n=4000, alpha=0.001, seed=3)
+    assert cert.abstained and cert.label == ABSTAIN and cert.radius == 0.0
+    assert abs(int(counts[0]) - int(counts[1])) < 400 and int(counts.sum()) == 4000
+    assert predict_from_counts(counts, alpha=0.001) == ABSTAIN
+
+
+@pytest.fixture(scope="module")
+def smoothing_classifier(quick_bundle):
+    from models.bundle import Bundle
+
+    bundle = Bundle.load(quick_bundle)
+    rec = bundle.defense("smoothing")["classifiers"]["0.25"]
+    return bundle.classifier("cpu", artifact=rec["artifact"])
+
+
+def test_certificate_reproduced_from_its_seed(mnist, smoothing_classifier) -> None:
+    x = mnist.test.x[0]
+    sampler = NoiseSampler(smoothing_classifier, 0.25, 10, batch_size=256)
+    a, counts_a = certify(sampler, x, 64, 1000, 0.001, seed=12345)
+    b, counts_b = certify(sampler, x, 64, 1000, 0.001, seed=12345)
+    assert torch.equal(counts_a, counts_b)
+    assert (a.label, a.radius, a.p_a_lower, a.seed) == (b.label, b.radius, b.p_a_lower, 12345)
+    _, counts_c = certify(NoiseSampler(_coin, 0.25, 10, 256), x, 64, 1000, 0.001, seed=12346)
+    assert not torch.equal(counts_a, counts_c)
+
+
+def test_certifies_real_digits(mnist, smoothing_classifier) -> None:
+    sampler = NoiseSampler(smoothing_classifier, 0.25, 10, batch_size=500)
+    test = mnist.test.per_class(1)
+    right = 0
+    for i in range(len(test)):
+        cert, _ = certify(sampler, test.x[i], 64, 1000, 0.001, seed=i)
+        if not cert.abstained:
+            assert cert.radius == pytest.approx(0.25 * norm.ppf(cert.p_a_lower))
+            right += int(cert.label == int(test.y[i]))
+    assert right >= 7, f"only {right}/10 digits certified correctly"
+
+
+def test_radius_decision_stops_early_on_a_sure_input() -> None:
+    def always_seven(z: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.full((z.shape[0],), 7), 10).float()
+
+    x = torch.zeros(1, 28, 28)
+    sampler = NoiseSampler(always_seven, 0.25, 10, batch_size=1000)
+    cert, _ = certify_at_radius(sampler, x, radius=0.5, n0=64, n_max=100_000, alpha=0.001, seed=0)
+    assert cert.certified and cert.label == 7 and cert.radius >= 0.5
+    assert cert.samples <= 64 + 1024, cert.samples
+    # a radius no finite sample can certify is refused, after n_max at the latest
+    cert, _ = certify_at_radius(sampler, x, radius=5.0, n0=64, n_max=4000, alpha=0.001, seed=0)
+    assert cert.certified is False and cert.n == 4000
+    # a coin is refused at r = 0.25 long before n_max
+    cert, _ = certify_at_radius(NoiseSampler(_coin, 0.25, 10, 1000), torch.full((1, 28, 28), 0.5),
+                                radius=0.25, n0=64, n_max=100_000, alpha=0.001, seed=0)
+    assert cert.certified is False and cert.samples < 5000
+    assert geometric_schedule(1000, first=128) == [128, 256, 512, 1000]
+    assert math.isclose(sum(alpha_spending(0.001, len(geometric_schedule(100_000)))), 0.001)
