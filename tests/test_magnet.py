@@ -73,7 +73,8 @@ def test_reformer_keeps_clean_digits_readable(env, digits):
     (reformer,) = build({"detectors": []}, env)
     out = reformer.purify(x, env.classifier, RunContext()).x
     assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
-    assert float((env.classifier(out).argmax(1) == y).float().mean()) >= 0.85
+    base_acc = float((env.classifier(x).argmax(1) == y).float().mean())
+    assert float((env.classifier(out).argmax(1) == y).float().mean()) >= base_acc - 0.12
 
 
 def test_options_are_checked(env):

@@ -6,7 +6,8 @@ Autoencoder II (structure [3]):               Jensen-Shannon divergence detector
                and T = 40, between softmax(logits/T) of x and of AE(x), logits from the
                bundle's base classifier.
 Both are trained as in the reference (`train_defense.py`): Gaussian input noise std 0.1,
-MSE to the clean image, Adam, batch 256. Thresholds are calibrated jointly on the clean
+MSE to the clean image, Adam; hidden activations ReLU rather than sigmoid and smaller
+batches, which converge within our CPU budget (see MagnetRecipe). Thresholds are calibrated jointly on the clean
 validation split so that the whole detector set rejects at most `target_fpr` of it.
 """
 
@@ -34,17 +35,19 @@ REFORMER_AE = "magnet_ae_i"
 
 
 class MagnetAutoencoder(nn.Module):
-    """The reference's DAE: 3x3 convs with sigmoid activations, pooling mirrored by
+    """The reference's DAE: 3x3 convs (sigmoid in the reference, ReLU by our default), pooling mirrored by
     upsampling, and a final 3x3 conv with a sigmoid back to the input's channels."""
 
-    def __init__(self, in_channels: int = 1, structure: list[int | str] | None = None) -> None:
+    def __init__(self, in_channels: int = 1, structure: list[int | str] | None = None,
+                 activation: str = "sigmoid") -> None:
         super().__init__()
+        act: type[nn.Module] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[activation]
         structure = list(structure if structure is not None else [3, "average", 3])
         layers: list[nn.Module] = []
         c = in_channels
         for layer in structure:
             if isinstance(layer, int):
-                layers += [nn.Conv2d(c, layer, 3, padding=1), nn.Sigmoid()]
+                layers += [nn.Conv2d(c, layer, 3, padding=1), act()]
                 c = layer
             elif layer in ("average", "max"):
                 layers.append(nn.AvgPool2d(2) if layer == "average" else nn.MaxPool2d(2))
@@ -52,7 +55,7 @@ class MagnetAutoencoder(nn.Module):
                 raise ValueError(f"unknown autoencoder layer {layer!r}")
         for layer in reversed(structure):
             if isinstance(layer, int):
-                layers += [nn.Conv2d(c, layer, 3, padding=1), nn.Sigmoid()]
+                layers += [nn.Conv2d(c, layer, 3, padding=1), act()]
                 c = layer
             else:
                 layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
@@ -109,9 +112,13 @@ def detector_scores(x: torch.Tensor, autoencoders: dict[str, nn.Module], classif
 # ---------------------------------------------------------------------- recipe
 @dataclass(frozen=True)
 class MagnetRecipe:
-    epochs: int = 30               # the reference trains 100 epochs at 1e-3; 30 at 3e-3 fits our CPU
-    batch_size: int = 256
-    lr: float = 3e-3
+    # The reference trains sigmoid-activated AEs for 100 epochs of 50,000 digits at batch 256.
+    # On 3,500 digits and a shared CPU, ReLU hidden layers and small batches converge in a
+    # fraction of the steps (val MSE 0.003 after 300 steps, where sigmoid is still at 0.096).
+    activation: str = "relu"
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 2e-3
     noise: float = 0.1
     weight_decay: float = 0.0      # the reference's L2 activity regulariser is 1e-9: negligible
     target_fpr: float = 0.01       # the whole detector set on clean validation digits
@@ -122,7 +129,7 @@ class MagnetRecipe:
 
 PRESETS: dict[str, MagnetRecipe] = {
     "default": MagnetRecipe(),
-    "quick": MagnetRecipe(epochs=3, batch_size=128, lr=1e-2),
+    "quick": MagnetRecipe(epochs=2, batch_size=32, lr=1e-2),
 }
 
 STRUCTURES: dict[str, list[int | str]] = {"magnet_ae_i": [3, "average", 3], "magnet_ae_ii": [3]}
@@ -181,7 +188,8 @@ def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildC
     x_train, x_val = ds.train.x.to(dev), ds.val.x.to(dev)
     aes: dict[str, nn.Module] = {}
     for name, structure in STRUCTURES.items():
-        spec = builtin_spec("magnet_autoencoder", in_channels=c, structure=structure)
+        spec = builtin_spec("magnet_autoencoder", in_channels=c, structure=structure,
+                            activation=r.activation)
         ae, metrics = train_autoencoder(x_train, x_val, spec, r, g, f"train {name}")
         ctx.writer.add_module(name, ae, spec, training={"recipe": r.to_json(), "seed": ctx.seed},
                               metrics=metrics)

@@ -34,11 +34,12 @@ class NeuralFPRecipe:
     eps: float = 0.1
     alpha: float = 0.2357          # -alpha on the other classes
     beta: float = 0.7              # +beta on the true class
-    weight: float = 1.0            # of the fingerprint loss against cross-entropy
+    weight: float = 10.0           # of the fingerprint loss against cross-entropy (1.0 barely
+                                   # moves the fingerprint distance in a few hundred steps)
     fingerprints_per_step: int = 4  # a random subset per batch: an unbiased, cheaper loss estimate
-    epochs: int = 3
+    epochs: int = 4
     batch_size: int = 64
-    lr: float = 5e-4
+    lr: float = 1e-3
     augment: bool = True
     scratch_epochs: int = 30       # when the base classifier cannot be copied
     target_fpr: float = 0.01
@@ -49,7 +50,7 @@ class NeuralFPRecipe:
 
 PRESETS: dict[str, NeuralFPRecipe] = {
     "default": NeuralFPRecipe(),
-    "quick": NeuralFPRecipe(fingerprints_per_step=3, epochs=2, batch_size=128, lr=2e-3, augment=False,
+    "quick": NeuralFPRecipe(fingerprints_per_step=3, epochs=3, batch_size=64, lr=2e-3, augment=False,
                              scratch_epochs=4),
 }
 
