@@ -126,17 +126,6 @@ def run_pipeline(p: Pipeline, x: torch.Tensor, batch: int = 250):
     return statuses, torch.tensor(labels)
 
 
-def latency(p: Pipeline, x: torch.Tensor, batch: int, repeats: int) -> float:
-    """Median seconds per call of `p.run` on `batch` images."""
-    times = []
-    for k in range(repeats):
-        xb = x[(k * batch) % len(x):(k * batch) % len(x) + batch]
-        t0 = time.perf_counter()
-        p.run(xb, RunContext(seed=0))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def table(rows: list[list[Any]], header: list[str]) -> str:
     cells = [header] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -150,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", default=str(ROOT / "models" / "default"))
     ap.add_argument("--limit", type=int, default=1000, help="test digits (stratified)")
+    ap.add_argument("--pgd-limit", type=int, default=1000, help="test digits for PGD-40 (stratified)")
     ap.add_argument("--cw-limit", type=int, default=300, help="test digits for CW-L2 (stratified)")
     ap.add_argument("--cw-steps", type=int, default=5)
     ap.add_argument("--cw-iterations", type=int, default=100)
@@ -172,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     x, y = test.x, test.y
     cw_n = min(args.cw_limit, len(x))
     cw_x, cw_y = x[:cw_n], y[:cw_n]  # per_class interleaves classes: any prefix is stratified
+    pgd_n = min(args.pgd_limit, len(x))
     log(f"bundle {bundle.path} version {bundle.version}; {len(x)} test digits, CW on {cw_n}")
 
     gen = torch.Generator().manual_seed(0)
@@ -181,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         attacks[f"fgsm_0.3@{target}"] = {"x": fgsm(model, x, y, 0.3), "y": y}
         log(f"fgsm on {target}: {time.time() - t0:.0f}s")
         t0 = time.time()
-        attacks[f"pgd40_0.3@{target}"] = {"x": torch.cat([pgd(model, x[i:i + 250], y[i:i + 250], 0.3, steps=40,
-                                                              step_size=0.01, generator=gen)
-                                                          for i in range(0, len(x), 250)]), "y": y}
+        attacks[f"pgd40_0.3@{target}"] = {"x": torch.cat([pgd(model, x[i:min(i + 250, pgd_n)], y[i:min(i + 250, pgd_n)],
+                                                              0.3, steps=40, step_size=0.01, generator=gen)
+                                                          for i in range(0, pgd_n, 250)]), "y": y[:pgd_n]}
         log(f"pgd-40 on {target}: {time.time() - t0:.0f}s")
         t0 = time.time()
         attacks[f"cw_l2@{target}"] = {"x": cw_l2(model, cw_x, cw_y, binary_steps=args.cw_steps,
@@ -193,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         model = base if name.endswith("@base") else fp_net
         with torch.no_grad():
             a["success"] = float((model(a["x"]).argmax(1) != a["y"]).float().mean())
-        a["mean_l2"] = float((a["x"] - (x if len(a["x"]) == len(x) else cw_x)).flatten(1).norm(dim=1).mean())
+        a["mean_l2"] = float((a["x"] - x[:len(a["x"])]).flatten(1).norm(dim=1).mean())
 
     results: dict[str, Any] = {"bundle": str(args.bundle), "bundle_version": bundle.version,
-                               "test_digits": len(x), "cw_digits": cw_n,
+                               "test_digits": len(x), "pgd_digits": pgd_n, "cw_digits": cw_n,
                                "cw": {"binary_steps": args.cw_steps, "iterations": args.cw_iterations,
                                       "lr": 0.1, "initial_const": 1.0, "confidence": 0.0},
                                "pgd": {"steps": 40, "eps": 0.3, "step_size": 0.01, "random_start": True},
@@ -235,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         s = fp_detector.detect(a["x"], base, RunContext())[0].scores
         with torch.no_grad():
             fooled = fp_net(a["x"]).argmax(1) != a["y"]
-        neg = clean_scores if len(a["y"]) == len(x) else clean_scores[:cw_n]
+        neg = clean_scores  # every clean test digit is a negative
         auc_all = auc_roc(neg, s)
         auc_succ = auc_roc(neg, s[fooled])
         det = float((s > fp_detector.threshold).float().mean())
@@ -246,15 +237,22 @@ def main(argv: list[str] | None = None) -> int:
                                             "successful_rejected_at_tau": round(det_succ, 4)}
         auc_rows.append([atk, len(s), int(fooled.sum()), auc_all, auc_succ, det_succ])
 
-    # latency relative to baseline, same run
-    lat_rows = []
+    # latency relative to baseline, same run: pipelines interleaved round by round so that
+    # load from other processes falls on all of them alike
     results["latency"] = {}
-    for bsz, repeats in ((1, 40), (100, 6)):
-        for name, p in pipes.items():
-            latency(p, x, bsz, 2)  # warm
-        base_t = latency(pipes["baseline"], x, bsz, repeats)
-        for name, p in pipes.items():
-            t = base_t if name == "baseline" else latency(p, x, bsz, repeats)
+    lat_rows = []
+    for bsz, rounds in ((1, 30), (100, 5)):
+        times: dict[str, list[float]] = {n: [] for n in pipes}
+        for k in range(rounds + 1):
+            xb = x[(k * bsz) % len(x):(k * bsz) % len(x) + bsz]
+            for name, p in pipes.items():
+                t0 = time.perf_counter()
+                p.run(xb, RunContext(seed=0))
+                if k:  # round 0 warms up
+                    times[name].append(time.perf_counter() - t0)
+        base_t = statistics.median(times["baseline"])
+        for name in pipes:
+            t = statistics.median(times[name])
             results["latency"].setdefault(name, {})[f"batch_{bsz}"] = {"median_s": round(t, 6),
                                                                        "ratio_to_baseline": round(t / base_t, 2)}
     for name in pipes:
@@ -268,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = "python bench/detectors.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
-    print(f"\nAttacks ({len(x)} test digits; CW-L2 on the first {cw_n}, stratified)")
+    print(f"\nAttacks ({len(x)} test digits; PGD-40 on the first {pgd_n}, CW-L2 on the first {cw_n}, stratified)")
     print(table([[k, v["n"], v["success_rate_on_target"], v["mean_l2"]] for k, v in results["attacks"].items()],
                 ["attack@target", "n", "success on target", "mean L2"]))
     print("\nClean and oblivious attacks (computed on the base classifier): share rejected or classified correctly")
