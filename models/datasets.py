@@ -138,6 +138,11 @@ def _carve_validation(train: Split, val_per_class: int, seed: int) -> tuple[Spli
     return Split(train.x[train_idx], train.y[train_idx]), Split(train.x[val_idx], train.y[val_idx])
 
 
+def _val_share(train: Split, val_per_class: int) -> int:
+    """Validation images per class: val_per_class, or a fifth of the rarest class if fewer."""
+    return max(1, min(val_per_class, int(np.bincount(train.y.numpy()).min()) // 5))
+
+
 def mnist_idx(directory: str | Path, val_per_class: int = 500) -> Dataset:
     """Standard MNIST IDX files (train-images-idx3-ubyte etc., optionally gzipped)."""
     d = Path(directory)
@@ -145,7 +150,7 @@ def mnist_idx(directory: str | Path, val_per_class: int = 500) -> Dataset:
                       _read_idx(_find(d, "train-labels-idx1-ubyte")))
     test = _to_split(_read_idx(_find(d, "t10k-images-idx3-ubyte")),
                      _read_idx(_find(d, "t10k-labels-idx1-ubyte")))
-    train, val = _carve_validation(train, val_per_class, SPLIT_SEED)
+    train, val = _carve_validation(train, _val_share(train, val_per_class), SPLIT_SEED)
     return Dataset(f"idx:{d}", train, val, test, [str(i) for i in range(10)])
 
 
@@ -157,8 +162,7 @@ def npz_dataset(path: str | Path, val_per_class: int = 500) -> Dataset:
         val = _to_split(f["x_val"], f["y_val"]) if "x_val" in f else None
         names = [str(s) for s in f["class_names"]] if "class_names" in f else None
     if val is None:
-        per = min(val_per_class, int(np.bincount(train.y.numpy()).min()) // 5)
-        train, val = _carve_validation(train, per, SPLIT_SEED)
+        train, val = _carve_validation(train, _val_share(train, val_per_class), SPLIT_SEED)
     k = int(max(train.y.max(), test.y.max())) + 1
     return Dataset(f"npz:{path}", train, val, test, names or [str(i) for i in range(k)])
 

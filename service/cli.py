@@ -10,16 +10,26 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        try:
+            from service import ray_app
+        except ImportError as exc:
+            raise SystemExit(f"--ray needs Ray Serve: pip install 'shieldserve[ray]' ({exc})") from None
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        ray_app.run(args.config, host=args.host, port=args.port, address=args.ray_address)
+        return 0
     import uvicorn
 
     from service.app import create_app
     from service.settings import load_settings
 
+    from service.logs import configure_logging
+
     settings = load_settings(args.config, host=args.host, port=args.port)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level, settings.json_logs)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+                log_config=None, timeout_graceful_shutdown=30)
     return 0
 
 
@@ -56,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML config merged over the packaged one")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve, autoscaled (settings: SHIELDSERVE_RAY_*, see service/ray_app.py)")
+    s.add_argument("--ray-address", help="with --ray: an existing Ray cluster ('auto', 'ray://HOST:10001'); "
+                                         "default: start a local one")
     s.set_defaults(func=_serve)
 
     t = sub.add_parser("train", help="build a complete bundle (every artifact every defense needs)")

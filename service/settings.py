@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    json_logs: bool = True
     default_pipeline: str = "default"
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 import uuid
 from typing import Any
 
 from service.api.errors import is_oip
+from service.logs import request_id_var
+
+access_log = logging.getLogger("shieldserve.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -73,7 +78,8 @@ class BodyLimitMiddleware:
 
 
 class RequestIdMiddleware:
-    """Accept a sane `X-Request-ID` or make one; expose it to handlers and echo it back."""
+    """Accept a sane `X-Request-ID` or make one; expose it to handlers and logs, echo it back,
+    and write one access-log line per request."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -84,11 +90,22 @@ class RequestIdMiddleware:
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
 
         async def send_with_id(message: dict) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            access_log.info("%s %s %s", scope["method"], scope["path"], status,
+                            extra={"method": scope["method"], "path": scope["path"], "status": status,
+                                   "seconds": round(time.perf_counter() - started, 6)})
+            request_id_var.reset(token)

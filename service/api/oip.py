@@ -1,4 +1,568 @@
-"""The Open Inference Protocol (KServe V2) routes. (Being written.)"""
-from fastapi import APIRouter
+"""The Open Inference Protocol (KServe "V2", as spoken by NVIDIA Triton) over HTTP.
+
+Each configured pipeline is one model; its name is the pipeline's name and its only version
+is the bundle's version. Routes (a `/versions/{v}` segment may follow the model name):
+
+    GET  /v2/health/live, /v2/health/ready, /v2
+    GET  /v2/models/{model}, /v2/models/{model}/ready
+    POST /v2/models/{model}/infer
+
+Input: one tensor named `input`, the images as pixels in [0, 1]: datatype FP32, FP64 or FP16,
+or UINT8 (0..255, divided by 255). Shapes: [B, C, H, W]; [B, C*H*W]; [C, H, W] or (one
+channel) [H, W] for a single image; (one channel) [B, H, W].
+
+Outputs, one row per image:
+    label             INT64 [B]     the class, or -1 when the image was rejected or abstained on
+    probabilities     FP32  [B, K]  the decider's class probabilities; all 0 when rejected
+    status            BYTES [B]     "accepted" | "rejected" | "abstained"
+    certified_radius  FP32  [B]     the certified L2 radius, or -1 when there is none
+
+A rejection or an abstention is a successful answer (200), as on `/predict`.
+
+Extensions: `binary_tensor_data` (Triton's: JSON header, then raw little-endian tensor
+bytes, header length in `Inference-Header-Content-Length`) and `classification` (on the
+`probabilities` output: top-k as BYTES "<value>:<index>:<class name>").
+A `Content-Encoding: gzip` or `deflate` request body is accepted (decompressed up to the body
+limit).
+
+Errors are `{"error": "<message>"}`: 400 for a malformed request, 404 for an unknown model or
+version, 413 for more images than `limits.max_images_per_request` (or a body over
+`limits.max_body_bytes`), 503/504 for overload and deadlines as elsewhere. Readiness is 200
+when ready and 503 when not (loading or draining).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+import service
+from service.api.errors import ApiError
+from service.api.predict import outcome_of, run_pipeline
+from service.pipeline import ImageResult
+from service.runtime import Runtime
 
 router = APIRouter(tags=["oip"])
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+PLATFORM = "shieldserve"
+INPUT_NAME = "input"
+OUTPUT_NAMES = ("label", "probabilities", "status", "certified_radius")
+
+# accepted input datatypes -> (numpy little-endian dtype, scale to [0, 1])
+_INPUT_DTYPES: dict[str, tuple[str, float]] = {
+    "FP32": ("<f4", 1.0), "FP64": ("<f8", 1.0), "FP16": ("<f2", 1.0), "UINT8": ("u1", 1.0 / 255.0),
+}
+_KNOWN_DTYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                 "FP16", "FP32", "FP64", "BF16", "BYTES"}
+_INPUT_PARAMS_UNSUPPORTED = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+# --------------------------------------------------------------------------- JSON models
+class OipError(BaseModel):
+    error: str
+
+
+class LiveResponse(BaseModel):
+    live: bool
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+
+
+class ModelReadyResponse(BaseModel):
+    name: str
+    ready: bool
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class InferInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    shape: list[StrictInt]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = Field(None, description="row-major, flat or nested; absent when the "
+                                                     "tensor is sent as binary data")
+
+
+class RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    parameters: dict[str, Any] | None = Field(
+        None, description='"binary_data": bool; "classification": int (top-k, on "probabilities")')
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description='"binary_data_output": bool')
+    inputs: list[InferInput]
+    outputs: list[RequestedOutput] | None = None
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str
+    parameters: dict[str, Any] | None = None
+    outputs: list[InferOutput]
+
+
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with every `$ref` resolved in place (for `openapi_extra`)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.split("/")[-1]])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OipError} for code in (400, 404, 413, 415, 503, 504)}
+_BINARY = {"schema": {"type": "string", "format": "binary",
+                      "description": f"the JSON request ({HEADER_LENGTH} bytes), then the raw tensor bytes"}}
+_INFER_OPENAPI = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inline_schema(InferRequest)},
+        "application/octet-stream": _BINARY}},
+    "parameters": [{"name": HEADER_LENGTH, "in": "header", "required": False,
+                    "schema": {"type": "integer", "minimum": 0},
+                    "description": "binary tensor extension: the length of the JSON part of the body"}],
+}
+_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": InferResponse, "description": "the outputs; with binary outputs the body is the "
+                                                 "JSON response followed by the raw tensor bytes",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    **_ERRORS,
+}
+
+
+# --------------------------------------------------------------------------- helpers
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def _is_ready(request: Request) -> bool:
+    return bool(_runtime(request).ready) and not getattr(request.app.state, "draining", False)
+
+
+def _model(request: Request, name: str, version: str | None) -> Runtime:
+    rt = _runtime(request)
+    if name not in rt.pipelines:
+        raise ApiError(404, "unknown_pipeline",
+                       f"unknown model '{name}'; models: {', '.join(sorted(rt.pipelines))}")
+    if version is not None and version != rt.bundle.version:
+        raise ApiError(404, "unknown_version",
+                       f"model '{name}' has no version '{version}'; versions: {rt.bundle.version}")
+    return rt
+
+
+def _model_metadata(rt: Runtime, name: str) -> ModelMetadata:
+    c, h, w = rt.input_spec.shape
+    k = rt.input_spec.num_classes
+    return ModelMetadata(
+        name=name, versions=[rt.bundle.version], platform=PLATFORM,
+        inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, c, h, w])],
+        outputs=[TensorMetadata(name="label", datatype="INT64", shape=[-1]),
+                 TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, k]),
+                 TensorMetadata(name="status", datatype="BYTES", shape=[-1]),
+                 TensorMetadata(name="certified_radius", datatype="FP32", shape=[-1])])
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, "bad_request", message)
+
+
+def _flag(params: dict[str, Any] | None, key: str, where: str) -> bool | None:
+    if not params or key not in params:
+        return None
+    value = params[key]
+    if not isinstance(value, bool):
+        raise _bad(f"{where} parameter '{key}' must be a boolean, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- request parsing
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Encoding '{encoding}' is not supported; use gzip, deflate or none")
+    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise _bad(f"the {encoding} body could not be decompressed: {exc}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise ApiError(413, "payload_too_large",
+                       f"the decompressed request body is larger than the limit of {limit} bytes")
+    return out
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    try:
+        n = int(header_length.strip())
+    except ValueError:
+        raise _bad(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    if n < 0 or n > len(body):
+        raise _bad(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def _parse_request(header: bytes) -> InferRequest:
+    try:
+        payload = json.loads(header)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise _bad("the request body must be a JSON object")
+    try:
+        return InferRequest.model_validate(payload)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        raise _bad("invalid inference request: " + "; ".join(parts)) from None
+
+
+def _flatten(data: list[Any], integral: bool) -> list[float | int]:
+    """Row-major flattening of flat or nested JSON lists of numbers."""
+    out: list[float | int] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                raise _bad(f"input data must hold numbers only, found {type(item).__name__} {item!r:.40}")
+            if integral and not (isinstance(item, int) or (math.isfinite(item) and item == int(item))):
+                raise _bad(f"UINT8 input data must hold integers, found {item!r}")
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def _image_batch_shape(shape: list[int], spec_shape: tuple[int, int, int]) -> int:
+    """The batch size for an accepted input shape, or a 400."""
+    c, h, w = spec_shape
+    if len(shape) == 4 and tuple(shape[1:]) == (c, h, w):
+        return shape[0]
+    if len(shape) == 3 and tuple(shape) == (c, h, w):
+        return 1
+    if len(shape) == 3 and c == 1 and tuple(shape[1:]) == (h, w):
+        return shape[0]
+    if len(shape) == 2 and c == 1 and tuple(shape) == (h, w):
+        return 1
+    if len(shape) == 2 and shape[1] == c * h * w:
+        return shape[0]
+    single = f"[{h}, {w}] or [B, {h}, {w}]" if c == 1 else f"[{c}, {h}, {w}]"
+    raise _bad(f"input shape {shape} does not fit the model's input [-1, {c}, {h}, {w}]; "
+               f"accepted: [B, {c}, {h}, {w}], [B, {c * h * w}], {single}")
+
+
+def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
+    """The request's single input tensor as a float32 (B, C, H, W) batch in [0, 1]."""
+    if len(req.inputs) != 1:
+        raise _bad(f"the model takes exactly one input ('{INPUT_NAME}'), the request has {len(req.inputs)}")
+    inp = req.inputs[0]
+    if inp.name != INPUT_NAME:
+        raise _bad(f"unknown input '{inp.name}'; the model takes one input named '{INPUT_NAME}'")
+    params = inp.parameters or {}
+    for key in _INPUT_PARAMS_UNSUPPORTED:
+        if key in params:
+            raise _bad("the shared-memory extension is not supported; send the data in the request")
+    datatype = inp.datatype
+    if datatype not in _INPUT_DTYPES:
+        what = "unsupported" if datatype in _KNOWN_DTYPES else "unknown"
+        raise _bad(f"{what} input datatype '{datatype}'; accepted: FP32, FP64, FP16, or UINT8 (0..255)")
+    np_dtype, scale = _INPUT_DTYPES[datatype]
+    if any(d < 0 for d in inp.shape):
+        raise _bad(f"input shape {inp.shape} has a negative dimension")
+    c, h, w = rt.input_spec.shape
+    batch = _image_batch_shape(inp.shape, (c, h, w))
+    max_images = rt.settings.limits.max_images_per_request
+    if batch < 1:
+        raise _bad("the input holds no image (batch size 0)")
+    if batch > max_images:
+        raise ApiError(413, "payload_too_large",
+                       f"the request holds {batch} images; the limit is {max_images} per request")
+    count = batch * c * h * w
+
+    size = params.get("binary_data_size")
+    if size is not None:
+        if inp.data is not None:
+            raise _bad("input 'input' has both 'data' and a 'binary_data_size' parameter")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise _bad(f"binary_data_size must be a non-negative integer, got {size!r}")
+        if size != len(tail):
+            raise _bad(f"binary_data_size is {size} but {len(tail)} bytes of binary data follow the "
+                       f"JSON header ({HEADER_LENGTH})")
+        itemsize = np.dtype(np_dtype).itemsize
+        if size != count * itemsize:
+            raise _bad(f"binary_data_size is {size} bytes; shape {inp.shape} of {datatype} needs "
+                       f"{count * itemsize}")
+        arr = np.frombuffer(tail, dtype=np_dtype)
+    else:
+        if tail:
+            raise _bad(f"{len(tail)} bytes follow the JSON header but no input has a binary_data_size")
+        if inp.data is None:
+            raise _bad("input 'input' has neither 'data' nor a 'binary_data_size' parameter")
+        flat = _flatten(inp.data, integral=datatype == "UINT8")
+        if len(flat) != count:
+            raise _bad(f"input 'input' has {len(flat)} elements; shape {inp.shape} needs {count}")
+        if datatype == "UINT8":
+            arr = np.asarray(flat, dtype=np.int64)
+            if arr.size and (arr.min() < 0 or arr.max() > 255):
+                raise _bad("UINT8 input values must lie in 0..255")
+        else:
+            with np.errstate(over="ignore"):
+                arr = np.asarray(flat, dtype=np.float64).astype(np_dtype)
+    x = arr.astype(np.float32)
+    if scale != 1.0:
+        x *= scale
+    else:
+        if not np.isfinite(x).all():
+            raise _bad("input values must be finite (found NaN or infinity)")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise _bad(f"input values must be pixels in [0, 1]; found values in [{lo:g}, {hi:g}] "
+                       f"(send UINT8 for 0..255 pixels)")
+    return torch.from_numpy(x.reshape(batch, c, h, w).copy())
+
+
+# --------------------------------------------------------------------------- outputs
+def _columns(results: list[ImageResult], k: int) -> dict[str, tuple[str, np.ndarray | list[str]]]:
+    labels = np.array([r.label if r.status == "accepted" and r.label is not None else -1
+                       for r in results], dtype="<i8")
+    probs = np.zeros((len(results), k), dtype="<f4")
+    for i, r in enumerate(results):
+        if r.probabilities is not None:
+            probs[i, :] = r.probabilities[:k]
+    radius = np.array([r.certified_radius if r.certified_radius is not None else -1.0
+                       for r in results], dtype="<f4")
+    return {"label": ("INT64", labels), "probabilities": ("FP32", probs),
+            "status": ("BYTES", [r.status for r in results]), "certified_radius": ("FP32", radius)}
+
+
+def _classification(probs: np.ndarray, count: int, class_names: tuple[str, ...]) -> list[list[str]]:
+    rows = []
+    for row in probs:
+        order = sorted(range(len(row)), key=lambda j: (-float(row[j]), j))[:count]
+        rows.append([f"{float(row[j]):f}:{j}:{class_names[j] if j < len(class_names) else j}" for j in order])
+    return rows
+
+
+def _bytes_tensor(items: list[str]) -> bytes:
+    parts = []
+    for s in items:
+        b = s.encode("utf-8")
+        parts.append(struct.pack("<I", len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def _plan_outputs(req: InferRequest, rt: Runtime) -> list[tuple[str, bool, int]]:
+    """(name, binary, classification count) for each output to return, in order."""
+    default_binary = _flag(req.parameters, "binary_data_output", "request") or False
+    if not req.outputs:  # none requested: all of them
+        return [(name, default_binary, 0) for name in OUTPUT_NAMES]
+    plan, seen = [], set()
+    for out in req.outputs:
+        if out.name not in OUTPUT_NAMES:
+            raise _bad(f"unknown output '{out.name}'; outputs: {', '.join(OUTPUT_NAMES)}")
+        if out.name in seen:
+            raise _bad(f"output '{out.name}' is requested twice")
+        seen.add(out.name)
+        params = out.parameters or {}
+        if any(key in params for key in _INPUT_PARAMS_UNSUPPORTED):
+            raise _bad("the shared-memory extension is not supported")
+        binary = _flag(params, "binary_data", f"output '{out.name}'")
+        count = params.get("classification", 0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise _bad(f"output '{out.name}' parameter 'classification' must be a positive integer")
+        if count and out.name != "probabilities":
+            raise _bad("classification is supported only on the 'probabilities' output")
+        plan.append((out.name, default_binary if binary is None else binary,
+                     min(count, rt.input_spec.num_classes)))
+    return plan
+
+
+def _render(req: InferRequest, plan: list[tuple[str, bool, int]], results: list[ImageResult],
+            rt: Runtime, model: str, request_id: str) -> Response:
+    cols = _columns(results, rt.input_spec.num_classes)
+    outputs, blobs = [], []
+    for name, binary, count in plan:
+        datatype, values = cols[name]
+        if count:
+            rows = _classification(values, count, rt.input_spec.class_names)  # type: ignore[arg-type]
+            datatype, shape, flat = "BYTES", [len(rows), count], [s for row in rows for s in row]
+        elif datatype == "BYTES":
+            shape, flat = [len(values)], list(values)
+        else:
+            arr = values  # type: ignore[assignment]
+            shape, flat = list(arr.shape), arr
+        out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+        if binary:
+            blob = _bytes_tensor(flat) if datatype == "BYTES" else np.ascontiguousarray(flat).tobytes()
+            out["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            out["data"] = flat if datatype == "BYTES" else flat.reshape(-1).tolist()
+        outputs.append(out)
+    body = {"model_name": model, "model_version": rt.bundle.version,
+            "id": req.id if req.id is not None else request_id, "outputs": outputs}
+    header = json.dumps(body, separators=(",", ":")).encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(header + b"".join(blobs), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(header))})
+
+
+# --------------------------------------------------------------------------- health, metadata
+def _ready_response(ok: bool, body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/v2/health/live", response_model=LiveResponse, summary="OIP: server live")
+async def server_live() -> LiveResponse:
+    return LiveResponse(live=True)
+
+
+@router.get("/v2/health/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}},
+            summary="OIP: server ready (200) or not (503)")
+async def server_ready(request: Request) -> JSONResponse:
+    ok = _is_ready(request)
+    return _ready_response(ok, {"ready": ok})
+
+
+@router.get("/v2", response_model=ServerMetadata, summary="OIP: server metadata")
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="shieldserve", version=service.__version__, extensions=list(EXTENSIONS))
+
+
+@router.get("/v2/models/{model}", response_model=ModelMetadata, responses=_ERRORS,
+            summary="OIP: model (pipeline) metadata")
+async def model_metadata(request: Request, model: str) -> ModelMetadata:
+    return _model_metadata(_model(request, model, None), model)
+
+
+@router.get("/v2/models/{model}/versions/{version}", response_model=ModelMetadata, responses=_ERRORS,
+            summary="OIP: model (pipeline) metadata, one version")
+async def model_version_metadata(request: Request, model: str, version: str) -> ModelMetadata:
+    return _model_metadata(_model(request, model, version), model)
+
+
+@router.get("/v2/models/{model}/ready", response_model=ModelReadyResponse,
+            responses={**_ERRORS, 503: {"model": ModelReadyResponse}}, summary="OIP: model ready")
+async def model_ready(request: Request, model: str) -> JSONResponse:
+    _model(request, model, None)
+    ok = _is_ready(request)
+    return _ready_response(ok, {"name": model, "ready": ok})
+
+
+@router.get("/v2/models/{model}/versions/{version}/ready", response_model=ModelReadyResponse,
+            responses={**_ERRORS, 503: {"model": ModelReadyResponse}}, summary="OIP: model version ready")
+async def model_version_ready(request: Request, model: str, version: str) -> JSONResponse:
+    _model(request, model, version)
+    ok = _is_ready(request)
+    return _ready_response(ok, {"name": model, "ready": ok})
+
+
+# --------------------------------------------------------------------------- inference
+async def _infer(request: Request, model: str, version: str | None) -> Response:
+    rt = _runtime(request)
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        _model(request, model, version)
+        body = await request.body()
+        limit = rt.settings.limits.max_body_bytes
+        body = _decompress(body, request.headers.get("content-encoding", ""), limit)
+        header, tail = _split_body(body, request.headers.get(HEADER_LENGTH))
+
+        def parse() -> tuple[InferRequest, torch.Tensor, list[tuple[str, bool, int]]]:
+            req = _parse_request(header)
+            plan = _plan_outputs(req, rt)
+            return req, _decode_input(req, tail, rt), plan
+
+        req, x, plan = await run_in_threadpool(parse)
+        results = await run_pipeline(request, rt, model, x)
+        outcome = outcome_of(results)
+        return _render(req, plan, results, rt, model, request.state.request_id)
+    except ApiError as exc:
+        outcome = exc.code if exc.code in ("overloaded", "deadline_exceeded") else "error"
+        raise
+    finally:
+        label = model if model in rt.pipelines else "unknown"
+        rt.metrics.requests.labels(label, "infer", outcome).inc()
+        rt.metrics.request_duration.labels(label, "infer").observe(time.perf_counter() - started)
+
+
+@router.post("/v2/models/{model}/infer", response_model=None, responses=_INFER_RESPONSES,
+             openapi_extra=_INFER_OPENAPI, summary="OIP: run images through a pipeline")
+async def infer(request: Request, model: str) -> Response:
+    return await _infer(request, model, None)
+
+
+@router.post("/v2/models/{model}/versions/{version}/infer", response_model=None,
+             responses=_INFER_RESPONSES, openapi_extra=_INFER_OPENAPI,
+             summary="OIP: run images through a pipeline, one version")
+async def infer_version(request: Request, model: str, version: str) -> Response:
+    return await _infer(request, model, version)

@@ -1,0 +1,200 @@
+"""Ray Serve: the same FastAPI app (`service.app.create_app`) as an autoscaled Ray Serve
+deployment, to scale out past one machine (`shieldserve serve --ray`).
+
+Each Ray Serve replica is one Ray actor holding one full service: the verified bundle, the
+pipelines, and the service's own dynamic batcher (settings `batching.*`). Ray's proxy
+spreads HTTP requests over the replicas; inside a replica the batcher merges concurrent
+requests into batches, so `max_ongoing_requests` must leave it company to batch (it is 32
+by default, the batcher's `max_batch_size` is 64 images).
+
+The app is built on the replica (`__serve_build_asgi_app__`), not pickled from the
+driver, and Ray runs its ASGI lifespan there: warm-up, readiness, graceful drain.
+
+Ray settings (environment, all optional):
+  SHIELDSERVE_RAY_MIN_REPLICAS            1    autoscaling floor
+  SHIELDSERVE_RAY_MAX_REPLICAS            4    autoscaling ceiling
+  SHIELDSERVE_RAY_INITIAL_REPLICAS        min  replicas started first
+  SHIELDSERVE_RAY_TARGET_ONGOING_REQUESTS 8    ongoing requests per replica the autoscaler aims at
+  SHIELDSERVE_RAY_MAX_ONGOING_REQUESTS    32   requests one replica runs at once (backpressure)
+  SHIELDSERVE_RAY_MAX_QUEUED_REQUESTS     256  requests queued per caller before 503 (-1: no limit)
+  SHIELDSERVE_RAY_NUM_CPUS                1    CPUs reserved per replica
+  SHIELDSERVE_RAY_NUM_GPUS                0.5 when the device is cuda, else 0: a fraction packs
+                                               replicas on one GPU (0.5 = two per GPU)
+  SHIELDSERVE_RAY_ADDRESS                 local  an existing cluster ("auto", "ray://host:10001");
+                                                 "local" (the default) starts a Ray of its own
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+DEPLOYMENT_NAME = "shieldserve"
+APP_NAME = "shieldserve"
+
+log = logging.getLogger("shieldserve")
+
+
+def _env(name: str, default: Any, cast: type) -> Any:
+    value = os.environ.get(f"SHIELDSERVE_RAY_{name}")
+    if value is None or value == "":
+        return default
+    try:
+        return cast(value)
+    except ValueError:
+        raise ValueError(f"SHIELDSERVE_RAY_{name}={value!r} is not a valid {cast.__name__}") from None
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    min_replicas: int = 1
+    max_replicas: int = 4
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 8.0
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 256
+    num_cpus: float = 1.0
+    num_gpus: float | None = None  # None: 0.5 on cuda, 0 on cpu
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> RayOptions:
+        d = cls()
+        values = dict(
+            min_replicas=_env("MIN_REPLICAS", d.min_replicas, int),
+            max_replicas=_env("MAX_REPLICAS", d.max_replicas, int),
+            initial_replicas=_env("INITIAL_REPLICAS", d.initial_replicas, int),
+            target_ongoing_requests=_env("TARGET_ONGOING_REQUESTS", d.target_ongoing_requests, float),
+            max_ongoing_requests=_env("MAX_ONGOING_REQUESTS", d.max_ongoing_requests, int),
+            max_queued_requests=_env("MAX_QUEUED_REQUESTS", d.max_queued_requests, int),
+            num_cpus=_env("NUM_CPUS", d.num_cpus, float),
+            num_gpus=_env("NUM_GPUS", d.num_gpus, float),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validated()
+
+    def validated(self) -> RayOptions:
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1; "
+                             f"got {self.min_replicas}..{self.max_replicas}")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        if self.target_ongoing_requests <= 0 or self.max_ongoing_requests < 1:
+            raise ValueError("target_ongoing_requests must be > 0 and max_ongoing_requests >= 1")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ValueError("num_gpus must be >= 0")
+        return self
+
+
+def deployment_options(settings: Any, options: RayOptions) -> dict[str, Any]:
+    """The keyword arguments of `serve.deployment(...).options(...)` for these settings."""
+    on_gpu = str(settings.device).startswith("cuda")
+    num_gpus = options.num_gpus if options.num_gpus is not None else (0.5 if on_gpu else 0.0)
+    if on_gpu and num_gpus <= 0:
+        raise ValueError("device is cuda: give each replica a GPU fraction (SHIELDSERVE_RAY_NUM_GPUS > 0)")
+    autoscaling: dict[str, Any] = {
+        "min_replicas": options.min_replicas,
+        "max_replicas": options.max_replicas,
+        "target_ongoing_requests": options.target_ongoing_requests,
+        "upscale_delay_s": options.upscale_delay_s,
+        "downscale_delay_s": options.downscale_delay_s,
+    }
+    if options.initial_replicas is not None:
+        autoscaling["initial_replicas"] = options.initial_replicas
+    actor: dict[str, Any] = {"num_cpus": options.num_cpus}
+    if num_gpus:
+        actor["num_gpus"] = num_gpus
+    return {
+        "name": DEPLOYMENT_NAME,
+        "autoscaling_config": autoscaling,
+        "max_ongoing_requests": options.max_ongoing_requests,
+        "max_queued_requests": options.max_queued_requests,
+        "ray_actor_options": actor,
+        # the service drains in-flight requests on shutdown (uvicorn's graceful period)
+        "graceful_shutdown_timeout_s": 30,
+        "health_check_period_s": 10,
+    }
+
+
+@serve.ingress()
+class ShieldserveDeployment:
+    """One replica: settings rebuilt from the same config and overrides, then the app."""
+
+    def __init__(self, config: str | None, overrides: dict[str, Any]) -> None:
+        self.config, self.overrides = config, overrides
+
+    def __serve_build_asgi_app__(self):  # called by Ray Serve on the replica, after __init__
+        from service.app import create_app
+        from service.settings import load_settings
+
+        return create_app(load_settings(self.config, **self.overrides))
+
+
+def build_app(config: str | Path | None = None, options: RayOptions | None = None, **overrides: Any):
+    """The bound Ray Serve application (pass it to `serve.run`).
+
+    `config` and `overrides` are what `load_settings` takes; they are evaluated here (so a
+    bad configuration fails on the driver, before any replica starts) and again on each
+    replica. Environment variables reach replicas started on this machine; on a cluster,
+    pass settings as overrides or ship them in the config file.
+    """
+    from service.settings import load_settings
+
+    config = str(Path(config).resolve()) if config else None  # replicas run in another directory
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "bundle" in overrides:
+        overrides["bundle"] = str(Path(overrides["bundle"]).resolve())
+    settings = load_settings(config, **overrides)
+    if not (Path(settings.bundle) / "manifest.json").is_file():
+        raise FileNotFoundError(f"no bundle at {settings.bundle} (manifest.json missing)")
+    opts = deployment_options(settings, options or RayOptions.from_env())
+    return serve.deployment(ShieldserveDeployment).options(**opts).bind(config, overrides)
+
+
+def run(config: str | None = None, host: str | None = None, port: int | None = None,
+        address: str | None = None, options: RayOptions | None = None) -> None:
+    """`shieldserve serve --ray`: start (or join) Ray, start Serve's HTTP proxy on host:port,
+    run the app, and serve until SIGINT or SIGTERM; then delete the app (replicas drain
+    their in-flight requests) and leave Ray."""
+    import signal
+    import threading
+
+    import ray
+
+    from service.settings import load_settings
+
+    settings = load_settings(config, host=host, port=port)
+    app = build_app(config, options)  # a bad configuration fails here, before Ray starts
+    # "local" starts a Ray of our own; ray.init(address=None) would join whatever cluster
+    # `ray start` last recorded on this machine
+    address = address or os.environ.get("SHIELDSERVE_RAY_ADDRESS") or "local"
+    ray.init(address=address, runtime_env=_runtime_env())
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        log.info("shieldserve on Ray Serve at http://%s:%d/", settings.host, settings.port)
+        stop.wait()
+        log.info("stopping: deleting the application (replicas drain)")
+        serve.delete(APP_NAME)
+        if address == "local":
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _runtime_env() -> dict[str, Any]:
+    """Environment for the replicas: this checkout on their path and the SHIELDSERVE_* settings."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k.startswith("SHIELDSERVE_") and not k.startswith("SHIELDSERVE_RAY_")}
+    path = os.environ.get("PYTHONPATH")
+    env["PYTHONPATH"] = root + (os.pathsep + path if path else "")
+    return {"env_vars": env}

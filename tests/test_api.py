@@ -1,0 +1,192 @@
+"""HTTP round trips on /predict, /pipelines, health and metrics, with real digits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import png
+
+
+def _files(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(images)]
+
+
+def test_predict_multipart_many_files_answers_per_contract(make_client, mnist):
+    import hashlib
+
+    c = make_client()
+    sub = mnist.test.per_class(3)
+    images = [png(x) for x in sub.x]
+    r = c.post("/predict?pipeline=baseline", files=_files(images))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["pipeline"] == "baseline" and body["model_version"] and body["request_id"]
+    assert r.headers["x-request-id"] == body["request_id"]
+    assert len(body["results"]) == 30
+    for res, data in zip(body["results"], images):
+        assert res["image_sha256"] == hashlib.sha256(data).hexdigest()
+        assert res["status"] == "accepted" and res["certified_radius"] is None and res["rejected_by"] == []
+        assert res["class_name"] == str(res["label"]) and 0 < res["confidence"] <= 1
+    labels = torch.tensor([res["label"] for res in body["results"]])
+    assert float((labels == sub.y).float().mean()) >= 0.6  # the quick classifier reads real digits
+
+
+def test_predict_raw_body_and_default_pipeline(make_client, mnist):
+    c = make_client()
+    r = c.post("/predict", content=png(mnist.test.x[0]), headers={"content-type": "image/png",
+                                                                    "x-request-id": "client-42"})
+    assert r.status_code == 200
+    assert r.json()["pipeline"] == "default" and r.json()["request_id"] == "client-42"
+
+
+@pytest.mark.parametrize("body,ctype,status,code", [
+    (b"", "image/png", 400, "invalid_image"),
+    (b"\x89PNG\r\n\x1a\n-truncated", "image/png", 400, "invalid_image"),
+    (b"hello", "text/plain", 415, "unsupported_media_type"),
+    (b"GIF89a" + b"\0" * 20, "image/gif", 415, "unsupported_media_type"),
+])
+def test_malformed_uploads_answer_4xx_with_codes(make_client, body, ctype, status, code):
+    r = make_client().post("/predict?pipeline=baseline", content=body, headers={"content-type": ctype})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+def test_unknown_pipeline_is_404(make_client, mnist):
+    r = make_client().post("/predict?pipeline=nope", content=png(mnist.test.x[0]),
+                           headers={"content-type": "image/png"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_pipeline"
+
+
+def test_multipart_without_file_part_is_400(make_client):
+    r = make_client().post("/predict", data={"note": "hi"}, files={"other": ("a.png", b"x", "image/png")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image"
+
+
+def test_body_limit_413_with_and_without_content_length(make_client, mnist):
+    c = make_client(limits={"max_body_bytes": 2000})
+    big = b"\0" * 5000
+    r = c.post("/predict", content=big, headers={"content-type": "image/png"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+    def chunks():
+        for _ in range(5):
+            yield b"\0" * 1000
+
+    r = c.post("/predict", content=chunks(), headers={"content-type": "image/png"})  # chunked
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_too_many_images_is_413(make_client, mnist):
+    c = make_client(limits={"max_images_per_request": 2})
+    r = c.post("/predict", files=_files([png(x) for x in mnist.test.x[:3]]))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_pixel_limit_checked_before_decoding(make_client):
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(buf, format="PNG")
+    c = make_client(limits={"max_pixels": 1_000_000})
+    r = c.post("/predict", content=buf.getvalue(), headers={"content-type": "image/png"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_resize_reject_policy_is_422(make_client):
+    from service.imaging import encode_png
+
+    c = make_client(limits={"resize": "reject"})
+    r = c.post("/predict", content=encode_png(torch.rand(1, 20, 20)), headers={"content-type": "image/png"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"
+
+
+def test_pipelines_health_and_unknown_route(make_client):
+    c = make_client()
+    p = c.get("/pipelines").json()
+    assert p["default"] == "default" and {x["name"] for x in p["pipelines"]} >= {"baseline", "default"}
+    assert c.get("/healthz").json()["status"] == "ok"
+    assert c.get("/readyz").status_code == 200
+    r = c.get("/no/such/route")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = c.get("/predict")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_metrics_count_predict_requests_by_outcome(make_client, mnist):
+    c = make_client()
+    for _ in range(3):
+        c.post("/predict?pipeline=baseline", content=png(mnist.test.x[0]), headers={"content-type": "image/png"})
+    c.post("/predict?pipeline=baseline", content=b"", headers={"content-type": "image/png"})
+    text = c.get("/metrics").text
+    assert 'shieldserve_requests_total{endpoint="predict",outcome="accepted",pipeline="baseline"} 3.0' in text
+    assert 'shieldserve_requests_total{endpoint="predict",outcome="error",pipeline="baseline"} 1.0' in text
+    assert 'shieldserve_batch_size_count{pipeline="baseline"} 3.0' in text
+    assert "shieldserve_request_duration_seconds_bucket" in text and "shieldserve_inflight_requests" in text
+    for forbidden in ("sha256", "request_id"):
+        assert forbidden not in text
+
+
+def _asgi_client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def test_batcher_merges_concurrent_requests(quick_bundle, mnist):
+    from service.app import create_app
+    from service.settings import load_settings
+
+    app = create_app(load_settings(bundle=quick_bundle, warmup=False,
+                                   batching={"max_batch_size": 64, "max_delay_ms": 50}))
+    app.state.runtime.ready = True
+    images = [png(x) for x in mnist.test.x[:16]]
+
+    async def go():
+        async with _asgi_client(app) as client:
+            rs = await asyncio.gather(*[client.post("/predict?pipeline=baseline", content=b,
+                                                    headers={"content-type": "image/png"}) for b in images])
+            return rs, (await client.get("/metrics")).text
+
+    rs, text = asyncio.run(go())
+    assert all(r.status_code == 200 for r in rs)
+    count = float(next(l for l in text.splitlines() if l.startswith('shieldserve_batch_size_count{pipeline="baseline"}')).split()[-1])
+    total = float(next(l for l in text.splitlines() if l.startswith('shieldserve_batch_size_sum{pipeline="baseline"}')).split()[-1])
+    assert total == 16 and count < 16  # fewer batches than requests: they were merged
+    # the same image answers the same whether batched or alone
+    alone = asyncio.run(_one(app, images[0]))
+    assert alone["results"][0]["label"] == rs[0].json()["results"][0]["label"]
+
+
+async def _one(app, image: bytes) -> dict:
+    async with _asgi_client(app) as client:
+        return (await client.post("/predict?pipeline=baseline", content=image, headers={"content-type": "image/png"})).json()
+
+
+def test_full_queue_answers_503_overloaded_with_retry_after(quick_bundle, mnist):
+    from service.app import create_app
+    from service.settings import load_settings
+
+    app = create_app(load_settings(bundle=quick_bundle, warmup=False,
+                                   batching={"max_batch_size": 1, "max_delay_ms": 0, "max_queue": 2,
+                                             "retry_after_s": 3}))
+    images = [png(x) for x in mnist.test.x[:40]]
+
+    async def go():
+        async with _asgi_client(app) as client:
+            return await asyncio.gather(*[client.post("/predict?pipeline=baseline", content=b,
+                                                      headers={"content-type": "image/png"}) for b in images])
+
+    rs = asyncio.run(go())
+    codes = [r.status_code for r in rs]
+    assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
+    over = next(r for r in rs if r.status_code == 503)
+    assert over.json()["error"]["code"] == "overloaded" and over.headers["retry-after"] == "3"
+
+
+def test_openapi_schema_documents_routes(make_client):
+    spec = make_client().get("/openapi.json").json()
+    assert "/predict" in spec["paths"] and "/pipelines" in spec["paths"]
+    assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]

@@ -1,0 +1,166 @@
+"""The bundle format: sha256-verified safetensors, no pickle, and bring-your-own classifiers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models.architectures import TinyCNN
+from models.bundle import Bundle, BundleError, BundleWriter, InputSpec
+from models.train import ClassifierSource, build_bundle, parse_classifier
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_quick_bundle_manifest_is_complete(quick_bundle):
+    m = json.loads((quick_bundle / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["input"]["shape"] == [1, 28, 28]
+    assert m["dataset"]["test"] == 1000
+    rec = m["artifacts"]["classifier"]
+    assert rec["file"].endswith(".safetensors") and len(rec["sha256"]) == 64
+    assert rec["architecture"]["name"] == "mnist_cnn" and "recipe" in rec["training"]
+    assert m["build"]["command"].startswith("shieldserve train") and m["build"]["seed"] == 0
+    assert not list(quick_bundle.glob("*.pt")) and not list(quick_bundle.glob("*.pkl"))
+
+
+def test_tampered_weights_refuse_to_load(quick_bundle, tmp_path):
+    b = _copy(quick_bundle, tmp_path / "b")
+    f = b / "classifier.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.load(b)
+
+
+def test_missing_file_and_escaping_path_are_refused(quick_bundle, tmp_path):
+    b = _copy(quick_bundle, tmp_path / "b")
+    (b / "classifier.safetensors").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        Bundle.load(b)
+    b2 = _copy(quick_bundle, tmp_path / "b2")
+    m = json.loads((b2 / "manifest.json").read_text())
+    m["artifacts"]["classifier"]["file"] = "../../etc/passwd"
+    (b2 / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="outside"):
+        Bundle.load(b2)
+
+
+def test_service_refuses_to_start_on_a_tampered_bundle(quick_bundle, tmp_path):
+    from service.app import create_app
+    from service.settings import load_settings
+
+    b = _copy(quick_bundle, tmp_path / "b")
+    m = json.loads((b / "manifest.json").read_text())
+    m["artifacts"]["classifier"]["sha256"] = "0" * 64
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError):
+        create_app(load_settings(bundle=b))
+
+
+def test_writer_round_trip_keeps_weights_exactly(tmp_path):
+    net = TinyCNN(in_channels=3, num_classes=4)
+    w = BundleWriter(tmp_path / "b")
+    w.set_input(InputSpec(shape=(3, 32, 32), class_names=("a", "b", "c", "d")))
+    w.add_module("classifier", net, {"kind": "builtin", "name": "tiny_cnn", "kwargs": {"in_channels": 3, "num_classes": 4}})
+    w.save()
+    loaded = Bundle.load(tmp_path / "b").classifier()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loaded(x), net.eval()(x))
+
+
+def _synthetic_color_dataset(path: Path) -> Path:
+    """A 3x32x32, 4-class task a tiny CNN learns in seconds: each class is a colour."""
+    rng = np.random.default_rng(0)
+
+    def make(n: int):
+        y = np.arange(n) % 4
+        x = rng.integers(0, 60, (n, 32, 32, 3))
+        for i, c in enumerate(y):
+            x[i, :, :, c % 3] += 150 if c < 3 else 0
+            if c == 3:
+                x[i] += 150
+        return x.clip(0, 255).astype(np.uint8), y
+
+    xt, yt = make(400)
+    xs, ys = make(80)
+    np.savez(path, x_train=xt, y_train=yt, x_test=xs, y_test=ys, class_names=np.array(["r", "g", "b", "w"]))
+    return path
+
+
+def _pretrain_tiny(data: Path) -> TinyCNN:
+    from models.datasets import npz_dataset
+
+    ds = npz_dataset(data)
+    torch.manual_seed(0)
+    net = TinyCNN(in_channels=3, num_classes=4)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(ds.train.x), ds.train.y).backward()
+        opt.step()
+    return net.eval()
+
+
+@pytest.mark.slow
+def test_bring_your_own_classifier_by_import_path_and_torchscript(tmp_path):
+    """A pretrained 3x32x32 classifier is wrapped, not retrained, from either source."""
+    data = _synthetic_color_dataset(tmp_path / "colors.npz")
+    net = _pretrain_tiny(data)
+    weights = tmp_path / "tiny.safetensors"
+    save_file(net.state_dict(), str(weights))
+    src = parse_classifier("import:models.architectures:TinyCNN", str(weights), {"in_channels": 3, "num_classes": 4})
+    out = tmp_path / "byo"
+    build_bundle(out, dataset=f"npz:{data}", preset="quick", classifier=src, steps=["classifier"], argv=[])
+    b = Bundle.load(out)
+    assert b.input_spec.shape == (3, 32, 32) and b.input_spec.class_names == ("r", "g", "b", "w")
+    assert b.manifest["artifacts"]["classifier"]["pretrained"] is True
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.allclose(b.classifier()(x), net(x))  # the same network, not a retrained one
+    assert b.manifest["metrics"]["classifier_test_accuracy"] > 0.9
+
+    scripted = tmp_path / "tiny.torchscript"
+    torch.jit.trace(net, torch.rand(1, 3, 32, 32)).save(str(scripted))
+    out2 = tmp_path / "byo-ts"
+    build_bundle(out2, dataset=f"npz:{data}", preset="quick", classifier=ClassifierSource("torchscript", str(scripted)),
+                 steps=["classifier"], argv=[])
+    assert torch.allclose(Bundle.load(out2).classifier()(x), net(x), atol=1e-6)
+
+
+def test_byo_classifier_with_normalisation_sees_pixels_in_unit_range(tmp_path):
+    spec = InputSpec(shape=(1, 4, 4), class_names=("a", "b"), value_range=(0.0, 255.0), mean=(127.5,), std=(127.5,))
+    from models.bundle import Classifier
+
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen["x"] = x
+            return torch.zeros(x.shape[0], 2)
+
+    Classifier(Probe(), spec)(torch.ones(1, 1, 4, 4))
+    assert torch.allclose(seen["x"], torch.ones(1, 1, 4, 4))  # 1.0 -> 255 -> (255-127.5)/127.5
+
+
+def test_bad_classifier_specs_are_explained():
+    with pytest.raises(ValueError, match="classifier-weights"):
+        parse_classifier("import:models.architectures:TinyCNN", None, {})
+    with pytest.raises(ValueError, match="must be"):
+        parse_classifier("bogus", None, {})
+
+
+def test_rebuilding_with_the_same_seed_reproduces_the_metrics(quick_bundle, tmp_path):
+    out = tmp_path / "again"
+    build_bundle(out, preset="quick", seed=0, steps=["classifier"], argv=[])
+    a = json.loads((quick_bundle / "manifest.json").read_text())["artifacts"]["classifier"]
+    b = json.loads((out / "manifest.json").read_text())["artifacts"]["classifier"]
+    assert a["metrics"] == b["metrics"]

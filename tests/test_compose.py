@@ -1,0 +1,177 @@
+"""docker-compose.yml (no Docker engine here): the services, ports, healthchecks and config
+files it declares agree with each other and with docker/nginx.conf, docker/prometheus.yml,
+the Grafana provisioning, the Dockerfiles and the service's own settings and metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+REPLICAS = ("replica1", "replica2")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def nginx() -> str:
+    return (DOCKER / "nginx.conf").read_text()
+
+
+def host_path(spec: str) -> tuple[Path, str]:
+    """A bind mount `./host:/container[:ro]` -> (absolute host path, container path)."""
+    host, container = spec.split(":")[:2]
+    return (REPO / host).resolve(), container
+
+
+def mounts(service: dict) -> dict[str, Path]:
+    return {c: h for h, c in (host_path(v) for v in service.get("volumes", []) if v.startswith("./"))}
+
+
+def metric_names() -> set[str]:
+    """Every series name the service exposes (from service/metrics.py itself)."""
+    from service.metrics import Metrics
+
+    names = set()
+    for collector in list(Metrics().registry._collector_to_names):
+        for family in collector.describe():
+            base = family.name
+            if family.type == "counter":
+                names |= {f"{base}_total", f"{base}_created"}
+            elif family.type == "histogram":
+                names |= {f"{base}_bucket", f"{base}_sum", f"{base}_count", f"{base}_created"}
+            else:
+                names.add(base)
+    return names
+
+
+def test_services_and_every_healthcheck(compose: dict) -> None:
+    services = compose["services"]
+    assert set(services) == {"gateway", *REPLICAS, "redis", "prometheus", "grafana"}
+    for name, svc in services.items():
+        assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    for r in REPLICAS:
+        svc = services[r]
+        check = " ".join(svc["healthcheck"]["test"])
+        assert "http://127.0.0.1:8000/readyz" in check and "status == 200" in check
+        assert svc["expose"] == ["8000"] and "ports" not in svc, "replicas are not published"
+        assert svc["environment"]["SHIELDSERVE_PORT"] == "8000"
+        assert (REPO / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert svc["stop_grace_period"] == "35s"  # > the service's 30 s graceful drain
+    gw = services["gateway"]
+    assert {services["gateway"]["depends_on"][r]["condition"] for r in REPLICAS} == {"service_healthy"}
+    assert "/readyz" in " ".join(gw["healthcheck"]["test"])
+    assert "ping" in services["redis"]["healthcheck"]["test"]
+
+
+def test_networks_expose_only_the_gateway_publicly(compose: dict) -> None:
+    services, nets = compose["services"], compose["networks"]
+    assert nets["backend"]["internal"] is True
+    published = {name: svc.get("ports", []) for name, svc in services.items() if svc.get("ports")}
+    assert set(published) == {"gateway", "prometheus", "grafana"}
+    assert published["gateway"] == ["8080:8080"]
+    for name in ("prometheus", "grafana"):  # operators only, on the host's loopback
+        assert all(p.startswith("127.0.0.1:") for p in published[name]), published[name]
+    for name in (*REPLICAS, "redis"):
+        assert services[name]["networks"] == ["backend"]
+    assert set(services["gateway"]["networks"]) == {"frontend", "backend"}
+
+
+def test_gateway_config_matches_the_topology(compose: dict, nginx: str) -> None:
+    from service.settings import Settings
+
+    gw = compose["services"]["gateway"]
+    assert mounts(gw)["/etc/nginx/nginx.conf"] == DOCKER / "nginx.conf"
+    assert re.search(r"^\s*listen 8080;", nginx, re.M)
+    upstream = re.search(r"upstream shieldserve \{(.*?)\}", nginx, re.S).group(1)
+    servers = re.findall(r"^\s*server (\S+?)(?: |;)", upstream, re.M)
+    assert servers == [f"{r}:8000" for r in REPLICAS]
+    # body limit = the replicas' limit; read timeout past the replicas' own deadline
+    settings = Settings(bundle=REPO)
+    mib = int(re.search(r"client_max_body_size (\d+)m;", nginx).group(1))
+    assert mib * 1024 * 1024 == settings.limits.max_body_bytes
+    read = int(re.search(r"proxy_read_timeout (\d+)s;", nginx).group(1))
+    assert read > settings.request_timeout_s
+    # retries on another replica, side-effect-free POST routes included
+    assert re.search(r"^\s*proxy_next_upstream error timeout http_502 http_503 http_504;", nginx, re.M)
+    assert re.search(r"^\s*proxy_next_upstream_tries 2;", nginx, re.M)
+    for route in ("location = /predict", "location = /certify", "/infer$"):
+        block = nginx[nginx.index(route):]
+        block = block[:block.index("}")]
+        assert "non_idempotent" in block, route
+    # not public
+    for route in ("location = /metrics", "location ^~ /admin"):
+        block = nginx[nginx.index(route):]
+        assert re.match(r"[^}]*return 404", block, re.S), route
+
+
+def test_prometheus_scrapes_every_replica_and_loads_the_rules(compose: dict) -> None:
+    prom = compose["services"]["prometheus"]
+    m = mounts(prom)
+    assert m["/etc/prometheus/prometheus.yml"] == DOCKER / "prometheus.yml"
+    cfg = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    for rule_file in cfg["rule_files"]:  # relative to the config file, in the container too
+        assert m[f"/etc/prometheus/{rule_file}"] == DOCKER / rule_file
+    job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "shieldserve")
+    assert job["metrics_path"] == "/metrics"
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"{r}:{compose['services'][r]['expose'][0]}" for r in REPLICAS]
+
+
+def test_grafana_provisioning_and_dashboard(compose: dict) -> None:
+    graf = compose["services"]["grafana"]
+    m = mounts(graf)
+    prov, dashboards = m["/etc/grafana/provisioning"], m["/var/lib/grafana/dashboards"]
+    ds = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert ds["url"] == "http://prometheus:9090" and ds["type"] == "prometheus"
+    provider = yaml.safe_load((prov / "dashboards" / "shieldserve.yml").read_text())["providers"][0]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    dash = json.loads((dashboards / "shieldserve.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    assert all(t["datasource"]["uid"] == ds["uid"] for p in dash["panels"] for t in p["targets"])
+    used = set(re.findall(r"\b(shieldserve_[a-z_]+)", " ".join(exprs)))
+    known = metric_names()
+    assert used <= known, f"dashboard uses metrics the service does not expose: {used - known}"
+    for needed in ("shieldserve_rejections_total", "shieldserve_abstentions_total",
+                   "shieldserve_request_duration_seconds_bucket", "shieldserve_queue_depth",
+                   "shieldserve_inflight_requests", "shieldserve_requests_total"):
+        assert needed in used, needed
+
+
+def test_alert_rules_use_exposed_metrics() -> None:
+    rules = yaml.safe_load((DOCKER / "alerts.yml").read_text())["groups"][0]["rules"]
+    used = set(re.findall(r"\b(shieldserve_[a-z_]+)", " ".join(r["expr"] for r in rules)))
+    assert used <= metric_names(), used - metric_names()
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfiles(name: str) -> None:
+    text = (DOCKER / name).read_text()
+    assert text.startswith("# syntax=docker/dockerfile:1\n")
+    torch = re.search(r"^TORCH \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert f"ARG TORCH={torch}" in text, "the image pins the same torch as make install"
+    assert re.search(r"^USER shieldserve", text, re.M), "runs as a non-root user"
+    assert re.search(r"^HEALTHCHECK .*\n.*127\.0\.0\.1:8000/readyz", text, re.M)
+    assert "SHIELDSERVE_HOST=0.0.0.0" in text and "EXPOSE 8000" in text
+    index = re.search(r"--index-url \S*?(https://download\.pytorch\.org/whl/\w+|\$\{TORCH_INDEX\})", text).group(1)
+    if name == "Dockerfile":
+        assert index.endswith("/cpu") and ".[knn,redis]" in text
+    else:
+        assert re.search(r"TORCH_INDEX=https://download\.pytorch\.org/whl/cu\d+", text)
+        assert ".[gpu,redis]" in text and "SHIELDSERVE_DEVICE=cuda" in text
+    # the extras the images install exist in pyproject.toml
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in re.search(r'pip install "\.\[([a-z,]+)\]"', text).group(1).split(","):
+        assert extra in extras, extra

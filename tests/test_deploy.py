@@ -1,0 +1,459 @@
+"""The compose topology without Docker: nginx (the shipped docker/nginx.conf), two real
+service replicas, redis-server and Prometheus (the shipped docker/prometheus.yml and
+docker/alerts.yml), all from Debian packages on 127.0.0.1, started and stopped here.
+
+What it shows: requests through the gateway answer with real classifications; /metrics and
+/admin are not public; a replica stopped (SIGTERM) and, once back, killed (SIGKILL) in the
+middle of a bounded load costs no client request (nginx retries on the other replica);
+Prometheus scrapes both replicas, runs every alert rule and dashboard query, and sees the
+dead one go down; `promtool check config|rules` and the alert unit tests pass.
+
+Pending (needs the /certify store, another branch): a digit posted through one replica and
+certified through the other, with the Redis store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import png
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name, path=SBIN)
+
+
+def need(*names: str) -> dict[str, str]:
+    found = {n: which(n) for n in names}
+    missing = [n for n, p in found.items() if not p]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian packages nginx, prometheus, redis-server; "
+                    f".ci/run installs them)")
+    return found  # type: ignore[return-value]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float, procs: list[subprocess.Popen] = ()) -> None:
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{what}: process {p.args[:3]} exited with {p.returncode}")
+        try:
+            if check():
+                return
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(0.2)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s (last error: {last!r})")
+
+
+def http_get(port: int, path: str, timeout: float = 5.0):
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=timeout)
+
+
+def render_nginx(ports: dict[str, int], tmp: Path) -> str:
+    """docker/nginx.conf with only its `# test:` lines rewritten for 127.0.0.1 and `tmp`."""
+    text = (DOCKER / "nginx.conf").read_text()
+    subs = {
+        "worker_processes": "worker_processes 1;",
+        "pid": f"pid {tmp}/nginx.pid;",
+        "error_log": f"error_log {tmp}/nginx-error.log info;",
+        "access_log": f"access_log {tmp}/nginx-access.log;",
+        "listen": f"listen 127.0.0.1:{ports['gateway']};",
+    }
+    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        subs[f"{name}_temp_path"] = f"{name}_temp_path {tmp}/nginx_{name};"
+    seen = set()
+
+    def sub(m: re.Match) -> str:
+        key = m.group(2)
+        if key in ("replica1", "replica2"):  # same server line, the test's address
+            seen.add(key)
+            line = m.group(0).split("#")[0].rstrip()
+            assert f"server {key}:8000 " in line, line
+            return line.replace(f"{key}:8000", f"127.0.0.1:{ports[key]}")
+        if key not in subs:
+            raise KeyError(f"docker/nginx.conf marks an unknown test line: {key}")
+        seen.add(key)
+        return m.group(1) + subs[key]
+
+    out = re.sub(r"^(\s*)\S.*#\s*test:\s*(\w+)\s*$", sub, text, flags=re.M)
+    want = set(subs) | {"replica1", "replica2"}
+    assert seen == want, f"docker/nginx.conf lacks the test markers {sorted(want - seen)}"
+    if os.geteuid() == 0:  # workers would run as `nobody`, unable to reach the temp dirs
+        out = "user root;\n" + out
+    return out
+
+
+def render_prometheus(ports: dict[str, int]) -> dict:
+    """docker/prometheus.yml with the replicas' ports, a 1 s interval and absolute rule paths."""
+    cfg = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    cfg["global"]["scrape_interval"] = "1s"
+    cfg["global"]["evaluation_interval"] = "1s"
+    cfg["rule_files"] = [str(DOCKER / f) for f in cfg["rule_files"]]
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    shipped = jobs["shieldserve"]["static_configs"][0]["targets"]
+    assert shipped == ["replica1:8000", "replica2:8000"], shipped
+    jobs["shieldserve"]["static_configs"] = [
+        {"targets": [f"127.0.0.1:{ports['replica1']}", f"127.0.0.1:{ports['replica2']}"]}]
+    jobs["shieldserve"]["scrape_timeout"] = "1s"
+    jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{ports['prometheus']}"]}]
+    return cfg
+
+
+def redis_ping(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(64).startswith(b"+PONG")
+
+
+class Topology:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.ports = {k: free_port() for k in ("gateway", "replica1", "replica2", "redis", "prometheus")}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._logs: list = []
+        self.replica_env: dict[str, str] = {}
+
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")
+        self._logs.append(log)
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.tmp,
+                             start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def start_replica(self, name: str) -> subprocess.Popen:
+        return self.start(name, [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1",
+                                 "--port", str(self.ports[name])], self.replica_env)
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        for f in self._logs:
+            f.close()
+
+
+@pytest.fixture(scope="module")
+def topology(quick_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    bins = need("nginx", "redis-server", "prometheus")
+    tmp = tmp_path_factory.mktemp("topology")
+    topo = Topology(tmp)
+    ports = topo.ports
+    t0 = time.perf_counter()
+    try:
+        # the two replicas, as in docker-compose.yml
+        env = dict(os.environ, PYTHONPATH=str(REPO), SHIELDSERVE_BUNDLE=str(quick_bundle),
+                   SHIELDSERVE_PROGRESS="0", SHIELDSERVE_WARMUP="true", SHIELDSERVE_TORCH_THREADS="1",
+                   SHIELDSERVE_LOG_LEVEL="warning")
+        env.pop("SHIELDSERVE_CONFIG", None)
+        topo.replica_env = env
+        for r in ("replica1", "replica2"):
+            topo.start_replica(r)
+        # Redis: part of the topology (the shared image/certificate store uses it)
+        topo.start("redis", [bins["redis-server"], "--port", str(ports["redis"]), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--protected-mode", "yes"])
+        # Prometheus on the shipped config, rewritten for the test's ports
+        prom_cfg = tmp / "prometheus.yml"
+        prom_cfg.write_text(yaml.safe_dump(render_prometheus(ports)))
+        topo.start("prometheus", [bins["prometheus"], f"--config.file={prom_cfg}",
+                                  f"--storage.tsdb.path={tmp / 'prom-data'}",
+                                  f"--web.listen-address=127.0.0.1:{ports['prometheus']}"])
+        wait_for("redis", lambda: redis_ping(ports["redis"]), 20, [topo.procs["redis"]])
+        for r in ("replica1", "replica2"):
+            wait_for(r, lambda r=r: http_get(ports[r], "/readyz").status_code == 200, 120, [topo.procs[r]])
+        # nginx on the shipped config: first `nginx -t`, then in the foreground
+        conf = tmp / "nginx.conf"
+        conf.write_text(render_nginx(ports, tmp))
+        check = subprocess.run([bins["nginx"], "-t", "-p", str(tmp), "-e", "stderr", "-c", str(conf)],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        topo.start("nginx", [bins["nginx"], "-p", str(tmp), "-e", "stderr", "-c", str(conf),
+                             "-g", "daemon off;"])
+        wait_for("gateway", lambda: http_get(ports["gateway"], "/readyz").status_code == 200, 20,
+                 [topo.procs["nginx"]])
+        wait_for("prometheus", lambda: http_get(ports["prometheus"], "/-/ready").status_code == 200, 30,
+                 [topo.procs["prometheus"]])
+        print(f"\n[deploy] topology up in {time.perf_counter() - t0:.1f} s: {json.dumps(ports)}")
+    except BaseException:
+        for name in topo.procs:
+            print(f"---- {name} log\n{topo.log(name)}")
+        topo.stop()
+        raise
+    yield topo
+    topo.stop()
+
+
+def digits(mnist, n: int) -> list[tuple[bytes, int]]:
+    test = mnist.test
+    return [(png(test.x[i]), int(test.y[i])) for i in range(n)]
+
+
+def prom_query(port: int, query: str) -> list[dict]:
+    r = http_get(port, f"/api/v1/query?query={query}")
+    r.raise_for_status()
+    body = r.json()
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+# ---------------------------------------------------------------------------------------- tests
+def test_promtool_checks_the_shipped_files() -> None:
+    bins = need("promtool")
+    for argv in (["check", "config", str(DOCKER / "prometheus.yml")],
+                 ["check", "rules", str(DOCKER / "alerts.yml")],
+                 ["test", "rules", str(DOCKER / "alerts.test.yml")]):
+        r = subprocess.run([bins["promtool"], *argv], capture_output=True, text=True, cwd=DOCKER)
+        assert r.returncode == 0, f"promtool {' '.join(argv)}:\n{r.stdout}\n{r.stderr}"
+    # the alert rules use the contract's metric names only
+    rules = yaml.safe_load((DOCKER / "alerts.yml").read_text())["groups"][0]["rules"]
+    names = {r["alert"] for r in rules}
+    assert {"ShieldserveRejectionRateSpike", "ShieldserveAbstentionSpike", "ShieldserveErrorRate",
+            "ShieldserveP99LatencyHigh", "ShieldserveQueueSaturation"} <= names
+    used = set(re.findall(r"\b(shieldserve_[a-z_]+)", " ".join(r["expr"] for r in rules)))
+    assert used <= {"shieldserve_requests_total", "shieldserve_request_duration_seconds_bucket",
+                    "shieldserve_rejections_total", "shieldserve_abstentions_total", "shieldserve_images_total",
+                    "shieldserve_queue_depth", "shieldserve_inflight_requests"}, used
+
+
+def test_requests_through_the_gateway(topology: Topology, mnist) -> None:
+    import httpx
+
+    gw = f"http://127.0.0.1:{topology.ports['gateway']}"
+    samples = digits(mnist, 20)
+    correct = 0
+    with httpx.Client(base_url=gw, timeout=30) as c:
+        for data, label in samples:
+            r = c.post("/predict", content=data, headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+            result = r.json()["results"][0]
+            assert result["status"] in ("accepted", "rejected", "abstained")
+            correct += result["label"] == label
+        # the same answer as a replica gives directly
+        direct = httpx.post(f"http://127.0.0.1:{topology.ports['replica1']}/predict", content=samples[0][0],
+                            headers={"content-type": "image/png"}, timeout=30).json()
+        via = c.post("/predict", content=samples[0][0], headers={"content-type": "image/png"}).json()
+        assert via["results"][0]["label"] == direct["results"][0]["label"]
+        assert via["model_version"] == direct["model_version"]
+        # the request id travels through the gateway and back
+        r = c.get("/pipelines", headers={"x-request-id": "gw-test-1"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "gw-test-1"
+        assert c.get("/healthz").json()["status"] == "ok"
+        assert c.get("/v2/health/ready").status_code == 200  # the Open Inference Protocol too
+        assert c.get("/gateway/healthz").status_code == 200
+        # not public
+        for path in ("/metrics", "/admin/", "/admin/reload"):
+            r = c.get(path)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
+        assert "shieldserve_requests_total" in http_get(topology.ports["replica1"], "/metrics").text
+        # the gateway's body limit answers in the contract's shape
+        r = c.post("/predict", content=b"\0" * (9 * 1024 * 1024), headers={"content-type": "image/png"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    print(f"\n[deploy] through the gateway: {correct}/{len(samples)} real digits classified correctly")
+    assert correct >= 0.8 * len(samples)
+    # the Redis of the topology answers (the shared store will use it)
+    assert redis_ping(topology.ports["redis"])
+
+
+def test_prometheus_scrapes_both_replicas(topology: Topology, mnist) -> None:
+    import httpx
+
+    ports = topology.ports
+    data = digits(mnist, 1)[0][0]
+    for r in ("replica1", "replica2"):  # traffic on each replica, so both expose request counters
+        for _ in range(3):
+            assert httpx.post(f"http://127.0.0.1:{ports[r]}/predict", content=data,
+                              headers={"content-type": "image/png"}, timeout=30).status_code == 200
+    want = {f"127.0.0.1:{ports['replica1']}", f"127.0.0.1:{ports['replica2']}"}
+
+    def scraped() -> bool:
+        up = {s["metric"]["instance"] for s in prom_query(ports["prometheus"], 'up{job="shieldserve"}')
+              if s["value"][1] == "1"}
+        counted = {s["metric"]["instance"]: float(s["value"][1]) for s in prom_query(
+            ports["prometheus"], 'sum by (instance) (shieldserve_requests_total{endpoint="predict"})')}
+        return up == want and set(counted) == want and all(v >= 3 for v in counted.values())
+
+    wait_for("prometheus scrapes both replicas", scraped, 30, [topology.procs["prometheus"]])
+    rules = http_get(ports["prometheus"], "/api/v1/rules").json()["data"]["groups"]
+    loaded = {r["name"]: r for g in rules for r in g["rules"]}
+    shipped = yaml.safe_load((DOCKER / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert set(loaded) == {r["alert"] for r in shipped}
+    assert all(r["health"] == "ok" for r in loaded.values()), [r for r in loaded.values() if r["health"] != "ok"]
+    # every Grafana panel's query runs on this Prometheus (Grafana's variables filled in)
+    dash = json.loads((DOCKER / "grafana" / "dashboards" / "shieldserve.json").read_text())
+    answered = {}
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "1m").replace("$pipeline", ".*")
+            answered[panel["title"]] = prom_query(ports["prometheus"], expr)
+    by_replica = {s["metric"]["instance"] for s in answered["Requests / s by replica"]}
+    assert by_replica == want, answered["Requests / s by replica"]
+
+
+def predict_count(port: int) -> float:
+    """POST /predict requests a replica has answered, from its own /metrics."""
+    text = http_get(port, "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("shieldserve_requests_total{") and 'endpoint="predict"' in line)
+
+
+def run_load(topology: Topology, samples: list[tuple[bytes, int]], total: int, clients: int,
+             kill: tuple[str, int, signal.Signals] | None = None) -> tuple[dict, list[str]]:
+    """`total` POST /predict through the gateway from `clients` threads; with
+    kill=(replica, n, signal), that replica gets the signal once n answers have come back.
+    Returns figures and failures."""
+    import httpx
+
+    latencies: list[float] = []
+    failures: list[str] = []
+    done = 0
+    lock = threading.Lock()
+    killed_at: list[int] = []
+    next_i = iter(range(total))
+
+    def client() -> None:
+        nonlocal done
+        with httpx.Client(base_url=f"http://127.0.0.1:{topology.ports['gateway']}", timeout=60) as c:
+            while True:
+                with lock:
+                    i = next(next_i, None)
+                if i is None:
+                    return
+                data, _ = samples[i % len(samples)]
+                t0 = time.perf_counter()
+                try:
+                    r = c.post("/predict", content=data, headers={"content-type": "image/png"})
+                    ok = r.status_code == 200 and len(r.json()["results"]) == 1
+                    why = f"{r.status_code} {r.text[:200]}"
+                except Exception as exc:  # connection errors count as failed requests
+                    ok, why = False, repr(exc)
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+                    done += 1
+                    if not ok:
+                        failures.append(why)
+                    if kill and done >= kill[1] and not killed_at:
+                        killed_at.append(done)
+                        topology.procs[kill[0]].send_signal(kill[2])
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    wall = time.perf_counter() - started
+    lat = sorted(latencies)
+    figures = {"requests": total, "clients": clients, "killed_after": killed_at[0] if killed_at else None,
+               "answered": len(lat), "failed": len(failures),
+               "p50_ms": round(lat[len(lat) // 2] * 1000, 1),
+               "p99_ms": round(lat[min(len(lat) - 1, int(round(0.99 * len(lat))) - 1)] * 1000, 1),
+               "max_ms": round(lat[-1] * 1000, 1), "wall_s": round(wall, 2)}
+    return figures, failures
+
+
+def test_replica_stopped_or_killed_mid_load_costs_no_request(topology: Topology, mnist) -> None:
+    """300 requests from 8 concurrent clients, three times: both replicas up (the baseline);
+    replica2 stopped with SIGTERM after the 100th answer (a rolling restart), then started
+    again; replica2 SIGKILLed after the 100th answer (a crash). No client request may fail."""
+    ports = topology.ports
+    total, clients, kill_after = 300, 8, 100
+    samples = digits(mnist, 16)
+
+    def failover(sig: signal.Signals, label: str) -> dict:
+        survivor_before = predict_count(ports["replica1"])
+        figures, failures = run_load(topology, samples, total, clients, kill=("replica2", kill_after, sig))
+        print(f"[deploy] {label}: {json.dumps(figures)}")
+        if failures:
+            print("[deploy] failures:", failures[:5], "\n---- nginx error log\n",
+                  (topology.tmp / "nginx-error.log").read_text()[-3000:])
+        assert figures["killed_after"] is not None and figures["answered"] == total
+        assert not failures, f"{label}: {len(failures)} of {total} client requests failed: {failures[:3]}"
+        # every request after the signal was answered by the survivor
+        assert predict_count(ports["replica1"]) - survivor_before >= total - figures["killed_after"]
+        return figures
+
+    baseline, failures = run_load(topology, samples, total, clients)
+    print(f"\n[deploy] steady (2 replicas): {json.dumps(baseline)}")
+    assert not failures, failures[:3]
+
+    # a rolling restart: SIGTERM (uvicorn drains in-flight requests; it re-raises the signal
+    # once done, hence -SIGTERM), then the replica comes back and gets traffic again
+    failover(signal.SIGTERM, "stopped (SIGTERM)")
+    assert topology.procs["replica2"].wait(timeout=60) in (0, -signal.SIGTERM)
+    topology.start_replica("replica2")
+    wait_for("replica2 restarted", lambda: http_get(ports["replica2"], "/readyz").status_code == 200, 120,
+             [topology.procs["replica2"]])
+    data = samples[0][0]
+
+    def routed_again() -> bool:
+        import httpx
+
+        for _ in range(4):
+            httpx.post(f"http://127.0.0.1:{ports['gateway']}/predict", content=data,
+                       headers={"content-type": "image/png"}, timeout=30).raise_for_status()
+        return predict_count(ports["replica2"]) > 0
+
+    wait_for("the gateway routes to the restarted replica", routed_again, 30)
+
+    # a crash
+    failover(signal.SIGKILL, "failover (SIGKILL)")
+    assert topology.procs["replica2"].wait(timeout=10) == -signal.SIGKILL
+
+    # Prometheus sees the dead replica go down
+    dead = f"127.0.0.1:{ports['replica2']}"
+    wait_for("prometheus marks the killed replica down",
+             lambda: any(s["metric"]["instance"] == dead and s["value"][1] == "0"
+                         for s in prom_query(ports["prometheus"], 'up{job="shieldserve"}')),
+             20, [topology.procs["prometheus"]])
+    r = http_get(ports["gateway"], "/readyz")
+    assert r.status_code == 200
+    # with no replica left, the gateway answers the contract's 503 overloaded itself
+    topology.procs["replica1"].send_signal(signal.SIGKILL)
+    topology.procs["replica1"].wait(timeout=10)
+    import httpx
+
+    r = httpx.post(f"http://127.0.0.1:{ports['gateway']}/predict", content=samples[0][0],
+                   headers={"content-type": "image/png"}, timeout=30)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert r.json()["error"]["code"] == "overloaded"

@@ -1,0 +1,38 @@
+"""Structured JSON logs carry the request id, and never image bytes or keys."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from service.logs import JsonFormatter
+from tests.conftest import png
+
+
+def test_access_log_is_json_with_the_request_id(make_client, mnist):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("shieldserve.access")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        c = make_client(admin_api_key="s3cret-admin-key")
+        c.post("/predict?pipeline=baseline", content=png(mnist.test.x[0]),
+               headers={"content-type": "image/png", "x-request-id": "trace-123"})
+        c.get("/healthz")
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    predict = next(line for line in lines if line.get("path") == "/predict")
+    assert predict["request_id"] == "trace-123" and predict["status"] == 200 and predict["seconds"] > 0
+    assert {"ts", "level", "logger", "message"} <= set(predict)
+    health = next(line for line in lines if line.get("path") == "/healthz")
+    assert len(health["request_id"]) == 32  # generated when the client sends none
+    assert "s3cret-admin-key" not in stream.getvalue()
+
+
+def test_a_hostile_request_id_is_replaced(make_client):
+    r = make_client().get("/healthz", headers={"x-request-id": "bad id\n{injected}"})
+    assert r.headers["x-request-id"] != "bad id\n{injected}" and len(r.headers["x-request-id"]) == 32

@@ -1,0 +1,422 @@
+"""The Open Inference Protocol routes over real HTTP with real digits: JSON and Triton's binary
+tensor extension, answers equal to /predict's and to the classifier's, protocol-style errors,
+and NVIDIA's own `tritonclient[http]` against a real uvicorn server."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+N_DIGITS = 50
+HCL = "Inference-Header-Content-Length"
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def client(quick_bundle: Path) -> Iterator[object]:
+    """One started TestClient for the module (the app is stateless between these tests)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    with TestClient(create_app(load_settings(bundle=quick_bundle))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def digits(mnist) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first test digits, quantized to 8 bits exactly as a PNG upload would be."""
+    x = mnist.test.x[:N_DIGITS].float()
+    q = (x.clamp(0, 1) * 255).round() / 255
+    return q, mnist.test.y[:N_DIGITS].long()
+
+
+def classifier_labels(client, x: torch.Tensor) -> np.ndarray:
+    rt = client.app.state.runtime
+    with torch.no_grad():
+        return rt.classifier(x.to(rt.device)).argmax(dim=1).cpu().numpy()
+
+
+def uint8(x: torch.Tensor) -> np.ndarray:
+    return (x * 255).round().to(torch.uint8).numpy()
+
+
+def infer_json(client, body: dict, model: str = "baseline", **kw):
+    # json.dumps, not httpx's json=: it must be able to send NaN (as JSON's NaN extension)
+    return client.post(f"/v2/models/{model}/infer", content=json.dumps(body),
+                       headers={"Content-Type": "application/json"}, **kw)
+
+
+def outputs_of(resp) -> dict[str, dict]:
+    return {o["name"]: o for o in resp.json()["outputs"]}
+
+
+def binary_body(header: dict, *blobs: bytes) -> tuple[bytes, dict[str, str]]:
+    raw = json.dumps(header).encode()
+    return raw + b"".join(blobs), {HCL: str(len(raw)), "Content-Type": "application/octet-stream"}
+
+
+def requests_total(client, pipeline: str, endpoint: str, outcome: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        if family.name == "shieldserve_requests":
+            for s in family.samples:
+                if s.name.endswith("_total") and s.labels == {
+                        "pipeline": pipeline, "endpoint": endpoint, "outcome": outcome}:
+                    return s.value
+    return 0.0
+
+
+# --------------------------------------------------------------------------- health, metadata
+def test_health_and_metadata(client):
+    import service
+
+    rt = client.app.state.runtime
+    assert client.get("/v2/health/live").json() == {"live": True}
+    r = client.get("/v2/health/ready")
+    assert (r.status_code, r.json()) == (200, {"ready": True})
+    meta = client.get("/v2").json()
+    assert meta["name"] == "shieldserve" and meta["version"] == service.__version__
+    assert "binary_tensor_data" in meta["extensions"]
+
+    for path in ("/v2/models/baseline", f"/v2/models/baseline/versions/{rt.bundle.version}"):
+        m = client.get(path).json()
+        assert m["name"] == "baseline" and m["versions"] == [rt.bundle.version]
+        assert m["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+        assert {o["name"]: (o["datatype"], o["shape"]) for o in m["outputs"]} == {
+            "label": ("INT64", [-1]), "probabilities": ("FP32", [-1, 10]),
+            "status": ("BYTES", [-1]), "certified_radius": ("FP32", [-1])}
+    assert client.get("/v2/models/baseline/ready").json() == {"name": "baseline", "ready": True}
+    assert client.get(f"/v2/models/baseline/versions/{rt.bundle.version}/ready").status_code == 200
+
+    client.app.state.draining = True
+    try:
+        r = client.get("/v2/health/ready")
+        assert (r.status_code, r.json()) == (503, {"ready": False})
+        assert client.get("/v2/models/baseline/ready").status_code == 503
+        assert client.get("/v2/health/live").status_code == 200
+    finally:
+        client.app.state.draining = False
+
+
+def test_unknown_model_and_version_are_404(client):
+    rt = client.app.state.runtime
+    for path in ("/v2/models/nope", "/v2/models/nope/ready", "/v2/models/baseline/versions/v0",
+                 "/v2/models/baseline/versions/v0/ready"):
+        r = client.get(path)
+        assert r.status_code == 404, path
+        assert isinstance(r.json()["error"], str) and set(r.json()) == {"error"}
+    body = {"inputs": [{"name": "input", "shape": [28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
+    for path in ("/v2/models/nope/infer", "/v2/models/baseline/versions/v0/infer"):
+        r = client.post(path, json=body)
+        assert r.status_code == 404 and isinstance(r.json()["error"], str)
+    r = client.post(f"/v2/models/baseline/versions/{rt.bundle.version}/infer", json=body)
+    assert r.status_code == 200 and r.json()["model_version"] == rt.bundle.version
+
+
+def test_openapi_documents_the_infer_body(client):
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/v2/models/{model}/infer"]["post"]
+    content = op["requestBody"]["content"]
+    schema = content["application/json"]["schema"]
+    assert "inputs" in schema["properties"] and "inputs" in schema["required"]
+    assert "application/octet-stream" in content
+    assert "/v2/models/{model}/versions/{version}/infer" in spec["paths"]
+
+
+# --------------------------------------------------------------------------- inference, JSON
+def test_json_infer_matches_predict_on_real_digits(client, digits):
+    from service.imaging import encode_png
+
+    x, y = digits
+    files = [("file", (f"{i}.png", encode_png(x[i]), "image/png")) for i in range(len(x))]
+    r = client.post("/predict?pipeline=baseline", files=files)
+    assert r.status_code == 200, r.text
+    predict_labels = np.array([res["label"] for res in r.json()["results"]])
+
+    body = {"id": "digits-1",
+            "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "UINT8",
+                        "data": uint8(x).tolist()}]}  # nested lists
+    r = infer_json(client, body)
+    assert r.status_code == 200, r.text
+    resp = r.json()
+    assert resp["id"] == "digits-1" and resp["model_name"] == "baseline"
+    out = outputs_of(r)
+    labels = np.array(out["label"]["data"])
+    assert out["label"]["shape"] == [N_DIGITS] and out["label"]["datatype"] == "INT64"
+    assert out["status"]["data"] == ["accepted"] * N_DIGITS
+    assert out["certified_radius"]["data"] == [-1.0] * N_DIGITS  # baseline certifies nothing
+    probs = np.array(out["probabilities"]["data"]).reshape(out["probabilities"]["shape"])
+    assert probs.shape == (N_DIGITS, 10) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert (probs.argmax(1) == labels).all()
+
+    assert (labels == predict_labels).all()
+    assert (labels == classifier_labels(client, x)).all()
+    accuracy = float((labels == y.numpy()).mean())
+    assert accuracy == float((predict_labels == y.numpy()).mean())
+    assert accuracy > 0.5  # a real classifier on real digits, not noise
+
+    # FP32 with the same (quantized) values, flat data: the same answers
+    body = {"inputs": [{"name": "input", "shape": [N_DIGITS, 784], "datatype": "FP32",
+                        "data": x.reshape(-1).tolist()}],
+            "outputs": [{"name": "label"}]}
+    r = infer_json(client, body)
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == ["label"]
+    assert r.json()["outputs"][0]["data"] == labels.tolist()
+    assert r.json()["id"]  # generated when the request has none
+
+
+@pytest.mark.parametrize("shape", [[2, 1, 28, 28], [2, 28, 28], [2, 784], [1, 28, 28], [28, 28]])
+def test_accepted_input_shapes(client, digits, shape):
+    x = digits[0][:1 if shape in ([1, 28, 28], [28, 28]) else shape[0]]
+    body = {"inputs": [{"name": "input", "shape": shape, "datatype": "FP64",
+                        "data": x.double().reshape(-1).tolist()}], "outputs": [{"name": "label"}]}
+    r = infer_json(client, body)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == classifier_labels(client, x).tolist()
+
+
+# --------------------------------------------------------------------------- binary extension
+def test_binary_tensors_by_hand(client, digits):
+    from tritonclient.http import InferResult
+
+    x = digits[0][:8]
+    expected = classifier_labels(client, x)
+    blob = x.numpy().astype("<f2").tobytes()
+    header = {"id": "bin",
+              "inputs": [{"name": "input", "shape": [8, 784], "datatype": "FP16",
+                          "parameters": {"binary_data_size": len(blob)}}],
+              "outputs": [{"name": "status", "parameters": {"binary_data": True}},
+                          {"name": "probabilities", "parameters": {"binary_data": True, "classification": 3}},
+                          {"name": "label"},
+                          {"name": "certified_radius", "parameters": {"binary_data": True}}]}
+    body, headers = binary_body(header, blob)
+    r = client.post("/v2/models/baseline/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    n = int(r.headers[HCL])
+    head = json.loads(r.content[:n])
+    assert head["id"] == "bin"
+    sizes = [o.get("parameters", {}).get("binary_data_size", 0) for o in head["outputs"]]
+    assert len(r.content) == n + sum(sizes)
+    assert "data" not in head["outputs"][0] and head["outputs"][2]["data"] == expected.tolist()
+
+    # BYTES in binary form: 4-byte little-endian length, then the bytes
+    status_raw = r.content[n:n + sizes[0]]
+    assert struct.unpack_from("<I", status_raw)[0] == len(b"accepted")
+
+    res = InferResult.from_response_body(r.content, header_length=n)
+    assert [s.decode() for s in res.as_numpy("status")] == ["accepted"] * 8
+    assert (res.as_numpy("label") == expected).all()
+    assert (res.as_numpy("certified_radius") == -1).all()
+    top = res.as_numpy("probabilities")
+    assert top.shape == (8, 3)
+    top1 = [int(s.decode().split(":")[1]) for s in top[:, 0]]
+    assert top1 == expected.tolist()
+    value, index, name = top[0, 0].decode().split(":")
+    assert float(value) > 0 and name == index
+
+    # binary_data_output on the request makes every output binary; UINT8 binary input
+    blob = uint8(x).tobytes()
+    header = {"parameters": {"binary_data_output": True},
+              "inputs": [{"name": "input", "shape": [8, 1, 28, 28], "datatype": "UINT8",
+                          "parameters": {"binary_data_size": len(blob)}}]}
+    body, headers = binary_body(header, blob)
+    r = client.post("/v2/models/baseline/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    res = InferResult.from_response_body(r.content, header_length=int(r.headers[HCL]))
+    assert (res.as_numpy("label") == expected).all()
+    assert res.as_numpy("probabilities").shape == (8, 10)
+    assert all("data" not in o for o in res.get_response()["outputs"])
+
+
+# --------------------------------------------------------------------------- errors
+def _json_input(**over) -> dict:
+    inp = {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5] * 784}
+    inp.update(over)
+    return {"inputs": [inp]}
+
+
+BAD_REQUESTS = {
+    "wrong element count": _json_input(data=[0.5] * 783),
+    "NaN": _json_input(data=[float("nan")] + [0.5] * 783),
+    "out of range": _json_input(data=[2.0] + [0.5] * 783),
+    "unsupported datatype": _json_input(datatype="INT32", data=[1] * 784),
+    "unknown datatype": _json_input(datatype="FLOAT"),
+    "strings as data": _json_input(data=["0.5"] * 784),
+    "bad shape": _json_input(shape=[1, 3, 28, 28], data=[0.5] * 784 * 3),
+    "two inputs": {"inputs": [_json_input()["inputs"][0], {**_json_input()["inputs"][0], "name": "other"}]},
+    "no inputs": {"inputs": []},
+    "wrong input name": _json_input(name="image"),
+    "missing data": {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32"}]},
+    "unknown output": {**_json_input(), "outputs": [{"name": "logits"}]},
+    "classification on label": {**_json_input(), "outputs": [{"name": "label", "parameters": {"classification": 2}}]},
+    "shape not a list": _json_input(shape="1,1,28,28"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_are_400(client, case):
+    r = infer_json(client, BAD_REQUESTS[case])
+    assert r.status_code == 400, (case, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
+
+
+def test_malformed_bodies_are_400(client):
+    r = client.post("/v2/models/baseline/infer", content=b"{not json",
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    # binary size that does not match the bytes that follow
+    header = {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                          "parameters": {"binary_data_size": 784 * 4}}]}
+    body, headers = binary_body(header, b"\0" * 100)
+    r = client.post("/v2/models/baseline/infer", content=body, headers=headers)
+    assert r.status_code == 400 and "binary_data_size" in r.json()["error"]
+    body, headers = binary_body(header, b"\0" * 784 * 4)
+    r = client.post("/v2/models/baseline/infer", content=body, headers={**headers, HCL: str(len(body) + 1)})
+    assert r.status_code == 400 and set(r.json()) == {"error"}
+    # binary infinity
+    blob = np.full(784, np.inf, dtype="<f4").tobytes()
+    body, headers = binary_body(header, blob)
+    r = client.post("/v2/models/baseline/infer", content=body, headers=headers)
+    assert r.status_code == 400 and "finite" in r.json()["error"]
+
+
+def test_too_many_images_is_413(client):
+    limit = client.app.state.runtime.settings.limits.max_images_per_request
+    blob = np.zeros((limit + 1, 1, 28, 28), dtype=np.uint8).tobytes()
+    header = {"inputs": [{"name": "input", "shape": [limit + 1, 1, 28, 28], "datatype": "UINT8",
+                          "parameters": {"binary_data_size": len(blob)}}]}
+    body, headers = binary_body(header, blob)
+    r = client.post("/v2/models/baseline/infer", content=body, headers=headers)
+    assert r.status_code == 413 and str(limit) in r.json()["error"]
+
+
+# --------------------------------------------------------------------------- metrics
+def test_infer_requests_are_counted(client, digits):
+    before_ok = requests_total(client, "baseline", "infer", "accepted")
+    before_err = requests_total(client, "baseline", "infer", "error")
+    body = {"inputs": [{"name": "input", "shape": [2, 784], "datatype": "UINT8",
+                        "data": uint8(digits[0][:2]).reshape(-1).tolist()}]}
+    assert infer_json(client, body).status_code == 200
+    assert infer_json(client, BAD_REQUESTS["NaN"]).status_code == 400
+    assert requests_total(client, "baseline", "infer", "accepted") == before_ok + 1
+    assert requests_total(client, "baseline", "infer", "error") == before_err + 1
+    text = client.get("/metrics").text
+    assert 'shieldserve_request_duration_seconds_count{endpoint="infer",pipeline="baseline"}' in text \
+        or 'shieldserve_request_duration_seconds_count{pipeline="baseline",endpoint="infer"}' in text
+
+
+# --------------------------------------------------------------------------- tritonclient
+@pytest.fixture(scope="module")
+def server_url(quick_bundle: Path) -> Iterator[str]:
+    """A real uvicorn server on a free 127.0.0.1 port, in a thread."""
+    import httpx
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    app = create_app(load_settings(bundle=quick_bundle))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            pytest.fail("the uvicorn server did not become ready")
+        time.sleep(0.05)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def test_tritonclient_round_trip(server_url, client, digits):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    x = digits[0][:16]
+    expected = classifier_labels(client, x)
+    tc = httpclient.InferenceServerClient(server_url)
+    try:
+        assert tc.is_server_live() and tc.is_server_ready()
+        assert tc.get_server_metadata()["name"] == "shieldserve"
+        meta = tc.get_model_metadata("baseline")
+        assert meta["inputs"][0]["name"] == "input" and meta["versions"]
+        assert tc.is_model_ready("baseline") and tc.is_model_ready("baseline", meta["versions"][0])
+        assert not tc.is_model_ready("nope")
+
+        # binary input, a mix of binary and JSON outputs
+        inp = httpclient.InferInput("input", [16, 1, 28, 28], "FP32")
+        inp.set_data_from_numpy(x.numpy().astype(np.float32), binary_data=True)
+        outs = [httpclient.InferRequestedOutput("label", binary_data=True),
+                httpclient.InferRequestedOutput("status", binary_data=True),
+                httpclient.InferRequestedOutput("probabilities", binary_data=False)]
+        res = tc.infer("baseline", [inp], outputs=outs, request_id="tc-1")
+        assert res.get_response()["id"] == "tc-1"
+        assert (res.as_numpy("label") == expected).all()
+        assert [s.decode() for s in res.as_numpy("status")] == ["accepted"] * 16
+        probs = res.as_numpy("probabilities")
+        assert probs.shape == (16, 10) and (probs.argmax(1) == expected).all()
+        assert res.as_numpy("certified_radius") is None  # not requested
+
+        # JSON only, explicit version, gzip-compressed request, all outputs by default (binary)
+        inp = httpclient.InferInput("input", [16, 28, 28], "UINT8")
+        inp.set_data_from_numpy(uint8(x)[:, 0], binary_data=False)
+        res = tc.infer("baseline", [inp], model_version=meta["versions"][0],
+                       request_compression_algorithm="gzip")
+        assert (res.as_numpy("label") == expected).all()
+        assert (res.as_numpy("certified_radius") == -1).all()
+
+        inp = httpclient.InferInput("input", [1, 1, 28, 28], "FP32")
+        inp.set_data_from_numpy(x[:1].numpy().astype(np.float32), binary_data=False)
+        res = tc.infer("baseline", [inp], outputs=[httpclient.InferRequestedOutput("label", binary_data=False)])
+        assert res.as_numpy("label").tolist() == expected[:1].tolist()
+
+        # errors come back as the client's exception with the server's message
+        bad = httpclient.InferInput("input", [1, 1, 28, 28], "INT32")
+        bad.set_data_from_numpy(np.zeros((1, 1, 28, 28), dtype=np.int32))
+        with pytest.raises(InferenceServerException) as info:
+            tc.infer("baseline", [bad])
+        assert info.value.status() == "400" and "INT32" in info.value.message()
+        with pytest.raises(InferenceServerException) as info:
+            tc.get_model_metadata("nope")
+        assert info.value.status() == "404"
+    finally:
+        tc.close()
+
+
+def test_gzip_body_over_the_limit_is_413(client):
+    limit = client.app.state.runtime.settings.limits.max_body_bytes
+    body = gzip.compress(b" " * (limit + 10))
+    r = client.post("/v2/models/baseline/infer", content=body,
+                    headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert r.status_code == 413 and set(r.json()) == {"error"}

@@ -1,0 +1,82 @@
+"""Pipelines are checked at start-up: order of roles, known defenses, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.defenses.base import ArgmaxDecider, Component, Decision, Detection, Purified, RunContext
+from service.pipeline import Pipeline, PipelineConfigError
+
+
+class _Det(Component):
+    role = "detector"
+    defense = "probe"
+
+    def detect(self, x, classify, ctx):
+        return [Detection("bright", x.flatten(1).mean(1), threshold=0.5)]
+
+
+class _Pur(Component):
+    role = "purifier"
+    defense = "invert"
+
+    def purify(self, x, classify, ctx):
+        return Purified(1 - x, {"change": (x - (1 - x)).abs().flatten(1).mean(1)})
+
+
+class _Smooth(Component):
+    role = "decider"
+    defense = "fake_smoothing"
+    certifies = True
+
+    def decide(self, x, classify, ctx):
+        d = ArgmaxDecider().decide(x, classify, ctx)
+        d.radius = torch.full((x.shape[0],), 0.5)
+        return d
+
+
+def _pipeline(components):
+    from models.bundle import InputSpec
+
+    Pipeline._check_order("p", components)
+    clf = lambda x: torch.stack([x.flatten(1).mean(1), 1 - x.flatten(1).mean(1)], 1) * 10  # noqa: E731
+    return Pipeline("p", components, clf, ("dark", "light"))
+
+
+def test_detector_rejects_and_skips_later_stages():
+    p = _pipeline([_Det(), _Pur()])
+    x = torch.stack([torch.full((1, 4, 4), 0.9), torch.full((1, 4, 4), 0.1)])
+    res = p.run(x, RunContext())
+    assert res[0].status == "rejected" and res[0].label is None
+    assert res[0].rejected_by[0].detector == "bright" and res[0].rejected_by[0].threshold == 0.5
+    assert [s.defense for s in res[0].stages] == ["probe"]  # the purifier never ran on it
+    assert res[1].status == "accepted" and [s.defense for s in res[1].stages] == ["probe", "invert"]
+    assert res[1].label == 0  # inverted 0.1 -> 0.9, which the toy classifier calls "dark"=0
+    assert res[1].stages[1].details["change"] == pytest.approx(0.8)
+
+
+def test_purifier_after_certifying_decider_is_composed_into_it():
+    p = _pipeline([_Smooth(), _Pur()])
+    res = p.run(torch.full((1, 1, 4, 4), 0.1), RunContext())
+    assert res[0].label == 0 and res[0].certified_radius == 0.5
+
+
+@pytest.mark.parametrize("components,message", [
+    ([_Pur(), _Det()], "order"),
+    ([ArgmaxDecider(), _Pur()], "only purifiers may follow"),
+    ([ArgmaxDecider(), ArgmaxDecider()], "at most one"),
+])
+def test_bad_orders_are_refused(components, message):
+    with pytest.raises(PipelineConfigError, match=message):
+        Pipeline._check_order("p", components)
+
+
+def test_unknown_defense_fails_at_start_up(quick_bundle):
+    from service.app import create_app
+    from service.settings import load_settings
+
+    with pytest.raises(PipelineConfigError, match="unknown defense"):
+        create_app(load_settings(bundle=quick_bundle, pipelines={"x": {"defenses": ["nonexistent"]}}))
+    with pytest.raises(PipelineConfigError, match="default_pipeline"):
+        create_app(load_settings(bundle=quick_bundle, default_pipeline="missing"))

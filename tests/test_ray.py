@@ -1,0 +1,143 @@
+"""Ray Serve: the same app on a local Ray instance (num_cpus=2), a real predict on real
+digits through Ray's HTTP proxy.
+
+Skipped when Ray Serve is not installed: it is the `ray` extra, not a test extra (a ~70 MB
+wheel and ~30 dependencies, and a Ray start-up per run); install it with
+`pip install -e ".[ray]"` to run this file.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import png
+
+serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")
+ray = pytest.importorskip("ray")
+
+from service.ray_app import RayOptions, deployment_options  # noqa: E402
+from service.settings import load_settings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_deployment_options_autoscaling_and_gpu_fractions(quick_bundle: Path) -> None:
+    cpu = deployment_options(load_settings(bundle=quick_bundle, device="cpu"),
+                             RayOptions(min_replicas=2, max_replicas=6, target_ongoing_requests=4,
+                                        max_ongoing_requests=16))
+    assert cpu["autoscaling_config"]["min_replicas"] == 2 and cpu["autoscaling_config"]["max_replicas"] == 6
+    assert cpu["autoscaling_config"]["target_ongoing_requests"] == 4
+    assert cpu["max_ongoing_requests"] == 16 and "num_gpus" not in cpu["ray_actor_options"]
+    gpu = deployment_options(load_settings(bundle=quick_bundle, device="cuda"), RayOptions())
+    assert gpu["ray_actor_options"]["num_gpus"] == 0.5  # two replicas per GPU by default
+    quarter = deployment_options(load_settings(bundle=quick_bundle, device="cuda:0"), RayOptions(num_gpus=0.25))
+    assert quarter["ray_actor_options"]["num_gpus"] == 0.25
+    with pytest.raises(ValueError):
+        RayOptions(min_replicas=3, max_replicas=2).validated()
+    os.environ["SHIELDSERVE_RAY_MAX_REPLICAS"] = "7"
+    try:
+        assert RayOptions.from_env().max_replicas == 7
+    finally:
+        del os.environ["SHIELDSERVE_RAY_MAX_REPLICAS"]
+
+
+@pytest.fixture(scope="module")
+def ray_serve(quick_bundle: Path):
+    from service.ray_app import APP_NAME, build_app
+
+    port = free_port()
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "SHIELDSERVE_PROGRESS": "0"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        started = time.perf_counter()
+        app = build_app(options=RayOptions(min_replicas=1, max_replicas=2, target_ongoing_requests=4,
+                                           max_ongoing_requests=16, num_cpus=0.5),
+                        bundle=quick_bundle, torch_threads=1, log_level="warning")
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(f"\n[ray] application running in {time.perf_counter() - started:.1f} s")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_predict_through_ray_serve(ray_serve: str, mnist) -> None:
+    import httpx
+
+    from service.ray_app import APP_NAME, DEPLOYMENT_NAME
+
+    with httpx.Client(base_url=ray_serve, timeout=60) as c:
+        assert c.get("/readyz").json()["status"] == "ok"
+        correct, n = 0, 10
+        for i in range(n):
+            r = c.post("/predict", content=png(mnist.test.x[i]), headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["pipeline"] == "default" and len(body["results"]) == 1
+            correct += body["results"][0]["label"] == int(mnist.test.y[i])
+        # several images in one request, multipart, as with the plain server
+        files = [("file", (f"{i}.png", png(mnist.test.x[i]), "image/png")) for i in range(3)]
+        r = c.post("/predict", files=files)
+        assert r.status_code == 200 and len(r.json()["results"]) == 3
+        # errors keep the contract's shape behind Ray's proxy
+        r = c.post("/predict?pipeline=nope", content=png(mnist.test.x[0]), headers={"content-type": "image/png"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_pipeline"
+    print(f"[ray] {correct}/{n} real digits classified correctly through Ray Serve")
+    assert correct >= 8
+    status = serve.status().applications[APP_NAME]
+    assert status.status == "RUNNING"
+    assert status.deployments[DEPLOYMENT_NAME].status == "HEALTHY"
+
+
+def test_serve_ray_cli_joins_a_cluster_and_drains_on_sigterm(ray_serve: str, quick_bundle: Path, mnist,
+                                                             tmp_path: Path) -> None:
+    """`shieldserve serve --ray --ray-address ADDR` on the running Ray: it redeploys the app,
+    answers, and on SIGTERM deletes the application and exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from service.ray_app import APP_NAME
+
+    port = int(ray_serve.rsplit(":", 1)[1])
+    env = dict(os.environ, SHIELDSERVE_BUNDLE=str(quick_bundle), SHIELDSERVE_TORCH_THREADS="1",
+               SHIELDSERVE_PROGRESS="0", SHIELDSERVE_LOG_LEVEL="warning", SHIELDSERVE_RAY_NUM_CPUS="0.5",
+               SHIELDSERVE_RAY_MAX_REPLICAS="1")
+    log = tmp_path / "serve-ray.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--ray", "--ray-address",
+                                 ray.get_runtime_context().gcs_address, "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while "shieldserve on Ray Serve at" not in log.read_text(errors="replace"):
+                assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+                assert time.monotonic() < deadline, "serve --ray did not come up in 120 s"
+                time.sleep(0.5)
+            r = httpx.post(f"{ray_serve}/predict", content=png(mnist.test.x[0]),
+                           headers={"content-type": "image/png"}, timeout=60)
+            assert r.status_code == 200 and r.json()["results"][0]["label"] == int(mnist.test.y[0])
+            assert serve.status().applications[APP_NAME].status == "RUNNING"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=90) == 0, log.read_text(errors="replace")[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "deleting the application" in log.read_text(errors="replace")
+    assert APP_NAME not in serve.status().applications
