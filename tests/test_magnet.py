@@ -49,8 +49,11 @@ def test_thresholds_round_trip_and_hold_on_validation(env, mnist):
     assert detector.thresholds == cal["thresholds"]
     # the autoencoders loaded from the bundle reproduce the calibration: <= 1% of validation rejected
     scores = detector_scores(mnist.val.x, detector.autoencoders, env.classifier, detector.names)
-    assert rejection_rate(scores, detector.thresholds) <= 0.01 + 1e-9
-    assert cal["measured_val_fpr"] == pytest.approx(rejection_rate(scores, detector.thresholds), abs=1e-6)
+    # each threshold is one calibration image's score: recomputed with another thread count
+    # that image may land a rounding error above it, so allow one image per detector
+    slack = len(detector.names) / len(mnist.val.x)
+    assert cal["measured_val_fpr"] <= 0.01
+    assert rejection_rate(scores, detector.thresholds) <= cal["measured_val_fpr"] + slack + 1e-9
 
 
 def test_detectors_reject_fgsm_and_accept_clean(env, digits):

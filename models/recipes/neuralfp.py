@@ -141,6 +141,13 @@ def train_fingerprinted(net: nn.Module, dataset: Any, fp: dict[str, torch.Tensor
 
 
 def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildContext
+    from models.recipes.magnet import one_thread
+
+    with one_thread():
+        _build(ctx)
+
+
+def _build(ctx: "BuildContext") -> None:  # noqa: F821
     from models.architectures import build_architecture
     from models.bundle import Classifier
     from models.recipes.classifier import architecture_spec

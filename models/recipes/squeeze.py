@@ -57,6 +57,13 @@ def squeeze_scores(x: torch.Tensor, classify: Any, squeezers: tuple[str, ...] = 
 
 
 def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildContext
+    from models.recipes.magnet import one_thread
+
+    with one_thread():
+        _build(ctx)
+
+
+def _build(ctx: "BuildContext") -> None:  # noqa: F821
     from service.defenses.calibration import calibration_record, threshold_for
 
     rate = float(ctx.options.get("squeeze", {}).get("target_fpr", TARGET_FPR))
