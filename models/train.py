@@ -32,6 +32,7 @@ STEPS: list[tuple[str, str]] = [
     ("magnet", "models.recipes.magnet"),
     ("neuralfp", "models.recipes.neuralfp"),
     ("squeeze", "models.recipes.squeeze"),
+    ("defensegan", "models.recipes.defensegan"),
 ]
 
 

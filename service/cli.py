@@ -18,18 +18,11 @@ def _serve(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
         ray_app.run(args.config, host=args.host, port=args.port, address=args.ray_address)
         return 0
-    import uvicorn
-
-    from service.app import create_app
+    from service.server import serve
     from service.settings import load_settings
 
-    from service.logs import configure_logging
-
-    settings = load_settings(args.config, host=args.host, port=args.port)
-    configure_logging(settings.log_level, settings.json_logs)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=None, timeout_graceful_shutdown=30)
+    overrides = {"host": args.host, "port": args.port, "workers": args.workers}
+    serve(load_settings(args.config, **overrides), args.config)
     return 0
 
 
@@ -66,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML config merged over the packaged one")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int, help="worker processes (metrics aggregated across them)")
     s.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve, autoscaled (settings: SHIELDSERVE_RAY_*, see service/ray_app.py)")
     s.add_argument("--ray-address", help="with --ray: an existing Ray cluster ('auto', 'ray://HOST:10001'); "

@@ -13,6 +13,7 @@ import torch
 from models.bundle import Bundle
 from service.batcher import Batcher, BatchReport
 from service.defenses.base import DefenseEnv, RunContext
+from service.imaging import ImageLimits
 from service.metrics import Metrics
 from service.pipeline import ImageResult, Pipeline, PipelineConfigError
 from service.settings import Settings
@@ -33,6 +34,9 @@ class Runtime:
         started = time.monotonic()
         self.bundle = Bundle.load(settings.bundle)  # verifies every sha256; raises BundleError
         self.input_spec = self.bundle.input_spec
+        lim = settings.limits
+        self.image_limits = ImageLimits(max_bytes=lim.max_image_bytes, max_pixels=lim.max_pixels,
+                                        formats=tuple(f.upper() for f in lim.formats), resize=lim.resize)
         self.classifier = self.bundle.classifier(self.device)
         env = DefenseEnv(bundle=self.bundle, classifier=self.classifier, device=self.device, settings=settings)
         self.pipelines: dict[str, Pipeline] = {}

@@ -43,7 +43,9 @@ class LimitsConfig(BaseModel):
 class BatchingConfig(BaseModel):
     enabled: bool = True
     max_batch_size: int = Field(64, gt=0, description="images per merged batch")
-    max_delay_ms: float = Field(2.0, ge=0, description="how long the first request waits for company")
+    # 0: an idle pipeline runs a request at once; requests that arrive while a batch runs
+    # still merge into the next one. A delay > 0 trades single-client latency for batch size.
+    max_delay_ms: float = Field(0.0, ge=0, description="how long the first request waits for company")
     max_queue: int = Field(1024, gt=0, description="queued images per pipeline before 503 overloaded")
     retry_after_s: int = Field(1, ge=0)
 
@@ -63,6 +65,9 @@ class Settings(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     request_timeout_s: float = Field(60.0, gt=0)
+    workers: int = Field(1, ge=1, description="uvicorn worker processes")
+    drain_seconds: float = Field(2.0, ge=0, description="after SIGTERM, answer /readyz 503 this long before closing")
+    graceful_timeout_s: float = Field(30.0, ge=0, description="how long in-flight requests may take to finish")
     torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
     warmup: bool = True
     admin_api_key: SecretStr | None = None

@@ -409,8 +409,10 @@ def test_replica_stopped_or_killed_mid_load_costs_no_request(topology: Topology,
                   (topology.tmp / "nginx-error.log").read_text()[-3000:])
         assert figures["killed_after"] is not None and figures["answered"] == total
         assert not failures, f"{label}: {len(failures)} of {total} client requests failed: {failures[:3]}"
-        # every request after the signal was answered by the survivor
-        assert predict_count(ports["replica1"]) - survivor_before >= total - figures["killed_after"]
+        if sig == signal.SIGKILL:
+            # every request after the crash was answered by the survivor (after SIGTERM the
+            # stopping replica keeps answering while it drains: readiness turns off first)
+            assert predict_count(ports["replica1"]) - survivor_before >= total - figures["killed_after"]
         return figures
 
     baseline, failures = run_load(topology, samples, total, clients)

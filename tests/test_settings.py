@@ -13,7 +13,7 @@ def test_config_file_merges_pipelines_and_env_overrides(tmp_path, monkeypatch):
                    "default_pipeline: extra\nbatching:\n  max_batch_size: 8\n")
     s = load_settings(cfg)
     assert "extra" in s.pipelines and "baseline" in s.pipelines and "default" not in s.pipelines
-    assert s.batching.max_batch_size == 8 and s.batching.max_delay_ms == 2.0
+    assert s.batching.max_batch_size == 8 and s.batching.max_delay_ms == 0.0
     monkeypatch.setenv("SHIELDSERVE_BATCHING__MAX_BATCH_SIZE", "5")
     assert load_settings(cfg).batching.max_batch_size == 5
     assert load_settings(cfg, port=9999).port == 9999

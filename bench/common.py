@@ -1,0 +1,198 @@
+"""Helpers shared by every benchmark in `bench/`: percentiles, a plain-text table, machine
+info, and writing results to `bench/results/<name>.json` (git-ignored).
+
+Benchmarks are scripts, not tests: run them from the repository root with the project's
+interpreter, e.g. `.venv/bin/python bench/serving.py`. This module imports nothing heavy at
+import time (torch is imported only by `machine_info`), so a load-generating subprocess can
+import it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+__all__ = [
+    "BENCH_DIR", "REPO_ROOT", "RESULTS_DIR", "Timer", "format_table", "log", "machine_info",
+    "now_iso", "percentile", "print_table", "summarize_latencies", "write_results",
+]
+
+
+def ensure_repo_on_path() -> None:
+    """Make `import service` / `import models` work when a script is run as `python bench/x.py`."""
+    root = str(REPO_ROOT)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr, so stdout keeps only the table."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds`."""
+
+    def __enter__(self) -> "Timer":
+        self.started = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+
+# ---------------------------------------------------------------------------- statistics
+def percentile(values: Sequence[float] | Iterable[float], q: float) -> float:
+    """The q-th percentile (0 <= q <= 100) with linear interpolation between closest ranks
+    (numpy's default method). NaN for no values."""
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"q must be in [0, 100], got {q}")
+    xs = sorted(values)
+    if not xs:
+        return math.nan
+    if len(xs) == 1:
+        return float(xs[0])
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    frac = pos - lo
+    return float(xs[lo] + (xs[hi] - xs[lo]) * frac)
+
+
+def summarize_latencies(seconds: Sequence[float]) -> dict[str, float | int]:
+    """Count, mean, p50, p90, p99 and max of latencies given in seconds, reported in ms."""
+    xs = sorted(seconds)
+    if not xs:
+        return {"count": 0, "mean_ms": math.nan, "p50_ms": math.nan, "p90_ms": math.nan,
+                "p99_ms": math.nan, "max_ms": math.nan}
+    return {"count": len(xs), "mean_ms": 1000.0 * sum(xs) / len(xs),
+            "p50_ms": 1000.0 * percentile(xs, 50), "p90_ms": 1000.0 * percentile(xs, 90),
+            "p99_ms": 1000.0 * percentile(xs, 99), "max_ms": 1000.0 * xs[-1]}
+
+
+# ---------------------------------------------------------------------------- tables
+def _cell(value: Any, digits: int) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+                 headers: Mapping[str, str] | None = None, digits: int = 1) -> str:
+    """Rows (dicts) as an aligned plain-text table. Text columns are left-aligned, numbers
+    right-aligned; floats get `digits` decimals, booleans read on/off, None and NaN read "-"."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+    headers = dict(headers or {})
+    texts = [[_cell(r.get(c), digits) for c in columns] for r in rows]
+    names = [headers.get(c, c) for c in columns]
+    numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
+                   for r in rows if r.get(c) is not None) for c in columns]
+    widths = [max(len(n), *(len(t[i]) for t in texts)) for i, n in enumerate(names)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w)
+                         for c, w, num in zip(cells, widths, numeric)).rstrip()
+
+    out = [line(names), "  ".join("-" * w for w in widths)]
+    out += [line(t) for t in texts]
+    return "\n".join(out)
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+                headers: Mapping[str, str] | None = None, digits: int = 1, title: str | None = None) -> None:
+    if title:
+        print(title)
+    print(format_table(rows, columns, headers, digits), flush=True)
+
+
+# ---------------------------------------------------------------------------- results
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """What the numbers depend on: versions, cores, threads, device, load at the time."""
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "device": device,
+        "git_commit": _git_commit(),
+    }
+    try:
+        info["load_avg"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        info["load_avg"] = None
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda_available"] = bool(torch.cuda.is_available())
+        if device.startswith("cuda") and torch.cuda.is_available():
+            info["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN / Infinity
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_results(name: str, payload: Mapping[str, Any], *, out: str | Path | None = None,
+                  started: str | None = None, device: str = "cpu") -> Path:
+    """Write `payload` plus machine info and timestamps as JSON to `out`, by default
+    `bench/results/<name>.json`. Returns the path written."""
+    path = Path(out) if out else RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": name, "started": started, "finished": now_iso(),
+           "argv": sys.argv, "machine": machine_info(device), **payload}
+    path.write_text(json.dumps(_jsonable(doc), indent=2) + "\n")
+    return path

@@ -1,0 +1,420 @@
+"""Defense-GAN's networks and training recipe (Samangouei, Kabkab & Chellappa, ICLR 2018).
+
+Networks (the WGAN-GP MNIST shapes of the paper's reference code, with a width knob):
+  generator  Linear(latent -> 4*4*4w), ReLU, ConvT(4w -> 2w) + crop to H/4, ReLU,
+             ConvT(2w -> w), ReLU, ConvT(w -> C), sigmoid            (paper: w = 64)
+  critic     Conv(C -> w, s2), LReLU, Conv(w -> 2w, s2), LReLU, Conv(2w -> 4w, s2), LReLU, Linear
+  encoder    the critic's body with a latent-sized head: x -> z, trained to invert G so the
+             projection can start next to z* instead of at random (our addition, not the paper's)
+
+Training: WGAN-GP (Gulrajani et al. 2017), 5 critic steps per generator step, lambda = 10,
+Adam 1e-4 (0.5, 0.9), on the train split. Then the encoder: latent regression on G's samples
+plus reconstruction ||G(E(x)) - x||^2 on real training digits. Then the projection's
+reconstruction-error detector is calibrated on the validation split.
+
+Checkpoints: a safetensors file and a JSON state in a work directory outside the bundle
+(options {"defensegan": {"work_dir": DIR}}, or $SHIELDSERVE_WORK_DIR, or the system temp
+directory), keyed by dataset, preset, seed and recipe; a build that finds one resumes from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.architectures import build_architecture, builtin_spec, register_builtin
+from models.recipes.common import batches, progress, seeded
+
+STEP = "defensegan"
+
+
+# --------------------------------------------------------------------------- networks
+class Generator(nn.Module):
+    def __init__(self, latent_dim: int = 128, width: int = 64, channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        if image_size % 4 or image_size > 32:
+            raise ValueError("the Defense-GAN generator makes images of side 4k <= 32 (MNIST: 28)")
+        self.latent_dim, self.width, self.crop = latent_dim, width, image_size // 4
+        self.fc = nn.Linear(latent_dim, 4 * 4 * 4 * width)
+        self.up1 = nn.ConvTranspose2d(4 * width, 2 * width, 5, stride=2, padding=2, output_padding=1)
+        self.up2 = nn.ConvTranspose2d(2 * width, width, 5, stride=2, padding=2, output_padding=1)
+        self.up3 = nn.ConvTranspose2d(width, channels, 5, stride=2, padding=2, output_padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc(z)).view(-1, 4 * self.width, 4, 4)
+        h = F.relu(self.up1(h))[:, :, :self.crop, :self.crop]  # 8x8 -> 7x7 for MNIST
+        h = F.relu(self.up2(h))
+        return torch.sigmoid(self.up3(h))
+
+
+class _ConvBody(nn.Sequential):
+    def __init__(self, width: int, channels: int, image_size: int) -> None:
+        super().__init__(
+            nn.Conv2d(channels, width, 5, stride=2, padding=2), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 5, stride=2, padding=2), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 4 * width, 5, stride=2, padding=2), nn.LeakyReLU(0.2),
+            nn.Flatten(),
+        )
+        side = math.ceil(math.ceil(math.ceil(image_size / 2) / 2) / 2)
+        self.flat = 4 * width * side * side
+
+
+class Critic(nn.Module):
+    def __init__(self, width: int = 64, channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        self.body = _ConvBody(width, channels, image_size)
+        self.out = nn.Linear(self.body.flat, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x)).squeeze(1)
+
+
+class Encoder(nn.Module):
+    """x -> z: a warm start for the projection (trained to invert the generator)."""
+
+    def __init__(self, latent_dim: int = 128, width: int = 64, channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        self.body = _ConvBody(width, channels, image_size)
+        self.out = nn.Linear(self.body.flat, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x))
+
+
+register_builtin("defensegan_generator", Generator)
+register_builtin("defensegan_critic", Critic)
+register_builtin("defensegan_encoder", Encoder)
+
+
+# --------------------------------------------------------------------------- recipe
+@dataclass(frozen=True)
+class DefenseGanRecipe:
+    latent_dim: int = 128
+    width: int = 16                # paper: 64; 16 trains in ~15 min on 2 CPU cores
+    generator_steps: int = 1200    # paper: ~100k; our CPU budget allows ~1k
+    critic_steps: int = 5
+    gp_lambda: float = 10.0
+    lr: float = 5e-4               # paper: 1e-4; 5x to get digits within ~1k generator steps
+    betas: tuple[float, float] = (0.5, 0.9)
+    batch_size: int = 64
+    encoder_width: int = 16
+    encoder_steps: int = 600
+    encoder_batch_size: int = 64
+    encoder_lr: float = 1e-3
+    encoder_real_weight: float = 1.0  # weight of ||G(E(x)) - x||^2 on real digits
+    detector_rate: float = 0.01       # target false-rejection rate of the error detector
+    checkpoint_every: int = 100       # generator steps; 0: no checkpoints
+    calibration_images: int = 500
+    threads: int = 1                  # these nets are tiny: one thread beats two on a shared machine
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, DefenseGanRecipe] = {
+    "default": DefenseGanRecipe(),
+    "quick": DefenseGanRecipe(width=4, generator_steps=60, critic_steps=2, batch_size=32, lr=1e-3,
+                              encoder_width=4, encoder_steps=60, encoder_batch_size=64,
+                              checkpoint_every=0, calibration_images=100),
+}
+
+
+def recipe(preset: str, **overrides: Any) -> DefenseGanRecipe:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if "betas" in overrides:
+        overrides["betas"] = tuple(overrides["betas"])
+    return replace(PRESETS[preset], **overrides)
+
+
+def generator_spec(r: DefenseGanRecipe, shape: tuple[int, int, int]) -> dict[str, Any]:
+    c, h, _ = shape
+    return builtin_spec("defensegan_generator", latent_dim=r.latent_dim, width=r.width, channels=c, image_size=h)
+
+
+def encoder_spec(r: DefenseGanRecipe, shape: tuple[int, int, int]) -> dict[str, Any]:
+    c, h, _ = shape
+    return builtin_spec("defensegan_encoder", latent_dim=r.latent_dim, width=r.encoder_width, channels=c,
+                        image_size=h)
+
+
+# --------------------------------------------------------------------------- checkpoints
+class Checkpoint:
+    """Weights (safetensors) and loop state (JSON) of an interrupted training run."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.dir = directory
+
+    @property
+    def enabled(self) -> bool:
+        return self.dir is not None
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        if self.dir is None or not (self.dir / "state.json").is_file():
+            return None
+        state = json.loads((self.dir / "state.json").read_text())
+        return load_file(str(self.dir / state["weights"])), state
+
+    def save(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = "checkpoint.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(self.dir / (name + ".tmp")))
+        os.replace(self.dir / (name + ".tmp"), self.dir / name)
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps({**state, "weights": name}, indent=1))
+        os.replace(tmp, self.dir / "state.json")
+
+
+# what determines the training trajectory (generator_steps does not: a longer run resumes a shorter one)
+_GAN_FIELDS = {"latent_dim", "width", "critic_steps", "gp_lambda", "lr", "betas", "batch_size"}
+
+
+def work_dir(ctx: Any, r: DefenseGanRecipe) -> Path | None:
+    if r.checkpoint_every <= 0:
+        return None
+    opts = ctx.options.get(STEP, {})
+    root = opts.get("work_dir") or os.environ.get("SHIELDSERVE_WORK_DIR") or \
+        os.path.join(tempfile.gettempdir(), "shieldserve-work")
+    gan = {k: v for k, v in r.to_json().items() if k in _GAN_FIELDS}
+    key = json.dumps({"dataset": ctx.dataset.describe(), "preset": ctx.preset, "seed": ctx.seed,
+                      "recipe": gan}, sort_keys=True)
+    return Path(root) / f"defensegan-{ctx.preset}-seed{ctx.seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _pack(prefix: str, d: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in d.items() if isinstance(v, torch.Tensor)}
+
+
+def _unpack(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def _opt_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    return out
+
+
+def _load_opt(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def _rng_tensors(g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"rng.step": g.get_state(), "rng.torch": torch.get_rng_state()}
+
+
+# --------------------------------------------------------------------------- training
+def _gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    alpha = torch.rand(real.shape[0], 1, 1, 1, generator=g).to(real.device)
+    mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+def train_gan(x_train: torch.Tensor, r: DefenseGanRecipe, g: torch.Generator, ckpt: Checkpoint,
+              device: str = "cpu") -> tuple[Generator, dict[str, Any]]:
+    """WGAN-GP. Returns the generator and training metrics. Resumes from `ckpt` if present."""
+    c, h, _ = x_train.shape[1:]
+    gen = Generator(r.latent_dim, r.width, c, h).to(device)
+    critic = Critic(r.width, c, h).to(device)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=r.lr, betas=r.betas)
+    opt_c = torch.optim.Adam(critic.parameters(), lr=r.lr, betas=r.betas)
+    start, seconds, history = 0, 0.0, []
+    loaded = ckpt.load()
+    if loaded is not None:
+        tensors, state = loaded
+        gen.load_state_dict(_unpack("gen", tensors))
+        critic.load_state_dict(_unpack("critic", tensors))
+        _load_opt(opt_g, _unpack("opt_g", tensors))
+        _load_opt(opt_c, _unpack("opt_c", tensors))
+        g.set_state(tensors["rng.step"])
+        torch.set_rng_state(tensors["rng.torch"])
+        start, seconds, history = int(state["generator_step"]), float(state["seconds"]), state["history"]
+    x_train = x_train.to(device)
+    n = len(x_train)
+    order: list[torch.Tensor] = []
+
+    def real_batch() -> torch.Tensor:
+        nonlocal order
+        if not order:
+            order = list(batches(n, r.batch_size, g))
+            order = [b for b in order if len(b) == r.batch_size] or order
+        return x_train[order.pop()]
+
+    bar = progress(r.generator_steps, "train defensegan (WGAN-GP)")
+    bar.update(start)
+    t0 = time.monotonic()
+    w_dist = gp = 0.0
+    for step in range(start, r.generator_steps):
+        for p in critic.parameters():
+            p.requires_grad_(True)
+        for _ in range(r.critic_steps):
+            real = real_batch()
+            z = torch.randn(len(real), r.latent_dim, generator=g).to(device)
+            with torch.no_grad():
+                fake = gen(z)
+            d_real, d_fake = critic(real).mean(), critic(fake).mean()
+            penalty = _gradient_penalty(critic, real, fake, g)
+            loss_c = d_fake - d_real + r.gp_lambda * penalty
+            opt_c.zero_grad(set_to_none=True)
+            loss_c.backward()
+            opt_c.step()
+            w_dist, gp = float((d_real - d_fake).detach()), float(penalty.detach())
+        for p in critic.parameters():
+            p.requires_grad_(False)
+        z = torch.randn(r.batch_size, r.latent_dim, generator=g).to(device)
+        loss_g = -critic(gen(z)).mean()
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        bar.update(1)
+        if (step + 1) % 20 == 0:
+            bar.set_postfix(w=f"{w_dist:.3f}", gp=f"{gp:.3f}")
+        if (step + 1) % 100 == 0:
+            history.append({"generator_step": step + 1, "wasserstein_estimate": round(w_dist, 4),
+                            "gradient_penalty": round(gp, 4)})
+        if ckpt.enabled and ((step + 1) % r.checkpoint_every == 0 or step + 1 == r.generator_steps):
+            tensors = {**_pack("gen", gen.state_dict()), **_pack("critic", critic.state_dict()),
+                       **_pack("opt_g", _opt_tensors(opt_g)), **_pack("opt_c", _opt_tensors(opt_c)),
+                       **_rng_tensors(g)}
+            ckpt.save(tensors, {"generator_step": step + 1, "seconds": seconds + time.monotonic() - t0,
+                                "history": history, "recipe": r.to_json()})
+    bar.close()
+    seconds += time.monotonic() - t0
+    gen.eval()
+    for p in gen.parameters():
+        p.requires_grad_(False)
+    if start >= r.generator_steps and history:  # resumed a finished run: report its last estimate
+        w_dist = history[-1]["wasserstein_estimate"]
+    metrics = {"generator_steps": r.generator_steps, "wasserstein_estimate": round(w_dist, 4),
+               "train_seconds": round(seconds, 1), "resumed_from_step": start, "history": history[-5:]}
+    return gen, metrics
+
+
+def train_encoder(gen: Generator, x_train: torch.Tensor, r: DefenseGanRecipe, g: torch.Generator,
+                  device: str = "cpu") -> tuple[Encoder, dict[str, Any]]:
+    """E(x) ~ z*: latent regression on G's samples, plus ||G(E(x)) - x||^2 on real digits."""
+    c, h, _ = x_train.shape[1:]
+    enc = Encoder(r.latent_dim, r.encoder_width, c, h).to(device)
+    opt = torch.optim.Adam(enc.parameters(), lr=r.encoder_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, r.encoder_steps)
+    x_train = x_train.to(device)
+    bar = progress(r.encoder_steps, "train defensegan encoder")
+    rec = lat = 0.0
+    for step in range(r.encoder_steps):
+        z = torch.randn(r.encoder_batch_size, r.latent_dim, generator=g).to(device)
+        with torch.no_grad():
+            fake = gen(z)
+        loss_lat = F.mse_loss(enc(fake), z)
+        idx = torch.randint(0, len(x_train), (r.encoder_batch_size,), generator=g)
+        real = x_train[idx.to(device)]
+        loss_rec = F.mse_loss(gen(enc(real)), real)
+        loss = loss_lat + r.encoder_real_weight * 100.0 * loss_rec  # rec is per pixel: scale to ~latent's size
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        rec, lat = float(loss_rec.detach()), float(loss_lat.detach())
+        bar.update(1)
+        if (step + 1) % 20 == 0:
+            bar.set_postfix(rec=f"{rec:.4f}", lat=f"{lat:.3f}")
+    bar.close()
+    enc.eval()
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    return enc, {"steps": r.encoder_steps, "train_reconstruction_mse": round(rec, 5),
+                 "latent_mse": round(lat, 4)}
+
+
+def save_samples(gen: Generator, path: Path, g: torch.Generator, rows: int = 8, cols: int = 16) -> None:
+    """A PNG grid of generator samples, for a person to judge."""
+    from service.imaging import encode_png
+
+    with torch.no_grad():
+        z = torch.randn(rows * cols, gen.latent_dim, generator=g)
+        imgs = gen(z.to(next(gen.parameters()).device)).cpu()
+    c, h, w = imgs.shape[1:]
+    grid = torch.ones(c, rows * (h + 2) + 2, cols * (w + 2) + 2)
+    for k in range(rows * cols):
+        i, j = divmod(k, cols)
+        grid[:, 2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = imgs[k]
+    path.write_bytes(encode_png(grid))
+
+
+def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildContext
+    """Train G (WGAN-GP) and the encoder, calibrate the error detector, write artifacts."""
+    r = recipe(ctx.preset, **ctx.options.get(STEP, {}).get("recipe", {}))
+    threads = torch.get_num_threads()
+    if r.threads > 0:
+        torch.set_num_threads(r.threads)
+    try:
+        _build(ctx, r)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(ctx: Any, r: DefenseGanRecipe) -> None:
+    from service.defenses.calibration import calibration_record, threshold_for
+    from service.defenses.defensegan import PRESETS as PROJECTION_PRESETS
+    from service.defenses.defensegan import project
+
+    device = str(ctx.device)
+    g = seeded(ctx.seed, STEP)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    shape = ctx.dataset.input_shape
+    ckpt = Checkpoint(work_dir(ctx, r))
+    gen, gan_metrics = train_gan(ctx.dataset.train.x, r, g, ckpt, device)
+    enc, enc_metrics = train_encoder(gen, ctx.dataset.train.x, r, g, device)
+    samples = "defensegan_samples.png"
+    save_samples(gen.cpu(), ctx.writer.path / samples, seeded(ctx.seed, STEP + "/samples"))
+    gen, enc = gen.to(device), enc.to(device)
+
+    # Calibrate on clean validation digits with the projection the pipeline runs by default.
+    val = ctx.dataset.val.per_class(max(1, r.calibration_images // len(ctx.dataset.class_names)))
+    settings = PROJECTION_PRESETS["default"]
+    proj = project(gen, val.x.to(device), settings, encoder=enc,
+                   rng=torch.Generator(device=device).manual_seed(ctx.seed))
+    threshold = threshold_for(proj.error, r.detector_rate)
+    measured = float((proj.error > threshold).float().mean())
+    clf = ctx.classifier()
+    with torch.no_grad():
+        val_acc = float((clf(proj.x).argmax(1).cpu() == val.y).float().mean())
+        val_acc_raw = float((clf(val.x.to(device)).argmax(1).cpu() == val.y).float().mean())
+    training = {"recipe": r.to_json(), "seed": ctx.seed}
+    ctx.writer.add_module("defensegan_generator", gen, generator_spec(r, shape), training=training,
+                          metrics=gan_metrics)
+    ctx.writer.add_module("defensegan_encoder", enc, encoder_spec(r, shape), training=training,
+                          metrics=enc_metrics)
+    ctx.writer.set_defense(STEP, {
+        "generator": "defensegan_generator", "encoder": "defensegan_encoder",
+        "samples_png": samples,
+        "detector": {"reconstruction_error": calibration_record({"reconstruction_error": threshold},
+                                                                r.detector_rate, measured, len(val))},
+        "projection": {"preset": "default", **settings.to_json()},
+        "metrics": {"val_accuracy_purified": round(val_acc, 4), "val_accuracy_raw": round(val_acc_raw, 4),
+                    "val_mean_reconstruction_error": round(float(proj.error.mean()), 6),
+                    "val_generator_evals_per_image": round(float(proj.generator_evals.float().mean()), 1)},
+    })

@@ -1,0 +1,77 @@
+"""Running the app under uvicorn: one process with a draining shutdown, or N workers.
+
+SIGTERM (or Ctrl-C) first turns readiness false (`/readyz` answers 503 `draining`) while
+the server keeps answering for `drain_seconds`, so a gateway or orchestrator stops sending
+new work; then uvicorn stops accepting connections, lets in-flight requests finish (up to
+`graceful_timeout_s`), and the app shuts down. A second signal exits at once.
+
+With `workers > 1` every worker is a separate process that loads the bundle itself; the
+Prometheus metrics of all of them are aggregated through prometheus-client's multiprocess
+mode (a directory named by PROMETHEUS_MULTIPROC_DIR, wiped at start).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from typing import Any
+
+import uvicorn
+
+from service.settings import Settings
+
+log = logging.getLogger("shieldserve")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: Any, drain_seconds: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_seconds = drain_seconds
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._draining or self._drain_seconds <= 0:
+            return super().handle_exit(sig, frame)
+        self._draining = True
+        self._app.state.draining = True
+        runtime = getattr(self._app.state, "runtime", None)
+        if runtime is not None:
+            runtime.ready = False
+        log.info("signal %s: draining for %.1fs before shutting down", sig, self._drain_seconds)
+        timer = threading.Timer(self._drain_seconds, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
+
+
+def serve(settings: Settings, config_file: str | None = None) -> None:
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.json_logs)
+    common = dict(host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
+                  timeout_graceful_shutdown=int(settings.graceful_timeout_s))
+    if settings.workers > 1:
+        _prepare_multiprocess()
+        # each worker builds its own app from the same settings, passed through the environment
+        if config_file:
+            os.environ["SHIELDSERVE_CONFIG"] = str(config_file)
+        os.environ["SHIELDSERVE_BUNDLE"] = str(settings.bundle)
+        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+        return
+    from service.app import create_app
+
+    app = create_app(settings)
+    DrainingServer(uvicorn.Config(app, **common), app, settings.drain_seconds).run()
+
+
+def _prepare_multiprocess() -> None:
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="shieldserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    # stale files from an earlier run would be counted again
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)

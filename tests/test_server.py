@@ -1,0 +1,110 @@
+"""The real server process: several workers share metrics; SIGTERM drains without dropping work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import png
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(bundle: Path, port: int, *args: str, **env: str) -> subprocess.Popen:
+    full_env = {**os.environ, "SHIELDSERVE_BUNDLE": str(bundle), "SHIELDSERVE_LOG_LEVEL": "warning", **env}
+    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return subprocess.Popen([sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+                            cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("server did not become ready")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _count(text: str, prefix: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+@pytest.mark.slow
+def test_two_workers_report_the_sum_of_their_metrics(quick_bundle, mnist):
+    port = _free_port()
+    proc = _start(quick_bundle, port, "--workers", "2")
+    try:
+        _wait_ready(port, proc)
+        time.sleep(2)  # the second worker may still be warming up
+        body = png(mnist.test.x[0])
+        n = 40
+
+        def one(_: int) -> int:
+            # a new connection per request, so the kernel spreads them over both workers
+            return httpx.post(f"http://127.0.0.1:{port}/predict?pipeline=baseline", content=body,
+                              headers={"content-type": "image/png"}, timeout=60).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(one, range(n))) == [200] * n
+        prefix = 'shieldserve_requests_total{endpoint="predict",outcome="accepted",pipeline="baseline"}'
+        for _ in range(4):  # whichever worker answers the scrape, it reports all of them
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            assert _count(text, prefix) == n
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.slow
+def test_sigterm_turns_readiness_off_first_and_finishes_in_flight_requests(quick_bundle, mnist):
+    port = _free_port()
+    # a long batch delay keeps requests in flight when the signal arrives
+    proc = _start(quick_bundle, port, SHIELDSERVE_DRAIN_SECONDS="2",
+                  SHIELDSERVE_BATCHING__MAX_DELAY_MS="1500", SHIELDSERVE_BATCHING__MAX_BATCH_SIZE="256")
+    try:
+        _wait_ready(port, proc)
+        body = png(mnist.test.x[1])
+        url = f"http://127.0.0.1:{port}/predict?pipeline=baseline"
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(httpx.post, url, content=body, headers={"content-type": "image/png"}, timeout=60)
+                       for _ in range(16)]
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+            assert ready.status_code == 503 and ready.json()["status"] == "draining"
+            assert [f.result().status_code for f in futures] == [200] * 16
+        # uvicorn re-raises the signal once it has shut down cleanly
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        _stop(proc)
