@@ -37,7 +37,7 @@ class NeuralFPRecipe:
     weight: float = 10.0           # of the fingerprint loss against cross-entropy (1.0 barely
                                    # moves the fingerprint distance in a few hundred steps)
     fingerprints_per_step: int = 3  # a random subset per batch: an unbiased, cheaper loss estimate
-    epochs: int = 2
+    epochs: int = 4
     batch_size: int = 64
     lr: float = 1e-3
     augment: bool = True
