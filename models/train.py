@@ -29,6 +29,9 @@ log = logging.getLogger("shieldserve.train")
 # (step name, recipe module). Later steps may use the classifier the first one built.
 STEPS: list[tuple[str, str]] = [
     ("classifier", "models.recipes.classifier"),
+    ("magnet", "models.recipes.magnet"),
+    ("neuralfp", "models.recipes.neuralfp"),
+    ("squeeze", "models.recipes.squeeze"),
     ("defensegan", "models.recipes.defensegan"),
     ("rmc", "models.recipes.rmc"),
     ("smoothing", "models.recipes.smoothing"),

@@ -1,0 +1,286 @@
+"""Benchmark of the detector defenses (MagNet, Neural Fingerprinting, feature squeezing) on the
+mnist5k test digits, against the bundle's `baseline` in the same run.
+
+  PYTHONPATH=$PWD python bench/detectors.py [--bundle models/default] [--limit 1000] [--cw-limit 300]
+
+Measures
+  * clean false-rejection rate of each pipeline on the test digits;
+  * oblivious attacks (FGSM eps=0.3, PGD-40 eps=0.3 L-inf, CW-L2) computed on the BASE
+    classifier: share of adversarial digits each pipeline rejects or classifies correctly
+    (MagNet's goal: >= 95% each);
+  * gray-box attacks computed on the fingerprinted network's logits (no fingerprint check):
+    NeuralFP detection AUC-ROC, clean test digits vs adversarial digits (goal >= 98% each),
+    over all adversarial digits and over the successful ones;
+  * latency of each pipeline relative to `baseline` (batch of 1 and batch of 100).
+Prints a table and writes bench/results/detectors.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from models.bundle import Bundle  # noqa: E402
+from models.datasets import load_dataset  # noqa: E402
+from service.attacks import fgsm, pgd  # noqa: E402
+from service.defenses.base import DefenseEnv, RunContext  # noqa: E402
+from service.pipeline import Pipeline  # noqa: E402
+
+PIPELINES: dict[str, dict[str, Any]] = {
+    "baseline": {"defenses": []},
+    "magnet": {"defenses": [{"defense": "magnet"}]},
+    "magnet_detect": {"defenses": [{"defense": "magnet", "reform": False}]},
+    "neuralfp": {"defenses": ["neuralfp"]},
+    "squeeze": {"defenses": ["squeeze"]},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- Carlini-Wagner L2
+def cw_l2(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
+          binary_steps: int = 5, iterations: int = 100, lr: float = 0.1, initial_const: float = 1.0,
+          confidence: float = 0.0, batch_size: int = 250) -> torch.Tensor:
+    """Untargeted Carlini & Wagner (2017) L2: Adam on w with x' = (tanh(w)+1)/2, loss
+    ||x'-x||^2 + c * max(Z_y - max_{j!=y} Z_j, -kappa), binary search on c per image. Returns
+    the smallest-L2 adversarial found per image, or the original where none was found."""
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(_cw_batch(model, x[i:i + batch_size], y[i:i + batch_size], binary_steps, iterations,
+                             lr, initial_const, confidence))
+        log(f"  cw {min(i + batch_size, len(x))}/{len(x)}")
+    return torch.cat(out)
+
+
+def _cw_batch(model, x, y, binary_steps, iterations, lr, c0, kappa):
+    b = len(x)
+    onehot = F.one_hot(y, 10).bool()
+    lo = torch.zeros(b)
+    hi = torch.full((b,), 1e10)
+    c = torch.full((b,), c0)
+    best_l2 = torch.full((b,), float("inf"))
+    best = x.clone()
+    w0 = torch.atanh((x * 2 - 1).clamp(-1 + 1e-6, 1 - 1e-6))
+    for _ in range(binary_steps):
+        w = w0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=lr)
+        found = torch.zeros(b, dtype=torch.bool)
+        for _ in range(iterations):
+            adv = (torch.tanh(w) + 1) / 2
+            z = model(adv)
+            real = z[onehot]
+            other = z.masked_fill(onehot, -1e9).max(1).values
+            f = (real - other + kappa).clamp_min(0)
+            l2 = (adv - x).flatten(1).pow(2).sum(1)
+            loss = (l2 + c * f).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                success = (z.argmax(1) != y) & (real - other <= -kappa)
+                better = success & (l2 < best_l2)
+                best_l2 = torch.where(better, l2.detach(), best_l2)
+                best[better] = adv.detach()[better]
+                found |= success
+        # binary search: shrink c where it worked, grow it where it did not
+        hi = torch.where(found, torch.minimum(hi, c), hi)
+        lo = torch.where(found, lo, torch.maximum(lo, c))
+        c = torch.where(hi < 1e9, (lo + hi) / 2, c * 10)
+    return best.detach()
+
+
+# ---------------------------------------------------------------------- helpers
+def auc_roc(negative: torch.Tensor, positive: torch.Tensor) -> float:
+    """P(score_pos > score_neg) + 0.5 P(tie): the Mann-Whitney form of the ROC area."""
+    from scipy.stats import rankdata
+
+    s = torch.cat([negative, positive]).double().numpy()
+    ranks = rankdata(s)
+    n_neg, n_pos = len(negative), len(positive)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def run_pipeline(p: Pipeline, x: torch.Tensor, batch: int = 250):
+    statuses, labels = [], []
+    for i in range(0, len(x), batch):
+        for r in p.run(x[i:i + batch], RunContext(seed=0)):
+            statuses.append(r.status)
+            labels.append(r.label if r.label is not None else -1)
+    return statuses, torch.tensor(labels)
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", default=str(ROOT / "models" / "default"))
+    ap.add_argument("--limit", type=int, default=1000, help="test digits (stratified)")
+    ap.add_argument("--pgd-limit", type=int, default=1000, help="test digits for PGD-40 (stratified)")
+    ap.add_argument("--cw-limit", type=int, default=300, help="test digits for CW-L2 (stratified)")
+    ap.add_argument("--cw-steps", type=int, default=5)
+    ap.add_argument("--cw-iterations", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "detectors.json"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    bundle = Bundle.load(args.bundle)
+    base = bundle.classifier()
+    env = DefenseEnv(bundle=bundle, classifier=base, device=torch.device("cpu"))
+    pipes = {n: Pipeline.build(n, cfg, env) for n, cfg in PIPELINES.items()}
+    fp_net = next(c for c in pipes["neuralfp"].components if c.role == "detector").network
+    fp_detector = next(c for c in pipes["neuralfp"].components if c.role == "detector")
+
+    ds = load_dataset("mnist5k")
+    per = max(1, args.limit // 10)
+    test = ds.test.per_class(per)  # interleaved by class, so any prefix is stratified
+    x, y = test.x, test.y
+    cw_n = min(args.cw_limit, len(x))
+    cw_x, cw_y = x[:cw_n], y[:cw_n]  # per_class interleaves classes: any prefix is stratified
+    pgd_n = min(args.pgd_limit, len(x))
+    log(f"bundle {bundle.path} version {bundle.version}; {len(x)} test digits, CW on {cw_n}")
+
+    gen = torch.Generator().manual_seed(0)
+    attacks: dict[str, dict[str, Any]] = {}
+    for target, model in (("base", base), ("fingerprinted", fp_net)):
+        t0 = time.time()
+        attacks[f"fgsm_0.3@{target}"] = {"x": fgsm(model, x, y, 0.3), "y": y}
+        log(f"fgsm on {target}: {time.time() - t0:.0f}s")
+        t0 = time.time()
+        attacks[f"pgd40_0.3@{target}"] = {"x": torch.cat([pgd(model, x[i:min(i + 250, pgd_n)], y[i:min(i + 250, pgd_n)],
+                                                              0.3, steps=40, step_size=0.01, generator=gen)
+                                                          for i in range(0, pgd_n, 250)]), "y": y[:pgd_n]}
+        log(f"pgd-40 on {target}: {time.time() - t0:.0f}s")
+        t0 = time.time()
+        attacks[f"cw_l2@{target}"] = {"x": cw_l2(model, cw_x, cw_y, binary_steps=args.cw_steps,
+                                                 iterations=args.cw_iterations), "y": cw_y}
+        log(f"cw-l2 on {target}: {time.time() - t0:.0f}s")
+    for name, a in attacks.items():
+        model = base if name.endswith("@base") else fp_net
+        with torch.no_grad():
+            a["success"] = float((model(a["x"]).argmax(1) != a["y"]).float().mean())
+        a["mean_l2"] = float((a["x"] - x[:len(a["x"])]).flatten(1).norm(dim=1).mean())
+
+    results: dict[str, Any] = {"bundle": str(args.bundle), "bundle_version": bundle.version,
+                               "test_digits": len(x), "pgd_digits": pgd_n, "cw_digits": cw_n,
+                               "cw": {"binary_steps": args.cw_steps, "iterations": args.cw_iterations,
+                                      "lr": 0.1, "initial_const": 1.0, "confidence": 0.0},
+                               "pgd": {"steps": 40, "eps": 0.3, "step_size": 0.01, "random_start": True},
+                               "attacks": {k: {"success_rate_on_target": round(v["success"], 4),
+                                               "mean_l2": round(v["mean_l2"], 4), "n": len(v["y"])}
+                                           for k, v in attacks.items()},
+                               "pipelines": {}}
+
+    # clean and oblivious (base-classifier) attacks, every pipeline
+    rows = []
+    for name, p in pipes.items():
+        st, lab = run_pipeline(p, x)
+        rej = torch.tensor([s == "rejected" for s in st])
+        entry: dict[str, Any] = {"clean_fpr": round(float(rej.float().mean()), 4),
+                                 "clean_accuracy": round(float((lab == y).float().mean()), 4)}
+        row = [name, entry["clean_fpr"], entry["clean_accuracy"]]
+        for atk in ("fgsm_0.3@base", "pgd40_0.3@base", "cw_l2@base"):
+            a = attacks[atk]
+            st_a, lab_a = run_pipeline(p, a["x"])
+            rej_a = torch.tensor([s == "rejected" for s in st_a])
+            ok = rej_a | (lab_a == a["y"])
+            entry[atk] = {"rejected_or_correct": round(float(ok.float().mean()), 4),
+                          "rejected": round(float(rej_a.float().mean()), 4),
+                          "accepted_and_correct": round(float(((~rej_a) & (lab_a == a["y"])).float().mean()), 4)}
+            row.append(entry[atk]["rejected_or_correct"])
+        results["pipelines"][name] = entry
+        rows.append(row)
+        log(f"pipeline {name} evaluated")
+
+    # NeuralFP gray-box AUC-ROC
+    clean_scores = fp_detector.detect(x, base, RunContext())[0].scores
+    auc_rows = []
+    results["neuralfp_graybox"] = {}
+    for atk in ("fgsm_0.3@fingerprinted", "pgd40_0.3@fingerprinted", "cw_l2@fingerprinted"):
+        a = attacks[atk]
+        s = fp_detector.detect(a["x"], base, RunContext())[0].scores
+        with torch.no_grad():
+            fooled = fp_net(a["x"]).argmax(1) != a["y"]
+        neg = clean_scores  # every clean test digit is a negative
+        auc_all = auc_roc(neg, s)
+        auc_succ = auc_roc(neg, s[fooled])
+        det = float((s > fp_detector.threshold).float().mean())
+        det_succ = float((s[fooled] > fp_detector.threshold).float().mean()) if fooled.any() else float("nan")
+        results["neuralfp_graybox"][atk] = {"auc_all": round(auc_all, 4), "auc_successful": round(auc_succ, 4),
+                                            "successful": int(fooled.sum()), "n": len(s),
+                                            "rejected_at_tau": round(det, 4),
+                                            "successful_rejected_at_tau": round(det_succ, 4)}
+        auc_rows.append([atk, len(s), int(fooled.sum()), auc_all, auc_succ, det_succ])
+
+    # latency relative to baseline, same run: pipelines interleaved round by round so that
+    # load from other processes falls on all of them alike
+    results["latency"] = {}
+    lat_rows = []
+    for bsz, rounds in ((1, 30), (100, 5)):
+        times: dict[str, list[float]] = {n: [] for n in pipes}
+        for k in range(rounds + 1):
+            xb = x[(k * bsz) % len(x):(k * bsz) % len(x) + bsz]
+            for name, p in pipes.items():
+                t0 = time.perf_counter()
+                p.run(xb, RunContext(seed=0))
+                if k:  # round 0 warms up
+                    times[name].append(time.perf_counter() - t0)
+        base_t = statistics.median(times["baseline"])
+        for name in pipes:
+            t = statistics.median(times[name])
+            results["latency"].setdefault(name, {})[f"batch_{bsz}"] = {"median_s": round(t, 6),
+                                                                       "ratio_to_baseline": round(t / base_t, 2)}
+    for name in pipes:
+        lat = results["latency"][name]
+        lat_rows.append([name, lat["batch_1"]["median_s"] * 1000, lat["batch_1"]["ratio_to_baseline"],
+                         lat["batch_100"]["median_s"] * 1000, lat["batch_100"]["ratio_to_baseline"]])
+
+    results["seconds"] = round(time.time() - started, 1)
+    results["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}
+    results["command"] = "python bench/detectors.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    print(f"\nAttacks ({len(x)} test digits; PGD-40 on the first {pgd_n}, CW-L2 on the first {cw_n}, stratified)")
+    print(table([[k, v["n"], v["success_rate_on_target"], v["mean_l2"]] for k, v in results["attacks"].items()],
+                ["attack@target", "n", "success on target", "mean L2"]))
+    print("\nClean and oblivious attacks (computed on the base classifier): share rejected or classified correctly")
+    print(table(rows, ["pipeline", "clean FPR", "clean acc", "FGSM 0.3", "PGD-40 0.3", "CW-L2"]))
+    print("\nNeuralFP gray-box (attacks on the fingerprinted network's logits): detection AUC-ROC vs clean")
+    print(table(auc_rows, ["attack", "n", "successful", "AUC all", "AUC successful", "rejected@tau (succ.)"]))
+    print("\nLatency (median per pipeline.run call), ratio to baseline in the same run")
+    print(table(lat_rows, ["pipeline", "batch 1 ms", "x baseline", "batch 100 ms", "x baseline"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {out} in {results['seconds']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""Neural Fingerprinting (Dathathri, Zheng, Yue & Murray 2018): a classifier trained to answer
+N secret input perturbations with N secret output changes.
+
+Fingerprints: dx_i uniform in [0, eps) per pixel (the MNIST choice); dy_i,k = +beta on class k
+and -alpha on every other class (the MNIST code's 0.7 / 0.2357).
+phi(x) = logits(x) / ||logits(x)||,  F(x, dx) = phi(x + dx) - phi(x).
+Training loss: CE(f(x), y) + weight * mean_i ||F(x, dx_i) - dy_i,y||^2 (the mean estimated on
+a random subset of `fingerprints_per_step` fingerprints per batch, to save CPU).
+Detection: D_k(x) = mean_i ||F(x, dx_i) - dy_i,k||; score = min_k D_k(x); reject above tau,
+tau calibrated on clean validation digits to `target_fpr`.
+
+The network is a COPY of the bundle's base classifier fine-tuned with that loss (the base
+classifier artifact is never touched); a TorchScript base cannot be copied, so the recipe
+then trains the builtin CNN from scratch. The fingerprints are secret: they are written to
+the bundle as a safetensors artifact and never leave the service.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.recipes.common import accuracy, batches, progress, random_affine, seeded
+
+
+@dataclass(frozen=True)
+class NeuralFPRecipe:
+    n_fingerprints: int = 10
+    eps: float = 0.1
+    alpha: float = 0.2357          # -alpha on the other classes
+    beta: float = 0.7              # +beta on the true class
+    weight: float = 10.0           # of the fingerprint loss against cross-entropy (1.0 barely
+                                   # moves the fingerprint distance in a few hundred steps)
+    fingerprints_per_step: int = 3  # a random subset per batch: an unbiased, cheaper loss estimate
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 1e-3
+    augment: bool = True
+    scratch_epochs: int = 30       # when the base classifier cannot be copied
+    target_fpr: float = 0.01
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, NeuralFPRecipe] = {
+    "default": NeuralFPRecipe(),
+    "quick": NeuralFPRecipe(fingerprints_per_step=3, epochs=3, batch_size=64, lr=2e-3, augment=False,
+                             scratch_epochs=4),
+}
+
+
+def recipe(preset: str, **overrides: Any) -> NeuralFPRecipe:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return replace(PRESETS[preset], **overrides)
+
+
+def make_fingerprints(shape: tuple[int, ...], num_classes: int, r: NeuralFPRecipe,
+                      g: torch.Generator) -> dict[str, torch.Tensor]:
+    dx = torch.rand((r.n_fingerprints, *shape), generator=g) * r.eps
+    dy = torch.full((r.n_fingerprints, num_classes, num_classes), -r.alpha)
+    dy[:, torch.arange(num_classes), torch.arange(num_classes)] = r.beta
+    return {"dx": dx, "dy": dy}  # dy[i, k] is the response fingerprint i expects for class k
+
+
+def fingerprint_responses(model: Any, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of x, F(x, dx_i) for every i) with one batched forward pass: shapes (B, K), (B, N, K)."""
+    b, n = x.shape[0], dx.shape[0]
+    probe = torch.cat([x, (x.unsqueeze(1) + dx.unsqueeze(0)).flatten(0, 1)])
+    logits = model(probe)
+    phi = logits / logits.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    phi_x = phi[:b]
+    return logits[:b], phi[b:].view(b, n, -1) - phi_x.unsqueeze(1)
+
+
+def fingerprint_distances(model: Any, x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, D) where D[b, k] = mean_i ||F(x_b, dx_i) - dy_i,k||."""
+    logits, resp = fingerprint_responses(model, x, dx)       # (B, K), (B, N, K)
+    diff = resp.unsqueeze(2) - dy.unsqueeze(0)                 # (B, N, K_class, K_out)
+    return logits, diff.norm(dim=3).mean(dim=1)
+
+
+@torch.no_grad()
+def fingerprint_scores(model: Any, x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
+                       batch_size: int = 250) -> torch.Tensor:
+    """min_k D_k(x), one score per image (higher = less like a clean digit)."""
+    out = [fingerprint_distances(model, x[i:i + batch_size], dx, dy)[1].min(dim=1).values
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out)
+
+
+def train_fingerprinted(net: nn.Module, dataset: Any, fp: dict[str, torch.Tensor], r: NeuralFPRecipe,
+                        epochs: int, g: torch.Generator, device: torch.device) -> tuple[nn.Module, dict[str, float]]:
+    """Fine-tune (or train) `net` with CE + fingerprint loss; keep the best validation epoch
+    (accuracy, then fingerprint loss)."""
+    dx, dy = fp["dx"].to(device), fp["dy"].to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=r.lr)
+    steps = -(-len(dataset.train) // r.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=epochs * steps)
+    x_train, y_train = dataset.train.x.to(device), dataset.train.y.to(device)
+    x_val, y_val = dataset.val.x.to(device), dataset.val.y.to(device)
+    best, best_state = (-1.0, 0.0), None
+    bar = progress(epochs * steps, "train neuralfp")
+    for epoch in range(epochs):
+        net.train()
+        for idx in batches(len(x_train), r.batch_size, g):
+            xb, yb = x_train[idx], y_train[idx]
+            if r.augment:
+                xb = random_affine(xb, g)
+            pick = torch.randperm(len(dx), generator=g)[:r.fingerprints_per_step].to(device)
+            logits, resp = fingerprint_responses(net, xb, dx[pick])
+            target = dy[pick][:, yb].transpose(0, 1)           # (B, n, K)
+            fp_loss = (resp - target).pow(2).sum(dim=2).mean()
+            loss = F.cross_entropy(logits, yb) + r.weight * fp_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+        net.eval()
+        acc = accuracy(net, x_val, y_val)
+        with torch.no_grad():
+            _, d = fingerprint_distances(net, x_val, dx, dy)
+            fp_val = float(d.gather(1, y_val[:, None]).mean())
+        bar.set_postfix(epoch=epoch + 1, val_acc=f"{acc:.4f}", val_fp=f"{fp_val:.4f}")
+        if (acc, -fp_val) >= best:
+            best, best_state = (acc, -fp_val), copy.deepcopy(net.state_dict())
+    bar.close()
+    assert best_state is not None
+    net.load_state_dict(best_state)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, {"val_accuracy": round(best[0], 4), "val_fingerprint_distance": round(-best[1], 4)}
+
+
+def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildContext
+    from models.recipes.magnet import one_thread
+
+    with one_thread():
+        _build(ctx)
+
+
+def _build(ctx: "BuildContext") -> None:  # noqa: F821
+    from models.architectures import build_architecture
+    from models.bundle import Classifier
+    from models.recipes.classifier import architecture_spec
+    from models.recipes.classifier import recipe as classifier_recipe
+    from service.defenses.calibration import calibration_record, threshold_for
+
+    r = recipe(ctx.preset, **ctx.options.get("neuralfp", {}))
+    if not 1 <= r.n_fingerprints <= 64:
+        raise ValueError("neuralfp n_fingerprints must be in [1, 64]")
+    g = seeded(ctx.seed, "neuralfp")
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    ds, dev, spec_in = ctx.dataset, ctx.device, ctx.input_spec
+    base = ctx.classifier()
+    arch = ctx.writer.manifest["artifacts"]["classifier"].get("architecture", {})
+    if arch.get("kind") in ("builtin", "import"):
+        init, epochs = "copy of the base classifier", r.epochs
+        net = build_architecture(arch).to(dev)
+        net.load_state_dict(base.network.state_dict())
+    else:
+        init, epochs = "builtin CNN from scratch (the base classifier is TorchScript)", r.scratch_epochs
+        arch = architecture_spec(classifier_recipe(ctx.preset), ds)
+        net = build_architecture(arch).to(dev)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    fp = make_fingerprints(spec_in.shape, spec_in.num_classes, r, g)
+    wrapped = Classifier(net, spec_in).to(dev)  # trains in pixel space, like the service uses it
+    wrapped, metrics = train_fingerprinted(wrapped, ds, fp, r, epochs, g, dev)
+    dx, dy = fp["dx"].to(dev), fp["dy"].to(dev)
+    val = fingerprint_scores(wrapped, ds.val.x.to(dev), dx, dy)
+    tau = threshold_for(val, r.target_fpr)
+    test_x, test_y = ds.test.x.to(dev), ds.test.y.to(dev)
+    test = fingerprint_scores(wrapped, test_x, dx, dy)
+    metrics["test_accuracy"] = round(accuracy(wrapped, test_x, test_y), 4)
+    ctx.writer.add_module("neuralfp_classifier", wrapped.network, arch,
+                          training={"recipe": r.to_json(), "seed": ctx.seed, "init": init}, metrics=metrics)
+    ctx.writer.add_tensors("neuralfp_fingerprints", fp, secret=True,
+                           note="the fingerprints (dx, dy): secret, never served")
+    ctx.writer.set_defense("neuralfp", {
+        "calibration": calibration_record({"fingerprint": tau}, r.target_fpr,
+                                          float((val > tau).float().mean()), len(val)),
+        "classifier": "neuralfp_classifier",
+        "fingerprints": "neuralfp_fingerprints",
+        "settings": r.to_json(),
+        "metrics": {"test_accuracy": metrics["test_accuracy"],
+                    "test_fpr": round(float((test > tau).float().mean()), 6)},
+    })

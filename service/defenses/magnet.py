@@ -1,0 +1,90 @@
+"""MagNet (Meng & Chen 2017): detectors that reject inputs far from the data manifold, and a
+reformer that moves accepted inputs toward it.
+
+Detectors (scores from models.recipes.magnet, thresholds from the bundle's manifest):
+  reconstruction_l1 / reconstruction_l2   mean |x - AE_I(x)|^p
+  divergence_t10 / divergence_t40         JS(softmax(f(x)/T) || softmax(f(AE_II(x))/T)),
+                                          f = the base classifier's logits
+Reformer: x -> clip(AE_I(x), 0, 1).
+
+Options (pipeline config):
+  detectors: list of detector names (default: all four) — [] for the reformer alone
+  reform:    true (default) | false — false yields the detector alone, so it composes with
+             another decider (the `default` pipeline: MagNet detection, then smoothing)
+The thresholds and their target rate come from the bundle; they are not a runtime option.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.recipes.magnet import DETECTORS, REFORMER_AE, detector_scores
+from service.defenses.base import Classify, Component, DefenseEnv, Detection, Purified, RunContext
+
+OPTIONS = {"detectors", "reform"}
+
+
+class MagnetDetector(Component):
+    role = "detector"
+    defense = "magnet"
+
+    def __init__(self, autoencoders: dict[str, nn.Module], names: list[str], thresholds: dict[str, float],
+                 target_fpr: float) -> None:
+        self.autoencoders = autoencoders
+        self.names = names
+        self.thresholds = {n: float(thresholds[n]) for n in names}
+        self.target_fpr = target_fpr
+
+    def detect(self, x: torch.Tensor, classify: Classify, ctx: RunContext) -> list[Detection]:
+        scores = detector_scores(x, self.autoencoders, classify, self.names)
+        return [Detection(n, scores[n], self.thresholds[n]) for n in self.names]
+
+    def public_settings(self) -> dict[str, Any]:
+        return {"detectors": self.names, "thresholds": self.thresholds,
+                "calibrated_target_fpr": self.target_fpr}
+
+
+class MagnetReformer(Component):
+    role = "purifier"
+    defense = "magnet"
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        self.autoencoder = autoencoder
+
+    def purify(self, x: torch.Tensor, classify: Classify, ctx: RunContext) -> Purified:
+        with torch.no_grad():
+            out = self.autoencoder(x).clamp(0.0, 1.0)
+        return Purified(out)
+
+    def public_settings(self) -> dict[str, Any]:
+        return {"reformer": REFORMER_AE}
+
+
+def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
+    unknown = set(options) - OPTIONS
+    if unknown:
+        raise ValueError(f"unknown magnet options {sorted(unknown)}; known: {sorted(OPTIONS)}")
+    section = env.bundle.defense("magnet")
+    calibration = section["calibration"]
+    names = options.get("detectors", list(DETECTORS))
+    if not isinstance(names, list) or any(n not in calibration["thresholds"] for n in names):
+        raise ValueError(f"magnet detectors must be a list drawn from {sorted(calibration['thresholds'])}, "
+                         f"got {names!r}")
+    reform = options.get("reform", True)
+    if not isinstance(reform, bool):
+        raise ValueError(f"magnet reform must be true or false, got {reform!r}")
+    if not names and not reform:
+        raise ValueError("magnet with no detectors and reform: false does nothing")
+    components: list[Component] = []
+    if names:
+        needed = {DETECTORS[n]["autoencoder"] for n in names}
+        aes = {ae: env.bundle.module(ae, env.device) for ae in sorted(needed)}
+        components.append(MagnetDetector(aes, list(names), calibration["thresholds"],
+                                         float(calibration["target_fpr"])))
+    if reform:
+        reformer_ae = section.get("reformer", {}).get("autoencoder", REFORMER_AE)
+        components.append(MagnetReformer(env.bundle.module(reformer_ae, env.device)))
+    return components

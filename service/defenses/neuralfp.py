@@ -1,0 +1,84 @@
+"""Neural Fingerprinting (Dathathri et al. 2018): reject an input whose responses to the secret
+fingerprint perturbations match no class's expected responses.
+
+Score: min_k mean_i ||F(x, dx_i) - dy_i,k||, with F(x, dx) = phi(x + dx) - phi(x) and
+phi = normalised logits of the *fingerprinted* network (models.recipes.neuralfp); reject
+above tau, calibrated on clean validation digits (the bundle's `neuralfp` section).
+
+Components: a detector (the fingerprint check, on the fingerprinted network) and, by
+default, an adapter that hands the pipeline's decider the same fingerprinted network, so
+the label comes from the network whose fingerprints were checked. With
+`classify_with: base` the adapter is left out and the base classifier answers.
+
+The fingerprints are secret: they stay in this module's tensors. Public settings name
+their number and the threshold only; scores are distances, never fingerprint values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from models.bundle import Classifier
+from models.recipes.neuralfp import fingerprint_scores
+from service.defenses.base import Classify, Component, DefenseEnv, Detection, RunContext
+
+OPTIONS = {"classify_with"}
+
+
+class NeuralFPDetector(Component):
+    role = "detector"
+    defense = "neuralfp"
+
+    def __init__(self, network: Classifier, dx: torch.Tensor, dy: torch.Tensor, threshold: float,
+                 target_fpr: float) -> None:
+        self.network = network
+        self._dx, self._dy = dx, dy  # secret
+        self.threshold = threshold
+        self.target_fpr = target_fpr
+
+    def detect(self, x: torch.Tensor, classify: Classify, ctx: RunContext) -> list[Detection]:
+        return [Detection("fingerprint", fingerprint_scores(self.network, x, self._dx, self._dy), self.threshold)]
+
+    def public_settings(self) -> dict[str, Any]:
+        return {"fingerprints": int(self._dx.shape[0]), "threshold": self.threshold,
+                "calibrated_target_fpr": self.target_fpr}
+
+    def __repr__(self) -> str:  # never print the tensors
+        return f"NeuralFPDetector(fingerprints={int(self._dx.shape[0])}, threshold={self.threshold:.4g})"
+
+
+class NeuralFPAdapter(Component):
+    """Classify with the fingerprinted network instead of the base classifier."""
+
+    role = "adapter"
+    defense = "neuralfp"
+
+    def __init__(self, network: Classifier) -> None:
+        self.network = network
+
+    def adapt(self, x: torch.Tensor, classifier: Classifier, ctx: RunContext) -> Classify:
+        return self.network
+
+    def public_settings(self) -> dict[str, Any]:
+        return {"classifier": "neuralfp_classifier"}
+
+
+def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
+    unknown = set(options) - OPTIONS
+    if unknown:
+        raise ValueError(f"unknown neuralfp options {sorted(unknown)}; known: {sorted(OPTIONS)}")
+    classify_with = options.get("classify_with", "fingerprinted")
+    if classify_with not in ("fingerprinted", "base"):
+        raise ValueError(f"neuralfp classify_with must be 'fingerprinted' or 'base', got {classify_with!r}")
+    section = env.bundle.defense("neuralfp")
+    cal = section["calibration"]
+    network = env.bundle.classifier(env.device, artifact=section["classifier"])
+    fp = env.bundle.tensors(section["fingerprints"], env.device)
+    components: list[Component] = [
+        NeuralFPDetector(network, fp["dx"], fp["dy"], float(cal["thresholds"]["fingerprint"]),
+                         float(cal["target_fpr"]))]
+    if classify_with == "fingerprinted":
+        components.append(NeuralFPAdapter(network))
+    return components

@@ -1,0 +1,113 @@
+"""MagNet on real digits: calibrated thresholds round-trip through the bundle, the detectors
+reject real FGSM digits and accept clean ones, and the HTTP answer names the detector."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.bundle import Bundle
+from service.attacks import fgsm
+from service.defenses.base import DefenseEnv, RunContext
+from service.defenses.calibration import rejection_rate
+from tests.conftest import png
+
+PIPELINES = {
+    "baseline": {"defenses": []},
+    "magnet": {"defenses": [{"defense": "magnet"}]},
+    "magnet_detect": {"defenses": [{"defense": "magnet", "reform": False}]},
+}
+
+
+def _env(path) -> DefenseEnv:
+    bundle = Bundle.load(path)
+    return DefenseEnv(bundle=bundle, classifier=bundle.classifier(), device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def env(quick_bundle) -> DefenseEnv:
+    return _env(quick_bundle)
+
+
+@pytest.fixture(scope="module")
+def digits(mnist, env):
+    x, y = mnist.test.per_class(6).x, mnist.test.per_class(6).y
+    x_adv = fgsm(env.classifier, x, y, 0.3)
+    return x, y, x_adv
+
+
+def test_thresholds_round_trip_and_hold_on_validation(env, mnist):
+    from models.recipes.magnet import detector_scores
+    from service.defenses.magnet import build
+
+    section = env.bundle.defense("magnet")
+    cal = section["calibration"]
+    assert cal["target_fpr"] == 0.01
+    assert set(cal["thresholds"]) == {"reconstruction_l1", "reconstruction_l2", "divergence_t10", "divergence_t40"}
+    detector, reformer = build({}, env)
+    assert detector.role == "detector" and reformer.role == "purifier"
+    assert detector.thresholds == cal["thresholds"]
+    # the autoencoders loaded from the bundle reproduce the calibration: <= 1% of validation rejected
+    scores = detector_scores(mnist.val.x, detector.autoencoders, env.classifier, detector.names)
+    # each threshold is one calibration image's score: recomputed with another thread count
+    # that image may land a rounding error above it, so allow one image per detector
+    slack = len(detector.names) / len(mnist.val.x)
+    assert cal["measured_val_fpr"] <= 0.01
+    assert rejection_rate(scores, detector.thresholds) <= cal["measured_val_fpr"] + slack + 1e-9
+
+
+def test_detectors_reject_fgsm_and_accept_clean(env, digits):
+    from service.defenses.magnet import build
+
+    x, y, x_adv = digits
+    (detector,) = build({"reform": False}, env)
+    ctx = RunContext()
+    with torch.no_grad():
+        clean = torch.stack([d.rejected for d in detector.detect(x, env.classifier, ctx)]).any(0)
+        adv = torch.stack([d.rejected for d in detector.detect(x_adv, env.classifier, ctx)]).any(0)
+    assert clean.float().mean() <= 0.05
+    assert adv.float().mean() >= 0.9
+
+
+def test_reformer_keeps_clean_digits_readable(env, digits):
+    from service.defenses.magnet import build
+
+    x, y, _ = digits
+    (reformer,) = build({"detectors": []}, env)
+    out = reformer.purify(x, env.classifier, RunContext()).x
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    base_acc = float((env.classifier(x).argmax(1) == y).float().mean())
+    assert float((env.classifier(out).argmax(1) == y).float().mean()) >= base_acc - 0.12
+
+
+def test_options_are_checked(env):
+    from service.defenses.magnet import build
+
+    assert [c.role for c in build({"reform": False}, env)] == ["detector"]
+    assert [c.role for c in build({"detectors": ["reconstruction_l1"]}, env)] == ["detector", "purifier"]
+    for bad in ({"target_fpr": 0.05}, {"detectors": ["nope"]}, {"reform": "yes"}, {"detectors": [], "reform": False}):
+        with pytest.raises(ValueError):
+            build(bad, env)
+
+
+def test_http_rejection_names_detector_score_threshold(make_client, digits):
+    client = make_client(pipelines=PIPELINES, default_pipeline="magnet")
+    x, y, x_adv = digits
+    files = [("file", (f"{i}.png", png(x[i]), "image/png")) for i in range(4)]
+    files += [("file", (f"a{i}.png", png(x_adv[i]), "image/png")) for i in range(4)]
+    for pipeline in ("magnet", "magnet_detect"):
+        body = client.post(f"/predict?pipeline={pipeline}", files=files).json()
+        results = body["results"]
+        clean, adv = results[:4], results[4:]
+        assert sum(r["status"] == "accepted" and r["label"] == int(y[i]) for i, r in enumerate(clean)) >= 3
+        rejected = [r for r in adv if r["status"] == "rejected"]
+        assert len(rejected) >= 3
+        for r in rejected:
+            assert r["label"] is None
+            for j in r["rejected_by"]:
+                assert j["defense"] == "magnet" and j["detector"].startswith(("reconstruction_", "divergence_"))
+                assert j["score"] > j["threshold"]
+    pipes = {p["name"]: p for p in client.get("/pipelines").json()["pipelines"]}
+    assert [d["role"] for d in pipes["magnet"]["defenses"]] == ["detector", "purifier"]
+    assert [d["role"] for d in pipes["magnet_detect"]["defenses"]] == ["detector"]
+    assert pipes["magnet"]["defenses"][0]["settings"]["calibrated_target_fpr"] == 0.01
