@@ -48,6 +48,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
     settings = settings or load_settings()
     runtime = runtime or Runtime(settings)
     c = settings.certify  # recently posted images and their certificates, for GET /certify
+    if store is None and c.store == "redis":
+        from service.redis_store import RedisStore
+
+        store = RedisStore(c.redis_url, c.store_max_images, c.store_max_certificates, c.store_max_age_s,
+                           prefix=c.redis_prefix)
     store = store or MemoryStore(c.store_max_images, c.store_max_certificates, c.store_max_age_s)
 
     @asynccontextmanager

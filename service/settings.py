@@ -66,6 +66,10 @@ class CertifyConfig(BaseModel):
     store_max_images: int = Field(4096, ge=0, description="images kept for GET /certify")
     store_max_certificates: int = Field(4096, ge=0)
     store_max_age_s: float = Field(3600.0, gt=0, description="older entries are forgotten")
+    store: Literal["memory", "redis"] = Field(
+        "memory", description="memory: per process; redis: shared by every replica (GET /certify on any)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="the Redis of store=redis")
+    redis_prefix: str = Field("shieldserve:", description="prefix of every key store=redis writes")
 
 
 class Settings(BaseSettings):

@@ -3,8 +3,10 @@ certificates computed for them, so `GET /certify?image_sha256=...` can find an i
 posted to /predict or /certify.
 
 `Store` is the interface; `MemoryStore` (the default) keeps both maps in memory, bounded by
-count and by age, least recently used out first. A shared store for several replicas (Redis)
-implements the same four methods: images as raw float32 bytes plus shape, certificates as JSON.
+count and by age, least recently used out first. `service.redis_store.RedisStore`, shared by
+several replicas, implements the same four methods: images as raw float32 bytes plus shape,
+certificates as JSON, both expiring after `max_age_s`. A store that cannot be reached raises
+`StoreUnavailable`: a 503 `store_unavailable` answer, with `Retry-After`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,15 @@ from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 import torch
+
+from service.api.errors import ApiError
+
+
+class StoreUnavailable(ApiError):
+    """The shared store cannot be reached: 503 `store_unavailable`, retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(503, "store_unavailable", message, {"Retry-After": str(retry_after_s)})
 
 
 class Store(Protocol):

@@ -1,7 +1,9 @@
 """GET /certify and POST /certify: a randomized-smoothing certificate for one image.
 
 GET certifies an image recently posted to /predict or /certify (found by the sha256 of its
-bytes in the bounded store); POST takes the image itself. Certification is expensive, so it
+bytes in the bounded store: in memory, or on Redis shared by every replica, when a Redis that
+cannot be reached answers 503 `store_unavailable`); POST takes the image itself and works
+without the store. Certification is expensive, so it
 runs on the runtime's executor, off the event loop, and stops at the request's deadline.
 Certificates are cached by (image, pipeline, bundle version, sigma, n0, n, alpha, radius, seed).
 """
@@ -22,10 +24,11 @@ from service.api.predict import decode_request
 from service.api.schemas import ErrorBody, RejectionOut
 from service.defenses.base import DeadlineExceeded, RunContext
 from service.runtime import Runtime
+from service.store import StoreUnavailable
 
 router = APIRouter(tags=["certify"])
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 504)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 503, 504)}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -86,7 +89,10 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
     pipeline = runtime.pipelines[name]
     key = (digest, name, runtime.bundle.version, opts["sigma"], opts["n0"], opts["n"], opts["alpha"],
            opts.get("radius"), opts.get("seed"))
-    cached = store.get_certificate(key)
+    try:  # the store is a cache here: one that is down costs the caching, not the answer
+        cached = store.get_certificate(key)
+    except StoreUnavailable:
+        cached, store = None, None
     if cached is not None:
         return CertifyResponse(**{**cached, "cached": True})
     ctx = RunContext(device=runtime.device, seed=int(opts.get("seed", secrets.randbits(63))),
@@ -113,7 +119,11 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
         runtime.metrics.certified_radius.labels(name).observe(result.certified_radius)
     elif result.status == "abstained":
         runtime.metrics.abstentions.labels(name).inc()
-    store.put_certificate(key, body.model_dump(exclude={"cached"}))
+    if store is not None:
+        try:
+            store.put_certificate(key, body.model_dump(exclude={"cached"}))
+        except StoreUnavailable:
+            pass  # logged by the store
     return body
 
 
@@ -183,7 +193,10 @@ async def certify_post(
         x, digests = await decode_request(request, runtime)
         if len(digests) != 1:
             raise ApiError(422, "invalid_parameter", f"POST /certify takes one image, got {len(digests)}")
-        request.app.state.store.put_image(digests[0], x[0])
+        try:
+            request.app.state.store.put_image(digests[0], x[0])
+        except StoreUnavailable:
+            pass  # logged by the store; this certificate does not need it
         return await _certify(request, digests[0], x[0], name, opts)
 
     return await _observed(request, pipeline, work)

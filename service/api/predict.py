@@ -17,6 +17,7 @@ from service.defenses.base import DeadlineExceeded
 from service.imaging import ImageError, check_content_type, decode_batch
 from service.pipeline import ImageResult
 from service.runtime import Runtime
+from service.store import StoreUnavailable
 
 router = APIRouter(tags=["predict"])
 
@@ -122,8 +123,11 @@ async def predict(request: Request,
             raise ApiError(404, "unknown_pipeline",
                            f"no pipeline {name!r}; configured: {', '.join(sorted(runtime.pipelines))}")
         x, digests = await decode_request(request, runtime)
-        for digest, image in zip(digests, x):  # so GET /certify?image_sha256= can find them
-            request.app.state.store.put_image(digest, image)
+        try:  # so GET /certify?image_sha256= can find them; a store that is down costs no prediction
+            for digest, image in zip(digests, x):
+                request.app.state.store.put_image(digest, image)
+        except StoreUnavailable:
+            pass  # logged by the store; GET /certify for these images answers 404 or 503
         results = await run_pipeline(request, runtime, name, x)
         outcome = outcome_of(results)
         return PredictResponse(request_id=request.state.request_id, pipeline=name,

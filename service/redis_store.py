@@ -1,0 +1,145 @@
+"""The image and certificate store on Redis, shared by every replica, so `GET /certify?image_sha256=`
+finds an image whichever replica it was posted through (`certify.store: redis`).
+
+Keys (the prefix is `certify.redis_prefix`, "shieldserve:" by default; no key holds a secret):
+  <prefix>img:<sha256 of the image bytes>       the decoded image: a small header (magic, shape)
+                                                  then raw little-endian float32 pixels
+  <prefix>cert:<sha256 of the cache key, JSON>  the certificate, JSON
+Both expire `store_max_age_s` after they were written (Redis TTL; reading does not extend it).
+Nothing is pickled: a value that does not parse is treated as missing. The count limits
+(`store_max_images`, `store_max_certificates`) are not enforced per key on Redis: bound the
+memory with Redis' own `maxmemory` and `allkeys-lru` (docker-compose.yml does); a limit of 0
+still turns the store off. When Redis cannot be reached, every method raises
+`StoreUnavailable` (503 `store_unavailable`, Retry-After: 1) within about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from collections.abc import Hashable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import torch
+
+from service.store import StoreUnavailable
+
+log = logging.getLogger("shieldserve")
+
+_MAGIC = b"SSF1"  # shieldserve float32 tensor, version 1
+_MAX_DIMS = 8
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+def encode_tensor(x: torch.Tensor) -> bytes:
+    a = np.require(x.detach().to("cpu", torch.float32).numpy(), dtype="<f4", requirements="C")
+    if a.ndim > _MAX_DIMS:
+        raise ValueError(f"a tensor of {a.ndim} dimensions cannot be stored")
+    return _MAGIC + struct.pack(f"<B{a.ndim}I", a.ndim, *a.shape) + a.tobytes()
+
+
+def decode_tensor(data: bytes) -> torch.Tensor | None:
+    """The tensor `encode_tensor` wrote, or None when `data` is not one."""
+    if len(data) < 5 or data[:4] != _MAGIC:
+        return None
+    ndim = data[4]
+    start = 5 + 4 * ndim
+    if ndim > _MAX_DIMS or len(data) < start:
+        return None
+    shape = struct.unpack(f"<{ndim}I", data[5:start])
+    count = int(np.prod(shape)) if shape else 1
+    if len(data) - start != 4 * count:
+        return None
+    a = np.frombuffer(data, dtype="<f4", count=count, offset=start).reshape(shape)
+    return torch.from_numpy(a.astype(np.float32))  # a writable copy
+
+
+class RedisStore:
+    """Images and certificates in Redis, expiring after `max_age_s`."""
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", max_images: int = 4096,
+                 max_certificates: int = 4096, max_age_s: float = 3600.0, prefix: str = "shieldserve:",
+                 timeout_s: float = 1.0, client: Any = None) -> None:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.url, self.prefix = redact(url), prefix
+        self.max_images, self.max_certificates = max_images, max_certificates
+        self.ttl_ms = max(1, int(round(max_age_s * 1000)))
+        # short timeouts and one immediate retry (a pooled connection Redis closed): a request
+        # waits about a second at most for a Redis that is gone, then gets a 503
+        self.client = client or redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1), retry_on_timeout=False, health_check_interval=30)
+        self._errors: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError,
+                                                         redis.exceptions.TimeoutError,
+                                                         redis.exceptions.ResponseError)
+
+    # ----------------------------------------------------------------------------- keys
+    def image_key(self, digest: str) -> str:
+        return f"{self.prefix}img:{digest}"
+
+    def certificate_key(self, key: Hashable) -> str:
+        text = json.dumps(list(key) if isinstance(key, tuple) else key, sort_keys=True, default=str)
+        return f"{self.prefix}cert:{hashlib.sha256(text.encode()).hexdigest()}"
+
+    def _call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as exc:
+            log.warning("redis store (%s) %s failed: %s", self.url, what, exc)
+            raise StoreUnavailable(f"the shared image store (Redis) cannot be reached ({type(exc).__name__}); "
+                                   f"retry later, or POST the image to /certify") from None
+
+    # ----------------------------------------------------------------------------- Store
+    def put_image(self, digest: str, x: torch.Tensor) -> None:
+        if self.max_images <= 0:
+            return
+        self._call("put_image", self.client.set, self.image_key(digest), encode_tensor(x), px=self.ttl_ms)
+
+    def get_image(self, digest: str) -> torch.Tensor | None:
+        data = self._call("get_image", self.client.get, self.image_key(digest))
+        if data is None:
+            return None
+        x = decode_tensor(bytes(data))
+        if x is None:
+            log.warning("redis store: %s does not hold an image; ignored", self.image_key(digest))
+        return x
+
+    def put_certificate(self, key: Hashable, certificate: dict[str, Any]) -> None:
+        if self.max_certificates <= 0:
+            return
+        self._call("put_certificate", self.client.set, self.certificate_key(key),
+                   json.dumps(certificate, separators=(",", ":")), px=self.ttl_ms)
+
+    def get_certificate(self, key: Hashable) -> dict[str, Any] | None:
+        data = self._call("get_certificate", self.client.get, self.certificate_key(key))
+        if data is None:
+            return None
+        try:
+            found = json.loads(data)
+        except ValueError:
+            found = None
+        return found if isinstance(found, dict) else None
+
+    def ping(self) -> bool:
+        return bool(self._call("ping", self.client.ping))
+
+    def close(self) -> None:
+        self.client.close()
