@@ -20,7 +20,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from service.api.errors import ApiError
-from service.api.predict import decode_request
+from service.api.predict import decode_request, tracked
 from service.api.schemas import ErrorBody, RejectionOut
 from service.defenses.base import DeadlineExceeded, RunContext
 from service.runtime import Runtime
@@ -129,19 +129,10 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
 
 async def _observed(request: Request, name_hint: str | None, work) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
-    started, outcome = time.perf_counter(), "error"
-    label = name_hint if name_hint in runtime.pipelines else "unknown"
-    try:
+    with tracked(runtime, "certify", name_hint) as t:
         body = await work()
-        label, outcome = body.pipeline, body.status
+        t.pipeline, t.outcome = body.pipeline, body.status
         return body
-    except ApiError as exc:
-        outcome = exc.code if exc.code in ("overloaded", "deadline_exceeded") else "error"
-        raise
-    finally:
-        runtime.metrics.requests.labels(label, "certify", outcome).inc()
-        runtime.metrics.request_duration.labels(label, "certify").observe(time.perf_counter() - started)
-
 
 @router.get("/certify", response_model=CertifyResponse, responses=_ERRORS,
             summary="Certify an image recently posted to /predict or /certify")

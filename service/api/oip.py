@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import time
 import zlib
 from typing import Any
 
@@ -49,7 +48,7 @@ from starlette.concurrency import run_in_threadpool
 
 import service
 from service.api.errors import ApiError
-from service.api.predict import outcome_of, run_pipeline
+from service.api.predict import outcome_of, run_pipeline, tracked
 from service.pipeline import ImageResult
 from service.runtime import Runtime
 
@@ -528,9 +527,7 @@ async def model_version_ready(request: Request, model: str, version: str) -> JSO
 # --------------------------------------------------------------------------- inference
 async def _infer(request: Request, model: str, version: str | None) -> Response:
     rt = _runtime(request)
-    started = time.perf_counter()
-    outcome = "error"
-    try:
+    with tracked(rt, "infer", model) as t:
         _model(request, model, version)
         body = await request.body()
         limit = rt.settings.limits.max_body_bytes
@@ -544,15 +541,8 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
 
         req, x, plan = await run_in_threadpool(parse)
         results = await run_pipeline(request, rt, model, x)
-        outcome = outcome_of(results)
+        t.outcome = outcome_of(results)
         return _render(req, plan, results, rt, model, request.state.request_id)
-    except ApiError as exc:
-        outcome = exc.code if exc.code in ("overloaded", "deadline_exceeded") else "error"
-        raise
-    finally:
-        label = model if model in rt.pipelines else "unknown"
-        rt.metrics.requests.labels(label, "infer", outcome).inc()
-        rt.metrics.request_duration.labels(label, "infer").observe(time.perf_counter() - started)
 
 
 @router.post("/v2/models/{model}/infer", response_model=None, responses=_INFER_RESPONSES,

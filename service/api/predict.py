@@ -86,6 +86,32 @@ def result_out(digest: str, r: ImageResult) -> ImageResultOut:
         stages=[StageOut(defense=s.defense, seconds=round(s.seconds, 6), **s.details) for s in r.stages])
 
 
+class tracked:
+    """Counts one request in requests_total{pipeline,endpoint,outcome} and its duration.
+
+    Set `outcome` (and `pipeline`, once known) inside the block; an ApiError sets the outcome
+    to its code when that is `overloaded` or `deadline_exceeded`, any other failure to `error`.
+    A pipeline that is not configured is counted as `unknown`, so clients cannot create labels.
+    """
+
+    def __init__(self, runtime: Runtime, endpoint: str, pipeline: str | None) -> None:
+        self.runtime, self.endpoint, self.pipeline = runtime, endpoint, pipeline
+        self.outcome = "error"
+
+    def __enter__(self) -> "tracked":
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            self.outcome = exc.code if isinstance(exc, ApiError) and exc.code in (
+                "overloaded", "deadline_exceeded") else "error"
+        label = self.pipeline if self.pipeline in self.runtime.pipelines else "unknown"
+        m = self.runtime.metrics
+        m.requests.labels(label, self.endpoint, self.outcome).inc()
+        m.request_duration.labels(label, self.endpoint).observe(time.perf_counter() - self.started)
+
+
 def outcome_of(results: list[ImageResult]) -> str:
     statuses = {r.status for r in results}
     return statuses.pop() if len(statuses) == 1 else "mixed"
@@ -116,9 +142,7 @@ async def predict(request: Request,
                   ) -> PredictResponse:
     runtime = runtime_of(request)
     name = pipeline or runtime.settings.default_pipeline
-    started = time.perf_counter()
-    outcome = "error"
-    try:
+    with tracked(runtime, "predict", name) as t:
         if name not in runtime.pipelines:
             raise ApiError(404, "unknown_pipeline",
                            f"no pipeline {name!r}; configured: {', '.join(sorted(runtime.pipelines))}")
@@ -129,14 +153,7 @@ async def predict(request: Request,
         except StoreUnavailable:
             pass  # logged by the store; GET /certify for these images answers 404 or 503
         results = await run_pipeline(request, runtime, name, x)
-        outcome = outcome_of(results)
+        t.outcome = outcome_of(results)
         return PredictResponse(request_id=request.state.request_id, pipeline=name,
                                model_version=runtime.bundle.version,
                                results=[result_out(d, r) for d, r in zip(digests, results)])
-    except ApiError as exc:
-        outcome = exc.code if exc.code in ("overloaded", "deadline_exceeded") else "error"
-        raise
-    finally:
-        label = name if name in runtime.pipelines else "unknown"
-        runtime.metrics.requests.labels(label, "predict", outcome).inc()
-        runtime.metrics.request_duration.labels(label, "predict").observe(time.perf_counter() - started)
