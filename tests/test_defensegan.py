@@ -18,6 +18,7 @@ from tests.conftest import png
 PIPELINES = {
     "defensegan": {"defenses": [{"defense": "defensegan"}]},
     "defensegan_detect": {"defenses": [{"defense": "defensegan", "detect": True}]},
+    "defensegan_rec": {"defenses": [{"defense": "defensegan", "classifier": "rec"}]},
 }
 
 
@@ -51,7 +52,7 @@ def test_quick_preset_trains_in_seconds(quick_bundle):
     manifest = Bundle.load(quick_bundle).manifest
     step = {s["step"]: s for s in manifest["build"]["steps"]}["defensegan"]
     assert step["seconds"] < 30, step  # ~10 s alone on 2 cores; slack for a busy machine
-    assert {"defensegan_generator", "defensegan_encoder"} <= set(manifest["artifacts"])
+    assert {"defensegan_generator", "defensegan_encoder", "defensegan_classifier"} <= set(manifest["artifacts"])
     assert (quick_bundle / manifest["defenses"]["defensegan"]["samples_png"]).stat().st_size > 100
 
 
@@ -106,7 +107,7 @@ def test_detector_threshold_round_trips(env, mnist):
     record = env.bundle.defense("defensegan")["detector"]["reconstruction_error"]
     assert record["target_fpr"] == 0.01 and record["measured_val_fpr"] <= 0.01 + 1e-9
     detector, purifier = build({"detect": True}, env)
-    assert detector.role == "detector" and purifier.role == "purifier"
+    assert [detector.role, purifier.role] == ["detector", "purifier"]
     assert detector.threshold == record["thresholds"]["reconstruction_error"]
     # far-off-manifold inputs (white-on-black inverted: mostly white) score above the
     # threshold; the purifier reuses the detector's work
@@ -122,7 +123,8 @@ def test_options_are_checked(env):
     from service.defenses.defensegan import build
 
     for bad in ({"projection": "fastest"}, {"bogus": 1}, {"overrides": {"stepz": 3}},
-                {"detect": True, "projection": "paper"}, {"detect": True, "rate": 0.05}):
+                {"detect": True, "projection": "paper"}, {"detect": True, "rate": 0.05},
+                {"classifier": "other"}):
         with pytest.raises(ValueError):
             build(bad, env)
 
@@ -139,7 +141,7 @@ def test_pipeline_serves_through_predict(make_client, mnist):
     for r in results:
         assert r["status"] == "accepted" and r["label"] is not None
         (stage,) = [s for s in r["stages"] if s["defense"] == "defensegan"]
-        assert stage["reconstruction_error"] >= 0
+        assert stage["reconstruction_error"] >= 0 and stage["generator_evals"] > 0
     assert results[-1]["stages"][0]["reconstruction_error"] > max(r["stages"][0]["reconstruction_error"]
                                                                  for r in results[:-1])
     det = client.post("/predict?pipeline=defensegan_detect", files=files).json()["results"]
@@ -147,6 +149,28 @@ def test_pipeline_serves_through_predict(make_client, mnist):
     assert det[-1]["rejected_by"][0]["detector"] == "reconstruction_error"
     pipes = {p["name"]: p for p in client.get("/pipelines").json()["pipelines"]}
     assert [d["role"] for d in pipes["defensegan_detect"]["defenses"]] == ["detector", "purifier"]
+    rec = client.post("/predict?pipeline=defensegan_rec", files=files[:1]).json()["results"][0]
+    purify, adapt = [s for s in rec["stages"] if s["defense"] == "defensegan"]  # projection, Rec classifier
+    assert purify["reconstruction_error"] >= 0 and "reconstruction_error" not in adapt
+    assert [d["role"] for d in pipes["defensegan_rec"]["defenses"]] == ["purifier", "adapter"]
+
+
+def test_rec_classifier_and_bundle_settings(env, mnist):
+    """`classifier: rec` classifies G(z*) with the Defense-GAN-Rec classifier (trained on
+    projections); the default keeps the base classifier; `default` runs the bundle's stored settings."""
+    from service.defenses.defensegan import build
+
+    section = env.bundle.defense("defensegan")
+    assert section["classifier"] == "defensegan_classifier"
+    purifier, adapter = build({"classifier": "rec"}, env)
+    assert adapter.role == "adapter" and adapter.public_settings() == {"classifier": "defensegan_classifier"}
+    x = mnist.test.per_class(1).x
+    classify = adapter.adapt(x, env.classifier, RunContext())
+    assert classify is not env.classifier and classify(x).shape == (len(x), 10)
+    assert [c.role for c in build({}, env)] == ["purifier"]
+    stored = {k: v for k, v in section["projection"].items() if k != "preset"}
+    assert {k: v for k, v in purifier.public_settings().items() if k != "projection"} == stored
+    assert stored["min_norm"] == stored["max_norm"] == 1.0  # z on the sphere ||z|| = sqrt(latent)
 
 
 def test_default_bundle_purifies_clean_digits(default_bundle, mnist):
@@ -157,7 +181,8 @@ def test_default_bundle_purifies_clean_digits(default_bundle, mnist):
         pytest.skip("models/default has no defensegan artifacts yet")
     (purifier,) = build({}, env)
     x, y = mnist.test.per_class(5).x, mnist.test.per_class(5).y
+    classify = env.classifier
     out = purifier.purify(x, env.classifier, RunContext())
     with torch.no_grad():
-        acc = float((env.classifier(out.x).argmax(1) == y).float().mean())
+        acc = float((classify(out.x).argmax(1) == y).float().mean())
     assert acc >= 0.9

@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +82,23 @@ class Critic(nn.Module):
 
 
 class Encoder(nn.Module):
-    """x -> z: a warm start for the projection (trained to invert the generator)."""
+    """x -> z: a warm start for the projection (trained to invert the generator).
 
-    def __init__(self, latent_dim: int = 128, width: int = 64, channels: int = 1, image_size: int = 28) -> None:
+    With `sphere`, z is put on the sphere of radius sqrt(latent), where N(0, I) puts its mass
+    and where the projection searches (ProjectionSettings.min_norm = max_norm = 1)."""
+
+    def __init__(self, latent_dim: int = 128, width: int = 64, channels: int = 1, image_size: int = 28,
+                 sphere: bool = False) -> None:
         super().__init__()
+        self.sphere = sphere
         self.body = _ConvBody(width, channels, image_size)
         self.out = nn.Linear(self.body.flat, latent_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(x))
+        z = self.out(self.body(x))
+        if self.sphere:
+            z = z * (z.shape[1] ** 0.5 / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        return z
 
 
 register_builtin("defensegan_generator", Generator)
@@ -104,16 +112,30 @@ class DefenseGanRecipe:
     latent_dim: int = 128
     width: int = 16                # paper: 64; 16 trains in ~15 min on 2 CPU cores
     generator_steps: int = 1200    # paper: ~100k; our CPU budget allows ~1k
+    critic_width: int = 0          # 0: same as width
     critic_steps: int = 5
     gp_lambda: float = 10.0
     lr: float = 5e-4               # paper: 1e-4; 5x to get digits within ~1k generator steps
     betas: tuple[float, float] = (0.5, 0.9)
+    lr_decay: bool = False         # linear decay to 0 over generator_steps (Gulrajani et al.'s code)
     batch_size: int = 64
     encoder_width: int = 16
     encoder_steps: int = 600
     encoder_batch_size: int = 64
     encoder_lr: float = 1e-3
     encoder_real_weight: float = 1.0  # weight of ||G(E(x)) - x||^2 on real digits
+    encoder_sphere: bool = True       # E(x) on the sphere ||z|| = sqrt(latent) (the default projection's)
+    # Defense-GAN-Rec (the paper's headline setting): a classifier trained on G(z*) of the training
+    # digits (plus the digits themselves), used instead of the base classifier after the projection.
+    rec_classifier: bool = True
+    rec_width: int = 16
+    rec_hidden: int = 128
+    rec_epochs: int = 6
+    rec_lr: float = 1e-3
+    rec_batch_size: int = 64
+    rec_images: int = 0               # training digits to project for it (0: all)
+    rec_clean_mix: bool = True        # also train on the clean digits (same labels)
+    rec_projection: dict = field(default_factory=lambda: {"restarts": 2, "steps": 40})  # cheaper than default
     detector_rate: float = 0.01       # target false-rejection rate of the error detector
     checkpoint_every: int = 100       # generator steps; 0: no checkpoints
     calibration_images: int = 500
@@ -127,7 +149,9 @@ PRESETS: dict[str, DefenseGanRecipe] = {
     "default": DefenseGanRecipe(),
     "quick": DefenseGanRecipe(width=4, generator_steps=60, critic_steps=2, batch_size=32, lr=1e-3,
                               encoder_width=4, encoder_steps=60, encoder_batch_size=64,
-                              checkpoint_every=0, calibration_images=100),
+                              checkpoint_every=0, calibration_images=50,
+                              rec_width=4, rec_hidden=32, rec_epochs=1, rec_images=200,
+                              rec_projection={"restarts": 1, "steps": 5}),
 }
 
 
@@ -147,7 +171,13 @@ def generator_spec(r: DefenseGanRecipe, shape: tuple[int, int, int]) -> dict[str
 def encoder_spec(r: DefenseGanRecipe, shape: tuple[int, int, int]) -> dict[str, Any]:
     c, h, _ = shape
     return builtin_spec("defensegan_encoder", latent_dim=r.latent_dim, width=r.encoder_width, channels=c,
-                        image_size=h)
+                        image_size=h, sphere=r.encoder_sphere)
+
+
+def rec_spec(r: DefenseGanRecipe, shape: tuple[int, int, int], classes: int) -> dict[str, Any]:
+    c, h, _ = shape
+    return builtin_spec("mnist_cnn", in_channels=c, num_classes=classes, image_size=h, width=r.rec_width,
+                        hidden=r.rec_hidden)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -180,7 +210,8 @@ class Checkpoint:
 
 
 # what determines the training trajectory (generator_steps does not: a longer run resumes a shorter one)
-_GAN_FIELDS = {"latent_dim", "width", "critic_steps", "gp_lambda", "lr", "betas", "batch_size"}
+_GAN_FIELDS = {"latent_dim", "width", "critic_width", "critic_steps", "gp_lambda", "lr", "betas", "lr_decay",
+               "batch_size"}
 
 
 def work_dir(ctx: Any, r: DefenseGanRecipe) -> Path | None:
@@ -189,7 +220,10 @@ def work_dir(ctx: Any, r: DefenseGanRecipe) -> Path | None:
     opts = ctx.options.get(STEP, {})
     root = opts.get("work_dir") or os.environ.get("SHIELDSERVE_WORK_DIR") or \
         os.path.join(tempfile.gettempdir(), "shieldserve-work")
-    gan = {k: v for k, v in r.to_json().items() if k in _GAN_FIELDS}
+    neutral = {"critic_width": 0, "lr_decay": False}  # fields added later: at these values, the old key
+    gan = {k: v for k, v in r.to_json().items() if k in _GAN_FIELDS and neutral.get(k, object()) != v}
+    if r.lr_decay:  # the schedule depends on the run's length: a longer run is another run
+        gan["generator_steps"] = r.generator_steps
     key = json.dumps({"dataset": ctx.dataset.describe(), "preset": ctx.preset, "seed": ctx.seed,
                       "recipe": gan}, sort_keys=True)
     return Path(root) / f"defensegan-{ctx.preset}-seed{ctx.seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
@@ -239,7 +273,7 @@ def train_gan(x_train: torch.Tensor, r: DefenseGanRecipe, g: torch.Generator, ck
     """WGAN-GP. Returns the generator and training metrics. Resumes from `ckpt` if present."""
     c, h, _ = x_train.shape[1:]
     gen = Generator(r.latent_dim, r.width, c, h).to(device)
-    critic = Critic(r.width, c, h).to(device)
+    critic = Critic(r.critic_width or r.width, c, h).to(device)
     opt_g = torch.optim.Adam(gen.parameters(), lr=r.lr, betas=r.betas)
     opt_c = torch.optim.Adam(critic.parameters(), lr=r.lr, betas=r.betas)
     start, seconds, history = 0, 0.0, []
@@ -269,6 +303,10 @@ def train_gan(x_train: torch.Tensor, r: DefenseGanRecipe, g: torch.Generator, ck
     t0 = time.monotonic()
     w_dist = gp = 0.0
     for step in range(start, r.generator_steps):
+        if r.lr_decay:
+            for opt in (opt_g, opt_c):
+                for group in opt.param_groups:
+                    group["lr"] = r.lr * (1 - step / r.generator_steps)
         for p in critic.parameters():
             p.requires_grad_(True)
         for _ in range(r.critic_steps):
@@ -318,7 +356,7 @@ def train_encoder(gen: Generator, x_train: torch.Tensor, r: DefenseGanRecipe, g:
                   device: str = "cpu") -> tuple[Encoder, dict[str, Any]]:
     """E(x) ~ z*: latent regression on G's samples, plus ||G(E(x)) - x||^2 on real digits."""
     c, h, _ = x_train.shape[1:]
-    enc = Encoder(r.latent_dim, r.encoder_width, c, h).to(device)
+    enc = Encoder(r.latent_dim, r.encoder_width, c, h, sphere=r.encoder_sphere).to(device)
     opt = torch.optim.Adam(enc.parameters(), lr=r.encoder_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, r.encoder_steps)
     x_train = x_train.to(device)
@@ -347,6 +385,58 @@ def train_encoder(gen: Generator, x_train: torch.Tensor, r: DefenseGanRecipe, g:
         p.requires_grad_(False)
     return enc, {"steps": r.encoder_steps, "train_reconstruction_mse": round(rec, 5),
                  "latent_mse": round(lat, 4)}
+
+
+def train_rec_classifier(gen: Generator, enc: Encoder | None, x_train: torch.Tensor, y_train: torch.Tensor,
+                         r: DefenseGanRecipe, settings: Any, classes: int, g: torch.Generator,
+                         device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Defense-GAN-Rec: a classifier trained from scratch on G(z*) of the training digits."""
+    from models.architectures import MnistCNN
+    from models.recipes.common import random_affine
+    from service.defenses.defensegan import project
+
+    c, h, _ = x_train.shape[1:]
+    t0 = time.monotonic()
+    rng = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    bar = progress(math.ceil(len(x_train) / 100), "project defensegan training digits")
+    recs, evals = [], 0.0
+    for i in range(0, len(x_train), 100):
+        p = project(gen, x_train[i:i + 100].to(device), settings, encoder=enc, rng=rng)
+        recs.append(p.x.cpu())
+        evals += float(p.generator_evals.float().sum())
+        bar.update(1)
+    bar.close()
+    x_rec = torch.cat(recs)
+    project_seconds = time.monotonic() - t0
+    net = MnistCNN(c, classes, h, width=r.rec_width, hidden=r.rec_hidden).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=r.rec_lr)
+    steps = r.rec_epochs * math.ceil(len(x_rec) / r.rec_batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    bar = progress(steps, "train defensegan Rec classifier")
+    net.train()
+    loss_v = 0.0
+    for _ in range(r.rec_epochs):
+        for idx in batches(len(x_rec), r.rec_batch_size, g):
+            xb, yb = x_rec[idx], y_train[idx]
+            if r.rec_clean_mix:
+                xb, yb = torch.cat([xb, x_train[idx]]), torch.cat([yb, yb])
+            xb = random_affine(xb, g, 1.0, 5.0, 0.05)
+            loss = F.cross_entropy(net(xb.to(device)), yb.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_v = float(loss.detach())
+            bar.update(1)
+    bar.close()
+    net.eval()
+    for prm in net.parameters():
+        prm.requires_grad_(False)
+    return net, {"epochs": r.rec_epochs, "train_images": len(x_rec), "final_loss": round(loss_v, 4),
+                 "projection": dict(r.rec_projection),
+                 "projection_generator_evals_per_image": round(evals / max(len(x_rec), 1), 1),
+                 "projection_seconds": round(project_seconds, 1),
+                 "seconds": round(time.monotonic() - t0, 1)}
 
 
 def save_samples(gen: Generator, path: Path, g: torch.Generator, rows: int = 8, cols: int = 16) -> None:
@@ -392,9 +482,18 @@ def _build(ctx: Any, r: DefenseGanRecipe) -> None:
     save_samples(gen.cpu(), ctx.writer.path / samples, seeded(ctx.seed, STEP + "/samples"))
     gen, enc = gen.to(device), enc.to(device)
 
-    # Calibrate on clean validation digits with the projection the pipeline runs by default.
-    val = ctx.dataset.val.per_class(max(1, r.calibration_images // len(ctx.dataset.class_names)))
     settings = PROJECTION_PRESETS["default"]
+    classes = len(ctx.dataset.class_names)
+    rec = rec_metrics = None
+    if r.rec_classifier:
+        train = ctx.dataset.train
+        if r.rec_images:
+            train = train.per_class(max(1, r.rec_images // classes))
+        rec, rec_metrics = train_rec_classifier(gen, enc, train.x, train.y, r,
+                                                replace(settings, **r.rec_projection), classes, g, device)
+
+    # Calibrate on clean validation digits with the projection the pipeline runs by default.
+    val = ctx.dataset.val.per_class(max(1, r.calibration_images // classes))
     proj = project(gen, val.x.to(device), settings, encoder=enc,
                    rng=torch.Generator(device=device).manual_seed(ctx.seed))
     threshold = threshold_for(proj.error, r.detector_rate)
@@ -403,18 +502,24 @@ def _build(ctx: Any, r: DefenseGanRecipe) -> None:
     with torch.no_grad():
         val_acc = float((clf(proj.x).argmax(1).cpu() == val.y).float().mean())
         val_acc_raw = float((clf(val.x.to(device)).argmax(1).cpu() == val.y).float().mean())
+        val_acc_rec = float((rec(proj.x).argmax(1).cpu() == val.y).float().mean()) if rec is not None else None
     training = {"recipe": r.to_json(), "seed": ctx.seed}
     ctx.writer.add_module("defensegan_generator", gen, generator_spec(r, shape), training=training,
                           metrics=gan_metrics)
     ctx.writer.add_module("defensegan_encoder", enc, encoder_spec(r, shape), training=training,
                           metrics=enc_metrics)
+    if rec is not None:
+        ctx.writer.add_module("defensegan_classifier", rec, rec_spec(r, shape, classes), training=training,
+                              metrics=rec_metrics)
     ctx.writer.set_defense(STEP, {
         "generator": "defensegan_generator", "encoder": "defensegan_encoder",
+        "classifier": "defensegan_classifier" if rec is not None else None,
         "samples_png": samples,
         "detector": {"reconstruction_error": calibration_record({"reconstruction_error": threshold},
                                                                 r.detector_rate, measured, len(val))},
         "projection": {"preset": "default", **settings.to_json()},
         "metrics": {"val_accuracy_purified": round(val_acc, 4), "val_accuracy_raw": round(val_acc_raw, 4),
+                    "val_accuracy_purified_rec": None if val_acc_rec is None else round(val_acc_rec, 4),
                     "val_mean_reconstruction_error": round(float(proj.error.mean()), 6),
                     "val_generator_evals_per_image": round(float(proj.generator_evals.float().mean()), 1)},
     })

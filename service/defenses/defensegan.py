@@ -51,6 +51,7 @@ class ProjectionSettings:
     patience: int = 0               # stop a restart after this many steps without improvement (0: never)
     min_delta: float = 1e-3         # relative improvement that counts
     max_norm: float = 0.0           # keep ||z|| <= max_norm * sqrt(latent) (0: unconstrained, the paper's)
+    min_norm: float = 0.0           # keep ||z|| >= min_norm * sqrt(latent) (0: unconstrained, the paper's)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,10 +59,11 @@ class ProjectionSettings:
 
 PRESETS: dict[str, ProjectionSettings] = {
     "paper": ProjectionSettings(),
-    # tuned on validation digits (clean and FGSM) against `paper`: lower error at ~1/12 the passes
+    # tuned on validation digits (clean and FGSM) against `paper`: lower error at ~1/12 the passes;
+    # z kept on the sphere ||z|| = sqrt(latent) (where N(0, I) puts its mass; see the docs)
     "default": ProjectionSettings(steps=150, restarts=6, optimizer="adam", lr=0.05, init="encoder",
                                   init_noise=0.5, prune_at=10, patience=15, min_delta=2e-3,
-                                  decay_at=0.8, decay=0.3),
+                                  decay_at=0.8, decay=0.3, min_norm=1.0, max_norm=1.0),
 }
 
 
@@ -74,6 +76,17 @@ class Projection:
     generator_evals: torch.Tensor   # (B,) generator forward+backward passes spent on each image
     steps: torch.Tensor             # (B,) steps the image's last active restart ran
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _clamp_norm(z: torch.Tensor, s: ProjectionSettings, latent: int) -> torch.Tensor:
+    """Keep min_norm*sqrt(latent) <= ||z|| <= max_norm*sqrt(latent): where N(0, I) puts its mass
+    (the shell at ~sqrt(latent)); far from it the generator draws hazy, averaged strokes."""
+    if s.max_norm <= 0 and s.min_norm <= 0:
+        return z
+    norm = z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    lo = s.min_norm * latent ** 0.5
+    hi = s.max_norm * latent ** 0.5 if s.max_norm > 0 else float("inf")
+    return z * (norm.clamp(lo, hi) / norm)
 
 
 def project(generator: nn.Module, x: torch.Tensor, settings: ProjectionSettings, *,
@@ -102,7 +115,7 @@ def project(generator: nn.Module, x: torch.Tensor, settings: ProjectionSettings,
     else:
         raise ValueError(f"unknown init {s.init!r}")
 
-    z = z0.clone()
+    z = _clamp_norm(z0, s, latent)
     buf1 = torch.zeros_like(z)  # momentum / Adam first moment
     buf2 = torch.zeros_like(z)  # Adam second moment
     best_loss = torch.full((b * r,), float("inf"), device=device)
@@ -153,10 +166,7 @@ def project(generator: nn.Module, x: torch.Tensor, settings: ProjectionSettings,
             z[rows] = zr.detach() - lr * m_hat / (v_hat.sqrt() + eps)
         else:
             raise ValueError(f"unknown optimizer {s.optimizer!r}")
-        if s.max_norm > 0:  # stay where N(0, I) puts its mass: far-out z draw hazy non-digits
-            zn = z[rows]
-            radius = s.max_norm * latent ** 0.5
-            z[rows] = zn * (radius / zn.norm(dim=1, keepdim=True).clamp_min(radius))
+        z[rows] = _clamp_norm(z[rows], s, latent)
 
         if s.patience > 0:
             active &= since < s.patience
@@ -225,6 +235,23 @@ class ProjectionPurifier(Component):
         return {"projection": self.projector.preset, **self.projector.settings.to_json()}
 
 
+class RecClassifierAdapter(Component):
+    """Defense-GAN-Rec: classify G(z*) with the classifier trained on projections of the training
+    digits (artifact `defensegan_classifier`) instead of the base classifier."""
+
+    role = "adapter"
+    defense = "defensegan"
+
+    def __init__(self, network: nn.Module, artifact: str) -> None:
+        self.network, self.artifact = network, artifact
+
+    def adapt(self, x: torch.Tensor, classifier: Any, ctx: RunContext) -> Classify:
+        return self.network
+
+    def public_settings(self) -> dict[str, Any]:
+        return {"classifier": self.artifact}
+
+
 class ReconstructionErrorDetector(Component):
     role = "detector"
     defense = "defensegan"
@@ -241,12 +268,24 @@ class ReconstructionErrorDetector(Component):
         return {"detector": "reconstruction_error", "threshold": self.threshold, "target_fpr": self.rate}
 
 
-_OPTIONS = {"projection", "detect", "rate", "overrides"}
+_OPTIONS = {"projection", "detect", "rate", "overrides", "classifier"}
+
+
+def settings_for(preset: str, section: dict[str, Any]) -> ProjectionSettings:
+    """The settings of a projection preset; for the preset the bundle was calibrated with, the
+    settings stored in the bundle (so that a bundle and its threshold stay consistent)."""
+    stored = section.get("projection", {})
+    if preset == stored.get("preset"):
+        fields = {k: v for k, v in stored.items() if k in ProjectionSettings.__dataclass_fields__}
+        return ProjectionSettings(**fields)
+    return PRESETS[preset]
 
 
 def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     """Options: projection (preset name, default 'default'), overrides (ProjectionSettings
-    fields), detect (bool, default false), rate (the calibrated rate to use; must match)."""
+    fields), detect (bool, default false), rate (the calibrated rate to use; must match),
+    classifier ('base', the default: the pipeline's base classifier labels G(z*), the paper's
+    Defense-GAN-Orig; 'rec': the bundle's Defense-GAN-Rec classifier, trained on projections)."""
     unknown = set(options) - _OPTIONS
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)}; known: {sorted(_OPTIONS)}")
@@ -257,8 +296,14 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     bad = set(overrides) - set(ProjectionSettings.__dataclass_fields__)
     if bad:
         raise ValueError(f"unknown projection settings {sorted(bad)}")
-    settings = replace(PRESETS[preset], **overrides)
     section = env.bundle.defense("defensegan")
+    settings = replace(settings_for(preset, section), **overrides)
+    rec_artifact = section.get("classifier")
+    classify_with = str(options.get("classifier", "base"))
+    if classify_with not in ("rec", "base"):
+        raise ValueError(f"defensegan classifier must be 'rec' or 'base', got {classify_with!r}")
+    if classify_with == "rec" and not rec_artifact:
+        raise ValueError("this bundle has no Defense-GAN-Rec classifier; use classifier: base")
     generator = env.bundle.module(section["generator"], env.device)
     encoder = env.bundle.module(section["encoder"], env.device) if settings.init == "encoder" else None
     projector = _Projector(generator, encoder, settings, preset)
@@ -275,4 +320,6 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
         components.append(ReconstructionErrorDetector(projector, float(record["thresholds"]["reconstruction_error"]),
                                                       rate))
     components.append(ProjectionPurifier(projector))
+    if classify_with == "rec":
+        components.append(RecClassifierAdapter(env.bundle.module(rec_artifact, env.device), rec_artifact))
     return components
