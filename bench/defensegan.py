@@ -14,7 +14,8 @@
   * the optional error detector at its calibrated threshold: clean and FGSM rejection rates.
 
 Usage:
-  OMP_NUM_THREADS=1 PYTHONPATH=. python bench/defensegan.py --bundle models/default
+  OMP_NUM_THREADS=1 PYTHONPATH=. python bench/defensegan.py --bundle models/default [--paper-sphere]
+(--paper-sphere: also `paper` with z on the sphere, the default projection's objective.)
 Prints a table and writes bench/results/defensegan.json.
 """
 

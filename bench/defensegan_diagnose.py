@@ -34,11 +34,18 @@ from service.attacks import fgsm  # noqa: E402
 from service.defenses.defensegan import project, settings_for  # noqa: E402
 
 
+def val_shape(bundle: Bundle) -> tuple[int, int]:
+    spec = bundle.input_spec
+    return spec.shape[0], spec.shape[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default=str(REPO / "models" / "default"))
     ap.add_argument("--per-class", type=int, default=5)
     ap.add_argument("--eps", type=float, default=0.3)
+    ap.add_argument("--checkpoint", help="a training work directory (state.json + checkpoint.safetensors): "
+                    "use its generator instead of the bundle's (no encoder: give variants with init random)")
     ap.add_argument("variants", nargs="*", default=["default", "paper"])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -48,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     gen = bundle.module(section["generator"])
     enc = bundle.module(section["encoder"])
     rec = bundle.module(section["classifier"]) if section.get("classifier") else None
+    if args.checkpoint:
+        from models.recipes.defensegan import Checkpoint, Generator, _unpack
+        tensors, state = Checkpoint(Path(args.checkpoint)).load()  # type: ignore[misc]
+        r = state["recipe"]
+        gen = Generator(r["latent_dim"], r["width"], *val_shape(bundle))
+        gen.load_state_dict(_unpack("gen", tensors))
+        gen.eval()
+        print(f"generator from {args.checkpoint}: width {r['width']}, step {state['generator_step']} "
+              f"of {r['generator_steps']}")
+        enc = None
     ds = load_dataset(bundle.manifest.get("build", {}).get("dataset", "mnist5k"))
     val = ds.val.per_class(args.per_class)
     x_adv = fgsm(clf, val.x, val.y, args.eps)
@@ -57,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             return float((model(x).argmax(1) == val.y).float().mean())
 
     with torch.no_grad():
-        print(f"{len(val)} validation digits; base classifier: clean {acc(clf, val.x):.2f}, FGSM {acc(clf, x_adv):.2f}; "
-              f"G(E(x)): clean {acc(clf, gen(enc(val.x))):.2f}, FGSM {acc(clf, gen(enc(x_adv))):.2f}")
+        line = f"{len(val)} validation digits; base classifier: clean {acc(clf, val.x):.2f}, FGSM {acc(clf, x_adv):.2f}"
+        if enc is not None:
+            line += f"; G(E(x)): clean {acc(clf, gen(enc(val.x))):.2f}, FGSM {acc(clf, gen(enc(x_adv))):.2f}"
+        print(line)
     head = f"{'variant':<44}{'base cl':>8}{'base adv':>9}{'rec cl':>7}{'rec adv':>8}{'err cl':>9}{'err adv':>9}" \
            f"{'evals':>7}{'|z| adv':>8}{'clean z better':>15}{'s':>6}"
     print(head)

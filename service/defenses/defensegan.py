@@ -12,10 +12,15 @@ G; the other restarts start at E(x) plus Gaussian noise; after `prune_at` steps 
 image's best restart continues; a restart stops when its error has not improved by
 `min_delta` (relative) for `patience` steps; all images of a batch are projected together and
 finished rows leave the batch, so their passes are not spent.
+In `default`, z is also kept on the sphere ||z|| = sqrt(latent) (min_norm = max_norm = 1),
+where N(0, I) puts its mass: the generator was never trained far inside it, and draws hazy
+averages there that fit adversarial noise (docs/defenses/defensegan.md, "Why FGSM gets through").
 `generator_evals` counts, per image, the rows that went through a generator forward+backward
 pass (one row = one restart of one image), exactly as they were run.
 
-Components: the purifier (always) and, with `detect: true`, a detector that rejects when the
+Components: the purifier (always); with `classifier: rec`, an adapter that labels G(z*) with the
+bundle's Defense-GAN-Rec classifier (trained on projections of the training digits, the paper's
+"Defense-GAN-Rec") instead of the base classifier; and, with `detect: true`, a detector that rejects when the
 reconstruction error is above the threshold calibrated on clean validation digits (stored in
 the bundle with its target rate). The detector's projection is reused by the purifier for the
 same request, so detecting costs nothing extra.
