@@ -17,7 +17,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RADIUS_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 SCORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-OUTCOMES = ("accepted", "rejected", "abstained", "mixed", "error", "overloaded", "deadline_exceeded")
+OUTCOMES = ("accepted", "rejected", "abstained", "mixed", "error", "overloaded", "deadline_exceeded",
+            "client_closed")
 
 
 def multiprocess_dir() -> str | None:
@@ -52,6 +53,8 @@ class Metrics:
                                  registry=r, multiprocess_mode="livesum")
         self.inflight = Gauge("shieldserve_inflight_requests", "Requests being served now.",
                               registry=r, multiprocess_mode="livesum")
+        self.cost_in_flight = Gauge("shieldserve_admitted_cost", "Sample units of the requests in flight "
+                                    "(admission by cost).", registry=r, multiprocess_mode="livesum")
         self.queue_wait = Histogram("shieldserve_queue_wait_seconds", "Time an image waited for its batch.",
                                     ["pipeline"], buckets=LATENCY_BUCKETS, registry=r)
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import time
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from service.api.errors import ApiError
-from service.api.predict import decode_request, tracked
+from service.api.predict import (
+    TIMEOUT_PARAM, deadline_error, deadline_of, decode_request, overloaded_error, tracked,
+)
 from service.api.schemas import ErrorBody, RejectionOut
+from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded, RunContext
 from service.runtime import Runtime
 from service.store import StoreUnavailable
@@ -95,16 +98,25 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
         cached, store = None, None
     if cached is not None:
         return CertifyResponse(**{**cached, "cached": True})
+    deadline, seconds = deadline_of(request, runtime)
+    gone = threading.Event()  # set when the client disconnects: the sampling loop stops
     ctx = RunContext(device=runtime.device, seed=int(opts.get("seed", secrets.randbits(63))),
-                     deadline=time.monotonic() + runtime.settings.request_timeout_s,
-                     options=dict(opts))
+                     deadline=deadline, cancelled=gone.is_set, options=dict(opts))
     loop = asyncio.get_running_loop()
+    cost = runtime.cost(name, 1, opts)
     try:
-        [result] = await loop.run_in_executor(runtime.executor, pipeline.run, x.unsqueeze(0).to(runtime.device), ctx)
+        with runtime.admission.hold(cost, f"certifying with n0={opts['n0']}, n={opts['n']}"):
+            [result] = await loop.run_in_executor(runtime.executor, pipeline.run,
+                                                  x.unsqueeze(0).to(runtime.device), ctx)
+    except Overloaded as exc:
+        raise overloaded_error(exc) from None
     except DeadlineExceeded:
-        raise ApiError(504, "deadline_exceeded",
-                       f"certification did not finish within {runtime.settings.request_timeout_s:g} s; "
-                       f"ask for a smaller n") from None
+        err = deadline_error(seconds)
+        err.message += "; ask for a smaller n"
+        raise err from None
+    except asyncio.CancelledError:
+        gone.set()
+        raise
     cert = result.details.get("certificate") or {}
     body = CertifyResponse(
         image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status=result.status,
@@ -146,6 +158,7 @@ async def certify_get(
         alpha: float | None = Query(None, gt=0, lt=0.5, description="failure probability"),
         radius: float | None = Query(None, ge=0, description="only decide: certified at this radius?"),
         seed: int | None = Query(None, ge=0, lt=2**63, description="noise seed, to reproduce a certificate"),
+        x_request_timeout: str | None = TIMEOUT_PARAM,
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 
@@ -176,6 +189,7 @@ async def certify_post(
         n: int | None = Query(None, ge=1), n0: int | None = Query(None, ge=1),
         alpha: float | None = Query(None, gt=0, lt=0.5), radius: float | None = Query(None, ge=0),
         seed: int | None = Query(None, ge=0, lt=2**63),
+        x_request_timeout: str | None = TIMEOUT_PARAM,
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 

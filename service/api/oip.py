@@ -176,7 +176,10 @@ _INFER_OPENAPI = {
         "application/octet-stream": _BINARY}},
     "parameters": [{"name": HEADER_LENGTH, "in": "header", "required": False,
                     "schema": {"type": "integer", "minimum": 0},
-                    "description": "binary tensor extension: the length of the JSON part of the body"}],
+                    "description": "binary tensor extension: the length of the JSON part of the body"},
+                   {"name": "X-Request-Timeout", "in": "header", "required": False, "schema": {"type": "string"},
+                    "description": "this request's deadline: seconds (2.5) or milliseconds (2500ms); "
+                                   "past it the answer is 504 and the work stops"}],
 }
 _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": InferResponse, "description": "the outputs; with binary outputs the body is the "

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import ApiError
@@ -103,7 +104,9 @@ class tracked:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
-        if exc is not None:
+        if isinstance(exc, asyncio.CancelledError):
+            self.outcome = "client_closed"  # the client went away; its work was stopped
+        elif exc is not None:
             self.outcome = exc.code if isinstance(exc, ApiError) and exc.code in (
                 "overloaded", "deadline_exceeded") else "error"
         label = self.pipeline if self.pipeline in self.runtime.pipelines else "unknown"
@@ -117,17 +120,73 @@ def outcome_of(results: list[ImageResult]) -> str:
     return statuses.pop() if len(statuses) == 1 else "mixed"
 
 
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+TIMEOUT_PARAM = Header(None, alias=TIMEOUT_HEADER, description=(
+    "this request's deadline: seconds (2.5) or milliseconds (2500ms), at most the server's "
+    "max_request_timeout_s; past it the answer is 504 deadline_exceeded and the work stops"))
+
+
+def parse_timeout(value: str) -> float:
+    """`X-Request-Timeout`: seconds ("2.5", "2.5s") or milliseconds ("2500ms"); ValueError if not."""
+    v = value.strip().lower()
+    scale = 1.0
+    if v.endswith("ms"):
+        v, scale = v[:-2], 0.001
+    elif v.endswith("s"):
+        v = v[:-1]
+    seconds = float(v.strip()) * scale
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("the timeout must be a positive number")
+    return seconds
+
+
+def deadline_of(request: Request, runtime: Runtime) -> tuple[float, float]:
+    """(deadline as time.monotonic(), its length in seconds) of this request.
+
+    The clock starts when the request arrived (the middleware stamps it), so decoding and
+    queueing count. `X-Request-Timeout` sets the length, clamped to `max_request_timeout_s`;
+    without it `request_timeout_s` applies.
+    """
+    settings = runtime.settings
+    seconds = settings.request_timeout_s
+    given = request.headers.get(TIMEOUT_HEADER)
+    if given is not None:
+        try:
+            seconds = parse_timeout(given)
+        except ValueError:
+            raise ApiError(422 if not request.url.path.startswith("/v2") else 400, "invalid_parameter",
+                           f"{TIMEOUT_HEADER} must be a positive number of seconds (e.g. 2.5) or "
+                           f"milliseconds (e.g. 2500ms), got {given[:40]!r}") from None
+    seconds = min(seconds, settings.max_request_timeout_s)
+    started = getattr(request.state, "received_at", None) or time.monotonic()
+    return started + seconds, seconds
+
+
+def deadline_error(seconds: float) -> ApiError:
+    return ApiError(504, "deadline_exceeded", f"the request did not finish within its deadline of {seconds:g} s")
+
+
+def overloaded_error(exc: Overloaded) -> ApiError:
+    return ApiError(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)})
+
+
 async def run_pipeline(request: Request, runtime: Runtime, pipeline: str, x: torch.Tensor,
                        options: dict | None = None) -> list[ImageResult]:
-    """Submit to the batcher, mapping overload and deadline to the contract's errors."""
-    deadline = time.monotonic() + runtime.settings.request_timeout_s
+    """Admit, submit to the batcher and wait at most until the deadline, mapping overload
+    and deadline to the contract's errors. Waiting out the deadline cancels this request's
+    job: a batch whose every request is gone stops at its next ctx.check()."""
+    deadline, seconds = deadline_of(request, runtime)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise deadline_error(seconds)
     try:
-        return await runtime.infer(pipeline, x, deadline=deadline, options=options)
+        return await asyncio.wait_for(runtime.infer(pipeline, x, deadline=deadline, options=options), remaining)
     except Overloaded as exc:
-        raise ApiError(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)}) from None
+        raise overloaded_error(exc) from None
     except (DeadlineExceeded, asyncio.TimeoutError):
-        raise ApiError(504, "deadline_exceeded",
-                       f"the request did not finish within {runtime.settings.request_timeout_s:g} s") from None
+        raise deadline_error(seconds) from None
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS,
@@ -138,7 +197,8 @@ async def run_pipeline(request: Request, runtime: Runtime, pipeline: str, x: tor
                  "image/png": {"schema": {"type": "string", "format": "binary"}},
                  "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}})
 async def predict(request: Request,
-                  pipeline: str | None = Query(None, description="pipeline name; default: the configured default")
+                  pipeline: str | None = Query(None, description="pipeline name; default: the configured default"),
+                  x_request_timeout: str | None = TIMEOUT_PARAM,
                   ) -> PredictResponse:
     runtime = runtime_of(request)
     name = pipeline or runtime.settings.default_pipeline
