@@ -106,17 +106,23 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
     cost = runtime.cost(name, 1, opts)
     try:
         with runtime.admission.hold(cost, f"certifying with n0={opts['n0']}, n={opts['n']}"):
-            [result] = await loop.run_in_executor(runtime.executor, pipeline.run,
-                                                  x.unsqueeze(0).to(runtime.device), ctx)
+            work = loop.run_in_executor(runtime.executor, pipeline.run, x.unsqueeze(0).to(runtime.device), ctx)
+            try:
+                [result] = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # the client went away: stop the sampling loop, and hold the cost until it has
+                gone.set()
+                try:
+                    await work
+                except Exception:  # noqa: BLE001 - DeadlineExceeded("client disconnected")
+                    pass
+                raise
     except Overloaded as exc:
         raise overloaded_error(exc) from None
     except DeadlineExceeded:
         err = deadline_error(seconds)
         err.message += "; ask for a smaller n"
         raise err from None
-    except asyncio.CancelledError:
-        gone.set()
-        raise
     cert = result.details.get("certificate") or {}
     body = CertifyResponse(
         image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status=result.status,
