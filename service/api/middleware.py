@@ -18,6 +18,24 @@ access_log = logging.getLogger("shieldserve.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def _does_work(path: str) -> bool:
+    """Routes whose work is worth stopping when the client goes away."""
+    return path in ("/predict", "/certify") or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
+def _replay_once(body: bytes, receive: Any) -> Any:
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class BodyLimitMiddleware:
     """Refuse bodies over `max_bytes` with 413, also chunked ones with no Content-Length;
     then watch the connection and stop the request's work when its client goes away.
@@ -58,6 +76,8 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        if not _does_work(scope["path"]):  # health, metadata, metrics: nothing to stop
+            return await self.app(scope, _replay_once(body, receive), send)
         replayed = False
         task = asyncio.current_task()
         state = {"responded": False, "disconnected": False}
