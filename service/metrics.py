@@ -8,6 +8,7 @@ a request id or a secret.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
@@ -23,6 +24,22 @@ OUTCOMES = ("accepted", "rejected", "abstained", "mixed", "error", "overloaded",
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+def _cache_children(metric: Any) -> None:
+    """Memoise `metric.labels(*values)`: prometheus-client builds and validates the label
+    tuple and takes a lock on every call, ~10 us, and a request makes several. The label
+    sets are few by construction (see above), so the cache stays small."""
+    children: dict[tuple[str, ...], Any] = {}
+    build = metric.labels
+
+    def labels(*values: str) -> Any:
+        child = children.get(values)
+        if child is None:
+            child = children[values] = build(*values)
+        return child
+
+    metric.labels = labels
 
 
 class Metrics:
@@ -57,6 +74,11 @@ class Metrics:
                                     "(admission by cost).", registry=r, multiprocess_mode="livesum")
         self.queue_wait = Histogram("shieldserve_queue_wait_seconds", "Time an image waited for its batch.",
                                     ["pipeline"], buckets=LATENCY_BUCKETS, registry=r)
+
+        for metric in (self.requests, self.request_duration, self.stage_duration, self.rejections,
+                       self.detector_score, self.certified_radius, self.abstentions, self.images,
+                       self.batch_size, self.queue_depth, self.queue_wait):
+            _cache_children(metric)
 
     def exposition(self) -> bytes:
         """The text format for GET /metrics; aggregates all workers in multiprocess mode."""

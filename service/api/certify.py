@@ -153,6 +153,7 @@ async def _observed(request: Request, name_hint: str | None, work) -> CertifyRes
         return body
 
 @router.get("/certify", response_model=CertifyResponse, responses=_ERRORS,
+            openapi_extra={"parameters": [TIMEOUT_PARAM]},
             summary="Certify an image recently posted to /predict or /certify")
 async def certify_get(
         request: Request,
@@ -164,7 +165,6 @@ async def certify_get(
         alpha: float | None = Query(None, gt=0, lt=0.5, description="failure probability"),
         radius: float | None = Query(None, ge=0, description="only decide: certified at this radius?"),
         seed: int | None = Query(None, ge=0, lt=2**63, description="noise seed, to reproduce a certificate"),
-        x_request_timeout: str | None = TIMEOUT_PARAM,
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 
@@ -184,7 +184,7 @@ async def certify_get(
 
 @router.post("/certify", response_model=CertifyResponse, responses=_ERRORS,
              summary="Certify one posted image",
-             openapi_extra={"requestBody": {"content": {
+             openapi_extra={"parameters": [TIMEOUT_PARAM], "requestBody": {"content": {
                  "multipart/form-data": {"schema": {"type": "object", "properties": {
                      "file": {"type": "string", "format": "binary"}}}},
                  "image/png": {"schema": {"type": "string", "format": "binary"}},
@@ -195,7 +195,6 @@ async def certify_post(
         n: int | None = Query(None, ge=1), n0: int | None = Query(None, ge=1),
         alpha: float | None = Query(None, gt=0, lt=0.5), radius: float | None = Query(None, ge=0),
         seed: int | None = Query(None, ge=0, lt=2**63),
-        x_request_timeout: str | None = TIMEOUT_PARAM,
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 

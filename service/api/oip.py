@@ -48,7 +48,7 @@ from starlette.concurrency import run_in_threadpool
 
 import service
 from service.api.errors import ApiError
-from service.api.predict import outcome_of, run_pipeline, tracked
+from service.api.predict import TIMEOUT_PARAM, outcome_of, run_pipeline, tracked
 from service.pipeline import ImageResult
 from service.runtime import Runtime
 
@@ -177,9 +177,7 @@ _INFER_OPENAPI = {
     "parameters": [{"name": HEADER_LENGTH, "in": "header", "required": False,
                     "schema": {"type": "integer", "minimum": 0},
                     "description": "binary tensor extension: the length of the JSON part of the body"},
-                   {"name": "X-Request-Timeout", "in": "header", "required": False, "schema": {"type": "string"},
-                    "description": "this request's deadline: seconds (2.5) or milliseconds (2500ms); "
-                                   "past it the answer is 504 and the work stops"}],
+                   TIMEOUT_PARAM],
 }
 _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": InferResponse, "description": "the outputs; with binary outputs the body is the "
