@@ -89,6 +89,13 @@ class Runtime:
         with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
             return await self.batchers[pipeline].submit(x, deadline=deadline, options=options)
 
+    async def infer_encoded(self, pipeline: str, decode: Any, images: int, *, deadline: float | None = None,
+                            options: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[ImageResult]]:
+        """Like infer, for images decoded by `decode()` in the batch's worker thread."""
+        self.pipeline(pipeline)
+        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
+            return await self.batchers[pipeline].submit_encoded(decode, images, deadline=deadline, options=options)
+
     def warmup(self) -> None:
         """One small run through every pipeline, so the first client does not pay for it."""
         c, h, w = self.input_spec.shape

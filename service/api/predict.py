@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import time
+
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Request, Response
@@ -57,21 +60,38 @@ async def read_images(request: Request, runtime: Runtime) -> list[tuple[bytes, s
     return [(body, content_type)]
 
 
-# Below this many encoded bytes, decoding on the event loop costs less than a thread hop.
+# Below this many encoded bytes a request's images are decoded in its batch's worker thread,
+# together with the batch (one thread hop per batch); larger uploads are decoded in the thread
+# pool before they are queued, so one slow decode does not hold up everyone's batch.
 INLINE_DECODE_BYTES = 64 * 1024
 
 
-async def decode_request(request: Request, runtime: Runtime) -> tuple[torch.Tensor, list[str]]:
-    items = await read_images(request, runtime)
-    limits = runtime.image_limits
-    max_images = runtime.settings.limits.max_images_per_request
+def _check_items(items: list[tuple[bytes, str | None]], runtime: Runtime) -> None:
+    """What can be refused without decoding: the count and the declared content types."""
     try:
+        if not items:
+            raise ImageError(400, "invalid_image", "the request contains no image")
+        max_images = runtime.settings.limits.max_images_per_request
+        if len(items) > max_images:
+            raise ImageError(413, "payload_too_large",
+                             f"the request contains {len(items)} images; the limit is {max_images} per request")
         for _, ctype in items:
-            check_content_type(ctype, limits)
-        if sum(len(data) for data, _ in items) <= INLINE_DECODE_BYTES:
-            x = decode_batch(items, runtime.input_spec, limits, max_images)
-        else:
-            x = await run_in_threadpool(decode_batch, items, runtime.input_spec, limits, max_images)
+            check_content_type(ctype, runtime.image_limits)
+    except ImageError as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
+
+
+def _decoder(items: list[tuple[bytes, str | None]], runtime: Runtime) -> Any:
+    return functools.partial(decode_batch, items, runtime.input_spec, runtime.image_limits,
+                             runtime.settings.limits.max_images_per_request)
+
+
+async def decode_request(request: Request, runtime: Runtime) -> tuple[torch.Tensor, list[str]]:
+    """Read and decode the uploaded images now (for /certify)."""
+    items = await read_images(request, runtime)
+    _check_items(items, runtime)
+    try:
+        x = await run_in_threadpool(_decoder(items, runtime))
     except ImageError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
     return x, [hashlib.sha256(data).hexdigest() for data, _ in items]
@@ -175,8 +195,8 @@ def overloaded_error(exc: Overloaded) -> ApiError:
     return ApiError(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)})
 
 
-async def run_pipeline(request: Request, runtime: Runtime, pipeline: str, x: torch.Tensor,
-                       options: dict | None = None) -> list[ImageResult]:
+async def run_pipeline(request: Request, runtime: Runtime, pipeline: str, x: torch.Tensor | None,
+                       options: dict | None = None, *, decode: Any = None, images: int = 0) -> Any:
     """Admit, submit to the batcher and wait at most until the deadline, mapping overload
     and deadline to the contract's errors. Waiting out the deadline cancels this request's
     job: a batch whose every request is gone stops at its next ctx.check()."""
@@ -186,6 +206,8 @@ async def run_pipeline(request: Request, runtime: Runtime, pipeline: str, x: tor
         raise deadline_error(seconds)
     try:
         async with asyncio.timeout(remaining):  # a timer on this task; wait_for would add a task
+            if decode is not None:  # (x, results), decoded in the batch's worker thread
+                return await runtime.infer_encoded(pipeline, decode, images, deadline=deadline, options=options)
             return await runtime.infer(pipeline, x, deadline=deadline, options=options)
     except Overloaded as exc:
         raise overloaded_error(exc) from None
@@ -212,13 +234,23 @@ async def predict(request: Request) -> PredictResponse:
         if name not in runtime.pipelines:
             raise ApiError(404, "unknown_pipeline",
                            f"no pipeline {name!r}; configured: {', '.join(sorted(runtime.pipelines))}")
-        x, digests = await decode_request(request, runtime)
+        items = await read_images(request, runtime)
+        _check_items(items, runtime)
+        digests = [hashlib.sha256(data).hexdigest() for data, _ in items]
+        decode = _decoder(items, runtime)
+        try:
+            if sum(len(data) for data, _ in items) > INLINE_DECODE_BYTES:
+                x = await run_in_threadpool(decode)
+                results = await run_pipeline(request, runtime, name, x)
+            else:
+                x, results = await run_pipeline(request, runtime, name, None, decode=decode, images=len(items))
+        except ImageError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
         try:  # so GET /certify?image_sha256= can find them; a store that is down costs no prediction
             for digest, image in zip(digests, x):
                 request.app.state.store.put_image(digest, image)
         except StoreUnavailable:
             pass  # logged by the store; GET /certify for these images answers 404 or 503
-        results = await run_pipeline(request, runtime, name, x)
         t.outcome = outcome_of(results)
         body = PredictResponse(request_id=request.state.request_id, pipeline=name,
                                model_version=runtime.bundle.version,
