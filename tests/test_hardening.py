@@ -280,3 +280,40 @@ def test_no_secret_in_responses_logs_or_metrics(make_client, quick_bundle, mnist
             assert s not in text, f"secret {s[:6]}... leaked in {text[:200]}"
     # the settings object itself hides the key when printed
     assert key not in repr(c.app.state.settings) and key not in str(c.app.state.settings.model_dump())
+
+
+# --------------------------------------------------------------------------- decoding in the batch
+def test_a_bad_image_in_a_merged_batch_fails_only_its_request(quick_bundle, mnist):
+    """Small uploads are decoded in their batch's worker thread: one undecodable upload is
+    its own request's 400, and the requests it shared the batch with are answered."""
+    import asyncio
+
+    import httpx
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    app = create_app(load_settings(bundle=quick_bundle, warmup=False,
+                                   batching={"max_batch_size": 64, "max_delay_ms": 200}))
+    app.state.runtime.ready = True
+    good = [png(x) for x in mnist.test.x[:8]]
+    bad = good[0][: len(good[0]) // 2]  # truncated
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            bodies = good[:4] + [bad] + good[4:]
+            rs = await asyncio.gather(*[client.post("/predict?pipeline=baseline", content=b,
+                                                    headers={"content-type": "image/png"}) for b in bodies])
+            return rs, (await client.get("/metrics")).text
+
+    rs, text = asyncio.run(go())
+    assert [r.status_code for r in rs] == [200] * 4 + [400] + [200] * 4
+    assert rs[4].json()["error"]["code"] == "invalid_image"
+    ok = [r.json()["results"][0] for r in rs if r.status_code == 200]
+    assert all(r["status"] == "accepted" for r in ok)
+    labels = [r["label"] for r in ok]
+    assert sum(int(a == int(b)) for a, b in zip(labels, mnist.test.y[:8].tolist())) >= 6
+    count = float(next(line for line in text.splitlines()
+                       if line.startswith('shieldserve_batch_size_count{pipeline="baseline"}')).split()[-1])
+    assert count < 8  # the requests were merged into fewer batches
