@@ -87,8 +87,15 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
     from service.api import oip
 
     app.include_router(oip.router)
-    # outermost first: request id, then in-flight count, then the body limit
+    # outermost first: request id, CORS (only when origins are configured), in-flight count,
+    # then the body limit and disconnect watch
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(InflightMiddleware, runtime=runtime)
+    if settings.cors_origins:  # off by default: no CORS header at all unless origins are named
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"],
+                           expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -35,16 +35,18 @@ class Overloaded(Exception):
 
 @dataclass
 class _Job:
-    x: torch.Tensor
+    x: torch.Tensor | None  # None until `decode` has run (in the batch's worker thread)
     options_key: str
     options: dict[str, Any]
     deadline: float | None
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    decode: Callable[[], torch.Tensor] | None = None
+    images: int = 0
 
     @property
     def size(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.x.shape[0]) if self.x is not None else self.images
 
 
 @dataclass
@@ -86,15 +88,28 @@ class Batcher:
 
     async def submit(self, x: torch.Tensor, *, deadline: float | None = None,
                      options: dict[str, Any] | None = None) -> list[ImageResult]:
+        return await self._submit(x, None, int(x.shape[0]), deadline, options)
+
+    async def submit_encoded(self, decode: Callable[[], torch.Tensor], images: int, *,
+                             deadline: float | None = None, options: dict[str, Any] | None = None,
+                             ) -> tuple[torch.Tensor, list[ImageResult]]:
+        """Like submit, for `images` images not decoded yet: `decode()` runs in the batch's
+        worker thread, with the other jobs' decodes and the pipeline (one thread hop per batch,
+        none per request). Its exception (an ImageError, say) fails this job alone.
+        Returns the decoded batch with the results."""
+        return await self._submit(None, decode, images, deadline, options)
+
+    async def _submit(self, x: torch.Tensor | None, decode: Callable[[], torch.Tensor] | None, images: int,
+                      deadline: float | None, options: dict[str, Any] | None) -> Any:
         if self._closed:
             raise Overloaded("the service is shutting down", self.retry_after_s)
-        if self._queued_images + x.shape[0] > self.max_queue:
+        if self._queued_images + images > self.max_queue:
             raise Overloaded(f"pipeline {self.name!r} has {self._queued_images} images queued "
                              f"(limit {self.max_queue})", self.retry_after_s)
         self._ensure_worker()
         options = options or {}
         job = _Job(x, json.dumps(options, sort_keys=True, default=str), options, deadline,
-                   asyncio.get_running_loop().create_future())
+                   asyncio.get_running_loop().create_future(), decode=decode, images=images)
         self._queue.append(job)
         self._queued_images += job.size
         self._queue_changed()
@@ -172,7 +187,6 @@ class Batcher:
         return live
 
     async def _run_jobs(self, jobs: list[_Job]) -> None:
-        x = torch.cat([j.x for j in jobs]).to(self._device)
         deadlines = [j.deadline for j in jobs]
         seed = secrets.randbits(63)
         ctx = RunContext(device=self._device, seed=seed,
@@ -182,7 +196,7 @@ class Batcher:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self._run, x, ctx)
+            failed, results = await loop.run_in_executor(self._executor, self._decode_and_run, jobs, ctx)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
             for j in jobs:
                 if not j.future.done():
@@ -190,15 +204,35 @@ class Batcher:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        offset = 0
-        for j in jobs:
+        offset, live = 0, []
+        for i, j in enumerate(jobs):
+            if i in failed:
+                if not j.future.done():
+                    j.future.set_exception(failed[i])
+                continue
+            live.append(j)
             part = results[offset:offset + j.size]
             offset += j.size
             if not j.future.done():
-                j.future.set_result(part)
-        if self._on_batch:
-            self._on_batch(BatchReport(size=int(x.shape[0]), results=results, seed=seed,
-                                       queue_waits=[started - j.enqueued for j in jobs for _ in range(j.size)]))
+                j.future.set_result((j.x, part) if j.decode is not None else part)
+        if self._on_batch and live:
+            self._on_batch(BatchReport(size=offset, results=results, seed=seed,
+                                       queue_waits=[started - j.enqueued for j in live for _ in range(j.size)]))
+
+    def _decode_and_run(self, jobs: list[_Job], ctx: RunContext) -> tuple[dict[int, Exception], list[ImageResult]]:
+        """In the worker thread: decode the jobs that are not decoded yet, then run the batch."""
+        failed: dict[int, Exception] = {}
+        for i, j in enumerate(jobs):
+            if j.decode is not None and j.x is None:
+                try:
+                    j.x = j.decode()
+                except Exception as exc:  # noqa: BLE001 - this job's answer (an ImageError: 4xx)
+                    failed[i] = exc
+        live = [j for i, j in enumerate(jobs) if i not in failed]
+        if not live:
+            return failed, []
+        x = torch.cat([j.x for j in live]).to(self._device)  # type: ignore[misc]
+        return failed, self._run(x, ctx)
 
     async def close(self) -> None:
         self._closed = True

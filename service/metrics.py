@@ -8,6 +8,7 @@ a request id or a secret.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
@@ -17,11 +18,28 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RADIUS_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 SCORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-OUTCOMES = ("accepted", "rejected", "abstained", "mixed", "error", "overloaded", "deadline_exceeded")
+OUTCOMES = ("accepted", "rejected", "abstained", "mixed", "error", "overloaded", "deadline_exceeded",
+            "client_closed")
 
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+def _cache_children(metric: Any) -> None:
+    """Memoise `metric.labels(*values)`: prometheus-client builds and validates the label
+    tuple and takes a lock on every call, ~10 us, and a request makes several. The label
+    sets are few by construction (see above), so the cache stays small."""
+    children: dict[tuple[str, ...], Any] = {}
+    build = metric.labels
+
+    def labels(*values: str) -> Any:
+        child = children.get(values)
+        if child is None:
+            child = children[values] = build(*values)
+        return child
+
+    metric.labels = labels
 
 
 class Metrics:
@@ -52,8 +70,15 @@ class Metrics:
                                  registry=r, multiprocess_mode="livesum")
         self.inflight = Gauge("shieldserve_inflight_requests", "Requests being served now.",
                               registry=r, multiprocess_mode="livesum")
+        self.cost_in_flight = Gauge("shieldserve_admitted_cost", "Sample units of the requests in flight "
+                                    "(admission by cost).", registry=r, multiprocess_mode="livesum")
         self.queue_wait = Histogram("shieldserve_queue_wait_seconds", "Time an image waited for its batch.",
                                     ["pipeline"], buckets=LATENCY_BUCKETS, registry=r)
+
+        for metric in (self.requests, self.request_duration, self.stage_duration, self.rejections,
+                       self.detector_score, self.certified_radius, self.abstentions, self.images,
+                       self.batch_size, self.queue_depth, self.queue_wait):
+            _cache_children(metric)
 
     def exposition(self) -> bytes:
         """The text format for GET /metrics; aggregates all workers in multiprocess mode."""

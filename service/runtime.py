@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from models.bundle import Bundle
+from service.admission import Admission, image_cost
 from service.batcher import Batcher, BatchReport
 from service.defenses.base import DefenseEnv, RunContext
 from service.imaging import ImageLimits
@@ -59,6 +60,9 @@ class Runtime:
                           on_queue_change=lambda depth, n=name: self.metrics.queue_depth.labels(n).set(depth))
             for name, pipeline in self.pipelines.items()
         }
+        a = settings.admission
+        self.admission = Admission(a.max_cost, a.max_concurrent, a.retry_after_s,
+                                   on_change=self.metrics.cost_in_flight.set)
         self.ready = False
         self.load_seconds = time.monotonic() - started
         log.info("bundle %s (version %s) loaded in %.2fs with pipelines %s", self.bundle.name,
@@ -71,10 +75,26 @@ class Runtime:
             raise UnknownPipeline(name)
         return self.pipelines[name]
 
+    def cost(self, pipeline: str, images: int, options: dict[str, Any] | None = None) -> float:
+        """What `images` images through `pipeline` weigh, in sample units (service/admission.py)."""
+        per_image = self.settings.admission.cost_per_image.get(pipeline)
+        if per_image is None:
+            per_image = image_cost(self.pipeline(pipeline), options)
+        return float(per_image) * images
+
     async def infer(self, pipeline: str, x: torch.Tensor, *, deadline: float | None = None,
                     options: dict[str, Any] | None = None) -> list[ImageResult]:
         self.pipeline(pipeline)
-        return await self.batchers[pipeline].submit(x, deadline=deadline, options=options)
+        images = int(x.shape[0])
+        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
+            return await self.batchers[pipeline].submit(x, deadline=deadline, options=options)
+
+    async def infer_encoded(self, pipeline: str, decode: Any, images: int, *, deadline: float | None = None,
+                            options: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[ImageResult]]:
+        """Like infer, for images decoded by `decode()` in the batch's worker thread."""
+        self.pipeline(pipeline)
+        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
+            return await self.batchers[pipeline].submit_encoded(decode, images, deadline=deadline, options=options)
 
     def warmup(self) -> None:
         """One small run through every pipeline, so the first client does not pay for it."""

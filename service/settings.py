@@ -72,6 +72,17 @@ class CertifyConfig(BaseModel):
     redis_prefix: str = Field("shieldserve:", description="prefix of every key store=redis writes")
 
 
+class AdmissionConfig(BaseModel):
+    """Backpressure by cost, per process: every request holds its cost (in sample units: one
+    classifier forward pass on one image is 1) from admission until it is answered."""
+
+    max_cost: float = Field(200_000, gt=0, description="sample units in flight per process before 503 overloaded")
+    max_concurrent: int = Field(256, gt=0, description="pipeline requests in flight per process before 503 overloaded")
+    cost_per_image: dict[str, float] = Field(
+        default_factory=dict, description="per-pipeline cost of one image; a certifying pipeline adds n0 + n")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After on a cost or concurrency refusal")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHIELDSERVE_", env_nested_delimiter="__",
                                       extra="forbid", validate_default=True)
@@ -87,7 +98,12 @@ class Settings(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     certify: CertifyConfig = Field(default_factory=CertifyConfig)
-    request_timeout_s: float = Field(60.0, gt=0)
+    request_timeout_s: float = Field(60.0, gt=0, description="deadline of a request without X-Request-Timeout")
+    max_request_timeout_s: float = Field(
+        120.0, gt=0, description="the longest deadline a client may ask for with X-Request-Timeout (clamped)")
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed by CORS; empty (the default): no CORS headers at all")
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     drain_seconds: float = Field(2.0, ge=0, description="after SIGTERM, answer /readyz 503 this long before closing")
     graceful_timeout_s: float = Field(30.0, ge=0, description="how long in-flight requests may take to finish")

@@ -25,8 +25,14 @@ def mnist():
 
 @pytest.fixture(scope="session")
 def quick_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete bundle (every step) built with the `quick` preset, once per test session."""
+    """A complete bundle (every step) built with the `quick` preset, once per test session.
+    SHIELDSERVE_TEST_QUICK_BUNDLE names one built earlier (`shieldserve train --preset quick`),
+    to iterate on a few tests without rebuilding it each run."""
     from models.train import build_bundle
+
+    prebuilt = os.environ.get("SHIELDSERVE_TEST_QUICK_BUNDLE")
+    if prebuilt:
+        return Path(prebuilt)
 
     out = tmp_path_factory.mktemp("bundle") / "quick"
     build_bundle(out, preset="quick", seed=0, argv=["--out", str(out), "--preset", "quick"])

@@ -13,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import time
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from service.api.errors import ApiError
-from service.api.predict import decode_request, tracked
+from service.api.predict import (
+    TIMEOUT_PARAM, deadline_error, deadline_of, decode_request, overloaded_error, tracked,
+)
 from service.api.schemas import ErrorBody, RejectionOut
+from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded, RunContext
 from service.runtime import Runtime
 from service.store import StoreUnavailable
@@ -95,16 +98,31 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
         cached, store = None, None
     if cached is not None:
         return CertifyResponse(**{**cached, "cached": True})
+    deadline, seconds = deadline_of(request, runtime)
+    gone = threading.Event()  # set when the client disconnects: the sampling loop stops
     ctx = RunContext(device=runtime.device, seed=int(opts.get("seed", secrets.randbits(63))),
-                     deadline=time.monotonic() + runtime.settings.request_timeout_s,
-                     options=dict(opts))
+                     deadline=deadline, cancelled=gone.is_set, options=dict(opts))
     loop = asyncio.get_running_loop()
+    cost = runtime.cost(name, 1, opts)
     try:
-        [result] = await loop.run_in_executor(runtime.executor, pipeline.run, x.unsqueeze(0).to(runtime.device), ctx)
+        with runtime.admission.hold(cost, f"certifying with n0={opts['n0']}, n={opts['n']}"):
+            work = loop.run_in_executor(runtime.executor, pipeline.run, x.unsqueeze(0).to(runtime.device), ctx)
+            try:
+                [result] = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # the client went away: stop the sampling loop, and hold the cost until it has
+                gone.set()
+                try:
+                    await work
+                except Exception:  # noqa: BLE001 - DeadlineExceeded("client disconnected")
+                    pass
+                raise
+    except Overloaded as exc:
+        raise overloaded_error(exc) from None
     except DeadlineExceeded:
-        raise ApiError(504, "deadline_exceeded",
-                       f"certification did not finish within {runtime.settings.request_timeout_s:g} s; "
-                       f"ask for a smaller n") from None
+        err = deadline_error(seconds)
+        err.message += "; ask for a smaller n"
+        raise err from None
     cert = result.details.get("certificate") or {}
     body = CertifyResponse(
         image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status=result.status,
@@ -135,6 +153,7 @@ async def _observed(request: Request, name_hint: str | None, work) -> CertifyRes
         return body
 
 @router.get("/certify", response_model=CertifyResponse, responses=_ERRORS,
+            openapi_extra={"parameters": [TIMEOUT_PARAM]},
             summary="Certify an image recently posted to /predict or /certify")
 async def certify_get(
         request: Request,
@@ -165,7 +184,7 @@ async def certify_get(
 
 @router.post("/certify", response_model=CertifyResponse, responses=_ERRORS,
              summary="Certify one posted image",
-             openapi_extra={"requestBody": {"content": {
+             openapi_extra={"parameters": [TIMEOUT_PARAM], "requestBody": {"content": {
                  "multipart/form-data": {"schema": {"type": "object", "properties": {
                      "file": {"type": "string", "format": "binary"}}}},
                  "image/png": {"schema": {"type": "string", "format": "binary"}},

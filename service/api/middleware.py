@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -17,19 +18,43 @@ access_log = logging.getLogger("shieldserve.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def _does_work(path: str) -> bool:
+    """Routes whose work is worth stopping when the client goes away."""
+    return path in ("/predict", "/certify") or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
+def _replay_once(body: bytes, receive: Any) -> Any:
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class BodyLimitMiddleware:
-    """Refuse bodies over `max_bytes` with 413, also chunked ones with no Content-Length.
+    """Refuse bodies over `max_bytes` with 413, also chunked ones with no Content-Length;
+    then watch the connection and stop the request's work when its client goes away.
 
     The body is read here (up to the limit) and replayed to the app, so no handler can be
-    made to buffer more than the limit.
+    made to buffer more than the limit. Once the body is in, this middleware is the only
+    reader of the connection's further messages: an `http.disconnect` before the response
+    is complete cancels the handler's task. The cancellation reaches the batcher (the job is
+    dropped, or the batch stops at its next `ctx.check()` when no one else waits for it) and
+    /certify's sampling loop; the request is counted with outcome `client_closed`.
     """
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        scope.setdefault("state", {}).setdefault("received_at", time.monotonic())
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -51,16 +76,44 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        if not _does_work(scope["path"]):  # health, metadata, metrics: nothing to stop
+            return await self.app(scope, _replay_once(body, receive), send)
         replayed = False
+        task = asyncio.current_task()
+        state = {"responded": False, "disconnected": False}
+
+        async def watch() -> dict:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not state["responded"] and task is not None:
+                        state["disconnected"] = True
+                        task.cancel()
+                    return message
+
+        watcher = asyncio.create_task(watch())
 
         async def replay() -> dict:
             nonlocal replayed
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            return await asyncio.shield(watcher)
 
-        await self.app(scope, replay, send)
+        async def tracking_send(message: dict) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["responded"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, replay, tracking_send)
+        except asyncio.CancelledError:
+            if not state["disconnected"] or task is None:
+                raise
+            task.uncancel()
+            scope["state"]["client_closed"] = True
+        finally:
+            watcher.cancel()
 
     async def _too_big(self, scope: dict, send: Any) -> None:
         await self._reject(scope, send, 413, "payload_too_large",
@@ -105,6 +158,8 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            if scope["state"].get("client_closed"):
+                status = 499  # nginx's code for "the client closed the connection"
             access_log.info("%s %s %s", scope["method"], scope["path"], status,
                             extra={"method": scope["method"], "path": scope["path"], "status": status,
                                    "seconds": round(time.perf_counter() - started, 6)})

@@ -48,7 +48,7 @@ from starlette.concurrency import run_in_threadpool
 
 import service
 from service.api.errors import ApiError
-from service.api.predict import outcome_of, run_pipeline, tracked
+from service.api.predict import TIMEOUT_PARAM, outcome_of, run_pipeline, tracked
 from service.pipeline import ImageResult
 from service.runtime import Runtime
 
@@ -176,7 +176,8 @@ _INFER_OPENAPI = {
         "application/octet-stream": _BINARY}},
     "parameters": [{"name": HEADER_LENGTH, "in": "header", "required": False,
                     "schema": {"type": "integer", "minimum": 0},
-                    "description": "binary tensor extension: the length of the JSON part of the body"}],
+                    "description": "binary tensor extension: the length of the JSON part of the body"},
+                   TIMEOUT_PARAM],
 }
 _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": InferResponse, "description": "the outputs; with binary outputs the body is the "

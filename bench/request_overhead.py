@@ -1,0 +1,102 @@
+"""Per-request Python on the event loop: the CPU one `/predict` costs in-process, with the
+pipeline replaced by a stub (the model's cost removed), next to `/healthz`.
+
+    python bench/request_overhead.py [--repo PATH] [--bundle PATH] [--requests N]
+
+Drives the ASGI app directly (no sockets, no client), sequentially, one raw image/png body
+of a real test digit per request; reports process CPU ms per request and the event-loop thread's share of it (what limits
+throughput when the loop is the bottleneck), best of 3 rounds.
+`--repo` points at another checkout (e.g. `git archive main | tar -x -C /tmp/main`) to
+compare its code on the same bundle. Writes bench/results/request_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repo", default=str(HERE.parent), help="the checkout whose code to measure")
+    p.add_argument("--bundle", default=str(HERE.parent / "models" / "default"))
+    p.add_argument("--requests", type=int, default=1500)
+    args = p.parse_args()
+    repo = str(Path(args.repo).resolve())
+    sys.path.insert(0, repo)
+    sys.path.insert(1, str(HERE))
+    import torch
+
+    import common
+    from models.datasets import load_dataset
+    from service.app import create_app
+    from service.imaging import encode_png
+    from service.pipeline import ImageResult
+    from service.settings import load_settings
+
+    torch.set_num_threads(1)
+    logging.disable(logging.INFO)
+    started = common.now_iso()
+    bodies = [encode_png(x) for x in load_dataset("mnist5k").test.x[:64]]
+    app = create_app(load_settings(bundle=args.bundle, warmup=False, log_level="warning"))
+    for b in app.state.runtime.batchers.values():  # the stub: no model, same result shape
+        b._run = lambda x, ctx: [ImageResult(status="accepted", label=1, class_name="1", confidence=0.9,
+                                             probabilities=[0.1] * 10) for _ in range(x.shape[0])]
+
+    async def call(path: str, body: bytes, method: str) -> None:
+        sent: list[dict] = []
+        done = False
+
+        async def receive() -> dict:
+            nonlocal done
+            if not done:
+                done = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(m: dict) -> None:
+            sent.append(m)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "scheme": "http", "path": path, "raw_path": path.encode(),
+                 "query_string": b"pipeline=baseline" if method == "POST" else b"",
+                 "headers": [(b"host", b"x"), (b"content-type", b"image/png"),
+                             (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+        await app(scope, receive, send)
+        assert sent[0]["status"] == 200, sent
+
+    rows = []
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            for name, path, method, n in (("GET /healthz", "/healthz", "GET", 2 * args.requests),
+                                          ("POST /predict (stub pipeline)", "/predict", "POST", args.requests)):
+                for i in range(50):
+                    await call(path, bodies[i % 64] if method == "POST" else b"", method)
+                best, best_loop = float("inf"), float("inf")
+                for _ in range(3):
+                    c0, t0 = time.process_time(), time.thread_time()
+                    for i in range(n):
+                        await call(path, bodies[i % 64] if method == "POST" else b"", method)
+                    best = min(best, (time.process_time() - c0) / n * 1000)
+                    best_loop = min(best_loop, (time.thread_time() - t0) / n * 1000)
+                rows.append({"route": name, "requests": n, "cpu_ms_per_request": best,
+                             "event_loop_cpu_ms_per_request": best_loop})
+
+    asyncio.run(run())
+    common.print_table(rows, digits=3, title=f"per-request CPU in-process ({repo})")
+    common.write_results("request_overhead", {"repo": repo, "rows": rows}, started=started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Hardening over real sockets (a uvicorn server in a thread): a chunked upload without
+Content-Length over the body limit is 413; a client that disconnects stops its work."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+
+import pytest
+
+from tests.conftest import png
+from tests.live_server import config_file, live_server
+
+LIMIT = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(quick_bundle, tmp_path_factory):
+    from service.settings import load_settings
+
+    tmp = tmp_path_factory.mktemp("live")
+    config = config_file(tmp, {"baseline", "smoothing"}, default_pipeline="baseline")
+    s = load_settings(config, bundle=quick_bundle, warmup=False, log_level="warning",
+                      limits={"max_body_bytes": LIMIT},
+                      certify={"max_n": 5_000_000, "batch_size": 500})
+    with live_server(s) as (url, app):
+        yield url, app
+
+
+def _raw(url: str, head: str, chunks: list[bytes], read: bool = True) -> tuple[int, bytes, socket.socket]:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(head.encode())
+    try:
+        for c in chunks:
+            sock.sendall(f"{len(c):x}\r\n".encode() + c + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered 413 and closed before the whole body was sent
+    if not read:
+        return 0, b"", sock
+    data = b""
+    while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + _length(data):
+        part = sock.recv(65536)
+        if not part:
+            break
+        data += part
+    sock.close()
+    status = int(data.split(b" ", 2)[1])
+    return status, data.split(b"\r\n\r\n", 1)[1], sock
+
+
+def _length(data: bytes) -> int:
+    m = re.search(rb"content-length: (\d+)", data.split(b"\r\n\r\n")[0], re.I)
+    return int(m.group(1)) if m else 0
+
+
+def _head(path: str) -> str:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            f"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def test_chunked_upload_without_content_length(server, mnist):
+    url, _ = server
+    # under the limit: a real PNG, sent chunked, is decoded and classified
+    body = png(mnist.test.x[0])
+    status, payload, _ = _raw(url, _head("/predict?pipeline=baseline"), [body[:100], body[100:]])
+    assert status == 200, payload
+    assert json.loads(payload)["results"][0]["status"] == "accepted"
+    # over the limit: 413 with the contract's error, before the whole body is read
+    status, payload, _ = _raw(url, _head("/predict?pipeline=baseline"), [b"\0" * 16384] * 16)
+    assert status == 413 and json.loads(payload)["error"]["code"] == "payload_too_large"
+    status, payload, _ = _raw(url, _head("/v2/models/baseline/infer"), [b"\0" * 16384] * 16)
+    assert status == 413 and set(json.loads(payload)) == {"error"}
+
+
+def _metric(url: str, prefix: str) -> float:
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_client_disconnect_stops_certification(server, mnist):
+    url, app = server
+    adm = app.state.runtime.admission
+    body = png(mnist.test.x[2])
+    # n = 5,000,000 samples would take minutes here; the client leaves after 0.5 s
+    head = (f"POST /certify?pipeline=smoothing&n=5000000 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n")
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(head.encode() + body)
+    deadline = time.monotonic() + 10
+    while adm.cost_in_flight < 1_000_000 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert adm.cost_in_flight >= 5_000_000, "the certification was not admitted"
+    time.sleep(0.5)
+    sock.close()
+    left = time.monotonic()
+    while adm.cost_in_flight > 0 and time.monotonic() - left < 10:
+        time.sleep(0.02)
+    stopped = time.monotonic() - left
+    assert adm.cost_in_flight == 0 and stopped < 5, f"work still running {stopped:.1f}s after the client left"
+    closed = 'shieldserve_requests_total{endpoint="certify",outcome="client_closed",pipeline="smoothing"}'
+    assert _metric(url, closed) == 1
+    assert _metric(url, "shieldserve_inflight_requests") == 0
