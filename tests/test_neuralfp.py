@@ -50,6 +50,8 @@ def test_threshold_round_trips_and_network_classifies(env, parts, mnist):
     section = env.bundle.defense("neuralfp")
     cal = section["calibration"]
     assert detector.threshold == cal["thresholds"]["fingerprint"] and cal["target_fpr"] == 0.01
+    assert cal["calibration_set"]["train_holdout"] > 0 and cal["fpr_upper_bound"] <= cal["target_fpr"]
+    assert section["metrics"]["test_fpr"] >= 0 and "measured_val_fpr" in cal
     assert adapter.role == "adapter" and adapter.adapt(mnist.val.x[:2], env.classifier, RunContext()) is detector.network
     scores = fingerprint_scores(detector.network, mnist.val.x, detector._dx, detector._dy)
     assert float((scores > detector.threshold).float().mean()) <= 0.01 + 1 / 500 + 1e-9  # one image may sit on the threshold

@@ -6,8 +6,10 @@ and -alpha on every other class (the MNIST code's 0.7 / 0.2357).
 phi(x) = logits(x) / ||logits(x)||,  F(x, dx) = phi(x + dx) - phi(x).
 Training loss: CE(f(x), y) + weight * mean_i ||F(x, dx_i) - dy_i,y||^2 (the mean estimated on
 a random subset of `fingerprints_per_step` fingerprints per batch, to save CPU).
-Detection: D_k(x) = mean_i ||F(x, dx_i) - dy_i,k||; score = min_k D_k(x); reject above tau,
-tau calibrated on clean validation digits to `target_fpr`.
+Detection: D_k(x) = mean_i ||F(x, dx_i) - dy_i,k||; score = min_k D_k(x); reject above tau.
+Calibration: `holdout_per_class` training digits per class are kept out of the fingerprint
+training; tau is the loosest threshold for which the one-sided 95% Clopper-Pearson upper bound
+of the false-rejection rate on them plus the validation split is <= `target_fpr`.
 
 The network is a COPY of the bundle's base classifier fine-tuned with that loss (the base
 classifier artifact is never touched); a TorchScript base cannot be copied, so the recipe
@@ -36,13 +38,15 @@ class NeuralFPRecipe:
     beta: float = 0.7              # +beta on the true class
     weight: float = 10.0           # of the fingerprint loss against cross-entropy (1.0 barely
                                    # moves the fingerprint distance in a few hundred steps)
-    fingerprints_per_step: int = 3  # a random subset per batch: an unbiased, cheaper loss estimate
-    epochs: int = 4
+    fingerprints_per_step: int = 10  # a random subset per batch: an unbiased, cheaper loss estimate
+    epochs: int = 6
     batch_size: int = 64
     lr: float = 1e-3
     augment: bool = True
     scratch_epochs: int = 30       # when the base classifier cannot be copied
-    target_fpr: float = 0.01
+    target_fpr: float = 0.01       # upper confidence bound of the clean false-rejection rate
+    confidence: float = 0.95
+    holdout_per_class: int = 100   # training digits kept out of the fingerprint training, for calibration
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,7 +55,7 @@ class NeuralFPRecipe:
 PRESETS: dict[str, NeuralFPRecipe] = {
     "default": NeuralFPRecipe(),
     "quick": NeuralFPRecipe(fingerprints_per_step=3, epochs=3, batch_size=64, lr=2e-3, augment=False,
-                             scratch_epochs=4),
+                             scratch_epochs=4, holdout_per_class=50),
 }
 
 
@@ -152,7 +156,10 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
     from models.bundle import Classifier
     from models.recipes.classifier import architecture_spec
     from models.recipes.classifier import recipe as classifier_recipe
-    from service.defenses.calibration import calibration_record, threshold_for
+    from dataclasses import replace as dc_replace
+
+    from models.datasets import calibration_holdout
+    from service.defenses.calibration import bounded_calibration_record, bounded_joint_thresholds
 
     r = recipe(ctx.preset, **ctx.options.get("neuralfp", {}))
     if not 1 <= r.n_fingerprints <= 64:
@@ -174,20 +181,25 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
         p.requires_grad_(True)
     fp = make_fingerprints(spec_in.shape, spec_in.num_classes, r, g)
     wrapped = Classifier(net, spec_in).to(dev)  # trains in pixel space, like the service uses it
-    wrapped, metrics = train_fingerprinted(wrapped, ds, fp, r, epochs, g, dev)
+    train, held = calibration_holdout(ds, r.holdout_per_class)
+    wrapped, metrics = train_fingerprinted(wrapped, dc_replace(ds, train=train), fp, r, epochs, g, dev)
     dx, dy = fp["dx"].to(dev), fp["dy"].to(dev)
-    val = fingerprint_scores(wrapped, ds.val.x.to(dev), dx, dy)
-    tau = threshold_for(val, r.target_fpr)
+    cal = {"fingerprint": fingerprint_scores(wrapped, torch.cat([ds.val.x, held.x]).to(dev), dx, dy)}
+    thresholds, _, _ = bounded_joint_thresholds(cal, r.target_fpr, r.confidence)
+    tau = thresholds["fingerprint"]
+    record = bounded_calibration_record(thresholds, r.target_fpr, r.confidence, cal,
+                                        {"validation": len(ds.val), "train_holdout": len(held)},
+                                        val_scores={"fingerprint": cal["fingerprint"][:len(ds.val)]})
     test_x, test_y = ds.test.x.to(dev), ds.test.y.to(dev)
     test = fingerprint_scores(wrapped, test_x, dx, dy)
     metrics["test_accuracy"] = round(accuracy(wrapped, test_x, test_y), 4)
     ctx.writer.add_module("neuralfp_classifier", wrapped.network, arch,
-                          training={"recipe": r.to_json(), "seed": ctx.seed, "init": init}, metrics=metrics)
+                          training={"recipe": r.to_json(), "seed": ctx.seed, "init": init,
+                                    "train_digits": len(train)}, metrics=metrics)
     ctx.writer.add_tensors("neuralfp_fingerprints", fp, secret=True,
                            note="the fingerprints (dx, dy): secret, never served")
     ctx.writer.set_defense("neuralfp", {
-        "calibration": calibration_record({"fingerprint": tau}, r.target_fpr,
-                                          float((val > tau).float().mean()), len(val)),
+        "calibration": record,
         "classifier": "neuralfp_classifier",
         "fingerprints": "neuralfp_fingerprints",
         "settings": r.to_json(),
