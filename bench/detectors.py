@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=1000, help="test digits (stratified)")
     ap.add_argument("--pgd-limit", type=int, default=1000, help="test digits for PGD-40 (stratified)")
     ap.add_argument("--cw-limit", type=int, default=300, help="test digits for CW-L2 (stratified)")
+    ap.add_argument("--graybox-cw-limit", type=int, default=None,
+                    help="test digits for CW-L2 on the fingerprinted network (default: --cw-limit)")
     ap.add_argument("--cw-steps", type=int, default=5)
     ap.add_argument("--cw-iterations", type=int, default=100)
     ap.add_argument("--cw-lr", type=float, default=0.1)
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     x, y = test.x, test.y
     cw_n = min(args.cw_limit, len(x))
     cw_x, cw_y = x[:cw_n], y[:cw_n]  # per_class interleaves classes: any prefix is stratified
+    gb_cw_n = min(args.graybox_cw_limit if args.graybox_cw_limit is not None else cw_n, cw_n)
     pgd_n = min(args.pgd_limit, len(x))
     log(f"bundle {bundle.path} version {bundle.version}; {len(x)} test digits, CW on {cw_n}")
 
@@ -224,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                                                           "step_size": 0.01, "seed": 0}, run_pgd), "y": y[:pgd_n]}
         log(f"pgd-40 on {target}: {time.time() - t0:.0f}s")
         t0 = time.time()
+        n_cw = cw_n if target == "base" else gb_cw_n
         attacks[f"cw_l2@{target}"] = {"x": cw_l2(
-            model, cw_x, cw_y, **cw_cfg, batch_size=args.cw_batch,
+            model, cw_x[:n_cw], cw_y[:n_cw], **cw_cfg, batch_size=args.cw_batch,
             cache=lambda i, compute, key=key: cache.get({**key, **cw_cfg, "attack": "cw_l2", "start": i,
-                                                         "batch": args.cw_batch}, compute)), "y": cw_y}
+                                                         "batch": args.cw_batch}, compute)), "y": cw_y[:n_cw]}
         log(f"cw-l2 on {target}: {time.time() - t0:.0f}s")
     if args.attacks_only:
         return 0
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"bundle": str(args.bundle), "bundle_version": bundle.version,
                                "test_digits": len(x), "pgd_digits": pgd_n, "cw_digits": cw_n,
+                               "graybox_cw_digits": gb_cw_n,
                                "cw": cw_cfg,
                                "pgd": {"steps": 40, "eps": 0.3, "step_size": 0.01, "random_start": True},
                                "attacks": {k: {"success_rate_on_target": round(v["success"], 4),
@@ -316,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = "python bench/detectors.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
-    print(f"\nAttacks ({len(x)} test digits; PGD-40 on the first {pgd_n}, CW-L2 on the first {cw_n}, stratified)")
+    print(f"\nAttacks ({len(x)} test digits; PGD-40 on the first {pgd_n}, CW-L2 on the first {cw_n} "
+          f"({gb_cw_n} on the fingerprinted network), stratified)")
     print(table([[k, v["n"], v["success_rate_on_target"], v["mean_l2"]] for k, v in results["attacks"].items()],
                 ["attack@target", "n", "success on target", "mean L2"]))
     print("\nClean and oblivious attacks (computed on the base classifier): share rejected or classified correctly")
