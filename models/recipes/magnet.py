@@ -153,7 +153,9 @@ class MagnetRecipe:
 
 PRESETS: dict[str, MagnetRecipe] = {
     "default": MagnetRecipe(),
-    "quick": MagnetRecipe(epochs=1, batch_size=32, lr=1e-2, holdout_per_class=50),
+    # 3 epochs: after 1 the AEs' clean reconstruction errors have a long tail, and thresholds
+    # bounded at 1% on 1,000 digits sit above a quarter of FGSM 0.3 digits' errors
+    "quick": MagnetRecipe(epochs=3, batch_size=32, lr=1e-2, holdout_per_class=50),
 }
 
 STRUCTURES: dict[str, list[int | str]] = {"magnet_ae_i": [3, "average", 3], "magnet_ae_ii": [3]}
