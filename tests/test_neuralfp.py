@@ -53,7 +53,8 @@ def test_threshold_round_trips_and_network_classifies(env, parts, mnist):
     assert cal["calibration_set"]["train_holdout"] > 0 and cal["fpr_upper_bound"] <= cal["target_fpr"]
     assert section["metrics"]["test_fpr"] >= 0 and "measured_val_fpr" in cal
     assert adapter.role == "adapter" and adapter.adapt(mnist.val.x[:2], env.classifier, RunContext()) is detector.network
-    scores = fingerprint_scores(detector.network, mnist.val.x, detector._dx, detector._dy)
+    assert detector.match == section["match"] == "predicted"
+    scores = fingerprint_scores(detector.network, mnist.val.x, detector._dx, detector._dy, match=detector.match)
     assert float((scores > detector.threshold).float().mean()) <= 0.01 + 1 / 500 + 1e-9  # one image may sit on the threshold
     assert 10 <= section["settings"]["n_fingerprints"] <= 30
     acc = float((detector.network(mnist.test.x).argmax(1) == mnist.test.y).float().mean())
@@ -127,4 +128,4 @@ def test_fingerprints_never_leave_the_service(make_client, parts, digits, caplog
     leaked = [s for s in secrets if s in text]
     assert not leaked, f"fingerprint values leaked: {leaked[:5]}"
     settings = {p["name"]: p for p in client.get("/pipelines").json()["pipelines"]}["neuralfp"]["defenses"][0]["settings"]
-    assert set(settings) == {"fingerprints", "threshold", "calibrated_target_fpr"}
+    assert set(settings) == {"fingerprints", "threshold", "calibrated_target_fpr", "match"}

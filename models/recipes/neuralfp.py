@@ -53,6 +53,7 @@ class NeuralFPRecipe:
     holdout_per_class: int = 100   # training digits kept out of the fingerprint training, for calibration
     bound: float = 0.005           # the upper bound must be <= this (half the target: see the module doc)
     recalibrate: bool = False      # keep the bundle's network and fingerprints, only set tau again
+    match: str = "predicted"       # score: D at the predicted class, or "min" over classes
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,12 +97,22 @@ def fingerprint_distances(model: Any, x: torch.Tensor, dx: torch.Tensor, dy: tor
     return logits, diff.norm(dim=3).mean(dim=1)
 
 
+MATCHES = ("predicted", "min")
+
+
 @torch.no_grad()
 def fingerprint_scores(model: Any, x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
-                       batch_size: int = 250) -> torch.Tensor:
-    """min_k D_k(x), one score per image (higher = less like a clean digit)."""
-    out = [fingerprint_distances(model, x[i:i + batch_size], dx, dy)[1].min(dim=1).values
-           for i in range(0, len(x), batch_size)]
+                       batch_size: int = 250, match: str = "min") -> torch.Tensor:
+    """One score per image (higher = less like a clean digit): `min` = min_k D_k(x) (the
+    closest class's fingerprints), `predicted` = D_k(x) for k = the network's own prediction
+    (the fingerprints of the class it answers must match)."""
+    if match not in MATCHES:
+        raise ValueError(f"neuralfp match must be one of {MATCHES}, got {match!r}")
+    out = []
+    for i in range(0, len(x), batch_size):
+        logits, d = fingerprint_distances(model, x[i:i + batch_size], dx, dy)
+        out.append(d.min(dim=1).values if match == "min"
+                   else d.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1))
     return torch.cat(out)
 
 
@@ -193,7 +204,7 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
         train, held = calibration_holdout(ds, r.holdout_per_class)
         wrapped, metrics = train_fingerprinted(wrapped, dc_replace(ds, train=train), fp, r, epochs, g, dev)
     dx, dy = fp["dx"].to(dev), fp["dy"].to(dev)
-    cal = {"fingerprint": fingerprint_scores(wrapped, torch.cat([ds.val.x, held.x]).to(dev), dx, dy)}
+    cal = {"fingerprint": fingerprint_scores(wrapped, torch.cat([ds.val.x, held.x]).to(dev), dx, dy, match=r.match)}
     bound = min(r.bound, r.target_fpr)
     thresholds, _, _ = bounded_joint_thresholds(cal, bound, r.confidence)
     tau = thresholds["fingerprint"]
@@ -201,7 +212,7 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
                                         {"validation": len(ds.val), "train_holdout": len(held)},
                                         val_scores={"fingerprint": cal["fingerprint"][:len(ds.val)]}, bound=bound)
     test_x, test_y = ds.test.x.to(dev), ds.test.y.to(dev)
-    test = fingerprint_scores(wrapped, test_x, dx, dy)
+    test = fingerprint_scores(wrapped, test_x, dx, dy, match=r.match)
     metrics["test_accuracy"] = round(accuracy(wrapped, test_x, test_y), 4)
     if not r.recalibrate:
         ctx.writer.add_module("neuralfp_classifier", wrapped.network, arch,
@@ -213,6 +224,7 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
         "calibration": record,
         "classifier": "neuralfp_classifier",
         "fingerprints": "neuralfp_fingerprints",
+        "match": r.match,
         "settings": r.to_json(),
         "metrics": {"test_accuracy": metrics["test_accuracy"],
                     "test_fpr": round(float((test > tau).float().mean()), 6)},
@@ -231,7 +243,7 @@ def _existing(ctx: "BuildContext", r: NeuralFPRecipe):  # noqa: F821
         raise ValueError("neuralfp recalibrate: the bundle has no fingerprinted network to recalibrate")
     record = bundle.artifact("neuralfp_classifier")
     trained = dict(record.get("training", {}).get("recipe", {}))
-    keep = {"target_fpr", "confidence", "bound", "recalibrate"}
+    keep = {"target_fpr", "confidence", "bound", "recalibrate", "match"}
     r = replace(r, **{k: v for k, v in trained.items() if k not in keep and k in asdict(r)})
     wrapped = bundle.classifier(ctx.device, artifact="neuralfp_classifier")
     fp = bundle.tensors("neuralfp_fingerprints", ctx.device)
