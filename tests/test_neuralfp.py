@@ -53,8 +53,12 @@ def test_threshold_round_trips_and_network_classifies(env, parts, mnist):
     assert cal["calibration_set"]["train_holdout"] > 0 and cal["fpr_upper_bound"] <= cal["target_fpr"]
     assert section["metrics"]["test_fpr"] >= 0 and "measured_val_fpr" in cal
     assert adapter.role == "adapter" and adapter.adapt(mnist.val.x[:2], env.classifier, RunContext()) is detector.network
-    assert detector.match == section["match"] == "predicted"
+    assert detector.match == section["match"] == section["settings"]["match"]
     scores = fingerprint_scores(detector.network, mnist.val.x, detector._dx, detector._dy, match=detector.match)
+    # the predicted class's distance is one of the distances min takes the smallest of
+    by_pred = fingerprint_scores(detector.network, mnist.val.x[:50], detector._dx, detector._dy, match="predicted")
+    by_min = fingerprint_scores(detector.network, mnist.val.x[:50], detector._dx, detector._dy, match="min")
+    assert bool((by_pred >= by_min - 1e-6).all())
     assert float((scores > detector.threshold).float().mean()) <= 0.01 + 1 / 500 + 1e-9  # one image may sit on the threshold
     assert 10 <= section["settings"]["n_fingerprints"] <= 30
     acc = float((detector.network(mnist.test.x).argmax(1) == mnist.test.y).float().mean())

@@ -1,8 +1,8 @@
 """Neural Fingerprinting (Dathathri et al. 2018): reject an input whose responses to the secret
 fingerprint perturbations match no class's expected responses.
 
-Score: mean_i ||F(x, dx_i) - dy_i,k|| for k = the predicted class (`match: predicted`, the
-bundle's setting) or the minimum over k (`match: min`), with F(x, dx) = phi(x + dx) - phi(x) and
+Score: the minimum over k of mean_i ||F(x, dx_i) - dy_i,k|| (`match: min`, the default) or
+that distance for k = the predicted class (`match: predicted`), as the bundle's section says; with F(x, dx) = phi(x + dx) - phi(x) and
 phi = normalised logits of the *fingerprinted* network (models.recipes.neuralfp); reject
 above tau, calibrated on clean validation digits (the bundle's `neuralfp` section).
 
