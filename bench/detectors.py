@@ -18,6 +18,7 @@ Prints a table and writes bench/results/detectors.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import statistics
@@ -55,14 +56,18 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------- Carlini-Wagner L2
 def cw_l2(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
           binary_steps: int = 5, iterations: int = 100, lr: float = 0.1, initial_const: float = 1.0,
-          confidence: float = 0.0, batch_size: int = 250) -> torch.Tensor:
+          confidence: float = 0.0, batch_size: int = 250,
+          cache: Callable[[int, Callable[[], torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
     """Untargeted Carlini & Wagner (2017) L2: Adam on w with x' = (tanh(w)+1)/2, loss
     ||x'-x||^2 + c * max(Z_y - max_{j!=y} Z_j, -kappa), binary search on c per image. Returns
-    the smallest-L2 adversarial found per image, or the original where none was found."""
+    the smallest-L2 adversarial found per image, or the original where none was found.
+    `cache(i, compute)` may store each batch (starting at digit i) so an interrupted run resumes."""
     out = []
     for i in range(0, len(x), batch_size):
-        out.append(_cw_batch(model, x[i:i + batch_size], y[i:i + batch_size], binary_steps, iterations,
-                             lr, initial_const, confidence))
+        def compute(i: int = i) -> torch.Tensor:
+            return _cw_batch(model, x[i:i + batch_size], y[i:i + batch_size], binary_steps, iterations,
+                             lr, initial_const, confidence)
+        out.append(cache(i, compute) if cache else compute())
         log(f"  cw {min(i + batch_size, len(x))}/{len(x)}")
     return torch.cat(out)
 
@@ -105,6 +110,29 @@ def _cw_batch(model, x, y, binary_steps, iterations, lr, c0, kappa):
 
 
 # ---------------------------------------------------------------------- helpers
+class AttackCache:
+    """Adversarial digits on disk, keyed by everything that determines them (the attacked
+    network's sha256, the attack's parameters, the digits). The oblivious attacks depend only
+    on the base classifier, so a re-run after a defense is rebuilt reuses them; the gray-box
+    ones are recomputed whenever the fingerprinted network changes. No directory: no cache."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.dir = Path(directory) if directory else None
+
+    def get(self, key: dict[str, Any], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self.dir is None:
+            return compute()
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        path = self.dir / f"{key['attack']}-{digest}.pt"
+        if path.exists():
+            return torch.load(path)
+        out = compute()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        return out
+
+
 def auc_roc(negative: torch.Tensor, positive: torch.Tensor) -> float:
     """P(score_pos > score_neg) + 0.5 P(tie): the Mann-Whitney form of the ROC area."""
     from scipy.stats import rankdata
@@ -141,8 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=1000, help="test digits (stratified)")
     ap.add_argument("--pgd-limit", type=int, default=1000, help="test digits for PGD-40 (stratified)")
     ap.add_argument("--cw-limit", type=int, default=300, help="test digits for CW-L2 (stratified)")
+    ap.add_argument("--graybox-cw-limit", type=int, default=None,
+                    help="test digits for CW-L2 on the fingerprinted network (default: --cw-limit)")
     ap.add_argument("--cw-steps", type=int, default=5)
     ap.add_argument("--cw-iterations", type=int, default=100)
+    ap.add_argument("--cw-lr", type=float, default=0.1)
+    ap.add_argument("--cw-c0", type=float, default=1.0, help="CW initial constant")
+    ap.add_argument("--cw-batch", type=int, default=100, help="digits per CW batch (and cache entry)")
+    ap.add_argument("--cache", default=None, help="directory to keep adversarial digits in (reused when "
+                    "the attacked network and the attack's settings are unchanged)")
+    ap.add_argument("--attack-targets", default="base,fingerprinted", help="with --attacks-only: which networks")
+    ap.add_argument("--attacks-only", action="store_true", help="compute (and cache) the attacks, then stop")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "detectors.json"))
     args = ap.parse_args(argv)
@@ -162,24 +199,42 @@ def main(argv: list[str] | None = None) -> int:
     x, y = test.x, test.y
     cw_n = min(args.cw_limit, len(x))
     cw_x, cw_y = x[:cw_n], y[:cw_n]  # per_class interleaves classes: any prefix is stratified
+    gb_cw_n = min(args.graybox_cw_limit if args.graybox_cw_limit is not None else cw_n, cw_n)
     pgd_n = min(args.pgd_limit, len(x))
     log(f"bundle {bundle.path} version {bundle.version}; {len(x)} test digits, CW on {cw_n}")
 
-    gen = torch.Generator().manual_seed(0)
+    cache = AttackCache(args.cache)
+    digits = hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16]
+    cw_cfg = {"binary_steps": args.cw_steps, "iterations": args.cw_iterations, "lr": args.cw_lr,
+              "initial_const": args.cw_c0, "confidence": 0.0}
     attacks: dict[str, dict[str, Any]] = {}
-    for target, model in (("base", base), ("fingerprinted", fp_net)):
+    for target, model, artifact in (("base", base, "classifier"),
+                                    ("fingerprinted", fp_net, bundle.defense("neuralfp")["classifier"])):
+        if args.attacks_only and target not in args.attack_targets.split(","):
+            continue
+        key = {"network": bundle.artifact(artifact)["sha256"], "digits": digits}
         t0 = time.time()
-        attacks[f"fgsm_0.3@{target}"] = {"x": fgsm(model, x, y, 0.3), "y": y}
+        attacks[f"fgsm_0.3@{target}"] = {"x": cache.get({**key, "attack": "fgsm", "eps": 0.3, "n": len(x)},
+                                                        lambda: fgsm(model, x, y, 0.3)), "y": y}
         log(f"fgsm on {target}: {time.time() - t0:.0f}s")
         t0 = time.time()
-        attacks[f"pgd40_0.3@{target}"] = {"x": torch.cat([pgd(model, x[i:min(i + 250, pgd_n)], y[i:min(i + 250, pgd_n)],
-                                                              0.3, steps=40, step_size=0.01, generator=gen)
-                                                          for i in range(0, pgd_n, 250)]), "y": y[:pgd_n]}
+
+        def run_pgd() -> torch.Tensor:
+            gen = torch.Generator().manual_seed(0)
+            return torch.cat([pgd(model, x[i:min(i + 250, pgd_n)], y[i:min(i + 250, pgd_n)],
+                                  0.3, steps=40, step_size=0.01, generator=gen) for i in range(0, pgd_n, 250)])
+        attacks[f"pgd40_0.3@{target}"] = {"x": cache.get({**key, "attack": "pgd40", "eps": 0.3, "n": pgd_n,
+                                                          "step_size": 0.01, "seed": 0}, run_pgd), "y": y[:pgd_n]}
         log(f"pgd-40 on {target}: {time.time() - t0:.0f}s")
         t0 = time.time()
-        attacks[f"cw_l2@{target}"] = {"x": cw_l2(model, cw_x, cw_y, binary_steps=args.cw_steps,
-                                                 iterations=args.cw_iterations), "y": cw_y}
+        n_cw = cw_n if target == "base" else gb_cw_n
+        attacks[f"cw_l2@{target}"] = {"x": cw_l2(
+            model, cw_x[:n_cw], cw_y[:n_cw], **cw_cfg, batch_size=args.cw_batch,
+            cache=lambda i, compute, key=key: cache.get({**key, **cw_cfg, "attack": "cw_l2", "start": i,
+                                                         "batch": args.cw_batch}, compute)), "y": cw_y[:n_cw]}
         log(f"cw-l2 on {target}: {time.time() - t0:.0f}s")
+    if args.attacks_only:
+        return 0
     for name, a in attacks.items():
         model = base if name.endswith("@base") else fp_net
         with torch.no_grad():
@@ -188,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"bundle": str(args.bundle), "bundle_version": bundle.version,
                                "test_digits": len(x), "pgd_digits": pgd_n, "cw_digits": cw_n,
-                               "cw": {"binary_steps": args.cw_steps, "iterations": args.cw_iterations,
-                                      "lr": 0.1, "initial_const": 1.0, "confidence": 0.0},
+                               "graybox_cw_digits": gb_cw_n,
+                               "cw": cw_cfg,
                                "pgd": {"steps": 40, "eps": 0.3, "step_size": 0.01, "random_start": True},
                                "attacks": {k: {"success_rate_on_target": round(v["success"], 4),
                                                "mean_l2": round(v["mean_l2"], 4), "n": len(v["y"])}
@@ -266,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = "python bench/detectors.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
-    print(f"\nAttacks ({len(x)} test digits; PGD-40 on the first {pgd_n}, CW-L2 on the first {cw_n}, stratified)")
+    print(f"\nAttacks ({len(x)} test digits; PGD-40 on the first {pgd_n}, CW-L2 on the first {cw_n} "
+          f"({gb_cw_n} on the fingerprinted network), stratified)")
     print(table([[k, v["n"], v["success_rate_on_target"], v["mean_l2"]] for k, v in results["attacks"].items()],
                 ["attack@target", "n", "success on target", "mean L2"]))
     print("\nClean and oblivious attacks (computed on the base classifier): share rejected or classified correctly")

@@ -177,3 +177,20 @@ def load_dataset(spec: str = "mnist5k") -> Dataset:
     if kind == "npz" and arg:
         return npz_dataset(arg)
     raise ValueError(f"unknown dataset {spec!r}: use mnist5k, idx:DIR or npz:FILE")
+
+
+CALIBRATION_SEED = 20_180_303  # fixed: which training digits a detector's recipe holds out
+
+
+def calibration_holdout(dataset: Dataset, per_class: int, seed: int = CALIBRATION_SEED) -> tuple[Split, Split]:
+    """(training digits minus a held-out part, the held-out part): `per_class` digits of every
+    class taken out of the train split, so that a detector's own networks (autoencoders, a
+    fingerprinted copy of the classifier) never train on them and its thresholds can be
+    calibrated on them together with the validation split. The test split is never touched,
+    and the held-out digits are fixed by `seed` (independent of the training seed). The base
+    classifier did see them: this only guards the detector's own networks."""
+    if per_class <= 0:
+        return dataset.train, Split(dataset.train.x[:0], dataset.train.y[:0])
+    held, rest = stratified_split(dataset.train.y.numpy(), [per_class], seed)
+    return (Split(dataset.train.x[rest], dataset.train.y[rest]),
+            Split(dataset.train.x[held], dataset.train.y[held]))

@@ -54,6 +54,30 @@ def test_thresholds_round_trip_and_hold_on_validation(env, mnist):
     slack = len(detector.names) / len(mnist.val.x)
     assert cal["measured_val_fpr"] <= 0.01
     assert rejection_rate(scores, detector.thresholds) <= cal["measured_val_fpr"] + slack + 1e-9
+    # calibrated with a margin: validation plus held-out training digits, upper bound <= 1%
+    assert cal["calibration_set"]["validation"] == len(mnist.val.x) and cal["calibration_set"]["train_holdout"] > 0
+    assert cal["calibration_images"] == sum(cal["calibration_set"].values())
+    assert cal["fpr_upper_bound"] <= cal["bound_target"] <= cal["target_fpr"]
+    assert cal["measured_calibration_fpr"] < cal["fpr_upper_bound"]
+    # the reformer is one of the two autoencoders, named in the manifest and in the settings
+    assert section["reformer"]["autoencoder"] in ("magnet_ae_i", "magnet_ae_ii")
+    assert reformer.public_settings() == {"reformer": section["reformer"]["autoencoder"]}
+
+
+def test_bounded_calibration():
+    from service.defenses.calibration import bounded_joint_thresholds, clopper_pearson_upper
+
+    # known values of the one-sided 95% Clopper-Pearson bound (scipy.stats.beta.ppf(0.95, k + 1, n - k))
+    assert abs(clopper_pearson_upper(0, 500) - 0.0059736) < 1e-6
+    assert abs(clopper_pearson_upper(1, 500) - 0.0094523) < 1e-6
+    assert abs(clopper_pearson_upper(8, 1500) - 0.0096025) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(2000, generator=g), "b": torch.rand(2000, generator=g)}
+    thresholds, rate, k = bounded_joint_thresholds(scores, 0.01)
+    assert round(rejection_rate(scores, thresholds) * 2000) == k and clopper_pearson_upper(k, 2000) <= 0.01
+    assert clopper_pearson_upper(k + 1, 2000) > 0.01 and 0 < rate < 0.01  # one more would break the bound
+    with pytest.raises(ValueError):
+        bounded_joint_thresholds({"a": torch.rand(100, generator=g)}, 0.01)  # 100 digits cannot show 1%
 
 
 def test_detectors_reject_fgsm_and_accept_clean(env, digits):

@@ -50,8 +50,15 @@ def test_threshold_round_trips_and_network_classifies(env, parts, mnist):
     section = env.bundle.defense("neuralfp")
     cal = section["calibration"]
     assert detector.threshold == cal["thresholds"]["fingerprint"] and cal["target_fpr"] == 0.01
+    assert cal["calibration_set"]["train_holdout"] > 0 and cal["fpr_upper_bound"] <= cal["target_fpr"]
+    assert section["metrics"]["test_fpr"] >= 0 and "measured_val_fpr" in cal
     assert adapter.role == "adapter" and adapter.adapt(mnist.val.x[:2], env.classifier, RunContext()) is detector.network
-    scores = fingerprint_scores(detector.network, mnist.val.x, detector._dx, detector._dy)
+    assert detector.match == section["match"] == section["settings"]["match"]
+    scores = fingerprint_scores(detector.network, mnist.val.x, detector._dx, detector._dy, match=detector.match)
+    # the predicted class's distance is one of the distances min takes the smallest of
+    by_pred = fingerprint_scores(detector.network, mnist.val.x[:50], detector._dx, detector._dy, match="predicted")
+    by_min = fingerprint_scores(detector.network, mnist.val.x[:50], detector._dx, detector._dy, match="min")
+    assert bool((by_pred >= by_min - 1e-6).all())
     assert float((scores > detector.threshold).float().mean()) <= 0.01 + 1 / 500 + 1e-9  # one image may sit on the threshold
     assert 10 <= section["settings"]["n_fingerprints"] <= 30
     acc = float((detector.network(mnist.test.x).argmax(1) == mnist.test.y).float().mean())
@@ -103,8 +110,11 @@ def test_fingerprints_never_leave_the_service(make_client, parts, digits, caplog
     caplog.set_level(logging.DEBUG)
     client = make_client(pipelines=PIPELINES, default_pipeline="neuralfp")
     x, y, x_adv = digits
+    (d_adv,) = detector.detect(x_adv, detector.network, RunContext())
+    caught = torch.nonzero(d_adv.rejected).flatten()[:4].tolist()  # adversarial digits the detector rejects
+    assert caught
     files = [("file", (f"{i}.png", png(x[i]), "image/png")) for i in range(4)]
-    files += [("file", (f"a{i}.png", png(x_adv[i]), "image/png")) for i in range(4)]
+    files += [("file", (f"a{i}.png", png(x_adv[i]), "image/png")) for i in caught]
     bodies = []
     for pipeline in ("neuralfp", "neuralfp_base"):
         r = client.post(f"/predict?pipeline={pipeline}", files=files)
@@ -122,4 +132,4 @@ def test_fingerprints_never_leave_the_service(make_client, parts, digits, caplog
     leaked = [s for s in secrets if s in text]
     assert not leaked, f"fingerprint values leaked: {leaked[:5]}"
     settings = {p["name"]: p for p in client.get("/pipelines").json()["pipelines"]}["neuralfp"]["defenses"][0]["settings"]
-    assert set(settings) == {"fingerprints", "threshold", "calibrated_target_fpr"}
+    assert set(settings) == {"fingerprints", "threshold", "calibrated_target_fpr", "match"}

@@ -39,6 +39,9 @@ def test_threshold_round_trips_and_detects(env, mnist):
     (det,) = build({}, env)
     cal = env.bundle.defense("squeeze")["calibration"]
     assert det.threshold == cal["thresholds"]["squeezing"] and cal["target_fpr"] == 0.01
+    # calibrated on every non-test digit, upper bound held to half the target (the classifier saw them)
+    assert cal["calibration_set"] == {"validation": len(mnist.val), "train": len(mnist.train)}
+    assert cal["fpr_upper_bound"] <= cal["bound_target"] == 0.005
     val = squeeze_scores(mnist.val.x, env.classifier)
     assert float((val > det.threshold).float().mean()) <= 0.01 + 1 / 500 + 1e-9  # one image may sit on the threshold
     sub = mnist.test.per_class(5)
@@ -48,7 +51,8 @@ def test_threshold_round_trips_and_detects(env, mnist):
     (d_adv,) = det.detect(x_adv, env.classifier, RunContext())
     fooled = env.classifier(x_adv).argmax(1) != sub.y
     assert d_clean.rejected.float().mean() <= 0.06
-    assert fooled.sum() >= 10 and d_adv.rejected[fooled].float().mean() >= 0.5
+    # the threshold is bounded at 0.5% of 4,000 clean digits: strict, so a share of the fooled digits pass
+    assert fooled.sum() >= 10 and d_adv.rejected[fooled].float().mean() >= 0.35
     with pytest.raises(ValueError):
         build({"bits": 2}, env)
 

@@ -5,7 +5,8 @@ Detectors (scores from models.recipes.magnet, thresholds from the bundle's manif
   reconstruction_l1 / reconstruction_l2   mean |x - AE_I(x)|^p
   divergence_t10 / divergence_t40         JS(softmax(f(x)/T) || softmax(f(AE_II(x))/T)),
                                           f = the base classifier's logits
-Reformer: x -> clip(AE_I(x), 0, 1).
+Reformer: x -> clip(AE(x), 0, 1), AE = the autoencoder the bundle's `magnet.reformer` names
+(the recipe picks the one that keeps the most clean validation accuracy).
 
 Options (pipeline config):
   detectors: list of detector names (default: all four) — [] for the reformer alone
@@ -51,8 +52,9 @@ class MagnetReformer(Component):
     role = "purifier"
     defense = "magnet"
 
-    def __init__(self, autoencoder: nn.Module) -> None:
+    def __init__(self, autoencoder: nn.Module, name: str = REFORMER_AE) -> None:
         self.autoencoder = autoencoder
+        self.name = name
 
     def purify(self, x: torch.Tensor, classify: Classify, ctx: RunContext) -> Purified:
         with torch.no_grad():
@@ -60,7 +62,7 @@ class MagnetReformer(Component):
         return Purified(out)
 
     def public_settings(self) -> dict[str, Any]:
-        return {"reformer": REFORMER_AE}
+        return {"reformer": self.name}
 
 
 def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
@@ -86,5 +88,5 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
                                          float(calibration["target_fpr"])))
     if reform:
         reformer_ae = section.get("reformer", {}).get("autoencoder", REFORMER_AE)
-        components.append(MagnetReformer(env.bundle.module(reformer_ae, env.device)))
+        components.append(MagnetReformer(env.bundle.module(reformer_ae, env.device), reformer_ae))
     return components

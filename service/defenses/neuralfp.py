@@ -1,7 +1,8 @@
 """Neural Fingerprinting (Dathathri et al. 2018): reject an input whose responses to the secret
 fingerprint perturbations match no class's expected responses.
 
-Score: min_k mean_i ||F(x, dx_i) - dy_i,k||, with F(x, dx) = phi(x + dx) - phi(x) and
+Score: the minimum over k of mean_i ||F(x, dx_i) - dy_i,k|| (`match: min`, the default) or
+that distance for k = the predicted class (`match: predicted`), as the bundle's section says; with F(x, dx) = phi(x + dx) - phi(x) and
 phi = normalised logits of the *fingerprinted* network (models.recipes.neuralfp); reject
 above tau, calibrated on clean validation digits (the bundle's `neuralfp` section).
 
@@ -32,18 +33,20 @@ class NeuralFPDetector(Component):
     defense = "neuralfp"
 
     def __init__(self, network: Classifier, dx: torch.Tensor, dy: torch.Tensor, threshold: float,
-                 target_fpr: float) -> None:
+                 target_fpr: float, match: str = "min") -> None:
         self.network = network
+        self.match = match
         self._dx, self._dy = dx, dy  # secret
         self.threshold = threshold
         self.target_fpr = target_fpr
 
     def detect(self, x: torch.Tensor, classify: Classify, ctx: RunContext) -> list[Detection]:
-        return [Detection("fingerprint", fingerprint_scores(self.network, x, self._dx, self._dy), self.threshold)]
+        return [Detection("fingerprint", fingerprint_scores(self.network, x, self._dx, self._dy, match=self.match),
+                          self.threshold)]
 
     def public_settings(self) -> dict[str, Any]:
         return {"fingerprints": int(self._dx.shape[0]), "threshold": self.threshold,
-                "calibrated_target_fpr": self.target_fpr}
+                "calibrated_target_fpr": self.target_fpr, "match": self.match}
 
     def __repr__(self) -> str:  # never print the tensors
         return f"NeuralFPDetector(fingerprints={int(self._dx.shape[0])}, threshold={self.threshold:.4g})"
@@ -78,7 +81,7 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     fp = env.bundle.tensors(section["fingerprints"], env.device)
     components: list[Component] = [
         NeuralFPDetector(network, fp["dx"], fp["dy"], float(cal["thresholds"]["fingerprint"]),
-                         float(cal["target_fpr"]))]
+                         float(cal["target_fpr"]), section.get("match", "min"))]
     if classify_with == "fingerprinted":
         components.append(NeuralFPAdapter(network))
     return components
