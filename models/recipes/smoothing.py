@@ -10,6 +10,8 @@ Gaussian denoiser for denoised smoothing.
   in front of the *plain* base classifier with MSE, then MSE + the stability objective (Salman
   et al. 2020): ||D(x+d) - x||^2 + lambda * CE(f(D(x+d)), f(x)). The classifier stays frozen
   and unchanged; the pair D then f is what denoised smoothing certifies.
+"""
+
 from __future__ import annotations
 
 import copy
