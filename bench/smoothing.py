@@ -299,7 +299,7 @@ def combine_plots(paths: list[str], out: Path) -> None:
         data = json.loads(Path(path).read_text())
         for name, res in data.get("certified", {}).items():
             ax.plot(RADII, [res["certified_accuracy"][f"{r:g}"] for r in RADII], marker="o",
-                    label=f"{Path(path).stem}: {name} ({res['digits']} digits)")
+                    label=f"{name} ({res['digits']} digits{', cut short' if res.get('partial') else ''})")
     ax.set_xlabel("L2 radius r")
     ax.set_ylabel("certified accuracy")
     ax.set_title("Randomized smoothing, mnist5k test digits, alpha=0.001")
