@@ -10,7 +10,7 @@ from scipy.stats import binom, norm
 
 from service.defenses.smoothing import (
     ABSTAIN, NoiseSampler, alpha_spending, certify, certify_at_radius, geometric_schedule,
-    lower_confidence_bound, predict_from_counts, radius_from, upper_confidence_bound,
+    lower_confidence_bound, optimize_for_cpu, predict_from_counts, radius_from, upper_confidence_bound,
 )
 
 
@@ -69,6 +69,21 @@ def test_certificate_reproduced_from_its_seed(mnist, smoothing_classifier) -> No
     assert (a.label, a.radius, a.p_a_lower, a.seed) == (b.label, b.radius, b.p_a_lower, 12345)
     _, counts_c = certify(NoiseSampler(_coin, 0.25, 10, 256), x, 64, 1000, 0.001, seed=12346)
     assert not torch.equal(counts_a, counts_c)
+
+
+def test_optimized_model_gives_the_same_certificate(mnist, smoothing_classifier) -> None:
+    # the frozen TorchScript copy is the same function: same logits (to rounding), same counts;
+    # and the forward-pass batch never changes the noise, so neither the counts
+    fast = optimize_for_cpu(smoothing_classifier, (1, 28, 28))
+    assert isinstance(fast, torch.jit.ScriptModule)
+    x = mnist.test.x[:50]
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), smoothing_classifier(x), atol=1e-4)
+    ref, counts = certify(NoiseSampler(smoothing_classifier, 0.25, 10, 512), x[3], 64, 2000, 0.001, seed=7)
+    for f, forward in ((fast, None), (fast, 100), (smoothing_classifier, 37)):
+        cert, c = certify(NoiseSampler(f, 0.25, 10, 512, forward), x[3], 64, 2000, 0.001, seed=7)
+        assert torch.equal(c, counts) and (cert.label, cert.radius) == (ref.label, ref.radius)
+    assert optimize_for_cpu(_coin, (1, 28, 28)) is _coin  # not a module: used as it is
 
 
 def test_certifies_real_digits(mnist, smoothing_classifier) -> None:
