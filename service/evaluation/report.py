@@ -1,0 +1,242 @@
+"""report.md (tables) and PNG plots from report.json's contents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SECTIONS = ("oblivious", "graybox", "adaptive", "blackbox")
+TITLES = {
+    "oblivious": "Oblivious: adversarial digits computed on the base classifier only",
+    "graybox": "Gray-box: computed on the labeling network, without the defense's secrets, detectors or noise",
+    "adaptive": "Adaptive white-box: BPDA, EOT, detector-aware losses, GMSA",
+    "blackbox": "Black-box: /predict answers only (status, label, confidence), with a query budget per digit",
+}
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def worst(rep: dict[str, Any], section: str, key: str = "robust_accuracy") -> tuple[float | None, str | None]:
+    """The lowest robust accuracy over a section's attacks, and the attack."""
+    rows = [(r[key], name.split("/", 1)[1]) for name, r in rep["attacks"].items()
+            if r["section"] == section and r.get(key) is not None]
+    if not rows:
+        return None, None
+    return min(rows)
+
+
+def headline(report: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    eps = report["budget"]["linf_eps"]
+    for name, rep in report["pipelines"].items():
+        if "clean" not in rep:
+            continue
+        obl = rep["attacks"].get(f"oblivious/pgd_linf_{eps:g}", {})
+        wa, wa_name = worst(rep, "adaptive")
+        wb, wb_name = worst(rep, "blackbox")
+        cert = rep.get("certified", {}).get("accuracy", {})
+        auc = obl.get("detection_auc")
+        rows.append([name, rep["digits"], rep["clean"]["accuracy"], rep["clean"]["false_rejection_rate"],
+                     obl.get("robust_accuracy"), f"{_f(wa)} ({wa_name})" if wa is not None else "-",
+                     f"{_f(wb)} ({wb_name})" if wb is not None else "-",
+                     auc, cert.get("0.5"), rep["clean"]["seconds_per_image"]])
+    return rows
+
+
+HEADLINE_HEADER = ["pipeline", "digits", "clean acc", "clean FRR", f"oblivious PGD-40 L-inf 0.3",
+                   "adaptive (worst attack)", "black-box (worst)", "detection AUC (obliv. PGD)",
+                   "certified acc @ L2 0.5", "s/img (clean)"]
+
+
+def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
+    eps = report["budget"]["linf_eps"]
+    out = [f"# shieldserve security evaluation",
+           "",
+           f"Bundle `{report['bundle']}` (version {report['bundle_version']}); {report['dataset']}; "
+           f"seed {report['seed']}; {report.get('seconds', 0) / 60:.1f} min on {report['machine']['processor']} "
+           f"({report['machine']['threads']} torch thread(s)).",
+           "",
+           f"Command: `{report['command']}`" if report.get("command") else "",
+           "",
+           "Robust accuracy: the clean digit is accepted with the right label AND its adversarial version is "
+           "rejected, abstained on, or labelled right (a refused adversarial is a defended one; a refused clean "
+           "digit is an error). Attack success: the adversarial digit is accepted with a wrong label.",
+           "",
+           "## Headline",
+           "",
+           _table(HEADLINE_HEADER, headline(report)),
+           ""]
+    if report.get("oblivious_attacks"):
+        out += ["## Attacks on the base classifier (the oblivious adversarials)", "",
+                _table(["attack", "digits", "fools the base classifier", "mean L2", "mean L-inf", "s/img"],
+                       [[k, v["n"], v["success_on_base"], v["mean_l2"], v["mean_linf"], v["seconds_per_image"]]
+                        for k, v in report["oblivious_attacks"].items()]), ""]
+    for section in SECTIONS:
+        rows = []
+        for name, rep in report["pipelines"].items():
+            for key, r in rep.get("attacks", {}).items():
+                if r["section"] != section:
+                    continue
+                extra = ""
+                if section == "blackbox":
+                    extra = (f"{r['mode']}, budget {r['query_budget']}, used mean {r['queries_used_mean']} "
+                             f"/ max {r['queries_used_max']}, found any {_f(r['found_any_adversarial'])}, "
+                             f"median {r['norm']} {_f(r['median_distance_found'])}")
+                elif "gmsa" in r:
+                    extra = ", ".join(f"{k} {v}" for k, v in r["gmsa"].items())
+                rows.append([name, key.split("/", 1)[1], r["n"], r["robust_accuracy"], r["attack_success"],
+                             r["rejected"], r["abstained"], r.get("detection_auc"), r["mean_l2"], r["mean_linf"],
+                             r["attack_seconds_per_image"], extra])
+        if not rows:
+            continue
+        out += [f"## {TITLES[section]}", ""]
+        if section == "graybox":
+            notes = [f"- `{n}`: {rep['graybox_note']}" for n, rep in report["pipelines"].items() if rep.get("graybox_note")]
+            out += notes + ([""] if notes else [])
+        if section == "adaptive":
+            notes = [f"- `{n}`: {rep['adaptive_model']}" for n, rep in report["pipelines"].items() if rep.get("adaptive_model")]
+            out += notes + ([""] if notes else [])
+        out += [_table(["pipeline", "attack", "digits", "robust acc", "attack success", "rejected", "abstained",
+                        "detection AUC", "mean L2", "mean L-inf", "attack s/img", "notes"], rows), ""]
+    cert_rows, inv_rows = [], []
+    for name, rep in report["pipelines"].items():
+        c = rep.get("certified")
+        if c:
+            cert_rows.append([name, c["digits"], c["sigma"], c["n"], *c["accuracy"].values(),
+                              "yes" if c["covers_detector"] else "no (detector not covered)"])
+            radii = list(c["accuracy"])
+        inv = rep.get("invariant")
+        if inv:
+            order = "; ".join(f"r={o['radius']:g}: {o['empirical_upper_bound']:.3f} >= {o['certified']:.3f}"
+                              + ("" if o["holds"] else " FAILS") for o in inv["empirical_vs_certified"])
+            inv_rows.append([name, "holds" if inv["holds"] else "VIOLATED", len(inv["violations"]),
+                             len(inv["unconfirmed_candidates"]), order])
+    if cert_rows:
+        out += ["## Certified accuracy (randomized smoothing, CERTIFY)", "",
+                _table(["pipeline", "digits", "sigma", "n", *[f"r={r}" for r in radii], "certificate covers the whole pipeline"],
+                       cert_rows), ""]
+    if inv_rows:
+        out += ["## Invariant: no adversarial example inside a certificate", "",
+                "A violation is a digit certified with its true label at radius R and an adversarial digit at "
+                "L2 distance < R that the pipeline labelled otherwise, confirmed by PREDICT with 10x the samples "
+                "and another seed. Also: the empirical robust accuracy at r (no attack fooled it within L2 <= r; "
+                "abstentions are not errors) must be >= the certified accuracy at r.", "",
+                _table(["pipeline", "invariant", "confirmed violations", "unconfirmed candidates",
+                        "empirical >= certified at each r"], inv_rows), ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    return "\n".join(line for line in out) + "\n"
+
+
+def plot(report: dict[str, Any], out: Path, prefix: str = "") -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: dict[str, str] = {}
+    eps0 = report["budget"]["linf_eps"]
+
+    # certified accuracy vs radius (+ empirical upper bound)
+    certs = {n: r for n, r in report["pipelines"].items() if r.get("certified")}
+    if certs:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for i, (name, rep) in enumerate(certs.items()):
+            acc = rep["certified"]["accuracy"]
+            radii = [float(r) for r in acc]
+            line, = ax.plot(radii, list(acc.values()), marker="o", label=f"{name}: certified ({rep['certified']['digits']} digits)")
+            inv = rep.get("invariant")
+            if inv:
+                ax.plot([o["radius"] for o in inv["empirical_vs_certified"]],
+                        [o["empirical_upper_bound"] for o in inv["empirical_vs_certified"]], linestyle="--",
+                        color=line.get_color(), label=f"{name}: empirical (attacks)")
+        ax.set_xlabel("L2 radius r")
+        ax.set_ylabel("accuracy")
+        ax.set_title("Certified accuracy vs radius (dashed: best attacks found)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / f"{prefix}certified_accuracy.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made["certified accuracy vs radius"] = p.name
+
+    # ROC curves of the detectors
+    dets = {n: r for n, r in report["pipelines"].items() if r.get("has_detector")}
+    if dets:
+        fig, axes = plt.subplots(1, len(dets), figsize=(4.2 * len(dets), 4), squeeze=False)
+        for ax, (name, rep) in zip(axes[0], dets.items()):
+            for key, r in rep["attacks"].items():
+                if r.get("roc") and r["roc"]["fpr"] and ("0.1" not in key and "0.2" not in key):
+                    ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], label=f"{key} (AUC {_f(r.get('detection_auc'))})")
+            ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
+            ax.set_title(f"{name}: detection ROC")
+            ax.set_xlabel("false-rejection rate (clean)")
+            ax.set_ylabel("detection rate (adversarial)")
+            ax.legend(fontsize=6)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = out / f"{prefix}roc.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made["detection ROC curves"] = p.name
+
+    # robust accuracy vs eps (L-inf), oblivious and adaptive
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, section in zip(axes, ("oblivious", "adaptive")):
+        for name, rep in report["pipelines"].items():
+            pts = {}
+            for key, r in rep.get("attacks", {}).items():
+                if r["section"] != section or "linf" not in key or "apgd" in key or "square" in key:
+                    continue
+                try:
+                    e = float(key.rsplit("_", 1)[1])
+                except ValueError:
+                    continue
+                pts[e] = min(pts.get(e, 1.0), r["robust_accuracy"])
+            if pts and "clean" in rep:
+                es = [0.0] + sorted(pts)
+                ax.plot(es, [rep["clean"]["accuracy"]] + [pts[e] for e in sorted(pts)], marker="o", label=name)
+        ax.set_title(f"{section}: PGD L-inf")
+        ax.set_xlabel("eps (L-inf)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("robust accuracy")
+    fig.tight_layout()
+    p = out / f"{prefix}accuracy_vs_eps.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    made["robust accuracy vs eps"] = p.name
+    return made
+
+
+def write(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(report, out)
+    (out / "report.md").write_text(markdown(report, plots))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render report.md and the plots from a report.json: python -m service.evaluation.report DIR"""
+    import sys
+
+    d = Path((argv or sys.argv[1:])[0])
+    write(json.loads((d / "report.json").read_text()), d)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
