@@ -86,7 +86,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                      attacks=tuple(args.attacks.split(",")) if args.attacks else None,
                      smoothing_n=_pairs(args.smoothing_n), certify_n=args.certify_n,
                      certify_limit=_pairs(args.certify_limit), blackbox_limit=_pairs(args.blackbox_limit),
-                     blackbox_default_limit=args.blackbox_digits, url=args.url, seed=args.seed, config=args.config,
+                     blackbox_default_limit=args.blackbox_digits, url=args.url, doc=args.doc,
+                     adaptive_limit=_pairs(args.adaptive_limit), adaptive_sweep=args.adaptive_sweep, certify_n_for=_pairs(args.certify_n_for), seed=args.seed, config=args.config,
                      command="shieldserve evaluate " + " ".join(sys.argv[2:] if args.argv is None else args.argv))
     os.makedirs(args.out, exist_ok=True)
     report = evaluate(cfg)
@@ -138,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PREDICT samples per digit for a smoothing pipeline (default: the service's)")
     e.add_argument("--certify-n", type=int, default=10_000, help="CERTIFY samples per digit")
     e.add_argument("--certify-limit", action="append", metavar="NAME=N", help="digits to certify for a pipeline")
+    e.add_argument("--certify-n-for", action="append", metavar="NAME=N", help="CERTIFY samples for one pipeline")
+    e.add_argument("--adaptive-limit", action="append", metavar="NAME=N",
+                   help="digits for a pipeline's gray-box and adaptive attacks")
+    e.add_argument("--adaptive-sweep", action="store_true", help="adaptive PGD at every eps of the sweep (cheap pipelines)")
+    e.add_argument("--doc", help="also write the report here (e.g. docs/security-report.md), plot links relative to it")
     e.add_argument("--blackbox-digits", type=int, default=20, help="digits per pipeline for black-box attacks")
     e.add_argument("--blackbox-limit", action="append", metavar="NAME=N", help="black-box digits for a pipeline")
     e.add_argument("--url", help="black-box over HTTP: the base URL of a running service (/predict only)")

@@ -32,8 +32,9 @@ class Budget:
     pgd_steps: int = 40
     apgd_steps: int = 40
     cw_steps: int = 50                # optimiser steps per binary-search step
-    cw_binary_steps: int = 5
-    cw_lr: float = 0.05
+    cw_binary_steps: int = 3
+    cw_lr: float = 0.1
+    cw_const: float = 10.0            # initial trade-off constant c (then binary search per image)
     eot_draws: int = 8
     eot_steps: int = 20               # PGD steps for EOT (each step costs `eot_draws` forwards)
     bpda_steps: int = 20              # PGD steps through Defense-GAN's projection (each = one projection)
@@ -99,7 +100,8 @@ def art_attack(kind: str, model: Any, x: torch.Tensor, y: torch.Tensor, *, eps: 
     torch.manual_seed(seed)
     if kind == "cw":
         return torch.cat([cw_l2(model, x[i:i + batch_size], y[i:i + batch_size], num_classes=num_classes,
-                                binary_steps=budget.cw_binary_steps, steps=steps or budget.cw_steps, lr=budget.cw_lr)
+                                binary_steps=budget.cw_binary_steps, steps=steps or budget.cw_steps, lr=budget.cw_lr,
+                                initial_const=budget.cw_const)
                           for i in range(0, len(x), batch_size)])
     with torch.no_grad():
         outputs = int(model(x[:1]).shape[1])

@@ -48,6 +48,10 @@ class EvalConfig:
     certify_limit: dict[str, int] = field(default_factory=dict)
     blackbox_limit: dict[str, int] = field(default_factory=dict)   # digits per pipeline for black-box
     blackbox_default_limit: int = 20
+    adaptive_limit: dict[str, int] = field(default_factory=dict)   # digits for the adaptive section
+    certify_n_for: dict[str, int] = field(default_factory=dict)    # CERTIFY samples per pipeline
+    doc: str | None = None                      # also write the published report here (plots linked relative to it)
+    adaptive_sweep: bool = False                # adaptive PGD at every sweep eps too (cheap pipelines)
     sweep_max_seconds: float = 0.05             # eps sweep only where a clean digit costs less than this
     url: str | None = None                      # black-box over HTTP against this service
     seed: int = 0
@@ -206,6 +210,9 @@ class Evaluation:
                 record("oblivious", label, adv[:n], meta["seconds_per_image"] * n)
 
         # -------- gray-box: the labeling network without secrets, detectors or noise
+        ka = min(n, cfg.adaptive_limit.get(name, n))  # gray-box and adaptive digits
+        x, y = self.x[:ka], self.y[:ka]
+        rep["attack_digits"] = ka
         if "graybox" in cfg.sections and cfg.wants("pgd"):
             g = adaptive.graybox_model(a)
             if g is None:
@@ -213,16 +220,17 @@ class Evaluation:
             else:
                 t = time.perf_counter()
                 adv = art_attack("pgd", g, x, y, eps=b.linf_eps, norm="linf", budget=b, seed=cfg.seed)
-                record("graybox", f"pgd_linf_{b.linf_eps:g}", adv, time.perf_counter() - t)
+                record("graybox", f"pgd_linf_{b.linf_eps:g}", adv, time.perf_counter() - t, digits=ka)
                 if a.smoothing is not None:
                     for e in b.l2_eps:
                         t = time.perf_counter()
                         adv = art_attack("pgd", g, x, y, eps=e, norm="l2", budget=b, seed=cfg.seed)
-                        record("graybox", f"pgd_l2_{e:g}", adv, time.perf_counter() - t)
+                        record("graybox", f"pgd_l2_{e:g}", adv, time.perf_counter() - t, digits=ka)
 
         # -------- adaptive white-box
         if "adaptive" in cfg.sections:
-            self.adaptive(name, a, x, y, record, cheap)
+            self.adaptive(name, a, x, y, lambda *args, **kw: record(*args, **kw, digits=ka), cheap)
+        x, y = self.x[:n], self.y[:n]
 
         # -------- black-box: /predict answers only, query budget
         if "blackbox" in cfg.sections:
@@ -241,7 +249,13 @@ class Evaluation:
                 with _bar(len(x), f"{name}: GMSA") as bar:
                     t = time.perf_counter()
                     adv, rounds = gmsa_rmc(a.rmc, x, y, eps=b.linf_eps, budget=b, seed=cfg.seed, bar=bar)
-                record("adaptive", f"gmsa_pgd_linf_{b.linf_eps:g}", adv, time.perf_counter() - t, {"gmsa": rounds})
+                record("adaptive", f"gmsa_pgd_linf_{b.linf_eps:g}", adv, time.perf_counter() - t, extra={"gmsa": rounds})
+            return
+        if not (a.purifiers or a.detectors or a.smoothing) and a.labeler is self.base:
+            rep["adaptive_model"] = "no defense: the oblivious adversarials are already white-box"
+            for label, adv in self.oblivious.items():
+                if label.endswith(f"_{b.linf_eps:g}") or not label.startswith("pgd_linf_"):
+                    record("adaptive", label, adv[:len(x)], self.report["oblivious_attacks"][label]["seconds_per_image"] * len(x))
             return
         model = adaptive.adaptive_model(a, eot_draws=b.eot_draws, seed=cfg.seed)
         what = []
@@ -263,7 +277,7 @@ class Evaluation:
                 plan.append((f"bpda_pgd_linf_{b.linf_eps:g}", "pgd", {"eps": b.linf_eps, "norm": "linf", "steps": b.bpda_steps}))
         else:
             prefix = "aware_" if model.detectors else ("reformer_" if a.purifiers else "")
-            eps_list = b.linf_sweep if cheap else (b.linf_eps,)
+            eps_list = b.linf_sweep if cheap and cfg.adaptive_sweep else (b.linf_eps,)
             if b.linf_eps not in eps_list:
                 eps_list = (*eps_list, b.linf_eps)
             if cfg.wants("pgd"):
@@ -312,7 +326,7 @@ class Evaluation:
                          "median_distance_found": round(float(np.median(dist[found])), 4) if found.any() else None,
                          "eps": eps, "norm": "linf" if kind == "square" else "l2"}
                 label = f"square_linf_{b.linf_eps:g}" if kind == "square" else f"hsj_l2_{eps:g}"
-                record("blackbox", label, adv, secs, extra, digits=k)
+                record("blackbox", label, adv, secs, extra=extra, digits=k)
         finally:
             if client is not None:
                 client.close()
@@ -327,16 +341,17 @@ class Evaluation:
         sampler = NoiseSampler(s.function(s.sigma, a.labeler), s.sigma, 10, s.batch_size)  # type: ignore[attr-defined]
         cache = getattr(self, "_cert_cache", {})
         self._cert_cache = cache
-        key = (s.sigma, s.use_denoiser, k, cfg.certify_n)  # type: ignore[attr-defined]
+        n_cert = cfg.certify_n_for.get(name, cfg.certify_n)
+        key = (s.sigma, s.use_denoiser, k, n_cert)  # type: ignore[attr-defined]
         t = time.perf_counter()
         if key in cache:  # the same smoothed classifier (e.g. `default` = MagNet + `smoothing`)
             labels, radii = cache[key]
             reused = True
         else:
             labels, radii = [], []
-            with _bar(k, f"{name}: certify n={cfg.certify_n}") as bar:
+            with _bar(k, f"{name}: certify n={n_cert}") as bar:
                 for i in range(k):
-                    cert, _ = certify(sampler, x[i], cfg.certify_n0, cfg.certify_n, cfg.certify_alpha, seed=cfg.seed + i)
+                    cert, _ = certify(sampler, x[i], cfg.certify_n0, n_cert, cfg.certify_alpha, seed=cfg.seed + i)
                     labels.append(cert.label)
                     radii.append(cert.radius)
                     bar.update(1)
@@ -364,7 +379,7 @@ class Evaluation:
         inside = [f for f in findings if f.digit < k]
         inv = metrics.invariant_check(eff_labels, eff_radii, yk, inside, radii_grid=SMOOTHING_RADII,
                                       clean_wrong=clean.wrong(y.numpy())[:k], recheck=recheck)
-        rep["certified"] = {"digits": k, "n": cfg.certify_n, "n0": cfg.certify_n0, "alpha": cfg.certify_alpha,
+        rep["certified"] = {"digits": k, "n": n_cert, "n0": cfg.certify_n0, "alpha": cfg.certify_alpha,
                             "sigma": float(s.sigma), "accuracy": cert_acc,  # type: ignore[attr-defined]
                             "mean_radius_correct": round(float(np.mean([r for r, lab, yy in zip(radii, labels, yk)
                                                                          if lab == yy] or [0.0])), 4),
@@ -426,5 +441,5 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     ev = Evaluation(cfg)
     result = ev.run_all()
-    report_writer.write(result, Path(cfg.out))
+    report_writer.write(result, Path(cfg.out), doc=Path(cfg.doc) if cfg.doc else None)
     return result

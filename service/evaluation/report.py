@@ -56,9 +56,45 @@ def headline(report: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-HEADLINE_HEADER = ["pipeline", "digits", "clean acc", "clean FRR", f"oblivious PGD-40 L-inf 0.3",
+HEADLINE_HEADER = ["pipeline", "digits", "clean acc", "clean FRR", "oblivious PGD L-inf 0.3",
                    "adaptive (worst attack)", "black-box (worst)", "detection AUC (obliv. PGD)",
                    "certified acc @ L2 0.5", "s/img (clean)"]
+
+
+PUBLISHED_BREAKS = {
+    "magnet": "Carlini & Wagner 2017: an attack that knows the autoencoders defeats MagNet",
+    "defensegan": "Athalye, Carlini & Wagner 2018: BPDA through the projection (MNIST accuracy 55%)",
+    "rmc": "Chen et al. 2022 (GMSA) break RMC",
+    "neuralfp": "adaptive attacks that model the fingerprint check (detector-aware loss)",
+}
+
+
+def findings(report: dict[str, Any]) -> list[str]:
+    """One line per pipeline: oblivious versus adaptive, and whether a published break is reproduced."""
+    eps = report["budget"]["linf_eps"]
+    lines = []
+    for name, rep in report["pipelines"].items():
+        obl = rep.get("attacks", {}).get(f"oblivious/pgd_linf_{eps:g}", {}).get("robust_accuracy")
+        wo, wo_name = worst(rep, "oblivious")
+        wa, wa_name = worst(rep, "adaptive")
+        if obl is None or wa is None:
+            continue
+        line = (f"- **{name}**: oblivious PGD L-inf {eps:g} robust accuracy {obl:.3f} (worst oblivious {wo:.3f}, "
+                f"{wo_name}); worst adaptive {wa:.3f} ({wa_name}, {rep['adaptive_model'] if rep.get('adaptive_model') else 'GMSA'}"
+                f", {rep['attacks'][f'adaptive/{wa_name}']['n']} digits).")
+        if name in PUBLISHED_BREAKS:
+            drop = obl - wa
+            verdict = ("reproduced" if drop >= 0.25 or (obl > 0 and wa <= 0.5 * obl) else
+                       "NOT reproduced at this budget" if drop < 0.1 else "partly reproduced")
+            line += f" Published break ({PUBLISHED_BREAKS[name]}): {verdict} (drop {drop:+.3f} below oblivious)."
+        lines.append(line)
+    for name, rep in report["pipelines"].items():
+        inv = rep.get("invariant")
+        if inv:
+            lines.append(f"- **{name}** certificate invariant: {'holds' if inv['holds'] else 'VIOLATED'} "
+                         f"({len(inv['violations'])} confirmed violations, {len(inv['unconfirmed_candidates'])} "
+                         f"unconfirmed candidates, {rep['certified']['digits']} certified digits).")
+    return lines
 
 
 def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
@@ -78,6 +114,10 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
            "## Headline",
            "",
            _table(HEADLINE_HEADER, headline(report)),
+           "",
+           "## Findings (computed from the tables below)",
+           "",
+           *findings(report),
            ""]
     if report.get("oblivious_attacks"):
         out += ["## Attacks on the base classifier (the oblivious adversarials)", "",
@@ -223,10 +263,19 @@ def plot(report: dict[str, Any], out: Path, prefix: str = "") -> dict[str, str]:
     return made
 
 
-def write(report: dict[str, Any], out: Path) -> None:
+def write(report: dict[str, Any], out: Path, doc: Path | None = None, preface: str = "") -> None:
+    """report.md and the plots into `out`; with `doc`, the same report there too, its plot
+    links made relative to the doc's folder (the published docs/security-report.md)."""
+    import os
+
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(report, out)
     (out / "report.md").write_text(markdown(report, plots))
+    if doc is not None:
+        rel = os.path.relpath(out, doc.parent)
+        text = markdown(report, {k: f"{rel}/{v}" for k, v in plots.items()})
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,3 +125,21 @@ def anatomy(pipe: Pipeline) -> Anatomy:
     purifiers = [c for c in pipe.components[:at] if c.role == "purifier"]
     return Anatomy(name=pipe.name, defenses=sorted({c.defense for c in pipe.components}), labeler=labeler,
                    detectors=components(pipe, "detector"), purifiers=purifiers, smoothing=smoothing, rmc=rmc)
+
+
+def load_pipelines(bundle: Any, names: list[str] | None = None, config: str | None = None) -> tuple[Any, dict[str, Pipeline]]:
+    """(base classifier, {name: Pipeline}) built from a bundle directory and the packaged
+    configuration (optionally merged with `config`), exactly as the service builds them."""
+    from models.bundle import Bundle
+    from service.defenses.base import DefenseEnv
+    from service.settings import load_settings
+
+    settings = load_settings(config, bundle=bundle)
+    b = Bundle.load(settings.bundle)
+    base = b.classifier()
+    env = DefenseEnv(bundle=b, classifier=base, device=torch.device("cpu"), settings=settings)
+    names = names or list(settings.pipelines)
+    unknown = [n for n in names if n not in settings.pipelines]
+    if unknown:
+        raise ValueError(f"unknown pipelines {unknown}; configured: {sorted(settings.pipelines)}")
+    return base, {n: Pipeline.build(n, settings.pipelines[n].model_dump(), env) for n in names}
