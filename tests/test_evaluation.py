@@ -23,13 +23,13 @@ def quick(quick_bundle):
 
 @pytest.fixture(scope="module")
 def digits(mnist, quick):
-    """20 test digits (stratified) the quick classifier gets right."""
+    """12 test digits (stratified) the quick classifier gets right."""
     base, _ = quick
-    test = mnist.test.per_class(6)
+    test = mnist.test.per_class(3)
     with torch.no_grad():
         ok = base(test.x).argmax(1) == test.y
-    x, y = test.x[ok][:20], test.y[ok][:20]
-    assert len(x) == 20
+    x, y = test.x[ok][:12], test.y[ok][:12]
+    assert len(x) == 12
     return x, y
 
 
@@ -43,7 +43,7 @@ def accuracy(model, x, y) -> float:
 def test_white_box_attacks_lower_the_undefended_accuracy(quick, digits, kind, kw):
     base, _ = quick
     x, y = digits
-    adv = art_attack(kind, base, x, y, budget=Budget(pgd_steps=10, apgd_steps=10, cw_steps=20, cw_binary_steps=3), **kw)
+    adv = art_attack(kind, base, x, y, budget=Budget(pgd_steps=5, apgd_steps=5, cw_steps=30, cw_binary_steps=2), **kw)
     assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1
     if kw.get("norm") == "linf":
         assert float((adv - x).abs().max()) <= kw["eps"] + 1e-5
@@ -56,10 +56,10 @@ def test_white_box_attacks_lower_the_undefended_accuracy(quick, digits, kind, kw
 @pytest.mark.parametrize("kind", ["square", "hsj"])
 def test_black_box_attacks_lower_the_undefended_accuracy(quick, digits, kind):
     _, pipes = quick
-    x, y = digits[0][:6], digits[1][:6]
+    x, y = digits[0][:4], digits[1][:4]
     oracle = blackbox.PipelineOracle(pipes["baseline"])
-    adv, rows = blackbox.attack_many(kind, oracle, x, y, budget=150, eps=0.3)
-    assert all(r["queries"] <= 150 for r in rows)
+    adv, rows = blackbox.attack_many(kind, oracle, x, y, budget=100, eps=0.3)
+    assert all(r["queries"] <= 100 for r in rows)
     out = targets.run(pipes["baseline"], adv)
     assert out.correct(y.numpy()).mean() <= 0.5
     if kind == "square":
@@ -82,12 +82,10 @@ def test_bpda_gradients_through_the_projection_are_nonzero(quick, digits):
     (grad,) = torch.autograd.grad(loss, x)
     assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
     assert (grad.flatten(1).abs().sum(1) > 0).all()  # every image gets a gradient
-    # and the BPDA attack lowers Defense-GAN's accuracy, judged by the real pipeline
-    model = adaptive.adaptive_model(a)
-    adv = art_attack("pgd", model, digits[0][:8], digits[1][:8], eps=0.3, norm="linf", budget=Budget(), steps=5)
-    before = targets.run(pipes["defensegan"], digits[0][:8]).correct(digits[1][:8].numpy()).mean()
-    after = targets.run(pipes["defensegan"], adv).correct(digits[1][:8].numpy()).mean()
-    assert after < before
+    # the gradient is the classifier's at the purified point, passed straight through
+    zp = z.detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(F.cross_entropy(base(zp), y), zp)
+    assert torch.allclose(grad, expected)
 
 
 def test_detector_aware_model_has_a_rejected_output(quick, digits):
@@ -109,7 +107,7 @@ def test_detector_aware_model_has_a_rejected_output(quick, digits):
 def test_invariant_check_trips_on_a_mis_certified_model(quick, digits):
     base, pipes = quick
     x, y = digits
-    adv = art_attack("pgd", base, x, y, eps=2.0, norm="l2", budget=Budget(pgd_steps=10))
+    adv = art_attack("pgd", base, x, y, eps=2.0, norm="l2", budget=Budget(pgd_steps=5))
     out = targets.run(pipes["baseline"], adv)
     yn = y.numpy()
     l2 = (adv - x).flatten(1).norm(dim=1)
@@ -165,10 +163,11 @@ def test_cli_writes_the_report(quick_bundle, tmp_path):
 
     out = tmp_path / "eval"
     doc = tmp_path / "docs" / "security-report.md"
-    rc = main(["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline,magnet,smoothing", "--limit", "6",
-               "--out", str(out), "--doc", str(doc), "--attacks", "pgd,cw,square", "--pgd-steps", "3",
-               "--cw-steps", "5", "--eot-steps", "2", "--eot-draws", "2", "--square-queries", "10",
-               "--blackbox-digits", "2", "--smoothing-n", "smoothing=100", "--certify-n", "200", "--threads", "0"])
+    rc = main(["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline,magnet,smoothing", "--limit", "4",
+               "--out", str(out), "--doc", str(doc), "--attacks", "pgd,square", "--pgd-steps", "2",
+               "--eot-steps", "2", "--eot-draws", "2", "--square-queries", "5", "--sections",
+               "oblivious,adaptive,blackbox,certify", "--blackbox-digits", "1", "--smoothing-n", "smoothing=50",
+               "--certify-n", "100", "--threads", "0"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["pipelines"]) == {"baseline", "magnet", "smoothing"}
@@ -176,7 +175,7 @@ def test_cli_writes_the_report(quick_bundle, tmp_path):
     assert base["clean"]["accuracy"] > 0.5 and "oblivious/pgd_linf_0.3" in base["attacks"]
     assert report["pipelines"]["magnet"]["attacks"]["oblivious/pgd_linf_0.3"]["detection_auc"] is not None
     sm = report["pipelines"]["smoothing"]
-    assert sm["certified"]["digits"] == 6 and "holds" in sm["invariant"]
+    assert sm["certified"]["digits"] == 4 and "holds" in sm["invariant"]
     md = (out / "report.md").read_text()
     assert "## Headline" in md and "| baseline |" in md
     assert (out / "accuracy_vs_eps.png").stat().st_size > 0 and (out / "certified_accuracy.png").exists()

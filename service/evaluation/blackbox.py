@@ -73,6 +73,18 @@ class HttpOracle:
         return out
 
 
+def http_outcome(oracle: HttpOracle, x: torch.Tensor) -> "targets.Outcome":
+    """The service's answers over HTTP as an Outcome (no detector scores: /predict shows
+    them only for rejected images)."""
+    import time
+
+    started = time.perf_counter()
+    answers = oracle.answer(quantize(x))
+    return targets.Outcome(np.array([a[0] for a in answers]), np.array([a[1] for a in answers], dtype=np.int64),
+                           np.array([a[2] for a in answers], dtype=np.float64), np.full(len(answers), np.nan),
+                           time.perf_counter() - started)
+
+
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """What a PNG round trip keeps: 8-bit pixels."""
     return (x.clamp(0, 1) * 255).round() / 255
@@ -139,7 +151,7 @@ def attack_one(kind: str, oracle: Oracle, x0: torch.Tensor, y: int, *, budget: i
     xa = x0.unsqueeze(0).numpy().astype(np.float32)
     try:
         if kind == "square":
-            atk = SquareAttack(clf, norm=np.inf, eps=eps, max_iter=budget, p_init=0.3, nb_restarts=1,
+            atk = SquareAttack(clf, norm=np.inf, eps=eps, max_iter=budget, p_init=0.8, nb_restarts=1,
                                batch_size=1, verbose=False)
             atk.generate(x=xa, y=np.eye(num_classes, dtype=np.float32)[[y]])
         elif kind == "hsj":

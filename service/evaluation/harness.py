@@ -178,10 +178,13 @@ class Evaluation:
         cheap = clean.seconds / n < cfg.sweep_max_seconds
 
         def record(section: str, label: str, adv: torch.Tensor, gen_seconds: float, extra: dict[str, Any] | None = None,
-                   digits: int | None = None) -> None:
+                   digits: int | None = None, oracle: Any = None) -> None:
             k = digits or n
             xa, ya = adv[:k], yn[:k]
-            o = self.run(name, xa, cfg.seed + 1000 * (len(rep["attacks"]) + 1), f"{section} {label}")
+            if oracle is not None:  # black-box over HTTP: the running service judges its own adversarials
+                o = blackbox.http_outcome(oracle, xa)
+            else:
+                o = self.run(name, xa, cfg.seed + 1000 * (len(rep["attacks"]) + 1), f"{section} {label}")
             cl = _slice(clean, k)
             row = {"section": section, "attack": label, **_outcome_json(o, ya, cl),
                    "attack_success": round(metrics.attack_success(o, ya), 4),
@@ -326,7 +329,7 @@ class Evaluation:
                          "median_distance_found": round(float(np.median(dist[found])), 4) if found.any() else None,
                          "eps": eps, "norm": "linf" if kind == "square" else "l2"}
                 label = f"square_linf_{b.linf_eps:g}" if kind == "square" else f"hsj_l2_{eps:g}"
-                record("blackbox", label, adv, secs, extra=extra, digits=k)
+                record("blackbox", label, adv, secs, extra=extra, digits=k, oracle=oracle if cfg.url else None)
         finally:
             if client is not None:
                 client.close()
