@@ -98,7 +98,7 @@ def art_attack(kind: str, model: Any, x: torch.Tensor, y: torch.Tensor, *, eps: 
 
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if kind == "cw":
+    if kind == "cw":  # ART's CarliniL2Method is kind "cw_art"
         return torch.cat([cw_l2(model, x[i:i + batch_size], y[i:i + batch_size], num_classes=num_classes,
                                 binary_steps=budget.cw_binary_steps, steps=steps or budget.cw_steps, lr=budget.cw_lr,
                                 initial_const=budget.cw_const)
@@ -122,10 +122,6 @@ def art_attack(kind: str, model: Any, x: torch.Tensor, y: torch.Tensor, *, eps: 
         atk = CarliniL2Method(clf, confidence=0.0, targeted=targeted, learning_rate=budget.cw_lr,
                               binary_search_steps=budget.cw_binary_steps, max_iter=steps or budget.cw_steps,
                               initial_const=1.0, batch_size=batch_size, verbose=verbose)
-    elif kind == "cw":
-        return torch.cat([cw_l2(model, x[i:i + batch_size], y[i:i + batch_size], num_classes=num_classes,
-                                binary_steps=budget.cw_binary_steps, steps=steps or budget.cw_steps, lr=budget.cw_lr)
-                          for i in range(0, len(x), batch_size)])
     else:
         raise ValueError(f"unknown white-box attack {kind!r}")
     adv = atk.generate(x=x.numpy().astype(np.float32), y=labels)

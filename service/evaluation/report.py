@@ -126,6 +126,26 @@ Threat models (each a section below):
 """
 
 
+LIMITS = """\
+## Limits of this evaluation
+
+- Budgets are CPU-sized (see Budgets above): more PGD/EOT/BPDA steps, more GMSA rounds, more
+  black-box queries can only lower the robust accuracies reported here. Black-box numbers with
+  a few hundred queries per digit are weak attacks: read them as upper bounds.
+- Carlini-Wagner L2 is this harness's torch implementation (`service/evaluation/attacks.py`),
+  with the same objective as ART's `CarliniL2Method` (kept as attack `cw_art`), which ran about
+  ten times slower here. PGD, APGD, Square and HopSkipJump are ART's.
+- The smoothing certificates are L2 certificates: L-inf eps 0.3 perturbations have L2 norms
+  near 6, far outside any certified radius, so the L-inf rows do not test the certificate; the
+  L2 rows and the invariant do. In `default` the certificate covers the smoothed classifier,
+  not MagNet's detection in front of it.
+- Gray-box MagNet as in the paper (a secret random choice among several autoencoders) is not
+  evaluated: the bundle holds one autoencoder per role. RMC is evaluated in its isolated
+  (serving default) mode; the online mode's poisoning risk is described in docs/defenses/rmc.md.
+- Defense-GAN is attacked with its serving projection preset (`default`), not the paper's.
+"""
+
+
 def coverage(report: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for name, rep in report["pipelines"].items():
@@ -147,6 +167,11 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
            "",
            f"Command: `{report['command']}`" if report.get("command") else "",
            "",
+           *([f"These numbers come from {len(report['runs'])} runs of that command with the same flags, split "
+              f"by `--pipelines` so that they could run side by side, merged with "
+              f"`python -m service.evaluation.report DIR DOC --merge ...`:", ""]
+             + [f"- `{r['command']}` ({(r.get('seconds') or 0) / 60:.0f} min): {', '.join(r['pipelines'])}"
+                for r in report["runs"]] + [""] if len(report.get("runs", [])) > 1 else []),
            "Robust accuracy: the clean digit is accepted with the right label AND its adversarial version is "
            "rejected, abstained on, or labelled right (a refused adversarial is a defended one; a refused clean "
            "digit is an error). Attack success: the adversarial digit is accepted with a wrong label.",
@@ -226,6 +251,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                         "empirical >= certified at each r"], inv_rows), ""]
     if plots:
         out += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    out += [LIMITS]
     return "\n".join(line for line in out) + "\n"
 
 
@@ -326,12 +352,42 @@ def write(report: dict[str, Any], out: Path, doc: Path | None = None, preface: s
         doc.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Re-render report.md and the plots from a report.json: python -m service.evaluation.report DIR"""
-    import sys
+def merge(report: dict[str, Any], others: list[dict[str, Any]], order: list[str] | None = None) -> dict[str, Any]:
+    """Pipelines evaluated by other runs of the same command (same flags, other --pipelines)
+    join this report; a pipeline a later run finished replaces a partial one. Their runs are
+    listed under `runs`."""
+    runs = report.setdefault("runs", [{"command": report.get("command"), "seconds": report.get("seconds"),
+                                       "pipelines": list(report["pipelines"])}])
+    for other in others:
+        for name, rep in other["pipelines"].items():
+            if "seconds" in rep or name not in report["pipelines"]:
+                report["pipelines"][name] = rep
+        runs.append({"command": other.get("command"), "seconds": other.get("seconds"),
+                     "pipelines": list(other["pipelines"])})
+    if order:
+        report["pipelines"] = {n: report["pipelines"][n] for n in order if n in report["pipelines"]}
+    return report
 
-    d = Path((argv or sys.argv[1:])[0])
-    write(json.loads((d / "report.json").read_text()), d)
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render report.md (and a doc) and the plots from a report.json, optionally merging
+    the pipelines of other runs' report.json into it first:
+    python -m service.evaluation.report DIR [DOC] [--merge OTHER/report.json ...] [--order a,b,c]"""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir")
+    ap.add_argument("doc", nargs="?")
+    ap.add_argument("--merge", nargs="+", default=[])
+    ap.add_argument("--order")
+    args = ap.parse_args(argv)
+    d = Path(args.dir)
+    report = json.loads((d / "report.json").read_text())
+    if args.merge:
+        report = merge(report, [json.loads(Path(m).read_text()) for m in args.merge],
+                       args.order.split(",") if args.order else None)
+        (d / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write(report, d, doc=Path(args.doc) if args.doc else None)
     return 0
 
 
