@@ -162,8 +162,9 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     out = [f"# shieldserve security evaluation",
            "",
            f"Bundle `{report['bundle']}` (version {report['bundle_version']}); {report['dataset']}; "
-           f"seed {report['seed']}; {report.get('seconds', 0) / 60:.1f} min on {report['machine']['processor']} "
-           f"({report['machine']['threads']} torch thread(s)).",
+           f"seed {report['seed']}; {sum(r.get('seconds') or 0 for r in report['pipelines'].values()) / 60:.0f} min "
+           f"of pipeline evaluation (per pipeline in the coverage table) on {report['machine']['processor']}, "
+           f"{report['machine']['threads']} torch thread per process, a CPU shared with other jobs.",
            "",
            f"Command: `{report['command']}`" if report.get("command") else "",
            "",
@@ -380,12 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("doc", nargs="?")
     ap.add_argument("--merge", nargs="+", default=[])
     ap.add_argument("--order")
+    ap.add_argument("--command", help="the one command that regenerates the merged report (the runs' union)")
     args = ap.parse_args(argv)
     d = Path(args.dir)
     report = json.loads((d / "report.json").read_text())
     if args.merge:
         report = merge(report, [json.loads(Path(m).read_text()) for m in args.merge],
                        args.order.split(",") if args.order else None)
+    if args.command:
+        report["command"] = args.command
+    if args.merge or args.command:
         (d / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write(report, d, doc=Path(args.doc) if args.doc else None)
     return 0
