@@ -78,6 +78,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("pgd_steps", "apgd_steps", "cw_steps", "eot_draws", "eot_steps",
                                                "bpda_steps", "gmsa_rounds", "gmsa_steps", "square_queries",
                                                "hsj_queries") if getattr(args, k) is not None}
+    if args.linf_sweep:
+        overrides["linf_sweep"] = tuple(float(v) for v in args.linf_sweep.split(","))
     budget = replace(budget, **overrides)
     pipelines = [p for item in (args.pipelines or []) for p in item.split(",") if p] or None
     cfg = EvalConfig(bundle=args.bundle, out=args.out, pipelines=pipelines, limit=args.limit,
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("gmsa-steps", "PGD steps per GMSA round"), ("square-queries", "Square query budget per digit"),
                        ("hsj-queries", "HopSkipJump query budget per digit")):
         e.add_argument(f"--{flag}", type=int, help=what)
+    e.add_argument("--linf-sweep", help="L-inf eps for the oblivious PGD sweep (default 0.1,0.2,0.3; "
+                                        "used only on pipelines that cost < 0.05 s per digit)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     e.add_argument("--config", help="service YAML merged over the packaged configuration")
