@@ -49,7 +49,7 @@ def headline(report: dict[str, Any]) -> list[list[Any]]:
         wb, wb_name = worst(rep, "blackbox")
         cert = rep.get("certified", {}).get("accuracy", {})
         auc = obl.get("detection_auc")
-        rows.append([name, rep["digits"], rep["clean"]["accuracy"], rep["clean"]["false_rejection_rate"],
+        rows.append([name if "seconds" in rep else f"{name} (partial)", rep["digits"], rep["clean"]["accuracy"], rep["clean"]["false_rejection_rate"],
                      obl.get("robust_accuracy"), f"{_f(wa)} ({wa_name})" if wa is not None else "-",
                      f"{_f(wb)} ({wb_name})" if wb is not None else "-",
                      auc, cert.get("0.5"), rep["clean"]["seconds_per_image"]])
@@ -153,7 +153,8 @@ def coverage(report: dict[str, Any]) -> list[list[Any]]:
         cert = rep.get("certified")
         rows.append([name, rep["digits"], rep.get("attack_digits", rep["digits"]), bb[0]["n"] if bb else 0,
                      bb[0]["query_budget"] if bb else "-", rep.get("smoothing_n") or ("service default" if rep.get("certifies") else "-"),
-                     f"{cert['digits']} (n={cert['n']})" if cert else "-", rep.get("seconds")])
+                     f"{cert['digits']} (n={cert['n']})" if cert else "-",
+                     rep["seconds"] if "seconds" in rep else "partial: stopped at the deadline, sections missing"])
     return rows
 
 
@@ -182,7 +183,8 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
            _table(HEADLINE_HEADER, headline(report)),
            "",
            THREAT_MODELS,
-           "Coverage (costly pipelines use fewer digits for some sections; every number below says on how many):",
+           "Coverage (costly pipelines use fewer digits for some sections; every number below says on how many; "
+           "a pipeline marked partial was stopped before all its sections ran: its missing rows were not measured):",
            "",
            _table(["pipeline", "clean + oblivious digits", "gray-box + adaptive digits", "black-box digits",
                    "queries per digit per attack", "PREDICT samples", "certified digits", "seconds"], coverage(report)),
@@ -361,7 +363,9 @@ def merge(report: dict[str, Any], others: list[dict[str, Any]], order: list[str]
                                        "pipelines": list(report["pipelines"])}])
     for other in others:
         for name, rep in other["pipelines"].items():
-            if "seconds" in rep or name not in report["pipelines"]:
+            have = report["pipelines"].get(name)
+            if have is None or ("seconds" in rep and "seconds" not in have) or (
+                    "seconds" not in have and len(rep.get("attacks", {})) > len(have.get("attacks", {}))):
                 report["pipelines"][name] = rep
         runs.append({"command": other.get("command"), "seconds": other.get("seconds"),
                      "pipelines": list(other["pipelines"])})
