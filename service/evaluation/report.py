@@ -169,9 +169,11 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
            "",
            f"Command: `{report['command']}`" if report.get("command") else "",
            "",
-           *([f"These numbers come from {len(report['runs'])} runs of that command with the same flags, split "
-              f"by `--pipelines` so that they could run side by side, merged with "
-              f"`python -m service.evaluation.report DIR DOC --merge ...`:", ""]
+           *([f"These numbers come from {len(report['runs'])} runs, split by `--pipelines` so that they could run "
+              f"side by side on a shared CPU before a deadline, merged with "
+              f"`python -m service.evaluation.report DIR DOC --merge ...`. Their flags differ from the command above "
+              f"where listed (fewer digits, sections or attacks for the costly pipelines); the coverage table "
+              f"below gives what each pipeline actually got. {report.get('note', '')}", ""]
              + [f"- `{r['command']}` ({(r.get('seconds') or 0) / 60:.0f} min): {', '.join(r['pipelines'])}"
                 for r in report["runs"]] + [""] if len(report.get("runs", [])) > 1 else []),
            "Robust accuracy: the clean digit is accepted with the right label AND its adversarial version is "
@@ -386,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", nargs="+", default=[])
     ap.add_argument("--order")
     ap.add_argument("--command", help="the one command that regenerates the merged report (the runs' union)")
+    ap.add_argument("--note", help="a sentence about the runs, printed under their list")
     args = ap.parse_args(argv)
     d = Path(args.dir)
     report = json.loads((d / "report.json").read_text())
@@ -394,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                        args.order.split(",") if args.order else None)
     if args.command:
         report["command"] = args.command
+    if args.note:
+        report["note"] = args.note
     if args.merge or args.command:
         (d / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write(report, d, doc=Path(args.doc) if args.doc else None)
