@@ -51,6 +51,52 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(items: list[str] | None) -> dict[str, int]:
+    out = {}
+    for item in items or []:
+        for part in item.split(","):
+            name, _, value = part.partition("=")
+            if not value:
+                raise SystemExit(f"expected NAME=N, got {part!r}")
+            out[name.strip()] = int(value)
+    return out
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import os
+    from dataclasses import replace
+
+    import torch
+
+    from service.evaluation import EvalConfig, evaluate
+    from service.evaluation.attacks import Budget
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = Budget()
+    overrides = {k: getattr(args, k) for k in ("pgd_steps", "apgd_steps", "cw_steps", "eot_draws", "eot_steps",
+                                               "bpda_steps", "gmsa_rounds", "gmsa_steps", "square_queries",
+                                               "hsj_queries") if getattr(args, k) is not None}
+    if args.linf_sweep:
+        overrides["linf_sweep"] = tuple(float(v) for v in args.linf_sweep.split(","))
+    budget = replace(budget, **overrides)
+    pipelines = [p for item in (args.pipelines or []) for p in item.split(",") if p] or None
+    cfg = EvalConfig(bundle=args.bundle, out=args.out, pipelines=pipelines, limit=args.limit,
+                     pipeline_limit=_pairs(args.pipeline_limit), budget=budget,
+                     sections=tuple(args.sections.split(",")) if args.sections else EvalConfig.sections,
+                     attacks=tuple(args.attacks.split(",")) if args.attacks else None,
+                     smoothing_n=_pairs(args.smoothing_n), certify_n=args.certify_n,
+                     certify_limit=_pairs(args.certify_limit), blackbox_limit=_pairs(args.blackbox_limit),
+                     blackbox_default_limit=args.blackbox_digits, url=args.url, doc=args.doc,
+                     adaptive_limit=_pairs(args.adaptive_limit), adaptive_sweep=args.adaptive_sweep, certify_n_for=_pairs(args.certify_n_for), seed=args.seed, config=args.config,
+                     command="shieldserve evaluate " + " ".join(sys.argv[2:] if args.argv is None else args.argv))
+    os.makedirs(args.out, exist_ok=True)
+    report = evaluate(cfg)
+    print(f"wrote {args.out}/report.json, {args.out}/report.md and plots in {report['seconds'] / 60:.1f} min")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shieldserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -81,9 +127,45 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu")
     t.add_argument("--options", help="JSON recipe overrides, e.g. '{\"classifier\": {\"adversarial\": \"pgd\"}}'")
     t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="security evaluation: report.json, report.md and PNG plots")
+    e.add_argument("--bundle", default="models/default")
+    e.add_argument("--out", required=True, help="directory for report.json, report.md and the plots")
+    e.add_argument("--pipelines", "--pipeline", action="append",
+                   help="pipelines (comma-separated or repeated; default: every configured one)")
+    e.add_argument("--limit", type=int, default=100, help="test digits, stratified by class")
+    e.add_argument("--pipeline-limit", action="append", metavar="NAME=N", help="fewer digits for a costly pipeline")
+    e.add_argument("--sections", help="comma-separated: oblivious,graybox,adaptive,blackbox,certify (default: all)")
+    e.add_argument("--attacks", help="keep only these: pgd,apgd,cw,bpda,gmsa,square,hsj")
+    e.add_argument("--smoothing-n", action="append", metavar="NAME=N",
+                   help="PREDICT samples per digit for a smoothing pipeline (default: the service's)")
+    e.add_argument("--certify-n", type=int, default=10_000, help="CERTIFY samples per digit")
+    e.add_argument("--certify-limit", action="append", metavar="NAME=N", help="digits to certify for a pipeline")
+    e.add_argument("--certify-n-for", action="append", metavar="NAME=N", help="CERTIFY samples for one pipeline")
+    e.add_argument("--adaptive-limit", action="append", metavar="NAME=N",
+                   help="digits for a pipeline's gray-box and adaptive attacks")
+    e.add_argument("--adaptive-sweep", action="store_true", help="adaptive PGD at every eps of the sweep (cheap pipelines)")
+    e.add_argument("--doc", help="also write the report here (e.g. docs/security-report.md), plot links relative to it")
+    e.add_argument("--blackbox-digits", type=int, default=20, help="digits per pipeline for black-box attacks")
+    e.add_argument("--blackbox-limit", action="append", metavar="NAME=N", help="black-box digits for a pipeline")
+    e.add_argument("--url", help="black-box over HTTP: the base URL of a running service (/predict only)")
+    for flag, what in (("pgd-steps", "PGD steps"), ("apgd-steps", "APGD iterations"), ("cw-steps", "CW steps per binary step"),
+                       ("eot-draws", "noise draws per EOT gradient"), ("eot-steps", "PGD steps with EOT"),
+                       ("bpda-steps", "PGD steps through Defense-GAN (BPDA)"), ("gmsa-rounds", "GMSA rounds"),
+                       ("gmsa-steps", "PGD steps per GMSA round"), ("square-queries", "Square query budget per digit"),
+                       ("hsj-queries", "HopSkipJump query budget per digit")):
+        e.add_argument(f"--{flag}", type=int, help=what)
+    e.add_argument("--linf-sweep", help="L-inf eps for the oblivious PGD sweep (default 0.1,0.2,0.3; "
+                                        "used only on pipelines that cost < 0.05 s per digit)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    e.add_argument("--config", help="service YAML merged over the packaged configuration")
+    e.set_defaults(func=_evaluate, argv=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "evaluate":
+        args.argv = argv
     return int(args.func(args) or 0)

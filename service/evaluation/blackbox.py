@@ -1,0 +1,187 @@
+"""Black-box attacks with a query budget: the attacker sees only what /predict answers.
+
+An oracle answers a batch with (status, label, confidence) per image, exactly the fields of
+/predict's JSON: in process (`PipelineOracle`, the real pipeline) or over HTTP
+(`HttpOracle`, POST /predict with PNG bodies, so pixels are quantised to 8 bits as a real
+client's would be).
+
+`BudgetedOracle` counts every image sent; it refuses (raises `BudgetExhausted`) before a
+query would exceed the budget, so the budget is never overrun, and it remembers the best
+adversarial seen (accepted with a wrong label; the smallest L2 or L-inf distance), which is
+the attack's result when ART stops early or runs out of budget.
+
+ART attacks run on an `art` BlackBoxClassifier whose probabilities are built from the
+answer: accepted -> `confidence` on the label, the rest spread evenly; rejected or
+abstained -> all mass on the true label (a refusal is a failure for the attacker).
+Square (score-only, L-inf) uses these scores; HopSkipJump (label-only, L2) only their argmax.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from service.evaluation import targets
+from service.pipeline import Pipeline
+
+
+class BudgetExhausted(Exception):
+    pass
+
+
+class Oracle(Protocol):
+    def answer(self, x: torch.Tensor) -> list[tuple[str, int, float]]: ...
+
+
+class PipelineOracle:
+    """The real pipeline, in process."""
+
+    def __init__(self, pipe: Pipeline, seed: int = 0) -> None:
+        self.pipe, self.seed, self.calls = pipe, seed, 0
+
+    def answer(self, x: torch.Tensor) -> list[tuple[str, int, float]]:
+        self.calls += 1
+        out = targets.run(self.pipe, x, batch=max(1, len(x)), seed=self.seed + 7919 * self.calls)
+        return [(str(s), int(label), float(c) if c == c else 0.0)
+                for s, label, c in zip(out.status, out.labels, out.confidence)]
+
+
+class HttpOracle:
+    """POST /predict?pipeline=NAME with multipart PNG files; `client` is an httpx.Client (or a
+    FastAPI TestClient) whose base URL is the service."""
+
+    def __init__(self, client: Any, pipeline: str, max_images: int = 16) -> None:
+        self.client, self.pipeline, self.max_images = client, pipeline, max_images
+        self.requests = 0
+
+    def answer(self, x: torch.Tensor) -> list[tuple[str, int, float]]:
+        from service.imaging import encode_png
+
+        out: list[tuple[str, int, float]] = []
+        for i in range(0, len(x), self.max_images):
+            files = [("file", (f"{j}.png", encode_png(img), "image/png")) for j, img in enumerate(x[i:i + self.max_images])]
+            r = self.client.post("/predict", params={"pipeline": self.pipeline}, files=files)
+            self.requests += 1
+            r.raise_for_status()
+            for res in r.json()["results"]:
+                label = res["label"] if res["label"] is not None else -1
+                out.append((res["status"], int(label), float(res["confidence"] or 0.0)))
+        return out
+
+
+def http_outcome(oracle: HttpOracle, x: torch.Tensor) -> "targets.Outcome":
+    """The service's answers over HTTP as an Outcome (no detector scores: /predict shows
+    them only for rejected images)."""
+    import time
+
+    started = time.perf_counter()
+    answers = oracle.answer(quantize(x))
+    return targets.Outcome(np.array([a[0] for a in answers]), np.array([a[1] for a in answers], dtype=np.int64),
+                           np.array([a[2] for a in answers], dtype=np.float64), np.full(len(answers), np.nan),
+                           time.perf_counter() - started)
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """What a PNG round trip keeps: 8-bit pixels."""
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
+@dataclass
+class Best:
+    x: torch.Tensor | None = None
+    distance: float = float("inf")
+    queries_at: int = 0
+
+
+class BudgetedOracle:
+    """Wraps an oracle for ONE digit (true label y): counts queries, never exceeds `budget`."""
+
+    def __init__(self, oracle: Oracle, x0: torch.Tensor, y: int, budget: int, *, norm: str = "l2",
+                 num_classes: int = 10, http: bool = False) -> None:
+        self.oracle, self.x0, self.y, self.budget = oracle, x0, int(y), int(budget)
+        self.norm, self.num_classes, self.http = norm, num_classes, http
+        self.used = 0
+        self.best = Best()
+
+    def _distance(self, x: torch.Tensor) -> torch.Tensor:
+        d = (x - self.x0.unsqueeze(0)).flatten(1)
+        return d.norm(dim=1) if self.norm == "l2" else d.abs().max(dim=1).values
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.asarray(batch, dtype=np.float32)).view(-1, *self.x0.shape)
+        if self.http:
+            x = quantize(x)
+        if self.used + len(x) > self.budget:
+            raise BudgetExhausted(f"{self.used} of {self.budget} queries used")
+        answers = self.oracle.answer(x)
+        self.used += len(x)
+        probs = np.zeros((len(x), self.num_classes), dtype=np.float32)
+        dist = self._distance(x)
+        for i, (status, label, conf) in enumerate(answers):
+            if status == "accepted" and 0 <= label < self.num_classes:
+                conf = min(max(conf, 1.0 / self.num_classes), 1.0)
+                probs[i] = (1.0 - conf) / (self.num_classes - 1)
+                probs[i, label] = conf
+                if label != self.y and float(dist[i]) < self.best.distance:
+                    self.best = Best(x[i].clone(), float(dist[i]), self.used)
+            else:
+                probs[i, self.y] = 1.0
+        return probs
+
+
+def attack_one(kind: str, oracle: Oracle, x0: torch.Tensor, y: int, *, budget: int, eps: float = 0.3,
+               num_classes: int = 10, http: bool = False, seed: int = 0,
+               start: torch.Tensor | None = None) -> dict[str, Any]:
+    """One digit, one black-box attack within `budget` queries. Returns the best adversarial
+    found (or None), its distance and the queries used. HopSkipJump starts from `start` (a
+    digit of another class, as boundary attacks do) when given, else from random noise,
+    which a detector rejects."""
+    from art.attacks.evasion import HopSkipJump, SquareAttack
+    from art.estimators.classification import BlackBoxClassifierNeuralNetwork
+
+    np.random.seed(seed)
+    norm = "linf" if kind == "square" else "l2"
+    q = BudgetedOracle(oracle, x0, y, budget, norm=norm, num_classes=num_classes, http=http)
+    clf = BlackBoxClassifierNeuralNetwork(q, input_shape=tuple(x0.shape), nb_classes=num_classes,
+                                          clip_values=(0.0, 1.0))
+    xa = x0.unsqueeze(0).numpy().astype(np.float32)
+    try:
+        if kind == "square":
+            atk = SquareAttack(clf, norm=np.inf, eps=eps, max_iter=budget, p_init=0.8, nb_restarts=1,
+                               batch_size=1, verbose=False)
+            atk.generate(x=xa, y=np.eye(num_classes, dtype=np.float32)[[y]])
+        elif kind == "hsj":
+            atk = HopSkipJump(clf, batch_size=32, targeted=False, norm=2, max_iter=100, max_eval=40, init_eval=10,
+                              init_size=20, verbose=False)
+            init = None if start is None else start.unsqueeze(0).numpy().astype(np.float32)
+            atk.generate(x=xa, y=np.array([y]), x_adv_init=init)
+        else:
+            raise ValueError(f"unknown black-box attack {kind!r}")
+    except BudgetExhausted:
+        pass
+    b = q.best
+    return {"x": b.x, "distance": b.distance if b.x is not None else None, "queries": q.used,
+            "queries_to_best": b.queries_at if b.x is not None else None}
+
+
+def attack_many(kind: str, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, budget: int, eps: float = 0.3,
+                http: bool = False, seed: int = 0, bar: Any = None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Attack each digit separately (a fresh budget per digit); the adversarial batch holds the
+    best adversarial found per digit, or the clean digit where none was found."""
+    advs, rows = [], []
+    flat = x.flatten(1)
+    for i in range(len(x)):
+        other = (y != y[i]).nonzero().flatten()
+        start = None
+        if len(other):  # the nearest digit of another class: HopSkipJump's starting point
+            start = x[other[(flat[other] - flat[i]).norm(dim=1).argmin()]]
+        r = attack_one(kind, oracle, x[i], int(y[i]), budget=budget, eps=eps, http=http, seed=seed + i, start=start)
+        advs.append(r["x"] if r["x"] is not None else x[i])
+        rows.append({k: v for k, v in r.items() if k != "x"})
+        if bar is not None:
+            bar.update(1)
+    return torch.stack(advs), rows

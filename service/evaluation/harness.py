@@ -1,0 +1,448 @@
+"""The evaluation run: every section for every requested pipeline, then the report.
+
+Everything runs in process on the real pipelines built from the bundle and the packaged
+configuration (the same objects the service serves), except the optional HTTP black-box
+mode, which talks to a running service through /predict only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from service.evaluation import adaptive, blackbox, metrics, targets
+from service.evaluation.attacks import Budget, art_attack, gmsa_rmc, progress_enabled
+from service.evaluation.targets import Outcome
+
+log = logging.getLogger("shieldserve.evaluate")
+
+SMOOTHING_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+ALL_SECTIONS = ("oblivious", "graybox", "adaptive", "blackbox", "certify")
+
+
+@dataclass
+class EvalConfig:
+    bundle: str = "models/default"
+    out: str = "evaluation"
+    pipelines: list[str] | None = None          # None: every configured pipeline
+    limit: int = 100                            # test digits (stratified)
+    pipeline_limit: dict[str, int] = field(default_factory=dict)   # fewer digits for costly pipelines
+    sections: tuple[str, ...] = ALL_SECTIONS
+    attacks: tuple[str, ...] | None = None      # keep only these attack names (e.g. pgd, cw, square)
+    budget: Budget = field(default_factory=Budget)
+    smoothing_n: dict[str, int] = field(default_factory=dict)      # PREDICT samples per pipeline (default: the service's)
+    certify_n: int = 10_000
+    certify_n0: int = 100
+    certify_alpha: float = 0.001
+    certify_limit: dict[str, int] = field(default_factory=dict)
+    blackbox_limit: dict[str, int] = field(default_factory=dict)   # digits per pipeline for black-box
+    blackbox_default_limit: int = 20
+    adaptive_limit: dict[str, int] = field(default_factory=dict)   # digits for the adaptive section
+    certify_n_for: dict[str, int] = field(default_factory=dict)    # CERTIFY samples per pipeline
+    doc: str | None = None                      # also write the published report here (plots linked relative to it)
+    adaptive_sweep: bool = False                # adaptive PGD at every sweep eps too (cheap pipelines)
+    sweep_max_seconds: float = 0.05             # eps sweep only where a clean digit costs less than this
+    url: str | None = None                      # black-box over HTTP against this service
+    seed: int = 0
+    batch: int = 100
+    config: str | None = None                   # service config YAML merged over the packaged one
+    command: str = ""
+
+    def n_for(self, name: str) -> int:
+        return min(self.limit, self.pipeline_limit.get(name, self.limit))
+
+    def wants(self, attack: str) -> bool:
+        return self.attacks is None or attack in self.attacks
+
+
+def _bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not progress_enabled(),
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def _outcome_json(o: Outcome, y: np.ndarray, clean: Outcome | None) -> dict[str, Any]:
+    d = {"n": int(len(y)), "accepted_correct": round(float(o.correct(y).mean()), 4),
+         "wrong": round(float(o.wrong(y).mean()), 4), "rejected": round(float(o.rejected.mean()), 4),
+         "abstained": round(float(o.abstained.mean()), 4),
+         "seconds_per_image": round(o.seconds / max(1, len(y)), 4)}
+    if clean is not None:
+        d["robust_accuracy"] = round(metrics.robust_accuracy(clean, o, y), 4)
+    return d
+
+
+class Evaluation:
+    def __init__(self, cfg: EvalConfig) -> None:
+        from models.bundle import Bundle
+        from models.datasets import load_dataset
+        from service.defenses.base import DefenseEnv
+        from service.pipeline import Pipeline
+        from service.settings import load_settings
+
+        self.cfg = cfg
+        self.started = time.time()
+        settings = load_settings(cfg.config, bundle=cfg.bundle)
+        self.bundle = Bundle.load(settings.bundle)
+        self.base = self.bundle.classifier()
+        env = DefenseEnv(bundle=self.bundle, classifier=self.base, device=torch.device("cpu"), settings=settings)
+        names = cfg.pipelines or list(settings.pipelines)
+        unknown = [n for n in names if n not in settings.pipelines]
+        if unknown:
+            raise SystemExit(f"unknown pipelines {unknown}; configured: {sorted(settings.pipelines)}")
+        self.pipes = {n: Pipeline.build(n, settings.pipelines[n].model_dump(), env) for n in names}
+        ds = load_dataset("mnist5k")
+        per = max(1, math.ceil(cfg.limit / len(ds.class_names)))
+        test = ds.test.per_class(per)
+        self.x, self.y = test.x[:cfg.limit], test.y[:cfg.limit]
+        self.report: dict[str, Any] = {
+            "command": cfg.command, "bundle": str(cfg.bundle), "bundle_version": self.bundle.version,
+            "dataset": f"{ds.name} test split, first {len(self.y)} digits stratified by class",
+            "limit": len(self.y), "seed": cfg.seed, "budget": cfg.budget.to_json(),
+            "sections": list(cfg.sections), "certify": {"n": cfg.certify_n, "n0": cfg.certify_n0, "alpha": cfg.certify_alpha},
+            "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "oblivious_attacks": {}, "pipelines": {}}
+        self.oblivious: dict[str, torch.Tensor] = {}
+        self._advs: dict[tuple[str, str], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def options(self, name: str) -> dict[str, Any]:
+        n = self.cfg.smoothing_n.get(name)
+        return {"n": int(n)} if n else {}
+
+    def run(self, name: str, x: torch.Tensor, seed: int, desc: str) -> Outcome:
+        with _bar(len(x), f"{name}: {desc}") as bar:
+            return targets.run(self.pipes[name], x, batch=self.cfg.batch, seed=seed, options=self.options(name), bar=bar)
+
+    def save(self) -> None:
+        out = Path(self.cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(clean_json(self.report), indent=2, default=_json_default) + "\n")
+
+    # ------------------------------------------------------------------ oblivious
+    def make_oblivious(self) -> None:
+        b, x, y = self.cfg.budget, self.x, self.y
+        plan: list[tuple[str, str, dict[str, Any]]] = []
+        if self.cfg.wants("pgd"):
+            plan += [(f"pgd_linf_{e:g}", "pgd", {"eps": e, "norm": "linf"}) for e in b.linf_sweep]
+            if b.linf_eps not in b.linf_sweep:
+                plan.append((f"pgd_linf_{b.linf_eps:g}", "pgd", {"eps": b.linf_eps, "norm": "linf"}))
+        if self.cfg.wants("apgd"):
+            plan.append((f"apgd_linf_{b.linf_eps:g}", "apgd", {"eps": b.linf_eps, "norm": "linf"}))
+        if self.cfg.wants("cw"):
+            plan.append(("cw_l2", "cw", {}))
+        for label, kind, kw in tqdm(plan, desc="oblivious attacks on the base classifier", leave=False,
+                                    disable=not progress_enabled(), file=sys.stderr):
+            t = time.perf_counter()
+            adv = art_attack(kind, self.base, x, y, budget=b, seed=self.cfg.seed, **kw)
+            secs = time.perf_counter() - t
+            self.oblivious[label] = adv
+            with torch.no_grad():
+                fooled = float((self.base(adv).argmax(1) != y).float().mean())
+            self.report["oblivious_attacks"][label] = {"attack": kind, **kw, "n": len(y),
+                                                       "success_on_base": round(fooled, 4),
+                                                       **{k: round(v, 4) for k, v in metrics.norms(x, adv).items()},
+                                                       "seconds_per_image": round(secs / len(y), 4)}
+            log.info("oblivious %s: base fooled on %.3f", label, fooled)
+
+    # ------------------------------------------------------------------ one pipeline
+    def evaluate_pipeline(self, name: str) -> None:
+        cfg, b = self.cfg, self.cfg.budget
+        pipe = self.pipes[name]
+        a = targets.anatomy(pipe)
+        n = cfg.n_for(name)
+        x, y = self.x[:n], self.y[:n]
+        yn = y.numpy()
+        rep: dict[str, Any] = {"digits": n, "defenses": a.defenses, "description": pipe.description,
+                               "certifies": pipe.certifies, "has_detector": bool(a.detectors),
+                               "smoothing_n": self.options(name).get("n"), "attacks": {}}
+        self.report["pipelines"][name] = rep
+        clean = self.run(name, x, cfg.seed, "clean")
+        rep["clean"] = {"accuracy": round(metrics.accuracy(clean, yn), 4),
+                        "false_rejection_rate": round(float(clean.rejected.mean()), 4),
+                        "abstention_rate": round(float(clean.abstained.mean()), 4),
+                        "seconds_per_image": round(clean.seconds / n, 4)}
+        self.save()
+        findings: list[metrics.Finding] = []
+        cheap = clean.seconds / n < cfg.sweep_max_seconds
+
+        def record(section: str, label: str, adv: torch.Tensor, gen_seconds: float, extra: dict[str, Any] | None = None,
+                   digits: int | None = None, oracle: Any = None) -> None:
+            k = digits or n
+            xa, ya = adv[:k], yn[:k]
+            if oracle is not None:  # black-box over HTTP: the running service judges its own adversarials
+                o = blackbox.http_outcome(oracle, xa)
+            else:
+                o = self.run(name, xa, cfg.seed + 1000 * (len(rep["attacks"]) + 1), f"{section} {label}")
+            cl = _slice(clean, k)
+            row = {"section": section, "attack": label, **_outcome_json(o, ya, cl),
+                   "attack_success": round(metrics.attack_success(o, ya), 4),
+                   **{k2: round(v, 4) for k2, v in metrics.norms(self.x[:k], xa).items()},
+                   "attack_seconds_per_image": round(gen_seconds / max(1, k), 4)}
+            if a.detectors:
+                row["detection_auc"] = round(metrics.auc_roc(clean.score, o.score), 4)
+                fpr, tpr = metrics.roc_curve(clean.score, o.score)
+                row["roc"] = {"fpr": fpr, "tpr": tpr}
+            row.update(extra or {})
+            rep["attacks"][f"{section}/{label}"] = row
+            if a.smoothing is not None:  # kept for the invariant's re-check
+                self._advs[(name, f"{section}/{label}")] = xa
+            l2 = (xa - self.x[:k]).flatten(1).norm(dim=1)
+            for i in np.flatnonzero(o.wrong(ya)):
+                findings.append(metrics.Finding(int(i), f"{section}/{label}", float(l2[i]), int(o.labels[i])))
+            self.save()
+
+        # -------- oblivious: the base classifier's adversarials
+        if "oblivious" in cfg.sections:
+            for label, adv in self.oblivious.items():
+                sweep_only = label.startswith("pgd_linf_") and not label.endswith(f"_{b.linf_eps:g}")
+                if sweep_only and not cheap:
+                    continue
+                meta = self.report["oblivious_attacks"][label]
+                record("oblivious", label, adv[:n], meta["seconds_per_image"] * n)
+
+        # -------- gray-box: the labeling network without secrets, detectors or noise
+        ka = min(n, cfg.adaptive_limit.get(name, n))  # gray-box and adaptive digits
+        x, y = self.x[:ka], self.y[:ka]
+        rep["attack_digits"] = ka
+        if "graybox" in cfg.sections and cfg.wants("pgd"):
+            g = adaptive.graybox_model(a)
+            if g is None:
+                rep["graybox_note"] = "the labeling network is the base classifier: gray-box = oblivious"
+            else:
+                t = time.perf_counter()
+                adv = art_attack("pgd", g, x, y, eps=b.linf_eps, norm="linf", budget=b, seed=cfg.seed)
+                record("graybox", f"pgd_linf_{b.linf_eps:g}", adv, time.perf_counter() - t, digits=ka)
+                if a.smoothing is not None:
+                    for e in b.l2_eps:
+                        t = time.perf_counter()
+                        adv = art_attack("pgd", g, x, y, eps=e, norm="l2", budget=b, seed=cfg.seed)
+                        record("graybox", f"pgd_l2_{e:g}", adv, time.perf_counter() - t, digits=ka)
+
+        # -------- adaptive white-box
+        if "adaptive" in cfg.sections:
+            self.adaptive(name, a, x, y, lambda *args, **kw: record(*args, **kw, digits=ka), cheap)
+        x, y = self.x[:n], self.y[:n]
+
+        # -------- black-box: /predict answers only, query budget
+        if "blackbox" in cfg.sections:
+            self.blackbox(name, x, y, record)
+
+        # -------- certification and the invariant
+        if "certify" in cfg.sections and a.smoothing is not None:
+            self.certify(name, a, x, y, clean, findings, rep)
+        self.save()
+
+    def adaptive(self, name: str, a: targets.Anatomy, x: torch.Tensor, y: torch.Tensor, record: Any, cheap: bool) -> None:
+        cfg, b = self.cfg, self.cfg.budget
+        rep = self.report["pipelines"][name]
+        if a.rmc is not None:
+            if cfg.wants("gmsa"):
+                with _bar(len(x), f"{name}: GMSA") as bar:
+                    t = time.perf_counter()
+                    adv, rounds = gmsa_rmc(a.rmc, x, y, eps=b.linf_eps, budget=b, seed=cfg.seed, bar=bar)
+                record("adaptive", f"gmsa_pgd_linf_{b.linf_eps:g}", adv, time.perf_counter() - t, extra={"gmsa": rounds})
+            return
+        if not (a.purifiers or a.detectors or a.smoothing) and a.labeler is self.base:
+            rep["adaptive_model"] = "no defense: the oblivious adversarials are already white-box"
+            for label, adv in self.oblivious.items():
+                if label.endswith(f"_{b.linf_eps:g}") or not label.startswith("pgd_linf_"):
+                    record("adaptive", label, adv[:len(x)], self.report["oblivious_attacks"][label]["seconds_per_image"] * len(x))
+            return
+        model = adaptive.adaptive_model(a, eot_draws=b.eot_draws, seed=cfg.seed)
+        what = []
+        if a.purifiers:
+            what.append("BPDA" if any(p.defense == "defensegan" for p in a.purifiers) else "exact reformer gradient")
+        if model.eot:
+            what.append(f"EOT x{b.eot_draws}")
+        if model.detectors:
+            what.append("detector-aware (targeted at the runner-up class, K+1 outputs)")
+        rep["adaptive_model"] = ", ".join(what) or "the classifier itself"
+        bpda = any(p.defense == "defensegan" for p in a.purifiers)
+        plan: list[tuple[str, str, dict[str, Any]]] = []
+        if model.eot is not None:
+            if cfg.wants("pgd"):
+                plan.append((f"eot_pgd_linf_{b.linf_eps:g}", "pgd", {"eps": b.linf_eps, "norm": "linf", "steps": b.eot_steps}))
+                plan += [(f"eot_pgd_l2_{e:g}", "pgd", {"eps": e, "norm": "l2", "steps": b.eot_steps}) for e in b.l2_eps]
+        elif bpda:
+            if cfg.wants("pgd") or cfg.wants("bpda"):
+                plan.append((f"bpda_pgd_linf_{b.linf_eps:g}", "pgd", {"eps": b.linf_eps, "norm": "linf", "steps": b.bpda_steps}))
+        else:
+            prefix = "aware_" if model.detectors else ("reformer_" if a.purifiers else "")
+            eps_list = b.linf_sweep if cheap and cfg.adaptive_sweep else (b.linf_eps,)
+            if b.linf_eps not in eps_list:
+                eps_list = (*eps_list, b.linf_eps)
+            if cfg.wants("pgd"):
+                plan += [(f"{prefix}pgd_linf_{e:g}", "pgd", {"eps": e, "norm": "linf"}) for e in eps_list]
+            if cfg.wants("apgd"):
+                plan.append((f"{prefix}apgd_linf_{b.linf_eps:g}", "apgd", {"eps": b.linf_eps, "norm": "linf"}))
+            if cfg.wants("cw"):
+                plan.append((f"{prefix}cw_l2", "cw", {}))
+        for label, kind, kw in plan:
+            t = time.perf_counter()
+            adv = art_attack(kind, model, x, y, budget=b, seed=cfg.seed, batch_size=cfg.batch, **kw)
+            record("adaptive", label, adv, time.perf_counter() - t)
+
+    def blackbox(self, name: str, x: torch.Tensor, y: torch.Tensor, record: Any) -> None:
+        cfg, b = self.cfg, self.cfg.budget
+        k = min(len(x), cfg.blackbox_limit.get(name, cfg.blackbox_default_limit))
+        if k <= 0:
+            return
+        if cfg.url:
+            import httpx
+
+            client = httpx.Client(base_url=cfg.url, timeout=120.0)
+            oracle: Any = blackbox.HttpOracle(client, name)
+        else:
+            client = None
+            oracle = blackbox.PipelineOracle(self.pipes[name], seed=cfg.seed + 555)
+        hsj_eps = max(b.l2_eps)
+        try:
+            for kind, budget, eps in (("square", b.square_queries, b.linf_eps), ("hsj", b.hsj_queries, hsj_eps)):
+                if not cfg.wants(kind):
+                    continue
+                with _bar(k, f"{name}: black-box {kind}") as bar:
+                    t = time.perf_counter()
+                    adv, rows = blackbox.attack_many(kind, oracle, x[:k], y[:k], budget=budget, eps=b.linf_eps,
+                                                     http=bool(cfg.url), seed=cfg.seed, bar=bar)
+                    secs = time.perf_counter() - t
+                dist = np.array([r["distance"] if r["distance"] is not None else np.inf for r in rows])
+                if kind == "hsj":  # label-only, minimises L2: a success counts within L2 <= eps only
+                    far = dist > eps
+                    adv[torch.from_numpy(far)] = x[:k][torch.from_numpy(far)]
+                found = np.isfinite(dist)
+                extra = {"digits": k, "query_budget": budget, "mode": "http" if cfg.url else "in-process",
+                         "queries_used_mean": round(float(np.mean([r["queries"] for r in rows])), 1),
+                         "queries_used_max": int(max(r["queries"] for r in rows)),
+                         "found_any_adversarial": round(float(found.mean()), 4),
+                         "median_distance_found": round(float(np.median(dist[found])), 4) if found.any() else None,
+                         "eps": eps, "norm": "linf" if kind == "square" else "l2"}
+                label = f"square_linf_{b.linf_eps:g}" if kind == "square" else f"hsj_l2_{eps:g}"
+                record("blackbox", label, adv, secs, extra=extra, digits=k, oracle=oracle if cfg.url else None)
+        finally:
+            if client is not None:
+                client.close()
+
+    def certify(self, name: str, a: targets.Anatomy, x: torch.Tensor, y: torch.Tensor, clean: Outcome,
+                findings: list[metrics.Finding], rep: dict[str, Any]) -> None:
+        from service.defenses.smoothing import NoiseSampler, certify
+
+        cfg = self.cfg
+        s = a.smoothing
+        k = min(len(x), cfg.certify_limit.get(name, len(x)))
+        sampler = NoiseSampler(s.function(s.sigma, a.labeler), s.sigma, 10, s.batch_size)  # type: ignore[attr-defined]
+        cache = getattr(self, "_cert_cache", {})
+        self._cert_cache = cache
+        n_cert = cfg.certify_n_for.get(name, cfg.certify_n)
+        key = (s.sigma, s.use_denoiser, k, n_cert)  # type: ignore[attr-defined]
+        t = time.perf_counter()
+        if key in cache:  # the same smoothed classifier (e.g. `default` = MagNet + `smoothing`)
+            labels, radii = cache[key]
+            reused = True
+        else:
+            labels, radii = [], []
+            with _bar(k, f"{name}: certify n={n_cert}") as bar:
+                for i in range(k):
+                    cert, _ = certify(sampler, x[i], cfg.certify_n0, n_cert, cfg.certify_alpha, seed=cfg.seed + i)
+                    labels.append(cert.label)
+                    radii.append(cert.radius)
+                    bar.update(1)
+            cache[key] = (labels, radii)
+            reused = False
+        secs = time.perf_counter() - t
+        yk = y[:k].numpy()
+        accepted = ~clean.rejected[:k]
+        cert_acc = metrics.certified_accuracy(labels, radii, yk, SMOOTHING_RADII, accepted=accepted)
+        # the certificate covers the smoothed classifier; a detector before it may still reject
+        eff_radii = np.where(accepted, np.asarray(radii), 0.0)
+        eff_labels = np.where(accepted, np.asarray(labels), -1)
+
+        def recheck(f: metrics.Finding) -> dict[str, Any]:
+            # PREDICT again on the same adversarial with 10x the samples and another seed
+            adv = self._adversarial_for(name, f)
+            if adv is None:
+                return {"confirmed": True, "note": "adversarial not kept"}
+            n_big = 10 * int(self.options(name).get("n", s.n))  # type: ignore[attr-defined]
+            o = targets.run(self.pipes[name], adv.unsqueeze(0), batch=1, seed=cfg.seed + 99_991 + f.digit,
+                            options={"n": n_big})
+            return {"n": n_big, "status": str(o.status[0]), "label": int(o.labels[0]),
+                    "confirmed": bool(o.wrong(np.array([int(yk[f.digit])]))[0])}
+
+        inside = [f for f in findings if f.digit < k]
+        inv = metrics.invariant_check(eff_labels, eff_radii, yk, inside, radii_grid=SMOOTHING_RADII,
+                                      clean_wrong=clean.wrong(y.numpy())[:k], recheck=recheck)
+        rep["certified"] = {"digits": k, "n": n_cert, "n0": cfg.certify_n0, "alpha": cfg.certify_alpha,
+                            "sigma": float(s.sigma), "accuracy": cert_acc,  # type: ignore[attr-defined]
+                            "mean_radius_correct": round(float(np.mean([r for r, lab, yy in zip(radii, labels, yk)
+                                                                         if lab == yy] or [0.0])), 4),
+                            "seconds_per_image": round(secs / max(1, k), 4) if not reused else None,
+                            "reused_from_same_smoothed_classifier": reused,
+                            "covers_detector": not bool(a.detectors)}
+        rep["invariant"] = inv
+
+    def _adversarial_for(self, name: str, f: metrics.Finding) -> torch.Tensor | None:
+        adv = self._advs.get((name, f.attack))
+        return None if adv is None or f.digit >= len(adv) else adv[f.digit]
+
+    # ------------------------------------------------------------------ main
+    def run_all(self) -> dict[str, Any]:
+        if "oblivious" in self.cfg.sections:
+            self.make_oblivious()
+            self.save()
+        for name in tqdm(list(self.pipes), desc="pipelines", disable=not progress_enabled(), file=sys.stderr):
+            t = time.perf_counter()
+            self.evaluate_pipeline(name)
+            self.report["pipelines"][name]["seconds"] = round(time.perf_counter() - t, 1)
+            log.info("pipeline %s evaluated in %.0fs", name, time.perf_counter() - t)
+        self.report["seconds"] = round(time.time() - self.started, 1)
+        self.report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.save()
+        return self.report
+
+
+def _slice(o: Outcome, k: int) -> Outcome:
+    return Outcome(o.status[:k], o.labels[:k], o.confidence[:k], o.score[:k], o.seconds * k / max(1, len(o.status)))
+
+
+def clean_json(v: Any) -> Any:
+    """NaN and infinity become null (JSON has neither); numpy scalars become numbers."""
+    if isinstance(v, dict):
+        return {str(k): clean_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [clean_json(x) for x in v]
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return str(v)
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation and write report.json, report.md and the plots into cfg.out."""
+    from service.evaluation import report as report_writer
+
+    ev = Evaluation(cfg)
+    result = ev.run_all()
+    report_writer.write(result, Path(cfg.out), doc=Path(cfg.doc) if cfg.doc else None)
+    return result

@@ -1,0 +1,409 @@
+"""report.md (tables) and PNG plots from report.json's contents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SECTIONS = ("oblivious", "graybox", "adaptive", "blackbox")
+TITLES = {
+    "oblivious": "Oblivious: adversarial digits computed on the base classifier only",
+    "graybox": "Gray-box: computed on the labeling network, without the defense's secrets, detectors or noise",
+    "adaptive": "Adaptive white-box: BPDA, EOT, detector-aware losses, GMSA",
+    "blackbox": "Black-box: /predict answers only (status, label, confidence), with a query budget per digit",
+}
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def worst(rep: dict[str, Any], section: str, key: str = "robust_accuracy") -> tuple[float | None, str | None]:
+    """The lowest robust accuracy over a section's attacks, and the attack."""
+    rows = [(r[key], name.split("/", 1)[1]) for name, r in rep["attacks"].items()
+            if r["section"] == section and r.get(key) is not None]
+    if not rows:
+        return None, None
+    return min(rows)
+
+
+def headline(report: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    eps = report["budget"]["linf_eps"]
+    for name, rep in report["pipelines"].items():
+        if "clean" not in rep:
+            continue
+        obl = rep["attacks"].get(f"oblivious/pgd_linf_{eps:g}", {})
+        wa, wa_name = worst(rep, "adaptive")
+        wb, wb_name = worst(rep, "blackbox")
+        cert = rep.get("certified", {}).get("accuracy", {})
+        auc = obl.get("detection_auc")
+        rows.append([name if "seconds" in rep else f"{name} (partial)", rep["digits"], rep["clean"]["accuracy"], rep["clean"]["false_rejection_rate"],
+                     obl.get("robust_accuracy"), f"{_f(wa)} ({wa_name})" if wa is not None else "-",
+                     f"{_f(wb)} ({wb_name})" if wb is not None else "-",
+                     auc, cert.get("0.5"), rep["clean"]["seconds_per_image"]])
+    return rows
+
+
+HEADLINE_HEADER = ["pipeline", "digits", "clean acc", "clean FRR", "oblivious PGD L-inf 0.3",
+                   "adaptive (worst attack)", "black-box (worst)", "detection AUC (obliv. PGD)",
+                   "certified acc @ L2 0.5", "s/img (clean)"]
+
+
+PUBLISHED_BREAKS = {
+    "magnet": "Carlini & Wagner 2017: an attack that knows the autoencoders defeats MagNet",
+    "defensegan": "Athalye, Carlini & Wagner 2018: BPDA through the projection (MNIST accuracy 55%)",
+    "rmc": "Chen et al. 2022 (GMSA) break RMC",
+    "neuralfp": "adaptive attacks that model the fingerprint check (detector-aware loss)",
+}
+
+
+def findings(report: dict[str, Any]) -> list[str]:
+    """One line per pipeline: oblivious versus adaptive, and whether a published break is reproduced."""
+    eps = report["budget"]["linf_eps"]
+    lines = []
+    for name, rep in report["pipelines"].items():
+        obl = rep.get("attacks", {}).get(f"oblivious/pgd_linf_{eps:g}", {}).get("robust_accuracy")
+        wo, wo_name = worst(rep, "oblivious")
+        wa, wa_name = worst(rep, "adaptive")
+        if obl is None or wa is None:
+            continue
+        line = (f"- **{name}**: oblivious PGD L-inf {eps:g} robust accuracy {obl:.3f} (worst oblivious {wo:.3f}, "
+                f"{wo_name}); worst adaptive {wa:.3f} ({wa_name}, {rep['adaptive_model'] if rep.get('adaptive_model') else 'GMSA'}"
+                f", {rep['attacks'][f'adaptive/{wa_name}']['n']} digits).")
+        if name in PUBLISHED_BREAKS:
+            drop = wo - wa  # against the strongest oblivious attack, not only PGD
+            verdict = ("reproduced" if drop >= 0.25 or (wo > 0 and wa <= 0.5 * wo) else
+                       "NOT reproduced at this budget" if drop < 0.1 else "partly reproduced")
+            line += (f" Published break ({PUBLISHED_BREAKS[name]}): {verdict} (adaptive {drop:.3f} below the "
+                     f"worst oblivious attack).")
+        lines.append(line)
+    for name, rep in report["pipelines"].items():
+        inv = rep.get("invariant")
+        if inv:
+            lines.append(f"- **{name}** certificate invariant: {'holds' if inv['holds'] else 'VIOLATED'} "
+                         f"({len(inv['violations'])} confirmed violations, {len(inv['unconfirmed_candidates'])} "
+                         f"unconfirmed candidates, {rep['certified']['digits']} certified digits).")
+    return lines
+
+
+THREAT_MODELS = """\
+Threat models (each a section below):
+
+- **Oblivious**: the attacker knows only the base classifier; adversarial digits are computed on
+  it (ART PGD and APGD-CE at L-inf eps 0.3, PGD at eps 0.1 and 0.2 for the sweep, and
+  Carlini-Wagner L2) and then sent through every pipeline.
+- **Gray-box**: the attacker knows the network that labels the input in that pipeline (the
+  fingerprinted network for NeuralFP; the noise-trained classifier, or denoiser + classifier,
+  for smoothing) but not the defense's secrets (fingerprints, noise draws) and ignores its
+  detectors. Where that network is the base classifier (MagNet, Defense-GAN, RMC) gray-box
+  equals oblivious and is not repeated.
+- **Adaptive white-box** (everything known, secrets included): MagNet: exact gradients through
+  the reformer plus a detector-aware model (an extra "rejected" output
+  max_j z_j + beta * log(max_d score_d / threshold_d), attacked towards the clean runner-up class
+  by PGD/APGD, and by CW-L2 whose loss needs a wrong class above both the true class and
+  "rejected"); NeuralFP: the same detector-aware model with the real fingerprints; Defense-GAN:
+  BPDA (forward: the real projection; backward: identity); smoothing: EOT (log of the mean
+  softmax over fresh Gaussian draws at every step), plus the MagNet-aware output in `default`;
+  RMC: GMSA-AVG (attack the average of the base model and the models RMC adapted to the
+  previous rounds' adversarial digits; isolated-mode adaptation is deterministic, so the
+  adapted model of a round is exactly what the service would use).
+- **Black-box**: only what /predict returns (status, label, confidence) with a query budget
+  per digit: ART Square (score-based, L-inf eps 0.3) and ART HopSkipJump (label-only, L2,
+  started from the nearest test digit of another class; success counted within L2 <= 2).
+  In process here; `--url` runs the same attacks against a running service over HTTP.
+"""
+
+
+LIMITS = """\
+## Limits of this evaluation
+
+- Budgets are CPU-sized (see Budgets above): more PGD/EOT/BPDA steps, more GMSA rounds, more
+  black-box queries can only lower the robust accuracies reported here. Black-box numbers with
+  a few hundred queries per digit are weak attacks: read them as upper bounds.
+- Carlini-Wagner L2 is this harness's torch implementation (`service/evaluation/attacks.py`),
+  with the same objective as ART's `CarliniL2Method` (kept as attack `cw_art`), which ran about
+  ten times slower here. PGD, APGD, Square and HopSkipJump are ART's.
+- The smoothing certificates are L2 certificates: L-inf eps 0.3 perturbations have L2 norms
+  near 6, far outside any certified radius, so the L-inf rows do not test the certificate; the
+  L2 rows and the invariant do. In `default` the certificate covers the smoothed classifier,
+  not MagNet's detection in front of it.
+- Gray-box MagNet as in the paper (a secret random choice among several autoencoders) is not
+  evaluated: the bundle holds one autoencoder per role. RMC is evaluated in its isolated
+  (serving default) mode; the online mode's poisoning risk is described in docs/defenses/rmc.md.
+- Defense-GAN is attacked with its serving projection preset (`default`), not the paper's.
+"""
+
+
+def coverage(report: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for name, rep in report["pipelines"].items():
+        bb = [r for k, r in rep.get("attacks", {}).items() if r["section"] == "blackbox"]
+        cert = rep.get("certified")
+        rows.append([name, rep["digits"], rep.get("attack_digits", rep["digits"]), bb[0]["n"] if bb else 0,
+                     bb[0]["query_budget"] if bb else "-", rep.get("smoothing_n") or ("service default" if rep.get("certifies") else "-"),
+                     f"{cert['digits']} (n={cert['n']})" if cert else "-",
+                     rep["seconds"] if "seconds" in rep else "partial: stopped at the deadline, sections missing"])
+    return rows
+
+
+def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
+    eps = report["budget"]["linf_eps"]
+    out = [f"# shieldserve security evaluation",
+           "",
+           f"Bundle `{report['bundle']}` (version {report['bundle_version']}); {report['dataset']}; "
+           f"seed {report['seed']}; {sum(r.get('seconds') or 0 for r in report['pipelines'].values()) / 60:.0f} min "
+           f"of pipeline evaluation (per pipeline in the coverage table) on {report['machine']['processor']}, "
+           f"{report['machine']['threads']} torch thread per process, a CPU shared with other jobs.",
+           "",
+           f"Command: `{report['command']}`" if report.get("command") else "",
+           "",
+           *([f"These numbers come from {len(report['runs'])} runs, split by `--pipelines` so that they could run "
+              f"side by side on a shared CPU before a deadline, merged with "
+              f"`python -m service.evaluation.report DIR DOC --merge ...`. Their flags differ from the command above "
+              f"where listed (fewer digits, sections or attacks for the costly pipelines); the coverage table "
+              f"below gives what each pipeline actually got. {report.get('note', '')}", ""]
+             + [f"- `{r['command']}` ({(r.get('seconds') or 0) / 60:.0f} min): {', '.join(r['pipelines'])}"
+                for r in report["runs"]] + [""] if len(report.get("runs", [])) > 1 else []),
+           "Robust accuracy: the clean digit is accepted with the right label AND its adversarial version is "
+           "rejected, abstained on, or labelled right (a refused adversarial is a defended one; a refused clean "
+           "digit is an error). Attack success: the adversarial digit is accepted with a wrong label.",
+           "",
+           "## Headline",
+           "",
+           _table(HEADLINE_HEADER, headline(report)),
+           "",
+           THREAT_MODELS,
+           "Coverage (costly pipelines use fewer digits for some sections; every number below says on how many; "
+           "a pipeline marked partial was stopped before all its sections ran: its missing rows were not measured):",
+           "",
+           _table(["pipeline", "clean + oblivious digits", "gray-box + adaptive digits", "black-box digits",
+                   "queries per digit per attack", "PREDICT samples", "certified digits", "seconds"], coverage(report)),
+           "",
+           "Budgets: " + ", ".join(f"{k} {v}" for k, v in report["budget"].items()) + ".",
+           "",
+           "## Findings (computed from the tables below)",
+           "",
+           *findings(report),
+           ""]
+    if report.get("oblivious_attacks"):
+        out += ["## Attacks on the base classifier (the oblivious adversarials)", "",
+                _table(["attack", "digits", "fools the base classifier", "mean L2", "mean L-inf", "s/img"],
+                       [[k, v["n"], v["success_on_base"], v["mean_l2"], v["mean_linf"], v["seconds_per_image"]]
+                        for k, v in report["oblivious_attacks"].items()]), ""]
+    for section in SECTIONS:
+        rows = []
+        for name, rep in report["pipelines"].items():
+            for key, r in rep.get("attacks", {}).items():
+                if r["section"] != section:
+                    continue
+                extra = ""
+                if section == "blackbox":
+                    extra = (f"{r['mode']}, budget {r['query_budget']}, used mean {r['queries_used_mean']} "
+                             f"/ max {r['queries_used_max']}, found any {_f(r['found_any_adversarial'])}, "
+                             f"median {r['norm']} {_f(r['median_distance_found'])}")
+                elif "gmsa" in r:
+                    extra = ", ".join(f"{k} {v}" for k, v in r["gmsa"].items())
+                rows.append([name, key.split("/", 1)[1], r["n"], r["robust_accuracy"], r["attack_success"],
+                             r["rejected"], r["abstained"], r.get("detection_auc"), r["mean_l2"], r["mean_linf"],
+                             r["attack_seconds_per_image"], extra])
+        if not rows:
+            continue
+        out += [f"## {TITLES[section]}", ""]
+        if section == "graybox":
+            notes = [f"- `{n}`: {rep['graybox_note']}" for n, rep in report["pipelines"].items() if rep.get("graybox_note")]
+            out += notes + ([""] if notes else [])
+        if section == "adaptive":
+            notes = [f"- `{n}`: {rep['adaptive_model']}" for n, rep in report["pipelines"].items() if rep.get("adaptive_model")]
+            out += notes + ([""] if notes else [])
+        out += [_table(["pipeline", "attack", "digits", "robust acc", "attack success", "rejected", "abstained",
+                        "detection AUC", "mean L2", "mean L-inf", "attack s/img", "notes"], rows), ""]
+    cert_rows, inv_rows = [], []
+    for name, rep in report["pipelines"].items():
+        c = rep.get("certified")
+        if c:
+            cert_rows.append([name, c["digits"], c["sigma"], c["n"], *c["accuracy"].values(),
+                              "yes" if c["covers_detector"] else "no (detector not covered)"])
+            radii = list(c["accuracy"])
+        inv = rep.get("invariant")
+        if inv:
+            order = "; ".join(f"r={o['radius']:g}: {o['empirical_upper_bound']:.3f} >= {o['certified']:.3f}"
+                              + ("" if o["holds"] else " FAILS") for o in inv["empirical_vs_certified"])
+            inv_rows.append([name, "holds" if inv["holds"] else "VIOLATED", len(inv["violations"]),
+                             len(inv["unconfirmed_candidates"]), order])
+    if cert_rows:
+        out += ["## Certified accuracy (randomized smoothing, CERTIFY)", "",
+                _table(["pipeline", "digits", "sigma", "n", *[f"r={r}" for r in radii], "certificate covers the whole pipeline"],
+                       cert_rows), ""]
+    if inv_rows:
+        out += ["## Invariant: no adversarial example inside a certificate", "",
+                "A violation is a digit certified with its true label at radius R and an adversarial digit at "
+                "L2 distance < R that the pipeline labelled otherwise, confirmed by PREDICT with 10x the samples "
+                "and another seed. Also: the empirical robust accuracy at r (no attack fooled it within L2 <= r; "
+                "abstentions are not errors) must be >= the certified accuracy at r.", "",
+                _table(["pipeline", "invariant", "confirmed violations", "unconfirmed candidates",
+                        "empirical >= certified at each r"], inv_rows), ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    out += [LIMITS]
+    return "\n".join(line for line in out) + "\n"
+
+
+def plot(report: dict[str, Any], out: Path, prefix: str = "") -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: dict[str, str] = {}
+    eps0 = report["budget"]["linf_eps"]
+
+    # certified accuracy vs radius (+ empirical upper bound)
+    certs = {n: r for n, r in report["pipelines"].items() if r.get("certified")}
+    if certs:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for i, (name, rep) in enumerate(certs.items()):
+            acc = rep["certified"]["accuracy"]
+            radii = [float(r) for r in acc]
+            line, = ax.plot(radii, list(acc.values()), marker="o", label=f"{name}: certified ({rep['certified']['digits']} digits)")
+            inv = rep.get("invariant")
+            if inv:
+                ax.plot([o["radius"] for o in inv["empirical_vs_certified"]],
+                        [o["empirical_upper_bound"] for o in inv["empirical_vs_certified"]], linestyle="--",
+                        color=line.get_color(), label=f"{name}: empirical (attacks)")
+        ax.set_xlabel("L2 radius r")
+        ax.set_ylabel("accuracy")
+        ax.set_title("Certified accuracy vs radius (dashed: best attacks found)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / f"{prefix}certified_accuracy.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made["certified accuracy vs radius"] = p.name
+
+    # ROC curves of the detectors
+    dets = {n: r for n, r in report["pipelines"].items() if r.get("has_detector")}
+    if dets:
+        fig, axes = plt.subplots(1, len(dets), figsize=(4.2 * len(dets), 4), squeeze=False)
+        for ax, (name, rep) in zip(axes[0], dets.items()):
+            for key, r in rep["attacks"].items():
+                if r.get("roc") and r["roc"]["fpr"] and ("0.1" not in key and "0.2" not in key):
+                    ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], label=f"{key} (AUC {_f(r.get('detection_auc'))})")
+            ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
+            ax.set_title(f"{name}: detection ROC")
+            ax.set_xlabel("false-rejection rate (clean)")
+            ax.set_ylabel("detection rate (adversarial)")
+            ax.legend(fontsize=6)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = out / f"{prefix}roc.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made["detection ROC curves"] = p.name
+
+    # robust accuracy vs eps (L-inf), oblivious and adaptive
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, section in zip(axes, ("oblivious", "adaptive")):
+        for name, rep in report["pipelines"].items():
+            pts = {}
+            for key, r in rep.get("attacks", {}).items():
+                if r["section"] != section or "linf" not in key or "apgd" in key or "square" in key:
+                    continue
+                try:
+                    e = float(key.rsplit("_", 1)[1])
+                except ValueError:
+                    continue
+                pts[e] = min(pts.get(e, 1.0), r["robust_accuracy"])
+            if pts and "clean" in rep:
+                es = [0.0] + sorted(pts)
+                ax.plot(es, [rep["clean"]["accuracy"]] + [pts[e] for e in sorted(pts)], marker="o", label=name)
+        ax.set_title(f"{section}: PGD L-inf")
+        ax.set_xlabel("eps (L-inf)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("robust accuracy")
+    fig.tight_layout()
+    p = out / f"{prefix}accuracy_vs_eps.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    made["robust accuracy vs eps"] = p.name
+    return made
+
+
+def write(report: dict[str, Any], out: Path, doc: Path | None = None, preface: str = "") -> None:
+    """report.md and the plots into `out`; with `doc`, the same report there too, its plot
+    links made relative to the doc's folder (the published docs/security-report.md)."""
+    import os
+
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(report, out)
+    (out / "report.md").write_text(markdown(report, plots))
+    if doc is not None:
+        rel = os.path.relpath(out, doc.parent)
+        text = markdown(report, {k: f"{rel}/{v}" for k, v in plots.items()})
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text(text)
+
+
+def merge(report: dict[str, Any], others: list[dict[str, Any]], order: list[str] | None = None) -> dict[str, Any]:
+    """Pipelines evaluated by other runs of the same command (same flags, other --pipelines)
+    join this report; a pipeline a later run finished replaces a partial one. Their runs are
+    listed under `runs`."""
+    runs = report.setdefault("runs", [{"command": report.get("command"), "seconds": report.get("seconds"),
+                                       "pipelines": list(report["pipelines"])}])
+    for other in others:
+        for name, rep in other["pipelines"].items():
+            have = report["pipelines"].get(name)
+            if have is None or ("seconds" in rep and "seconds" not in have) or (
+                    "seconds" not in have and len(rep.get("attacks", {})) > len(have.get("attacks", {}))):
+                report["pipelines"][name] = rep
+        runs.append({"command": other.get("command"), "seconds": other.get("seconds"),
+                     "pipelines": list(other["pipelines"])})
+    if order:
+        report["pipelines"] = {n: report["pipelines"][n] for n in order if n in report["pipelines"]}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render report.md (and a doc) and the plots from a report.json, optionally merging
+    the pipelines of other runs' report.json into it first:
+    python -m service.evaluation.report DIR [DOC] [--merge OTHER/report.json ...] [--order a,b,c]"""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir")
+    ap.add_argument("doc", nargs="?")
+    ap.add_argument("--merge", nargs="+", default=[])
+    ap.add_argument("--order")
+    ap.add_argument("--command", help="the one command that regenerates the merged report (the runs' union)")
+    ap.add_argument("--note", help="a sentence about the runs, printed under their list")
+    args = ap.parse_args(argv)
+    d = Path(args.dir)
+    report = json.loads((d / "report.json").read_text())
+    if args.merge:
+        report = merge(report, [json.loads(Path(m).read_text()) for m in args.merge],
+                       args.order.split(",") if args.order else None)
+    if args.command:
+        report["command"] = args.command
+    if args.note:
+        report["note"] = args.note
+    if args.merge or args.command:
+        (d / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write(report, d, doc=Path(args.doc) if args.doc else None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""The security evaluation harness: real digits, real attacks, the quick bundle's real pipelines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from service.evaluation import adaptive, blackbox, metrics, targets
+from service.evaluation.attacks import Budget, art_attack
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick(quick_bundle):
+    torch.manual_seed(0)
+    return targets.load_pipelines(quick_bundle, ["baseline", "magnet", "defensegan", "smoothing"])
+
+
+@pytest.fixture(scope="module")
+def digits(mnist, quick):
+    """12 test digits (stratified) the quick classifier gets right."""
+    base, _ = quick
+    test = mnist.test.per_class(3)
+    with torch.no_grad():
+        ok = base(test.x).argmax(1) == test.y
+    x, y = test.x[ok][:12], test.y[ok][:12]
+    assert len(x) == 12
+    return x, y
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+@pytest.mark.parametrize("kind,kw", [("pgd", {"eps": 0.3, "norm": "linf"}), ("pgd", {"eps": 2.0, "norm": "l2"}),
+                                     ("apgd", {"eps": 0.3, "norm": "linf"}), ("cw", {})])
+def test_white_box_attacks_lower_the_undefended_accuracy(quick, digits, kind, kw):
+    base, _ = quick
+    x, y = digits
+    adv = art_attack(kind, base, x, y, budget=Budget(pgd_steps=5, apgd_steps=5, cw_steps=30, cw_binary_steps=2), **kw)
+    assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1
+    if kw.get("norm") == "linf":
+        assert float((adv - x).abs().max()) <= kw["eps"] + 1e-5
+    if kw.get("norm") == "l2":
+        assert float((adv - x).flatten(1).norm(dim=1).max()) <= kw["eps"] + 1e-4
+    assert accuracy(base, x, y) == 1.0
+    assert accuracy(base, adv, y) <= 0.5, f"{kind} left accuracy at {accuracy(base, adv, y)}"
+
+
+@pytest.mark.parametrize("kind", ["square", "hsj"])
+def test_black_box_attacks_lower_the_undefended_accuracy(quick, digits, kind):
+    _, pipes = quick
+    x, y = digits[0][:4], digits[1][:4]
+    oracle = blackbox.PipelineOracle(pipes["baseline"])
+    adv, rows = blackbox.attack_many(kind, oracle, x, y, budget=100, eps=0.3)
+    assert all(r["queries"] <= 100 for r in rows)
+    out = targets.run(pipes["baseline"], adv)
+    assert out.correct(y.numpy()).mean() <= 0.5
+    if kind == "square":
+        assert float((adv - x).abs().max()) <= 0.3 + 1e-5
+    else:  # label-only: it walks toward the digit from a digit of another class
+        found = [r for r in rows if r["distance"] is not None]
+        assert found and np.median([r["distance"] for r in found]) < 6.0
+
+
+def test_bpda_gradients_through_the_projection_are_nonzero(quick, digits):
+    base, pipes = quick
+    a = targets.anatomy(pipes["defensegan"])
+    (purifier,) = a.purifiers
+    x, y = digits[0][:4].clone().requires_grad_(True), digits[1][:4]
+    purify = adaptive.purifier_fn(purifier, exact=False)
+    z = purify(x)
+    # forward is the real projection: an image in G's range, not the input
+    assert z.shape == x.shape and float((z - x).abs().mean()) > 1e-3
+    loss = F.cross_entropy(base(z), y)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
+    assert (grad.flatten(1).abs().sum(1) > 0).all()  # every image gets a gradient
+    # the gradient is the classifier's at the purified point, passed straight through
+    zp = z.detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(F.cross_entropy(base(zp), y), zp)
+    assert torch.allclose(grad, expected)
+
+
+def test_detector_aware_model_has_a_rejected_output(quick, digits):
+    _, pipes = quick
+    a = targets.anatomy(pipes["magnet"])
+    model = adaptive.adaptive_model(a)
+    x = digits[0][:8]
+    noise = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        zc, zn = model(x), model(noise)
+    assert zc.shape == (8, 11)
+    # noise is far from the manifold: "rejected" wins; clean digits mostly are not rejected
+    assert (zn.argmax(1) == 10).all()
+    assert (zc.argmax(1) != 10).float().mean() >= 0.75
+    real = targets.run(pipes["magnet"], noise)
+    assert real.rejected.all()
+
+
+def test_invariant_check_trips_on_a_mis_certified_model(quick, digits):
+    base, pipes = quick
+    x, y = digits
+    adv = art_attack("pgd", base, x, y, eps=2.0, norm="l2", budget=Budget(pgd_steps=5))
+    out = targets.run(pipes["baseline"], adv)
+    yn = y.numpy()
+    l2 = (adv - x).flatten(1).norm(dim=1)
+    findings = [metrics.Finding(int(i), "pgd_l2_2", float(l2[i]), int(out.labels[i])) for i in np.flatnonzero(out.wrong(yn))]
+    assert findings
+    clean_wrong = np.zeros(len(yn), bool)
+    # a fake certifier claiming radius 100 for every digit with its true label: violated
+    liar = metrics.invariant_check(yn, np.full(len(yn), 100.0), yn, findings, radii_grid=(0.0, 1.0, 2.5),
+                                   clean_wrong=clean_wrong)
+    assert not liar["holds"]
+    assert len(liar["violations"]) == len(findings)
+    assert any(not o["holds"] for o in liar["empirical_vs_certified"])
+    # an honest one (radii below the distances found) holds
+    honest = metrics.invariant_check(yn, np.minimum(l2.numpy() * 0.5, 0.9), yn, findings, radii_grid=(0.0, 0.5),
+                                     clean_wrong=clean_wrong)
+    assert honest["holds"] and not honest["violations"]
+    # a re-check that does not reproduce the adversarial answer leaves only unconfirmed candidates
+    rechecked = metrics.invariant_check(yn, np.full(len(yn), 100.0), yn, findings, radii_grid=(0.0,),
+                                        clean_wrong=clean_wrong, recheck=lambda f: {"confirmed": False})
+    assert not rechecked["violations"] and rechecked["unconfirmed_candidates"]
+
+
+def test_http_black_box_respects_the_query_budget(make_client, digits):
+    client = make_client()
+    sent = {"images": 0, "requests": 0}
+    post = client.post
+
+    def counting_post(url, *args, **kwargs):
+        if url == "/predict":
+            sent["requests"] += 1
+            sent["images"] += len(kwargs.get("files") or [])
+        return post(url, *args, **kwargs)
+
+    client.post = counting_post  # type: ignore[method-assign]
+    oracle = blackbox.HttpOracle(client, "baseline")
+    x, y = digits
+    budget = 40
+    for kind in ("square", "hsj"):
+        before = sent["images"]
+        r = blackbox.attack_one(kind, oracle, x[0], int(y[0]), budget=budget, eps=0.3, http=True)
+        assert r["queries"] <= budget
+        assert sent["images"] - before == r["queries"]  # what the server saw is what was counted
+        if r["distance"] is not None:
+            assert r["queries_to_best"] <= budget
+    with pytest.raises(blackbox.BudgetExhausted):
+        q = blackbox.BudgetedOracle(oracle, x[0], int(y[0]), 2)
+        q(np.repeat(x[:1].numpy(), 3, axis=0))
+    assert sent["requests"] > 0
+
+
+def test_cli_writes_the_report(quick_bundle, tmp_path):
+    from service.cli import main
+
+    out = tmp_path / "eval"
+    doc = tmp_path / "docs" / "security-report.md"
+    rc = main(["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline,magnet,smoothing", "--limit", "4",
+               "--out", str(out), "--doc", str(doc), "--attacks", "pgd,square", "--pgd-steps", "2",
+               "--eot-steps", "2", "--eot-draws", "2", "--square-queries", "5", "--sections",
+               "oblivious,adaptive,blackbox,certify", "--blackbox-digits", "1", "--smoothing-n", "smoothing=50",
+               "--certify-n", "100", "--threads", "0"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["pipelines"]) == {"baseline", "magnet", "smoothing"}
+    base = report["pipelines"]["baseline"]
+    assert base["clean"]["accuracy"] > 0.5 and "oblivious/pgd_linf_0.3" in base["attacks"]
+    assert report["pipelines"]["magnet"]["attacks"]["oblivious/pgd_linf_0.3"]["detection_auc"] is not None
+    sm = report["pipelines"]["smoothing"]
+    assert sm["certified"]["digits"] == 4 and "holds" in sm["invariant"]
+    md = (out / "report.md").read_text()
+    assert "## Headline" in md and "| baseline |" in md
+    assert (out / "accuracy_vs_eps.png").stat().st_size > 0 and (out / "certified_accuracy.png").exists()
+    assert "eval/roc.png" in doc.read_text()
