@@ -238,7 +238,7 @@ def train_denoiser(dataset, classifier: nn.Module, sigma: float, r: SmoothingRec
             opt.step()
             sched.step()
             bar.update(1)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+        bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
     bar.close()
     net.eval()
     metrics = _denoised_accuracy(net, classifier, dataset, sigma, g)
