@@ -133,3 +133,47 @@ def test_fingerprints_never_leave_the_service(make_client, parts, digits, caplog
     assert not leaked, f"fingerprint values leaked: {leaked[:5]}"
     settings = {p["name"]: p for p in client.get("/pipelines").json()["pipelines"]}["neuralfp"]["defenses"][0]["settings"]
     assert set(settings) == {"fingerprints", "threshold", "calibrated_target_fpr", "match"}
+
+
+def test_either_score_fires_on_either_jointly_calibrated_threshold(parts, digits, mnist, default_bundle):
+    """`match: either` on real digits (quick network, calibrated here on its clean validation
+    digits only): the score is max(min / tau_min, predicted / tau_pred) with threshold 1, so it
+    rejects every digit either score alone would, within the shared clean budget; and the
+    default bundle serves it with the thresholds from its manifest."""
+    from models.recipes.neuralfp import calibration_scores, fingerprint_scores
+    from service.defenses.calibration import joint_thresholds, rejection_rate
+    from service.defenses.neuralfp import NeuralFPDetector, build
+
+    detector, _ = parts
+    net, dx, dy = detector.network, detector._dx, detector._dy
+    cal = calibration_scores(net, mnist.val.x, dx, dy, "either")
+    assert set(cal) == {"min", "predicted"}
+    taus = joint_thresholds(cal, 0.01)  # 0.5% each: the union rejects <= 1% of the calibration digits
+    assert rejection_rate(cal, taus) <= 0.01 + 1e-9
+    with pytest.raises(ValueError):
+        fingerprint_scores(net, mnist.val.x[:2], dx, dy, match="either")  # needs the two thresholds
+    either = NeuralFPDetector(net, dx, dy, 1.0, 0.01, "either", taus)
+    assert either.public_settings()["score_thresholds"] == taus
+    x, y, x_adv = digits
+    ctx = RunContext()
+    (clean,) = either.detect(x, None, ctx)
+    (adv,) = either.detect(x_adv, None, ctx)
+    s_min = fingerprint_scores(net, x_adv, dx, dy, match="min")
+    s_pred = fingerprint_scores(net, x_adv, dx, dy, match="predicted")
+    assert torch.allclose(adv.scores, torch.maximum(s_min / taus["min"], s_pred / taus["predicted"]))
+    assert bool((adv.rejected == ((s_min > taus["min"]) | (s_pred > taus["predicted"]))).all())
+    assert clean.rejected.float().mean() <= 0.06
+    fooled = net(x_adv).argmax(1) != y
+    auc = float((adv.scores[fooled][:, None] > clean.scores[None, :]).float().mean())
+    assert auc >= 0.85 and adv.rejected[fooled].float().mean() >= 0.35
+
+    bundle = Bundle.load(default_bundle)
+    section = bundle.defense("neuralfp")
+    if section.get("match", "min") == "either":
+        (served,) = build({"classify_with": "base"}, DefenseEnv(bundle=bundle, classifier=bundle.classifier(),
+                                                                device=torch.device("cpu")))
+        th = section["calibration"]["thresholds"]
+        assert served.threshold == th["fingerprint"] == 1.0
+        assert served.taus == {"min": th["min"], "predicted": th["predicted"]}
+        (d,) = served.detect(mnist.test.x[:200], None, ctx)
+        assert d.rejected.float().mean() <= 0.02

@@ -6,7 +6,9 @@ and -alpha on every other class (the MNIST code's 0.7 / 0.2357).
 phi(x) = logits(x) / ||logits(x)||,  F(x, dx) = phi(x + dx) - phi(x).
 Training loss: CE(f(x), y) + weight * mean_i ||F(x, dx_i) - dy_i,y||^2 (the mean estimated on
 a random subset of `fingerprints_per_step` fingerprints per batch, to save CPU).
-Detection: D_k(x) = mean_i ||F(x, dx_i) - dy_i,k||; score = min_k D_k(x); reject above tau.
+Detection: D_k(x) = mean_i ||F(x, dx_i) - dy_i,k||; score = min_k D_k(x) (`match: min`), D at
+the predicted class (`predicted`), or, the default, `either`: max(min / tau_min, predicted /
+tau_pred), rejected above 1 (the two scores calibrated jointly, sharing the rate equally).
 Calibration: `holdout_per_class` training digits per class are kept out of the fingerprint
 training; tau is the loosest threshold for which the one-sided 95% Clopper-Pearson upper bound
 of the false-rejection rate on them plus the validation split is <= `bound` (0.5%, half the
@@ -53,7 +55,8 @@ class NeuralFPRecipe:
     holdout_per_class: int = 100   # training digits kept out of the fingerprint training, for calibration
     bound: float = 0.005           # the upper bound must be <= this (half the target: see the module doc)
     recalibrate: bool = False      # keep the bundle's network and fingerprints, only set tau again
-    match: str = "min"             # score: min over classes, or "predicted" (D at the predicted class)
+    match: str = "either"          # score: "min" over classes, "predicted" (D at the predicted class),
+                                   # or "either": max(min / tau_min, predicted / tau_pred), reject above 1
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,23 +102,43 @@ def fingerprint_distances(model: Any, x: torch.Tensor, dx: torch.Tensor, dy: tor
     return logits, diff.norm(dim=3).mean(dim=1)
 
 
-MATCHES = ("predicted", "min")
+MATCHES = ("predicted", "min", "either")
 
 
 @torch.no_grad()
 def fingerprint_scores(model: Any, x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
-                       batch_size: int = 250, match: str = "min") -> torch.Tensor:
+                       batch_size: int = 250, match: str = "min",
+                       taus: dict[str, float] | None = None) -> torch.Tensor:
     """One score per image (higher = less like a clean digit): `min` = min_k D_k(x) (the
     closest class's fingerprints), `predicted` = D_k(x) for k = the network's own prediction
-    (the fingerprints of the class it answers must match)."""
+    (the fingerprints of the class it answers must match), `either` = max(min / taus["min"],
+    predicted / taus["predicted"]): above 1 when either score is above its own threshold."""
     if match not in MATCHES:
         raise ValueError(f"neuralfp match must be one of {MATCHES}, got {match!r}")
+    if match == "either" and (taus is None or set(taus) != {"min", "predicted"}):
+        raise ValueError("neuralfp match 'either' needs taus {'min': ..., 'predicted': ...}")
     out = []
     for i in range(0, len(x), batch_size):
         logits, d = fingerprint_distances(model, x[i:i + batch_size], dx, dy)
-        out.append(d.min(dim=1).values if match == "min"
-                   else d.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1))
+        s_min = d.min(dim=1).values
+        s_pred = d.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
+        if match == "min":
+            out.append(s_min)
+        elif match == "predicted":
+            out.append(s_pred)
+        else:
+            out.append(torch.maximum(s_min / taus["min"], s_pred / taus["predicted"]))
     return torch.cat(out)
+
+
+def calibration_scores(model: Any, x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
+                       match: str) -> dict[str, torch.Tensor]:
+    """The clean scores a match calibrates on: one detector (`fingerprint`) for `min` and
+    `predicted`; for `either` the two scores `min` and `predicted`, which reject together and
+    so share the false-rejection budget (calibration.bounded_joint_thresholds)."""
+    if match == "either":
+        return {m: fingerprint_scores(model, x, dx, dy, match=m) for m in ("min", "predicted")}
+    return {"fingerprint": fingerprint_scores(model, x, dx, dy, match=match)}
 
 
 def train_fingerprinted(net: nn.Module, dataset: Any, fp: dict[str, torch.Tensor], r: NeuralFPRecipe,
@@ -206,15 +229,20 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
         train, held = calibration_holdout(ds, r.holdout_per_class)
         wrapped, metrics = train_fingerprinted(wrapped, dc_replace(ds, train=train), fp, r, epochs, g, dev)
     dx, dy = fp["dx"].to(dev), fp["dy"].to(dev)
-    cal = {"fingerprint": fingerprint_scores(wrapped, torch.cat([ds.val.x, held.x]).to(dev), dx, dy, match=r.match)}
+    cal = calibration_scores(wrapped, torch.cat([ds.val.x, held.x]).to(dev), dx, dy, r.match)
     bound = min(r.bound, r.target_fpr)
     thresholds, _, _ = bounded_joint_thresholds(cal, bound, r.confidence)
-    tau = thresholds["fingerprint"]
     record = bounded_calibration_record(thresholds, r.target_fpr, r.confidence, cal,
                                         {"validation": len(ds.val), "train_holdout": len(held)},
-                                        val_scores={"fingerprint": cal["fingerprint"][:len(ds.val)]}, bound=bound)
+                                        val_scores={k: v[:len(ds.val)] for k, v in cal.items()}, bound=bound)
+    taus = None
+    if r.match == "either":  # the served score is max(min / tau_min, predicted / tau_pred): threshold 1
+        taus = {"min": thresholds["min"], "predicted": thresholds["predicted"]}
+        record["thresholds"]["fingerprint"] = 1.0
+        record["score"] = "max(min / thresholds.min, predicted / thresholds.predicted), rejected above thresholds.fingerprint"
+    tau = record["thresholds"]["fingerprint"]
     test_x, test_y = ds.test.x.to(dev), ds.test.y.to(dev)
-    test = fingerprint_scores(wrapped, test_x, dx, dy, match=r.match)
+    test = fingerprint_scores(wrapped, test_x, dx, dy, match=r.match, taus=taus)
     metrics["test_accuracy"] = round(accuracy(wrapped, test_x, test_y), 4)
     if not r.recalibrate:
         ctx.writer.add_module("neuralfp_classifier", wrapped.network, arch,

@@ -1,8 +1,10 @@
 """Neural Fingerprinting (Dathathri et al. 2018): reject an input whose responses to the secret
 fingerprint perturbations match no class's expected responses.
 
-Score: the minimum over k of mean_i ||F(x, dx_i) - dy_i,k|| (`match: min`, the default) or
-that distance for k = the predicted class (`match: predicted`), as the bundle's section says; with F(x, dx) = phi(x + dx) - phi(x) and
+Score: the minimum over k of mean_i ||F(x, dx_i) - dy_i,k|| (`match: min`, what a section
+without `match` means), that distance for k = the predicted class (`match: predicted`), or
+max(min / tau_min, predicted / tau_pred) with threshold 1 (`match: either`: fires when either
+score is above its own jointly calibrated threshold), as the bundle's section says; with F(x, dx) = phi(x + dx) - phi(x) and
 phi = normalised logits of the *fingerprinted* network (models.recipes.neuralfp); reject
 above tau, calibrated on clean validation digits (the bundle's `neuralfp` section).
 
@@ -33,20 +35,25 @@ class NeuralFPDetector(Component):
     defense = "neuralfp"
 
     def __init__(self, network: Classifier, dx: torch.Tensor, dy: torch.Tensor, threshold: float,
-                 target_fpr: float, match: str = "min") -> None:
+                 target_fpr: float, match: str = "min", taus: dict[str, float] | None = None) -> None:
         self.network = network
         self.match = match
+        self.taus = taus  # for `either`: the min and predicted thresholds the score is scaled by
         self._dx, self._dy = dx, dy  # secret
         self.threshold = threshold
         self.target_fpr = target_fpr
 
     def detect(self, x: torch.Tensor, classify: Classify, ctx: RunContext) -> list[Detection]:
-        return [Detection("fingerprint", fingerprint_scores(self.network, x, self._dx, self._dy, match=self.match),
+        return [Detection("fingerprint", fingerprint_scores(self.network, x, self._dx, self._dy, match=self.match,
+                                                                 taus=self.taus),
                           self.threshold)]
 
     def public_settings(self) -> dict[str, Any]:
-        return {"fingerprints": int(self._dx.shape[0]), "threshold": self.threshold,
-                "calibrated_target_fpr": self.target_fpr, "match": self.match}
+        out = {"fingerprints": int(self._dx.shape[0]), "threshold": self.threshold,
+               "calibrated_target_fpr": self.target_fpr, "match": self.match}
+        if self.taus is not None:
+            out["score_thresholds"] = dict(self.taus)
+        return out
 
     def __repr__(self) -> str:  # never print the tensors
         return f"NeuralFPDetector(fingerprints={int(self._dx.shape[0])}, threshold={self.threshold:.4g})"
@@ -79,9 +86,13 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     cal = section["calibration"]
     network = env.bundle.classifier(env.device, artifact=section["classifier"])
     fp = env.bundle.tensors(section["fingerprints"], env.device)
+    match = section.get("match", "min")
+    taus = None
+    if match == "either":
+        taus = {"min": float(cal["thresholds"]["min"]), "predicted": float(cal["thresholds"]["predicted"])}
     components: list[Component] = [
         NeuralFPDetector(network, fp["dx"], fp["dy"], float(cal["thresholds"]["fingerprint"]),
-                         float(cal["target_fpr"]), section.get("match", "min"))]
+                         float(cal["target_fpr"]), match, taus)]
     if classify_with == "fingerprinted":
         components.append(NeuralFPAdapter(network))
     return components
