@@ -180,3 +180,23 @@ def test_cli_writes_the_report(quick_bundle, tmp_path):
     assert "## Headline" in md and "| baseline |" in md
     assert (out / "accuracy_vs_eps.png").stat().st_size > 0 and (out / "certified_accuracy.png").exists()
     assert "eval/roc.png" in doc.read_text()
+
+
+@pytest.mark.parametrize("match", ["min", "predicted", "either"])
+def test_neuralfp_adaptive_score_is_the_served_score_with_gradients(quick_bundle, digits, match):
+    """The detector-aware attack must attack the score the service decides on, whatever its
+    match rule: the same numbers as NeuralFPDetector.detect, and a gradient to follow."""
+    from service.defenses.base import RunContext
+    _, pipes = targets.load_pipelines(quick_bundle, ["neuralfp"])
+    comp = targets.one(pipes["neuralfp"], "detector", "neuralfp")
+    x, _ = digits
+    if match != comp.match:
+        comp.match = match
+        if match == "either":
+            comp.taus = {"min": 0.5, "predicted": 0.8}
+    xr = x.clone().requires_grad_(True)
+    ratios = adaptive.detector_ratios(comp, None)(xr)
+    served = comp.detect(x, None, RunContext())[0]
+    assert torch.allclose(ratios[:, 0].detach(), served.scores.float() / served.threshold, atol=1e-5)
+    ratios.sum().backward()
+    assert float(xr.grad.abs().sum()) > 0

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.recipes.magnet import DETECTORS, js_divergence, reconstruction_error
-from models.recipes.neuralfp import fingerprint_distances
+from models.recipes.neuralfp import fingerprint_distances, match_score
 from service.defenses.base import RunContext
 from service.evaluation.targets import Anatomy
 
@@ -68,7 +68,8 @@ def detector_ratios(component: Any, classify: Fn) -> Fn:
 
     MagNet: reconstruction errors and JS divergences of its autoencoders (the same formulas
     as models.recipes.magnet.detector_scores). NeuralFP: min_k D_k with the real (secret)
-    fingerprints: the white-box attacker knows them."""
+    fingerprints (the served score: min, predicted-class or either): the white-box attacker
+    knows them."""
     if component.defense == "magnet":
         names, thr, aes = component.names, component.thresholds, component.autoencoders
 
@@ -88,10 +89,11 @@ def detector_ratios(component: Any, classify: Fn) -> Fn:
         return magnet
     if component.defense == "neuralfp":
         net, dx, dy, thr_fp = component.network, component._dx, component._dy, component.threshold
+        match, taus = getattr(component, "match", "min"), getattr(component, "taus", None)
 
         def neuralfp(x: torch.Tensor) -> torch.Tensor:
-            _, dist = fingerprint_distances(net, x, dx, dy)
-            return (dist.min(dim=1).values / thr_fp).unsqueeze(1)
+            logits, dist = fingerprint_distances(net, x, dx, dy)
+            return (match_score(logits, dist, match, taus) / thr_fp).unsqueeze(1)
 
         return neuralfp
     raise ValueError(f"no differentiable score for the {component.defense} detector")
