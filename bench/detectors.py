@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -36,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 from models.bundle import Bundle  # noqa: E402
 from models.datasets import load_dataset  # noqa: E402
-from service.attacks import fgsm, pgd  # noqa: E402
+from service.attacks import cw_l2 as torch_cw_l2, fgsm, pgd  # noqa: E402
 from service.defenses.base import DefenseEnv, RunContext  # noqa: E402
 from service.pipeline import Pipeline  # noqa: E402
 
@@ -58,55 +57,17 @@ def cw_l2(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: tor
           binary_steps: int = 5, iterations: int = 100, lr: float = 0.1, initial_const: float = 1.0,
           confidence: float = 0.0, batch_size: int = 250,
           cache: Callable[[int, Callable[[], torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
-    """Untargeted Carlini & Wagner (2017) L2: Adam on w with x' = (tanh(w)+1)/2, loss
-    ||x'-x||^2 + c * max(Z_y - max_{j!=y} Z_j, -kappa), binary search on c per image. Returns
-    the smallest-L2 adversarial found per image, or the original where none was found.
+    """Untargeted Carlini & Wagner (2017) L2 (service.attacks.cw_l2) in batches. Returns the
+    smallest-L2 adversarial found per image, or the original where none was found.
     `cache(i, compute)` may store each batch (starting at digit i) so an interrupted run resumes."""
     out = []
     for i in range(0, len(x), batch_size):
         def compute(i: int = i) -> torch.Tensor:
-            return _cw_batch(model, x[i:i + batch_size], y[i:i + batch_size], binary_steps, iterations,
-                             lr, initial_const, confidence)
+            return torch_cw_l2(model, x[i:i + batch_size], y[i:i + batch_size], binary_steps=binary_steps,
+                               steps=iterations, lr=lr, initial_const=initial_const, kappa=confidence)
         out.append(cache(i, compute) if cache else compute())
         log(f"  cw {min(i + batch_size, len(x))}/{len(x)}")
     return torch.cat(out)
-
-
-def _cw_batch(model, x, y, binary_steps, iterations, lr, c0, kappa):
-    b = len(x)
-    onehot = F.one_hot(y, 10).bool()
-    lo = torch.zeros(b)
-    hi = torch.full((b,), 1e10)
-    c = torch.full((b,), c0)
-    best_l2 = torch.full((b,), float("inf"))
-    best = x.clone()
-    w0 = torch.atanh((x * 2 - 1).clamp(-1 + 1e-6, 1 - 1e-6))
-    for _ in range(binary_steps):
-        w = w0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([w], lr=lr)
-        found = torch.zeros(b, dtype=torch.bool)
-        for _ in range(iterations):
-            adv = (torch.tanh(w) + 1) / 2
-            z = model(adv)
-            real = z[onehot]
-            other = z.masked_fill(onehot, -1e9).max(1).values
-            f = (real - other + kappa).clamp_min(0)
-            l2 = (adv - x).flatten(1).pow(2).sum(1)
-            loss = (l2 + c * f).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                success = (z.argmax(1) != y) & (real - other <= -kappa)
-                better = success & (l2 < best_l2)
-                best_l2 = torch.where(better, l2.detach(), best_l2)
-                best[better] = adv.detach()[better]
-                found |= success
-        # binary search: shrink c where it worked, grow it where it did not
-        hi = torch.where(found, torch.minimum(hi, c), hi)
-        lo = torch.where(found, lo, torch.maximum(lo, c))
-        c = torch.where(hi < 1e9, (lo + hi) / 2, c * 10)
-    return best.detach()
 
 
 # ---------------------------------------------------------------------- helpers

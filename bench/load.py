@@ -171,7 +171,7 @@ async def _client(i: int, url: str, bodies: list[bytes], stats: Stats, until: li
             started = time.monotonic()
             inflight[i] = started
             try:
-                r = await client.post(f"/predict", content=body, headers={"content-type": "image/png"})
+                r = await client.post("/predict", content=body, headers={"content-type": "image/png"})
                 stats.record(r.status_code, time.monotonic() - started, r.headers, r.content)
                 if r.status_code in (429, 503):
                     await asyncio.sleep(min(float(r.headers.get("retry-after", 1) or 1), 1.0) * 0.1)

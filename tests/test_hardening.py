@@ -4,7 +4,6 @@ and no secret in any response, log line or metric."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time

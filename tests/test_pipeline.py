@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.defenses.base import ArgmaxDecider, Component, Decision, Detection, Purified, RunContext
+from service.defenses.base import ArgmaxDecider, Component, Detection, Purified, RunContext
 from service.pipeline import Pipeline, PipelineConfigError
 
 
@@ -37,7 +37,6 @@ class _Smooth(Component):
 
 
 def _pipeline(components):
-    from models.bundle import InputSpec
 
     Pipeline._check_order("p", components)
     clf = lambda x: torch.stack([x.flatten(1).mean(1), 1 - x.flatten(1).mean(1)], 1) * 10  # noqa: E731

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.architectures import build_architecture, builtin_spec, register_builtin
+from models.architectures import builtin_spec, register_builtin
 from models.recipes.common import batches, progress, seeded
 
 STEP = "defensegan"

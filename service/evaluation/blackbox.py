@@ -18,7 +18,6 @@ Square (score-only, L-inf) uses these scores; HopSkipJump (label-only, L2) only 
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any, Protocol
 

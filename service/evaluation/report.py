@@ -159,8 +159,7 @@ def coverage(report: dict[str, Any]) -> list[list[Any]]:
 
 
 def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
-    eps = report["budget"]["linf_eps"]
-    out = [f"# shieldserve security evaluation",
+    out = ["# shieldserve security evaluation",
            "",
            f"Bundle `{report['bundle']}` (version {report['bundle_version']}); {report['dataset']}; "
            f"seed {report['seed']}; {sum(r.get('seconds') or 0 for r in report['pipelines'].values()) / 60:.0f} min "
@@ -267,7 +266,6 @@ def plot(report: dict[str, Any], out: Path, prefix: str = "") -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     made: dict[str, str] = {}
-    eps0 = report["budget"]["linf_eps"]
 
     # certified accuracy vs radius (+ empirical upper bound)
     certs = {n: r for n, r in report["pipelines"].items() if r.get("certified")}
