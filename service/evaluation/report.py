@@ -259,6 +259,16 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     return "\n".join(line for line in out) + "\n"
 
 
+def _save(fig: Any, path: Path) -> str:
+    """Lay out, write and close a figure; its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def plot(report: dict[str, Any], out: Path, prefix: str = "") -> dict[str, str]:
     import matplotlib
 
@@ -285,11 +295,7 @@ def plot(report: dict[str, Any], out: Path, prefix: str = "") -> dict[str, str]:
         ax.set_title("Certified accuracy vs radius (dashed: best attacks found)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = out / f"{prefix}certified_accuracy.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made["certified accuracy vs radius"] = p.name
+        made["certified accuracy vs radius"] = _save(fig, out / f"{prefix}certified_accuracy.png")
 
     # ROC curves of the detectors
     dets = {n: r for n, r in report["pipelines"].items() if r.get("has_detector")}
@@ -305,11 +311,7 @@ def plot(report: dict[str, Any], out: Path, prefix: str = "") -> dict[str, str]:
             ax.set_ylabel("detection rate (adversarial)")
             ax.legend(fontsize=6)
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        p = out / f"{prefix}roc.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made["detection ROC curves"] = p.name
+        made["detection ROC curves"] = _save(fig, out / f"{prefix}roc.png")
 
     # robust accuracy vs eps (L-inf), oblivious and adaptive
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -332,11 +334,7 @@ def plot(report: dict[str, Any], out: Path, prefix: str = "") -> dict[str, str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("robust accuracy")
-    fig.tight_layout()
-    p = out / f"{prefix}accuracy_vs_eps.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    made["robust accuracy vs eps"] = p.name
+    made["robust accuracy vs eps"] = _save(fig, out / f"{prefix}accuracy_vs_eps.png")
     return made
 
 
