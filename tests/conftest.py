@@ -68,6 +68,16 @@ def make_client(quick_bundle: Path) -> Iterator[Callable[..., object]]:
         c.__exit__(None, None, None)
 
 
+def defense_env(path: str | Path):
+    """A DefenseEnv on a bundle directory (CPU), as the runtime builds one, for tests that
+    construct defense components directly."""
+    from models.bundle import Bundle
+    from service.defenses.base import DefenseEnv
+
+    bundle = Bundle.load(path)
+    return DefenseEnv(bundle=bundle, classifier=bundle.classifier(), device=torch.device("cpu"))
+
+
 def png(x: torch.Tensor) -> bytes:
     from service.imaging import encode_png
 

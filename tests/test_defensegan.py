@@ -13,7 +13,7 @@ import torch
 
 from models.bundle import Bundle
 from service.defenses.base import DeadlineExceeded, DefenseEnv, RunContext
-from tests.conftest import png
+from tests.conftest import defense_env, png
 
 PIPELINES = {
     "defensegan": {"defenses": [{"defense": "defensegan"}]},
@@ -32,14 +32,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _env(path) -> DefenseEnv:
-    bundle = Bundle.load(path)
-    return DefenseEnv(bundle=bundle, classifier=bundle.classifier(), device=torch.device("cpu"))
-
-
 @pytest.fixture(scope="module")
 def env(quick_bundle) -> DefenseEnv:
-    return _env(quick_bundle)
+    return defense_env(quick_bundle)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +171,7 @@ def test_rec_classifier_and_bundle_settings(env, mnist):
 def test_default_bundle_purifies_clean_digits(default_bundle, mnist):
     from service.defenses.defensegan import build
 
-    env = _env(default_bundle)
+    env = defense_env(default_bundle)
     if "defensegan" not in env.bundle.manifest.get("defenses", {}):
         pytest.skip("models/default has no defensegan artifacts yet")
     (purifier,) = build({}, env)

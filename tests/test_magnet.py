@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.bundle import Bundle
 from service.attacks import fgsm
 from service.defenses.base import DefenseEnv, RunContext
 from service.defenses.calibration import rejection_rate
-from tests.conftest import png
+from tests.conftest import defense_env, png
 
 PIPELINES = {
     "baseline": {"defenses": []},
@@ -19,14 +18,9 @@ PIPELINES = {
 }
 
 
-def _env(path) -> DefenseEnv:
-    bundle = Bundle.load(path)
-    return DefenseEnv(bundle=bundle, classifier=bundle.classifier(), device=torch.device("cpu"))
-
-
 @pytest.fixture(scope="module")
 def env(quick_bundle) -> DefenseEnv:
-    return _env(quick_bundle)
+    return defense_env(quick_bundle)
 
 
 @pytest.fixture(scope="module")

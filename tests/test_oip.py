@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import struct
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -325,38 +322,12 @@ def test_infer_requests_are_counted(client, digits):
 # --------------------------------------------------------------------------- tritonclient
 @pytest.fixture(scope="module")
 def server_url(quick_bundle: Path) -> Iterator[str]:
-    """A real uvicorn server on a free 127.0.0.1 port, in a thread."""
-    import httpx
-    import uvicorn
-
-    from service.app import create_app
+    """A real uvicorn server on a free 127.0.0.1 port, in a thread: host:port for tritonclient."""
     from service.settings import load_settings
+    from tests.live_server import live_server
 
-    app = create_app(load_settings(bundle=quick_bundle))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            pytest.fail("the uvicorn server did not become ready")
-        time.sleep(0.05)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with live_server(load_settings(bundle=quick_bundle)) as (url, _):
+        yield url.removeprefix("http://")
 
 
 def test_tritonclient_round_trip(server_url, client, digits):
