@@ -90,6 +90,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                      certify_limit=_pairs(args.certify_limit), blackbox_limit=_pairs(args.blackbox_limit),
                      blackbox_default_limit=args.blackbox_digits, url=args.url, doc=args.doc,
                      adaptive_limit=_pairs(args.adaptive_limit), adaptive_sweep=args.adaptive_sweep, certify_n_for=_pairs(args.certify_n_for), seed=args.seed, config=args.config,
+                     jobs=args.jobs, threads=args.threads,
                      command="shieldserve evaluate " + " ".join(sys.argv[2:] if args.argv is None else args.argv))
     os.makedirs(args.out, exist_ok=True)
     report = evaluate(cfg)
@@ -158,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--linf-sweep", help="L-inf eps for the oblivious PGD sweep (default 0.1,0.2,0.3; "
                                         "used only on pipelines that cost < 0.05 s per digit)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    e.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
+    e.add_argument("--jobs", type=int, default=1,
+                   help="evaluate pipelines side by side in this many processes (the oblivious attacks run once)")
     e.add_argument("--config", help="service YAML merged over the packaged configuration")
     e.set_defaults(func=_evaluate, argv=None)
     return p

@@ -182,6 +182,29 @@ def test_cli_writes_the_report(quick_bundle, tmp_path):
     assert "eval/roc.png" in doc.read_text()
 
 
+def test_cli_jobs_gives_the_serial_results(quick_bundle, tmp_path):
+    """--jobs evaluates pipelines in worker processes on the parent's oblivious adversarials:
+    for deterministic pipelines the numbers are exactly those of a serial run."""
+    from service.cli import main
+
+    common = ["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline,magnet", "--limit", "6",
+              "--attacks", "pgd", "--pgd-steps", "3", "--linf-sweep", "0.3", "--sections", "oblivious,adaptive",
+              "--threads", "1"]
+    assert main(common + ["--out", str(tmp_path / "serial")]) == 0
+    assert main(common + ["--out", str(tmp_path / "jobs"), "--jobs", "2"]) == 0
+    serial = json.loads((tmp_path / "serial" / "report.json").read_text())
+    jobs = json.loads((tmp_path / "jobs" / "report.json").read_text())
+    assert list(jobs["pipelines"]) == ["baseline", "magnet"] and jobs["jobs"] == 2
+    for name in ("baseline", "magnet"):
+        s, j = serial["pipelines"][name], jobs["pipelines"][name]
+        assert j["clean"]["accuracy"] == s["clean"]["accuracy"]
+        assert set(j["attacks"]) == set(s["attacks"]) and j["attacks"]
+        for key in s["attacks"]:
+            assert j["attacks"][key]["robust_accuracy"] == s["attacks"][key]["robust_accuracy"], key
+        assert (tmp_path / "jobs" / "parts" / name / "report.json").exists()
+    assert "2 pipelines at a time" in (tmp_path / "jobs" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("match", ["min", "predicted", "either"])
 def test_neuralfp_adaptive_score_is_the_served_score_with_gradients(quick_bundle, digits, match):
     """The detector-aware attack must attack the score the service decides on, whatever its

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -58,6 +59,8 @@ class EvalConfig:
     batch: int = 100
     config: str | None = None                   # service config YAML merged over the packaged one
     command: str = ""
+    jobs: int = 1                               # pipelines evaluated side by side in this many processes
+    threads: int = 1                            # torch threads per process
 
     def n_for(self, name: str) -> int:
         return min(self.limit, self.pipeline_limit.get(name, self.limit))
@@ -439,10 +442,79 @@ def _json_default(v: Any) -> Any:
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Run the evaluation and write report.json, report.md and the plots into cfg.out."""
+    """Run the evaluation and write report.json, report.md and the plots into cfg.out.
+
+    With cfg.jobs > 1 the oblivious adversarials are computed once, here, and the pipelines
+    are evaluated side by side in `jobs` worker processes (costliest first), each writing its
+    own partial report under OUT/parts/ as it goes; their results join one report."""
     from service.evaluation import report as report_writer
 
     ev = Evaluation(cfg)
-    result = ev.run_all()
+    if cfg.jobs > 1 and len(ev.pipes) > 1:
+        result = _run_parallel(ev)
+    else:
+        result = ev.run_all()
     report_writer.write(result, Path(cfg.out), doc=Path(cfg.doc) if cfg.doc else None)
     return result
+
+
+def _expected_cost(ev: Evaluation, name: str) -> float:
+    """A rough order for scheduling: sample units per digit times digits, plus certification."""
+    from service.admission import image_cost
+
+    pipe, cfg = ev.pipes[name], ev.cfg
+    units = image_cost(pipe) * cfg.n_for(name) * 10
+    if pipe.certifies and "certify" in cfg.sections:
+        units += cfg.certify_n_for.get(name, cfg.certify_n) * min(cfg.n_for(name), cfg.certify_limit.get(name, cfg.n_for(name)))
+    return units
+
+
+def _run_parallel(ev: Evaluation) -> dict[str, Any]:
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    from dataclasses import replace
+
+    cfg = ev.cfg
+    if "oblivious" in cfg.sections:
+        ev.make_oblivious()
+        ev.save()
+    oblivious = {k: v.numpy() for k, v in ev.oblivious.items()}
+    names = list(ev.pipes)
+    order = sorted(names, key=lambda n: -_expected_cost(ev, n))
+    parts = Path(cfg.out) / "parts"
+    results: dict[str, dict[str, Any]] = {}
+    log.info("evaluating %d pipelines in %d processes, costliest first: %s", len(names), cfg.jobs, ", ".join(order))
+    with cf.ProcessPoolExecutor(max_workers=min(cfg.jobs, len(names)), mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_evaluate_one, replace(cfg, pipelines=[n], out=str(parts / n), doc=None, jobs=1),
+                               n, oblivious, ev.report["oblivious_attacks"]): n for n in order}
+        with tqdm(total=len(names), desc="pipelines", disable=not progress_enabled(), file=sys.stderr) as bar:
+            for fut in cf.as_completed(futures):
+                name = futures[fut]
+                results[name] = fut.result()
+                log.info("pipeline %s evaluated in %.0fs", name, results[name].get("seconds", 0))
+                bar.update(1)
+                ev.report["pipelines"] = {n: results[n] for n in names if n in results}
+                ev.save()
+    ev.report["pipelines"] = {n: results[n] for n in names}
+    ev.report["jobs"] = cfg.jobs
+    ev.report["seconds"] = round(time.time() - ev.started, 1)
+    ev.report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    ev.save()
+    return ev.report
+
+
+def _evaluate_one(cfg: EvalConfig, name: str, oblivious: dict[str, np.ndarray],
+                  oblivious_meta: dict[str, Any]) -> dict[str, Any]:
+    """One pipeline in a worker process, on the parent's oblivious adversarials."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [{name}] %(name)s %(message)s")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.environ.setdefault("SHIELDSERVE_PROGRESS", "0")  # one bar per worker would interleave
+    ev = Evaluation(cfg)
+    ev.oblivious = {k: torch.from_numpy(v) for k, v in oblivious.items()}
+    ev.report["oblivious_attacks"] = oblivious_meta
+    t = time.perf_counter()
+    ev.evaluate_pipeline(name)
+    ev.report["pipelines"][name]["seconds"] = round(time.perf_counter() - t, 1)
+    ev.save()
+    return ev.report["pipelines"][name]

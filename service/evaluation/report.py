@@ -164,7 +164,9 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
            f"Bundle `{report['bundle']}` (version {report['bundle_version']}); {report['dataset']}; "
            f"seed {report['seed']}; {sum(r.get('seconds') or 0 for r in report['pipelines'].values()) / 60:.0f} min "
            f"of pipeline evaluation (per pipeline in the coverage table) on {report['machine']['processor']}, "
-           f"{report['machine']['threads']} torch thread per process, a CPU shared with other jobs.",
+           f"{report['machine']['threads']} torch thread per process"
+           + (f", {report['jobs']} pipelines at a time in worker processes" if report.get("jobs", 1) > 1 else "")
+           + ".",
            "",
            f"Command: `{report['command']}`" if report.get("command") else "",
            "",
