@@ -95,7 +95,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     report = evaluate(cfg)
     print(f"wrote {args.out}/report.json, {args.out}/report.md and plots in {report['seconds'] / 60:.1f} min")
-    return 0
+    failed = {n: r["error"] for n, r in report["pipelines"].items() if r.get("error")}
+    for name, error in failed.items():
+        print(f"pipeline {name} FAILED (its sections are missing from the report): {error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

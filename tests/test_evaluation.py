@@ -223,3 +223,23 @@ def test_neuralfp_adaptive_score_is_the_served_score_with_gradients(quick_bundle
     assert torch.allclose(ratios[:, 0].detach(), served.scores.float() / served.threshold, atol=1e-5)
     ratios.sum().backward()
     assert float(xr.grad.abs().sum()) > 0
+
+
+def test_attacks_on_smoothing_get_gradients_through_the_served_networks(quick_bundle, digits):
+    """The served smoothing networks are TorchScript-frozen for inference (no backward pass);
+    the gray-box and EOT models must use the same networks eagerly, with input gradients."""
+    for name in ("smoothing", "denoised"):
+        _, pipes = targets.load_pipelines(quick_bundle, [name])
+        a = targets.anatomy(pipes[name])
+        s = a.smoothing
+        x, _ = digits
+        served = s.function(s.sigma, a.labeler)
+        eager = s.function(s.sigma, a.labeler, differentiable=True)
+        with torch.no_grad():
+            assert torch.allclose(served(x[:8]), eager(x[:8]), atol=1e-3)
+        for model in (adaptive.graybox_model(a), adaptive.adaptive_model(a, eot_draws=2, seed=0)):
+            xr = x[:4].clone().requires_grad_(True)
+            model(xr).sum().backward()
+            assert xr.grad is not None and xr.grad.abs().sum() > 0, name
+        net = (s.denoisers if s.use_denoiser else s.classifiers)[s.sigma]
+        assert isinstance(net, torch.jit.ScriptModule), "the served network is the frozen one this test is about"

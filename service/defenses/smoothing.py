@@ -260,8 +260,13 @@ class SmoothingDecider(Component):
     def __init__(self, *, classifiers: dict[float, Classify], denoisers: dict[float, Classify],
                  sigma: float, denoiser: bool, n: int, n0: int, alpha: float, batch_size: int,
                  num_classes: int, device: torch.device, forward_batch: int | None = None,
-                 optimize: bool = True, input_shape: tuple[int, ...] | None = None) -> None:
+                 optimize: bool = True, input_shape: tuple[int, ...] | None = None,
+                 eager_classifiers: dict[float, Classify] | None = None,
+                 eager_denoisers: dict[float, Classify] | None = None) -> None:
         self.classifiers, self.denoisers = classifiers, denoisers
+        # the same networks before optimize_for_cpu: differentiable, for attacks on the pipeline
+        self.eager_classifiers = eager_classifiers or classifiers
+        self.eager_denoisers = eager_denoisers or denoisers
         self.sigma, self.use_denoiser = sigma, denoiser
         self.n, self.n0, self.alpha, self.batch_size = n, n0, alpha, batch_size
         self.num_classes, self.device = num_classes, device
@@ -272,16 +277,20 @@ class SmoothingDecider(Component):
     def sigmas(self) -> list[float]:
         return sorted(self.denoisers if self.use_denoiser else self.classifiers)
 
-    def function(self, sigma: float, classify: Classify) -> Classify:
-        """The base function f that is smoothed at this sigma (see the module docstring)."""
+    def function(self, sigma: float, classify: Classify, differentiable: bool = False) -> Classify:
+        """The base function f that is smoothed at this sigma (see the module docstring).
+        `differentiable`: the eager networks, with gradients to the input (the served ones are
+        TorchScript-frozen for inference; attacks in the evaluation need the same function
+        with a backward pass)."""
         if sigma not in self.sigmas:
             raise ValueError(f"sigma {sigma:g} is not available; this pipeline has sigma in "
                              f"{[float(s) for s in self.sigmas]}")
         if self.use_denoiser:
-            denoise = self.denoisers[sigma]
-            classify = self._optimized(classify)
+            denoise = (self.eager_denoisers if differentiable else self.denoisers)[sigma]
+            if not differentiable:
+                classify = self._optimized(classify)
             return lambda z: classify(denoise(z))
-        return self.classifiers[sigma]
+        return (self.eager_classifiers if differentiable else self.classifiers)[sigma]
 
     def _optimized(self, classify: Classify) -> Classify:
         """The pipeline's classifier as `optimize_for_cpu` makes it, once per classifier object."""
@@ -346,14 +355,16 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     sigma = float(options.get("sigma", 0.25))
     shape = tuple(env.bundle.input_spec.shape)
     fast = (lambda m: optimize_for_cpu(m, shape)) if optimize else (lambda m: m)
-    classifiers: dict[float, Classify] = {}
-    denoisers: dict[float, Classify] = {}
+    eager_classifiers: dict[float, Classify] = {}
+    eager_denoisers: dict[float, Classify] = {}
     if use_denoiser:
         for s, rec in section.get("denoisers", {}).items():
-            denoisers[float(s)] = fast(_frozen(env.bundle.module(rec["artifact"], env.device)))
+            eager_denoisers[float(s)] = _frozen(env.bundle.module(rec["artifact"], env.device))
     else:
         for s, rec in section.get("classifiers", {}).items():
-            classifiers[float(s)] = fast(env.bundle.classifier(env.device, artifact=rec["artifact"]))
+            eager_classifiers[float(s)] = env.bundle.classifier(env.device, artifact=rec["artifact"])
+    classifiers = {s: fast(m) for s, m in eager_classifiers.items()}
+    denoisers = {s: fast(m) for s, m in eager_denoisers.items()}
     available = sorted(denoisers if use_denoiser else classifiers)
     if sigma not in available:
         what = "denoisers" if use_denoiser else "noise-trained classifiers"
@@ -368,7 +379,8 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     return [SmoothingDecider(classifiers=classifiers, denoisers=denoisers, sigma=sigma, denoiser=use_denoiser,
                              n=n, n0=n0, alpha=alpha, batch_size=batch_size,
                              num_classes=env.bundle.input_spec.num_classes, device=env.device,
-                             forward_batch=forward_batch, optimize=optimize, input_shape=shape)]
+                             forward_batch=forward_batch, optimize=optimize, input_shape=shape,
+                             eager_classifiers=eager_classifiers, eager_denoisers=eager_denoisers)]
 
 
 def _frozen(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

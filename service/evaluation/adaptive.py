@@ -155,7 +155,7 @@ def adaptive_model(a: Anatomy, *, eot_draws: int = 8, exact_reformer: bool = Tru
     labeler: Fn = base
     if a.smoothing is not None:
         s = a.smoothing
-        labeler = s.function(s.sigma, base)  # type: ignore[attr-defined]
+        labeler = s.function(s.sigma, base, differentiable=True)  # type: ignore[attr-defined]
         eot = (float(s.sigma), int(eot_draws))  # type: ignore[attr-defined]
     detectors = [detector_ratios(d, base) for d in a.detectors] if detector_aware else []
     return AdaptiveModel(labeler, purifiers=purifiers, eot=eot, detectors=detectors, beta=beta, seed=seed)
@@ -166,7 +166,7 @@ def graybox_model(a: Anatomy) -> Fn | None:
     None where it is the base classifier (then gray-box equals oblivious)."""
     if a.smoothing is not None:
         s = a.smoothing
-        return s.function(s.sigma, a.labeler)  # type: ignore[attr-defined]
+        return s.function(s.sigma, a.labeler, differentiable=True)  # type: ignore[attr-defined]
     if any(d.defense == "neuralfp" for d in a.detectors):
         return a.labeler
     return None

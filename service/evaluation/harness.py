@@ -490,8 +490,12 @@ def _run_parallel(ev: Evaluation) -> dict[str, Any]:
         with tqdm(total=len(names), desc="pipelines", disable=not progress_enabled(), file=sys.stderr) as bar:
             for fut in cf.as_completed(futures):
                 name = futures[fut]
-                results[name] = fut.result()
-                log.info("pipeline %s evaluated in %.0fs", name, results[name].get("seconds", 0))
+                try:
+                    results[name] = fut.result()
+                    log.info("pipeline %s evaluated in %.0fs", name, results[name].get("seconds", 0))
+                except Exception as exc:  # noqa: BLE001 - one pipeline's failure must not stop the others
+                    log.error("pipeline %s failed: %r", name, exc)
+                    results[name] = _failed_part(parts / name, exc)
                 bar.update(1)
                 ev.report["pipelines"] = {n: results[n] for n in names if n in results}
                 ev.save()
@@ -501,6 +505,18 @@ def _run_parallel(ev: Evaluation) -> dict[str, Any]:
     ev.report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     ev.save()
     return ev.report
+
+
+def _failed_part(part: Path, exc: BaseException) -> dict[str, Any]:
+    """What a failed worker had saved of its pipeline (marked partial: no `seconds`), and the error."""
+    saved: dict[str, Any] = {}
+    try:
+        saved = next(iter(json.loads((part / "report.json").read_text())["pipelines"].values()), {})
+    except (OSError, ValueError, StopIteration):
+        pass
+    saved.pop("seconds", None)
+    saved["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return saved
 
 
 def _evaluate_one(cfg: EvalConfig, name: str, oblivious: dict[str, np.ndarray],

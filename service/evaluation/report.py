@@ -151,10 +151,11 @@ def coverage(report: dict[str, Any]) -> list[list[Any]]:
     for name, rep in report["pipelines"].items():
         bb = [r for k, r in rep.get("attacks", {}).items() if r["section"] == "blackbox"]
         cert = rep.get("certified")
-        rows.append([name, rep["digits"], rep.get("attack_digits", rep["digits"]), bb[0]["n"] if bb else 0,
+        rows.append([name, rep.get("digits", 0), rep.get("attack_digits", rep.get("digits", 0)), bb[0]["n"] if bb else 0,
                      bb[0]["query_budget"] if bb else "-", rep.get("smoothing_n") or ("service default" if rep.get("certifies") else "-"),
                      f"{cert['digits']} (n={cert['n']})" if cert else "-",
-                     rep["seconds"] if "seconds" in rep else "partial: stopped at the deadline, sections missing"])
+                     rep["seconds"] if "seconds" in rep else (f"failed, sections missing: {rep['error']}" if rep.get("error")
+                                                              else "partial: stopped at the deadline, sections missing")])
     return rows
 
 
