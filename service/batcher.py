@@ -108,7 +108,8 @@ class Batcher:
                              f"(limit {self.max_queue})", self.retry_after_s)
         self._ensure_worker()
         options = options or {}
-        job = _Job(x, json.dumps(options, sort_keys=True, default=str), options, deadline,
+        key = json.dumps(options, sort_keys=True, default=str) if options else "{}"  # jobs batch by options
+        job = _Job(x, key, options, deadline,
                    asyncio.get_running_loop().create_future(), decode=decode, images=images)
         self._queue.append(job)
         self._queued_images += job.size
