@@ -125,3 +125,17 @@ def test_predict_answers_the_same_through_both_paths(make_client, mnist):
     too_many = body(*[file_part(data=png(x[0])) for _ in range(70)])
     r = client.post("/predict?pipeline=baseline", content=too_many, headers={"content-type": CT})
     assert r.status_code == 400 and "Too many files" in r.text
+
+
+@pytest.mark.parametrize("query, expected", [
+    (b"pipeline=baseline", "baseline"), (b"pipeline=a.b_c-1", "a.b_c-1"), (b"pipeline=bas%65line", "baseline"),
+    (b"x=1&pipeline=magnet", "magnet"), (b"pipeline=", None), (b"", None), (b"pipeline=a+b", "a b"),
+    (b"pipeline=magnet&pipeline=baseline", "baseline"),
+])
+def test_pipeline_query_fast_path_agrees_with_starlette(query, expected):
+    from starlette.requests import Request
+
+    from service.api.predict import pipeline_param
+
+    request = Request({"type": "http", "query_string": query, "headers": []})
+    assert (pipeline_param(request) or None) == (request.query_params.get("pipeline") or None) == expected

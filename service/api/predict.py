@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hashlib
 import math
+import re
 import time
 
 from typing import Any
@@ -239,6 +240,19 @@ async def run_pipeline(request: Request, runtime: Runtime, pipeline: str, x: tor
         raise deadline_error(seconds) from None
 
 
+_PLAIN_PIPELINE_QUERY = re.compile(rb"pipeline=([A-Za-z0-9._-]{1,128})")
+
+
+def pipeline_param(request: Request) -> str | None:
+    """?pipeline=NAME. Read directly, not as a FastAPI Query parameter (solving it costs ~0.1 ms
+    a request); the usual plain query string is matched without building Starlette's
+    QueryParams (percent-decoding, a multidict), anything else goes through it."""
+    m = _PLAIN_PIPELINE_QUERY.fullmatch(request.scope.get("query_string", b""))
+    if m is not None:
+        return m.group(1).decode("ascii")
+    return request.query_params.get("pipeline")
+
+
 PIPELINE_PARAM = {"name": "pipeline", "in": "query", "required": False, "schema": {"type": "string"},
                   "description": "pipeline name; default: the configured default"}
 
@@ -252,8 +266,7 @@ PIPELINE_PARAM = {"name": "pipeline", "in": "query", "required": False, "schema"
                  "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}})
 async def predict(request: Request) -> PredictResponse:
     runtime = runtime_of(request)
-    # read directly, not as a FastAPI Query parameter: solving it costs ~0.1 ms a request
-    name = request.query_params.get("pipeline") or runtime.settings.default_pipeline
+    name = pipeline_param(request) or runtime.settings.default_pipeline
     with tracked(runtime, "predict", name) as t:
         if name not in runtime.pipelines:
             raise ApiError(404, "unknown_pipeline",
