@@ -146,7 +146,7 @@ LIMITS = """\
 - Budgets are CPU-sized (see Budgets above): more PGD/EOT/BPDA steps, more GMSA rounds, more
   black-box queries can only lower the robust accuracies reported here. Black-box numbers with
   a few hundred queries per digit are weak attacks: read them as upper bounds.
-- Carlini-Wagner L2 is this harness's torch implementation (`service/evaluation/attacks.py`),
+- Carlini-Wagner L2 is this project's torch implementation (`service/attacks/cw.py`),
   with the same objective as ART's `CarliniL2Method` (kept as attack `cw_art`), which ran about
   ten times slower here. PGD, APGD, Square and HopSkipJump are ART's.
 - The smoothing certificates are L2 certificates: L-inf eps 0.3 perturbations have L2 norms
