@@ -7,7 +7,6 @@ for tests.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -17,7 +16,7 @@ from torch import nn
 
 from models.architectures import build_architecture, builtin_spec
 from models.datasets import Dataset
-from models.recipes.common import accuracy, batches, progress, random_affine, seeded
+from models.recipes.common import accuracy, fit_keep_best, random_affine, seeded
 
 
 @dataclass(frozen=True)
@@ -72,46 +71,32 @@ def train_classifier(dataset: Dataset, r: ClassifierRecipe, seed: int, step: str
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
     spec = architecture_spec(r, dataset)
     net = build_architecture(spec).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
-    steps_per_epoch = -(-len(dataset.train) // r.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=r.epochs * steps_per_epoch)
     x_train, y_train = dataset.train.x.to(device), dataset.train.y.to(device)
     x_val, y_val = dataset.val.x.to(device), dataset.val.y.to(device)
-    best_acc, best_state = -1.0, None
-    bar = progress(r.epochs * steps_per_epoch, f"train {step}")
-    for epoch in range(r.epochs):
-        net.train()
-        for idx in batches(len(x_train), r.batch_size, g):
-            xb, yb = x_train[idx], y_train[idx]
-            if r.augment:
-                xb = random_affine(xb, g)
-            if r.noise_sigma > 0:
-                xb = xb + r.noise_sigma * torch.randn(xb.shape, generator=g).to(device)
-            if r.adversarial == "pgd":
-                k = int(len(xb) * r.adv_mix)
-                net.eval()
-                xb = xb.clone()
-                xb[:k] = pgd(net, xb[:k], yb[:k], r.adv_eps, steps=r.adv_steps,
-                             step_size=r.adv_step_size, generator=g)
-                net.train()
-            loss = F.cross_entropy(net(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-        net.eval()
+
+    def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if r.augment:
+            xb = random_affine(xb, g)
+        if r.noise_sigma > 0:
+            xb = xb + r.noise_sigma * torch.randn(xb.shape, generator=g).to(device)
+        if r.adversarial == "pgd":
+            k = int(len(xb) * r.adv_mix)
+            net.eval()
+            xb = xb.clone()
+            xb[:k] = pgd(net, xb[:k], yb[:k], r.adv_eps, steps=r.adv_steps,
+                         step_size=r.adv_step_size, generator=g)
+            net.train()
+        return F.cross_entropy(net(xb), yb)
+
+    def score() -> tuple[float, dict[str, str]]:
         val_x = x_val
         if r.noise_sigma > 0:
             val_x = (x_val + r.noise_sigma * torch.randn(x_val.shape, generator=g).to(device))
         acc = accuracy(net, val_x, y_val)
-        bar.set_postfix(epoch=epoch + 1, val_acc=f"{acc:.4f}")
-        if acc >= best_acc:
-            best_acc, best_state = acc, copy.deepcopy(net.state_dict())
-    bar.close()
-    assert best_state is not None
-    net.load_state_dict(best_state)
-    net.eval()
+        return acc, {"val_acc": f"{acc:.4f}"}
+
+    best_acc = fit_keep_best(net, x_train, y_train, epochs=r.epochs, batch_size=r.batch_size, lr=r.lr,
+                             weight_decay=r.weight_decay, generator=g, loss=loss, score=score, desc=f"train {step}")
     metrics = {"val_accuracy": round(best_acc, 4),
                "test_accuracy": round(accuracy(net, dataset.test.x.to(device), dataset.test.y.to(device)), 4)}
     return net, spec, metrics

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,3 +57,38 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: 
     for i in range(0, len(x), batch_size):
         correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
     return correct / max(len(x), 1)
+
+
+def fit_keep_best(net: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, epochs: int,
+                  batch_size: int, lr: float, generator: torch.Generator,
+                  loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  score: Callable[[], tuple[Any, dict[str, str]]], desc: str, weight_decay: float = 0.0) -> Any:
+    """Train `net` with Adam and a one-cycle schedule on mini-batches shuffled by `generator`:
+    `loss(xb, yb)` per batch (net in train mode), then after each epoch `score()` (net in eval
+    mode) gives a comparable score and the progress bar's fields. The weights of the best epoch
+    (the later one on a tie) are loaded back; the net is left in eval mode. Returns that score."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-len(x_train) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    best: Any = None
+    best_state: dict[str, torch.Tensor] | None = None
+    bar = progress(epochs * steps_per_epoch, desc)
+    for epoch in range(epochs):
+        net.train()
+        for idx in batches(len(x_train), batch_size, generator):
+            value = loss(x_train[idx], y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+        net.eval()
+        current, fields = score()
+        bar.set_postfix(epoch=epoch + 1, **fields)
+        if best is None or current >= best:
+            best, best_state = current, copy.deepcopy(net.state_dict())
+    bar.close()
+    assert best_state is not None, "fit_keep_best needs epochs >= 1"
+    net.load_state_dict(best_state)
+    net.eval()
+    return best

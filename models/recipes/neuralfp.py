@@ -25,7 +25,6 @@ the bundle as a safetensors artifact and never leave the service.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.recipes.common import accuracy, batches, progress, random_affine, seeded
+from models.recipes.common import accuracy, fit_keep_best, random_affine, seeded
 
 
 @dataclass(frozen=True)
@@ -153,41 +152,27 @@ def train_fingerprinted(net: nn.Module, dataset: Any, fp: dict[str, torch.Tensor
     """Fine-tune (or train) `net` with CE + fingerprint loss; keep the best validation epoch
     (accuracy, then fingerprint loss)."""
     dx, dy = fp["dx"].to(device), fp["dy"].to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=r.lr)
-    steps = -(-len(dataset.train) // r.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=epochs * steps)
     x_train, y_train = dataset.train.x.to(device), dataset.train.y.to(device)
     x_val, y_val = dataset.val.x.to(device), dataset.val.y.to(device)
-    best, best_state = (-1.0, 0.0), None
-    bar = progress(epochs * steps, "train neuralfp")
-    for epoch in range(epochs):
-        net.train()
-        for idx in batches(len(x_train), r.batch_size, g):
-            xb, yb = x_train[idx], y_train[idx]
-            if r.augment:
-                xb = random_affine(xb, g)
-            pick = torch.randperm(len(dx), generator=g)[:r.fingerprints_per_step].to(device)
-            logits, resp = fingerprint_responses(net, xb, dx[pick])
-            target = dy[pick][:, yb].transpose(0, 1)           # (B, n, K)
-            fp_loss = (resp - target).pow(2).sum(dim=2).mean()
-            loss = F.cross_entropy(logits, yb) + r.weight * fp_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-        net.eval()
+
+    def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if r.augment:
+            xb = random_affine(xb, g)
+        pick = torch.randperm(len(dx), generator=g)[:r.fingerprints_per_step].to(device)
+        logits, resp = fingerprint_responses(net, xb, dx[pick])
+        target = dy[pick][:, yb].transpose(0, 1)           # (B, n, K)
+        fp_loss = (resp - target).pow(2).sum(dim=2).mean()
+        return F.cross_entropy(logits, yb) + r.weight * fp_loss
+
+    def score() -> tuple[tuple[float, float], dict[str, str]]:
         acc = accuracy(net, x_val, y_val)
         with torch.no_grad():
             _, d = fingerprint_distances(net, x_val, dx, dy)
             fp_val = float(d.gather(1, y_val[:, None]).mean())
-        bar.set_postfix(epoch=epoch + 1, val_acc=f"{acc:.4f}", val_fp=f"{fp_val:.4f}")
-        if (acc, -fp_val) >= best:
-            best, best_state = (acc, -fp_val), copy.deepcopy(net.state_dict())
-    bar.close()
-    assert best_state is not None
-    net.load_state_dict(best_state)
-    net.eval()
+        return (acc, -fp_val), {"val_acc": f"{acc:.4f}", "val_fp": f"{fp_val:.4f}"}
+
+    best = fit_keep_best(net, x_train, y_train, epochs=epochs, batch_size=r.batch_size, lr=r.lr, generator=g,
+                         loss=loss, score=score, desc="train neuralfp")
     for p in net.parameters():
         p.requires_grad_(False)
     return net, {"val_accuracy": round(best[0], 4), "val_fingerprint_distance": round(-best[1], 4)}

@@ -14,7 +14,6 @@ Gaussian denoiser for denoised smoothing.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.architectures import build_architecture, builtin_spec, register_builtin
-from models.recipes.common import accuracy, batches, progress, random_affine, seeded
+from models.recipes.common import accuracy, batches, fit_keep_best, progress, random_affine, seeded
 
 SIGMAS = (0.25, 0.5)
 
@@ -157,47 +156,34 @@ def train_noise_classifier(dataset, r: SmoothingRecipe, sigma: float, seed: int,
     k = len(dataset.class_names)
     spec = builtin_spec(r.architecture, in_channels=c, num_classes=k, image_size=h)
     net = build_architecture(spec).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=r.lr, weight_decay=r.weight_decay)
-    steps_per_epoch = -(-len(dataset.train) // r.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=r.epochs * steps_per_epoch)
     x_train, y_train = dataset.train.x.to(device), dataset.train.y.to(device)
     x_val, y_val = dataset.val.x.to(device), dataset.val.y.to(device)
     val_noise = [sigma * torch.randn(x_val.shape, generator=g).to(device) for _ in range(4)]
     m = max(1, r.noise_copies)
-    best_acc, best_state = -1.0, None
-    bar = progress(r.epochs * steps_per_epoch, f"train {step}")
-    for epoch in range(r.epochs):
-        net.train()
-        for idx in batches(len(x_train), r.batch_size, g):
-            xb, yb = x_train[idx], y_train[idx]
-            if r.augment:
-                xb = random_affine(xb, g, max_shift=r.max_shift, max_degrees=r.max_degrees,
-                                   max_scale=r.max_scale)
-            noisy = xb.repeat(m, 1, 1, 1)
-            noisy = noisy + sigma * torch.randn(noisy.shape, generator=g).to(device)
-            logits = net(noisy)
-            loss = F.cross_entropy(logits, yb.repeat(m))
-            if m > 1 and (r.consistency_weight > 0 or r.entropy_weight > 0):
-                logp = F.log_softmax(logits, 1).view(m, len(xb), -1)
-                avg = logp.exp().mean(0)
-                log_avg = avg.clamp_min(1e-12).log()
-                kl = (avg.unsqueeze(0) * (log_avg.unsqueeze(0) - logp)).sum(2).mean()
-                entropy = -(avg * log_avg).sum(1).mean()
-                loss = loss + r.consistency_weight * kl + r.entropy_weight * entropy
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-        net.eval()
+
+    def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if r.augment:
+            xb = random_affine(xb, g, max_shift=r.max_shift, max_degrees=r.max_degrees,
+                               max_scale=r.max_scale)
+        noisy = xb.repeat(m, 1, 1, 1)
+        noisy = noisy + sigma * torch.randn(noisy.shape, generator=g).to(device)
+        logits = net(noisy)
+        value = F.cross_entropy(logits, yb.repeat(m))
+        if m > 1 and (r.consistency_weight > 0 or r.entropy_weight > 0):
+            logp = F.log_softmax(logits, 1).view(m, len(xb), -1)
+            avg = logp.exp().mean(0)
+            log_avg = avg.clamp_min(1e-12).log()
+            kl = (avg.unsqueeze(0) * (log_avg.unsqueeze(0) - logp)).sum(2).mean()
+            entropy = -(avg * log_avg).sum(1).mean()
+            value = value + r.consistency_weight * kl + r.entropy_weight * entropy
+        return value
+
+    def score() -> tuple[float, dict[str, str]]:
         acc = sum(accuracy(net, x_val + z, y_val) for z in val_noise) / len(val_noise)
-        bar.set_postfix(epoch=epoch + 1, noisy_val_acc=f"{acc:.4f}")
-        if acc >= best_acc:
-            best_acc, best_state = acc, copy.deepcopy(net.state_dict())
-    bar.close()
-    assert best_state is not None
-    net.load_state_dict(best_state)
-    net.eval()
+        return acc, {"noisy_val_acc": f"{acc:.4f}"}
+
+    best_acc = fit_keep_best(net, x_train, y_train, epochs=r.epochs, batch_size=r.batch_size, lr=r.lr,
+                             weight_decay=r.weight_decay, generator=g, loss=loss, score=score, desc=f"train {step}")
     noisy_test = dataset.test.x.to(device) + sigma * torch.randn(dataset.test.x.shape, generator=g).to(device)
     metrics = {"noisy_val_accuracy": round(best_acc, 4),
                "noisy_test_accuracy": round(accuracy(net, noisy_test, dataset.test.y.to(device)), 4),
