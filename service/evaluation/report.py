@@ -29,20 +29,14 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def worst(rep: dict[str, Any], section: str, key: str = "robust_accuracy") -> tuple[float | None, str | None]:
-    """The lowest robust accuracy over a section's attacks, and the attack."""
-    rows = [(r[key], name.split("/", 1)[1]) for name, r in rep["attacks"].items()
-            if r["section"] == section and r.get(key) is not None]
+def worst(rep: dict[str, Any], section: str | None = None, key: str = "robust_accuracy") -> tuple[float | None, str | None]:
+    """The lowest robust accuracy over a section's attacks, and the attack; without a section,
+    over every attack of every section, named "section/attack"."""
+    rows = [(r[key], name if section is None else name.split("/", 1)[1]) for name, r in rep.get("attacks", {}).items()
+            if (section is None or r["section"] == section) and r.get(key) is not None]
     if not rows:
         return None, None
     return min(rows)
-
-
-def worst_any(rep: dict[str, Any]) -> tuple[float | None, str | None]:
-    """The lowest robust accuracy over every attack of every section ("section/attack")."""
-    rows = [(r["robust_accuracy"], name) for name, r in rep.get("attacks", {}).items()
-            if r.get("robust_accuracy") is not None]
-    return min(rows) if rows else (None, None)
 
 
 def headline(report: dict[str, Any]) -> list[list[Any]]:
@@ -56,7 +50,7 @@ def headline(report: dict[str, Any]) -> list[list[Any]]:
         wb, wb_name = worst(rep, "blackbox")
         cert = rep.get("certified", {}).get("accuracy", {})
         auc = obl.get("detection_auc")
-        wall, wall_name = worst_any(rep)
+        wall, wall_name = worst(rep)
         rows.append([name if "seconds" in rep else f"{name} (partial)", rep["digits"], rep["clean"]["accuracy"], rep["clean"]["false_rejection_rate"],
                      obl.get("robust_accuracy"), f"{_f(wa)} ({wa_name})" if wa is not None else "-",
                      f"{_f(wb)} ({wb_name})" if wb is not None else "-",
@@ -97,7 +91,7 @@ def findings(report: dict[str, Any]) -> list[str]:
                        "NOT reproduced at this budget" if drop < 0.1 else "partly reproduced")
             line += (f" Published break ({PUBLISHED_BREAKS[name]}): {verdict} (adaptive {drop:.3f} below the "
                      f"worst oblivious attack).")
-        wall, wall_name = worst_any(rep)
+        wall, wall_name = worst(rep)
         if wall is not None and wall < wa - 0.02:  # a point or two on a few black-box digits is noise
             line += (f" The adaptive attacks at this budget are weaker than {wall_name} ({wall:.3f}, on "
                      f"{rep['attacks'][wall_name]['n']} digits): read {wall:.3f} as this pipeline's robust accuracy "
