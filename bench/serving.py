@@ -8,9 +8,11 @@ taken under the same machine load):
 
 1. Ceiling (b): the classifier's in-process batched throughput, images/s of
    `classifier(x)` under `torch.no_grad()` at the batcher's `max_batch_size` (64), 32 and 1,
-   in a worker thread as the server runs it; for reference also batch 64 with one torch
-   thread, `Pipeline.run` of `baseline`, and the cost of decoding one PNG (`decode_batch`).
-   None of these are HTTP. The classifier is measured again after the servers.
+   in a worker thread as the server runs it, for the eager network and for the
+   TorchScript-optimised copy the server decides with (`optimize_classifier`); for reference
+   also batch 64 with one torch thread, `Pipeline.run` of `baseline`, and the cost of decoding
+   one PNG (`decode_batch`). None of these are HTTP. The classifier is measured again after
+   the servers.
 2. For batching off, then on: a fresh server (`python -m service serve`, settings from
    `SHIELDSERVE_*` environment variables), then
    - ceiling (a): closed-loop GET /healthz (a route that does no work) at 32 clients,
@@ -18,7 +20,8 @@ taken under the same machine load):
      through 64 digits) at 1 and at 32 clients.
 3. The serial limit of HTTP plus model, L = 1 / (1/a + 1/b) requests/s (one image each),
    with a = the larger of the two /healthz measurements and b = the classifier's best of
-   batch 64 and 32, before and after (taking the best makes the goal stricter).
+   batch 64 and 32, eager or optimised, before and after (taking the best makes the goal
+   stricter: the faster the model the server runs, the higher the limit it is held to).
    Goals: batching on at 32 clients >= 70% of L, and >= 2x batching off at 32 clients.
 
 The load driver runs in its own process (no torch, a callback-based asyncio protocol on
@@ -331,7 +334,9 @@ def _batch_of(x_test: Any, n: int) -> Any:
 
 def measure_classifier(bundle: Path, x_test: Any, seconds: float, max_batch: int) -> dict[str, Any]:
     """images/s of the bare classifier in this process, at max_batch, 32 and 1, with torch's
-    default thread count, plus max_batch with one torch thread (for reference).
+    default thread count, plus max_batch with one torch thread (for reference); each for the
+    eager network (`classifier_b*`) and for the TorchScript-optimised copy the server decides
+    with (`optimized_b*`, service.defenses.smoothing.optimize_for_cpu; absent if it cannot be made).
 
     The calls run in a worker thread, as the server's inference does (its executor): on a
     busy machine, torch's intra-op thread team behaves very differently when driven from the
@@ -340,21 +345,27 @@ def measure_classifier(bundle: Path, x_test: Any, seconds: float, max_batch: int
     import torch
 
     from models.bundle import Bundle
+    from service.defenses.smoothing import optimize_for_cpu
 
-    clf = Bundle.load(bundle).classifier("cpu")
+    b = Bundle.load(bundle)
+    clf = b.classifier("cpu")
+    fast = optimize_for_cpu(clf, tuple(b.input_spec.shape))
+    models = {"classifier": clf, **({"optimized": fast} if fast is not clf else {})}
     threads = torch.get_num_threads()
     out: dict[str, Any] = {"torch_threads": threads}
 
     def run() -> None:
         with torch.no_grad():
-            for n in sorted({max_batch, 32, 1}, reverse=True):
-                xb = _batch_of(x_test, n)
-                out[f"classifier_b{n}"] = _rate(lambda xb=xb: clf(xb), n, seconds)
+            for name, m in models.items():
+                for n in sorted({max_batch, 32, 1}, reverse=True):
+                    xb = _batch_of(x_test, n)
+                    out[f"{name}_b{n}"] = _rate(lambda xb=xb, m=m: m(xb), n, seconds)
             if threads != 1:
                 torch.set_num_threads(1)
                 try:
                     xb = _batch_of(x_test, max_batch)
-                    out[f"classifier_b{max_batch}_1thread"] = _rate(lambda: clf(xb), max_batch, seconds)
+                    for name, m in models.items():
+                        out[f"{name}_b{max_batch}_1thread"] = _rate(lambda m=m: m(xb), max_batch, seconds)
                 finally:
                     torch.set_num_threads(threads)
 
@@ -610,22 +621,28 @@ def main(argv: list[str] | None = None) -> int:
     # ceiling (b): the classifier's best batched throughput (batch max_batch_size or 32),
     # measured before and after the servers; the best of these is used (the stricter goal)
     sizes = sorted({mb, 32}, reverse=True)
-    candidates = {(when, n): m[f"classifier_b{n}"]["items_per_s"]
-                  for when, m in (("before", model), ("after", model_after)) for n in sizes}
-    (b_when, b_batch), b = max(candidates.items(), key=lambda kv: kv[1])
-    for when, m in (("before", model), ("after", model_after)):
-        for n in sorted({mb, 32, 1}, reverse=True):
-            tag = "ceiling (b): " if (when, n) == (b_when, b_batch) else ""
-            rows.append(_model_row(f"in-process {tag}classifier, batch {n} ({when})", m[f"classifier_b{n}"]))
-    for when, m in (("before", model), ("after", model_after)):
-        if f"classifier_b{mb}_1thread" in m:
-            rows.append(_model_row(f"in-process classifier, batch {mb}, 1 torch thread ({when})",
-                                   m[f"classifier_b{mb}_1thread"]))
+    # of the eager network and of the optimised copy the server decides with
+    kinds = [k for k in ("classifier", "optimized") if f"{k}_b{mb}" in model and f"{k}_b{mb}" in model_after]
+    label = {"classifier": "classifier (eager)", "optimized": "classifier (TorchScript-optimised, served)"}
+    candidates = {(kind, when, n): m[f"{kind}_b{n}"]["items_per_s"]
+                  for kind in kinds for when, m in (("before", model), ("after", model_after)) for n in sizes}
+    (b_kind, b_when, b_batch), b = max(candidates.items(), key=lambda kv: kv[1])
+    for kind in kinds:
+        for when, m in (("before", model), ("after", model_after)):
+            for n in sorted({mb, 32, 1}, reverse=True):
+                tag = "ceiling (b): " if (kind, when, n) == (b_kind, b_when, b_batch) else ""
+                rows.append(_model_row(f"in-process {tag}{label[kind]}, batch {n} ({when})", m[f"{kind}_b{n}"]))
+    for kind in kinds:
+        for when, m in (("before", model), ("after", model_after)):
+            if f"{kind}_b{mb}_1thread" in m:
+                rows.append(_model_row(f"in-process {label[kind]}, batch {mb}, 1 torch thread ({when})",
+                                       m[f"{kind}_b{mb}_1thread"]))
     rows.append(_model_row(f"in-process Pipeline.run({PIPELINE}), batch {mb}", model[f"pipeline_b{mb}"]))
     rows.append(_model_row("in-process decode_batch, 1 PNG", model["decode_png"]))
 
-    summary: dict[str, Any] = {"b_classifier_images_s": b, "b_measured": {"when": b_when, "batch": b_batch},
-                               "b_candidates": {f"{w}_b{n}": v for (w, n), v in candidates.items()}}
+    summary: dict[str, Any] = {"b_classifier_images_s": b,
+                               "b_measured": {"model": b_kind, "when": b_when, "batch": b_batch},
+                               "b_candidates": {f"{k}_{w}_b{n}": v for (k, w, n), v in candidates.items()}}
     if "on" in servers and "off" in servers:
         a_on, a_off = servers["on"]["healthz"]["rps"], servers["off"]["healthz"]["rps"]
         a = max(a_on, a_off)
@@ -646,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         # CPU ms per image of the classifier (this process, best candidate). Not a goal.
         cpu_as = [x for x in (_cpu_ms_per_req(servers[k]["healthz"]) for k in ("off", "on")) if x is not None]
         cpu_a = min(cpu_as) if cpu_as else None
-        cpu_b = min(m[f"classifier_b{n}"]["cpu_ms_per_item"] for m in (model, model_after) for n in sizes)
+        cpu_b = min(m[f"{k}_b{n}"]["cpu_ms_per_item"] for k in kinds for m in (model, model_after) for n in sizes)
         cpu_on32 = _cpu_ms_per_req(servers["on"]["predict_c32"])
         if cpu_a and cpu_on32 and cpu_a > 0.001 and cpu_on32 > 0.001:  # 0: CPU not visible (worker processes)
             summary["cpu"] = {"healthz_ms_per_req": cpu_a, "classifier_ms_per_image": cpu_b,
@@ -667,8 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ceiling (a) GET /healthz @{args.ceiling_clients}: {s['a_healthz_rps']:,.0f} req/s "
               f"(off server {s['a_healthz_rps_each']['off']:,.0f}, on server {s['a_healthz_rps_each']['on']:,.0f}; "
               f"the larger is used)")
-        print(f"ceiling (b) classifier in-process:  {b:,.0f} images/s (best of batch {'/'.join(map(str, sizes))}, "
-              f"before/after the servers: batch {b_batch}, {b_when})")
+        print(f"ceiling (b) classifier in-process:  {b:,.0f} images/s (best of {' and '.join(kinds)} networks, "
+              f"batch {'/'.join(map(str, sizes))}, before/after the servers: {b_kind}, batch {b_batch}, {b_when})")
         print(f"serial limit L = 1/(1/a + 1/b):     {s['serial_limit_rps']:,.0f} req/s")
         r1, r2 = s["ratio_on32_over_serial_limit"], s["ratio_on32_over_off32"]
         print(f"batching on @32 / L   = {r1:.2f}  (goal >= {GOAL_OF_SERIAL_LIMIT:.2f})  "

@@ -265,6 +265,17 @@ def sniff_format(data: bytes) -> str | None:
 
 
 # ------------------------------------------------------------------------------ decoding
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_header_pixels(data: bytes) -> int | None:
+    """width*height as a PNG's IHDR chunk declares it, without decoding anything; None when
+    `data` does not start like a PNG. (The decoder checks the real image again.)"""
+    if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+
+
 def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
     """Decode one upload to a float32 tensor of shape ``spec.shape`` with values in [0, 1].
 
@@ -321,6 +332,11 @@ def _decode(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
                 raise _too_large(f"frame 0 is {im.size[0]}x{im.size[1]} pixels; "
                                  f"the limit is {limits.max_pixels} pixels")
         _load(im)
+        if im.mode == "L" and channels == 1 and im.size == (width, height):
+            # the common case (a gray image of the model's size): straight to a tensor, the
+            # same numbers as the general path (uint8 / 255 in float32), a third of its cost
+            pixels = np.frombuffer(im.tobytes(), dtype=np.uint8).reshape(1, height, width)
+            return torch.from_numpy(pixels / np.float32(255.0))
         oriented = _exif_transpose(im)
         planes = _to_planes(oriented, channels)
     finally:

@@ -65,6 +65,9 @@ class Pipeline:
     classifier: Classifier
     class_names: tuple[str, ...]
     description: str = ""
+    # the base classifier's inference-only copy (Runtime: `optimize_classifier`), used by the
+    # default argmax decision when no adapter replaced the classifier; None: the classifier itself
+    inference_classifier: Classify | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -88,7 +91,7 @@ class Pipeline:
                 raise PipelineConfigError(f"pipeline {name!r}: defense {defense!r}: {exc}") from exc
         cls._check_order(name, components)
         return cls(name, components, env.classifier, env.bundle.input_spec.class_names,
-                   str(config.get("description", "")))
+                   str(config.get("description", "")), env.inference_classifier)
 
     @staticmethod
     def _check_order(name: str, components: list[Component]) -> None:
@@ -169,6 +172,8 @@ class Pipeline:
                 classify = comp.adapt(current[idx], self.classifier, ctx)  # type: ignore[attr-defined]
                 self._stage(results, idx, comp, time.perf_counter() - start)
 
+        if not before:  # nothing could have rejected an image: no indexing copy
+            return self._decide(results, decider, after, classify, current, torch.arange(b), ctx)
         idx = alive.nonzero().flatten()
         if idx.numel() == 0:
             return results
@@ -179,31 +184,41 @@ class Pipeline:
         ctx.check()
         if after:
             classify = _compose(after, classify, ctx)
+        elif classify is self.classifier and self.inference_classifier is not None \
+                and isinstance(decider, ArgmaxDecider):
+            classify = self.inference_classifier  # same logits up to float rounding, no autograd
         start = time.perf_counter()
         decision: Decision = decider.decide(x, classify, ctx)  # type: ignore[attr-defined]
         if decider.defense != "argmax":
             self._stage(results, idx, decider, time.perf_counter() - start)
-        probs = decision.probabilities.detach().float().cpu()
-        labels = decision.labels.detach().cpu()
-        conf = decision.confidence.detach().float().cpu()
-        abst = decision.abstained.detach().cpu()
-        radius = decision.radius.detach().float().cpu() if decision.radius is not None else None
+        # one conversion to Python numbers per tensor, not one per element (this loop runs in
+        # the inference thread, and every Python step there competes with the event loop)
+        probs = decision.probabilities.detach().float().cpu().tolist()
+        labels = decision.labels.detach().cpu().tolist()
+        conf = decision.confidence.detach().float().cpu().tolist()
+        abst = decision.abstained.detach().cpu().tolist()
+        radius = decision.radius.detach().float().cpu().tolist() if decision.radius is not None else None
+        n = len(labels)
+        details = {}
+        for key, value in decision.details.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == n:
+                details[key] = value.detach().cpu().tolist()
+            elif isinstance(value, list) and len(value) == n:
+                details[key] = value
+        names, classes = self.class_names, len(self.class_names)
         for j, i in enumerate(idx.tolist()):
             r = results[i]
-            r.probabilities = [round(float(p), 6) for p in probs[j]]
-            for key, value in decision.details.items():
-                if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == len(idx):
-                    r.details[key] = value[j].item()
-                elif isinstance(value, list) and len(value) == len(idx):
-                    r.details[key] = value[j]
-            if bool(abst[j]):
+            r.probabilities = [round(p, 6) for p in probs[j]]
+            for key, values in details.items():
+                r.details[key] = values[j]
+            if abst[j]:
                 r.status = "abstained"
                 continue
-            r.label = int(labels[j])
-            r.class_name = self.class_names[r.label] if 0 <= r.label < len(self.class_names) else str(r.label)
-            r.confidence = float(conf[j])
+            r.label = label = labels[j]
+            r.class_name = names[label] if 0 <= label < classes else str(label)
+            r.confidence = conf[j]
             if radius is not None:
-                r.certified_radius = float(radius[j])
+                r.certified_radius = radius[j]
         return results
 
     @staticmethod

@@ -14,6 +14,7 @@ from models.bundle import Bundle
 from service.admission import Admission, image_cost
 from service.batcher import Batcher, BatchReport
 from service.defenses.base import DefenseEnv, RunContext
+from service.defenses.smoothing import optimize_for_cpu
 from service.imaging import ImageLimits
 from service.metrics import Metrics
 from service.pipeline import ImageResult, Pipeline, PipelineConfigError
@@ -39,7 +40,9 @@ class Runtime:
         self.image_limits = ImageLimits(max_bytes=lim.max_image_bytes, max_pixels=lim.max_pixels,
                                         formats=tuple(f.upper() for f in lim.formats), resize=lim.resize)
         self.classifier = self.bundle.classifier(self.device)
-        env = DefenseEnv(bundle=self.bundle, classifier=self.classifier, device=self.device, settings=settings)
+        self.inference_classifier = self._inference_copy() if settings.optimize_classifier else None
+        env = DefenseEnv(bundle=self.bundle, classifier=self.classifier, device=self.device, settings=settings,
+                         inference_classifier=self.inference_classifier)
         self.pipelines: dict[str, Pipeline] = {}
         for name, cfg in settings.pipelines.items():
             self.pipelines[name] = Pipeline.build(name, cfg.model_dump(), env)
@@ -67,6 +70,19 @@ class Runtime:
         self.load_seconds = time.monotonic() - started
         log.info("bundle %s (version %s) loaded in %.2fs with pipelines %s", self.bundle.name,
                  self.bundle.version, self.load_seconds, sorted(self.pipelines))
+
+    def _inference_copy(self) -> Any:
+        """The classifier's TorchScript-frozen copy for decisions without gradients (CPU only):
+        about twice the images/s of the eager network at the batcher's batch sizes, and it
+        holds the GIL less, which leaves the event loop more of the CPU. None where it cannot
+        be made or does not match the eager network (smoothing.optimize_for_cpu checks)."""
+        if self.device.type != "cpu":
+            return None
+        fast = optimize_for_cpu(self.classifier, tuple(self.input_spec.shape))
+        if fast is self.classifier:
+            log.warning("the base classifier could not be optimised for inference; serving it as it is")
+            return None
+        return fast
 
     # ------------------------------------------------------------------ serving
     def pipeline(self, name: str | None) -> Pipeline:
@@ -100,6 +116,10 @@ class Runtime:
         """One small run through every pipeline, so the first client does not pay for it."""
         c, h, w = self.input_spec.shape
         x = torch.zeros(1, c, h, w, device=self.device)
+        if self.inference_classifier is not None:  # TorchScript specialises on its first calls
+            with torch.no_grad():
+                for n in (1, 2, self.settings.batching.max_batch_size, 1):
+                    self.inference_classifier(torch.zeros(n, c, h, w))
         for name, pipeline in self.pipelines.items():
             started = time.monotonic()
             pipeline.run(x, RunContext(device=self.device, seed=0))

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     graceful_timeout_s: float = Field(30.0, ge=0, description="how long in-flight requests may take to finish")
     torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
     warmup: bool = True
+    optimize_classifier: bool = Field(
+        True, description="on CPU, decide with a TorchScript-frozen, oneDNN-optimised copy of the base classifier "
+                          "(used only if its answers match the eager network's at start-up)")
     admin_api_key: SecretStr | None = None
     defense_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-defense service settings (store sizes, maxima)")

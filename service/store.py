@@ -98,7 +98,9 @@ class MemoryStore:
         self.certificates = _Bounded(max_certificates, max_age_s, clock)
 
     def put_image(self, digest: str, x: torch.Tensor) -> None:
-        self.images.put(digest, x.detach().to("cpu", torch.float32).clone())
+        x = x.detach()
+        self.images.put(digest, x.clone() if x.device.type == "cpu" and x.dtype == torch.float32
+                        else x.to("cpu", torch.float32))
 
     def get_image(self, digest: str) -> torch.Tensor | None:
         return self.images.get(digest)

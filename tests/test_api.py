@@ -190,3 +190,72 @@ def test_openapi_schema_documents_routes(make_client):
     spec = make_client().get("/openapi.json").json()
     assert "/predict" in spec["paths"] and "/pipelines" in spec["paths"]
     assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+
+
+def test_decisions_come_from_the_optimised_classifier_and_match_the_eager_network(make_client, mnist):
+    """The served argmax runs the TorchScript-frozen copy; it answers what the eager classifier
+    answers on real digits (labels equal, confidences within float rounding), and
+    optimize_classifier=false serves the eager network itself."""
+    sub = mnist.test.per_class(4)
+    images = [png(x) for x in sub.x]
+    answers = {}
+    for optimize in (True, False):
+        c = make_client(optimize_classifier=optimize)
+        runtime = c.app.state.runtime
+        pipe = runtime.pipelines["baseline"]
+        if optimize:
+            assert isinstance(runtime.inference_classifier, torch.jit.ScriptModule)
+            assert pipe.inference_classifier is runtime.inference_classifier
+        else:
+            assert runtime.inference_classifier is None and pipe.inference_classifier is None
+        r = c.post("/predict?pipeline=baseline", files=_files(images))
+        assert r.status_code == 200, r.text
+        answers[optimize] = r.json()["results"]
+        with torch.no_grad():  # the digits through the eager network
+            eager = torch.softmax(runtime.classifier(sub.x), dim=1)
+        labels = torch.tensor([res["label"] for res in answers[optimize]])
+        confidence = torch.tensor([res["confidence"] for res in answers[optimize]])
+        assert torch.equal(labels, eager.argmax(1))
+        assert float((confidence - eager.max(1).values).abs().max()) < 1e-3  # PNG moves pixels < 1/510
+        if optimize:  # and the decision really is the copy's: a stand-in that always says 7 is obeyed
+            fast, seven = pipe.inference_classifier, torch.nn.functional.one_hot(torch.tensor(7), 10).float() * 9
+            pipe.inference_classifier = lambda x: seven.expand(x.shape[0], 10)
+            try:
+                r = c.post("/predict?pipeline=baseline", files=_files(images[:5]))
+                assert [res["label"] for res in r.json()["results"]] == [7] * 5
+            finally:
+                pipe.inference_classifier = fast
+    assert [a["label"] for a in answers[True]] == [a["label"] for a in answers[False]]
+    assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(answers[True], answers[False])) < 1e-4
+
+
+def test_small_pngs_are_decoded_on_the_event_loop_and_others_are_not(mnist):
+    from service.api.predict import INLINE_DECODE_PIXELS, decode_on_loop
+    from service.imaging import png_header_pixels
+    from tests.test_imaging import png_header_only, save
+    from PIL import Image
+
+    digit = png(mnist.test.x[0])
+    assert png_header_pixels(digit) == 28 * 28
+    assert decode_on_loop([(digit, "image/png")]) and decode_on_loop([(digit, None)] * 3)
+    # a bomb-like header (large by its IHDR, small in bytes) goes to a worker thread
+    bomb = png_header_only(4096, 4096)
+    assert png_header_pixels(bomb) == 4096 * 4096 and not decode_on_loop([(bomb, "image/png")])
+    assert not decode_on_loop([(digit, None), (png_header_only(129, 128), None)])
+    assert 128 * 128 == INLINE_DECODE_PIXELS
+    # formats whose size is not read from the header here, and non-images, go to a worker thread
+    jpeg = save(Image.fromarray((mnist.test.x[0, 0].numpy() * 255).astype("uint8")), "JPEG")
+    assert png_header_pixels(jpeg) is None and not decode_on_loop([(jpeg, "image/jpeg")])
+    assert png_header_pixels(b"\x89PNG\r\n\x1a\n") is None and not decode_on_loop([(b"hello", None)])
+
+
+def test_a_broken_small_png_decoded_on_the_loop_is_a_400_and_the_next_request_is_fine(make_client, mnist):
+    c = make_client()
+    digit = png(mnist.test.x[0])
+    broken = digit[:40] + bytes(b ^ 0x5A for b in digit[40:-12]) + digit[-12:]  # IDAT garbled, header intact
+    r = c.post("/predict?pipeline=baseline", content=broken, headers={"content-type": "image/png"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image", r.text
+    r = c.post("/predict?pipeline=baseline", files=_files([digit, broken]))
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("file 1:"), r.text
+    r = c.post("/predict?pipeline=baseline", content=digit, headers={"content-type": "image/png"})
+    assert r.status_code == 200 and r.json()["results"][0]["label"] is not None

@@ -336,3 +336,22 @@ def test_random_and_mutated_bytes_only_raise_image_error() -> None:
             assert tuple(y.shape) == spec.shape and y.dtype == torch.float32
             assert bool(torch.isfinite(y).all()) and 0.0 <= y.min() and y.max() <= 1.0
     assert ok < 300
+
+
+def test_gray_images_of_the_model_size_take_the_short_path_with_the_same_numbers() -> None:
+    """An 8-bit gray image of exactly the model's size skips the general conversion; the
+    tensor is bit-for-bit what the general path (uint8 / 255 in float32) gives."""
+    from service.imaging import _to_planes
+
+    rng = np.random.default_rng(3)
+    for arr in [digit_like(1), rng.integers(0, 256, (28, 28), dtype=np.uint8),
+                np.full((28, 28), 255, np.uint8), np.zeros((28, 28), np.uint8)]:
+        data = save(Image.fromarray(arr))
+        got = decode_image(data, MNIST, DEFAULT)
+        general = torch.from_numpy(_to_planes(Image.open(io.BytesIO(data)), 1))
+        assert got.dtype == torch.float32 and got.shape == (1, 28, 28) and got.is_contiguous()
+        assert torch.equal(got, general)
+        assert torch.equal(got, torch.from_numpy(arr).float().div(255.0).unsqueeze(0))
+    # another size still goes through the resize policy
+    other = save(Image.fromarray(np.zeros((20, 28), np.uint8)))
+    assert decode_image(other, MNIST, DEFAULT).shape == (1, 28, 28)

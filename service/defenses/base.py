@@ -65,6 +65,9 @@ class DefenseEnv:
     classifier: "Classifier"
     device: torch.device
     settings: Any = None
+    # an inference-only copy of `classifier` (TorchScript-frozen on CPU) for no-gradient decisions,
+    # or None: the pipelines then decide with `classifier` itself
+    inference_classifier: Any = None
 
 
 @dataclass
