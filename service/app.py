@@ -80,7 +80,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
     app.state.store = store
     app.state.draining = False
     install_error_handlers(app)
-    app.include_router(predict.router)
+    # /predict's routes sit on the app's own router: include_router would wrap them in an
+    # included router that FastAPI matches twice per request (the hot path of issue 2)
+    app.router.routes.extend(predict.router.routes)
     app.include_router(certify.router)
     app.include_router(info.router)
     app.include_router(admin.router)

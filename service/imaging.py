@@ -530,7 +530,7 @@ def decode_batch(items: Sequence[tuple[bytes, str | None]], spec: InputSpec, lim
             raise ImageError(exc.status, exc.code, f"file {i}: {exc.message}") from None
         except Exception as exc:  # noqa: BLE001 - a malformed item tuple, say
             raise _invalid(f"file {i}: the upload could not be read ({type(exc).__name__})") from None
-    return torch.stack(tensors)
+    return tensors[0].unsqueeze(0) if n == 1 else torch.stack(tensors)
 
 
 def encode_png(x: torch.Tensor) -> bytes:

@@ -305,8 +305,9 @@ async def predict(request: Request) -> PredictResponse:
         except ImageError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
         try:  # so GET /certify?image_sha256= can find them; a store that is down costs no prediction
-            for digest, image in zip(digests, x):
-                request.app.state.store.put_image(digest, image)
+            store = request.app.state.store
+            for i, digest in enumerate(digests):  # x[i], not iter(x): no unbind per request
+                store.put_image(digest, x[i])
         except StoreUnavailable:
             pass  # logged by the store; GET /certify for these images answers 404 or 503
         t.outcome = outcome_of(results)
