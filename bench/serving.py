@@ -336,7 +336,7 @@ def measure_classifier(bundle: Path, x_test: Any, seconds: float, max_batch: int
     """images/s of the bare classifier in this process, at max_batch, 32 and 1, with torch's
     default thread count, plus max_batch with one torch thread (for reference); each for the
     eager network (`classifier_b*`) and for the TorchScript-optimised copy the server decides
-    with (`optimized_b*`, service.defenses.smoothing.optimize_for_cpu; absent if it cannot be made).
+    with (`optimized_b*`, service.defenses.base.optimize_for_cpu; absent if it cannot be made).
 
     The calls run in a worker thread, as the server's inference does (its executor): on a
     busy machine, torch's intra-op thread team behaves very differently when driven from the
@@ -345,7 +345,7 @@ def measure_classifier(bundle: Path, x_test: Any, seconds: float, max_batch: int
     import torch
 
     from models.bundle import Bundle
-    from service.defenses.smoothing import optimize_for_cpu
+    from service.defenses.base import optimize_for_cpu
 
     b = Bundle.load(bundle)
     clf = b.classifier("cpu")

@@ -13,8 +13,7 @@ import torch
 from models.bundle import Bundle
 from service.admission import Admission, image_cost
 from service.batcher import Batcher, BatchReport
-from service.defenses.base import DefenseEnv, RunContext
-from service.defenses.smoothing import optimize_for_cpu
+from service.defenses.base import DefenseEnv, RunContext, optimize_for_cpu
 from service.imaging import ImageLimits
 from service.metrics import Metrics
 from service.pipeline import ImageResult, Pipeline, PipelineConfigError
@@ -75,7 +74,7 @@ class Runtime:
         """The classifier's TorchScript-frozen copy for decisions without gradients (CPU only):
         about twice the images/s of the eager network at the batcher's batch sizes, and it
         holds the GIL less, which leaves the event loop more of the CPU. None where it cannot
-        be made or does not match the eager network (smoothing.optimize_for_cpu checks)."""
+        be made or does not match the eager network (defenses.base.optimize_for_cpu checks)."""
         if self.device.type != "cpu":
             return None
         fast = optimize_for_cpu(self.classifier, tuple(self.input_spec.shape))

@@ -98,9 +98,7 @@ class MemoryStore:
         self.certificates = _Bounded(max_certificates, max_age_s, clock)
 
     def put_image(self, digest: str, x: torch.Tensor) -> None:
-        x = x.detach()
-        self.images.put(digest, x.clone() if x.device.type == "cpu" and x.dtype == torch.float32
-                        else x.to("cpu", torch.float32))
+        self.images.put(digest, x.detach().to("cpu", torch.float32, copy=True))
 
     def get_image(self, digest: str) -> torch.Tensor | None:
         return self.images.get(digest)

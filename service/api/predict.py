@@ -99,9 +99,8 @@ INLINE_DECODE_PIXELS = 128 * 128
 
 
 def decode_on_loop(items: list[tuple[bytes, str | None]]) -> bool:
-    """Small enough to decode on the event loop without holding it up (see above)."""
-    if sum(len(data) for data, _ in items) > INLINE_DECODE_BYTES:
-        return False
+    """Every image a PNG small enough by its header to decode on the event loop without holding
+    it up (see above); the caller has already held the upload to INLINE_DECODE_BYTES."""
     for data, _ in items:
         pixels = png_header_pixels(data)
         if pixels is None or pixels > INLINE_DECODE_PIXELS:
@@ -294,11 +293,11 @@ async def predict(request: Request) -> PredictResponse:
         digests = [hashlib.sha256(data).hexdigest() for data, _ in items]
         decode = _decoder(items, runtime)
         try:
-            if decode_on_loop(items):
-                x = decode()
-                results = await run_pipeline(request, runtime, name, x)
-            elif sum(len(data) for data, _ in items) > INLINE_DECODE_BYTES:
+            if sum(len(data) for data, _ in items) > INLINE_DECODE_BYTES:
                 x = await run_in_threadpool(decode)
+                results = await run_pipeline(request, runtime, name, x)
+            elif decode_on_loop(items):
+                x = decode()
                 results = await run_pipeline(request, runtime, name, x)
             else:
                 x, results = await run_pipeline(request, runtime, name, None, decode=decode, images=len(items))

@@ -57,6 +57,33 @@ class RunContext:
             raise DeadlineExceeded("client disconnected")
 
 
+def optimize_for_cpu(f: Classify, shape: tuple[int, ...], check: int = 64) -> Classify:
+    """An inference-only copy of `f` for the CPU: TorchScript trace, `torch.jit.freeze` (weights
+    become constants) and `torch.jit.optimize_for_inference` (oneDNN/MKL-DNN convolutions,
+    folded ops). The same function up to float rounding: it is used only if its logits match
+    f's (atol 1e-3) and its argmax agrees on `check` random noisy inputs; otherwise f itself is
+    returned, as it is for anything that is not an nn.Module."""
+    if not isinstance(f, torch.nn.Module):
+        return f
+    try:
+        if any(t.device.type != "cpu" for t in list(f.parameters()) + list(f.buffers())):
+            return f
+        f.eval()
+        g = torch.Generator().manual_seed(0)
+        probe = torch.rand((check, *shape), generator=g) + 0.5 * torch.randn((check, *shape), generator=g)
+        with torch.no_grad():
+            traced = torch.jit.trace(f, probe[:8], check_trace=False)
+            fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+        with torch.inference_mode():
+            a, b = f(probe), fast(probe)
+            if a.shape != b.shape or not torch.allclose(a, b, atol=1e-3, rtol=1e-3) \
+                    or not torch.equal(a.argmax(1), b.argmax(1)):
+                return f
+    except Exception:  # noqa: BLE001 - an untraceable model is simply run as it is
+        return f
+    return fast
+
+
 @dataclass
 class DefenseEnv:
     """What a defense's `build` gets: the loaded bundle, the base classifier, settings."""

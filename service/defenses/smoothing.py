@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from scipy.stats import beta, binomtest, norm
 
-from service.defenses.base import Classify, Component, Decision, DefenseEnv, RunContext
+from service.defenses.base import Classify, Component, Decision, DefenseEnv, RunContext, optimize_for_cpu
 
 ABSTAIN = -1
 
@@ -88,33 +88,6 @@ def alpha_spending(alpha: float, looks: int) -> list[float]:
 
 
 # ---------------------------------------------------------------------- sampling
-def optimize_for_cpu(f: Classify, shape: tuple[int, ...], check: int = 64) -> Classify:
-    """An inference-only copy of `f` for the CPU: TorchScript trace, `torch.jit.freeze` (weights
-    become constants) and `torch.jit.optimize_for_inference` (oneDNN/MKL-DNN convolutions,
-    folded ops). The same function up to float rounding: it is used only if its logits match
-    f's (atol 1e-3) and its argmax agrees on `check` random noisy inputs; otherwise f itself is
-    returned, as it is for anything that is not an nn.Module."""
-    if not isinstance(f, torch.nn.Module):
-        return f
-    try:
-        if any(t.device.type != "cpu" for t in list(f.parameters()) + list(f.buffers())):
-            return f
-        f.eval()
-        g = torch.Generator().manual_seed(0)
-        probe = torch.rand((check, *shape), generator=g) + 0.5 * torch.randn((check, *shape), generator=g)
-        with torch.no_grad():
-            traced = torch.jit.trace(f, probe[:8], check_trace=False)
-            fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-        with torch.inference_mode():
-            a, b = f(probe), fast(probe)
-            if a.shape != b.shape or not torch.allclose(a, b, atol=1e-3, rtol=1e-3) \
-                    or not torch.equal(a.argmax(1), b.argmax(1)):
-                return f
-    except Exception:  # noqa: BLE001 - an untraceable model is simply run as it is
-        return f
-    return fast
-
-
 class NoiseSampler:
     """Counts f's answers on noisy copies of one image.
 
@@ -376,11 +349,14 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     forward_batch = int(options.get("forward_batch", 1000))
     if not (n >= 1 and n0 >= 1 and batch_size >= 1 and forward_batch >= 1 and 0 < alpha < 1):
         raise ValueError("smoothing needs n >= 1, n0 >= 1, batch_size >= 1, forward_batch >= 1 and 0 < alpha < 1")
-    return [SmoothingDecider(classifiers=classifiers, denoisers=denoisers, sigma=sigma, denoiser=use_denoiser,
-                             n=n, n0=n0, alpha=alpha, batch_size=batch_size,
-                             num_classes=env.bundle.input_spec.num_classes, device=env.device,
-                             forward_batch=forward_batch, optimize=optimize, input_shape=shape,
-                             eager_classifiers=eager_classifiers, eager_denoisers=eager_denoisers)]
+    decider = SmoothingDecider(classifiers=classifiers, denoisers=denoisers, sigma=sigma, denoiser=use_denoiser,
+                               n=n, n0=n0, alpha=alpha, batch_size=batch_size,
+                               num_classes=env.bundle.input_spec.num_classes, device=env.device,
+                               forward_batch=forward_batch, optimize=optimize, input_shape=shape,
+                               eager_classifiers=eager_classifiers, eager_denoisers=eager_denoisers)
+    if optimize and env.inference_classifier is not None:  # the runtime's copy: no second trace
+        decider._fast[id(env.classifier)] = (env.classifier, env.inference_classifier)
+    return [decider]
 
 
 def _frozen(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
