@@ -355,3 +355,98 @@ def test_gray_images_of_the_model_size_take_the_short_path_with_the_same_numbers
     # another size still goes through the resize policy
     other = save(Image.fromarray(np.zeros((20, 28), np.uint8)))
     assert decode_image(other, MNIST, DEFAULT).shape == (1, 28, 28)
+
+
+# ------------------------------------------------------------------ PNG without Pillow's open
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _paeth(a: int, b: int, c: int) -> int:
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    return a if pa <= pb and pa <= pc else b if pb <= pc else c
+
+
+def gray_png(img: np.ndarray, filters: list[int], extra: list[bytes] = (), split: int = 1) -> bytes:
+    """An 8-bit gray PNG written by hand with the given filter type (0-4) on each row, so every
+    filter is exercised (Pillow's encoder picks its own)."""
+    h, w = img.shape
+    raw, prev = bytearray(), [0] * w
+    for r in range(h):
+        cur = img[r].tolist()
+        raw.append(filters[r])
+        for i in range(w):
+            a, b, c = (cur[i - 1] if i else 0), prev[i], (prev[i - 1] if i else 0)
+            raw.append((cur[i] - [0, a, b, (a + b) // 2, _paeth(a, b, c)][filters[r]]) & 0xFF)
+        prev = cur
+    z = zlib.compress(bytes(raw))
+    cut = [len(z) * k // split for k in range(split + 1)]
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + b"".join(extra) + b"".join(_chunk(b"IDAT", z[cut[k]:cut[k + 1]]) for k in range(split))
+            + _chunk(b"IEND", b""))
+
+
+def test_gray_pngs_decode_without_pillow_open_to_pillows_pixels_on_every_filter_type(mnist) -> None:
+    """gray_png_pixels (the /predict hot path) gives exactly Pillow's pixels: hand-written PNGs
+    with random filter types per row (None, Sub, Up, Average, Paeth), split image data, inert
+    chunks, and the 1,000 test digits as encode_png writes them."""
+    from service.imaging import gray_png_pixels
+
+    rng = random.Random(0)
+    for k in range(120):
+        h, w = rng.choice([(28, 28), (5, 7), (1, 1), (32, 3)])
+        img = np.array([[rng.randrange(256) for _ in range(w)] for _ in range(h)], dtype=np.uint8)
+        data = gray_png(img, [rng.randrange(5) for _ in range(h)],
+                        extra=[_chunk(b"tEXt", b"Comment\x00hi")] if k % 3 == 0 else [], split=1 + k % 3)
+        pillow = np.asarray(Image.open(io.BytesIO(data)))
+        assert np.array_equal(pillow, img)
+        got = gray_png_pixels(data, h, w)
+        assert got is not None and got.dtype == np.uint8 and np.array_equal(got, pillow)
+    for x in mnist.test.x:
+        data = encode_png(x)
+        got = gray_png_pixels(data, 28, 28)
+        assert got is not None and np.array_equal(got, np.asarray(Image.open(io.BytesIO(data))))
+    # and the tensor decode_image gives is still the general path's
+    data = gray_png(digit_like(4), [4] * 28)
+    assert torch.equal(decode_image(data, MNIST, DEFAULT),
+                       torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)), np.float32) / np.float32(255))[None])
+
+
+def test_anything_but_a_plain_gray_png_of_the_model_size_is_left_to_pillow() -> None:
+    """The short path refuses (None) whatever it does not fully check, and decode_image then
+    gives Pillow's answer: an error for broken files, the general conversion for the rest."""
+    from service.imaging import gray_png_pixels
+
+    img = digit_like(5)
+    good = gray_png(img, [0, 1, 2, 3, 4] * 5 + [0, 0, 2])
+    assert gray_png_pixels(good, 28, 28) is not None
+    assert gray_png_pixels(good, 27, 28) is None and gray_png_pixels(good, 28, 27) is None  # another size
+    bad_crc = bytearray(good)
+    bad_crc[-20] ^= 0xFF  # inside the IDAT chunk
+    others = {
+        "rgb": save(Image.fromarray(np.stack([img] * 3, axis=2))),
+        "16-bit": save(Image.fromarray(img.astype(np.uint16) * 257)),
+        "palette": save(Image.fromarray(img).convert("P")),
+        "transparency chunk": gray_png(img, [0] * 28, extra=[_chunk(b"tRNS", b"\x00\x00")]),
+        "unknown chunk": gray_png(img, [0] * 28, extra=[_chunk(b"zzZz", b"x")]),
+        "bad crc": bytes(bad_crc),
+        "truncated": good[:-30],
+        "trailing bytes": good + b"junk",
+    }
+    for name, data in others.items():
+        assert gray_png_pixels(data, 28, 28) is None, name
+    # a row with filter type 5 does not exist: Pillow refuses it, and so does decode_image
+    h, w = 28, 28
+    raw = b"".join(bytes([5 if r == 3 else 0]) + img[r].tobytes() for r in range(h))
+    five = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
+    assert gray_png_pixels(five, 28, 28) is None
+    expect(400, "invalid_image", five)
+    expect(400, "invalid_image", bytes(bad_crc))
+    # an interlaced gray PNG is Pillow's to decode, to the same pixels
+    adam7 = gray_png(img, [0] * 28)
+    adam7 = adam7[:8] + _chunk(b"IHDR", struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 1)) + adam7[33:]
+    assert gray_png_pixels(adam7, 28, 28) is None
+    for name in ("rgb", "16-bit", "palette", "unknown chunk", "transparency chunk"):
+        assert decode_image(others[name], MNIST, DEFAULT).shape == (1, 28, 28), name
