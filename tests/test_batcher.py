@@ -1,0 +1,151 @@
+"""The micro-batcher on its own: batches formed in its thread, answers to the right requests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from service.batcher import Batcher, BatchReport, Overloaded
+from service.defenses.base import DeadlineExceeded, RunContext
+from service.pipeline import ImageResult
+
+
+def _echo(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+    """Label = the image's first pixel, so each answer shows whose image it was."""
+    return [ImageResult(status="accepted", label=int(v), confidence=float(ctx.options.get("scale", 1)))
+            for v in x[:, 0, 0, 0].tolist()]
+
+
+def _img(v: int, n: int = 1) -> torch.Tensor:
+    return torch.full((n, 1, 2, 2), float(v))
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_answers() -> None:
+    reports: list[BatchReport] = []
+    threads: set[str] = set()
+
+    def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        threads.add(threading.current_thread().name)
+        time.sleep(0.02)  # a model call: the next requests queue up meanwhile
+        return _echo(x, ctx)
+
+    async def main() -> None:
+        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=8, max_delay_ms=5,
+                    on_batch=reports.append)
+        answers = await asyncio.gather(*(b.submit(_img(i, 1 + i % 2)) for i in range(40)))
+        for i, a in enumerate(answers):
+            assert [r.label for r in a] == [i] * (1 + i % 2)
+        await b.close()
+
+    asyncio.run(main())
+    assert sum(r.size for r in reports) == sum(1 + i % 2 for i in range(40))
+    assert max(r.size for r in reports) <= 8 and len(reports) < 40  # merged, never over the limit
+    assert max(r.size for r in reports) >= 6
+    assert threads == {"shieldserve-batch-p"}  # the batches ran in the batcher's own thread
+
+
+def test_requests_with_different_options_never_share_a_batch() -> None:
+    seen: list[tuple[float, ...]] = []
+
+    def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        seen.append(tuple({float(ctx.options.get("scale", 1))}))
+        return _echo(x, ctx)
+
+    async def main() -> None:
+        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=64, max_delay_ms=20)
+        answers = await asyncio.gather(*(b.submit(_img(i), options={"scale": i % 2}) for i in range(10)))
+        for i, a in enumerate(answers):
+            assert a[0].label == i and a[0].confidence == float(i % 2)
+        await b.close()
+
+    asyncio.run(main())
+    assert len(seen) >= 2
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
+    calls = {"n": 0}
+
+    def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ValueError("model exploded")
+        return _echo(x, ctx)
+
+    async def main() -> None:
+        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=4, max_delay_ms=0)
+        with pytest.raises(ValueError, match="exploded"):
+            await b.submit(_img(1))
+        assert (await b.submit(_img(2)))[0].label == 2
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_queue_limit_deadline_cancellation_and_close() -> None:
+    release = threading.Event()
+
+    def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        release.wait(5)
+        return _echo(x, ctx)
+
+    async def main() -> None:
+        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=1, max_delay_ms=0, max_queue=3)
+        first = asyncio.ensure_future(b.submit(_img(1)))  # taken by the thread, blocked in run
+        await asyncio.sleep(0.05)
+        expired = asyncio.ensure_future(b.submit(_img(2), deadline=time.monotonic() + 0.01))
+        dropped = asyncio.ensure_future(b.submit(_img(3)))
+        kept = asyncio.ensure_future(b.submit(_img(4), options={"k": 1}))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded):  # 3 images queued: the limit
+            await b.submit(_img(5))
+        dropped.cancel()  # the client went away: its job is skipped
+        await asyncio.sleep(0.05)
+        release.set()
+        assert (await first)[0].label == 1
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        assert (await kept)[0].label == 4
+        assert b.queued_images == 0
+        # closing answers what is still queued with Overloaded, and refuses new work
+        release.clear()
+        running = asyncio.ensure_future(b.submit(_img(6)))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(b.submit(_img(7)))
+        await asyncio.sleep(0.01)
+        closing = asyncio.ensure_future(b.close())
+        await asyncio.sleep(0.05)
+        release.set()
+        await closing
+        with pytest.raises(Overloaded):
+            await queued
+        assert (await running)[0].label == 6  # the running batch finished
+        with pytest.raises(Overloaded):
+            await b.submit(_img(8))
+
+    asyncio.run(main())
+
+
+def test_requests_from_two_event_loops_are_answered_on_their_own_loops() -> None:
+    """One batcher, two event loops in two threads (as test clients and lifespans make): each
+    future is settled on the loop that awaits it."""
+    b = Batcher("p", _echo, device=torch.device("cpu"), max_batch_size=64, max_delay_ms=30)
+    got: dict[int, list[int]] = {}
+
+    def client(k: int) -> None:
+        async def main() -> list[int]:
+            answers = await asyncio.gather(*(b.submit(_img(10 * k + i)) for i in range(5)))
+            return [a[0].label for a in answers]
+
+        got[k] = asyncio.run(main())
+
+    ts = [threading.Thread(target=client, args=(k,)) for k in (1, 2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert got == {1: [10, 11, 12, 13, 14], 2: [20, 21, 22, 23, 24]}
+    asyncio.run(b.close())
