@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
             multiprocess.mark_process_dead(os.getpid())
 
     app = FastAPI(title="shieldserve", version=service.__version__, lifespan=lifespan,
+                  telemetry=None if settings.fastapi_telemetry else {"tracing": False, "metrics": False, "logs": False},
                   description="An image classifier behind runtime adversarial defenses.")
     app.state.runtime = runtime
     app.state.settings = settings
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
     app.include_router(oip.router)
     # outermost first: request id, CORS (only when origins are configured), in-flight count,
     # then the body limit and disconnect watch
+    app.add_middleware(predict.DirectPredictMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(InflightMiddleware, runtime=runtime)
     if settings.cors_origins:  # off by default: no CORS header at all unless origins are named

@@ -8,6 +8,7 @@ function the decider samples: the certificate then covers them too (denoised smo
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,10 +17,11 @@ import torch
 from models.bundle import Classifier
 from service.defenses import build_defense
 from service.defenses.base import (
-    ArgmaxDecider, Classify, Component, Decision, DefenseEnv, Detection, RunContext,
+    ArgmaxDecider, ArgmaxDecision, Classify, Component, Decision, DefenseEnv, Detection, RunContext,
 )
 
 _ORDER = {"detector": 0, "purifier": 1, "adapter": 2, "decider": 3}
+_ARGMAX = ArgmaxDecider()  # the decision of a pipeline without a decider (it holds no state)
 
 
 class PipelineConfigError(ValueError):
@@ -68,6 +70,8 @@ class Pipeline:
     # the base classifier's inference-only copy (Runtime: `optimize_classifier`), used by the
     # default argmax decision when no adapter replaced the classifier; None: the classifier itself
     inference_classifier: Classify | None = None
+    # the same copy's argmax decision compiled into one call (defenses.base.optimize_argmax_decision)
+    argmax_decision: ArgmaxDecision | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -91,7 +95,7 @@ class Pipeline:
                 raise PipelineConfigError(f"pipeline {name!r}: defense {defense!r}: {exc}") from exc
         cls._check_order(name, components)
         return cls(name, components, env.classifier, env.bundle.input_spec.class_names,
-                   str(config.get("description", "")), env.inference_classifier)
+                   str(config.get("description", "")), env.inference_classifier, env.argmax_decision)
 
     @staticmethod
     def _check_order(name: str, components: list[Component]) -> None:
@@ -132,13 +136,15 @@ class Pipeline:
         """Run the whole batch through every stage; rejected images skip later stages."""
         b = x.shape[0]
         results = [ImageResult(status="accepted") for _ in range(b)]
-        alive = torch.ones(b, dtype=torch.bool)
         roles = [c.role for c in self.components]
         decider_at = roles.index("decider") if "decider" in roles else len(roles)
         before, after = self.components[:decider_at], self.components[decider_at + 1:]
-        decider = self.components[decider_at] if decider_at < len(roles) else ArgmaxDecider()
+        decider = self.components[decider_at] if decider_at < len(roles) else _ARGMAX
         classify: Classify = self.classifier
         current = x
+        if not before:  # nothing can reject an image: no mask, no indexing (no torch call at all)
+            return self._decide(results, decider, after, classify, current, range(b), ctx)
+        alive = torch.ones(b, dtype=torch.bool)
 
         for comp in before:
             ctx.check()
@@ -172,21 +178,24 @@ class Pipeline:
                 classify = comp.adapt(current[idx], self.classifier, ctx)  # type: ignore[attr-defined]
                 self._stage(results, idx, comp, time.perf_counter() - start)
 
-        if not before:  # nothing could have rejected an image: no indexing copy
-            return self._decide(results, decider, after, classify, current, torch.arange(b), ctx)
         idx = alive.nonzero().flatten()
         if idx.numel() == 0:
             return results
-        return self._decide(results, decider, after, classify, current[idx], idx, ctx)
+        return self._decide(results, decider, after, classify, current[idx], idx.tolist(), ctx)
 
     def _decide(self, results: list[ImageResult], decider: Component, after: list[Component],
-                classify: Classify, x: torch.Tensor, idx: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+                classify: Classify, x: torch.Tensor, idx: Sequence[int], ctx: RunContext) -> list[ImageResult]:
         ctx.check()
         if after:
             classify = _compose(after, classify, ctx)
-        elif classify is self.classifier and self.inference_classifier is not None \
-                and isinstance(decider, ArgmaxDecider):
-            classify = self.inference_classifier  # same logits up to float rounding, no autograd
+        elif classify is self.classifier and isinstance(decider, ArgmaxDecider):
+            if self.argmax_decision is not None:  # the whole decision in one call (see its docstring)
+                with torch.no_grad():
+                    probs_t, conf_t, labels_t = self.argmax_decision(x)
+                return self._fill(results, idx, probs_t.tolist(), labels_t.tolist(), conf_t.tolist(),
+                                  None, None, {})
+            if self.inference_classifier is not None:
+                classify = self.inference_classifier  # same logits up to float rounding, no autograd
         start = time.perf_counter()
         decision: Decision = decider.decide(x, classify, ctx)  # type: ignore[attr-defined]
         if decider.defense != "argmax":
@@ -205,13 +214,19 @@ class Pipeline:
                 details[key] = value.detach().cpu().tolist()
             elif isinstance(value, list) and len(value) == n:
                 details[key] = value
+        return self._fill(results, idx, probs, labels, conf, abst, radius, details)
+
+    def _fill(self, results: list[ImageResult], idx: Sequence[int], probs: list[list[float]], labels: list[int],
+              conf: list[float], abst: list[bool] | None, radius: list[float] | None,
+              details: dict[str, list[Any]]) -> list[ImageResult]:
+        """The decision's Python numbers into the results of rows `idx`."""
         names, classes = self.class_names, len(self.class_names)
-        for j, i in enumerate(idx.tolist()):
+        for j, i in enumerate(idx):
             r = results[i]
             r.probabilities = [round(p, 6) for p in probs[j]]
             for key, values in details.items():
                 r.details[key] = values[j]
-            if abst[j]:
+            if abst is not None and abst[j]:
                 r.status = "abstained"
                 continue
             r.label = label = labels[j]
@@ -222,9 +237,9 @@ class Pipeline:
         return results
 
     @staticmethod
-    def _stage(results: list[ImageResult], idx: torch.Tensor, comp: Component, seconds: float,
+    def _stage(results: list[ImageResult], idx: torch.Tensor | Sequence[int], comp: Component, seconds: float,
                details: dict[str, torch.Tensor] | None = None) -> None:
-        for j, i in enumerate(idx.tolist()):
+        for j, i in enumerate(idx.tolist() if isinstance(idx, torch.Tensor) else idx):
             extra = {k: float(v[j]) for k, v in (details or {}).items()}
             results[i].stages.append(Stage(comp.defense, comp.role, seconds, extra))
 

@@ -4,6 +4,7 @@ bundle, the pipelines, one batcher per pipeline, the metrics. No module-level st
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 from models.bundle import Bundle
 from service.admission import Admission, image_cost
 from service.batcher import Batcher, BatchReport
-from service.defenses.base import DefenseEnv, RunContext, optimize_for_cpu
+from service.defenses.base import DefenseEnv, RunContext, optimize_argmax_decision, optimize_for_cpu
 from service.imaging import ImageLimits
 from service.metrics import Metrics
 from service.pipeline import ImageResult, Pipeline, PipelineConfigError
@@ -31,6 +32,8 @@ class Runtime:
         self.settings = settings
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        if settings.gil_switch_interval_ms:  # process-wide, like torch_threads
+            sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
         self.device = torch.device(settings.device)
         started = time.monotonic()
         self.bundle = Bundle.load(settings.bundle)  # verifies every sha256; raises BundleError
@@ -40,8 +43,10 @@ class Runtime:
                                         formats=tuple(f.upper() for f in lim.formats), resize=lim.resize)
         self.classifier = self.bundle.classifier(self.device)
         self.inference_classifier = self._inference_copy() if settings.optimize_classifier else None
+        self.argmax_decision = (optimize_argmax_decision(self.classifier, tuple(self.input_spec.shape))
+                                if self.inference_classifier is not None else None)
         env = DefenseEnv(bundle=self.bundle, classifier=self.classifier, device=self.device, settings=settings,
-                         inference_classifier=self.inference_classifier)
+                         inference_classifier=self.inference_classifier, argmax_decision=self.argmax_decision)
         self.pipelines: dict[str, Pipeline] = {}
         for name, cfg in settings.pipelines.items():
             self.pipelines[name] = Pipeline.build(name, cfg.model_dump(), env)
@@ -49,13 +54,14 @@ class Runtime:
             raise PipelineConfigError(f"default_pipeline {settings.default_pipeline!r} is not configured; "
                                       f"pipelines: {sorted(self.pipelines)}")
         self.metrics = Metrics()
-        # Inference runs off the event loop. One thread per pipeline at most runs a batch;
-        # torch parallelises inside each call.
+        # Inference runs off the event loop: each pipeline's batches in its batcher's own thread
+        # (service/batcher.py); this pool runs the warm-up and GET /certify's sampling. torch
+        # parallelises inside each call.
         self.executor = ThreadPoolExecutor(max_workers=max(2, min(8, len(self.pipelines))),
                                            thread_name_prefix="shieldserve-infer")
         b = settings.batching
         self.batchers = {
-            name: Batcher(name, pipeline.run, self.executor, device=self.device, enabled=b.enabled,
+            name: Batcher(name, pipeline.run, device=self.device, enabled=b.enabled,
                           max_batch_size=b.max_batch_size, max_delay_ms=b.max_delay_ms,
                           max_queue=b.max_queue, retry_after_s=b.retry_after_s,
                           on_batch=lambda report, n=name: self._observe_batch(n, report),
@@ -115,10 +121,11 @@ class Runtime:
         """One small run through every pipeline, so the first client does not pay for it."""
         c, h, w = self.input_spec.shape
         x = torch.zeros(1, c, h, w, device=self.device)
-        if self.inference_classifier is not None:  # TorchScript specialises on its first calls
-            with torch.no_grad():
-                for n in (1, 2, self.settings.batching.max_batch_size, 1):
-                    self.inference_classifier(torch.zeros(n, c, h, w))
+        for fast in (self.inference_classifier, self.argmax_decision):
+            if fast is not None:  # TorchScript specialises on its first calls
+                with torch.no_grad():
+                    for n in (1, 2, self.settings.batching.max_batch_size, 1):
+                        fast(torch.zeros(n, c, h, w))
         for name, pipeline in self.pipelines.items():
             started = time.monotonic()
             pipeline.run(x, RunContext(device=self.device, seed=0))

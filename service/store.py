@@ -98,7 +98,13 @@ class MemoryStore:
         self.certificates = _Bounded(max_certificates, max_age_s, clock)
 
     def put_image(self, digest: str, x: torch.Tensor) -> None:
-        self.images.put(digest, x.detach().to("cpu", torch.float32, copy=True))
+        if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+            # a copy made by numpy: no torch call (each lets go of the GIL; this runs on the
+            # event loop for every image /predict answers)
+            copy = torch.from_numpy(x.numpy().copy())
+        else:
+            copy = x.detach().to("cpu", torch.float32, copy=True)
+        self.images.put(digest, copy)
 
     def get_image(self, digest: str) -> torch.Tensor | None:
         return self.images.get(digest)

@@ -193,21 +193,35 @@ def test_openapi_schema_documents_routes(make_client):
 
 
 def test_decisions_come_from_the_optimised_classifier_and_match_the_eager_network(make_client, mnist):
-    """The served argmax runs the TorchScript-frozen copy; it answers what the eager classifier
-    answers on real digits (labels equal, confidences within float rounding), and
-    optimize_classifier=false serves the eager network itself."""
+    """The served argmax runs the TorchScript-frozen decision (classifier, softmax and max in one
+    call); it answers what the eager classifier answers on real digits (labels equal,
+    confidences within float rounding), and optimize_classifier=false serves the eager network."""
     sub = mnist.test.per_class(4)
     images = [png(x) for x in sub.x]
     answers = {}
+    seven = torch.nn.functional.one_hot(torch.tensor(7), 10).float()
+
+    def always_seven(x):
+        n = x.shape[0]
+        return seven.expand(n, 10), torch.ones(n), torch.full((n,), 7)
+
+    def labels_of(c, k):
+        r = c.post("/predict?pipeline=baseline", files=_files(images[:k]))
+        assert r.status_code == 200, r.text
+        return [res["label"] for res in r.json()["results"]]
+
     for optimize in (True, False):
         c = make_client(optimize_classifier=optimize)
         runtime = c.app.state.runtime
         pipe = runtime.pipelines["baseline"]
         if optimize:
             assert isinstance(runtime.inference_classifier, torch.jit.ScriptModule)
+            assert isinstance(runtime.argmax_decision, torch.jit.ScriptModule)
             assert pipe.inference_classifier is runtime.inference_classifier
+            assert pipe.argmax_decision is runtime.argmax_decision
         else:
             assert runtime.inference_classifier is None and pipe.inference_classifier is None
+            assert runtime.argmax_decision is None and pipe.argmax_decision is None
         r = c.post("/predict?pipeline=baseline", files=_files(images))
         assert r.status_code == 200, r.text
         answers[optimize] = r.json()["results"]
@@ -217,14 +231,21 @@ def test_decisions_come_from_the_optimised_classifier_and_match_the_eager_networ
         confidence = torch.tensor([res["confidence"] for res in answers[optimize]])
         assert torch.equal(labels, eager.argmax(1))
         assert float((confidence - eager.max(1).values).abs().max()) < 1e-3  # PNG moves pixels < 1/510
-        if optimize:  # and the decision really is the copy's: a stand-in that always says 7 is obeyed
-            fast, seven = pipe.inference_classifier, torch.nn.functional.one_hot(torch.tensor(7), 10).float() * 9
-            pipe.inference_classifier = lambda x: seven.expand(x.shape[0], 10)
+        if optimize:  # and the decision really is the compiled one: a stand-in that says 7 is obeyed
+            fused = pipe.argmax_decision
+            pipe.argmax_decision = always_seven
             try:
-                r = c.post("/predict?pipeline=baseline", files=_files(images[:5]))
-                assert [res["label"] for res in r.json()["results"]] == [7] * 5
+                assert labels_of(c, 5) == [7] * 5
+                # without the compiled decision, the optimised classifier decides
+                pipe.argmax_decision, fast = None, pipe.inference_classifier
+                pipe.inference_classifier = lambda x: seven.expand(x.shape[0], 10) * 9
+                try:
+                    assert labels_of(c, 5) == [7] * 5
+                finally:
+                    pipe.inference_classifier = fast
             finally:
-                pipe.inference_classifier = fast
+                pipe.argmax_decision = fused
+            assert labels_of(c, 5) == [a["label"] for a in answers[True][:5]]
     assert [a["label"] for a in answers[True]] == [a["label"] for a in answers[False]]
     assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(answers[True], answers[False])) < 1e-4
 
@@ -259,3 +280,45 @@ def test_a_broken_small_png_decoded_on_the_loop_is_a_400_and_the_next_request_is
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("file 1:"), r.text
     r = c.post("/predict?pipeline=baseline", content=digit, headers={"content-type": "image/png"})
     assert r.status_code == 200 and r.json()["results"][0]["label"] is not None
+
+
+def test_an_unexpected_failure_in_predict_is_a_logged_500_and_the_next_request_is_fine(make_client, mnist, caplog):
+    """/predict runs straight from its middleware (past the router): an exception the handler
+    does not map still becomes the contract's JSON 500, counted as an error."""
+    c = make_client()
+    runtime = c.app.state.runtime
+    digit = png(mnist.test.x[0])
+    real = runtime.infer
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("secret detail that must not reach the client")
+
+    runtime.infer = broken
+    try:
+        with caplog.at_level("ERROR", logger="shieldserve"):
+            r = c.post("/predict?pipeline=baseline", content=digit, headers={"content-type": "image/png"})
+    finally:
+        runtime.infer = real
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert "secret detail" not in r.text and r.headers.get("x-request-id")
+    assert any("unhandled error on POST /predict" in rec.getMessage() for rec in caplog.records)
+    metrics = c.get("/metrics").text
+    assert 'shieldserve_requests_total{endpoint="predict",outcome="error",pipeline="baseline"} 1.0' in metrics
+    r = c.post("/predict?pipeline=baseline", content=digit, headers={"content-type": "image/png"})
+    assert r.status_code == 200 and r.json()["results"][0]["label"] == int(mnist.test.y[0])
+
+
+def test_process_settings_fastapi_telemetry_and_gil_switch_interval(make_client):
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        c = make_client(gil_switch_interval_ms=2.5)
+        assert sys.getswitchinterval() == pytest.approx(0.0025)
+        telemetry = c.app._telemetry  # FastAPI's native OpenTelemetry: off unless asked for
+        assert not (telemetry["tracing"] or telemetry["metrics"] or telemetry["logs"])
+        c = make_client(fastapi_telemetry=True)
+        assert c.app._telemetry["tracing"] and c.app._telemetry["metrics"]
+        assert c.get("/healthz").status_code == 200
+    finally:
+        sys.setswitchinterval(before)

@@ -191,3 +191,22 @@ def test_app_with_redis_down_answers_503_and_still_predicts(make_client, digit) 
     # nor does POST /certify (the store only caches there)
     r = client.post("/certify?n=500&n0=32", content=body, headers=PNG)
     assert r.status_code == 200 and not r.json()["cached"], r.text
+
+
+def test_the_memory_store_keeps_its_own_copy_of_each_image() -> None:
+    """put_image copies (by numpy for CPU float32 tensors, by torch otherwise): the caller may
+    reuse or change its tensor, and a view of a batch does not keep the batch alive."""
+    import torch
+
+    from service.store import MemoryStore
+
+    store = MemoryStore()
+    batch = torch.rand(3, 1, 28, 28)
+    store.put_image("a", batch[1])
+    store.put_image("b", batch[2].double().requires_grad_())
+    want_a, want_b = batch[1].clone(), batch[2].clone()
+    batch.zero_()
+    a, b = store.get_image("a"), store.get_image("b")
+    assert torch.equal(a, want_a) and a.dtype == torch.float32 and a.is_contiguous()
+    assert a.untyped_storage().nbytes() == 28 * 28 * 4  # its own storage, not the batch's
+    assert torch.allclose(b, want_b) and b.dtype == torch.float32 and not b.requires_grad

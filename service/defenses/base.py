@@ -57,6 +57,22 @@ class RunContext:
             raise DeadlineExceeded("client disconnected")
 
 
+def _trace_for_inference(module: torch.nn.Module, probe: torch.Tensor) -> Any:
+    """TorchScript trace + `torch.jit.freeze` + `torch.jit.optimize_for_inference`."""
+    with torch.no_grad():
+        traced = torch.jit.trace(module, probe[:8], check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+
+def _probe(shape: tuple[int, ...], n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand((n, *shape), generator=g) + 0.5 * torch.randn((n, *shape), generator=g)
+
+
+def _on_cpu(m: torch.nn.Module) -> bool:
+    return all(t.device.type == "cpu" for t in list(m.parameters()) + list(m.buffers()))
+
+
 def optimize_for_cpu(f: Classify, shape: tuple[int, ...], check: int = 64) -> Classify:
     """An inference-only copy of `f` for the CPU: TorchScript trace, `torch.jit.freeze` (weights
     become constants) and `torch.jit.optimize_for_inference` (oneDNN/MKL-DNN convolutions,
@@ -66,14 +82,11 @@ def optimize_for_cpu(f: Classify, shape: tuple[int, ...], check: int = 64) -> Cl
     if not isinstance(f, torch.nn.Module):
         return f
     try:
-        if any(t.device.type != "cpu" for t in list(f.parameters()) + list(f.buffers())):
+        if not _on_cpu(f):
             return f
         f.eval()
-        g = torch.Generator().manual_seed(0)
-        probe = torch.rand((check, *shape), generator=g) + 0.5 * torch.randn((check, *shape), generator=g)
-        with torch.no_grad():
-            traced = torch.jit.trace(f, probe[:8], check_trace=False)
-            fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+        probe = _probe(shape, check)
+        fast = _trace_for_inference(f, probe)
         with torch.inference_mode():
             a, b = f(probe), fast(probe)
             if a.shape != b.shape or not torch.allclose(a, b, atol=1e-3, rtol=1e-3) \
@@ -82,6 +95,53 @@ def optimize_for_cpu(f: Classify, shape: tuple[int, ...], check: int = 64) -> Cl
     except Exception:  # noqa: BLE001 - an untraceable model is simply run as it is
         return f
     return fast
+
+
+class ArgmaxHead(torch.nn.Module):
+    """The default decision as one module: pixels -> (probabilities, confidence, label)."""
+
+    def __init__(self, classifier: torch.nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(self.classifier(x).float(), dim=1)
+        conf, labels = probs.max(dim=1)
+        return probs, conf, labels
+
+
+ArgmaxDecision = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def optimize_argmax_decision(f: Classify, shape: tuple[int, ...], check: int = 64) -> ArgmaxDecision | None:
+    """The argmax decision over `f` (softmax, then the most probable class) compiled with the
+    classifier into one TorchScript function (as `optimize_for_cpu` compiles the classifier).
+
+    Why one function: a batch's decision then crosses from Python into torch once. Every torch
+    call from the inference thread lets go of the GIL and must win it back from the event loop,
+    which holds it for up to `sys.getswitchinterval()` at a time; the five calls of the eager
+    decision (forward, float, softmax, max, zeros_like) cost several such waits per batch under
+    load (docs/operations.md, "The GIL"). None if `f` cannot be traced or the result differs
+    from the eager decision (probabilities within 1e-3, the same labels) on `check` random
+    noisy inputs."""
+    if not isinstance(f, torch.nn.Module):
+        return None
+    try:
+        if not _on_cpu(f):
+            return None
+        f.eval()
+        probe = _probe(shape, check)
+        head = _trace_for_inference(ArgmaxHead(f).eval(), probe)
+        with torch.inference_mode():
+            want = torch.softmax(f(probe).float(), dim=1)
+            probs, conf, labels = head(probe)
+            if probs.shape != want.shape or not torch.allclose(probs, want, atol=1e-3, rtol=1e-3) \
+                    or not torch.equal(labels, want.argmax(1)) \
+                    or not torch.allclose(conf, want.max(1).values, atol=1e-3, rtol=1e-3):
+                return None
+    except Exception:  # noqa: BLE001 - an untraceable model is simply run as it is
+        return None
+    return head
 
 
 @dataclass
@@ -95,6 +155,9 @@ class DefenseEnv:
     # an inference-only copy of `classifier` (TorchScript-frozen on CPU) for no-gradient decisions,
     # or None: the pipelines then decide with `classifier` itself
     inference_classifier: Any = None
+    # the argmax decision over the classifier as one TorchScript call (optimize_argmax_decision),
+    # or None
+    argmax_decision: Any = None
 
 
 @dataclass
