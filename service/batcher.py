@@ -234,9 +234,14 @@ class Batcher:
             offset += j.size
             outcomes.append((j, True, (j.x, part) if j.decode is not None else part))
         self._send(outcomes)
-        if self._on_batch and live:  # metrics, here rather than on the event loop
-            self._on_batch(BatchReport(size=offset, results=results, seed=seed,
-                                       queue_waits=[started - j.enqueued for j in live for _ in range(j.size)]))
+        if self._on_batch and live:  # metrics: on the event loop, which has time to spare when
+            # this thread (the model's) is the bottleneck
+            report = BatchReport(size=offset, results=results, seed=seed,
+                                 queue_waits=[started - j.enqueued for j in live for _ in range(j.size)])
+            try:
+                live[0].loop.call_soon_threadsafe(self._on_batch, report)
+            except RuntimeError:  # the loop is closed: count it here
+                self._on_batch(report)
 
     def _decode_and_run(self, jobs: list[_Job], ctx: RunContext) -> tuple[dict[int, Exception], list[ImageResult]]:
         """Decode the jobs that are not decoded yet, then run the batch."""
