@@ -149,3 +149,14 @@ def test_requests_from_two_event_loops_are_answered_on_their_own_loops() -> None
         t.join(10)
     assert got == {1: [10, 11, 12, 13, 14], 2: [20, 21, 22, 23, 24]}
     asyncio.run(b.close())
+
+
+def test_batches_are_concatenated_exactly_whatever_the_tensors() -> None:
+    from service.batcher import _concatenate
+
+    plain = [torch.rand(2, 1, 3, 3), torch.rand(3, 1, 3, 3)[1:2]]  # a view of a bigger batch
+    strided = [torch.rand(2, 1, 3, 3).transpose(2, 3), torch.rand(1, 1, 3, 3)]  # not contiguous
+    other = [torch.rand(1, 1, 3, 3, dtype=torch.float64), torch.rand(2, 1, 3, 3, dtype=torch.float64)]
+    for xs in (plain, strided, other):
+        got = _concatenate(xs)
+        assert torch.equal(got, torch.cat(xs)) and got.dtype == xs[0].dtype
