@@ -543,7 +543,6 @@ def run_server_phases(bundle: Path, batching: bool, args: argparse.Namespace, wo
             common.log(f"[batching {label}] GET /healthz, {args.ceiling_clients} clients"
                        + (f" (window {rep + 1}/{reps})" if reps > 1 else ""))
             healthz_each.append(drive(server, "healthz", args.ceiling_clients, args, workdir, requests_file))
-            before = server.batch_sizes() or before
             for c in args.clients:
                 if rep and c != 32:
                     continue

@@ -38,10 +38,22 @@ def error_response(path: str, status: int, code: str, message: str,
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def api_error_response(path: str, exc: ApiError) -> JSONResponse:
+    return error_response(path, exc.status, exc.code, exc.message, exc.headers)
+
+
+def internal_error_response(method: str, path: str) -> JSONResponse:
+    """The answer to an exception nothing mapped: logged with its traceback, a 500 without it.
+    Call from an `except` block."""
+    log.exception("unhandled error on %s %s", method, path)
+    return error_response(path, 500, "internal_error",
+                          "the server failed to answer this request; the error is logged")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(request.url.path, exc.status, exc.code, exc.message, exc.headers)
+        return api_error_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -63,6 +75,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request.url.path, 500, "internal_error",
-                              "the server failed to answer this request; the error is logged")
+        return internal_error_response(request.method, request.url.path)

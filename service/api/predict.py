@@ -7,7 +7,6 @@ import functools
 import hashlib
 import math
 import re
-import logging
 import time
 from typing import Any
 
@@ -16,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
-from service.api.errors import ApiError, error_response
+from service.api.errors import ApiError, api_error_response, internal_error_response
 from service.api.multipart import split_multipart
 from service.api.schemas import ErrorBody, ImageResultOut, PredictResponse, RejectionOut, StageOut
 from service.batcher import Overloaded
@@ -25,8 +24,6 @@ from service.imaging import ImageError, check_content_type, decode_batch, png_he
 from service.pipeline import ImageResult
 from service.runtime import Runtime
 from service.store import StoreUnavailable
-
-log = logging.getLogger("shieldserve")
 
 
 class DirectRoute(APIRoute):
@@ -340,9 +337,7 @@ class DirectPredictMiddleware:
         try:
             response = await predict(request)
         except ApiError as exc:
-            response = error_response("/predict", exc.status, exc.code, exc.message, exc.headers)
+            response = api_error_response("/predict", exc)
         except Exception:  # noqa: BLE001 - what the app's handler of last resort answers
-            log.exception("unhandled error on POST /predict")
-            response = error_response("/predict", 500, "internal_error",
-                                      "the server failed to answer this request; the error is logged")
+            response = internal_error_response("POST", "/predict")
         await response(scope, receive, send)

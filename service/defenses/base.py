@@ -73,28 +73,39 @@ def _on_cpu(m: torch.nn.Module) -> bool:
     return all(t.device.type == "cpu" for t in list(m.parameters()) + list(m.buffers()))
 
 
+def _compiled_if_equal(f: Classify, build: Callable[[torch.nn.Module], torch.nn.Module], shape: tuple[int, ...],
+                       check: int, same: Callable[[torch.Tensor, Any], bool]) -> Any | None:
+    """`build(f)` traced, frozen and optimised for inference on the CPU, if `same(f(probe),
+    compiled(probe))` holds on `check` random noisy inputs; None for anything that is not a
+    CPU nn.Module, cannot be traced, or differs."""
+    if not isinstance(f, torch.nn.Module):
+        return None
+    try:
+        if not _on_cpu(f):
+            return None
+        f.eval()
+        probe = _probe(shape, check)
+        fast = _trace_for_inference(build(f).eval(), probe)
+        with torch.inference_mode():
+            if not same(f(probe), fast(probe)):
+                return None
+    except Exception:  # noqa: BLE001 - an untraceable model is simply run as it is
+        return None
+    return fast
+
+
+def _same_logits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, atol=1e-3, rtol=1e-3) and torch.equal(a.argmax(1), b.argmax(1))
+
+
 def optimize_for_cpu(f: Classify, shape: tuple[int, ...], check: int = 64) -> Classify:
     """An inference-only copy of `f` for the CPU: TorchScript trace, `torch.jit.freeze` (weights
     become constants) and `torch.jit.optimize_for_inference` (oneDNN/MKL-DNN convolutions,
     folded ops). The same function up to float rounding: it is used only if its logits match
     f's (atol 1e-3) and its argmax agrees on `check` random noisy inputs; otherwise f itself is
     returned, as it is for anything that is not an nn.Module."""
-    if not isinstance(f, torch.nn.Module):
-        return f
-    try:
-        if not _on_cpu(f):
-            return f
-        f.eval()
-        probe = _probe(shape, check)
-        fast = _trace_for_inference(f, probe)
-        with torch.inference_mode():
-            a, b = f(probe), fast(probe)
-            if a.shape != b.shape or not torch.allclose(a, b, atol=1e-3, rtol=1e-3) \
-                    or not torch.equal(a.argmax(1), b.argmax(1)):
-                return f
-    except Exception:  # noqa: BLE001 - an untraceable model is simply run as it is
-        return f
-    return fast
+    fast = _compiled_if_equal(f, lambda m: m, shape, check, _same_logits)
+    return f if fast is None else fast
 
 
 class ArgmaxHead(torch.nn.Module):
@@ -121,27 +132,17 @@ def optimize_argmax_decision(f: Classify, shape: tuple[int, ...], check: int = 6
     call from the inference thread lets go of the GIL and must win it back from the event loop,
     which holds it for up to `sys.getswitchinterval()` at a time; the five calls of the eager
     decision (forward, float, softmax, max, zeros_like) cost several such waits per batch under
-    load (docs/operations.md, "The GIL"). None if `f` cannot be traced or the result differs
+    load (bench/gil_handoff.py; docs/operations.md, "The serving hot path"). None if `f` cannot be traced or the result differs
     from the eager decision (probabilities within 1e-3, the same labels) on `check` random
     noisy inputs."""
-    if not isinstance(f, torch.nn.Module):
-        return None
-    try:
-        if not _on_cpu(f):
-            return None
-        f.eval()
-        probe = _probe(shape, check)
-        head = _trace_for_inference(ArgmaxHead(f).eval(), probe)
-        with torch.inference_mode():
-            want = torch.softmax(f(probe).float(), dim=1)
-            probs, conf, labels = head(probe)
-            if probs.shape != want.shape or not torch.allclose(probs, want, atol=1e-3, rtol=1e-3) \
-                    or not torch.equal(labels, want.argmax(1)) \
-                    or not torch.allclose(conf, want.max(1).values, atol=1e-3, rtol=1e-3):
-                return None
-    except Exception:  # noqa: BLE001 - an untraceable model is simply run as it is
-        return None
-    return head
+    def same(logits: torch.Tensor, got: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> bool:
+        want = torch.softmax(logits.float(), dim=1)
+        probs, conf, labels = got
+        return probs.shape == want.shape and torch.allclose(probs, want, atol=1e-3, rtol=1e-3) \
+            and torch.equal(labels, want.argmax(1)) \
+            and torch.allclose(conf, want.max(1).values, atol=1e-3, rtol=1e-3)
+
+    return _compiled_if_equal(f, ArgmaxHead, shape, check, same)
 
 
 @dataclass
