@@ -44,7 +44,8 @@ def main() -> int:
     from service.settings import load_settings
 
     started = common.now_iso()
-    rt = Runtime(load_settings(bundle=args.bundle, warmup=False, log_level="warning", gil_switch_interval_ms=0))
+    rt = Runtime(load_settings(bundle=args.bundle, warmup=False, log_level="warning", gil_switch_interval_ms=0,
+                               torch_threads=torch.get_num_threads()))  # torch's default, not the server's auto
     pipe = rt.pipelines["baseline"]
     x = load_dataset("mnist5k").test.x[:args.batch].contiguous()
     ctx = RunContext(device=rt.device, seed=0)

@@ -380,13 +380,17 @@ def measure_classifier(bundle: Path, x_test: Any, seconds: float, max_batch: int
 def measure_model(bundle: Path, x_test: Any, pngs: list[bytes], seconds: float,
                   max_batch: int) -> dict[str, Any]:
     """The classifier, then the baseline pipeline and PNG decoding, in this process."""
+    import torch
+
     from service.defenses.base import RunContext
     from service.imaging import decode_batch
     from service.runtime import Runtime
     from service.settings import load_settings
 
     out = measure_classifier(bundle, x_test, seconds, max_batch)
-    runtime = Runtime(load_settings(bundle=bundle, warmup=False))
+    # torch's default thread count, as for the classifier above (the server's auto leaves a core
+    # to its event loop; here nothing else runs)
+    runtime = Runtime(load_settings(bundle=bundle, warmup=False, torch_threads=torch.get_num_threads()))
     pipe = runtime.pipelines[PIPELINE]
     xb = _batch_of(x_test, max_batch)
     limits = runtime.image_limits
@@ -582,7 +586,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-seconds", type=float, default=None,
                    help="seconds per in-process model measurement (default: min(duration, 3))")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra environment for both servers, e.g. SHIELDSERVE_TORCH_THREADS=1 (repeatable)")
+                   help="extra environment for both servers, e.g. SHIELDSERVE_TORCH_THREADS=2 (repeatable)")
     p.add_argument("--out", help=f"JSON output (default bench/results/{NAME}.json)")
     args = p.parse_args(argv)
     try:

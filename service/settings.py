@@ -107,7 +107,10 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     drain_seconds: float = Field(2.0, ge=0, description="after SIGTERM, answer /readyz 503 this long before closing")
     graceful_timeout_s: float = Field(30.0, ge=0, description="how long in-flight requests may take to finish")
-    torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
+    torch_threads: int = Field(
+        0, ge=0, description="torch's intra-op threads (process-wide); 0: auto, one fewer than torch's default "
+                             "(at least 1) so the event loop keeps a core, or torch's default where OMP_NUM_THREADS "
+                             "is set")
     fastapi_telemetry: bool = Field(
         False, description="FastAPI's native OpenTelemetry instrumentation (spans, metrics and logs through the "
                            "global OpenTelemetry providers); off by default: the service exports Prometheus "

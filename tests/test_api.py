@@ -322,3 +322,28 @@ def test_process_settings_fastapi_telemetry_and_gil_switch_interval(make_client)
         assert c.get("/healthz").status_code == 200
     finally:
         sys.setswitchinterval(before)
+
+
+def test_torch_threads_auto_leaves_the_event_loop_a_core(make_client, monkeypatch):
+    import service.runtime as runtime_module
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("SHIELDSERVE_TORCH_THREADS", raising=False)
+        monkeypatch.setattr(runtime_module, "_TORCH_DEFAULT_THREADS", 3)  # torch found 3 CPUs
+        make_client()
+        assert torch.get_num_threads() == 2
+        make_client()  # a second app in the process takes no further thread away
+        assert torch.get_num_threads() == 2
+        make_client(torch_threads=3)  # a number is taken as it is
+        assert torch.get_num_threads() == 3
+        monkeypatch.setattr(runtime_module, "_TORCH_DEFAULT_THREADS", 1)
+        assert runtime_module.auto_torch_threads() == 1  # never 0
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the operator's choice stands
+        assert runtime_module.auto_torch_threads() is None
+        torch.set_num_threads(3)
+        make_client()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
