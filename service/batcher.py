@@ -170,9 +170,9 @@ class Batcher:
 
     # ------------------------------------------------------------------ the batch thread
     def _work(self) -> None:
+        idle = True  # no batch has run yet; after one: nothing was queued when it finished
         while True:
             with self._cond:
-                idle = False  # nothing was queued when the last batch finished
                 while not self._queue and not self._closed:
                     idle = True
                     self._cond.wait()
@@ -192,6 +192,7 @@ class Batcher:
                     if self._closed:
                         return
                 jobs, expired, depth = self._take()
+            idle = False
             self._queue_changed(depth)
             if expired:
                 self._send([(j, False, DeadlineExceeded("deadline passed while queued")) for j in expired])
