@@ -11,6 +11,10 @@ import torch
 
 os.environ.setdefault("SHIELDSERVE_PROGRESS", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Apps built in this process keep that count (the service's auto would take one thread away,
+# process-wide, and what the tests train after the first app would differ in the last digit
+# from what they trained before it); test_api checks the auto rule itself.
+os.environ.setdefault("SHIELDSERVE_TORCH_THREADS", str(torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO / "models" / "default"
