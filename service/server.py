@@ -51,8 +51,10 @@ def serve(settings: Settings, config_file: str | None = None) -> None:
     from service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.json_logs)
+    # access_log=False: the app writes its own access log (RequestIdMiddleware); uvicorn's, even
+    # disabled, formatted each request's client address and quoted path before dropping it
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
-                  timeout_graceful_shutdown=int(settings.graceful_timeout_s))
+                  access_log=False, timeout_graceful_shutdown=int(settings.graceful_timeout_s))
     if settings.workers > 1:
         _prepare_multiprocess()
         # each worker builds its own app from the same settings, passed through the environment
