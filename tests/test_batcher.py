@@ -187,6 +187,10 @@ def test_batches_are_concatenated_exactly_whatever_the_tensors() -> None:
     plain = [torch.rand(2, 1, 3, 3), torch.rand(3, 1, 3, 3)[1:2]]  # a view of a bigger batch
     strided = [torch.rand(2, 1, 3, 3).transpose(2, 3), torch.rand(1, 1, 3, 3)]  # not contiguous
     other = [torch.rand(1, 1, 3, 3, dtype=torch.float64), torch.rand(2, 1, 3, 3, dtype=torch.float64)]
-    for xs in (plain, strided, other):
+    empty = [torch.rand(0, 1, 3, 3), torch.rand(2, 1, 3, 3)]
+    for xs in (plain, strided, other, empty):
         got = _concatenate(xs)
         assert torch.equal(got, torch.cat(xs)) and got.dtype == xs[0].dtype
+        before = [t.clone() for t in xs]
+        got.add_(1)  # a batch of its own: writable, sharing no memory with the requests' tensors
+        assert all(torch.equal(a, b) for a, b in zip(xs, before))
