@@ -6,7 +6,9 @@ Runs the baseline pipeline's decision on a batch of real test digits in a worker
 the server's batch thread does, three ways: `Pipeline.run` with the eager argmax decision
 (classifier, float, softmax, max, zeros_like: five torch calls), the TorchScript-optimised
 classifier followed by the same torch calls, and the decision compiled into one TorchScript
-call (`optimize_argmax_decision`, what the server runs since 0.5.0). Each is timed alone and
+call (`optimize_argmax_decision`, what the server runs since 0.5.0); and the step before it,
+joining the requests' digits into one batch, with numpy (0.5.0) and with bytearray.join (0.6.0,
+service/batcher.py: numpy's copy loops let go of the GIL too). Each is timed alone and
 while another thread spins in pure Python (an event loop that never waits, the worst case),
 at Python's default switch interval (5 ms) and at the server's (`gil_switch_interval_ms`,
 1 ms). Every torch call lets go of the GIL; getting it back waits until the spinning thread
@@ -39,6 +41,9 @@ def main() -> int:
     import torch
 
     from models.datasets import load_dataset
+    import numpy as np
+
+    from service.batcher import _concatenate
     from service.defenses.base import ArgmaxDecider, RunContext
     from service.runtime import Runtime
     from service.settings import load_settings
@@ -50,6 +55,7 @@ def main() -> int:
     x = load_dataset("mnist5k").test.x[:args.batch].contiguous()
     ctx = RunContext(device=rt.device, seed=0)
     decider = ArgmaxDecider()
+    singles = [t[None].clone() for t in x]  # one tensor per request, as the batcher gets them
     fast, fused = rt.inference_classifier, rt.argmax_decision
     if fast is None or fused is None:
         raise SystemExit("this bundle's classifier could not be optimised; nothing to compare")
@@ -62,6 +68,11 @@ def main() -> int:
             lambda: decider.decide(x, fast, ctx),
         "one compiled call (0.5.0)":
             lambda: fused(x),
+        # the step before it: one batch from the requests' own (1, C, H, W) tensors
+        "join the requests' digits into a batch: np.concatenate (0.5.0)":
+            lambda: torch.from_numpy(np.concatenate([t.numpy() for t in singles])),
+        "join the requests' digits into a batch: bytearray.join (0.6.0)":
+            lambda: _concatenate(singles),
     }
 
     def spin(stop: list[bool]) -> None:
