@@ -45,7 +45,9 @@ class BatchingConfig(BaseModel):
     max_batch_size: int = Field(64, gt=0, description="images per merged batch")
     # 0: an idle pipeline runs a request at once; requests that arrive while a batch runs
     # still merge into the next one. A delay > 0 trades single-client latency for batch size.
-    max_delay_ms: float = Field(0.0, ge=0, description="how long the first request waits for company")
+    max_delay_ms: float = Field(
+        0.0, ge=0, description="how long the first request to reach an idle batcher waits for company; "
+                               "requests queued behind a running batch go at once")
     max_queue: int = Field(1024, gt=0, description="queued images per pipeline before 503 overloaded")
     retry_after_s: int = Field(1, ge=0)
 

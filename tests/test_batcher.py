@@ -50,8 +50,8 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answers() -> No
 
 def test_max_delay_holds_the_first_request_of_an_idle_batcher_not_those_queued_behind_a_batch() -> None:
     """Waiting for company is for a batcher that was idle; requests that queued while a batch ran
-    have waited already and go at once (holding them for a batch that cannot fill cost 40% of the
-    throughput at 32 clients with max_delay_ms 5)."""
+    have waited already and go at once (holding them too cost ~5% of the throughput at 32
+    clients with max_delay_ms 2)."""
     sizes: list[int] = []
 
     def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
