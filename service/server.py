@@ -61,6 +61,7 @@ def serve(settings: Settings, config_file: str | None = None) -> None:
         if config_file:
             os.environ["SHIELDSERVE_CONFIG"] = str(config_file)
         os.environ["SHIELDSERVE_BUNDLE"] = str(settings.bundle)
+        os.environ["SHIELDSERVE_WORKERS"] = str(settings.workers)  # auto torch_threads shares the CPUs
         uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
         return
     from service.app import create_app

@@ -111,8 +111,8 @@ class Settings(BaseSettings):
     graceful_timeout_s: float = Field(30.0, ge=0, description="how long in-flight requests may take to finish")
     torch_threads: int = Field(
         0, ge=0, description="torch's intra-op threads (process-wide); 0: auto, one fewer than torch's default "
-                             "(at least 1) so the event loop keeps a core, or torch's default where OMP_NUM_THREADS "
-                             "is set")
+                             "shared among the workers (at least 1) so each event loop keeps a core, or torch's "
+                             "default where OMP_NUM_THREADS is set")
     fastapi_telemetry: bool = Field(
         False, description="FastAPI's native OpenTelemetry instrumentation (spans, metrics and logs through the "
                            "global OpenTelemetry providers); off by default: the service exports Prometheus "

@@ -338,8 +338,11 @@ def test_torch_threads_auto_leaves_the_event_loop_a_core(make_client, monkeypatc
         assert torch.get_num_threads() == 2
         make_client(torch_threads=3)  # a number is taken as it is
         assert torch.get_num_threads() == 3
+        monkeypatch.setattr(runtime_module, "_TORCH_DEFAULT_THREADS", 8)
+        assert runtime_module.auto_torch_threads(workers=2) == 3  # 2 x (3 threads + a loop) = 8
         monkeypatch.setattr(runtime_module, "_TORCH_DEFAULT_THREADS", 1)
         assert runtime_module.auto_torch_threads() == 1  # never 0
+        assert runtime_module.auto_torch_threads(workers=4) == 1
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the operator's choice stands
         assert runtime_module.auto_torch_threads() is None
         torch.set_num_threads(3)
