@@ -44,8 +44,14 @@ class InflightMiddleware:
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
                store: Store | None = None) -> FastAPI:
     """Build the app. Without arguments, settings come from SHIELDSERVE_CONFIG and the
-    environment (how `--workers N` and Ray build one app per process)."""
-    settings = settings or load_settings()
+    environment (how each of `--workers N`'s processes builds its app), and logging is set up
+    as `shieldserve serve` sets it up: a worker is a fresh process, and without it the access
+    log and every other info line of the workers were lost."""
+    if settings is None:
+        settings = load_settings()
+        from service.logs import configure_logging
+
+        configure_logging(settings.log_level, settings.json_logs)
     runtime = runtime or Runtime(settings)
     c = settings.certify  # recently posted images and their certificates, for GET /certify
     if store is None and c.store == "redis":

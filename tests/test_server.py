@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -61,9 +62,9 @@ def _count(text: str, prefix: str) -> float:
 
 
 @pytest.mark.slow
-def test_two_workers_report_the_sum_of_their_metrics(quick_bundle, mnist):
+def test_two_workers_report_the_sum_of_their_metrics_and_log_like_one_server(quick_bundle, mnist):
     port = _free_port()
-    proc = _start(quick_bundle, port, "--workers", "2")
+    proc = _start(quick_bundle, port, "--workers", "2", SHIELDSERVE_LOG_LEVEL="info")
     try:
         _wait_ready(port, proc)
         time.sleep(2)  # the second worker may still be warming up
@@ -83,6 +84,11 @@ def test_two_workers_report_the_sum_of_their_metrics(quick_bundle, mnist):
             assert _count(text, prefix) == n
     finally:
         _stop(proc)
+    # the workers log as the single-process server does: JSON lines, one access line a request
+    lines = [json.loads(line) for line in proc.stdout.read().decode().splitlines() if line.startswith("{")]
+    access = [r for r in lines if r.get("logger") == "shieldserve.access" and r.get("path") == "/predict"]
+    assert len(access) == n and {r["status"] for r in access} == {200}
+    assert sum("loaded in" in r.get("message", "") for r in lines) == 2  # each worker's bundle
 
 
 @pytest.mark.slow
