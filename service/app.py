@@ -16,6 +16,7 @@ import service
 from service.api import admin, certify, info, predict
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from service.logs import configure_logging
 from service.metrics import multiprocess_dir
 from service.runtime import Runtime
 from service.settings import Settings, load_settings
@@ -49,8 +50,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
     log and every other info line of the workers were lost."""
     if settings is None:
         settings = load_settings()
-        from service.logs import configure_logging
-
         configure_logging(settings.log_level, settings.json_logs)
     runtime = runtime or Runtime(settings)
     c = settings.certify  # recently posted images and their certificates, for GET /certify

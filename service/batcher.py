@@ -18,6 +18,7 @@ the loop, the model stood idle ~20% of the time at 32 clients; docs/operations.m
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import threading
@@ -83,14 +84,17 @@ def _concatenate(xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(xs)
 
 
-def _settle(outcomes: list[tuple[asyncio.Future, bool, Any]]) -> None:
-    """On the event loop: resolve each (future, ok, value) whose request still waits."""
+def _settle(outcomes: list[tuple[asyncio.Future, bool, Any]], then: Callable[[], None] | None = None) -> None:
+    """On the event loop: resolve each (future, ok, value) whose request still waits, then run
+    `then` (the batch's metrics) before the waiting requests resume."""
     for future, ok, value in outcomes:
         if not future.done():
             if ok:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+    if then is not None:
+        then()
 
 
 class Batcher:
@@ -218,7 +222,7 @@ class Batcher:
             if job.future.done():  # cancelled while queued
                 continue
             fits = total + job.size <= self.max_batch_size or not jobs
-            if first is not None and job.options_key == first.options_key and fits and (self.enabled or not jobs):
+            if job.options_key == first.options_key and fits and (self.enabled or not jobs):  # type: ignore[union-attr]
                 jobs.append(job)
                 total += job.size
             else:
@@ -230,16 +234,21 @@ class Batcher:
         expired = [j for j in jobs if j.deadline is not None and now > j.deadline]
         return live, expired, self._queued_images
 
-    def _send(self, outcomes: list[tuple[_Job, bool, Any]]) -> None:
-        """Hand results to the event loop(s) the requests wait on: one call per loop."""
+    def _send(self, outcomes: list[tuple[_Job, bool, Any]], then: Callable[[], None] | None = None) -> None:
+        """Hand results to the event loop(s) the requests wait on: one call per loop, which on the
+        first loop also runs `then` (the batch's metrics: there, not in this thread, the model's
+        and under load the bottleneck); `then` runs here if no loop takes it."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool, Any]]] = {}
         for job, ok, value in outcomes:
             by_loop.setdefault(job.loop, []).append((job.future, ok, value))
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_settle, items)
+                loop.call_soon_threadsafe(_settle, items, then)
+                then = None
             except RuntimeError:  # that loop is closed: no one is waiting any more
                 pass
+        if then is not None:
+            then()
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
         deadlines = [j.deadline for j in jobs]
@@ -266,15 +275,12 @@ class Batcher:
             part = results[offset:offset + j.size]
             offset += j.size
             outcomes.append((j, True, (j.x, part) if j.decode is not None else part))
-        self._send(outcomes)
-        if self._on_batch and live:  # metrics: on the event loop, which has time to spare when
-            # this thread (the model's) is the bottleneck
+        then = None
+        if self._on_batch and live:
             report = BatchReport(size=offset, results=results, seed=seed,
                                  queue_waits=[started - j.enqueued for j in live for _ in range(j.size)])
-            try:
-                live[0].loop.call_soon_threadsafe(self._on_batch, report)
-            except RuntimeError:  # the loop is closed: count it here
-                self._on_batch(report)
+            then = functools.partial(self._on_batch, report)
+        self._send(outcomes, then)
 
     def _decode_and_run(self, jobs: list[_Job], ctx: RunContext) -> tuple[dict[int, Exception], list[ImageResult]]:
         """Decode the jobs that are not decoded yet, then run the batch."""

@@ -34,11 +34,11 @@ _TORCH_DEFAULT_THREADS: int | None = None
 def auto_torch_threads(workers: int = 1) -> int | None:
     """torch's intra-op threads when `torch_threads` is 0: one fewer than torch's own default
     (the CPUs it found) shared among the `workers` processes, at least 1, so each worker's event
-    loop keeps a core to itself. With torch's
-    default of 2 on a 2-CPU machine its second thread and the loop took turns on one core:
-    /predict at 32 clients ~10% slower (docs/operations.md). None (torch's default stands)
-    where OMP_NUM_THREADS is set: the operator chose. Process-wide, like torch_threads; the
-    default is read once, so building a second Runtime does not take another thread away."""
+    loop keeps a core to itself. With torch's default of 2 on a 2-CPU machine its second thread
+    and the loop took turns on one core: /predict at 32 clients ~10% slower (docs/operations.md).
+    None (torch's default stands) where OMP_NUM_THREADS is set: the operator chose. Process-wide,
+    like torch_threads; the default is read once, so building a second Runtime does not take
+    another thread away."""
     global _TORCH_DEFAULT_THREADS
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return None
