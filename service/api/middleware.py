@@ -11,7 +11,7 @@ import secrets
 import time
 from typing import Any
 
-from service.api.errors import is_oip
+from service.api.errors import internal_error_response, is_oip
 from service.logs import request_id_var
 
 access_log = logging.getLogger("shieldserve.access")
@@ -156,16 +156,24 @@ class RequestIdMiddleware:
         started = time.perf_counter()
         status = 500
 
+        started_response = False
+
         async def send_with_id(message: dict) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if started_response:
+                raise
+            # answered here, inside this middleware, so the 500 carries the request id too
+            # (Starlette's last-resort handler sits outside every middleware)
+            await internal_error_response(scope["method"], scope["path"])(scope, receive, send_with_id)
         finally:
             if scope["state"].get("client_closed"):
                 status = 499  # nginx's code for "the client closed the connection"
