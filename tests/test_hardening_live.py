@@ -107,3 +107,59 @@ def test_client_disconnect_stops_certification(server, mnist):
     closed = 'shieldserve_requests_total{endpoint="certify",outcome="client_closed",pipeline="smoothing"}'
     assert _metric(url, closed) == 1
     assert _metric(url, "shieldserve_inflight_requests") == 0
+
+
+_LOAD = r"""
+import sys, threading, time, httpx
+url, path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+data = open(path, "rb").read()
+counts, lock = {}, threading.Lock()
+def client():
+    with httpx.Client(timeout=30) as c:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            r = c.post(url + "/predict", content=data, headers={"content-type": "image/png"})
+            with lock:
+                counts[r.status_code] = counts.get(r.status_code, 0) + 1
+threads = [threading.Thread(target=client) for _ in range(8)]
+print("go", flush=True)
+for t in threads: t.start()
+for t in threads: t.join()
+print(counts, flush=True)
+"""
+
+
+def test_healthz_stays_fast_while_8_clients_post_inflating_pngs(server, tmp_path):
+    """Finding 1 of issue 17: 8 clients post the 63 KB, 27x27 PNG whose 60 zTXt chunks inflate
+    to 1 MiB each; /healthz, timed meanwhile, keeps a p95 under 50 ms (0.6.0: 680-920 ms). The
+    clients run in another process, so their own Python does not compete with the server's."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.test_imaging import inflating_png
+
+    url, _ = server
+    image = tmp_path / "inflating.png"
+    image.write_bytes(inflating_png())
+    load = subprocess.Popen([sys.executable, "-c", _LOAD, url, str(image), "4"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert load.stdout.readline().strip() == "go"
+        time.sleep(0.5)  # the clients are at it
+        latencies = []
+        with httpx.Client(timeout=10) as c:
+            end = time.monotonic() + 2.5
+            while time.monotonic() < end:
+                started = time.perf_counter()
+                assert c.get(f"{url}/healthz").status_code == 200
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.01)
+        counts = load.communicate(timeout=60)[0].strip()  # "{400: N}": the clients' answers
+    finally:
+        load.kill()
+    p95 = sorted(latencies)[int(0.95 * len(latencies))]
+    print(f"/healthz p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, "
+          f"max {max(latencies) * 1000:.1f} ms over {len(latencies)} probes; clients' answers in 4 s: {counts}")
+    assert "400" in counts and "500" not in counts, counts
+    assert p95 <= 0.050, f"/healthz p95 {p95 * 1000:.1f} ms over {len(latencies)} probes; clients: {counts}"
