@@ -261,29 +261,41 @@ def test_pipeline_query_is_fastapis(client, digit):
 
 
 # ------------------------------------------------------------------ fuzzing the HTTP edge
-_HEADER_LINES = st.sampled_from([
-    b'Content-Disposition: form-data; name="file"; filename="a.png"', b'Content-Disposition: form-data; name="file"',
-    b'Content-Disposition: form-data; name="note"', b"Content-Disposition: form-data", b"Content-Disposition: attachment",
-    b"Content-Type: image/png", b"Content-Type: image/gif", b"Content-Type: text/plain", b"Content-Type:",
-    b"X-Odd: 1", b"no colon here", b"", b'Content-Disposition: form-data; name="file"; filename*=UTF-8\'\'%e2.png',
-])
+_FILE = b'Content-Disposition: form-data; name="file"; filename="a.png"'
+_DISPOSITIONS = st.sampled_from([
+    _FILE, _FILE, _FILE, b'Content-Disposition: form-data; name="file"', b'Content-Disposition: form-data; name="note"',
+    b"Content-Disposition: form-data", b"Content-Disposition: attachment", b"",
+    b"Content-Disposition: form-data; name=file; filename=a.png",
+    b'Content-Disposition: form-data; name="file"; filename*=UTF-8\'\'%e2.png',
+    b'Content-Disposition: form-data; name="file"; filename="' + b"x" * 300 + b'"'])
+_OTHER_LINES = st.sampled_from([
+    b"Content-Type: image/png", b"Content-Type: image/png", b"Content-Type: image/gif", b"Content-Type: text/plain",
+    b"Content-Type:", b"Content-Type: image/png; charset=utf-8", b"X-Odd: 1", b"no colon here",
+    b"Content-Transfer-Encoding: base64", b"Content-Type: image/png\x00", b" folded: line"])
 
 
 @st.composite
 def multipart_bodies(draw: st.DrawFn, image: bytes) -> tuple[bytes, str]:
-    boundary = draw(st.sampled_from([B, "", "a" * 80, "b;c", '"quoted"', B + "\r\n"]))
-    eol = draw(st.sampled_from([b"\r\n", b"\n", b"\r"]))
-    out = draw(st.sampled_from([b"", b"preamble\r\n", b"\r\n"]))
+    """Mostly well-formed /predict bodies with one thing or a few wrong: odd boundaries, line
+    breaks, dispositions, repeated or odd part headers, truncated or boundary-like data, a
+    missing or broken closing line, junk before or instead of the start."""
+    boundary = draw(st.sampled_from([B] * 6 + ["a" * 70, "b;c", '"quoted"', "x" * 200]))
+    eol = draw(st.sampled_from([b"\r\n"] * 6 + [b"\n", b"\r"]))
+    out = draw(st.sampled_from([b""] * 6 + [b"preamble\r\n", b"\r\n"]))
     for _ in range(draw(st.integers(0, 4))):
-        lines = draw(st.lists(_HEADER_LINES, max_size=4))
-        data = draw(st.sampled_from([image, image[:40], b"", b"--" + boundary.encode(), b"\xff\xd8\xff junk"]))
+        lines = [draw(_DISPOSITIONS)] + draw(st.lists(_OTHER_LINES, max_size=3))
+        lines = draw(st.permutations(lines)) if draw(st.integers(0, 3)) == 0 else lines
+        data = draw(st.sampled_from([image, image, image[:40], b"", b"--" + boundary.encode(),
+                                     b"\r\n--" + boundary.encode() + b"\r\n", b"\xff\xd8\xff junk"]))
         out += b"--" + boundary.encode() + eol + eol.join(lines) + eol + eol + data + eol
-    out += draw(st.sampled_from([b"--" + boundary.encode() + b"--" + eol, b"", b"--" + boundary.encode(), b"--"]))
-    if draw(st.booleans()):
+    out += draw(st.sampled_from([b"--" + boundary.encode() + b"--" + eol] * 8
+                                + [b"", b"--" + boundary.encode(), b"--", b"--" + boundary.encode() + b"--junk"]))
+    if draw(st.integers(0, 9)) == 0:
         out = draw(st.binary(max_size=64)) + out[draw(st.integers(0, len(out))):]
-    ctype = draw(st.sampled_from([f"multipart/form-data; boundary={boundary}", "multipart/form-data",
-                                  f"multipart/form-data; boundary={boundary}; charset=utf-8",
-                                  f'multipart/form-data; boundary="{boundary}"', "multipart/form-data; boundary="]))
+    ctype = draw(st.sampled_from([f"multipart/form-data; boundary={boundary}"] * 4 + [
+        "multipart/form-data", f"multipart/form-data; boundary={boundary}; charset=utf-8",
+        f'multipart/form-data; boundary="{boundary}"', "multipart/form-data; boundary=",
+        f"multipart/mixed; boundary={boundary}", f"Multipart/Form-Data; BOUNDARY={boundary}"]))
     return out, ctype
 
 

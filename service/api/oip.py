@@ -28,8 +28,8 @@ up to the body limit: 413 past it).
 The request body is read raw (the binary extension appends tensor bytes to the JSON), then,
 in a worker thread, inflated, split, and its JSON part validated by pydantic
 (`InferRequest.model_validate_json`: its parser bounds nesting depth, so a body nested
-thousands deep is a 400, not a RecursionError). Admission, the tensor's decode (in a worker
-thread), the batch and the pipeline follow as for /predict (service/api/predict.py).
+thousands deep is a 400, not a RecursionError). The tensor is decoded in the same worker-thread
+call; admission, the batch and the pipeline follow as for /predict (service/api/predict.py).
 
 Errors are `{"error": "<message>"}`: 400 for a malformed request, 404 for an unknown model or
 version, 413 for more images than `limits.max_images_per_request` (or a body over
@@ -54,7 +54,7 @@ from starlette.concurrency import run_in_threadpool
 
 import service
 from service.api.errors import ApiError
-from service.api.predict import Deadline, classify, outcome_of, request_deadline, tracked
+from service.api.predict import Deadline, infer_decoded, outcome_of, request_deadline, tracked
 from service.api.render import render
 from service.pipeline import ImageResult
 from service.runtime import Runtime
@@ -553,13 +553,16 @@ async def _infer(request: Request, model: str, version: str | None, encoding: st
         body = await request.body()
         limit = rt.settings.limits.max_body_bytes
 
-        def parse() -> tuple[InferRequest, bytes, list[tuple[str, bool, int]], int]:
+        def decode() -> tuple[InferRequest, list[tuple[str, bool, int]], torch.Tensor]:
             header, tail = _split_body(_decompress(body, encoding or "", limit), header_length)
             req = _parse_request(header)
-            return req, tail, _plan_outputs(req, rt), _input_batch(req, rt)
+            return req, _plan_outputs(req, rt), _decode_input(req, tail, rt)
 
-        req, tail, plan, images = await run_in_threadpool(parse)
-        _, results = await classify(rt, model, images, lambda: _decode_input(req, tail, rt), deadline)
+        # One worker-thread call inflates, parses and decodes: how many images the body holds
+        # (what admission weighs) is known only once it is parsed, and a second thread hop
+        # per request cost /v2 a third of its throughput (bench/edge_ab.py).
+        req, plan, x = await run_in_threadpool(decode)
+        results = await infer_decoded(rt, model, x, deadline)
         t.outcome = outcome_of(results)
         return _render(req, plan, results, rt, model, request.state.request_id)
 

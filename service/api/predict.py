@@ -1,13 +1,16 @@
 """POST /predict: one or many images through a named pipeline.
 
-An image's way through the service, the same for /predict and /v2 (and POST /certify up to
-the pipeline, which it runs itself):
+An image's way through the service:
 
     route (here: the body read by Starlette's own multipart parser, count and types checked)
     -> admission (Runtime.classify: refused at once with 503 when over budget)
     -> decode (Pillow, in a worker thread, bounded by ImageLimits)
     -> batch (the pipeline's batcher) -> pipeline
     -> response (service/api/render.py, the one renderer every route shares).
+
+/v2 takes the same way, except that its tensor is decoded in the worker-thread call that
+parses its body (the image count admission weighs is known only then), before admission;
+POST /certify decodes the same way and runs its certification itself, unbatched.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import asyncio
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -35,6 +38,7 @@ from service.runtime import Runtime
 from service.store import StoreUnavailable
 
 router = APIRouter(tags=["predict"])
+T = TypeVar("T")
 
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 503, 504)}
 # multipart text fields a /predict body may carry besides its files (Starlette's max_fields)
@@ -171,15 +175,28 @@ async def decode_uploads(items: list[Upload], runtime: Runtime) -> torch.Tensor:
 async def classify(runtime: Runtime, pipeline: str, images: int, decode: Callable[[], torch.Tensor],
                    deadline: Deadline, options: dict[str, Any] | None = None,
                    ) -> tuple[torch.Tensor, list[ImageResult]]:
-    """Admission, decode, batch and pipeline (Runtime.classify) within the deadline, with
-    overload and deadline mapped to the contract's errors. Waiting out the deadline cancels
-    the request's job: a batch whose every request is gone stops at its next ctx.check()."""
+    """Admission, decode, batch and pipeline (Runtime.classify) within the deadline."""
+    return await _within(deadline, runtime.classify(pipeline, images, decode, deadline=deadline.at, options=options))
+
+
+async def infer_decoded(runtime: Runtime, pipeline: str, x: torch.Tensor, deadline: Deadline,
+                        options: dict[str, Any] | None = None) -> list[ImageResult]:
+    """Admission, batch and pipeline (Runtime.infer) for images decoded already (/v2 decodes
+    its tensor in the worker-thread call that parses the body)."""
+    return await _within(deadline, runtime.infer(pipeline, x, deadline=deadline.at, options=options))
+
+
+async def _within(deadline: Deadline, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work` until the deadline, with overload and deadline mapped to the contract's
+    errors. Waiting out the deadline cancels the request's job: a batch whose every request
+    is gone stops at its next ctx.check()."""
     remaining = deadline.remaining()
     if remaining <= 0:
+        work.close()
         raise deadline.error()
     try:
         async with asyncio.timeout(remaining):
-            return await runtime.classify(pipeline, images, decode, deadline=deadline.at, options=options)
+            return await work
     except Overloaded as exc:
         raise overloaded_error(exc) from None
     except (DeadlineExceeded, asyncio.TimeoutError):
