@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 import torch
 from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from service.api.errors import ApiError, is_oip
 from service.api.render import render
@@ -118,8 +120,8 @@ async def read_images(request: Request, runtime: Runtime) -> list[Upload]:
         max_files = runtime.settings.limits.max_images_per_request + 1  # one more: the 413 says how many
         try:
             form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
-        except Exception as exc:  # noqa: BLE001 - Starlette's HTTPException(400), python-multipart's errors
-            detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        except (HTTPException, MultiPartException, ValueError) as exc:  # python-multipart's are ValueErrors
+            detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc) or type(exc).__name__
             raise ApiError(400, "invalid_image", f"could not read the multipart body: {detail}") from None
         try:
             items = []
