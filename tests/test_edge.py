@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-import struct
 import zlib
 
 import numpy as np
