@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 
 import service
-from service.api import admin, certify, info, predict
+from service.api import admin, certify, info, oip, predict
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from service.logs import configure_logging
@@ -86,18 +86,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
     app.state.store = store
     app.state.draining = False
     install_error_handlers(app)
-    # /predict's routes sit on the app's own router: include_router would wrap them in an
-    # included router that FastAPI matches twice per request (the hot path of issue 2)
-    app.router.routes.extend(predict.router.routes)
-    app.include_router(certify.router)
-    app.include_router(info.router)
-    app.include_router(admin.router)
-    from service.api import oip
-
-    app.include_router(oip.router)
+    for api in (predict, certify, info, admin, oip):
+        app.include_router(api.router)
     # outermost first: request id, CORS (only when origins are configured), in-flight count,
     # then the body limit and disconnect watch
-    app.add_middleware(predict.DirectPredictMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(InflightMiddleware, runtime=runtime)
     if settings.cors_origins:  # off by default: no CORS header at all unless origins are named

@@ -45,19 +45,17 @@ class Overloaded(Exception):
 
 @dataclass
 class _Job:
-    x: torch.Tensor | None  # None until `decode` has run (in the batch thread)
+    x: torch.Tensor
     options_key: str
     options: dict[str, Any]
     deadline: float | None
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.monotonic)
-    decode: Callable[[], torch.Tensor] | None = None
-    images: int = 0
 
     @property
     def size(self) -> int:
-        return int(self.x.shape[0]) if self.x is not None else self.images
+        return int(self.x.shape[0])
 
 
 @dataclass
@@ -126,23 +124,11 @@ class Batcher:
 
     async def submit(self, x: torch.Tensor, *, deadline: float | None = None,
                      options: dict[str, Any] | None = None) -> list[ImageResult]:
-        return await self._submit(x, None, int(x.shape[0]), deadline, options)
-
-    async def submit_encoded(self, decode: Callable[[], torch.Tensor], images: int, *,
-                             deadline: float | None = None, options: dict[str, Any] | None = None,
-                             ) -> tuple[torch.Tensor, list[ImageResult]]:
-        """Like submit, for `images` images not decoded yet: `decode()` runs in the batch
-        thread, with the other jobs' decodes and the pipeline (no thread hop per request). Its
-        exception (an ImageError, say) fails this job alone. Returns the decoded batch with the
-        results."""
-        return await self._submit(None, decode, images, deadline, options)
-
-    async def _submit(self, x: torch.Tensor | None, decode: Callable[[], torch.Tensor] | None, images: int,
-                      deadline: float | None, options: dict[str, Any] | None) -> Any:
+        images = int(x.shape[0])
         loop = asyncio.get_running_loop()
         options = options or {}
         key = json.dumps(options, sort_keys=True, default=str) if options else "{}"  # jobs batch by options
-        job = _Job(x, key, options, deadline, loop.create_future(), loop, decode=decode, images=images)
+        job = _Job(x, key, options, deadline, loop.create_future(), loop)
         with self._cond:
             if self._closed:
                 raise Overloaded("the service is shutting down", self.retry_after_s)
@@ -259,47 +245,28 @@ class Batcher:
                          options=dict(jobs[0].options))
         started = time.monotonic()
         try:
-            failed, results = self._decode_and_run(jobs, ctx)
+            # as few torch calls as can be: each one from this thread may wait for the GIL (see
+            # service/defenses/base.py, optimize_argmax_decision)
+            x = jobs[0].x if len(jobs) == 1 else _concatenate([j.x for j in jobs])
+            if x.device != self._device:
+                x = x.to(self._device)
+            results = self._run(x, ctx)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request
             self._send([(j, False, exc) for j in jobs])
             return
         except BaseException as exc:  # noqa: BLE001 - never kill the batch thread
             self._send([(j, False, RuntimeError(str(exc) or type(exc).__name__)) for j in jobs])
             return
-        offset, live, outcomes = 0, [], []
-        for i, j in enumerate(jobs):
-            if i in failed:
-                outcomes.append((j, False, failed[i]))
-                continue
-            live.append(j)
-            part = results[offset:offset + j.size]
+        offset, outcomes = 0, []
+        for j in jobs:
+            outcomes.append((j, True, results[offset:offset + j.size]))
             offset += j.size
-            outcomes.append((j, True, (j.x, part) if j.decode is not None else part))
         then = None
-        if self._on_batch and live:
+        if self._on_batch:
             report = BatchReport(size=offset, results=results, seed=seed,
-                                 queue_waits=[started - j.enqueued for j in live for _ in range(j.size)])
+                                 queue_waits=[started - j.enqueued for j in jobs for _ in range(j.size)])
             then = functools.partial(self._on_batch, report)
         self._send(outcomes, then)
-
-    def _decode_and_run(self, jobs: list[_Job], ctx: RunContext) -> tuple[dict[int, Exception], list[ImageResult]]:
-        """Decode the jobs that are not decoded yet, then run the batch."""
-        failed: dict[int, Exception] = {}
-        for i, j in enumerate(jobs):
-            if j.decode is not None and j.x is None:
-                try:
-                    j.x = j.decode()
-                except Exception as exc:  # noqa: BLE001 - this job's answer (an ImageError: 4xx)
-                    failed[i] = exc
-        live = [j for i, j in enumerate(jobs) if i not in failed]
-        if not live:
-            return failed, []
-        # as few torch calls as can be: each one from this thread may wait for the GIL (see
-        # service/defenses/base.py, optimize_argmax_decision)
-        x = live[0].x if len(live) == 1 else _concatenate([j.x for j in live])  # type: ignore[misc]
-        if x.device != self._device:  # type: ignore[union-attr]
-            x = x.to(self._device)  # type: ignore[union-attr]
-        return failed, self._run(x, ctx)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         """Stop taking work: queued requests get Overloaded; a running batch finishes."""

@@ -22,7 +22,11 @@ Safety, in the order the checks run
     4. Multi-frame images (animated GIF, APNG, WebP, multi-page TIFF) are 400 unless
        ``ImageLimits.allow_animated``, in which case frame 0 is used. (A JPEG "MPO" file, the
        stereo/preview container some cameras write, is a JPEG whose first frame is used.)
-    5. Decoding (``load()``) runs inside a handler that turns every decoder failure -
+    5. A PNG's compressed text and ICC chunks inflate to at most 64 KiB each and 256 KiB of
+       text in all (Pillow's ``PngImagePlugin`` limits, lowered at import; see below); past
+       them the file is 400 ``invalid_image``; so is a PNG of more than 4,096 chunks or 16
+       compressed ones (``png_chunk_excess``), which Pillow would walk or inflate at length.
+    6. Decoding (``load()``) runs inside a handler that turns every decoder failure -
        truncated data, bad CRC, malformed headers - into 400 ``invalid_image``.
 
 Orientation
@@ -73,9 +77,19 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from models.bundle import InputSpec
+
+# Pillow inflates a PNG's compressed ancillary chunks (zTXt, iTXt, iCCP) as it opens the file,
+# each up to PngImagePlugin.MAX_TEXT_CHUNK (1 MiB by default) and, for keyed text, up to
+# MAX_TEXT_MEMORY (64 MiB) in all: a 63 KB, 27x27 PNG carrying 60 zTXt chunks had the decoder
+# inflate 60 MiB of text the classifier never reads (issue 17). Pillow has no per-call setting
+# for this, only these module globals, so they are lowered once, here at import (never raised,
+# never per request): room for an ICC profile (sRGB's is 3 KB) and a few comments. A file past
+# them is refused by Pillow (ValueError -> 400 invalid_image) after at most one chunk's worth.
+PngImagePlugin.MAX_TEXT_CHUNK = min(PngImagePlugin.MAX_TEXT_CHUNK, 64 * 1024)
+PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, 256 * 1024)
 
 __all__ = [
     "ALLOWED_CONTENT_TYPES",
@@ -266,14 +280,46 @@ def sniff_format(data: bytes) -> str | None:
 
 # ------------------------------------------------------------------------------ decoding
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_INFLATED = frozenset({b"zTXt", b"iTXt", b"iCCP"})  # chunks Pillow inflates when it opens a PNG
+MAX_PNG_CHUNKS = 4096  # a 4 MiB PNG written in 8 KiB IDAT chunks has 512
+MAX_PNG_INFLATED_CHUNKS = 16
 
 
-def png_header_pixels(data: bytes) -> int | None:
-    """width*height as a PNG's IHDR chunk declares it, without decoding anything; None when
-    `data` does not start like a PNG. (The decoder checks the real image again.)"""
-    if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+def png_chunk_counts(data: bytes, stop: int = MAX_PNG_CHUNKS + 1) -> tuple[int, int]:
+    """(chunks, of which zTXt/iTXt/iCCP) of a PNG before its IEND, counted up to `stop` chunks.
+
+    Reads only the chunk framing (length, type), stepping from chunk to chunk the way Pillow
+    does; it never says a file is well formed (Pillow decides that). tests/test_imaging.py
+    checks on generated chunk sequences that Pillow never reads or inflates more than this
+    counts.
+    """
+    pos, end, chunks, inflated = 8, len(data), 0, 0
+    while pos + 8 <= end and chunks < stop:
+        ctype = data[pos + 4:pos + 8]
+        if ctype == b"IEND":
+            break
+        chunks += 1
+        inflated += ctype in _PNG_INFLATED
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    return chunks, inflated
+
+
+def png_chunk_excess(data: bytes) -> str | None:
+    """Why a PNG has too many chunks for Pillow to open cheaply, or None.
+
+    Pillow walks a PNG's chunks in Python (~6 us each: 2 s for a 4 MiB file of empty chunks)
+    and inflates every zTXt, iTXt and iCCP chunk; its MAX_TEXT_MEMORY does not count text with
+    an empty keyword nor ICC profiles, so 4 MiB of such chunks inflated 2.7 GB in 12 s of one
+    worker's CPU. Counting the chunks first costs at most MAX_PNG_CHUNKS steps.
+    """
+    if not data.startswith(_PNG_SIGNATURE):
         return None
-    return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+    chunks, inflated = png_chunk_counts(data)
+    if chunks > MAX_PNG_CHUNKS:
+        return f"the PNG has more than {MAX_PNG_CHUNKS} chunks"
+    if inflated > MAX_PNG_INFLATED_CHUNKS:
+        return f"the PNG has more than {MAX_PNG_INFLATED_CHUNKS} compressed text or ICC chunks"
+    return None
 
 
 def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
@@ -300,8 +346,7 @@ def _decode_guarded(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.nda
 
 
 def _decode(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
-    """The float32 (C, H, W) pixels in [0, 1]: numpy until the caller makes the tensor (a torch
-    call lets go of the GIL, and on the event loop every one is a chance to wait for it)."""
+    """The float32 (C, H, W) pixels in [0, 1] (numpy; the caller makes the tensor)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise _invalid("the upload is not a byte string")
     data = bytes(data)
@@ -316,11 +361,10 @@ def _decode(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
         raise _unsupported(f"{sniffed} images are not accepted; "
                            f"send one of {', '.join(limits.formats)}")
 
-    if sniffed == "PNG" and channels == 1 and height * width <= limits.max_pixels:
-        pixels = gray_png_pixels(data, height, width)
-        if pixels is not None:  # the common upload, decoded without Pillow: the same numbers
-            return pixels.reshape(1, height, width) / np.float32(255.0)  # as below
-
+    if sniffed == "PNG":
+        excess = png_chunk_excess(data)
+        if excess is not None:
+            raise _invalid(excess)
     im = _open(data, limits)
     try:
         if not limits.accepts(im.format):
@@ -354,64 +398,6 @@ def _decode(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
     finally:
         im.close()
     return _fit(planes, height, width, limits.resize)
-
-
-# ------------------------------------------------------------------ the common PNG, directly
-# Chunks that do not change an 8-bit gray image's pixel values as Pillow decodes it (it keeps
-# them in `info`, or skips them); any other chunk sends the upload to Pillow.
-_PNG_INERT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"tIME", b"pHYs", b"gAMA", b"cHRM", b"sRGB",
-                               b"iCCP", b"sBIT", b"bKGD"})
-
-
-def gray_png_pixels(data: bytes, height: int, width: int) -> np.ndarray | None:
-    """The (height, width) uint8 pixels of a well-formed 8-bit grayscale, non-interlaced PNG of
-    exactly that size; None for anything else (the caller then opens it with Pillow as any other
-    upload, and Pillow answers for every error).
-
-    Why: an MNIST-sized digit costs ~60 us through `Image.open`, `load` and `tobytes` (plugin
-    lookup, the chunk reader, the tile machinery), and on the event loop that was a third of
-    what a /predict request costs (docs/operations.md). Here the chunks are walked once, every
-    length and CRC checked, and the image data handed to Pillow's own PNG "zip" decoder
-    (`Image.frombytes`, inflate and unfilter in C): ~15 us, the same pixels (the same decoder;
-    tests/test_imaging.py compares them on every filter type and on the 1,000 test digits).
-    Only chunks that do not change a gray image's pixel values are allowed besides IHDR, IDAT
-    and IEND; the IDAT chunks must be consecutive, and IEND the last bytes.
-    """
-    if len(data) < 57 or data[:8] != _PNG_SIGNATURE:
-        return None
-    view, pos, end = memoryview(data), 8, len(data)
-    idat: list[memoryview] = []
-    seen_ihdr = seen_iend = idat_ended = False
-    while pos + 12 <= end:
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        ctype = data[pos + 4:pos + 8]
-        stop = pos + 8 + length
-        if stop + 4 > end or zlib.crc32(view[pos + 4:stop]) != int.from_bytes(data[stop:stop + 4], "big"):
-            return None
-        if not seen_ihdr:  # the first chunk: IHDR, 8-bit gray, deflate, no interlace, this size
-            if ctype != b"IHDR" or length != 13 or data[pos + 16:pos + 21] != b"\x08\x00\x00\x00\x00" \
-                    or int.from_bytes(data[pos + 8:pos + 12], "big") != width \
-                    or int.from_bytes(data[pos + 12:pos + 16], "big") != height:
-                return None
-            seen_ihdr = True
-        elif ctype == b"IDAT":
-            if idat_ended:  # image data split by another chunk
-                return None
-            idat.append(view[pos + 8:stop])
-        elif ctype == b"IEND":
-            seen_iend = stop + 4 == end
-            break
-        elif ctype not in _PNG_INERT_CHUNKS:
-            return None
-        idat_ended = bool(idat) and ctype != b"IDAT"
-        pos = stop + 4
-    if not (seen_iend and idat):
-        return None
-    try:
-        im = Image.frombytes("L", (width, height), b"".join(idat), "zip", "L")
-    except (ValueError, OSError, MemoryError):  # broken or short image data: Pillow's full path says why
-        return None
-    return np.frombuffer(im.tobytes(), dtype=np.uint8).reshape(height, width)
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:

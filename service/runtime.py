@@ -7,9 +7,11 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import anyio.to_thread
 import torch
 
 from models.bundle import Bundle
@@ -133,12 +135,19 @@ class Runtime:
         with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
             return await self.batchers[pipeline].submit(x, deadline=deadline, options=options)
 
-    async def infer_encoded(self, pipeline: str, decode: Any, images: int, *, deadline: float | None = None,
-                            options: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[ImageResult]]:
-        """Like infer, for images decoded by `decode()` in the batch's worker thread."""
+    async def classify(self, pipeline: str, images: int, decode: Callable[[], torch.Tensor], *,
+                       deadline: float | None = None, options: dict[str, Any] | None = None,
+                       ) -> tuple[torch.Tensor, list[ImageResult]]:
+        """An upload's way through the service: admission (Overloaded at once when over
+        budget, before anything is decoded), then `decode()` in a worker thread (an image
+        decode never runs on the event loop), then the pipeline's batch. Returns the decoded
+        images with their results."""
         self.pipeline(pipeline)
         with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
-            return await self.batchers[pipeline].submit_encoded(decode, images, deadline=deadline, options=options)
+            x = await anyio.to_thread.run_sync(decode)
+            if int(x.shape[0]) != images:
+                raise ValueError(f"decoded {int(x.shape[0])} images, expected {images}")
+            return x, await self.batchers[pipeline].submit(x, deadline=deadline, options=options)
 
     def warmup(self) -> None:
         """One small run through every pipeline, so the first client does not pay for it."""

@@ -250,27 +250,7 @@ def test_decisions_come_from_the_optimised_classifier_and_match_the_eager_networ
     assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(answers[True], answers[False])) < 1e-4
 
 
-def test_small_pngs_are_decoded_on_the_event_loop_and_others_are_not(mnist):
-    from service.api.predict import INLINE_DECODE_PIXELS, decode_on_loop
-    from service.imaging import png_header_pixels
-    from tests.test_imaging import png_header_only, save
-    from PIL import Image
-
-    digit = png(mnist.test.x[0])
-    assert png_header_pixels(digit) == 28 * 28
-    assert decode_on_loop([(digit, "image/png")]) and decode_on_loop([(digit, None)] * 3)
-    # a bomb-like header (large by its IHDR, small in bytes) goes to a worker thread
-    bomb = png_header_only(4096, 4096)
-    assert png_header_pixels(bomb) == 4096 * 4096 and not decode_on_loop([(bomb, "image/png")])
-    assert not decode_on_loop([(digit, None), (png_header_only(129, 128), None)])
-    assert 128 * 128 == INLINE_DECODE_PIXELS
-    # formats whose size is not read from the header here, and non-images, go to a worker thread
-    jpeg = save(Image.fromarray((mnist.test.x[0, 0].numpy() * 255).astype("uint8")), "JPEG")
-    assert png_header_pixels(jpeg) is None and not decode_on_loop([(jpeg, "image/jpeg")])
-    assert png_header_pixels(b"\x89PNG\r\n\x1a\n") is None and not decode_on_loop([(b"hello", None)])
-
-
-def test_a_broken_small_png_decoded_on_the_loop_is_a_400_and_the_next_request_is_fine(make_client, mnist):
+def test_a_broken_small_png_is_a_400_and_the_next_request_is_fine(make_client, mnist):
     c = make_client()
     digit = png(mnist.test.x[0])
     broken = digit[:40] + bytes(b ^ 0x5A for b in digit[40:-12]) + digit[-12:]  # IDAT garbled, header intact
@@ -283,22 +263,22 @@ def test_a_broken_small_png_decoded_on_the_loop_is_a_400_and_the_next_request_is
 
 
 def test_an_unexpected_failure_in_predict_is_a_logged_500_and_the_next_request_is_fine(make_client, mnist, caplog):
-    """/predict runs straight from its middleware (past the router): an exception the handler
-    does not map still becomes the contract's JSON 500, counted as an error."""
+    """An exception the handler does not map becomes the contract's JSON 500 with the request
+    id (answered inside RequestIdMiddleware), logged, and counted as an error."""
     c = make_client()
     runtime = c.app.state.runtime
     digit = png(mnist.test.x[0])
-    real = runtime.infer
+    real = runtime.classify
 
     async def broken(*args, **kwargs):
         raise RuntimeError("secret detail that must not reach the client")
 
-    runtime.infer = broken
+    runtime.classify = broken
     try:
         with caplog.at_level("ERROR", logger="shieldserve"):
             r = c.post("/predict?pipeline=baseline", content=digit, headers={"content-type": "image/png"})
     finally:
-        runtime.infer = real
+        runtime.classify = real
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
     assert "secret detail" not in r.text and r.headers.get("x-request-id")
     assert any("unhandled error on POST /predict" in rec.getMessage() for rec in caplog.records)

@@ -107,3 +107,70 @@ def test_client_disconnect_stops_certification(server, mnist):
     closed = 'shieldserve_requests_total{endpoint="certify",outcome="client_closed",pipeline="smoothing"}'
     assert _metric(url, closed) == 1
     assert _metric(url, "shieldserve_inflight_requests") == 0
+
+
+_LOAD = r"""
+import sys, threading, time, httpx
+url, path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+data = open(path, "rb").read()
+counts, lock = {}, threading.Lock()
+def client():
+    with httpx.Client(timeout=30) as c:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            r = c.post(url + "/predict", content=data, headers={"content-type": "image/png"})
+            with lock:
+                counts[r.status_code] = counts.get(r.status_code, 0) + 1
+threads = [threading.Thread(target=client) for _ in range(8)]
+print("go", flush=True)
+for t in threads: t.start()
+for t in threads: t.join()
+print(counts, flush=True)
+"""
+
+
+def _healthz_under_load(url: str, image: bytes, tmp_path) -> tuple[float, list[float], str]:
+    """/healthz p95 (s), its latencies, and the clients' answers, while 8 clients in another
+    process (so that their own Python does not compete with the server's) post `image`."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    path = tmp_path / "upload.png"
+    path.write_bytes(image)
+    load = subprocess.Popen([sys.executable, "-c", _LOAD, url, str(path), "4"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert load.stdout.readline().strip() == "go"
+        time.sleep(0.5)  # the clients are at it
+        latencies = []
+        with httpx.Client(timeout=10) as c:
+            end = time.monotonic() + 2.5
+            while time.monotonic() < end:
+                started = time.perf_counter()
+                assert c.get(f"{url}/healthz").status_code == 200
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.01)
+        counts = load.communicate(timeout=60)[0].strip()  # "{400: N}": the clients' answers
+    finally:
+        load.kill()
+    return sorted(latencies)[int(0.95 * len(latencies))], latencies, counts
+
+
+def test_healthz_stays_fast_while_8_clients_post_inflating_pngs(server, tmp_path):
+    """Finding 1 of issue 17: while 8 clients post the 63 KB, 27x27 PNG whose 60 zTXt chunks
+    inflate to 1 MiB each, /healthz keeps a p95 under 50 ms (0.6.0: 680-920 ms). On a machine
+    so oversubscribed that /healthz alone is slower than that, the hostile PNG must cost the
+    event loop no more than 8 clients posting an ordinary 27x27 PNG do (within 2x + 25 ms)."""
+    from tests.test_imaging import inflating_png
+
+    url, _ = server
+    p95, latencies, counts = _healthz_under_load(url, inflating_png(), tmp_path)
+    print(f"/healthz under the inflating PNG: p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms, "
+          f"p95 {p95 * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms over {len(latencies)} probes; "
+          f"clients' answers in 4 s: {counts}")
+    assert "400" in counts and "500" not in counts, counts
+    if p95 > 0.050:
+        control, _, control_counts = _healthz_under_load(url, inflating_png(chunks=0), tmp_path)
+        print(f"/healthz under ordinary PNGs: p95 {control * 1000:.1f} ms; clients' answers: {control_counts}")
+        assert p95 <= 2 * control + 0.025, f"/healthz p95 {p95 * 1000:.1f} ms (ordinary PNGs: {control * 1000:.1f} ms)"

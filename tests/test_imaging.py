@@ -4,6 +4,7 @@ answered with the contract's status and code, and no input bytes raise anything 
 from __future__ import annotations
 
 import io
+import os
 import random
 import struct
 import zlib
@@ -11,6 +12,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from models.bundle import InputSpec
@@ -387,12 +390,10 @@ def gray_png(img: np.ndarray, filters: list[int], extra: list[bytes] = (), split
             + _chunk(b"IEND", b""))
 
 
-def test_gray_pngs_decode_without_pillow_open_to_pillows_pixels_on_every_filter_type(mnist) -> None:
-    """gray_png_pixels (the /predict hot path) gives exactly Pillow's pixels: hand-written PNGs
-    with random filter types per row (None, Sub, Up, Average, Paeth), split image data, inert
-    chunks, and the 1,000 test digits as encode_png writes them."""
-    from service.imaging import gray_png_pixels
-
+def test_gray_pngs_on_every_filter_type_decode_to_pillows_pixels(mnist) -> None:
+    """Hand-written gray PNGs with random filter types per row (None, Sub, Up, Average, Paeth),
+    split image data and text chunks, and the 1,000 test digits as encode_png writes them, give
+    exactly Pillow's pixels / 255."""
     rng = random.Random(0)
     for k in range(120):
         h, w = rng.choice([(28, 28), (5, 7), (1, 1), (32, 3)])
@@ -401,52 +402,149 @@ def test_gray_pngs_decode_without_pillow_open_to_pillows_pixels_on_every_filter_
                         extra=[_chunk(b"tEXt", b"Comment\x00hi")] if k % 3 == 0 else [], split=1 + k % 3)
         pillow = np.asarray(Image.open(io.BytesIO(data)))
         assert np.array_equal(pillow, img)
-        got = gray_png_pixels(data, h, w)
-        assert got is not None and got.dtype == np.uint8 and np.array_equal(got, pillow)
+        if (h, w) == (28, 28):
+            assert torch.equal(decode_image(data, MNIST, DEFAULT), torch.from_numpy(pillow / np.float32(255))[None])
     for x in mnist.test.x:
         data = encode_png(x)
-        got = gray_png_pixels(data, 28, 28)
-        assert got is not None and np.array_equal(got, np.asarray(Image.open(io.BytesIO(data))))
-    # and the tensor decode_image gives is still the general path's
-    data = gray_png(digit_like(4), [4] * 28)
-    assert torch.equal(decode_image(data, MNIST, DEFAULT),
-                       torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)), np.float32) / np.float32(255))[None])
+        want = np.asarray(Image.open(io.BytesIO(data))) / np.float32(255)
+        assert torch.equal(decode_image(data, MNIST, DEFAULT), torch.from_numpy(want)[None])
 
 
-def test_anything_but_a_plain_gray_png_of_the_model_size_is_left_to_pillow() -> None:
-    """The short path refuses (None) whatever it does not fully check, and decode_image then
-    gives Pillow's answer: an error for broken files, the general conversion for the rest."""
-    from service.imaging import gray_png_pixels
-
+def test_broken_gray_pngs_are_invalid_image() -> None:
+    """What the removed hand-written PNG reader let through or got wrong is Pillow's to refuse:
+    a bad CRC, a row filter type 5, truncated ancillary chunks (issue 17: the same defect was
+    200 at 28x28 and 400 at 27x27), whatever the size."""
     img = digit_like(5)
+    h, w = 28, 28
     good = gray_png(img, [0, 1, 2, 3, 4] * 5 + [0, 0, 2])
-    assert gray_png_pixels(good, 28, 28) is not None
-    assert gray_png_pixels(good, 27, 28) is None and gray_png_pixels(good, 28, 27) is None  # another size
     bad_crc = bytearray(good)
     bad_crc[-20] ^= 0xFF  # inside the IDAT chunk
-    others = {
-        "rgb": save(Image.fromarray(np.stack([img] * 3, axis=2))),
-        "16-bit": save(Image.fromarray(img.astype(np.uint16) * 257)),
-        "palette": save(Image.fromarray(img).convert("P")),
-        "transparency chunk": gray_png(img, [0] * 28, extra=[_chunk(b"tRNS", b"\x00\x00")]),
-        "unknown chunk": gray_png(img, [0] * 28, extra=[_chunk(b"zzZz", b"x")]),
-        "bad crc": bytes(bad_crc),
-        "truncated": good[:-30],
-        "trailing bytes": good + b"junk",
-    }
-    for name, data in others.items():
-        assert gray_png_pixels(data, 28, 28) is None, name
-    # a row with filter type 5 does not exist: Pillow refuses it, and so does decode_image
-    h, w = 28, 28
+    expect(400, "invalid_image", bytes(bad_crc))
     raw = b"".join(bytes([5 if r == 3 else 0]) + img[r].tobytes() for r in range(h))
     five = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
             + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
-    assert gray_png_pixels(five, 28, 28) is None
     expect(400, "invalid_image", five)
-    expect(400, "invalid_image", bytes(bad_crc))
-    # an interlaced gray PNG is Pillow's to decode, to the same pixels
-    adam7 = gray_png(img, [0] * 28)
-    adam7 = adam7[:8] + _chunk(b"IHDR", struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 1)) + adam7[33:]
-    assert gray_png_pixels(adam7, 28, 28) is None
-    for name in ("rgb", "16-bit", "palette", "unknown chunk", "transparency chunk"):
-        assert decode_image(others[name], MNIST, DEFAULT).shape == (1, 28, 28), name
+    for size in (28, 27):
+        small = gray_png(np.zeros((size, size), np.uint8), [0] * size,
+                         extra=[_chunk(b"pHYs", b"\x00\x00\x0b\x13")])  # 4 of its 9 bytes
+        with pytest.raises(Exception):
+            Image.open(io.BytesIO(small)).load()
+        expect(400, "invalid_image", small)
+
+
+def inflating_png(width: int = 27, height: int = 27, chunks: int = 60, each: int = 1 << 20,
+                  key: bytes = b"Comment", kind: bytes = b"zTXt") -> bytes:
+    """Issue 17's finding 1: a small gray PNG carrying `chunks` compressed chunks that each
+    inflate to `each` bytes (63 KB for 60 x 1 MiB)."""
+    z = zlib.compress(b"\0" * each, 9)
+    raw = b"".join(b"\0" + b"\x80" * width for _ in range(height))
+    body = key + b"\0\0" + z  # zTXt and iCCP alike: keyword, NUL, compression method 0, data
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + _chunk(kind, body) * chunks + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
+
+
+def test_inflating_text_chunks_are_refused_cheaply() -> None:
+    """Finding 1 of issue 17: the 27x27 and 1x1 PNGs with 60 zTXt chunks of 1 MiB each are 400
+    after inflating at most one chunk's 64 KiB; so are 4 MiB of chunks with an empty keyword
+    (which Pillow's MAX_TEXT_MEMORY does not count: 12 s of inflating) and of empty chunks
+    (2 s of Pillow's chunk loop)."""
+    import time
+
+    from PIL import PngImagePlugin
+
+    from service.imaging import MAX_PNG_CHUNKS, MAX_PNG_INFLATED_CHUNKS
+
+    assert PngImagePlugin.MAX_TEXT_CHUNK <= 64 * 1024 and PngImagePlugin.MAX_TEXT_MEMORY <= 256 * 1024
+    small = 64 * 1024
+    one = len(_chunk(b"zTXt", b"\0\0" + zlib.compress(b"\0" * small, 9)))
+    hostile = {
+        "27x27, 60 x 1 MiB": inflating_png(),
+        "1x1, 60 x 1 MiB": inflating_png(1, 1),
+        "one 1 MiB chunk": inflating_png(chunks=1),
+        "4 MiB of unkeyed 64 KiB chunks": inflating_png(chunks=(DEFAULT.max_bytes - 400) // one, each=small, key=b""),
+        "4 MiB of ICC profiles": inflating_png(chunks=(DEFAULT.max_bytes - 400) // one, each=small, key=b"",
+                                               kind=b"iCCP"),
+        "4 MiB of empty chunks": inflating_png(chunks=0)[:33] + _chunk(b"tEXt", b"") * (DEFAULT.max_bytes // 13)
+                                 + inflating_png(chunks=0)[33:],
+    }
+    for name, data in hostile.items():
+        assert len(data) <= DEFAULT.max_bytes, name
+        started = time.perf_counter()
+        expect(400, "invalid_image", data)
+        assert time.perf_counter() - started < 0.25, name  # ~0.2 ms here; seconds before
+    # within the limits, text chunks are read and the image decodes
+    fine = inflating_png(28, 28, chunks=MAX_PNG_INFLATED_CHUNKS, each=1000)
+    assert decode_image(fine, MNIST, DEFAULT).shape == (1, 28, 28)
+    assert MAX_PNG_CHUNKS >= 512  # a 4 MiB PNG in 8 KiB IDAT chunks
+
+
+# ------------------------------------------------------------- png_chunk_counts vs Pillow
+_KINDS = [b"zTXt", b"iTXt", b"iCCP", b"tEXt", b"IDAT", b"pHYs", b"IEND", b"IHDR", b"zzZz"]
+
+
+@st.composite
+def png_chunk_sequences(draw: st.DrawFn) -> bytes:
+    """A gray 28x28 PNG's IHDR, then chunks drawn from the kinds Pillow treats differently,
+    with real or garbled payloads, sometimes a lying length or CRC, sometimes cut short."""
+    img = np.zeros((4, 4), np.uint8)
+    idat = zlib.compress(b"".join(b"\0" + img[r].tobytes() for r in range(4)))
+    out = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 0, 0, 0, 0))
+    for _ in range(draw(st.integers(0, 24))):
+        kind = draw(st.sampled_from(_KINDS))
+        if kind in (b"zTXt", b"iCCP"):
+            payload = draw(st.binary(max_size=4)) + b"\0\0" + zlib.compress(draw(st.binary(max_size=64)))
+        elif kind == b"iTXt":
+            payload = b"k\0" + draw(st.sampled_from([b"\1\0", b"\0\0"])) + b"\0\0" + zlib.compress(b"text")
+        elif kind == b"IDAT":
+            payload = idat
+        else:
+            payload = draw(st.binary(max_size=16))
+        chunk = bytearray(_chunk(kind, payload))
+        if draw(st.integers(0, 9)) == 0:  # a lying length
+            chunk[:4] = struct.pack(">I", draw(st.integers(0, 64)))
+        if draw(st.integers(0, 9)) == 0:  # a bad CRC
+            chunk[-1] ^= 1
+        out += bytes(chunk)
+    out += draw(st.sampled_from([_chunk(b"IEND", b""), b"", draw(st.binary(max_size=12))]))
+    return out
+
+
+@settings(max_examples=int(os.environ.get("SHIELDSERVE_HYPOTHESIS_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(png_chunk_sequences())
+def test_pillow_never_reads_or_inflates_more_png_chunks_than_counted(data: bytes) -> None:
+    """The differential test of the one parsing code of ours left beside Pillow's PNG reader:
+    opening and loading any generated file, Pillow reads at most one chunk (the IEND) more than
+    png_chunk_counts counts and inflates no more than it counts as compressed; and decode_image
+    raises nothing but ImageError."""
+    from unittest import mock
+
+    from PIL import PngImagePlugin
+
+    from service.imaging import png_chunk_counts
+
+    chunks, inflated = png_chunk_counts(data, stop=10_000)
+    reads, inflations = [0], [0]
+    real_read, real_inflate = PngImagePlugin.ChunkStream.read, PngImagePlugin._safe_zlib_decompress
+
+    def read(self):  # type: ignore[no-untyped-def]
+        reads[0] += 1
+        return real_read(self)
+
+    def inflate(s):  # type: ignore[no-untyped-def]
+        inflations[0] += 1
+        return real_inflate(s)
+
+    with mock.patch.object(PngImagePlugin.ChunkStream, "read", read), \
+            mock.patch.object(PngImagePlugin, "_safe_zlib_decompress", inflate):
+        try:
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+                im.load()
+        except Exception:  # noqa: BLE001 - broken files are Pillow's to refuse; what it read counts
+            pass
+    assert inflations[0] <= inflated
+    assert reads[0] <= chunks + 1
+    try:
+        decode_image(data, MNIST, DEFAULT)
+    except ImageError:
+        pass

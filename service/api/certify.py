@@ -11,18 +11,20 @@ Certificates are cached by (image, pipeline, bundle version, sigma, n0, n, alpha
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import secrets
 import threading
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from service.api.errors import ApiError
 from service.api.predict import (
-    TIMEOUT_PARAM, deadline_error, deadline_of, decode_request, overloaded_error, tracked,
+    Deadline, check_uploads, decode_uploads, overloaded_error, read_images, request_deadline, tracked,
 )
+from service.api.render import render
 from service.api.schemas import ErrorBody, RejectionOut
 from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded, RunContext
@@ -32,7 +34,7 @@ from service.store import StoreUnavailable
 router = APIRouter(tags=["certify"])
 
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 503, 504)}
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class CertifyResponse(BaseModel):
@@ -86,7 +88,8 @@ def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int 
     return name, opts
 
 
-async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, Any]) -> CertifyResponse:
+async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, Any],
+                   deadline: Deadline) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
     store = request.app.state.store
     pipeline = runtime.pipelines[name]
@@ -98,10 +101,9 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
         cached, store = None, None
     if cached is not None:
         return CertifyResponse(**{**cached, "cached": True})
-    deadline, seconds = deadline_of(request, runtime)
     gone = threading.Event()  # set when the client disconnects: the sampling loop stops
     ctx = RunContext(device=runtime.device, seed=int(opts.get("seed", secrets.randbits(63))),
-                     deadline=deadline, cancelled=gone.is_set, options=dict(opts))
+                     deadline=deadline.at, cancelled=gone.is_set, options=dict(opts))
     loop = asyncio.get_running_loop()
     cost = runtime.cost(name, 1, opts)
     try:
@@ -120,19 +122,18 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
     except Overloaded as exc:
         raise overloaded_error(exc) from None
     except DeadlineExceeded:
-        err = deadline_error(seconds)
+        err = deadline.error()
         err.message += "; ask for a smaller n"
         raise err from None
     cert = result.details.get("certificate") or {}
+    out = render(result)
     body = CertifyResponse(
-        image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status=result.status,
-        label=result.label, class_name=result.class_name, abstained=result.status != "accepted",
-        radius=result.certified_radius, p_a_lower=cert.get("p_a_lower"), sigma=opts["sigma"],
+        image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status=out.status,
+        label=out.label, class_name=out.class_name, abstained=out.status != "accepted",
+        radius=out.certified_radius, p_a_lower=cert.get("p_a_lower"), sigma=opts["sigma"],
         n0=cert.get("n0", opts["n0"]), n=cert.get("n", 0), alpha=opts["alpha"], samples=cert.get("samples", 0),
         seconds=round(float(cert.get("seconds", 0.0)), 4), seed=cert.get("seed"), batch_size=cert.get("batch_size"),
-        target_radius=cert.get("target_radius"), certified=cert.get("certified"),
-        rejected_by=[RejectionOut(defense=j.defense, detector=j.detector, score=j.score, threshold=j.threshold)
-                     for j in result.rejected_by])
+        target_radius=cert.get("target_radius"), certified=cert.get("certified"), rejected_by=out.rejected_by)
     if result.status == "accepted" and result.certified_radius is not None:
         runtime.metrics.certified_radius.labels(name).observe(result.certified_radius)
     elif result.status == "abstained":
@@ -153,7 +154,6 @@ async def _observed(request: Request, name_hint: str | None, work) -> CertifyRes
         return body
 
 @router.get("/certify", response_model=CertifyResponse, responses=_ERRORS,
-            openapi_extra={"parameters": [TIMEOUT_PARAM]},
             summary="Certify an image recently posted to /predict or /certify")
 async def certify_get(
         request: Request,
@@ -165,26 +165,27 @@ async def certify_get(
         alpha: float | None = Query(None, gt=0, lt=0.5, description="failure probability"),
         radius: float | None = Query(None, ge=0, description="only decide: certified at this radius?"),
         seed: int | None = Query(None, ge=0, lt=2**63, description="noise seed, to reproduce a certificate"),
+        deadline: Deadline = Depends(request_deadline),
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 
     async def work() -> CertifyResponse:
         digest = image_sha256.strip().lower()
-        if not _HEX64.match(digest):
+        if not _HEX64.fullmatch(digest):
             raise ApiError(422, "invalid_parameter", "image_sha256 must be 64 hex digits")
         name, opts = _params(runtime, pipeline, sigma, n, n0, alpha, radius, seed)
         x = request.app.state.store.get_image(digest)
         if x is None:
             raise ApiError(404, "unknown_image", f"no recently posted image has sha256 {digest}; "
                            f"POST it to /certify or /predict first")
-        return await _certify(request, digest, x, name, opts)
+        return await _certify(request, digest, x, name, opts, deadline)
 
     return await _observed(request, pipeline, work)
 
 
 @router.post("/certify", response_model=CertifyResponse, responses=_ERRORS,
              summary="Certify one posted image",
-             openapi_extra={"parameters": [TIMEOUT_PARAM], "requestBody": {"content": {
+             openapi_extra={"requestBody": {"content": {
                  "multipart/form-data": {"schema": {"type": "object", "properties": {
                      "file": {"type": "string", "format": "binary"}}}},
                  "image/png": {"schema": {"type": "string", "format": "binary"}},
@@ -195,18 +196,22 @@ async def certify_post(
         n: int | None = Query(None, ge=1), n0: int | None = Query(None, ge=1),
         alpha: float | None = Query(None, gt=0, lt=0.5), radius: float | None = Query(None, ge=0),
         seed: int | None = Query(None, ge=0, lt=2**63),
+        deadline: Deadline = Depends(request_deadline),
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 
     async def work() -> CertifyResponse:
         name, opts = _params(runtime, pipeline, sigma, n, n0, alpha, radius, seed)
-        x, digests = await decode_request(request, runtime)
-        if len(digests) != 1:
-            raise ApiError(422, "invalid_parameter", f"POST /certify takes one image, got {len(digests)}")
+        items = await read_images(request, runtime)
+        check_uploads(items, runtime)
+        if len(items) != 1:
+            raise ApiError(422, "invalid_parameter", f"POST /certify takes one image, got {len(items)}")
+        x = await decode_uploads(items, runtime)
+        digest = hashlib.sha256(items[0][0]).hexdigest()
         try:
-            request.app.state.store.put_image(digests[0], x[0])
+            request.app.state.store.put_image(digest, x[0])
         except StoreUnavailable:
             pass  # logged by the store; this certificate does not need it
-        return await _certify(request, digests[0], x[0], name, opts)
+        return await _certify(request, digest, x[0], name, opts, deadline)
 
     return await _observed(request, pipeline, work)

@@ -11,12 +11,12 @@ import secrets
 import time
 from typing import Any
 
-from service.api.errors import is_oip
+from service.api.errors import internal_error_response, is_oip
 from service.logs import request_id_var
 
 access_log = logging.getLogger("shieldserve.access")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch: "$" would let a trailing newline in
 # Generated ids: 32 hex digits, a random per-process prefix and a counter (unique, and without
 # a system call per request as uuid4 makes)
 _ID_PREFIX = secrets.token_hex(8)
@@ -150,22 +150,30 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else new_request_id()
+        request_id = given if _REQUEST_ID.fullmatch(given) else new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500
 
+        started_response = False
+
         async def send_with_id(message: dict) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if started_response:
+                raise
+            # answered here, inside this middleware, so the 500 carries the request id too
+            # (Starlette's last-resort handler sits outside every middleware)
+            await internal_error_response(scope["method"], scope["path"])(scope, receive, send_with_id)
         finally:
             if scope["state"].get("client_closed"):
                 status = 499  # nginx's code for "the client closed the connection"

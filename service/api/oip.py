@@ -22,8 +22,14 @@ A rejection or an abstention is a successful answer (200), as on `/predict`.
 Extensions: `binary_tensor_data` (Triton's: JSON header, then raw little-endian tensor
 bytes, header length in `Inference-Header-Content-Length`) and `classification` (on the
 `probabilities` output: top-k as BYTES "<value>:<index>:<class name>").
-A `Content-Encoding: gzip` or `deflate` request body is accepted (decompressed up to the body
-limit).
+A `Content-Encoding: gzip` or `deflate` request body is accepted (inflated in a worker thread,
+up to the body limit: 413 past it).
+
+The request body is read raw (the binary extension appends tensor bytes to the JSON), then,
+in a worker thread, inflated, split, and its JSON part validated by pydantic
+(`InferRequest.model_validate_json`: its parser bounds nesting depth, so a body nested
+thousands deep is a 400, not a RecursionError). The tensor is decoded in the same worker-thread
+call; admission, the batch and the pipeline follow as for /predict (service/api/predict.py).
 
 Errors are `{"error": "<message>"}`: 400 for a malformed request, 404 for an unknown model or
 version, 413 for more images than `limits.max_images_per_request` (or a body over
@@ -41,14 +47,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 import service
 from service.api.errors import ApiError
-from service.api.predict import TIMEOUT_PARAM, outcome_of, run_pipeline, tracked
+from service.api.predict import Deadline, infer_decoded, outcome_of, request_deadline, tracked
+from service.api.render import render
 from service.pipeline import ImageResult
 from service.runtime import Runtime
 
@@ -174,10 +181,6 @@ _INFER_OPENAPI = {
     "requestBody": {"required": True, "content": {
         "application/json": {"schema": _inline_schema(InferRequest)},
         "application/octet-stream": _BINARY}},
-    "parameters": [{"name": HEADER_LENGTH, "in": "header", "required": False,
-                    "schema": {"type": "integer", "minimum": 0},
-                    "description": "binary tensor extension: the length of the JSON part of the body"},
-                   TIMEOUT_PARAM],
 }
 _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": InferResponse, "description": "the outputs; with binary outputs the body is the "
@@ -265,14 +268,11 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 
 def _parse_request(header: bytes) -> InferRequest:
     try:
-        payload = json.loads(header)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _bad(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise _bad("the request body must be a JSON object")
-    try:
-        return InferRequest.model_validate(payload)
+        return InferRequest.model_validate_json(header)
     except ValidationError as exc:
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            detail = str(exc.errors()[0].get("msg", ""))[:200]
+            raise _bad(f"the request body is not valid JSON: {detail}") from None
         parts = []
         for err in exc.errors()[:5]:
             where = ".".join(str(p) for p in err.get("loc", ()))
@@ -317,8 +317,9 @@ def _image_batch_shape(shape: list[int], spec_shape: tuple[int, int, int]) -> in
                f"accepted: [B, {c}, {h}, {w}], [B, {c * h * w}], {single}")
 
 
-def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
-    """The request's single input tensor as a float32 (B, C, H, W) batch in [0, 1]."""
+def _input_batch(req: InferRequest, rt: Runtime) -> int:
+    """The number of images the request's single input holds, its name, datatype and shape
+    checked (a 400, or 413 past `max_images_per_request`); reads no tensor data."""
     if len(req.inputs) != 1:
         raise _bad(f"the model takes exactly one input ('{INPUT_NAME}'), the request has {len(req.inputs)}")
     inp = req.inputs[0]
@@ -332,7 +333,6 @@ def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
     if datatype not in _INPUT_DTYPES:
         what = "unsupported" if datatype in _KNOWN_DTYPES else "unknown"
         raise _bad(f"{what} input datatype '{datatype}'; accepted: FP32, FP64, FP16, or UINT8 (0..255)")
-    np_dtype, scale = _INPUT_DTYPES[datatype]
     if any(d < 0 for d in inp.shape):
         raise _bad(f"input shape {inp.shape} has a negative dimension")
     c, h, w = rt.input_spec.shape
@@ -343,6 +343,17 @@ def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
     if batch > max_images:
         raise ApiError(413, "payload_too_large",
                        f"the request holds {batch} images; the limit is {max_images} per request")
+    return batch
+
+
+def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
+    """The request's single input tensor as a float32 (B, C, H, W) batch in [0, 1]."""
+    batch = _input_batch(req, rt)
+    inp = req.inputs[0]
+    params = inp.parameters or {}
+    datatype = inp.datatype
+    np_dtype, scale = _INPUT_DTYPES[datatype]
+    c, h, w = rt.input_spec.shape
     count = batch * c * h * w
 
     size = params.get("binary_data_size")
@@ -389,16 +400,19 @@ def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- outputs
 def _columns(results: list[ImageResult], k: int) -> dict[str, tuple[str, np.ndarray | list[str]]]:
-    labels = np.array([r.label if r.status == "accepted" and r.label is not None else -1
-                       for r in results], dtype="<i8")
-    probs = np.zeros((len(results), k), dtype="<f4")
-    for i, r in enumerate(results):
-        if r.probabilities is not None:
-            probs[i, :] = r.probabilities[:k]
-    radius = np.array([r.certified_radius if r.certified_radius is not None else -1.0
-                       for r in results], dtype="<f4")
+    """The rendered results (service/api/render.py) as the output tensors: null label and
+    radius become -1, a missing probability row all 0."""
+    rendered = [render(r) for r in results]
+    labels = np.array([o.label if o.status == "accepted" and o.label is not None else -1
+                       for o in rendered], dtype="<i8")
+    probs = np.zeros((len(rendered), k), dtype="<f4")
+    for i, o in enumerate(rendered):
+        if o.probabilities is not None:
+            probs[i, :] = o.probabilities[:k]
+    radius = np.array([o.certified_radius if o.certified_radius is not None else -1.0
+                       for o in rendered], dtype="<f4")
     return {"label": ("INT64", labels), "probabilities": ("FP32", probs),
-            "status": ("BYTES", [r.status for r in results]), "certified_radius": ("FP32", radius)}
+            "status": ("BYTES", [o.status for o in rendered]), "certified_radius": ("FP32", radius)}
 
 
 def _classification(probs: np.ndarray, count: int, class_names: tuple[str, ...]) -> list[list[str]]:
@@ -526,34 +540,45 @@ async def model_version_ready(request: Request, model: str, version: str) -> JSO
 
 
 # --------------------------------------------------------------------------- inference
-async def _infer(request: Request, model: str, version: str | None) -> Response:
+ContentEncoding = Header(None, alias="Content-Encoding", description="gzip, deflate or identity")
+HeaderLength = Header(None, alias=HEADER_LENGTH,
+                      description="binary tensor extension: the length of the JSON part of the body")
+
+
+async def _infer(request: Request, model: str, version: str | None, encoding: str | None,
+                 header_length: str | None, deadline: Deadline) -> Response:
     rt = _runtime(request)
     with tracked(rt, "infer", model) as t:
         _model(request, model, version)
         body = await request.body()
         limit = rt.settings.limits.max_body_bytes
-        body = _decompress(body, request.headers.get("content-encoding", ""), limit)
-        header, tail = _split_body(body, request.headers.get(HEADER_LENGTH))
 
-        def parse() -> tuple[InferRequest, torch.Tensor, list[tuple[str, bool, int]]]:
+        def decode() -> tuple[InferRequest, list[tuple[str, bool, int]], torch.Tensor]:
+            header, tail = _split_body(_decompress(body, encoding or "", limit), header_length)
             req = _parse_request(header)
-            plan = _plan_outputs(req, rt)
-            return req, _decode_input(req, tail, rt), plan
+            return req, _plan_outputs(req, rt), _decode_input(req, tail, rt)
 
-        req, x, plan = await run_in_threadpool(parse)
-        results = await run_pipeline(request, rt, model, x)
+        # One worker-thread call inflates, parses and decodes: how many images the body holds
+        # (what admission weighs) is known only once it is parsed, and a second thread hop
+        # per request cost /v2 a third of its throughput (bench/edge_ab.py).
+        req, plan, x = await run_in_threadpool(decode)
+        results = await infer_decoded(rt, model, x, deadline)
         t.outcome = outcome_of(results)
         return _render(req, plan, results, rt, model, request.state.request_id)
 
 
 @router.post("/v2/models/{model}/infer", response_model=None, responses=_INFER_RESPONSES,
              openapi_extra=_INFER_OPENAPI, summary="OIP: run images through a pipeline")
-async def infer(request: Request, model: str) -> Response:
-    return await _infer(request, model, None)
+async def infer(request: Request, model: str, content_encoding: str | None = ContentEncoding,
+                header_length: str | None = HeaderLength,
+                deadline: Deadline = Depends(request_deadline)) -> Response:
+    return await _infer(request, model, None, content_encoding, header_length, deadline)
 
 
 @router.post("/v2/models/{model}/versions/{version}/infer", response_model=None,
              responses=_INFER_RESPONSES, openapi_extra=_INFER_OPENAPI,
              summary="OIP: run images through a pipeline, one version")
-async def infer_version(request: Request, model: str, version: str) -> Response:
-    return await _infer(request, model, version)
+async def infer_version(request: Request, model: str, version: str,
+                        content_encoding: str | None = ContentEncoding, header_length: str | None = HeaderLength,
+                        deadline: Deadline = Depends(request_deadline)) -> Response:
+    return await _infer(request, model, version, content_encoding, header_length, deadline)

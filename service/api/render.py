@@ -1,0 +1,43 @@
+"""The one renderer: a pipeline's ImageResult as every route shows it.
+
+/predict lists each image's rendered result, /certify adds the certificate's numbers to the
+same fields, and /v2 lays the same fields out as tensors (label -1 and radius -1 where these
+are null).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.api.schemas import ImageResultOut, RejectionOut, StageOut
+from service.pipeline import ImageResult
+
+
+@dataclass(frozen=True)
+class Rendered:
+    status: str  # accepted | rejected | abstained
+    label: int | None  # null unless accepted
+    class_name: str | None
+    confidence: float | None
+    certified_radius: float | None
+    probabilities: list[float] | None
+    rejected_by: list[RejectionOut]
+    stages: list[StageOut]
+
+    def image_out(self, image_sha256: str) -> ImageResultOut:
+        """/predict's entry for one image."""
+        return ImageResultOut(image_sha256=image_sha256, status=self.status, label=self.label,  # type: ignore[arg-type]
+                              class_name=self.class_name, confidence=self.confidence,
+                              certified_radius=self.certified_radius, rejected_by=self.rejected_by,
+                              stages=self.stages)
+
+
+def render(r: ImageResult) -> Rendered:
+    return Rendered(
+        status=r.status, label=r.label, class_name=r.class_name,  # the pipeline sets these only when accepted
+        confidence=round(r.confidence, 6) if r.confidence is not None else None,
+        certified_radius=round(r.certified_radius, 6) if r.certified_radius is not None else None,
+        probabilities=r.probabilities,
+        rejected_by=[RejectionOut(defense=j.defense, detector=j.detector, score=j.score, threshold=j.threshold)
+                     for j in r.rejected_by],
+        stages=[StageOut(defense=s.defense, seconds=round(s.seconds, 6), **s.details) for s in r.stages])
