@@ -44,9 +44,12 @@ common.ensure_repo_on_path()
 HOST = "127.0.0.1"
 OLD_REF = "b1d3fb7"  # 0.6.0
 SERVING = Path(__file__).resolve().with_name("serving.py")  # its `_drive` is the load driver
-# (warm-up s, window s) per pipeline: a window holds several batches even of the slow ones
-WINDOWS = {"baseline": (1.0, 4.0), "magnet": (1.0, 4.0), "neuralfp": (1.0, 4.0), "default": (2.0, 6.0),
-           "smoothing": (2.0, 6.0), "rmc": (3.0, 10.0), "denoised": (4.0, 12.0), "defensegan": (4.0, 12.0)}
+# (warm-up s, window s) per pipeline at 1 client and at more: a window holds several batches
+# even of the slow ones (denoised: ~1 s per image on a quiet 2-core machine, and 8 clients
+# make batches of 8), and the warm-up lets the first full batch finish before it opens
+WINDOWS = {"baseline": ((1, 4), (1, 4)), "magnet": ((1, 4), (1, 4)), "neuralfp": ((1, 4), (1, 4)),
+           "default": ((2, 6), (2, 8)), "smoothing": ((2, 6), (2, 8)), "rmc": ((2, 8), (4, 10)),
+           "defensegan": ((4, 12), (15, 30)), "denoised": ((6, 15), (30, 60))}
 GOALS = {"default": 1.6, "smoothing": 1.6, "denoised": 1.6, "rmc": 1.6, "defensegan": 1.6,
          "baseline": 0.8, "magnet": 0.8}
 
@@ -160,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             common.log("both servers ready")
             flip = False
             for pipeline in pipelines:
-                warmup, duration = (v * args.scale for v in WINDOWS.get(pipeline, (2.0, 6.0)))
                 for c in clients:
+                    warmup, duration = (v * args.scale for v in WINDOWS.get(pipeline, ((2, 6), (4, 12)))[c > 1])
                     rates: dict[str, list[float]] = {"old": [], "new": []}
                     loads = []
                     for _ in range(args.repeats):
