@@ -7,9 +7,9 @@ shieldserve, over the Open Inference Protocol (/v2), in alternating windows.
 KServe runs in its own virtual environment (`--kserve-python`; make it with
 `python3 -m venv DIR && DIR/bin/pip install torch==2.13.0 && DIR/bin/pip install kserve`,
 torch first so kserve pulls no second build; `--make-kserve-venv DIR` does exactly that).
-The classifier it serves is the bundle's base classifier, handed over as the TorchScript
-copy shieldserve decides with (trace, freeze, optimize_for_inference: service.defenses.base
-.optimize_for_cpu), so both servers run the same network the same way; KServe's model
+The classifier it serves is the bundle's base classifier, traced to TorchScript and, on
+load, frozen and optimised for inference as shieldserve's decision copy is
+(service.defenses.base.optimize_for_cpu), so both servers run the same network the same way; KServe's model
 (`_kserve_main` below, the textbook `kserve.Model`: load, predict) answers a V2 request with
 the labels and the softmax probabilities, as shieldserve's /v2 does.
 
@@ -48,6 +48,8 @@ GOALS = {"shieldserve/v2": 1.3, "shieldserve/predict": 2.0}
 # ============================================================================ KServe's side
 def _kserve_main(model_path: str, port: int) -> None:
     """Runs in KServe's venv: a kserve.Model around the TorchScript classifier."""
+    import uuid
+
     import kserve
     import numpy as np
     import torch
@@ -60,7 +62,12 @@ def _kserve_main(model_path: str, port: int) -> None:
             self.load()
 
         def load(self) -> bool:
-            self.net = torch.jit.load(model_path)
+            # shieldserve's optimize_for_cpu: freeze (weights as constants), then oneDNN
+            net = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.load(model_path).eval()))
+            with torch.no_grad():
+                for n in (1, 2, 16, 1):  # TorchScript specialises on its first calls
+                    net(torch.zeros(n, 1, 28, 28))
+            self.net = net
             self.ready = True
             return True
 
@@ -75,7 +82,8 @@ def _kserve_main(model_path: str, port: int) -> None:
             out_l.set_data_from_numpy(labels.numpy())
             out_p = InferOutput(name="probabilities", shape=list(probs.shape), datatype="FP32")
             out_p.set_data_from_numpy(probs.numpy())
-            return InferResponse(model_name=self.name, infer_outputs=[out_l, out_p], response_id=payload.id)
+            return InferResponse(model_name=self.name, infer_outputs=[out_l, out_p],
+                                 response_id=payload.id or uuid.uuid4().hex)  # as KServe's examples do
 
     kserve.ModelServer(http_port=port, enable_grpc=False, workers=1).start([Classifier("classifier")])
 
@@ -170,21 +178,17 @@ def _requests(n: int) -> tuple[dict[str, list[bytes]], Any]:
 
 
 def _export_classifier(bundle: Path, out: Path) -> str:
+    """The bundle's base classifier, traced to TorchScript (a frozen, oneDNN-optimised module
+    cannot be saved and loaded again: KServe's side freezes and optimises after loading)."""
     import torch
 
     from models.bundle import Bundle
-    from service.defenses.base import optimize_for_cpu
 
     b = Bundle.load(bundle)
-    clf = b.classifier("cpu")
-    fast = optimize_for_cpu(clf, tuple(b.input_spec.shape))
-    if fast is clf:  # could not be optimised: KServe gets the traced eager network
-        fast = torch.jit.trace(clf.eval(), torch.zeros(1, *b.input_spec.shape))
-        kind = "traced"
-    else:
-        kind = "frozen+optimize_for_inference (as shieldserve decides)"
-    torch.jit.save(fast, str(out))
-    return kind
+    clf = b.classifier("cpu").eval()
+    with torch.no_grad():
+        torch.jit.trace(clf, torch.zeros(1, *b.input_spec.shape)).save(str(out))
+    return "traced, then frozen and optimize_for_inference on load (as shieldserve decides)"
 
 
 def _drive(target: str, port: int, pid: int, clients: int, warmup: float, duration: float, workdir: Path,
