@@ -13,6 +13,11 @@ load, frozen and optimised for inference as shieldserve's decision copy is
 (`_kserve_main` below, the textbook `kserve.Model`: load, predict) answers a V2 request with
 the labels and the softmax probabilities, as shieldserve's /v2 does.
 
+Both servers get the same torch thread count: `--threads N`, or each one's default (torch's
+default for both). On a machine busy with other work, two threads for a one-image forward
+pass can cost 40x one (the second thread is descheduled while the first waits for it), and
+KServe runs one image a call: compare at --threads 1 there too.
+
 Targets, each a server of its own on 127.0.0.1, one process, default settings:
   kserve/v2        POST /v2/models/classifier/infer, one FP32 digit as JSON
   shieldserve/v2   POST /v2/models/baseline/infer, the same JSON body
@@ -46,7 +51,7 @@ GOALS = {"shieldserve/v2": 1.3, "shieldserve/predict": 2.0}
 
 
 # ============================================================================ KServe's side
-def _kserve_main(model_path: str, port: int) -> None:
+def _kserve_main(model_path: str, port: int, threads: int) -> None:
     """Runs in KServe's venv: a kserve.Model around the TorchScript classifier."""
     import uuid
 
@@ -54,6 +59,9 @@ def _kserve_main(model_path: str, port: int) -> None:
     import numpy as np
     import torch
     from kserve import InferOutput, InferRequest, InferResponse
+
+    if threads:
+        torch.set_num_threads(threads)
 
     class Classifier(kserve.Model):
         def __init__(self, name: str) -> None:
@@ -217,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of both servers; 0: each one's default (torch's default for both)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if args.make_kserve_venv:
@@ -240,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         kport, sport = _free_port(), _free_port()
         servers = {
             "kserve": Proc("kserve", [args.kserve_python, str(Path(__file__).resolve()), "_kserve", str(model),
-                                      str(kport)], base_env, workdir, kport, "/v2/health/ready", workdir),
+                                      str(kport), str(args.threads)], base_env, workdir, kport, "/v2/health/ready", workdir),
             "shieldserve": Proc("shieldserve", [sys.executable, "-m", "service", "serve", "--host", HOST, "--port",
                                                 str(sport)],
                                 {**base_env, "SHIELDSERVE_BUNDLE": str(Path(args.bundle).resolve()),
-                                 "SHIELDSERVE_LOG_LEVEL": "warning", "PYTHONPATH": str(common.REPO_ROOT)},
+                                 "SHIELDSERVE_LOG_LEVEL": "warning", "PYTHONPATH": str(common.REPO_ROOT),
+                                 "SHIELDSERVE_TORCH_THREADS": str(args.threads)},
                                 common.REPO_ROOT, sport, "/readyz", workdir),
         }
         targets = {"kserve/v2": servers["kserve"], "shieldserve/v2": servers["shieldserve"],
@@ -281,15 +292,17 @@ def main(argv: list[str] | None = None) -> int:
             for s in servers.values():
                 s.stop()
     common.print_table(rows, digits=2, title=f"req/s, one digit a request (KServe {kinfo['kserve']}, "
-                                             f"torch {kinfo['torch']}; KServe's model: {kind})")
+                                             f"torch {kinfo['torch']}, torch threads "
+                                             f"{args.threads or 'default'}; KServe's model: {kind})")
     path = common.write_results("kserve_peer", {"kserve": kinfo, "kserve_model": kind, "rows": rows,
+                                                "torch_threads": args.threads or "default",
                                                 "windows": windows}, out=args.out, started=started)
     print(f"\nwrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "_kserve":
-        _kserve_main(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) == 5 and sys.argv[1] == "_kserve":
+        _kserve_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         raise SystemExit(0)
     raise SystemExit(main())
