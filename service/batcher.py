@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from service.defenses.base import DeadlineExceeded, RunContext
@@ -68,20 +67,6 @@ class BatchReport:
     seed: int
 
 
-def _concatenate(xs: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat, by bytearray.join for plain contiguous CPU float32 tensors of one shape: it
-    keeps the GIL. torch.cat lets go of it, and so do numpy's copy loops (np.concatenate of 16
-    digits: ~2 times a call); each time, this thread waits up to the switch interval to get it
-    back from the busy event loop before the batch can start (bench/gil_handoff.py)."""
-    first = xs[0]
-    if all(t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad and t.is_contiguous()
-           and t.shape[1:] == first.shape[1:] for t in xs):
-        joined = bytearray().join([t.numpy().data for t in xs])  # one copy, writable
-        rows = sum(int(t.shape[0]) for t in xs)
-        return torch.from_numpy(np.frombuffer(joined, dtype=np.float32).reshape((rows, *first.shape[1:])))
-    return torch.cat(xs)
-
-
 def _settle(outcomes: list[tuple[asyncio.Future, bool, Any]], then: Callable[[], None] | None = None) -> None:
     """On the event loop: resolve each (future, ok, value) whose request still waits, then run
     `then` (the batch's metrics) before the waiting requests resume."""
@@ -116,7 +101,6 @@ class Batcher:
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._seeds: list[int] = []
 
     @property
     def queued_images(self) -> int:
@@ -149,15 +133,6 @@ class Batcher:
         except asyncio.CancelledError:
             job.future.cancel()  # the batch thread skips it, or stops the batch if no one else waits
             raise
-
-    def _seed(self) -> int:
-        """A fresh unpredictable 63-bit seed for one batch, from os.urandom 64 seeds at a time:
-        the system call lets go of the GIL, and getting it back costs the batch thread up to the
-        switch interval while the event loop is busy."""
-        if not self._seeds:
-            raw = secrets.token_bytes(8 * 64)
-            self._seeds = [int.from_bytes(raw[i:i + 8], "big") >> 1 for i in range(0, len(raw), 8)]
-        return self._seeds.pop()
 
     def _queue_changed(self, depth: int) -> None:
         if self._on_queue_change:
@@ -238,16 +213,14 @@ class Batcher:
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
         deadlines = [j.deadline for j in jobs]
-        seed = self._seed()
+        seed = secrets.randbits(63)  # unpredictable: a client cannot pick the noise its image gets
         ctx = RunContext(device=self._device, seed=seed,
                          deadline=None if any(d is None for d in deadlines) else max(deadlines),  # type: ignore[type-var]
                          cancelled=lambda: all(j.future.done() for j in jobs),
                          options=dict(jobs[0].options))
         started = time.monotonic()
         try:
-            # as few torch calls as can be: each one from this thread may wait for the GIL (see
-            # service/defenses/base.py, optimize_argmax_decision)
-            x = jobs[0].x if len(jobs) == 1 else _concatenate([j.x for j in jobs])
+            x = jobs[0].x if len(jobs) == 1 else torch.cat([j.x for j in jobs])
             if x.device != self._device:
                 x = x.to(self._device)
             results = self._run(x, ctx)

@@ -131,9 +131,12 @@ class ShieldserveDeployment:
 
     def __serve_build_asgi_app__(self):  # called by Ray Serve on the replica, after __init__
         from service.app import create_app
+        from service.server import apply_process_settings
         from service.settings import load_settings
 
-        return create_app(load_settings(self.config, **self.overrides))
+        settings = load_settings(self.config, **self.overrides)
+        apply_process_settings(settings)  # the replica's process: its entry point is here
+        return create_app(settings)
 
 
 def build_app(config: str | Path | None = None, options: RayOptions | None = None, **overrides: Any):

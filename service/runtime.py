@@ -4,8 +4,6 @@ bundle, the pipelines, one batcher per pipeline, the metrics. No module-level st
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,35 +28,9 @@ class UnknownPipeline(KeyError):
     pass
 
 
-_TORCH_DEFAULT_THREADS: int | None = None
-
-
-def auto_torch_threads(workers: int = 1) -> int | None:
-    """torch's intra-op threads when `torch_threads` is 0: one fewer than torch's own default
-    (the CPUs it found) shared among the `workers` processes, at least 1, so each worker's event
-    loop keeps a core to itself. With torch's default of 2 on a 2-CPU machine its second thread
-    and the loop took turns on one core: /predict at 32 clients ~10% slower (docs/operations.md).
-    None (torch's default stands) where OMP_NUM_THREADS is set: the operator chose. Process-wide,
-    like torch_threads; the default is read once, so building a second Runtime does not take
-    another thread away."""
-    global _TORCH_DEFAULT_THREADS
-    if os.environ.get("OMP_NUM_THREADS", "").strip():
-        return None
-    if _TORCH_DEFAULT_THREADS is None:
-        _TORCH_DEFAULT_THREADS = torch.get_num_threads()
-    return max(1, _TORCH_DEFAULT_THREADS // max(1, workers) - 1)
-
-
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        threads = settings.torch_threads or auto_torch_threads(settings.workers)
-        if threads and threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-            log.info("torch intra-op threads: %d%s", threads, "" if settings.torch_threads else
-                     " (auto: one core left to the event loop; set torch_threads to choose)")
-        if settings.gil_switch_interval_ms:  # process-wide, like torch_threads
-            sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
         self.device = torch.device(settings.device)
         started = time.monotonic()
         self.bundle = Bundle.load(settings.bundle)  # verifies every sha256; raises BundleError

@@ -8,6 +8,10 @@ new work; then uvicorn stops accepting connections, lets in-flight requests fini
 With `workers > 1` every worker is a separate process that loads the bundle itself; the
 Prometheus metrics of all of them are aggregated through prometheus-client's multiprocess
 mode (a directory named by PROMETHEUS_MULTIPROC_DIR, wiped at start).
+
+Process-wide state (torch's thread count) is set here, once per process, from settings: by
+`serve` for one process and by `worker_app` in each worker; never by the app or the runtime,
+which tests and benchmarks build many times in one process.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import tempfile
 import threading
 from typing import Any
 
+import torch
 import uvicorn
 
-from service.settings import Settings
+from service.settings import Settings, load_settings
 
 log = logging.getLogger("shieldserve")
 
@@ -47,6 +52,42 @@ class DrainingServer(uvicorn.Server):
         timer.start()
 
 
+def torch_threads(settings: Settings, default: int) -> int | None:
+    """The intra-op thread count a serving process sets, or None to leave torch's `default`.
+    `torch_threads` > 0 is taken as it is. 0 (auto): torch's default (every core it found) for
+    one process, so the compute-heavy pipelines (smoothing, RMC, Defense-GAN) use the whole
+    machine; with `workers` processes each takes its share, at least 1. Where OMP_NUM_THREADS
+    is set, the operator chose: torch's default (which follows it) stands."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    if os.environ.get("OMP_NUM_THREADS", "").strip() or settings.workers <= 1:
+        return None
+    return max(1, default // settings.workers)
+
+
+def apply_process_settings(settings: Settings) -> None:
+    """Set the process-wide state that settings choose: torch's intra-op threads. Call it once,
+    first thing in a serving process, before any thread runs torch."""
+    default = torch.get_num_threads()
+    threads = torch_threads(settings, default)
+    if threads is not None and threads != default:
+        torch.set_num_threads(threads)
+    log.info("torch intra-op threads: %d%s", torch.get_num_threads(),
+             "" if settings.torch_threads else " (auto; set torch_threads to choose)")
+
+
+def worker_app() -> Any:
+    """The app of one `--workers N` process (uvicorn's factory): settings from the environment
+    `serve` set, logging and process settings as `serve` sets them, then the app."""
+    from service.app import create_app
+    from service.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.json_logs)
+    apply_process_settings(settings)
+    return create_app(settings)
+
+
 def serve(settings: Settings, config_file: str | None = None) -> None:
     from service.logs import configure_logging
 
@@ -62,10 +103,11 @@ def serve(settings: Settings, config_file: str | None = None) -> None:
             os.environ["SHIELDSERVE_CONFIG"] = str(config_file)
         os.environ["SHIELDSERVE_BUNDLE"] = str(settings.bundle)
         os.environ["SHIELDSERVE_WORKERS"] = str(settings.workers)  # auto torch_threads shares the CPUs
-        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+        uvicorn.run("service.server:worker_app", factory=True, workers=settings.workers, **common)
         return
     from service.app import create_app
 
+    apply_process_settings(settings)
     app = create_app(settings)
     DrainingServer(uvicorn.Config(app, **common), app, settings.drain_seconds).run()
 

@@ -110,16 +110,13 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(2.0, ge=0, description="after SIGTERM, answer /readyz 503 this long before closing")
     graceful_timeout_s: float = Field(30.0, ge=0, description="how long in-flight requests may take to finish")
     torch_threads: int = Field(
-        0, ge=0, description="torch's intra-op threads (process-wide); 0: auto, one fewer than torch's default "
-                             "shared among the workers (at least 1) so each event loop keeps a core, or torch's "
-                             "default where OMP_NUM_THREADS is set")
+        0, ge=0, description="torch's intra-op threads, set once per serving process; 0: auto, torch's default "
+                             "(every core it found) shared among the workers (at least 1 each); torch's default "
+                             "where OMP_NUM_THREADS is set")
     fastapi_telemetry: bool = Field(
         False, description="FastAPI's native OpenTelemetry instrumentation (spans, metrics and logs through the "
                            "global OpenTelemetry providers); off by default: the service exports Prometheus "
                            "metrics itself, and the check costs ~0.05 ms a request even with no provider set")
-    gil_switch_interval_ms: float = Field(
-        1.0, ge=0, le=100, description="how long a thread may hold the GIL while another waits for it "
-                                       "(sys.setswitchinterval, process-wide); 0 keeps Python's 5 ms")
     warmup: bool = True
     optimize_classifier: bool = Field(
         True, description="on CPU, decide with a TorchScript-frozen, oneDNN-optimised copy of the base classifier "

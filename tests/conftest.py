@@ -10,10 +10,11 @@ import pytest
 import torch
 
 os.environ.setdefault("SHIELDSERVE_PROGRESS", "0")
+# The same thread count on every machine, whatever its cores: what the tests train (the quick
+# bundle, per-test networks) then runs the same reductions on a 2-core laptop and a 64-core
+# server. Apps built here leave it alone (only the server's entry point sets threads); the
+# servers tests start as subprocesses take the same count (tests/test_server.py checks auto).
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-# Apps built in this process keep that count (the service's auto would take one thread away,
-# process-wide, and what the tests train after the first app would differ in the last digit
-# from what they trained before it); test_api checks the auto rule itself.
 os.environ.setdefault("SHIELDSERVE_TORCH_THREADS", str(torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]

@@ -288,45 +288,21 @@ def test_an_unexpected_failure_in_predict_is_a_logged_500_and_the_next_request_i
     assert r.status_code == 200 and r.json()["results"][0]["label"] == int(mnist.test.y[0])
 
 
-def test_process_settings_fastapi_telemetry_and_gil_switch_interval(make_client):
+def test_fastapi_telemetry_is_off_unless_asked_for(make_client):
+    c = make_client()
+    telemetry = c.app._telemetry  # FastAPI's native OpenTelemetry: off unless asked for
+    assert not (telemetry["tracing"] or telemetry["metrics"] or telemetry["logs"])
+    c = make_client(fastapi_telemetry=True)
+    assert c.app._telemetry["tracing"] and c.app._telemetry["metrics"]
+    assert c.get("/healthz").status_code == 200
+
+
+def test_building_apps_changes_no_process_wide_state(make_client):
+    """Thread counts and interpreter settings belong to the server's entry point
+    (service/server.py); an app or runtime built in a process leaves them as they were."""
     import sys
 
-    before = sys.getswitchinterval()
-    try:
-        c = make_client(gil_switch_interval_ms=2.5)
-        assert sys.getswitchinterval() == pytest.approx(0.0025)
-        telemetry = c.app._telemetry  # FastAPI's native OpenTelemetry: off unless asked for
-        assert not (telemetry["tracing"] or telemetry["metrics"] or telemetry["logs"])
-        c = make_client(fastapi_telemetry=True)
-        assert c.app._telemetry["tracing"] and c.app._telemetry["metrics"]
-        assert c.get("/healthz").status_code == 200
-    finally:
-        sys.setswitchinterval(before)
-
-
-def test_torch_threads_auto_leaves_the_event_loop_a_core(make_client, monkeypatch):
-    import service.runtime as runtime_module
-
-    before = torch.get_num_threads()
-    try:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.delenv("SHIELDSERVE_TORCH_THREADS", raising=False)
-        monkeypatch.setattr(runtime_module, "_TORCH_DEFAULT_THREADS", 3)  # torch found 3 CPUs
-        make_client()
-        assert torch.get_num_threads() == 2
-        make_client()  # a second app in the process takes no further thread away
-        assert torch.get_num_threads() == 2
-        make_client(torch_threads=3)  # a number is taken as it is
-        assert torch.get_num_threads() == 3
-        monkeypatch.setattr(runtime_module, "_TORCH_DEFAULT_THREADS", 8)
-        assert runtime_module.auto_torch_threads(workers=2) == 3  # 2 x (3 threads + a loop) = 8
-        monkeypatch.setattr(runtime_module, "_TORCH_DEFAULT_THREADS", 1)
-        assert runtime_module.auto_torch_threads() == 1  # never 0
-        assert runtime_module.auto_torch_threads(workers=4) == 1
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the operator's choice stands
-        assert runtime_module.auto_torch_threads() is None
-        torch.set_num_threads(3)
-        make_client()
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    make_client(torch_threads=threads + 1)
+    make_client()
+    assert torch.get_num_threads() == threads and sys.getswitchinterval() == interval

@@ -181,16 +181,25 @@ def test_requests_from_two_event_loops_are_answered_on_their_own_loops() -> None
     asyncio.run(b.close())
 
 
-def test_batches_are_concatenated_exactly_whatever_the_tensors() -> None:
-    from service.batcher import _concatenate
+def test_a_merged_batch_holds_each_request_exactly_and_shares_no_memory_with_them() -> None:
+    seen: list[torch.Tensor] = []
+    seeds: list[int] = []
 
-    plain = [torch.rand(2, 1, 3, 3), torch.rand(3, 1, 3, 3)[1:2]]  # a view of a bigger batch
-    strided = [torch.rand(2, 1, 3, 3).transpose(2, 3), torch.rand(1, 1, 3, 3)]  # not contiguous
-    other = [torch.rand(1, 1, 3, 3, dtype=torch.float64), torch.rand(2, 1, 3, 3, dtype=torch.float64)]
-    empty = [torch.rand(0, 1, 3, 3), torch.rand(2, 1, 3, 3)]
-    for xs in (plain, strided, other, empty):
-        got = _concatenate(xs)
-        assert torch.equal(got, torch.cat(xs)) and got.dtype == xs[0].dtype
-        before = [t.clone() for t in xs]
-        got.add_(1)  # a batch of its own: writable, sharing no memory with the requests' tensors
-        assert all(torch.equal(a, b) for a, b in zip(xs, before))
+    def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        seen.append(x.clone())
+        seeds.append(ctx.seed)
+        x.add_(1)  # a defense may work in place on its batch
+        return [ImageResult(status="accepted", label=0, confidence=1.0) for _ in range(x.shape[0])]
+
+    xs = [torch.rand(2, 1, 3, 3), torch.rand(3, 1, 3, 3)[1:2], torch.rand(2, 1, 3, 3).transpose(2, 3)]
+    before = [t.clone() for t in xs]
+
+    async def main() -> None:
+        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=8, max_delay_ms=200)
+        await asyncio.gather(*(b.submit(t) for t in xs))
+        await b.close()
+
+    asyncio.run(main())
+    assert len(seen) == 1 and torch.equal(seen[0], torch.cat(before))  # one batch, in order
+    assert all(torch.equal(a, b) for a, b in zip(xs, before))  # the requests' tensors untouched
+    assert 0 <= seeds[0] < 2**63

@@ -1,6 +1,13 @@
 """Neural Fingerprinting on real digits: the fingerprinted network classifies well, its check
 rejects real adversarial digits and accepts clean ones, the threshold round-trips through the
-bundle, and no fingerprint value ever leaves the service (responses, /pipelines, /metrics, logs)."""
+bundle, and no fingerprint value ever leaves the service (responses, /pipelines, /metrics, logs).
+
+What a detector learned is asserted on the committed default bundle (fixed weights, verified
+by sha256), never on the quick bundle the session trains: the quick preset's fingerprints
+come out differently with another CPU's float kernels, another thread count or another seed
+(FGSM AUC-ROC 0.86 and 0.93 for seed 0 at 2 and 1 threads, 0.28 for seed 1: no detection at
+all). On the quick bundle the tests check what the mechanism guarantees: the calibrated
+clean budget, the score and the rejection rule."""
 
 from __future__ import annotations
 
@@ -43,6 +50,26 @@ def digits(mnist, parts):
     return sub.x, sub.y, fgsm(detector.network, sub.x, sub.y, 0.3)
 
 
+@pytest.fixture(scope="module")
+def default_env(default_bundle) -> DefenseEnv:
+    bundle = Bundle.load(default_bundle)
+    return DefenseEnv(bundle=bundle, classifier=bundle.classifier(), device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def default_parts(default_env):
+    from service.defenses.neuralfp import build
+
+    return build({}, default_env)
+
+
+@pytest.fixture(scope="module")
+def default_digits(mnist, default_parts):
+    detector, _ = default_parts
+    sub = mnist.test.per_class(5)
+    return sub.x, sub.y, fgsm(detector.network, sub.x, sub.y, 0.3)
+
+
 def test_threshold_round_trips_and_network_classifies(env, parts, mnist):
     from models.recipes.neuralfp import fingerprint_scores
 
@@ -62,24 +89,37 @@ def test_threshold_round_trips_and_network_classifies(env, parts, mnist):
     assert float((scores > detector.threshold).float().mean()) <= 0.01 + 1 / 500 + 1e-9  # one image may sit on the threshold
     assert 10 <= section["settings"]["n_fingerprints"] <= 30
     acc = float((detector.network(mnist.test.x).argmax(1) == mnist.test.y).float().mean())
-    assert acc >= 0.85  # quick preset; the default preset's >= 97% is in the manifest and docs
+    assert acc >= 0.8  # quick preset (0.89-0.90 over seeds and thread counts); the default's >= 97% below
     assert env.bundle.artifact("neuralfp_classifier")["sha256"] != env.bundle.artifact("classifier")["sha256"]
 
 
-def test_detector_rejects_fgsm_and_accepts_clean(parts, digits):
+def test_quick_detector_keeps_its_clean_budget_and_rejects_by_its_rule(parts, digits):
     detector, _ = parts
-    x, y, x_adv = digits
+    x, _, x_adv = digits
+    ctx = RunContext()
+    (clean,) = detector.detect(x, None, ctx)
+    (adv,) = detector.detect(x_adv, None, ctx)
+    # calibrated at 1% on clean digits: 4 or more of 50 rejected has probability 0.2% at a true 1%
+    assert clean.rejected.float().mean() <= 0.06
+    for d in (clean, adv):
+        assert bool((d.rejected == (d.scores > detector.threshold)).all())
+
+
+def test_default_detector_rejects_fgsm_and_accepts_clean(default_env, default_parts, default_digits, mnist):
+    detector, _ = default_parts
+    x, y, x_adv = default_digits
     ctx = RunContext()
     (clean,) = detector.detect(x, None, ctx)
     (adv,) = detector.detect(x_adv, None, ctx)
     assert clean.rejected.float().mean() <= 0.06
     fooled = detector.network(x_adv).argmax(1) != y
     assert fooled.sum() >= 10
-    # the quick preset trains briefly: its fingerprints separate well but not perfectly
-    # (the default preset's AUC-ROC is in docs/defenses/neuralfp.md)
+    # measured on this bundle: AUC-ROC 0.99, 84% of the fooled digits rejected
     auc = float((adv.scores[fooled][:, None] > clean.scores[None, :]).float().mean())
-    assert auc >= 0.85
-    assert adv.rejected[fooled].float().mean() >= 0.35
+    assert auc >= 0.9
+    assert adv.rejected[fooled].float().mean() >= 0.6
+    acc = float((detector.network(mnist.test.x).argmax(1) == mnist.test.y).float().mean())
+    assert acc >= 0.97 and default_env.bundle.defense("neuralfp")["metrics"]["test_accuracy"] >= 0.97
 
 
 def test_options_are_checked(env):
@@ -103,13 +143,13 @@ def _secret_strings(detector) -> set[str]:
     return out
 
 
-def test_fingerprints_never_leave_the_service(make_client, parts, digits, caplog):
-    detector, _ = parts
+def test_fingerprints_never_leave_the_service(make_client, default_bundle, default_parts, default_digits, caplog):
+    detector, _ = default_parts  # the shipped bundle: its detector rejects FGSM digits for sure
     secrets = _secret_strings(detector)
     assert len(secrets) > 100
     caplog.set_level(logging.DEBUG)
-    client = make_client(pipelines=PIPELINES, default_pipeline="neuralfp")
-    x, y, x_adv = digits
+    client = make_client(pipelines=PIPELINES, default_pipeline="neuralfp", bundle=default_bundle)
+    x, y, x_adv = default_digits
     (d_adv,) = detector.detect(x_adv, detector.network, RunContext())
     caught = torch.nonzero(d_adv.rejected).flatten()[:4].tolist()  # adversarial digits the detector rejects
     assert caught
@@ -132,19 +172,21 @@ def test_fingerprints_never_leave_the_service(make_client, parts, digits, caplog
     leaked = [s for s in secrets if s in text]
     assert not leaked, f"fingerprint values leaked: {leaked[:5]}"
     settings = {p["name"]: p for p in client.get("/pipelines").json()["pipelines"]}["neuralfp"]["defenses"][0]["settings"]
-    assert set(settings) == {"fingerprints", "threshold", "calibrated_target_fpr", "match"}
+    either = {"score_thresholds"} if settings["match"] == "either" else set()  # the two scores' thresholds
+    assert set(settings) == {"fingerprints", "threshold", "calibrated_target_fpr", "match"} | either
 
 
-def test_either_score_fires_on_either_jointly_calibrated_threshold(parts, digits, mnist, default_bundle):
-    """`match: either` on real digits (quick network, calibrated here on its clean validation
-    digits only): the score is max(min / tau_min, predicted / tau_pred) with threshold 1, so it
+def test_either_score_fires_on_either_jointly_calibrated_threshold(default_parts, default_digits, mnist,
+                                                                    default_bundle):
+    """`match: either` on real digits (the default bundle's network, calibrated here on its
+    clean validation digits only): the score is max(min / tau_min, predicted / tau_pred) with threshold 1, so it
     rejects every digit either score alone would, within the shared clean budget; and the
     default bundle serves it with the thresholds from its manifest."""
     from models.recipes.neuralfp import calibration_scores, fingerprint_scores
     from service.defenses.calibration import joint_thresholds, rejection_rate
     from service.defenses.neuralfp import NeuralFPDetector, build
 
-    detector, _ = parts
+    detector, _ = default_parts
     net, dx, dy = detector.network, detector._dx, detector._dy
     cal = calibration_scores(net, mnist.val.x, dx, dy, "either")
     assert set(cal) == {"min", "predicted"}
@@ -154,7 +196,7 @@ def test_either_score_fires_on_either_jointly_calibrated_threshold(parts, digits
         fingerprint_scores(net, mnist.val.x[:2], dx, dy, match="either")  # needs the two thresholds
     either = NeuralFPDetector(net, dx, dy, 1.0, 0.01, "either", taus)
     assert either.public_settings()["score_thresholds"] == taus
-    x, y, x_adv = digits
+    x, y, x_adv = default_digits
     ctx = RunContext()
     (clean,) = either.detect(x, None, ctx)
     (adv,) = either.detect(x_adv, None, ctx)
@@ -165,7 +207,7 @@ def test_either_score_fires_on_either_jointly_calibrated_threshold(parts, digits
     assert clean.rejected.float().mean() <= 0.06
     fooled = net(x_adv).argmax(1) != y
     auc = float((adv.scores[fooled][:, None] > clean.scores[None, :]).float().mean())
-    assert auc >= 0.85 and adv.rejected[fooled].float().mean() >= 0.35
+    assert auc >= 0.9 and adv.rejected[fooled].float().mean() >= 0.6  # measured: 0.99, 0.88
 
     bundle = Bundle.load(default_bundle)
     section = bundle.defense("neuralfp")

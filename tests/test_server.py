@@ -61,10 +61,46 @@ def _count(text: str, prefix: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
 
+def _torch_default_threads() -> int:
+    """torch's own default in a fresh process (this one's count is pinned by conftest)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                         env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+def test_torch_threads_auto_is_torch_default_shared_among_workers(monkeypatch) -> None:
+    from service.server import apply_process_settings, torch_threads
+    from service.settings import load_settings
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SHIELDSERVE_TORCH_THREADS", raising=False)
+    auto = load_settings()
+    assert auto.torch_threads == 0
+    assert torch_threads(auto, default=8) is None  # one process: torch's default, every core
+    assert torch_threads(auto.model_copy(update={"workers": 2}), default=8) == 4
+    assert torch_threads(auto.model_copy(update={"workers": 3}), default=8) == 2
+    assert torch_threads(auto.model_copy(update={"workers": 4}), default=2) == 1  # never 0
+    assert torch_threads(auto.model_copy(update={"torch_threads": 3, "workers": 2}), default=8) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the operator chose: torch follows it already
+    assert torch_threads(auto.model_copy(update={"workers": 2}), default=8) is None
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        apply_process_settings(auto.model_copy(update={"torch_threads": before + 1}))
+        assert torch.get_num_threads() == before + 1
+        apply_process_settings(auto)  # auto with OMP_NUM_THREADS set: as it is
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 def test_two_workers_report_the_sum_of_their_metrics_and_log_like_one_server(quick_bundle, mnist):
     port = _free_port()
-    proc = _start(quick_bundle, port, "--workers", "2", SHIELDSERVE_LOG_LEVEL="info")
+    proc = _start(quick_bundle, port, "--workers", "2", SHIELDSERVE_LOG_LEVEL="info", SHIELDSERVE_TORCH_THREADS="0")
     try:
         _wait_ready(port, proc)
         time.sleep(2)  # the second worker may still be warming up
@@ -89,6 +125,10 @@ def test_two_workers_report_the_sum_of_their_metrics_and_log_like_one_server(qui
     access = [r for r in lines if r.get("logger") == "shieldserve.access" and r.get("path") == "/predict"]
     assert len(access) == n and {r["status"] for r in access} == {200}
     assert sum("loaded in" in r.get("message", "") for r in lines) == 2  # each worker's bundle
+    # each worker set its share of torch's default threads, once, at its start
+    share = max(1, _torch_default_threads() // 2)
+    threads = [r["message"] for r in lines if r.get("message", "").startswith("torch intra-op threads")]
+    assert threads == [f"torch intra-op threads: {share} (auto; set torch_threads to choose)"] * 2
 
 
 @pytest.mark.slow

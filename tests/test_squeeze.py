@@ -10,7 +10,7 @@ import torch
 from models.bundle import Bundle
 from service.attacks import pgd
 from service.defenses.base import DefenseEnv, RunContext
-from tests.conftest import png
+from tests.conftest import defense_env, png
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +45,30 @@ def test_threshold_round_trips_and_detects(env, mnist):
     val = squeeze_scores(mnist.val.x, env.classifier)
     assert float((val > det.threshold).float().mean()) <= 0.01 + 1 / 500 + 1e-9  # one image may sit on the threshold
     sub = mnist.test.per_class(5)
-    # small-step PGD leaves fine-grained perturbations that 1-bit squeezing erases
-    x_adv = pgd(env.classifier, sub.x, sub.y, 0.15, steps=10, generator=torch.Generator().manual_seed(0))
     (d_clean,) = det.detect(sub.x, env.classifier, RunContext())
-    (d_adv,) = det.detect(x_adv, env.classifier, RunContext())
-    fooled = env.classifier(x_adv).argmax(1) != sub.y
-    assert d_clean.rejected.float().mean() <= 0.06
-    # the threshold is bounded at 0.5% of 4,000 clean digits: strict, so a share of the fooled digits pass
-    assert fooled.sum() >= 10 and d_adv.rejected[fooled].float().mean() >= 0.35
+    assert d_clean.rejected.float().mean() <= 0.06  # the calibrated clean budget, whatever was trained
+    assert bool((d_clean.rejected == (d_clean.scores > det.threshold)).all())
     with pytest.raises(ValueError):
         build({"bits": 2}, env)
+
+
+def test_default_bundle_detects_small_step_pgd(default_bundle, mnist):
+    """What squeezing catches depends on the classifier it is calibrated for: asserted on the
+    committed default bundle, not the session's quick one (the share of fooled digits it
+    rejected there went from 0.50 to 0.33 with another seed)."""
+    from service.defenses.squeeze import build
+
+    denv = defense_env(default_bundle)
+    (det,) = build({}, denv)
+    sub = mnist.test.per_class(5)
+    # small-step PGD leaves fine-grained perturbations that 1-bit squeezing erases
+    x_adv = pgd(denv.classifier, sub.x, sub.y, 0.15, steps=10, generator=torch.Generator().manual_seed(0))
+    (d_clean,) = det.detect(sub.x, denv.classifier, RunContext())
+    (d_adv,) = det.detect(x_adv, denv.classifier, RunContext())
+    fooled = denv.classifier(x_adv).argmax(1) != sub.y
+    assert d_clean.rejected.float().mean() <= 0.06
+    # bounded at 0.5% of the clean digits: strict, yet 96% of the fooled digits are rejected here
+    assert fooled.sum() >= 10 and d_adv.rejected[fooled].float().mean() >= 0.6
 
 
 def test_squeeze_composes_with_magnet_over_http(make_client, mnist):

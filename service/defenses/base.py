@@ -132,7 +132,7 @@ def optimize_argmax_decision(f: Classify, shape: tuple[int, ...], check: int = 6
     call from the inference thread lets go of the GIL and must win it back from the event loop,
     which holds it for up to `sys.getswitchinterval()` at a time; the five calls of the eager
     decision (forward, float, softmax, max, zeros_like) cost several such waits per batch under
-    load (bench/gil_handoff.py; docs/operations.md, "The serving hot path"). None if `f` cannot be traced or the result differs
+    load (docs/operations.md, "The serving hot path"). None if `f` cannot be traced or the result differs
     from the eager decision (probabilities within 1e-3, the same labels) on `check` random
     noisy inputs."""
     def same(logits: torch.Tensor, got: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> bool:
