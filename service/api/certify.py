@@ -16,22 +16,24 @@ import secrets
 import threading
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
+from service.api.clients import client_of
 from service.api.errors import ApiError
 from service.api.predict import (
-    TIMEOUT_PARAM, deadline_error, deadline_of, decode_request, overloaded_error, tracked,
+    TIMEOUT_PARAM, attack_suspected_error, deadline_error, deadline_of, decode_request, overloaded_error, tracked,
 )
 from service.api.schemas import ErrorBody, RejectionOut
 from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded, RunContext
+from service.defenses.query_monitor import AttackSuspected
 from service.runtime import Runtime
 from service.store import StoreUnavailable
 
 router = APIRouter(tags=["certify"])
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 503, 504)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -145,6 +147,24 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
     return body
 
 
+async def _monitor_rejection(runtime: Runtime, digest: str, x, name: str, opts: dict[str, Any],
+                             client: str) -> CertifyResponse | None:
+    """The query monitor's rejection of a posted image (a certificate is an oracle too), or None."""
+    try:
+        verdict = await runtime.screen(runtime.pipelines[name], x.unsqueeze(0), client)
+    except AttackSuspected as exc:
+        raise attack_suspected_error(exc) from None
+    if verdict is None or not (verdict.reject and verdict.flagged[0]):
+        return None
+    runtime.metrics.rejections.labels(name, "query_monitor").inc()
+    return CertifyResponse(
+        image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status="rejected", label=None,
+        abstained=False, radius=None, p_a_lower=None, sigma=opts["sigma"], n0=opts["n0"], n=0, alpha=opts["alpha"],
+        samples=0, seconds=0.0, seed=None,
+        rejected_by=[RejectionOut(defense="query_monitor", detector="fingerprint_match", score=verdict.score(0),
+                                  threshold=verdict.threshold / verdict.top_n)])
+
+
 async def _observed(request: Request, name_hint: str | None, work) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
     with tracked(runtime, "certify", name_hint) as t:
@@ -165,6 +185,7 @@ async def certify_get(
         alpha: float | None = Query(None, gt=0, lt=0.5, description="failure probability"),
         radius: float | None = Query(None, ge=0, description="only decide: certified at this radius?"),
         seed: int | None = Query(None, ge=0, lt=2**63, description="noise seed, to reproduce a certificate"),
+        client: str = Depends(client_of),
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 
@@ -195,6 +216,7 @@ async def certify_post(
         n: int | None = Query(None, ge=1), n0: int | None = Query(None, ge=1),
         alpha: float | None = Query(None, gt=0, lt=0.5), radius: float | None = Query(None, ge=0),
         seed: int | None = Query(None, ge=0, lt=2**63),
+        client: str = Depends(client_of),
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 
@@ -203,6 +225,9 @@ async def certify_post(
         x, digests = await decode_request(request, runtime)
         if len(digests) != 1:
             raise ApiError(422, "invalid_parameter", f"POST /certify takes one image, got {len(digests)}")
+        rejected = await _monitor_rejection(runtime, digests[0], x[0], name, opts, client)
+        if rejected is not None:
+            return rejected
         try:
             request.app.state.store.put_image(digests[0], x[0])
         except StoreUnavailable:

@@ -48,6 +48,7 @@ from starlette.concurrency import run_in_threadpool
 
 import service
 from service.api.errors import ApiError
+from service.api.clients import client_of
 from service.api.predict import TIMEOUT_PARAM, outcome_of, run_pipeline, tracked
 from service.pipeline import ImageResult
 from service.runtime import Runtime
@@ -529,6 +530,7 @@ async def model_version_ready(request: Request, model: str, version: str) -> JSO
 async def _infer(request: Request, model: str, version: str | None) -> Response:
     rt = _runtime(request)
     with tracked(rt, "infer", model) as t:
+        client = client_of(request)
         _model(request, model, version)
         body = await request.body()
         limit = rt.settings.limits.max_body_bytes
@@ -541,7 +543,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
             return req, _decode_input(req, tail, rt), plan
 
         req, x, plan = await run_in_threadpool(parse)
-        results = await run_pipeline(request, rt, model, x)
+        results = await run_pipeline(request, rt, model, x, client=client)
         t.outcome = outcome_of(results)
         return _render(req, plan, results, rt, model, request.state.request_id)
 

@@ -15,11 +15,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
+from service.api.clients import client_of
 from service.api.errors import ApiError, api_error_response, internal_error_response
 from service.api.multipart import split_multipart
 from service.api.schemas import ErrorBody, ImageResultOut, PredictResponse, RejectionOut, StageOut
 from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded
+from service.defenses.query_monitor import AttackSuspected
 from service.imaging import ImageError, check_content_type, decode_batch, png_header_pixels
 from service.pipeline import ImageResult
 from service.runtime import Runtime
@@ -37,7 +39,7 @@ class DirectRoute(APIRoute):
 
 router = APIRouter(tags=["predict"], route_class=DirectRoute)
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 503, 504)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -170,7 +172,7 @@ class tracked:
             self.outcome = "client_closed"  # the client went away; its work was stopped
         elif exc is not None:
             self.outcome = exc.code if isinstance(exc, ApiError) and exc.code in (
-                "overloaded", "deadline_exceeded") else "error"
+                "overloaded", "deadline_exceeded", "attack_suspected", "unauthorized") else "error"
         label = self.pipeline if self.pipeline in self.runtime.pipelines else "unknown"
         m = self.runtime.metrics
         m.requests.labels(label, self.endpoint, self.outcome).inc()
@@ -237,11 +239,17 @@ def overloaded_error(exc: Overloaded) -> ApiError:
     return ApiError(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)})
 
 
+def attack_suspected_error(exc: AttackSuspected) -> ApiError:
+    return ApiError(429, "attack_suspected", str(exc), {"Retry-After": str(exc.retry_after)})
+
+
 async def run_pipeline(request: Request, runtime: Runtime, pipeline: str, x: torch.Tensor | None,
-                       options: dict | None = None, *, decode: Any = None, images: int = 0) -> Any:
+                       options: dict | None = None, *, decode: Any = None, images: int = 0,
+                       client: str | None = None) -> Any:
     """Admit, submit to the batcher and wait at most until the deadline, mapping overload
     and deadline to the contract's errors. Waiting out the deadline cancels this request's
-    job: a batch whose every request is gone stops at its next ctx.check()."""
+    job: a batch whose every request is gone stops at its next ctx.check(). With `client`,
+    the query monitor screens the images first (429 attack_suspected for a blocked client)."""
     deadline, seconds = deadline_of(request, runtime)
     remaining = deadline - time.monotonic()
     if remaining <= 0:
@@ -249,10 +257,13 @@ async def run_pipeline(request: Request, runtime: Runtime, pipeline: str, x: tor
     try:
         async with asyncio.timeout(remaining):  # a timer on this task; wait_for would add a task
             if decode is not None:  # (x, results), decoded in the batch's worker thread
-                return await runtime.infer_encoded(pipeline, decode, images, deadline=deadline, options=options)
-            return await runtime.infer(pipeline, x, deadline=deadline, options=options)
+                return await runtime.infer_encoded(pipeline, decode, images, deadline=deadline, options=options,
+                                                   client=client)
+            return await runtime.infer(pipeline, x, deadline=deadline, options=options, client=client)
     except Overloaded as exc:
         raise overloaded_error(exc) from None
+    except AttackSuspected as exc:
+        raise attack_suspected_error(exc) from None
     except (DeadlineExceeded, asyncio.TimeoutError):
         raise deadline_error(seconds) from None
 
@@ -285,6 +296,7 @@ async def predict(request: Request) -> PredictResponse:
     runtime = runtime_of(request)
     name = pipeline_param(request) or runtime.settings.default_pipeline
     with tracked(runtime, "predict", name) as t:
+        client = client_of(request)
         if name not in runtime.pipelines:
             raise ApiError(404, "unknown_pipeline",
                            f"no pipeline {name!r}; configured: {', '.join(sorted(runtime.pipelines))}")
@@ -295,12 +307,13 @@ async def predict(request: Request) -> PredictResponse:
         try:
             if sum(len(data) for data, _ in items) > INLINE_DECODE_BYTES:
                 x = await run_in_threadpool(decode)
-                results = await run_pipeline(request, runtime, name, x)
+                results = await run_pipeline(request, runtime, name, x, client=client)
             elif decode_on_loop(items):
                 x = decode()
-                results = await run_pipeline(request, runtime, name, x)
+                results = await run_pipeline(request, runtime, name, x, client=client)
             else:
-                x, results = await run_pipeline(request, runtime, name, None, decode=decode, images=len(items))
+                x, results = await run_pipeline(request, runtime, name, None, decode=decode, images=len(items),
+                                                client=client)
         except ImageError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
         try:  # so GET /certify?image_sha256= can find them; a store that is down costs no prediction
