@@ -175,9 +175,10 @@ class MemoryStore:
         left out); then remember it."""
         out = []
         with self._lock:
-            self._rotate(time.monotonic())
-            (old_h, old_d), (cur_h, cur_d) = self._gens
+            now = time.monotonic()
             for d, hs in zip(digests, hashes):
+                self._rotate(now)
+                (old_h, old_d), (cur_h, cur_d) = self._gens
                 me = (d in cur_d) + (d in old_d)
                 keys = hs.tolist()
                 out.append(sum(1 for k in keys if cur_h.get(k, 0) + old_h.get(k, 0) - me >= 1))
