@@ -317,5 +317,59 @@ def test_a_redis_that_is_down_degrades_to_this_replica(caplog) -> None:
         assert m.screen(MonitorPolicy(), y, "ip:1.1.1.1").flagged == [True]  # the local store still works
     assert events == [True]
     assert sum("query monitor: Redis" in r.getMessage() for r in caplog.records) == 1
-    with pytest.raises(RuntimeError, match="cannot be reached"):
-        QueryMonitor(store="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0")  # no key to agree on
+    # no key to agree on yet: the replica starts on a key and a store of its own
+    events.clear()
+    alone = QueryMonitor(store="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0", on_degraded=events.append)
+    assert alone._key_pending and events == [True]
+    assert alone.screen(MonitorPolicy(), x, "ip:1.1.1.1").flagged == [False]
+    assert alone.screen(MonitorPolicy(), y, "ip:1.1.1.1").flagged == [True]
+
+
+def test_a_replica_started_before_redis_reads_the_shared_key_when_it_is_up(redis_url) -> None:  # noqa: F811
+    import uuid
+
+    import redis as redis_lib
+
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    first = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix)
+    late = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix, retry_redis_s=0.0,
+                        redis_client=_Flaky(redis_lib.Redis.from_url(redis_url)))
+    assert late._key_pending and late.fingerprinter.key != first.fingerprinter.key
+    late.redis.client.down = False  # type: ignore[union-attr]
+    late.screen(MonitorPolicy(), torch.zeros(1, 1, 28, 28), "ip:1.1.1.1")
+    assert not late._key_pending and late.fingerprinter.key == first.fingerprinter.key
+
+
+class _Flaky:
+    """A Redis client that refuses connections while `down`."""
+
+    def __init__(self, client) -> None:
+        self.client, self.down = client, True
+
+    def __getattr__(self, name: str):
+        import redis as redis_lib
+
+        attr = getattr(self.client, name)
+        if name == "register_script":
+            return lambda script: _FlakyScript(self, attr(script))
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            if self.down:
+                raise redis_lib.exceptions.ConnectionError("down")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+class _FlakyScript:
+    def __init__(self, owner: _Flaky, script) -> None:
+        self.owner, self.script = owner, script
+
+    def __call__(self, *args, **kwargs):
+        import redis as redis_lib
+
+        if self.owner.down:
+            raise redis_lib.exceptions.ConnectionError("down")
+        return self.script(*args, **kwargs)

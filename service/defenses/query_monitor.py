@@ -379,20 +379,24 @@ class QueryMonitor:
         self.retry_redis_s = retry_redis_s
         self._down_since: float | None = None
         self._on_degraded = on_degraded or (lambda degraded: None)
+        self._params = (quantization, window, top_n, informative)
         key = secret.encode() if secret else None
+        self._key_pending = False  # the shared key is still to be read from Redis
         if store == "redis":
             self.redis = RedisStore(redis_url, redis_prefix, memory_window_s, max_queries, client=redis_client)
             if key is None:
                 try:
                     key = self.redis.shared_key()
                 except self.redis.errors as exc:
-                    # replicas would hash differently: refuse to start rather than silently
-                    # run a monitor that cannot see across replicas
-                    raise RuntimeError(f"query_monitor.store is redis but {self.redis.url} cannot be reached "
-                                       f"to agree on the hashing key ({type(exc).__name__}); set "
-                                       f"query_monitor.secret, or start Redis first") from None
-        self.fingerprinter = Fingerprinter(key or os.urandom(32), quantization, window, top_n, informative)
-        self._client_key = hashlib.sha256(b"client" + self.fingerprinter.key).digest()
+                    # a replica must hash like the others: until Redis answers it runs on its own
+                    # store with a key of its own, and reads the shared key when Redis is back
+                    self._redis_failed("reading the shared key", exc)
+                    self._key_pending = True
+        self._set_key(key or os.urandom(32))
+
+    def _set_key(self, key: bytes) -> None:
+        self.fingerprinter = Fingerprinter(key, *self._params)
+        self._client_key = hashlib.sha256(b"client" + key).digest()
 
     def client_tag(self, client: str) -> str:
         """The keyed hash under which a client's flags are stored (no raw address or key name)."""
@@ -424,10 +428,18 @@ class QueryMonitor:
         mode record the flags and raise AttackSuspected for a blocked client. Runs in a worker
         thread (numpy and, on the shared store, one Redis round trip)."""
         started = time.perf_counter()
+        if self._key_pending and self._use_redis():
+            assert self.redis is not None
+            try:
+                self._set_key(self.redis.shared_key())
+                self._key_pending = False
+                self._redis_ok()
+            except self.redis.errors as exc:
+                self._redis_failed("reading the shared key", exc)
         tag = self.client_tag(client)
         digests, hashes = self.fingerprinter.fingerprint(x)
         blocked_for, matches = 0.0, None
-        if self._use_redis():
+        if self._use_redis() and not self._key_pending:
             assert self.redis is not None
             try:
                 blocked_for, matches = self.redis.screen(tag, digests, hashes)
@@ -449,7 +461,7 @@ class QueryMonitor:
 
     def _add_flags(self, tag: str, count: int, policy: MonitorPolicy) -> bool:
         args = (tag, count, policy.block_window_s, policy.block_after, policy.cooldown_s)
-        if self._use_redis():
+        if self._use_redis() and not self._key_pending:
             assert self.redis is not None
             try:
                 blocked = self.redis.add_flags(*args)
@@ -460,7 +472,7 @@ class QueryMonitor:
         return self.memory.add_flags(*args)
 
     def blocked_count(self) -> int:
-        if self._use_redis():
+        if self._use_redis() and not self._key_pending:
             assert self.redis is not None
             try:
                 return self.redis.blocked_count()
