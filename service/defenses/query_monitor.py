@@ -5,17 +5,18 @@ queries. Following Blacklight (Li et al., USENIX Security 2022), every image a m
 pipeline receives gets a probabilistic fingerprint:
 
   1. quantize each pixel to levels of `quantization`/255 (small perturbations vanish),
-  2. slide a window of `window` values over the flattened levels and hash every window, with
-     its position, by a keyed hash (the secret decides which windows a query keeps, so an
-     attacker cannot aim at the kept ones),
+  2. slide a window of `window` values over the flattened levels and hash every window's
+     contents with a keyed hash (the secret decides which windows a query keeps, so an
+     attacker cannot aim at the kept ones; the position is not hashed, so shifting the image
+     by a few pixels keeps most hashes),
   3. leave out uninformative windows (fewer than `informative` of their values differ from
      the image's most common level: MNIST's background with a stroke's edge, which thousands
      of different digits share),
   4. keep the `top_n` largest distinct hashes.
 
-Blacklight hashes window contents alone; on MNIST that matched distinct benign digits (the
-shared background windows: 925 of 5,000 digits shared 25+ of 50 hashes with earlier ones).
-Hashing the position and dropping uninformative windows brought that to 0 (docs/query_monitor.md).
+With every window kept (Blacklight's rule) distinct benign MNIST digits matched: 925 of 5,000
+shared 25+ of 50 hashes with earlier ones, through the background windows all digits share.
+Leaving out the uninformative windows brought the worst benign digit to 5 (docs/query_monitor.md).
 
 One store of the fingerprints of *all* recent queries, from every client (many accounts do not
 help an attacker), counts in how many remembered queries each hash occurs. A query whose
@@ -84,8 +85,8 @@ class Fingerprinter:
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(b"coefficients" + self.key).digest(), "big"))
-        # a polynomial hash mod 2**64 with a secret odd base, plus a secret multiple of the
-        # window's position, mixed by splitmix64's finaliser (see fingerprint)
+        # a polynomial hash mod 2**64 with a secret odd base and a secret offset, mixed by
+        # splitmix64's finaliser (see fingerprint)
         base, at = (rng.integers(0, 2**63, size=2, dtype=np.uint64) * np.uint64(2) + np.uint64(1))
         inverse = pow(int(base), -1, 2**64)  # odd numbers are invertible mod 2**64
         object.__setattr__(self, "_base", int(base))
@@ -127,7 +128,7 @@ class Fingerprinter:
             # lv[t] * base**-t, all mod 2**64 (uint64 arithmetic wraps): O(length), not O(length*w)
             prefix = np.concatenate([zero, np.cumsum(lv.astype(np.uint64) * inv, axis=1)], axis=1)
             h = (prefix[:, w:] - prefix[:, :n]) * fwd[w - 1:]
-            h += np.arange(n, dtype=np.uint64) * self._at  # type: ignore[attr-defined]
+            h += self._at  # type: ignore[attr-defined]
             h ^= h >> np.uint64(30)
             h *= np.uint64(0xBF58476D1CE4E5B9)
             h ^= h >> np.uint64(27)
