@@ -373,7 +373,8 @@ class QueryMonitor:
 
     def __init__(self, *, store: Literal["memory", "redis"] = "memory", redis_url: str = "redis://127.0.0.1:6379/0",
                  redis_prefix: str = "shieldserve:", secret: str | None = None, quantization: int = 25,
-                 window: int = 50, top_n: int = 50, informative: float = 0.25, memory_window_s: float = 3600.0, max_queries: int = 200_000,
+                 window: int = 50, top_n: int = 50, informative: float = 0.25, memory_window_s: float = 3600.0,
+                 max_queries: int = 100_000,
                  retry_redis_s: float = 5.0, redis_client: Any = None, on_degraded: Any = None) -> None:
         self.memory = MemoryStore(memory_window_s, max_queries)
         self.redis: RedisStore | None = None
