@@ -381,3 +381,25 @@ class _FlakyScript:
         if self.owner.down:
             raise redis_lib.exceptions.ConnectionError("down")
         return self.script(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- the evaluation section
+def test_query_attack_evaluation_over_http(make_client, mnist) -> None:
+    """evaluate --sections query's parts on a TestClient: ART Square through the monitored
+    pipeline is flagged within 20 queries and never succeeds in reject mode; block mode
+    stops it with 429; the benign workload flags nothing."""
+    from service.evaluation.query_attacks import MonitoredOracle, benign, run_attack
+
+    c = make_client(pipelines={
+        "watched": {"defenses": [], "query_monitor": {"action": "reject"}},
+        "blocking": {"defenses": [], "query_monitor": {"action": "block", "block_after": 3}}})
+    x0, y0 = mnist.test.x[5], int(mnist.test.y[5])
+    start = mnist.test.x[(mnist.test.y != y0).nonzero()[0, 0]]
+    r = run_attack("square_0.3", MonitoredOracle(c, "watched"), x0, y0, start, budget=40, seed=0)
+    assert r["first_flag"] is not None and r["first_flag"] <= 20, r
+    assert r["queries"] == 40 and r["flags"] >= 15
+    r = run_attack("hsj", MonitoredOracle(c, "blocking"), mnist.test.x[6], int(mnist.test.y[6]), start,
+                   budget=200, seed=0)
+    assert r["blocked_at"] is not None and r["queries"] < 200, r
+    b = benign(c, "watched", mnist.val.x[:100], clients=4, public=5)
+    assert b["queries"] == 100 + 10 + 20 and b["flagged"] == 0, b
