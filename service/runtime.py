@@ -135,6 +135,7 @@ class Runtime:
             m.monitor_flags.labels(pipeline.name).inc(flagged)
         if verdict.blocked_now:
             m.monitor_blocks.labels(pipeline.name).inc()
+            m.blocked_clients.set(self.monitor.blocked_count())  # what --workers (multiprocess) exports
         return verdict
 
     def _monitored(self, pipeline: Pipeline, verdict: Verdict, x: torch.Tensor
