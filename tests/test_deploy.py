@@ -306,7 +306,12 @@ def test_an_attacker_alternating_replicas_is_flagged_as_on_one(topology: Topolog
     """Square-like queries sent alternately to replica1 and replica2 (and then through the
     gateway) are flagged at the same query as by one monitor that sees them all: the two
     replicas share the monitor's store on Redis."""
+    import io
+
     import httpx
+    import numpy as np
+    import torch
+    from PIL import Image
 
     from service.defenses.query_monitor import MonitorPolicy, QueryMonitor
     from tests.test_query_monitor import random_search
@@ -315,11 +320,6 @@ def test_an_attacker_alternating_replicas_is_flagged_as_on_one(topology: Topolog
     queries = random_search(x, 0.3, 16, seed=7)
     # what the replicas decode: the PNG's pixels, so the reference monitor sees the same images
     bodies = [png(q) for q in queries]
-    from PIL import Image
-    import io
-    import numpy as np
-    import torch
-
     decoded = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(b)), dtype=np.float32) / 255.0)
                            .reshape(1, 28, 28) for b in bodies])
     reference = QueryMonitor(secret=MONITOR_SECRET)

@@ -16,7 +16,7 @@ pipeline receives gets a probabilistic fingerprint:
 
 With every window kept (Blacklight's rule) distinct benign MNIST digits matched: 925 of 5,000
 shared 25+ of 50 hashes with earlier ones, through the background windows all digits share.
-Leaving out the uninformative windows brought the worst benign digit to 5 (docs/query_monitor.md).
+Leaving out the uninformative windows brought the worst benign digit to 5-8 (docs/query_monitor.md).
 
 One store of the fingerprints of *all* recent queries, from every client (many accounts do not
 help an attacker), counts in how many remembered queries each hash occurs. A query whose
