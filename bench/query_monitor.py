@@ -1,6 +1,6 @@
 """What the query monitor costs: added latency over HTTP, the monitor's own time, and memory.
 
-    flock /work/bench.lock python bench/query_monitor.py [--rounds 3] [--seconds 4]
+    flock /work/bench.lock python bench/query_monitor.py [--rounds 3] [--seconds 4] [--pipelines magnet,default]
 
 latency  One server (niced) with `magnet` and `default` twice each: monitored (the default) and
          with `query_monitor: false`. For 1 and 8 closed-loop clients (one keep-alive
@@ -108,7 +108,7 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
                     raise SystemExit(log.read_text()[-2000:])
                 time.sleep(0.5)
             offset = 0
-            for pipeline in ("magnet", "default"):
+            for pipeline in args.pipelines.split(","):
                 for clients in (1, 8):
                     asyncio.run(_round(url, pipeline, bodies, clients, 1.0, 0))  # warm-up
                     got: dict[str, list[float]] = {"on": [], "off": []}
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--pipelines", default="magnet,default", help="the pipelines of the latency part")
     p.add_argument("--skip", default="", help="comma-separated: latency,screen,memory")
     args = p.parse_args(argv)
     skip = set(args.skip.split(","))
