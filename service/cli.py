@@ -81,6 +81,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.linf_sweep:
         overrides["linf_sweep"] = tuple(float(v) for v in args.linf_sweep.split(","))
     budget = replace(budget, **overrides)
+    sections = tuple(args.sections.split(",")) if args.sections else None
+    if sections and "query" in sections:  # query attacks over HTTP: only a running service
+        from pathlib import Path
+
+        from service.evaluation import query_attacks
+
+        if not args.url:
+            raise SystemExit("--sections query attacks a running service: give its --url")
+        query_attacks.run(args.url, Path(args.out), off=args.query_off, reject=args.query_reject,
+                          block=args.query_block, digits=args.query_digits, budget=args.query_budget,
+                          attacks=tuple(args.query_attacks.split(",")), adaptive=not args.query_no_adaptive,
+                          adaptive_digits=args.query_adaptive_digits, benign_images=args.query_benign,
+                          seed=args.seed, l2_eps=args.query_l2_eps, command="shieldserve evaluate " + " ".join(
+                              sys.argv[2:] if args.argv is None else args.argv))
+        print(f"wrote {args.out}/query_attacks.json and {args.out}/query_attacks.md")
+        sections = tuple(s for s in sections if s != "query")
+        if not sections:
+            return 0
+        args.sections = ",".join(sections)
     pipelines = [p for item in (args.pipelines or []) for p in item.split(",") if p] or None
     cfg = EvalConfig(bundle=args.bundle, out=args.out, pipelines=pipelines, limit=args.limit,
                      pipeline_limit=_pairs(args.pipeline_limit), budget=budget,
@@ -153,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--blackbox-digits", type=int, default=20, help="digits per pipeline for black-box attacks")
     e.add_argument("--blackbox-limit", action="append", metavar="NAME=N", help="black-box digits for a pipeline")
     e.add_argument("--url", help="black-box over HTTP: the base URL of a running service (/predict only)")
+    q = e.add_argument_group("query attacks over HTTP (--sections query, with --url; docs/query_monitor.md)")
+    q.add_argument("--query-off", default="baseline", help="pipeline without the query monitor")
+    q.add_argument("--query-reject", default="baseline-monitored", help="pipeline with the monitor in reject mode")
+    q.add_argument("--query-block", default="baseline-block", help="pipeline with the monitor in block mode")
+    q.add_argument("--query-digits", type=int, default=10, help="digits per attack and mode")
+    q.add_argument("--query-budget", type=int, default=1000, help="queries per digit (at most)")
+    q.add_argument("--query-attacks", default="square_0.3,square_0.15,hsj,boundary")
+    q.add_argument("--query-adaptive-digits", type=int, default=5, help="digits per adaptive run")
+    q.add_argument("--query-no-adaptive", action="store_true", help="skip the adaptive attacker")
+    q.add_argument("--query-l2-eps", type=float, default=2.0, help="L2 success radius of HopSkipJump/boundary")
+    q.add_argument("--query-benign", type=int, default=0, help="benign digits sent first (5000: all of mnist5k)")
     for flag, what in (("pgd-steps", "PGD steps"), ("apgd-steps", "APGD iterations"), ("cw-steps", "CW steps per binary step"),
                        ("eot-draws", "noise draws per EOT gradient"), ("eot-steps", "PGD steps with EOT"),
                        ("bpda-steps", "PGD steps through Defense-GAN (BPDA)"), ("gmsa-rounds", "GMSA rounds"),

@@ -16,10 +16,11 @@ from prometheus_client import multiprocess
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RADIUS_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+MATCH_BUCKETS = (0.0, 0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.76, 0.8, 0.9, 0.98, 1.0)
 SCORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 OUTCOMES = ("accepted", "rejected", "abstained", "mixed", "error", "overloaded", "deadline_exceeded",
-            "client_closed")
+            "client_closed", "attack_suspected", "unauthorized")
 
 
 def multiprocess_dir() -> str | None:
@@ -75,7 +76,26 @@ class Metrics:
         self.queue_wait = Histogram("shieldserve_queue_wait_seconds", "Time an image waited for its batch.",
                                     ["pipeline"], buckets=LATENCY_BUCKETS, registry=r)
 
-        for metric in (self.requests, self.request_duration, self.stage_duration, self.rejections,
+        # the query monitor (service/defenses/query_monitor.py); never a client id or a hash
+        self.monitor_flags = Counter("shieldserve_query_monitor_flags", "Images the query monitor flagged as "
+                                     "part of a query-based attack.", ["pipeline"], registry=r)
+        self.monitor_distance = Histogram("shieldserve_query_monitor_match_distance",
+                                          "1 - the fraction of a query's fingerprint hashes already remembered "
+                                          "(0: a near copy of earlier queries; 1: nothing like them).",
+                                          ["pipeline"], buckets=MATCH_BUCKETS, registry=r)
+        self.monitor_seconds = Histogram("shieldserve_query_monitor_seconds", "Time the monitor took per request.",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.blocked_clients = Gauge("shieldserve_blocked_clients", "Clients blocked by the query monitor now.",
+                                     registry=r, multiprocess_mode="max")
+        self.monitor_blocks = Counter("shieldserve_query_monitor_blocks", "Clients the query monitor blocked.",
+                                      ["pipeline"], registry=r)
+        self.monitor_degraded = Gauge("shieldserve_query_monitor_degraded", "1 while the shared monitor store "
+                                      "(Redis) is unreachable and this replica uses its own.", registry=r,
+                                      multiprocess_mode="max")
+        self.monitor_store_errors = Counter("shieldserve_query_monitor_store_errors", "Shared monitor store "
+                                            "(Redis) outages seen by this replica.", registry=r)
+
+        for metric in (self.monitor_flags, self.monitor_distance, self.monitor_blocks, self.requests, self.request_duration, self.stage_duration, self.rejections,
                        self.detector_score, self.certified_radius, self.abstentions, self.images,
                        self.batch_size, self.queue_depth, self.queue_wait):
             _cache_children(metric)

@@ -19,6 +19,7 @@ from service.defenses import build_defense
 from service.defenses.base import (
     ArgmaxDecider, ArgmaxDecision, Classify, Component, Decision, DefenseEnv, Detection, RunContext,
 )
+from service.defenses.query_monitor import MonitorPolicy, policy_from_config
 
 _ORDER = {"detector": 0, "purifier": 1, "adapter": 2, "decider": 3}
 _ARGMAX = ArgmaxDecider()  # the decision of a pipeline without a decider (it holds no state)
@@ -72,6 +73,9 @@ class Pipeline:
     inference_classifier: Classify | None = None
     # the same copy's argmax decision compiled into one call (defenses.base.optimize_argmax_decision)
     argmax_decision: ArgmaxDecision | None = None
+    # the query monitor's policy for this pipeline (None: not monitored); the runtime screens
+    # each request's images with it before they reach the batcher (it needs the client)
+    monitor: MonitorPolicy | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -94,8 +98,14 @@ class Pipeline:
             except Exception as exc:
                 raise PipelineConfigError(f"pipeline {name!r}: defense {defense!r}: {exc}") from exc
         cls._check_order(name, components)
+        qm = getattr(env.settings, "query_monitor", None)
+        defaults = MonitorPolicy(**qm.policy.model_dump()) if qm is not None else MonitorPolicy()
+        try:
+            monitor = policy_from_config(name, config.get("query_monitor"), defaults)
+        except ValueError as exc:
+            raise PipelineConfigError(str(exc)) from None
         return cls(name, components, env.classifier, env.bundle.input_spec.class_names,
-                   str(config.get("description", "")), env.inference_classifier, env.argmax_decision)
+                   str(config.get("description", "")), env.inference_classifier, env.argmax_decision, monitor)
 
     @staticmethod
     def _check_order(name: str, components: list[Component]) -> None:
@@ -129,7 +139,8 @@ class Pipeline:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "certifies": self.certifies,
                 "defenses": [{"defense": c.defense, "role": c.role, "settings": c.public_settings()}
-                             for c in self.components]}
+                             for c in self.components],
+                "query_monitor": self.monitor.public() if self.monitor is not None else None}
 
     # ------------------------------------------------------------------ running
     def run(self, x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:

@@ -3,6 +3,7 @@ bundle, the pipelines, one batcher per pipeline, the metrics. No module-level st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -16,9 +17,10 @@ from models.bundle import Bundle
 from service.admission import Admission, image_cost
 from service.batcher import Batcher, BatchReport
 from service.defenses.base import DefenseEnv, RunContext, optimize_argmax_decision, optimize_for_cpu
+from service.defenses.query_monitor import QueryMonitor, Verdict
 from service.imaging import ImageLimits
 from service.metrics import Metrics
-from service.pipeline import ImageResult, Pipeline, PipelineConfigError
+from service.pipeline import ImageResult, Pipeline, PipelineConfigError, Rejection, Stage
 from service.settings import Settings
 
 log = logging.getLogger("shieldserve")
@@ -51,6 +53,7 @@ class Runtime:
             raise PipelineConfigError(f"default_pipeline {settings.default_pipeline!r} is not configured; "
                                       f"pipelines: {sorted(self.pipelines)}")
         self.metrics = Metrics()
+        self.monitor = self._build_monitor() if any(p.monitor for p in self.pipelines.values()) else None
         # Inference runs off the event loop: each pipeline's batches in its batcher's own thread
         # (service/batcher.py); this pool runs the warm-up and GET /certify's sampling. torch
         # parallelises inside each call.
@@ -72,6 +75,80 @@ class Runtime:
         self.load_seconds = time.monotonic() - started
         log.info("bundle %s (version %s) loaded in %.2fs with pipelines %s", self.bundle.name,
                  self.bundle.version, self.load_seconds, sorted(self.pipelines))
+
+    def _build_monitor(self) -> QueryMonitor:
+        qm = self.settings.query_monitor
+        m = self.metrics
+
+        def degraded(down: bool) -> None:
+            m.monitor_degraded.set(1 if down else 0)
+            if down:
+                m.monitor_store_errors.inc()
+
+        monitor = QueryMonitor(store=qm.store, redis_url=qm.redis_url, redis_prefix=qm.redis_prefix,
+                               secret=qm.secret.get_secret_value() if qm.secret else None,
+                               quantization=qm.quantization, window=qm.window, top_n=qm.top_n,
+                               informative=qm.informative, memory_window_s=qm.memory_window_s,
+                               max_queries=qm.max_queries, on_degraded=degraded)
+        m.blocked_clients.set_function(monitor.blocked_count)
+        return monitor
+
+    async def screen(self, pipeline: Pipeline, x: torch.Tensor, client: str | None) -> Verdict | None:
+        """The query monitor's verdict on a request's images (None: not monitored). Raises
+        AttackSuspected for a blocked client. Runs in a worker thread: numpy, maybe Redis."""
+        if self.monitor is None or pipeline.monitor is None or client is None:
+            return None
+        verdict = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.monitor.screen, pipeline.monitor, x, client)
+        m = self.metrics
+        m.monitor_seconds.observe(verdict.seconds)
+        for i in range(len(verdict.matches)):
+            m.monitor_distance.labels(pipeline.name).observe(1.0 - verdict.score(i))
+        flagged = sum(verdict.flagged)
+        if flagged:
+            m.monitor_flags.labels(pipeline.name).inc(flagged)
+        if verdict.blocked_now:
+            m.monitor_blocks.labels(pipeline.name).inc()
+            m.blocked_clients.set(self.monitor.blocked_count())  # what --workers (multiprocess) exports
+        return verdict
+
+    def _monitored(self, pipeline: Pipeline, verdict: Verdict, x: torch.Tensor
+                   ) -> tuple[list[ImageResult | None], torch.Tensor | None, list[int]]:
+        """The monitor's rejections, and the images still to run (None: none) with their rows."""
+        results: list[ImageResult | None] = [None] * len(verdict.flagged)
+        keep = [i for i, f in enumerate(verdict.flagged) if not (f and verdict.reject)]
+        m = self.metrics
+        for i, flagged in enumerate(verdict.flagged):
+            if flagged and verdict.reject:
+                results[i] = ImageResult(status="rejected", rejected_by=[Rejection(
+                    "query_monitor", "fingerprint_match", verdict.score(i), verdict.threshold / verdict.top_n)],
+                    stages=[Stage("query_monitor", "monitor", verdict.seconds)])
+                m.rejections.labels(pipeline.name, "query_monitor").inc()
+                m.images.labels(pipeline.name, "rejected").inc()
+        if not keep:
+            return results, None, keep
+        return results, (x if len(keep) == len(results) else x[keep]), keep
+
+    async def infer(self, pipeline: str, x: torch.Tensor, *, deadline: float | None = None,
+                    options: dict[str, Any] | None = None, client: str | None = None) -> list[ImageResult]:
+        """Run `x` through `pipeline`; with `client`, the query monitor screens it first."""
+        p = self.pipeline(pipeline)
+        images = int(x.shape[0])
+        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
+            return await self._screen_and_run(p, x, client, deadline, options)
+
+    async def _screen_and_run(self, p: Pipeline, x: torch.Tensor, client: str | None,
+                              deadline: float | None, options: dict[str, Any] | None) -> list[ImageResult]:
+        """The monitor's verdict first; what it rejects is answered here, the rest batched."""
+        batcher = self.batchers[p.name]
+        verdict = await self.screen(p, x, client)
+        if verdict is None or not (verdict.reject and any(verdict.flagged)):
+            return await batcher.submit(x, deadline=deadline, options=options)
+        out, rest, rows = self._monitored(p, verdict, x)
+        if rest is not None:
+            for i, r in zip(rows, await batcher.submit(rest, deadline=deadline, options=options)):
+                out[i] = r
+        return out  # type: ignore[return-value]
 
     def _inference_copy(self) -> Any:
         """The classifier's TorchScript-frozen copy for decisions without gradients (CPU only):
@@ -100,26 +177,19 @@ class Runtime:
             per_image = image_cost(self.pipeline(pipeline), options)
         return float(per_image) * images
 
-    async def infer(self, pipeline: str, x: torch.Tensor, *, deadline: float | None = None,
-                    options: dict[str, Any] | None = None) -> list[ImageResult]:
-        self.pipeline(pipeline)
-        images = int(x.shape[0])
-        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
-            return await self.batchers[pipeline].submit(x, deadline=deadline, options=options)
-
     async def classify(self, pipeline: str, images: int, decode: Callable[[], torch.Tensor], *,
                        deadline: float | None = None, options: dict[str, Any] | None = None,
-                       ) -> tuple[torch.Tensor, list[ImageResult]]:
+                       client: str | None = None) -> tuple[torch.Tensor, list[ImageResult]]:
         """An upload's way through the service: admission (Overloaded at once when over
         budget, before anything is decoded), then `decode()` in a worker thread (an image
-        decode never runs on the event loop), then the pipeline's batch. Returns the decoded
-        images with their results."""
-        self.pipeline(pipeline)
+        decode never runs on the event loop), then the query monitor (with `client`), then
+        the pipeline's batch. Returns the decoded images with their results."""
+        p = self.pipeline(pipeline)
         with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
             x = await anyio.to_thread.run_sync(decode)
             if int(x.shape[0]) != images:
                 raise ValueError(f"decoded {int(x.shape[0])} images, expected {images}")
-            return x, await self.batchers[pipeline].submit(x, deadline=deadline, options=options)
+            return x, await self._screen_and_run(p, x, client, deadline, options)
 
     def warmup(self) -> None:
         """One small run through every pipeline, so the first client does not pay for it."""
@@ -159,4 +229,6 @@ class Runtime:
     async def close(self) -> None:
         for b in self.batchers.values():
             await b.close()
+        if self.monitor is not None:
+            self.monitor.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -29,6 +29,41 @@ class PipelineConfig(BaseModel):
     description: str = ""
     # each entry: "name" or {"defense": "name", ...options}
     defenses: list[str | dict[str, Any]] = Field(default_factory=list)
+    # the query monitor for this pipeline: true/false, or a mapping over `query_monitor.policy`
+    # (enabled, action, threshold, block_after, block_window_s, cooldown_s); absent: the defaults
+    query_monitor: bool | dict[str, Any] | None = None
+
+
+class MonitorPolicyConfig(BaseModel):
+    """What a monitored pipeline does with a query the monitor flags (per pipeline overridable)."""
+
+    enabled: bool = Field(True, description="monitor every pipeline that does not turn it off")
+    action: Literal["flag", "reject", "block"] = Field(
+        "reject", description="flag: count only; reject: answer a rejection by query_monitor; block: reject, and "
+                              "a client with more than block_after flags in block_window_s gets 429 for cooldown_s")
+    threshold: int = Field(12, ge=1, description="hashes (of top_n) a query must share with remembered ones")
+    block_after: int = Field(10, ge=0)
+    block_window_s: float = Field(600.0, gt=0)
+    cooldown_s: float = Field(900.0, gt=0)
+
+
+class QueryMonitorConfig(BaseModel):
+    """The stateful detector of query-based attacks (service/defenses/query_monitor.py)."""
+
+    policy: MonitorPolicyConfig = Field(default_factory=MonitorPolicyConfig)
+    quantization: int = Field(25, ge=1, le=255, description="pixel levels are this many /255 apart")
+    window: int = Field(50, ge=2, description="values per hashed window of the flattened image")
+    top_n: int = Field(50, ge=1, description="hashes kept per query")
+    informative: float = Field(0.25, ge=0, le=1, description="fraction of a window off the image's common level "
+                                                             "for the window to count")
+    memory_window_s: float = Field(3600.0, gt=0, description="how long a query is remembered")
+    max_queries: int = Field(100_000, gt=1, description="queries remembered at most (per store; ~3.5 KB each)")
+    store: Literal["memory", "redis"] = Field(
+        "memory", description="memory: per process; redis: one store for every replica")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "shieldserve:"
+    secret: SecretStr | None = Field(
+        None, description="hashing key; unset: random per process (memory) or agreed once in Redis (redis)")
 
 
 class LimitsConfig(BaseModel):
@@ -122,8 +157,37 @@ class Settings(BaseSettings):
         True, description="on CPU, decide with a TorchScript-frozen, oneDNN-optimised copy of the base classifier "
                           "(used only if its answers match the eager network's at start-up)")
     admin_api_key: SecretStr | None = None
+    api_keys: dict[str, str] = Field(
+        default_factory=dict, description="client name -> sha256 hex of its API key (Authorization: Bearer or "
+                                          "X-API-Key); empty: an open service, clients known by address")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses or networks (CIDR) of gateways whose X-Forwarded-For is "
+                                          "believed: the client is the first untrusted hop from the right")
+    query_monitor: QueryMonitorConfig = Field(default_factory=QueryMonitorConfig)
     defense_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-defense service settings (store sizes, maxima)")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for name, digest in v.items():
+            d = digest.strip().lower().removeprefix("sha256:")
+            if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
+                # never echo the value: it may be a key pasted in by mistake
+                raise ValueError(f"api_keys[{name!r}] must be the sha256 hex digest of the key (64 hex digits), "
+                                 f"not the key itself: sha256sum <<< -n KEY")
+            out[name] = d
+        return out
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in v:
+            ipaddress.ip_network(item, strict=False)  # ValueError: not an address or network
+        return v
 
     @field_validator("device")
     @classmethod

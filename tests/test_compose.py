@@ -175,3 +175,18 @@ def test_dockerfiles(name: str) -> None:
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra in re.search(r'pip install "\.\[([a-z,]+)\]"', text).group(1).split(","):
         assert extra in extras, extra
+
+
+def test_replicas_share_the_query_monitor_and_trust_only_the_gateway(compose: dict, nginx: str) -> None:
+    import ipaddress
+
+    env = compose["services"]["replica1"]["environment"]
+    assert env == compose["services"]["replica2"]["environment"]
+    assert env["SHIELDSERVE_QUERY_MONITOR__STORE"] == "redis"
+    assert env["SHIELDSERVE_QUERY_MONITOR__REDIS_URL"].startswith("redis://redis:6379/")
+    gateway_ip = compose["services"]["gateway"]["networks"]["backend"]["ipv4_address"]
+    assert json.loads(env["SHIELDSERVE_TRUSTED_PROXIES"]) == [gateway_ip]
+    subnet = compose["networks"]["backend"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(gateway_ip) in ipaddress.ip_network(subnet)
+    # the gateway appends the peer it saw: the replicas' first untrusted hop from the right
+    assert re.search(r"^\s*proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;", nginx, re.M)

@@ -171,6 +171,9 @@ class Topology:
             f.close()
 
 
+MONITOR_SECRET = "deploy-test-monitor-secret"
+
+
 @pytest.fixture(scope="module")
 def topology(quick_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     bins = need("nginx", "redis-server", "prometheus")
@@ -183,7 +186,11 @@ def topology(quick_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         env = dict(os.environ, PYTHONPATH=str(REPO), SHIELDSERVE_BUNDLE=str(quick_bundle),
                    SHIELDSERVE_PROGRESS="0", SHIELDSERVE_WARMUP="true", SHIELDSERVE_TORCH_THREADS="1",
                    SHIELDSERVE_LOG_LEVEL="warning", SHIELDSERVE_CERTIFY__STORE="redis",
-                   SHIELDSERVE_CERTIFY__REDIS_URL=f"redis://127.0.0.1:{ports['redis']}/0")
+                   SHIELDSERVE_CERTIFY__REDIS_URL=f"redis://127.0.0.1:{ports['redis']}/0",
+                   # the query monitor shared on Redis as in docker-compose.yml; nginx is the proxy
+                   SHIELDSERVE_QUERY_MONITOR__STORE="redis", SHIELDSERVE_QUERY_MONITOR__SECRET=MONITOR_SECRET,
+                   SHIELDSERVE_QUERY_MONITOR__REDIS_URL=f"redis://127.0.0.1:{ports['redis']}/1",
+                   SHIELDSERVE_TRUSTED_PROXIES='["127.0.0.1"]')
         env.pop("SHIELDSERVE_CONFIG", None)
         topo.replica_env = env
         for r in ("replica1", "replica2"):
@@ -247,11 +254,13 @@ def test_promtool_checks_the_shipped_files() -> None:
     rules = yaml.safe_load((DOCKER / "alerts.yml").read_text())["groups"][0]["rules"]
     names = {r["alert"] for r in rules}
     assert {"ShieldserveRejectionRateSpike", "ShieldserveAbstentionSpike", "ShieldserveErrorRate",
-            "ShieldserveP99LatencyHigh", "ShieldserveQueueSaturation"} <= names
+            "ShieldserveP99LatencyHigh", "ShieldserveQueueSaturation", "QueryAttackSuspected",
+            "QueryMonitorStoreDegraded"} <= names
     used = set(re.findall(r"\b(shieldserve_[a-z_]+)", " ".join(r["expr"] for r in rules)))
     assert used <= {"shieldserve_requests_total", "shieldserve_request_duration_seconds_bucket",
                     "shieldserve_rejections_total", "shieldserve_abstentions_total", "shieldserve_images_total",
-                    "shieldserve_queue_depth", "shieldserve_inflight_requests"}, used
+                    "shieldserve_queue_depth", "shieldserve_inflight_requests",
+                    "shieldserve_query_monitor_flags_total", "shieldserve_query_monitor_degraded"}, used
 
 
 def test_requests_through_the_gateway(topology: Topology, mnist) -> None:
@@ -291,6 +300,51 @@ def test_requests_through_the_gateway(topology: Topology, mnist) -> None:
     assert correct >= 0.8 * len(samples)
     # the Redis of the topology answers (the replicas' shared store)
     assert redis_ping(topology.ports["redis"])
+
+
+def test_an_attacker_alternating_replicas_is_flagged_as_on_one(topology: Topology, mnist) -> None:
+    """Square-like queries sent alternately to replica1 and replica2 (and then through the
+    gateway) are flagged at the same query as by one monitor that sees them all: the two
+    replicas share the monitor's store on Redis."""
+    import io
+
+    import httpx
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from service.defenses.query_monitor import MonitorPolicy, QueryMonitor
+    from tests.test_query_monitor import random_search
+
+    x = mnist.test.x[777:778]
+    queries = random_search(x, 0.3, 16, seed=7)
+    # what the replicas decode: the PNG's pixels, so the reference monitor sees the same images
+    bodies = [png(q) for q in queries]
+    decoded = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(b)), dtype=np.float32) / 255.0)
+                           .reshape(1, 28, 28) for b in bodies])
+    reference = QueryMonitor(secret=MONITOR_SECRET)
+    want = [reference.screen(MonitorPolicy(), decoded[i:i + 1], "ip:1").flagged[0] for i in range(len(bodies))]
+    got = []
+    for i, body in enumerate(bodies):
+        port = topology.ports["replica1" if i % 2 == 0 else "replica2"]
+        r = httpx.post(f"http://127.0.0.1:{port}/predict?pipeline=magnet", content=body,
+                       headers={"content-type": "image/png"}, timeout=30)
+        assert r.status_code == 200, r.text
+        got.append(any(j["defense"] == "query_monitor" for j in r.json()["results"][0]["rejected_by"]))
+    print(f"\n[deploy] alternating replicas: first flag at query {got.index(True) + 1} "
+          f"(one monitor: {want.index(True) + 1}); flagged {sum(got)}/{len(got)}")
+    assert True in want and want.index(True) < 10
+    assert got.index(True) == want.index(True)
+    # a second attack through the gateway: flagged as soon
+    queries = random_search(mnist.test.x[778:779], 0.3, 12, seed=8)
+    with httpx.Client(base_url=f"http://127.0.0.1:{topology.ports['gateway']}", timeout=30) as c:
+        flags = [any(j["defense"] == "query_monitor" for j in
+                     c.post("/predict?pipeline=magnet", content=png(q), headers={"content-type": "image/png"})
+                     .json()["results"][0]["rejected_by"]) for q in queries]
+    assert True in flags and flags.index(True) < 10
+    text = http_get(topology.ports["replica1"], "/metrics").text + http_get(topology.ports["replica2"], "/metrics").text
+    assert 'shieldserve_query_monitor_flags_total{pipeline="magnet"}' in text
+    assert MONITOR_SECRET not in text
 
 
 def test_certify_on_another_replica_than_the_post(topology: Topology, mnist) -> None:

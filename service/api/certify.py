@@ -20,20 +20,23 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
+from service.api.clients import client_of
 from service.api.errors import ApiError
 from service.api.predict import (
-    Deadline, check_uploads, decode_uploads, overloaded_error, read_images, request_deadline, tracked,
+    Deadline, attack_suspected_error, check_uploads, decode_uploads, overloaded_error, read_images,
+    request_deadline, tracked,
 )
 from service.api.render import render
 from service.api.schemas import ErrorBody, RejectionOut
 from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded, RunContext
+from service.defenses.query_monitor import AttackSuspected
 from service.runtime import Runtime
 from service.store import StoreUnavailable
 
 router = APIRouter(tags=["certify"])
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 503, 504)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -146,6 +149,24 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
     return body
 
 
+async def _monitor_rejection(runtime: Runtime, digest: str, x, name: str, opts: dict[str, Any],
+                             client: str) -> CertifyResponse | None:
+    """The query monitor's rejection of a posted image (a certificate is an oracle too), or None."""
+    try:
+        verdict = await runtime.screen(runtime.pipelines[name], x.unsqueeze(0), client)
+    except AttackSuspected as exc:
+        raise attack_suspected_error(exc) from None
+    if verdict is None or not (verdict.reject and verdict.flagged[0]):
+        return None
+    runtime.metrics.rejections.labels(name, "query_monitor").inc()
+    return CertifyResponse(
+        image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status="rejected", label=None,
+        abstained=False, radius=None, p_a_lower=None, sigma=opts["sigma"], n0=opts["n0"], n=0, alpha=opts["alpha"],
+        samples=0, seconds=0.0, seed=None,
+        rejected_by=[RejectionOut(defense="query_monitor", detector="fingerprint_match", score=verdict.score(0),
+                                  threshold=verdict.threshold / verdict.top_n)])
+
+
 async def _observed(request: Request, name_hint: str | None, work) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
     with tracked(runtime, "certify", name_hint) as t:
@@ -166,6 +187,7 @@ async def certify_get(
         radius: float | None = Query(None, ge=0, description="only decide: certified at this radius?"),
         seed: int | None = Query(None, ge=0, lt=2**63, description="noise seed, to reproduce a certificate"),
         deadline: Deadline = Depends(request_deadline),
+        client: str = Depends(client_of),
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 
@@ -197,6 +219,7 @@ async def certify_post(
         alpha: float | None = Query(None, gt=0, lt=0.5), radius: float | None = Query(None, ge=0),
         seed: int | None = Query(None, ge=0, lt=2**63),
         deadline: Deadline = Depends(request_deadline),
+        client: str = Depends(client_of),
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 
@@ -208,6 +231,9 @@ async def certify_post(
             raise ApiError(422, "invalid_parameter", f"POST /certify takes one image, got {len(items)}")
         x = await decode_uploads(items, runtime)
         digest = hashlib.sha256(items[0][0]).hexdigest()
+        rejected = await _monitor_rejection(runtime, digest, x[0], name, opts, client)
+        if rejected is not None:
+            return rejected
         try:
             request.app.state.store.put_image(digest, x[0])
         except StoreUnavailable:

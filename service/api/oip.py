@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 import service
+from service.api.clients import client_of
 from service.api.errors import ApiError
 from service.api.predict import Deadline, infer_decoded, outcome_of, request_deadline, tracked
 from service.api.render import render
@@ -549,6 +550,7 @@ async def _infer(request: Request, model: str, version: str | None, encoding: st
                  header_length: str | None, deadline: Deadline) -> Response:
     rt = _runtime(request)
     with tracked(rt, "infer", model) as t:
+        client = client_of(request)
         _model(request, model, version)
         body = await request.body()
         limit = rt.settings.limits.max_body_bytes
@@ -562,7 +564,7 @@ async def _infer(request: Request, model: str, version: str | None, encoding: st
         # (what admission weighs) is known only once it is parsed, and a second thread hop
         # per request cost /v2 a third of its throughput (bench/edge_ab.py).
         req, plan, x = await run_in_threadpool(decode)
-        results = await infer_decoded(rt, model, x, deadline)
+        results = await infer_decoded(rt, model, x, deadline, client=client)
         t.outcome = outcome_of(results)
         return _render(req, plan, results, rt, model, request.state.request_id)
 

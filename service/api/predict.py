@@ -29,11 +29,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
+from service.api.clients import client_of
 from service.api.errors import ApiError, is_oip
 from service.api.render import render
 from service.api.schemas import ErrorBody, PredictResponse
 from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded
+from service.defenses.query_monitor import AttackSuspected
 from service.imaging import ImageError, check_content_type, decode_batch
 from service.pipeline import ImageResult
 from service.runtime import Runtime
@@ -42,7 +44,7 @@ from service.store import StoreUnavailable
 router = APIRouter(tags=["predict"])
 T = TypeVar("T")
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 503, 504)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 # multipart text fields a /predict body may carry besides its files (Starlette's max_fields)
 MAX_FORM_FIELDS = 64
 
@@ -111,6 +113,10 @@ def overloaded_error(exc: Overloaded) -> ApiError:
     return ApiError(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)})
 
 
+def attack_suspected_error(exc: AttackSuspected) -> ApiError:
+    return ApiError(429, "attack_suspected", str(exc), {"Retry-After": str(exc.retry_after)})
+
+
 # ------------------------------------------------------------------ the image's way
 async def read_images(request: Request, runtime: Runtime) -> list[Upload]:
     """The uploaded images, as sent: every `file` part of a multipart body (Starlette's parser),
@@ -175,17 +181,18 @@ async def decode_uploads(items: list[Upload], runtime: Runtime) -> torch.Tensor:
 
 
 async def classify(runtime: Runtime, pipeline: str, images: int, decode: Callable[[], torch.Tensor],
-                   deadline: Deadline, options: dict[str, Any] | None = None,
+                   deadline: Deadline, options: dict[str, Any] | None = None, client: str | None = None,
                    ) -> tuple[torch.Tensor, list[ImageResult]]:
-    """Admission, decode, batch and pipeline (Runtime.classify) within the deadline."""
-    return await _within(deadline, runtime.classify(pipeline, images, decode, deadline=deadline.at, options=options))
+    """Admission, decode, query monitor, batch and pipeline (Runtime.classify) within the deadline."""
+    return await _within(deadline, runtime.classify(pipeline, images, decode, deadline=deadline.at, options=options,
+                                                    client=client))
 
 
 async def infer_decoded(runtime: Runtime, pipeline: str, x: torch.Tensor, deadline: Deadline,
-                        options: dict[str, Any] | None = None) -> list[ImageResult]:
-    """Admission, batch and pipeline (Runtime.infer) for images decoded already (/v2 decodes
-    its tensor in the worker-thread call that parses the body)."""
-    return await _within(deadline, runtime.infer(pipeline, x, deadline=deadline.at, options=options))
+                        options: dict[str, Any] | None = None, client: str | None = None) -> list[ImageResult]:
+    """Admission, query monitor, batch and pipeline (Runtime.infer) for images decoded already
+    (/v2 decodes its tensor in the worker-thread call that parses the body)."""
+    return await _within(deadline, runtime.infer(pipeline, x, deadline=deadline.at, options=options, client=client))
 
 
 async def _within(deadline: Deadline, work: Coroutine[Any, Any, T]) -> T:
@@ -201,6 +208,8 @@ async def _within(deadline: Deadline, work: Coroutine[Any, Any, T]) -> T:
             return await work
     except Overloaded as exc:
         raise overloaded_error(exc) from None
+    except AttackSuspected as exc:
+        raise attack_suspected_error(exc) from None
     except (DeadlineExceeded, asyncio.TimeoutError):
         raise deadline.error() from None
 
@@ -227,7 +236,7 @@ class tracked:
             self.outcome = "client_closed"  # the client went away; its work was stopped
         elif exc is not None:
             self.outcome = exc.code if isinstance(exc, ApiError) and exc.code in (
-                "overloaded", "deadline_exceeded") else "error"
+                "overloaded", "deadline_exceeded", "attack_suspected", "unauthorized") else "error"
         label = self.pipeline if self.pipeline in self.runtime.pipelines else "unknown"
         m = self.runtime.metrics
         m.requests.labels(label, self.endpoint, self.outcome).inc()
@@ -261,10 +270,12 @@ async def predict(request: Request,
                   runtime: Runtime = Depends(runtime_of)) -> PredictResponse:
     name = pipeline or runtime.settings.default_pipeline
     with tracked(runtime, "predict", name) as t:
+        client = client_of(request)  # inside the count: a 401 is a request too
         known_pipeline(runtime, name)
         items = await read_images(request, runtime)
         check_uploads(items, runtime)
-        x, results = await classify(runtime, name, len(items), image_decoder(items, runtime), deadline)
+        x, results = await classify(runtime, name, len(items), image_decoder(items, runtime), deadline,
+                                    client=client)
         digests = [hashlib.sha256(data).hexdigest() for data, _ in items]
         try:  # so GET /certify?image_sha256= can find them; a store that is down costs no prediction
             store = request.app.state.store

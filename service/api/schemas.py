@@ -58,6 +58,7 @@ class PipelineOut(BaseModel):
     description: str = ""
     certifies: bool
     defenses: list[DefenseOut]
+    query_monitor: dict[str, Any] | None = None  # the monitor's public policy; null: not monitored
 
 
 class PipelinesResponse(BaseModel):

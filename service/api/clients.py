@@ -1,0 +1,75 @@
+"""Who is asking: the client id the query monitor counts queries and flags by.
+
+  * `api_keys` set (client name -> sha256 of its key): the key from `Authorization: Bearer KEY`
+    or `X-API-Key: KEY` names the client ("key:<name>"); a missing or unknown key is 401
+    `unauthorized`. Only digests are configured, so a leaked config leaks no key.
+  * otherwise the peer address ("ip:<address>"), or, when the peer is one of
+    `trusted_proxies` (the gateway), the first address of `X-Forwarded-For` counted from the
+    right that is not a trusted proxy: the hops a client can forge are left of it.
+
+Use as a FastAPI dependency (`client: str = Depends(client_of)`) or call it with the request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from functools import lru_cache
+
+from fastapi import Request
+
+from service.api.errors import ApiError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@lru_cache(maxsize=16)
+def _networks(proxies: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
+
+
+def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def forwarded_client(peer: str, forwarded_for: str | None, trusted_proxies: tuple[str, ...]) -> str:
+    """The client address: the peer, or the first untrusted hop of X-Forwarded-For (from the
+    right) when the peer is a trusted proxy."""
+    networks = _networks(trusted_proxies)
+    if not networks or not forwarded_for or not _trusted(peer, networks):
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, networks):
+            return hop[:64]  # a forged hop can be anything; keep the id short
+    return hops[0][:64] if hops else peer
+
+
+def api_key_of(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth and auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    key = request.headers.get("x-api-key")
+    return key.strip() if key and key.strip() else None
+
+
+def client_of(request: Request) -> str:
+    """The request's client id; 401 `unauthorized` when API keys are on and none matches."""
+    settings = request.app.state.runtime.settings
+    if settings.api_keys:
+        key = api_key_of(request)
+        if key is None:
+            raise ApiError(401, "unauthorized", "this service needs an API key: Authorization: Bearer KEY "
+                                                "or X-API-Key: KEY", {"WWW-Authenticate": "Bearer"})
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        for name, known in settings.api_keys.items():
+            if digest == known:
+                return f"key:{name}"
+        raise ApiError(401, "unauthorized", "unknown API key", {"WWW-Authenticate": "Bearer"})
+    peer = request.client.host if request.client is not None else "unknown"
+    return "ip:" + forwarded_client(peer, request.headers.get("x-forwarded-for"),
+                                    tuple(settings.trusted_proxies))

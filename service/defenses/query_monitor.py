@@ -1,0 +1,511 @@
+"""The query monitor: a stateful detector of query-based (black-box) attacks.
+
+Square, HopSkipJump, boundary attacks and random search send long runs of near-identical
+queries. Following Blacklight (Li et al., USENIX Security 2022), every image a monitored
+pipeline receives gets a probabilistic fingerprint:
+
+  1. quantize each pixel to levels of `quantization`/255 (small perturbations vanish),
+  2. slide a window of `window` values over the flattened levels and hash every window's
+     contents with a keyed hash (the secret decides which windows a query keeps, so an
+     attacker cannot aim at the kept ones; the position is not hashed, so shifting the image
+     by a few pixels keeps most hashes),
+  3. leave out uninformative windows (fewer than `informative` of their values differ from
+     the image's most common level: MNIST's background with a stroke's edge, which thousands
+     of different digits share),
+  4. keep the `top_n` largest distinct hashes.
+
+With every window kept (Blacklight's rule) distinct benign MNIST digits matched: 925 of 5,000
+shared 25+ of 50 hashes with earlier ones, through the background windows all digits share.
+Leaving out the uninformative windows brought the worst benign digit to 5-8 (docs/query_monitor.md).
+
+One store of the fingerprints of *all* recent queries, from every client (many accounts do not
+help an attacker), counts in how many remembered queries each hash occurs. A query whose
+fingerprint shares at least `threshold` hashes with the store is flagged: in practice it is a
+few pixels away from an earlier query.
+
+Rules that keep benign traffic out (docs/query_monitor.md):
+  * an exact repeat (the same decoded pixels) is not evidence against itself: its own earlier
+    copies are subtracted before matching, so retries and many clients sending the same public
+    image are not flagged; a repeat of a *flagged* query is still flagged, because it still
+    matches the other queries it was flagged for;
+  * only the hashes are remembered (no pixels), for `memory_window_s` and at most `max_queries`
+    queries (two generations; the oldest is dropped when the newest is full or old).
+
+Actions: `flag` (count and answer), `reject` (the image's answer is a rejection by
+`query_monitor`), `block` (reject, and a client with more than `block_after` flags within
+`block_window_s` gets 429 `attack_suspected` for `cooldown_s`).
+
+The store is per process (`store: memory`) or shared by every replica through Redis
+(`store: redis`). A Redis that cannot be reached degrades to the per-process store, with one
+log line per outage and `shieldserve_query_monitor_degraded` = 1, never an error to the client.
+
+Secrets: the hashing key (from `query_monitor.secret`, or generated: per process on the memory
+store, once per Redis on the shared store, where every replica must hash alike) never appears
+in a response, a log line or a metric; client ids are stored keyed-hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+log = logging.getLogger("shieldserve")
+
+Action = Literal["flag", "reject", "block"]
+PUBLIC_POLICY = ("enabled", "action", "threshold", "block_after", "block_window_s", "cooldown_s")
+
+
+class AttackSuspected(Exception):
+    """The client is blocked (block mode): 429 `attack_suspected` with Retry-After."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many queries of this client looked like a query-based attack; "
+                         f"retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Fingerprinter:
+    """Blacklight's fingerprint: quantized pixels, keyed hashes of sliding windows, top N."""
+
+    key: bytes
+    quantization: int = 25
+    window: int = 50
+    top_n: int = 50
+    informative: float = 0.25
+
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(b"coefficients" + self.key).digest(), "big"))
+        # a polynomial hash mod 2**64 with a secret odd base and a secret offset, mixed by
+        # splitmix64's finaliser (see fingerprint)
+        base, at = (rng.integers(0, 2**63, size=2, dtype=np.uint64) * np.uint64(2) + np.uint64(1))
+        inverse = pow(int(base), -1, 2**64)  # odd numbers are invertible mod 2**64
+        object.__setattr__(self, "_base", int(base))
+        object.__setattr__(self, "_inverse", inverse)
+        object.__setattr__(self, "_at", at)
+        object.__setattr__(self, "_powers", {})
+        object.__setattr__(self, "_digest_key", hashlib.sha256(b"digest" + self.key).digest()[:32])
+
+    def _pow_tables(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        tables = self._powers  # type: ignore[attr-defined]
+        if length not in tables:
+            m = 2**64
+            fwd = [1] * length
+            inv = [1] * length
+            for t in range(1, length):
+                fwd[t] = fwd[t - 1] * self._base % m  # type: ignore[attr-defined]
+                inv[t] = inv[t - 1] * self._inverse % m  # type: ignore[attr-defined]
+            tables[length] = (np.array(fwd, dtype=np.uint64), np.array(inv, dtype=np.uint64))
+        return tables[length]
+
+    def fingerprint(self, x: torch.Tensor) -> tuple[list[bytes], np.ndarray]:
+        """Per image: a keyed digest of its exact pixels (what makes two queries the same
+        query) and its top-N distinct window hashes, (B, top_n) uint64. An image with fewer
+        informative windows (nearly uniform) is padded with values derived from its digest,
+        which only its own exact copies share."""
+        a = np.ascontiguousarray(x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).numpy())
+        digests = [hashlib.blake2b(row.tobytes(), key=self._digest_key, digest_size=16).digest()  # type: ignore[attr-defined]
+                   for row in a]
+        lv = np.floor(np.clip(a, 0.0, 1.0) * (255.0 / self.quantization)).astype(np.uint8)
+        b, length = lv.shape
+        w = self.window
+        if length < w:
+            raise ValueError(f"images of {length} values are smaller than the window ({w})")
+        fwd, inv = self._pow_tables(length)
+        n = length - w + 1
+        zero = np.zeros((b, 1), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            # window k's polynomial sum(lv[k+j] * base**(w-1-j)) from prefix sums of
+            # lv[t] * base**-t, all mod 2**64 (uint64 arithmetic wraps): O(length), not O(length*w)
+            prefix = np.concatenate([zero, np.cumsum(lv.astype(np.uint64) * inv, axis=1)], axis=1)
+            h = (prefix[:, w:] - prefix[:, :n]) * fwd[w - 1:]
+            h += self._at  # type: ignore[attr-defined]
+            h ^= h >> np.uint64(30)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(27)
+            h *= np.uint64(0x94D049BB133111EB)
+            h ^= h >> np.uint64(31)
+        levels = int(255 // self.quantization) + 1
+        mode = np.stack([np.bincount(row, minlength=levels) for row in lv]).argmax(axis=1)
+        off = np.concatenate([zero.astype(np.int32), np.cumsum(lv != mode[:, None].astype(np.uint8), axis=1,
+                                                               dtype=np.int32)], axis=1)
+        keep = (off[:, w:] - off[:, :n]) >= int(np.ceil(self.informative * w))
+        out = np.empty((len(digests), self.top_n), dtype=np.uint64)
+        for i, row in enumerate(h):
+            top = np.unique(row[keep[i]])[-self.top_n:]
+            if len(top) < self.top_n:
+                rng = np.random.default_rng(int.from_bytes(digests[i], "big"))
+                top = np.concatenate([top, rng.integers(0, 2**63, size=self.top_n - len(top), dtype=np.uint64)])
+            out[i] = top
+        return digests, out
+
+
+# --------------------------------------------------------------------------- stores
+class MemoryStore:
+    """Fingerprints and client flags in this process: two generations of hash counts."""
+
+    def __init__(self, window_s: float, max_queries: int) -> None:
+        self.half_s = window_s / 2.0
+        self.cap = max(1, max_queries // 2)
+        self._lock = threading.Lock()
+        self._gens: list[tuple[dict[int, int], set[bytes]]] = [({}, set()), ({}, set())]  # [old, current]
+        self._started = time.monotonic()
+        self._flags: dict[str, list[float]] = {}
+        self._blocked: dict[str, float] = {}
+
+    def _rotate(self, now: float) -> None:
+        cur = self._gens[1]
+        if now - self._started >= self.half_s or len(cur[1]) >= self.cap:
+            if now - self._started >= 2 * self.half_s:
+                self._gens = [({}, set()), ({}, set())]  # both are older than the window
+            else:
+                self._gens = [cur, ({}, set())]
+            self._started = now
+
+    def match(self, digests: Sequence[bytes], hashes: np.ndarray) -> list[int]:
+        """For each query, how many of its hashes the store holds (its own exact earlier copies
+        left out); then remember it."""
+        out = []
+        with self._lock:
+            now = time.monotonic()
+            for d, hs in zip(digests, hashes):
+                self._rotate(now)
+                (old_h, old_d), (cur_h, cur_d) = self._gens
+                me = (d in cur_d) + (d in old_d)
+                keys = hs.tolist()
+                out.append(sum(1 for k in keys if cur_h.get(k, 0) + old_h.get(k, 0) - me >= 1))
+                if d not in cur_d:
+                    cur_d.add(d)
+                    for k in keys:
+                        cur_h[k] = cur_h.get(k, 0) + 1
+        return out
+
+    def remembered(self) -> int:
+        return sum(len(d) for _, d in self._gens)
+
+    def blocked_for(self, client: str) -> float:
+        until = self._blocked.get(client)
+        if until is None:
+            return 0.0
+        left = until - time.time()
+        if left <= 0:
+            self._blocked.pop(client, None)
+            return 0.0
+        return left
+
+    def add_flags(self, client: str, count: int, window_s: float, block_after: int, cooldown_s: float) -> bool:
+        """Record `count` flags of `client`; True when that blocks it."""
+        now = time.time()
+        with self._lock:
+            times = [t for t in self._flags.get(client, []) if t > now - window_s] + [now] * count
+            self._flags[client] = times[-(block_after + 1):]  # enough to decide, bounded
+            if len(times) > block_after:
+                self._blocked[client] = now + cooldown_s
+                self._flags.pop(client, None)
+                return True
+            if len(self._flags) > 100_000:  # bounded: forget the clients with the oldest flags
+                for c in sorted(self._flags, key=lambda c: self._flags[c][-1])[:50_000]:
+                    del self._flags[c]
+        return False
+
+    def blocked_count(self) -> int:
+        now = time.time()
+        return sum(1 for until in list(self._blocked.values()) if until > now)
+
+
+# One round trip per request: the blocked check, the generation turn, the match and the insert.
+# KEYS: none (every key derives from the prefix; single-instance Redis or one hash slot).
+_SCREEN = """
+local p = ARGV[1]
+local now = tonumber(ARGV[2]); local half = tonumber(ARGV[3]); local cap = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5]); local n = tonumber(ARGV[6]); local client = ARGV[7]
+local out = {}
+out[1] = redis.call('PTTL', p .. 'blocked:' .. client)
+local gen = tonumber(redis.call('GET', p .. 'gen') or '0')
+local started = tonumber(redis.call('GET', p .. 'gen_started') or '0')
+local count = tonumber(redis.call('GET', p .. 'g' .. gen .. ':n') or '0')
+if now - started >= half or count >= cap then
+  gen = gen + 1; count = 0
+  redis.call('SET', p .. 'gen', gen); redis.call('SET', p .. 'gen_started', now)
+end
+local ch, cd = p .. 'g' .. gen .. ':h', p .. 'g' .. gen .. ':d'
+local oh, od = p .. 'g' .. (gen - 1) .. ':h', p .. 'g' .. (gen - 1) .. ':d'
+local i = 8
+while i <= #ARGV do
+  local d = ARGV[i]
+  local in_cur = redis.call('SISMEMBER', cd, d)
+  local me = in_cur + redis.call('SISMEMBER', od, d)
+  local hs = {}
+  for j = 1, n do hs[j] = ARGV[i + j] end
+  local a = redis.call('HMGET', ch, unpack(hs))
+  local b = redis.call('HMGET', oh, unpack(hs))
+  local m = 0
+  for j = 1, n do
+    if tonumber(a[j] or 0) + tonumber(b[j] or 0) - me >= 1 then m = m + 1 end
+  end
+  if in_cur == 0 then
+    redis.call('SADD', cd, d)
+    for j = 1, n do redis.call('HINCRBY', ch, hs[j], 1) end
+    count = count + 1
+  end
+  out[#out + 1] = m
+  i = i + 1 + n
+end
+redis.call('SET', p .. 'g' .. gen .. ':n', count, 'EX', ttl)
+redis.call('EXPIRE', ch, ttl); redis.call('EXPIRE', cd, ttl)
+return out
+"""
+
+_FLAGS = """
+local p = ARGV[1]; local client = ARGV[2]; local count = tonumber(ARGV[3])
+local window = tonumber(ARGV[4]); local after = tonumber(ARGV[5]); local cooldown = tonumber(ARGV[6])
+local now = tonumber(ARGV[7])
+local k = p .. 'flags:' .. client
+local total = redis.call('INCRBY', k, count)
+if total == count then redis.call('EXPIRE', k, window) end
+if total > after then
+  redis.call('SET', p .. 'blocked:' .. client, '1', 'PX', cooldown)
+  redis.call('DEL', k)
+  redis.call('ZADD', p .. 'blocked', now + cooldown, client)
+  return 1
+end
+return 0
+"""
+
+
+class RedisStore:
+    """The same store in Redis, shared by every replica. Keys under `<prefix>qm:`: `gen`,
+    `gen_started`, `g<N>:h` (hash -> count), `g<N>:d` (digests), `g<N>:n`, `flags:<client>`,
+    `blocked:<client>`, `blocked` (sorted set), `key` (the shared hashing key)."""
+
+    def __init__(self, url: str, prefix: str, window_s: float, max_queries: int, timeout_s: float = 0.25,
+                 client: Any = None) -> None:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        from service.redis_store import redact
+
+        self.url, self.prefix = redact(url), prefix + "qm:"
+        self.half_s, self.cap = window_s / 2.0, max(1, max_queries // 2)
+        self.ttl_s = max(1, int(window_s + 1))
+        self.client = client or redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1), retry_on_timeout=False, health_check_interval=30)
+        self.errors: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError,
+                                                        redis.exceptions.TimeoutError,
+                                                        redis.exceptions.ResponseError)
+        self._screen = self.client.register_script(_SCREEN)
+        self._flags = self.client.register_script(_FLAGS)
+
+    def shared_key(self) -> bytes:
+        """The hashing key every replica uses: the first replica's random key wins."""
+        self.client.set(self.prefix + "key", os.urandom(32), nx=True)
+        return bytes(self.client.get(self.prefix + "key"))
+
+    def screen(self, client: str, digests: Sequence[bytes], hashes: np.ndarray) -> tuple[float, list[int]]:
+        """(seconds the client stays blocked, matches per query)."""
+        n = hashes.shape[1]
+        args: list[Any] = [self.prefix, f"{time.time():.3f}", self.half_s, self.cap, self.ttl_s, n, client]
+        for d, hs in zip(digests, hashes):
+            raw = hs.astype(">u8").tobytes()
+            args.append(d)
+            args.extend(raw[k:k + 8] for k in range(0, 8 * n, 8))
+        out = self._screen(args=args)
+        pttl = int(out[0])
+        return (pttl / 1000.0 if pttl > 0 else 0.0), [int(m) for m in out[1:]]
+
+    def add_flags(self, client: str, count: int, window_s: float, block_after: int, cooldown_s: float) -> bool:
+        return bool(self._flags(args=[self.prefix, client, count, int(max(1, window_s)), block_after,
+                                      int(cooldown_s * 1000), f"{time.time():.3f}"]))
+
+    def blocked_count(self) -> int:
+        now = time.time()
+        self.client.zremrangebyscore(self.prefix + "blocked", "-inf", now)
+        return int(self.client.zcard(self.prefix + "blocked"))
+
+
+# --------------------------------------------------------------------------- policy
+@dataclass(frozen=True)
+class MonitorPolicy:
+    """One pipeline's use of the monitor (its `query_monitor:` settings over the defaults)."""
+
+    enabled: bool = True
+    action: Action = "reject"
+    threshold: int = 12
+    block_after: int = 10
+    block_window_s: float = 600.0
+    cooldown_s: float = 900.0
+
+    def public(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in PUBLIC_POLICY}
+
+
+@dataclass
+class Verdict:
+    """What the monitor decided about one request's images."""
+
+    matches: list[int]
+    flagged: list[bool]
+    top_n: int
+    threshold: int
+    reject: bool  # flagged images are answered as rejections (reject and block modes)
+    blocked_now: bool = False
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, i: int) -> float:
+        return self.matches[i] / self.top_n
+
+
+class QueryMonitor:
+    """The fingerprinter, the store and the per-client flag counting, shared by every
+    monitored pipeline of one runtime."""
+
+    def __init__(self, *, store: Literal["memory", "redis"] = "memory", redis_url: str = "redis://127.0.0.1:6379/0",
+                 redis_prefix: str = "shieldserve:", secret: str | None = None, quantization: int = 25,
+                 window: int = 50, top_n: int = 50, informative: float = 0.25, memory_window_s: float = 3600.0,
+                 max_queries: int = 100_000,
+                 retry_redis_s: float = 5.0, redis_client: Any = None, on_degraded: Any = None) -> None:
+        self.memory = MemoryStore(memory_window_s, max_queries)
+        self.redis: RedisStore | None = None
+        self.retry_redis_s = retry_redis_s
+        self._down_since: float | None = None
+        self._on_degraded = on_degraded or (lambda degraded: None)
+        self._params = (quantization, window, top_n, informative)
+        key = secret.encode() if secret else None
+        self._key_pending = False  # the shared key is still to be read from Redis
+        if store == "redis":
+            self.redis = RedisStore(redis_url, redis_prefix, memory_window_s, max_queries, client=redis_client)
+            if key is None:
+                try:
+                    key = self.redis.shared_key()
+                except self.redis.errors as exc:
+                    # a replica must hash like the others: until Redis answers it runs on its own
+                    # store with a key of its own, and reads the shared key when Redis is back
+                    self._redis_failed("reading the shared key", exc)
+                    self._key_pending = True
+        self._set_key(key or os.urandom(32))
+
+    def _set_key(self, key: bytes) -> None:
+        self.fingerprinter = Fingerprinter(key, *self._params)
+        self._client_key = hashlib.sha256(b"client" + key).digest()
+
+    def client_tag(self, client: str) -> str:
+        """The keyed hash under which a client's flags are stored (no raw address or key name)."""
+        return hashlib.blake2b(client.encode(), key=self._client_key, digest_size=12).hexdigest()
+
+    # ------------------------------------------------------------------ the store, or its fallback
+    def _use_redis(self) -> bool:
+        if self.redis is None:
+            return False
+        return self._down_since is None or time.monotonic() - self._down_since >= self.retry_redis_s
+
+    def _redis_failed(self, what: str, exc: BaseException) -> None:
+        if self._down_since is None:
+            assert self.redis is not None
+            log.warning("query monitor: Redis (%s) %s failed (%s); using this replica's own store until it is back",
+                        self.redis.url, what, type(exc).__name__)
+            self._on_degraded(True)
+        self._down_since = time.monotonic()
+
+    def _redis_ok(self) -> None:
+        if self._down_since is not None:
+            log.warning("query monitor: Redis is back; the replicas share the store again")
+            self._down_since = None
+            self._on_degraded(False)
+
+    # ------------------------------------------------------------------ screening
+    def screen(self, policy: MonitorPolicy, x: torch.Tensor, client: str) -> Verdict:
+        """Check the client's block, fingerprint and match the batch, remember it; in block
+        mode record the flags and raise AttackSuspected for a blocked client. Runs in a worker
+        thread (numpy and, on the shared store, one Redis round trip)."""
+        started = time.perf_counter()
+        if self._key_pending and self._use_redis():
+            assert self.redis is not None
+            try:
+                self._set_key(self.redis.shared_key())
+                self._key_pending = False
+                self._redis_ok()
+            except self.redis.errors as exc:
+                self._redis_failed("reading the shared key", exc)
+        tag = self.client_tag(client)
+        digests, hashes = self.fingerprinter.fingerprint(x)
+        blocked_for, matches = 0.0, None
+        if self._use_redis() and not self._key_pending:
+            assert self.redis is not None
+            try:
+                blocked_for, matches = self.redis.screen(tag, digests, hashes)
+                self._redis_ok()
+            except self.redis.errors as exc:
+                self._redis_failed("screen", exc)
+        if matches is None:
+            blocked_for = self.memory.blocked_for(tag)
+            matches = self.memory.match(digests, hashes)
+        if policy.action == "block" and blocked_for > 0:
+            raise AttackSuspected(max(1, int(np.ceil(blocked_for))))
+        threshold = min(policy.threshold, self.fingerprinter.top_n)
+        flagged = [m >= threshold for m in matches]
+        verdict = Verdict(matches, flagged, self.fingerprinter.top_n, threshold, policy.action != "flag")
+        if policy.action == "block" and any(flagged):
+            verdict.blocked_now = self._add_flags(tag, sum(flagged), policy)
+        verdict.seconds = time.perf_counter() - started
+        return verdict
+
+    def _add_flags(self, tag: str, count: int, policy: MonitorPolicy) -> bool:
+        args = (tag, count, policy.block_window_s, policy.block_after, policy.cooldown_s)
+        if self._use_redis() and not self._key_pending:
+            assert self.redis is not None
+            try:
+                blocked = self.redis.add_flags(*args)
+                self._redis_ok()
+                return blocked
+            except self.redis.errors as exc:
+                self._redis_failed("add_flags", exc)
+        return self.memory.add_flags(*args)
+
+    def blocked_count(self) -> int:
+        if self._use_redis() and not self._key_pending:
+            assert self.redis is not None
+            try:
+                return self.redis.blocked_count()
+            except self.redis.errors as exc:
+                self._redis_failed("blocked_count", exc)
+        return self.memory.blocked_count()
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.client.close()
+
+
+def policy_from_config(pipeline: str, value: Any, defaults: MonitorPolicy) -> MonitorPolicy | None:
+    """A pipeline's `query_monitor:` entry (absent, true/false, or a mapping over the defaults)
+    as a policy; None where the monitor is off for it."""
+    if value is None:
+        value = {}
+    if isinstance(value, bool):
+        value = {"enabled": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"pipeline {pipeline!r}: query_monitor must be true, false or a mapping, got {value!r}")
+    unknown = set(value) - set(PUBLIC_POLICY)
+    if unknown:
+        raise ValueError(f"pipeline {pipeline!r}: unknown query_monitor settings {sorted(unknown)}; "
+                         f"known: {list(PUBLIC_POLICY)}")
+    merged = {k: getattr(defaults, k) for k in PUBLIC_POLICY}
+    merged.update(value)
+    if merged["action"] not in ("flag", "reject", "block"):
+        raise ValueError(f"pipeline {pipeline!r}: query_monitor.action must be flag, reject or block, "
+                         f"got {merged['action']!r}")
+    if int(merged["threshold"]) < 1:
+        raise ValueError(f"pipeline {pipeline!r}: query_monitor.threshold must be at least 1")
+    policy = MonitorPolicy(**merged)
+    return policy if policy.enabled else None

@@ -1,0 +1,405 @@
+"""The query monitor (service/defenses/query_monitor.py) and client identity (service/api/clients.py):
+the fingerprint's math against a direct computation, no flags on every mnist5k digit, retries
+and a shared public image, attack-like query runs flagged within a few queries, the bounds,
+block mode, the HTTP answers (rejections, 429, 401), one store shared by two monitors through
+a real redis-server, and a Redis that is down costing no request."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.api.clients import forwarded_client
+from service.defenses.query_monitor import (
+    AttackSuspected, Fingerprinter, MemoryStore, MonitorPolicy, QueryMonitor, policy_from_config,
+)
+from tests.test_redis_store import redis_url  # noqa: F401 - the real redis-server fixture
+
+PNG = {"content-type": "image/png"}
+SECRET = "monitor-test-secret-do-not-leak"
+
+
+def png(x: torch.Tensor) -> bytes:
+    a = (x.reshape(28, 28).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def digits(mnist) -> torch.Tensor:
+    return torch.cat([mnist.train.x, mnist.val.x, mnist.test.x])
+
+
+def random_search(x: torch.Tensor, eps: float, queries: int, seed: int) -> torch.Tensor:
+    """The queries of a Square-like attack: the image, a striped start, then one square changed
+    at a time around the running best."""
+    g = torch.Generator().manual_seed(seed)
+    best = (x + eps * torch.sign(torch.randn(1, 1, 1, 28, generator=g))).clamp(0, 1)
+    out = [x, best]
+    for _ in range(queries - 2):
+        p = int(torch.randint(3, 9, (1,), generator=g))
+        i, j = (int(v) for v in torch.randint(0, 28 - p, (2,), generator=g))
+        q = best.clone()
+        q[..., i:i + p, j:j + p] = (x[..., i:i + p, j:j + p] + eps * float(torch.sign(torch.randn(1, generator=g))))
+        q = q.clamp(0, 1)
+        out.append(q)
+        if torch.rand(1, generator=g) < 0.3:
+            best = q
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- the fingerprint
+def test_window_hashes_match_a_direct_polynomial_computation() -> None:
+    fp = Fingerprinter(b"k" * 32, quantization=25, window=7, top_n=24, informative=0.0)  # <= 24 windows
+    x = torch.rand(2, 1, 5, 6, generator=torch.Generator().manual_seed(0))
+    _, got = fp.fingerprint(x)
+    base, at, m = fp._base, int(fp._at), 2**64  # type: ignore[attr-defined]
+    for i in range(2):
+        lv = np.floor(x[i].reshape(-1).numpy() * (255.0 / 25)).astype(np.uint64).tolist()
+        want = set()
+        for k in range(len(lv) - 7 + 1):
+            h = sum(lv[k + j] * pow(base, 7 - 1 - j, m) for j in range(7)) % m
+            h = (h + at) % m
+            h ^= h >> 30; h = h * 0xBF58476D1CE4E5B9 % m; h ^= h >> 27  # noqa: E702
+            h = h * 0x94D049BB133111EB % m; h ^= h >> 31  # noqa: E702
+            want.add(h)
+        assert {int(v) for v in got[i]} >= want and len(want) <= 24  # the rest: padding
+
+
+def test_the_key_decides_the_hashes_and_the_digest() -> None:
+    x = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    d1, h1 = Fingerprinter(b"a" * 32).fingerprint(x)
+    d2, h2 = Fingerprinter(b"b" * 32).fingerprint(x)
+    assert d1 != d2 and not set(h1[0].tolist()) & set(h2[0].tolist())
+    assert hashlib.sha256(x.numpy().tobytes()).digest()[:16] not in (d1[0], d2[0])
+
+
+# --------------------------------------------------------------------------- benign and attack traffic
+def test_no_benign_digit_is_flagged_and_retries_and_public_images_never_are(mnist) -> None:
+    """Every mnist5k digit once (5,000 distinct images, shuffled), then each of 200 sent again
+    (retries, or the same public image from other clients): at most 0.1% flagged (0 here)."""
+    xs = digits(mnist)
+    xs = xs[torch.randperm(len(xs), generator=torch.Generator().manual_seed(0))]
+    fp, store = Fingerprinter(b"s" * 32), MemoryStore(3600, 1_000_000)
+    d, h = fp.fingerprint(xs)
+    matches = np.array(store.match(d, h))
+    threshold = MonitorPolicy().threshold
+    assert (matches >= threshold).sum() <= len(xs) // 1000
+    assert matches.max() < threshold  # no benign digit even close
+    again = np.array(store.match(d[:200], h[:200]))
+    assert (again >= threshold).sum() == 0
+
+
+@pytest.mark.parametrize("eps", [0.3, 0.15])
+def test_attack_like_runs_are_flagged_within_a_few_queries(mnist, eps: float) -> None:
+    xs = mnist.test.x
+    store, fp = MemoryStore(3600, 1_000_000), Fingerprinter(b"s" * 32)
+    store.match(*fp.fingerprint(digits(mnist)[:2000]))  # other traffic already remembered
+    first_flags = []
+    for k in range(10):
+        q = random_search(xs[k:k + 1], eps, 40, seed=k)
+        flagged = np.array(store.match(*fp.fingerprint(q))) >= MonitorPolicy().threshold
+        assert flagged.any()
+        first_flags.append(int(np.argmax(flagged)) + 1)
+        assert flagged[first_flags[-1]:].mean() > 0.8  # and nearly every query after that
+    assert max(first_flags) <= 10, first_flags
+
+
+def test_a_shifted_copy_still_matches(mnist) -> None:
+    """Window contents are hashed without their position: a query moved by a pixel or two (an
+    adaptive attacker's random translation) keeps most of its hashes."""
+    fp = Fingerprinter(b"s" * 32)
+    x = mnist.test.x[:20]
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (2, 2)):
+        _, a = fp.fingerprint(x)
+        _, b = fp.fingerprint(torch.roll(x, (dy, dx), (2, 3)))
+        shared = [len(set(a[i].tolist()) & set(b[i].tolist())) for i in range(len(x))]
+        assert np.median(shared) >= 25, (dy, dx, shared)
+
+
+def test_a_repeat_of_a_flagged_query_is_still_flagged(mnist) -> None:
+    fp, store = Fingerprinter(b"s" * 32), MemoryStore(3600, 1000)
+    x = mnist.test.x[3:4].clone()
+    y = x.clone()
+    y[..., 10:13, 10:13] = (y[..., 10:13, 10:13] - 0.5).abs()
+    store.match(*fp.fingerprint(x))
+    assert store.match(*fp.fingerprint(y))[0] >= 40  # y is x with a corner changed
+    assert store.match(*fp.fingerprint(y))[0] >= 40  # its repeat still matches x
+    assert store.match(*fp.fingerprint(x))[0] >= 40  # and x matches y now: y was remembered
+
+
+def test_a_uniform_image_has_a_full_fingerprint_that_only_its_copies_share() -> None:
+    fp, store = Fingerprinter(b"s" * 32), MemoryStore(3600, 1000)
+    a, b = torch.zeros(1, 1, 28, 28), torch.full((1, 1, 28, 28), 0.001)
+    da, ha = fp.fingerprint(a)
+    assert ha.shape == (1, 50) and len(set(ha[0].tolist())) == 50
+    assert store.match(da, ha) == [0] and store.match(*fp.fingerprint(b)) == [0]
+    assert store.match(da, ha) == [0]
+
+
+# --------------------------------------------------------------------------- bounds
+def test_the_store_is_bounded_by_size_and_time(monkeypatch, mnist) -> None:
+    fp = Fingerprinter(b"s" * 32)
+    store = MemoryStore(window_s=100.0, max_queries=100)
+    xs = torch.rand(400, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    store.match(*fp.fingerprint(xs))
+    assert store.remembered() <= 100
+    clock = [1000.0]
+    monkeypatch.setattr("service.defenses.query_monitor.time.monotonic", lambda: clock[0])
+    store2 = MemoryStore(window_s=100.0, max_queries=10_000)
+    x = mnist.test.x[3:4].clone()
+    store2.match(*fp.fingerprint(x))
+    clock[0] += 60  # past half the window: the query moves to the old generation, still seen
+    y = x.clone()
+    y[..., 0, 0] = 0.5
+    assert store2.match(*fp.fingerprint(y))[0] >= 40
+    clock[0] += 250  # past the whole window: forgotten
+    y[..., 0, 1] = 0.5
+    assert store2.match(*fp.fingerprint(y))[0] == 0
+
+
+def test_block_mode_blocks_after_the_flag_limit_and_the_cooldown_ends(monkeypatch, mnist) -> None:
+    monitor = QueryMonitor(secret="x")
+    policy = MonitorPolicy(action="block", block_after=3, cooldown_s=30)
+    x = mnist.test.x[3:4].clone()
+    monitor.screen(policy, x, "ip:1.2.3.4")
+    flags, blocked_at = 0, None
+    for k in range(10):
+        y = x.clone()
+        y[..., 0, k] = 0.5
+        try:
+            v = monitor.screen(policy, y, "ip:1.2.3.4")
+        except AttackSuspected as exc:
+            assert 1 <= exc.retry_after <= 30
+            blocked_at = k
+            break
+        flags += sum(v.flagged)
+    assert flags == 4 and blocked_at == 4  # the 4th flag (> block_after) blocked it
+    assert monitor.blocked_count() == 1
+    monitor.screen(MonitorPolicy(action="block"), torch.rand(1, 1, 28, 28), "ip:5.6.7.8")  # others go on
+    now = __import__("time").time()
+    monkeypatch.setattr("service.defenses.query_monitor.time.time", lambda: now + 31)
+    assert monitor.blocked_count() == 0
+
+
+def test_policies_from_pipeline_config() -> None:
+    d = MonitorPolicy()
+    assert policy_from_config("p", None, d) == d
+    assert policy_from_config("p", False, d) is None
+    assert policy_from_config("p", {"action": "block", "threshold": 20}, d).action == "block"
+    with pytest.raises(ValueError, match="unknown query_monitor"):
+        policy_from_config("p", {"salt": 1}, d)
+    with pytest.raises(ValueError, match="flag, reject or block"):
+        policy_from_config("p", {"action": "ban"}, d)
+
+
+# --------------------------------------------------------------------------- client identity
+def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
+    trusted = ("10.0.0.0/8", "127.0.0.1")
+    assert forwarded_client("203.0.113.9", "1.1.1.1", trusted) == "203.0.113.9"  # untrusted peer
+    assert forwarded_client("10.0.0.5", "198.51.100.7", trusted) == "198.51.100.7"
+    # a client forging hops on the left is named by the hop the gateway appended
+    assert forwarded_client("10.0.0.5", "6.6.6.6, 198.51.100.7", trusted) == "198.51.100.7"
+    assert forwarded_client("10.0.0.5", "198.51.100.7, 10.0.0.9", trusted) == "198.51.100.7"
+    assert forwarded_client("10.0.0.5", None, trusted) == "10.0.0.5"
+    assert forwarded_client("10.0.0.5", "1.1.1.1", ()) == "10.0.0.5"
+
+
+def test_api_keys_are_required_when_set_and_stored_hashed(make_client, mnist) -> None:
+    key = "k-" + "7" * 30
+    c = make_client(api_keys={"alice": hashlib.sha256(key.encode()).hexdigest()})
+    body = png(mnist.test.x[0])
+    r = c.post("/predict?pipeline=baseline", content=body, headers=PNG)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = c.post("/predict?pipeline=baseline", content=body, headers={**PNG, "X-API-Key": "wrong"})
+    assert r.status_code == 401
+    assert c.post("/predict?pipeline=baseline", content=body,
+                  headers={**PNG, "Authorization": f"Bearer {key}"}).status_code == 200
+    assert c.post("/predict?pipeline=baseline", content=body, headers={**PNG, "X-API-Key": key}).status_code == 200
+    assert c.get("/healthz").status_code == 200  # health and metrics stay open
+    assert key not in c.get("/pipelines").text
+    from service.settings import load_settings
+
+    with pytest.raises(ValueError, match="sha256 hex digest"):
+        load_settings(api_keys={"bob": "plain-key"})
+
+
+# --------------------------------------------------------------------------- over HTTP
+def test_predict_rejects_an_attack_but_not_retries_and_hides_the_secret(make_client, mnist, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    c = make_client(query_monitor={"secret": SECRET})
+    x = mnist.test.x[:1]
+    queries = random_search(x, 0.3, 12, seed=0)
+    for _ in range(3):  # a retrying client: the same image, never flagged
+        r = c.post("/predict?pipeline=magnet", content=png(x), headers=PNG).json()["results"][0]
+        assert not any(j["defense"] == "query_monitor" for j in r["rejected_by"])
+    rejected = []
+    for q in queries[1:]:
+        r = c.post("/predict?pipeline=magnet", content=png(q), headers=PNG).json()["results"][0]
+        rejected.append(r["status"] == "rejected" and r["rejected_by"][0]["defense"] == "query_monitor")
+    assert any(rejected[:10]) and sum(rejected) >= 6
+    hit = next(r for r in [c.post("/predict?pipeline=magnet", content=png(queries[5]), headers=PNG).json()]
+               if r)["results"][0]
+    assert hit["rejected_by"][0] | {"score": 0} == {"defense": "query_monitor", "detector": "fingerprint_match",
+                                                    "score": 0, "threshold": 12 / 50}
+    # baseline is not monitored: the attack's queries are answered there
+    r = c.post("/predict?pipeline=baseline", content=png(queries[5]), headers=PNG).json()["results"][0]
+    assert r["status"] == "accepted"
+    # /v2 answers the rejection as status "rejected"
+    data = (queries[6].reshape(1, 1, 28, 28)).flatten().tolist()
+    v2 = c.post("/v2/models/magnet/infer", json={"inputs": [{"name": "input", "shape": [1, 1, 28, 28],
+                                                             "datatype": "FP32", "data": data}]})
+    assert v2.status_code == 200
+    status = next(o for o in v2.json()["outputs"] if o["name"] == "status")
+    assert status["data"] == ["rejected"]
+    text = c.get("/metrics").text
+    assert 'shieldserve_query_monitor_flags_total{pipeline="magnet"}' in text
+    assert "shieldserve_blocked_clients" in text and "shieldserve_query_monitor_match_distance_bucket" in text
+    pipelines = c.get("/pipelines").json()["pipelines"]
+    monitored = {p["name"]: p["query_monitor"] for p in pipelines}
+    assert monitored["baseline"] is None and monitored["magnet"]["action"] == "reject"
+    for where in (text, c.get("/pipelines").text, caplog.text):
+        assert SECRET not in where and "testclient" not in text
+
+
+def test_block_mode_answers_429_with_retry_after(make_client, mnist) -> None:
+    c = make_client(pipelines={"magnet": {"defenses": [{"defense": "magnet", "reform": True}],
+                                          "query_monitor": {"action": "block", "block_after": 2,
+                                                            "cooldown_s": 60}}})
+    queries = random_search(mnist.test.x[:1], 0.3, 30, seed=1)
+    codes = [c.post("/predict?pipeline=magnet", content=png(q), headers=PNG) for q in queries]
+    blocked = [r for r in codes if r.status_code == 429]
+    assert blocked, [r.status_code for r in codes]
+    assert blocked[0].json()["error"]["code"] == "attack_suspected"
+    assert 1 <= int(blocked[0].headers["Retry-After"]) <= 60
+    assert codes.index(blocked[0]) <= 15
+    assert "shieldserve_blocked_clients 1.0" in c.get("/metrics").text
+    # a benign image from the blocked client is refused too; the monitor is per client
+    assert c.post("/predict?pipeline=magnet", content=png(mnist.test.x[50]), headers=PNG).status_code == 429
+
+
+# --------------------------------------------------------------------------- Redis: shared, or down
+def test_two_monitors_share_one_store_through_redis(redis_url, mnist) -> None:  # noqa: F811
+    import uuid
+
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    a = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix)
+    b = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix)
+    assert a.fingerprinter.key == b.fingerprinter.key  # agreed once, in Redis
+    single = QueryMonitor(secret="s")
+    policy = MonitorPolicy()
+    queries = random_search(mnist.test.x[:1], 0.3, 20, seed=2)
+    alternating = [(a if i % 2 else b).screen(policy, queries[i:i + 1], f"ip:10.0.0.{i % 5}").flagged[0]
+                   for i in range(len(queries))]
+    alone = [single.screen(policy, queries[i:i + 1], "ip:10.0.0.1").flagged[0] for i in range(len(queries))]
+    assert alternating.index(True) == alone.index(True) <= 10
+    assert alternating == alone  # same matches whichever replica saw which query
+    # flags and blocks are shared too
+    block = MonitorPolicy(action="block", block_after=1)
+    for m in (a, b):
+        m.screen(block, queries[5:6], "ip:9.9.9.9")
+    with pytest.raises(AttackSuspected):
+        b.screen(block, queries[0:1], "ip:9.9.9.9")
+    assert a.blocked_count() == 1
+    keys = a.redis.client.keys(prefix + "*")
+    assert all(b"9.9.9.9" not in k for k in keys)  # client ids stored keyed-hashed
+
+
+def test_a_redis_that_is_down_degrades_to_this_replica(caplog, mnist) -> None:
+    from tests.test_redis_store import free_port
+
+    events: list[bool] = []
+    m = QueryMonitor(store="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0", secret="s",
+                     on_degraded=events.append)
+    x = mnist.test.x[3:4].clone()
+    y = x.clone()
+    y[..., 0, 0] = 0.5
+    with caplog.at_level(logging.WARNING):
+        assert m.screen(MonitorPolicy(), x, "ip:1.1.1.1").flagged == [False]
+        assert m.screen(MonitorPolicy(), y, "ip:1.1.1.1").flagged == [True]  # the local store still works
+    assert events == [True]
+    assert sum("query monitor: Redis" in r.getMessage() for r in caplog.records) == 1
+    # no key to agree on yet: the replica starts on a key and a store of its own
+    events.clear()
+    alone = QueryMonitor(store="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0", on_degraded=events.append)
+    assert alone._key_pending and events == [True]
+    assert alone.screen(MonitorPolicy(), x, "ip:1.1.1.1").flagged == [False]
+    assert alone.screen(MonitorPolicy(), y, "ip:1.1.1.1").flagged == [True]
+
+
+def test_a_replica_started_before_redis_reads_the_shared_key_when_it_is_up(redis_url) -> None:  # noqa: F811
+    import uuid
+
+    import redis as redis_lib
+
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    first = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix)
+    late = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix, retry_redis_s=0.0,
+                        redis_client=_Flaky(redis_lib.Redis.from_url(redis_url)))
+    assert late._key_pending and late.fingerprinter.key != first.fingerprinter.key
+    late.redis.client.down = False  # type: ignore[union-attr]
+    late.screen(MonitorPolicy(), torch.zeros(1, 1, 28, 28), "ip:1.1.1.1")
+    assert not late._key_pending and late.fingerprinter.key == first.fingerprinter.key
+
+
+class _Flaky:
+    """A Redis client that refuses connections while `down`."""
+
+    def __init__(self, client) -> None:
+        self.client, self.down = client, True
+
+    def __getattr__(self, name: str):
+        import redis as redis_lib
+
+        attr = getattr(self.client, name)
+        if name == "register_script":
+            return lambda script: _FlakyScript(self, attr(script))
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            if self.down:
+                raise redis_lib.exceptions.ConnectionError("down")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+class _FlakyScript:
+    def __init__(self, owner: _Flaky, script) -> None:
+        self.owner, self.script = owner, script
+
+    def __call__(self, *args, **kwargs):
+        import redis as redis_lib
+
+        if self.owner.down:
+            raise redis_lib.exceptions.ConnectionError("down")
+        return self.script(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- the evaluation section
+def test_query_attack_evaluation_over_http(make_client, mnist) -> None:
+    """evaluate --sections query's parts on a TestClient: ART Square through the monitored
+    pipeline is flagged within 20 queries and never succeeds in reject mode; block mode
+    stops it with 429; the benign workload flags nothing."""
+    from service.evaluation.query_attacks import MonitoredOracle, benign, run_attack
+
+    c = make_client(pipelines={
+        "watched": {"defenses": [], "query_monitor": {"action": "reject"}},
+        "blocking": {"defenses": [], "query_monitor": {"action": "block", "block_after": 3}}})
+    x0, y0 = mnist.test.x[5], int(mnist.test.y[5])
+    start = mnist.test.x[(mnist.test.y != y0).nonzero()[0, 0]]
+    r = run_attack("square_0.3", MonitoredOracle(c, "watched"), x0, y0, start, budget=40, seed=0)
+    assert r["first_flag"] is not None and r["first_flag"] <= 20, r
+    assert r["queries"] == 40 and r["flags"] >= 15
+    r = run_attack("hsj", MonitoredOracle(c, "blocking"), mnist.test.x[6], int(mnist.test.y[6]), start,
+                   budget=200, seed=0)
+    assert r["blocked_at"] is not None and r["queries"] < 200, r
+    b = benign(c, "watched", mnist.val.x[:100], clients=4, public=5)
+    assert b["queries"] == 100 + 10 + 20 and b["flagged"] == 0, b
