@@ -17,6 +17,7 @@ after them. shieldserve's own networks have a `features` method; a user's networ
 
 from __future__ import annotations
 
+import io
 import threading
 from typing import Any
 
@@ -151,6 +152,13 @@ class FeatureExtractor:
     def _init_chain(self, probe: torch.Tensor, layer: str | None) -> None:
         self.method = "chain"
         chain = _chain(self.network, probe)
+        if chain is None and isinstance(self.network, torch.jit.TopLevelTracedModule):
+            # a module traced in this process: its submodules cannot be called until it is
+            # saved and loaded (what every bundle's TorchScript file is)
+            buf = io.BytesIO()
+            torch.jit.save(self.network, buf)
+            buf.seek(0)
+            chain = _chain(torch.jit.load(buf, map_location=probe.device).eval(), probe)
         if chain is None:
             raise FeatureError(
                 "this TorchScript classifier's forward is not a chain of its submodules, so its penultimate "
