@@ -88,6 +88,8 @@ class FeatureExtractor:
         if layer is None and hasattr(network, "features"):
             self.method, self.layer = "features", "features"
             self._fn = network.features
+            out = getattr(network, "out", None)  # the builtin networks' last layer
+            self._last_linear = out if isinstance(out, nn.Linear) else None
         elif _is_script(network):
             self._init_chain(probe, layer)
         else:

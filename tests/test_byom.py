@@ -77,7 +77,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from examples.sample_photos import load
 
     root = tmp_path_factory.mktemp("photos")
-    data = load(train_per_class=50, test_per_class=8)
+    data = load(train_per_class=40, test_per_class=8)
     np.savez(root / "photos.npz", **data)
     torch.manual_seed(0)
     net = _fit(PhotoCNN(), torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"]), epochs=2)
@@ -90,7 +90,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 QUICK = {"magnet": {"epochs": 1}, "neuralfp": {"epochs": 1, "bound": 0.01}, "squeeze": {"bound": 0.01},
          "rmc": {"pgd_steps": [2], "eval_images": 20, "eval_pgd_steps": 2, "steps": 3},
          "smoothing": {"epochs": 1, "denoiser_max_train": 100},
-         "defensegan": {"recipe": {"generator_steps": 5, "encoder_steps": 5, "rec_images": 16,
+         "defensegan": {"recipe": {"generator_steps": 5, "encoder_steps": 5, "rec_classifier": False,
                                    "calibration_images": 16}},
          "quality": {"images": 16}}
 
