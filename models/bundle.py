@@ -137,12 +137,15 @@ TRAINED_DEFENSES = ("magnet", "neuralfp", "squeeze", "defensegan", "rmc", "smoot
 
 def defense_key(entry: Any) -> str:
     """The quality gate's key for one entry of a pipeline config: its defense's name, and
-    `smoothing:denoised` for denoised smoothing (the plain classifier behind a denoiser)."""
+    `smoothing:denoised` for denoised smoothing (the plain classifier behind a denoiser),
+    `magnet:reformer` for MagNet with its reformer (`magnet` alone: its detectors)."""
     if isinstance(entry, str):
-        return entry
+        return "magnet:reformer" if entry == "magnet" else entry
     name = str(entry.get("defense", "")) if isinstance(entry, dict) else ""
     if name == "smoothing" and entry.get("denoiser"):
         return "smoothing:denoised"
+    if name == "magnet" and entry.get("reform", True) is not False:
+        return "magnet:reformer"
     return name
 
 

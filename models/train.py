@@ -133,8 +133,11 @@ def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "de
     known = [name for name, _ in STEPS]
     chosen = steps or known
     for s in chosen:
-        if s not in known:
-            raise ValueError(f"unknown step {s!r}; steps: {known}")
+        if s not in known and s != "quality":
+            raise ValueError(f"unknown step {s!r}; steps: {known} (and quality: measure the bundle's "
+                             f"defenses again)")
+    if "quality" in chosen and not (out / "manifest.json").exists():
+        raise ValueError("--steps quality measures an existing bundle's defenses; build the bundle first")
     extending = bool(steps) and (out / "manifest.json").exists()
     writer = BundleWriter.extend(out) if extending else BundleWriter(out)
     command = "shieldserve train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
@@ -176,5 +179,11 @@ def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "de
             quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
             writer.save()
         log.info("step %s done in %.1fs", name, time.monotonic() - t0)
+    if "quality" in chosen:  # the gate alone, again, on every defense the bundle has
+        t0 = time.monotonic()
+        for name in quality.STEP_KEYS:
+            if name in writer.manifest.get("defenses", {}):
+                quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
+        writer.record_step("quality", command, time.monotonic() - t0)
     writer.manifest["build"]["seconds"] = round(time.monotonic() - started, 1)
     return writer.save()

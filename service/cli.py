@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", default="mnist5k", help="mnist5k | idx:DIR | npz:FILE")
     t.add_argument("--preset", default="default", choices=["default", "quick"])
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", help="comma-separated steps to (re)build into an existing bundle")
+    t.add_argument("--steps", help="comma-separated steps to (re)build into an existing bundle; "
+                                   "'quality' measures its defenses again (the quality gate)")
     t.add_argument("--classifier", help="your pretrained classifier: import:pkg.module:factory or torchscript:FILE")
     t.add_argument("--classifier-weights", help="safetensors weights for an import: classifier")
     t.add_argument("--classifier-kwargs", help="JSON keyword arguments for the factory")

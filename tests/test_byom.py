@@ -232,7 +232,7 @@ def test_digits_torchscript_bundle(digits_bundle: Path) -> None:
     # the gate measured every step's defense against the base classifier on the same images
     q = m["quality"]
     assert q["base"]["images"] == 16 and q["enforce"] is False
-    for key in ("magnet", "neuralfp", "squeeze", "rmc", "smoothing", "smoothing:denoised"):
+    for key in ("magnet", "magnet:reformer", "neuralfp", "squeeze", "rmc", "smoothing", "smoothing:denoised"):
         d = q["defenses"][key]
         assert d["images"] == 16 and 0 <= d["val_accuracy"] <= 1 and d["usable"]
         assert d["passes"] == (d["base_val_accuracy"] - d["val_accuracy"] <= 0.02 + 1e-9)
@@ -246,7 +246,7 @@ def test_photos_import_bundle(photos_bundle: Path) -> None:
     assert m["artifacts"]["magnet_ae_i"]["architecture"]["kwargs"]["structure"] == [8, 8]
     assert m["artifacts"]["defensegan_generator"]["architecture"]["kwargs"]["image_size"] == 32
     assert m["defenses"]["rmc"]["settings"]["trainable"] == "last"
-    assert set(m["quality"]["defenses"]) == {"magnet", "neuralfp", "defensegan", "rmc"}
+    assert set(m["quality"]["defenses"]) == {"magnet", "magnet:reformer", "neuralfp", "defensegan", "rmc"}
     b = Bundle.load(photos_bundle)
     x = torch.rand(2, 3, 32, 32)
     assert b.module("defensegan_generator")(torch.randn(2, 128)).shape == x.shape
@@ -272,7 +272,7 @@ def test_gate_enforced_marks_unusable_and_the_service_skips_it(digits_bundle: Pa
     build_bundle(out, dataset=m["build"]["dataset"], preset="quick", seed=0, steps=["magnet", "squeeze"],
                  options={**QUICK, "quality": {"images": 16, "max_accuracy_drop": -0.01, "enforce": True}}, argv=[])
     q = _manifest(out)["quality"]["defenses"]
-    for key in ("magnet", "squeeze"):
+    for key in ("magnet", "magnet:reformer", "squeeze"):
         assert q[key]["usable"] is False and q[key]["passes"] is False
         assert "below the base classifier" in q[key]["reason"] and "accuracy_drop" in q[key]
     assert q["rmc"]["usable"]  # measured before, untouched
@@ -321,3 +321,21 @@ def test_a_step_that_cannot_be_built_is_recorded_not_fatal(tmp_path: Path, digit
     assert m["quality"]["defenses"]["rmc"]["usable"] is False
     assert "not a chain" in m["quality"]["defenses"]["rmc"]["reason"]
     assert "not a chain" in Bundle.load(out).unusable("rmc")
+
+
+def test_steps_quality_measures_the_bundle_again(digits_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from models.train import build_bundle
+
+    out = tmp_path / "b"
+    shutil.copytree(digits_bundle, out)
+    before = _manifest(out)
+    build_bundle(out, dataset=before["build"]["dataset"], preset="quick", steps=["quality"],
+                 options={"quality": {"images": 8}}, argv=[])
+    after = _manifest(out)
+    assert after["artifacts"] == before["artifacts"]  # nothing retrained
+    assert {d["images"] for d in after["quality"]["defenses"].values()} == {8}
+    assert set(after["quality"]["defenses"]) == set(before["quality"]["defenses"])
+    with pytest.raises(ValueError, match="existing bundle"):
+        build_bundle(tmp_path / "none", dataset=before["build"]["dataset"], steps=["quality"], argv=[])

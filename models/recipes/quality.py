@@ -28,7 +28,8 @@ from models.recipes.common import progress
 
 # defense key -> the pipeline that measures it (what the packaged config serves)
 GATED: dict[str, list[Any]] = {
-    "magnet": [{"defense": "magnet", "reform": True}],
+    "magnet": [{"defense": "magnet", "reform": False}],
+    "magnet:reformer": [{"defense": "magnet", "reform": True}],
     "neuralfp": ["neuralfp"],
     "squeeze": ["squeeze"],
     "defensegan": [{"defense": "defensegan", "projection": "default"}],
@@ -38,7 +39,7 @@ GATED: dict[str, list[Any]] = {
 }
 # the build step -> the defense keys it makes
 STEP_KEYS: dict[str, list[str]] = {
-    "magnet": ["magnet"], "neuralfp": ["neuralfp"], "squeeze": ["squeeze"], "defensegan": ["defensegan"],
+    "magnet": ["magnet", "magnet:reformer"], "neuralfp": ["neuralfp"], "squeeze": ["squeeze"], "defensegan": ["defensegan"],
     "rmc": ["rmc"], "smoothing": ["smoothing", "smoothing:denoised"],
 }
 
