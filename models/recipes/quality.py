@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from models.bundle import defense_key  # noqa: F401 - the gate's keys, shared with the service
 from models.recipes.common import progress
 
 # defense key -> the pipeline that measures it (what the packaged config serves)
