@@ -28,6 +28,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from models.architectures import build_architecture
+from models.features import FeatureError, FeatureExtractor
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -83,13 +84,16 @@ class Classifier(nn.Module):
     """A network plus the input conversion the manifest describes.
 
     Takes pixels in [0, 1] with shape (B, C, H, W) and returns logits (B, K). `features`
-    returns the penultimate activations when the network has a `features` method.
+    returns the penultimate activations: the network's own `features` method, or the layer
+    models.features finds (the input of the last Linear, or `feature_layer`'s output).
     """
 
-    def __init__(self, network: nn.Module, spec: InputSpec) -> None:
+    def __init__(self, network: nn.Module, spec: InputSpec, feature_layer: str | None = None) -> None:
         super().__init__()
         self.network = network
         self.spec = spec
+        self.feature_layer = feature_layer
+        self._extractor: FeatureExtractor | None = None
         lo, hi = spec.value_range
         self.scale, self.offset = float(hi - lo), float(lo)
         c = spec.channels
@@ -109,11 +113,40 @@ class Classifier(nn.Module):
         return self.network(self.prepare(x))
 
     @property
+    def extractor(self) -> FeatureExtractor:
+        """How `features` is computed (found on first use; raises FeatureError if it cannot be)."""
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.network, self.spec.shape, self.feature_layer)
+        return self._extractor
+
+    @property
     def has_features(self) -> bool:
-        return hasattr(self.network, "features")
+        try:
+            self.extractor
+        except FeatureError:
+            return False
+        return True
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network.features(self.prepare(x))  # type: ignore[operator]
+        return self.extractor(self.prepare(x))
+
+
+# defenses whose artifacts and calibration `shieldserve train` writes into a bundle section
+TRAINED_DEFENSES = ("magnet", "neuralfp", "squeeze", "defensegan", "rmc", "smoothing")
+
+
+def defense_key(entry: Any) -> str:
+    """The quality gate's key for one entry of a pipeline config: its defense's name, and
+    `smoothing:denoised` for denoised smoothing (the plain classifier behind a denoiser),
+    `magnet:reformer` for MagNet with its reformer (`magnet` alone: its detectors)."""
+    if isinstance(entry, str):
+        return "magnet:reformer" if entry == "magnet" else entry
+    name = str(entry.get("defense", "")) if isinstance(entry, dict) else ""
+    if name == "smoothing" and entry.get("denoiser"):
+        return "smoothing:denoised"
+    if name == "magnet" and entry.get("reform", True) is not False:
+        return "magnet:reformer"
+    return name
 
 
 @dataclass
@@ -143,6 +176,10 @@ class Bundle:
             for name in manifest.get("artifacts", {}):
                 bundle._read_verified(name)
         return bundle
+
+    def read_verified(self, name: str) -> bytes:
+        """An artifact's bytes, after its sha256 has been checked."""
+        return self._read_verified(name)
 
     def _read_verified(self, name: str) -> bytes:
         if name in self._verified:
@@ -221,7 +258,27 @@ class Bundle:
         return net
 
     def classifier(self, device: str | torch.device = "cpu", artifact: str = "classifier") -> Classifier:
-        return Classifier(self.module(artifact, device), self.input_spec).to(device).eval()
+        layer = self.artifact(artifact).get("feature_layer")
+        return Classifier(self.module(artifact, device), self.input_spec, layer).to(device).eval()
+
+    def quality(self, defense: str) -> dict[str, Any] | None:
+        """The quality gate's verdict on a defense (models.quality), None if it was not measured."""
+        return self.manifest.get("quality", {}).get("defenses", {}).get(defense)
+
+    def unusable(self, defense: str) -> str | None:
+        """Why a defense (a `defense_key`) must not be served on this bundle, or None: the
+        bundle has no section for a defense that needs one, or the quality gate found it
+        ruins clean accuracy or could not build it."""
+        name = defense.partition(":")[0]
+        if name in TRAINED_DEFENSES and name not in self.manifest.get("defenses", {}):
+            q = self.quality(defense)
+            if q is not None and q.get("reason"):
+                return str(q["reason"])
+            return f"the bundle has no {name!r} section (build it with `shieldserve train --steps {name}`)"
+        q = self.quality(defense)
+        if q is not None and not q.get("usable", True):
+            return str(q.get("reason", "marked unusable by the quality gate"))
+        return None
 
 
 class BundleWriter:

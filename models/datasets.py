@@ -186,9 +186,13 @@ def calibration_holdout(dataset: Dataset, per_class: int, seed: int = CALIBRATIO
     """(training digits minus a held-out part, the held-out part): `per_class` digits of every
     class taken out of the train split, so that a detector's own networks (autoencoders, a
     fingerprinted copy of the classifier) never train on them and its thresholds can be
-    calibrated on them together with the validation split. The test split is never touched,
+    calibrated on them together with the validation split (at most a third of the rarest
+    class: a small training set keeps most of its images). The test split is never touched,
     and the held-out digits are fixed by `seed` (independent of the training seed). The base
     classifier did see them: this only guards the detector's own networks."""
+    # at most a third of the rarest class, so a small training set keeps most of its images
+    # (mnist5k's 350 per class keep the recipes' 100)
+    per_class = min(per_class, int(np.bincount(dataset.train.y.numpy()).min()) // 3)
     if per_class <= 0:
         return dataset.train, Split(dataset.train.x[:0], dataset.train.y[:0])
     held, rest = stratified_split(dataset.train.y.numpy(), [per_class], seed)

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from models.bundle import Bundle, BundleWriter, Classifier, InputSpec
+from models.features import FeatureError
 from models.datasets import Dataset, load_dataset
+from models.recipes import quality
 
 log = logging.getLogger("shieldserve.train")
 
@@ -46,6 +48,7 @@ class ClassifierSource:
     target: str                # "pkg.module:factory" or a TorchScript file
     weights: Path | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    feature_layer: str | None = None  # the layer whose output RMC indexes (default: found, models.features)
 
 
 @dataclass
@@ -110,6 +113,12 @@ def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dat
     clf = Bundle.load(writer.path).classifier(device)
     record["metrics"] = {"test_accuracy": round(accuracy(clf, dataset.test.x.to(device), dataset.test.y.to(device)), 4)}
     record["pretrained"] = True
+    if src.feature_layer:
+        record["feature_layer"] = src.feature_layer
+    try:
+        record["features"] = Classifier(clf.network, clf.spec, src.feature_layer).extractor.describe()
+    except FeatureError as exc:  # RMC's step will say so; the other defenses do not need features
+        record["features"] = {"error": str(exc)}
     return record
 
 
@@ -124,8 +133,11 @@ def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "de
     known = [name for name, _ in STEPS]
     chosen = steps or known
     for s in chosen:
-        if s not in known:
-            raise ValueError(f"unknown step {s!r}; steps: {known}")
+        if s not in known and s != "quality":
+            raise ValueError(f"unknown step {s!r}; steps: {known} (and quality: measure the bundle's "
+                             f"defenses again)")
+    if "quality" in chosen and not (out / "manifest.json").exists():
+        raise ValueError("--steps quality measures an existing bundle's defenses; build the bundle first")
     extending = bool(steps) and (out / "manifest.json").exists()
     writer = BundleWriter.extend(out) if extending else BundleWriter(out)
     command = "shieldserve train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
@@ -140,6 +152,7 @@ def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "de
                                                       "torch": torch.__version__}})
     ctx = BuildContext(ds, writer, preset, seed, torch.device(device), command, dict(options or {}),
                        byo_classifier=classifier is not None)
+    gate = dict(ctx.options.get("quality", {}))
     for name, module_path in STEPS:
         if name not in chosen:
             continue
@@ -147,12 +160,30 @@ def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "de
         if name == "classifier" and classifier is not None:
             record = add_byo_classifier(writer, classifier, ds, ctx.device)
             writer.manifest["metrics"]["classifier_test_accuracy"] = record["metrics"]["test_accuracy"]
-        else:
+        elif name == "classifier":
             importlib.import_module(module_path).build_step(ctx)
+        else:
+            # A defense that cannot be built around this classifier is recorded as unusable with
+            # the reason, and the build goes on: the other defenses may still serve it.
+            try:
+                importlib.import_module(module_path).build_step(ctx)
+            except Exception as exc:
+                log.exception("step %s failed; its defense is recorded as unusable", name)
+                writer.manifest.get("defenses", {}).pop(name, None)
+                quality.record_failure(writer.manifest, name, exc, preset, gate)
         if name == "classifier":
             ctx.forget_classifier()
         writer.record_step(name, command, time.monotonic() - t0)
         writer.save()
+        if name in writer.manifest.get("defenses", {}) and name in quality.STEP_KEYS:
+            quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
+            writer.save()
         log.info("step %s done in %.1fs", name, time.monotonic() - t0)
+    if "quality" in chosen:  # the gate alone, again, on every defense the bundle has
+        t0 = time.monotonic()
+        for name in quality.STEP_KEYS:
+            if name in writer.manifest.get("defenses", {}):
+                quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
+        writer.record_step("quality", command, time.monotonic() - t0)
     writer.manifest["build"]["seconds"] = round(time.monotonic() - started, 1)
     return writer.save()

@@ -34,6 +34,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.classifier:
         classifier = parse_classifier(args.classifier, args.classifier_weights,
                                       json.loads(args.classifier_kwargs or "{}"))
+        classifier.feature_layer = args.feature_layer
+    elif args.feature_layer:
+        raise SystemExit("--feature-layer is for a classifier you bring (--classifier)")
     overrides = {}
     if args.value_range:
         overrides["value_range"] = tuple(float(v) for v in args.value_range.split(","))
@@ -41,6 +44,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides["mean"] = tuple(float(v) for v in args.mean.split(","))
         overrides["std"] = tuple(float(v) for v in (args.std or "1").split(","))
     options = json.loads(args.options) if args.options else {}
+    if args.max_accuracy_drop is not None:
+        options.setdefault("quality", {})["max_accuracy_drop"] = args.max_accuracy_drop
     manifest = build_bundle(args.out, dataset=args.dataset, preset=args.preset, seed=args.seed,
                             steps=args.steps.split(",") if args.steps else None, classifier=classifier,
                             device=args.device, input_overrides=overrides, options=options,
@@ -48,6 +53,10 @@ def _train(args: argparse.Namespace) -> int:
     data = json.loads(Path(manifest).read_text())
     print(json.dumps({"bundle": str(Path(args.out)), "version": data["version"],
                       "metrics": data.get("metrics", {})}, indent=2))
+    if data.get("quality", {}).get("defenses"):
+        from models.recipes.quality import table
+
+        print(table(data))
     return 0
 
 
@@ -140,10 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", default="mnist5k", help="mnist5k | idx:DIR | npz:FILE")
     t.add_argument("--preset", default="default", choices=["default", "quick"])
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", help="comma-separated steps to (re)build into an existing bundle")
+    t.add_argument("--steps", help="comma-separated steps to (re)build into an existing bundle; "
+                                   "'quality' measures its defenses again (the quality gate)")
     t.add_argument("--classifier", help="your pretrained classifier: import:pkg.module:factory or torchscript:FILE")
     t.add_argument("--classifier-weights", help="safetensors weights for an import: classifier")
     t.add_argument("--classifier-kwargs", help="JSON keyword arguments for the factory")
+    t.add_argument("--feature-layer", help="the submodule whose output are the penultimate features RMC indexes "
+                                           "(default: the input of the last Linear layer)")
+    t.add_argument("--max-accuracy-drop", type=float,
+                   help="quality gate: a defense whose clean validation accuracy is more than this below the "
+                        "base classifier's is recorded as unusable and not served (default 0.02)")
     t.add_argument("--value-range", help="the classifier's input range as LO,HI (default 0,1)")
     t.add_argument("--mean", help="per-channel normalisation mean, e.g. 0.1307")
     t.add_argument("--std", help="per-channel normalisation std, e.g. 0.3081")

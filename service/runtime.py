@@ -13,7 +13,7 @@ from typing import Any
 import anyio.to_thread
 import torch
 
-from models.bundle import Bundle
+from models.bundle import Bundle, defense_key
 from service.admission import Admission, image_cost
 from service.batcher import Batcher, BatchReport
 from service.defenses.base import DefenseEnv, RunContext, optimize_argmax_decision, optimize_for_cpu
@@ -47,8 +47,20 @@ class Runtime:
         env = DefenseEnv(bundle=self.bundle, classifier=self.classifier, device=self.device, settings=settings,
                          inference_classifier=self.inference_classifier, argmax_decision=self.argmax_decision)
         self.pipelines: dict[str, Pipeline] = {}
+        # pipelines left out because a defense they need is unusable on this bundle, and why
+        self.unavailable: dict[str, str] = {}
         for name, cfg in settings.pipelines.items():
+            reason = self._unusable(cfg.model_dump())
+            if reason is not None:
+                log.warning("pipeline %s is not served: %s", name, reason)
+                self.unavailable[name] = reason
+                continue
             self.pipelines[name] = Pipeline.build(name, cfg.model_dump(), env)
+        if settings.default_pipeline in self.unavailable and self.pipelines:
+            fallback = next((n for n, p in self.pipelines.items() if p.components), next(iter(self.pipelines)))
+            log.warning("default pipeline %s is not served (%s); the default is %s instead",
+                        settings.default_pipeline, self.unavailable[settings.default_pipeline], fallback)
+            self.settings = settings = settings.model_copy(update={"default_pipeline": fallback})
         if settings.default_pipeline not in self.pipelines:
             raise PipelineConfigError(f"default_pipeline {settings.default_pipeline!r} is not configured; "
                                       f"pipelines: {sorted(self.pipelines)}")
@@ -149,6 +161,16 @@ class Runtime:
             for i, r in zip(rows, await batcher.submit(rest, deadline=deadline, options=options)):
                 out[i] = r
         return out  # type: ignore[return-value]
+
+    def _unusable(self, config: dict[str, Any]) -> str | None:
+        """Why a configured pipeline cannot be served on this bundle (models.bundle.Bundle.unusable
+        for each defense it names), or None."""
+        for entry in config.get("defenses", []) or []:
+            key = defense_key(entry)
+            reason = self.bundle.unusable(key)
+            if reason is not None:
+                return f"{key}: {reason}"
+        return None
 
     def _inference_copy(self) -> Any:
         """The classifier's TorchScript-frozen copy for decisions without gradients (CPU only):

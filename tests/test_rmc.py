@@ -76,7 +76,7 @@ def test_bundle_index_matches_the_stored_images(quick_bundle: Path, rmc_env: Def
     assert torch.equal(ids[:, 0], rows) and float(dist.max()) < 1e-6
 
 
-@pytest.mark.parametrize("trainable", ["head", "all"])
+@pytest.mark.parametrize("trainable", ["head", "all", "last"])
 def test_batched_adaptation_equals_one_image_at_a_time(rmc_env: DefenseEnv, attack, trainable: str) -> None:
     x, _, adv = attack
     rmc = RMC(rmc_env, steps=4, trainable=trainable)

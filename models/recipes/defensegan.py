@@ -42,21 +42,26 @@ STEP = "defensegan"
 
 # --------------------------------------------------------------------------- networks
 class Generator(nn.Module):
+    """Three stride-2 transposed convolutions from a `start` x `start` seed: 4x4 up to side 32
+    (MNIST: 4 -> 8, cropped to 7 -> 14 -> 28), side/8 above; the output is cropped to `image_size`."""
+
     def __init__(self, latent_dim: int = 128, width: int = 64, channels: int = 1, image_size: int = 28) -> None:
         super().__init__()
-        if image_size % 4 or image_size > 32:
-            raise ValueError("the Defense-GAN generator makes images of side 4k <= 32 (MNIST: 28)")
-        self.latent_dim, self.width, self.crop = latent_dim, width, image_size // 4
-        self.fc = nn.Linear(latent_dim, 4 * 4 * 4 * width)
+        if not 4 <= image_size <= 256:
+            raise ValueError(f"the Defense-GAN generator makes images of side 4 to 256, not {image_size}")
+        self.latent_dim, self.width, self.image_size = latent_dim, width, image_size
+        self.crop = math.ceil(image_size / 4)  # after the first upsampling
+        self.start = max(4, math.ceil(self.crop / 2))
+        self.fc = nn.Linear(latent_dim, self.start * self.start * 4 * width)
         self.up1 = nn.ConvTranspose2d(4 * width, 2 * width, 5, stride=2, padding=2, output_padding=1)
         self.up2 = nn.ConvTranspose2d(2 * width, width, 5, stride=2, padding=2, output_padding=1)
         self.up3 = nn.ConvTranspose2d(width, channels, 5, stride=2, padding=2, output_padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.fc(z)).view(-1, 4 * self.width, 4, 4)
+        h = F.relu(self.fc(z)).view(-1, 4 * self.width, self.start, self.start)
         h = F.relu(self.up1(h))[:, :, :self.crop, :self.crop]  # 8x8 -> 7x7 for MNIST
         h = F.relu(self.up2(h))
-        return torch.sigmoid(self.up3(h))
+        return torch.sigmoid(self.up3(h))[:, :, :self.image_size, :self.image_size]
 
 
 class _ConvBody(nn.Sequential):

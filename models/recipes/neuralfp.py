@@ -18,13 +18,14 @@ split measured 1.1%). `recalibrate: true` keeps the bundle's network and fingerp
 sets tau again.
 
 The network is a COPY of the bundle's base classifier fine-tuned with that loss (the base
-classifier artifact is never touched); a TorchScript base cannot be copied, so the recipe
-then trains the builtin CNN from scratch. The fingerprints are secret: they are written to
+classifier artifact is never touched); a TorchScript base is copied by loading its file
+again, fine-tuned the same way, and saved as TorchScript. The fingerprints are secret: they are written to
 the bundle as a safetensors artifact and never leave the service.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -38,7 +39,7 @@ from models.recipes.common import accuracy, fit_keep_best, random_affine, seeded
 @dataclass(frozen=True)
 class NeuralFPRecipe:
     n_fingerprints: int = 10
-    eps: float = 0.1
+    eps: float | str = "auto"      # "auto": eps_for (MNIST's 0.1, smaller for larger inputs), or a number
     alpha: float = 0.2357          # -alpha on the other classes
     beta: float = 0.7              # +beta on the true class
     weight: float = 10.0           # of the fingerprint loss against cross-entropy (1.0 barely
@@ -76,9 +77,24 @@ def recipe(preset: str, **overrides: Any) -> NeuralFPRecipe:
     return replace(PRESETS[preset], **overrides)
 
 
+MNIST_PIXELS = 28 * 28
+
+
+def eps_for(r: NeuralFPRecipe, shape: tuple[int, ...]) -> float:
+    """The fingerprints' per-pixel scale: MNIST's 0.1 up to 784 values; for larger inputs
+    scaled by sqrt(784 / values), so that a fingerprint's L2 norm stays MNIST's (a 3x32x32
+    image: 0.05) rather than growing with the input."""
+    if r.eps != "auto":
+        return float(r.eps)
+    values = 1
+    for d in shape:
+        values *= int(d)
+    return 0.1 * min(1.0, (MNIST_PIXELS / values) ** 0.5)
+
+
 def make_fingerprints(shape: tuple[int, ...], num_classes: int, r: NeuralFPRecipe,
                       g: torch.Generator) -> dict[str, torch.Tensor]:
-    dx = torch.rand((r.n_fingerprints, *shape), generator=g) * r.eps
+    dx = torch.rand((r.n_fingerprints, *shape), generator=g) * eps_for(r, shape)
     dy = torch.full((r.n_fingerprints, num_classes, num_classes), -r.alpha)
     dy[:, torch.arange(num_classes), torch.arange(num_classes)] = r.beta
     return {"dx": dx, "dy": dy}  # dy[i, k] is the response fingerprint i expects for class k
@@ -187,7 +203,7 @@ def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildC
 
 def _build(ctx: "BuildContext") -> None:  # noqa: F821
     from models.architectures import build_architecture
-    from models.bundle import Classifier
+    from models.bundle import Bundle, Classifier
     from models.recipes.classifier import architecture_spec
     from models.recipes.classifier import recipe as classifier_recipe
     from dataclasses import replace as dc_replace
@@ -210,12 +226,21 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
             init, epochs = "copy of the base classifier", r.epochs
             net = build_architecture(arch).to(dev)
             net.load_state_dict(base.network.state_dict())
+        elif arch.get("kind") == "torchscript":
+            # A fresh copy of the user's TorchScript module, loaded from the bundle's verified
+            # bytes: its parameters are ordinary leaf tensors that autograd trains like an eager
+            # module's (Bundle.module froze the serving copy, not this one).
+            init, epochs = "copy of the base classifier (TorchScript, fine-tuned)", r.epochs
+            net = torch.jit.load(io.BytesIO(Bundle.load(ctx.writer.path).read_verified("classifier")),
+                                 map_location=dev)
         else:
-            init, epochs = "builtin CNN from scratch (the base classifier is TorchScript)", r.scratch_epochs
+            init, epochs = "builtin CNN from scratch", r.scratch_epochs
             arch = architecture_spec(classifier_recipe(ctx.preset), ds)
             net = build_architecture(arch).to(dev)
         for p in net.parameters():
             p.requires_grad_(True)
+        if not any(p.requires_grad for p in net.parameters()):
+            raise ValueError("neuralfp: the base classifier has no trainable parameters to fine-tune")
         fp = make_fingerprints(spec_in.shape, spec_in.num_classes, r, g)
         wrapped = Classifier(net, spec_in).to(dev)  # trains in pixel space, like the service uses it
         train, held = calibration_holdout(ds, r.holdout_per_class)
@@ -237,9 +262,14 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
     test = fingerprint_scores(wrapped, test_x, dx, dy, match=r.match, taus=taus)
     metrics["test_accuracy"] = round(accuracy(wrapped, test_x, test_y), 4)
     if not r.recalibrate:
-        ctx.writer.add_module("neuralfp_classifier", wrapped.network, arch,
-                              training={"recipe": r.to_json(), "seed": ctx.seed, "init": init,
-                                        "train_digits": len(train)}, metrics=metrics)
+        training = {"recipe": r.to_json(), "seed": ctx.seed, "init": init, "train_digits": len(train)}
+        if arch.get("kind") == "torchscript":
+            buf = io.BytesIO()
+            torch.jit.save(wrapped.network, buf)
+            ctx.writer.add_file("neuralfp_classifier", "neuralfp_classifier.torchscript", buf.getvalue(),
+                                format="torchscript", architecture=arch, training=training, metrics=metrics)
+        else:
+            ctx.writer.add_module("neuralfp_classifier", wrapped.network, arch, training=training, metrics=metrics)
         ctx.writer.add_tensors("neuralfp_fingerprints", fp, secret=True,
                                note="the fingerprints (dx, dy): secret, never served")
     ctx.writer.set_defense("neuralfp", {

@@ -37,7 +37,7 @@ class RmcRecipe:
     steps: int = 20
     patience: int = 3
     stop_loss: float = 0.01
-    trainable: str = "head"
+    trainable: str = "auto"        # auto: service.defenses.rmc.default_trainable (head | last | all)
     # the manifest's metrics: K-nearest-neighbour vote on validation images
     eval_images: int = 500
     eval_pgd_steps: int = 40
@@ -93,13 +93,21 @@ def knn_vote_accuracy(index: Any, feats: torch.Tensor, labels: torch.Tensor, y: 
 
 
 def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildContext
+    from models.features import FeatureError
     from service.defenses.rmc import (
-        FaissIndex, build_faiss_index, extract_features, from_uint8, scaled_k, serialize_index, to_uint8,
+        FaissIndex, Finetuner, build_faiss_index, default_trainable, extract_features, from_uint8, scaled_k,
+        serialize_index, to_uint8,
     )
 
     r = recipe(ctx.preset, **ctx.options.get("rmc", {}))
     g = seeded(ctx.seed, "rmc")
     clf = ctx.classifier()
+    try:
+        clf.extractor
+    except FeatureError as exc:
+        raise ValueError(f"rmc: {exc}") from exc
+    trainable = default_trainable(clf) if r.trainable == "auto" else r.trainable
+    Finetuner(clf, trainable)  # fails here, with the reason, if it cannot fine-tune this network
     train = ctx.dataset.train
     started = time.monotonic()
 
@@ -152,6 +160,7 @@ def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildC
         "dprime": {"clean": "train split", "pgd": {"eps": r.eps, "norm": "linf", "steps": list(r.pgd_steps),
                                                    "fraction_of_train_each": r.adv_fraction}},
         "settings": {"k": k, "lr": r.lr, "steps": r.steps, "patience": r.patience,
-                     "stop_loss": r.stop_loss, "trainable": r.trainable, "optimizer": "adam"},
+                     "stop_loss": r.stop_loss, "trainable": trainable, "optimizer": "adam"},
+        "features": clf.extractor.describe(),
         "metrics": metrics,
     })

@@ -5,17 +5,25 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import Field
 
 from service.api.schemas import HealthResponse, PipelineOut, PipelinesResponse
 
 router = APIRouter(tags=["service"])
 
 
-@router.get("/pipelines", response_model=PipelinesResponse, summary="Pipelines and their public settings")
-async def pipelines(request: Request) -> PipelinesResponse:
+class PipelinesWithUnavailable(PipelinesResponse):
+    unavailable: dict[str, str] = Field(
+        default_factory=dict, description="configured pipelines not served on this bundle, and why "
+                                          "(a defense the quality gate found unusable, or one the bundle lacks)")
+
+
+@router.get("/pipelines", response_model=PipelinesWithUnavailable, summary="Pipelines and their public settings")
+async def pipelines(request: Request) -> PipelinesWithUnavailable:
     rt = request.app.state.runtime
-    return PipelinesResponse(default=rt.settings.default_pipeline, model_version=rt.bundle.version,
-                             pipelines=[PipelineOut(**p.describe()) for p in rt.pipelines.values()])
+    return PipelinesWithUnavailable(default=rt.settings.default_pipeline, model_version=rt.bundle.version,
+                                    pipelines=[PipelineOut(**p.describe()) for p in rt.pipelines.values()],
+                                    unavailable=dict(getattr(rt, "unavailable", {})))
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")

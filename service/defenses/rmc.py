@@ -165,6 +165,17 @@ class TorchIndex(KnnIndex):
         return dist.to(queries.device), ids.to(queries.device)
 
 
+def default_trainable(classifier: Any) -> str:
+    """What RMC fine-tunes on a classifier: the dense `head` of the builtin networks, else the
+    `last` Linear layer when it alone makes the logits, else `all` parameters."""
+    net = getattr(classifier, "network", classifier)
+    if all(hasattr(net, a) for a in ("body", "head", "out")):
+        return "head"
+    if getattr(classifier, "has_features", False) and classifier.extractor.head is not None:
+        return "last"
+    return "all"
+
+
 @torch.no_grad()
 def extract_features(classifier: Any, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Penultimate-layer features of the frozen base network, batch by batch."""
@@ -198,13 +209,23 @@ class Finetuner:
     `trainable="all"` fine-tunes every parameter (the paper). `trainable="head"` keeps the
     convolutional body frozen and fine-tunes the dense layers after it: the body runs once
     per neighbour instead of once per step, which is most of the cost. It needs a network
-    with `body`, `head` and `out` (the builtin architectures).
+    with `body`, `head` and `out` (the builtin architectures). `trainable="last"` fine-tunes
+    only the last Linear layer on the penultimate features (models.features): any network
+    whose last layer makes the logits from them, a user's TorchScript one included.
     """
 
     def __init__(self, classifier: nn.Module, trainable: str = "all") -> None:
         net = getattr(classifier, "network", classifier)
         self.trainable = trainable
-        if trainable == "head":
+        if trainable == "last":
+            head = classifier.extractor.head if hasattr(classifier, "extractor") else None
+            if head is None:
+                raise ValueError("trainable='last' needs a network whose last Linear layer makes the logits "
+                                 "from its penultimate features; use 'all'")
+            self._frozen = classifier.features
+            self.model = nn.Sequential()
+            self.model.add_module("out", head)
+        elif trainable == "head":
             if not all(hasattr(net, a) for a in ("body", "head", "out")):
                 raise ValueError("trainable='head' needs a network with body, head and out; use 'all'")
             prepare = getattr(classifier, "prepare", lambda t: t)
@@ -216,7 +237,7 @@ class Finetuner:
             self._frozen = lambda t: t
             self.model = classifier
         else:
-            raise ValueError(f"trainable must be 'all' or 'head', got {trainable!r}")
+            raise ValueError(f"trainable must be 'all', 'head' or 'last', got {trainable!r}")
         self.model.eval()  # no dropout: the same image and neighbours give the same answer
         self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.buffers = {n: b for n, b in self.model.named_buffers()}

@@ -91,14 +91,18 @@ def _labels(model: Any, x: torch.Tensor, y: torch.Tensor, num_classes: int, outp
 
 
 def art_attack(kind: str, model: Any, x: torch.Tensor, y: torch.Tensor, *, eps: float | None = None,
-               norm: str = "linf", budget: Budget = Budget(), num_classes: int = 10, steps: int | None = None,
-               batch_size: int = 100, seed: int = 0) -> torch.Tensor:
-    """Run one ART white-box attack; returns the adversarial batch (same shape as x)."""
+               norm: str = "linf", budget: Budget = Budget(), num_classes: int | None = None,
+               steps: int | None = None, batch_size: int = 100, seed: int = 0) -> torch.Tensor:
+    """Run one ART white-box attack; returns the adversarial batch (same shape as x).
+    `num_classes`: the dataset's classes (default: the model's outputs)."""
     from art.attacks.evasion import (AutoProjectedGradientDescent, CarliniL2Method,
                                      ProjectedGradientDescent)
 
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if num_classes is None:
+        with torch.no_grad():
+            num_classes = int(model(x[:1]).shape[1])
     if kind == "cw":  # ART's CarliniL2Method is kind "cw_art"
         return torch.cat([cw_l2(model, x[i:i + batch_size], y[i:i + batch_size], num_classes=num_classes,
                                 binary_steps=budget.cw_binary_steps, steps=steps or budget.cw_steps, lr=budget.cw_lr,
@@ -106,7 +110,7 @@ def art_attack(kind: str, model: Any, x: torch.Tensor, y: torch.Tensor, *, eps: 
                           for i in range(0, len(x), batch_size)])
     with torch.no_grad():
         outputs = int(model(x[:1]).shape[1])
-    clf = art_classifier(model, outputs)
+    clf = art_classifier(model, outputs, tuple(x.shape[1:]))
     labels, targeted = _labels(model, x, y, num_classes, outputs)
     verbose = progress_enabled()
     art_norm = np.inf if norm == "linf" else 2

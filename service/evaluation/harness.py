@@ -98,12 +98,13 @@ class Evaluation:
         self.bundle = Bundle.load(settings.bundle)
         self.base = self.bundle.classifier()
         env = DefenseEnv(bundle=self.bundle, classifier=self.base, device=torch.device("cpu"), settings=settings)
-        names = cfg.pipelines or list(settings.pipelines)
+        names = cfg.pipelines or [n for n in settings.pipelines if not self._unusable(settings, n)]
         unknown = [n for n in names if n not in settings.pipelines]
         if unknown:
             raise SystemExit(f"unknown pipelines {unknown}; configured: {sorted(settings.pipelines)}")
         self.pipes = {n: Pipeline.build(n, settings.pipelines[n].model_dump(), env) for n in names}
-        ds = load_dataset("mnist5k")
+        # the bundle's own dataset: a user's bundle is evaluated on its test split, not on MNIST
+        ds = load_dataset(self.bundle.manifest.get("build", {}).get("dataset", "mnist5k"))
         per = max(1, math.ceil(cfg.limit / len(ds.class_names)))
         test = ds.test.per_class(per)
         self.x, self.y = test.x[:cfg.limit], test.y[:cfg.limit]
@@ -120,6 +121,17 @@ class Evaluation:
         self._advs: dict[tuple[str, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
+    def _unusable(self, settings: Any, name: str) -> str | None:
+        """Why a configured pipeline is not served on this bundle (the service leaves it out too)."""
+        from models.bundle import defense_key
+
+        for entry in settings.pipelines[name].defenses:
+            reason = self.bundle.unusable(defense_key(entry))
+            if reason is not None:
+                log.warning("pipeline %s is not evaluated: %s", name, reason)
+                return reason
+        return None
+
     def options(self, name: str) -> dict[str, Any]:
         n = self.cfg.smoothing_n.get(name)
         return {"n": int(n)} if n else {}

@@ -1,0 +1,172 @@
+"""The quality gate: every defense is measured, as it will be served, on clean validation images.
+
+After a build step, `measure(...)` runs the step's pipelines (the service's own Pipeline code,
+`GATED` below) on a class-stratified slice of the validation split and compares them with
+the base classifier on the same images. A defense's clean accuracy counts every image it
+answers correctly; a rejection or an abstention is not a correct answer. A defense whose
+accuracy is more than `max_accuracy_drop` (0.02 by default) below the base classifier's is
+recorded as unusable in the manifest (`quality.defenses.NAME`: usable, reason, the numbers),
+and the service then does not serve pipelines that need it (models.bundle.Bundle.unusable).
+A step that fails (it cannot be built around this classifier) is recorded the same way with
+its error as the reason.
+
+Options: {"quality": {"images": N, "max_accuracy_drop": D, "enforce": true}} (`shieldserve
+train --max-accuracy-drop D`). The quick preset (seconds of training, for tests) measures
+nothing unless `images` is set, and then records the verdicts without enforcing them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from models.recipes.common import progress
+
+# defense key -> the pipeline that measures it (what the packaged config serves)
+GATED: dict[str, list[Any]] = {
+    "magnet": [{"defense": "magnet", "reform": False}],
+    "magnet:reformer": [{"defense": "magnet", "reform": True}],
+    "neuralfp": ["neuralfp"],
+    "squeeze": ["squeeze"],
+    "defensegan": [{"defense": "defensegan", "projection": "default"}],
+    "rmc": [{"defense": "rmc", "mode": "isolated"}],
+    "smoothing": [{"defense": "smoothing", "sigma": 0.25}],
+    "smoothing:denoised": [{"defense": "smoothing", "sigma": 0.25, "denoiser": True}],
+}
+# the build step -> the defense keys it makes
+STEP_KEYS: dict[str, list[str]] = {
+    "magnet": ["magnet", "magnet:reformer"], "neuralfp": ["neuralfp"], "squeeze": ["squeeze"], "defensegan": ["defensegan"],
+    "rmc": ["rmc"], "smoothing": ["smoothing", "smoothing:denoised"],
+}
+
+
+@dataclass(frozen=True)
+class QualityRecipe:
+    images: int = 300              # validation images, stratified by class
+    max_accuracy_drop: float = 0.02
+    seed: int = 0                  # of the pipelines' randomness (smoothing's noise, projections)
+    # False (the quick preset, for tests): verdicts are recorded but every defense stays served;
+    # a few seconds of training cannot keep a defense's accuracy, and tests need every pipeline
+    enforce: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# quick (seconds of training, for tests): not measured unless options ask for images; every
+# test session builds a quick bundle, and the gate's pipelines (projections, smoothing's
+# samples, RMC's fine-tuning) would cost it more than its training
+PRESETS = {"default": QualityRecipe(), "quick": QualityRecipe(images=0, enforce=False)}
+
+
+def recipe(preset: str, **overrides: Any) -> QualityRecipe:
+    return replace(PRESETS.get(preset, PRESETS["default"]), **overrides)
+
+
+def _section(manifest: dict[str, Any], r: QualityRecipe) -> dict[str, Any]:
+    q = manifest.setdefault("quality", {})
+    q.update({"max_accuracy_drop": r.max_accuracy_drop, "images": r.images,
+              "enforce": r.enforce,
+              "counts": "an image counts as right when the pipeline accepts it and answers its label; "
+                        "rejections and abstentions count as wrong"})
+    q.setdefault("defenses", {})
+    return q
+
+
+def record_failure(manifest: dict[str, Any], step: str, error: BaseException, preset: str,
+                   options: dict[str, Any]) -> None:
+    """A step that raised: its defenses are unusable, with the error as the reason."""
+    r = recipe(preset, **options)
+    q = _section(manifest, r)
+    for key in STEP_KEYS.get(step, [step]):
+        q["defenses"][key] = {"usable": False, "reason": f"the {step} step failed: {error}",
+                              "pipeline": GATED.get(key)}
+
+
+@torch.no_grad()
+def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any, preset: str,
+            options: dict[str, Any], device: torch.device) -> None:
+    """Measure the step's defenses on the validation split and record the verdicts in `manifest`."""
+    from models.bundle import Bundle
+    from service.defenses.base import DefenseEnv, RunContext
+    from service.pipeline import Pipeline
+    from service.settings import load_settings
+
+    r = recipe(preset, **options)
+    if r.images <= 0:
+        return
+    q = _section(manifest, r)
+    bundle = Bundle.load(bundle_path)
+    base = bundle.classifier(device)
+    settings = load_settings(None, bundle=str(bundle_path))
+    env = DefenseEnv(bundle=bundle, classifier=base, device=device, settings=settings)
+    classes = len(dataset.class_names)
+    val = dataset.val.per_class(max(1, -(-r.images // classes)))
+    x, y = val.x[:r.images].to(device), val.y[:r.images].to(device)
+    base_acc = float((base(x).argmax(1) == y).float().mean())
+    q["base"] = {"val_accuracy": round(base_acc, 4), "images": len(y)}
+    for key in STEP_KEYS.get(step, []):
+        entries = GATED[key]
+        started = time.monotonic()
+        try:
+            pipe = Pipeline.build(f"quality:{key}", {"defenses": entries}, env)
+            results = []
+            bar = progress(-(-len(x) // 50), f"quality gate {key}")
+            for i in range(0, len(x), 50):
+                results += pipe.run(x[i:i + 50], RunContext(device=device, seed=r.seed + i))
+                bar.update(1)
+            bar.close()
+        except Exception as exc:  # a defense that cannot run on this bundle is not served
+            q["defenses"][key] = {"usable": False, "reason": f"could not run its pipeline: {exc}",
+                                  "pipeline": entries}
+            continue
+        seconds = time.monotonic() - started
+        labels = torch.tensor([-1 if res.label is None else res.label for res in results], device=device)
+        status = [res.status for res in results]
+        right = (torch.tensor([s == "accepted" for s in status], device=device) & (labels == y))
+        acc = float(right.float().mean())
+        record = {
+            "val_accuracy": round(acc, 4), "base_val_accuracy": round(base_acc, 4),
+            "accuracy_drop": round(base_acc - acc, 4),
+            "rejection_rate": round(sum(s == "rejected" for s in status) / len(status), 4),
+            "abstention_rate": round(sum(s == "abstained" for s in status) / len(status), 4),
+            "images": len(status), "seconds": round(seconds, 1),
+            "seconds_per_image": round(seconds / max(1, len(status)), 4), "pipeline": entries,
+        }
+        passes = base_acc - acc <= r.max_accuracy_drop + 1e-9
+        record["passes"] = passes
+        record["usable"] = passes or not r.enforce
+        record["reason"] = (f"clean validation accuracy {acc:.4f} is within {r.max_accuracy_drop:.2f} of the base "
+                            f"classifier's {base_acc:.4f}" if passes else
+                            f"clean validation accuracy {acc:.4f} is {base_acc - acc:.4f} below the base "
+                            f"classifier's {base_acc:.4f} (more than the {r.max_accuracy_drop:.2f} allowed; "
+                            f"rejected {record['rejection_rate']:.4f}, abstained {record['abstention_rate']:.4f})")
+        if not passes and not r.enforce:
+            record["reason"] += "; not enforced (quality.enforce is false: the quick preset)"
+        q["defenses"][key] = record
+
+
+def table(manifest: dict[str, Any]) -> str:
+    """The gate's verdicts as a plain-text table (printed at the end of `shieldserve train`)."""
+    q = manifest.get("quality", {})
+    base = q.get("base", {})
+    steps = {s["step"]: s.get("seconds") for s in manifest.get("build", {}).get("steps", [])}
+    rows = [("defense", "clean acc", "base acc", "rejected", "abstained", "step s", "gate s", "verdict")]
+    for key, d in q.get("defenses", {}).items():
+        def f(v: Any) -> str:
+            return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+        verdict = ("usable" if d.get("passes", d.get("usable")) else
+                   ("below the gate, served anyway: " if d.get("usable") else "UNUSABLE: ") + str(d.get("reason", "")))
+        def sec(v: Any) -> str:
+            return "-" if v is None else f"{v:.1f}"
+        rows.append((key, f(d.get("val_accuracy")), f(d.get("base_val_accuracy", base.get("val_accuracy"))),
+                     f(d.get("rejection_rate")), f(d.get("abstention_rate")),
+                     sec(steps.get(key.partition(":")[0])), sec(d.get("seconds")), verdict))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    head = (f"quality gate: {base.get('images', '?')} validation images; a defense more than "
+            f"{q.get('max_accuracy_drop', 0.02):.2f} below the base classifier is not served")
+    return "\n".join([head, *lines])

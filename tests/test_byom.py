@@ -1,0 +1,341 @@
+"""Bring your own model: a user's classifier and data of another shape, every defense built
+around them or recorded as unusable with the reason (issue 18).
+
+Two shapes, both from what ships with scikit-learn: UCI digits (8x8x1, a traced TorchScript
+MLP) and 32x32 RGB patches of the two sample photographs (an `import:` CNN with batch norm
+and no `features` method). Tiny sets and a few tiny epochs: these tests check mechanisms
+(features found, TorchScript fine-tuned, shapes, the gate and what the service does with
+it), not accuracies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("sklearn")
+
+from models.bundle import Bundle, Classifier, InputSpec  # noqa: E402
+from models.features import FeatureError, FeatureExtractor  # noqa: E402
+
+
+# ---------------------------------------------------------------------------- data and models
+def _digits_npz(path: Path) -> Path:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    y = d.target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(y))
+    train, test = order[:1200], order[1200:1400]
+    np.savez(path, x_train=x[train], y_train=y[train], x_test=x[test], y_test=y[test])
+    return path
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+
+
+def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(x), generator=g).split(32):
+            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the .npz, a traced MLP trained on it)."""
+    root = tmp_path_factory.mktemp("digits")
+    npz = _digits_npz(root / "digits.npz")
+    with np.load(npz) as f:
+        x, y = torch.from_numpy(f["x_train"]), torch.from_numpy(f["y_train"])
+    torch.manual_seed(0)
+    net = _fit(_mlp(), x, y, epochs=8)
+    torch.jit.trace(net, torch.zeros(1, 1, 8, 8)).save(str(root / "mlp.pt"))
+    return npz, root / "mlp.pt"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the .npz of photo patches, PhotoCNN's safetensors weights)."""
+    from safetensors.torch import save_file
+
+    from examples.photo_cnn import PhotoCNN
+    from examples.sample_photos import load
+
+    root = tmp_path_factory.mktemp("photos")
+    data = load(train_per_class=40, test_per_class=8)
+    np.savez(root / "photos.npz", **data)
+    torch.manual_seed(0)
+    net = _fit(PhotoCNN(), torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"]), epochs=2)
+    save_file(net.state_dict(), str(root / "cnn.safetensors"))
+    return root / "photos.npz", root / "cnn.safetensors"
+
+
+# quick, and quicker still: these tests check mechanisms
+# (bounds of 1%: a few hundred calibration images cannot show the recipes' 0.5%)
+QUICK = {"magnet": {"epochs": 1}, "neuralfp": {"epochs": 1, "bound": 0.01}, "squeeze": {"bound": 0.01},
+         "rmc": {"pgd_steps": [2], "eval_images": 20, "eval_pgd_steps": 2, "steps": 3},
+         "smoothing": {"epochs": 1, "denoiser_max_train": 100},
+         "defensegan": {"recipe": {"generator_steps": 5, "encoder_steps": 5, "rec_classifier": False,
+                                   "calibration_images": 16}},
+         "quality": {"images": 16}}
+
+
+@pytest.fixture(scope="module")
+def digits_bundle(digits: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits with the TorchScript MLP; no Defense-GAN step (a bundle without its section)."""
+    from models.train import build_bundle, parse_classifier
+
+    npz, mlp = digits
+    out = tmp_path_factory.mktemp("b") / "digits"
+    build_bundle(out, dataset=f"npz:{npz}", preset="quick", seed=0, options=QUICK,
+                 steps=["classifier", "magnet", "neuralfp", "squeeze", "rmc", "smoothing"],
+                 classifier=parse_classifier(f"torchscript:{mlp}", None, {}), argv=[])
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos_bundle(photos: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models.train import build_bundle, parse_classifier
+
+    npz, weights = photos
+    out = tmp_path_factory.mktemp("b") / "photos"
+    build_bundle(out, dataset=f"npz:{npz}", preset="quick", seed=0, options=QUICK,
+                 steps=["classifier", "magnet", "neuralfp", "defensegan", "rmc"],
+                 classifier=parse_classifier("import:examples.photo_cnn:PhotoCNN", str(weights), {}), argv=[])
+    return out
+
+
+# ---------------------------------------------------------------------------- features
+def test_features_of_an_eager_network_are_the_input_of_its_last_linear() -> None:
+    from examples.photo_cnn import PhotoCNN
+
+    torch.manual_seed(0)
+    net = PhotoCNN().eval()
+    x = torch.rand(3, 3, 32, 32)
+    ext = FeatureExtractor(net, (3, 32, 32))
+    assert ext.describe() == {"method": "hook", "layer": "classify", "last_linear_is_output": True}
+    want = torch.relu(net.fc1(net.conv(x).flatten(1)))
+    assert torch.allclose(ext(x), want)
+    assert torch.allclose(ext.head(ext(x)), net(x), atol=1e-5)
+    # the override: any submodule's output
+    ext = FeatureExtractor(net, (3, 32, 32), layer="fc1")
+    assert torch.allclose(ext(x), net.fc1(net.conv(x).flatten(1)))
+    assert ext.head is None
+    with pytest.raises(FeatureError, match="no such submodule"):
+        FeatureExtractor(net, (3, 32, 32), layer="nope")
+
+
+def test_features_of_a_traced_sequential_and_the_limits() -> None:
+    torch.manual_seed(0)
+    net = _mlp().eval()
+    traced = torch.jit.trace(net, torch.zeros(1, 1, 8, 8))
+    x = torch.rand(4, 1, 8, 8)
+    ext = FeatureExtractor(traced, (1, 8, 8))
+    assert ext.method == "chain" and ext.layer == "3"
+    assert torch.allclose(ext(x), net[:3](x))
+    assert torch.allclose(ext.head(ext(x)), net(x), atol=1e-5)
+    assert torch.allclose(FeatureExtractor(traced, (1, 8, 8), layer="1")(x), net[:2](x))
+
+    class NotAChain(nn.Module):  # forward does more than run its children in order
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 8), nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.flatten(1)
+            return self.b(torch.relu(self.a(h)) * 2)
+
+    with pytest.raises(FeatureError, match="not a chain"):
+        FeatureExtractor(torch.jit.trace(NotAChain().eval(), torch.zeros(1, 1, 8, 8)), (1, 8, 8))
+    # ... the same network in eager form works (hooks)
+    assert FeatureExtractor(NotAChain().eval(), (1, 8, 8)).layer == "b"
+    # a Classifier with no findable features says so instead of raising from has_features
+    spec = InputSpec((1, 8, 8), tuple("0123456789"))
+    assert not Classifier(torch.jit.trace(NotAChain().eval(), torch.zeros(1, 1, 8, 8)), spec).has_features
+
+
+# ---------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 8, 8), (1, 28, 28), (3, 32, 32), (1, 64, 64), (3, 64, 64)])
+def test_defense_networks_fit_the_input(shape: tuple[int, int, int]) -> None:
+    from models.architectures import build_architecture, builtin_spec
+    from models.recipes.defensegan import Critic, Encoder, Generator
+    from models.recipes.magnet import noise_for, recipe, structures_for
+    from models.recipes.neuralfp import eps_for, make_fingerprints
+    from models.recipes.neuralfp import recipe as nfp_recipe
+    from models.recipes.smoothing import DnCNN
+
+    c, h, _ = shape
+    x = torch.rand(2, *shape)
+    for structure in structures_for(shape).values():
+        ae = build_architecture(builtin_spec("magnet_autoencoder", in_channels=c, structure=structure))
+        assert ae(x).shape == x.shape
+    assert 0 < noise_for(recipe("default"), shape) <= 0.1
+    gen = Generator(16, 4, c, h)
+    assert gen(torch.randn(2, 16)).shape == x.shape
+    assert Critic(4, c, h)(x).shape == (2,) and Encoder(16, 4, c, h)(x).shape == (2, 16)
+    assert DnCNN(c, 4, 3)(x).shape == x.shape
+    r = nfp_recipe("quick")
+    fp = make_fingerprints(shape, 5, r, torch.Generator().manual_seed(0))
+    assert fp["dx"].shape == (r.n_fingerprints, *shape)
+    assert float(fp["dx"].max()) <= eps_for(r, shape) <= 0.1
+
+
+def test_mnist_shapes_are_unchanged(default_bundle: Path) -> None:
+    """The default bundle's networks load into the generalised architectures, as they were."""
+    from models.recipes.magnet import STRUCTURES, noise_for, recipe, structures_for
+    from models.recipes.neuralfp import eps_for
+    from models.recipes.neuralfp import recipe as nfp_recipe
+
+    assert structures_for((1, 28, 28)) == STRUCTURES and noise_for(recipe("default"), (1, 28, 28)) == 0.1
+    assert eps_for(nfp_recipe("default"), (1, 28, 28)) == 0.1
+    b = Bundle.load(default_bundle)
+    for name in ("defensegan_generator", "magnet_ae_i", "magnet_ae_ii"):
+        b.module(name)
+    assert b.classifier().extractor.method == "features"
+
+
+# ---------------------------------------------------------------------------- bundles
+def _manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def test_digits_torchscript_bundle(digits_bundle: Path) -> None:
+    m = _manifest(digits_bundle)
+    assert m["input"]["shape"] == [1, 8, 8]
+    assert m["artifacts"]["classifier"]["features"]["method"] == "chain"
+    # NeuralFP fine-tuned a copy of the TorchScript MLP, kept as TorchScript
+    nfp = m["artifacts"]["neuralfp_classifier"]
+    assert nfp["format"] == "torchscript" and "TorchScript" in nfp["training"]["init"]
+    b = Bundle.load(digits_bundle)
+    base, tuned = b.classifier(), b.classifier(artifact="neuralfp_classifier")
+    diff = [float((p - q).abs().max()) for p, q in zip(base.network.parameters(), tuned.network.parameters())]
+    assert max(diff) > 0, "the fingerprinted copy did not train"
+    assert nfp["metrics"]["test_accuracy"] > 0.5  # a fine-tune, not chance (10 classes)
+    # RMC indexes the MLP's penultimate layer and fine-tunes its last Linear
+    assert m["defenses"]["rmc"]["settings"]["trainable"] == "last"
+    assert m["defenses"]["rmc"]["metrics"]["feature_dim"] == 48
+    # the gate measured every step's defense against the base classifier on the same images
+    q = m["quality"]
+    assert q["base"]["images"] == 16 and q["enforce"] is False
+    for key in ("magnet", "magnet:reformer", "neuralfp", "squeeze", "rmc", "smoothing", "smoothing:denoised"):
+        d = q["defenses"][key]
+        assert d["images"] == 16 and 0 <= d["val_accuracy"] <= 1 and d["usable"]
+        assert d["passes"] == (d["base_val_accuracy"] - d["val_accuracy"] <= 0.02 + 1e-9)
+
+
+def test_photos_import_bundle(photos_bundle: Path) -> None:
+    m = _manifest(photos_bundle)
+    assert m["input"]["shape"] == [3, 32, 32] and len(m["input"]["class_names"]) == 8
+    assert m["artifacts"]["classifier"]["features"] == {"method": "hook", "layer": "classify",
+                                                         "last_linear_is_output": True}
+    assert m["artifacts"]["magnet_ae_i"]["architecture"]["kwargs"]["structure"] == [8, 8]
+    assert m["artifacts"]["defensegan_generator"]["architecture"]["kwargs"]["image_size"] == 32
+    assert m["defenses"]["rmc"]["settings"]["trainable"] == "last"
+    assert set(m["quality"]["defenses"]) == {"magnet", "magnet:reformer", "neuralfp", "defensegan", "rmc"}
+    b = Bundle.load(photos_bundle)
+    x = torch.rand(2, 3, 32, 32)
+    assert b.module("defensegan_generator")(torch.randn(2, 128)).shape == x.shape
+    assert b.classifier().features(x).shape == (2, 64)
+
+
+def test_gate_enforced_marks_unusable_and_the_service_skips_it(digits_bundle: Path, tmp_path: Path) -> None:
+    """A defense below the gate is recorded unusable with its numbers; the service starts
+    without a config, leaves out every pipeline that needs it (and the ones whose section the
+    bundle lacks: defensegan), says why on /pipelines, and serves the rest."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from models.train import build_bundle
+    from service.app import create_app
+    from service.settings import load_settings
+
+    out = tmp_path / "b"
+    shutil.copytree(digits_bundle, out)
+    m = _manifest(out)
+    # an impossible gate (accuracy must rise by a point) on the squeeze and magnet steps
+    build_bundle(out, dataset=m["build"]["dataset"], preset="quick", seed=0, steps=["magnet", "squeeze"],
+                 options={**QUICK, "quality": {"images": 16, "max_accuracy_drop": -0.01, "enforce": True}}, argv=[])
+    q = _manifest(out)["quality"]["defenses"]
+    for key in ("magnet", "magnet:reformer", "squeeze"):
+        assert q[key]["usable"] is False and q[key]["passes"] is False
+        assert "below the base classifier" in q[key]["reason"] and "accuracy_drop" in q[key]
+    assert q["rmc"]["usable"]  # measured before, untouched
+    b = Bundle.load(out)
+    assert b.unusable("magnet") and b.unusable("rmc") is None and "no 'defensegan' section" in b.unusable("defensegan")
+
+    app = create_app(load_settings(None, bundle=str(out), warmup=False))
+    with TestClient(app) as client:
+        body = client.get("/pipelines").json()
+        served = {p["name"] for p in body["pipelines"]}
+        assert {"magnet", "default", "defensegan"} <= set(body["unavailable"])
+        assert "below the base classifier" in body["unavailable"]["magnet"]
+        assert {"baseline", "rmc", "neuralfp", "smoothing", "denoised"} <= served
+        assert body["default"] in served and not served & set(body["unavailable"])
+        from service.imaging import encode_png
+
+        png = encode_png(torch.rand(1, 8, 8))
+        for name in ("baseline", "rmc", "neuralfp"):
+            r = client.post(f"/predict?pipeline={name}", files={"file": ("x.png", png, "image/png")})
+            assert r.status_code == 200, r.text
+        r = client.post("/predict?pipeline=magnet", files={"file": ("x.png", png, "image/png")})
+        assert r.status_code == 404
+
+
+def test_a_step_that_cannot_be_built_is_recorded_not_fatal(tmp_path: Path, digits: tuple[Path, Path]) -> None:
+    """RMC on a TorchScript network whose features cannot be found: the build goes on, the
+    manifest says why, and the service leaves the rmc pipeline out."""
+    from models.train import build_bundle, parse_classifier
+
+    class NotAChain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 8), nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x.flatten(1))) * 2)
+
+    npz, _ = digits
+    ts = tmp_path / "net.pt"
+    torch.jit.trace(NotAChain().eval(), torch.zeros(1, 1, 8, 8)).save(str(ts))
+    out = tmp_path / "b"
+    build_bundle(out, dataset=f"npz:{npz}", preset="quick", seed=0, options=QUICK, steps=["classifier", "rmc"],
+                 classifier=parse_classifier(f"torchscript:{ts}", None, {}), argv=[])
+    m = _manifest(out)
+    assert "rmc" not in m["defenses"]
+    assert m["quality"]["defenses"]["rmc"]["usable"] is False
+    assert "not a chain" in m["quality"]["defenses"]["rmc"]["reason"]
+    assert "not a chain" in Bundle.load(out).unusable("rmc")
+
+
+def test_steps_quality_measures_the_bundle_again(digits_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from models.train import build_bundle
+
+    out = tmp_path / "b"
+    shutil.copytree(digits_bundle, out)
+    before = _manifest(out)
+    build_bundle(out, dataset=before["build"]["dataset"], preset="quick", steps=["quality"],
+                 options={"quality": {"images": 8}}, argv=[])
+    after = _manifest(out)
+    assert after["artifacts"] == before["artifacts"]  # nothing retrained
+    assert {d["images"] for d in after["quality"]["defenses"].values()} == {8}
+    assert set(after["quality"]["defenses"]) == set(before["quality"]["defenses"])
+    with pytest.raises(ValueError, match="existing bundle"):
+        build_bundle(tmp_path / "none", dataset=before["build"]["dataset"], steps=["quality"], argv=[])
