@@ -20,6 +20,7 @@ from service.api.multipart import split_multipart
 from service.api.schemas import ErrorBody, ImageResultOut, PredictResponse, RejectionOut, StageOut
 from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded
+from service.defenses.smoothing import MAX_RADIUS
 from service.imaging import ImageError, check_content_type, decode_batch, png_header_pixels
 from service.pipeline import ImageResult
 from service.runtime import Runtime
@@ -140,7 +141,10 @@ async def decode_request(request: Request, runtime: Runtime) -> tuple[torch.Tens
 
 
 def result_out(digest: str, r: ImageResult) -> ImageResultOut:
+    cert = r.details.get("certificate") if r.details else None  # a smoothing decider's, for this image
     return ImageResultOut(
+        target_radius=cert.get("target_radius") if cert else None,
+        certified=cert.get("certified") if cert else None, samples=cert.get("samples") if cert else None,
         image_sha256=digest, status=r.status, label=r.label, class_name=r.class_name,
         confidence=round(r.confidence, 6) if r.confidence is not None else None,
         certified_radius=round(r.certified_radius, 6) if r.certified_radius is not None else None,
@@ -272,11 +276,32 @@ def pipeline_param(request: Request) -> str | None:
 
 PIPELINE_PARAM = {"name": "pipeline", "in": "query", "required": False, "schema": {"type": "string"},
                   "description": "pipeline name; default: the configured default"}
+RADIUS_PARAM = {"name": "radius", "in": "query", "required": False,
+                "schema": {"type": "number", "minimum": 0, "maximum": MAX_RADIUS},
+                "description": "smoothing pipelines: certify at this L2 radius instead of the pipeline's "
+                               "target_radius (the answer reports the radius certified and the samples used)"}
+
+
+def radius_options(request: Request, runtime: Runtime, name: str) -> dict[str, Any] | None:
+    """?radius=R as the smoothing decider's `radius` option (None without it); 422 when it is
+    not a number in [0, MAX_RADIUS] or the pipeline does not certify."""
+    given = request.query_params.get("radius") if b"radius" in request.scope.get("query_string", b"") else None
+    if given is None:
+        return None
+    try:
+        radius = float(given)
+    except ValueError:
+        radius = math.nan
+    if not 0 <= radius <= MAX_RADIUS:
+        raise ApiError(422, "invalid_parameter", f"radius must be a number in [0, {MAX_RADIUS:g}], got {given[:40]!r}")
+    if not runtime.pipelines[name].certifies:
+        raise ApiError(422, "invalid_parameter", f"pipeline {name!r} does not certify; radius= needs a smoothing pipeline")
+    return {"radius": radius}
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS,
              summary="Classify one or more images through a defended pipeline",
-             openapi_extra={"parameters": [PIPELINE_PARAM, TIMEOUT_PARAM], "requestBody": {"content": {
+             openapi_extra={"parameters": [PIPELINE_PARAM, RADIUS_PARAM, TIMEOUT_PARAM], "requestBody": {"content": {
                  "multipart/form-data": {"schema": {"type": "object", "properties": {
                      "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
                  "image/png": {"schema": {"type": "string", "format": "binary"}},
@@ -288,6 +313,7 @@ async def predict(request: Request) -> PredictResponse:
         if name not in runtime.pipelines:
             raise ApiError(404, "unknown_pipeline",
                            f"no pipeline {name!r}; configured: {', '.join(sorted(runtime.pipelines))}")
+        options = radius_options(request, runtime, name)
         items = await read_images(request, runtime)
         _check_items(items, runtime)
         digests = [hashlib.sha256(data).hexdigest() for data, _ in items]
@@ -295,12 +321,13 @@ async def predict(request: Request) -> PredictResponse:
         try:
             if sum(len(data) for data, _ in items) > INLINE_DECODE_BYTES:
                 x = await run_in_threadpool(decode)
-                results = await run_pipeline(request, runtime, name, x)
+                results = await run_pipeline(request, runtime, name, x, options)
             elif decode_on_loop(items):
                 x = decode()
-                results = await run_pipeline(request, runtime, name, x)
+                results = await run_pipeline(request, runtime, name, x, options)
             else:
-                x, results = await run_pipeline(request, runtime, name, None, decode=decode, images=len(items))
+                x, results = await run_pipeline(request, runtime, name, None, options, decode=decode,
+                                                images=len(items))
         except ImageError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
         try:  # so GET /certify?image_sha256= can find them; a store that is down costs no prediction
