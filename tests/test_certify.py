@@ -83,7 +83,7 @@ def test_get_certify_after_predict_and_errors(make_client, digits) -> None:
                   "alpha", "samples", "seconds", "seed"):
         assert field in cert
     assert cert["image_sha256"] == digest and cert["pipeline"] == "smoothing"
-    assert (cert["n"], cert["n0"], cert["samples"], cert["sigma"]) == (2000, 50, 2050, 0.25)
+    assert (cert["n"], cert["n0"], cert["samples"], cert["sigma"]) == (2000, 50, 2050, 0.5)  # the pipeline's sigma
     assert cert["label"] == y and not cert["abstained"] and cert["radius"] > 0 and not cert["cached"]
     # the same question again is answered from the cache
     again = client.get(f"/certify?image_sha256={digest}&n0=50&alpha=0.001").json()
