@@ -226,7 +226,7 @@ class Bench:
         for rnd in range(a.rounds):
             for pipeline in a.pipelines.split(","):
                 for tree, name in ((Path(a.old), "old"), (REPO, "new")):
-                    with _Server(tree, a.bundle) as server:
+                    with _Server(tree, a.bundle, [pipeline]) as server:
                         for clients in (1, 8):
                             load = loadavg()
                             rate = asyncio.run(_drive(server.url, pipeline, bodies, clients, a.duration, a.warmup))
@@ -243,15 +243,22 @@ class Bench:
 class _Server:
     """`python -m service serve` from a source tree, with that tree's defaults and the bundle."""
 
-    def __init__(self, tree: Path, bundle: str) -> None:
+    def __init__(self, tree: Path, bundle: str, pipelines: list[str]) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.tmp = tempfile.TemporaryDirectory()
+        import yaml
+
+        # only the pipelines measured (and baseline): start-up does not warm the others
+        packaged = yaml.safe_load((tree / "service" / "default_config.yaml").read_text())
+        keep = {"baseline", *pipelines}
+        config = Path(self.tmp.name) / "config.yaml"
+        config.write_text(yaml.safe_dump({"pipelines": {n: None for n in packaged["pipelines"] if n not in keep}}))
         env = {**os.environ, "PYTHONPATH": str(tree), "SHIELDSERVE_BUNDLE": str(Path(bundle).resolve()),
                "SHIELDSERVE_LOG_LEVEL": "warning"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--host", "127.0.0.1",
+        self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--config", str(config), "--host", "127.0.0.1",
                                       "--port", str(self.port)], cwd=tree, env=env,
                                      stdout=open(Path(self.tmp.name) / "log", "wb"), stderr=subprocess.STDOUT)
 
