@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--radius", type=float, default=0.5)
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--n0", type=int, default=0, help="selection samples (0: the clean image's class, as served)")
-    p.add_argument("--n-max", type=int, default=1000, help="the sequential test's budget (as served)")
+    p.add_argument("--n-max", type=int, default=4000, help="the sequential test's budget (as served)")
     p.add_argument("--pgd-eps", type=float, default=0.1)
     p.add_argument("--old", help="0.6.0's source tree, for the http section")
     p.add_argument("--pipelines", default="default,smoothing,denoised")

@@ -126,6 +126,14 @@ def test_vectorised_bounds_match_the_scalar_ones() -> None:
     lo, hi = lower_bounds(k, 100, 0.01), upper_bounds(k, 100, 0.01)
     assert lo.tolist() == pytest.approx([lower_confidence_bound(int(v), 100, 0.01) for v in k], abs=1e-12)
     assert hi.tolist() == pytest.approx([upper_confidence_bound(int(v), 100, 0.01) for v in k], abs=1e-12)
+    # the sequential test's integer thresholds say what comparing the bounds with p* says
+    test = SequentialTest(0.5, 0.5, 1000, 0.001)
+    for look, n in enumerate(test.schedule):
+        k = np.arange(n + 1)
+        a = test.alphas[look]
+        want = np.where(lower_bounds(k, n, a) > test.target, CERTIFIED,
+                        np.where(upper_bounds(k, n, a) < test.target, -1, CONTINUE))
+        assert np.array_equal(test.verdicts(look, k), want)
 
 
 def _simulate(test: SequentialTest, p: float, runs: int, rng: np.random.Generator) -> tuple[float, float]:

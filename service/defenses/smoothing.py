@@ -30,6 +30,7 @@ forward pass per `batch_size` noisy copies, never a Python loop per sample.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -133,14 +134,43 @@ class SequentialTest:
         self.target = float(norm.cdf(self.radius / self.sigma))
         self.schedule = geometric_schedule(n_max, first=min(first, n_max), factor=factor)
         self.alphas = alpha_spending(alpha, len(self.schedule))
+        self._thresholds: dict[int, tuple[int, int]] = {}
+
+    def thresholds(self, look: int) -> tuple[int, int]:
+        """(k_certified, k_refused) at this look: CERTIFIED iff k >= k_certified, REFUSED iff
+        k <= k_refused. The bounds are monotone in k, so one vectorised pass over k = 0..n
+        settles every count a look can see; computed once per look and test (tests are cached
+        by their parameters, `sequential_test`), so deciding a batch is integer comparisons."""
+        cached = self._thresholds.get(look)
+        if cached is None:
+            n, a = self.schedule[look], self.alphas[look]
+            k = np.arange(n + 1)
+            above = np.nonzero(lower_bounds(k, n, a) > self.target)[0]
+            below = np.nonzero(upper_bounds(k, n, a) < self.target)[0]
+            cached = self._thresholds[look] = (int(above[0]) if above.size else n + 1,
+                                               int(below[-1]) if below.size else -1)
+        return cached
+
+    def verdicts(self, look: int, k: np.ndarray) -> np.ndarray:
+        """CERTIFIED, REFUSED or CONTINUE for counts `k` of c_A after schedule[look] samples."""
+        k_cert, k_ref = self.thresholds(look)
+        k = np.asarray(k)
+        return np.where(k >= k_cert, CERTIFIED, np.where(k <= k_ref, REFUSED, CONTINUE))
+
+    def lower(self, look: int, k: np.ndarray) -> np.ndarray:
+        """The lower confidence bound on pA at this look (the one a stopped image reports)."""
+        return lower_bounds(k, self.schedule[look], self.alphas[look])
 
     def decide(self, look: int, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(verdicts, lower bounds) for counts `k` of c_A after schedule[look] samples."""
-        n, a = self.schedule[look], self.alphas[look]
-        lower = lower_bounds(k, n, a)
-        upper = upper_bounds(k, n, a)
-        verdict = np.where(lower > self.target, CERTIFIED, np.where(upper < self.target, REFUSED, CONTINUE))
-        return verdict, lower
+        return self.verdicts(look, k), self.lower(look, k)
+
+
+@functools.lru_cache(maxsize=256)
+def sequential_test(radius: float, sigma: float, n_max: int, alpha: float, first: int = 32,
+                    factor: float = 1.5) -> SequentialTest:
+    """A `SequentialTest`, made once per set of parameters (its thresholds are then reused)."""
+    return SequentialTest(radius, sigma, n_max, alpha, first, factor)
 
 
 # ---------------------------------------------------------------------- sampling
@@ -333,7 +363,7 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
     """
     started = time.perf_counter()
     b = xs.shape[0]
-    test = SequentialTest(radius, sigma, n_max, alpha, first, factor)
+    test = sequential_test(float(radius), float(sigma), int(n_max), float(alpha), first, factor)
     generators = []
     for s in seeds:
         g = torch.Generator(device=xs.device)
@@ -355,10 +385,14 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
             counts[active] += _count_batch(f, xs, active, size - drawn, generators, sigma, num_classes, buffers,
                                            forward_batch, ctx)
             drawn = size
-            idx = torch.tensor(active)
-            v, lo = test.decide(look, counts[idx, c_a[idx]].numpy())
-            verdict[active], lower[active], used[active] = v, lo, size
-            active = [i for i, vi in zip(active, v) if vi == CONTINUE]
+            k = counts[active, c_a[active]].numpy()
+            v = test.verdicts(look, k)
+            stop = (v != CONTINUE) | (look == len(test.schedule) - 1)
+            stopped = [i for i, s in zip(active, stop) if s]
+            if stopped:
+                verdict[stopped], used[stopped] = v[stop], size
+                lower[stopped] = test.lower(look, k[stop])
+            active = [i for i, s in zip(active, stop) if not s]
             if not active:
                 break
     seconds = time.perf_counter() - started
@@ -544,6 +578,6 @@ def _frozen(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 __all__ = ["ABSTAIN", "CERTIFIED", "CONTINUE", "Certificate", "MAX_RADIUS", "NOISE_GRID", "NoiseSampler",
-           "REFUSED", "SequentialTest", "SmoothingDecider", "alpha_spending", "build", "certify",
+           "REFUSED", "SequentialTest", "sequential_test", "SmoothingDecider", "alpha_spending", "build", "certify",
            "certify_at_radius", "certify_batch_at_radius", "lower_bounds", "noisy_copies", "upper_bounds", "geometric_schedule", "lower_confidence_bound", "optimize_for_cpu",
            "predict_from_counts", "radius_from", "upper_confidence_bound"]
