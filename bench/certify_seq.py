@@ -255,7 +255,8 @@ class _Server:
         packaged = yaml.safe_load((tree / "service" / "default_config.yaml").read_text())
         keep = {"baseline", *pipelines}
         config = Path(self.tmp.name) / "config.yaml"
-        config.write_text(yaml.safe_dump({"pipelines": {n: None for n in packaged["pipelines"] if n not in keep}}))
+        config.write_text(yaml.safe_dump({"default_pipeline": pipelines[0],
+                                          "pipelines": {n: None for n in packaged["pipelines"] if n not in keep}}))
         env = {**os.environ, "PYTHONPATH": str(tree), "SHIELDSERVE_BUNDLE": str(Path(bundle).resolve()),
                "SHIELDSERVE_LOG_LEVEL": "warning"}
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--config", str(config), "--host", "127.0.0.1",
