@@ -31,6 +31,7 @@ forward pass per `batch_size` noisy copies, never a Python loop per sample.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -127,14 +128,34 @@ class SequentialTest:
     """
 
     def __init__(self, radius: float, sigma: float, n_max: int, alpha: float,
-                 first: int = 32, factor: float = 1.5) -> None:
+                 first: int | None = None, factor: float = 1.5) -> None:
         if not (radius >= 0 and sigma > 0 and n_max >= 1 and 0 < alpha < 1):
             raise ValueError("a sequential test needs radius >= 0, sigma > 0, n_max >= 1 and 0 < alpha < 1")
         self.radius, self.sigma, self.alpha = float(radius), float(sigma), float(alpha)
         self.target = float(norm.cdf(self.radius / self.sigma))
+        if first is None:
+            first = self._first_decisive_look(n_max, factor)
         self.schedule = geometric_schedule(n_max, first=min(first, n_max), factor=factor)
         self.alphas = alpha_spending(alpha, len(self.schedule))
         self._thresholds: dict[int, tuple[int, int]] = {}
+
+    def _first_decisive_look(self, n_max: int, factor: float) -> int:
+        """The first look: the fewest samples at which a unanimous count can certify (at least 16).
+
+        All n samples agreeing, the lower bound is alpha_1^(1/n), above p* once
+        n > ln(alpha_1) / ln(p*). Looking earlier could only refuse, and would cost alpha and a
+        forward pass for every image; an easy image is decided in one pass at the first look.
+        alpha_1 depends on the number of looks, which depends on the first: a few rounds settle it."""
+        if self.target >= 1.0:
+            return n_max
+        first = 16
+        for _ in range(6):
+            a1 = alpha_spending(self.alpha, len(geometric_schedule(n_max, first=min(first, n_max), factor=factor)))[0]
+            need = min(n_max, max(16, int(math.log(a1) / math.log(self.target)) + 1))
+            if need == first:
+                break
+            first = need
+        return first
 
     def thresholds(self, look: int) -> tuple[int, int]:
         """(k_certified, k_refused) at this look: CERTIFIED iff k >= k_certified, REFUSED iff
@@ -167,7 +188,7 @@ class SequentialTest:
 
 
 @functools.lru_cache(maxsize=256)
-def sequential_test(radius: float, sigma: float, n_max: int, alpha: float, first: int = 32,
+def sequential_test(radius: float, sigma: float, n_max: int, alpha: float, first: int | None = None,
                     factor: float = 1.5) -> SequentialTest:
     """A `SequentialTest`, made once per set of parameters (its thresholds are then reused)."""
     return SequentialTest(radius, sigma, n_max, alpha, first, factor)
@@ -294,7 +315,7 @@ def certify(sampler: NoiseSampler, x: torch.Tensor, n0: int, n: int, alpha: floa
 
 def certify_at_radius(sampler: NoiseSampler, x: torch.Tensor, radius: float, n0: int, n_max: int,
                       alpha: float, seed: int, ctx: RunContext | None = None,
-                      first: int = 32) -> tuple[Certificate, torch.Tensor]:
+                      first: int | None = None) -> tuple[Certificate, torch.Tensor]:
     """Is the smoothed classifier certified at `radius`? One image through
     `certify_batch_at_radius` (which see), with the sampler's function, sigma and buffers."""
     [(cert, counts)] = certify_batch_at_radius(
@@ -349,7 +370,7 @@ class _Buffers:
 
 def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius: float, n0: int, n_max: int,
                             alpha: float, seeds: list[int], num_classes: int, *, batch_size: int = 8000,
-                            forward_batch: int = 1000, sound: bool = True, first: int = 32,
+                            forward_batch: int = 1000, sound: bool = True, first: int | None = None,
                             factor: float = 1.5, ctx: RunContext | None = None,
                             ) -> list[tuple[Certificate, torch.Tensor]]:
     """Certify every image of xs at `radius` with the `SequentialTest`, all images together.
