@@ -4,11 +4,12 @@
         [--old DIR] [--digits 1000] [--duration 8] [--rounds 1]
 
 Sections (each adds to bench/results/certify_seq.json as it finishes):
-  accuracy  the 1,000 test digits (models/default): today's /predict (CERTIFY, n0 = 64,
-            n = 1,000, alpha = 0.001, sigma 0.25, float32 noise) against the sequential test at
-            r = 0.5 for sigma 0.25 and 0.5 (the served code: certify_batch_at_radius in batches
-            of 64 digits, sound noise, n_max and n0 as configured): certified accuracy at 0.5,
-            samples per image (mean, median, p99), seconds.
+  accuracy  the 1,000 test digits (models/default): the sequential test at r = 0.5 for sigma
+            0.25 and 0.5 (the served code: certify_batch_at_radius in batches of 64 digits,
+            sound noise, n_max and n0 as served): certified accuracy at 0.5, samples per image
+            (mean, median, p99), seconds.
+  today     0.6.0's /predict on the same digits (CERTIFY, n0 = 64, n = 1,000, alpha = 0.001,
+            sigma 0.25, float32 noise): certified accuracy at 0.5.
   pgd       the same for oblivious PGD digits (L-inf 0.1, 40 steps, against the plain base
             classifier), sequential test only; and a PNG of both distributions of samples
             (docs/defenses/smoothing_samples.png).
@@ -112,6 +113,25 @@ class Bench:
         a, y = self.args, self.y.tolist()
         rows, res = [], self.out.setdefault("accuracy", {})
         res["load_before"] = loadavg()
+        for sigma in (0.25, 0.5):
+            t = time.perf_counter()
+            labels, certified, samples = self.sequential(self.model(sigma), sigma, self.x, seed=0)
+            secs = time.perf_counter() - t
+            acc = sum(c and lab == yy for c, lab, yy in zip(certified, labels, y)) / len(y)
+            res[f"sequential_sigma{sigma:g}"] = {"certified_accuracy": acc, "samples": stats(samples),
+                                                 "all_samples": samples, "seconds": round(secs, 1),
+                                                 "n0": a.n0, "n_max": a.n_max, "alpha": a.alpha}
+            rows.append({"what": f"sequential r={a.radius:g} n0={a.n0} n_max={a.n_max}", "sigma": sigma,
+                         "cert_acc@r": acc, **stats(samples), "seconds": round(secs, 1)})
+            self.save()
+        res["load_after"] = loadavg()
+        self.save()
+        print(table(rows, ["what", "sigma", "cert_acc@r", "mean", "median", "p99", "seconds"]))
+
+    def today(self) -> None:
+        """0.6.0's /predict on the same digits: CERTIFY n0 = 64, n = 1,000, float32 noise, sigma 0.25."""
+        a, y = self.args, self.y.tolist()
+        rows, res = [], self.out.setdefault("accuracy", {})
         f25 = self.model(0.25)
         t = time.perf_counter()
         sampler = NoiseSampler(f25, 0.25, 10, batch_size=1064, sound=False)  # 0.6.0's /predict
@@ -125,19 +145,6 @@ class Bench:
                         "seconds": round(secs, 1)}
         rows.append({"what": "today: CERTIFY n0=64 n=1000", "sigma": 0.25, "cert_acc@r": ok / len(y),
                      "mean": 1064, "median": 1064, "p99": 1064, "seconds": round(secs, 1)})
-        self.save()
-        for sigma in (0.25, 0.5):
-            t = time.perf_counter()
-            labels, certified, samples = self.sequential(self.model(sigma), sigma, self.x, seed=0)
-            secs = time.perf_counter() - t
-            acc = sum(c and lab == yy for c, lab, yy in zip(certified, labels, y)) / len(y)
-            res[f"sequential_sigma{sigma:g}"] = {"certified_accuracy": acc, "samples": stats(samples),
-                                                 "all_samples": samples, "seconds": round(secs, 1),
-                                                 "n0": a.n0, "n_max": a.n_max, "alpha": a.alpha}
-            rows.append({"what": f"sequential r={a.radius:g} n0={a.n0} n_max={a.n_max}", "sigma": sigma,
-                         "cert_acc@r": acc, **stats(samples), "seconds": round(secs, 1)})
-            self.save()
-        res["load_after"] = loadavg()
         self.save()
         print(table(rows, ["what", "sigma", "cert_acc@r", "mean", "median", "p99", "seconds"]))
 
@@ -315,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", default=str(REPO / "models" / "default"))
-    p.add_argument("--sections", default="accuracy,pgd,certify,http")
+    p.add_argument("--sections", default="accuracy,pgd,today,certify,http")
     p.add_argument("--digits", type=int, default=1000)
     p.add_argument("--radius", type=float, default=0.5)
     p.add_argument("--alpha", type=float, default=0.001)
