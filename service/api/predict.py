@@ -285,7 +285,9 @@ RADIUS_PARAM = {"name": "radius", "in": "query", "required": False,
 def radius_options(request: Request, runtime: Runtime, name: str) -> dict[str, Any] | None:
     """?radius=R as the smoothing decider's `radius` option (None without it); 422 when it is
     not a number in [0, MAX_RADIUS] or the pipeline does not certify."""
-    given = request.query_params.get("radius") if b"radius" in request.scope.get("query_string", b"") else None
+    qs = request.scope.get("query_string", b"")
+    # Starlette's QueryParams only when the query may name it (percent-encoded names included)
+    given = request.query_params.get("radius") if b"radius" in qs or b"%" in qs else None
     if given is None:
         return None
     try:
