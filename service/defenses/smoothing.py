@@ -9,10 +9,13 @@ norm below R = sigma * Phi^-1(pA_lower) changes g's answer.
   CERTIFY(x, n0, n, alpha)  pick c_A from n0 samples, count it in n fresh samples,
                             pA_lower = one-sided Clopper-Pearson bound at level alpha;
                             abstain if pA_lower < 1/2, else radius sigma * Phi^-1(pA_lower).
-  CERTIFY_AT(x, r, ...)     is c_A certified at radius r? Sequential: draw samples on a
-                            geometric schedule and stop as soon as the Clopper-Pearson interval
-                            (alpha split over the looks, a union bound) lies wholly above
-                            or below Phi(r / sigma). Easy inputs stop after a few hundred samples.
+  CERTIFY_AT(x, r, ...)     is c_A certified at radius r? Sequential (`SequentialTest`): draw
+                            samples on a geometric schedule whose first look is the first at
+                            which a unanimous count certifies, and stop as soon as the
+                            Clopper-Pearson interval (alpha split over the looks, a union
+                            bound) lies wholly above or below Phi(r / sigma). What /predict runs
+                            (`certify_batch_at_radius`: all images of a batch together, c_A
+                            from the clean image when n0 = 0); /certify runs CERTIFY.
 
 What the certificate covers (the `denoiser` option):
   false (default)  f is the bundle's classifier trained with noise at this sigma
@@ -24,7 +27,8 @@ What the certificate covers (the `denoiser` option):
 The certificate is about the smoothed classifier g only; detectors before it are not covered.
 
 All noise comes from a torch.Generator seeded with the certificate's `seed`; with the same
-seed, n0, n and batch size a certificate is reproduced exactly. Sampling is batched: one
+seed, n0, n and batch size a certificate is reproduced exactly. It is drawn soundly in float64
+and rounded to a grid (see NOISE_GRID: Voracek & Hein 2023). Sampling is batched: one
 forward pass per `batch_size` noisy copies, never a Python loop per sample.
 """
 
