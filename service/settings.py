@@ -91,8 +91,12 @@ class CertifyConfig(BaseModel):
     """Randomized smoothing's service settings: sample counts for /predict, maxima for /certify,
     and the bounded store of recently posted images and their certificates."""
 
-    predict_n: int = Field(1000, gt=0, description="estimation samples per image on /predict")
-    predict_n0: int = Field(64, gt=0, description="selection samples per image on /predict")
+    predict_n: int = Field(
+        4000, gt=0, description="the sequential test's sample budget per image on /predict (it stops as soon as "
+                                "the answer at the target radius is settled; a pipeline's `n` overrides it)")
+    predict_n0: int = Field(
+        0, ge=0, description="selection samples per image on /predict; 0: c_A is the base function's answer on "
+                             "the clean image (one forward pass)")
     default_n: int = Field(10_000, gt=0, description="estimation samples on /certify without n=")
     default_n0: int = Field(100, gt=0, description="selection samples on /certify without n0=")
     max_n: int = Field(100_000, gt=0, description="largest n a caller may ask for (422 above)")

@@ -34,6 +34,40 @@ def test_predict_on_smoothing_returns_a_radius(make_client, digits) -> None:
     assert "shieldserve_certified_radius_count" in client.get("/metrics").text
 
 
+def test_predict_certifies_at_the_target_radius(make_client, digits) -> None:
+    client = make_client(warmup=False)
+    files = [("file", (f"{i}.png", body, "image/png")) for i, (body, _) in enumerate(digits[:6])]
+    r = client.post("/predict?pipeline=smoothing", files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    settings = {d["defense"]: d["settings"] for p in client.get("/pipelines").json()["pipelines"]
+                if p["name"] == "smoothing" for d in p["defenses"]}["smoothing"]
+    target, n_max = settings["target_radius"], settings["n"]
+    assert target == 0.5 and settings["sound_noise"] is True
+    for res in results:  # each answer says the target, whether it was reached and what it cost
+        assert res["target_radius"] == target and 0 < res["samples"] <= n_max + settings["n0"]
+        if res["certified"]:
+            assert res["status"] == "accepted" and res["certified_radius"] >= target
+        elif res["status"] == "accepted":
+            assert res["certified_radius"] < target
+    assert sum(r["certified"] for r in results) >= 4
+    # easy digits stop long before the budget: a sequential test, not a fixed n
+    assert min(r["samples"] for r in results if r["certified"]) < n_max
+    # ?radius= asks another target; a small one is reached with fewer samples
+    r = client.post("/predict?pipeline=smoothing&radius=0.1", content=digits[0][0], headers=PNG)
+    small = r.json()["results"][0]
+    assert r.status_code == 200 and small["target_radius"] == 0.1
+    if small["certified"] and results[0]["certified"]:
+        assert small["samples"] <= results[0]["samples"]
+    for bad in ("-1", "abc", "nan", "11"):
+        r = client.post(f"/predict?pipeline=smoothing&radius={bad}", content=digits[0][0], headers=PNG)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", bad
+    r = client.post("/predict?pipeline=baseline&radius=0.5", content=digits[0][0], headers=PNG)
+    assert r.status_code == 422
+    base = client.post("/predict?pipeline=baseline", content=digits[0][0], headers=PNG).json()["results"][0]
+    assert base["target_radius"] is None and base["samples"] is None and base["certified"] is None
+
+
 def test_get_certify_after_predict_and_errors(make_client, digits) -> None:
     client = make_client(warmup=False, certify={"max_n": 5000, "default_n": 2000})
     body, y = digits[3]
@@ -49,7 +83,7 @@ def test_get_certify_after_predict_and_errors(make_client, digits) -> None:
                   "alpha", "samples", "seconds", "seed"):
         assert field in cert
     assert cert["image_sha256"] == digest and cert["pipeline"] == "smoothing"
-    assert (cert["n"], cert["n0"], cert["samples"], cert["sigma"]) == (2000, 50, 2050, 0.25)
+    assert (cert["n"], cert["n0"], cert["samples"], cert["sigma"]) == (2000, 50, 2050, 0.5)  # the pipeline's sigma
     assert cert["label"] == y and not cert["abstained"] and cert["radius"] > 0 and not cert["cached"]
     # the same question again is answered from the cache
     again = client.get(f"/certify?image_sha256={digest}&n0=50&alpha=0.001").json()

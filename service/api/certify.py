@@ -86,6 +86,8 @@ def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int 
     opts: dict[str, Any] = {"sigma": sigma, "n": n, "n0": n0, "alpha": cfg.alpha if alpha is None else alpha}
     if radius is not None:
         opts["radius"] = radius
+    else:
+        opts["certify"] = True  # the full CERTIFY for the largest radius, not the pipeline's target
     if seed is not None:
         opts["seed"] = seed
     return name, opts

@@ -36,6 +36,7 @@ from service.api.schemas import ErrorBody, PredictResponse
 from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded
 from service.defenses.query_monitor import AttackSuspected
+from service.defenses.smoothing import MAX_RADIUS
 from service.imaging import ImageError, check_content_type, decode_batch
 from service.pipeline import ImageResult
 from service.runtime import Runtime
@@ -254,6 +255,16 @@ def known_pipeline(runtime: Runtime, name: str) -> None:
                        f"no pipeline {name!r}; configured: {', '.join(sorted(runtime.pipelines))}")
 
 
+def radius_options(runtime: Runtime, name: str, radius: float | None) -> dict[str, Any] | None:
+    """?radius=R as the smoothing decider's `radius` option (None without it); 422 on a
+    pipeline that does not certify (the Query bounds the number itself)."""
+    if radius is None:
+        return None
+    if not runtime.pipelines[name].certifies:
+        raise ApiError(422, "invalid_parameter", f"pipeline {name!r} does not certify; radius= needs a smoothing pipeline")
+    return {"radius": radius}
+
+
 # ------------------------------------------------------------------ the route
 _IMAGE_BODY = {"requestBody": {"content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -266,16 +277,21 @@ _IMAGE_BODY = {"requestBody": {"content": {
              summary="Classify one or more images through a defended pipeline")
 async def predict(request: Request,
                   pipeline: str | None = Query(None, description="pipeline name; default: the configured default"),
+                  radius: float | None = Query(
+                      None, ge=0, le=MAX_RADIUS,
+                      description="smoothing pipelines: certify at this L2 radius instead of the pipeline's "
+                                  "target_radius (the answer reports the radius certified and the samples used)"),
                   deadline: Deadline = Depends(request_deadline),
                   runtime: Runtime = Depends(runtime_of)) -> PredictResponse:
     name = pipeline or runtime.settings.default_pipeline
     with tracked(runtime, "predict", name) as t:
         client = client_of(request)  # inside the count: a 401 is a request too
         known_pipeline(runtime, name)
+        options = radius_options(runtime, name, radius)
         items = await read_images(request, runtime)
         check_uploads(items, runtime)
         x, results = await classify(runtime, name, len(items), image_decoder(items, runtime), deadline,
-                                    client=client)
+                                    options, client=client)
         digests = [hashlib.sha256(data).hexdigest() for data, _ in items]
         try:  # so GET /certify?image_sha256= can find them; a store that is down costs no prediction
             store = request.app.state.store

@@ -23,17 +23,25 @@ class Rendered:
     probabilities: list[float] | None
     rejected_by: list[RejectionOut]
     stages: list[StageOut]
+    # a smoothing decider's sequential test: the radius it aimed at, whether it got there, samples used
+    target_radius: float | None = None
+    certified: bool | None = None
+    samples: int | None = None
 
     def image_out(self, image_sha256: str) -> ImageResultOut:
         """/predict's entry for one image."""
         return ImageResultOut(image_sha256=image_sha256, status=self.status, label=self.label,  # type: ignore[arg-type]
                               class_name=self.class_name, confidence=self.confidence,
                               certified_radius=self.certified_radius, rejected_by=self.rejected_by,
-                              stages=self.stages)
+                              stages=self.stages, target_radius=self.target_radius, certified=self.certified,
+                              samples=self.samples)
 
 
 def render(r: ImageResult) -> Rendered:
+    cert = r.details.get("certificate") if r.details else None  # a smoothing decider's, for this image
     return Rendered(
+        target_radius=cert.get("target_radius") if cert else None,
+        certified=cert.get("certified") if cert else None, samples=cert.get("samples") if cert else None,
         status=r.status, label=r.label, class_name=r.class_name,  # the pipeline sets these only when accepted
         confidence=round(r.confidence, 6) if r.confidence is not None else None,
         certified_radius=round(r.certified_radius, 6) if r.certified_radius is not None else None,

@@ -36,6 +36,11 @@ class ImageResultOut(BaseModel):
     class_name: str | None = None
     confidence: float | None = None
     certified_radius: float | None = None
+    # smoothing pipelines: the radius the sequential test was asked to certify, whether it did
+    # (certified_radius >= target_radius), and the noise samples this image used
+    target_radius: float | None = None
+    certified: bool | None = None
+    samples: int | None = None
     rejected_by: list[RejectionOut] = Field(default_factory=list)
     stages: list[StageOut] = Field(default_factory=list)
 

@@ -9,10 +9,13 @@ norm below R = sigma * Phi^-1(pA_lower) changes g's answer.
   CERTIFY(x, n0, n, alpha)  pick c_A from n0 samples, count it in n fresh samples,
                             pA_lower = one-sided Clopper-Pearson bound at level alpha;
                             abstain if pA_lower < 1/2, else radius sigma * Phi^-1(pA_lower).
-  CERTIFY_AT(x, r, ...)     is c_A certified at radius r? Sequential: draw samples on a
-                            geometric schedule and stop as soon as the Clopper-Pearson interval
-                            (alpha split over the looks, a union bound) lies wholly above
-                            or below Phi(r / sigma). Easy inputs stop after a few hundred samples.
+  CERTIFY_AT(x, r, ...)     is c_A certified at radius r? Sequential (`SequentialTest`): draw
+                            samples on a geometric schedule whose first look is the first at
+                            which a unanimous count certifies, and stop as soon as the
+                            Clopper-Pearson interval (alpha split over the looks, a union
+                            bound) lies wholly above or below Phi(r / sigma). What /predict runs
+                            (`certify_batch_at_radius`: all images of a batch together, c_A
+                            from the clean image when n0 = 0); /certify runs CERTIFY.
 
 What the certificate covers (the `denoiser` option):
   false (default)  f is the bundle's classifier trained with noise at this sigma
@@ -24,17 +27,21 @@ What the certificate covers (the `denoiser` option):
 The certificate is about the smoothed classifier g only; detectors before it are not covered.
 
 All noise comes from a torch.Generator seeded with the certificate's `seed`; with the same
-seed, n0, n and batch size a certificate is reproduced exactly. Sampling is batched: one
+seed, n0, n and batch size a certificate is reproduced exactly. It is drawn soundly in float64
+and rounded to a grid (see NOISE_GRID: Voracek & Hein 2023). Sampling is batched: one
 forward pass per `batch_size` noisy copies, never a Python loop per sample.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from scipy.stats import beta, binomtest, norm
 
@@ -54,6 +61,24 @@ def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
     return 1.0 if k >= n else float(beta.ppf(1 - alpha, k + 1, n - k))
 
 
+def lower_bounds(k: np.ndarray, n: np.ndarray | int, alpha: float) -> np.ndarray:
+    """`lower_confidence_bound` on arrays of counts (one scipy call for a whole batch)."""
+    k = np.asarray(k, dtype=np.float64)
+    n = np.broadcast_to(np.asarray(n, dtype=np.float64), k.shape)
+    with np.errstate(invalid="ignore"):
+        p = beta.ppf(alpha, np.maximum(k, 1), n - k + 1)
+    return np.where(k <= 0, 0.0, p)
+
+
+def upper_bounds(k: np.ndarray, n: np.ndarray | int, alpha: float) -> np.ndarray:
+    """`upper_confidence_bound` on arrays of counts."""
+    k = np.asarray(k, dtype=np.float64)
+    n = np.broadcast_to(np.asarray(n, dtype=np.float64), k.shape)
+    with np.errstate(invalid="ignore"):
+        p = beta.ppf(1 - alpha, k + 1, np.maximum(n - k, 1))
+    return np.where(k >= n, 1.0, p)
+
+
 def radius_from(p_a_lower: float, sigma: float) -> float:
     """Cohen et al.'s L2 radius sigma * Phi^-1(pA_lower); 0 when pA_lower <= 1/2."""
     return sigma * float(norm.ppf(p_a_lower)) if p_a_lower > 0.5 else 0.0
@@ -69,47 +94,167 @@ def predict_from_counts(counts: torch.Tensor, alpha: float) -> int:
 
 
 def geometric_schedule(n_max: int, first: int = 128, factor: float = 2.0) -> list[int]:
-    """Cumulative sample counts at which the sequential test looks: first, 2*first, ..., n_max."""
+    """Cumulative sample counts at which the sequential test looks: first, first*factor, ..., n_max."""
     sizes, n = [], float(first)
     while n < n_max:
-        sizes.append(int(n))
+        if not sizes or int(n) > sizes[-1]:
+            sizes.append(int(n))
         n *= factor
     sizes.append(int(n_max))
     return sizes
 
 
 def alpha_spending(alpha: float, looks: int) -> list[float]:
-    """How CERTIFY_AT splits alpha over its looks: half at the last look (so that at n_max it
-    decides almost as a fixed-n CERTIFY would), the other half evenly over the earlier ones.
-    The parts sum to alpha: the union bound keeps the overall error at most alpha."""
+    """How the sequential test splits alpha over its looks: half at the last look (so that at
+    n_max it decides almost as a fixed-n CERTIFY would), the other half evenly over the earlier
+    ones. The parts sum to alpha: the union bound keeps the overall error at most alpha."""
     if looks == 1:
         return [alpha]
     return [alpha / (2 * (looks - 1))] * (looks - 1) + [alpha / 2]
 
 
+CONTINUE, CERTIFIED, REFUSED = 0, 1, -1
+MAX_RADIUS = 10.0  # a target above it is refused (422): no sample budget could certify it
+
+
+class SequentialTest:
+    """Is pA > p* = Phi(radius / sigma)? Anytime-valid by a union bound over the looks.
+
+    At look j (cumulative sample count schedule[j]) the one-sided Clopper-Pearson bounds at
+    level alphas[j] are computed from the count k of c_A. CERTIFIED when the lower bound
+    exceeds p*, REFUSED when the upper bound falls below it, CONTINUE otherwise (at the last look
+    CONTINUE means the budget is spent). Whatever rule stops the sampling, the probability
+    that any look's lower bound exceeds the true pA is at most sum(alphas) = alpha: a
+    "certified" answer, and the radius reported from the lower bound where it stopped, are
+    wrong with probability at most alpha, as for a fixed-n CERTIFY. Refusals spend no alpha of
+    the certificate (a wrong refusal costs accuracy, never soundness); they use the same levels.
+    Every method takes arrays: one call decides a whole batch of images.
+    """
+
+    def __init__(self, radius: float, sigma: float, n_max: int, alpha: float,
+                 first: int | None = None, factor: float = 1.5) -> None:
+        if not (radius >= 0 and sigma > 0 and n_max >= 1 and 0 < alpha < 1):
+            raise ValueError("a sequential test needs radius >= 0, sigma > 0, n_max >= 1 and 0 < alpha < 1")
+        self.radius, self.sigma, self.alpha = float(radius), float(sigma), float(alpha)
+        self.target = float(norm.cdf(self.radius / self.sigma))
+        if first is None:
+            first = self._first_decisive_look(n_max, factor)
+        self.schedule = geometric_schedule(n_max, first=min(first, n_max), factor=factor)
+        self.alphas = alpha_spending(alpha, len(self.schedule))
+        self._thresholds: dict[int, tuple[int, int]] = {}
+
+    def _first_decisive_look(self, n_max: int, factor: float) -> int:
+        """The first look: the fewest samples at which a unanimous count can certify (at least 16).
+
+        All n samples agreeing, the lower bound is alpha_1^(1/n), above p* once
+        n > ln(alpha_1) / ln(p*). Looking earlier could only refuse, and would cost alpha and a
+        forward pass for every image; an easy image is decided in one pass at the first look.
+        alpha_1 depends on the number of looks, which depends on the first: a few rounds settle it."""
+        if self.target >= 1.0:
+            return n_max
+        first = 16
+        for _ in range(6):
+            a1 = alpha_spending(self.alpha, len(geometric_schedule(n_max, first=min(first, n_max), factor=factor)))[0]
+            need = min(n_max, max(16, int(math.log(a1) / math.log(self.target)) + 1))
+            if need == first:
+                break
+            first = need
+        return first
+
+    def thresholds(self, look: int) -> tuple[int, int]:
+        """(k_certified, k_refused) at this look: CERTIFIED iff k >= k_certified, REFUSED iff
+        k <= k_refused. The bounds are monotone in k, so one vectorised pass over k = 0..n
+        settles every count a look can see; computed once per look and test (tests are cached
+        by their parameters, `sequential_test`), so deciding a batch is integer comparisons."""
+        cached = self._thresholds.get(look)
+        if cached is None:
+            n, a = self.schedule[look], self.alphas[look]
+            k = np.arange(n + 1)
+            above = np.nonzero(lower_bounds(k, n, a) > self.target)[0]
+            below = np.nonzero(upper_bounds(k, n, a) < self.target)[0]
+            cached = self._thresholds[look] = (int(above[0]) if above.size else n + 1,
+                                               int(below[-1]) if below.size else -1)
+        return cached
+
+    def verdicts(self, look: int, k: np.ndarray) -> np.ndarray:
+        """CERTIFIED, REFUSED or CONTINUE for counts `k` of c_A after schedule[look] samples."""
+        k_cert, k_ref = self.thresholds(look)
+        k = np.asarray(k)
+        return np.where(k >= k_cert, CERTIFIED, np.where(k <= k_ref, REFUSED, CONTINUE))
+
+    def lower(self, look: int, k: np.ndarray) -> np.ndarray:
+        """The lower confidence bound on pA at this look (the one a stopped image reports)."""
+        return lower_bounds(k, self.schedule[look], self.alphas[look])
+
+    def decide(self, look: int, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(verdicts, lower bounds) for counts `k` of c_A after schedule[look] samples."""
+        return self.verdicts(look, k), self.lower(look, k)
+
+
+@functools.lru_cache(maxsize=256)
+def sequential_test(radius: float, sigma: float, n_max: int, alpha: float, first: int | None = None,
+                    factor: float = 1.5) -> SequentialTest:
+    """A `SequentialTest`, made once per set of parameters (its thresholds are then reused)."""
+    return SequentialTest(radius, sigma, n_max, alpha, first, factor)
+
+
 # ---------------------------------------------------------------------- sampling
+# The network sees Q(x + e), Q rounding every pixel to a multiple of NOISE_GRID, and the sum
+# is formed in float64 from float64 Gaussian noise (Voracek & Hein 2023: in float32, x + e
+# carries rounding artefacts that depend on x, which a base classifier can read, and then
+# Cohen et al.'s theorem no longer holds for what was sampled). The smoothed function is that
+# of h = f o Q, a fixed function of the real point x + e, to which the theorem applies; Q's
+# cells (2^-10 wide, far wider than float64's rounding of x + e) make a sample land in another
+# cell than the exact sum only with probability ~1e-11 per sample. Q(x + e) is exact in float32.
+NOISE_GRID = 2.0 ** -10
+
+
+def noisy_copies(out: torch.Tensor, x: torch.Tensor, sigma: float, generators: list[torch.Generator],
+                 work: torch.Tensor | None) -> torch.Tensor:
+    """Fill `out` (m * G, *shape) with m noisy copies of each of the G images x (G, *shape), the
+    copies of image j drawn from generators[j] in one call. With `work` (a float64 buffer
+    shaped like out): Q(x + sigma * e) computed soundly as described above; without it:
+    x + sigma * e in out's dtype (float32 sampling, the practice Voracek & Hein show can be
+    unsound). The arithmetic runs once over all G images (a few large passes, not G small ones)."""
+    g = x.shape[0]
+    m = out.shape[0] // g
+    noise = out if work is None else work
+    for j, gen in enumerate(generators):
+        torch.randn((m, *x.shape[1:]), generator=gen, out=noise[j * m:(j + 1) * m])
+    flat = noise.view(g, m, -1)
+    if work is None:
+        return torch.add(x.reshape(g, 1, -1), flat, alpha=sigma, out=flat).view_as(out)
+    # in units of the grid: round(x / grid + e * sigma / grid), integers exact in float32
+    torch.add(x.reshape(g, 1, -1).to(torch.float64) / NOISE_GRID, flat, alpha=sigma / NOISE_GRID, out=flat)
+    flat.round_()
+    return out.copy_(work).mul_(NOISE_GRID)
+
+
 class NoiseSampler:
     """Counts f's answers on noisy copies of one image.
 
-    Noise is drawn `batch_size` copies at a time into one preallocated buffer
-    (`randn(out=...)`, scaled and shifted in place) and f runs on `forward_batch` copies per
-    forward pass (default min(batch_size, 1000): on a CPU a few hundred to a thousand copies per
-    pass keep activations in cache; larger batches are slower). The noise depends only on the
-    seed, n0, n and batch_size, never on forward_batch. No Python loop per sample.
+    Noise is drawn `batch_size` copies at a time into one preallocated buffer and f runs on
+    `forward_batch` copies per forward pass (default min(batch_size, 1000): on a CPU a few
+    hundred to a thousand copies per pass keep activations in cache; larger batches are
+    slower). The noise depends only on the seed, n0, n, batch_size and `sound`, never on
+    forward_batch. No Python loop per sample. `sound` (default): `noisy_copies` with float64
+    noise and the grid (see NOISE_GRID).
     """
 
     def __init__(self, f: Classify, sigma: float, num_classes: int, batch_size: int = 1000,
-                 forward_batch: int | None = None) -> None:
+                 forward_batch: int | None = None, sound: bool = True) -> None:
         self.f, self.sigma, self.num_classes, self.batch_size = f, sigma, num_classes, batch_size
         self.forward_batch = max(1, min(batch_size, forward_batch or 1000))
-        self._buffer: torch.Tensor | None = None
+        self.sound = sound
+        self._buffers: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def _noise_buffer(self, x: torch.Tensor) -> torch.Tensor:
+    def _noise_buffers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         shape = (self.batch_size, *x.shape)
-        buf = self._buffer
-        if buf is None or buf.shape != shape or buf.dtype != x.dtype or buf.device != x.device:
-            buf = self._buffer = torch.empty(shape, dtype=x.dtype, device=x.device)
-        return buf
+        bufs = self._buffers
+        if bufs is None or bufs[0].shape != shape or bufs[0].dtype != x.dtype or bufs[0].device != x.device:
+            work = torch.empty(shape, dtype=torch.float64, device=x.device) if self.sound else None
+            bufs = self._buffers = (torch.empty(shape, dtype=x.dtype, device=x.device), work)
+        return bufs
 
     def counts(self, x: torch.Tensor, num: int, generator: torch.Generator,
                ctx: RunContext | None = None) -> torch.Tensor:
@@ -117,14 +262,13 @@ class NoiseSampler:
         counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
         remaining = num
         with torch.inference_mode():
-            buf = self._noise_buffer(x)
+            buf, work = self._noise_buffers(x)
             while remaining > 0:
                 if ctx is not None:
                     ctx.check()
                 m = min(self.batch_size, remaining)
-                noisy = buf[:m]
-                torch.randn(noisy.shape, generator=generator, out=noisy)
-                noisy.mul_(self.sigma).add_(x)
+                noisy = noisy_copies(buf[:m], x.unsqueeze(0), self.sigma, [generator],
+                                     None if work is None else work[:m])
                 for i in range(0, m, self.forward_batch):
                     labels = self.f(noisy[i:i + self.forward_batch]).argmax(1)
                     counts += torch.bincount(labels, minlength=self.num_classes)
@@ -175,55 +319,136 @@ def certify(sampler: NoiseSampler, x: torch.Tensor, n0: int, n: int, alpha: floa
 
 def certify_at_radius(sampler: NoiseSampler, x: torch.Tensor, radius: float, n0: int, n_max: int,
                       alpha: float, seed: int, ctx: RunContext | None = None,
-                      first: int = 128) -> tuple[Certificate, torch.Tensor]:
-    """Is the smoothed classifier certified at `radius`? Stops as soon as that is settled.
-
-    c_A comes from n0 selection samples as in CERTIFY. Estimation samples are drawn on a
-    geometric schedule up to n_max; at each of the K looks the Clopper-Pearson interval at that
-    look's share of alpha (`alpha_spending`) is compared with p* = Phi(radius / sigma).
-    Certified once the lower bound exceeds p*, refused once the upper bound falls below it
-    (or at n_max). By the union bound
-    over the looks, a "certified" answer is wrong with probability at most alpha, as in CERTIFY
-    with fixed n; the reported p_a_lower is valid at the same level.
-    """
-    started = time.perf_counter()
-    g = torch.Generator(device=x.device)
-    g.manual_seed(seed)
-    c_a = int(sampler.counts(x, n0, g, ctx).argmax())
-    target = float(norm.cdf(radius / sampler.sigma))
-    schedule = geometric_schedule(n_max, first=min(first, n_max))
-    spend = alpha_spending(alpha, len(schedule))
-    counts = torch.zeros(sampler.num_classes, dtype=torch.long)
-    drawn, p_lower, certified = 0, 0.0, False
-    for size, alpha_look in zip(schedule, spend):
-        counts += sampler.counts(x, size - drawn, g, ctx)
-        drawn = size
-        k = int(counts[c_a])
-        p_lower = lower_confidence_bound(k, drawn, alpha_look)
-        if p_lower > target:
-            certified = True
-            break
-        if upper_confidence_bound(k, drawn, alpha_look) < target:
-            break
-    abstained = p_lower < 0.5
-    cert = Certificate(label=ABSTAIN if abstained else c_a, abstained=abstained,
-                       radius=0.0 if abstained else radius_from(p_lower, sampler.sigma),
-                       p_a_lower=p_lower, count=int(counts[c_a]), sigma=sampler.sigma, n0=n0, n=drawn,
-                       alpha=alpha, samples=n0 + drawn, seed=seed, batch_size=sampler.batch_size,
-                       seconds=time.perf_counter() - started, target_radius=radius,
-                       certified=certified and not abstained)
+                      first: int | None = None) -> tuple[Certificate, torch.Tensor]:
+    """Is the smoothed classifier certified at `radius`? One image through
+    `certify_batch_at_radius` (which see), with the sampler's function, sigma and buffers."""
+    [(cert, counts)] = certify_batch_at_radius(
+        sampler.f, x.unsqueeze(0), sampler.sigma, radius, n0, n_max, alpha, [seed], sampler.num_classes,
+        batch_size=sampler.batch_size, forward_batch=sampler.forward_batch, sound=sampler.sound, first=first,
+        ctx=ctx)
     return cert, counts
 
 
+def _count_batch(f: Classify, xs: torch.Tensor, idx: list[int], need: int, generators: list[torch.Generator],
+                 sigma: float, num_classes: int, buffers: "_Buffers", forward_batch: int,
+                 ctx: RunContext | None) -> torch.Tensor:
+    """(len(idx), K) counts of f on `need` fresh noisy copies of each image xs[i], i in idx.
+
+    The copies of many images share each forward pass (images grouped up to the buffers'
+    rows), so the network runs at efficient batch sizes however few copies each image needs.
+    Each image's noise is one draw of `need` copies from its own generator: it depends only on
+    its seed and the schedule, never on the other images of the batch."""
+    out = torch.zeros(len(idx), num_classes, dtype=torch.long)
+    per_group = max(1, buffers.rows // need)
+    for g0 in range(0, len(idx), per_group):
+        if ctx is not None:
+            ctx.check()
+        group = idx[g0:g0 + per_group]
+        rows = len(group) * need
+        noisy, work = buffers.get(rows)
+        noisy_copies(noisy, xs[group], sigma, [generators[i] for i in group], work)
+        labels = torch.cat([f(noisy[r:r + forward_batch]).argmax(1) for r in range(0, rows, forward_batch)])
+        owner = torch.arange(len(group)).repeat_interleave(need)
+        flat = torch.bincount(owner * num_classes + labels.cpu(), minlength=len(group) * num_classes)
+        out[g0:g0 + len(group)] = flat.view(len(group), num_classes)
+    return out
+
+
+class _Buffers:
+    """Noise buffers for one batch: `rows` copies per forward group (more when one image's draw
+    alone is larger), allocated on first use and reused look after look."""
+
+    def __init__(self, shape: tuple[int, ...], rows: int, sound: bool, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.shape, self.rows, self.sound, self.device, self.dtype = shape, rows, sound, device, dtype
+        self._noisy: torch.Tensor | None = None
+        self._work: torch.Tensor | None = None
+
+    def get(self, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._noisy is None or self._noisy.shape[0] < rows:
+            self._noisy = torch.empty((rows, *self.shape), dtype=self.dtype, device=self.device)
+            self._work = torch.empty((rows, *self.shape), dtype=torch.float64, device=self.device) \
+                if self.sound else None
+        return self._noisy[:rows], None if self._work is None else self._work[:rows]
+
+
+def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius: float, n0: int, n_max: int,
+                            alpha: float, seeds: list[int], num_classes: int, *, batch_size: int = 8000,
+                            forward_batch: int = 1000, sound: bool = True, first: int | None = None,
+                            factor: float = 1.5, ctx: RunContext | None = None,
+                            ) -> list[tuple[Certificate, torch.Tensor]]:
+    """Certify every image of xs at `radius` with the `SequentialTest`, all images together.
+
+    c_A: the top class of n0 noisy selection copies (Cohen et al.), or with n0 = 0 the answer
+    of f on the clean image (a choice made without the estimation noise, so the test's
+    guarantee holds as with selection copies; one forward pass instead of n0). Then, look by
+    look, every image still undecided gets its next copies, all of them in shared forward
+    passes; an image leaves as soon as it is certified or refused. Returns per image the
+    certificate and the counts of its estimation copies.
+    """
+    started = time.perf_counter()
+    b = xs.shape[0]
+    test = sequential_test(float(radius), float(sigma), int(n_max), float(alpha), first, factor)
+    generators = []
+    for s in seeds:
+        g = torch.Generator(device=xs.device)
+        g.manual_seed(s)
+        generators.append(g)
+    buffers = _Buffers(tuple(xs.shape[1:]), batch_size, sound, xs.device, xs.dtype)
+    counts = torch.zeros(b, num_classes, dtype=torch.long)
+    lower = np.zeros(b)
+    verdict = np.full(b, CONTINUE)
+    used = np.zeros(b, dtype=np.int64)
+    with torch.inference_mode():
+        if n0 > 0:
+            c_a = _count_batch(f, xs, list(range(b)), n0, generators, sigma, num_classes, buffers,
+                               forward_batch, ctx).argmax(1)
+        else:
+            c_a = torch.cat([f(xs[r:r + forward_batch]).argmax(1) for r in range(0, b, forward_batch)]).cpu()
+        active, drawn = list(range(b)), 0
+        for look, size in enumerate(test.schedule):
+            counts[active] += _count_batch(f, xs, active, size - drawn, generators, sigma, num_classes, buffers,
+                                           forward_batch, ctx)
+            drawn = size
+            k = counts[active, c_a[active]].numpy()
+            v = test.verdicts(look, k)
+            stop = (v != CONTINUE) | (look == len(test.schedule) - 1)
+            stopped = [i for i, s in zip(active, stop) if s]
+            if stopped:
+                verdict[stopped], used[stopped] = v[stop], size
+                lower[stopped] = test.lower(look, k[stop])
+            active = [i for i, s in zip(active, stop) if not s]
+            if not active:
+                break
+    seconds = time.perf_counter() - started
+    out = []
+    for i in range(b):
+        p_lower = float(lower[i])
+        abstained = p_lower < 0.5
+        label = int(c_a[i])
+        cert = Certificate(label=ABSTAIN if abstained else label, abstained=abstained,
+                           radius=0.0 if abstained else radius_from(p_lower, sigma), p_a_lower=p_lower,
+                           count=int(counts[i, label]), sigma=sigma, n0=n0, n=int(used[i]), alpha=alpha,
+                           samples=n0 + int(used[i]), seed=seeds[i], batch_size=batch_size, seconds=seconds,
+                           target_radius=radius, certified=bool(verdict[i] == CERTIFIED) and not abstained)
+        out.append((cert, counts[i]))
+    return out
+
+
 # ---------------------------------------------------------------------- the decider
-_OPTIONS = {"sigma", "denoiser", "n", "n0", "alpha", "batch_size", "forward_batch", "optimize"}
-_REQUEST_OPTIONS = {"sigma", "n", "n0", "alpha", "radius", "seed"}
+_OPTIONS = {"sigma", "denoiser", "n", "n0", "alpha", "batch_size", "forward_batch", "optimize", "target_radius",
+            "sound"}
+_REQUEST_OPTIONS = {"sigma", "n", "n0", "alpha", "radius", "seed", "certify"}
 
 
 class SmoothingDecider(Component):
-    """Certifies each image with CERTIFY (or CERTIFY_AT with a `radius` option), or abstains.
+    """Certifies each image at a target radius (`certify_batch_at_radius`, all images of a
+    batch together), or with the full CERTIFY for the largest radius, or abstains.
 
-    Per-request options in RunContext.options: sigma, n, n0, alpha, radius, seed.
+    Per-request options in RunContext.options: sigma, n, n0, alpha, seed; radius (the target,
+    default the pipeline's `target_radius`); certify=True: the full CERTIFY (what /certify
+    asks without a radius, and /predict when the pipeline's target_radius is null). With a
+    target, n is the sequential test's budget n_max and n0 = 0 selects c_A on the clean image.
     """
 
     role = "decider"
@@ -235,8 +460,10 @@ class SmoothingDecider(Component):
                  num_classes: int, device: torch.device, forward_batch: int | None = None,
                  optimize: bool = True, input_shape: tuple[int, ...] | None = None,
                  eager_classifiers: dict[float, Classify] | None = None,
-                 eager_denoisers: dict[float, Classify] | None = None) -> None:
+                 eager_denoisers: dict[float, Classify] | None = None, target_radius: float | None = 0.5,
+                 sound: bool = True) -> None:
         self.classifiers, self.denoisers = classifiers, denoisers
+        self.target_radius, self.sound = target_radius, sound
         # the same networks before optimize_for_cpu: differentiable, for attacks on the pipeline
         self.eager_classifiers = eager_classifiers or classifiers
         self.eager_denoisers = eager_denoisers or denoisers
@@ -282,22 +509,24 @@ class SmoothingDecider(Component):
         sigma = float(opts.get("sigma", self.sigma))
         n, n0 = int(opts.get("n", self.n)), int(opts.get("n0", self.n0))
         alpha = float(opts.get("alpha", self.alpha))
-        target = opts.get("radius")
-        sampler = NoiseSampler(self.function(sigma, classify), sigma, self.num_classes, self.batch_size,
-                               self.forward_batch)
+        target = opts.get("radius", None if opts.get("certify") else self.target_radius)
+        f = self.function(sigma, classify)
         b = x.shape[0]
+        base_seed = int(opts.get("seed", ctx.seed))
+        seeds = [(base_seed + i) % 2**63 for i in range(b)]  # one recorded seed per image
+        if target is None:
+            sampler = NoiseSampler(f, sigma, self.num_classes, self.batch_size, self.forward_batch, self.sound)
+            done = [certify(sampler, x[i], n0, n, alpha, seeds[i], ctx) for i in range(b)]
+        else:
+            done = certify_batch_at_radius(f, x, sigma, float(target), n0, n, alpha, seeds, self.num_classes,
+                                           batch_size=self.batch_size, forward_batch=self.forward_batch or 1000,
+                                           sound=self.sound, ctx=ctx)
         labels = torch.full((b,), ABSTAIN, dtype=torch.long)
         confidence, radius = torch.zeros(b), torch.zeros(b)
         probs = torch.zeros(b, self.num_classes)
         abstained = torch.ones(b, dtype=torch.bool)
         certificates: list[dict[str, Any]] = []
-        base_seed = int(opts.get("seed", ctx.seed))
-        for i in range(b):
-            seed = (base_seed + i) % 2**63  # one recorded seed per image
-            if target is None:
-                cert, counts = certify(sampler, x[i], n0, n, alpha, seed, ctx)
-            else:
-                cert, counts = certify_at_radius(sampler, x[i], float(target), n0, n, alpha, seed, ctx)
+        for i, (cert, counts) in enumerate(done):
             probs[i] = counts.float() / max(int(counts.sum()), 1)
             labels[i], abstained[i] = cert.label, cert.abstained
             confidence[i], radius[i] = cert.p_a_lower, cert.radius
@@ -309,6 +538,7 @@ class SmoothingDecider(Component):
         covers = ("the bundle's DnCNN denoiser for this sigma, then the plain base classifier"
                   if self.use_denoiser else "the bundle's classifier trained with Gaussian noise at this sigma")
         return {"sigma": self.sigma, "sigmas": [float(s) for s in self.sigmas], "denoiser": self.use_denoiser,
+                "target_radius": self.target_radius, "sound_noise": self.sound, "noise_grid": NOISE_GRID,
                 "n": self.n, "n0": self.n0, "alpha": self.alpha, "batch_size": self.batch_size,
                 "forward_batch": self.forward_batch, "optimize": self.optimize, "norm": "L2", "certificate_covers": covers}
 
@@ -344,16 +574,22 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
         raise ValueError(f"sigma {sigma:g}: the bundle has {what} for sigma in {available}")
     n = int(options.get("n", _setting(env, "predict_n", 1000)))
     n0 = int(options.get("n0", _setting(env, "predict_n0", 64)))
+    target_radius = options.get("target_radius", 0.5)
+    if target_radius is not None:
+        target_radius = float(target_radius)
+        if not 0 <= target_radius <= MAX_RADIUS:
+            raise ValueError(f"target_radius must be in [0, {MAX_RADIUS:g}] or null, got {target_radius:g}")
     alpha = float(options.get("alpha", _setting(env, "alpha", 0.001)))
     batch_size = int(options.get("batch_size", _setting(env, "batch_size", 8000)))
     forward_batch = int(options.get("forward_batch", 1000))
-    if not (n >= 1 and n0 >= 1 and batch_size >= 1 and forward_batch >= 1 and 0 < alpha < 1):
-        raise ValueError("smoothing needs n >= 1, n0 >= 1, batch_size >= 1, forward_batch >= 1 and 0 < alpha < 1")
+    if not (n >= 1 and n0 >= (1 if target_radius is None else 0) and batch_size >= 1 and forward_batch >= 1 and 0 < alpha < 1):
+        raise ValueError("smoothing needs n >= 1, n0 >= 1 (0 with a target_radius), batch_size >= 1, forward_batch >= 1 and 0 < alpha < 1")
     decider = SmoothingDecider(classifiers=classifiers, denoisers=denoisers, sigma=sigma, denoiser=use_denoiser,
                                n=n, n0=n0, alpha=alpha, batch_size=batch_size,
                                num_classes=env.bundle.input_spec.num_classes, device=env.device,
                                forward_batch=forward_batch, optimize=optimize, input_shape=shape,
-                               eager_classifiers=eager_classifiers, eager_denoisers=eager_denoisers)
+                               eager_classifiers=eager_classifiers, eager_denoisers=eager_denoisers,
+                               target_radius=target_radius, sound=bool(options.get("sound", True)))
     if optimize and env.inference_classifier is not None:  # the runtime's copy: no second trace
         decider._fast[id(env.classifier)] = (env.classifier, env.inference_classifier)
     return [decider]
@@ -366,6 +602,7 @@ def _frozen(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return module
 
 
-__all__ = ["ABSTAIN", "Certificate", "NoiseSampler", "SmoothingDecider", "alpha_spending", "build",
-           "certify", "certify_at_radius", "geometric_schedule", "lower_confidence_bound", "optimize_for_cpu",
+__all__ = ["ABSTAIN", "CERTIFIED", "CONTINUE", "Certificate", "MAX_RADIUS", "NOISE_GRID", "NoiseSampler",
+           "REFUSED", "SequentialTest", "sequential_test", "SmoothingDecider", "alpha_spending", "build", "certify",
+           "certify_at_radius", "certify_batch_at_radius", "lower_bounds", "noisy_copies", "upper_bounds", "geometric_schedule", "lower_confidence_bound", "optimize_for_cpu",
            "predict_from_counts", "radius_from", "upper_confidence_bound"]
