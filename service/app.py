@@ -45,9 +45,9 @@ class InflightMiddleware:
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
                store: Store | None = None) -> FastAPI:
     """Build the app. Without arguments, settings come from SHIELDSERVE_CONFIG and the
-    environment (how each of `--workers N`'s processes builds its app), and logging is set up
-    as `shieldserve serve` sets it up: a worker is a fresh process, and without it the access
-    log and every other info line of the workers were lost."""
+    environment and logging is set up as `shieldserve serve` sets it up. Nothing process-wide
+    (torch's thread count) is set here: `--workers N`'s processes start through
+    service.server.worker_app, which sets that once per process and then calls this."""
     if settings is None:
         settings = load_settings()
         configure_logging(settings.log_level, settings.json_logs)
