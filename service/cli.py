@@ -101,6 +101,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from service.export import ExportRefused, export
+
+    try:
+        p = export(args.bundle, args.pipeline, args.out, config=args.config)
+    except ExportRefused as exc:
+        print(f"export refused: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(args.out), "pipeline": p.pipeline, "input": "[0, 1] NCHW float32",
+                      "output": "logits", "parts": p.parts, "left_out": p.left_out}, indent=2))
+    for item in p.left_out:
+        print(f"left out: {item}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shieldserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -167,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate pipelines side by side in this many processes (the oblivious attacks run once)")
     e.add_argument("--config", help="service YAML merged over the packaged configuration")
     e.set_defaults(func=_evaluate, argv=None)
+
+    x = sub.add_parser("export", help="a pipeline's deterministic, differentiable part as TorchScript "
+                                      "([0, 1] NCHW in, logits out), for your own evaluation tools")
+    x.add_argument("--bundle", default="models/default")
+    x.add_argument("--pipeline", required=True)
+    x.add_argument("--out", required=True, help="TorchScript file to write")
+    x.add_argument("--config", help="service YAML merged over the packaged configuration")
+    x.set_defaults(func=_export)
     return p
 
 
