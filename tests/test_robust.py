@@ -158,3 +158,42 @@ def test_export_refuses_a_pipeline_without_exact_gradients(quick_bundle: Path, t
     out = tmp_path / "x.pt"
     assert main(["export", "--bundle", str(quick_bundle), "--pipeline", pipeline, "--out", str(out)]) == 2
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- AutoAttack
+@pytest.mark.parametrize("norm,eps", [("linf", 0.3), ("l2", 2.0)])
+def test_autoattack_stays_in_the_ball_and_counts_the_worst_case(quick_bundle: Path, mnist, norm: str, eps: float) -> None:
+    from models.bundle import Bundle
+    from service.evaluation.autoattack import AutoAttackBudget, apgd, autoattack
+
+    model = Bundle.load(quick_bundle).classifier()
+    t = mnist.test.per_class(1)
+    x, y = t.x, t.y
+    for target in (None, (y + 1) % 10):
+        adv = apgd(model, x, y, eps, norm=norm, iters=5, target=target, generator=torch.Generator().manual_seed(0))
+        d = (adv - x).flatten(1)
+        assert (d.abs().max(1).values if norm == "linf" else d.norm(dim=1)).max() <= eps + 1e-5
+        assert adv.min() >= 0 and adv.max() <= 1
+    adv, log = autoattack(model, x, y, eps, norm=norm, budget=AutoAttackBudget(apgd_iters=5, targets=2, square_queries=5))
+    after = list(log["after"].values())
+    assert after == sorted(after, reverse=True) and after[0] <= log["clean_accuracy"]  # each part only adds
+    with torch.no_grad():
+        still = model(adv).argmax(1) == y
+    assert float(still.float().mean()) == pytest.approx(after[-1])  # the count is what the returned batch gives
+
+
+def test_evaluate_autoattack_section(quick_bundle: Path, tmp_path: Path) -> None:
+    from service.cli import main
+
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline,robust,magnet", "--limit", "6",
+               "--out", str(out), "--sections", "autoattack", "--autoattack-limit", "robust=4", "--autoattack-budget",
+               "apgd_iters=3,targets=1,square_queries=3,pgd_steps=2,pgd_restarts=2", "--threads", "0"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = report["pipelines"]["robust"]["attacks"]
+    assert {"autoattack/autoattack_linf_0.3", "autoattack/autoattack_l2_2", "autoattack/pgd2x2_linf_0.3"} <= set(rows)
+    assert rows["autoattack/autoattack_linf_0.3"]["n"] == 4
+    assert "autoattack_note" in report["pipelines"]["magnet"]  # detectors: not the standard version's job
+    md = (out / "report.md").read_text()
+    assert "AutoAttack L-inf 0.3" in md
