@@ -132,7 +132,7 @@ class Classifier(nn.Module):
 
 
 # defenses whose artifacts and calibration `shieldserve train` writes into a bundle section
-TRAINED_DEFENSES = ("magnet", "neuralfp", "squeeze", "defensegan", "rmc", "smoothing")
+TRAINED_DEFENSES = ("magnet", "neuralfp", "squeeze", "defensegan", "rmc", "smoothing", "robust")
 
 
 def defense_key(entry: Any) -> str:

@@ -37,6 +37,7 @@ STEPS: list[tuple[str, str]] = [
     ("defensegan", "models.recipes.defensegan"),
     ("rmc", "models.recipes.rmc"),
     ("smoothing", "models.recipes.smoothing"),
+    ("robust", "models.recipes.robust"),
 ]
 
 

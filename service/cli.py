@@ -118,7 +118,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                      certify_limit=_pairs(args.certify_limit), blackbox_limit=_pairs(args.blackbox_limit),
                      blackbox_default_limit=args.blackbox_digits, url=args.url, doc=args.doc,
                      adaptive_limit=_pairs(args.adaptive_limit), adaptive_sweep=args.adaptive_sweep, certify_n_for=_pairs(args.certify_n_for), seed=args.seed, config=args.config,
-                     jobs=args.jobs, threads=args.threads,
+                     jobs=args.jobs, threads=args.threads, autoattack_limit=_pairs(args.autoattack_limit),
+                     autoattack_norms=tuple(args.autoattack_norms.split(",")),
+                     autoattack_budget=_pairs(args.autoattack_budget),
                      command="shieldserve evaluate " + " ".join(sys.argv[2:] if args.argv is None else args.argv))
     os.makedirs(args.out, exist_ok=True)
     report = evaluate(cfg)
@@ -127,6 +129,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     for name, error in failed.items():
         print(f"pipeline {name} FAILED (its sections are missing from the report): {error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from service.export import ExportRefused, export
+
+    try:
+        p = export(args.bundle, args.pipeline, args.out, config=args.config)
+    except ExportRefused as exc:
+        print(f"export refused: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(args.out), "pipeline": p.pipeline, "input": "[0, 1] NCHW float32",
+                      "output": "logits", "parts": p.parts, "left_out": p.left_out}, indent=2))
+    for item in p.left_out:
+        print(f"left out: {item}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,8 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipelines (comma-separated or repeated; default: every configured one)")
     e.add_argument("--limit", type=int, default=100, help="test digits, stratified by class")
     e.add_argument("--pipeline-limit", action="append", metavar="NAME=N", help="fewer digits for a costly pipeline")
-    e.add_argument("--sections", help="comma-separated: oblivious,graybox,adaptive,blackbox,certify (default: all)")
-    e.add_argument("--attacks", help="keep only these: pgd,apgd,cw,bpda,gmsa,square,hsj")
+    e.add_argument("--sections", help="comma-separated: oblivious,graybox,adaptive,blackbox,certify (default: all), "
+                                      "and autoattack (only when named)")
+    e.add_argument("--attacks", help="keep only these: pgd,apgd,cw,bpda,gmsa,square,hsj,autoattack")
+    e.add_argument("--autoattack-limit", action="append", metavar="NAME=N", help="digits for a pipeline's AutoAttack")
+    e.add_argument("--autoattack-budget", action="append", metavar="KEY=N",
+                   help="AutoAttack budget overrides: apgd_iters, targets, square_queries, pgd_steps, pgd_restarts "
+                        "(default: the standard version's 100, 9, 5000, and PGD 100 x 10)")
+    e.add_argument("--autoattack-norms", default="linf,l2",
+                   help="AutoAttack threat models: linf (at the L-inf eps), l2 (at the largest L2 eps)")
     e.add_argument("--smoothing-n", action="append", metavar="NAME=N",
                    help="PREDICT samples per digit for a smoothing pipeline (default: the service's)")
     e.add_argument("--certify-n", type=int, default=10_000, help="CERTIFY samples per digit")
@@ -212,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate pipelines side by side in this many processes (the oblivious attacks run once)")
     e.add_argument("--config", help="service YAML merged over the packaged configuration")
     e.set_defaults(func=_evaluate, argv=None)
+
+    x = sub.add_parser("export", help="a pipeline's deterministic, differentiable part as TorchScript "
+                                      "([0, 1] NCHW in, logits out), for your own evaluation tools")
+    x.add_argument("--bundle", default="models/default")
+    x.add_argument("--pipeline", required=True)
+    x.add_argument("--out", required=True, help="TorchScript file to write")
+    x.add_argument("--config", help="service YAML merged over the packaged configuration")
+    x.set_defaults(func=_export)
     return p
 
 

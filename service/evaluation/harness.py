@@ -30,6 +30,7 @@ log = logging.getLogger("shieldserve.evaluate")
 
 SMOOTHING_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 ALL_SECTIONS = ("oblivious", "graybox", "adaptive", "blackbox", "certify")
+OPTIONAL_SECTIONS = ("autoattack",)  # costly: run only when asked (--sections / --attacks autoattack)
 
 
 @dataclass
@@ -61,6 +62,9 @@ class EvalConfig:
     command: str = ""
     jobs: int = 1                               # pipelines evaluated side by side in this many processes
     threads: int = 1                            # torch threads per process
+    autoattack_limit: dict[str, int] = field(default_factory=dict)  # digits for a pipeline's AutoAttack
+    autoattack_norms: tuple[str, ...] = ("linf", "l2")              # at budget.linf_eps and max(budget.l2_eps)
+    autoattack_budget: dict[str, int] = field(default_factory=dict)  # AutoAttackBudget overrides (default: standard)
 
     def n_for(self, name: str) -> int:
         return min(self.limit, self.pipeline_limit.get(name, self.limit))
@@ -250,6 +254,10 @@ class Evaluation:
             self.adaptive(name, a, x, y, lambda *args, **kw: record(*args, **kw, digits=ka), cheap)
         x, y = self.x[:n], self.y[:n]
 
+        # -------- AutoAttack (standard version) and PGD with restarts, on the white-box model
+        if "autoattack" in cfg.sections or (cfg.attacks is not None and "autoattack" in cfg.attacks):
+            self.autoattack(name, a, record)
+
         # -------- black-box: /predict answers only, query budget
         if "blackbox" in cfg.sections:
             self.blackbox(name, x, y, record)
@@ -308,6 +316,36 @@ class Evaluation:
             t = time.perf_counter()
             adv = art_attack(kind, model, x, y, budget=b, seed=cfg.seed, batch_size=cfg.batch, **kw)
             record("adaptive", label, adv, time.perf_counter() - t)
+
+    def autoattack(self, name: str, a: targets.Anatomy, record: Any) -> None:
+        from service.evaluation import autoattack as aa
+
+        cfg, b = self.cfg, self.cfg.budget
+        rep = self.report["pipelines"][name]
+        if a.rmc is not None or a.smoothing is not None or a.detectors or \
+                any(p.defense == "defensegan" for p in a.purifiers):
+            rep["autoattack_note"] = ("not run: the standard AutoAttack needs a deterministic pipeline without "
+                                      "detectors; its rand (EOT) and detector-aware versions are not implemented")
+            return
+        n = cfg.n_for(name)
+        k = min(n, cfg.autoattack_limit.get(name, n))
+        x, y = self.x[:k], self.y[:k]
+        model = adaptive.adaptive_model(a, seed=cfg.seed)  # purifiers with exact gradients, then the labeler
+        budget = aa.AutoAttackBudget(**cfg.autoattack_budget)
+        rep["autoattack_digits"] = k
+        for norm in cfg.autoattack_norms:
+            eps = b.linf_eps if norm == "linf" else max(b.l2_eps)
+            with _bar(k, f"{name}: AutoAttack {norm} {eps:g}") as bar:
+                t = time.perf_counter()
+                adv, log_ = aa.autoattack(model, x, y, eps, norm=norm, budget=budget, seed=cfg.seed,
+                                          batch_size=cfg.batch, bar=bar)
+            record("autoattack", f"autoattack_{norm}_{eps:g}", adv, time.perf_counter() - t,
+                   extra={"autoattack": log_, "budget": budget.__dict__}, digits=k)
+            t = time.perf_counter()
+            adv = aa.pgd_restarts(model, x, y, eps, norm=norm, steps=budget.pgd_steps, restarts=budget.pgd_restarts,
+                                  seed=cfg.seed, batch_size=cfg.batch)
+            record("autoattack", f"pgd{budget.pgd_steps}x{budget.pgd_restarts}_{norm}_{eps:g}", adv,
+                   time.perf_counter() - t, digits=k)
 
     def blackbox(self, name: str, x: torch.Tensor, y: torch.Tensor, record: Any) -> None:
         cfg, b = self.cfg, self.cfg.budget

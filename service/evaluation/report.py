@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("oblivious", "graybox", "adaptive", "blackbox")
+SECTIONS = ("oblivious", "graybox", "adaptive", "autoattack", "blackbox")
 TITLES = {
     "oblivious": "Oblivious: adversarial digits computed on the base classifier only",
     "graybox": "Gray-box: computed on the labeling network, without the defense's secrets, detectors or noise",
     "adaptive": "Adaptive white-box: BPDA, EOT, detector-aware losses, GMSA",
+    "autoattack": ("AutoAttack (standard version without FAB-T: APGD-CE, APGD-T with 9 targets, Square 5,000 "
+                   "queries; worst case per digit) and PGD-100 with 10 restarts, on the white-box model"),
     "blackbox": "Black-box: /predict answers only (status, label, confidence), with a query budget per digit",
 }
 
@@ -51,15 +53,18 @@ def headline(report: dict[str, Any]) -> list[list[Any]]:
         cert = rep.get("certified", {}).get("accuracy", {})
         auc = obl.get("detection_auc")
         wall, wall_name = worst(rep)
+        aa = rep["attacks"].get(f"autoattack/autoattack_linf_{eps:g}")
         rows.append([name if "seconds" in rep else f"{name} (partial)", rep["digits"], rep["clean"]["accuracy"], rep["clean"]["false_rejection_rate"],
-                     obl.get("robust_accuracy"), f"{_f(wa)} ({wa_name})" if wa is not None else "-",
+                     obl.get("robust_accuracy"),
+                     f"{_f(aa['robust_accuracy'])} ({aa['n']} digits)" if aa else "-",
+                     f"{_f(wa)} ({wa_name})" if wa is not None else "-",
                      f"{_f(wb)} ({wb_name})" if wb is not None else "-",
                      f"{_f(wall)} ({wall_name})" if wall is not None else "-",
                      auc, cert.get("0.5"), rep["clean"]["seconds_per_image"]])
     return rows
 
 
-HEADLINE_HEADER = ["pipeline", "digits", "clean acc", "clean FRR", "oblivious PGD L-inf 0.3",
+HEADLINE_HEADER = ["pipeline", "digits", "clean acc", "clean FRR", "oblivious PGD L-inf 0.3", "AutoAttack L-inf 0.3",
                    "adaptive (worst attack)", "black-box (worst)", "worst of all attacks", "detection AUC (obliv. PGD)",
                    "certified acc @ L2 0.5", "s/img (clean)"]
 
@@ -225,6 +230,8 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                     extra = (f"{r['mode']}, budget {r['query_budget']}, used mean {r['queries_used_mean']} "
                              f"/ max {r['queries_used_max']}, found any {_f(r['found_any_adversarial'])}, "
                              f"median {r['norm']} {_f(r['median_distance_found'])}")
+                elif "autoattack" in r:
+                    extra = "robust after " + ", ".join(f"{k} {_f(v)}" for k, v in r["autoattack"]["after"].items())
                 elif "gmsa" in r:
                     extra = ", ".join(f"{k} {v}" for k, v in r["gmsa"].items())
                 rows.append([name, key.split("/", 1)[1], r["n"], r["robust_accuracy"], r["attack_success"],
@@ -235,6 +242,9 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         out += [f"## {TITLES[section]}", ""]
         if section == "graybox":
             notes = [f"- `{n}`: {rep['graybox_note']}" for n, rep in report["pipelines"].items() if rep.get("graybox_note")]
+            out += notes + ([""] if notes else [])
+        if section == "autoattack":
+            notes = [f"- `{n}`: {rep['autoattack_note']}" for n, rep in report["pipelines"].items() if rep.get("autoattack_note")]
             out += notes + ([""] if notes else [])
         if section == "adaptive":
             notes = [f"- `{n}`: {rep['adaptive_model']}" for n, rep in report["pipelines"].items() if rep.get("adaptive_model")]

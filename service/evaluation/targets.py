@@ -114,7 +114,7 @@ def anatomy(pipe: Pipeline) -> Anatomy:
     adapter = one(pipe, "adapter")
     labeler: Any = pipe.classifier
     rmc = None
-    if adapter is not None and adapter.defense == "neuralfp":
+    if adapter is not None and adapter.defense in ("neuralfp", "robust"):
         labeler = adapter.network  # type: ignore[attr-defined]
     elif adapter is not None and adapter.defense == "rmc":
         rmc = adapter

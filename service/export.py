@@ -1,0 +1,129 @@
+"""`shieldserve export`: a pipeline's deterministic, differentiable part as a TorchScript file.
+
+The exported module takes pixels in [0, 1], shape (B, C, H, W), and returns logits (B, K):
+the pipeline's purifiers with exact gradients (MagNet's reformer, clamped to [0, 1] as served),
+then the network whose logits decide (the base classifier, or the one an adapter hands over:
+`robust`, `neuralfp`, Defense-GAN-Rec). Users attack it with their own tools (AutoAttack,
+RobustBench-style scripts) without reimplementing our code.
+
+What is left out is said, never hidden: detectors (their rejections are not in the logits) and
+smoothing's noise and vote (the export is the base function f the service smooths, not the
+smoothed classifier g). A pipeline whose answer depends on a step without exact gradients
+(Defense-GAN's projection: an optimisation over z; RMC: per-image fine-tuning) is refused:
+exporting its classifier alone would not compute the pipeline's labels even on clean digits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.pipeline import Pipeline
+
+INFO_FILE = "shieldserve.json"  # the description stored inside the TorchScript file (extra files)
+
+
+class ExportRefused(ValueError):
+    """The pipeline has no deterministic, differentiable part that answers like it."""
+
+
+class _Clamp01(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0.0, 1.0)
+
+
+@dataclass
+class ExportPlan:
+    pipeline: str
+    model: nn.Module
+    parts: list[str]
+    left_out: list[str] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        """True when the exported logits give the pipeline's accepted labels exactly."""
+        return not self.left_out
+
+
+def plan(pipe: Pipeline) -> ExportPlan:
+    """Which components go into the export, which are left out, or why none can be."""
+    stages: list[nn.Module] = []
+    parts: list[str] = []
+    left_out: list[str] = []
+    labeler: Any = pipe.classifier
+    labeler_name = "classifier"
+    roles = [c.role for c in pipe.components]
+    decider_at = roles.index("decider") if "decider" in roles else len(roles)
+    for c in pipe.components[:decider_at]:
+        if c.role == "detector":
+            left_out.append(f"{c.defense} detector: its rejections are not part of the logits")
+        elif c.role == "purifier" and c.defense == "magnet":
+            stages += [c.autoencoder, _Clamp01()]  # type: ignore[attr-defined]
+            parts.append(f"magnet reformer ({getattr(c, 'name', 'autoencoder')})")
+        elif c.role == "purifier":
+            raise ExportRefused(f"pipeline {pipe.name!r}: the {c.defense} purifier has no exact gradient (an "
+                                f"optimisation, not a network), so no TorchScript module computes this pipeline's "
+                                f"labels; attack it with `shieldserve evaluate` (BPDA) instead")
+        elif c.role == "adapter" and isinstance(getattr(c, "network", None), nn.Module):
+            labeler = c.network  # type: ignore[attr-defined]
+            labeler_name = getattr(c, "artifact", None) or f"{c.defense} classifier"
+        elif c.role == "adapter":
+            raise ExportRefused(f"pipeline {pipe.name!r}: the {c.defense} adapter changes the classifier per "
+                                f"request (e.g. RMC's fine-tuning), so there is no fixed network to export")
+    decider = pipe.components[decider_at] if decider_at < len(roles) else None
+    if decider is not None and decider.defense == "smoothing":
+        s: Any = decider
+        if s.use_denoiser:
+            denoiser = s.eager_denoisers[s.sigma]
+            if not isinstance(denoiser, nn.Module):
+                raise ExportRefused(f"pipeline {pipe.name!r}: its denoiser is not a torch module")
+            stages.append(denoiser)
+            parts.append(f"smoothing denoiser (sigma {s.sigma:g})")
+        else:
+            labeler = s.eager_classifiers[s.sigma]
+            labeler_name = f"smoothing base classifier (sigma {s.sigma:g})"
+        left_out.append(f"smoothing noise and vote (sigma {s.sigma:g}): this is the base classifier f the service "
+                        f"smooths, not the smoothed classifier g; its labels are f's, and the certificate is g's")
+    elif decider is not None:
+        raise ExportRefused(f"pipeline {pipe.name!r}: its {decider.defense} decision is not an argmax of logits")
+    if not isinstance(labeler, nn.Module):
+        raise ExportRefused(f"pipeline {pipe.name!r}: its classifier is not a torch module")
+    parts.append(labeler_name)
+    return ExportPlan(pipe.name, nn.Sequential(*stages, labeler).eval(), parts, left_out)
+
+
+def export(bundle: str | Path, pipeline: str, out: str | Path, config: str | None = None) -> ExportPlan:
+    """Write `pipeline`'s deterministic, differentiable part to `out` as TorchScript (traced on
+    a [0, 1] batch, then checked against the eager modules on random digits)."""
+    from models.bundle import Bundle
+    from service.evaluation.targets import load_pipelines
+
+    _, pipes = load_pipelines(bundle, [pipeline], config)
+    p = plan(pipes[pipeline])
+    spec = Bundle.load(bundle, verify=False).input_spec
+    g = torch.Generator().manual_seed(0)
+    probe = torch.rand((8, *spec.shape), generator=g)
+    with torch.no_grad():
+        traced = torch.jit.trace(p.model, probe, check_trace=False)
+        check = torch.rand((5, *spec.shape), generator=g)
+        if not torch.allclose(traced(check), p.model(check), atol=1e-4, rtol=1e-4):
+            raise ExportRefused(f"pipeline {pipeline!r}: the traced module differs from the eager one")
+    info = {"pipeline": pipeline, "bundle_version": Bundle.load(bundle, verify=False).version,
+            "input": {"shape": ["B", *spec.shape], "range": [0.0, 1.0], "dtype": "float32"},
+            "output": "logits", "class_names": list(spec.class_names), "parts": p.parts,
+            "left_out": p.left_out, "exact": p.exact}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(traced, str(out), _extra_files={INFO_FILE: json.dumps(info, indent=1)})
+    return p
+
+
+def load_info(path: str | Path) -> dict[str, Any]:
+    """The description an exported file carries (pipeline, parts, what was left out)."""
+    files = {INFO_FILE: ""}
+    torch.jit.load(str(path), _extra_files=files)
+    return json.loads(files[INFO_FILE])

@@ -1,0 +1,199 @@
+"""Adversarial training recipes, the `robust` pipeline, and `shieldserve export`.
+
+Training runs here are tiny (a few hundred digits, one or two epochs): they check the
+mechanisms (every method runs, checkpoints resume to the same weights, a collapse stops
+training and restores the best epoch), never what a real run reaches.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.datasets import Dataset, Split
+from models.recipes import robust
+from tests.conftest import png
+
+
+@pytest.fixture(scope="module")
+def small(mnist) -> Dataset:
+    return Dataset("small", Split(mnist.train.x[:300], mnist.train.y[:300]), mnist.val.per_class(3),
+                   mnist.test.per_class(3), mnist.class_names)
+
+
+def _tiny(**overrides) -> robust.RobustRecipe:
+    base = dict(width=4, hidden=16, epochs=2, batch_size=100, eps_warmup_epochs=1, val_digits=20,
+                val_pgd_steps=2, pgd_steps=2, checkpoint=False)
+    return robust.recipe("quick", **{**base, **overrides})
+
+
+@pytest.mark.parametrize("method", robust.METHODS)
+def test_every_method_trains_and_reports(small: Dataset, method: str) -> None:
+    net, spec, metrics = robust.train_robust(small, _tiny(method=method, epochs=1), seed=0)
+    assert spec["name"] == "mnist_cnn"
+    assert metrics["method"] == method and metrics["epochs_run"] == 1 and metrics["finished"]
+    assert 0.0 <= metrics["val_pgd2_accuracy"] <= 1.0 and 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert len(metrics["history"]) == 1
+    out = net(small.test.x)
+    assert out.shape == (len(small.test), 10) and torch.isfinite(out).all()
+
+
+def test_unknown_method_is_refused() -> None:
+    with pytest.raises(ValueError, match="method"):
+        robust.recipe("quick", method="free")
+
+
+def test_checkpoint_resumes_to_the_uninterrupted_weights(small: Dataset, tmp_path: Path) -> None:
+    r = _tiny()
+    full, _, full_metrics = robust.train_robust(small, r, seed=3)
+    ckpt = tmp_path / "checkpoint.safetensors"
+    _, _, first = robust.train_robust(small, r, seed=3, checkpoint=ckpt, stop_after=1)
+    assert first["epochs_run"] == 1 and not first["finished"]
+    # a safetensors file (8-byte header length, JSON header), never a pickle
+    raw = ckpt.read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert "model.out.weight" in header and json.loads(header["__metadata__"]["state"])["epoch"] == 1
+    resumed, _, metrics = robust.train_robust(small, r, seed=3, checkpoint=ckpt)
+    assert metrics["resumed_from_epoch"] == 1 and metrics["epochs_run"] == 2 and metrics["finished"]
+    assert metrics["history"] == full_metrics["history"]
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_catastrophic_overfitting_stops_and_restores_the_best_epoch(small: Dataset, monkeypatch) -> None:
+    scripted = iter([0.5, 0.6, 0.1, 0.6])  # epoch 3 collapses (0.5 below the best, 0.6)
+    monkeypatch.setattr(robust, "pgd_accuracy", lambda *a, **k: next(scripted))
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(net: torch.nn.Module, epoch: int) -> None:
+        seen[epoch] = {k: v.clone() for k, v in net.state_dict().items()}
+
+    net, _, metrics = robust.train_robust(small, _tiny(epochs=4, collapse_drop=0.3), seed=0, after_epoch=keep)
+    assert metrics["catastrophic_overfitting_at_epoch"] == 3 and metrics["epochs_run"] == 3
+    assert metrics["best_epoch"] == 2 and metrics["val_pgd2_accuracy"] == 0.6
+    assert sorted(seen) == [0, 1, 2]  # epoch 4 never ran
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, seen[1][k]), k
+
+
+def test_a_small_dip_is_not_a_collapse() -> None:
+    assert robust.collapsed(0.8, 0.55, 0.2) and not robust.collapsed(0.8, 0.7, 0.2)
+
+
+# --------------------------------------------------------------------------- serving and export
+def test_robust_pipeline_serves_the_adversarially_trained_network(make_client, quick_bundle: Path, mnist) -> None:
+    from models.bundle import Bundle
+
+    client = make_client()
+    info = {p["name"]: p for p in client.get("/pipelines").json()["pipelines"]}
+    assert info["robust"]["defenses"][0]["settings"]["classifier"] == "robust_classifier"
+    x = mnist.test.x[:6]
+    r = client.post("/predict?pipeline=robust", files=[("file", (f"{i}.png", png(x[i]), "image/png"))
+                                                         for i in range(len(x))])
+    assert r.status_code == 200, r.text
+    labels = [res["label"] for res in r.json()["results"]]
+    net = Bundle.load(quick_bundle).classifier(artifact="robust_classifier")
+    served_x = torch.stack([_roundtrip(x[i]) for i in range(len(x))])
+    assert labels == net(served_x).argmax(1).tolist()
+
+
+def _roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """The pixels the service sees for png(x): 8-bit, as the decoder divides them."""
+    return (x.clamp(0, 1) * 255.0).round() / 255.0
+
+
+def test_a_bundle_without_the_robust_classifier_says_how_to_add_it(quick_bundle: Path, tmp_path: Path) -> None:
+    from service.defenses import build_defense
+    from tests.conftest import defense_env
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(quick_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["defenses"].pop("robust", None)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="--steps robust"):
+        build_defense("robust", {}, defense_env(copy))
+
+
+@pytest.mark.parametrize("pipeline", ["baseline", "robust", "magnet", "neuralfp"])
+def test_export_gives_the_served_labels(make_client, quick_bundle: Path, mnist, tmp_path: Path, pipeline: str) -> None:
+    from service.export import export, load_info
+
+    out = tmp_path / f"{pipeline}.pt"
+    plan = export(quick_bundle, pipeline, out)
+    model = torch.jit.load(str(out))
+    info = load_info(out)
+    assert info["pipeline"] == pipeline and info["input"]["range"] == [0.0, 1.0]
+    assert bool(info["left_out"]) == (pipeline in ("magnet", "neuralfp")) == (not plan.exact)
+    x = torch.cat([mnist.test.per_class(2).x, torch.rand(4, 1, 28, 28)])  # digits and noise
+    client = make_client()
+    r = client.post(f"/predict?pipeline={pipeline}", files=[("file", (f"{i}.png", png(x[i]), "image/png"))
+                                                             for i in range(len(x))])
+    assert r.status_code == 200, r.text
+    with torch.no_grad():
+        exported = model(_roundtrip(x)).argmax(1).tolist()
+    accepted = [(res["label"], exported[i]) for i, res in enumerate(r.json()["results"]) if res["status"] == "accepted"]
+    assert accepted and all(a == b for a, b in accepted)
+    # gradients reach the input: the file is usable by gradient-based attacks
+    z = _roundtrip(x[:2]).requires_grad_(True)
+    model(z).sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_export_of_a_smoothing_pipeline_says_what_is_left_out(quick_bundle: Path, tmp_path: Path) -> None:
+    from service.export import export
+
+    plan = export(quick_bundle, "default", tmp_path / "default.pt")
+    assert any("smoothing noise" in s for s in plan.left_out) and any("magnet detector" in s for s in plan.left_out)
+
+
+@pytest.mark.parametrize("pipeline", ["defensegan", "rmc"])
+def test_export_refuses_a_pipeline_without_exact_gradients(quick_bundle: Path, tmp_path: Path, pipeline: str) -> None:
+    from service.cli import main
+
+    out = tmp_path / "x.pt"
+    assert main(["export", "--bundle", str(quick_bundle), "--pipeline", pipeline, "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- AutoAttack
+@pytest.mark.parametrize("norm,eps", [("linf", 0.3), ("l2", 2.0)])
+def test_autoattack_stays_in_the_ball_and_counts_the_worst_case(quick_bundle: Path, mnist, norm: str, eps: float) -> None:
+    from models.bundle import Bundle
+    from service.evaluation.autoattack import AutoAttackBudget, apgd, autoattack
+
+    model = Bundle.load(quick_bundle).classifier()
+    t = mnist.test.per_class(1)
+    x, y = t.x, t.y
+    for target in (None, (y + 1) % 10):
+        adv = apgd(model, x, y, eps, norm=norm, iters=5, target=target, generator=torch.Generator().manual_seed(0))
+        d = (adv - x).flatten(1)
+        assert (d.abs().max(1).values if norm == "linf" else d.norm(dim=1)).max() <= eps + 1e-5
+        assert adv.min() >= 0 and adv.max() <= 1
+    adv, log = autoattack(model, x, y, eps, norm=norm, budget=AutoAttackBudget(apgd_iters=5, targets=2, square_queries=5))
+    after = list(log["after"].values())
+    assert after == sorted(after, reverse=True) and after[0] <= log["clean_accuracy"]  # each part only adds
+    with torch.no_grad():
+        still = model(adv).argmax(1) == y
+    assert float(still.float().mean()) == pytest.approx(after[-1])  # the count is what the returned batch gives
+
+
+def test_evaluate_autoattack_section(quick_bundle: Path, tmp_path: Path) -> None:
+    from service.cli import main
+
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline,robust,magnet", "--limit", "6",
+               "--out", str(out), "--sections", "autoattack", "--autoattack-limit", "robust=4", "--autoattack-budget",
+               "apgd_iters=3,targets=1,square_queries=3,pgd_steps=2,pgd_restarts=2", "--threads", "0"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = report["pipelines"]["robust"]["attacks"]
+    assert {"autoattack/autoattack_linf_0.3", "autoattack/autoattack_l2_2", "autoattack/pgd2x2_linf_0.3"} <= set(rows)
+    assert rows["autoattack/autoattack_linf_0.3"]["n"] == 4
+    assert "autoattack_note" in report["pipelines"]["magnet"]  # detectors: not the standard version's job
+    md = (out / "report.md").read_text()
+    assert "AutoAttack L-inf 0.3" in md
