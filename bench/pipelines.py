@@ -57,7 +57,7 @@ GOALS = {"default": 1.6, "smoothing": 1.6, "denoised": 1.6, "rmc": 1.6, "defense
 class Server:
     """`python -m service serve` from `tree`, on `bundle`, with that tree's default settings."""
 
-    def __init__(self, name: str, tree: Path, bundle: Path, logdir: Path) -> None:
+    def __init__(self, name: str, tree: Path, bundle: Path, logdir: Path, torch_threads: int = 0) -> None:
         self.name = name
         from serving import _free_port
 
@@ -66,6 +66,8 @@ class Server:
                if not k.startswith("SHIELDSERVE_") and k not in ("OMP_NUM_THREADS", "PYTHONPATH")}
         env.update({"SHIELDSERVE_BUNDLE": str(bundle), "SHIELDSERVE_LOG_LEVEL": "warning",
                     "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"})
+        if torch_threads:  # both sides the same count (0: each side's own default)
+            env["SHIELDSERVE_TORCH_THREADS"] = str(torch_threads)
         self.log_path = logdir / f"server-{name}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--host", HOST, "--port",
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,8")
     p.add_argument("--repeats", type=int, default=1, help="old/new pairs per pipeline and client count")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every warm-up and window")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch_threads of both servers (0: each side's default)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     pipelines = args.pipelines.split(",")
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         requests_file = workdir / "requests.pkl"
         requests_file.write_bytes(pickle.dumps(requests_for(pipelines, 64)))
         old = old_tree(args, workdir)
-        servers = {"old": Server("old", old, bundle, workdir), "new": Server("new", common.REPO_ROOT, bundle, workdir)}
+        servers = {"old": Server("old", old, bundle, workdir, args.torch_threads),
+                   "new": Server("new", common.REPO_ROOT, bundle, workdir, args.torch_threads)}
         try:
             for s in servers.values():
                 s.wait_ready()

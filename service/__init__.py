@@ -1,3 +1,3 @@
 """shieldserve: an image classifier served behind runtime adversarial defenses."""
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"

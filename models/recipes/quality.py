@@ -33,13 +33,16 @@ GATED: dict[str, list[Any]] = {
     "squeeze": ["squeeze"],
     "defensegan": [{"defense": "defensegan", "projection": "default"}],
     "rmc": [{"defense": "rmc", "mode": "isolated"}],
-    "smoothing": [{"defense": "smoothing", "sigma": 0.25}],
-    "smoothing:denoised": [{"defense": "smoothing", "sigma": 0.25, "denoiser": True}],
+    # as the packaged config serves them: sigma 0.5 certified at r = 0.5 (`smoothing`, `default`),
+    # the denoiser at sigma 0.25
+    "smoothing": [{"defense": "smoothing", "sigma": 0.5, "target_radius": 0.5}],
+    "smoothing:denoised": [{"defense": "smoothing", "sigma": 0.25, "denoiser": True, "target_radius": 0.5}],
+    "robust": ["robust"],
 }
 # the build step -> the defense keys it makes
 STEP_KEYS: dict[str, list[str]] = {
     "magnet": ["magnet", "magnet:reformer"], "neuralfp": ["neuralfp"], "squeeze": ["squeeze"], "defensegan": ["defensegan"],
-    "rmc": ["rmc"], "smoothing": ["smoothing", "smoothing:denoised"],
+    "rmc": ["rmc"], "smoothing": ["smoothing", "smoothing:denoised"], "robust": ["robust"],
 }
 
 
