@@ -196,3 +196,44 @@ def write_results(name: str, payload: Mapping[str, Any], *, out: str | Path | No
            "argv": sys.argv, "machine": machine_info(device), **payload}
     path.write_text(json.dumps(_jsonable(doc), indent=2) + "\n")
     return path
+
+
+class ServerProcess:
+    """A server the bench starts as a subprocess (its output in `logdir/NAME.log`), polled on
+    `ready` until it answers 200, stopped with SIGTERM (then SIGKILL)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, port: int, ready: str,
+                 logdir: Path, host: str = "127.0.0.1") -> None:
+        self.name, self.port, self.ready_path, self.host = name, port, ready, host
+        self.log_path = logdir / f"{name.replace('/', '-')}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import http.client
+
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=1)
+                conn.request("GET", self.ready_path)
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{self.name} not ready in {timeout:.0f}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()

@@ -35,11 +35,9 @@ import argparse
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -124,42 +122,6 @@ def _check_one_torch(py: str) -> dict[str, str]:
     if info["nvidia"]:
         raise SystemExit(f"KServe's venv pulled CUDA packages: {info['nvidia']}")
     return info
-
-
-class Proc:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, port: int, ready: str,
-                 logdir: Path) -> None:
-        self.name, self.port, self.ready_path = name, port, ready
-        self.log_path = logdir / f"{name.replace('/', '-')}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        import http.client
-
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                conn = http.client.HTTPConnection(HOST, self.port, timeout=1)
-                conn.request("GET", self.ready_path)
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"{self.name} not ready in {timeout:.0f}s:\n{self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
 
 
 def _requests(n: int) -> tuple[dict[str, list[bytes]], Any]:
@@ -249,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                     if not k.startswith("SHIELDSERVE_") and k not in ("OMP_NUM_THREADS", "PYTHONPATH")}
         kport, sport = _free_port(), _free_port()
         servers = {
-            "kserve": Proc("kserve", [args.kserve_python, str(Path(__file__).resolve()), "_kserve", str(model),
+            "kserve": common.ServerProcess("kserve", [args.kserve_python, str(Path(__file__).resolve()), "_kserve", str(model),
                                       str(kport), str(args.threads)], base_env, workdir, kport, "/v2/health/ready", workdir),
-            "shieldserve": Proc("shieldserve", [sys.executable, "-m", "service", "serve", "--host", HOST, "--port",
+            "shieldserve": common.ServerProcess("shieldserve", [sys.executable, "-m", "service", "serve", "--host", HOST, "--port",
                                                 str(sport)],
                                 {**base_env, "SHIELDSERVE_BUNDLE": str(Path(args.bundle).resolve()),
                                  "SHIELDSERVE_LOG_LEVEL": "warning", "PYTHONPATH": str(common.REPO_ROOT),

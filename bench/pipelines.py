@@ -26,12 +26,10 @@ import argparse
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -54,51 +52,19 @@ GOALS = {"default": 1.6, "smoothing": 1.6, "denoised": 1.6, "rmc": 1.6, "defense
          "baseline": 0.8, "magnet": 0.8}
 
 
-class Server:
+def server(name: str, tree: Path, bundle: Path, logdir: Path, torch_threads: int = 0) -> common.ServerProcess:
     """`python -m service serve` from `tree`, on `bundle`, with that tree's default settings."""
+    from serving import _free_port
 
-    def __init__(self, name: str, tree: Path, bundle: Path, logdir: Path, torch_threads: int = 0) -> None:
-        self.name = name
-        from serving import _free_port
-
-        self.port = _free_port()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("SHIELDSERVE_") and k not in ("OMP_NUM_THREADS", "PYTHONPATH")}
-        env.update({"SHIELDSERVE_BUNDLE": str(bundle), "SHIELDSERVE_LOG_LEVEL": "warning",
-                    "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"})
-        if torch_threads:  # both sides the same count (0: each side's own default)
-            env["SHIELDSERVE_TORCH_THREADS"] = str(torch_threads)
-        self.log_path = logdir / f"server-{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--host", HOST, "--port",
-                                      str(self.port)], cwd=tree, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        import http.client
-
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                conn = http.client.HTTPConnection(HOST, self.port, timeout=1)
-                conn.request("GET", "/readyz")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"{self.name} server not ready in {timeout:.0f}s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SHIELDSERVE_") and k not in ("OMP_NUM_THREADS", "PYTHONPATH")}
+    env.update({"SHIELDSERVE_BUNDLE": str(bundle), "SHIELDSERVE_LOG_LEVEL": "warning",
+                "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"})
+    if torch_threads:  # both sides the same count (0: each side's own default)
+        env["SHIELDSERVE_TORCH_THREADS"] = str(torch_threads)
+    return common.ServerProcess(f"server-{name}", [sys.executable, "-m", "service", "serve", "--host", HOST,
+                                                   "--port", str(port)], env, tree, port, "/readyz", logdir)
 
 
 def old_tree(args: argparse.Namespace, workdir: Path) -> Path:
@@ -124,7 +90,7 @@ def requests_for(pipelines: list[str], n: int) -> dict[str, list[bytes]]:
                 for png in pngs] for p in pipelines}
 
 
-def drive(server: Server, pipeline: str, clients: int, warmup: float, duration: float, workdir: Path,
+def drive(server: common.ServerProcess, pipeline: str, clients: int, warmup: float, duration: float, workdir: Path,
           requests_file: Path) -> dict[str, Any]:
     cfg = {"port": server.port, "target": pipeline, "clients": clients, "duration": duration, "warmup": warmup,
            "requests_file": str(requests_file), "server_pid": server.proc.pid}
@@ -160,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         requests_file = workdir / "requests.pkl"
         requests_file.write_bytes(pickle.dumps(requests_for(pipelines, 64)))
         old = old_tree(args, workdir)
-        servers = {"old": Server("old", old, bundle, workdir, args.torch_threads),
-                   "new": Server("new", common.REPO_ROOT, bundle, workdir, args.torch_threads)}
+        servers = {"old": server("old", old, bundle, workdir, args.torch_threads),
+                   "new": server("new", common.REPO_ROOT, bundle, workdir, args.torch_threads)}
         try:
             for s in servers.values():
                 s.wait_ready()
