@@ -18,6 +18,17 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("SHIELDSERVE_TORCH_THREADS", str(torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
+SESSION_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _session_torch_threads() -> Iterator[None]:
+    """Every test starts at the session's thread count: one that changes it (an in-process
+    evaluation's `threads`, a recipe's one-thread section) must not change what a later test
+    trains (test_bundle's rebuild compares metrics with the session's quick bundle)."""
+    torch.set_num_threads(SESSION_THREADS)
+    yield
+
 DEFAULT_BUNDLE = REPO / "models" / "default"
 
 

@@ -31,16 +31,9 @@ from torch import nn
 
 from models.architectures import builtin_spec, register_builtin
 from models.recipes.common import batches, progress, seeded
-
-DETECTORS: dict[str, dict[str, Any]] = {
-    # name -> how it scores; the reference's MNIST detectors plus the CIFAR divergence pair
-    "reconstruction_l1": {"kind": "reconstruction", "p": 1, "autoencoder": "magnet_ae_i"},
-    "reconstruction_l2": {"kind": "reconstruction", "p": 2, "autoencoder": "magnet_ae_i"},
-    "divergence_t10": {"kind": "divergence", "temperature": 10.0, "autoencoder": "magnet_ae_ii"},
-    "divergence_t40": {"kind": "divergence", "temperature": 40.0, "autoencoder": "magnet_ae_ii"},
-}
-REFORMER_AE = "magnet_ae_i"
-
+from service.defenses.magnet import (  # noqa: F401 - the scores the service serves, re-exported
+    DETECTORS, REFORMER_AE, detector_scores, js_divergence, reconstruction_error,
+)
 
 class MagnetAutoencoder(nn.Module):
     """The reference's DAE: 3x3 convs (sigmoid in the reference, ReLU by our default), pooling mirrored by
@@ -75,46 +68,6 @@ class MagnetAutoencoder(nn.Module):
 
 
 register_builtin("magnet_autoencoder", MagnetAutoencoder)
-
-
-# ---------------------------------------------------------------------- scores (shared with the service)
-def reconstruction_error(x: torch.Tensor, recon: torch.Tensor, p: int) -> torch.Tensor:
-    """Mean over pixels of |x - AE(x)|^p, one score per image."""
-    return (x - recon).abs().pow(p).flatten(1).mean(dim=1)
-
-
-def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Jensen-Shannon divergence between softmax(a/T) and softmax(b/T), one score per image."""
-    p = torch.softmax(logits_a.float() / temperature, dim=1)
-    q = torch.softmax(logits_b.float() / temperature, dim=1)
-    m = 0.5 * (p + q)
-
-    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (a * (a.clamp_min(1e-12).log() - b.clamp_min(1e-12).log())).sum(dim=1)
-
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
-
-
-@torch.no_grad()
-def detector_scores(x: torch.Tensor, autoencoders: dict[str, nn.Module], classify: Any,
-                    names: list[str], batch_size: int = 500) -> dict[str, torch.Tensor]:
-    """Every named detector's scores on x (batched), as used by calibration and the service."""
-    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        recon = {ae: autoencoders[ae](xb) for ae in {DETECTORS[n]["autoencoder"] for n in names}}
-        logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for n in names:
-            d = DETECTORS[n]
-            r = recon[d["autoencoder"]]
-            if d["kind"] == "reconstruction":
-                out[n].append(reconstruction_error(xb, r, d["p"]))
-            else:
-                if d["autoencoder"] not in logits:
-                    logits[d["autoencoder"]] = (classify(xb), classify(r))
-                a, b = logits[d["autoencoder"]]
-                out[n].append(js_divergence(a, b, d["temperature"]))
-    return {n: torch.cat(v) for n, v in out.items()}
 
 
 # ---------------------------------------------------------------------- recipe

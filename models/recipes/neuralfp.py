@@ -34,6 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.recipes.common import accuracy, fit_keep_best, random_affine, seeded
+from service.defenses.neuralfp import (  # noqa: F401 - the scores the service serves, re-exported
+    MATCHES, fingerprint_distances, fingerprint_responses, fingerprint_scores, match_score,
+)
 
 
 @dataclass(frozen=True)
@@ -98,59 +101,6 @@ def make_fingerprints(shape: tuple[int, ...], num_classes: int, r: NeuralFPRecip
     dy = torch.full((r.n_fingerprints, num_classes, num_classes), -r.alpha)
     dy[:, torch.arange(num_classes), torch.arange(num_classes)] = r.beta
     return {"dx": dx, "dy": dy}  # dy[i, k] is the response fingerprint i expects for class k
-
-
-def fingerprint_responses(model: Any, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits of x, F(x, dx_i) for every i) with one batched forward pass: shapes (B, K), (B, N, K)."""
-    b, n = x.shape[0], dx.shape[0]
-    probe = torch.cat([x, (x.unsqueeze(1) + dx.unsqueeze(0)).flatten(0, 1)])
-    logits = model(probe)
-    phi = logits / logits.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    phi_x = phi[:b]
-    return logits[:b], phi[b:].view(b, n, -1) - phi_x.unsqueeze(1)
-
-
-def fingerprint_distances(model: Any, x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, D) where D[b, k] = mean_i ||F(x_b, dx_i) - dy_i,k||."""
-    logits, resp = fingerprint_responses(model, x, dx)       # (B, K), (B, N, K)
-    diff = resp.unsqueeze(2) - dy.unsqueeze(0)                 # (B, N, K_class, K_out)
-    return logits, diff.norm(dim=3).mean(dim=1)
-
-
-MATCHES = ("predicted", "min", "either")
-
-
-@torch.no_grad()
-def fingerprint_scores(model: Any, x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
-                       batch_size: int = 250, match: str = "min",
-                       taus: dict[str, float] | None = None) -> torch.Tensor:
-    """One score per image (higher = less like a clean digit): `min` = min_k D_k(x) (the
-    closest class's fingerprints), `predicted` = D_k(x) for k = the network's own prediction
-    (the fingerprints of the class it answers must match), `either` = max(min / taus["min"],
-    predicted / taus["predicted"]): above 1 when either score is above its own threshold."""
-    if match not in MATCHES:
-        raise ValueError(f"neuralfp match must be one of {MATCHES}, got {match!r}")
-    if match == "either" and (taus is None or set(taus) != {"min", "predicted"}):
-        raise ValueError("neuralfp match 'either' needs taus {'min': ..., 'predicted': ...}")
-    out = []
-    for i in range(0, len(x), batch_size):
-        logits, d = fingerprint_distances(model, x[i:i + batch_size], dx, dy)
-        out.append(match_score(logits, d, match, taus))
-    return torch.cat(out)
-
-
-def match_score(logits: torch.Tensor, d: torch.Tensor, match: str,
-                taus: dict[str, float] | None = None) -> torch.Tensor:
-    """The score `match` names from fingerprint_distances' (logits, D); differentiable (the
-    adaptive evaluation attacks it)."""
-    s_min = d.min(dim=1).values
-    if match == "min":
-        return s_min
-    s_pred = d.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
-    if match == "predicted":
-        return s_pred
-    assert taus is not None
-    return torch.maximum(s_min / taus["min"], s_pred / taus["predicted"])
 
 
 def calibration_scores(model: Any, x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,

@@ -17,53 +17,16 @@ and the squeezing score is the classifier's own softmax: the previous calibratio
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-SQUEEZERS = ("bit_depth_1", "median_2x2")
+from service.defenses.squeeze import (  # noqa: F401 - the scores the service serves, re-exported
+    SQUEEZERS, bit_depth, median_smooth, squeeze, squeeze_scores,
+)
+
 TARGET_FPR = 0.01
 BOUND = 0.005          # the calibration's upper confidence bound must be <= this (see above)
 CONFIDENCE = 0.95
-
-
-def bit_depth(x: torch.Tensor, bits: int) -> torch.Tensor:
-    levels = 2 ** bits - 1
-    return torch.round(x * levels) / levels
-
-
-def median_smooth(x: torch.Tensor, size: int = 2) -> torch.Tensor:
-    """Median over a size x size window anchored like scipy.ndimage.median_filter (for an even
-    size the upper of the two middle values), with reflected borders."""
-    pad_lo = size // 2
-    pad_hi = size - 1 - pad_lo
-    xp = F.pad(x, (pad_lo, pad_hi, pad_lo, pad_hi), mode="reflect")
-    b, c, h, w = x.shape
-    windows = F.unfold(xp, size).view(b, c, size * size, h, w)
-    return windows.sort(dim=2).values[:, :, (size * size) // 2]
-
-
-def squeeze(x: torch.Tensor, name: str) -> torch.Tensor:
-    if name == "bit_depth_1":
-        return bit_depth(x, 1)
-    if name == "median_2x2":
-        return median_smooth(x, 2)
-    raise ValueError(f"unknown squeezer {name!r}; known: {list(SQUEEZERS)}")
-
-
-@torch.no_grad()
-def squeeze_scores(x: torch.Tensor, classify: Any, squeezers: tuple[str, ...] = SQUEEZERS,
-                   batch_size: int = 500) -> torch.Tensor:
-    """max over squeezers of ||softmax(f(x)) - softmax(f(squeeze(x)))||_1, one per image."""
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        p = torch.softmax(classify(xb).float(), dim=1)
-        d = torch.stack([(p - torch.softmax(classify(squeeze(xb, s)).float(), dim=1)).abs().sum(1)
-                         for s in squeezers])
-        out.append(d.max(dim=0).values)
-    return torch.cat(out)
 
 
 def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildContext

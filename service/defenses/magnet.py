@@ -1,7 +1,7 @@
 """MagNet (Meng & Chen 2017): detectors that reject inputs far from the data manifold, and a
 reformer that moves accepted inputs toward it.
 
-Detectors (scores from models.recipes.magnet, thresholds from the bundle's manifest):
+Detectors (scores computed here, thresholds from the bundle's manifest):
   reconstruction_l1 / reconstruction_l2   mean |x - AE_I(x)|^p
   divergence_t10 / divergence_t40         JS(softmax(f(x)/T) || softmax(f(AE_II(x))/T)),
                                           f = the base classifier's logits
@@ -22,10 +22,60 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.recipes.magnet import DETECTORS, REFORMER_AE, detector_scores
 from service.defenses.base import Classify, Component, DefenseEnv, Detection, Purified, RunContext
 
 OPTIONS = {"detectors", "reform"}
+
+DETECTORS: dict[str, dict[str, Any]] = {
+    # name -> how it scores; the reference's MNIST detectors plus the CIFAR divergence pair
+    "reconstruction_l1": {"kind": "reconstruction", "p": 1, "autoencoder": "magnet_ae_i"},
+    "reconstruction_l2": {"kind": "reconstruction", "p": 2, "autoencoder": "magnet_ae_i"},
+    "divergence_t10": {"kind": "divergence", "temperature": 10.0, "autoencoder": "magnet_ae_ii"},
+    "divergence_t40": {"kind": "divergence", "temperature": 40.0, "autoencoder": "magnet_ae_ii"},
+}
+REFORMER_AE = "magnet_ae_i"
+
+
+# ---------------------------------------------------------------------- scores (the recipe calibrates on these)
+def reconstruction_error(x: torch.Tensor, recon: torch.Tensor, p: int) -> torch.Tensor:
+    """Mean over pixels of |x - AE(x)|^p, one score per image."""
+    return (x - recon).abs().pow(p).flatten(1).mean(dim=1)
+
+
+def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Jensen-Shannon divergence between softmax(a/T) and softmax(b/T), one score per image."""
+    p = torch.softmax(logits_a.float() / temperature, dim=1)
+    q = torch.softmax(logits_b.float() / temperature, dim=1)
+    m = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * (a.clamp_min(1e-12).log() - b.clamp_min(1e-12).log())).sum(dim=1)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+@torch.no_grad()
+def detector_scores(x: torch.Tensor, autoencoders: dict[str, nn.Module], classify: Any,
+                    names: list[str], batch_size: int = 500) -> dict[str, torch.Tensor]:
+    """Every named detector's scores on x (batched), as used by calibration and the service."""
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        recon = {ae: autoencoders[ae](xb) for ae in {DETECTORS[n]["autoencoder"] for n in names}}
+        logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for n in names:
+            d = DETECTORS[n]
+            r = recon[d["autoencoder"]]
+            if d["kind"] == "reconstruction":
+                out[n].append(reconstruction_error(xb, r, d["p"]))
+            else:
+                if d["autoencoder"] not in logits:
+                    logits[d["autoencoder"]] = (classify(xb), classify(r))
+                a, b = logits[d["autoencoder"]]
+                out[n].append(js_divergence(a, b, d["temperature"]))
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
 
 
 class MagnetDetector(Component):

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.recipes.magnet import DETECTORS, js_divergence, reconstruction_error
-from models.recipes.neuralfp import fingerprint_distances, match_score
 from service.defenses.base import RunContext
+from service.defenses.magnet import DETECTORS, js_divergence, reconstruction_error
+from service.defenses.neuralfp import fingerprint_distances, match_score
 from service.evaluation.targets import Anatomy
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -67,7 +67,7 @@ def detector_ratios(component: Any, classify: Fn) -> Fn:
     """x -> (B, D) score / threshold for every detector of a detector component, with gradients.
 
     MagNet: reconstruction errors and JS divergences of its autoencoders (the same formulas
-    as models.recipes.magnet.detector_scores). NeuralFP: min_k D_k with the real (secret)
+    as service.defenses.magnet.detector_scores). NeuralFP: min_k D_k with the real (secret)
     fingerprints (the served score: min, predicted-class or either): the white-box attacker
     knows them."""
     if component.defense == "magnet":
