@@ -237,3 +237,18 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self._log.close()
+
+
+def drive_load(server: ServerProcess, target: str, clients: int, warmup: float, duration: float,
+               workdir: Path, requests_file: Path) -> dict[str, Any]:
+    """One window of closed-loop load on `server` by bench/serving.py's load driver (a separate
+    process, so the driver's Python does not share the server's CPU time accounting)."""
+    cfg = {"port": server.port, "target": target, "clients": clients, "duration": duration, "warmup": warmup,
+           "requests_file": str(requests_file), "server_pid": server.proc.pid}
+    path = workdir / f"drive-{server.name}-{target.replace('/', '-')}-{clients}.json"
+    path.write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().with_name("serving.py")), "_drive", str(path)],
+                          capture_output=True, text=True, timeout=warmup + duration + 120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load driver failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)

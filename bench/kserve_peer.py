@@ -43,7 +43,6 @@ from statistics import mean
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
-SERVING = BENCH / "serving.py"
 HOST = "127.0.0.1"
 GOALS = {"shieldserve/v2": 1.3, "shieldserve/predict": 2.0}
 
@@ -161,19 +160,6 @@ def _export_classifier(bundle: Path, out: Path) -> str:
     return "traced, then frozen and optimize_for_inference on load (as shieldserve decides)"
 
 
-def _drive(target: str, port: int, pid: int, clients: int, warmup: float, duration: float, workdir: Path,
-           requests_file: Path) -> dict[str, Any]:
-    cfg = {"port": port, "target": target, "clients": clients, "duration": duration, "warmup": warmup,
-           "requests_file": str(requests_file), "server_pid": pid}
-    path = workdir / f"drive-{target.replace('/', '-')}-{clients}.json"
-    path.write_text(json.dumps(cfg))
-    proc = subprocess.run([sys.executable, str(SERVING), "_drive", str(path)], capture_output=True, text=True,
-                          timeout=warmup + duration + 120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"load driver failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout)
-
-
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(BENCH))
     import common
@@ -234,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                     for t in order:
                         load = round(os.getloadavg()[0], 2)
                         s = targets[t]
-                        r = _drive(t, s.port, s.proc.pid, c, args.warmup, args.duration, workdir, requests_file)
+                        r = common.drive_load(s, t, c, args.warmup, args.duration, workdir, requests_file)
                         if r["errors"]:
                             common.log(f"{t} x{c}: {r['errors']} errors: {r['error_examples'][:2]}")
                         rates[t].append(r["rps"])

@@ -23,7 +23,6 @@ Prints a table with the load average before each window and writes JSON to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import subprocess
@@ -32,7 +31,6 @@ import tarfile
 import tempfile
 from pathlib import Path
 from statistics import mean
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -41,7 +39,6 @@ common.ensure_repo_on_path()
 
 HOST = "127.0.0.1"
 OLD_REF = "b1d3fb7"  # 0.6.0
-SERVING = Path(__file__).resolve().with_name("serving.py")  # its `_drive` is the load driver
 # (warm-up s, window s) per pipeline at 1 client and at more: a window holds several batches
 # even of the slow ones (denoised: ~1 s per image on a quiet 2-core machine, and 8 clients
 # make batches of 8), and the warm-up lets the first full batch finish before it opens
@@ -90,19 +87,6 @@ def requests_for(pipelines: list[str], n: int) -> dict[str, list[bytes]]:
                 for png in pngs] for p in pipelines}
 
 
-def drive(server: common.ServerProcess, pipeline: str, clients: int, warmup: float, duration: float, workdir: Path,
-          requests_file: Path) -> dict[str, Any]:
-    cfg = {"port": server.port, "target": pipeline, "clients": clients, "duration": duration, "warmup": warmup,
-           "requests_file": str(requests_file), "server_pid": server.proc.pid}
-    path = workdir / f"drive-{server.name}-{pipeline}-{clients}.json"
-    path.write_text(json.dumps(cfg))
-    proc = subprocess.run([sys.executable, str(SERVING), "_drive", str(path)], capture_output=True, text=True,
-                          timeout=warmup + duration + 120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"load driver failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--old-ref", default=OLD_REF, help="git ref of the old code (default: 0.6.0)")
@@ -141,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                     for _ in range(args.repeats):
                         for name in (("new", "old") if flip else ("old", "new")):
                             load = round(os.getloadavg()[0], 2)
-                            r = drive(servers[name], pipeline, c, warmup, duration, workdir, requests_file)
+                            r = common.drive_load(servers[name], pipeline, c, warmup, duration, workdir, requests_file)
                             if r["errors"]:
                                 common.log(f"{name} {pipeline} x{c}: {r['errors']} errors: {r['error_examples'][:2]}")
                             rates[name].append(r["rps"])
