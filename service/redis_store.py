@@ -69,27 +69,36 @@ def decode_tensor(data: bytes) -> torch.Tensor | None:
     return torch.from_numpy(a.astype(np.float32))  # a writable copy
 
 
+def connect(url: str, timeout_s: float) -> Any:
+    """A Redis client that fails fast: short timeouts and one immediate retry (a pooled
+    connection Redis closed), so a caller waits about `timeout_s` at most for a Redis that is
+    gone and can fall back (the certify store answers 503, the query monitor goes per-replica)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+                                retry=Retry(NoBackoff(), 1), retry_on_timeout=False, health_check_interval=30)
+
+
+def unavailable_errors() -> tuple[type[BaseException], ...]:
+    """What a Redis that is down or refusing raises."""
+    import redis
+
+    return redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError
+
+
 class RedisStore:
     """Images and certificates in Redis, expiring after `max_age_s`."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", max_images: int = 4096,
                  max_certificates: int = 4096, max_age_s: float = 3600.0, prefix: str = "shieldserve:",
                  timeout_s: float = 1.0, client: Any = None) -> None:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
         self.url, self.prefix = redact(url), prefix
         self.max_images, self.max_certificates = max_images, max_certificates
         self.ttl_ms = max(1, int(round(max_age_s * 1000)))
-        # short timeouts and one immediate retry (a pooled connection Redis closed): a request
-        # waits about a second at most for a Redis that is gone, then gets a 503
-        self.client = client or redis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1), retry_on_timeout=False, health_check_interval=30)
-        self._errors: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError,
-                                                         redis.exceptions.TimeoutError,
-                                                         redis.exceptions.ResponseError)
+        self.client = client or connect(url, timeout_s)  # a request waits ~timeout_s, then gets a 503
+        self._errors = unavailable_errors()
 
     # ----------------------------------------------------------------------------- keys
     def image_key(self, digest: str) -> str:

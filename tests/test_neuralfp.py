@@ -19,7 +19,7 @@ import torch
 from models.bundle import Bundle
 from service.attacks import fgsm
 from service.defenses.base import DefenseEnv, RunContext
-from tests.conftest import png
+from tests.conftest import defense_env, png
 
 PIPELINES = {
     "baseline": {"defenses": []},
@@ -30,8 +30,7 @@ PIPELINES = {
 
 @pytest.fixture(scope="module")
 def env(quick_bundle) -> DefenseEnv:
-    bundle = Bundle.load(quick_bundle)
-    return DefenseEnv(bundle=bundle, classifier=bundle.classifier(), device=torch.device("cpu"))
+    return defense_env(quick_bundle)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +51,7 @@ def digits(mnist, parts):
 
 @pytest.fixture(scope="module")
 def default_env(default_bundle) -> DefenseEnv:
-    bundle = Bundle.load(default_bundle)
-    return DefenseEnv(bundle=bundle, classifier=bundle.classifier(), device=torch.device("cpu"))
+    return defense_env(default_bundle)
 
 
 @pytest.fixture(scope="module")

@@ -289,21 +289,13 @@ class RedisStore:
 
     def __init__(self, url: str, prefix: str, window_s: float, max_queries: int, timeout_s: float = 0.25,
                  client: Any = None) -> None:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        from service.redis_store import redact
+        from service.redis_store import connect, redact, unavailable_errors
 
         self.url, self.prefix = redact(url), prefix + "qm:"
         self.half_s, self.cap = window_s / 2.0, max(1, max_queries // 2)
         self.ttl_s = max(1, int(window_s + 1))
-        self.client = client or redis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1), retry_on_timeout=False, health_check_interval=30)
-        self.errors: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError,
-                                                        redis.exceptions.TimeoutError,
-                                                        redis.exceptions.ResponseError)
+        self.client = client or connect(url, timeout_s)
+        self.errors = unavailable_errors()
         self._screen = self.client.register_script(_SCREEN)
         self._flags = self.client.register_script(_FLAGS)
 
