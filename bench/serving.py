@@ -404,9 +404,9 @@ def measure_model(bundle: Path, x_test: Any, pngs: list[bytes], seconds: float,
         out["decode_png"] = _rate(lambda: decode_batch([(pngs[next(k) % len(pngs)], "image/png")],
                                                        runtime.input_spec, limits, 64), 1, min(seconds, 1.0))
 
-    with ThreadPoolExecutor(1, thread_name_prefix="bench-model") as pool:
-        pool.submit(run).result()
+    runtime.compute.call(run)  # on the runtime's compute thread, as the server runs it
     runtime.executor.shutdown(wait=False)
+    runtime.compute.close()
     return out
 
 

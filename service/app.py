@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.warmup:
-            await asyncio.get_running_loop().run_in_executor(runtime.executor, runtime.warmup)
+            await asyncio.wrap_future(runtime.compute.submit(runtime.warmup))
         # Everything loaded so far lives as long as the process: keep it out of the garbage
         # collector's full passes, which otherwise stall the event loop for ~100 ms under load.
         gc.collect()

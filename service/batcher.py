@@ -6,7 +6,8 @@ images. A request is never split, and only requests with the same options
 share a batch. A full queue refuses new work at once (`Overloaded`, answered 503 with
 Retry-After) rather than letting latency grow without bound.
 
-Each pipeline has one batch thread that forms the batches and runs them. The event loop only
+Each pipeline has one batch thread that forms the batches and hands each to `execute` (the
+runtime's compute thread, service/compute.py, which runs every torch call of the process). The event loop only
 appends a job to the queue (under a lock) and awaits its future; the batch thread takes the
 next batch the moment the previous one is done, with everything that queued up meanwhile,
 and hands the results back to the loop in one call per batch. So the model never waits for the
@@ -84,11 +85,13 @@ class Batcher:
     def __init__(self, name: str, run: RunBatch, *, device: torch.device,
                  enabled: bool = True, max_batch_size: int = 64, max_delay_ms: float = 2.0,
                  max_queue: int = 1024, retry_after_s: int = 1,
+                 execute: Callable[[Callable[[], list[ImageResult]]], list[ImageResult]] | None = None,
                  on_batch: Callable[[BatchReport], None] | None = None,
                  on_queue_change: Callable[[int], None] | None = None) -> None:
         self.name = name
         self._run = run
         self._device = device
+        self._execute = execute or (lambda work: work())  # where the batch's torch work runs
         self.enabled = enabled
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
@@ -219,11 +222,14 @@ class Batcher:
                          cancelled=lambda: all(j.future.done() for j in jobs),
                          options=dict(jobs[0].options))
         started = time.monotonic()
-        try:
+        def work() -> list[ImageResult]:
             x = jobs[0].x if len(jobs) == 1 else torch.cat([j.x for j in jobs])
             if x.device != self._device:
                 x = x.to(self._device)
-            results = self._run(x, ctx)
+            return self._run(x, ctx)
+
+        try:
+            results = self._execute(work)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request
             self._send([(j, False, exc) for j in jobs])
             return

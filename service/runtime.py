@@ -16,6 +16,7 @@ import torch
 from models.bundle import Bundle, defense_key
 from service.admission import Admission, image_cost
 from service.batcher import Batcher, BatchReport
+from service.compute import ComputeThread
 from service.defenses.base import DefenseEnv, RunContext, optimize_argmax_decision, optimize_for_cpu
 from service.defenses.query_monitor import QueryMonitor, Verdict
 from service.imaging import ImageLimits
@@ -32,6 +33,15 @@ class UnknownPipeline(KeyError):
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
+        # Every torch call of this runtime runs on one thread, loading included (service/compute.py)
+        self.compute = ComputeThread()
+        try:
+            self.compute.call(self._load, settings)
+        except BaseException:
+            self.compute.close()
+            raise
+
+    def _load(self, settings: Settings) -> None:
         self.settings = settings
         self.device = torch.device(settings.device)
         started = time.monotonic()
@@ -66,14 +76,15 @@ class Runtime:
                                       f"pipelines: {sorted(self.pipelines)}")
         self.metrics = Metrics()
         self.monitor = self._build_monitor() if any(p.monitor for p in self.pipelines.values()) else None
-        # Inference runs off the event loop: each pipeline's batches in its batcher's own thread
-        # (service/batcher.py); this pool runs the warm-up and GET /certify's sampling. torch
-        # parallelises inside each call.
+        # Inference runs off the event loop, on the compute thread: each pipeline's batcher
+        # forms its batches in its own thread and hands each to it (service/batcher.py), as
+        # do the warm-up and GET /certify. torch parallelises inside each call. This pool runs
+        # what is not torch: the query monitor's screening (numpy, maybe Redis).
         self.executor = ThreadPoolExecutor(max_workers=max(2, min(8, len(self.pipelines))),
                                            thread_name_prefix="shieldserve-infer")
         b = settings.batching
         self.batchers = {
-            name: Batcher(name, pipeline.run, device=self.device, enabled=b.enabled,
+            name: Batcher(name, pipeline.run, device=self.device, enabled=b.enabled, execute=self.compute.call,
                           max_batch_size=b.max_batch_size, max_delay_ms=b.max_delay_ms,
                           max_queue=b.max_queue, retry_after_s=b.retry_after_s,
                           on_batch=lambda report, n=name: self._observe_batch(n, report),
@@ -254,3 +265,4 @@ class Runtime:
         if self.monitor is not None:
             self.monitor.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.compute.close(timeout=0)

@@ -10,12 +10,13 @@ adaptation stream back to the bundle's weights (or to its latest in-memory snaps
 
 from __future__ import annotations
 
+import asyncio
+
 import hmac
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import ApiError
 from service.api.schemas import ErrorBody
@@ -62,6 +63,6 @@ async def rmc_reset(request: Request,
                 if c.role == "adapter" and callable(getattr(c, "reset", None))]
     if not adapters:
         raise ApiError(422, "invalid_parameter", f"pipeline {pipeline!r} has no RMC adapter to reset")
-    # the reset waits for a running adaptation to finish (the stream's lock): off the event loop
-    outcome = await run_in_threadpool(adapters[0].reset, to)
+    # on the compute thread, as every torch call: after the batch running now, never inside it
+    outcome = await asyncio.wrap_future(runtime.compute.submit(adapters[0].reset, to))
     return RmcResetResponse(pipeline=pipeline, **outcome)

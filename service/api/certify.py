@@ -4,7 +4,7 @@ GET certifies an image recently posted to /predict or /certify (found by the sha
 bytes in the bounded store: in memory, or on Redis shared by every replica, when a Redis that
 cannot be reached answers 503 `store_unavailable`); POST takes the image itself and works
 without the store. Certification is expensive, so it
-runs on the runtime's executor, off the event loop, and stops at the request's deadline.
+runs on the runtime's compute thread, off the event loop, and stops at the request's deadline.
 Certificates are cached by (image, pipeline, bundle version, sigma, n0, n, alpha, radius, seed).
 """
 
@@ -107,13 +107,14 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
     if cached is not None:
         return CertifyResponse(**{**cached, "cached": True})
     gone = threading.Event()  # set when the client disconnects: the sampling loop stops
+    # on the compute thread, letting the batches queued behind it run between its noise batches
     ctx = RunContext(device=runtime.device, seed=int(opts.get("seed", secrets.randbits(63))),
-                     deadline=deadline.at, cancelled=gone.is_set, options=dict(opts))
-    loop = asyncio.get_running_loop()
+                     deadline=deadline.at, cancelled=gone.is_set, options=dict(opts),
+                     between=runtime.compute.between)
     cost = runtime.cost(name, 1, opts)
     try:
         with runtime.admission.hold(cost, f"certifying with n0={opts['n0']}, n={opts['n']}"):
-            work = loop.run_in_executor(runtime.executor, pipeline.run, x.unsqueeze(0).to(runtime.device), ctx)
+            work = asyncio.wrap_future(runtime.compute.submit(pipeline.run, x.unsqueeze(0).to(runtime.device), ctx))
             try:
                 [result] = await asyncio.shield(work)
             except asyncio.CancelledError:

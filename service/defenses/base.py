@@ -39,6 +39,9 @@ class RunContext:
     deadline: float | None = None  # time.monotonic() value
     cancelled: Callable[[], bool] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # per-request knobs (e.g. smoothing n)
+    # what check() also runs between steps: GET /certify lets the batches queued behind it run
+    # there (service/compute.py); None for batch runs
+    between: Callable[[], None] | None = None
     _generator: torch.Generator | None = field(default=None, repr=False)
 
     @property
@@ -55,6 +58,8 @@ class RunContext:
             raise DeadlineExceeded("deadline exceeded")
         if self.cancelled is not None and self.cancelled():
             raise DeadlineExceeded("client disconnected")
+        if self.between is not None:
+            self.between()
 
 
 def _trace_for_inference(module: torch.nn.Module, probe: torch.Tensor) -> Any:
