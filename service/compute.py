@@ -9,6 +9,12 @@ pays for waking its workers: a one-image forward pass of a small CNN took 0.51 m
 and run on this thread only; the batch threads form batches and hand each one here, and
 GET /certify's sampling runs here too.
 
+Each task says how many of torch's intra-op threads it may use: a light batch (the undefended
+classifier, MagNet: well under a millisecond of compute) runs on one, since waking and joining
+a second thread costs about what it saves and an intra-op thread that the OS deschedules (the
+event loop and the decoding threads want the same cores) stalls the whole call; a heavy one
+(smoothing's thousands of noisy copies, RMC's fine-tuning) on all of them.
+
 One thread means one batch at a time, first come first served. A long `/certify` lets the
 batches queued behind it run between its noise batches (`RunContext.between`), so a
 100,000-sample certificate does not hold `/predict` up for its whole duration; the batches of
@@ -29,28 +35,33 @@ T = TypeVar("T")
 
 
 class ComputeThread:
-    def __init__(self, name: str = "shieldserve-torch") -> None:
-        self._queue: deque[tuple[Future, Callable[[], Any]]] = deque()
+    def __init__(self, name: str = "shieldserve-torch", threads: int | None = None) -> None:
+        # the intra-op threads a task gets unless it asks for fewer: the process's count
+        self.threads = threads or torch.get_num_threads()
+        self._current = self.threads  # what the thread has set now
+        self._queue: deque[tuple[Future, Callable[[], Any], int | None]] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._depth = 0  # on the thread: 1 while a task runs, 2 while a task runs inside another
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Future[T]":
+    def submit(self, fn: Callable[..., T], *args: Any, threads: int | None = None, **kwargs: Any) -> "Future[T]":
+        """Queue `fn(*args, **kwargs)`; `threads`: at most this many intra-op threads for it
+        (None: all of `self.threads`)."""
         future: Future = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the compute thread is closed")
-            self._queue.append((future, lambda: fn(*args, **kwargs)))
+            self._queue.append((future, lambda: fn(*args, **kwargs), threads))
             self._cond.notify()
         return future
 
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def call(self, fn: Callable[..., T], *args: Any, threads: int | None = None, **kwargs: Any) -> T:
         """Run `fn` on the compute thread and wait for it (inline when already on it)."""
         if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
-        return self.submit(fn, *args, **kwargs).result()
+        return self.submit(fn, *args, threads=threads, **kwargs).result()
 
     def between(self) -> None:
         """Called on the compute thread between two steps of a long task (GET /certify's noise
@@ -61,13 +72,21 @@ class ComputeThread:
             return
         with self._cond:
             waiting, self._queue = list(self._queue), deque()
-        for future, task in waiting:
+        outer = self._current
+        for future, task, threads in waiting:
             with torch.inference_mode(False), torch.enable_grad():
-                self._run(future, task)
+                self._run(future, task, threads)
+        self._use(outer)
 
-    def _run(self, future: Future, task: Callable[[], Any]) -> None:
+    def _use(self, threads: int) -> None:
+        if threads != self._current:
+            torch.set_num_threads(threads)  # only this thread runs torch: in effect for its calls
+            self._current = threads
+
+    def _run(self, future: Future, task: Callable[[], Any], threads: int | None) -> None:
         if not future.set_running_or_notify_cancel():
             return
+        self._use(max(1, min(threads or self.threads, self.threads)))
         self._depth += 1
         try:
             result = task()
@@ -85,8 +104,8 @@ class ComputeThread:
                     self._cond.wait()
                 if not self._queue:
                     return
-                future, task = self._queue.popleft()
-            self._run(future, task)
+                future, task, threads = self._queue.popleft()
+            self._run(future, task, threads)
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Finish what is queued, then stop the thread."""

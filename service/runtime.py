@@ -84,7 +84,8 @@ class Runtime:
                                            thread_name_prefix="shieldserve-infer")
         b = settings.batching
         self.batchers = {
-            name: Batcher(name, pipeline.run, device=self.device, enabled=b.enabled, execute=self.compute.call,
+            name: Batcher(name, pipeline.run, device=self.device, enabled=b.enabled,
+                          execute=lambda work, images, n=name: self.compute.call(work, threads=self._threads(n, images)),
                           max_batch_size=b.max_batch_size, max_delay_ms=b.max_delay_ms,
                           max_queue=b.max_queue, retry_after_s=b.retry_after_s,
                           on_batch=lambda report, n=name: self._observe_batch(n, report),
@@ -172,6 +173,11 @@ class Runtime:
             for i, r in zip(rows, await batcher.submit(rest, deadline=deadline, options=options)):
                 out[i] = r
         return out  # type: ignore[return-value]
+
+    def _threads(self, pipeline: str, images: int) -> int | None:
+        """Intra-op threads for a batch: one below `parallel_min_cost` sample units (a light
+        batch loses more to a second thread than it gains; service/compute.py), else all."""
+        return 1 if self.cost(pipeline, images) < self.settings.parallel_min_cost else None
 
     def _unusable(self, config: dict[str, Any]) -> str | None:
         """Why a configured pipeline cannot be served on this bundle (models.bundle.Bundle.unusable
