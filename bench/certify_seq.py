@@ -44,8 +44,13 @@ sys.path.insert(0, str(REPO))
 
 from models.bundle import Bundle  # noqa: E402
 from models.datasets import load_dataset  # noqa: E402
-from service.defenses.base import optimize_for_cpu  # noqa: E402
-from service.defenses.smoothing import NoiseSampler, certify, certify_batch_at_radius  # noqa: E402
+from service.defenses.smoothing import (  # noqa: E402
+    NoiseSampler,
+    certify,
+    certify_batch_at_radius,
+    resolve_precision,
+    sampling_network,
+)
 
 RESULTS = REPO / "bench" / "results"
 MFLOP_PER_FORWARD = 5.0
@@ -91,9 +96,12 @@ class Bench:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.out, indent=2) + "\n")
 
-    def model(self, sigma: float) -> Any:
+    def model(self, sigma: float, precision: str | None = None) -> Any:
+        """The sampled network as the service builds it (smoothing.sampling_network), in
+        --precision (auto: bfloat16 where the CPU has it natively)."""
         f = self.bundle.classifier("cpu", artifact=self.section["classifiers"][f"{sigma:g}"]["artifact"])
-        return optimize_for_cpu(f, tuple(self.bundle.input_spec.shape))
+        precision = resolve_precision(precision or self.args.precision, torch.device("cpu"))
+        return sampling_network(f, tuple(self.bundle.input_spec.shape), precision)
 
     def sequential(self, f: Any, sigma: float, x: torch.Tensor, seed: int) -> tuple[list[int], list[bool], list[int]]:
         a = self.args
@@ -132,7 +140,7 @@ class Bench:
         """0.6.0's /predict on the same digits: CERTIFY n0 = 64, n = 1,000, float32 noise, sigma 0.25."""
         a, y = self.args, self.y.tolist()
         rows, res = [], self.out.setdefault("accuracy", {})
-        f25 = self.model(0.25)
+        f25 = self.model(0.25, "float32")  # 0.6.0 sampled in float32
         t = time.perf_counter()
         sampler = NoiseSampler(f25, 0.25, 10, batch_size=1064, sound=False)  # 0.6.0's /predict
         ok = 0
@@ -329,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n0", type=int, default=0, help="selection samples (0: the clean image's class, as served)")
     p.add_argument("--n-max", type=int, default=4000, help="the sequential test's budget (as served)")
     p.add_argument("--pgd-eps", type=float, default=0.1)
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="of the sampled network, as the service's certify.precision")
     p.add_argument("--old", help="0.6.0's source tree, for the http section")
     p.add_argument("--pipelines", default="default,smoothing,denoised")
     p.add_argument("--duration", type=float, default=8.0, help="seconds measured per HTTP phase")

@@ -103,6 +103,9 @@ class CertifyConfig(BaseModel):
     max_n0: int = Field(10_000, gt=0, description="largest n0 a caller may ask for (422 above)")
     alpha: float = Field(0.001, gt=0, lt=1)
     batch_size: int = Field(8000, gt=0, description="noisy copies per forward pass (bench: larger is faster on CPU)")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="arithmetic of the sampled networks: auto is bfloat16 on a CPU with native bfloat16 "
+                            "(AVX-512 BF16, AMX), else float32; the certificate is of the network so computed")
     pipeline: str = Field("smoothing", description="pipeline /certify uses without pipeline=")
     store_max_images: int = Field(4096, ge=0, description="images kept for GET /certify")
     store_max_certificates: int = Field(4096, ge=0)

@@ -12,7 +12,8 @@ from scipy.stats import binom, norm
 from service.defenses.smoothing import (
     ABSTAIN, CERTIFIED, CONTINUE, NOISE_GRID, NoiseSampler, SequentialTest, alpha_spending, certify,
     certify_at_radius, certify_batch_at_radius, geometric_schedule, lower_bounds, lower_confidence_bound,
-    noisy_copies, optimize_for_cpu, predict_from_counts, radius_from, upper_bounds, upper_confidence_bound,
+    noisy_copies, optimize_for_cpu, predict_from_counts, radius_from, resolve_precision, sampling_network,
+    standard_normal64, upper_bounds, upper_confidence_bound,
 )
 
 
@@ -194,8 +195,52 @@ def test_sound_noise_lies_on_the_grid_and_is_float64_gaussian() -> None:
                          torch.empty(500, 1, 28, 28, dtype=torch.float64))
     assert torch.equal(alone, noisy[500:])
     # float64 noise: not float32 noise widened (Voracek & Hein's lattice comes from the latter)
-    raw = torch.randn(10_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    raw = standard_normal64(torch.empty(10_000, dtype=torch.float64), torch.Generator().manual_seed(0))
     assert float((raw.float().double() != raw).double().mean()) > 0.99
+
+
+@pytest.mark.parametrize("size", [1, 7, 784_001])
+def test_standard_normal64_is_a_reproducible_standard_normal(size: int) -> None:
+    a = standard_normal64(torch.empty(size, dtype=torch.float64), torch.Generator().manual_seed(3))
+    b = standard_normal64(torch.empty(size, dtype=torch.float64), torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and bool(torch.isfinite(a).all())
+    if size > 1000:  # moments and tails within ~5 standard errors of N(0, 1)'s
+        x = a.numpy()
+        se = 1 / math.sqrt(size)
+        assert abs(x.mean()) < 5 * se and abs(x.var() - 1) < 5 * math.sqrt(2) * se
+        assert abs((x ** 4).mean() - 3) < 5 * math.sqrt(96) * se
+        for t in (1.0, 2.0, 3.0):
+            p = 2 * norm.sf(t)
+            assert abs((np.abs(x) > t).mean() - p) < 5 * math.sqrt(p * (1 - p) / size), t
+
+
+def test_precision_auto_follows_the_cpu_and_bfloat16_is_refused_where_emulated(monkeypatch) -> None:
+    import service.defenses.smoothing as sm
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(sm, "native_bfloat16", lambda: True)
+    assert resolve_precision("auto", cpu) == "bfloat16" and resolve_precision("float32", cpu) == "float32"
+    monkeypatch.setattr(sm, "native_bfloat16", lambda: False)
+    assert resolve_precision("auto", cpu) == "float32"
+    with pytest.raises(ValueError, match="native bfloat16"):
+        resolve_precision("bfloat16", cpu)
+    with pytest.raises(ValueError):
+        resolve_precision("float16", cpu)
+
+
+def test_bfloat16_network_is_a_fixed_function_close_to_the_float32_one(mnist, smoothing_classifier) -> None:
+    """The sampled network in bfloat16 (emulated where the CPU lacks it: slow, still correct):
+    the same answer for the same input whatever the batch around it (a certificate needs a
+    fixed f), and the float32 network's argmax on nearly all noisy digits."""
+    shape = tuple(mnist.test.x.shape[1:])
+    fast = sampling_network(smoothing_classifier, shape, "bfloat16")
+    g = torch.Generator().manual_seed(0)
+    x = (mnist.test.x[:200].repeat(5, 1, 1, 1) + 0.25 * torch.randn(1000, *shape, generator=g))
+    with torch.inference_mode():
+        want = smoothing_classifier(x).argmax(1)
+        got = fast(x).argmax(1)
+        assert torch.equal(fast(x[:10]).argmax(1), got[:10])
+    assert float((got == want).float().mean()) > 0.97
 
 
 def test_batched_certification_matches_one_image_at_a_time(mnist, smoothing_classifier) -> None:
