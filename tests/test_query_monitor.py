@@ -55,13 +55,15 @@ def random_search(x: torch.Tensor, eps: float, queries: int, seed: int) -> torch
 
 
 # --------------------------------------------------------------------------- the fingerprint
-def test_window_hashes_match_a_direct_polynomial_computation() -> None:
-    fp = Fingerprinter(b"k" * 32, quantization=25, window=7, top_n=24, informative=0.0)  # <= 24 windows
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+def test_window_hashes_match_a_direct_polynomial_computation(layout: str) -> None:
+    fp = Fingerprinter(b"k" * 32, quantization=25, window=7, top_n=24, informative=0.0, layout=layout)  # <= 24 windows
     x = torch.rand(2, 1, 5, 6, generator=torch.Generator().manual_seed(0))
     _, got = fp.fingerprint(x)
     base, at, m = fp._base, int(fp._at), 2**64  # type: ignore[attr-defined]
     for i in range(2):
-        lv = np.floor(x[i].reshape(-1).numpy() * (255.0 / 25)).astype(np.uint64).tolist()
+        img = x[i, 0].T if layout == "columns" else x[i, 0]  # columns: read column by column
+        lv = np.floor(img.reshape(-1).numpy() * (255.0 / 25)).astype(np.uint64).tolist()
         want = set()
         for k in range(len(lv) - 7 + 1):
             h = sum(lv[k + j] * pow(base, 7 - 1 - j, m) for j in range(7)) % m
@@ -129,9 +131,10 @@ def test_a_repeat_of_a_flagged_query_is_still_flagged(mnist) -> None:
     y = x.clone()
     y[..., 10:13, 10:13] = (y[..., 10:13, 10:13] - 0.5).abs()
     store.match(*fp.fingerprint(x))
-    assert store.match(*fp.fingerprint(y))[0] >= 40  # y is x with a corner changed
-    assert store.match(*fp.fingerprint(y))[0] >= 40  # its repeat still matches x
-    assert store.match(*fp.fingerprint(x))[0] >= 40  # and x matches y now: y was remembered
+    threshold = MonitorPolicy().threshold
+    assert store.match(*fp.fingerprint(y))[0] >= 2 * threshold  # y is x with a 3x3 patch changed
+    assert store.match(*fp.fingerprint(y))[0] >= 2 * threshold  # its repeat still matches x
+    assert store.match(*fp.fingerprint(x))[0] >= 2 * threshold  # and x matches y now: y was remembered
 
 
 def test_a_uniform_image_has_a_full_fingerprint_that_only_its_copies_share() -> None:
@@ -247,7 +250,7 @@ def test_predict_rejects_an_attack_but_not_retries_and_hides_the_secret(make_cli
     hit = next(r for r in [c.post("/predict?pipeline=magnet", content=png(queries[5]), headers=PNG).json()]
                if r)["results"][0]
     assert hit["rejected_by"][0] | {"score": 0} == {"defense": "query_monitor", "detector": "fingerprint_match",
-                                                    "score": 0, "threshold": 12 / 50}
+                                                    "score": 0, "threshold": MonitorPolicy().threshold / 50}
     # baseline is not monitored: the attack's queries are answered there
     r = c.post("/predict?pipeline=baseline", content=png(queries[5]), headers=PNG).json()["results"][0]
     assert r["status"] == "accepted"

@@ -5,7 +5,8 @@ queries. Following Blacklight (Li et al., USENIX Security 2022), every image a m
 pipeline receives gets a probabilistic fingerprint:
 
   1. quantize each pixel to levels of `quantization`/255 (small perturbations vanish),
-  2. slide a window of `window` values over the flattened levels and hash every window's
+  2. flatten the levels column by column (`layout: columns`; Blacklight's row order is
+     `layout: rows`), slide a window of `window` values over them and hash every window's
      contents with a keyed hash (the secret decides which windows a query keeps, so an
      attacker cannot aim at the kept ones; the position is not hashed, so shifting the image
      by a few pixels keeps most hashes),
@@ -17,6 +18,14 @@ pipeline receives gets a probabilistic fingerprint:
 With every window kept (Blacklight's rule) distinct benign MNIST digits matched: 925 of 5,000
 shared 25+ of 50 hashes with earlier ones, through the background windows all digits share.
 Leaving out the uninformative windows brought the worst benign digit to 5-8 (docs/query_monitor.md).
+
+Why columns: Square (ART's L-inf version) starts from vertical stripes of +-eps and then sets
+one large square (25 of 28 rows at first) to one sign per query. In row order nearly every
+50-value window crosses the square, so few hashes survive until the squares shrink; in column
+order every column whose stripe already has the square's sign is unchanged, and so are the
+columns beside the square, so a candidate keeps a large share of its predecessor's windows.
+Perturbations spread over the whole image (HopSkipJump, boundary) vanish in the quantization
+in either order.
 
 One store of the fingerprints of *all* recent queries, from every client (many accounts do not
 help an attacker), counts in how many remembered queries each hash occurs. A query whose
@@ -82,8 +91,11 @@ class Fingerprinter:
     window: int = 50
     top_n: int = 50
     informative: float = 0.25
+    layout: Literal["columns", "rows"] = "columns"
 
     def __post_init__(self) -> None:
+        if self.layout not in ("columns", "rows"):
+            raise ValueError(f"query monitor layout must be columns or rows, got {self.layout!r}")
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(b"coefficients" + self.key).digest(), "big"))
         # a polynomial hash mod 2**64 with a secret odd base and a secret offset, mixed by
         # splitmix64's finaliser (see fingerprint)
@@ -115,6 +127,9 @@ class Fingerprinter:
         a = np.ascontiguousarray(x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).numpy())
         digests = [hashlib.blake2b(row.tobytes(), key=self._digest_key, digest_size=16).digest()  # type: ignore[attr-defined]
                    for row in a]
+        if self.layout == "columns" and x.dim() >= 3:  # (..., H, W) read column by column
+            a = np.ascontiguousarray(x.detach().to("cpu", torch.float32).transpose(-2, -1)
+                                     .reshape(x.shape[0], -1).numpy())
         lv = np.floor(np.clip(a, 0.0, 1.0) * (255.0 / self.quantization)).astype(np.uint8)
         b, length = lv.shape
         w = self.window
@@ -333,7 +348,7 @@ class MonitorPolicy:
 
     enabled: bool = True
     action: Action = "reject"
-    threshold: int = 12
+    threshold: int = 10
     block_after: int = 10
     block_window_s: float = 600.0
     cooldown_s: float = 900.0
@@ -365,7 +380,8 @@ class QueryMonitor:
 
     def __init__(self, *, store: Literal["memory", "redis"] = "memory", redis_url: str = "redis://127.0.0.1:6379/0",
                  redis_prefix: str = "shieldserve:", secret: str | None = None, quantization: int = 25,
-                 window: int = 50, top_n: int = 50, informative: float = 0.25, memory_window_s: float = 3600.0,
+                 window: int = 50, top_n: int = 50, informative: float = 0.25,
+                 layout: Literal["columns", "rows"] = "columns", memory_window_s: float = 3600.0,
                  max_queries: int = 100_000,
                  retry_redis_s: float = 5.0, redis_client: Any = None, on_degraded: Any = None) -> None:
         self.memory = MemoryStore(memory_window_s, max_queries)
@@ -373,7 +389,7 @@ class QueryMonitor:
         self.retry_redis_s = retry_redis_s
         self._down_since: float | None = None
         self._on_degraded = on_degraded or (lambda degraded: None)
-        self._params = (quantization, window, top_n, informative)
+        self._params = (quantization, window, top_n, informative, layout)
         key = secret.encode() if secret else None
         self._key_pending = False  # the shared key is still to be read from Redis
         if store == "redis":
