@@ -55,23 +55,31 @@ def random_search(x: torch.Tensor, eps: float, queries: int, seed: int) -> torch
 
 
 # --------------------------------------------------------------------------- the fingerprint
+def _direct_hash(values: list[int], base: int, at: int) -> int:
+    m = 2**64
+    h = (sum(v * pow(base, len(values) - 1 - j, m) for j, v in enumerate(values)) + at) % m
+    h ^= h >> 30; h = h * 0xBF58476D1CE4E5B9 % m; h ^= h >> 27  # noqa: E702
+    h = h * 0x94D049BB133111EB % m; h ^= h >> 31  # noqa: E702
+    return h
+
+
 @pytest.mark.parametrize("layout", ["columns", "rows"])
-def test_window_hashes_match_a_direct_polynomial_computation(layout: str) -> None:
+def test_window_and_line_hashes_match_a_direct_polynomial_computation(layout: str) -> None:
     fp = Fingerprinter(b"k" * 32, quantization=25, window=7, top_n=24, informative=0.0, layout=layout)  # <= 24 windows
     x = torch.rand(2, 1, 5, 6, generator=torch.Generator().manual_seed(0))
     _, got = fp.fingerprint(x)
-    base, at, m = fp._base, int(fp._at), 2**64  # type: ignore[attr-defined]
+    lines = 6 if layout == "columns" else 5
+    assert got.shape == (2, 24 + lines) == (2, fp.width(x))
+    base, at, line_at = fp._base, int(fp._at), int(fp._line_at)  # type: ignore[attr-defined]
     for i in range(2):
         img = x[i, 0].T if layout == "columns" else x[i, 0]  # columns: read column by column
         lv = np.floor(img.reshape(-1).numpy() * (255.0 / 25)).astype(np.uint64).tolist()
-        want = set()
-        for k in range(len(lv) - 7 + 1):
-            h = sum(lv[k + j] * pow(base, 7 - 1 - j, m) for j in range(7)) % m
-            h = (h + at) % m
-            h ^= h >> 30; h = h * 0xBF58476D1CE4E5B9 % m; h ^= h >> 27  # noqa: E702
-            h = h * 0x94D049BB133111EB % m; h ^= h >> 31  # noqa: E702
-            want.add(h)
-        assert {int(v) for v in got[i]} >= want and len(want) <= 24  # the rest: padding
+        want = {_direct_hash(lv[k:k + 7], base, at) for k in range(len(lv) - 7 + 1)}
+        assert {int(v) for v in got[i, :24]} >= want and len(want) <= 24  # the rest: padding
+        per = len(lv) // lines  # each line whole, its position (1-based) times a constant added
+        want_lines = [_direct_hash(lv[k * per:(k + 1) * per], base, (line_at + (k + 1) * 0x9E3779B97F4A7C15) % 2**64)
+                      for k in range(lines)]
+        assert [int(v) for v in got[i, 24:]] == want_lines
 
 
 def test_the_key_decides_the_hashes_and_the_digest() -> None:
@@ -141,7 +149,7 @@ def test_a_uniform_image_has_a_full_fingerprint_that_only_its_copies_share() -> 
     fp, store = Fingerprinter(b"s" * 32), MemoryStore(3600, 1000)
     a, b = torch.zeros(1, 1, 28, 28), torch.full((1, 1, 28, 28), 0.001)
     da, ha = fp.fingerprint(a)
-    assert ha.shape == (1, 50) and len(set(ha[0].tolist())) == 50
+    assert ha.shape == (1, fp.width(a)) and len(set(ha[0].tolist())) == fp.width(a) == fp.top_n + 28
     assert store.match(da, ha) == [0] and store.match(*fp.fingerprint(b)) == [0]
     assert store.match(da, ha) == [0]
 
@@ -250,7 +258,7 @@ def test_predict_rejects_an_attack_but_not_retries_and_hides_the_secret(make_cli
     hit = next(r for r in [c.post("/predict?pipeline=magnet", content=png(queries[5]), headers=PNG).json()]
                if r)["results"][0]
     assert hit["rejected_by"][0] | {"score": 0} == {"defense": "query_monitor", "detector": "fingerprint_match",
-                                                    "score": 0, "threshold": MonitorPolicy().threshold / 50}
+                                                    "score": 0, "threshold": MonitorPolicy().threshold / (Fingerprinter(b"").top_n + 28)}
     # baseline is not monitored: the attack's queries are answered there
     r = c.post("/predict?pipeline=baseline", content=png(queries[5]), headers=PNG).json()["results"][0]
     assert r["status"] == "accepted"

@@ -89,9 +89,10 @@ class Fingerprinter:
     key: bytes
     quantization: int = 25
     window: int = 50
-    top_n: int = 50
+    top_n: int = 80
     informative: float = 0.25
     layout: Literal["columns", "rows"] = "columns"
+    lines: bool = True
 
     def __post_init__(self) -> None:
         if self.layout not in ("columns", "rows"):
@@ -104,6 +105,7 @@ class Fingerprinter:
         object.__setattr__(self, "_base", int(base))
         object.__setattr__(self, "_inverse", inverse)
         object.__setattr__(self, "_at", at)
+        object.__setattr__(self, "_line_at", rng.integers(0, 2**63, dtype=np.uint64))
         object.__setattr__(self, "_powers", {})
         object.__setattr__(self, "_digest_key", hashlib.sha256(b"digest" + self.key).digest()[:32])
 
@@ -119,11 +121,23 @@ class Fingerprinter:
             tables[length] = (np.array(fwd, dtype=np.uint64), np.array(inv, dtype=np.uint64))
         return tables[length]
 
+    def width(self, x: torch.Tensor) -> int:
+        """Hashes per image: the top N windows, and one per line (column or row) when `lines`."""
+        return self.top_n + (self._line_shape(x)[0] if self.lines else 0)
+
+    def _line_shape(self, x: torch.Tensor) -> tuple[int, int]:
+        """(lines per image, values per line) of the flattened image; (0, 0) for flat inputs."""
+        if x.dim() < 3:
+            return 0, 0
+        per = int(x.shape[-2] if self.layout == "columns" else x.shape[-1])
+        return int(np.prod(x.shape[1:])) // per, per
+
     def fingerprint(self, x: torch.Tensor) -> tuple[list[bytes], np.ndarray]:
         """Per image: a keyed digest of its exact pixels (what makes two queries the same
-        query) and its top-N distinct window hashes, (B, top_n) uint64. An image with fewer
-        informative windows (nearly uniform) is padded with values derived from its digest,
-        which only its own exact copies share."""
+        query) and its hashes, (B, width) uint64: the top-N distinct window hashes, then (with
+        `lines`) one hash per informative line. Missing ones (a nearly uniform image, an
+        uninformative line) are filled with values derived from the digest, which only the
+        image's own exact copies share."""
         a = np.ascontiguousarray(x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).numpy())
         digests = [hashlib.blake2b(row.tobytes(), key=self._digest_key, digest_size=16).digest()  # type: ignore[attr-defined]
                    for row in a]
@@ -142,26 +156,44 @@ class Fingerprinter:
             # window k's polynomial sum(lv[k+j] * base**(w-1-j)) from prefix sums of
             # lv[t] * base**-t, all mod 2**64 (uint64 arithmetic wraps): O(length), not O(length*w)
             prefix = np.concatenate([zero, np.cumsum(lv.astype(np.uint64) * inv, axis=1)], axis=1)
-            h = (prefix[:, w:] - prefix[:, :n]) * fwd[w - 1:]
-            h += self._at  # type: ignore[attr-defined]
-            h ^= h >> np.uint64(30)
-            h *= np.uint64(0xBF58476D1CE4E5B9)
-            h ^= h >> np.uint64(27)
-            h *= np.uint64(0x94D049BB133111EB)
-            h ^= h >> np.uint64(31)
+            h = _mix((prefix[:, w:] - prefix[:, :n]) * fwd[w - 1:] + self._at)  # type: ignore[attr-defined]
         levels = int(255 // self.quantization) + 1
         mode = np.stack([np.bincount(row, minlength=levels) for row in lv]).argmax(axis=1)
         off = np.concatenate([zero.astype(np.int32), np.cumsum(lv != mode[:, None].astype(np.uint8), axis=1,
                                                                dtype=np.int32)], axis=1)
         keep = (off[:, w:] - off[:, :n]) >= int(np.ceil(self.informative * w))
-        out = np.empty((len(digests), self.top_n), dtype=np.uint64)
+        n_lines, per = self._line_shape(x) if self.lines else (0, 0)
+        if n_lines:
+            # each whole line (a column, in the columns layout) with its position: Square's
+            # queries leave whole columns unchanged, and two different digits rarely share an
+            # informative column at the same place
+            starts = np.arange(n_lines) * per
+            with np.errstate(over="ignore"):
+                line_h = _mix((prefix[:, starts + per] - prefix[:, starts]) * fwd[starts + per - 1]
+                              + self._line_at + np.arange(1, n_lines + 1, dtype=np.uint64)  # type: ignore[attr-defined]
+                              * np.uint64(0x9E3779B97F4A7C15))
+            line_keep = (off[:, starts + per] - off[:, starts]) >= int(np.ceil(self.informative * per))
+        out = np.empty((len(digests), self.top_n + n_lines), dtype=np.uint64)
         for i, row in enumerate(h):
             top = np.unique(row[keep[i]])[-self.top_n:]
-            if len(top) < self.top_n:
+            lines = line_h[i][line_keep[i]] if n_lines else top[:0]
+            missing = self.top_n + n_lines - len(top) - len(lines)
+            if missing:
                 rng = np.random.default_rng(int.from_bytes(digests[i], "big"))
-                top = np.concatenate([top, rng.integers(0, 2**63, size=self.top_n - len(top), dtype=np.uint64)])
-            out[i] = top
+                top = np.concatenate([top, rng.integers(0, 2**63, size=missing, dtype=np.uint64)])
+            out[i] = np.concatenate([top, lines])
         return digests, out
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (in place on uint64; wraps mod 2**64)."""
+    with np.errstate(over="ignore"):
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return h
 
 
 # --------------------------------------------------------------------------- stores
@@ -348,7 +380,7 @@ class MonitorPolicy:
 
     enabled: bool = True
     action: Action = "reject"
-    threshold: int = 10
+    threshold: int = 14
     block_after: int = 10
     block_window_s: float = 600.0
     cooldown_s: float = 900.0
@@ -363,7 +395,7 @@ class Verdict:
 
     matches: list[int]
     flagged: list[bool]
-    top_n: int
+    top_n: int  # hashes per image (the fingerprint's width): scores are shared fractions of it
     threshold: int
     reject: bool  # flagged images are answered as rejections (reject and block modes)
     blocked_now: bool = False
@@ -380,8 +412,8 @@ class QueryMonitor:
 
     def __init__(self, *, store: Literal["memory", "redis"] = "memory", redis_url: str = "redis://127.0.0.1:6379/0",
                  redis_prefix: str = "shieldserve:", secret: str | None = None, quantization: int = 25,
-                 window: int = 50, top_n: int = 50, informative: float = 0.25,
-                 layout: Literal["columns", "rows"] = "columns", memory_window_s: float = 3600.0,
+                 window: int = 50, top_n: int = 80, informative: float = 0.25,
+                 layout: Literal["columns", "rows"] = "columns", lines: bool = True, memory_window_s: float = 3600.0,
                  max_queries: int = 100_000,
                  retry_redis_s: float = 5.0, redis_client: Any = None, on_degraded: Any = None) -> None:
         self.memory = MemoryStore(memory_window_s, max_queries)
@@ -389,7 +421,7 @@ class QueryMonitor:
         self.retry_redis_s = retry_redis_s
         self._down_since: float | None = None
         self._on_degraded = on_degraded or (lambda degraded: None)
-        self._params = (quantization, window, top_n, informative, layout)
+        self._params = (quantization, window, top_n, informative, layout, lines)
         key = secret.encode() if secret else None
         self._key_pending = False  # the shared key is still to be read from Redis
         if store == "redis":
@@ -461,9 +493,10 @@ class QueryMonitor:
             matches = self.memory.match(digests, hashes)
         if policy.action == "block" and blocked_for > 0:
             raise AttackSuspected(max(1, int(np.ceil(blocked_for))))
-        threshold = min(policy.threshold, self.fingerprinter.top_n)
+        width = hashes.shape[1]  # the hashes per image: top_n windows and the lines
+        threshold = min(policy.threshold, width)
         flagged = [m >= threshold for m in matches]
-        verdict = Verdict(matches, flagged, self.fingerprinter.top_n, threshold, policy.action != "flag")
+        verdict = Verdict(matches, flagged, width, threshold, policy.action != "flag")
         if policy.action == "block" and any(flagged):
             verdict.blocked_now = self._add_flags(tag, sum(flagged), policy)
         verdict.seconds = time.perf_counter() - started
