@@ -91,19 +91,66 @@ def test_the_key_decides_the_hashes_and_the_digest() -> None:
 
 
 # --------------------------------------------------------------------------- benign and attack traffic
-def test_no_benign_digit_is_flagged_and_retries_and_public_images_never_are(mnist) -> None:
+@pytest.mark.parametrize("key", [b"s" * 32, b"a" * 32, b"b" * 32])
+def test_no_benign_digit_is_flagged_and_retries_and_public_images_never_are(mnist, key: bytes) -> None:
     """Every mnist5k digit once (5,000 distinct images, shuffled), then each of 200 sent again
     (retries, or the same public image from other clients): at most 0.1% flagged (0 here)."""
     xs = digits(mnist)
     xs = xs[torch.randperm(len(xs), generator=torch.Generator().manual_seed(0))]
-    fp, store = Fingerprinter(b"s" * 32), MemoryStore(3600, 1_000_000)
+    fp, store = Fingerprinter(key), MemoryStore(3600, 1_000_000)
     d, h = fp.fingerprint(xs)
     matches = np.array(store.match(d, h))
     threshold = MonitorPolicy().threshold
     assert (matches >= threshold).sum() <= len(xs) // 1000
-    assert matches.max() < threshold  # no benign digit even close
+    assert matches.max() <= threshold - 4, matches.max()  # no benign digit even close
     again = np.array(store.match(d[:200], h[:200]))
     assert (again >= threshold).sum() == 0
+
+
+def art_square(x: torch.Tensor, eps: float, queries: int, seed: int) -> torch.Tensor:
+    """The queries of ART's L-inf Square (p_init 0.8), 8-bit: the image twice, vertical
+    stripes of +-eps (three times), then per iteration one square set to x +- eps (25 px a side
+    for the first iterations, then 18, 12: ART's schedule at a budget of 1,000), kept when the
+    loss improves (here: a coin), and the running best re-sent twice, as ART's loop does."""
+    g = np.random.default_rng(seed)
+    x2 = x.reshape(28, 28).numpy().astype(np.float64)
+    best = np.clip(x2 + eps * g.choice([-1, 1], size=(1, 28)), 0, 1)
+    out = [x2, x2, best, best, best]
+    it = 0
+    while len(out) < queries:
+        side = 25 if it < 10 else 18 if it < 30 else 12
+        i, j = g.integers(0, 28 - side, size=2)
+        q = best.copy()
+        q[i:i + side, j:j + side] = np.clip(x2[i:i + side, j:j + side] + eps * g.choice([-1, 1]), 0, 1)
+        out.append(q)
+        if g.random() < 0.5:
+            best = q
+        out += [best, best]
+        it += 1
+    t = torch.tensor(np.stack(out[:queries]), dtype=torch.float32)[:, None]
+    return (t * 255).round() / 255
+
+
+@pytest.mark.parametrize("key", [b"s" * 32, b"a" * 32, b"b" * 32])
+@pytest.mark.parametrize("eps", [0.3, 0.15])
+def test_square_is_flagged_within_a_few_queries_through_its_unchanged_columns(mnist, eps: float, key: bytes) -> None:
+    """ART's Square re-signs a 25x25 square per query at first: row-major windows (0.6.0's
+    fingerprint) nearly all cross it, columns of the stripe's sign and the columns beside it
+    stay whole. Flagged at query 6 (the first square) for most digits, by 20 for every one;
+    0.6.0's fingerprint (rows, 50 hashes, no lines, threshold 12) needed 13.5 / 21 here."""
+    xs = mnist.test.x
+    fp, store = Fingerprinter(key), MemoryStore(3600, 1_000_000)
+    old, old_store = Fingerprinter(key, layout="rows", top_n=50, lines=False), MemoryStore(3600, 1_000_000)
+    store.match(*fp.fingerprint(digits(mnist)[:2000]))  # other traffic already remembered
+    old_store.match(*old.fingerprint(digits(mnist)[:2000]))
+    first, first_old = [], []
+    for k in range(10):
+        q = art_square(xs[k], eps, 40, seed=k)
+        for f, st, thr, out in ((fp, store, MonitorPolicy().threshold, first), (old, old_store, 12, first_old)):
+            flagged = np.array(st.match(*f.fingerprint(q))) >= thr
+            out.append(int(np.argmax(flagged)) + 1 if flagged.any() else 99)
+    assert np.median(first) <= 8 and max(first) <= 20, first
+    assert np.median(first_old) > 10, first_old  # what the columns and lines changed
 
 
 @pytest.mark.parametrize("eps", [0.3, 0.15])
