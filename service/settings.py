@@ -41,7 +41,9 @@ class MonitorPolicyConfig(BaseModel):
     action: Literal["flag", "reject", "block"] = Field(
         "reject", description="flag: count only; reject: answer a rejection by query_monitor; block: reject, and "
                               "a client with more than block_after flags in block_window_s gets 429 for cooldown_s")
-    threshold: int = Field(14, ge=1, description="hashes (of top_n) a query must share with remembered ones")
+    threshold: int = Field(14, ge=1, description="hashes (of top_n plus one per column) a query must share with "
+                                                  "remembered ones")
+    suspect_threshold: int = Field(7, ge=1, description="the threshold for a client flagged within block_window_s")
     block_after: int = Field(10, ge=0)
     block_window_s: float = Field(600.0, gt=0)
     cooldown_s: float = Field(900.0, gt=0)

@@ -201,6 +201,38 @@ def test_a_uniform_image_has_a_full_fingerprint_that_only_its_copies_share() -> 
     assert store.match(da, ha) == [0]
 
 
+def test_a_flagged_client_is_held_to_the_suspect_threshold_and_others_are_not(mnist) -> None:
+    """After a client's flag, a query sharing fewer than `threshold` but at least
+    `suspect_threshold` hashes is flagged for that client, not for another one."""
+    policy = MonitorPolicy()
+    x, other = mnist.test.x[0:1], mnist.test.x[1:2]
+    probe = QueryMonitor(secret="s")
+    probe.screen(policy, x, "ip:1.1.1.1")
+    y = None
+    for k in range(1, 28):  # x with its first k columns offset: fewer and fewer shared hashes
+        cand = x.clone()
+        cand[..., :, :k] = (cand[..., :, :k] + 0.4).clamp(0, 1)
+        fresh = QueryMonitor(secret="s")
+        fresh.screen(policy, x, "ip:1.1.1.1")
+        m = fresh.screen(MonitorPolicy(action="flag"), cand, "ip:9.9.9.9").matches[0]
+        if policy.suspect_threshold <= m < policy.threshold:
+            y, shared = cand, m
+            break
+    assert y is not None
+    for suspect in (False, True):
+        mon = QueryMonitor(secret="s")
+        mon.screen(policy, x, "ip:1.1.1.1")
+        mon.screen(policy, other, "ip:1.1.1.1")
+        near = other.clone()
+        near[..., 14, 14] = 1.0 - near[..., 14, 14]
+        if suspect:  # client 2 sends a near copy of another digit first: flagged, a suspect
+            assert mon.screen(policy, near, "ip:2.2.2.2").flagged == [True]
+        v = mon.screen(policy, y, "ip:2.2.2.2")
+        assert v.matches == [shared] and v.flagged == [suspect]
+        assert v.threshold == (policy.suspect_threshold if suspect else policy.threshold)
+    assert MonitorPolicy().suspect_threshold < MonitorPolicy().threshold
+
+
 # --------------------------------------------------------------------------- bounds
 def test_the_store_is_bounded_by_size_and_time(monkeypatch, mnist) -> None:
     fp = Fingerprinter(b"s" * 32)
@@ -305,7 +337,7 @@ def test_predict_rejects_an_attack_but_not_retries_and_hides_the_secret(make_cli
     hit = next(r for r in [c.post("/predict?pipeline=magnet", content=png(queries[5]), headers=PNG).json()]
                if r)["results"][0]
     assert hit["rejected_by"][0] | {"score": 0} == {"defense": "query_monitor", "detector": "fingerprint_match",
-                                                    "score": 0, "threshold": MonitorPolicy().threshold / (Fingerprinter(b"").top_n + 28)}
+                                                    "score": 0, "threshold": MonitorPolicy().suspect_threshold / (Fingerprinter(b"").top_n + 28)}  # a suspect now
     # baseline is not monitored: the attack's queries are answered there
     r = c.post("/predict?pipeline=baseline", content=png(queries[5]), headers=PNG).json()["results"][0]
     assert r["status"] == "accepted"
@@ -355,9 +387,9 @@ def test_two_monitors_share_one_store_through_redis(redis_url, mnist) -> None:  
     queries = random_search(mnist.test.x[:1], 0.3, 20, seed=2)
     alternating = [(a if i % 2 else b).screen(policy, queries[i:i + 1], f"ip:10.0.0.{i % 5}").flagged[0]
                    for i in range(len(queries))]
-    alone = [single.screen(policy, queries[i:i + 1], "ip:10.0.0.1").flagged[0] for i in range(len(queries))]
+    alone = [single.screen(policy, queries[i:i + 1], f"ip:10.0.0.{i % 5}").flagged[0] for i in range(len(queries))]
     assert alternating.index(True) == alone.index(True) <= 10
-    assert alternating == alone  # same matches whichever replica saw which query
+    assert alternating == alone  # same matches and suspects whichever replica saw which query
     # flags and blocks are shared too
     block = MonitorPolicy(action="block", block_after=1)
     for m in (a, b):

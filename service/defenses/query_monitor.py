@@ -5,15 +5,16 @@ queries. Following Blacklight (Li et al., USENIX Security 2022), every image a m
 pipeline receives gets a probabilistic fingerprint:
 
   1. quantize each pixel to levels of `quantization`/255 (small perturbations vanish),
-  2. flatten the levels column by column (`layout: columns`; Blacklight's row order is
-     `layout: rows`), slide a window of `window` values over them and hash every window's
+  2. flatten the levels column by column (`layout="columns"`; Blacklight's row order is
+     `layout="rows"`), slide a window of `window` values over them and hash every window's
      contents with a keyed hash (the secret decides which windows a query keeps, so an
      attacker cannot aim at the kept ones; the position is not hashed, so shifting the image
      by a few pixels keeps most hashes),
   3. leave out uninformative windows (fewer than `informative` of their values differ from
      the image's most common level: MNIST's background with a stroke's edge, which thousands
      of different digits share),
-  4. keep the `top_n` largest distinct hashes.
+  4. keep the `top_n` largest distinct hashes, and (`lines`) add one keyed hash per
+     informative column (row, in the rows layout), whole and with its position.
 
 With every window kept (Blacklight's rule) distinct benign MNIST digits matched: 925 of 5,000
 shared 25+ of 50 hashes with earlier ones, through the background windows all digits share.
@@ -23,7 +24,9 @@ Why columns: Square (ART's L-inf version) starts from vertical stripes of +-eps 
 one large square (25 of 28 rows at first) to one sign per query. In row order nearly every
 50-value window crosses the square, so few hashes survive until the squares shrink; in column
 order every column whose stripe already has the square's sign is unchanged, and so are the
-columns beside the square, so a candidate keeps a large share of its predecessor's windows.
+columns beside the square, so a candidate keeps a large share of its predecessor's windows,
+and its unchanged columns whole. Two different digits rarely have the same informative column
+at the same place, so the positioned column hashes count for attacks, not for benign traffic.
 Perturbations spread over the whole image (HopSkipJump, boundary) vanish in the quantization
 in either order.
 
@@ -42,7 +45,10 @@ Rules that keep benign traffic out (docs/query_monitor.md):
 
 Actions: `flag` (count and answer), `reject` (the image's answer is a rejection by
 `query_monitor`), `block` (reject, and a client with more than `block_after` flags within
-`block_window_s` gets 429 `attack_suspected` for `cooldown_s`).
+`block_window_s` gets 429 `attack_suspected` for `cooldown_s`). In every mode a client flagged
+within `block_window_s` is a suspect, held to `suspect_threshold`: once an attack has been
+seen, its later queries that happen to change more of the image (Square flipping a large
+square's sign) are still caught. Other clients keep the normal threshold.
 
 The store is per process (`store: memory`) or shared by every replica through Redis
 (`store: redis`). A Redis that cannot be reached degrades to the per-process store, with one
@@ -70,7 +76,7 @@ import torch
 log = logging.getLogger("shieldserve")
 
 Action = Literal["flag", "reject", "block"]
-PUBLIC_POLICY = ("enabled", "action", "threshold", "block_after", "block_window_s", "cooldown_s")
+PUBLIC_POLICY = ("enabled", "action", "threshold", "suspect_threshold", "block_after", "block_window_s", "cooldown_s")
 
 
 class AttackSuspected(Exception):
@@ -208,6 +214,7 @@ class MemoryStore:
         self._started = time.monotonic()
         self._flags: dict[str, list[float]] = {}
         self._blocked: dict[str, float] = {}
+        self._suspects: dict[str, float] = {}  # client -> until when it is held to suspect_threshold
 
     def _rotate(self, now: float) -> None:
         cur = self._gens[1]
@@ -238,6 +245,19 @@ class MemoryStore:
 
     def remembered(self) -> int:
         return sum(len(d) for _, d in self._gens)
+
+    def suspect(self, client: str) -> bool:
+        return self._suspects.get(client, 0.0) > time.time()
+
+    def mark_suspect(self, client: str, seconds: float) -> None:
+        now = time.time()
+        with self._lock:
+            self._suspects[client] = now + seconds
+            if len(self._suspects) > 100_000:  # bounded: forget the expired, then the oldest
+                for c in [c for c, until in self._suspects.items() if until <= now]:
+                    del self._suspects[c]
+                for c in sorted(self._suspects, key=self._suspects.__getitem__)[:max(0, len(self._suspects) - 50_000)]:
+                    del self._suspects[c]
 
     def blocked_for(self, client: str) -> float:
         until = self._blocked.get(client)
@@ -277,6 +297,7 @@ local now = tonumber(ARGV[2]); local half = tonumber(ARGV[3]); local cap = tonum
 local ttl = tonumber(ARGV[5]); local n = tonumber(ARGV[6]); local client = ARGV[7]
 local out = {}
 out[1] = redis.call('PTTL', p .. 'blocked:' .. client)
+out[2] = redis.call('PTTL', p .. 'suspect:' .. client)
 local gen = tonumber(redis.call('GET', p .. 'gen') or '0')
 local started = tonumber(redis.call('GET', p .. 'gen_started') or '0')
 local count = tonumber(redis.call('GET', p .. 'g' .. gen .. ':n') or '0')
@@ -332,7 +353,7 @@ return 0
 class RedisStore:
     """The same store in Redis, shared by every replica. Keys under `<prefix>qm:`: `gen`,
     `gen_started`, `g<N>:h` (hash -> count), `g<N>:d` (digests), `g<N>:n`, `flags:<client>`,
-    `blocked:<client>`, `blocked` (sorted set), `key` (the shared hashing key)."""
+    `blocked:<client>`, `suspect:<client>`, `blocked` (sorted set), `key` (the shared hashing key)."""
 
     def __init__(self, url: str, prefix: str, window_s: float, max_queries: int, timeout_s: float = 0.25,
                  client: Any = None) -> None:
@@ -351,8 +372,8 @@ class RedisStore:
         self.client.set(self.prefix + "key", os.urandom(32), nx=True)
         return bytes(self.client.get(self.prefix + "key"))
 
-    def screen(self, client: str, digests: Sequence[bytes], hashes: np.ndarray) -> tuple[float, list[int]]:
-        """(seconds the client stays blocked, matches per query)."""
+    def screen(self, client: str, digests: Sequence[bytes], hashes: np.ndarray) -> tuple[float, bool, list[int]]:
+        """(seconds the client stays blocked, whether it is a suspect, matches per query)."""
         n = hashes.shape[1]
         args: list[Any] = [self.prefix, f"{time.time():.3f}", self.half_s, self.cap, self.ttl_s, n, client]
         for d, hs in zip(digests, hashes):
@@ -361,7 +382,10 @@ class RedisStore:
             args.extend(raw[k:k + 8] for k in range(0, 8 * n, 8))
         out = self._screen(args=args)
         pttl = int(out[0])
-        return (pttl / 1000.0 if pttl > 0 else 0.0), [int(m) for m in out[1:]]
+        return (pttl / 1000.0 if pttl > 0 else 0.0), int(out[1]) > 0, [int(m) for m in out[2:]]
+
+    def mark_suspect(self, client: str, seconds: float) -> None:
+        self.client.set(self.prefix + "suspect:" + client, "1", px=max(1, int(seconds * 1000)))
 
     def add_flags(self, client: str, count: int, window_s: float, block_after: int, cooldown_s: float) -> bool:
         return bool(self._flags(args=[self.prefix, client, count, int(max(1, window_s)), block_after,
@@ -381,6 +405,7 @@ class MonitorPolicy:
     enabled: bool = True
     action: Action = "reject"
     threshold: int = 14
+    suspect_threshold: int = 7  # for a client flagged within block_window_s
     block_after: int = 10
     block_window_s: float = 600.0
     cooldown_s: float = 900.0
@@ -480,27 +505,41 @@ class QueryMonitor:
                 self._redis_failed("reading the shared key", exc)
         tag = self.client_tag(client)
         digests, hashes = self.fingerprinter.fingerprint(x)
-        blocked_for, matches = 0.0, None
+        blocked_for, suspect, matches = 0.0, False, None
         if self._use_redis() and not self._key_pending:
             assert self.redis is not None
             try:
-                blocked_for, matches = self.redis.screen(tag, digests, hashes)
+                blocked_for, suspect, matches = self.redis.screen(tag, digests, hashes)
                 self._redis_ok()
             except self.redis.errors as exc:
                 self._redis_failed("screen", exc)
         if matches is None:
-            blocked_for = self.memory.blocked_for(tag)
+            blocked_for, suspect = self.memory.blocked_for(tag), self.memory.suspect(tag)
             matches = self.memory.match(digests, hashes)
         if policy.action == "block" and blocked_for > 0:
             raise AttackSuspected(max(1, int(np.ceil(blocked_for))))
         width = hashes.shape[1]  # the hashes per image: top_n windows and the lines
-        threshold = min(policy.threshold, width)
+        # a client flagged within block_window_s is a suspect: held to the lower threshold
+        threshold = min(policy.suspect_threshold if suspect else policy.threshold, width)
         flagged = [m >= threshold for m in matches]
         verdict = Verdict(matches, flagged, width, threshold, policy.action != "flag")
+        if any(flagged):
+            self._mark_suspect(tag, policy.block_window_s)
         if policy.action == "block" and any(flagged):
             verdict.blocked_now = self._add_flags(tag, sum(flagged), policy)
         verdict.seconds = time.perf_counter() - started
         return verdict
+
+    def _mark_suspect(self, tag: str, seconds: float) -> None:
+        if self._use_redis() and not self._key_pending:
+            assert self.redis is not None
+            try:
+                self.redis.mark_suspect(tag, seconds)
+                self._redis_ok()
+                return
+            except self.redis.errors as exc:
+                self._redis_failed("mark_suspect", exc)
+        self.memory.mark_suspect(tag, seconds)
 
     def _add_flags(self, tag: str, count: int, policy: MonitorPolicy) -> bool:
         args = (tag, count, policy.block_window_s, policy.block_after, policy.cooldown_s)
@@ -546,7 +585,7 @@ def policy_from_config(pipeline: str, value: Any, defaults: MonitorPolicy) -> Mo
     if merged["action"] not in ("flag", "reject", "block"):
         raise ValueError(f"pipeline {pipeline!r}: query_monitor.action must be flag, reject or block, "
                          f"got {merged['action']!r}")
-    if int(merged["threshold"]) < 1:
-        raise ValueError(f"pipeline {pipeline!r}: query_monitor.threshold must be at least 1")
+    if int(merged["threshold"]) < 1 or int(merged["suspect_threshold"]) < 1:
+        raise ValueError(f"pipeline {pipeline!r}: query_monitor.threshold and suspect_threshold must be at least 1")
     policy = MonitorPolicy(**merged)
     return policy if policy.enabled else None
