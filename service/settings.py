@@ -59,7 +59,7 @@ class QueryMonitorConfig(BaseModel):
     informative: float = Field(0.25, ge=0, le=1, description="fraction of a window off the image's common level "
                                                              "for the window to count")
     memory_window_s: float = Field(3600.0, gt=0, description="how long a query is remembered")
-    max_queries: int = Field(100_000, gt=1, description="queries remembered at most (per store; ~3.5 KB each)")
+    max_queries: int = Field(100_000, gt=1, description="queries remembered at most (per store; ~3.7 KB each)")
     store: Literal["memory", "redis"] = Field(
         "memory", description="memory: per process; redis: one store for every replica")
     redis_url: str = "redis://127.0.0.1:6379/0"
