@@ -2,16 +2,18 @@
 flags of benign traffic: the quick loop for tuning the monitor before the HTTP evaluation.
 
     flock /work/bench.lock python bench/query_detection.py [--digits 10] [--budget 1000]
-        [--benign 5000] [--variants columns:80:14,rows:50:12] [--keys 2]
+        [--benign 5000] [--variants columns:80:14:7,rows:50:12:12] [--keys 2]
 
-Per variant (`layout:top_n:threshold`; the default against 0.6.0's rows:50:12) and key: a fresh QueryMonitor (memory store, reject mode)
-first sees the benign workload of `shieldserve evaluate --sections query` (every distinct
-mnist5k digit once from 8 clients, 10% retried, 20 public digits sent by every client) and
-then, on the same store, ART's Square (L-inf 0.3 and 0.15), HopSkipJump and the boundary
-attack against the `baseline` pipeline of the bundle, 10 digits each: the digits and seeds
-the HTTP evaluation's reject-mode runs use. Queries are rounded to 8 bits (what a PNG keeps);
-a flagged query is answered as a rejection (service/evaluation/query_attacks.py counts first
-flag and success the same way). Prints a table and writes bench/results/query_detection.json.
+Per variant (`layout:top_n:threshold:suspect_threshold`; the defaults against 0.6.0's
+rows:50:12:12, which had no suspects) and key: a fresh QueryMonitor (memory store, reject
+mode; `lines` with the columns layout) first sees the benign workload of `shieldserve evaluate
+--sections query` (every distinct mnist5k digit once from 8 clients, 10% retried, 20 public
+digits sent by every client) and then, on the same store, ART's Square (L-inf 0.3 and 0.15),
+HopSkipJump and the boundary attack against the `baseline` pipeline of the bundle, 10 digits
+each: the digits and seeds the HTTP evaluation's reject-mode runs use. Queries are rounded to
+8 bits (what a PNG keeps); a flagged query is answered as a rejection (service/evaluation/
+query_attacks.py counts first flag and success the same way). Prints a table and writes
+bench/results/query_detection.json.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def main() -> None:
     ap.add_argument("--digits", type=int, default=10)
     ap.add_argument("--budget", type=int, default=1000)
     ap.add_argument("--benign", type=int, default=5000, help="distinct mnist5k digits (0: none)")
-    ap.add_argument("--variants", default="columns:80:14,rows:50:12", help="layout:top_n:threshold, comma separated")
+    ap.add_argument("--variants", default="columns:80:14:7,rows:50:12:12",
+                    help="layout:top_n:threshold:suspect_threshold, comma separated")
     ap.add_argument("--keys", type=int, default=2, help="hashing keys per variant (fixed, derived from an index)")
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--bundle", default=str(ROOT / "models" / "default"))
@@ -111,13 +114,16 @@ def main() -> None:
                               "digits": args.digits, "budget_per_digit": args.budget, "results": []}
     rows = []
     for variant in args.variants.split(","):
-        layout, top_n, threshold = variant.split(":")
+        layout, top_n, threshold, suspect = variant.split(":")
         for k in range(args.keys):
             started = time.perf_counter()
-            monitor = QueryMonitor(store="memory", secret=f"query-detection-key-{k}", layout=layout,  # type: ignore[arg-type]
+            # 0.6.0's fingerprint had no line hashes: rows:50:12 without them
+            monitor = QueryMonitor(store="memory", secret=f"query-detection-key-{k}",
+                                   layout=layout, lines=layout == "columns",  # type: ignore[arg-type]
                                    top_n=int(top_n), max_queries=1_000_000)
-            policy = MonitorPolicy(action="reject", threshold=int(threshold))
-            res: dict[str, Any] = {"layout": layout, "top_n": int(top_n), "threshold": int(threshold), "key": k}
+            policy = MonitorPolicy(action="reject", threshold=int(threshold), suspect_threshold=int(suspect))
+            res: dict[str, Any] = {"layout": layout, "top_n": int(top_n), "threshold": int(threshold),
+                                  "suspect_threshold": int(suspect), "key": k}
             if len(every):
                 res["benign"] = benign(monitor, policy, every)
             bar = tqdm(total=len(attacks) * args.digits, desc=f"{variant} key {k}", unit="digit", leave=False)
@@ -130,7 +136,8 @@ def main() -> None:
                     start = test.x[other[(flat[other] - x0.flatten()).norm(dim=1).argmin()]]
                     oracle = ScreenedOracle(monitor, policy, PipelineOracle(pipes["baseline"], seed=i),
                                             f"203.0.{j % 250}.{i % 250 + 1}")
-                    runs.append(run_attack(kind, oracle, x0, y0, start, budget=args.budget, seed=i))  # type: ignore[arg-type]
+                    runs.append(run_attack(kind, oracle, x0, y0, start,  # type: ignore[arg-type]
+                                           budget=args.budget, seed=i))
                     bar.update(1)
                 res[kind] = {**_summary(runs), "first_flags": [r["first_flag"] for r in runs]}
             bar.close()
@@ -138,8 +145,9 @@ def main() -> None:
             report["results"].append(res)
             rows.append(res)
             b = res.get("benign", {})
-            print(f"{layout:8s} top {top_n} t{threshold:>2s} key {k}: benign {b.get('flagged')}/{b.get('queries')} flagged "
-                  f"(max shared {b.get('max_shared')})", flush=True)
+            print(f"{layout:8s} top {top_n} t{threshold:>2s}/{suspect} key {k}: "
+                  f"benign {b.get('flagged')}/{b.get('queries')} flagged (max shared {b.get('max_shared')})",
+                  flush=True)
             for kind in attacks:
                 s = res[kind]
                 print(f"    {kind:12s} flagged {s['runs_flagged']}/{s['digits']}  first flag median "
