@@ -41,7 +41,9 @@ class MonitorPolicyConfig(BaseModel):
     action: Literal["flag", "reject", "block"] = Field(
         "reject", description="flag: count only; reject: answer a rejection by query_monitor; block: reject, and "
                               "a client with more than block_after flags in block_window_s gets 429 for cooldown_s")
-    threshold: int = Field(12, ge=1, description="hashes (of top_n) a query must share with remembered ones")
+    threshold: int = Field(14, ge=1, description="hashes (of top_n plus one per column) a query must share with "
+                                                  "remembered ones")
+    suspect_threshold: int = Field(7, ge=1, description="the threshold for a client flagged within block_window_s")
     block_after: int = Field(10, ge=0)
     block_window_s: float = Field(600.0, gt=0)
     cooldown_s: float = Field(900.0, gt=0)
@@ -53,11 +55,11 @@ class QueryMonitorConfig(BaseModel):
     policy: MonitorPolicyConfig = Field(default_factory=MonitorPolicyConfig)
     quantization: int = Field(25, ge=1, le=255, description="pixel levels are this many /255 apart")
     window: int = Field(50, ge=2, description="values per hashed window of the flattened image")
-    top_n: int = Field(50, ge=1, description="hashes kept per query")
+    top_n: int = Field(80, ge=1, description="hashes kept per query")
     informative: float = Field(0.25, ge=0, le=1, description="fraction of a window off the image's common level "
                                                              "for the window to count")
     memory_window_s: float = Field(3600.0, gt=0, description="how long a query is remembered")
-    max_queries: int = Field(100_000, gt=1, description="queries remembered at most (per store; ~3.5 KB each)")
+    max_queries: int = Field(100_000, gt=1, description="queries remembered at most (per store; ~3.7 KB each)")
     store: Literal["memory", "redis"] = Field(
         "memory", description="memory: per process; redis: one store for every replica")
     redis_url: str = "redis://127.0.0.1:6379/0"

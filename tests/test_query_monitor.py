@@ -55,21 +55,31 @@ def random_search(x: torch.Tensor, eps: float, queries: int, seed: int) -> torch
 
 
 # --------------------------------------------------------------------------- the fingerprint
-def test_window_hashes_match_a_direct_polynomial_computation() -> None:
-    fp = Fingerprinter(b"k" * 32, quantization=25, window=7, top_n=24, informative=0.0)  # <= 24 windows
+def _direct_hash(values: list[int], base: int, at: int) -> int:
+    m = 2**64
+    h = (sum(v * pow(base, len(values) - 1 - j, m) for j, v in enumerate(values)) + at) % m
+    h ^= h >> 30; h = h * 0xBF58476D1CE4E5B9 % m; h ^= h >> 27  # noqa: E702
+    h = h * 0x94D049BB133111EB % m; h ^= h >> 31  # noqa: E702
+    return h
+
+
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+def test_window_and_line_hashes_match_a_direct_polynomial_computation(layout: str) -> None:
+    fp = Fingerprinter(b"k" * 32, quantization=25, window=7, top_n=24, informative=0.0, layout=layout)  # <= 24 windows
     x = torch.rand(2, 1, 5, 6, generator=torch.Generator().manual_seed(0))
     _, got = fp.fingerprint(x)
-    base, at, m = fp._base, int(fp._at), 2**64  # type: ignore[attr-defined]
+    lines = 6 if layout == "columns" else 5
+    assert got.shape == (2, 24 + lines) == (2, fp.width(x))
+    base, at, line_at = fp._base, int(fp._at), int(fp._line_at)  # type: ignore[attr-defined]
     for i in range(2):
-        lv = np.floor(x[i].reshape(-1).numpy() * (255.0 / 25)).astype(np.uint64).tolist()
-        want = set()
-        for k in range(len(lv) - 7 + 1):
-            h = sum(lv[k + j] * pow(base, 7 - 1 - j, m) for j in range(7)) % m
-            h = (h + at) % m
-            h ^= h >> 30; h = h * 0xBF58476D1CE4E5B9 % m; h ^= h >> 27  # noqa: E702
-            h = h * 0x94D049BB133111EB % m; h ^= h >> 31  # noqa: E702
-            want.add(h)
-        assert {int(v) for v in got[i]} >= want and len(want) <= 24  # the rest: padding
+        img = x[i, 0].T if layout == "columns" else x[i, 0]  # columns: read column by column
+        lv = np.floor(img.reshape(-1).numpy() * (255.0 / 25)).astype(np.uint64).tolist()
+        want = {_direct_hash(lv[k:k + 7], base, at) for k in range(len(lv) - 7 + 1)}
+        assert {int(v) for v in got[i, :24]} >= want and len(want) <= 24  # the rest: padding
+        per = len(lv) // lines  # each line whole, its position (1-based) times a constant added
+        want_lines = [_direct_hash(lv[k * per:(k + 1) * per], base, (line_at + (k + 1) * 0x9E3779B97F4A7C15) % 2**64)
+                      for k in range(lines)]
+        assert [int(v) for v in got[i, 24:]] == want_lines
 
 
 def test_the_key_decides_the_hashes_and_the_digest() -> None:
@@ -81,19 +91,66 @@ def test_the_key_decides_the_hashes_and_the_digest() -> None:
 
 
 # --------------------------------------------------------------------------- benign and attack traffic
-def test_no_benign_digit_is_flagged_and_retries_and_public_images_never_are(mnist) -> None:
+@pytest.mark.parametrize("key", [b"s" * 32, b"a" * 32, b"b" * 32])
+def test_no_benign_digit_is_flagged_and_retries_and_public_images_never_are(mnist, key: bytes) -> None:
     """Every mnist5k digit once (5,000 distinct images, shuffled), then each of 200 sent again
     (retries, or the same public image from other clients): at most 0.1% flagged (0 here)."""
     xs = digits(mnist)
     xs = xs[torch.randperm(len(xs), generator=torch.Generator().manual_seed(0))]
-    fp, store = Fingerprinter(b"s" * 32), MemoryStore(3600, 1_000_000)
+    fp, store = Fingerprinter(key), MemoryStore(3600, 1_000_000)
     d, h = fp.fingerprint(xs)
     matches = np.array(store.match(d, h))
     threshold = MonitorPolicy().threshold
     assert (matches >= threshold).sum() <= len(xs) // 1000
-    assert matches.max() < threshold  # no benign digit even close
+    assert matches.max() <= threshold - 4, matches.max()  # no benign digit even close
     again = np.array(store.match(d[:200], h[:200]))
     assert (again >= threshold).sum() == 0
+
+
+def art_square(x: torch.Tensor, eps: float, queries: int, seed: int) -> torch.Tensor:
+    """The queries of ART's L-inf Square (p_init 0.8), 8-bit: the image twice, vertical
+    stripes of +-eps (three times), then per iteration one square set to x +- eps (25 px a side
+    for the first iterations, then 18, 12: ART's schedule at a budget of 1,000), kept when the
+    loss improves (here: a coin), and the running best re-sent twice, as ART's loop does."""
+    g = np.random.default_rng(seed)
+    x2 = x.reshape(28, 28).numpy().astype(np.float64)
+    best = np.clip(x2 + eps * g.choice([-1, 1], size=(1, 28)), 0, 1)
+    out = [x2, x2, best, best, best]
+    it = 0
+    while len(out) < queries:
+        side = 25 if it < 10 else 18 if it < 30 else 12
+        i, j = g.integers(0, 28 - side, size=2)
+        q = best.copy()
+        q[i:i + side, j:j + side] = np.clip(x2[i:i + side, j:j + side] + eps * g.choice([-1, 1]), 0, 1)
+        out.append(q)
+        if g.random() < 0.5:
+            best = q
+        out += [best, best]
+        it += 1
+    t = torch.tensor(np.stack(out[:queries]), dtype=torch.float32)[:, None]
+    return (t * 255).round() / 255
+
+
+@pytest.mark.parametrize("key", [b"s" * 32, b"a" * 32, b"b" * 32])
+@pytest.mark.parametrize("eps", [0.3, 0.15])
+def test_square_is_flagged_within_a_few_queries_through_its_unchanged_columns(mnist, eps: float, key: bytes) -> None:
+    """ART's Square re-signs a 25x25 square per query at first: row-major windows (0.6.0's
+    fingerprint) nearly all cross it, columns of the stripe's sign and the columns beside it
+    stay whole. Flagged at query 6 (the first square) for most digits, by 20 for every one;
+    0.6.0's fingerprint (rows, 50 hashes, no lines, threshold 12) needed 13.5 / 21 here."""
+    xs = mnist.test.x
+    fp, store = Fingerprinter(key), MemoryStore(3600, 1_000_000)
+    old, old_store = Fingerprinter(key, layout="rows", top_n=50, lines=False), MemoryStore(3600, 1_000_000)
+    store.match(*fp.fingerprint(digits(mnist)[:2000]))  # other traffic already remembered
+    old_store.match(*old.fingerprint(digits(mnist)[:2000]))
+    first, first_old = [], []
+    for k in range(10):
+        q = art_square(xs[k], eps, 40, seed=k)
+        for f, st, thr, out in ((fp, store, MonitorPolicy().threshold, first), (old, old_store, 12, first_old)):
+            flagged = np.array(st.match(*f.fingerprint(q))) >= thr
+            out.append(int(np.argmax(flagged)) + 1 if flagged.any() else 99)
+    assert np.median(first) <= 8 and max(first) <= 20, first
+    assert np.median(first_old) > 10, first_old  # what the columns and lines changed
 
 
 @pytest.mark.parametrize("eps", [0.3, 0.15])
@@ -129,18 +186,51 @@ def test_a_repeat_of_a_flagged_query_is_still_flagged(mnist) -> None:
     y = x.clone()
     y[..., 10:13, 10:13] = (y[..., 10:13, 10:13] - 0.5).abs()
     store.match(*fp.fingerprint(x))
-    assert store.match(*fp.fingerprint(y))[0] >= 40  # y is x with a corner changed
-    assert store.match(*fp.fingerprint(y))[0] >= 40  # its repeat still matches x
-    assert store.match(*fp.fingerprint(x))[0] >= 40  # and x matches y now: y was remembered
+    threshold = MonitorPolicy().threshold
+    assert store.match(*fp.fingerprint(y))[0] >= 2 * threshold  # y is x with a 3x3 patch changed
+    assert store.match(*fp.fingerprint(y))[0] >= 2 * threshold  # its repeat still matches x
+    assert store.match(*fp.fingerprint(x))[0] >= 2 * threshold  # and x matches y now: y was remembered
 
 
 def test_a_uniform_image_has_a_full_fingerprint_that_only_its_copies_share() -> None:
     fp, store = Fingerprinter(b"s" * 32), MemoryStore(3600, 1000)
     a, b = torch.zeros(1, 1, 28, 28), torch.full((1, 1, 28, 28), 0.001)
     da, ha = fp.fingerprint(a)
-    assert ha.shape == (1, 50) and len(set(ha[0].tolist())) == 50
+    assert ha.shape == (1, fp.width(a)) and len(set(ha[0].tolist())) == fp.width(a) == fp.top_n + 28
     assert store.match(da, ha) == [0] and store.match(*fp.fingerprint(b)) == [0]
     assert store.match(da, ha) == [0]
+
+
+def test_a_flagged_client_is_held_to_the_suspect_threshold_and_others_are_not(mnist) -> None:
+    """After a client's flag, a query sharing fewer than `threshold` but at least
+    `suspect_threshold` hashes is flagged for that client, not for another one."""
+    policy = MonitorPolicy()
+    x, other = mnist.test.x[0:1], mnist.test.x[1:2]
+    probe = QueryMonitor(secret="s")
+    probe.screen(policy, x, "ip:1.1.1.1")
+    y = None
+    for k in range(1, 28):  # x with its first k columns offset: fewer and fewer shared hashes
+        cand = x.clone()
+        cand[..., :, :k] = (cand[..., :, :k] + 0.4).clamp(0, 1)
+        fresh = QueryMonitor(secret="s")
+        fresh.screen(policy, x, "ip:1.1.1.1")
+        m = fresh.screen(MonitorPolicy(action="flag"), cand, "ip:9.9.9.9").matches[0]
+        if policy.suspect_threshold <= m < policy.threshold:
+            y, shared = cand, m
+            break
+    assert y is not None
+    for suspect in (False, True):
+        mon = QueryMonitor(secret="s")
+        mon.screen(policy, x, "ip:1.1.1.1")
+        mon.screen(policy, other, "ip:1.1.1.1")
+        near = other.clone()
+        near[..., 14, 14] = 1.0 - near[..., 14, 14]
+        if suspect:  # client 2 sends a near copy of another digit first: flagged, a suspect
+            assert mon.screen(policy, near, "ip:2.2.2.2").flagged == [True]
+        v = mon.screen(policy, y, "ip:2.2.2.2")
+        assert v.matches == [shared] and v.flagged == [suspect]
+        assert v.threshold == (policy.suspect_threshold if suspect else policy.threshold)
+    assert MonitorPolicy().suspect_threshold < MonitorPolicy().threshold
 
 
 # --------------------------------------------------------------------------- bounds
@@ -247,7 +337,8 @@ def test_predict_rejects_an_attack_but_not_retries_and_hides_the_secret(make_cli
     hit = next(r for r in [c.post("/predict?pipeline=magnet", content=png(queries[5]), headers=PNG).json()]
                if r)["results"][0]
     assert hit["rejected_by"][0] | {"score": 0} == {"defense": "query_monitor", "detector": "fingerprint_match",
-                                                    "score": 0, "threshold": 12 / 50}
+                                                    "score": 0,  # the client is a suspect now
+                                                    "threshold": MonitorPolicy().suspect_threshold / (80 + 28)}
     # baseline is not monitored: the attack's queries are answered there
     r = c.post("/predict?pipeline=baseline", content=png(queries[5]), headers=PNG).json()["results"][0]
     assert r["status"] == "accepted"
@@ -297,9 +388,9 @@ def test_two_monitors_share_one_store_through_redis(redis_url, mnist) -> None:  
     queries = random_search(mnist.test.x[:1], 0.3, 20, seed=2)
     alternating = [(a if i % 2 else b).screen(policy, queries[i:i + 1], f"ip:10.0.0.{i % 5}").flagged[0]
                    for i in range(len(queries))]
-    alone = [single.screen(policy, queries[i:i + 1], "ip:10.0.0.1").flagged[0] for i in range(len(queries))]
+    alone = [single.screen(policy, queries[i:i + 1], f"ip:10.0.0.{i % 5}").flagged[0] for i in range(len(queries))]
     assert alternating.index(True) == alone.index(True) <= 10
-    assert alternating == alone  # same matches whichever replica saw which query
+    assert alternating == alone  # same matches and suspects whichever replica saw which query
     # flags and blocks are shared too
     block = MonitorPolicy(action="block", block_after=1)
     for m in (a, b):

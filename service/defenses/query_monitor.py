@@ -5,18 +5,30 @@ queries. Following Blacklight (Li et al., USENIX Security 2022), every image a m
 pipeline receives gets a probabilistic fingerprint:
 
   1. quantize each pixel to levels of `quantization`/255 (small perturbations vanish),
-  2. slide a window of `window` values over the flattened levels and hash every window's
+  2. flatten the levels column by column (`layout="columns"`; Blacklight's row order is
+     `layout="rows"`), slide a window of `window` values over them and hash every window's
      contents with a keyed hash (the secret decides which windows a query keeps, so an
      attacker cannot aim at the kept ones; the position is not hashed, so shifting the image
      by a few pixels keeps most hashes),
   3. leave out uninformative windows (fewer than `informative` of their values differ from
      the image's most common level: MNIST's background with a stroke's edge, which thousands
      of different digits share),
-  4. keep the `top_n` largest distinct hashes.
+  4. keep the `top_n` largest distinct hashes, and (`lines`) add one keyed hash per
+     informative column (row, in the rows layout), whole and with its position.
 
 With every window kept (Blacklight's rule) distinct benign MNIST digits matched: 925 of 5,000
 shared 25+ of 50 hashes with earlier ones, through the background windows all digits share.
 Leaving out the uninformative windows brought the worst benign digit to 5-8 (docs/query_monitor.md).
+
+Why columns: Square (ART's L-inf version) starts from vertical stripes of +-eps and then sets
+one large square (25 of 28 rows at first) to one sign per query. In row order nearly every
+50-value window crosses the square, so few hashes survive until the squares shrink; in column
+order every column whose stripe already has the square's sign is unchanged, and so are the
+columns beside the square, so a candidate keeps a large share of its predecessor's windows,
+and its unchanged columns whole. Two different digits rarely have the same informative column
+at the same place, so the positioned column hashes count for attacks, not for benign traffic.
+Perturbations spread over the whole image (HopSkipJump, boundary) vanish in the quantization
+in either order.
 
 One store of the fingerprints of *all* recent queries, from every client (many accounts do not
 help an attacker), counts in how many remembered queries each hash occurs. A query whose
@@ -33,7 +45,10 @@ Rules that keep benign traffic out (docs/query_monitor.md):
 
 Actions: `flag` (count and answer), `reject` (the image's answer is a rejection by
 `query_monitor`), `block` (reject, and a client with more than `block_after` flags within
-`block_window_s` gets 429 `attack_suspected` for `cooldown_s`).
+`block_window_s` gets 429 `attack_suspected` for `cooldown_s`). In every mode a client flagged
+within `block_window_s` is a suspect, held to `suspect_threshold`: once an attack has been
+seen, its later queries that happen to change more of the image (Square flipping a large
+square's sign) are still caught. Other clients keep the normal threshold.
 
 The store is per process (`store: memory`) or shared by every replica through Redis
 (`store: redis`). A Redis that cannot be reached degrades to the per-process store, with one
@@ -61,7 +76,7 @@ import torch
 log = logging.getLogger("shieldserve")
 
 Action = Literal["flag", "reject", "block"]
-PUBLIC_POLICY = ("enabled", "action", "threshold", "block_after", "block_window_s", "cooldown_s")
+PUBLIC_POLICY = ("enabled", "action", "threshold", "suspect_threshold", "block_after", "block_window_s", "cooldown_s")
 
 
 class AttackSuspected(Exception):
@@ -80,10 +95,14 @@ class Fingerprinter:
     key: bytes
     quantization: int = 25
     window: int = 50
-    top_n: int = 50
+    top_n: int = 80
     informative: float = 0.25
+    layout: Literal["columns", "rows"] = "columns"
+    lines: bool = True
 
     def __post_init__(self) -> None:
+        if self.layout not in ("columns", "rows"):
+            raise ValueError(f"query monitor layout must be columns or rows, got {self.layout!r}")
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(b"coefficients" + self.key).digest(), "big"))
         # a polynomial hash mod 2**64 with a secret odd base and a secret offset, mixed by
         # splitmix64's finaliser (see fingerprint)
@@ -92,6 +111,7 @@ class Fingerprinter:
         object.__setattr__(self, "_base", int(base))
         object.__setattr__(self, "_inverse", inverse)
         object.__setattr__(self, "_at", at)
+        object.__setattr__(self, "_line_at", rng.integers(0, 2**63, dtype=np.uint64))
         object.__setattr__(self, "_powers", {})
         object.__setattr__(self, "_digest_key", hashlib.sha256(b"digest" + self.key).digest()[:32])
 
@@ -107,14 +127,29 @@ class Fingerprinter:
             tables[length] = (np.array(fwd, dtype=np.uint64), np.array(inv, dtype=np.uint64))
         return tables[length]
 
+    def width(self, x: torch.Tensor) -> int:
+        """Hashes per image: the top N windows, and one per line (column or row) when `lines`."""
+        return self.top_n + (self._line_shape(x)[0] if self.lines else 0)
+
+    def _line_shape(self, x: torch.Tensor) -> tuple[int, int]:
+        """(lines per image, values per line) of the flattened image; (0, 0) for flat inputs."""
+        if x.dim() < 3:
+            return 0, 0
+        per = int(x.shape[-2] if self.layout == "columns" else x.shape[-1])
+        return int(np.prod(x.shape[1:])) // per, per
+
     def fingerprint(self, x: torch.Tensor) -> tuple[list[bytes], np.ndarray]:
         """Per image: a keyed digest of its exact pixels (what makes two queries the same
-        query) and its top-N distinct window hashes, (B, top_n) uint64. An image with fewer
-        informative windows (nearly uniform) is padded with values derived from its digest,
-        which only its own exact copies share."""
+        query) and its hashes, (B, width) uint64: the top-N distinct window hashes, then (with
+        `lines`) one hash per informative line. Missing ones (a nearly uniform image, an
+        uninformative line) are filled with values derived from the digest, which only the
+        image's own exact copies share."""
         a = np.ascontiguousarray(x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).numpy())
         digests = [hashlib.blake2b(row.tobytes(), key=self._digest_key, digest_size=16).digest()  # type: ignore[attr-defined]
                    for row in a]
+        if self.layout == "columns" and x.dim() >= 3:  # (..., H, W) read column by column
+            a = np.ascontiguousarray(x.detach().to("cpu", torch.float32).transpose(-2, -1)
+                                     .reshape(x.shape[0], -1).numpy())
         lv = np.floor(np.clip(a, 0.0, 1.0) * (255.0 / self.quantization)).astype(np.uint8)
         b, length = lv.shape
         w = self.window
@@ -127,26 +162,44 @@ class Fingerprinter:
             # window k's polynomial sum(lv[k+j] * base**(w-1-j)) from prefix sums of
             # lv[t] * base**-t, all mod 2**64 (uint64 arithmetic wraps): O(length), not O(length*w)
             prefix = np.concatenate([zero, np.cumsum(lv.astype(np.uint64) * inv, axis=1)], axis=1)
-            h = (prefix[:, w:] - prefix[:, :n]) * fwd[w - 1:]
-            h += self._at  # type: ignore[attr-defined]
-            h ^= h >> np.uint64(30)
-            h *= np.uint64(0xBF58476D1CE4E5B9)
-            h ^= h >> np.uint64(27)
-            h *= np.uint64(0x94D049BB133111EB)
-            h ^= h >> np.uint64(31)
+            h = _mix((prefix[:, w:] - prefix[:, :n]) * fwd[w - 1:] + self._at)  # type: ignore[attr-defined]
         levels = int(255 // self.quantization) + 1
         mode = np.stack([np.bincount(row, minlength=levels) for row in lv]).argmax(axis=1)
         off = np.concatenate([zero.astype(np.int32), np.cumsum(lv != mode[:, None].astype(np.uint8), axis=1,
                                                                dtype=np.int32)], axis=1)
         keep = (off[:, w:] - off[:, :n]) >= int(np.ceil(self.informative * w))
-        out = np.empty((len(digests), self.top_n), dtype=np.uint64)
+        n_lines, per = self._line_shape(x) if self.lines else (0, 0)
+        if n_lines:
+            # each whole line (a column, in the columns layout) with its position: Square's
+            # queries leave whole columns unchanged, and two different digits rarely share an
+            # informative column at the same place
+            starts = np.arange(n_lines) * per
+            with np.errstate(over="ignore"):
+                line_h = _mix((prefix[:, starts + per] - prefix[:, starts]) * fwd[starts + per - 1]
+                              + self._line_at + np.arange(1, n_lines + 1, dtype=np.uint64)  # type: ignore[attr-defined]
+                              * np.uint64(0x9E3779B97F4A7C15))
+            line_keep = (off[:, starts + per] - off[:, starts]) >= int(np.ceil(self.informative * per))
+        out = np.empty((len(digests), self.top_n + n_lines), dtype=np.uint64)
         for i, row in enumerate(h):
             top = np.unique(row[keep[i]])[-self.top_n:]
-            if len(top) < self.top_n:
+            lines = line_h[i][line_keep[i]] if n_lines else top[:0]
+            missing = self.top_n + n_lines - len(top) - len(lines)
+            if missing:
                 rng = np.random.default_rng(int.from_bytes(digests[i], "big"))
-                top = np.concatenate([top, rng.integers(0, 2**63, size=self.top_n - len(top), dtype=np.uint64)])
-            out[i] = top
+                top = np.concatenate([top, rng.integers(0, 2**63, size=missing, dtype=np.uint64)])
+            out[i] = np.concatenate([top, lines])
         return digests, out
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (in place on uint64; wraps mod 2**64)."""
+    with np.errstate(over="ignore"):
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return h
 
 
 # --------------------------------------------------------------------------- stores
@@ -161,6 +214,7 @@ class MemoryStore:
         self._started = time.monotonic()
         self._flags: dict[str, list[float]] = {}
         self._blocked: dict[str, float] = {}
+        self._suspects: dict[str, float] = {}  # client -> until when it is held to suspect_threshold
 
     def _rotate(self, now: float) -> None:
         cur = self._gens[1]
@@ -191,6 +245,19 @@ class MemoryStore:
 
     def remembered(self) -> int:
         return sum(len(d) for _, d in self._gens)
+
+    def suspect(self, client: str) -> bool:
+        return self._suspects.get(client, 0.0) > time.time()
+
+    def mark_suspect(self, client: str, seconds: float) -> None:
+        now = time.time()
+        with self._lock:
+            self._suspects[client] = now + seconds
+            if len(self._suspects) > 100_000:  # bounded: forget the expired, then the oldest
+                for c in [c for c, until in self._suspects.items() if until <= now]:
+                    del self._suspects[c]
+                for c in sorted(self._suspects, key=self._suspects.__getitem__)[:max(0, len(self._suspects) - 50_000)]:
+                    del self._suspects[c]
 
     def blocked_for(self, client: str) -> float:
         until = self._blocked.get(client)
@@ -230,6 +297,7 @@ local now = tonumber(ARGV[2]); local half = tonumber(ARGV[3]); local cap = tonum
 local ttl = tonumber(ARGV[5]); local n = tonumber(ARGV[6]); local client = ARGV[7]
 local out = {}
 out[1] = redis.call('PTTL', p .. 'blocked:' .. client)
+out[2] = redis.call('PTTL', p .. 'suspect:' .. client)
 local gen = tonumber(redis.call('GET', p .. 'gen') or '0')
 local started = tonumber(redis.call('GET', p .. 'gen_started') or '0')
 local count = tonumber(redis.call('GET', p .. 'g' .. gen .. ':n') or '0')
@@ -285,7 +353,7 @@ return 0
 class RedisStore:
     """The same store in Redis, shared by every replica. Keys under `<prefix>qm:`: `gen`,
     `gen_started`, `g<N>:h` (hash -> count), `g<N>:d` (digests), `g<N>:n`, `flags:<client>`,
-    `blocked:<client>`, `blocked` (sorted set), `key` (the shared hashing key)."""
+    `blocked:<client>`, `suspect:<client>`, `blocked` (sorted set), `key` (the shared hashing key)."""
 
     def __init__(self, url: str, prefix: str, window_s: float, max_queries: int, timeout_s: float = 0.25,
                  client: Any = None) -> None:
@@ -304,8 +372,8 @@ class RedisStore:
         self.client.set(self.prefix + "key", os.urandom(32), nx=True)
         return bytes(self.client.get(self.prefix + "key"))
 
-    def screen(self, client: str, digests: Sequence[bytes], hashes: np.ndarray) -> tuple[float, list[int]]:
-        """(seconds the client stays blocked, matches per query)."""
+    def screen(self, client: str, digests: Sequence[bytes], hashes: np.ndarray) -> tuple[float, bool, list[int]]:
+        """(seconds the client stays blocked, whether it is a suspect, matches per query)."""
         n = hashes.shape[1]
         args: list[Any] = [self.prefix, f"{time.time():.3f}", self.half_s, self.cap, self.ttl_s, n, client]
         for d, hs in zip(digests, hashes):
@@ -314,7 +382,10 @@ class RedisStore:
             args.extend(raw[k:k + 8] for k in range(0, 8 * n, 8))
         out = self._screen(args=args)
         pttl = int(out[0])
-        return (pttl / 1000.0 if pttl > 0 else 0.0), [int(m) for m in out[1:]]
+        return (pttl / 1000.0 if pttl > 0 else 0.0), int(out[1]) > 0, [int(m) for m in out[2:]]
+
+    def mark_suspect(self, client: str, seconds: float) -> None:
+        self.client.set(self.prefix + "suspect:" + client, "1", px=max(1, int(seconds * 1000)))
 
     def add_flags(self, client: str, count: int, window_s: float, block_after: int, cooldown_s: float) -> bool:
         return bool(self._flags(args=[self.prefix, client, count, int(max(1, window_s)), block_after,
@@ -333,7 +404,8 @@ class MonitorPolicy:
 
     enabled: bool = True
     action: Action = "reject"
-    threshold: int = 12
+    threshold: int = 14
+    suspect_threshold: int = 7  # for a client flagged within block_window_s
     block_after: int = 10
     block_window_s: float = 600.0
     cooldown_s: float = 900.0
@@ -348,7 +420,7 @@ class Verdict:
 
     matches: list[int]
     flagged: list[bool]
-    top_n: int
+    top_n: int  # hashes per image (the fingerprint's width): scores are shared fractions of it
     threshold: int
     reject: bool  # flagged images are answered as rejections (reject and block modes)
     blocked_now: bool = False
@@ -365,7 +437,8 @@ class QueryMonitor:
 
     def __init__(self, *, store: Literal["memory", "redis"] = "memory", redis_url: str = "redis://127.0.0.1:6379/0",
                  redis_prefix: str = "shieldserve:", secret: str | None = None, quantization: int = 25,
-                 window: int = 50, top_n: int = 50, informative: float = 0.25, memory_window_s: float = 3600.0,
+                 window: int = 50, top_n: int = 80, informative: float = 0.25,
+                 layout: Literal["columns", "rows"] = "columns", lines: bool = True, memory_window_s: float = 3600.0,
                  max_queries: int = 100_000,
                  retry_redis_s: float = 5.0, redis_client: Any = None, on_degraded: Any = None) -> None:
         self.memory = MemoryStore(memory_window_s, max_queries)
@@ -373,7 +446,7 @@ class QueryMonitor:
         self.retry_redis_s = retry_redis_s
         self._down_since: float | None = None
         self._on_degraded = on_degraded or (lambda degraded: None)
-        self._params = (quantization, window, top_n, informative)
+        self._params = (quantization, window, top_n, informative, layout, lines)
         key = secret.encode() if secret else None
         self._key_pending = False  # the shared key is still to be read from Redis
         if store == "redis":
@@ -432,26 +505,41 @@ class QueryMonitor:
                 self._redis_failed("reading the shared key", exc)
         tag = self.client_tag(client)
         digests, hashes = self.fingerprinter.fingerprint(x)
-        blocked_for, matches = 0.0, None
+        blocked_for, suspect, matches = 0.0, False, None
         if self._use_redis() and not self._key_pending:
             assert self.redis is not None
             try:
-                blocked_for, matches = self.redis.screen(tag, digests, hashes)
+                blocked_for, suspect, matches = self.redis.screen(tag, digests, hashes)
                 self._redis_ok()
             except self.redis.errors as exc:
                 self._redis_failed("screen", exc)
         if matches is None:
-            blocked_for = self.memory.blocked_for(tag)
+            blocked_for, suspect = self.memory.blocked_for(tag), self.memory.suspect(tag)
             matches = self.memory.match(digests, hashes)
         if policy.action == "block" and blocked_for > 0:
             raise AttackSuspected(max(1, int(np.ceil(blocked_for))))
-        threshold = min(policy.threshold, self.fingerprinter.top_n)
+        width = hashes.shape[1]  # the hashes per image: top_n windows and the lines
+        # a client flagged within block_window_s is a suspect: held to the lower threshold
+        threshold = min(policy.suspect_threshold if suspect else policy.threshold, width)
         flagged = [m >= threshold for m in matches]
-        verdict = Verdict(matches, flagged, self.fingerprinter.top_n, threshold, policy.action != "flag")
+        verdict = Verdict(matches, flagged, width, threshold, policy.action != "flag")
+        if any(flagged):
+            self._mark_suspect(tag, policy.block_window_s)
         if policy.action == "block" and any(flagged):
             verdict.blocked_now = self._add_flags(tag, sum(flagged), policy)
         verdict.seconds = time.perf_counter() - started
         return verdict
+
+    def _mark_suspect(self, tag: str, seconds: float) -> None:
+        if self._use_redis() and not self._key_pending:
+            assert self.redis is not None
+            try:
+                self.redis.mark_suspect(tag, seconds)
+                self._redis_ok()
+                return
+            except self.redis.errors as exc:
+                self._redis_failed("mark_suspect", exc)
+        self.memory.mark_suspect(tag, seconds)
 
     def _add_flags(self, tag: str, count: int, policy: MonitorPolicy) -> bool:
         args = (tag, count, policy.block_window_s, policy.block_after, policy.cooldown_s)
@@ -497,7 +585,7 @@ def policy_from_config(pipeline: str, value: Any, defaults: MonitorPolicy) -> Mo
     if merged["action"] not in ("flag", "reject", "block"):
         raise ValueError(f"pipeline {pipeline!r}: query_monitor.action must be flag, reject or block, "
                          f"got {merged['action']!r}")
-    if int(merged["threshold"]) < 1:
-        raise ValueError(f"pipeline {pipeline!r}: query_monitor.threshold must be at least 1")
+    if int(merged["threshold"]) < 1 or int(merged["suspect_threshold"]) < 1:
+        raise ValueError(f"pipeline {pipeline!r}: query_monitor.threshold and suspect_threshold must be at least 1")
     policy = MonitorPolicy(**merged)
     return policy if policy.enabled else None
