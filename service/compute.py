@@ -9,11 +9,11 @@ pays for waking its workers: a one-image forward pass of a small CNN took 0.51 m
 and run on this thread only; the batch threads form batches and hand each one here, and
 GET /certify's sampling runs here too.
 
-Each task says how many of torch's intra-op threads it may use: a light batch (the undefended
-classifier, MagNet: well under a millisecond of compute) runs on one, since waking and joining
-a second thread costs about what it saves and an intra-op thread that the OS deschedules (the
-event loop and the decoding threads want the same cores) stalls the whole call; a heavy one
-(smoothing's thousands of noisy copies, RMC's fine-tuning) on all of them.
+Each task says how many of torch's intra-op threads it may use: the batches of the undefended
+classifier run on one (a fraction of a millisecond of compute, where waking and joining a
+second thread costs about what it saves, and an intra-op thread that the OS deschedules
+while the event loop and the decoding threads want the same cores stalls the whole call);
+the defended pipelines' batches on all of them (runtime.Runtime._threads).
 
 One thread means one batch at a time, first come first served. A long `/certify` lets the
 batches queued behind it run between its noise batches (`RunContext.between`), so a

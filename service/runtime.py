@@ -175,9 +175,10 @@ class Runtime:
         return out  # type: ignore[return-value]
 
     def _threads(self, pipeline: str, images: int) -> int | None:
-        """Intra-op threads for a batch: one below `parallel_min_cost` sample units (a light
-        batch loses more to a second thread than it gains; service/compute.py), else all."""
-        return 1 if self.cost(pipeline, images) < self.settings.parallel_min_cost else None
+        """Intra-op threads for a batch: one where an image weighs less than
+        `parallel_min_cost` sample units (the undefended classifier alone: a second thread
+        costs its batches more than it saves; service/compute.py), else all."""
+        return 1 if self.cost(pipeline, 1) < self.settings.parallel_min_cost else None
 
     def _unusable(self, config: dict[str, Any]) -> str | None:
         """Why a configured pipeline cannot be served on this bundle (models.bundle.Bundle.unusable

@@ -158,9 +158,9 @@ class Settings(BaseSettings):
                              "(every core it found) shared among the workers (at least 1 each); torch's default "
                              "where OMP_NUM_THREADS is set")
     parallel_min_cost: float = Field(
-        256.0, ge=0, description="a batch weighing fewer sample units than this (admission's estimate: "
-                                 "baseline 1 per image, magnet 3, smoothing ~1,065) runs on one torch thread, "
-                                 "a heavier one on all torch_threads; 0: always all")
+        2.0, ge=0, description="the batches of a pipeline whose image weighs fewer sample units than this "
+                               "(admission's estimate: baseline 1, magnet 3, smoothing ~1,065) run on one torch "
+                               "thread, the others on all torch_threads; 0: always all")
     fastapi_telemetry: bool = Field(
         False, description="FastAPI's native OpenTelemetry instrumentation (spans, metrics and logs through the "
                            "global OpenTelemetry providers); off by default: the service exports Prometheus "

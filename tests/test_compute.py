@@ -26,6 +26,16 @@ def test_call_runs_on_the_thread_and_hands_back_results_and_errors() -> None:
         c.submit(lambda: None)
 
 
+def test_a_task_runs_with_the_threads_it_asks_for() -> None:
+    c = ComputeThread(threads=2)
+    try:
+        assert c.call(torch.get_num_threads, threads=1) == 1
+        assert c.call(torch.get_num_threads) == 2  # None: all of them
+        assert c.call(torch.get_num_threads, threads=8) == 2  # never more than the process's count
+    finally:
+        c.close()
+
+
 def test_between_runs_the_tasks_queued_behind_a_long_one_in_default_grad_mode() -> None:
     """A long task that calls between() lets the queued tasks run; they see torch's default
     grad mode although the long task runs in inference_mode; one level deep only."""
@@ -76,6 +86,8 @@ def test_every_pipeline_run_of_the_service_is_on_the_compute_thread(make_client,
         r = client.post(f"/predict?pipeline={name}", content=png(x[0]), headers={"Content-Type": "image/png"})
         assert r.status_code == 200, r.text
     assert threads == {rt.compute._thread.name}
+    # the undefended classifier's batches on one intra-op thread, the defended ones on all
+    assert rt._threads("baseline", 64) == 1 and rt._threads("magnet", 1) is None
 
 
 def test_a_long_certify_lets_predict_requests_through(make_client, mnist) -> None:
