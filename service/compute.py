@@ -9,11 +9,13 @@ pays for waking its workers: a one-image forward pass of a small CNN took 0.51 m
 and run on this thread only; the batch threads form batches and hand each one here, and
 GET /certify's sampling runs here too.
 
-Each task says how many of torch's intra-op threads it may use: the batches of the undefended
-classifier run on one (a fraction of a millisecond of compute, where waking and joining a
-second thread costs about what it saves, and an intra-op thread that the OS deschedules
-while the event loop and the decoding threads want the same cores stalls the whole call);
-the defended pipelines' batches on all of them (runtime.Runtime._threads).
+Each task says how many of torch's intra-op threads it may use: the batches of the light
+pipelines (the classifier alone, MagNet, NeuralFP) run on one: a second thread saves them a
+little on an idle machine, but an intra-op thread that the OS deschedules while the event
+loop and the decoding threads want the same cores stalls the whole call, and under any other
+load MagNet fell from ~300 to ~50-100 images/s (docs/operations.md). The heavy pipelines
+(smoothing's thousands of noisy copies, RMC, Defense-GAN) run on all of them
+(runtime.Runtime._threads, setting `parallel_min_cost`).
 
 One thread means one batch at a time, first come first served. A long `/certify` lets the
 batches queued behind it run between its noise batches (`RunContext.between`), so a

@@ -120,10 +120,17 @@ class Runtime:
     async def screen(self, pipeline: Pipeline, x: torch.Tensor, client: str | None) -> Verdict | None:
         """The query monitor's verdict on a request's images (None: not monitored). Raises
         AttackSuspected for a blocked client. Runs in a worker thread: numpy, maybe Redis."""
-        if self.monitor is None or pipeline.monitor is None or client is None:
+        if not self._monitors(pipeline, client):
             return None
         verdict = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.monitor.screen, pipeline.monitor, x, client)
+            self.executor, self.monitor.screen, pipeline.monitor, x, client)  # type: ignore[union-attr]
+        return self._observe(pipeline, verdict)
+
+    def _monitors(self, pipeline: Pipeline, client: str | None) -> bool:
+        return self.monitor is not None and pipeline.monitor is not None and client is not None
+
+    def _observe(self, pipeline: Pipeline, verdict: Verdict) -> Verdict:
+        """On the event loop: the verdict's metrics."""
         m = self.metrics
         m.monitor_seconds.observe(verdict.seconds)
         for i in range(len(verdict.matches)):
@@ -133,7 +140,7 @@ class Runtime:
             m.monitor_flags.labels(pipeline.name).inc(flagged)
         if verdict.blocked_now:
             m.monitor_blocks.labels(pipeline.name).inc()
-            m.blocked_clients.set(self.monitor.blocked_count())  # what --workers (multiprocess) exports
+            m.blocked_clients.set(self.monitor.blocked_count())  # type: ignore[union-attr]  # for --workers
         return verdict
 
     def _monitored(self, pipeline: Pipeline, verdict: Verdict, x: torch.Tensor
@@ -162,10 +169,13 @@ class Runtime:
             return await self._screen_and_run(p, x, client, deadline, options)
 
     async def _screen_and_run(self, p: Pipeline, x: torch.Tensor, client: str | None,
-                              deadline: float | None, options: dict[str, Any] | None) -> list[ImageResult]:
-        """The monitor's verdict first; what it rejects is answered here, the rest batched."""
+                              deadline: float | None, options: dict[str, Any] | None,
+                              verdict: Verdict | None = None) -> list[ImageResult]:
+        """The monitor's verdict first (given, or asked for here); what it rejects is answered
+        here, the rest batched."""
         batcher = self.batchers[p.name]
-        verdict = await self.screen(p, x, client)
+        if verdict is None:
+            verdict = await self.screen(p, x, client)
         if verdict is None or not (verdict.reject and any(verdict.flagged)):
             return await batcher.submit(x, deadline=deadline, options=options)
         out, rest, rows = self._monitored(p, verdict, x)
@@ -176,8 +186,12 @@ class Runtime:
 
     def _threads(self, pipeline: str, images: int) -> int | None:
         """Intra-op threads for a batch: one where an image weighs less than
-        `parallel_min_cost` sample units (the undefended classifier alone: a second thread
-        costs its batches more than it saves; service/compute.py), else all."""
+        `parallel_min_cost` sample units (baseline, magnet, neuralfp: a second thread saves
+        their sub-millisecond batches little, and stalls them whenever the OS deschedules it;
+        service/compute.py), else all (smoothing, RMC, Defense-GAN)."""
+        cfg = self.settings.pipelines.get(pipeline)
+        if cfg is not None and cfg.threads is not None:
+            return cfg.threads
         return 1 if self.cost(pipeline, 1) < self.settings.parallel_min_cost else None
 
     def _unusable(self, config: dict[str, Any]) -> str | None:
@@ -222,14 +236,25 @@ class Runtime:
                        client: str | None = None) -> tuple[torch.Tensor, list[ImageResult]]:
         """An upload's way through the service: admission (Overloaded at once when over
         budget, before anything is decoded), then `decode()` in a worker thread (an image
-        decode never runs on the event loop), then the query monitor (with `client`), then
-        the pipeline's batch. Returns the decoded images with their results."""
+        decode never runs on the event loop), then the query monitor (with `client`, in the
+        same thread), then the pipeline's batch. Returns the decoded images with their results."""
         p = self.pipeline(pipeline)
-        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
-            x = await anyio.to_thread.run_sync(decode)
+        monitored = self._monitors(p, client)
+
+        def decode_and_screen() -> tuple[torch.Tensor, Verdict | None]:
+            # one worker thread for both: each hop between threads costs the request a wait
+            # for the GIL, and under load that was most of what the monitor added
+            x = decode()
             if int(x.shape[0]) != images:
                 raise ValueError(f"decoded {int(x.shape[0])} images, expected {images}")
-            return x, await self._screen_and_run(p, x, client, deadline, options)
+            return x, (self.monitor.screen(p.monitor, x, client)  # type: ignore[union-attr,arg-type]
+                       if monitored else None)
+
+        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
+            x, verdict = await anyio.to_thread.run_sync(decode_and_screen)
+            if verdict is not None:
+                self._observe(p, verdict)
+            return x, await self._screen_and_run(p, x, client, deadline, options, verdict)
 
     def warmup(self) -> None:
         """One small run through every pipeline, so the first client does not pay for it."""

@@ -32,6 +32,9 @@ class PipelineConfig(BaseModel):
     # the query monitor for this pipeline: true/false, or a mapping over `query_monitor.policy`
     # (enabled, action, threshold, block_after, block_window_s, cooldown_s); absent: the defaults
     query_monitor: bool | dict[str, Any] | None = None
+    # torch intra-op threads for this pipeline's batches (at most torch_threads); absent: by
+    # parallel_min_cost
+    threads: int | None = Field(None, ge=1)
 
 
 class MonitorPolicyConfig(BaseModel):
@@ -158,7 +161,7 @@ class Settings(BaseSettings):
                              "(every core it found) shared among the workers (at least 1 each); torch's default "
                              "where OMP_NUM_THREADS is set")
     parallel_min_cost: float = Field(
-        2.0, ge=0, description="the batches of a pipeline whose image weighs fewer sample units than this "
+        100.0, ge=0, description="the batches of a pipeline whose image weighs fewer sample units than this "
                                "(admission's estimate: baseline 1, magnet 3, smoothing ~1,065) run on one torch "
                                "thread, the others on all torch_threads; 0: always all")
     fastapi_telemetry: bool = Field(

@@ -86,8 +86,9 @@ def test_every_pipeline_run_of_the_service_is_on_the_compute_thread(make_client,
         r = client.post(f"/predict?pipeline={name}", content=png(x[0]), headers={"Content-Type": "image/png"})
         assert r.status_code == 200, r.text
     assert threads == {rt.compute._thread.name}
-    # the undefended classifier's batches on one intra-op thread, the defended ones on all
-    assert rt._threads("baseline", 64) == 1 and rt._threads("magnet", 1) is None
+    # the light pipelines' batches on one intra-op thread, the heavy ones on all
+    assert rt._threads("baseline", 64) == 1 and rt._threads("magnet", 64) == 1
+    assert rt._threads("smoothing", 1) is None
 
 
 def test_a_long_certify_lets_predict_requests_through(make_client, mnist) -> None:
