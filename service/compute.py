@@ -9,13 +9,13 @@ pays for waking its workers: a one-image forward pass of a small CNN took 0.51 m
 and run on this thread only; the batch threads form batches and hand each one here, and
 GET /certify's sampling runs here too.
 
-Each task says how many of torch's intra-op threads it may use: the batches of the light
-pipelines (the classifier alone, MagNet, NeuralFP) run on one: a second thread saves them a
-little on an idle machine, but an intra-op thread that the OS deschedules while the event
-loop and the decoding threads want the same cores stalls the whole call, and under any other
-load MagNet fell from ~300 to ~50-100 images/s (docs/operations.md). The heavy pipelines
-(smoothing's thousands of noisy copies, RMC, Defense-GAN) run on all of them
-(runtime.Runtime._threads, setting `parallel_min_cost`).
+Each task says how many of torch's intra-op threads it may use (runtime.Runtime._threads): by
+default all of them for every pipeline but those whose config says otherwise (`defensegan:
+threads: 1`, whose thousands of small steps a second thread made slower). `parallel_min_cost`
+puts the light pipelines (baseline, magnet) on one: on an idle machine a second thread gained
+them 5-35% (docs/operations.md), but an intra-op thread that the OS deschedules stalls the
+whole call, and where other processes used the cores MagNet fell from ~300 to 47-104
+images/s at two threads.
 
 One thread means one batch at a time, first come first served. A long `/certify` lets the
 batches queued behind it run between its noise batches (`RunContext.between`), so a

@@ -185,10 +185,9 @@ class Runtime:
         return out  # type: ignore[return-value]
 
     def _threads(self, pipeline: str, images: int) -> int | None:
-        """Intra-op threads for a batch: one where an image weighs less than
-        `parallel_min_cost` sample units (baseline, magnet, neuralfp: a second thread saves
-        their sub-millisecond batches little, and stalls them whenever the OS deschedules it;
-        service/compute.py), else all (smoothing, RMC, Defense-GAN)."""
+        """Intra-op threads for a batch (None: all): the pipeline's own `threads:`, else one
+        where an image weighs less than `parallel_min_cost` sample units (0 by default: never;
+        service/compute.py says when to set it)."""
         cfg = self.settings.pipelines.get(pipeline)
         if cfg is not None and cfg.threads is not None:
             return cfg.threads
