@@ -9,13 +9,14 @@ pays for waking its workers: a one-image forward pass of a small CNN took 0.51 m
 and run on this thread only; the batch threads form batches and hand each one here, and
 GET /certify's sampling runs here too.
 
-Each task says how many of torch's intra-op threads it may use (runtime.Runtime._threads): by
-default all of them for every pipeline but those whose config says otherwise (`defensegan:
-threads: 1`, whose thousands of small steps a second thread made slower). `parallel_min_cost`
-puts the light pipelines (baseline, magnet) on one: on an idle machine a second thread gained
-them 5-35% (docs/operations.md), but an intra-op thread that the OS deschedules stalls the
-whole call, and where other processes used the cores MagNet fell from ~300 to 47-104
-images/s at two threads.
+Each task says how many of torch's intra-op threads it may use (runtime.Runtime._threads): the
+undefended classifier's batches one (`parallel_min_cost`: its sub-millisecond batches gain
+little from a second thread while the event loop wants the other core; at 32 clients /v2
+served 1.34x KServe's at one thread against 1.15-1.22x at two), `defensegan` one (its config:
+a second thread made its thousands of small steps slower), every other pipeline all of them.
+An intra-op thread that the OS deschedules stalls the whole call: where other processes used
+the cores, MagNet at two threads fell from ~300 to 47-104 images/s, so a replica that shares
+its cores should raise `parallel_min_cost` (100: magnet and neuralfp on one thread too).
 
 One thread means one batch at a time, first come first served. A long `/certify` lets the
 batches queued behind it run between its noise batches (`RunContext.between`), so a

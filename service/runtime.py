@@ -186,8 +186,8 @@ class Runtime:
 
     def _threads(self, pipeline: str, images: int) -> int | None:
         """Intra-op threads for a batch (None: all): the pipeline's own `threads:`, else one
-        where an image weighs less than `parallel_min_cost` sample units (0 by default: never;
-        service/compute.py says when to set it)."""
+        where an image weighs less than `parallel_min_cost` sample units (2 by default: the
+        undefended classifier alone; service/compute.py)."""
         cfg = self.settings.pipelines.get(pipeline)
         if cfg is not None and cfg.threads is not None:
             return cfg.threads

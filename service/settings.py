@@ -161,11 +161,11 @@ class Settings(BaseSettings):
                              "(every core it found) shared among the workers (at least 1 each); torch's default "
                              "where OMP_NUM_THREADS is set")
     parallel_min_cost: float = Field(
-        0.0, ge=0, description="the batches of a pipeline whose image weighs fewer sample units than this "
+        2.0, ge=0, description="the batches of a pipeline whose image weighs fewer sample units than this "
                                "(admission's estimate: baseline 1, magnet 3, smoothing ~1,065) run on one torch "
-                               "thread, the others on all torch_threads; 0 (default): all, for every pipeline "
-                               "without its own threads:. 100 puts baseline, magnet and neuralfp on one thread: "
-                               "steadier where other processes share the cores")
+                               "thread, the others on all torch_threads (a pipeline's threads: overrides it). "
+                               "2 (default): baseline alone; 100: magnet and neuralfp too, steadier where other "
+                               "processes share the cores; 0: every pipeline on all")
     fastapi_telemetry: bool = Field(
         False, description="FastAPI's native OpenTelemetry instrumentation (spans, metrics and logs through the "
                            "global OpenTelemetry providers); off by default: the service exports Prometheus "
