@@ -85,13 +85,13 @@ class Batcher:
     def __init__(self, name: str, run: RunBatch, *, device: torch.device,
                  enabled: bool = True, max_batch_size: int = 64, max_delay_ms: float = 2.0,
                  max_queue: int = 1024, retry_after_s: int = 1,
-                 execute: Callable[[Callable[[], list[ImageResult]], int], list[ImageResult]] | None = None,
+                 execute: Callable[[Callable[[], list[ImageResult]]], list[ImageResult]] | None = None,
                  on_batch: Callable[[BatchReport], None] | None = None,
                  on_queue_change: Callable[[int], None] | None = None) -> None:
         self.name = name
         self._run = run
         self._device = device
-        self._execute = execute or (lambda work, images: work())  # where a batch's torch work runs
+        self._execute = execute or (lambda work: work())  # where a batch's torch work runs
         self.enabled = enabled
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
@@ -229,7 +229,7 @@ class Batcher:
             return self._run(x, ctx)
 
         try:
-            results = self._execute(work, sum(j.size for j in jobs))
+            results = self._execute(work)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request
             self._send([(j, False, exc) for j in jobs])
             return

@@ -31,6 +31,11 @@ class UnknownPipeline(KeyError):
     pass
 
 
+def monitor_rejection(verdict: Verdict, i: int) -> Rejection:
+    """The query monitor's rejection of image i of a screened request."""
+    return Rejection("query_monitor", "fingerprint_match", verdict.score(i), verdict.threshold / verdict.top_n)
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         # Every torch call of this runtime runs on one thread, loading included (service/compute.py)
@@ -85,7 +90,7 @@ class Runtime:
         b = settings.batching
         self.batchers = {
             name: Batcher(name, pipeline.run, device=self.device, enabled=b.enabled,
-                          execute=lambda work, images, n=name: self.compute.call(work, threads=self._threads(n, images)),
+                          execute=lambda work, n=name: self.compute.call(work, threads=self._threads(n)),
                           max_batch_size=b.max_batch_size, max_delay_ms=b.max_delay_ms,
                           max_queue=b.max_queue, retry_after_s=b.retry_after_s,
                           on_batch=lambda report, n=name: self._observe_batch(n, report),
@@ -151,9 +156,8 @@ class Runtime:
         m = self.metrics
         for i, flagged in enumerate(verdict.flagged):
             if flagged and verdict.reject:
-                results[i] = ImageResult(status="rejected", rejected_by=[Rejection(
-                    "query_monitor", "fingerprint_match", verdict.score(i), verdict.threshold / verdict.top_n)],
-                    stages=[Stage("query_monitor", "monitor", verdict.seconds)])
+                results[i] = ImageResult(status="rejected", rejected_by=[monitor_rejection(verdict, i)],
+                                         stages=[Stage("query_monitor", "monitor", verdict.seconds)])
                 m.rejections.labels(pipeline.name, "query_monitor").inc()
                 m.images.labels(pipeline.name, "rejected").inc()
         if not keep:
@@ -184,7 +188,7 @@ class Runtime:
                 out[i] = r
         return out  # type: ignore[return-value]
 
-    def _threads(self, pipeline: str, images: int) -> int | None:
+    def _threads(self, pipeline: str) -> int | None:
         """Intra-op threads for a batch (None: all): the pipeline's own `threads:`, else one
         where an image weighs less than `parallel_min_cost` sample units (2 by default: the
         undefended classifier alone; service/compute.py)."""

@@ -88,12 +88,12 @@ def test_every_pipeline_run_of_the_service_is_on_the_compute_thread(make_client,
     assert threads == {rt.compute._thread.name}
     # by default the undefended classifier's batches on one intra-op thread, the defended
     # ones on all, but where a pipeline says otherwise
-    assert rt._threads("baseline", 64) == 1
-    assert rt._threads("magnet", 1) is None and rt._threads("smoothing", 1) is None
-    assert rt._threads("defensegan", 1) == 1  # default_config.yaml: threads: 1
+    assert rt._threads("baseline") == 1
+    assert rt._threads("magnet") is None and rt._threads("smoothing") is None
+    assert rt._threads("defensegan") == 1  # default_config.yaml: threads: 1
     rt.settings = rt.settings.model_copy(update={"parallel_min_cost": 100.0})
-    assert rt._threads("baseline", 64) == 1 and rt._threads("magnet", 64) == 1
-    assert rt._threads("smoothing", 1) is None
+    assert rt._threads("baseline") == 1 and rt._threads("magnet") == 1
+    assert rt._threads("smoothing") is None
 
 
 def test_a_long_certify_lets_predict_requests_through(make_client, mnist) -> None:

@@ -11,7 +11,6 @@ adaptation stream back to the bundle's weights (or to its latest in-memory snaps
 from __future__ import annotations
 
 import asyncio
-
 import hmac
 from typing import Literal
 

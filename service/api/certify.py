@@ -26,12 +26,12 @@ from service.api.predict import (
     Deadline, attack_suspected_error, check_uploads, decode_uploads, overloaded_error, read_images,
     request_deadline, tracked,
 )
-from service.api.render import render
+from service.api.render import rejection_out, render
 from service.api.schemas import ErrorBody, RejectionOut
 from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded, RunContext
 from service.defenses.query_monitor import AttackSuspected
-from service.runtime import Runtime
+from service.runtime import Runtime, monitor_rejection
 from service.store import StoreUnavailable
 
 router = APIRouter(tags=["certify"])
@@ -166,8 +166,7 @@ async def _monitor_rejection(runtime: Runtime, digest: str, x, name: str, opts: 
         image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status="rejected", label=None,
         abstained=False, radius=None, p_a_lower=None, sigma=opts["sigma"], n0=opts["n0"], n=0, alpha=opts["alpha"],
         samples=0, seconds=0.0, seed=None,
-        rejected_by=[RejectionOut(defense="query_monitor", detector="fingerprint_match", score=verdict.score(0),
-                                  threshold=verdict.threshold / verdict.top_n)])
+        rejected_by=[rejection_out(monitor_rejection(verdict, 0))])
 
 
 async def _observed(request: Request, name_hint: str | None, work) -> CertifyResponse:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.api.schemas import ImageResultOut, RejectionOut, StageOut
-from service.pipeline import ImageResult
+from service.pipeline import ImageResult, Rejection
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class Rendered:
                               samples=self.samples)
 
 
+def rejection_out(j: Rejection) -> RejectionOut:
+    return RejectionOut(defense=j.defense, detector=j.detector, score=j.score, threshold=j.threshold)
+
+
 def render(r: ImageResult) -> Rendered:
     cert = r.details.get("certificate") if r.details else None  # a smoothing decider's, for this image
     return Rendered(
@@ -46,6 +50,5 @@ def render(r: ImageResult) -> Rendered:
         confidence=round(r.confidence, 6) if r.confidence is not None else None,
         certified_radius=round(r.certified_radius, 6) if r.certified_radius is not None else None,
         probabilities=r.probabilities,
-        rejected_by=[RejectionOut(defense=j.defense, detector=j.detector, score=j.score, threshold=j.threshold)
-                     for j in r.rejected_by],
+        rejected_by=[rejection_out(j) for j in r.rejected_by],
         stages=[StageOut(defense=s.defense, seconds=round(s.seconds, 6), **s.details) for s in r.stages])

@@ -295,8 +295,8 @@ class BFloat16(torch.nn.Module):
         super().__init__()
         from models.bundle import Classifier
 
-        if isinstance(module, Classifier):  # its forward only: not its feature machinery
-            module = _ClassifierForward(module)
+        if isinstance(module, Classifier):  # a fresh one: a used one's feature extractor does not copy
+            module = Classifier(module.network, module.spec, module.feature_layer)
         self.module = copy.deepcopy(module).to(torch.bfloat16).eval()
         self.eval()
 
@@ -304,38 +304,19 @@ class BFloat16(torch.nn.Module):
         return self.module(x.to(torch.bfloat16)).float()
 
 
-class _ClassifierForward(torch.nn.Module):
-    """A bundle Classifier's forward (its input preparation, then its network) without the
-    feature extractor, which TorchScript's tracer would build by probing it in float32."""
-
-    def __init__(self, c: torch.nn.Module) -> None:
-        super().__init__()
-        self.network = c.network
-        self.register_buffer("mean", c.mean.clone(), persistent=False)
-        self.register_buffer("std", c.std.clone(), persistent=False)
-        self.scale, self.offset, self.identity = c.scale, c.offset, c._identity
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.identity:
-            x = ((x * self.scale + self.offset) - self.mean) / self.std
-        return self.network(x)
-
-
 def sampling_network(module: torch.nn.Module, shape: tuple[int, ...], precision: str,
                      optimize: bool = True) -> Classify:
     """The network the sampler runs: in `precision` (float32 or bfloat16, resolved); in float32
     TorchScript-optimised for the CPU (optimize_for_cpu) unless `optimize` is off."""
-    net = module
     if precision == "bfloat16":
-        net = BFloat16(module)
-        agree = _argmax_agreement(module, net, shape)
-        if agree < BF16_MIN_AGREEMENT:  # e.g. a user's network that bfloat16 does not suit
-            log.warning("smoothing: %s in bfloat16 agrees with float32 on %.1f%% of noisy probes (< %.0f%%); "
-                        "sampling it in float32", type(module).__name__, 100 * agree, 100 * BF16_MIN_AGREEMENT)
-            net = module
-        else:  # TorchScript's frozen copy measured no faster in bfloat16 (and differs by bf16's rounding)
-            return net
-    return optimize_for_cpu(net, shape) if optimize else net
+        fast = BFloat16(module)
+        agree = _argmax_agreement(module, fast, shape)
+        if agree >= BF16_MIN_AGREEMENT:
+            return fast  # eager: TorchScript's frozen copy measured no faster in bfloat16
+        # e.g. a user's network that bfloat16 does not suit
+        log.warning("smoothing: %s in bfloat16 agrees with float32 on %.1f%% of noisy probes (< %.0f%%); "
+                    "sampling it in float32", type(module).__name__, 100 * agree, 100 * BF16_MIN_AGREEMENT)
+    return optimize_for_cpu(module, shape) if optimize else module
 
 
 BF16_MIN_AGREEMENT = 0.98
