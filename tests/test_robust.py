@@ -186,14 +186,88 @@ def test_evaluate_autoattack_section(quick_bundle: Path, tmp_path: Path) -> None
     from service.cli import main
 
     out = tmp_path / "eval"
-    rc = main(["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline,robust,magnet", "--limit", "6",
+    rc = main(["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline,robust,magnet,smoothing", "--limit", "6",
                "--out", str(out), "--sections", "autoattack", "--autoattack-limit", "robust=4", "--autoattack-budget",
-               "apgd_iters=3,targets=1,square_queries=3,pgd_steps=2,pgd_restarts=2", "--threads", "0"])
+               "apgd_iters=3,targets=1,square_queries=3,pgd_steps=2,pgd_restarts=2,eot_iter=2,check_draws=4",
+               "--autoattack-limit", "smoothing=3", "--threads", "0"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     rows = report["pipelines"]["robust"]["attacks"]
     assert {"autoattack/autoattack_linf_0.3", "autoattack/autoattack_l2_2", "autoattack/pgd2x2_linf_0.3"} <= set(rows)
     assert rows["autoattack/autoattack_linf_0.3"]["n"] == 4
-    assert "autoattack_note" in report["pipelines"]["magnet"]  # detectors: not the standard version's job
+    magnet = report["pipelines"]["magnet"]["attacks"]["autoattack/autoattack_linf_0.3"]["autoattack"]
+    assert magnet["version"] == "detector-aware" and magnet["attacks"] == ["apgd-ce", "apgd-t"]
+    smooth = report["pipelines"]["smoothing"]["attacks"]
+    assert smooth["autoattack/autoattack_linf_0.3"]["autoattack"]["version"] == "rand (EOT 2)"
+    assert smooth["autoattack/autoattack_linf_0.3"]["n"] == 3
+    assert not any(k.startswith("autoattack/pgd") for k in smooth)  # PGD on it: the adaptive section's EOT PGD
     md = (out / "report.md").read_text()
     assert "AutoAttack L-inf 0.3" in md
+
+
+class _Rejecting(torch.nn.Module):
+    """K = 3 class logits and a (K+1)-th rejected logit that wins wherever x[0] > 0.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Linear(4, 3)
+        torch.nn.init.eye_(self.w.weight[:, :3])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.w(x.flatten(1))
+        reject = 10.0 * (x.flatten(1)[:, :1] - 0.5) + z.max(1, keepdim=True).values
+        return torch.cat([z, reject], dim=1)
+
+
+def test_detector_aware_autoattack_never_counts_a_rejection_as_broken() -> None:
+    from service.evaluation.autoattack import AutoAttackBudget, _ce, _dlr_targeted, _wrong, autoattack
+
+    logits = torch.tensor([[0.0, 5.0, 1.0, 9.0], [0.0, 5.0, 1.0, -9.0], [7.0, 5.0, 1.0, -9.0]])
+    y = torch.tensor([0, 0, 0])
+    assert _wrong(logits, y, 3).tolist() == [False, True, False]  # rejected, wrong class, right
+    assert _wrong(logits[:, :3], y, None).tolist() == [True, True, False]
+    # the losses rise as the wrong class passes the rejected logit (not only the true one)
+    assert float(_ce(logits[:1], y[:1], 3)) < float(_ce(logits[1:2], y[:1], 3))
+    t = torch.tensor([1])
+    assert float(_dlr_targeted(logits[:1], y[:1], t, 3)) < float(_dlr_targeted(logits[1:2], y[:1], t, 3))
+    torch.manual_seed(0)
+    model = _Rejecting()
+    x = torch.rand(8, 1, 2, 2)
+    y = model(x)[:, :3].argmax(1)
+    adv, log = autoattack(model, x, y, 0.3, classes=3, budget=AutoAttackBudget(apgd_iters=5, targets=2))
+    assert log["version"] == "detector-aware" and "square" not in log["after"]
+    with torch.no_grad():
+        broken = _wrong(model(adv), y, 3)
+    assert float((~broken).float().mean()) == pytest.approx(list(log["after"].values())[-1])
+    assert (adv - x).abs().max() <= 0.3 + 1e-6
+
+
+def test_rand_autoattack_averages_gradients_over_draws() -> None:
+    from service.evaluation.autoattack import _loss_grad
+
+    calls = {"n": 0}
+
+    def noisy(x: torch.Tensor) -> torch.Tensor:  # a fresh draw per call, as the EOT model makes
+        calls["n"] += 1
+        return torch.cat([x.flatten(1), -x.flatten(1)], 1) * (1.0 + 0.1 * torch.randn(()))
+
+    x = torch.rand(2, 1, 1, 1)
+    _, _, grad = _loss_grad(noisy, x, torch.tensor([0, 0]), None, eot_iter=5)
+    assert calls["n"] == 5 and grad.shape == x.shape
+
+
+def test_square_linf_stays_in_the_ball_and_breaks_a_linear_model() -> None:
+    from service.evaluation.autoattack import _margin, square_linf
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    x = torch.rand(16, 1, 8, 8)
+    y = net(x).argmax(1)
+    with torch.no_grad():
+        stripes = torch.randint(0, 2, (16, 1, 1, 8), generator=torch.Generator().manual_seed(1)).float() * 2 - 1
+        start = _margin(net((x + 0.3 * stripes).clamp(0, 1)), y)  # the attack's first point
+        adv = square_linf(net, x, y, 0.3, queries=300, generator=torch.Generator().manual_seed(1))
+        after = _margin(net(adv), y)
+    assert (adv - x).abs().max() <= 0.3 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert (after <= start + 1e-6).all()  # a query is kept only when it lowers the margin
+    assert float((net(adv).argmax(1) == y).float().mean()) < 0.5  # eps 0.3 on 64 pixels breaks a linear model

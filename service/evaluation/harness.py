@@ -322,25 +322,33 @@ class Evaluation:
 
         cfg, b = self.cfg, self.cfg.budget
         rep = self.report["pipelines"][name]
-        if a.rmc is not None or a.smoothing is not None or a.detectors or \
-                any(p.defense == "defensegan" for p in a.purifiers):
-            rep["autoattack_note"] = ("not run: the standard AutoAttack needs a deterministic pipeline without "
-                                      "detectors; its rand (EOT) and detector-aware versions are not implemented")
+        if a.rmc is not None or any(p.defense == "defensegan" for p in a.purifiers):
+            rep["autoattack_note"] = ("not run: RMC adapts per request (its adaptive attack is GMSA) and "
+                                      "Defense-GAN's projection has no gradient (BPDA, adaptive section)")
             return
         n = cfg.n_for(name)
         k = min(n, cfg.autoattack_limit.get(name, n))
         x, y = self.x[:k], self.y[:k]
-        model = adaptive.adaptive_model(a, seed=cfg.seed)  # purifiers with exact gradients, then the labeler
+        randomized = a.smoothing is not None
+        # the standard version on deterministic, detector-free pipelines; else rand (EOT over the
+        # noise: one draw per gradient, averaged over eot_iter gradients, as the reference does)
+        # and/or detector-aware (a (K+1)-th rejected logit); candidates judged by many draws
+        model = adaptive.adaptive_model(a, eot_draws=1, seed=cfg.seed)  # purifiers with exact gradients, then the labeler
         budget = aa.AutoAttackBudget(**cfg.autoattack_budget)
+        check = adaptive.adaptive_model(a, eot_draws=budget.check_draws, seed=cfg.seed + 1) if randomized else model
+        classes = self.bundle.input_spec.num_classes if model.rejects else None
         rep["autoattack_digits"] = k
         for norm in cfg.autoattack_norms:
             eps = b.linf_eps if norm == "linf" else max(b.l2_eps)
             with _bar(k, f"{name}: AutoAttack {norm} {eps:g}") as bar:
                 t = time.perf_counter()
                 adv, log_ = aa.autoattack(model, x, y, eps, norm=norm, budget=budget, seed=cfg.seed,
-                                          batch_size=cfg.batch, bar=bar)
+                                          batch_size=cfg.batch, classes=classes, randomized=randomized,
+                                          check=check, bar=bar)
             record("autoattack", f"autoattack_{norm}_{eps:g}", adv, time.perf_counter() - t,
                    extra={"autoattack": log_, "budget": budget.__dict__}, digits=k)
+            if randomized or classes is not None:
+                continue  # PGD on these models: the adaptive section's EOT and detector-aware PGD
             t = time.perf_counter()
             adv = aa.pgd_restarts(model, x, y, eps, norm=norm, steps=budget.pgd_steps, restarts=budget.pgd_restarts,
                                   seed=cfg.seed, batch_size=cfg.batch)

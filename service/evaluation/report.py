@@ -12,7 +12,9 @@ TITLES = {
     "graybox": "Gray-box: computed on the labeling network, without the defense's secrets, detectors or noise",
     "adaptive": "Adaptive white-box: BPDA, EOT, detector-aware losses, GMSA",
     "autoattack": ("AutoAttack (standard version without FAB-T: APGD-CE, APGD-T with 9 targets, Square 5,000 "
-                   "queries; worst case per digit) and PGD-100 with 10 restarts, on the white-box model"),
+                   "queries; worst case per digit) and PGD-100 with 10 restarts, on the white-box model; for "
+                   "randomized pipelines the rand version (APGD-CE and APGD-T with EOT gradients), for pipelines "
+                   "that reject the detector-aware one (a wrong class must also beat the rejection)"),
     "blackbox": "Black-box: /predict answers only (status, label, confidence), with a query budget per digit",
 }
 
