@@ -117,7 +117,8 @@ def _project(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -> tor
 
 def apgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf", iters: int = 100,
          target: torch.Tensor | None = None, generator: torch.Generator | None = None,
-         classes: int | None = None, eot_iter: int = 1) -> torch.Tensor:
+         classes: int | None = None, eot_iter: int = 1, progress: Callable[[int], None] | None = None
+         ) -> torch.Tensor:
     """One run of APGD (untargeted cross-entropy, or targeted DLR towards `target`). Returns,
     per digit, the first misclassified iterate found, else the highest-loss one. `classes`:
     K for a detector-aware model with K+1 outputs; `eot_iter`: gradients averaged per step."""
@@ -142,6 +143,8 @@ def apgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: st
     loss_steps = torch.zeros(iters, b)
     loss_best_last, reduced_last = loss_best.clone(), torch.ones(b, dtype=torch.bool)
     for i in range(iters):
+        if progress is not None:
+            progress(i)
         momentum = x_adv - x_old
         x_old = x_adv
         a = 0.75 if i > 0 else 1.0
@@ -294,6 +297,12 @@ def autoattack(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, no
             if len(idx) == 0:
                 continue
             xb, yb = x[idx], y[idx]
+            where = {"target": ""}
+
+            def tick(it: int) -> None:
+                """The bar's postfix: which attack, target and iteration (a batch takes minutes)."""
+                if bar is not None and it % 10 == 0:
+                    bar.set_postfix(attack=name + where["target"], it=it, robust=f"{float(robust.float().mean()):.3f}")
 
             def take(cand: torch.Tensor) -> torch.Tensor:
                 """Keep the valid adversarials of `cand`; True where one was found."""
@@ -304,7 +313,7 @@ def autoattack(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, no
 
             if name == "apgd-ce":
                 take(apgd(model, xb, yb, eps, norm=norm, iters=budget.apgd_iters, generator=g,
-                          classes=classes, eot_iter=eot_iter))
+                          classes=classes, eot_iter=eot_iter, progress=tick))
             elif name == "apgd-t":
                 with torch.no_grad():
                     scores = check(xb)
@@ -314,8 +323,10 @@ def autoattack(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, no
                     if not alive.any():
                         break
                     cand = xb.clone()
+                    where["target"] = f" #{k - 1}"
                     cand[alive] = apgd(model, xb[alive], yb[alive], eps, norm=norm, iters=budget.apgd_iters,
-                                       target=order[alive, -k], generator=g, classes=classes, eot_iter=eot_iter)
+                                       target=order[alive, -k], generator=g, classes=classes, eot_iter=eot_iter,
+                                       progress=tick)
                     alive &= ~take(cand)
             else:
                 take(square(model, xb, yb, eps, norm=norm, queries=budget.square_queries,

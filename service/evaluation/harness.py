@@ -322,9 +322,11 @@ class Evaluation:
 
         cfg, b = self.cfg, self.cfg.budget
         rep = self.report["pipelines"][name]
-        if a.rmc is not None or any(p.defense == "defensegan" for p in a.purifiers):
-            rep["autoattack_note"] = ("not run: RMC adapts per request (its adaptive attack is GMSA) and "
-                                      "Defense-GAN's projection has no gradient (BPDA, adaptive section)")
+        if a.rmc is not None:
+            rep["autoattack_note"] = "not run: RMC adapts to each request; its adaptive attack is GMSA"
+            return
+        if any(p.defense == "defensegan" for p in a.purifiers):
+            rep["autoattack_note"] = "not run: Defense-GAN's projection has no gradient; its adaptive attack is BPDA"
             return
         n = cfg.n_for(name)
         k = min(n, cfg.autoattack_limit.get(name, n))
