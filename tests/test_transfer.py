@@ -121,3 +121,14 @@ def test_cli_transfer_section(quick_bundle, tmp_path, monkeypatch):
     assert len(list((out / "transfer_surrogates").glob("*.safetensors"))) == 2
     md = (out / "report.md").read_text()
     assert "## Transfer attacks on the surrogate ensemble" in md and "| magnet | mifgsm_di_linf_0.3 |" in md
+
+
+def test_findings_say_when_transfer_beats_the_oblivious_attacks():
+    from service.evaluation.report import findings
+
+    def rep(transfer_acc: float) -> dict:
+        return {"attacks": {"oblivious/pgd_linf_0.3": {"section": "oblivious", "robust_accuracy": 0.8},
+                            "transfer/mifgsm_di_linf_0.3": {"section": "transfer", "robust_accuracy": transfer_acc}}}
+
+    lines = findings({"budget": {"linf_eps": 0.3}, "pipelines": {"rmc": rep(0.2), "robust": rep(0.8)}})
+    assert len(lines) == 1 and "**rmc**" in lines[0] and "0.200 (mifgsm_di_linf_0.3)" in lines[0]

@@ -105,6 +105,16 @@ def findings(report: dict[str, Any]) -> list[str]:
                      f"bound, and the adaptive rows as under-budgeted.")
         lines.append(line)
     for name, rep in report["pipelines"].items():
+        # the point of the transfer section: an attacker without the bundle's weights may do
+        # better than the oblivious attacks on the base classifier (whose perturbations a
+        # defense such as RMC's adaptation or NeuralFP's fingerprints is tuned to)
+        wt, wt_name = worst(rep, "transfer")
+        wo, wo_name = worst(rep, "oblivious")
+        if wt is not None and wo is not None and wt < wo - 0.02:
+            lines.append(f"- **{name}**: the transfer attack on the attacker's own surrogates is stronger than every "
+                         f"oblivious attack on the base classifier: robust accuracy {wt:.3f} ({wt_name}) against "
+                         f"{wo:.3f} ({wo_name}).")
+    for name, rep in report["pipelines"].items():
         inv = rep.get("invariant")
         if inv:
             lines.append(f"- **{name}** certificate invariant: {'holds' if inv['holds'] else 'VIOLATED'} "
