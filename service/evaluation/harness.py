@@ -189,7 +189,6 @@ class Evaluation:
         cfg, b, x, y = self.cfg, self.cfg.budget, self.x, self.y
         if not cfg.wants("mifgsm"):
             return
-        torch.manual_seed(cfg.seed)
         t = time.perf_counter()
         surrogates = transfer.load_or_train_surrogates(self.dataset, self.bundle.version,
                                                        Path(cfg.out) / "transfer_surrogates",
