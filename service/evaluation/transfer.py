@@ -126,7 +126,8 @@ def load_or_train_surrogates(dataset: Dataset, bundle_version: str, cache_dir: P
                              seed: int = 0, recipes: Sequence[SurrogateRecipe] | None = None) -> list[Surrogate]:
     """K surrogates, from the cache when an entry with the same key and an intact sha256 is
     there, else trained now and cached."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import save_file
 
     from models.recipes.common import accuracy
 
@@ -140,11 +141,14 @@ def load_or_train_surrogates(dataset: Dataset, bundle_version: str, cache_dir: P
         meta_path = weights.with_suffix(".json")
         net = None
         if weights.exists() and meta_path.exists():
-            meta = json.loads(meta_path.read_text())
+            try:
+                meta = json.loads(meta_path.read_text())
+            except ValueError:
+                meta = {}
             data = weights.read_bytes()
             if hashlib.sha256(data).hexdigest() == meta.get("sha256"):
                 net = build_architecture(recipe.spec(dataset))  # the spec comes from code, not the file
-                net.load_state_dict(load_file(str(weights)))
+                net.load_state_dict(load_safetensors(data))  # the very bytes whose sha256 was checked
                 net.eval()
                 val, secs, cached = float(meta["val_accuracy"]), float(meta["train_seconds"]), True
             else:
