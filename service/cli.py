@@ -86,7 +86,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     budget = Budget()
     overrides = {k: getattr(args, k) for k in ("pgd_steps", "apgd_steps", "cw_steps", "eot_draws", "eot_steps",
                                                "bpda_steps", "gmsa_rounds", "gmsa_steps", "square_queries",
-                                               "hsj_queries") if getattr(args, k) is not None}
+                                               "hsj_queries", "transfer_steps", "transfer_decay",
+                                               "transfer_diversity") if getattr(args, k) is not None}
     if args.linf_sweep:
         overrides["linf_sweep"] = tuple(float(v) for v in args.linf_sweep.split(","))
     budget = replace(budget, **overrides)
@@ -121,6 +122,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                      jobs=args.jobs, threads=args.threads, autoattack_limit=_pairs(args.autoattack_limit),
                      autoattack_norms=tuple(args.autoattack_norms.split(",")),
                      autoattack_budget=_pairs(args.autoattack_budget),
+                     transfer_surrogates=args.transfer_surrogates,
+                     transfer_norms=tuple(args.transfer_norms.split(",")),
                      command="shieldserve evaluate " + " ".join(sys.argv[2:] if args.argv is None else args.argv))
     os.makedirs(args.out, exist_ok=True)
     report = evaluate(cfg)
@@ -190,9 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipelines (comma-separated or repeated; default: every configured one)")
     e.add_argument("--limit", type=int, default=100, help="test digits, stratified by class")
     e.add_argument("--pipeline-limit", action="append", metavar="NAME=N", help="fewer digits for a costly pipeline")
-    e.add_argument("--sections", help="comma-separated: oblivious,graybox,adaptive,blackbox,certify (default: all), "
+    e.add_argument("--sections", help="comma-separated: oblivious,transfer,graybox,adaptive,blackbox,certify "
+                                      "(default: all), "
                                       "and autoattack (only when named)")
-    e.add_argument("--attacks", help="keep only these: pgd,apgd,cw,bpda,gmsa,square,hsj,autoattack")
+    e.add_argument("--attacks", help="keep only these: pgd,apgd,cw,bpda,gmsa,square,hsj,autoattack,mifgsm")
     e.add_argument("--autoattack-limit", action="append", metavar="NAME=N", help="digits for a pipeline's AutoAttack")
     e.add_argument("--autoattack-budget", action="append", metavar="KEY=N",
                    help="AutoAttack budget overrides: apgd_iters, targets, square_queries, pgd_steps, pgd_restarts "
@@ -228,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
                        ("gmsa-steps", "PGD steps per GMSA round"), ("square-queries", "Square query budget per digit"),
                        ("hsj-queries", "HopSkipJump query budget per digit")):
         e.add_argument(f"--{flag}", type=int, help=what)
+    e.add_argument("--transfer-surrogates", type=int, default=3,
+                   help="surrogates trained for the transfer section (cached in OUT/transfer_surrogates)")
+    e.add_argument("--transfer-norms", default="linf,l2",
+                   help="transfer threat models: linf (at the L-inf eps), l2 (at the largest L2 eps)")
+    e.add_argument("--transfer-steps", type=int, help="MI-FGSM iterations on the surrogate ensemble (default 10)")
+    e.add_argument("--transfer-decay", type=float, help="MI-FGSM momentum decay (default 1.0)")
+    e.add_argument("--transfer-diversity", type=float,
+                   help="input-diversity probability per MI-FGSM step (default 0.5; 0: plain MI-FGSM)")
     e.add_argument("--linf-sweep", help="L-inf eps for the oblivious PGD sweep (default 0.1,0.2,0.3; "
                                         "used only on pipelines that cost < 0.05 s per digit)")
     e.add_argument("--seed", type=int, default=0)

@@ -182,14 +182,18 @@ def test_cli_writes_the_report(quick_bundle, tmp_path):
     assert "eval/roc.png" in doc.read_text()
 
 
-def test_cli_jobs_gives_the_serial_results(quick_bundle, tmp_path):
-    """--jobs evaluates pipelines in worker processes on the parent's oblivious adversarials:
-    for deterministic pipelines the numbers are exactly those of a serial run."""
+def test_cli_jobs_gives_the_serial_results(quick_bundle, tmp_path, monkeypatch):
+    """--jobs evaluates pipelines in worker processes on the parent's oblivious and transfer
+    adversarials: for deterministic pipelines the numbers are exactly those of a serial run."""
     from service.cli import main
+    from service.evaluation import transfer
 
+    monkeypatch.setattr(transfer, "DEFAULT_SURROGATES",  # a one-epoch surrogate: seconds
+                        (transfer.SurrogateRecipe("tiny_cnn", (("width", 4),), epochs=1, batch_size=128),))
     common = ["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline,magnet", "--limit", "6",
-              "--attacks", "pgd", "--pgd-steps", "3", "--linf-sweep", "0.3", "--sections", "oblivious,adaptive",
-              "--threads", "1"]
+              "--attacks", "pgd,mifgsm", "--pgd-steps", "3", "--linf-sweep", "0.3", "--sections",
+              "oblivious,transfer,adaptive", "--transfer-surrogates", "1", "--transfer-steps", "2",
+              "--transfer-norms", "linf", "--threads", "1"]
     assert main(common + ["--out", str(tmp_path / "serial")]) == 0
     assert main(common + ["--out", str(tmp_path / "jobs"), "--jobs", "2"]) == 0
     serial = json.loads((tmp_path / "serial" / "report.json").read_text())
@@ -198,7 +202,7 @@ def test_cli_jobs_gives_the_serial_results(quick_bundle, tmp_path):
     for name in ("baseline", "magnet"):
         s, j = serial["pipelines"][name], jobs["pipelines"][name]
         assert j["clean"]["accuracy"] == s["clean"]["accuracy"]
-        assert set(j["attacks"]) == set(s["attacks"]) and j["attacks"]
+        assert set(j["attacks"]) == set(s["attacks"]) and "transfer/mifgsm_di_linf_0.3" in j["attacks"]
         for key in s["attacks"]:
             assert j["attacks"][key]["robust_accuracy"] == s["attacks"][key]["robust_accuracy"], key
         assert (tmp_path / "jobs" / "parts" / name / "report.json").exists()

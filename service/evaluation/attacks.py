@@ -43,6 +43,9 @@ class Budget:
     gmsa_steps: int = 20
     square_queries: int = 300         # per image
     hsj_queries: int = 300            # per image
+    transfer_steps: int = 10          # MI-FGSM iterations on the surrogate ensemble (step eps / steps)
+    transfer_decay: float = 1.0       # MI-FGSM momentum decay mu (Dong et al. 2018)
+    transfer_diversity: float = 0.5   # input-diversity probability p per step (Xie et al. 2019)
     linf_eps: float = 0.3
     l2_eps: tuple[float, ...] = (0.5, 1.0, 2.0)
     linf_sweep: tuple[float, ...] = (0.1, 0.2, 0.3)

@@ -29,7 +29,7 @@ from service.evaluation.targets import Outcome
 log = logging.getLogger("shieldserve.evaluate")
 
 SMOOTHING_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-ALL_SECTIONS = ("oblivious", "graybox", "adaptive", "blackbox", "certify")
+ALL_SECTIONS = ("oblivious", "transfer", "graybox", "adaptive", "blackbox", "certify")
 OPTIONAL_SECTIONS = ("autoattack",)  # costly: run only when asked (--sections / --attacks autoattack)
 
 
@@ -65,6 +65,8 @@ class EvalConfig:
     autoattack_limit: dict[str, int] = field(default_factory=dict)  # digits for a pipeline's AutoAttack
     autoattack_norms: tuple[str, ...] = ("linf", "l2")              # at budget.linf_eps and max(budget.l2_eps)
     autoattack_budget: dict[str, int] = field(default_factory=dict)  # AutoAttackBudget overrides (default: standard)
+    transfer_surrogates: int = 3                # independently trained surrogates in the transfer ensemble
+    transfer_norms: tuple[str, ...] = ("linf", "l2")                # at budget.linf_eps and max(budget.l2_eps)
 
     def n_for(self, name: str) -> int:
         return min(self.limit, self.pipeline_limit.get(name, self.limit))
@@ -120,8 +122,10 @@ class Evaluation:
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "oblivious_attacks": {}, "pipelines": {}}
+            "oblivious_attacks": {}, "transfer_attacks": {}, "pipelines": {}}
+        self.dataset = ds
         self.oblivious: dict[str, torch.Tensor] = {}
+        self.transfer: dict[str, torch.Tensor] = {}
         self._advs: dict[tuple[str, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -174,6 +178,47 @@ class Evaluation:
                                                        **{k: round(v, 4) for k, v in metrics.norms(x, adv).items()},
                                                        "seconds_per_image": round(secs / len(y), 4)}
             log.info("oblivious %s: base fooled on %.3f", label, fooled)
+
+    # ------------------------------------------------------------------ transfer
+    def make_transfer(self) -> None:
+        """Adversarials crafted on an ensemble of surrogates the attacker trained (never on the
+        bundle's weights), made once like the oblivious ones; the base classifier's own
+        failure rate on them is recorded beside the surrogates'."""
+        from service.evaluation import transfer
+
+        cfg, b, x, y = self.cfg, self.cfg.budget, self.x, self.y
+        if not cfg.wants("mifgsm"):
+            return
+        t = time.perf_counter()
+        surrogates = transfer.load_or_train_surrogates(self.dataset, self.bundle.version,
+                                                       Path(cfg.out) / "transfer_surrogates",
+                                                       k=cfg.transfer_surrogates, seed=cfg.seed)
+        train_secs = time.perf_counter() - t
+        ensemble = transfer.LogitEnsemble([s.net for s in surrogates])
+        for norm in cfg.transfer_norms:
+            eps = b.linf_eps if norm == "linf" else max(b.l2_eps)
+            label = f"mifgsm_di_{norm}_{eps:g}"
+            with _bar(len(x), f"transfer {label} on {len(surrogates)} surrogates") as bar:
+                t = time.perf_counter()
+                adv = transfer.transfer_attack(ensemble, x, y, eps, norm=norm, steps=b.transfer_steps,
+                                               decay=b.transfer_decay, diversity=b.transfer_diversity,
+                                               batch_size=cfg.batch, seed=cfg.seed, bar=bar)
+                secs = time.perf_counter() - t
+            self.transfer[label] = adv
+            with torch.no_grad():
+                on_base = float((self.base(adv).argmax(1) != y).float().mean())
+                on_ensemble = float((ensemble(adv).argmax(1) != y).float().mean())
+            self.report["transfer_attacks"][label] = {
+                "attack": "mi-fgsm + input diversity on the surrogates' mean logits", "norm": norm, "eps": eps,
+                "steps": b.transfer_steps, "decay": b.transfer_decay, "diversity": b.transfer_diversity,
+                "n": len(y), "success_on_surrogates": round(on_ensemble, 4), "success_on_base": round(on_base, 4),
+                **{k: round(v, 4) for k, v in metrics.norms(x, adv).items()},
+                "seconds_per_image": round(secs / len(y), 4)}
+            log.info("transfer %s: surrogates fooled on %.3f, base on %.3f", label, on_ensemble, on_base)
+        self.report["transfer_surrogates"] = {"surrogates": [s.to_json() for s in surrogates],
+                                              "train_split": f"{self.dataset.name} train ({len(self.dataset.train)} "
+                                                             f"images; validation picks the epoch)",
+                                              "seconds": round(train_secs, 1)}
 
     # ------------------------------------------------------------------ one pipeline
     def evaluate_pipeline(self, name: str) -> None:
@@ -230,6 +275,12 @@ class Evaluation:
                     continue
                 meta = self.report["oblivious_attacks"][label]
                 record("oblivious", label, adv[:n], meta["seconds_per_image"] * n)
+
+        # -------- transfer: adversarials of the attacker's own surrogate ensemble
+        if "transfer" in cfg.sections:
+            for label, adv in self.transfer.items():
+                meta = self.report["transfer_attacks"][label]
+                record("transfer", label, adv[:n], meta["seconds_per_image"] * n)
 
         # -------- gray-box: the labeling network without secrets, detectors or noise
         ka = min(n, cfg.adaptive_limit.get(name, n))  # gray-box and adaptive digits
@@ -459,10 +510,23 @@ class Evaluation:
         return None if adv is None or f.digit >= len(adv) else adv[f.digit]
 
     # ------------------------------------------------------------------ main
-    def run_all(self) -> dict[str, Any]:
+    def make_shared(self) -> None:
+        """The adversarials every pipeline is measured on (made once, before the pipelines)."""
         if "oblivious" in self.cfg.sections:
             self.make_oblivious()
             self.save()
+        if "transfer" in self.cfg.sections:
+            self.make_transfer()
+            self.save()
+
+    def shared(self) -> dict[str, Any]:
+        """The shared adversarials and their rows, as numpy for a worker process."""
+        return {"oblivious": {k: v.numpy() for k, v in self.oblivious.items()},
+                "transfer": {k: v.numpy() for k, v in self.transfer.items()},
+                **{k: self.report.get(k, {}) for k in ("oblivious_attacks", "transfer_attacks", "transfer_surrogates")}}
+
+    def run_all(self) -> dict[str, Any]:
+        self.make_shared()
         for name in tqdm(list(self.pipes), desc="pipelines", disable=not progress_enabled(), file=sys.stderr):
             t = time.perf_counter()
             self.evaluate_pipeline(name)
@@ -535,10 +599,8 @@ def _run_parallel(ev: Evaluation) -> dict[str, Any]:
     from dataclasses import replace
 
     cfg = ev.cfg
-    if "oblivious" in cfg.sections:
-        ev.make_oblivious()
-        ev.save()
-    oblivious = {k: v.numpy() for k, v in ev.oblivious.items()}
+    ev.make_shared()
+    shared = ev.shared()
     names = list(ev.pipes)
     order = sorted(names, key=lambda n: -_expected_cost(ev, n))
     parts = Path(cfg.out) / "parts"
@@ -546,7 +608,7 @@ def _run_parallel(ev: Evaluation) -> dict[str, Any]:
     log.info("evaluating %d pipelines in %d processes, costliest first: %s", len(names), cfg.jobs, ", ".join(order))
     with cf.ProcessPoolExecutor(max_workers=min(cfg.jobs, len(names)), mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(_evaluate_one, replace(cfg, pipelines=[n], out=str(parts / n), doc=None, jobs=1),
-                               n, oblivious, ev.report["oblivious_attacks"]): n for n in order}
+                               n, shared): n for n in order}
         with tqdm(total=len(names), desc="pipelines", disable=not progress_enabled(), file=sys.stderr) as bar:
             for fut in cf.as_completed(futures):
                 name = futures[fut]
@@ -579,16 +641,17 @@ def _failed_part(part: Path, exc: BaseException) -> dict[str, Any]:
     return saved
 
 
-def _evaluate_one(cfg: EvalConfig, name: str, oblivious: dict[str, np.ndarray],
-                  oblivious_meta: dict[str, Any]) -> dict[str, Any]:
-    """One pipeline in a worker process, on the parent's oblivious adversarials."""
+def _evaluate_one(cfg: EvalConfig, name: str, shared: dict[str, Any]) -> dict[str, Any]:
+    """One pipeline in a worker process, on the parent's oblivious and transfer adversarials."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [{name}] %(name)s %(message)s")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.environ.setdefault("SHIELDSERVE_PROGRESS", "0")  # one bar per worker would interleave
     ev = Evaluation(cfg)
-    ev.oblivious = {k: torch.from_numpy(v) for k, v in oblivious.items()}
-    ev.report["oblivious_attacks"] = oblivious_meta
+    ev.oblivious = {k: torch.from_numpy(v) for k, v in shared["oblivious"].items()}
+    ev.transfer = {k: torch.from_numpy(v) for k, v in shared["transfer"].items()}
+    for key in ("oblivious_attacks", "transfer_attacks", "transfer_surrogates"):
+        ev.report[key] = shared[key]
     t = time.perf_counter()
     ev.evaluate_pipeline(name)
     ev.report["pipelines"][name]["seconds"] = round(time.perf_counter() - t, 1)

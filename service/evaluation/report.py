@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("oblivious", "graybox", "adaptive", "autoattack", "blackbox")
+SECTIONS = ("oblivious", "transfer", "graybox", "adaptive", "autoattack", "blackbox")
 TITLES = {
     "oblivious": "Oblivious: adversarial digits computed on the base classifier only",
+    "transfer": ("Transfer: MI-FGSM with input diversity on an ensemble of surrogates trained by the attacker "
+                 "(no weights of the bundle)"),
     "graybox": "Gray-box: computed on the labeling network, without the defense's secrets, detectors or noise",
     "adaptive": "Adaptive white-box: BPDA, EOT, detector-aware losses, GMSA",
     "autoattack": ("AutoAttack (standard version without FAB-T: APGD-CE, APGD-T with 9 targets, Square 5,000 "
@@ -105,6 +107,16 @@ def findings(report: dict[str, Any]) -> list[str]:
                      f"bound, and the adaptive rows as under-budgeted.")
         lines.append(line)
     for name, rep in report["pipelines"].items():
+        # the point of the transfer section: an attacker without the bundle's weights may do
+        # better than the oblivious attacks on the base classifier (whose perturbations a
+        # defense such as RMC's adaptation or NeuralFP's fingerprints is tuned to)
+        wt, wt_name = worst(rep, "transfer")
+        wo, wo_name = worst(rep, "oblivious")
+        if wt is not None and wo is not None and wt < wo - 0.02:
+            lines.append(f"- **{name}**: the transfer attack on the attacker's own surrogates is stronger than every "
+                         f"oblivious attack on the base classifier: robust accuracy {wt:.3f} ({wt_name}) against "
+                         f"{wo:.3f} ({wo_name}).")
+    for name, rep in report["pipelines"].items():
         inv = rep.get("invariant")
         if inv:
             lines.append(f"- **{name}** certificate invariant: {'holds' if inv['holds'] else 'VIOLATED'} "
@@ -119,6 +131,11 @@ Threat models (each a section below):
 - **Oblivious**: the attacker knows only the base classifier; adversarial digits are computed on
   it (ART PGD and APGD-CE at L-inf eps 0.3, PGD at eps 0.1 and 0.2 for the sweep, and
   Carlini-Wagner L2) and then sent through every pipeline.
+- **Transfer**: the attacker knows neither the defense nor the bundle's weights, but trains
+  surrogates of their own (different architectures and seeds, on the training split) and crafts
+  adversarial digits on the mean of their logits with MI-FGSM (momentum 1.0, 10 steps) and input
+  diversity (a random resize-and-pad per step with probability 0.5), at L-inf eps 0.3 and at the
+  largest L2 eps; those digits are sent through every pipeline.
 - **Gray-box**: the attacker knows the network that labels the input in that pipeline (the
   fingerprinted network for NeuralFP; the noise-trained classifier, or denoiser + classifier,
   for smoothing) but not the defense's secrets (fingerprints, noise draws) and ignores its
@@ -221,6 +238,17 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                 _table(["attack", "digits", "fools the base classifier", "mean L2", "mean L-inf", "s/img"],
                        [[k, v["n"], v["success_on_base"], v["mean_l2"], v["mean_linf"], v["seconds_per_image"]]
                         for k, v in report["oblivious_attacks"].items()]), ""]
+    if report.get("transfer_attacks"):
+        sur = report.get("transfer_surrogates", {})
+        out += ["## Transfer attacks on the surrogate ensemble", "",
+                f"Surrogates trained on {sur.get('train_split', 'the training split')}:", "",
+                _table(["architecture", "width", "hidden", "seed", "epochs", "test acc", "train s", "cached"],
+                       [[v["architecture"], v.get("width"), v.get("hidden"), v["seed"], v["epochs"], v["test_accuracy"],
+                         v["train_seconds"], "yes" if v["cached"] else "no"] for v in sur.get("surrogates", [])]), "",
+                _table(["attack", "digits", "fools the surrogate ensemble", "fools the base classifier", "mean L2",
+                        "mean L-inf", "s/img"],
+                       [[k, v["n"], v["success_on_surrogates"], v["success_on_base"], v["mean_l2"], v["mean_linf"],
+                         v["seconds_per_image"]] for k, v in report["transfer_attacks"].items()]), ""]
     for section in SECTIONS:
         rows = []
         for name, rep in report["pipelines"].items():
