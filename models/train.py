@@ -180,11 +180,15 @@ def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "de
             quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
             writer.save()
         log.info("step %s done in %.1fs", name, time.monotonic() - t0)
+    if "classifier" in chosen and "quality" not in chosen:  # a new bundle: the monitor on its data
+        quality.measure_monitor(writer.path, writer.manifest, ds, preset, gate)
+        writer.save()
     if "quality" in chosen:  # the gate alone, again, on every defense the bundle has
         t0 = time.monotonic()
         for name in quality.STEP_KEYS:
             if name in writer.manifest.get("defenses", {}):
                 quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
+        quality.measure_monitor(writer.path, writer.manifest, ds, preset, gate)
         writer.record_step("quality", command, time.monotonic() - t0)
     writer.manifest["build"]["seconds"] = round(time.monotonic() - started, 1)
     return writer.save()

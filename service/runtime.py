@@ -18,7 +18,7 @@ from service.admission import Admission, image_cost
 from service.batcher import Batcher, BatchReport
 from service.compute import ComputeThread
 from service.defenses.base import DefenseEnv, RunContext, optimize_argmax_decision, optimize_for_cpu
-from service.defenses.query_monitor import QueryMonitor, Verdict
+from service.defenses.query_monitor import GATE_KEY, QueryMonitor, Verdict
 from service.imaging import ImageLimits
 from service.metrics import Metrics
 from service.pipeline import ImageResult, Pipeline, PipelineConfigError, Rejection, Stage
@@ -79,6 +79,13 @@ class Runtime:
         if settings.default_pipeline not in self.pipelines:
             raise PipelineConfigError(f"default_pipeline {settings.default_pipeline!r} is not configured; "
                                       f"pipelines: {sorted(self.pipelines)}")
+        # the quality gate found the monitor flags too many of this bundle's own benign images
+        # (near-duplicate data): every pipeline runs without it, and /pipelines says why
+        self.monitor_off: str | None = self.bundle.unusable(GATE_KEY)
+        if self.monitor_off is not None and any(p.monitor for p in self.pipelines.values()):
+            log.warning("the query monitor is off on this bundle: %s", self.monitor_off)
+            for p in self.pipelines.values():
+                p.monitor = None
         self.metrics = Metrics()
         self.monitor = self._build_monitor() if any(p.monitor for p in self.pipelines.values()) else None
         # Inference runs off the event loop, on the compute thread: each pipeline's batcher

@@ -236,6 +236,9 @@ def test_digits_torchscript_bundle(digits_bundle: Path) -> None:
         d = q["defenses"][key]
         assert d["images"] == 16 and 0 <= d["val_accuracy"] <= 1 and d["usable"]
         assert d["passes"] == (d["base_val_accuracy"] - d["val_accuracy"] <= 0.02 + 1e-9)
+    # the query monitor on the digits' own training and validation images: distinct digits
+    mon = q["defenses"]["query_monitor"]
+    assert mon["images"] >= 1000 and mon["clients"] == 8 and mon["passes"] and mon["usable"]
 
 
 def test_photos_import_bundle(photos_bundle: Path) -> None:
@@ -246,7 +249,12 @@ def test_photos_import_bundle(photos_bundle: Path) -> None:
     assert m["artifacts"]["magnet_ae_i"]["architecture"]["kwargs"]["structure"] == [8, 8]
     assert m["artifacts"]["defensegan_generator"]["architecture"]["kwargs"]["image_size"] == 32
     assert m["defenses"]["rmc"]["settings"]["trainable"] == "last"
-    assert set(m["quality"]["defenses"]) == {"magnet", "magnet:reformer", "neuralfp", "defensegan", "rmc"}
+    assert set(m["quality"]["defenses"]) == {"magnet", "magnet:reformer", "neuralfp", "defensegan", "rmc",
+                                             "query_monitor"}
+    # overlapping crops of two photographs are near-duplicates to the monitor: the gate says it
+    # would refuse far more than 2% of these benign images (recorded; the quick preset does not enforce)
+    mon = m["quality"]["defenses"]["query_monitor"]
+    assert mon["flag_rate"] > 0.2 and not mon["passes"] and "not enforced" in mon["reason"]
     b = Bundle.load(photos_bundle)
     x = torch.rand(2, 3, 32, 32)
     assert b.module("defensegan_generator")(torch.randn(2, 128)).shape == x.shape
@@ -297,6 +305,40 @@ def test_gate_enforced_marks_unusable_and_the_service_skips_it(digits_bundle: Pa
         assert r.status_code == 404
 
 
+def test_a_monitor_below_the_gate_is_off_and_pipelines_say_why(digits_bundle: Path, tmp_path: Path) -> None:
+    """The service runs every pipeline without the monitor when the gate found it unusable."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.imaging import encode_png
+    from service.settings import load_settings
+
+    out = tmp_path / "b"
+    shutil.copytree(digits_bundle, out)
+    m = _manifest(out)
+    m["quality"]["defenses"]["query_monitor"] = {"usable": False, "passes": False,
+                                                 "reason": "the query monitor flags 9 of 10 benign images"}
+    (out / "manifest.json").write_text(json.dumps(m))
+    app = create_app(load_settings(None, bundle=str(out), warmup=False))
+    with TestClient(app) as client:
+        body = client.get("/pipelines").json()
+        assert body["query_monitor_off"] == "the query monitor flags 9 of 10 benign images"
+        assert all(p["query_monitor"] is None for p in body["pipelines"])
+        png = encode_png(torch.rand(1, 8, 8))
+        for _ in range(3):  # exact repeats and all: nothing screens them
+            r = client.post("/predict?pipeline=neuralfp", files={"file": ("x.png", png, "image/png")})
+            assert r.status_code == 200 and all(
+                rej["defense"] != "query_monitor" for rej in r.json()["results"][0].get("rejected_by") or [])
+    m["quality"]["defenses"]["query_monitor"] = {"usable": True, "passes": True, "reason": "fine"}
+    (out / "manifest.json").write_text(json.dumps(m))
+    with TestClient(create_app(load_settings(None, bundle=str(out), warmup=False))) as client:
+        body = client.get("/pipelines").json()
+        assert body["query_monitor_off"] is None
+        assert any(p["query_monitor"] is not None for p in body["pipelines"])
+
+
 def test_a_step_that_cannot_be_built_is_recorded_not_fatal(tmp_path: Path, digits: tuple[Path, Path]) -> None:
     """RMC on a TorchScript network whose features cannot be found: the build goes on, the
     manifest says why, and the service leaves the rmc pipeline out."""
@@ -335,7 +377,8 @@ def test_steps_quality_measures_the_bundle_again(digits_bundle: Path, tmp_path: 
                  options={"quality": {"images": 8}}, argv=[])
     after = _manifest(out)
     assert after["artifacts"] == before["artifacts"]  # nothing retrained
-    assert {d["images"] for d in after["quality"]["defenses"].values()} == {8}
+    assert {d["images"] for k, d in after["quality"]["defenses"].items() if k != "query_monitor"} == {8}
+    assert after["quality"]["defenses"]["query_monitor"]["images"] >= 1000  # every train + val image
     assert set(after["quality"]["defenses"]) == set(before["quality"]["defenses"])
     with pytest.raises(ValueError, match="existing bundle"):
         build_bundle(tmp_path / "none", dataset=before["build"]["dataset"], steps=["quality"], argv=[])

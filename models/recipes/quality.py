@@ -10,6 +10,12 @@ and the service then does not serve pipelines that need it (models.bundle.Bundle
 A step that fails (it cannot be built around this classifier) is recorded the same way with
 its error as the reason.
 
+The query monitor is gated too (`measure_monitor`, after the build): it rejects what it
+flags, so it is run over the user's own benign images (the training and validation splits,
+never test, in a seeded random order, from 8 clients in turn). Where it flags more than
+`max_accuracy_drop` of them (near-duplicate data: overlapping crops of a few photographs,
+video frames) it is recorded unusable and the service runs without it, saying so.
+
 Options: {"quality": {"images": N, "max_accuracy_drop": D, "enforce": true}} (`shieldserve
 train --max-accuracy-drop D`). The quick preset (seconds of training, for tests) measures
 nothing unless `images` is set, and then records the verdicts without enforcing them.
@@ -152,6 +158,60 @@ def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any,
         q["defenses"][key] = record
 
 
+MONITOR_CLIENTS = 8
+
+
+def measure_monitor(bundle_path: Any, manifest: dict[str, Any], dataset: Any, preset: str,
+                    options: dict[str, Any]) -> None:
+    """The query monitor, with the packaged settings, on the training and validation images."""
+    from service.defenses.query_monitor import GATE_KEY, MonitorPolicy, QueryMonitor
+    from service.settings import load_settings
+
+    r = recipe(preset, **options)
+    if r.images <= 0:
+        return
+    q = _section(manifest, r)
+    qm = load_settings(None, bundle=str(bundle_path)).query_monitor
+    # "flag" so that no client gets blocked: the count is of what `reject` would refuse
+    policy = replace(MonitorPolicy(**qm.policy.model_dump()), action="flag")
+    monitor = QueryMonitor(store="memory", quantization=qm.quantization, window=qm.window, top_n=qm.top_n,
+                           informative=qm.informative, memory_window_s=qm.memory_window_s,
+                           max_queries=qm.max_queries)
+    x = torch.cat([dataset.train.x, dataset.val.x])
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(r.seed))
+    started = time.monotonic()
+    flagged = 0
+    bar = progress(len(x), "quality gate query_monitor")
+    try:
+        for n, i in enumerate(order.tolist()):
+            verdict = monitor.screen(policy, x[i:i + 1], f"client-{n % MONITOR_CLIENTS}")
+            flagged += int(verdict.flagged[0])
+            bar.update(1)
+    except ValueError as exc:  # e.g. images smaller than the monitor's window
+        bar.close()
+        q["defenses"][GATE_KEY] = {"usable": False, "reason": f"cannot fingerprint these images: {exc}"}
+        return
+    finally:
+        monitor.close()
+    bar.close()
+    rate = flagged / max(1, len(x))
+    passes = rate <= r.max_accuracy_drop + 1e-9
+    record: dict[str, Any] = {
+        "flag_rate": round(rate, 4), "flagged": flagged, "images": len(x), "clients": MONITOR_CLIENTS,
+        "base_val_accuracy": None,  # not an accuracy: the share of benign images it would refuse
+        "split": "train + validation", "threshold": policy.threshold, "seconds": round(time.monotonic() - started, 1),
+        "passes": passes, "usable": passes or not r.enforce,
+    }
+    what = (f"the query monitor flags {flagged} of {len(x)} benign training and validation images "
+            f"({rate:.4f}; {MONITOR_CLIENTS} clients, threshold {policy.threshold})")
+    record["reason"] = (f"{what}: within the {r.max_accuracy_drop:.2f} allowed" if passes else
+                        f"{what}: more than the {r.max_accuracy_drop:.2f} allowed, so it would reject that share "
+                        f"of benign queries (near-duplicate images?); the service runs without it")
+    if not passes and not r.enforce:
+        record["reason"] += "; not enforced (quality.enforce is false: the quick preset)"
+    q["defenses"][GATE_KEY] = record
+
+
 def table(manifest: dict[str, Any]) -> str:
     """The gate's verdicts as a plain-text table (printed at the end of `shieldserve train`)."""
     q = manifest.get("quality", {})
@@ -166,7 +226,7 @@ def table(manifest: dict[str, Any]) -> str:
         def sec(v: Any) -> str:
             return "-" if v is None else f"{v:.1f}"
         rows.append((key, f(d.get("val_accuracy")), f(d.get("base_val_accuracy", base.get("val_accuracy"))),
-                     f(d.get("rejection_rate")), f(d.get("abstention_rate")),
+                     f(d.get("rejection_rate", d.get("flag_rate"))), f(d.get("abstention_rate")),
                      sec(steps.get(key.partition(":")[0])), sec(d.get("seconds")), verdict))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]

@@ -16,6 +16,9 @@ class PipelinesWithUnavailable(PipelinesResponse):
     unavailable: dict[str, str] = Field(
         default_factory=dict, description="configured pipelines not served on this bundle, and why "
                                           "(a defense the quality gate found unusable, or one the bundle lacks)")
+    query_monitor_off: str | None = Field(
+        None, description="why the query monitor runs for no pipeline on this bundle (the quality gate "
+                          "found it flags too many of the bundle's own benign images); null where it runs")
 
 
 @router.get("/pipelines", response_model=PipelinesWithUnavailable, summary="Pipelines and their public settings")
@@ -23,7 +26,8 @@ async def pipelines(request: Request) -> PipelinesWithUnavailable:
     rt = request.app.state.runtime
     return PipelinesWithUnavailable(default=rt.settings.default_pipeline, model_version=rt.bundle.version,
                                     pipelines=[PipelineOut(**p.describe()) for p in rt.pipelines.values()],
-                                    unavailable=dict(getattr(rt, "unavailable", {})))
+                                    unavailable=dict(getattr(rt, "unavailable", {})),
+                                    query_monitor_off=getattr(rt, "monitor_off", None))
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")

@@ -79,6 +79,11 @@ Action = Literal["flag", "reject", "block"]
 PUBLIC_POLICY = ("enabled", "action", "threshold", "suspect_threshold", "block_after", "block_window_s", "cooldown_s")
 
 
+# the quality gate's key for the monitor (models/recipes/quality.py measures it on the
+# bundle's own images; Bundle.unusable(GATE_KEY) says whether the service may run it)
+GATE_KEY = "query_monitor"
+
+
 class AttackSuspected(Exception):
     """The client is blocked (block mode): 429 `attack_suspected` with Retry-After."""
 
