@@ -88,6 +88,12 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                "bpda_steps", "gmsa_rounds", "gmsa_steps", "square_queries",
                                                "hsj_queries", "transfer_steps", "transfer_decay",
                                                "transfer_diversity") if getattr(args, k) is not None}
+    if args.linf_eps is not None:
+        overrides["linf_eps"] = args.linf_eps
+        if not args.linf_sweep:  # the sweep's default is MNIST's; scale it to the chosen eps
+            overrides["linf_sweep"] = tuple(round(args.linf_eps * f, 6) for f in (1 / 3, 2 / 3, 1.0))
+    if args.l2_eps:
+        overrides["l2_eps"] = tuple(float(v) for v in args.l2_eps.split(","))
     if args.linf_sweep:
         overrides["linf_sweep"] = tuple(float(v) for v in args.linf_sweep.split(","))
     budget = replace(budget, **overrides)
@@ -240,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--transfer-decay", type=float, help="MI-FGSM momentum decay (default 1.0)")
     e.add_argument("--transfer-diversity", type=float,
                    help="input-diversity probability per MI-FGSM step (default 0.5; 0: plain MI-FGSM)")
+    e.add_argument("--linf-eps", type=float, help="the L-inf budget of every L-inf attack (default 0.3, MNIST's; "
+                                                  "e.g. 0.031 = 8/255 for photographs)")
+    e.add_argument("--l2-eps", help="L2 budgets, comma-separated; the largest is AutoAttack's and the "
+                                    "transfer attack's (default 0.5,1.0,2.0)")
     e.add_argument("--linf-sweep", help="L-inf eps for the oblivious PGD sweep (default 0.1,0.2,0.3; "
                                         "used only on pipelines that cost < 0.05 s per digit)")
     e.add_argument("--seed", type=int, default=0)

@@ -250,3 +250,19 @@ def test_attacks_on_smoothing_get_gradients_through_the_served_networks(quick_bu
             assert xr.grad is not None and xr.grad.abs().sum() > 0, name
         net = (s.denoisers if s.use_denoiser else s.classifiers)[s.sigma]
         assert isinstance(net, torch.jit.ScriptModule), "the served network is the frozen one this test is about"
+
+
+def test_cli_sets_the_attack_budgets(quick_bundle: Path, tmp_path: Path) -> None:
+    """--linf-eps / --l2-eps set every attack's budget (the sweep follows the L-inf eps)."""
+    from service.cli import main
+
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline", "--limit", "4", "--out", str(out),
+               "--sections", "oblivious", "--attacks", "pgd", "--linf-eps", "0.1", "--l2-eps", "0.25,0.5",
+               "--pgd-steps", "2", "--threads", "0"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["budget"]["linf_eps"] == 0.1 and report["budget"]["l2_eps"] == [0.25, 0.5]
+    assert max(report["budget"]["linf_sweep"]) == pytest.approx(0.1)
+    rows = report["oblivious_attacks"]
+    assert "pgd_linf_0.1" in rows and all(r["mean_linf"] <= 0.1 + 1e-5 for r in rows.values())
