@@ -68,9 +68,11 @@ def headline(report: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-HEADLINE_HEADER = ["pipeline", "digits", "clean acc", "clean FRR", "oblivious PGD L-inf 0.3", "AutoAttack L-inf 0.3",
-                   "adaptive (worst attack)", "black-box (worst)", "worst of all attacks", "detection AUC (obliv. PGD)",
-                   "certified acc @ L2 0.5", "s/img (clean)"]
+def headline_header(linf_eps: float) -> list[str]:
+    """The headline's columns; the L-inf ones name the run's budget (0.3 for MNIST)."""
+    return ["pipeline", "digits", "clean acc", "clean FRR", f"oblivious PGD L-inf {linf_eps:g}",
+            f"AutoAttack L-inf {linf_eps:g}", "adaptive (worst attack)", "black-box (worst)", "worst of all attacks",
+            "detection AUC (obliv. PGD)", "certified acc @ L2 0.5", "s/img (clean)"]
 
 
 PUBLISHED_BREAKS = {
@@ -218,7 +220,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
            "",
            "## Headline",
            "",
-           _table(HEADLINE_HEADER, headline(report)),
+           _table(headline_header(report["budget"]["linf_eps"]), headline(report)),
            "",
            THREAT_MODELS,
            "Coverage (costly pipelines use fewer digits for some sections; every number below says on how many; "
