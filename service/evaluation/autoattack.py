@@ -52,21 +52,22 @@ class AutoAttackBudget:
 
 
 # --------------------------------------------------------------------------- APGD
+def _aware(logits: torch.Tensor, classes: int | None) -> bool:
+    """A detector-aware model's output: K class logits and a (K+1)-th rejected one."""
+    return classes is not None and logits.shape[1] > classes
+
+
 def _rival(logits: torch.Tensor, y: torch.Tensor, classes: int | None) -> torch.Tensor:
     """The logit a wrong class must beat: the true class's, and with a detector-aware model
-    ((K+1) outputs) also the rejected one's."""
+    also the rejected one's."""
     u = torch.arange(len(y))
-    if classes is None or logits.shape[1] == classes:
-        return logits[u, y]
-    return torch.maximum(logits[u, y], logits[:, classes])
+    return torch.maximum(logits[u, y], logits[:, classes]) if _aware(logits, classes) else logits[u, y]
 
 
 def _wrong(logits: torch.Tensor, y: torch.Tensor, classes: int | None) -> torch.Tensor:
     """Broken: the answer is a wrong class (a rejection is not)."""
     pred = logits.argmax(1)
-    if classes is None or logits.shape[1] == classes:
-        return pred != y
-    return (pred != y) & (pred < classes)
+    return (pred != y) & (pred < classes) if _aware(logits, classes) else pred != y
 
 
 def _dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor, classes: int | None = None
@@ -77,7 +78,7 @@ def _dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor, c
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor, classes: int | None) -> torch.Tensor:
-    if classes is None or logits.shape[1] == classes:
+    if not _aware(logits, classes):
         return F.cross_entropy(logits, y, reduction="none")
     # detector-aware: log-odds of the wrong classes against the true class and the rejection
     u = torch.arange(len(y))
@@ -89,26 +90,25 @@ def _ce(logits: torch.Tensor, y: torch.Tensor, classes: int | None) -> torch.Ten
 def _loss_grad(model: Model, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
                classes: int | None = None, eot_iter: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits, loss and gradient; averaged over `eot_iter` calls of a randomized model."""
-    logits_sum, loss_sum, grad_sum = None, None, None
-    for _ in range(max(1, eot_iter)):
+    def once() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         xr = x.detach().requires_grad_(True)
         logits = model(xr)
         loss = _ce(logits, y, classes) if target is None else _dlr_targeted(logits, y, target, classes)
         (grad,) = torch.autograd.grad(loss.sum(), xr)
-        logits, loss, grad = logits.detach(), loss.detach(), grad.detach()
-        if logits_sum is None:
-            logits_sum, loss_sum, grad_sum = logits, loss, grad
-        else:
-            logits_sum, loss_sum, grad_sum = logits_sum + logits, loss_sum + loss, grad_sum + grad
-    k = float(max(1, eot_iter))
-    return logits_sum / k, loss_sum / k, grad_sum / k  # type: ignore[operator]
+        return logits.detach(), loss.detach(), grad.detach()
+
+    if eot_iter <= 1:
+        return once()
+    draws = [once() for _ in range(eot_iter)]
+    return tuple(torch.stack(parts).mean(0) for parts in zip(*draws))  # type: ignore[return-value]
 
 
 def _norms(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
 
 
-def _project(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def project(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """x_adv back into the eps ball around x (L-inf or L2), then into [0, 1]."""
     if norm == "linf":
         return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
     d = x_adv - x
@@ -149,10 +149,10 @@ def apgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: st
         x_old = x_adv
         a = 0.75 if i > 0 else 1.0
         if norm == "linf":
-            z = _project(x, x_adv + step * grad.sign(), eps, norm)
+            z = project(x, x_adv + step * grad.sign(), eps, norm)
         else:
-            z = _project(x, x_adv + step * grad / _norms(grad), eps, norm)
-        x_adv = _project(x, x_adv + (z - x_adv) * a + momentum * (1 - a), eps, norm)
+            z = project(x, x_adv + step * grad / _norms(grad), eps, norm)
+        x_adv = project(x, x_adv + (z - x_adv) * a + momentum * (1 - a), eps, norm)
         logits, loss, grad = _loss_grad(model, x_adv, y, target, classes, eot_iter)
         wrong = _wrong(logits, y, classes)
         x_best_adv[wrong & ~fooled] = x_adv[wrong & ~fooled]
@@ -286,6 +286,11 @@ def autoattack(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, no
     log: dict[str, Any] = {"version": version, "norm": norm, "eps": eps, "attacks": list(attacks),
                            "clean_not_broken" if aware else "clean_accuracy": round(float(robust.float().mean()), 4),
                            "after": {}, "seconds": {}}
+    def tick(what: str, it: int) -> None:
+        """The bar's postfix: which attack (and target) and iteration (a batch takes minutes)."""
+        if bar is not None and it % 10 == 0:
+            bar.set_postfix(attack=what, it=it, robust=f"{float(robust.float().mean()):.3f}")
+
     for name in attacks:
         if name not in ("apgd-ce", "apgd-t", "square"):
             raise ValueError(f"unknown AutoAttack part {name!r}")
@@ -297,12 +302,6 @@ def autoattack(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, no
             if len(idx) == 0:
                 continue
             xb, yb = x[idx], y[idx]
-            where = {"target": ""}
-
-            def tick(it: int) -> None:
-                """The bar's postfix: which attack, target and iteration (a batch takes minutes)."""
-                if bar is not None and it % 10 == 0:
-                    bar.set_postfix(attack=name + where["target"], it=it, robust=f"{float(robust.float().mean()):.3f}")
 
             def take(cand: torch.Tensor) -> torch.Tensor:
                 """Keep the valid adversarials of `cand`; True where one was found."""
@@ -313,7 +312,7 @@ def autoattack(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, no
 
             if name == "apgd-ce":
                 take(apgd(model, xb, yb, eps, norm=norm, iters=budget.apgd_iters, generator=g,
-                          classes=classes, eot_iter=eot_iter, progress=tick))
+                          classes=classes, eot_iter=eot_iter, progress=lambda it: tick(name, it)))
             elif name == "apgd-t":
                 with torch.no_grad():
                     scores = check(xb)
@@ -323,10 +322,10 @@ def autoattack(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, no
                     if not alive.any():
                         break
                     cand = xb.clone()
-                    where["target"] = f" #{k - 1}"
+                    label = f"{name} #{k - 1}"
                     cand[alive] = apgd(model, xb[alive], yb[alive], eps, norm=norm, iters=budget.apgd_iters,
                                        target=order[alive, -k], generator=g, classes=classes, eot_iter=eot_iter,
-                                       progress=tick)
+                                       progress=lambda it, label=label: tick(label, it))
                     alive &= ~take(cand)
             else:
                 take(square(model, xb, yb, eps, norm=norm, queries=budget.square_queries,

@@ -34,6 +34,7 @@ from torch import nn
 
 from models.architectures import build_architecture, builtin_spec
 from models.datasets import Dataset
+from service.evaluation.autoattack import project
 
 log = logging.getLogger("shieldserve.evaluate")
 
@@ -227,14 +228,9 @@ def mi_fgsm(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm:
         (grad,) = torch.autograd.grad(loss, adv)
         momentum = decay * momentum + grad / grad.abs().flatten(1).sum(1).clamp_min(1e-12).view(view)
         with torch.no_grad():
-            if norm == "linf":
-                adv = adv + alpha * momentum.sign()
-                delta = (adv - x).clamp(-eps, eps)
-            else:
-                adv = adv + alpha * momentum / momentum.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
-                delta = adv - x
-                delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0).view(view)
-            adv = (x + delta).clamp(0.0, 1.0).detach()
+            step = momentum.sign() if norm == "linf" else \
+                momentum / momentum.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
+            adv = project(x, adv + alpha * step, eps, norm).detach()
     return adv
 
 
