@@ -90,12 +90,12 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                "transfer_diversity") if getattr(args, k) is not None}
     if args.linf_eps is not None:
         overrides["linf_eps"] = args.linf_eps
-        if not args.linf_sweep:  # the sweep's default is MNIST's; scale it to the chosen eps
-            overrides["linf_sweep"] = tuple(round(args.linf_eps * f, 6) for f in (1 / 3, 2 / 3, 1.0))
     if args.l2_eps:
         overrides["l2_eps"] = tuple(float(v) for v in args.l2_eps.split(","))
     if args.linf_sweep:
         overrides["linf_sweep"] = tuple(float(v) for v in args.linf_sweep.split(","))
+    elif args.linf_eps is not None:  # the sweep's default is MNIST's; scale it to the chosen eps
+        overrides["linf_sweep"] = tuple(round(args.linf_eps * f, 6) for f in (1 / 3, 2 / 3, 1.0))
     budget = replace(budget, **overrides)
     sections = tuple(args.sections.split(",")) if args.sections else None
     if sections and "query" in sections:  # query attacks over HTTP: only a running service

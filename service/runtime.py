@@ -121,11 +121,7 @@ class Runtime:
             if down:
                 m.monitor_store_errors.inc()
 
-        monitor = QueryMonitor(store=qm.store, redis_url=qm.redis_url, redis_prefix=qm.redis_prefix,
-                               secret=qm.secret.get_secret_value() if qm.secret else None,
-                               quantization=qm.quantization, window=qm.window, top_n=qm.top_n,
-                               informative=qm.informative, memory_window_s=qm.memory_window_s,
-                               max_queries=qm.max_queries, on_degraded=degraded)
+        monitor = QueryMonitor.from_settings(qm, on_degraded=degraded)
         m.blocked_clients.set_function(monitor.blocked_count)
         return monitor
 

@@ -174,9 +174,7 @@ def measure_monitor(bundle_path: Any, manifest: dict[str, Any], dataset: Any, pr
     qm = load_settings(None, bundle=str(bundle_path)).query_monitor
     # "flag" so that no client gets blocked: the count is of what `reject` would refuse
     policy = replace(MonitorPolicy(**qm.policy.model_dump()), action="flag")
-    monitor = QueryMonitor(store="memory", quantization=qm.quantization, window=qm.window, top_n=qm.top_n,
-                           informative=qm.informative, memory_window_s=qm.memory_window_s,
-                           max_queries=qm.max_queries)
+    monitor = QueryMonitor.from_settings(qm, store="memory")
     x = torch.cat([dataset.train.x, dataset.val.x])
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(r.seed))
     started = time.monotonic()
@@ -188,12 +186,11 @@ def measure_monitor(bundle_path: Any, manifest: dict[str, Any], dataset: Any, pr
             flagged += int(verdict.flagged[0])
             bar.update(1)
     except ValueError as exc:  # e.g. images smaller than the monitor's window
-        bar.close()
         q["defenses"][GATE_KEY] = {"usable": False, "reason": f"cannot fingerprint these images: {exc}"}
         return
     finally:
+        bar.close()
         monitor.close()
-    bar.close()
     rate = flagged / max(1, len(x))
     passes = rate <= r.max_accuracy_drop + 1e-9
     record: dict[str, Any] = {

@@ -571,6 +571,17 @@ class QueryMonitor:
         if self.redis is not None:
             self.redis.client.close()
 
+    @classmethod
+    def from_settings(cls, qm: Any, *, store: Literal["memory", "redis"] | None = None,
+                      on_degraded: Any = None) -> QueryMonitor:
+        """The monitor that `query_monitor:` settings (service.settings) describe; `store`
+        overrides theirs (the quality gate measures in memory)."""
+        return cls(store=store or qm.store, redis_url=qm.redis_url, redis_prefix=qm.redis_prefix,
+                   secret=qm.secret.get_secret_value() if qm.secret else None,
+                   quantization=qm.quantization, window=qm.window, top_n=qm.top_n,
+                   informative=qm.informative, memory_window_s=qm.memory_window_s,
+                   max_queries=qm.max_queries, on_degraded=on_degraded)
+
 
 def policy_from_config(pipeline: str, value: Any, defaults: MonitorPolicy) -> MonitorPolicy | None:
     """A pipeline's `query_monitor:` entry (absent, true/false, or a mapping over the defaults)
