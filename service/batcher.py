@@ -14,6 +14,9 @@ and hands the results back to the loop in one call per batch. So the model never
 event loop to come round and start the next batch: under load the loop is busy answering the
 last batch's requests exactly when the next batch should start (with the batches formed on
 the loop, the model stood idle ~20% of the time at 32 clients; docs/operations.md).
+
+A batcher's `screen` (the query monitor's, for a monitored pipeline) sees each batch on the
+compute thread before the pipeline does, and settles what it rejects.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ from service.defenses.base import DeadlineExceeded, RunContext
 from service.pipeline import ImageResult
 
 RunBatch = Callable[[torch.Tensor, RunContext], list[ImageResult]]
+# A batch's screen before its pipeline (the query monitor, service/runtime.py): given the
+# batch and each job's (client, images), the answer per image where it is settled already (a
+# rejection; None: the pipeline runs it), the exception per job its request gets instead of
+# results (None: none), and what the on_batch report carries for metrics.
+Screen = Callable[[torch.Tensor, list[tuple[str | None, int]]],
+                  tuple[list[ImageResult | None], list[BaseException | None], list[Any]]]
 
 
 class Overloaded(Exception):
@@ -51,6 +60,7 @@ class _Job:
     deadline: float | None
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    client: str | None = None  # who sent it, for the batch's screen (None: not screened)
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -66,6 +76,7 @@ class BatchReport:
     queue_waits: list[float]
     results: list[ImageResult]
     seed: int
+    screened: list[Any] = field(default_factory=list)  # the screen's report per screened job
 
 
 def _settle(outcomes: list[tuple[asyncio.Future, bool, Any]], then: Callable[[], None] | None = None) -> None:
@@ -87,9 +98,11 @@ class Batcher:
                  max_queue: int = 1024, retry_after_s: int = 1,
                  execute: Callable[[Callable[[], list[ImageResult]]], list[ImageResult]] | None = None,
                  on_batch: Callable[[BatchReport], None] | None = None,
-                 on_queue_change: Callable[[int], None] | None = None) -> None:
+                 on_queue_change: Callable[[int], None] | None = None,
+                 screen: Screen | None = None) -> None:
         self.name = name
         self._run = run
+        self._screen = screen
         self._device = device
         self._execute = execute or (lambda work: work())  # where a batch's torch work runs
         self.enabled = enabled
@@ -110,12 +123,15 @@ class Batcher:
         return self._queued_images
 
     async def submit(self, x: torch.Tensor, *, deadline: float | None = None,
-                     options: dict[str, Any] | None = None) -> list[ImageResult]:
+                     options: dict[str, Any] | None = None, client: str | None = None) -> list[ImageResult]:
+        """Queue `x` for the next batch; with `client` (and a `screen`), the batch's screen
+        sees it before the pipeline does."""
         images = int(x.shape[0])
         loop = asyncio.get_running_loop()
         options = options or {}
         key = json.dumps(options, sort_keys=True, default=str) if options else "{}"  # jobs batch by options
-        job = _Job(x, key, options, deadline, loop.create_future(), loop)
+        job = _Job(x, key, options, deadline, loop.create_future(), loop,
+                   client if self._screen is not None else None)
         with self._cond:
             if self._closed:
                 raise Overloaded("the service is shutting down", self.retry_after_s)
@@ -222,11 +238,29 @@ class Batcher:
                          cancelled=lambda: all(j.future.done() for j in jobs),
                          options=dict(jobs[0].options))
         started = time.monotonic()
+        screened: list[Any] = []
+        failed: dict[int, BaseException] = {}  # job index -> what its request gets instead
+
         def work() -> list[ImageResult]:
             x = jobs[0].x if len(jobs) == 1 else torch.cat([j.x for j in jobs])
             if x.device != self._device:
                 x = x.to(self._device)
-            return self._run(x, ctx)
+            if self._screen is None or all(j.client is None for j in jobs):
+                return self._run(x, ctx)
+            # the screen runs here, on the compute thread, for the whole batch: in a thread of
+            # its own it competed with torch's threads for the cores (docs/query_monitor.md)
+            answered, errors, report = self._screen(x, [(j.client, j.size) for j in jobs])
+            screened.extend(report)
+            failed.update((i, e) for i, e in enumerate(errors) if e is not None)
+            owner = [i for i, j in enumerate(jobs) for _ in range(j.size)]
+            rows = [r for r, a in enumerate(answered) if a is None and owner[r] not in failed]
+            if len(rows) == len(answered):
+                return self._run(x, ctx)
+            ran = self._run(x[rows], ctx) if rows else []
+            out = list(answered)
+            for r, result in zip(rows, ran):
+                out[r] = result
+            return out  # type: ignore[return-value]
 
         try:
             results = self._execute(work)
@@ -236,13 +270,17 @@ class Batcher:
         except BaseException as exc:  # noqa: BLE001 - never kill the batch thread
             self._send([(j, False, RuntimeError(str(exc) or type(exc).__name__)) for j in jobs])
             return
-        offset, outcomes = 0, []
-        for j in jobs:
-            outcomes.append((j, True, results[offset:offset + j.size]))
+        offset, outcomes, answered = 0, [], []
+        for i, j in enumerate(jobs):
+            if i in failed:
+                outcomes.append((j, False, failed[i]))
+            else:
+                outcomes.append((j, True, results[offset:offset + j.size]))
+                answered.extend(results[offset:offset + j.size])
             offset += j.size
         then = None
         if self._on_batch:
-            report = BatchReport(size=offset, results=results, seed=seed,
+            report = BatchReport(size=offset, results=answered, seed=seed, screened=screened,
                                  queue_waits=[started - j.enqueued for j in jobs for _ in range(j.size)])
             then = functools.partial(self._on_batch, report)
         self._send(outcomes, then)

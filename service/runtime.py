@@ -10,15 +10,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import anyio.to_thread
 import torch
 
 from models.bundle import Bundle, defense_key
 from service.admission import Admission, image_cost
-from service.batcher import Batcher, BatchReport
+from service.batcher import Batcher, BatchReport, Screen
 from service.compute import ComputeThread
 from service.defenses.base import DefenseEnv, RunContext, optimize_argmax_decision, optimize_for_cpu
-from service.defenses.query_monitor import GATE_KEY, QueryMonitor, Verdict
+from service.defenses.query_monitor import GATE_KEY, AttackSuspected, QueryMonitor, Verdict
 from service.imaging import ImageLimits
 from service.metrics import Metrics
 from service.pipeline import ImageResult, Pipeline, PipelineConfigError, Rejection, Stage
@@ -91,7 +90,8 @@ class Runtime:
         # Inference runs off the event loop, on the compute thread: each pipeline's batcher
         # forms its batches in its own thread and hands each to it (service/batcher.py), as
         # do the warm-up and GET /certify. torch parallelises inside each call. This pool runs
-        # what is not torch: the query monitor's screening (numpy, maybe Redis).
+        # what is not torch: the uploads' decode (Pillow) and the query monitor's screening
+        # (numpy, maybe Redis); bounded, so a flood of costly uploads takes at most its threads.
         self.executor = ThreadPoolExecutor(max_workers=max(2, min(8, len(self.pipelines))),
                                            thread_name_prefix="shieldserve-infer")
         b = settings.batching
@@ -101,7 +101,8 @@ class Runtime:
                           max_batch_size=b.max_batch_size, max_delay_ms=b.max_delay_ms,
                           max_queue=b.max_queue, retry_after_s=b.retry_after_s,
                           on_batch=lambda report, n=name: self._observe_batch(n, report),
-                          on_queue_change=lambda depth, n=name: self.metrics.queue_depth.labels(n).set(depth))
+                          on_queue_change=lambda depth, n=name: self.metrics.queue_depth.labels(n).set(depth),
+                          screen=self._batch_screen(pipeline) if self.monitor and pipeline.monitor else None)
             for name, pipeline in self.pipelines.items()
         }
         a = settings.admission
@@ -151,21 +152,37 @@ class Runtime:
             m.blocked_clients.set(self.monitor.blocked_count())  # type: ignore[union-attr]  # for --workers
         return verdict
 
-    def _monitored(self, pipeline: Pipeline, verdict: Verdict, x: torch.Tensor
-                   ) -> tuple[list[ImageResult | None], torch.Tensor | None, list[int]]:
-        """The monitor's rejections, and the images still to run (None: none) with their rows."""
-        results: list[ImageResult | None] = [None] * len(verdict.flagged)
-        keep = [i for i, f in enumerate(verdict.flagged) if not (f and verdict.reject)]
-        m = self.metrics
-        for i, flagged in enumerate(verdict.flagged):
-            if flagged and verdict.reject:
-                results[i] = ImageResult(status="rejected", rejected_by=[monitor_rejection(verdict, i)],
-                                         stages=[Stage("query_monitor", "monitor", verdict.seconds)])
-                m.rejections.labels(pipeline.name, "query_monitor").inc()
-                m.images.labels(pipeline.name, "rejected").inc()
-        if not keep:
-            return results, None, keep
-        return results, (x if len(keep) == len(results) else x[keep]), keep
+    def _batch_screen(self, pipeline: Pipeline) -> Screen:
+        """The query monitor as the pipeline's batcher sees it (service/batcher.Screen): one
+        fingerprinting of the whole batch on the compute thread, then each request judged in
+        queue order; a flagged image is answered with the monitor's rejection (reject and
+        block modes), a blocked client's request with AttackSuspected (429)."""
+        def screen(x: torch.Tensor, parts: list[tuple[str | None, int]]
+                   ) -> tuple[list[ImageResult | None], list[BaseException | None], list[Any]]:
+            answered: list[ImageResult | None] = [None] * int(x.shape[0])
+            errors: list[BaseException | None] = [None] * len(parts)
+            starts = [0]
+            for _, n in parts:
+                starts.append(starts[-1] + n)
+            judged = [i for i, (client, _) in enumerate(parts) if client is not None]
+            rows = [r for i in judged for r in range(starts[i], starts[i + 1])]
+            verdicts = self.monitor.screen_parts(  # type: ignore[union-attr]
+                pipeline.monitor, x if len(rows) == len(answered) else x[rows],  # type: ignore[arg-type]
+                [(parts[i][0], parts[i][1]) for i in judged])  # type: ignore[misc]
+            report: list[Verdict] = []
+            for i, verdict in zip(judged, verdicts):
+                if isinstance(verdict, AttackSuspected):
+                    errors[i] = verdict
+                    continue
+                report.append(verdict)
+                for k, flagged in enumerate(verdict.flagged):
+                    if flagged and verdict.reject:
+                        answered[starts[i] + k] = ImageResult(
+                            status="rejected", rejected_by=[monitor_rejection(verdict, k)],
+                            stages=[Stage("query_monitor", "monitor", verdict.seconds)])
+            return answered, errors, report
+
+        return screen
 
     async def infer(self, pipeline: str, x: torch.Tensor, *, deadline: float | None = None,
                     options: dict[str, Any] | None = None, client: str | None = None) -> list[ImageResult]:
@@ -176,20 +193,11 @@ class Runtime:
             return await self._screen_and_run(p, x, client, deadline, options)
 
     async def _screen_and_run(self, p: Pipeline, x: torch.Tensor, client: str | None,
-                              deadline: float | None, options: dict[str, Any] | None,
-                              verdict: Verdict | None = None) -> list[ImageResult]:
-        """The monitor's verdict first (given, or asked for here); what it rejects is answered
-        here, the rest batched."""
-        batcher = self.batchers[p.name]
-        if verdict is None:
-            verdict = await self.screen(p, x, client)
-        if verdict is None or not (verdict.reject and any(verdict.flagged)):
-            return await batcher.submit(x, deadline=deadline, options=options)
-        out, rest, rows = self._monitored(p, verdict, x)
-        if rest is not None:
-            for i, r in zip(rows, await batcher.submit(rest, deadline=deadline, options=options)):
-                out[i] = r
-        return out  # type: ignore[return-value]
+                              deadline: float | None, options: dict[str, Any] | None) -> list[ImageResult]:
+        """The pipeline's batch; with `client` on a monitored pipeline the monitor screens the
+        batch first (_batch_screen)."""
+        return await self.batchers[p.name].submit(x, deadline=deadline, options=options,
+                                                  client=client if self._monitors(p, client) else None)
 
     def _threads(self, pipeline: str) -> int | None:
         """Intra-op threads for a batch (None: all): the pipeline's own `threads:`, else one
@@ -242,25 +250,19 @@ class Runtime:
                        client: str | None = None) -> tuple[torch.Tensor, list[ImageResult]]:
         """An upload's way through the service: admission (Overloaded at once when over
         budget, before anything is decoded), then `decode()` in a worker thread (an image
-        decode never runs on the event loop), then the query monitor (with `client`, in the
-        same thread), then the pipeline's batch. Returns the decoded images with their results."""
+        decode never runs on the event loop), then the pipeline's batch, which the query
+        monitor screens first (with `client`). Returns the decoded images with their results."""
         p = self.pipeline(pipeline)
-        monitored = self._monitors(p, client)
 
-        def decode_and_screen() -> tuple[torch.Tensor, Verdict | None]:
-            # one worker thread for both: each hop between threads costs the request a wait
-            # for the GIL, and under load that was most of what the monitor added
+        def decoded() -> torch.Tensor:
             x = decode()
             if int(x.shape[0]) != images:
                 raise ValueError(f"decoded {int(x.shape[0])} images, expected {images}")
-            return x, (self.monitor.screen(p.monitor, x, client)  # type: ignore[union-attr,arg-type]
-                       if monitored else None)
+            return x
 
         with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
-            x, verdict = await anyio.to_thread.run_sync(decode_and_screen)
-            if verdict is not None:
-                self._observe(p, verdict)
-            return x, await self._screen_and_run(p, x, client, deadline, options, verdict)
+            x = await asyncio.get_running_loop().run_in_executor(self.executor, decoded)
+            return x, await self._screen_and_run(p, x, client, deadline, options)
 
     def warmup(self) -> None:
         """One small run through every pipeline, so the first client does not pay for it."""
@@ -278,6 +280,8 @@ class Runtime:
 
     def _observe_batch(self, pipeline: str, report: BatchReport) -> None:
         m = self.metrics
+        for verdict in report.screened:
+            self._observe(self.pipelines[pipeline], verdict)
         m.batch_size.labels(pipeline).observe(report.size)
         for wait in report.queue_waits:
             m.queue_wait.labels(pipeline).observe(wait)

@@ -203,3 +203,52 @@ def test_a_merged_batch_holds_each_request_exactly_and_shares_no_memory_with_the
     assert len(seen) == 1 and torch.equal(seen[0], torch.cat(before))  # one batch, in order
     assert all(torch.equal(a, b) for a, b in zip(xs, before))  # the requests' tensors untouched
     assert 0 <= seeds[0] < 2**63
+
+
+def test_a_screen_settles_images_and_requests_before_the_pipeline_runs_the_rest() -> None:
+    """The query monitor's way in (Batcher `screen`): it sees the whole batch with each job's
+    client; an image it answers is not run, a job it fails gets the exception, the other jobs
+    their pipeline results; unscreened jobs (client None) go straight to the pipeline."""
+    seen: list[tuple[list[tuple[str | None, int]], list[int]]] = []
+    ran: list[list[int]] = []
+    hold = threading.Event()
+
+    def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        hold.wait(5)
+        ran.append([int(v) for v in x[:, 0, 0, 0].tolist()])
+        return _echo(x, ctx)
+
+    def screen(x: torch.Tensor, parts: list[tuple[str | None, int]]):
+        seen.append((parts, [int(v) for v in x[:, 0, 0, 0].tolist()]))
+        answered = [ImageResult(status="rejected") if int(v) == 7 else None for v in x[:, 0, 0, 0].tolist()]
+        errors = [PermissionError(f"{c} blocked") if c == "bad" else None for c, _ in parts]
+        return answered, errors, [c for c, _ in parts]
+
+    reports: list[BatchReport] = []
+
+    async def main() -> None:
+        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=16, max_delay_ms=0,
+                    screen=screen, on_batch=reports.append)
+        first = asyncio.ensure_future(b.submit(_img(1), client="a"))  # runs alone, held in run()
+        await asyncio.sleep(0.1)
+        queued = [asyncio.ensure_future(b.submit(torch.cat([_img(2), _img(7), _img(3)]), client="a")),
+                  asyncio.ensure_future(b.submit(_img(4, 2), client="bad")),
+                  asyncio.ensure_future(b.submit(_img(7), client="c"))]
+        await asyncio.sleep(0.1)
+        hold.set()
+        assert [r.label for r in await first] == [1]
+        mixed = await queued[0]
+        assert [r.status for r in mixed] == ["accepted", "rejected", "accepted"]
+        assert [mixed[0].label, mixed[2].label] == [2, 3]
+        with pytest.raises(PermissionError, match="bad blocked"):
+            await queued[1]
+        assert [r.status for r in await queued[2]] == ["rejected"]
+        assert [r.label for r in await b.submit(_img(5))] == [5]  # no client: not screened
+        await b.close()
+
+    asyncio.run(main())
+    assert seen[1] == ([("a", 3), ("bad", 2), ("c", 1)], [2, 7, 3, 4, 4, 7])  # one call per batch
+    assert len(seen) == 2 and ran == [[1], [2, 3], [5]]  # neither the rejected nor the failed job's images
+    # the report holds what the requests were answered with (not the failed job's rows) and the screen's report
+    assert [r.status for r in reports[1].results] == ["accepted", "rejected", "accepted", "rejected"]
+    assert reports[1].screened == ["a", "bad", "c"]

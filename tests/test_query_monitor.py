@@ -278,6 +278,38 @@ def test_block_mode_blocks_after_the_flag_limit_and_the_cooldown_ends(monkeypatc
     assert monitor.blocked_count() == 0
 
 
+def test_a_batch_screened_at_once_is_judged_as_its_requests_one_by_one(mnist) -> None:
+    """screen_parts (what the service runs on each batch): one fingerprinting of the batch,
+    then each request matched, remembered and judged in queue order, with the same verdicts as
+    screening the requests one at a time; a blocked client's entry is its AttackSuspected and
+    the requests after it are still judged."""
+    x = mnist.test.x[3:4].clone()
+    near = [x.clone() for _ in range(4)]
+    for k, y in enumerate(near):
+        y[..., 0, k] = 0.5
+    requests = [("ip:1", torch.cat([x, near[0]])), ("ip:2", mnist.test.x[5:7]), ("ip:1", torch.cat(near[1:3])),
+                ("ip:3", near[3]), ("ip:2", mnist.test.x[5:6])]
+    policy = MonitorPolicy(action="block", block_after=2)
+    alone, batched = QueryMonitor(secret="same"), QueryMonitor(secret="same")
+    want = []
+    for client, imgs in requests:
+        try:
+            v = alone.screen(policy, imgs, client)
+            want.append((v.matches, v.flagged, v.threshold))
+        except AttackSuspected:
+            want.append("blocked")
+    got = batched.screen_parts(policy, torch.cat([imgs for _, imgs in requests]),
+                               [(client, int(imgs.shape[0])) for client, imgs in requests])
+    assert [g if isinstance(g, AttackSuspected) else (g.matches, g.flagged, g.threshold) for g in got] == \
+        [w if w != "blocked" else got[i] for i, w in enumerate(want)]
+    assert any(f for v in got if not isinstance(v, AttackSuspected) for f in v.flagged)
+    # the third request pushed ip:1 past block_after: both monitors blocked it, and only it
+    for m in (alone, batched):
+        with pytest.raises(AttackSuspected):
+            m.screen(policy, mnist.test.x[9:10], "ip:1")
+        m.screen(policy, mnist.test.x[10:11], "ip:4")
+
+
 def test_policies_from_pipeline_config() -> None:
     d = MonitorPolicy()
     assert policy_from_config("p", None, d) == d

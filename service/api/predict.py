@@ -52,7 +52,8 @@ MAX_FORM_FIELDS = 64
 Upload = tuple[bytes, str | None]  # an uploaded image's bytes and declared content type
 
 
-def runtime_of(request: Request) -> Runtime:
+async def runtime_of(request: Request) -> Runtime:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a hop per request
     return request.app.state.runtime
 
 
@@ -90,13 +91,13 @@ class Deadline:
                         f"the request did not finish within its deadline of {self.seconds:g} s")
 
 
-def request_deadline(request: Request,
-                     timeout: str | None = Header(None, alias=TIMEOUT_HEADER, description=TIMEOUT_DESCRIPTION),
-                     ) -> Deadline:
+async def request_deadline(request: Request,
+                           timeout: str | None = Header(None, alias=TIMEOUT_HEADER, description=TIMEOUT_DESCRIPTION),
+                           ) -> Deadline:
     """This request's deadline. The clock starts when the request arrived (the body limit
     middleware stamps it), so reading, decoding and queueing count. `X-Request-Timeout` sets
     the length, clamped to `max_request_timeout_s`; without it `request_timeout_s` applies."""
-    settings = runtime_of(request).settings
+    settings = request.app.state.runtime.settings
     seconds = settings.request_timeout_s
     if timeout is not None:
         try:

@@ -120,17 +120,24 @@ class Fingerprinter:
         object.__setattr__(self, "_powers", {})
         object.__setattr__(self, "_digest_key", hashlib.sha256(b"digest" + self.key).digest()[:32])
 
-    def _pow_tables(self, length: int) -> tuple[np.ndarray, np.ndarray]:
-        tables = self._powers  # type: ignore[attr-defined]
-        if length not in tables:
+    def _plan(self, length: int, n_lines: int, per: int) -> tuple[np.ndarray, ...]:
+        """Per image shape, computed once: the powers of the base and of its inverse, and for
+        the lines their ends, their powers and their keyed position terms."""
+        key = (length, n_lines, per)
+        plans = self._powers  # type: ignore[attr-defined]
+        if key not in plans:
             m = 2**64
             fwd = [1] * length
             inv = [1] * length
             for t in range(1, length):
                 fwd[t] = fwd[t - 1] * self._base % m  # type: ignore[attr-defined]
                 inv[t] = inv[t - 1] * self._inverse % m  # type: ignore[attr-defined]
-            tables[length] = (np.array(fwd, dtype=np.uint64), np.array(inv, dtype=np.uint64))
-        return tables[length]
+            f, i = np.array(fwd, dtype=np.uint64), np.array(inv, dtype=np.uint64)
+            starts = np.arange(n_lines) * per
+            with np.errstate(over="ignore"):
+                line_at = self._line_at + np.arange(1, n_lines + 1, dtype=np.uint64) * _GOLDEN  # type: ignore[attr-defined]
+            plans[key] = (f, i, starts, starts + per, f[starts + per - 1], line_at)
+        return plans[key]
 
     def width(self, x: torch.Tensor) -> int:
         """Hashes per image: the top N windows, and one per line (column or row) when `lines`."""
@@ -148,52 +155,59 @@ class Fingerprinter:
         query) and its hashes, (B, width) uint64: the top-N distinct window hashes, then (with
         `lines`) one hash per informative line. Missing ones (a nearly uniform image, an
         uninformative line) are filled with values derived from the digest, which only the
-        image's own exact copies share."""
-        a = np.ascontiguousarray(x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).numpy())
+        image's own exact copies share. Vectorised over the batch: the service fingerprints
+        a whole batch in one call (numpy's cost per call is most of it for one digit)."""
+        b = int(x.shape[0])
+        a = x.detach().to("cpu", torch.float32).numpy().reshape(b, -1)
         digests = [hashlib.blake2b(row.tobytes(), key=self._digest_key, digest_size=16).digest()  # type: ignore[attr-defined]
                    for row in a]
         if self.layout == "columns" and x.dim() >= 3:  # (..., H, W) read column by column
-            a = np.ascontiguousarray(x.detach().to("cpu", torch.float32).transpose(-2, -1)
-                                     .reshape(x.shape[0], -1).numpy())
-        lv = np.floor(np.clip(a, 0.0, 1.0) * (255.0 / self.quantization)).astype(np.uint8)
-        b, length = lv.shape
+            a = a.reshape(tuple(x.shape)).swapaxes(-1, -2).reshape(b, -1)
+        # floor by the cast: the clipped values are >= 0
+        lv = (np.clip(a, 0.0, 1.0) * np.float32(255.0 / self.quantization)).astype(np.uint8)
+        length = lv.shape[1]
         w = self.window
         if length < w:
             raise ValueError(f"images of {length} values are smaller than the window ({w})")
-        fwd, inv = self._pow_tables(length)
+        n_lines, per = self._line_shape(x) if self.lines else (0, 0)
+        fwd, inv, starts, ends, line_fwd, line_at = self._plan(length, n_lines, per)
         n = length - w + 1
-        zero = np.zeros((b, 1), dtype=np.uint64)
+        prefix = np.zeros((b, length + 1), dtype=np.uint64)
         with np.errstate(over="ignore"):
             # window k's polynomial sum(lv[k+j] * base**(w-1-j)) from prefix sums of
             # lv[t] * base**-t, all mod 2**64 (uint64 arithmetic wraps): O(length), not O(length*w)
-            prefix = np.concatenate([zero, np.cumsum(lv.astype(np.uint64) * inv, axis=1)], axis=1)
+            np.cumsum(lv * inv, axis=1, out=prefix[:, 1:])
             h = _mix((prefix[:, w:] - prefix[:, :n]) * fwd[w - 1:] + self._at)  # type: ignore[attr-defined]
         levels = int(255 // self.quantization) + 1
-        mode = np.stack([np.bincount(row, minlength=levels) for row in lv]).argmax(axis=1)
-        off = np.concatenate([zero.astype(np.int32), np.cumsum(lv != mode[:, None].astype(np.uint8), axis=1,
-                                                               dtype=np.int32)], axis=1)
+        # each row's most common level (its background), all rows in one bincount
+        mode = np.bincount((lv + (np.arange(b) * levels)[:, None]).ravel(),
+                           minlength=b * levels).reshape(b, levels).argmax(axis=1)
+        off = np.zeros((b, length + 1), dtype=np.int32)
+        np.cumsum(lv != mode[:, None], axis=1, out=off[:, 1:])
         keep = (off[:, w:] - off[:, :n]) >= int(np.ceil(self.informative * w))
-        n_lines, per = self._line_shape(x) if self.lines else (0, 0)
         if n_lines:
             # each whole line (a column, in the columns layout) with its position: Square's
             # queries leave whole columns unchanged, and two different digits rarely share an
             # informative column at the same place
-            starts = np.arange(n_lines) * per
             with np.errstate(over="ignore"):
-                line_h = _mix((prefix[:, starts + per] - prefix[:, starts]) * fwd[starts + per - 1]
-                              + self._line_at + np.arange(1, n_lines + 1, dtype=np.uint64)  # type: ignore[attr-defined]
-                              * np.uint64(0x9E3779B97F4A7C15))
-            line_keep = (off[:, starts + per] - off[:, starts]) >= int(np.ceil(self.informative * per))
-        out = np.empty((len(digests), self.top_n + n_lines), dtype=np.uint64)
-        for i, row in enumerate(h):
-            top = np.unique(row[keep[i]])[-self.top_n:]
+                line_h = _mix((prefix[:, ends] - prefix[:, starts]) * line_fwd + line_at)
+            line_keep = (off[:, ends] - off[:, starts]) >= int(np.ceil(self.informative * per))
+        out = np.empty((b, self.top_n + n_lines), dtype=np.uint64)
+        for i in range(b):
+            top = np.unique(h[i][keep[i]])[-self.top_n:]
             lines = line_h[i][line_keep[i]] if n_lines else top[:0]
-            missing = self.top_n + n_lines - len(top) - len(lines)
+            k = len(top)
+            missing = self.top_n + n_lines - k - len(lines)
+            out[i, :k] = top
             if missing:
-                rng = np.random.default_rng(int.from_bytes(digests[i], "big"))
-                top = np.concatenate([top, rng.integers(0, 2**63, size=missing, dtype=np.uint64)])
-            out[i] = np.concatenate([top, lines])
+                with np.errstate(over="ignore"):
+                    seed = np.uint64(int.from_bytes(digests[i][:8], "big"))
+                    out[i, k:k + missing] = _mix(seed + np.arange(1, missing + 1, dtype=np.uint64) * _GOLDEN)
+            out[i, k + missing:] = lines
         return digests, out
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: splitmix64's increment
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -496,9 +510,19 @@ class QueryMonitor:
 
     # ------------------------------------------------------------------ screening
     def screen(self, policy: MonitorPolicy, x: torch.Tensor, client: str) -> Verdict:
-        """Check the client's block, fingerprint and match the batch, remember it; in block
-        mode record the flags and raise AttackSuspected for a blocked client. Runs in a worker
-        thread (numpy and, on the shared store, one Redis round trip)."""
+        """Check the client's block, fingerprint and match its images, remember them; in block
+        mode record the flags and raise AttackSuspected for a blocked client."""
+        verdict = self.screen_parts(policy, x, [(client, int(x.shape[0]))])[0]
+        if isinstance(verdict, AttackSuspected):
+            raise verdict
+        return verdict
+
+    def screen_parts(self, policy: MonitorPolicy, x: torch.Tensor, parts: Sequence[tuple[str, int]]
+                     ) -> list[Verdict | AttackSuspected]:
+        """`screen` for a batch of several requests' images: `parts` is each request's client
+        and image count, in the rows' order. The fingerprints are computed for the whole batch
+        at once (numpy's per-call cost shared); each request is then matched, remembered and
+        judged in turn, as if it came alone. A blocked client's entry is its AttackSuspected."""
         started = time.perf_counter()
         if self._key_pending and self._use_redis():
             assert self.redis is not None
@@ -508,8 +532,24 @@ class QueryMonitor:
                 self._redis_ok()
             except self.redis.errors as exc:
                 self._redis_failed("reading the shared key", exc)
-        tag = self.client_tag(client)
         digests, hashes = self.fingerprinter.fingerprint(x)
+        per_image = (time.perf_counter() - started) / max(1, len(digests))
+        out: list[Verdict | AttackSuspected] = []
+        offset = 0
+        for client, n in parts:
+            t = time.perf_counter()
+            try:
+                verdict = self._judge(policy, client, digests[offset:offset + n], hashes[offset:offset + n])
+                verdict.seconds = per_image * n + time.perf_counter() - t
+                out.append(verdict)
+            except AttackSuspected as exc:
+                out.append(exc)
+            offset += n
+        return out
+
+    def _judge(self, policy: MonitorPolicy, client: str, digests: list[bytes], hashes: np.ndarray) -> Verdict:
+        """One request's fingerprints against the store (Redis, or this process's)."""
+        tag = self.client_tag(client)
         blocked_for, suspect, matches = 0.0, False, None
         if self._use_redis() and not self._key_pending:
             assert self.redis is not None
@@ -532,7 +572,6 @@ class QueryMonitor:
             self._mark_suspect(tag, policy.block_window_s)
         if policy.action == "block" and any(flagged):
             verdict.blocked_now = self._add_flags(tag, sum(flagged), policy)
-        verdict.seconds = time.perf_counter() - started
         return verdict
 
     def _mark_suspect(self, tag: str, seconds: float) -> None:
