@@ -8,7 +8,9 @@ latency  One server (niced) with `magnet` and `default` twice each: monitored (t
          client its own X-Forwarded-For through the trusted 127.0.0.1), rounds alternate
          on/off/on/off... `--rounds` times each, `--seconds` per round; p50/p99 of all rounds
          of one side. Added = on - off.
-screen   QueryMonitor.screen in process on one digit at a time (memory store): p50/p99.
+screen   QueryMonitor.screen in process on one digit at a time (memory store): p50/p99; and
+         the mean per digit of screen_parts on batches of 8 one-digit requests (the service
+         screens each batch at once on the compute thread).
 memory   Bytes per remembered query: the memory store (tracemalloc) and Redis (INFO
          used_memory, a redis-server started here when one is installed) after 100,000
          distinct queries, times 1,000,000.
@@ -143,8 +145,16 @@ def screen_cost() -> dict[str, Any]:
         m.screen(policy, x[i:i + 1], f"ip:10.0.0.{i % 8}")
         seconds.append(time.perf_counter() - started)
     s = common.summarize_latencies(seconds[100:])
+    # what the service runs: one screen_parts per batch (8 requests of one digit, 8 clients)
+    m = QueryMonitor(secret="bench")
+    parts = [(f"ip:10.0.0.{k}", 1) for k in range(8)]
+    started = time.perf_counter()
+    for i in range(0, len(x) - 7, 8):
+        m.screen_parts(policy, x[i:i + 8], parts)
+    per_digit = (time.perf_counter() - started) / (len(x) // 8 * 8)
     del torch
-    return {"images": len(seconds) - 100, "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"]}
+    return {"images": len(seconds) - 100, "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"],
+            "batch8_ms_per_digit": per_digit * 1000}
 
 
 def _distinct_queries(n: int):

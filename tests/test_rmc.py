@@ -93,6 +93,25 @@ def test_batched_adaptation_equals_one_image_at_a_time(rmc_env: DefenseEnv, atta
     assert moved[2] and moved[3], "fine-tuning left the adversarial digits' weights where they were"
 
 
+@pytest.mark.parametrize("trainable", ["head", "last"])
+def test_the_frozen_features_of_dprime_computed_once_give_the_answers_computed_per_request(
+        rmc_env: DefenseEnv, attack, trainable: str) -> None:
+    """A differential test of the cache (`frozen_cache_mb`): D′'s frozen features computed at
+    load give the logits that running the frozen part on each request's neighbours gives,
+    up to float rounding; "all" fine-tunes the body, so it never caches."""
+    x, _, adv = attack
+    batch = torch.cat([x[:3], adv[:3]])
+    cached = RMC(rmc_env, steps=4, trainable=trainable)
+    per_request = RMC(rmc_env, steps=4, trainable=trainable, frozen_cache_mb=0)
+    assert cached.frozen_dprime is not None and per_request.frozen_dprime is None
+    assert cached.public_settings()["frozen_features_cached"] is True
+    a = cached.adapt(batch, rmc_env.classifier, RunContext()).logits
+    b = per_request.adapt(batch, rmc_env.classifier, RunContext()).logits
+    assert torch.allclose(a, b, atol=1e-4) and torch.equal(a.argmax(1), b.argmax(1))
+    assert RMC(rmc_env, steps=1, trainable="all").frozen_dprime is None
+    assert RMC(rmc_env, steps=1, trainable=trainable, frozen_cache_mb=1e-6).frozen_dprime is None  # over the limit
+
+
 def test_rmc_answers_adversarial_digits_the_base_classifier_gets_wrong(rmc_env: DefenseEnv, attack) -> None:
     x, y, adv = attack
     with torch.no_grad():

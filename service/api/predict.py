@@ -5,7 +5,8 @@ An image's way through the service:
     route (here: the body read by Starlette's own multipart parser, count and types checked)
     -> admission (Runtime.classify: refused at once with 503 when over budget)
     -> decode (Pillow, in a worker thread, bounded by ImageLimits)
-    -> batch (the pipeline's batcher) -> pipeline
+    -> batch (the pipeline's batcher; on a monitored pipeline the query monitor screens the
+       batch first, on the compute thread) -> pipeline
     -> response (service/api/render.py, the one renderer every route shares).
 
 /v2 takes the same way, except that its tensor is decoded in the worker-thread call that
@@ -185,15 +186,17 @@ async def decode_uploads(items: list[Upload], runtime: Runtime) -> torch.Tensor:
 async def classify(runtime: Runtime, pipeline: str, images: int, decode: Callable[[], torch.Tensor],
                    deadline: Deadline, options: dict[str, Any] | None = None, client: str | None = None,
                    ) -> tuple[torch.Tensor, list[ImageResult]]:
-    """Admission, decode, query monitor, batch and pipeline (Runtime.classify) within the deadline."""
+    """Admission, decode, batch (screened by the query monitor) and pipeline (Runtime.classify)
+    within the deadline."""
     return await _within(deadline, runtime.classify(pipeline, images, decode, deadline=deadline.at, options=options,
                                                     client=client))
 
 
 async def infer_decoded(runtime: Runtime, pipeline: str, x: torch.Tensor, deadline: Deadline,
                         options: dict[str, Any] | None = None, client: str | None = None) -> list[ImageResult]:
-    """Admission, query monitor, batch and pipeline (Runtime.infer) for images decoded already
-    (/v2 decodes its tensor in the worker-thread call that parses the body)."""
+    """Admission, batch (screened by the query monitor) and pipeline (Runtime.infer) for
+    images decoded already (/v2 decodes its tensor in the worker-thread call that parses the
+    body)."""
     return await _within(deadline, runtime.infer(pipeline, x, deadline=deadline.at, options=options, client=client))
 
 

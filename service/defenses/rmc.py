@@ -238,6 +238,9 @@ class Finetuner:
             self.model = classifier
         else:
             raise ValueError(f"trainable must be 'all', 'head' or 'last', got {trainable!r}")
+        # what the frozen part makes of an image never changes ("head" and "last"): RMC may
+        # compute it for all of D′ once instead of for every request's neighbours
+        self.frozen_is_fixed = trainable in ("head", "last")
         self.model.eval()  # no dropout: the same image and neighbours give the same answer
         self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.buffers = {n: b for n, b in self.model.named_buffers()}
@@ -249,18 +252,24 @@ class Finetuner:
     def _logits(self, params: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, (params, self.buffers), (z,))
 
-    def run(self, x: torch.Tensor, nbr_x: torch.Tensor, nbr_y: torch.Tensor, s: FinetuneSettings,
+    def run(self, x: torch.Tensor, nbr_x: torch.Tensor | None, nbr_y: torch.Tensor, s: FinetuneSettings,
             ctx: RunContext | None = None, start: dict[str, torch.Tensor] | None = None,
+            nbr_z: torch.Tensor | None = None,
             ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Fine-tune B copies, copy b on (nbr_x[b], nbr_y[b]), then classify x[b] with it.
 
-        x (B,C,H,W); nbr_x (B,K,C,H,W); nbr_y (B,K). `start` are unbatched parameters to start
-        from (the bundle's by default). Returns logits (B, classes), the B adapted parameter
-        copies, and per-image details (steps taken, final loss).
+        x (B,C,H,W); nbr_x (B,K,C,H,W); nbr_y (B,K). `nbr_z` (B,K,...): the frozen part's output
+        for the neighbours, computed already (then nbr_x is not needed). `start` are unbatched
+        parameters to start from (the bundle's by default). Returns logits (B, classes), the B
+        adapted parameter copies, and per-image details (steps taken, final loss).
         """
         b, k = nbr_y.shape
-        z = self.frozen(nbr_x.flatten(0, 1))
-        z = z.view(b, k, *z.shape[1:])
+        if nbr_z is not None:
+            z = nbr_z
+        else:
+            assert nbr_x is not None
+            z = self.frozen(nbr_x.flatten(0, 1))
+            z = z.view(b, k, *z.shape[1:])
         zq = self.frozen(x).unsqueeze(1)
         base = start if start is not None else self.initial
         params = {n: p.to(x.device).unsqueeze(0).repeat(b, *([1] * p.dim())) for n, p in base.items()}
@@ -310,7 +319,7 @@ class Finetuner:
 
 # ============================================================================ the component
 _OPTIONS = {"mode", "k", "lr", "steps", "patience", "min_delta", "stop_loss", "trainable",
-            "parallel", "search", "nprobe", "ef_search", "snapshot_every", "snapshots"}
+            "parallel", "search", "nprobe", "ef_search", "snapshot_every", "snapshots", "frozen_cache_mb"}
 
 
 class RMC(Component):
@@ -322,7 +331,7 @@ class RMC(Component):
                  min_delta: float | None = None, stop_loss: float | None = None,
                  trainable: str | None = None, parallel: int | None = None, search: str = "faiss",
                  nprobe: int | None = None, ef_search: int | None = None,
-                 snapshot_every: int = 100, snapshots: int = 5) -> None:
+                 snapshot_every: int = 100, snapshots: int = 5, frozen_cache_mb: float = 256.0) -> None:
         if mode not in ("isolated", "online"):
             raise ValueError(f"mode must be 'isolated' or 'online', got {mode!r}")
         if search not in ("faiss", "torch"):
@@ -361,6 +370,7 @@ class RMC(Component):
         self.finetuner = Finetuner(env.classifier, trainable or defaults.get("trainable", "all"))
         self.parallel = int(parallel)
         self.index = self._load_index(env, search, nprobe, ef_search)
+        self.frozen_dprime = self._frozen_cache(float(frozen_cache_mb))
         # online mode: one adaptation stream per replica
         self._lock = threading.Lock()
         self._stream: dict[str, torch.Tensor] | None = None
@@ -377,6 +387,23 @@ class RMC(Component):
                 log.warning("FAISS is not installed: RMC searches D′ exactly with torch instead")
         return TorchIndex(extract_features(env.classifier, from_uint8(self.images)))
 
+    def _frozen_cache(self, limit_mb: float) -> torch.Tensor | None:
+        """The frozen part's output for every image of D′, computed once at load, when the
+        fine-tuning leaves that part alone and the result fits in `frozen_cache_mb`: then a
+        request gathers its neighbours' rows instead of running the convolutional body on K
+        images (on the default bundle that body was about half of RMC's time per image:
+        bench/rmc.py). None: computed per request."""
+        if not self.finetuner.frozen_is_fixed or limit_mb <= 0:
+            return None
+        first = self.finetuner.frozen(from_uint8(self.images[:1]))
+        need_mb = first.numel() * first.element_size() * int(self.labels.shape[0]) / 2**20
+        if need_mb > limit_mb:
+            log.info("RMC: D′'s frozen features would take %.0f MB (frozen_cache_mb %.0f): computed per request",
+                     need_mb, limit_mb)
+            return None
+        return torch.cat([self.finetuner.frozen(from_uint8(self.images[i:i + 500]))
+                          for i in range(0, int(self.labels.shape[0]), 500)])
+
     # ------------------------------------------------------------------ neighbours
     def neighbours(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Row ids (B, K) of each image's K nearest neighbours in D′, and their distances."""
@@ -391,10 +418,17 @@ class RMC(Component):
             logits = self._adapt_online(x, ids, ctx)
         else:
             logits = torch.cat([
-                self.finetuner.run(x[i:i + self.parallel], from_uint8(self.images[ids[i:i + self.parallel]]),
-                                   self.labels[ids[i:i + self.parallel]], self.settings, ctx)[0]
+                self.finetuner.run(x[i:i + self.parallel], *self._neighbour_data(ids[i:i + self.parallel]),
+                                   self.settings, ctx, nbr_z=self._neighbour_z(ids[i:i + self.parallel]))[0]
                 for i in range(0, len(x), self.parallel)])
         return _RowLogits(x, logits)
+
+    def _neighbour_data(self, ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The neighbours' images (None when their frozen features are cached) and labels."""
+        return (None if self.frozen_dprime is not None else from_uint8(self.images[ids])), self.labels[ids]
+
+    def _neighbour_z(self, ids: torch.Tensor) -> torch.Tensor | None:
+        return self.frozen_dprime[ids] if self.frozen_dprime is not None else None
 
     def _adapt_online(self, x: torch.Tensor, ids: torch.Tensor, ctx: RunContext) -> torch.Tensor:
         out = []
@@ -402,8 +436,8 @@ class RMC(Component):
             for i in range(len(x)):
                 start = self._stream if self._stream is not None else self.finetuner.initial
                 logits, params, _ = self.finetuner.run(
-                    x[i:i + 1], from_uint8(self.images[ids[i:i + 1]]), self.labels[ids[i:i + 1]],
-                    self.settings, ctx, start=start)
+                    x[i:i + 1], *self._neighbour_data(ids[i:i + 1]), self.settings, ctx, start=start,
+                    nbr_z=self._neighbour_z(ids[i:i + 1]))
                 self._stream = {n: p[0].detach() for n, p in params.items()}
                 self.adapted += 1
                 if self.adapted % self.snapshot_every == 0:
@@ -438,7 +472,8 @@ class RMC(Component):
         return {"mode": self.mode, "k": self.k, "dprime": int(self.labels.shape[0]),
                 "search": self.index.backend, "trainable": self.finetuner.trainable,
                 "optimizer": "adam", "lr": s.lr, "steps": s.steps, "patience": s.patience,
-                "stop_loss": s.stop_loss, "parallel": self.parallel}
+                "stop_loss": s.stop_loss, "parallel": self.parallel,
+                "frozen_features_cached": self.frozen_dprime is not None}
 
 
 class _RowLogits:
