@@ -81,6 +81,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from service.evaluation.attacks import Budget
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # the query section sends thousands of requests: httpx logs each one at INFO
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = Budget()
