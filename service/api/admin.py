@@ -23,9 +23,9 @@ from service.api.schemas import ErrorBody
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
-def require_admin_key(request: Request,
-                      x_api_key: str | None = Header(None, alias="X-API-Key",
-                                                     description="the admin API key")) -> None:
+async def require_admin_key(request: Request,
+                            x_api_key: str | None = Header(None, alias="X-API-Key",
+                                                           description="the admin API key")) -> None:
     configured = request.app.state.settings.admin_api_key
     secret = configured.get_secret_value() if configured is not None else ""
     if not secret:

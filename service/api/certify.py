@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from service.api.clients import client_of
+from service.api.clients import client_dependency
 from service.api.errors import ApiError
 from service.api.predict import (
     Deadline, attack_suspected_error, check_uploads, decode_uploads, overloaded_error, read_images,
@@ -189,7 +189,7 @@ async def certify_get(
         radius: float | None = Query(None, ge=0, description="only decide: certified at this radius?"),
         seed: int | None = Query(None, ge=0, lt=2**63, description="noise seed, to reproduce a certificate"),
         deadline: Deadline = Depends(request_deadline),
-        client: str = Depends(client_of),
+        client: str = Depends(client_dependency),
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 
@@ -221,7 +221,7 @@ async def certify_post(
         alpha: float | None = Query(None, gt=0, lt=0.5), radius: float | None = Query(None, ge=0),
         seed: int | None = Query(None, ge=0, lt=2**63),
         deadline: Deadline = Depends(request_deadline),
-        client: str = Depends(client_of),
+        client: str = Depends(client_dependency),
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 

@@ -50,7 +50,6 @@ import torch
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 import service
 from service.api.clients import client_of
@@ -563,7 +562,7 @@ async def _infer(request: Request, model: str, version: str | None, encoding: st
         # One worker-thread call inflates, parses and decodes: how many images the body holds
         # (what admission weighs) is known only once it is parsed, and a second thread hop
         # per request cost /v2 a third of its throughput (bench/edge_ab.py).
-        req, plan, x = await run_in_threadpool(decode)
+        req, plan, x = await rt.offload(decode)
         results = await infer_decoded(rt, model, x, deadline, client=client)
         t.outcome = outcome_of(results)
         return _render(req, plan, results, rt, model, request.state.request_id)

@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 
 import torch
 from fastapi import APIRouter, Depends, Header, Query, Request
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
@@ -180,7 +179,7 @@ def image_decoder(items: list[Upload], runtime: Runtime) -> Callable[[], torch.T
 
 async def decode_uploads(items: list[Upload], runtime: Runtime) -> torch.Tensor:
     """Decode now, in a worker thread (POST /certify, whose pipeline run is not batched)."""
-    return await run_in_threadpool(image_decoder(items, runtime))
+    return await runtime.offload(image_decoder(items, runtime))
 
 
 async def classify(runtime: Runtime, pipeline: str, images: int, decode: Callable[[], torch.Tensor],
