@@ -196,14 +196,8 @@ class Runtime:
         p = self.pipeline(pipeline)
         images = int(x.shape[0])
         with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
-            return await self._screen_and_run(p, x, client, deadline, options)
-
-    async def _screen_and_run(self, p: Pipeline, x: torch.Tensor, client: str | None,
-                              deadline: float | None, options: dict[str, Any] | None) -> list[ImageResult]:
-        """The pipeline's batch; with `client` on a monitored pipeline the monitor screens the
-        batch first (_batch_screen)."""
-        return await self.batchers[p.name].submit(x, deadline=deadline, options=options,
-                                                  client=client if self._monitors(p, client) else None)
+            # the batcher of a monitored pipeline screens the batch first (_batch_screen)
+            return await self.batchers[p.name].submit(x, deadline=deadline, options=options, client=client)
 
     def _threads(self, pipeline: str) -> int | None:
         """Intra-op threads for a batch (None: all): the pipeline's own `threads:`, else one
@@ -268,7 +262,7 @@ class Runtime:
 
         with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
             x = await self.offload(decoded)
-            return x, await self._screen_and_run(p, x, client, deadline, options)
+            return x, await self.batchers[p.name].submit(x, deadline=deadline, options=options, client=client)
 
     def warmup(self) -> None:
         """One small run through every pipeline, so the first client does not pay for it."""

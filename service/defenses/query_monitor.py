@@ -117,14 +117,14 @@ class Fingerprinter:
         object.__setattr__(self, "_inverse", inverse)
         object.__setattr__(self, "_at", at)
         object.__setattr__(self, "_line_at", rng.integers(0, 2**63, dtype=np.uint64))
-        object.__setattr__(self, "_powers", {})
+        object.__setattr__(self, "_plans", {})
         object.__setattr__(self, "_digest_key", hashlib.sha256(b"digest" + self.key).digest()[:32])
 
     def _plan(self, length: int, n_lines: int, per: int) -> tuple[np.ndarray, ...]:
         """Per image shape, computed once: the powers of the base and of its inverse, and for
         the lines their ends, their powers and their keyed position terms."""
         key = (length, n_lines, per)
-        plans = self._powers  # type: ignore[attr-defined]
+        plans = self._plans  # type: ignore[attr-defined]
         if key not in plans:
             m = 2**64
             fwd = [1] * length

@@ -418,17 +418,17 @@ class RMC(Component):
             logits = self._adapt_online(x, ids, ctx)
         else:
             logits = torch.cat([
-                self.finetuner.run(x[i:i + self.parallel], *self._neighbour_data(ids[i:i + self.parallel]),
-                                   self.settings, ctx, nbr_z=self._neighbour_z(ids[i:i + self.parallel]))[0]
+                self.finetuner.run(x[i:i + self.parallel], s=self.settings, ctx=ctx,
+                                   **self._neighbour_batch(ids[i:i + self.parallel]))[0]
                 for i in range(0, len(x), self.parallel)])
         return _RowLogits(x, logits)
 
-    def _neighbour_data(self, ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The neighbours' images (None when their frozen features are cached) and labels."""
-        return (None if self.frozen_dprime is not None else from_uint8(self.images[ids])), self.labels[ids]
-
-    def _neighbour_z(self, ids: torch.Tensor) -> torch.Tensor | None:
-        return self.frozen_dprime[ids] if self.frozen_dprime is not None else None
+    def _neighbour_batch(self, ids: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Finetuner.run's neighbour arguments: their labels, and their frozen features where
+        D′'s are cached, else their images."""
+        cached = self.frozen_dprime is not None
+        return {"nbr_y": self.labels[ids], "nbr_x": None if cached else from_uint8(self.images[ids]),
+                "nbr_z": self.frozen_dprime[ids] if cached else None}  # type: ignore[index]
 
     def _adapt_online(self, x: torch.Tensor, ids: torch.Tensor, ctx: RunContext) -> torch.Tensor:
         out = []
@@ -436,8 +436,7 @@ class RMC(Component):
             for i in range(len(x)):
                 start = self._stream if self._stream is not None else self.finetuner.initial
                 logits, params, _ = self.finetuner.run(
-                    x[i:i + 1], *self._neighbour_data(ids[i:i + 1]), self.settings, ctx, start=start,
-                    nbr_z=self._neighbour_z(ids[i:i + 1]))
+                    x[i:i + 1], s=self.settings, ctx=ctx, start=start, **self._neighbour_batch(ids[i:i + 1]))
                 self._stream = {n: p[0].detach() for n, p in params.items()}
                 self.adapted += 1
                 if self.adapted % self.snapshot_every == 0:
