@@ -2,10 +2,10 @@
 flags of benign traffic: the quick loop for tuning the monitor before the HTTP evaluation.
 
     flock /work/bench.lock python bench/query_detection.py [--digits 10] [--budget 1000]
-        [--benign 5000] [--variants columns:80:14:7,rows:50:12:12] [--keys 2]
+        [--benign 5000] [--variants columns:80:14:7,rows:50:12:12:0] [--keys 2]
 
-Per variant (`layout:top_n:threshold:suspect_threshold`; the defaults against 0.6.0's
-rows:50:12:12, which had no suspects) and key: a fresh QueryMonitor (memory store, reject
+Per variant (`layout:top_n:threshold:suspect_threshold[:suspect_linf]`; the defaults against
+0.6.0's rows:50:12:12:0, which had no suspects) and key: a fresh QueryMonitor (memory store, reject
 mode; `lines` with the columns layout) first sees the benign workload of `shieldserve evaluate
 --sections query` (every distinct mnist5k digit once from 8 clients, 10% retried, 20 public
 digits sent by every client) and then, on the same store, ART's Square (L-inf 0.3 and 0.15),
@@ -90,8 +90,9 @@ def main() -> None:
     ap.add_argument("--digits", type=int, default=10)
     ap.add_argument("--budget", type=int, default=1000)
     ap.add_argument("--benign", type=int, default=5000, help="distinct mnist5k digits (0: none)")
-    ap.add_argument("--variants", default="columns:80:14:7,rows:50:12:12",
-                    help="layout:top_n:threshold:suspect_threshold, comma separated")
+    ap.add_argument("--variants", default="columns:80:14:7,rows:50:12:12:0",
+                    help="layout:top_n:threshold:suspect_threshold[:suspect_linf], comma separated "
+                         "(suspect_linf: MonitorPolicy's default unless given; 0 turns the pixel check off)")
     ap.add_argument("--keys", type=int, default=2, help="hashing keys per variant (fixed, derived from an index)")
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--bundle", default=str(ROOT / "models" / "default"))
@@ -114,16 +115,18 @@ def main() -> None:
                               "digits": args.digits, "budget_per_digit": args.budget, "results": []}
     rows = []
     for variant in args.variants.split(","):
-        layout, top_n, threshold, suspect = variant.split(":")
+        layout, top_n, threshold, suspect, *linf = variant.split(":")
+        suspect_linf = float(linf[0]) if linf else MonitorPolicy().suspect_linf
         for k in range(args.keys):
             started = time.perf_counter()
             # 0.6.0's fingerprint had no line hashes: rows:50:12 without them
             monitor = QueryMonitor(store="memory", secret=f"query-detection-key-{k}",
                                    layout=layout, lines=layout == "columns",  # type: ignore[arg-type]
                                    top_n=int(top_n), max_queries=1_000_000)
-            policy = MonitorPolicy(action="reject", threshold=int(threshold), suspect_threshold=int(suspect))
+            policy = MonitorPolicy(action="reject", threshold=int(threshold), suspect_threshold=int(suspect),
+                                   suspect_linf=suspect_linf)
             res: dict[str, Any] = {"layout": layout, "top_n": int(top_n), "threshold": int(threshold),
-                                  "suspect_threshold": int(suspect), "key": k}
+                                  "suspect_threshold": int(suspect), "suspect_linf": suspect_linf, "key": k}
             if len(every):
                 res["benign"] = benign(monitor, policy, every)
             bar = tqdm(total=len(attacks) * args.digits, desc=f"{variant} key {k}", unit="digit", leave=False)
@@ -145,7 +148,7 @@ def main() -> None:
             report["results"].append(res)
             rows.append(res)
             b = res.get("benign", {})
-            print(f"{layout:8s} top {top_n} t{threshold:>2s}/{suspect} key {k}: "
+            print(f"{layout:8s} top {top_n} t{threshold:>2s}/{suspect} linf {suspect_linf} key {k}: "
                   f"benign {b.get('flagged')}/{b.get('queries')} flagged (max shared {b.get('max_shared')})",
                   flush=True)
             for kind in attacks:

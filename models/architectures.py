@@ -92,7 +92,11 @@ def import_factory(path: str) -> Callable[..., nn.Module]:
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"factory must look like 'package.module:factory', got {path!r}")
-    obj: Any = importlib.import_module(module_name)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"cannot import {module_name!r} for {path!r} ({exc}): run shieldserve from the directory "
+                         f"that holds it, or put that directory on PYTHONPATH (the service needs it too)") from exc
     for part in attr.split("."):
         obj = getattr(obj, part)
     if not callable(obj):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -271,7 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_modules_importable() -> None:
+    """Let `import:package.module:factory` name a module in the current directory, as it does
+    under `python -m service` (and as uvicorn imports an app): the `shieldserve` script does
+    not put the directory on sys.path. Appended, so installed packages are never shadowed."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
 def main(argv: list[str] | None = None) -> int:
+    user_modules_importable()
     args = build_parser().parse_args(argv)
     if args.command == "evaluate":
         args.argv = argv

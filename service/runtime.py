@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import torch
@@ -17,7 +18,7 @@ from service.admission import Admission, image_cost
 from service.batcher import Batcher, BatchReport, Screen
 from service.compute import ComputeThread
 from service.defenses.base import DefenseEnv, RunContext, optimize_argmax_decision, optimize_for_cpu
-from service.defenses.query_monitor import GATE_KEY, AttackSuspected, QueryMonitor, Verdict
+from service.defenses.query_monitor import GATE_KEY, NEAR_GATE_KEY, AttackSuspected, QueryMonitor, Verdict
 from service.imaging import ImageLimits
 from service.metrics import Metrics
 from service.pipeline import ImageResult, Pipeline, PipelineConfigError, Rejection, Stage
@@ -32,8 +33,12 @@ class UnknownPipeline(KeyError):
 
 
 def monitor_rejection(verdict: Verdict, i: int) -> Rejection:
-    """The query monitor's rejection of image i of a screened request."""
-    return Rejection("query_monitor", "fingerprint_match", verdict.score(i), verdict.threshold / verdict.top_n)
+    """The query monitor's rejection of image i of a screened request: its shared hashes, or
+    (a suspect's image the hashes let through) its L-inf distance to the client's nearest
+    remembered image, rejected at or below `suspect_linf`."""
+    if verdict.by_hashes(i) or not verdict.near:
+        return Rejection("query_monitor", "fingerprint_match", verdict.score(i), verdict.threshold / verdict.top_n)
+    return Rejection("query_monitor", "suspect_near", float(verdict.near[i] or 0.0), verdict.suspect_linf)
 
 
 class Runtime:
@@ -86,6 +91,14 @@ class Runtime:
             log.warning("the query monitor is off on this bundle: %s", self.monitor_off)
             for p in self.pipelines.values():
                 p.monitor = None
+        # the suspect pixel check would reject many of a suspect's benign images on this data
+        # (low resolution, few levels): the monitor runs without it, and /pipelines says so
+        self.suspect_linf_off: str | None = self.bundle.unusable(NEAR_GATE_KEY) if self.monitor_off is None else None
+        if self.suspect_linf_off is not None and any(p.monitor for p in self.pipelines.values()):
+            log.warning("the query monitor's suspect pixel check is off on this bundle: %s", self.suspect_linf_off)
+            for p in self.pipelines.values():
+                if p.monitor is not None:
+                    p.monitor = replace(p.monitor, suspect_linf=0.0)
         self.metrics = Metrics()
         self.monitor = self._build_monitor() if any(p.monitor for p in self.pipelines.values()) else None
         # Inference runs off the event loop, on the compute thread: each pipeline's batcher

@@ -47,6 +47,8 @@ class MonitorPolicyConfig(BaseModel):
     threshold: int = Field(14, ge=1, description="hashes (of top_n plus one per column) a query must share with "
                                                   "remembered ones")
     suspect_threshold: int = Field(7, ge=1, description="the threshold for a client flagged within block_window_s")
+    suspect_linf: float = Field(0.62, ge=0, le=1, description="a suspect's query within this L-inf distance of one "
+                                                              "of its last suspect_history queries is flagged (0: off)")
     block_after: int = Field(10, ge=0)
     block_window_s: float = Field(600.0, gt=0)
     cooldown_s: float = Field(900.0, gt=0)
@@ -63,6 +65,7 @@ class QueryMonitorConfig(BaseModel):
                                                              "for the window to count")
     memory_window_s: float = Field(3600.0, gt=0, description="how long a query is remembered")
     max_queries: int = Field(100_000, gt=1, description="queries remembered at most (per store; ~3.7 KB each)")
+    suspect_history: int = Field(128, ge=1, description="a suspect's last queries kept for the suspect_linf check")
     store: Literal["memory", "redis"] = Field(
         "memory", description="memory: per process; redis: one store for every replica")
     redis_url: str = "redis://127.0.0.1:6379/0"

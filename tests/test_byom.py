@@ -250,11 +250,15 @@ def test_photos_import_bundle(photos_bundle: Path) -> None:
     assert m["artifacts"]["defensegan_generator"]["architecture"]["kwargs"]["image_size"] == 32
     assert m["defenses"]["rmc"]["settings"]["trainable"] == "last"
     assert set(m["quality"]["defenses"]) == {"magnet", "magnet:reformer", "neuralfp", "defensegan", "rmc",
-                                             "query_monitor"}
+                                             "query_monitor", "query_monitor:suspect_linf"}
     # overlapping crops of two photographs are near-duplicates to the monitor: the gate says it
-    # would refuse far more than 2% of these benign images (recorded; the quick preset does not enforce)
+    # would refuse far more than 2% of these benign images (recorded; the quick preset does not enforce),
+    # and they are close to each other in pixels too
     mon = m["quality"]["defenses"]["query_monitor"]
     assert mon["flag_rate"] > 0.2 and not mon["passes"] and "not enforced" in mon["reason"]
+    near = m["quality"]["defenses"]["query_monitor:suspect_linf"]
+    assert near["near_rate"] > 0.2 and not near["passes"] and near["usable"] and "not enforced" in near["reason"]
+    assert mon["suspect_linf"] == 0.62  # measured with the check: not enforced, so served with it
     b = Bundle.load(photos_bundle)
     x = torch.rand(2, 3, 32, 32)
     assert b.module("defensegan_generator")(torch.randn(2, 128)).shape == x.shape
@@ -332,11 +336,20 @@ def test_a_monitor_below_the_gate_is_off_and_pipelines_say_why(digits_bundle: Pa
             assert r.status_code == 200 and all(
                 rej["defense"] != "query_monitor" for rej in r.json()["results"][0].get("rejected_by") or [])
     m["quality"]["defenses"]["query_monitor"] = {"usable": True, "passes": True, "reason": "fine"}
-    (out / "manifest.json").write_text(json.dumps(m))
-    with TestClient(create_app(load_settings(None, bundle=str(out), warmup=False))) as client:
-        body = client.get("/pipelines").json()
-        assert body["query_monitor_off"] is None
-        assert any(p["query_monitor"] is not None for p in body["pipelines"])
+    near = m["quality"]["defenses"]["query_monitor:suspect_linf"]  # measured by the build
+    assert 0 <= near["near_rate"] <= 1 and near["images"] > 0 and near["suspect_linf"] == 0.62
+    for usable in (True, False):
+        m["quality"]["defenses"]["query_monitor:suspect_linf"] = {
+            "usable": usable, "passes": usable, "reason": "fine" if usable else "the suspect pixel check finds 9 of 10"}
+        (out / "manifest.json").write_text(json.dumps(m))
+        with TestClient(create_app(load_settings(None, bundle=str(out), warmup=False))) as client:
+            body = client.get("/pipelines").json()
+            assert body["query_monitor_off"] is None
+            monitored = [p["query_monitor"] for p in body["pipelines"] if p["query_monitor"] is not None]
+            assert monitored
+            # the monitor runs; its pixel check only where the gate found it usable
+            assert body["suspect_linf_off"] == (None if usable else "the suspect pixel check finds 9 of 10")
+            assert all(q["suspect_linf"] == (0.62 if usable else 0.0) for q in monitored)
 
 
 def test_a_step_that_cannot_be_built_is_recorded_not_fatal(tmp_path: Path, digits: tuple[Path, Path]) -> None:
@@ -377,8 +390,32 @@ def test_steps_quality_measures_the_bundle_again(digits_bundle: Path, tmp_path: 
                  options={"quality": {"images": 8}}, argv=[])
     after = _manifest(out)
     assert after["artifacts"] == before["artifacts"]  # nothing retrained
-    assert {d["images"] for k, d in after["quality"]["defenses"].items() if k != "query_monitor"} == {8}
-    assert after["quality"]["defenses"]["query_monitor"]["images"] >= 1000  # every train + val image
+    monitor = ("query_monitor", "query_monitor:suspect_linf")
+    assert {d["images"] for k, d in after["quality"]["defenses"].items() if k not in monitor} == {8}
+    assert all(after["quality"]["defenses"][k]["images"] >= 1000 for k in monitor)  # every train + val image
     assert set(after["quality"]["defenses"]) == set(before["quality"]["defenses"])
     with pytest.raises(ValueError, match="existing bundle"):
         build_bundle(tmp_path / "none", dataset=before["build"]["dataset"], steps=["quality"], argv=[])
+
+
+def test_an_import_classifier_in_the_current_directory_is_found_or_named(tmp_path: Path, monkeypatch) -> None:
+    """`shieldserve train --classifier import:mod:factory` from the directory holding mod.py:
+    the console script does not put it on sys.path as `python -m` does; the CLI appends it.
+    A module that is nowhere is a clear error, not a traceback from importlib."""
+    import sys
+
+    from models.architectures import import_factory
+    from service.cli import user_modules_importable
+
+    (tmp_path / "byom_user_net_xyz.py").write_text(
+        "import torch\ndef net():\n    return torch.nn.Linear(4, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    with pytest.raises(ValueError, match="run shieldserve from the directory"):
+        import_factory("byom_user_net_xyz:net")
+    user_modules_importable()
+    assert sys.path[-1] == str(tmp_path)  # appended: installed packages are never shadowed
+    assert isinstance(import_factory("byom_user_net_xyz:net")(), torch.nn.Linear)
+    user_modules_importable()
+    assert sys.path.count(str(tmp_path)) == 1
+    sys.modules.pop("byom_user_net_xyz", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from PIL import Image
 
 from service.api.clients import forwarded_client
 from service.defenses.query_monitor import (
-    AttackSuspected, Fingerprinter, MemoryStore, MonitorPolicy, QueryMonitor, policy_from_config,
+    AttackSuspected, Fingerprinter, MemoryStore, MonitorPolicy, QueryMonitor, is_near, near_distances, near_pixels,
+    policy_from_config,
 )
 from tests.test_redis_store import redis_url  # noqa: F401 - the real redis-server fixture
 
@@ -233,6 +235,58 @@ def test_a_flagged_client_is_held_to_the_suspect_threshold_and_others_are_not(mn
     assert MonitorPolicy().suspect_threshold < MonitorPolicy().threshold
 
 
+def _noisy(x: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
+    """x with every pixel moved by +-eps: within eps in L-inf, but few hashes survive."""
+    g = torch.Generator().manual_seed(seed)
+    return (x + eps * torch.sign(torch.randn(x.shape, generator=g))).clamp(0, 1)
+
+
+def test_a_suspects_queries_near_its_recent_ones_in_pixels_are_flagged(mnist) -> None:
+    """A suspect's query within suspect_linf of one of its remembered queries is flagged even
+    when it shares fewer than suspect_threshold hashes; not another client's, not a different
+    digit, not with the check off."""
+    x = mnist.test.x[0:1]
+    y = x.clone()
+    y[..., 0, 0] = 0.5  # a near copy: flagged, and remembered from then on
+    far = next(mnist.test.x[i:i + 1] for i in range(1, 100)
+               if min((mnist.test.x[i] - x[0]).abs().max(), (mnist.test.x[i] - y[0]).abs().max()) > 0.9)
+    for linf in (0.62, 0.0):
+        policy = MonitorPolicy(suspect_linf=linf)
+        mon = QueryMonitor(secret="s")
+        assert mon.screen(policy, x, "ip:1.1.1.1").flagged == [False]
+        assert mon.screen(policy, y, "ip:1.1.1.1").flagged == [True]  # a suspect from here on
+        q = _noisy(x, 0.3, seed=1)
+        v = mon.screen(policy, q, "ip:1.1.1.1")
+        assert v.matches[0] < policy.suspect_threshold  # the hashes alone would let it through
+        assert v.flagged == [linf > 0]
+        assert mon.screen(policy, _noisy(x, 0.3, seed=2), "ip:2.2.2.2").flagged == [False]  # not a suspect
+        assert mon.screen(policy, far, "ip:1.1.1.1").flagged == [False]
+        assert mon.screen(policy, far, "ip:1.1.1.1").flagged == [False]  # a retry is not near, it is the same
+    # within one request too, and only as close as the setting says
+    mon = QueryMonitor(secret="s")
+    policy = MonitorPolicy()
+    mon.screen(policy, x, "ip:1.1.1.1")
+    mon.screen(policy, y, "ip:1.1.1.1")
+    assert mon.screen(policy, torch.cat([far, _noisy(far, 0.3, seed=3)]), "ip:1.1.1.1").flagged == [False, True]
+
+
+def test_near_pixels_never_overstate_a_distance_and_are_bounded() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 3, 64, 64, generator=g)
+    b = (a + 0.3 * torch.sign(torch.randn(a.shape, generator=g))).clamp(0, 1)
+    pa, pb = near_pixels(a), near_pixels(b)
+    assert pa.shape == (4, 3 * 32 * 32) and pa.dtype == np.uint8
+    assert near_pixels(torch.rand(2, 1, 28, 28, generator=g)).shape == (2, 784)  # small images as they are
+    pooled = np.abs(pa.astype(int) - pb.astype(int)).max(axis=1) / 255
+    assert (pooled <= (a - b).abs().flatten(1).amax(1).numpy() + 1 / 255).all()
+    assert all(is_near(d, 0.3) for d in near_distances(list(pa), pb))
+    assert not any(is_near(d, 0.3) for d in near_distances([], pb))  # four different images
+    assert near_distances([], pa[:1]) == [None]
+    d = near_distances([], np.concatenate([pa[:1], pb[:1]]))  # within one request
+    assert d[0] is None and 0 < d[1] <= 0.3 + 1 / 255
+    assert near_distances(list(pa[:1]), pa[:1]) == [None]  # an exact copy is not near
+
+
 # --------------------------------------------------------------------------- bounds
 def test_the_store_is_bounded_by_size_and_time(monkeypatch, mnist) -> None:
     fp = Fingerprinter(b"s" * 32)
@@ -252,6 +306,22 @@ def test_the_store_is_bounded_by_size_and_time(monkeypatch, mnist) -> None:
     clock[0] += 250  # past the whole window: forgotten
     y[..., 0, 1] = 0.5
     assert store2.match(*fp.fingerprint(y))[0] == 0
+
+
+def test_suspects_remembered_images_are_bounded_by_count_time_and_bytes(monkeypatch) -> None:
+    store = MemoryStore(window_s=100.0, max_queries=100)
+    rows = np.arange(10 * 784, dtype=np.int64).astype(np.uint8).reshape(10, 784)
+    assert store.recall("a", rows[:6], keep=4, seconds=60) == []
+    back = store.recall("a", rows[6:], keep=4, seconds=60)
+    assert [r.tolist() for r in back] == [r.tolist() for r in rows[2:6]]  # the last 4, oldest first
+    clock = [time.time() + 61]
+    monkeypatch.setattr("service.defenses.query_monitor.time.time", lambda: clock[0])
+    assert store.recall("a", rows[:1], keep=4, seconds=60) == []  # expired
+    monkeypatch.setattr("service.defenses.query_monitor.NEAR_MEMORY_BYTES", 3 * 784)
+    store.recall("b", rows[:2], keep=4, seconds=60)  # a's 1 and b's 2 images: at the cap
+    store.recall("c", rows[:1], keep=4, seconds=60)  # over it: a, the least recently used, goes
+    assert store.recall("a", rows[:1], keep=4, seconds=60) == []
+    assert store._near_bytes <= 3 * 784
 
 
 def test_block_mode_blocks_after_the_flag_limit_and_the_cooldown_ends(monkeypatch, mnist) -> None:
@@ -371,6 +441,13 @@ def test_predict_rejects_an_attack_but_not_retries_and_hides_the_secret(make_cli
     assert hit["rejected_by"][0] | {"score": 0} == {"defense": "query_monitor", "detector": "fingerprint_match",
                                                     "score": 0,  # the client is a suspect now
                                                     "threshold": MonitorPolicy().suspect_threshold / (80 + 28)}
+    # a query of the same attack that changes every pixel: too few hashes, but near in pixels
+    noisy = _noisy(x, 0.3, seed=9)
+    r = c.post("/predict?pipeline=magnet", content=png(noisy), headers=PNG).json()["results"][0]
+    assert r["status"] == "rejected" and r["rejected_by"][0] == {
+        "defense": "query_monitor", "detector": "suspect_near", "score": r["rejected_by"][0]["score"],
+        "threshold": MonitorPolicy().suspect_linf}
+    assert 0 < r["rejected_by"][0]["score"] <= 0.62
     # baseline is not monitored: the attack's queries are answered there
     r = c.post("/predict?pipeline=baseline", content=png(queries[5]), headers=PNG).json()["results"][0]
     assert r["status"] == "accepted"
@@ -423,6 +500,13 @@ def test_two_monitors_share_one_store_through_redis(redis_url, mnist) -> None:  
     alone = [single.screen(policy, queries[i:i + 1], f"ip:10.0.0.{i % 5}").flagged[0] for i in range(len(queries))]
     assert alternating.index(True) == alone.index(True) <= 10
     assert alternating == alone  # same matches and suspects whichever replica saw which query
+    # a suspect's remembered images too: flagged on a, its pixel-near query flagged on b
+    x7 = mnist.test.x[7:8]
+    y7 = x7.clone()
+    y7[..., 0, 0] = 0.5
+    assert [a.screen(policy, q, "ip:7.7.7.7").flagged[0] for q in (x7, y7)] == [False, True]
+    v = b.screen(policy, _noisy(x7, 0.3, seed=5), "ip:7.7.7.7")
+    assert v.flagged == [True] and v.matches[0] < policy.suspect_threshold
     # flags and blocks are shared too
     block = MonitorPolicy(action="block", block_after=1)
     for m in (a, b):

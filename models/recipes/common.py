@@ -21,9 +21,9 @@ def seeded(seed: int, step: str) -> torch.Generator:
     return g
 
 
-def progress(total: int, desc: str) -> tqdm:
+def progress(total: int, desc: str, unit: str = "batch") -> tqdm:
     disable = os.environ.get("SHIELDSERVE_PROGRESS", "1") == "0"
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=disable,
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=disable,
                 file=sys.stderr, dynamic_ncols=True)
 
 

@@ -14,7 +14,11 @@ The query monitor is gated too (`measure_monitor`, after the build): it rejects 
 flags, so it is run over the user's own benign images (the training and validation splits,
 never test, in a seeded random order, from 8 clients in turn). Where it flags more than
 `max_accuracy_drop` of them (near-duplicate data: overlapping crops of a few photographs,
-video frames) it is recorded unusable and the service runs without it, saying so.
+video frames) it is recorded unusable and the service runs without it, saying so. Its
+suspect pixel check (`suspect_linf`) is measured first, on the same order: the share of each
+client's images within reach of one of its previous ones (`query_monitor:suspect_linf`); above
+the same bound (low-resolution data with few levels) the monitor runs without that check, and
+is measured without it.
 
 Options: {"quality": {"images": N, "max_accuracy_drop": D, "enforce": true}} (`shieldserve
 train --max-accuracy-drop D`). The quick preset (seconds of training, for tests) measures
@@ -164,7 +168,7 @@ MONITOR_CLIENTS = 8
 def measure_monitor(bundle_path: Any, manifest: dict[str, Any], dataset: Any, preset: str,
                     options: dict[str, Any]) -> None:
     """The query monitor, with the packaged settings, on the training and validation images."""
-    from service.defenses.query_monitor import GATE_KEY, MonitorPolicy, QueryMonitor
+    from service.defenses.query_monitor import GATE_KEY, NEAR_GATE_KEY, MonitorPolicy, QueryMonitor
     from service.settings import load_settings
 
     r = recipe(preset, **options)
@@ -177,9 +181,17 @@ def measure_monitor(bundle_path: Any, manifest: dict[str, Any], dataset: Any, pr
     monitor = QueryMonitor.from_settings(qm, store="memory")
     x = torch.cat([dataset.train.x, dataset.val.x])
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(r.seed))
+    if policy.suspect_linf > 0:
+        # the pixel check first: where it is unusable the service runs the monitor without it,
+        # so the monitor is measured without it too (as it will be served)
+        near = q["defenses"][NEAR_GATE_KEY] = _measure_near(x[order], policy.suspect_linf, qm.suspect_history, r)
+        if not near["usable"]:
+            policy = replace(policy, suspect_linf=0.0)
+    else:
+        q["defenses"].pop(NEAR_GATE_KEY, None)
     started = time.monotonic()
     flagged = 0
-    bar = progress(len(x), "quality gate query_monitor")
+    bar = progress(len(x), "quality gate query_monitor", unit="image")
     try:
         for n, i in enumerate(order.tolist()):
             verdict = monitor.screen(policy, x[i:i + 1], f"client-{n % MONITOR_CLIENTS}")
@@ -196,7 +208,8 @@ def measure_monitor(bundle_path: Any, manifest: dict[str, Any], dataset: Any, pr
     record: dict[str, Any] = {
         "flag_rate": round(rate, 4), "flagged": flagged, "images": len(x), "clients": MONITOR_CLIENTS,
         "base_val_accuracy": None,  # not an accuracy: the share of benign images it would refuse
-        "split": "train + validation", "threshold": policy.threshold, "seconds": round(time.monotonic() - started, 1),
+        "split": "train + validation", "threshold": policy.threshold, "suspect_linf": policy.suspect_linf,
+        "seconds": round(time.monotonic() - started, 1),
         "passes": passes, "usable": passes or not r.enforce,
     }
     what = (f"the query monitor flags {flagged} of {len(x)} benign training and validation images "
@@ -207,6 +220,32 @@ def measure_monitor(bundle_path: Any, manifest: dict[str, Any], dataset: Any, pr
     if not passes and not r.enforce:
         record["reason"] += "; not enforced (quality.enforce is false: the quick preset)"
     q["defenses"][GATE_KEY] = record
+
+
+def _measure_near(x: torch.Tensor, linf: float, history: int, r: QualityRecipe) -> dict[str, Any]:
+    """The suspect pixel check on benign traffic: the share of each client's images within
+    `linf` of one of its previous `history` ones, what it would reject if that client were
+    ever a suspect (low-resolution data with few levels can be nearly all of it)."""
+    from service.defenses.query_monitor import is_near, near_distances, near_pixels
+
+    px = near_pixels(x)
+    near = 0
+    for c in range(MONITOR_CLIENTS):
+        rows = px[c::MONITOR_CLIENTS]
+        near += sum(is_near(near_distances(list(rows[max(0, i - history):i]), rows[i:i + 1])[0], linf)
+                    for i in range(len(rows)))
+    rate = near / max(1, len(x))
+    passes = rate <= r.max_accuracy_drop + 1e-9
+    what = (f"the suspect pixel check (suspect_linf {linf}) finds {near} of {len(x)} benign images within "
+            f"reach of one of their client's previous {history} ({rate:.4f})")
+    reason = (f"{what}: within the {r.max_accuracy_drop:.2f} allowed" if passes else
+              f"{what}: more than the {r.max_accuracy_drop:.2f} allowed, so it would reject that share of a "
+              f"suspected client's benign queries; the monitor runs without it")
+    if not passes and not r.enforce:
+        reason += "; not enforced (quality.enforce is false: the quick preset)"
+    return {"near_rate": round(rate, 4), "near": near, "images": len(x), "suspect_linf": linf,
+            "base_val_accuracy": None, "split": "train + validation", "passes": passes,
+            "usable": passes or not r.enforce, "reason": reason}
 
 
 def table(manifest: dict[str, Any]) -> str:

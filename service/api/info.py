@@ -19,6 +19,9 @@ class PipelinesWithUnavailable(PipelinesResponse):
     query_monitor_off: str | None = Field(
         None, description="why the query monitor runs for no pipeline on this bundle (the quality gate "
                           "found it flags too many of the bundle's own benign images); null where it runs")
+    suspect_linf_off: str | None = Field(
+        None, description="why the monitor's suspect pixel check (suspect_linf) is off on this bundle (the quality "
+                          "gate found too many of its benign images near each other); null where it runs")
 
 
 @router.get("/pipelines", response_model=PipelinesWithUnavailable, summary="Pipelines and their public settings")
@@ -27,7 +30,8 @@ async def pipelines(request: Request) -> PipelinesWithUnavailable:
     return PipelinesWithUnavailable(default=rt.settings.default_pipeline, model_version=rt.bundle.version,
                                     pipelines=[PipelineOut(**p.describe()) for p in rt.pipelines.values()],
                                     unavailable=dict(getattr(rt, "unavailable", {})),
-                                    query_monitor_off=getattr(rt, "monitor_off", None))
+                                    query_monitor_off=getattr(rt, "monitor_off", None),
+                                    suspect_linf_off=getattr(rt, "suspect_linf_off", None))
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")

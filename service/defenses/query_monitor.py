@@ -40,8 +40,9 @@ Rules that keep benign traffic out (docs/query_monitor.md):
     copies are subtracted before matching, so retries and many clients sending the same public
     image are not flagged; a repeat of a *flagged* query is still flagged, because it still
     matches the other queries it was flagged for;
-  * only the hashes are remembered (no pixels), for `memory_window_s` and at most `max_queries`
-    queries (two generations; the oldest is dropped when the newest is full or old).
+  * only the hashes are remembered, for `memory_window_s` and at most `max_queries` queries
+    (two generations; the oldest is dropped when the newest is full or old); pixels only of
+    suspects (below).
 
 Actions: `flag` (count and answer), `reject` (the image's answer is a rejection by
 `query_monitor`), `block` (reject, and a client with more than `block_after` flags within
@@ -49,6 +50,18 @@ Actions: `flag` (count and answer), `reject` (the image's answer is a rejection 
 within `block_window_s` is a suspect, held to `suspect_threshold`: once an attack has been
 seen, its later queries that happen to change more of the image (Square flipping a large
 square's sign) are still caught. Other clients keep the normal threshold.
+
+A suspect's queries are also compared in pixel space with its own last `suspect_history`
+queries (8-bit, larger images averaged down to at most 32x32 per channel, for `block_window_s`):
+one within `suspect_linf` in L-inf of one of them is flagged. Every query of one L-inf attack
+lies within eps of the attacked image, so within 2 eps of every other; Square's early queries,
+which re-sign squares of most of the image, can share fewer than `suspect_threshold` hashes with
+anything remembered, and at a 5,000-query budget (ART scales the square sizes with it) one run
+in ten found an adversarial among them. Two different digits rarely come that close (the nearest
+of the other 4,999 mnist5k digits is within 0.62 for 3% of them); on low-resolution data with
+few levels (the 8x8 UCI digits: nearly all) it would reject a suspect's benign queries too,
+which the quality gate measures (`query_monitor:suspect_linf`). Averaging keeps the test sound: it never
+makes two images' L-inf distance larger.
 
 The store is per process (`store: memory`) or shared by every replica through Redis
 (`store: redis`). A Redis that cannot be reached degrades to the per-process store, with one
@@ -66,6 +79,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -76,12 +90,16 @@ import torch
 log = logging.getLogger("shieldserve")
 
 Action = Literal["flag", "reject", "block"]
-PUBLIC_POLICY = ("enabled", "action", "threshold", "suspect_threshold", "block_after", "block_window_s", "cooldown_s")
+PUBLIC_POLICY = ("enabled", "action", "threshold", "suspect_threshold", "suspect_linf", "block_after",
+                 "block_window_s", "cooldown_s")
+NEAR_SIDE = 32  # suspects' remembered images: at most this many pixels a side per channel
+NEAR_MEMORY_BYTES = 64 * 2**20  # the memory store's cap on suspects' remembered images
 
 
 # the quality gate's key for the monitor (models/recipes/quality.py measures it on the
 # bundle's own images; Bundle.unusable(GATE_KEY) says whether the service may run it)
 GATE_KEY = "query_monitor"
+NEAR_GATE_KEY = "query_monitor:suspect_linf"  # the suspect pixel check, measured on its own
 
 
 class AttackSuspected(Exception):
@@ -221,6 +239,37 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h
 
 
+def near_pixels(x: torch.Tensor) -> np.ndarray:
+    """Images as the suspect check remembers them: (B, L) uint8 of the [0, 1] pixels, images
+    larger than NEAR_SIDE a side averaged down to it (an average of differences is never larger
+    than the largest difference, so a distance measured here is a lower bound of the true one)."""
+    x = x.detach().to("cpu", torch.float32)
+    if x.dim() >= 3 and (x.shape[-1] > NEAR_SIDE or x.shape[-2] > NEAR_SIDE):
+        lead = tuple(x.shape[:-2])
+        x = torch.nn.functional.adaptive_avg_pool2d(x.reshape(-1, 1, *x.shape[-2:]),
+                                                    (min(NEAR_SIDE, x.shape[-2]), min(NEAR_SIDE, x.shape[-1])))
+        x = x.reshape(*lead, *x.shape[-2:])
+    return (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).reshape(x.shape[0], -1).numpy()
+
+
+def near_distances(history: Sequence[np.ndarray], pixels: np.ndarray) -> list[float | None]:
+    """For each image, its L-inf distance (in [0, 1] units) to the nearest remembered image of
+    the same size or earlier image of the same request; None where there is none. An exact
+    copy does not count: retries are not an attack (and teach an attacker nothing)."""
+    out: list[float | None] = []
+    for i, row in enumerate(pixels):
+        rows = [h for h in history if h.shape == row.shape] + list(pixels[:i])
+        d = np.abs(np.stack(rows).astype(np.int16) - row.astype(np.int16)).max(axis=1) if rows else np.empty(0)
+        d = d[d > 0]
+        out.append(float(d.min()) / 255.0 if d.size else None)
+    return out
+
+
+def is_near(distance: float | None, linf: float) -> bool:
+    """Within `linf`, allowing for the 8-bit rounding of both images."""
+    return distance is not None and distance <= linf + 1.5 / 255.0
+
+
 # --------------------------------------------------------------------------- stores
 class MemoryStore:
     """Fingerprints and client flags in this process: two generations of hash counts."""
@@ -234,6 +283,9 @@ class MemoryStore:
         self._flags: dict[str, list[float]] = {}
         self._blocked: dict[str, float] = {}
         self._suspects: dict[str, float] = {}  # client -> until when it is held to suspect_threshold
+        # suspect -> (until when, its last images), least recently used first; NEAR_MEMORY_BYTES at most
+        self._near: OrderedDict[str, tuple[float, list[np.ndarray]]] = OrderedDict()
+        self._near_bytes = 0
 
     def _rotate(self, now: float) -> None:
         cur = self._gens[1]
@@ -277,6 +329,22 @@ class MemoryStore:
                     del self._suspects[c]
                 for c in sorted(self._suspects, key=self._suspects.__getitem__)[:max(0, len(self._suspects) - 50_000)]:
                     del self._suspects[c]
+
+    def recall(self, client: str, pixels: np.ndarray, keep: int, seconds: float) -> list[np.ndarray]:
+        """The client's remembered images (oldest first); then remember `pixels` too, the last
+        `keep` for `seconds`."""
+        now = time.time()
+        with self._lock:
+            until, images = self._near.pop(client, (0.0, []))
+            self._near_bytes -= sum(a.nbytes for a in images)
+            before = images if until > now else []
+            kept = (before + list(pixels.copy()))[-keep:]
+            self._near[client] = (now + seconds, kept)
+            self._near_bytes += sum(a.nbytes for a in kept)
+            while self._near_bytes > NEAR_MEMORY_BYTES and len(self._near) > 1:
+                _, (_, dropped) = self._near.popitem(last=False)
+                self._near_bytes -= sum(a.nbytes for a in dropped)
+        return before
 
     def blocked_for(self, client: str) -> float:
         until = self._blocked.get(client)
@@ -368,11 +436,22 @@ end
 return 0
 """
 
+# A suspect's remembered images: return them (oldest first), then push the new ones.
+_RECALL = """
+local k = ARGV[1]; local keep = tonumber(ARGV[2]); local ttl = tonumber(ARGV[3])
+local before = redis.call('LRANGE', k, 0, -1)
+for i = 4, #ARGV do redis.call('RPUSH', k, ARGV[i]) end
+redis.call('LTRIM', k, -keep, -1)
+redis.call('PEXPIRE', k, ttl)
+return before
+"""
+
 
 class RedisStore:
     """The same store in Redis, shared by every replica. Keys under `<prefix>qm:`: `gen`,
     `gen_started`, `g<N>:h` (hash -> count), `g<N>:d` (digests), `g<N>:n`, `flags:<client>`,
-    `blocked:<client>`, `suspect:<client>`, `blocked` (sorted set), `key` (the shared hashing key)."""
+    `blocked:<client>`, `suspect:<client>`, `near:<client>` (a suspect's last images, 8-bit),
+    `blocked` (sorted set), `key` (the shared hashing key)."""
 
     def __init__(self, url: str, prefix: str, window_s: float, max_queries: int, timeout_s: float = 0.25,
                  client: Any = None) -> None:
@@ -385,6 +464,7 @@ class RedisStore:
         self.errors = unavailable_errors()
         self._screen = self.client.register_script(_SCREEN)
         self._flags = self.client.register_script(_FLAGS)
+        self._recall = self.client.register_script(_RECALL)
 
     def shared_key(self) -> bytes:
         """The hashing key every replica uses: the first replica's random key wins."""
@@ -406,6 +486,11 @@ class RedisStore:
     def mark_suspect(self, client: str, seconds: float) -> None:
         self.client.set(self.prefix + "suspect:" + client, "1", px=max(1, int(seconds * 1000)))
 
+    def recall(self, client: str, pixels: np.ndarray, keep: int, seconds: float) -> list[np.ndarray]:
+        out = self._recall(args=[self.prefix + "near:" + client, keep, max(1, int(seconds * 1000)),
+                                 *(row.tobytes() for row in pixels)])
+        return [np.frombuffer(bytes(b), dtype=np.uint8) for b in out]
+
     def add_flags(self, client: str, count: int, window_s: float, block_after: int, cooldown_s: float) -> bool:
         return bool(self._flags(args=[self.prefix, client, count, int(max(1, window_s)), block_after,
                                       int(cooldown_s * 1000), f"{time.time():.3f}"]))
@@ -425,6 +510,7 @@ class MonitorPolicy:
     action: Action = "reject"
     threshold: int = 14
     suspect_threshold: int = 7  # for a client flagged within block_window_s
+    suspect_linf: float = 0.62  # a suspect's query this close to one of its recent ones is flagged (0: off)
     block_after: int = 10
     block_window_s: float = 600.0
     cooldown_s: float = 900.0
@@ -444,10 +530,16 @@ class Verdict:
     reject: bool  # flagged images are answered as rejections (reject and block modes)
     blocked_now: bool = False
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # a suspect's images: the L-inf distance to its nearest remembered one (None: none to compare)
+    near: list[float | None] = field(default_factory=list)
+    suspect_linf: float = 0.0
 
     def score(self, i: int) -> float:
         return self.matches[i] / self.top_n
+
+    def by_hashes(self, i: int) -> bool:
+        """Whether image i is flagged by its fingerprint (else by the suspect pixel check)."""
+        return self.matches[i] >= self.threshold
 
 
 class QueryMonitor:
@@ -458,11 +550,12 @@ class QueryMonitor:
                  redis_prefix: str = "shieldserve:", secret: str | None = None, quantization: int = 25,
                  window: int = 50, top_n: int = 80, informative: float = 0.25,
                  layout: Literal["columns", "rows"] = "columns", lines: bool = True, memory_window_s: float = 3600.0,
-                 max_queries: int = 100_000,
+                 max_queries: int = 100_000, suspect_history: int = 128,
                  retry_redis_s: float = 5.0, redis_client: Any = None, on_degraded: Any = None) -> None:
         self.memory = MemoryStore(memory_window_s, max_queries)
         self.redis: RedisStore | None = None
         self.retry_redis_s = retry_redis_s
+        self.suspect_history = suspect_history
         self._down_since: float | None = None
         self._on_degraded = on_degraded or (lambda degraded: None)
         self._params = (quantization, window, top_n, informative, layout, lines)
@@ -539,7 +632,8 @@ class QueryMonitor:
         for client, n in parts:
             t = time.perf_counter()
             try:
-                verdict = self._judge(policy, client, digests[offset:offset + n], hashes[offset:offset + n])
+                verdict = self._judge(policy, client, digests[offset:offset + n], hashes[offset:offset + n],
+                                      x[offset:offset + n])
                 verdict.seconds = per_image * n + time.perf_counter() - t
                 out.append(verdict)
             except AttackSuspected as exc:
@@ -547,8 +641,10 @@ class QueryMonitor:
             offset += n
         return out
 
-    def _judge(self, policy: MonitorPolicy, client: str, digests: list[bytes], hashes: np.ndarray) -> Verdict:
-        """One request's fingerprints against the store (Redis, or this process's)."""
+    def _judge(self, policy: MonitorPolicy, client: str, digests: list[bytes], hashes: np.ndarray,
+               x: torch.Tensor) -> Verdict:
+        """One request's fingerprints against the store (Redis, or this process's); a
+        suspect's images also against its own recent ones in pixel space."""
         tag = self.client_tag(client)
         blocked_for, suspect, matches = 0.0, False, None
         if self._use_redis() and not self._key_pending:
@@ -567,7 +663,16 @@ class QueryMonitor:
         # a client flagged within block_window_s is a suspect: held to the lower threshold
         threshold = min(policy.suspect_threshold if suspect else policy.threshold, width)
         flagged = [m >= threshold for m in matches]
-        verdict = Verdict(matches, flagged, width, threshold, policy.action != "flag")
+        near: list[float | None] = []
+        if policy.suspect_linf > 0 and (suspect or any(flagged)):
+            # a suspect's images are remembered from its first flag on
+            pixels = near_pixels(x)
+            history = self._recall(tag, pixels, policy.block_window_s)
+            if suspect:
+                near = near_distances(history, pixels)
+                flagged = [f or is_near(d, policy.suspect_linf) for f, d in zip(flagged, near)]
+        verdict = Verdict(matches, flagged, width, threshold, policy.action != "flag", near=near,
+                          suspect_linf=policy.suspect_linf)
         if any(flagged):
             self._mark_suspect(tag, policy.block_window_s)
         if policy.action == "block" and any(flagged):
@@ -584,6 +689,17 @@ class QueryMonitor:
             except self.redis.errors as exc:
                 self._redis_failed("mark_suspect", exc)
         self.memory.mark_suspect(tag, seconds)
+
+    def _recall(self, tag: str, pixels: np.ndarray, seconds: float) -> list[np.ndarray]:
+        if self._use_redis() and not self._key_pending:
+            assert self.redis is not None
+            try:
+                history = self.redis.recall(tag, pixels, self.suspect_history, seconds)
+                self._redis_ok()
+                return history
+            except self.redis.errors as exc:
+                self._redis_failed("recall", exc)
+        return self.memory.recall(tag, pixels, self.suspect_history, seconds)
 
     def _add_flags(self, tag: str, count: int, policy: MonitorPolicy) -> bool:
         args = (tag, count, policy.block_window_s, policy.block_after, policy.cooldown_s)
@@ -619,7 +735,7 @@ class QueryMonitor:
                    secret=qm.secret.get_secret_value() if qm.secret else None,
                    quantization=qm.quantization, window=qm.window, top_n=qm.top_n,
                    informative=qm.informative, memory_window_s=qm.memory_window_s,
-                   max_queries=qm.max_queries, on_degraded=on_degraded)
+                   max_queries=qm.max_queries, suspect_history=qm.suspect_history, on_degraded=on_degraded)
 
 
 def policy_from_config(pipeline: str, value: Any, defaults: MonitorPolicy) -> MonitorPolicy | None:
@@ -642,5 +758,8 @@ def policy_from_config(pipeline: str, value: Any, defaults: MonitorPolicy) -> Mo
                          f"got {merged['action']!r}")
     if int(merged["threshold"]) < 1 or int(merged["suspect_threshold"]) < 1:
         raise ValueError(f"pipeline {pipeline!r}: query_monitor.threshold and suspect_threshold must be at least 1")
+    if not 0.0 <= float(merged["suspect_linf"]) <= 1.0:
+        raise ValueError(f"pipeline {pipeline!r}: query_monitor.suspect_linf must be in [0, 1] (0: off), "
+                         f"got {merged['suspect_linf']!r}")
     policy = MonitorPolicy(**merged)
     return policy if policy.enabled else None
