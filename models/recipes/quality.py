@@ -228,6 +228,7 @@ def _measure_near(x: torch.Tensor, linf: float, history: int, r: QualityRecipe) 
     ever a suspect (low-resolution data with few levels can be nearly all of it)."""
     from service.defenses.query_monitor import is_near, near_distances, near_pixels
 
+    started = time.monotonic()
     px = near_pixels(x)
     near = 0
     for c in range(MONITOR_CLIENTS):
@@ -244,7 +245,8 @@ def _measure_near(x: torch.Tensor, linf: float, history: int, r: QualityRecipe) 
     if not passes and not r.enforce:
         reason += "; not enforced (quality.enforce is false: the quick preset)"
     return {"near_rate": round(rate, 4), "near": near, "images": len(x), "suspect_linf": linf,
-            "base_val_accuracy": None, "split": "train + validation", "passes": passes,
+            "base_val_accuracy": None, "split": "train + validation", "seconds": round(time.monotonic() - started, 1),
+            "passes": passes,
             "usable": passes or not r.enforce, "reason": reason}
 
 
@@ -262,7 +264,7 @@ def table(manifest: dict[str, Any]) -> str:
         def sec(v: Any) -> str:
             return "-" if v is None else f"{v:.1f}"
         rows.append((key, f(d.get("val_accuracy")), f(d.get("base_val_accuracy", base.get("val_accuracy"))),
-                     f(d.get("rejection_rate", d.get("flag_rate"))), f(d.get("abstention_rate")),
+                     f(d.get("rejection_rate", d.get("flag_rate", d.get("near_rate")))), f(d.get("abstention_rate")),
                      sec(steps.get(key.partition(":")[0])), sec(d.get("seconds")), verdict))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
