@@ -8,9 +8,11 @@ latency  One server (niced) with `magnet` and `default` twice each: monitored (t
          client its own X-Forwarded-For through the trusted 127.0.0.1), rounds alternate
          on/off/on/off... `--rounds` times each, `--seconds` per round; p50/p99 of all rounds
          of one side. Added = on - off.
-screen   QueryMonitor.screen in process on one digit at a time (memory store): p50/p99; and
-         the mean per digit of screen_parts on batches of 8 one-digit requests (the service
-         screens each batch at once on the compute thread).
+screen   QueryMonitor.screen in process on one digit at a time (memory store): p50/p99; the
+         mean per digit of screen_parts on batches of 8 one-digit requests (the service
+         screens each batch at once on the compute thread); and p50/p99 for a suspect (a
+         client flagged once) sending distinct digits, whose pixel check (suspect_linf)
+         compares each with its last 128.
 memory   Bytes per remembered query: the memory store (tracemalloc) and Redis (INFO
          used_memory, a redis-server started here when one is installed) after 100,000
          distinct queries, times 1,000,000.
@@ -152,9 +154,23 @@ def screen_cost() -> dict[str, Any]:
     for i in range(0, len(x) - 7, 8):
         m.screen_parts(policy, x[i:i + 8], parts)
     per_digit = (time.perf_counter() - started) / (len(x) // 8 * 8)
+    # a suspect (flagged once) sending distinct digits: the pixel check against its last
+    # suspect_history (128) images runs on each of its requests
+    m = QueryMonitor(secret="bench")
+    near_copy = x[:1].clone()
+    near_copy[..., 0, 0] = 0.5
+    m.screen(policy, x[:1], "ip:10.0.0.1")
+    assert m.screen(policy, near_copy, "ip:10.0.0.1").flagged == [True]
+    suspect = []
+    for i in range(1, len(x)):
+        started = time.perf_counter()
+        m.screen(policy, x[i:i + 1], "ip:10.0.0.1")
+        suspect.append(time.perf_counter() - started)
+    sus = common.summarize_latencies(suspect[200:])  # its history full
     del torch
     return {"images": len(seconds) - 100, "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"],
-            "batch8_ms_per_digit": per_digit * 1000}
+            "batch8_ms_per_digit": per_digit * 1000,
+            "suspect_p50_ms": sus["p50_ms"], "suspect_p99_ms": sus["p99_ms"]}
 
 
 def _distinct_queries(n: int):
