@@ -2,7 +2,7 @@
 flags of benign traffic: the quick loop for tuning the monitor before the HTTP evaluation.
 
     flock /work/bench.lock python bench/query_detection.py [--digits 10] [--budget 1000]
-        [--benign 5000] [--variants columns:80:14:7,rows:50:12:12:0] [--keys 2]
+        [--benign 5000] [--variants columns:80:14:7,rows:50:12:12:0] [--keys 2] [--transposed]
 
 Per variant (`layout:top_n:threshold:suspect_threshold[:suspect_linf]`; the defaults against
 0.6.0's rows:50:12:12:0, which had no suspects) and key: a fresh QueryMonitor (memory store, reject
@@ -66,6 +66,18 @@ class ScreenedOracle:
         return out
 
 
+class TransposedOracle:
+    """An attacker who knows the monitor reads the image column by column: it attacks the
+    transposed digit, so that Square's vertical stripes and whole-column squares land as
+    horizontal ones on the image the service sees."""
+
+    def __init__(self, inner: ScreenedOracle) -> None:
+        self.inner, self.log = inner, inner.log
+
+    def answer(self, x: torch.Tensor) -> list[tuple[str, int, float]]:
+        return self.inner.answer(x.transpose(-1, -2).contiguous())
+
+
 def benign(monitor: QueryMonitor, policy: MonitorPolicy, x: torch.Tensor, *, clients: int = 8, retry: float = 0.1,
            public: int = 20, seed: int = 0) -> dict[str, Any]:
     """query_attacks.benign's workload (the same plan and order), screened in process."""
@@ -95,6 +107,8 @@ def main() -> None:
                          "(suspect_linf: MonitorPolicy's default unless given; 0 turns the pixel check off)")
     ap.add_argument("--keys", type=int, default=2, help="hashing keys per variant (fixed, derived from an index)")
     ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--transposed", action="store_true",
+                    help="the adaptive attacker of the column layout: every attack runs on the transposed digit")
     ap.add_argument("--bundle", default=str(ROOT / "models" / "default"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "query_detection.json"))
     args = ap.parse_args()
@@ -112,7 +126,8 @@ def main() -> None:
     order = np.random.default_rng(0).permutation(len(test.x))  # query_attacks.run's digit order
     attacks = [a for a in args.attacks.split(",") if a]
     report: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "load_avg": os.getloadavg(),
-                              "digits": args.digits, "budget_per_digit": args.budget, "results": []}
+                              "digits": args.digits, "budget_per_digit": args.budget,
+                              "transposed": args.transposed, "results": []}
     rows = []
     for variant in args.variants.split(","):
         layout, top_n, threshold, suspect, *linf = variant.split(":")
@@ -137,9 +152,11 @@ def main() -> None:
                     x0, y0 = test.x[d], int(test.y[d])
                     other = (test.y != y0).nonzero().flatten()
                     start = test.x[other[(flat[other] - x0.flatten()).norm(dim=1).argmin()]]
-                    oracle = ScreenedOracle(monitor, policy, PipelineOracle(pipes["baseline"], seed=i),
-                                            f"203.0.{j % 250}.{i % 250 + 1}")
-                    runs.append(run_attack(kind, oracle, x0, y0, start,  # type: ignore[arg-type]
+                    oracle: Any = ScreenedOracle(monitor, policy, PipelineOracle(pipes["baseline"], seed=i),
+                                                 f"203.0.{j % 250}.{i % 250 + 1}")
+                    if args.transposed:
+                        oracle, x0, start = TransposedOracle(oracle), x0.transpose(-1, -2), start.transpose(-1, -2)
+                    runs.append(run_attack(kind, oracle, x0.contiguous(), y0, start.contiguous(),
                                            budget=args.budget, seed=i))
                     bar.update(1)
                 res[kind] = {**_summary(runs), "first_flags": [r["first_flag"] for r in runs]}
