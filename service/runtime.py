@@ -187,7 +187,7 @@ class Runtime:
             rows = [r for i in judged for r in range(starts[i], starts[i + 1])]
             verdicts = self.monitor.screen_parts(  # type: ignore[union-attr]
                 pipeline.monitor, x if len(rows) == len(answered) else x[rows],  # type: ignore[arg-type]
-                [(parts[i][0], parts[i][1]) for i in judged])  # type: ignore[misc]
+                [parts[i] for i in judged])  # type: ignore[misc]
             report: list[Verdict] = []
             for i, verdict in zip(judged, verdicts):
                 if isinstance(verdict, AttackSuspected):

@@ -246,8 +246,7 @@ def _measure_near(x: torch.Tensor, linf: float, history: int, r: QualityRecipe) 
         reason += "; not enforced (quality.enforce is false: the quick preset)"
     return {"near_rate": round(rate, 4), "near": near, "images": len(x), "suspect_linf": linf,
             "base_val_accuracy": None, "split": "train + validation", "seconds": round(time.monotonic() - started, 1),
-            "passes": passes,
-            "usable": passes or not r.enforce, "reason": reason}
+            "passes": passes, "usable": passes or not r.enforce, "reason": reason}
 
 
 def table(manifest: dict[str, Any]) -> str:

@@ -256,10 +256,15 @@ def near_distances(history: Sequence[np.ndarray], pixels: np.ndarray) -> list[fl
     """For each image, its L-inf distance (in [0, 1] units) to the nearest remembered image of
     the same size or earlier image of the same request; None where there is none. An exact
     copy does not count: retries are not an attack (and teach an attacker nothing)."""
+    # the images of one request share a shape: the remembered ones of that shape, then the
+    # request's own, stacked once; image i is compared with everything before it
+    same = [h for h in history if h.shape == pixels.shape[1:]]
+    pool = np.concatenate([np.stack(same), pixels]) if same else pixels
+    pool = pool.astype(np.int16)
     out: list[float | None] = []
-    for i, row in enumerate(pixels):
-        rows = [h for h in history if h.shape == row.shape] + list(pixels[:i])
-        d = np.abs(np.stack(rows).astype(np.int16) - row.astype(np.int16)).max(axis=1) if rows else np.empty(0)
+    for i in range(len(pixels)):
+        k = len(same) + i
+        d = np.abs(pool[:k] - pool[k]).max(axis=1)
         d = d[d > 0]
         out.append(float(d.min()) / 255.0 if d.size else None)
     return out
