@@ -164,8 +164,13 @@ class Pipeline:
                 break
             start = time.perf_counter()
             if comp.role == "detector":
+                # detection runs without gradients: the bundle classifier's inference copy
+                # (TorchScript, the same logits up to float rounding, checked when it was made)
+                # answers for it, at a fraction of the eager network's per-call overhead
+                score_with = (self.inference_classifier if classify is self.classifier
+                              and self.inference_classifier is not None else classify)
                 with torch.no_grad():
-                    detections: list[Detection] = comp.detect(current[idx], classify, ctx)  # type: ignore[attr-defined]
+                    detections: list[Detection] = comp.detect(current[idx], score_with, ctx)  # type: ignore[attr-defined]
                 seconds = time.perf_counter() - start
                 for det in detections:
                     scores = det.scores.detach().float().cpu()

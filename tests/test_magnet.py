@@ -129,3 +129,47 @@ def test_http_rejection_names_detector_score_threshold(make_client, digits):
     assert [d["role"] for d in pipes["magnet"]["defenses"]] == ["detector", "purifier"]
     assert [d["role"] for d in pipes["magnet_detect"]["defenses"]] == ["detector"]
     assert pipes["magnet"]["defenses"][0]["settings"]["calibrated_target_fpr"] == 0.01
+
+
+def test_divergence_scores_from_one_joint_pass_match_two_passes(env, mnist):
+    # detector_scores classifies x and AE(x) in one forward pass; the scores must be those of
+    # the two separate passes (the calibrated thresholds were computed either way)
+    from service.defenses.magnet import build, detector_scores, js_divergence
+
+    detector, _ = build({}, env)
+    for n in (1, 3, 40):
+        x = mnist.val.x[:n]
+        joint = detector_scores(x, detector.autoencoders, env.classifier, detector.names)
+        with torch.no_grad():
+            r = detector.autoencoders["magnet_ae_ii"](x)
+            a, b = env.classifier(x), env.classifier(r)
+        for name, t in (("divergence_t10", 10.0), ("divergence_t40", 40.0)):
+            torch.testing.assert_close(joint[name], js_divergence(a, b, t), rtol=1e-4, atol=1e-7)
+
+
+def test_detectors_score_with_the_inference_copy_of_the_classifier(make_client, digits):
+    # Pipeline.run hands detectors the runtime's TorchScript copy of the classifier (no
+    # autograd in detection): its scores are the eager network's up to float rounding, and
+    # it really is the copy that scores (a stand-in copy changes the divergences)
+    from service.defenses.base import RunContext
+    from service.defenses.magnet import detector_scores
+
+    client = make_client(pipelines=PIPELINES, default_pipeline="magnet")
+    runtime = client.app.state.runtime
+    pipe = runtime.pipelines["magnet_detect"]
+    assert pipe.inference_classifier is not None
+    x = torch.cat([digits[0][:6], digits[2][:6]])
+    detector = pipe.components[0]
+    with torch.no_grad():
+        eager = detector_scores(x, detector.autoencoders, runtime.classifier, detector.names)
+    served = runtime.compute.submit(lambda: pipe.run(x, RunContext())).result()
+    for name in detector.names:
+        got = torch.tensor([r.scores[f"magnet/{name}"] for r in served])
+        torch.testing.assert_close(got, eager[name], rtol=1e-3, atol=1e-6)
+    fast, flat = pipe.inference_classifier, lambda t: torch.zeros(t.shape[0], 10)
+    pipe.inference_classifier = flat
+    try:  # equal logits for x and AE(x): every divergence is 0
+        flat_run = runtime.compute.submit(lambda: pipe.run(x, RunContext())).result()
+        assert all(r.scores["magnet/divergence_t10"] == 0 for r in flat_run)
+    finally:
+        pipe.inference_classifier = fast
