@@ -133,13 +133,16 @@ def test_vectorised_bounds_match_the_scalar_ones() -> None:
     assert lo.tolist() == pytest.approx([lower_confidence_bound(int(v), 100, 0.01) for v in k], abs=1e-12)
     assert hi.tolist() == pytest.approx([upper_confidence_bound(int(v), 100, 0.01) for v in k], abs=1e-12)
     # the sequential test's integer thresholds say what comparing the bounds with p* says
+    # (certifying at the look's alpha, refusing at refuse_level), and with 1/2 for answers
     test = SequentialTest(0.5, 0.5, 1000, 0.001)
+    assert test.refuse_level == 0.2
     for look, n in enumerate(test.schedule):
         k = np.arange(n + 1)
         a = test.alphas[look]
-        want = np.where(lower_bounds(k, n, a) > test.target, CERTIFIED,
-                        np.where(upper_bounds(k, n, a) < test.target, -1, CONTINUE))
-        assert np.array_equal(test.verdicts(look, k), want)
+        for target, got in ((test.target, test.verdicts(look, k)), (0.5, test.answer_verdicts(look, k))):
+            want = np.where(lower_bounds(k, n, a) > target, CERTIFIED,
+                            np.where(upper_bounds(k, n, test.refuse_level) < target, -1, CONTINUE))
+            assert np.array_equal(got, want)
 
 
 def _simulate(test: SequentialTest, p: float, runs: int, rng: np.random.Generator) -> tuple[float, float]:
@@ -259,3 +262,78 @@ def test_batched_certification_matches_one_image_at_a_time(mnist, smoothing_clas
         if cert.certified:
             assert cert.radius >= 0.5 and cert.label == y
             assert cert.n < 1000 or cert.p_a_lower > norm.cdf(2)
+
+
+def test_standard_normal64_calls_from_one_generator_are_independent_streams() -> None:
+    # each call keys its own PCG64 stream by a draw of the torch generator: successive draws
+    # (the looks of one certificate) must not repeat or correlate
+    g = torch.Generator().manual_seed(5)
+    a = standard_normal64(torch.empty(200_000, dtype=torch.float64), g).numpy().copy()
+    b = standard_normal64(torch.empty(200_000, dtype=torch.float64), g).numpy().copy()
+    assert not np.array_equal(a, b)
+    assert abs(float(np.corrcoef(a, b)[0, 1])) < 5 / math.sqrt(200_000)
+    assert abs(float(np.corrcoef(a[:-1], a[1:])[0, 1])) < 5 / math.sqrt(200_000)  # Box-Muller's pairs too
+
+
+@pytest.mark.parametrize("batch_size", [100, 8000])  # one image per noise group, or all together
+def test_c_a_is_the_answer_on_each_clean_image(batch_size: int) -> None:
+    # n0 = 0: c_A is f's answer on the clean image, computed in the first look's forward pass
+    # beside the noise; each image must get its own clean answer, never a noisy copy's
+    xs = torch.stack([torch.full((1, 28, 28), v) for v in (0.2, 0.5, 0.8)])
+
+    def exact_or_five(x: torch.Tensor) -> torch.Tensor:  # class 1 + i on clean image i exactly
+        same = (x.view(len(x), 1, -1) == xs.view(1, 3, -1)).all(2)
+        label = torch.where(same.any(1), same.float().argmax(1) + 1, torch.full((len(x),), 5))
+        return torch.nn.functional.one_hot(label, 10).float()
+
+    def by_mean(x: torch.Tensor) -> torch.Tensor:  # noise keeps the mean: clean and noisy agree
+        return torch.nn.functional.one_hot((x.flatten(1).mean(1) * 10).round().long(), 10).float()
+
+    out = certify_batch_at_radius(exact_or_five, xs, 0.25, 0.5, 0, 1000, 0.001, [1, 2, 3], 10,
+                                  batch_size=batch_size)
+    assert [c.count for c, _ in out] == [0, 0, 0] and not any(c.certified for c, _ in out)
+    assert [int(counts[5]) for _, counts in out] == [c.n for c, _ in out]  # every copy said 5
+    out = certify_batch_at_radius(by_mean, xs, 0.25, 0.5, 0, 1000, 0.001, [1, 2, 3], 10, batch_size=batch_size)
+    assert [c.label for c, _ in out] == [2, 5, 8] and all(c.certified for c, _ in out)
+
+
+def _known_pa(p: float, sigma: float):
+    """A deterministic f on one-pixel images at 0 whose clean answer, class 0, has probability
+    exactly p under the noise: class 0 where |noisy pixel| < sigma * Phi^-1((1 + p) / 2), else 1."""
+    band = sigma * float(norm.ppf((1 + p) / 2))
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot((x.flatten(1)[:, 0].abs() >= band).long(), 10).float()
+    return f
+
+
+@pytest.mark.parametrize("sigma", [0.25, 0.5])
+def test_served_procedure_stays_sound_with_refusals_and_answers(sigma: float) -> None:
+    # certify_batch_at_radius end to end (refusals at their loose level, then "pA > 1/2?"):
+    # at pA = p* every certificate at r is wrong, and any reported lower bound above the true
+    # pA is wrong; both must stay at most alpha. alpha = 0.1 so the check has power.
+    alpha, runs = 0.1, 3000
+    margin = 3 * math.sqrt(alpha * (1 - alpha) / runs)
+    p_star = float(norm.cdf(0.5 / sigma))
+    xs = torch.zeros(runs, 1, 1, 1)
+    out = certify_batch_at_radius(_known_pa(p_star, sigma), xs, sigma, 0.5, 0, 1000, alpha, list(range(runs)), 10,
+                                  sound=False)
+    certified = np.mean([c.certified for c, _ in out])
+    over = np.mean([c.p_a_lower > p_star for c, _ in out])
+    assert certified <= alpha + margin and over <= alpha + margin, (certified, over)
+
+
+def test_a_refused_image_is_answered_not_abstained_and_stops_early() -> None:
+    # pA = 0.7 cannot reach r = 0.5 at sigma 0.5 (p* = 0.84): refused, but pA > 1/2 is soon
+    # settled, so it gets its label with a smaller radius, long before the budget; pA = 0.3
+    # abstains
+    xs = torch.zeros(40, 1, 1, 1)
+    for p, answered in ((0.7, True), (0.3, False)):
+        out = certify_batch_at_radius(_known_pa(p, 0.5), xs, 0.5, 0.5, 0, 4000, 0.001, list(range(40)), 10)
+        assert sum(not c.abstained for c, _ in out) >= (38 if answered else 0)
+        assert sum(c.abstained for c, _ in out) >= (0 if answered else 38)
+        assert not any(c.certified for c, _ in out)
+        assert np.median([c.samples for c, _ in out]) <= 1000
+        for c, _ in out:
+            if not c.abstained:
+                assert c.label == 0 and 0 < c.radius < 0.5

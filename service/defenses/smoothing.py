@@ -118,6 +118,11 @@ def alpha_spending(alpha: float, looks: int) -> list[float]:
 
 
 CONTINUE, CERTIFIED, REFUSED = 0, 1, -1
+# the level of a refusal's upper bound at each look (see SequentialTest). Chosen on the
+# validation digits at sigma 0.5 (docs/defenses/smoothing.md): up to 0.3 it left the certified
+# accuracy unchanged there while cutting the samples spent on images that cannot reach the
+# target; 0.2 keeps a margin
+REFUSE_LEVEL = 0.2
 MAX_RADIUS = 10.0  # a target above it is refused (422): no sample budget could certify it
 
 
@@ -131,21 +136,31 @@ class SequentialTest:
     that any look's lower bound exceeds the true pA is at most sum(alphas) = alpha: a
     "certified" answer, and the radius reported from the lower bound where it stopped, are
     wrong with probability at most alpha, as for a fixed-n CERTIFY. Refusals spend no alpha of
-    the certificate (a wrong refusal costs accuracy, never soundness); they use the same levels.
+    the certificate (a wrong refusal costs accuracy, never soundness), so they use a looser
+    level of their own, `refuse_level` at every look: an image whose pA is plainly below p*
+    stops drawing samples for a radius it will not reach.
+
+    The same looks answer the question behind every answer, "pA > 1/2?" (`answer_verdicts`):
+    after a refusal at r an image keeps drawing until its lower bound clears 1/2 (a label with
+    the radius that bound gives) or its upper bound falls below 1/2 at `refuse_level` (an
+    abstention), so an early refusal does not turn into an abstention. The union bound covers
+    this too: it holds for every look at once, whichever question decided where to stop.
     Every method takes arrays: one call decides a whole batch of images.
     """
 
     def __init__(self, radius: float, sigma: float, n_max: int, alpha: float,
-                 first: int | None = None, factor: float = 1.5) -> None:
-        if not (radius >= 0 and sigma > 0 and n_max >= 1 and 0 < alpha < 1):
-            raise ValueError("a sequential test needs radius >= 0, sigma > 0, n_max >= 1 and 0 < alpha < 1")
+                 first: int | None = None, factor: float = 1.5, refuse_level: float = REFUSE_LEVEL) -> None:
+        if not (radius >= 0 and sigma > 0 and n_max >= 1 and 0 < alpha < 1 and 0 < refuse_level < 1):
+            raise ValueError("a sequential test needs radius >= 0, sigma > 0, n_max >= 1, 0 < alpha < 1 "
+                             "and 0 < refuse_level < 1")
         self.radius, self.sigma, self.alpha = float(radius), float(sigma), float(alpha)
+        self.refuse_level = float(refuse_level)
         self.target = float(norm.cdf(self.radius / self.sigma))
         if first is None:
             first = self._first_decisive_look(n_max, factor)
         self.schedule = geometric_schedule(n_max, first=min(first, n_max), factor=factor)
         self.alphas = alpha_spending(alpha, len(self.schedule))
-        self._thresholds: dict[int, tuple[int, int]] = {}
+        self._thresholds: dict[tuple[int, float], tuple[int, int]] = {}
 
     def _first_decisive_look(self, n_max: int, factor: float) -> int:
         """The first look: the fewest samples at which a unanimous count can certify (at least 16).
@@ -165,26 +180,33 @@ class SequentialTest:
             first = need
         return first
 
-    def thresholds(self, look: int) -> tuple[int, int]:
-        """(k_certified, k_refused) at this look: CERTIFIED iff k >= k_certified, REFUSED iff
-        k <= k_refused. The bounds are monotone in k, so one vectorised pass over k = 0..n
-        settles every count a look can see; computed once per look and test (tests are cached
-        by their parameters, `sequential_test`), so deciding a batch is integer comparisons."""
-        cached = self._thresholds.get(look)
+    def thresholds(self, look: int, target: float | None = None) -> tuple[int, int]:
+        """(k_certified, k_refused) at this look for `target` (default p*): CERTIFIED iff
+        k >= k_certified (lower bound at alphas[look] above the target), REFUSED iff
+        k <= k_refused (upper bound at refuse_level below it). The bounds are monotone in k, so
+        one vectorised pass over k = 0..n settles every count a look can see; computed once per
+        look, target and test (tests are cached by their parameters, `sequential_test`), so
+        deciding a batch is integer comparisons."""
+        target = self.target if target is None else target
+        cached = self._thresholds.get((look, target))
         if cached is None:
             n, a = self.schedule[look], self.alphas[look]
             k = np.arange(n + 1)
-            above = np.nonzero(lower_bounds(k, n, a) > self.target)[0]
-            below = np.nonzero(upper_bounds(k, n, a) < self.target)[0]
-            cached = self._thresholds[look] = (int(above[0]) if above.size else n + 1,
-                                               int(below[-1]) if below.size else -1)
+            above = np.nonzero(lower_bounds(k, n, a) > target)[0]
+            below = np.nonzero(upper_bounds(k, n, self.refuse_level) < target)[0]
+            cached = self._thresholds[(look, target)] = (int(above[0]) if above.size else n + 1,
+                                                         int(below[-1]) if below.size else -1)
         return cached
 
-    def verdicts(self, look: int, k: np.ndarray) -> np.ndarray:
+    def verdicts(self, look: int, k: np.ndarray, target: float | None = None) -> np.ndarray:
         """CERTIFIED, REFUSED or CONTINUE for counts `k` of c_A after schedule[look] samples."""
-        k_cert, k_ref = self.thresholds(look)
+        k_cert, k_ref = self.thresholds(look, target)
         k = np.asarray(k)
         return np.where(k >= k_cert, CERTIFIED, np.where(k <= k_ref, REFUSED, CONTINUE))
+
+    def answer_verdicts(self, look: int, k: np.ndarray) -> np.ndarray:
+        """Is pA > 1/2? CERTIFIED (a label can be given), REFUSED (abstain) or CONTINUE."""
+        return self.verdicts(look, k, 0.5)
 
     def lower(self, look: int, k: np.ndarray) -> np.ndarray:
         """The lower confidence bound on pA at this look (the one a stopped image reports)."""
@@ -197,9 +219,9 @@ class SequentialTest:
 
 @functools.lru_cache(maxsize=256)
 def sequential_test(radius: float, sigma: float, n_max: int, alpha: float, first: int | None = None,
-                    factor: float = 1.5) -> SequentialTest:
+                    factor: float = 1.5, refuse_level: float = REFUSE_LEVEL) -> SequentialTest:
     """A `SequentialTest`, made once per set of parameters (its thresholds are then reused)."""
-    return SequentialTest(radius, sigma, n_max, alpha, first, factor)
+    return SequentialTest(radius, sigma, n_max, alpha, first, factor, refuse_level)
 
 
 # ---------------------------------------------------------------------- sampling
@@ -239,15 +261,26 @@ def noisy_copies(out: torch.Tensor, x: torch.Tensor, sigma: float, generators: l
 
 def standard_normal64(out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Fill the contiguous float64 tensor `out` with standard normal draws: Box-Muller on
-    float64 uniforms from `generator`, in whole-tensor operations. The same distribution as
-    torch.randn in float64 (to float64's rounding) at about half the cost: torch draws its
-    float64 normals one at a time in one thread, while here only the uniforms are drawn
-    serially and the logarithms, square roots and sines run vectorised on every core."""
+    float64 uniforms, in whole-tensor operations (the logarithms, square roots and sines
+    vectorised on every core; torch's own float64 `randn` draws one value at a time on one
+    thread, at about twice the cost).
+
+    On the CPU the uniforms come from numpy's PCG64 (its default generator) keyed by one 63-bit
+    draw of `generator`: it fills float64 uniforms at about half the cost per value of torch's
+    mt19937, and those serial draws were the larger part of the noise's cost. The stream depends only on `generator`'s state, so a seed still reproduces
+    its certificate; each call takes a fresh key, so two calls never share a stream."""
     flat = out.view(-1)
     half = flat.numel() // 2
-    if flat.numel() % 2:
-        torch.randn(1, generator=generator, dtype=torch.float64, out=flat[-1:])
-    torch.rand(2 * half, generator=generator, dtype=torch.float64, out=flat[:2 * half])
+    if flat.device.type == "cpu":
+        key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+        rng = np.random.Generator(np.random.PCG64(key))
+        rng.random(out=flat.numpy()[:2 * half])
+        if flat.numel() % 2:
+            flat[-1] = float(rng.standard_normal())
+    else:
+        if flat.numel() % 2:
+            torch.randn(1, generator=generator, dtype=torch.float64, device=flat.device, out=flat[-1:])
+        torch.rand(2 * half, generator=generator, dtype=torch.float64, device=flat.device, out=flat[:2 * half])
     r, theta = flat[:half], flat[half:2 * half]
     r.neg_().log1p_().mul_(-2.0).sqrt_()     # u1 in [0, 1): log(1 - u1) is finite
     theta.mul_(2.0 * math.pi)
@@ -435,13 +468,17 @@ def certify_at_radius(sampler: NoiseSampler, x: torch.Tensor, radius: float, n0:
 
 def _count_batch(f: Classify, xs: torch.Tensor, idx: list[int], need: int, generators: list[torch.Generator],
                  sigma: float, num_classes: int, buffers: "_Buffers", forward_batch: int,
-                 ctx: RunContext | None) -> torch.Tensor:
+                 ctx: RunContext | None, clean_labels: torch.Tensor | None = None) -> torch.Tensor:
     """(len(idx), K) counts of f on `need` fresh noisy copies of each image xs[i], i in idx.
 
     The copies of many images share each forward pass (images grouped up to the buffers'
     rows), so the network runs at efficient batch sizes however few copies each image needs.
     Each image's noise is one draw of `need` copies from its own generator: it depends only on
-    its seed and the schedule, never on the other images of the batch."""
+    its seed and the schedule, never on the other images of the batch. With `clean_labels`
+    (one entry per image of xs), f's answer on each clean image xs[i], i in idx, is written
+    to entry i, the clean images riding in their group's last forward pass: one pass fewer per
+    batch (at one image a pass costs mostly its fixed overhead). A row's answer depends on
+    that row alone, never on the noise beside it."""
     out = torch.zeros(len(idx), num_classes, dtype=torch.long)
     per_group = max(1, buffers.rows // need)
     for g0 in range(0, len(idx), per_group):
@@ -449,9 +486,16 @@ def _count_batch(f: Classify, xs: torch.Tensor, idx: list[int], need: int, gener
             ctx.check()
         group = idx[g0:g0 + per_group]
         rows = len(group) * need
-        noisy, work = buffers.get(rows)
-        noisy_copies(noisy, xs[group], sigma, [generators[i] for i in group], work)
-        labels = torch.cat([f(noisy[r:r + forward_batch]).argmax(1) for r in range(0, rows, forward_batch)])
+        extra = len(group) if clean_labels is not None else 0
+        noisy, work = buffers.get(rows + extra)
+        noisy_copies(noisy[:rows], xs[group], sigma, [generators[i] for i in group],
+                     None if work is None else work[:rows])
+        if extra:
+            noisy[rows:] = xs[group]
+        answers = torch.cat([f(noisy[r:r + forward_batch]).argmax(1) for r in range(0, rows + extra, forward_batch)])
+        if extra:
+            clean_labels[group] = answers[rows:].cpu()
+        labels = answers[:rows]
         owner = torch.arange(len(group)).repeat_interleave(need)
         flat = torch.bincount(owner * num_classes + labels.cpu(), minlength=len(group) * num_classes)
         out[g0:g0 + len(group)] = flat.view(len(group), num_classes)
@@ -487,8 +531,9 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
     of f on the clean image (a choice made without the estimation noise, so the test's
     guarantee holds as with selection copies; one forward pass instead of n0). Then, look by
     look, every image still undecided gets its next copies, all of them in shared forward
-    passes; an image leaves as soon as it is certified or refused. Returns per image the
-    certificate and the counts of its estimation copies.
+    passes; an image leaves as soon as it is certified, or refused with a lower bound that
+    settles "label or abstain" (see `SequentialTest`). Returns per image the certificate and
+    the counts of its estimation copies.
     """
     started = time.perf_counter()
     b = xs.shape[0]
@@ -502,20 +547,28 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
     counts = torch.zeros(b, num_classes, dtype=torch.long)
     lower = np.zeros(b)
     verdict = np.full(b, CONTINUE)
+    refused = np.zeros(b, dtype=bool)  # refused at the target radius, still asking "pA > 1/2?"
     used = np.zeros(b, dtype=np.int64)
     with torch.inference_mode():
+        c_a = torch.zeros(b, dtype=torch.long)
         if n0 > 0:
             c_a = _count_batch(f, xs, list(range(b)), n0, generators, sigma, num_classes, buffers,
                                forward_batch, ctx).argmax(1)
-        else:
-            c_a = torch.cat([f(xs[r:r + forward_batch]).argmax(1) for r in range(0, b, forward_batch)]).cpu()
         active, drawn = list(range(b)), 0
         for look, size in enumerate(test.schedule):
+            # n0 = 0: c_A is f's answer on the clean image, computed in the first look's passes
+            # (it is known before any count is read, and no noise enters it)
             counts[active] += _count_batch(f, xs, active, size - drawn, generators, sigma, num_classes, buffers,
-                                           forward_batch, ctx)
+                                           forward_batch, ctx, clean_labels=c_a if n0 == 0 and look == 0 else None)
             drawn = size
             k = counts[active, c_a[active]].numpy()
             v = test.verdicts(look, k)
+            answer = test.answer_verdicts(look, k)
+            # refused at r: stop where a label can be given, else go on with "pA > 1/2?" alone
+            hopeless = (v == REFUSED) & (answer != CERTIFIED)
+            refused[[i for i, h in zip(active, hopeless) if h]] = True
+            phase2 = refused[active]
+            v = np.where(phase2 & (v != CERTIFIED), np.where(answer == CONTINUE, CONTINUE, REFUSED), v)
             stop = (v != CONTINUE) | (look == len(test.schedule) - 1)
             stopped = [i for i, s in zip(active, stop) if s]
             if stopped:
