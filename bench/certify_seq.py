@@ -126,15 +126,21 @@ class Bench:
             labels, certified, samples = self.sequential(self.model(sigma), sigma, self.x, seed=0)
             secs = time.perf_counter() - t
             acc = sum(c and lab == yy for c, lab, yy in zip(certified, labels, y)) / len(y)
-            res[f"sequential_sigma{sigma:g}"] = {"certified_accuracy": acc, "samples": stats(samples),
+            # what /predict answers whatever the radius: the right label, and abstentions
+            answered = sum(lab == yy for lab, yy in zip(labels, y)) / len(y)
+            abstained = sum(lab < 0 for lab in labels) / len(y)
+            res[f"sequential_sigma{sigma:g}"] = {"certified_accuracy": acc, "answered_accuracy": answered,
+                                                 "abstained": abstained, "samples": stats(samples),
                                                  "all_samples": samples, "seconds": round(secs, 1),
                                                  "n0": a.n0, "n_max": a.n_max, "alpha": a.alpha}
             rows.append({"what": f"sequential r={a.radius:g} n0={a.n0} n_max={a.n_max}", "sigma": sigma,
-                         "cert_acc@r": acc, **stats(samples), "seconds": round(secs, 1)})
+                         "cert_acc@r": acc, "answered_acc": answered, "abstained": abstained, **stats(samples),
+                         "seconds": round(secs, 1)})
             self.save()
         res["load_after"] = loadavg()
         self.save()
-        print(table(rows, ["what", "sigma", "cert_acc@r", "mean", "median", "p99", "seconds"]))
+        print(table(rows, ["what", "sigma", "cert_acc@r", "answered_acc", "abstained", "mean", "median", "p99",
+                           "seconds"]))
 
     def today(self) -> None:
         """0.6.0's /predict on the same digits: CERTIFY n0 = 64, n = 1,000, float32 noise, sigma 0.25."""
