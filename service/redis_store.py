@@ -91,6 +91,8 @@ def unavailable_errors() -> tuple[type[BaseException], ...]:
 class RedisStore:
     """Images and certificates in Redis, expiring after `max_age_s`."""
 
+    in_process = False  # network round trips: the API calls it from worker threads
+
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", max_images: int = 4096,
                  max_certificates: int = 4096, max_age_s: float = 3600.0, prefix: str = "shieldserve:",
                  timeout_s: float = 1.0, client: Any = None) -> None:

@@ -30,6 +30,10 @@ class StoreUnavailable(ApiError):
 
 
 class Store(Protocol):
+    # True only for a store whose calls never block (no I/O): the API calls those on the event
+    # loop and every other store's in a worker thread (api.predict.store_call)
+    in_process: bool
+
     def put_image(self, digest: str, x: torch.Tensor) -> None: ...
 
     def get_image(self, digest: str) -> torch.Tensor | None: ...
@@ -92,6 +96,8 @@ class _Bounded:
 class MemoryStore:
     """Images and certificates in process memory, bounded by count and age."""
 
+    in_process = True  # its calls never block: the API calls it on the event loop
+
     def __init__(self, max_images: int = 4096, max_certificates: int = 4096, max_age_s: float = 3600.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.images = _Bounded(max_images, max_age_s, clock)
@@ -100,7 +106,7 @@ class MemoryStore:
     def put_image(self, digest: str, x: torch.Tensor) -> None:
         if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
             # a copy made by numpy: no torch call (each lets go of the GIL; this runs on the
-            # event loop for every image /predict answers)
+            # event loop for every image /predict answers: api.predict.store_call)
             copy = torch.from_numpy(x.numpy().copy())
         else:
             copy = x.detach().to("cpu", torch.float32, copy=True)

@@ -117,3 +117,57 @@ def test_post_certify_round_trip_and_target_radius(make_client, digits) -> None:
     # denoised smoothing through the plain classifier answers the same way
     r = client.post("/certify?pipeline=denoised&n=500&n0=20", content=body, headers=PNG)
     assert r.status_code == 200 and r.json()["pipeline"] == "denoised"
+
+
+class _NetworkStore:
+    """A store whose calls block, as Redis's do (not in_process): each records whether it ran
+    on the event loop's thread, and sleeps as a round trip would."""
+
+    in_process = False
+
+    def __init__(self) -> None:
+        from service.store import MemoryStore
+
+        self.inner, self.on_loop, self.calls = MemoryStore(), [], 0
+
+    def _call(self, fn, *args):
+        import asyncio
+        import time
+
+        try:
+            asyncio.get_running_loop()
+            self.on_loop.append(fn.__name__)
+        except RuntimeError:
+            pass
+        self.calls += 1
+        time.sleep(0.05)
+        return fn(*args)
+
+    def put_image(self, digest, x):
+        return self._call(self.inner.put_image, digest, x)
+
+    def get_image(self, digest):
+        return self._call(self.inner.get_image, digest)
+
+    def put_certificate(self, key, certificate):
+        return self._call(self.inner.put_certificate, key, certificate)
+
+    def get_certificate(self, key):
+        return self._call(self.inner.get_certificate, key)
+
+
+def test_a_store_that_blocks_is_never_called_on_the_event_loop(make_client, digits) -> None:
+    # Redis's round trips (up to its timeout) must not hold the event loop: /predict, GET and
+    # POST /certify call such a store from worker threads; the in-process store stays inline
+    client = make_client(warmup=False, certify={"max_n": 5000, "default_n": 500})
+    store = client.app.state.store = _NetworkStore()
+    body, y = digits[2]
+    digest = hashlib.sha256(body).hexdigest()
+    assert client.post("/predict?pipeline=smoothing", content=body, headers=PNG).status_code == 200
+    r = client.get(f"/certify?image_sha256={digest}&n0=20")
+    assert r.status_code == 200 and r.json()["label"] == y, r.text
+    assert client.get(f"/certify?image_sha256={digest}&n0=20").json()["cached"]
+    other, _ = digits[4]
+    assert client.post("/certify?n=500&n0=20", content=other, headers=PNG).status_code == 200
+    # put, get, get_certificate, put_certificate, get_certificate (cached), put, get/put_certificate
+    assert store.calls >= 8 and store.on_loop == []

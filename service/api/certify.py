@@ -24,7 +24,7 @@ from service.api.clients import client_dependency
 from service.api.errors import ApiError
 from service.api.predict import (
     Deadline, attack_suspected_error, check_uploads, decode_uploads, overloaded_error, read_images,
-    request_deadline, tracked,
+    remember_images, request_deadline, store_call, tracked,
 )
 from service.api.render import rejection_out, render
 from service.api.schemas import ErrorBody, RejectionOut
@@ -101,7 +101,7 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
     key = (digest, name, runtime.bundle.version, opts["sigma"], opts["n0"], opts["n"], opts["alpha"],
            opts.get("radius"), opts.get("seed"))
     try:  # the store is a cache here: one that is down costs the caching, not the answer
-        cached = store.get_certificate(key)
+        cached = await store_call(runtime, store, lambda: store.get_certificate(key))
     except StoreUnavailable:
         cached, store = None, None
     if cached is not None:
@@ -146,7 +146,8 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
         runtime.metrics.abstentions.labels(name).inc()
     if store is not None:
         try:
-            store.put_certificate(key, body.model_dump(exclude={"cached"}))
+            dump = body.model_dump(exclude={"cached"})
+            await store_call(runtime, store, lambda: store.put_certificate(key, dump))
         except StoreUnavailable:
             pass  # logged by the store
     return body
@@ -198,7 +199,8 @@ async def certify_get(
         if not _HEX64.fullmatch(digest):
             raise ApiError(422, "invalid_parameter", "image_sha256 must be 64 hex digits")
         name, opts = _params(runtime, pipeline, sigma, n, n0, alpha, radius, seed)
-        x = request.app.state.store.get_image(digest)
+        store = request.app.state.store
+        x = await store_call(runtime, store, lambda: store.get_image(digest))
         if x is None:
             raise ApiError(404, "unknown_image", f"no recently posted image has sha256 {digest}; "
                            f"POST it to /certify or /predict first")
@@ -236,10 +238,8 @@ async def certify_post(
         rejected = await _monitor_rejection(runtime, digest, x[0], name, opts, client)
         if rejected is not None:
             return rejected
-        try:
-            request.app.state.store.put_image(digest, x[0])
-        except StoreUnavailable:
-            pass  # logged by the store; this certificate does not need it
+        store = request.app.state.store
+        await store_call(runtime, store, lambda: remember_images(store, [digest], x))
         return await _certify(request, digest, x[0], name, opts, deadline)
 
     return await _observed(request, pipeline, work)

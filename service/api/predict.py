@@ -40,7 +40,7 @@ from service.defenses.smoothing import MAX_RADIUS
 from service.imaging import ImageError, check_content_type, decode_batch
 from service.pipeline import ImageResult
 from service.runtime import Runtime
-from service.store import StoreUnavailable
+from service.store import Store, StoreUnavailable
 
 router = APIRouter(tags=["predict"])
 T = TypeVar("T")
@@ -177,6 +177,25 @@ def image_decoder(items: list[Upload], runtime: Runtime) -> Callable[[], torch.T
     return decode
 
 
+def remember_images(store: Store, digests: list[str], x: torch.Tensor) -> None:
+    """Put each decoded image in the store under its upload's sha256; a store that is down
+    costs no prediction."""
+    try:
+        for i, digest in enumerate(digests):
+            store.put_image(digest, x[i])
+    except StoreUnavailable:
+        pass  # logged by the store; GET /certify for these images answers 404 or 503
+
+
+async def store_call(runtime: Runtime, store: Store, fn: Callable[[], T]) -> T:
+    """fn(), a call on `store`, where it may block: on the event loop for the in-process store
+    (a dict and a copy: cheaper than a hop between threads), in a worker thread for any other
+    (Redis: a network round trip, up to its timeout, must never hold the event loop)."""
+    if getattr(store, "in_process", False):
+        return fn()
+    return await runtime.offload(fn)
+
+
 async def decode_uploads(items: list[Upload], runtime: Runtime) -> torch.Tensor:
     """Decode now, in a worker thread (POST /certify, whose pipeline run is not batched)."""
     return await runtime.offload(image_decoder(items, runtime))
@@ -296,12 +315,10 @@ async def predict(request: Request,
         x, results = await classify(runtime, name, len(items), image_decoder(items, runtime), deadline,
                                     options, client=client)
         digests = [hashlib.sha256(data).hexdigest() for data, _ in items]
-        try:  # so GET /certify?image_sha256= can find them; a store that is down costs no prediction
-            store = request.app.state.store
-            for digest, image in zip(digests, x):
-                store.put_image(digest, image)
-        except StoreUnavailable:
-            pass  # logged by the store; GET /certify for these images answers 404 or 503
+        # so that GET /certify?image_sha256= can find them (only once answered: a client the
+        # query monitor blocks gets nothing stored)
+        store = request.app.state.store
+        await store_call(runtime, store, lambda: remember_images(store, digests, x))
         t.outcome = outcome_of(results)
         return PredictResponse(request_id=request.state.request_id, pipeline=name,
                                model_version=runtime.bundle.version,
