@@ -610,3 +610,23 @@ def test_query_attack_evaluation_over_http(make_client, mnist) -> None:
     assert r["blocked_at"] is not None and r["queries"] < 200, r
     b = benign(c, "watched", mnist.val.x[:100], clients=4, public=5)
     assert b["queries"] == 100 + 10 + 20 and b["flagged"] == 0, b
+
+
+def test_get_certify_is_screened_and_a_blocked_client_gets_429(make_client, mnist) -> None:
+    # GET /certify answers about an image posted earlier: a client's own image asked about
+    # again is not flagged (its earlier copy is left out), but once the client is blocked its
+    # GET /certify is a 429 like its /predict
+    c = make_client(warmup=False, certify={"default_n": 500},
+                    pipelines={"smoothing": {"defenses": [{"defense": "smoothing", "sigma": 0.5}],
+                                             "query_monitor": {"action": "block", "block_after": 2,
+                                                               "cooldown_s": 60}}})
+    body = png(mnist.test.x[50])
+    digest = hashlib.sha256(body).hexdigest()
+    assert c.post("/predict?pipeline=smoothing", content=body, headers=PNG).status_code == 200
+    first = c.get(f"/certify?image_sha256={digest}&pipeline=smoothing&n0=20")
+    assert first.status_code == 200 and first.json()["status"] != "rejected", first.text
+    queries = random_search(mnist.test.x[:1], 0.3, 30, seed=1)
+    codes = [c.post("/predict?pipeline=smoothing", content=png(q), headers=PNG).status_code for q in queries]
+    assert 429 in codes, codes
+    r = c.get(f"/certify?image_sha256={digest}&pipeline=smoothing&n0=20&seed=1")
+    assert r.status_code == 429 and r.json()["error"]["code"] == "attack_suspected", r.text

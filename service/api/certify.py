@@ -204,6 +204,12 @@ async def certify_get(
         if x is None:
             raise ApiError(404, "unknown_image", f"no recently posted image has sha256 {digest}; "
                            f"POST it to /certify or /predict first")
+        # a certificate is an answer too: screened as POST /certify's image is (the monitor
+        # leaves a query's own earlier copies out, so asking again about one's own image
+        # matches nothing new), and a client blocked in block mode gets its 429 here too
+        rejected = await _monitor_rejection(runtime, digest, x, name, opts, client)
+        if rejected is not None:
+            return rejected
         return await _certify(request, digest, x, name, opts, deadline)
 
     return await _observed(request, pipeline, work)
