@@ -550,10 +550,8 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
     refused = np.zeros(b, dtype=bool)  # refused at the target radius, still asking "pA > 1/2?"
     used = np.zeros(b, dtype=np.int64)
     with torch.inference_mode():
-        c_a = torch.zeros(b, dtype=torch.long)
-        if n0 > 0:
-            c_a = _count_batch(f, xs, list(range(b)), n0, generators, sigma, num_classes, buffers,
-                               forward_batch, ctx).argmax(1)
+        c_a = (_count_batch(f, xs, list(range(b)), n0, generators, sigma, num_classes, buffers, forward_batch,
+                            ctx).argmax(1) if n0 > 0 else torch.zeros(b, dtype=torch.long))
         active, drawn = list(range(b)), 0
         for look, size in enumerate(test.schedule):
             # n0 = 0: c_A is f's answer on the clean image, computed in the first look's passes
@@ -565,10 +563,8 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
             v = test.verdicts(look, k)
             answer = test.answer_verdicts(look, k)
             # refused at r: stop where a label can be given, else go on with "pA > 1/2?" alone
-            hopeless = (v == REFUSED) & (answer != CERTIFIED)
-            refused[[i for i, h in zip(active, hopeless) if h]] = True
-            phase2 = refused[active]
-            v = np.where(phase2 & (v != CERTIFIED), np.where(answer == CONTINUE, CONTINUE, REFUSED), v)
+            refused[np.asarray(active)[(v == REFUSED) & (answer != CERTIFIED)]] = True
+            v = np.where(refused[active] & (v != CERTIFIED), np.where(answer == CONTINUE, CONTINUE, REFUSED), v)
             stop = (v != CONTINUE) | (look == len(test.schedule) - 1)
             stopped = [i for i, s in zip(active, stop) if s]
             if stopped:
