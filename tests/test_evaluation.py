@@ -266,3 +266,29 @@ def test_cli_sets_the_attack_budgets(quick_bundle: Path, tmp_path: Path) -> None
     assert max(report["budget"]["linf_sweep"]) == pytest.approx(0.1)
     rows = report["oblivious_attacks"]
     assert "pgd_linf_0.1" in rows and all(r["mean_linf"] <= 0.1 + 1e-5 for r in rows.values())
+
+
+def test_detector_aware_attacks_aim_at_a_real_class(quick, digits, monkeypatch):
+    """With a "rejected" output, an untargeted attack reaches its goal by raising it: the
+    defense's own answer, and the robust accuracy it reports is then the detector's, not the
+    attack's failure. The detector-aware attacks are targeted at the clean runner-up class
+    among the dataset's classes, whether or not the caller names the classes."""
+    from service.evaluation import attacks
+
+    _, pipes = quick
+    model = adaptive.adaptive_model(targets.anatomy(pipes["magnet"]))
+    x, y = digits[0][:4], digits[1][:4]
+    seen = []
+    real_labels = attacks._labels
+
+    def spy(model_, x_, y_, num_classes, outputs):
+        labels, targeted = real_labels(model_, x_, y_, num_classes, outputs)
+        seen.append((num_classes, outputs, targeted, labels))
+        return labels, targeted
+
+    monkeypatch.setattr(attacks, "_labels", spy)
+    for kw in ({}, {"num_classes": 10}):
+        art_attack("pgd", model, x, y, eps=0.1, budget=Budget(pgd_steps=1), **kw)
+    for num_classes, outputs, targeted, labels in seen:
+        assert (num_classes, outputs, targeted) == (10, 11, True)
+        assert (labels < 10).all() and (labels != y.numpy()).all()

@@ -97,7 +97,10 @@ def art_attack(kind: str, model: Any, x: torch.Tensor, y: torch.Tensor, *, eps: 
                norm: str = "linf", budget: Budget = Budget(), num_classes: int | None = None,
                steps: int | None = None, batch_size: int = 100, seed: int = 0) -> torch.Tensor:
     """Run one ART white-box attack; returns the adversarial batch (same shape as x).
-    `num_classes`: the dataset's classes (default: the model's outputs)."""
+    `num_classes`: the dataset's classes (default: the model's outputs, less the "rejected"
+    one of a detector-aware model). On a model with that extra output the attack is targeted
+    at a real class: untargeted, it could reach its goal by raising "rejected", the very
+    answer the defense wants."""
     from art.attacks.evasion import (AutoProjectedGradientDescent, CarliniL2Method,
                                      ProjectedGradientDescent)
 
@@ -105,7 +108,7 @@ def art_attack(kind: str, model: Any, x: torch.Tensor, y: torch.Tensor, *, eps: 
     torch.manual_seed(seed)
     if num_classes is None:
         with torch.no_grad():
-            num_classes = int(model(x[:1]).shape[1])
+            num_classes = int(model(x[:1]).shape[1]) - int(bool(getattr(model, "rejects", False)))
     if kind == "cw":  # ART's CarliniL2Method is kind "cw_art"
         return torch.cat([cw_l2(model, x[i:i + batch_size], y[i:i + batch_size], num_classes=num_classes,
                                 binary_steps=budget.cw_binary_steps, steps=steps or budget.cw_steps, lr=budget.cw_lr,

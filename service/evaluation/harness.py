@@ -365,7 +365,8 @@ class Evaluation:
                 plan.append((f"{prefix}cw_l2", "cw", {}))
         for label, kind, kw in plan:
             t = time.perf_counter()
-            adv = art_attack(kind, model, x, y, budget=b, seed=cfg.seed, batch_size=cfg.batch, **kw)
+            adv = art_attack(kind, model, x, y, budget=b, seed=cfg.seed, batch_size=cfg.batch,
+                             num_classes=self.bundle.input_spec.num_classes, **kw)
             record("adaptive", label, adv, time.perf_counter() - t)
 
     def autoattack(self, name: str, a: targets.Anatomy, record: Any) -> None:
