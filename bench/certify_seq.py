@@ -1,7 +1,11 @@
 """Sequential certification at a target radius (issue 20): samples, certified accuracy, images/s.
 
     PYTHONPATH=. flock /work/bench.lock python bench/certify_seq.py [--sections accuracy,pgd,certify,http]
-        [--old DIR] [--digits 1000] [--duration 8] [--rounds 1]
+        [--old DIR] [--digits 1000] [--duration 8] [--rounds 1] [--bundle DIR] [--split test|val]
+        [--sigmas 0.25,0.5]
+
+`--split val` runs the accuracy section on the 500 validation digits: choose a recipe or a
+setting there, then report it on the test digits (the default).
 
 Sections (each adds to bench/results/certify_seq.json as it finishes):
   accuracy  the 1,000 test digits (models/default): the sequential test at r = 0.5 for sigma
@@ -82,8 +86,8 @@ class Bench:
         self.args = args
         self.bundle = Bundle.load(args.bundle)
         self.section = self.bundle.defense("smoothing")
-        test = load_dataset("mnist5k").test
-        self.x, self.y = test.x[:args.digits], test.y[:args.digits]
+        digits = getattr(load_dataset("mnist5k"), args.split)
+        self.x, self.y = digits.x[:args.digits], digits.y[:args.digits]
         self.out: dict[str, Any] = {"command": " ".join(sys.argv), "bundle_version": self.bundle.version,
                                     "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                                 "torch": torch.__version__, "python": platform.python_version()},
@@ -121,7 +125,7 @@ class Bench:
         a, y = self.args, self.y.tolist()
         rows, res = [], self.out.setdefault("accuracy", {})
         res["load_before"] = loadavg()
-        for sigma in (0.25, 0.5):
+        for sigma in self.args.sigmas:
             t = time.perf_counter()
             labels, certified, samples = self.sequential(self.model(sigma), sigma, self.x, seed=0)
             secs = time.perf_counter() - t
@@ -174,7 +178,7 @@ class Bench:
             fooled = float((base(adv).argmax(1) != y).float().mean())
         res = self.out.setdefault("pgd", {"eps_linf": a.pgd_eps, "steps": 40, "base_fooled": round(fooled, 4)})
         rows = []
-        for sigma in (0.25, 0.5):
+        for sigma in self.args.sigmas:
             labels, certified, samples = self.sequential(self.model(sigma), sigma, adv, seed=50_000)
             acc = sum(c and lab == yy for c, lab, yy in zip(certified, labels, y.tolist())) / len(y)
             res[f"sigma{sigma:g}"] = {"certified_accuracy": acc, "samples": stats(samples), "all_samples": samples}
@@ -208,7 +212,12 @@ class Bench:
             ax.legend(fontsize=8)
         axes[0].set_ylabel("fraction of images")
         fig.tight_layout()
-        path = REPO / "docs" / "defenses" / "smoothing_samples.png"
+        # the README's plot only from the run it documents (the packaged bundle, test digits,
+        # both sigmas); any other run's plot goes beside its JSON
+        documented = (Path(self.args.bundle).resolve() == (REPO / "models" / "default").resolve()
+                      and self.args.split == "test" and sorted(self.args.sigmas) == [0.25, 0.5])
+        path = REPO / "docs" / "defenses" / "smoothing_samples.png" if documented \
+            else self.path.with_name(self.path.stem + "_samples.png")
         fig.savefig(path, dpi=110)
         log(f"wrote {path}")
 
@@ -338,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", default=str(REPO / "models" / "default"))
     p.add_argument("--sections", default="accuracy,pgd,today,certify,http")
     p.add_argument("--digits", type=int, default=1000)
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="which digits: val (500) to choose a recipe or setting, test (1,000) to report it")
     p.add_argument("--radius", type=float, default=0.5)
+    p.add_argument("--sigmas", type=lambda v: [float(s) for s in v.split(",")], default=[0.25, 0.5],
+                   help="noise levels of the accuracy and pgd sections (comma-separated)")
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--n0", type=int, default=0, help="selection samples (0: the clean image's class, as served)")
     p.add_argument("--n-max", type=int, default=4000, help="the sequential test's budget (as served)")

@@ -71,7 +71,8 @@ class Bench:
         self.bundle = Bundle.load(args.bundle)
         self.section = self.bundle.defense("smoothing")
         self.ds = load_dataset("mnist5k")
-        self.test = self.ds.test.per_class(100)
+        # the digits certified: --split val (50 per class) to choose a recipe, test to report it
+        self.test = getattr(self.ds, args.split).per_class(100)
         self.out: dict[str, Any] = {"command": " ".join(sys.argv), "bundle_version": self.bundle.version,
                                     "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                                 "torch": torch.__version__, "python": platform.python_version()},
@@ -326,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", default="models/default")
     p.add_argument("--digits", type=int, default=200)
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="which digits: val to choose a recipe or setting, test (default) to report it")
     p.add_argument("--denoised-digits", type=int, default=200)
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--alpha", type=float, default=0.001)

@@ -337,3 +337,36 @@ def test_a_refused_image_is_answered_not_abstained_and_stops_early() -> None:
         for c, _ in out:
             if not c.abstained:
                 assert c.label == 0 and 0 < c.radius < 0.5
+
+
+def test_smoothadv_attack_stays_in_its_ball_and_raises_the_smoothed_loss() -> None:
+    """SmoothAdv's attack (the training recipe's `adversarial_eps`): every x' lies in [0, 1]
+    within L2 eps of x, a step small enough for the first-order term to dominate raises the
+    smoothed soft classifier's loss on every digit, the weights get no gradient, the network's
+    mode is restored, and eps 0 leaves the digits as they are."""
+    import torch.nn.functional as F
+
+    from models.recipes.smoothing import SmoothingCNN, smoothadv_attack
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = SmoothingCNN().train()
+    x = torch.rand((16, 1, 28, 28), generator=gen)
+    y = torch.randint(0, 10, (16,), generator=gen)
+    noise = 0.5 * torch.randn((2 * 16, 1, 28, 28), generator=gen)
+
+    def smoothed_loss(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            p = F.softmax(net(z.repeat(2, 1, 1, 1) + noise), 1).view(2, 16, -1).mean(0)
+            return -p.gather(1, y[:, None]).squeeze(1).log()
+
+    assert torch.equal(smoothadv_attack(net, x, y, noise, 0.0, 3), x)
+    for eps, steps in ((0.5, 1), (1.0, 4)):
+        adv = smoothadv_attack(net, x, y, noise, eps, steps)
+        assert adv.min() >= 0 and adv.max() <= 1
+        assert float((adv - x).flatten(1).norm(dim=1).max()) <= eps * (1 + 1e-5)
+    # inside [0, 1] (no clipping) and a tiny step: the first-order increase dominates
+    x_mid = 0.25 + 0.5 * x
+    adv = smoothadv_attack(net, x_mid, y, noise, 1e-3, 1)
+    assert bool((smoothed_loss(adv) > smoothed_loss(x_mid)).all())
+    assert all(p.grad is None for p in net.parameters()) and net.training

@@ -4,7 +4,9 @@ Gaussian denoiser for denoised smoothing.
 * `smoothing_sigma25`, `smoothing_sigma50`: classifiers for sigma 0.25 / 0.5 (Cohen et al.
   2019), trained by `train_noise_classifier`: Gaussian noise augmentation on randomly shifted
   (up to 2 px), rotated and scaled digits, plus consistency regularisation (Jeong & Shin 2020)
-  over two noisy copies of each digit. They are a strided CNN (`smoothing_cnn`, 5 MFLOP), not
+  over two noisy copies of each digit, optionally on SmoothAdv's adversarial digits (Salman et
+  al. 2019: L2 PGD against the smoothed classifier; `adversarial_eps`, off by default). They
+  are a strided CNN (`smoothing_cnn`, 5 MFLOP), not
   the base CNN (38 MFLOP): certification needs 10^4-10^5 forward passes per image.
 * `smoothing_denoiser_sigma25`, `..._sigma50`: a small DnCNN (residual conv net) trained
   in front of the *plain* base classifier with MSE, then MSE + the stability objective (Salman
@@ -114,6 +116,13 @@ class SmoothingRecipe:
     noise_copies: int = 2
     consistency_weight: float = 10.0
     entropy_weight: float = 0.5
+    # SmoothAdv (Salman et al. 2019): train on x' within L2 adversarial_eps of each digit that
+    # maximises the cross-entropy of the smoothed soft classifier (the mean softmax over the
+    # noise_copies noisy copies, whose noise is then trained on too), found by
+    # adversarial_steps of L2 PGD; the radius ramps up linearly over adversarial_warmup epochs
+    adversarial_eps: float = 0.0       # 0: off (noise augmentation + consistency only)
+    adversarial_steps: int = 1
+    adversarial_warmup: int = 10
     denoiser_width: int = 16
     denoiser_depth: int = 5
     denoiser_epochs: int = 10
@@ -144,12 +153,41 @@ def recipe(preset: str, **overrides: Any) -> SmoothingRecipe:
     return replace(PRESETS[preset], **overrides)
 
 
+def smoothadv_attack(net: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, eps: float,
+                     steps: int) -> torch.Tensor:
+    """SmoothAdv's attack (Salman et al., NeurIPS 2019): the x' in [0, 1] within L2 `eps` of x
+    that maximises -log of the smoothed soft classifier's probability of y, that classifier
+    estimated by the mean softmax over x' + noise_i (noise: m copies per digit, (m * B, ...),
+    copy i of digit j at row i * B + j, fixed over the steps), by `steps` of normalised-gradient
+    L2 PGD of 2 eps / steps, each followed by the projection onto the ball. Gradients reach
+    only the perturbation, never the weights; dropout is off while attacking."""
+    if eps <= 0 or steps < 1:
+        return x
+    was_training = net.training
+    net.eval()
+    b = x.shape[0]
+    m = noise.shape[0] // b
+    delta = torch.zeros_like(x, requires_grad=True)
+    for _ in range(steps):
+        xa = (x + delta).clamp(0.0, 1.0)
+        probs = F.softmax(net(xa.repeat(m, 1, 1, 1) + noise), 1).view(m, b, -1).mean(0)
+        loss = F.nll_loss(probs.clamp_min(1e-12).log(), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+        moved = delta.detach() + (2.0 * eps / steps) * grad / norm
+        length = moved.flatten(1).norm(dim=1).clamp_min(1e-12).view_as(norm)
+        delta = (moved * (eps / length).clamp(max=1.0)).requires_grad_(True)
+    net.train(was_training)
+    return (x + delta.detach()).clamp(0.0, 1.0)
+
+
 def train_noise_classifier(dataset, r: SmoothingRecipe, sigma: float, seed: int, step: str,
                            device: str = "cpu") -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """A classifier for randomized smoothing at `sigma`: Gaussian noise augmentation plus
     consistency regularisation (Jeong & Shin, NeurIPS 2020) on `noise_copies` noisy copies of
-    each (randomly shifted/rotated) digit. Keeps the epoch with the best noisy validation
-    accuracy (4 noise draws)."""
+    each (randomly shifted/rotated) digit, with `adversarial_eps` > 0 on SmoothAdv's adversarial
+    digits (`smoothadv_attack`). Keeps the epoch with the best noisy validation accuracy (4 noise
+    draws)."""
     g = seeded(seed, step)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
     c, h, _ = dataset.input_shape
@@ -160,14 +198,19 @@ def train_noise_classifier(dataset, r: SmoothingRecipe, sigma: float, seed: int,
     x_val, y_val = dataset.val.x.to(device), dataset.val.y.to(device)
     val_noise = [sigma * torch.randn(x_val.shape, generator=g).to(device) for _ in range(4)]
     m = max(1, r.noise_copies)
+    steps_per_epoch = -(-len(x_train) // r.batch_size)
+    batches_seen = [0]
 
     def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         if r.augment:
             xb = random_affine(xb, g, max_shift=r.max_shift, max_degrees=r.max_degrees,
                                max_scale=r.max_scale)
-        noisy = xb.repeat(m, 1, 1, 1)
-        noisy = noisy + sigma * torch.randn(noisy.shape, generator=g).to(device)
-        logits = net(noisy)
+        noise = sigma * torch.randn((m * len(xb), *xb.shape[1:]), generator=g).to(device)
+        if r.adversarial_eps > 0:
+            ramp = min(1.0, (batches_seen[0] // steps_per_epoch + 1) / max(1, r.adversarial_warmup))
+            xb = smoothadv_attack(net, xb, yb, noise, r.adversarial_eps * ramp, r.adversarial_steps)
+        batches_seen[0] += 1
+        logits = net(xb.repeat(m, 1, 1, 1) + noise)
         value = F.cross_entropy(logits, yb.repeat(m))
         if m > 1 and (r.consistency_weight > 0 or r.entropy_weight > 0):
             logp = F.log_softmax(logits, 1).view(m, len(xb), -1)
