@@ -6,8 +6,8 @@ Gaussian denoiser for denoised smoothing.
   (up to 2 px), rotated and scaled digits, plus consistency regularisation (Jeong & Shin 2020)
   over two noisy copies of each digit, optionally on SmoothAdv's adversarial digits (Salman et
   al. 2019: L2 PGD against the smoothed classifier; `adversarial_eps`, off by default). They
-  are a strided CNN (`smoothing_cnn`, 5 MFLOP), not
-  the base CNN (38 MFLOP): certification needs 10^4-10^5 forward passes per image.
+  are a strided CNN (`smoothing_cnn`, 5 MFLOP), not the base CNN (38 MFLOP): certification
+  needs 10^4-10^5 forward passes per image.
 * `smoothing_denoiser_sigma25`, `..._sigma50`: a small DnCNN (residual conv net) trained
   in front of the *plain* base classifier with MSE, then MSE + the stability objective (Salman
   et al. 2020): ||D(x+d) - x||^2 + lambda * CE(f(D(x+d)), f(x)). The classifier stays frozen
@@ -199,17 +199,18 @@ def train_noise_classifier(dataset, r: SmoothingRecipe, sigma: float, seed: int,
     val_noise = [sigma * torch.randn(x_val.shape, generator=g).to(device) for _ in range(4)]
     m = max(1, r.noise_copies)
     steps_per_epoch = -(-len(x_train) // r.batch_size)
-    batches_seen = [0]
+    batches_seen = 0
 
     def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        nonlocal batches_seen
         if r.augment:
             xb = random_affine(xb, g, max_shift=r.max_shift, max_degrees=r.max_degrees,
                                max_scale=r.max_scale)
         noise = sigma * torch.randn((m * len(xb), *xb.shape[1:]), generator=g).to(device)
         if r.adversarial_eps > 0:
-            ramp = min(1.0, (batches_seen[0] // steps_per_epoch + 1) / max(1, r.adversarial_warmup))
+            ramp = min(1.0, (batches_seen // steps_per_epoch + 1) / max(1, r.adversarial_warmup))
             xb = smoothadv_attack(net, xb, yb, noise, r.adversarial_eps * ramp, r.adversarial_steps)
-        batches_seen[0] += 1
+        batches_seen += 1
         logits = net(xb.repeat(m, 1, 1, 1) + noise)
         value = F.cross_entropy(logits, yb.repeat(m))
         if m > 1 and (r.consistency_weight > 0 or r.entropy_weight > 0):
