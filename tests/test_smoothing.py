@@ -109,7 +109,7 @@ def test_radius_decision_stops_early_on_a_sure_input() -> None:
     sampler = NoiseSampler(always_seven, 0.25, 10, batch_size=1000)
     cert, _ = certify_at_radius(sampler, x, radius=0.5, n0=64, n_max=100_000, alpha=0.001, seed=0)
     assert cert.certified and cert.label == 7 and cert.radius >= 0.5
-    assert cert.samples == 64 + 445, cert.samples  # all agree: decided at the first look, (alpha/28) ** (1/n) > Phi(2)
+    assert cert.samples == 64 + 361, cert.samples  # all agree: decided at the first look, (alpha/4) ** (1/n) > Phi(2)
     # a radius no finite sample can certify is refused, after n_max at the latest
     cert, _ = certify_at_radius(sampler, x, radius=5.0, n0=64, n_max=4000, alpha=0.001, seed=0)
     assert cert.certified is False and cert.n == 4000
@@ -120,11 +120,19 @@ def test_radius_decision_stops_early_on_a_sure_input() -> None:
     assert geometric_schedule(1000, first=128) == [128, 256, 512, 1000]
     assert geometric_schedule(1000, first=32, factor=1.5) == [32, 48, 72, 108, 162, 243, 364, 546, 820, 1000]
     # the first look is the first at which a unanimous count certifies: easy images take one pass
-    for sigma, first in ((0.5, 58), (0.25, 409)):
+    for sigma, first in ((0.5, 49), (0.25, 361)):
         test = SequentialTest(0.5, sigma, 4000, 0.001)
         assert test.schedule[0] == first and test.thresholds(0)[0] == first
         assert SequentialTest(0.5, sigma, 4000, 0.001, first=first - 1).thresholds(0)[0] > first - 1
     assert math.isclose(sum(alpha_spending(0.001, len(geometric_schedule(100_000)))), 0.001)
+    # a quarter of alpha at the first look, a quarter at the last, the rest even between; the
+    # parts always sum to alpha (the union bound)
+    for looks in (1, 2, 3, 12):
+        parts = alpha_spending(0.001, looks)
+        assert len(parts) == looks and math.isclose(sum(parts), 0.001) and min(parts) > 0
+    parts = alpha_spending(0.001, 12)
+    assert math.isclose(parts[0], 0.00025) and math.isclose(parts[-1], 0.00025)
+    assert all(math.isclose(p, 0.0005 / 10) for p in parts[1:-1])
 
 
 def test_vectorised_bounds_match_the_scalar_ones() -> None:
