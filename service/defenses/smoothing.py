@@ -282,8 +282,9 @@ def standard_normal64(out: torch.Tensor, generator: torch.Generator) -> torch.Te
 
     On the CPU the uniforms come from numpy's PCG64 (its default generator) keyed by one 63-bit
     draw of `generator`: it fills float64 uniforms at about half the cost per value of torch's
-    mt19937, and those serial draws were the larger part of the noise's cost. The stream depends only on `generator`'s state, so a seed still reproduces
-    its certificate; each call takes a fresh key, so two calls never share a stream."""
+    mt19937, and those serial draws were the larger part of the noise's cost. The stream
+    depends only on `generator`'s state, so a seed still reproduces its certificate; each call
+    takes a fresh key, so two calls never share a stream."""
     flat = out.view(-1)
     half = flat.numel() // 2
     if flat.device.type == "cpu":

@@ -106,16 +106,15 @@ def art_attack(kind: str, model: Any, x: torch.Tensor, y: torch.Tensor, *, eps: 
 
     np.random.seed(seed)
     torch.manual_seed(seed)
+    with torch.no_grad():
+        outputs = int(model(x[:1]).shape[1])
     if num_classes is None:
-        with torch.no_grad():
-            num_classes = int(model(x[:1]).shape[1]) - int(bool(getattr(model, "rejects", False)))
+        num_classes = outputs - int(bool(getattr(model, "rejects", False)))
     if kind == "cw":  # ART's CarliniL2Method is kind "cw_art"
         return torch.cat([cw_l2(model, x[i:i + batch_size], y[i:i + batch_size], num_classes=num_classes,
                                 binary_steps=budget.cw_binary_steps, steps=steps or budget.cw_steps, lr=budget.cw_lr,
                                 initial_const=budget.cw_const)
                           for i in range(0, len(x), batch_size)])
-    with torch.no_grad():
-        outputs = int(model(x[:1]).shape[1])
     clf = art_classifier(model, outputs, tuple(x.shape[1:]))
     labels, targeted = _labels(model, x, y, num_classes, outputs)
     verbose = progress_enabled()
