@@ -12,8 +12,8 @@ GET /certify's sampling runs here too.
 Each task says how many of torch's intra-op threads it may use (runtime.Runtime._threads): the
 undefended classifier's batches one (`parallel_min_cost`: its sub-millisecond batches gain
 little from a second thread while the event loop wants the other core; at 32 clients /v2
-served 1.34x KServe's at one thread against 1.15-1.22x at two), `defensegan` one (its config:
-a second thread made its thousands of small steps slower), every other pipeline all of them.
+served 1.34x KServe's at one thread against 1.15-1.22x at two), every other pipeline all of
+them (a pipeline's `threads:` may say otherwise; the packaged configuration has none).
 An intra-op thread that the OS deschedules stalls the whole call: where other processes used
 the cores, MagNet at two threads fell from ~300 to 47-104 images/s, so a replica that shares
 its cores should raise `parallel_min_cost` (100: magnet and neuralfp on one thread too).

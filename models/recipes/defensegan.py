@@ -63,6 +63,57 @@ class Generator(nn.Module):
         h = F.relu(self.up2(h))
         return torch.sigmoid(self.up3(h))[:, :, :self.image_size, :self.image_size]
 
+    @torch.no_grad()
+    def reconstruction_grad(self, z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(G(z), per-row mean squared error against `target`, its gradient with respect to z):
+        what each step of Defense-GAN's projection needs, with the backward pass written out.
+
+        The projection runs thousands of these on a handful of rows, where autograd's graph
+        and oneDNN's per-call set-up cost more than the arithmetic. The adjoint of a transposed
+        convolution is the plain convolution with the same weights and stride; a crop's adjoint
+        pads with zeros; ReLU's passes the gradient where its input was positive. Up to
+        NATIVE_MAX_ROWS rows on a CPU the convolutions run on ATen's direct (im2col + GEMM)
+        kernels, which have no per-call set-up; larger batches and GPUs use the default ones.
+        tests/test_defensegan.py checks it against autograd."""
+        native = z.device.type == "cpu" and z.shape[0] <= self.NATIVE_MAX_ROWS
+        a0 = F.linear(z, self.fc.weight, self.fc.bias)
+        a1 = _up(a0.clamp_min(0).view(-1, 4 * self.width, self.start, self.start), self.up1, native)
+        a1c = a1[:, :, :self.crop, :self.crop]
+        a2 = _up(a1c.clamp_min(0), self.up2, native)
+        a3 = _up(a2.clamp_min(0), self.up3, native)
+        out = torch.sigmoid(a3)[:, :, :self.image_size, :self.image_size]
+        diff = out - target
+        loss = diff.pow(2).flatten(1).mean(1)
+        g = diff * (2.0 / diff[0].numel()) * out * (1 - out)                       # d/d a3 (cropped)
+        g = _down(_pad_to(g, a3), self.up3, native) * (a2 > 0)                        # d/d a2
+        g = _down(g, self.up2, native) * (a1c > 0)                                     # d/d a1 (cropped)
+        g = _down(_pad_to(g, a1), self.up1, native).reshape(len(z), -1) * (a0 > 0)    # d/d a0
+        return out, loss, g @ self.fc.weight
+
+    NATIVE_MAX_ROWS = 8  # where the direct kernels measured faster on 2 cores (not from ~16 rows)
+
+
+def _up(x: torch.Tensor, layer: nn.ConvTranspose2d, native: bool) -> torch.Tensor:
+    if native:
+        return torch.ops.aten.slow_conv_transpose2d(x, layer.weight, list(layer.kernel_size), layer.bias,
+                                                    list(layer.stride), list(layer.padding),
+                                                    list(layer.output_padding), list(layer.dilation))
+    return layer(x)
+
+
+def _down(g: torch.Tensor, layer: nn.ConvTranspose2d, native: bool) -> torch.Tensor:
+    """The adjoint of `layer` (a transposed convolution) applied to the gradient g."""
+    if native:
+        return torch.ops.aten.thnn_conv2d(g, layer.weight, list(layer.kernel_size), None, list(layer.stride),
+                                          list(layer.padding))
+    return F.conv2d(g, layer.weight, None, layer.stride, layer.padding, layer.dilation)
+
+
+def _pad_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A crop's adjoint: g (the top-left corner of `like`) zero-padded to like's size."""
+    dh, dw = like.shape[2] - g.shape[2], like.shape[3] - g.shape[3]
+    return F.pad(g, (0, dw, 0, dh)) if dh or dw else g
+
 
 class _ConvBody(nn.Sequential):
     def __init__(self, width: int, channels: int, image_size: int) -> None:

@@ -94,18 +94,40 @@ def _clamp_norm(z: torch.Tensor, s: ProjectionSettings, latent: int) -> torch.Te
     return z * (norm.clamp(lo, hi) / norm)
 
 
+def reconstruction_grad(generator: nn.Module, z: torch.Tensor,
+                        target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(G(z), per-row mean squared error against target, its gradient with respect to z).
+    The bundle's generator writes its backward pass out (`reconstruction_grad`: several times
+    faster on the few rows a projection step has); any other generator goes through autograd."""
+    own = getattr(generator, "reconstruction_grad", None)
+    if own is not None:
+        return own(z, target)
+    zr = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = generator(zr)
+        loss = (out - target).pow(2).flatten(1).mean(1)
+        (grad,) = torch.autograd.grad(loss.sum(), zr)
+    return out.detach(), loss.detach(), grad
+
+
 def project(generator: nn.Module, x: torch.Tensor, settings: ProjectionSettings, *,
             encoder: nn.Module | None = None, rng: torch.Generator | None = None,
             check: Callable[[], None] | None = None) -> Projection:
-    """Project each image of the batch onto G's range (see the module docstring)."""
+    """Project each image of the batch onto G's range (see the module docstring).
+
+    The optimiser's state is kept for the active rows only, packed together: a step is one
+    gradient call and a few whole-tensor updates, with no gather or scatter. A row that stops
+    (pruned, or out of patience) hands its best point back to the per-row arrays, and the
+    active rows are packed again. Every active row has run the same number of steps, so
+    Adam's bias correction is one number per step."""
     s = settings
     b = x.shape[0]
     r = s.restarts
     device = x.device
     latent = int(getattr(generator, "latent_dim"))
     x = x.detach()
-    image = torch.arange(b, device=device).repeat_interleave(r)          # row -> image
-    target = x.repeat_interleave(r, dim=0)
+    if s.optimizer not in ("momentum", "adam"):
+        raise ValueError(f"unknown optimizer {s.optimizer!r}")
     if s.init == "encoder":
         if encoder is None:
             raise ValueError("init='encoder' needs the encoder")
@@ -120,71 +142,73 @@ def project(generator: nn.Module, x: torch.Tensor, settings: ProjectionSettings,
     else:
         raise ValueError(f"unknown init {s.init!r}")
 
+    # per row (b * r), final once the row stops
+    best_loss = torch.full((b * r,), float("inf"), device=device)
+    best_z = torch.empty(b * r, latent, device=device)
+    best_x = torch.zeros((b * r, *x.shape[1:]), device=device)
+    steps_run = torch.zeros(b * r, dtype=torch.long, device=device)
+    initial = best_loss.clone()
+    # the active rows, packed: `rows` maps them to their row
+    rows = torch.arange(b * r, device=device)
     z = _clamp_norm(z0, s, latent)
+    target = x.repeat_interleave(r, dim=0)
+    a_loss, a_z, a_x = best_loss.clone(), z.clone(), best_x.clone()
+    since = torch.zeros(b * r, dtype=torch.long, device=device)
     buf1 = torch.zeros_like(z)  # momentum / Adam first moment
     buf2 = torch.zeros_like(z)  # Adam second moment
-    best_loss = torch.full((b * r,), float("inf"), device=device)
-    best_z = z.clone()
-    best_x = torch.zeros_like(target)
-    initial = torch.full((b * r,), float("inf"), device=device)
-    since = torch.zeros(b * r, dtype=torch.long, device=device)
-    active = torch.ones(b * r, dtype=torch.bool, device=device)
-    evals = torch.zeros(b, dtype=torch.long, device=device)
-    steps_run = torch.zeros(b * r, dtype=torch.long, device=device)
     decay_step = int(s.decay_at * s.steps)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
 
+    def hand_back(t: int) -> None:  # the active rows' best so far into the per-row arrays
+        best_loss[rows], best_z[rows], best_x[rows] = a_loss, a_z, a_x
+        steps_run[rows] = t + 1
+
+    t = -1
     for t in range(s.steps):
         if check is not None:
             check()
-        rows = active.nonzero().flatten()
-        if rows.numel() == 0:
-            break
-        zr = z[rows].detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = generator(zr)
-            loss = (out - target[rows]).pow(2).flatten(1).mean(1)
-            (grad,) = torch.autograd.grad(loss.sum(), zr)
-        evals.index_add_(0, image[rows], torch.ones_like(rows))
-        steps_run[rows] += 1
-        loss = loss.detach()
+        out, loss, grad = reconstruction_grad(generator, z, target)
         if t == 0:
-            initial[rows] = loss
-        better = loss < best_loss[rows] * (1 - s.min_delta)
-        improved = loss < best_loss[rows]
-        upd = rows[improved]
-        best_loss[upd] = loss[improved]
-        best_z[upd] = zr.detach()[improved]
-        best_x[upd] = out.detach()[improved]
-        since[rows] = torch.where(better, torch.zeros_like(since[rows]), since[rows] + 1)
+            initial.copy_(loss)
+        better = loss < a_loss * (1 - s.min_delta)
+        improved = loss < a_loss
+        a_loss = torch.where(improved, loss, a_loss)
+        a_z = torch.where(improved.unsqueeze(1), z, a_z)
+        a_x = torch.where(improved.view(-1, *[1] * (out.dim() - 1)), out, a_x)
+        since = torch.where(better, 0, since + 1)
 
         lr = s.lr * (s.decay if t >= decay_step else 1.0)
         if s.optimizer == "momentum":  # TF MomentumOptimizer, as in the reference code
-            buf1[rows] = s.momentum * buf1[rows] + grad
-            z[rows] = zr.detach() - lr * buf1[rows]
-        elif s.optimizer == "adam":
-            m = beta1 * buf1[rows] + (1 - beta1) * grad
-            v = beta2 * buf2[rows] + (1 - beta2) * grad * grad
-            buf1[rows], buf2[rows] = m, v
-            k = steps_run[rows].unsqueeze(1).float()
-            m_hat, v_hat = m / (1 - beta1 ** k), v / (1 - beta2 ** k)
-            z[rows] = zr.detach() - lr * m_hat / (v_hat.sqrt() + eps)
+            buf1 = s.momentum * buf1 + grad
+            z = z - lr * buf1
         else:
-            raise ValueError(f"unknown optimizer {s.optimizer!r}")
-        z[rows] = _clamp_norm(z[rows], s, latent)
+            buf1 = beta1 * buf1 + (1 - beta1) * grad
+            buf2 = beta2 * buf2 + (1 - beta2) * grad * grad
+            k = torch.full((1, 1), float(t + 1), device=device)
+            m_hat, v_hat = buf1 / (1 - beta1 ** k), buf2 / (1 - beta2 ** k)
+            z = z - lr * m_hat / (v_hat.sqrt() + eps)
+        z = _clamp_norm(z, s, latent)
 
-        if s.patience > 0:
-            active &= since < s.patience
+        keep = since < s.patience if s.patience > 0 else None
         if s.prune_at > 0 and t + 1 == s.prune_at and r > 1:
-            keep = best_loss.view(b, r).argmin(1) + torch.arange(b, device=device) * r
-            mask = torch.zeros_like(active)
-            mask[keep] = True
-            active &= mask
+            hand_back(t)  # the choice among an image's restarts looks at all of them
+            best_of = best_loss.view(b, r).argmin(1) + torch.arange(b, device=device) * r
+            chosen = torch.zeros(b * r, dtype=torch.bool, device=device)
+            chosen[best_of] = True
+            keep = chosen[rows] if keep is None else keep & chosen[rows]
+        if keep is not None and not bool(keep.all()):
+            hand_back(t)
+            rows, z, target, buf1, buf2, since = rows[keep], z[keep], target[keep], buf1[keep], buf2[keep], since[keep]
+            a_loss, a_z, a_x = a_loss[keep], a_z[keep], a_x[keep]
+            if rows.numel() == 0:
+                break
+    if rows.numel():
+        hand_back(t)
 
-    per_image = best_loss.view(b, r)
-    pick = per_image.argmin(1) + torch.arange(b, device=device) * r
+    pick = best_loss.view(b, r).argmin(1) + torch.arange(b, device=device) * r
     return Projection(z=best_z[pick], x=best_x[pick], error=best_loss[pick],
-                      initial_error=initial.view(b, r).min(1).values, generator_evals=evals,
+                      initial_error=initial.view(b, r).min(1).values,
+                      generator_evals=steps_run.view(b, r).sum(1),
                       steps=steps_run.view(b, r).max(1).values)
 
 
