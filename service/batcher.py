@@ -22,13 +22,14 @@ compute thread before the pipeline does, and settles what it rejects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +96,7 @@ def _settle(outcomes: list[tuple[asyncio.Future, bool, Any]], then: Callable[[],
 class Batcher:
     def __init__(self, name: str, run: RunBatch, *, device: torch.device,
                  enabled: bool = True, max_batch_size: int = 64, max_delay_ms: float = 2.0,
-                 max_queue: int = 1024, retry_after_s: int = 1,
+                 company_wait_ms: float = 0.0, max_queue: int = 1024, retry_after_s: int = 1,
                  execute: Callable[[Callable[[], list[ImageResult]]], list[ImageResult]] | None = None,
                  on_batch: Callable[[BatchReport], None] | None = None,
                  on_queue_change: Callable[[int], None] | None = None,
@@ -108,6 +109,8 @@ class Batcher:
         self.enabled = enabled
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
+        self.company_wait = company_wait_ms / 1000.0
+        self._arriving = 0  # images of admitted requests still being decoded (`expecting`)
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
         self._on_batch = on_batch
@@ -122,8 +125,27 @@ class Batcher:
     def queued_images(self) -> int:
         return self._queued_images
 
+    @contextlib.contextmanager
+    def expecting(self, images: int) -> Iterator[list[int]]:
+        """Around a request's decode: its images are on their way to `submit`, so an idle
+        batcher may wait for them (`company_wait_ms`). `submit(..., expected=images)` inside
+        takes them off under the batcher's lock, in the same step that queues the job; an
+        exception before it takes them off here."""
+        token = [images]
+        with self._cond:
+            self._arriving += images
+        try:
+            yield token
+        finally:
+            if token[0]:
+                with self._cond:
+                    self._arriving -= token[0]
+                    token[0] = 0
+                    self._cond.notify()
+
     async def submit(self, x: torch.Tensor, *, deadline: float | None = None,
-                     options: dict[str, Any] | None = None, client: str | None = None) -> list[ImageResult]:
+                     options: dict[str, Any] | None = None, client: str | None = None,
+                     expected: list[int] | None = None) -> list[ImageResult]:
         """Queue `x` for the next batch; with `client` (and a `screen`), the batch's screen
         sees it before the pipeline does."""
         images = int(x.shape[0])
@@ -133,6 +155,9 @@ class Batcher:
         job = _Job(x, key, options, deadline, loop.create_future(), loop,
                    client if self._screen is not None else None)
         with self._cond:
+            if expected is not None and expected[0]:  # no longer on its way: queued, or refused here
+                self._arriving -= expected[0]
+                expected[0] = 0
             if self._closed:
                 raise Overloaded("the service is shutting down", self.retry_after_s)
             if self._queued_images + images > self.max_queue:
@@ -171,10 +196,15 @@ class Batcher:
                 # batch ran have waited already, and holding them back for more that cannot come
                 # in time only idles the model (at 32 clients with max_delay_ms 2: ~3,420 ->
                 # ~3,600 req/s; docs/operations.md).
-                if idle and self.enabled and self.max_delay > 0:
+                # Waiting for requests that are admitted and being decoded (`expecting`) costs
+                # a lone client nothing: none are on their way then.
+                if idle and self.enabled and (self.max_delay > 0 or self.company_wait > 0):
                     first = self._queue[0]
                     while not self._closed:
-                        wait = first.enqueued + self.max_delay - time.monotonic()
+                        until = first.enqueued + self.max_delay
+                        if self._arriving > 0:
+                            until = max(until, first.enqueued + self.company_wait)
+                        wait = until - time.monotonic()
                         if wait <= 0 or self._fill(first.options_key) >= self.max_batch_size:
                             break
                         self._cond.wait(wait)

@@ -113,6 +113,7 @@ class Runtime:
             name: Batcher(name, pipeline.run, device=self.device, enabled=b.enabled,
                           execute=lambda work, n=name: self.compute.call(work, threads=self._threads(n)),
                           max_batch_size=b.max_batch_size, max_delay_ms=b.max_delay_ms,
+                          company_wait_ms=b.company_wait_ms,
                           max_queue=b.max_queue, retry_after_s=b.retry_after_s,
                           on_batch=lambda report, n=name: self._observe_batch(n, report),
                           on_queue_change=lambda depth, n=name: self.metrics.queue_depth.labels(n).set(depth),
@@ -273,9 +274,12 @@ class Runtime:
                 raise ValueError(f"decoded {int(x.shape[0])} images, expected {images}")
             return x
 
+        batcher = self.batchers[p.name]
         with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
-            x = await self.offload(decoded)
-            return x, await self.batchers[p.name].submit(x, deadline=deadline, options=options, client=client)
+            with batcher.expecting(images) as on_its_way:
+                x = await self.offload(decoded)
+                return x, await batcher.submit(x, deadline=deadline, options=options, client=client,
+                                               expected=on_its_way)
 
     def warmup(self) -> None:
         """One small run through every pipeline, so the first client does not pay for it."""

@@ -91,6 +91,12 @@ class BatchingConfig(BaseModel):
     max_delay_ms: float = Field(
         0.0, ge=0, description="how long the first request to reach an idle batcher waits for company; "
                                "requests queued behind a running batch go at once")
+    # 5: decoding an ordinary upload takes well under a millisecond; measured at 8 clients
+    # (README, "Waiting for company on its way"): larger batches for baseline and magnet
+    company_wait_ms: float = Field(
+        5.0, ge=0, description="how long the first request to reach an idle batcher waits for requests that "
+                               "were admitted before it and are still being decoded (none: no wait, so a "
+                               "lone client never waits); 0: never")
     max_queue: int = Field(1024, gt=0, description="queued images per pipeline before 503 overloaded")
     retry_after_s: int = Field(1, ge=0)
 

@@ -48,6 +48,45 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answers() -> No
     assert threads == {"shieldserve-batch-p"}  # the batches ran in the batcher's own thread
 
 
+def test_an_idle_batcher_waits_for_requests_on_their_way_and_a_lone_one_goes_at_once() -> None:
+    """company_wait_ms: the first request to reach an idle batcher waits for those admitted
+    and still being decoded (`expecting`), never for requests that do not exist: alone, it
+    runs at once. A request that fails before it is queued stops being waited for."""
+    sizes: list[int] = []
+
+    def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        sizes.append(int(x.shape[0]))
+        return _echo(x, ctx)
+
+    async def main() -> None:
+        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=8, max_delay_ms=0,
+                    company_wait_ms=2000)
+
+        async def request(v: int, decode_s: float, fail: bool = False) -> list[ImageResult] | None:
+            with b.expecting(1) as on_its_way:
+                await asyncio.sleep(decode_s)  # the decode, in a worker thread in the service
+                if fail:
+                    raise ValueError("not an image")
+                return await b.submit(_img(v), expected=on_its_way)
+
+        started = time.monotonic()
+        assert [r.label for r in await request(1, 0.0)] == [1]  # alone: no wait
+        assert time.monotonic() - started < 1.0 and sizes == [1]
+        await asyncio.sleep(0.3)  # the batch thread back to idle (a request before that goes at once)
+        # three on their way together: the first waits for the other two (decoded 0.1 s later)
+        answers = await asyncio.gather(request(2, 0.0), request(3, 0.1), request(4, 0.1))
+        assert [a[0].label for a in answers] == [2, 3, 4] and sizes[1:] == [3]
+        # one whose decode fails is not waited for: the other goes well before 2 s
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        results = await asyncio.gather(request(5, 0.0), request(6, 0.05, fail=True), return_exceptions=True)
+        assert results[0][0].label == 5 and isinstance(results[1], ValueError)
+        assert time.monotonic() - started < 1.0 and b._arriving == 0
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_max_delay_holds_the_first_request_of_an_idle_batcher_not_those_queued_behind_a_batch() -> None:
     """Waiting for company is for a batcher that was idle; requests that queued while a batch ran
     have waited already and go at once (holding them too cost ~5% of the throughput at 32
