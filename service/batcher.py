@@ -128,9 +128,11 @@ class Batcher:
     @contextlib.contextmanager
     def expecting(self, images: int) -> Iterator[list[int]]:
         """Around a request's decode: its images are on their way to `submit`, so an idle
-        batcher may wait for them (`company_wait_ms`). `submit(..., expected=images)` inside
-        takes them off under the batcher's lock, in the same step that queues the job; an
-        exception before it takes them off here."""
+        batcher may wait for them (`company_wait_ms`). `submit(..., expected=token)` with the
+        yielded token takes them off under the batcher's lock, in the same step that queues
+        the job; if the request fails before that, leaving the block takes them off. A client
+        whose uploads are slow to decode can make another's batch wait at most
+        `company_wait_ms`, and changes no answer."""
         token = [images]
         with self._cond:
             self._arriving += images

@@ -119,7 +119,7 @@ def project(generator: nn.Module, x: torch.Tensor, settings: ProjectionSettings,
     gradient call and a few whole-tensor updates, with no gather or scatter. A row that stops
     (pruned, or out of patience) hands its best point back to the per-row arrays, and the
     active rows are packed again. Every active row has run the same number of steps, so
-    Adam's bias correction is one number per step."""
+    Adam's bias correction is one value per step."""
     s = settings
     b = x.shape[0]
     r = s.restarts
@@ -184,6 +184,8 @@ def project(generator: nn.Module, x: torch.Tensor, settings: ProjectionSettings,
         else:
             buf1 = beta1 * buf1 + (1 - beta1) * grad
             buf2 = beta2 * buf2 + (1 - beta2) * grad * grad
+            # the step count as a float32 tensor, as the per-row counts were: the bias
+            # corrections round exactly as before (tests/test_defensegan.py compares bit for bit)
             k = torch.full((1, 1), float(t + 1), device=device)
             m_hat, v_hat = buf1 / (1 - beta1 ** k), buf2 / (1 - beta2 ** k)
             z = z - lr * m_hat / (v_hat.sqrt() + eps)
