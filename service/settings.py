@@ -95,8 +95,9 @@ class BatchingConfig(BaseModel):
     # (README, "Waiting for company on its way"): larger batches for baseline and magnet
     company_wait_ms: float = Field(
         5.0, ge=0, description="how long the first request to reach an idle batcher waits for requests that "
-                               "were admitted before it and are still being decoded (none: no wait, so a "
-                               "lone client never waits); 0: never")
+                               "were admitted before it and are still being decoded, or (at most a tenth of "
+                               "the last batch's run) for as many requests as the last batch had; a lone "
+                               "client never waits; 0: never")
     max_queue: int = Field(1024, gt=0, description="queued images per pipeline before 503 overloaded")
     retry_after_s: int = Field(1, ge=0)
 

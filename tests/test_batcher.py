@@ -87,6 +87,39 @@ def test_an_idle_batcher_waits_for_requests_on_their_way_and_a_lone_one_goes_at_
     asyncio.run(main())
 
 
+def test_an_idle_batcher_waits_briefly_for_the_clients_of_its_last_batch() -> None:
+    """After a batch of k requests the first to reach the idle batcher waits for up to k, at
+    most a tenth of what that batch ran (and of company_wait_ms): closed-loop clients come
+    back about together. After a batch of one nothing waits."""
+    sizes: list[int] = []
+
+    def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        sizes.append(int(x.shape[0]))
+        time.sleep(0.8)  # a costly pipeline: a tenth of it is 80 ms
+        return _echo(x, ctx)
+
+    async def main() -> None:
+        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=8, max_delay_ms=0,
+                    company_wait_ms=5000)
+
+        async def later(v: int, s: float) -> list[ImageResult]:
+            await asyncio.sleep(s)
+            return await b.submit(_img(v))
+
+        # 1 alone, then 2-4, queued while it ran, as one batch of 3
+        await asyncio.gather(later(1, 0.0), later(2, 0.2), later(3, 0.2), later(4, 0.2))
+        assert sizes == [1, 3]
+        await asyncio.sleep(0.2)
+        await asyncio.gather(later(5, 0.0), later(6, 0.01), later(7, 0.02))  # back together
+        assert sizes[-1] == 3
+        await asyncio.sleep(0.2)
+        await asyncio.gather(later(8, 0.0), later(9, 0.5))  # the wait is capped: 80 ms, not 500
+        assert sizes[-2:] == [1, 1]
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_max_delay_holds_the_first_request_of_an_idle_batcher_not_those_queued_behind_a_batch() -> None:
     """Waiting for company is for a batcher that was idle; requests that queued while a batch ran
     have waited already and go at once (holding them too cost ~5% of the throughput at 32
