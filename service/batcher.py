@@ -1,6 +1,8 @@
 """A micro-batcher: concurrent requests for one pipeline are merged into one batch.
 
-The first request to reach an idle batcher waits at most `max_delay_ms` for company; requests
+The first request to reach an idle batcher waits at most `max_delay_ms` for company, and at
+most `company_wait_ms` for the requests it can expect: those admitted and still being decoded,
+and (for at most a tenth of the last batch's run) as many as the last batch had; requests
 that queued while a batch ran go in the next batch at once; a batch closes at `max_batch_size`
 images. A request is never split, and only requests with the same options
 share a batch. A full queue refuses new work at once (`Overloaded`, answered 503 with

@@ -92,7 +92,7 @@ class BatchingConfig(BaseModel):
         0.0, ge=0, description="how long the first request to reach an idle batcher waits for company; "
                                "requests queued behind a running batch go at once")
     # 5: decoding an ordinary upload takes well under a millisecond; measured at 8 clients
-    # (README, "Waiting for company on its way"): larger batches for baseline and magnet
+    # (docs/operations.md, "Waiting for company on its way"): larger batches, none for a lone client
     company_wait_ms: float = Field(
         5.0, ge=0, description="how long the first request to reach an idle batcher waits for requests that "
                                "were admitted before it and are still being decoded, or (at most a tenth of "
