@@ -193,8 +193,9 @@ def project(generator: nn.Module, x: torch.Tensor, settings: ProjectionSettings,
 
         keep = since < s.patience if s.patience > 0 else None
         if s.prune_at > 0 and t + 1 == s.prune_at and r > 1:
-            hand_back(t)  # the choice among an image's restarts looks at all of them
-            best_of = best_loss.view(b, r).argmin(1) + torch.arange(b, device=device) * r
+            every = best_loss.clone()  # the choice among an image's restarts looks at all of them
+            every[rows] = a_loss
+            best_of = every.view(b, r).argmin(1) + torch.arange(b, device=device) * r
             chosen = torch.zeros(b * r, dtype=torch.bool, device=device)
             chosen[best_of] = True
             keep = chosen[rows] if keep is None else keep & chosen[rows]
