@@ -2,9 +2,11 @@
 
 The first request to reach an idle batcher waits at most `max_delay_ms` for company, and at
 most `company_wait_ms` for the requests it can expect: those admitted and still being decoded,
-and (for at most a tenth of the last batch's run) as many as the last batch had; requests
-that queued while a batch ran go in the next batch at once; a batch closes at `max_batch_size`
-images. A request is never split, and only requests with the same options
+and (for at most a tenth of the last batch's run) as many as the last batch had. Requests
+that queued while a batch ran go in the next batch at once, except behind a costly batch (one
+that ran for at least ten times `company_wait_ms`): then the batch thread waits up to
+`company_wait_ms` for that batch's own clients to come back and join them. A batch closes at
+`max_batch_size` images. A request is never split, and only requests with the same options
 share a batch. A full queue refuses new work at once (`Overloaded`, answered 503 with
 Retry-After) rather than letting latency grow without bound.
 
@@ -192,7 +194,7 @@ class Batcher:
         # the last batch: its requests and how long it ran. Clients in a closed loop come back
         # about together, so an idle batcher may wait for as many as it had, at most a tenth of
         # what that batch cost (a cheap pipeline's wait stays a fraction of its latency)
-        last, last_s = 1, 0.0
+        last, last_s, ended = 1, 0.0, 0.0
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -200,10 +202,10 @@ class Batcher:
                     self._cond.wait()
                 if self._closed:
                     return
-                # Wait for company only after idling: requests that queued while the previous
-                # batch ran have waited already, and holding them back for more that cannot come
-                # in time only idles the model (at 32 clients with max_delay_ms 2: ~3,420 ->
-                # ~3,600 req/s; docs/operations.md).
+                # Wait for company after idling: requests that queued while the previous batch
+                # ran have waited already, and holding them back for more that cannot come in
+                # time only idles the model (at 32 clients with max_delay_ms 2: ~3,420 -> ~3,600
+                # req/s; docs/operations.md); the one exception, behind a costly batch, below.
                 # Waiting for requests that are admitted and being decoded (`expecting`) costs
                 # a lone client nothing: none are on their way then.
                 if idle and self.enabled and (self.max_delay > 0 or self.company_wait > 0):
@@ -220,6 +222,22 @@ class Batcher:
                         self._cond.wait(wait)
                     if self._closed:
                         return
+                elif self.enabled and self.company_wait > 0 and last_s >= 10 * self.company_wait:
+                    # Behind a costly batch (>= 10x company_wait_ms): its clients are on their way
+                    # back, and with them left out closed-loop clients settle into cohorts that
+                    # alternate (defensegan at 8 clients: batches of 4, each costing nearly what
+                    # one of 8 does). Wait for them too, company_wait_ms at most after it ended:
+                    # at most a tenth of that batch's run. A cheap batch never waits here.
+                    target = len(self._queue) + last
+                    first = self._queue[0]
+                    while not self._closed:
+                        wait = ended + self.company_wait - time.monotonic()
+                        if wait <= 0 or len(self._queue) >= target or \
+                                self._fill(first.options_key) >= self.max_batch_size:
+                            break
+                        self._cond.wait(wait)
+                    if self._closed:
+                        return
                 jobs, expired, depth = self._take()
             idle = False
             self._queue_changed(depth)
@@ -228,7 +246,8 @@ class Batcher:
             if jobs:
                 started = time.monotonic()
                 self._run_jobs(jobs)
-                last, last_s = len(jobs), time.monotonic() - started
+                ended = time.monotonic()
+                last, last_s = len(jobs), ended - started
 
     def _fill(self, key: str) -> int:
         return sum(j.size for j in self._queue if j.options_key == key and not j.future.done())

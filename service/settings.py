@@ -96,8 +96,10 @@ class BatchingConfig(BaseModel):
     company_wait_ms: float = Field(
         5.0, ge=0, description="how long the first request to reach an idle batcher waits for requests that "
                                "were admitted before it and are still being decoded, or (at most a tenth of "
-                               "the last batch's run) for as many requests as the last batch had; a lone "
-                               "client never waits; 0: never")
+                               "the last batch's run) for as many requests as the last batch had; behind a "
+                               "batch that ran for 10x this or longer, how long requests queued meanwhile "
+                               "wait for that batch's clients to come back; a lone client never waits; "
+                               "0: never")
     max_queue: int = Field(1024, gt=0, description="queued images per pipeline before 503 overloaded")
     retry_after_s: int = Field(1, ge=0)
 

@@ -120,6 +120,42 @@ def test_an_idle_batcher_waits_briefly_for_the_clients_of_its_last_batch() -> No
     asyncio.run(main())
 
 
+def test_behind_a_costly_batch_its_clients_join_those_queued_and_behind_a_cheap_one_nothing_waits() -> None:
+    """Requests queued behind a batch go in the next one at once, except behind a costly batch
+    (>= 10x company_wait_ms): then the batch thread waits, company_wait_ms at most, for that
+    batch's own clients to come back, so closed-loop clients share one batch instead of
+    alternating in two."""
+    def sizes_for(run_s: float) -> list[int]:
+        sizes: list[int] = []
+
+        def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+            sizes.append(int(x.shape[0]))
+            time.sleep(run_s)
+            return _echo(x, ctx)
+
+        async def main() -> None:
+            b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=8, max_delay_ms=0,
+                        company_wait_ms=100)
+
+            async def client_a() -> None:  # a closed-loop client: back 20 ms after its answer
+                assert [r.label for r in await b.submit(_img(1))] == [1]
+                await asyncio.sleep(0.02)
+                assert [r.label for r in await b.submit(_img(4))] == [4]
+
+            async def later(v: int) -> None:  # queued while A's first batch runs
+                await asyncio.sleep(run_s / 3)
+                assert [r.label for r in await b.submit(_img(v))] == [v]
+
+            await asyncio.gather(client_a(), later(2), later(3))
+            await b.close()
+
+        asyncio.run(main())
+        return sizes
+
+    assert sizes_for(1.1) == [1, 3]  # costly (1.1 s >= 1 s): A's second request joins 2 and 3
+    assert sizes_for(0.05) == [1, 2, 1]  # cheap: 2 and 3 go at once, A's second after them
+
+
 def test_max_delay_holds_the_first_request_of_an_idle_batcher_not_those_queued_behind_a_batch() -> None:
     """Waiting for company is for a batcher that was idle; requests that queued while a batch ran
     have waited already and go at once (holding them too cost ~5% of the throughput at 32
