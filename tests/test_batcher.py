@@ -153,7 +153,7 @@ def test_behind_a_costly_batch_its_clients_join_those_queued_and_behind_a_cheap_
         return sizes
 
     assert sizes_for(1.1) == [1, 3]  # costly (1.1 s >= 1 s): A's second request joins 2 and 3
-    assert sizes_for(0.05) == [1, 2, 1]  # cheap: 2 and 3 go at once, A's second after them
+    assert sizes_for(0.15) == [1, 2, 1]  # cheap (0.15 s): 2 and 3 go at once, A's second after them
 
 
 def test_max_delay_holds_the_first_request_of_an_idle_batcher_not_those_queued_behind_a_batch() -> None:

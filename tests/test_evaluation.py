@@ -53,13 +53,16 @@ def test_white_box_attacks_lower_the_undefended_accuracy(quick, digits, kind, kw
     assert accuracy(base, adv, y) <= 0.5, f"{kind} left accuracy at {accuracy(base, adv, y)}"
 
 
-@pytest.mark.parametrize("kind", ["square", "hsj"])
-def test_black_box_attacks_lower_the_undefended_accuracy(quick, digits, kind):
+# Square with 100 queries left 3 of these 4 digits standing on a Zen 2 CPU (the quick bundle is
+# trained per run and its weights differ with the CPU's float kernels), at most 2 on a Zen 5; with
+# 300 it fooled all 4 on the Zen 2, needing 12-87 queries: a margin that does not hang on the CPU
+@pytest.mark.parametrize("kind,budget", [("square", 300), ("hsj", 100)])
+def test_black_box_attacks_lower_the_undefended_accuracy(quick, digits, kind, budget):
     _, pipes = quick
     x, y = digits[0][:4], digits[1][:4]
     oracle = blackbox.PipelineOracle(pipes["baseline"])
-    adv, rows = blackbox.attack_many(kind, oracle, x, y, budget=100, eps=0.3)
-    assert all(r["queries"] <= 100 for r in rows)
+    adv, rows = blackbox.attack_many(kind, oracle, x, y, budget=budget, eps=0.3)
+    assert all(r["queries"] <= budget for r in rows)
     out = targets.run(pipes["baseline"], adv)
     assert out.correct(y.numpy()).mean() <= 0.5
     if kind == "square":
