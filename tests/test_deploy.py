@@ -493,7 +493,8 @@ def run_load(topology: Topology, samples: list[tuple[bytes, int]], total: int, c
 def test_replica_stopped_or_killed_mid_load_costs_no_request(topology: Topology, mnist) -> None:
     """300 requests from 8 concurrent clients, three times: both replicas up (the baseline);
     replica2 stopped with SIGTERM after the 100th answer (a rolling restart), then started
-    again; replica2 SIGKILLed after the 100th answer (a crash). No client request may fail."""
+    again; replica2 SIGKILLed after the 100th answer (a crash). No client request may fail,
+    except, in a crash, a response the dead replica was half-way through writing."""
     ports = topology.ports
     total, clients, kill_after = 300, 8, 100
     samples = digits(mnist, 16)
@@ -506,11 +507,19 @@ def test_replica_stopped_or_killed_mid_load_costs_no_request(topology: Topology,
             print("[deploy] failures:", failures[:5], "\n---- nginx error log\n",
                   (topology.tmp / "nginx-error.log").read_text()[-3000:])
         assert figures["killed_after"] is not None and figures["answered"] == total
-        assert not failures, f"{label}: {len(failures)} of {total} client requests failed: {failures[:3]}"
+        cut: list[str] = []
+        if sig == signal.SIGKILL:
+            # A crash between a response's header and its body (uvicorn writes them apart)
+            # loses that response: nginx has passed the header on and cannot replay it. Seen
+            # once in ~30 runs (1 of 300, stop 30). Only those, at most one per client in flight.
+            cut = [f for f in failures if "peer closed connection without sending complete message body" in f]
+            assert len(cut) <= clients, cut
+        lost = [f for f in failures if f not in cut]
+        assert not lost, f"{label}: {len(lost)} of {total} client requests failed: {lost[:3]}"
         if sig == signal.SIGKILL:
             # every request after the crash was answered by the survivor (after SIGTERM the
             # stopping replica keeps answering while it drains: readiness turns off first)
-            assert predict_count(ports["replica1"]) - survivor_before >= total - figures["killed_after"]
+            assert predict_count(ports["replica1"]) - survivor_before >= total - figures["killed_after"] - len(cut)
         return figures
 
     baseline, failures = run_load(topology, samples, total, clients)
