@@ -210,18 +210,16 @@ class Batcher:
                 # a lone client nothing: none are on their way then.
                 if idle and self.enabled and (self.max_delay > 0 or self.company_wait > 0):
                     first = self._queue[0]
-                    while not self._closed:
-                        until = first.enqueued + self.max_delay
+
+                    def until() -> float:
+                        at = first.enqueued + self.max_delay
                         if self._arriving > 0:
-                            until = max(until, first.enqueued + self.company_wait)
-                        elif len(self._queue) < last:
-                            until = max(until, first.enqueued + min(self.company_wait, 0.1 * last_s))
-                        wait = until - time.monotonic()
-                        if wait <= 0 or self._fill(first.options_key) >= self.max_batch_size:
-                            break
-                        self._cond.wait(wait)
-                    if self._closed:
-                        return
+                            return max(at, first.enqueued + self.company_wait)
+                        if len(self._queue) < last:
+                            return max(at, first.enqueued + min(self.company_wait, 0.1 * last_s))
+                        return at
+
+                    self._hold(first, until)
                 elif self.enabled and self.company_wait > 0 and last_s >= 10 * self.company_wait:
                     # Behind a costly batch (>= 10x company_wait_ms): its clients are on their way
                     # back, and with them left out closed-loop clients settle into cohorts that
@@ -229,15 +227,10 @@ class Batcher:
                     # one of 8 does). Wait for them too, company_wait_ms at most after it ended:
                     # at most a tenth of that batch's run. A cheap batch never waits here.
                     target = len(self._queue) + last
-                    first = self._queue[0]
-                    while not self._closed:
-                        wait = ended + self.company_wait - time.monotonic()
-                        if wait <= 0 or len(self._queue) >= target or \
-                                self._fill(first.options_key) >= self.max_batch_size:
-                            break
-                        self._cond.wait(wait)
-                    if self._closed:
-                        return
+                    self._hold(self._queue[0], lambda: ended + self.company_wait,
+                               lambda: len(self._queue) >= target)
+                if self._closed:
+                    return
                 jobs, expired, depth = self._take()
             idle = False
             self._queue_changed(depth)
@@ -248,6 +241,15 @@ class Batcher:
                 self._run_jobs(jobs)
                 ended = time.monotonic()
                 last, last_s = len(jobs), ended - started
+
+    def _hold(self, first: _Job, until: Callable[[], float], enough: Callable[[], bool] = lambda: False) -> None:
+        """Under the lock: wait for company until `until()` (read again after every wake-up),
+        or until the batch of `first`'s options is full, `enough()` holds or the batcher closes."""
+        while not self._closed:
+            wait = until() - time.monotonic()
+            if wait <= 0 or enough() or self._fill(first.options_key) >= self.max_batch_size:
+                return
+            self._cond.wait(wait)
 
     def _fill(self, key: str) -> int:
         return sum(j.size for j in self._queue if j.options_key == key and not j.future.done())
