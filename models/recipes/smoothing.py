@@ -103,8 +103,8 @@ register_builtin("dncnn", DnCNN)
 class SmoothingRecipe:
     architecture: str = "smoothing_cnn"
     sigmas: tuple[float, ...] = SIGMAS
-    # 300, not 40: on the validation digits sigma 0.5 then certifies 0.972 at r = 0.5 instead of
-    # 0.940 (80 epochs: 0.956, 150: 0.962); one epoch is 28 steps of a 5-MFLOP net, ~2 s here
+    # 300, not 40: the 40-epoch networks were still improving when the one-cycle schedule
+    # ended, and an epoch of this 5-MFLOP net is cheap (docs/defenses/smoothing.md, "Longer training")
     epochs: int = 300
     batch_size: int = 128
     lr: float = 1e-3
