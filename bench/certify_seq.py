@@ -17,8 +17,9 @@ Sections (each adds to bench/results/certify_seq.json as it finishes):
   pgd       the same for oblivious PGD digits (L-inf 0.1, 40 steps, against the plain base
             classifier), sequential test only; and a PNG of both distributions of samples
             (docs/defenses/smoothing_samples.png).
-  certify   CERTIFY with n = 100,000 (n0 = 100) on one digit as GET /certify runs it (sigma
-            0.25, sound noise): seconds, forwards/s and GFLOP/s (5.0 MFLOP per forward).
+  certify   CERTIFY with n = 100,000 (n0 = 100) on one digit as GET /certify runs it
+            (--certify-sigma, default 0.5 as `default` and `smoothing` serve it; sound noise):
+            seconds, forwards/s and GFLOP/s (the network's FLOPs counted by torch).
   http      images/s of `default`, `smoothing` and `denoised` at 1 and 8 closed-loop clients
             (raw image/png bodies, keep-alive, httpx), this tree against --old (0.6.0:
             `git -C /work/main archive main | tar -x -C DIR`), alternating old/new per
@@ -57,7 +58,6 @@ from service.defenses.smoothing import (  # noqa: E402
 )
 
 RESULTS = REPO / "bench" / "results"
-MFLOP_PER_FORWARD = 5.0
 
 
 def log(msg: str) -> None:
@@ -221,12 +221,23 @@ class Bench:
         fig.savefig(path, dpi=110)
         log(f"wrote {path}")
 
+    def mflop_per_forward(self, sigma: float) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        net = self.bundle.classifier("cpu", artifact=self.section["classifiers"][f"{sigma:g}"]["artifact"])
+        with FlopCounterMode(display=False) as fc, torch.inference_mode():
+            net(torch.zeros(1, *self.bundle.input_spec.shape))
+        return fc.get_total_flops() / 1e6
+
     def certify(self) -> None:
-        f = self.model(0.25)
+        sigma = self.args.certify_sigma
+        f = self.model(sigma)
+        mflop = self.mflop_per_forward(sigma)
         x = self.x[0]
         rows, res = [], self.out.setdefault("certify", {})
+        res.update(sigma=sigma, mflop_per_forward=round(mflop, 3))
         for sound in (True, False):
-            sampler = NoiseSampler(f, 0.25, 10, batch_size=8000, forward_batch=1000, sound=sound)
+            sampler = NoiseSampler(f, sigma, 10, batch_size=8000, forward_batch=1000, sound=sound)
             certify(sampler, x, 100, 8000, 0.001, seed=1)  # warm
             best = None
             for rep in range(3):
@@ -236,13 +247,14 @@ class Bench:
                 best = secs if best is None else min(best, secs)
             fps = 100_100 / best
             res["sound" if sound else "float32"] = {"seconds": round(best, 3), "forwards_per_s": round(fps),
-                                                    "gflops": round(fps * MFLOP_PER_FORWARD / 1000, 1),
+                                                    "gflops": round(fps * mflop / 1000, 1),
                                                     "radius": round(cert.radius, 4)}
             rows.append({"noise": "sound (float64, grid)" if sound else "float32", "seconds": round(best, 3),
-                         "forwards/s": round(fps), "GFLOP/s": round(fps * MFLOP_PER_FORWARD / 1000, 1)})
+                         "forwards/s": round(fps), "GFLOP/s": round(fps * mflop / 1000, 1)})
         res["load"] = loadavg()
         self.save()
         print(table(rows, ["noise", "seconds", "forwards/s", "GFLOP/s"]))
+        log(f"sigma {sigma:g}, {mflop:.2f} MFLOP per forward")
 
     def http(self) -> None:
         a = self.args
@@ -352,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--radius", type=float, default=0.5)
     p.add_argument("--sigmas", type=lambda v: [float(s) for s in v.split(",")], default=[0.25, 0.5],
                    help="noise levels of the accuracy and pgd sections (comma-separated)")
+    p.add_argument("--certify-sigma", type=float, default=0.5,
+                   help="noise level of the certify section (0.5: as `default` and `smoothing` serve it)")
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--n0", type=int, default=0, help="selection samples (0: the clean image's class, as served)")
     p.add_argument("--n-max", type=int, default=4000, help="the sequential test's budget (as served)")

@@ -378,3 +378,23 @@ def test_smoothadv_attack_stays_in_its_ball_and_raises_the_smoothed_loss() -> No
     adv = smoothadv_attack(net, x_mid, y, noise, 1e-3, 1)
     assert bool((smoothed_loss(adv) > smoothed_loss(x_mid)).all())
     assert all(p.grad is None for p in net.parameters()) and net.training
+
+
+def test_noise_classifier_width_is_recorded_in_its_spec(mnist) -> None:
+    """The recipe's `width`/`hidden` shape smoothing_cnn and land in the architecture spec, so
+    the bundle rebuilds the trained shape; a spec without them (bundles built before the
+    fields existed) builds the width-32 network those bundles were trained with."""
+    from models.architectures import build_architecture, builtin_spec
+    from models.datasets import Dataset
+    from models.recipes.smoothing import recipe, train_noise_classifier
+
+    tiny = Dataset("tiny", mnist.train.per_class(3), mnist.val.per_class(2), mnist.test.per_class(2),
+                   mnist.class_names)
+    r = recipe("default", width=4, hidden=8, epochs=1, batch_size=32, augment=False)
+    net, spec, _ = train_noise_classifier(tiny, r, 0.5, seed=0, step="smoothing_sigma50")
+    assert spec["kwargs"]["width"] == 4 and spec["kwargs"]["hidden"] == 8
+    rebuilt = build_architecture(spec)
+    rebuilt.load_state_dict(net.state_dict())  # same shapes, or this raises
+    assert net.body[0].out_channels == 4 and net.head[0].out_features == 8
+    old = build_architecture(builtin_spec("smoothing_cnn", in_channels=1, num_classes=10, image_size=28))
+    assert old.body[0].out_channels == 32 and old.head[0].out_features == 256
