@@ -46,6 +46,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import common  # noqa: E402
 
 from models.bundle import Bundle  # noqa: E402
 from models.datasets import load_dataset  # noqa: E402
@@ -222,12 +225,8 @@ class Bench:
         log(f"wrote {path}")
 
     def mflop_per_forward(self, sigma: float) -> float:
-        from torch.utils.flop_counter import FlopCounterMode
-
         net = self.bundle.classifier("cpu", artifact=self.section["classifiers"][f"{sigma:g}"]["artifact"])
-        with FlopCounterMode(display=False) as fc, torch.inference_mode():
-            net(torch.zeros(1, *self.bundle.input_spec.shape))
-        return fc.get_total_flops() / 1e6
+        return common.forward_flops(net, self.bundle.input_spec.shape) / 1e6
 
     def certify(self) -> None:
         sigma = self.args.certify_sigma

@@ -38,6 +38,16 @@ def ensure_repo_on_path() -> None:
         sys.path.insert(0, root)
 
 
+def forward_flops(net: Any, input_shape: Sequence[int]) -> int:
+    """FLOPs of one forward pass of `net` on a single input of `input_shape`, by torch's counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        net(torch.zeros(1, *input_shape))
+    return counter.get_total_flops()
+
+
 def now_iso() -> str:
     """The current UTC time, ISO 8601 with seconds."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -28,6 +28,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 from models.bundle import Bundle  # noqa: E402
 from models.datasets import load_dataset  # noqa: E402
@@ -218,8 +221,6 @@ class Bench:
         print(table(rows, ["impl", "s"] + [f"{r:g}" for r in RADII]))
 
     def flops(self) -> None:
-        from torch.utils.flop_counter import FlopCounterMode
-
         sigma = 0.25
         rows = []
         mm = self.matmul_rate()
@@ -227,9 +228,7 @@ class Bench:
         for kind in ("eager", "optimized"):
             f = self.model(sigma, False, optimize=kind == "optimized")
             if kind == "eager":
-                with FlopCounterMode(display=False) as fc, torch.inference_mode():
-                    f(torch.zeros(1, 1, 28, 28))
-                per_forward = fc.get_total_flops()
+                per_forward = common.forward_flops(f, (1, 28, 28))
             x = self.test.x[0]
             for bs in self.args.flop_batch_sizes:
                 sampler = NoiseSampler(f, sigma, 10, max(bs, self.args.batch_size), bs)
