@@ -19,7 +19,9 @@ Sections (each adds to bench/results/certify_seq.json as it finishes):
             (docs/defenses/smoothing_samples.png).
   certify   CERTIFY with n = 100,000 (n0 = 100) on one digit as GET /certify runs it
             (--certify-sigma, default 0.5 as `default` and `smoothing` serve it; sound noise):
-            seconds, forwards/s and GFLOP/s (the network's FLOPs counted by torch).
+            seconds, forwards/s and GFLOP/s (the network's FLOPs counted by torch), as a
+            share of this machine's ceiling (one large float32 linear layer's GFLOP/s, the
+            yardstick of issue 20) and the seconds that ceiling allows (100,100 forwards at it).
   http      images/s of `default`, `smoothing` and `denoised` at 1 and 8 closed-loop clients
             (raw image/png bodies, keep-alive, httpx), this tree against --old (0.6.0:
             `git -C /work/main archive main | tar -x -C DIR`), alternating old/new per
@@ -234,7 +236,10 @@ class Bench:
         mflop = self.mflop_per_forward(sigma)
         x = self.x[0]
         rows, res = [], self.out.setdefault("certify", {})
-        res.update(sigma=sigma, mflop_per_forward=round(mflop, 3))
+        ceiling = common.linear_ceiling_gflops()
+        bound = 100_100 * mflop / 1000 / ceiling
+        res.update(sigma=sigma, mflop_per_forward=round(mflop, 3), ceiling_gflops=round(ceiling, 1),
+                   bound_seconds=round(bound, 3), threads=torch.get_num_threads(), cpu=common.cpu_model())
         for sound in (True, False):
             sampler = NoiseSampler(f, sigma, 10, batch_size=8000, forward_batch=1000, sound=sound)
             certify(sampler, x, 100, 8000, 0.001, seed=1)  # warm
@@ -245,15 +250,19 @@ class Bench:
                 secs = time.perf_counter() - t
                 best = secs if best is None else min(best, secs)
             fps = 100_100 / best
+            gflops = fps * mflop / 1000
             res["sound" if sound else "float32"] = {"seconds": round(best, 3), "forwards_per_s": round(fps),
-                                                    "gflops": round(fps * mflop / 1000, 1),
+                                                    "gflops": round(gflops, 1),
+                                                    "share_of_ceiling": round(gflops / ceiling, 3),
                                                     "radius": round(cert.radius, 4)}
             rows.append({"noise": "sound (float64, grid)" if sound else "float32", "seconds": round(best, 3),
-                         "forwards/s": round(fps), "GFLOP/s": round(fps * mflop / 1000, 1)})
+                         "forwards/s": round(fps), "GFLOP/s": round(gflops, 1),
+                         "of ceiling": f"{gflops / ceiling:.0%}"})
         res["load"] = loadavg()
         self.save()
-        print(table(rows, ["noise", "seconds", "forwards/s", "GFLOP/s"]))
-        log(f"sigma {sigma:g}, {mflop:.2f} MFLOP per forward")
+        print(table(rows, ["noise", "seconds", "forwards/s", "GFLOP/s", "of ceiling"]))
+        log(f"sigma {sigma:g}, {mflop:.2f} MFLOP per forward; ceiling {ceiling:.0f} GFLOP/s "
+            f"({torch.get_num_threads()} threads, a float32 linear layer): at it, 100,100 forwards take {bound:.2f} s")
 
     def http(self) -> None:
         a = self.args

@@ -48,6 +48,25 @@ def forward_flops(net: Any, input_shape: Sequence[int]) -> int:
     return counter.get_total_flops()
 
 
+def linear_ceiling_gflops(size: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of one large float32 `nn.Linear` forward (size x size weights, a batch of `size`
+    rows) on torch's current threads, best of `repeats`: the dense-arithmetic ceiling of this
+    machine as issue 20 measures it (oneDNN's linear layer; 527 GFLOP/s on the 2-core Zen 5 it
+    was filed on). A network's forwards/s can be read as a share of it."""
+    import torch
+
+    layer = torch.nn.Linear(size, size)
+    x = torch.randn(size, size)
+    best = float("inf")
+    with torch.inference_mode():
+        layer(x)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            layer(x)
+            best = min(best, time.perf_counter() - started)
+    return 2 * size ** 3 / best / 1e9
+
+
 def now_iso() -> str:
     """The current UTC time, ISO 8601 with seconds."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -154,6 +173,19 @@ def _git_commit() -> str | None:
         return None
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name with its family and model numbers (from /proc/cpuinfo: two EPYCs
+    of different generations share a name), or None where there is no such file."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+                      if ":" in line)
+    except OSError:
+        return None
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name")
+    return name and f"{name} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """What the numbers depend on: versions, cores, threads, device, load at the time."""
     info: dict[str, Any] = {
@@ -161,6 +193,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
