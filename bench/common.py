@@ -177,10 +177,10 @@ def cpu_model() -> str | None:
     """The CPU's model name with its family and model numbers (from /proc/cpuinfo: two EPYCs
     of different generations share a name), or None where there is no such file."""
     try:
-        fields = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
-                      if ":" in line)
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]  # the first core's block
     except OSError:
         return None
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     name = fields.get("model name")
     return name and f"{name} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
