@@ -8,8 +8,9 @@ Sections (each writes bench/results/smoothing.json as it finishes, so a partial 
               n0=100, n, alpha=0.001 on the first `--digits` test digits (stratified); PNG plot.
   art         ART's PyTorchRandomizedSmoothing.certify on the same model, digits and n, versus
               ours: seconds and certified accuracy.
-  flops       the sampled model's FLOPs per forward x our samples/s, against torch.mm's fp32
-              FLOP/s on large square matrices measured in the same run; per batch size.
+  flops       the sampled model's FLOPs per forward x our samples/s, against a float32 linear
+              layer's FLOP/s on 2,048-square matrices (common.linear_ceiling_gflops) measured
+              in the same run; per batch size.
   sequential  certification at a target radius (CERTIFY_AT, sequential) versus fixed
               n=100,000 CERTIFY: decisions compared digit by digit, mean samples.
 """
@@ -223,7 +224,7 @@ class Bench:
     def flops(self) -> None:
         sigma = 0.25
         rows = []
-        mm = self.matmul_rate()
+        mm = common.linear_ceiling_gflops(size=2048) * 1e9
         per_forward = 0
         for kind in ("eager", "optimized"):
             f = self.model(sigma, False, optimize=kind == "optimized")
@@ -242,7 +243,7 @@ class Bench:
                              "model_gflops": round(rate * per_forward / 1e9, 2),
                              "ratio_to_matmul": round(rate * per_forward / mm, 3)})
                 log(f"  {rows[-1]}")
-        mm_after = self.matmul_rate()
+        mm_after = common.linear_ceiling_gflops(size=2048) * 1e9
         self.out["flops"] = {"flops_per_forward": per_forward, "matmul_gflops_before": round(mm / 1e9, 2),
                              "matmul_gflops_after": round(mm_after / 1e9, 2), "torch_threads": torch.get_num_threads(),
                              "noise_batch": self.args.batch_size, "rows": rows,
@@ -251,19 +252,8 @@ class Bench:
                                                                   * per_forward / max(mm, mm_after), 3)}
         self.save()
         print(table(rows, ["model", "forward_batch", "samples_per_s", "model_gflops", "ratio_to_matmul"]))
-        log(f"model {per_forward / 1e6:.2f} MFLOP/forward; torch.mm {mm / 1e9:.1f} GFLOP/s before, "
+        log(f"model {per_forward / 1e6:.2f} MFLOP/forward; float32 linear layer {mm / 1e9:.1f} GFLOP/s before, "
             f"{mm_after / 1e9:.1f} after")
-
-    @staticmethod
-    def matmul_rate(size: int = 2048, reps: int = 5) -> float:
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        a @ b
-        best = 0.0
-        for _ in range(reps):
-            t = time.perf_counter()
-            a @ b
-            best = max(best, 2 * size**3 / (time.perf_counter() - t))
-        return best
 
     def sequential(self) -> None:
         a, sigma = self.args, 0.25
