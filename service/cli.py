@@ -120,7 +120,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             return 0
         args.sections = ",".join(sections)
     pipelines = [p for item in (args.pipelines or []) for p in item.split(",") if p] or None
-    cfg = EvalConfig(bundle=args.bundle, out=args.out, pipelines=pipelines, limit=args.limit,
+    cfg = EvalConfig(bundle=args.bundle, out=args.out, pipelines=pipelines, limit=args.limit, offset=args.offset,
                      pipeline_limit=_pairs(args.pipeline_limit), budget=budget,
                      sections=tuple(args.sections.split(",")) if args.sections else EvalConfig.sections,
                      attacks=tuple(args.attacks.split(",")) if args.attacks else None,
@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pipelines", "--pipeline", action="append",
                    help="pipelines (comma-separated or repeated; default: every configured one)")
     e.add_argument("--limit", type=int, default=100, help="test digits, stratified by class")
+    e.add_argument("--offset", type=int, default=0,
+                   help="skip the first N digits of that order: split one long evaluation over processes "
+                        "(--offset 0 --limit 500 and --offset 500 --limit 500 cover the digits of --limit 1000)")
     e.add_argument("--pipeline-limit", action="append", metavar="NAME=N", help="fewer digits for a costly pipeline")
     e.add_argument("--sections", help="comma-separated: oblivious,transfer,graybox,adaptive,blackbox,certify "
                                       "(default: all), "

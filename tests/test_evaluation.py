@@ -295,3 +295,16 @@ def test_detector_aware_attacks_aim_at_a_real_class(quick, digits, monkeypatch):
     for num_classes, outputs, targeted, labels in seen:
         assert (num_classes, outputs, targeted) == (10, 11, True)
         assert (labels < 10).all() and (labels != y.numpy()).all()
+
+
+def test_offset_splits_one_run_into_disjoint_parts(quick_bundle):
+    from service.evaluation.harness import EvalConfig, Evaluation
+
+    def digits(limit: int, offset: int = 0) -> Evaluation:
+        return Evaluation(EvalConfig(bundle=str(quick_bundle), pipelines=["baseline"], limit=limit, offset=offset))
+
+    whole, first, second = digits(23), digits(11), digits(12, offset=11)
+    assert torch.equal(torch.cat([first.x, second.x]), whole.x) and torch.equal(torch.cat([first.y, second.y]), whole.y)
+    assert second.report["offset"] == 11 and "digits 12-23" in second.report["dataset"]
+    with pytest.raises(SystemExit, match="offset"):
+        digits(5, offset=100_000)

@@ -47,8 +47,9 @@ def test_unknown_method_is_refused() -> None:
         robust.recipe("quick", method="free")
 
 
-def test_checkpoint_resumes_to_the_uninterrupted_weights(small: Dataset, tmp_path: Path) -> None:
-    r = _tiny()
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_checkpoint_resumes_to_the_uninterrupted_weights(small: Dataset, tmp_path: Path, ema_decay: float) -> None:
+    r = _tiny(ema_decay=ema_decay)
     full, _, full_metrics = robust.train_robust(small, r, seed=3)
     ckpt = tmp_path / "checkpoint.safetensors"
     _, _, first = robust.train_robust(small, r, seed=3, checkpoint=ckpt, stop_after=1)
@@ -62,6 +63,17 @@ def test_checkpoint_resumes_to_the_uninterrupted_weights(small: Dataset, tmp_pat
     assert metrics["history"] == full_metrics["history"]
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_weight_averaging_keeps_the_average_and_leaves_training_alone(small: Dataset) -> None:
+    plain, _, plain_metrics = robust.train_robust(small, _tiny(), seed=5)
+    averaged, _, metrics = robust.train_robust(small, _tiny(ema_decay=0.9), seed=5)
+    # the same steps were taken (averaging never feeds back into training) ...
+    assert [h["loss"] for h in metrics["history"]] == [h["loss"] for h in plain_metrics["history"]]
+    # ... but what is validated and kept is the average, not the last step's weights
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), averaged.state_dict().values()))
+    with pytest.raises(ValueError, match="ema_decay"):
+        robust.recipe("quick", ema_decay=1.0)
 
 
 def test_catastrophic_overfitting_stops_and_restores_the_best_epoch(small: Dataset, monkeypatch) -> None:

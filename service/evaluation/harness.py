@@ -39,6 +39,7 @@ class EvalConfig:
     out: str = "evaluation"
     pipelines: list[str] | None = None          # None: every configured pipeline
     limit: int = 100                            # test digits (stratified)
+    offset: int = 0                             # skip this many of them first (one long run split over processes)
     pipeline_limit: dict[str, int] = field(default_factory=dict)   # fewer digits for costly pipelines
     sections: tuple[str, ...] = ALL_SECTIONS
     attacks: tuple[str, ...] | None = None      # keep only these attack names (e.g. pgd, cw, square)
@@ -111,13 +112,20 @@ class Evaluation:
         self.pipes = {n: Pipeline.build(n, settings.pipelines[n].model_dump(), env) for n in names}
         # the bundle's own dataset: a user's bundle is evaluated on its test split, not on MNIST
         ds = load_dataset(self.bundle.manifest.get("build", {}).get("dataset", "mnist5k"))
-        per = max(1, math.ceil(cfg.limit / len(ds.class_names)))
+        if cfg.offset < 0 or cfg.limit < 1:
+            raise SystemExit("--limit must be >= 1 and --offset >= 0")
+        # the stratified order is the same whatever the count (any prefix is balanced), so digits
+        # [offset, offset + limit) of it are exactly those a run over offset + limit adds
+        per = max(1, math.ceil((cfg.offset + cfg.limit) / len(ds.class_names)))
         test = ds.test.per_class(per)
-        self.x, self.y = test.x[:cfg.limit], test.y[:cfg.limit]
+        self.x, self.y = test.x[cfg.offset:cfg.offset + cfg.limit], test.y[cfg.offset:cfg.offset + cfg.limit]
+        if not len(self.y):
+            raise SystemExit(f"--offset {cfg.offset} is past the {len(test.y)} test digits of the stratified order")
+        span = f"first {len(self.y)}" if not cfg.offset else f"digits {cfg.offset + 1}-{cfg.offset + len(self.y)}"
         self.report: dict[str, Any] = {
             "command": cfg.command, "bundle": str(cfg.bundle), "bundle_version": self.bundle.version,
-            "dataset": f"{ds.name} test split, first {len(self.y)} digits stratified by class",
-            "limit": len(self.y), "seed": cfg.seed, "budget": cfg.budget.to_json(),
+            "dataset": f"{ds.name} test split, {span} digits stratified by class",
+            "limit": len(self.y), "offset": cfg.offset, "seed": cfg.seed, "budget": cfg.budget.to_json(),
             "sections": list(cfg.sections), "certify": {"n": cfg.certify_n, "n0": cfg.certify_n0, "alpha": cfg.certify_alpha},
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
