@@ -76,6 +76,16 @@ def test_weight_averaging_keeps_the_average_and_leaves_training_alone(small: Dat
         robust.recipe("quick", ema_decay=1.0)
 
 
+def test_checkpoint_key_of_a_run_without_averaging_is_the_one_before_the_option(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    ctx = SimpleNamespace(options={"robust": {"work_dir": "/w"}}, preset="default", seed=0,
+                          dataset=SimpleNamespace(describe=lambda: {"name": "mnist5k"}))
+    # the key computed before ema_decay existed: an interrupted run still resumes after an upgrade
+    assert robust.work_dir(ctx, robust.recipe("default")) == Path("/w/robust-default-seed0-cd4e79f2d1")
+    assert robust.work_dir(ctx, robust.recipe("default", ema_decay=0.99)) != Path("/w/robust-default-seed0-cd4e79f2d1")
+
+
 def test_catastrophic_overfitting_stops_and_restores_the_best_epoch(small: Dataset, monkeypatch) -> None:
     scripted = iter([0.5, 0.6, 0.1, 0.6])  # epoch 3 collapses (0.5 below the best, 0.6)
     monkeypatch.setattr(robust, "pgd_accuracy", lambda *a, **k: next(scripted))

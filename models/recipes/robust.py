@@ -167,7 +167,8 @@ def work_dir(ctx: Any, r: RobustRecipe) -> Path | None:
     opts = ctx.options.get(STEP, {})
     root = opts.get("work_dir") or os.environ.get("SHIELDSERVE_WORK_DIR") or \
         os.path.join(tempfile.gettempdir(), "shieldserve-work")
-    trajectory = {k: v for k, v in r.to_json().items() if k != "checkpoint"}
+    # options at their "off" value stay out of the key, so a run started before they existed resumes
+    trajectory = {k: v for k, v in r.to_json().items() if k != "checkpoint" and not (k == "ema_decay" and v == 0)}
     key = json.dumps({"dataset": ctx.dataset.describe(), "preset": ctx.preset, "seed": ctx.seed,
                       "recipe": trajectory}, sort_keys=True)
     return Path(root) / f"robust-{ctx.preset}-seed{ctx.seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
@@ -248,8 +249,9 @@ def train_robust(dataset: Dataset, r: RobustRecipe, seed: int, device: str = "cp
                              "seconds": 0.0, "collapsed_at": None}
     best: dict[str, torch.Tensor] = copy.deepcopy(net.state_dict())
     # Weight averaging (Gowal et al. 2020, "Uncovering the limits of adversarial training"): the
-    # average of the last few hundred steps' weights sits in a flatter region than the last step's,
-    # which lifts clean and robust accuracy together; it is what gets validated and kept.
+    # average of the last few hundred steps' weights, which there lifted clean and robust accuracy
+    # together (not on mnist5k under the one-cycle schedule: docs/defenses/robust.md); it is what
+    # gets validated and kept.
     averaged = copy.deepcopy(net).eval().requires_grad_(False) if r.ema_decay > 0 else None
     resumed_from = 0
     if checkpoint is not None and checkpoint.is_file():
