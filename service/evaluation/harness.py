@@ -109,7 +109,6 @@ class Evaluation:
         unknown = [n for n in names if n not in settings.pipelines]
         if unknown:
             raise SystemExit(f"unknown pipelines {unknown}; configured: {sorted(settings.pipelines)}")
-        self.pipes = {n: Pipeline.build(n, settings.pipelines[n].model_dump(), env) for n in names}
         # the bundle's own dataset: a user's bundle is evaluated on its test split, not on MNIST
         ds = load_dataset(self.bundle.manifest.get("build", {}).get("dataset", "mnist5k"))
         if cfg.offset < 0 or cfg.limit < 1:
@@ -118,13 +117,15 @@ class Evaluation:
         # [offset, offset + limit) of it are exactly those a run over offset + limit adds
         per = max(1, math.ceil((cfg.offset + cfg.limit) / len(ds.class_names)))
         test = ds.test.per_class(per)
-        self.x, self.y = test.x[cfg.offset:cfg.offset + cfg.limit], test.y[cfg.offset:cfg.offset + cfg.limit]
+        part = slice(cfg.offset, cfg.offset + cfg.limit)
+        self.x, self.y = test.x[part], test.y[part]
         if not len(self.y):
             raise SystemExit(f"--offset {cfg.offset} is past the {len(test.y)} test digits of the stratified order")
-        span = f"first {len(self.y)}" if not cfg.offset else f"digits {cfg.offset + 1}-{cfg.offset + len(self.y)}"
+        span = f"first {len(self.y)} digits" if not cfg.offset else f"digits {cfg.offset + 1}-{cfg.offset + len(self.y)}"
+        self.pipes = {n: Pipeline.build(n, settings.pipelines[n].model_dump(), env) for n in names}
         self.report: dict[str, Any] = {
             "command": cfg.command, "bundle": str(cfg.bundle), "bundle_version": self.bundle.version,
-            "dataset": f"{ds.name} test split, {span} digits stratified by class",
+            "dataset": f"{ds.name} test split, {span} stratified by class",
             "limit": len(self.y), "offset": cfg.offset, "seed": cfg.seed, "budget": cfg.budget.to_json(),
             "sections": list(cfg.sections), "certify": {"n": cfg.certify_n, "n0": cfg.certify_n0, "alpha": cfg.certify_alpha},
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
