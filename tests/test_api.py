@@ -306,3 +306,13 @@ def test_building_apps_changes_no_process_wide_state(make_client):
     make_client(torch_threads=threads + 1)
     make_client()
     assert torch.get_num_threads() == threads and sys.getswitchinterval() == interval
+
+
+@pytest.mark.parametrize("sent", [4, 10])
+def test_far_too_many_images_is_413_too(make_client, mnist, sent):
+    # Starlette stops reading at the parser's file limit (max_images_per_request + 1), so the
+    # count is "more than the limit", not the number sent
+    c = make_client(limits={"max_images_per_request": 2})
+    r = c.post("/predict", files=_files([png(x) for x in mnist.test.x[:sent]]))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+    assert "more than 2 images" in r.json()["error"]["message"]

@@ -630,3 +630,19 @@ def test_get_certify_is_screened_and_a_blocked_client_gets_429(make_client, mnis
     assert 429 in codes, codes
     r = c.get(f"/certify?image_sha256={digest}&pipeline=smoothing&n0=20&seed=1")
     assert r.status_code == 429 and r.json()["error"]["code"] == "attack_suspected", r.text
+
+
+def test_post_certify_rejected_by_the_monitor_gives_no_label_and_says_abstained(make_client, mnist) -> None:
+    # a certificate is an oracle too: POST /certify is screened, and its rejection reads like
+    # a detector's (no label, no radius, abstained true; status says it was a rejection)
+    c = make_client(warmup=False, pipelines={"smoothing": {"defenses": [{"defense": "smoothing", "sigma": 0.5}],
+                                                           "query_monitor": {"action": "reject"}}})
+    queries = random_search(mnist.test.x[:1], 0.3, 31, seed=1)
+    statuses = [c.post("/predict?pipeline=smoothing", content=png(q), headers=PNG).json()["results"][0]["status"]
+                for q in queries[:30]]
+    assert "rejected" in statuses, statuses
+    r = c.post("/certify?pipeline=smoothing&n=100&n0=20", content=png(queries[30]), headers=PNG)
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "rejected", r.text
+    assert body["abstained"] is True and body["label"] is None and body["radius"] is None
+    assert [rej["defense"] for rej in body["rejected_by"]] == ["query_monitor"]

@@ -47,7 +47,8 @@ class CertifyResponse(BaseModel):
     status: str = Field(description="accepted | abstained | rejected (by a detector before smoothing)")
     label: int | None
     class_name: str | None = None
-    abstained: bool
+    abstained: bool = Field(description="true when no certified label is given: abstained, or rejected before "
+                                        "smoothing (`status` says which)")
     radius: float | None = Field(description="certified L2 radius; null when abstained or rejected")
     p_a_lower: float | None
     sigma: float
@@ -165,7 +166,7 @@ async def _monitor_rejection(runtime: Runtime, digest: str, x, name: str, opts: 
     runtime.metrics.rejections.labels(name, "query_monitor").inc()
     return CertifyResponse(
         image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status="rejected", label=None,
-        abstained=False, radius=None, p_a_lower=None, sigma=opts["sigma"], n0=opts["n0"], n=0, alpha=opts["alpha"],
+        abstained=True, radius=None, p_a_lower=None, sigma=opts["sigma"], n0=opts["n0"], n=0, alpha=opts["alpha"],
         samples=0, seconds=0.0, seed=None,
         rejected_by=[rejection_out(monitor_rejection(verdict, 0))])
 

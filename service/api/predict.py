@@ -130,6 +130,9 @@ async def read_images(request: Request, runtime: Runtime) -> list[Upload]:
             form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
         except (HTTPException, MultiPartException, ValueError) as exc:  # python-multipart's are ValueErrors
             detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            if str(detail).startswith("Too many files"):  # Starlette stops reading past max_files
+                raise ApiError(413, "payload_too_large", f"the request contains more than {max_files - 1} images; "
+                               f"the limit is {max_files - 1} per request") from None
             raise ApiError(400, "invalid_image", f"could not read the multipart body: {detail}") from None
         try:
             items = []
