@@ -646,3 +646,27 @@ def test_post_certify_rejected_by_the_monitor_gives_no_label_and_says_abstained(
     assert r.status_code == 200 and body["status"] == "rejected", r.text
     assert body["abstained"] is True and body["label"] is None and body["radius"] is None
     assert [rej["defense"] for rej in body["rejected_by"]] == ["query_monitor"]
+
+
+def test_a_401_on_certify_is_counted_like_one_on_predict(make_client, mnist) -> None:
+    # the key is checked inside each endpoint's request count: an operator's dashboard sees
+    # unauthorized /certify traffic as it sees unauthorized /predict traffic
+    from prometheus_client.parser import text_string_to_metric_families
+
+    key = "k-" + "8" * 30
+    c = make_client(warmup=False, api_keys={"alice": hashlib.sha256(key.encode()).hexdigest()})
+    body = png(mnist.test.x[0])
+
+    def unauthorized(endpoint: str) -> float:
+        return sum(s.value for fam in text_string_to_metric_families(c.get("/metrics").text)
+                   for s in fam.samples if s.name == "shieldserve_requests_total"
+                   and s.labels.get("endpoint") == endpoint and s.labels.get("outcome") == "unauthorized")
+
+    before = {e: unauthorized(e) for e in ("predict", "certify")}
+    assert c.post("/predict?pipeline=baseline", content=body, headers=PNG).status_code == 401
+    r = c.post("/certify?pipeline=smoothing&n=100&n0=20", content=body, headers={**PNG, "X-API-Key": "wrong"})
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", r.text
+    r = c.get("/certify?image_sha256=" + "0" * 64)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert unauthorized("predict") == before["predict"] + 1
+    assert unauthorized("certify") == before["certify"] + 2

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from service.api.clients import client_dependency
+from service.api.clients import client_of
 from service.api.errors import ApiError
 from service.api.predict import (
     Deadline, attack_suspected_error, check_uploads, decode_uploads, overloaded_error, read_images,
@@ -191,11 +191,11 @@ async def certify_get(
         radius: float | None = Query(None, ge=0, description="only decide: certified at this radius?"),
         seed: int | None = Query(None, ge=0, lt=2**63, description="noise seed, to reproduce a certificate"),
         deadline: Deadline = Depends(request_deadline),
-        client: str = Depends(client_dependency),
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 
     async def work() -> CertifyResponse:
+        client = client_of(request)  # inside the count: a 401 is a request too
         digest = image_sha256.strip().lower()
         if not _HEX64.fullmatch(digest):
             raise ApiError(422, "invalid_parameter", "image_sha256 must be 64 hex digits")
@@ -230,11 +230,11 @@ async def certify_post(
         alpha: float | None = Query(None, gt=0, lt=0.5), radius: float | None = Query(None, ge=0),
         seed: int | None = Query(None, ge=0, lt=2**63),
         deadline: Deadline = Depends(request_deadline),
-        client: str = Depends(client_dependency),
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
 
     async def work() -> CertifyResponse:
+        client = client_of(request)  # inside the count: a 401 is a request too
         name, opts = _params(runtime, pipeline, sigma, n, n0, alpha, radius, seed)
         items = await read_images(request, runtime)
         check_uploads(items, runtime)

@@ -7,7 +7,7 @@
     `trusted_proxies` (the gateway), the first address of `X-Forwarded-For` counted from the
     right that is not a trusted proxy: the hops a client can forge are left of it.
 
-Call it with the request, or use `client_dependency` as a FastAPI dependency.
+Call it with the request inside the endpoint's request count (`tracked`): a 401 is counted too.
 """
 
 from __future__ import annotations
@@ -73,9 +73,3 @@ def client_of(request: Request) -> str:
     peer = request.client.host if request.client is not None else "unknown"
     return "ip:" + forwarded_client(peer, request.headers.get("x-forwarded-for"),
                                     tuple(settings.trusted_proxies))
-
-
-async def client_dependency(request: Request) -> str:
-    """`client_of` as a FastAPI dependency (`client: str = Depends(client_dependency)`): async,
-    because FastAPI runs a plain `def` dependency in its thread pool, a hop per request."""
-    return client_of(request)
