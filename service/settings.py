@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 PACKAGED_CONFIG = Path(__file__).with_name("default_config.yaml")
@@ -25,7 +25,14 @@ def _default_bundle() -> Path:
     return Path(models.__file__).resolve().parent / "default"
 
 
-class PipelineConfig(BaseModel):
+class Section(BaseModel):
+    """A section of the settings: a key it does not know (a typo) is refused, as at the top
+    level, never ignored (the operator would believe it applied)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PipelineConfig(Section):
     description: str = ""
     # each entry: "name" or {"defense": "name", ...options}
     defenses: list[str | dict[str, Any]] = Field(default_factory=list)
@@ -37,7 +44,7 @@ class PipelineConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
 
 
-class MonitorPolicyConfig(BaseModel):
+class MonitorPolicyConfig(Section):
     """What a monitored pipeline does with a query the monitor flags (per pipeline overridable)."""
 
     enabled: bool = Field(True, description="monitor every pipeline that does not turn it off")
@@ -54,7 +61,7 @@ class MonitorPolicyConfig(BaseModel):
     cooldown_s: float = Field(900.0, gt=0)
 
 
-class QueryMonitorConfig(BaseModel):
+class QueryMonitorConfig(Section):
     """The stateful detector of query-based attacks (service/defenses/query_monitor.py)."""
 
     policy: MonitorPolicyConfig = Field(default_factory=MonitorPolicyConfig)
@@ -74,7 +81,7 @@ class QueryMonitorConfig(BaseModel):
         None, description="hashing key; unset: random per process (memory) or agreed once in Redis (redis)")
 
 
-class LimitsConfig(BaseModel):
+class LimitsConfig(Section):
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body (413 above)")
     max_image_bytes: int = Field(4 * 1024 * 1024, gt=0, description="largest encoded image")
     max_pixels: int = Field(4096 * 4096, gt=0, description="width*height, checked before decoding")
@@ -83,7 +90,7 @@ class LimitsConfig(BaseModel):
     resize: Literal["resize", "pad", "reject"] = "resize"
 
 
-class BatchingConfig(BaseModel):
+class BatchingConfig(Section):
     enabled: bool = True
     max_batch_size: int = Field(64, gt=0, description="images per merged batch")
     # 0: an idle pipeline runs a request at once; requests that arrive while a batch runs
@@ -104,7 +111,7 @@ class BatchingConfig(BaseModel):
     retry_after_s: int = Field(1, ge=0)
 
 
-class CertifyConfig(BaseModel):
+class CertifyConfig(Section):
     """Randomized smoothing's service settings: sample counts for /predict, maxima for /certify,
     and the bounded store of recently posted images and their certificates."""
 
@@ -133,7 +140,7 @@ class CertifyConfig(BaseModel):
     redis_prefix: str = Field("shieldserve:", description="prefix of every key store=redis writes")
 
 
-class AdmissionConfig(BaseModel):
+class AdmissionConfig(Section):
     """Backpressure by cost, per process: every request holds its cost (in sample units: one
     classifier forward pass on one image is 1) from admission until it is answered."""
 
@@ -194,8 +201,6 @@ class Settings(BaseSettings):
         default_factory=list, description="addresses or networks (CIDR) of gateways whose X-Forwarded-For is "
                                           "believed: the client is the first untrusted hop from the right")
     query_monitor: QueryMonitorConfig = Field(default_factory=QueryMonitorConfig)
-    defense_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="per-defense service settings (store sizes, maxima)")
 
     @field_validator("api_keys")
     @classmethod

@@ -26,3 +26,15 @@ def test_invalid_settings_are_refused(tmp_path):
         load_settings(batching={"max_batch_size": 0})
     with pytest.raises(Exception):
         load_settings(limits={"resize": "stretch"})
+
+
+def test_a_setting_the_service_does_not_read_is_refused(tmp_path):
+    # an ignored setting would be silently wrong: an operator would believe it applied
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="defense_options"):
+        load_settings(defense_options={"rmc": {"k": 5}})
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("limits:\n  max_images_per_requests: 4\n")  # a typo
+    with pytest.raises(ValidationError, match="max_images_per_requests"):
+        load_settings(cfg)

@@ -1,0 +1,366 @@
+"""The user-facing contract (the README's HTTP, query monitor and metrics sections) checked
+through the real request path, with outcomes the mechanism decides rather than training: API keys on every image
+route, client identity behind trusted proxies, the metrics a rejection or an abstention
+moves, no per-request value in a metric label, null fields of rejected and abstained
+answers, readiness, the /certify store's bounds, the monitor's flag mode, the packaged
+monitor coverage, and the per-request image limit.
+
+Forced outcomes: MagNet's thresholds set to -1 (every score is >= 0: rejected) or +inf
+(never rejected); smoothing with a budget of n=1 sample (the Clopper-Pearson lower bound of
+one sample is at most alpha = 0.001 < 1/2: an abstention whatever the network says); a near
+copy of an image the monitor remembers (one pixel changed: nearly every hash shared, flagged)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import png
+
+PNG = {"content-type": "image/png"}
+KEY = "contract-key-" + "q8" * 12
+KEY_NAME = "contract-client-zx"
+PROXIES = ["10.0.0.0/8"]
+
+# pipelines added to the packaged ones (monitor off where a test forces a defense's outcome)
+LAB_PIPELINES = {
+    # MagNet detection, then smoothing on a budget of one sample: a certifying pipeline
+    "combo": {"defenses": [{"defense": "magnet", "reform": False},
+                           {"defense": "smoothing", "sigma": 0.5, "n": 1}],
+              "query_monitor": False},
+    "flagmode": {"defenses": [], "query_monitor": {"action": "flag"}},
+    "rejectmode": {"defenses": [], "query_monitor": {"action": "reject"}},
+}
+WATCH = {"watch": {"defenses": [], "query_monitor": {"action": "block", "block_after": 0, "cooldown_s": 60}}}
+
+
+# --------------------------------------------------------------------------- helpers
+@contextmanager
+def _started(bundle: Path, peer: tuple[str, int] | None = None, **overrides: Any) -> Iterator[Any]:
+    """A started TestClient on an app built from the packaged configuration plus `overrides`,
+    its requests coming from `peer`."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    overrides.setdefault("warmup", False)
+    app = create_app(load_settings(bundle=bundle, **overrides))
+    kwargs = {"client": peer} if peer is not None else {}
+    with TestClient(app, **kwargs) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def lab(quick_bundle: Path) -> Iterator[Any]:
+    with _started(quick_bundle, pipelines=LAB_PIPELINES, limits={"max_images_per_request": 2}) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def keyed(quick_bundle: Path) -> Iterator[Any]:
+    with _started(quick_bundle, peer=("192.0.2.77", 4321),
+                  api_keys={KEY_NAME: hashlib.sha256(KEY.encode()).hexdigest()}) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def packaged(quick_bundle: Path) -> Iterator[Any]:
+    with _started(quick_bundle) as client:
+        yield client
+
+
+def _files(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(images)]
+
+
+def _near_copy(x: torch.Tensor) -> torch.Tensor:
+    """x with one pixel changed: it shares nearly every fingerprint hash with x."""
+    y = x.clone()
+    y[..., 0, 0] = 0.5
+    return y
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value in a Prometheus exposition (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+def _metrics(client: Any) -> str:
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    return r.text
+
+
+@pytest.fixture
+def magnet_thresholds(lab: Any, monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
+    """Set every MagNet detector threshold of the `combo` pipeline (restored after the test)."""
+    detector = lab.app.state.runtime.pipelines["combo"].components[0]
+    assert detector.defense == "magnet" and detector.role == "detector"
+
+    def set_to(value: float) -> None:
+        monkeypatch.setattr(detector, "thresholds", {n: value for n in detector.thresholds})
+
+    return set_to
+
+
+# --------------------------------------------------------------------------- 1. API keys
+def _v2_body(mnist) -> dict[str, Any]:
+    return {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                        "data": mnist.test.x[0].flatten().tolist()}]}
+
+
+@pytest.fixture(scope="module")
+def keyed_digest(keyed: Any, mnist) -> str:
+    """An image posted to /predict, so GET /certify can find it."""
+    body = png(mnist.test.x[1])
+    r = keyed.post("/predict?pipeline=baseline", content=body, headers={**PNG, "X-API-Key": KEY})
+    assert r.status_code == 200, r.text
+    return hashlib.sha256(body).hexdigest()
+
+
+CREDENTIALS = {"missing": {}, "unknown": {"X-API-Key": "not-a-known-key"},
+               "unknown_bearer": {"Authorization": "Bearer not-a-known-key"},
+               "bearer": {"Authorization": f"Bearer {KEY}"}, "x_api_key": {"X-API-Key": KEY}}
+
+
+@pytest.mark.parametrize("route", ["GET /certify", "POST /certify", "POST /v2/infer"])
+@pytest.mark.parametrize("credential", list(CREDENTIALS))
+def test_api_keys_gate_certify_and_v2(keyed, keyed_digest, mnist, route: str, credential: str) -> None:
+    headers = CREDENTIALS[credential]
+    if route == "GET /certify":
+        r = keyed.get(f"/certify?image_sha256={keyed_digest}&pipeline=smoothing&n=1&n0=1", headers=headers)
+    elif route == "POST /certify":
+        r = keyed.post("/certify?pipeline=smoothing&n=1&n0=1", content=png(mnist.test.x[2]),
+                       headers={**PNG, **headers})
+    else:
+        r = keyed.post("/v2/models/baseline/infer", json=_v2_body(mnist), headers=headers)
+    if credential in ("bearer", "x_api_key"):
+        assert r.status_code == 200, r.text
+        return
+    assert r.status_code == 401, r.text
+    assert r.headers.get("www-authenticate", "").lower().startswith("bearer")
+    error = r.json()["error"]
+    if route.endswith("/v2/infer"):
+        assert isinstance(error, str) and error
+    else:
+        assert error["code"] == "unauthorized" and error["message"]
+
+
+# --------------------------------------------------------------------------- 2. trusted proxies
+def _post_watch(client: Any, x: torch.Tensor, forwarded_for: str | None) -> Any:
+    headers = dict(PNG)
+    if forwarded_for is not None:
+        headers["X-Forwarded-For"] = forwarded_for
+    return client.post("/predict?pipeline=watch", content=png(x), headers=headers)
+
+
+def _flag_and_block(client: Any, x: torch.Tensor, forwarded_for: str) -> None:
+    """x, then a near copy of it: flagged, and with block_after 0 the client is blocked."""
+    r = _post_watch(client, x, forwarded_for)
+    assert r.status_code == 200 and r.json()["results"][0]["status"] == "accepted", r.text
+    r = _post_watch(client, _near_copy(x), forwarded_for)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert res["status"] == "rejected" and res["rejected_by"][0]["defense"] == "query_monitor", res
+
+
+def test_forwarded_for_from_a_trusted_proxy_names_the_client(quick_bundle, mnist) -> None:
+    other = mnist.test.x[10]
+    with _started(quick_bundle, peer=("10.0.0.5", 123), trusted_proxies=PROXIES, pipelines=WATCH) as client:
+        _flag_and_block(client, mnist.test.x[3], "198.51.100.7")
+        # the same client whatever it forges on the left, or trusted hops on the right
+        for xff in ("6.6.6.6, 198.51.100.7", "198.51.100.7, 10.0.0.9", " 1.2.3.4 ,198.51.100.7"):
+            r = _post_watch(client, other, xff)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "attack_suspected", (xff, r.text)
+            assert int(r.headers["Retry-After"]) >= 1
+        # another right-most untrusted hop is another client; so is the proxy itself
+        for xff in ("198.51.100.8", "198.51.100.7, 198.51.100.8", None):
+            r = _post_watch(client, other, xff)
+            assert r.status_code == 200 and r.json()["results"][0]["status"] == "accepted", (xff, r.text)
+        assert _sample(_metrics(client), "shieldserve_blocked_clients") == 1
+
+
+def test_forwarded_for_from_an_untrusted_peer_is_ignored(quick_bundle, mnist) -> None:
+    other = mnist.test.x[10]
+    with _started(quick_bundle, peer=("203.0.113.9", 123), trusted_proxies=PROXIES, pipelines=WATCH) as client:
+        _flag_and_block(client, mnist.test.x[3], "198.51.100.7")
+        for xff in ("198.51.100.8", "10.0.0.5", None):  # the peer is the client, blocked
+            r = _post_watch(client, other, xff)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "attack_suspected", (xff, r.text)
+
+
+# --------------------------------------------------------------------------- 3. metrics
+def test_a_detector_rejection_moves_rejection_score_and_stage_metrics(lab, mnist, magnet_thresholds) -> None:
+    magnet_thresholds(-1.0)
+    before = _metrics(lab)
+    r = lab.post("/predict?pipeline=combo", files=_files([png(x) for x in mnist.test.x[:2]]))
+    assert r.status_code == 200, r.text
+    assert [res["status"] for res in r.json()["results"]] == ["rejected", "rejected"]
+    after = _metrics(lab)
+    labels = {"pipeline": "combo", "defense": "magnet"}
+    assert (_sample(after, "shieldserve_rejections_total", **labels)
+            - _sample(before, "shieldserve_rejections_total", **labels)) == 2
+    assert _sample(after, "shieldserve_detector_score_count", **labels) > 0
+    assert _sample(after, "shieldserve_stage_duration_seconds_count", **labels) > 0
+    assert (_sample(after, "shieldserve_abstentions_total", pipeline="combo")
+            == _sample(before, "shieldserve_abstentions_total", pipeline="combo"))
+
+
+def test_a_smoothing_abstention_moves_the_abstention_counter(lab, mnist, magnet_thresholds) -> None:
+    magnet_thresholds(float("inf"))
+    before = _sample(_metrics(lab), "shieldserve_abstentions_total", pipeline="combo")
+    r = lab.post("/predict?pipeline=combo", content=png(mnist.test.x[4]), headers=PNG)
+    assert r.status_code == 200 and r.json()["results"][0]["status"] == "abstained", r.text
+    text = _metrics(lab)
+    assert _sample(text, "shieldserve_abstentions_total", pipeline="combo") - before == 1
+    assert _sample(text, "shieldserve_stage_duration_seconds_count", pipeline="combo", defense="smoothing") > 0
+
+
+# --------------------------------------------------------------------------- 4. metric labels
+def test_no_image_hash_request_id_key_or_client_in_metric_labels(keyed, mnist) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    client_rid = "contract-rid-5c1d9e0b7a"
+    body = png(mnist.test.x[5])
+    r1 = keyed.post("/predict?pipeline=magnet", content=body, headers={**PNG, **auth, "X-Request-ID": client_rid})
+    r2 = keyed.post("/predict?pipeline=default", content=body, headers={**PNG, **auth})
+    r3 = keyed.post("/certify?pipeline=smoothing&n=1&n0=1", content=body, headers={**PNG, **auth})
+    keyed.post("/predict?pipeline=magnet", content=body, headers={**PNG, "X-API-Key": "wrong-" + KEY})  # a 401
+    assert (r1.status_code, r2.status_code, r3.status_code) == (200, 200, 200), (r1.text, r2.text, r3.text)
+    assert r1.json()["request_id"] == client_rid
+    server_rid = r2.json()["request_id"]
+    digest = hashlib.sha256(body).hexdigest()
+    assert r1.json()["results"][0]["image_sha256"] == digest
+    text = _metrics(keyed)
+    assert 'shieldserve_requests_total{endpoint="predict",outcome="unauthorized",pipeline="magnet"}' in text
+    forbidden = [digest, digest[:16], client_rid, server_rid, KEY, hashlib.sha256(KEY.encode()).hexdigest(),
+                 KEY_NAME, "192.0.2.77"]
+    for value in forbidden:
+        assert value not in text, value
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            for value in s.labels.values():
+                assert value not in forbidden and len(value) < 40, (s.name, s.labels)
+
+
+# --------------------------------------------------------------------------- 5. null fields
+@pytest.mark.parametrize("outcome", ["rejected", "abstained"])
+def test_label_fields_are_null_unless_accepted(lab, mnist, magnet_thresholds, outcome: str) -> None:
+    magnet_thresholds(-1.0 if outcome == "rejected" else float("inf"))
+    pipelines = {p["name"]: p for p in lab.get("/pipelines").json()["pipelines"]}
+    assert pipelines["combo"]["certifies"] is True  # a pipeline with a certificate
+    r = lab.post("/predict?pipeline=combo", files=_files([png(mnist.test.x[6]), png(mnist.test.x[7])]))
+    assert r.status_code == 200, r.text
+    for res in r.json()["results"]:
+        assert res["status"] == outcome
+        assert res["label"] is None and res["class_name"] is None and res["confidence"] is None
+        assert res["certified_radius"] is None
+        assert bool(res["rejected_by"]) == (outcome == "rejected")
+
+
+# --------------------------------------------------------------------------- 6. readiness
+def test_readyz_is_503_loading_until_the_runtime_is_ready(packaged) -> None:
+    runtime = packaged.app.state.runtime
+    assert packaged.get("/readyz").status_code == 200
+    runtime.ready = False
+    try:
+        r = packaged.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "loading", r.text
+        assert packaged.get("/healthz").status_code == 200  # live all the same
+    finally:
+        runtime.ready = True
+    r = packaged.get("/readyz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+# --------------------------------------------------------------------------- 7. the /certify store
+def test_the_certify_store_evicts_the_least_recently_used_beyond_its_size() -> None:
+    from service.store import MemoryStore
+
+    store = MemoryStore(max_images=2, max_certificates=2, max_age_s=3600.0)
+    for k in "abc":
+        store.put_image(k, torch.full((1, 2, 2), float(ord(k))))
+        store.put_certificate(("cert", k), {"k": k})
+    assert store.get_image("a") is None and store.get_certificate(("cert", "a")) is None  # the oldest went
+    assert float(store.get_image("b")[0, 0, 0]) == ord("b") and store.get_certificate(("cert", "c")) == {"k": "c"}
+    store.put_image("d", torch.zeros(1, 2, 2))  # b was used last: c goes
+    assert store.get_image("c") is None and store.get_image("b") is not None and store.get_image("d") is not None
+
+
+def test_the_certify_store_forgets_entries_past_their_age() -> None:
+    from service.store import MemoryStore
+
+    now = [1000.0]
+    store = MemoryStore(max_images=10, max_certificates=10, max_age_s=60.0, clock=lambda: now[0])
+    store.put_image("a", torch.zeros(1, 2, 2))
+    store.put_certificate("a", {"radius": 0.5})
+    now[0] += 59.0
+    assert store.get_image("a") is not None and store.get_certificate("a") == {"radius": 0.5}
+    store.put_image("b", torch.zeros(1, 2, 2))
+    now[0] += 2.0  # a is 61 s old, b 2 s
+    assert store.get_image("a") is None and store.get_certificate("a") is None
+    assert store.get_image("b") is not None
+    # the store keeps a copy: changing the caller's tensor changes nothing stored
+    x = torch.zeros(1, 2, 2)
+    store.put_image("c", x)
+    x += 1
+    assert float(store.get_image("c").sum()) == 0
+
+
+# --------------------------------------------------------------------------- 8. flag mode
+def test_flag_mode_answers_a_flagged_query_and_reject_mode_rejects_it(lab, mnist) -> None:
+    x = mnist.test.x[20]
+    y = _near_copy(x)
+    before = _metrics(lab)
+    r = lab.post("/predict?pipeline=flagmode", content=png(x), headers=PNG)
+    assert r.status_code == 200 and r.json()["results"][0]["status"] == "accepted", r.text
+    r = lab.post("/predict?pipeline=flagmode", content=png(y), headers=PNG)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert res["status"] == "accepted" and res["label"] is not None and res["rejected_by"] == [], res
+    mid = _metrics(lab)
+    flags = "shieldserve_query_monitor_flags_total"
+    assert _sample(mid, flags, pipeline="flagmode") - _sample(before, flags, pipeline="flagmode") == 1
+    # the same query on a pipeline in the default mode (reject): a rejection by query_monitor
+    r = lab.post("/predict?pipeline=rejectmode", content=png(y), headers=PNG)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert res["status"] == "rejected" and res["rejected_by"][0]["defense"] == "query_monitor", res
+    assert res["label"] is None and res["confidence"] is None
+    assert _sample(_metrics(lab), flags, pipeline="rejectmode") - _sample(mid, flags, pipeline="rejectmode") == 1
+
+
+# --------------------------------------------------------------------------- 9. packaged monitor
+def test_the_packaged_configuration_monitors_every_pipeline_but_baseline(packaged) -> None:
+    from service.settings import PACKAGED_CONFIG, load_settings
+
+    body = packaged.get("/pipelines").json()
+    assert body["query_monitor_off"] is None
+    served = {p["name"]: p["query_monitor"] for p in body["pipelines"]}
+    configured = set(load_settings(bundle=packaged.app.state.settings.bundle).pipelines)
+    assert PACKAGED_CONFIG.name == "default_config.yaml"
+    assert set(served) | set(body["unavailable"]) == configured and "baseline" in served
+    assert served["baseline"] is None
+    for name, monitor in served.items():
+        if name != "baseline":
+            assert monitor is not None and monitor["enabled"] is True, name
+            assert monitor["action"] == "reject", name  # the packaged policy
+
+
+# --------------------------------------------------------------------------- 10. too many images
+@pytest.mark.parametrize("count", [3, 4, 10])
+def test_more_images_than_the_limit_is_413(lab, mnist, count: int) -> None:
+    r = lab.post("/predict?pipeline=baseline", files=_files([png(x) for x in mnist.test.x[:count]]))
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "payload_too_large" and r.json()["error"]["message"]
