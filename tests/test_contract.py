@@ -1,9 +1,9 @@
-"""The user-facing contract (the README's HTTP, query monitor and metrics sections) checked
-through the real request path, with outcomes the mechanism decides rather than training: API keys on every image
-route, client identity behind trusted proxies, the metrics a rejection or an abstention
-moves, no per-request value in a metric label, null fields of rejected and abstained
-answers, readiness, the /certify store's bounds, the monitor's flag mode, the packaged
-monitor coverage, and the per-request image limit.
+"""The user-facing contract (the README's HTTP, query monitor and metrics sections) checked through
+the real request path, with outcomes the mechanism decides rather than training: API keys on
+every image route, client identity behind trusted proxies, the metrics a rejection or an
+abstention moves, no per-request value in a metric label, null fields of rejected and abstained
+answers, readiness, the /certify store's bounds, the monitor's flag mode, the packaged monitor
+coverage, and the per-request image limit.
 
 Forced outcomes: MagNet's thresholds set to -1 (every score is >= 0: rejected) or +inf
 (never rejected); smoothing with a budget of n=1 sample (the Clopper-Pearson lower bound of
