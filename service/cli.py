@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
     manifest = build_bundle(args.out, dataset=args.dataset, preset=args.preset, seed=args.seed,
                             steps=args.steps.split(",") if args.steps else None, classifier=classifier,
                             device=args.device, input_overrides=overrides, options=options,
-                            argv=sys.argv[2:])
+                            argv=args.argv)
     data = json.loads(Path(manifest).read_text())
     print(json.dumps({"bundle": str(Path(args.out)), "version": data["version"],
                       "metrics": data.get("metrics", {})}, indent=2))
@@ -113,7 +113,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                           attacks=tuple(args.query_attacks.split(",")), adaptive=not args.query_no_adaptive,
                           adaptive_digits=args.query_adaptive_digits, benign_images=args.query_benign,
                           seed=args.seed, l2_eps=args.query_l2_eps, command="shieldserve evaluate " + " ".join(
-                              sys.argv[2:] if args.argv is None else args.argv))
+                              args.argv))
         print(f"wrote {args.out}/query_attacks.json and {args.out}/query_attacks.md")
         sections = tuple(s for s in sections if s != "query")
         if not sections:
@@ -133,7 +133,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                      autoattack_budget=_pairs(args.autoattack_budget),
                      transfer_surrogates=args.transfer_surrogates,
                      transfer_norms=tuple(args.transfer_norms.split(",")),
-                     command="shieldserve evaluate " + " ".join(sys.argv[2:] if args.argv is None else args.argv))
+                     command="shieldserve evaluate " + " ".join(args.argv))
     os.makedirs(args.out, exist_ok=True)
     report = evaluate(cfg)
     print(f"wrote {args.out}/report.json, {args.out}/report.md and plots in {report['seconds'] / 60:.1f} min")
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--jobs", type=int, default=1,
                    help="evaluate pipelines side by side in this many processes (the oblivious attacks run once)")
     e.add_argument("--config", help="service YAML merged over the packaged configuration")
-    e.set_defaults(func=_evaluate, argv=None)
+    e.set_defaults(func=_evaluate)
 
     x = sub.add_parser("export", help="a pipeline's deterministic, differentiable part as TorchScript "
                                       "([0, 1] NCHW in, logits out), for your own evaluation tools")
@@ -287,6 +287,7 @@ def user_modules_importable() -> None:
 def main(argv: list[str] | None = None) -> int:
     user_modules_importable()
     args = build_parser().parse_args(argv)
-    if args.command == "evaluate":
-        args.argv = argv
+    # what the manifest and the report record as the command: the words after the subcommand,
+    # from main's own argv when given one (a program calling it), else the console script's
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     return int(args.func(args) or 0)

@@ -3,12 +3,15 @@ the real request path, with outcomes the mechanism decides rather than training:
 every image route, client identity behind trusted proxies, the metrics a rejection or an
 abstention moves, no per-request value in a metric label, null fields of rejected and abstained
 answers, readiness, the /certify store's bounds, the monitor's flag mode, the packaged monitor
-coverage, and the per-request image limit.
+coverage, the per-request image limit, /v2's outputs on a certifying pipeline, block mode's
+429 on /v2 and POST /certify, and the packaged pipelines.
 
 Forced outcomes: MagNet's thresholds set to -1 (every score is >= 0: rejected) or +inf
 (never rejected); smoothing with a budget of n=1 sample (the Clopper-Pearson lower bound of
 one sample is at most alpha = 0.001 < 1/2: an abstention whatever the network says); a near
-copy of an image the monitor remembers (one pixel changed: nearly every hash shared, flagged)."""
+copy of an image the monitor remembers (one pixel changed: nearly every hash shared, flagged);
+smoothing's base network replaced by one that always answers the same class, with a normal
+budget (every noise sample agrees whatever the seed: certified, the same radius every draw)."""
 
 from __future__ import annotations
 
@@ -166,7 +169,7 @@ def _post_watch(client: Any, x: torch.Tensor, forwarded_for: str | None) -> Any:
     return client.post("/predict?pipeline=watch", content=png(x), headers=headers)
 
 
-def _flag_and_block(client: Any, x: torch.Tensor, forwarded_for: str) -> None:
+def _flag_and_block(client: Any, x: torch.Tensor, forwarded_for: str | None) -> None:
     """x, then a near copy of it: flagged, and with block_after 0 the client is blocked."""
     r = _post_watch(client, x, forwarded_for)
     assert r.status_code == 200 and r.json()["results"][0]["status"] == "accepted", r.text
@@ -364,3 +367,133 @@ def test_more_images_than_the_limit_is_413(lab, mnist, count: int) -> None:
     r = lab.post("/predict?pipeline=baseline", files=_files([png(x) for x in mnist.test.x[:count]]))
     assert r.status_code == 413, r.text
     assert r.json()["error"]["code"] == "payload_too_large" and r.json()["error"]["message"]
+
+
+# --------------------------------------------------------------------------- 11. /v2 outputs
+def _v2_images(images: torch.Tensor) -> dict[str, Any]:
+    return {"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
+                        "data": images.flatten().tolist()}]}
+
+
+def _v2_outputs(r: Any) -> dict[str, tuple[str, list[int], list[Any]]]:
+    """name -> (datatype, shape, data) of a JSON /v2 answer."""
+    assert r.status_code == 200, r.text
+    return {o["name"]: (o["datatype"], o["shape"], o["data"]) for o in r.json()["outputs"]}
+
+
+@pytest.fixture
+def certain(lab: Any, monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """certain(c): the `combo` pipeline's smoothing samples a network that always answers class
+    c, on the packaged budget of 4,000 samples (restored after the test)."""
+    decider = lab.app.state.runtime.pipelines["combo"].components[1]
+    assert decider.defense == "smoothing" and decider.role == "decider" and not decider.use_denoiser
+
+    def always(c: int) -> None:
+        def f(z: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(z.shape[0], decider.num_classes)
+            out[:, c] = 1.0
+            return out
+
+        monkeypatch.setattr(decider, "classifiers", {s: f for s in decider.classifiers})
+        monkeypatch.setattr(decider, "n", 4000)
+
+    return always
+
+
+@pytest.mark.parametrize("outcome", ["rejected", "abstained"])
+def test_v2_outputs_of_a_rejection_or_an_abstention(lab, mnist, magnet_thresholds, outcome: str) -> None:
+    """README "Open Inference Protocol": label -1 unless accepted, certified_radius -1 without a
+    certificate; probabilities all 0 on a rejection (service/api/oip.py: a row the decider never
+    filled), the decider's (here the noise counts' shares: a row summing to 1) on an abstention."""
+    magnet_thresholds(-1.0 if outcome == "rejected" else float("inf"))
+    k = lab.app.state.runtime.input_spec.num_classes
+    out = _v2_outputs(lab.post("/v2/models/combo/infer", json=_v2_images(mnist.test.x[8:10])))
+    assert set(out) == {"label", "probabilities", "status", "certified_radius"}
+    assert out["status"] == ("BYTES", [2], [outcome, outcome])
+    assert out["label"] == ("INT64", [2], [-1, -1])
+    assert out["certified_radius"] == ("FP32", [2], [-1.0, -1.0])
+    datatype, shape, probs = out["probabilities"]
+    assert (datatype, shape, len(probs)) == ("FP32", [2, k], 2 * k)
+    rows = [probs[:k], probs[k:]]
+    if outcome == "rejected":
+        assert all(p == 0.0 for p in probs)
+    else:
+        assert all(0.0 <= p <= 1.0 for p in probs) and all(sum(row) == pytest.approx(1.0) for row in rows)
+
+
+def test_v2_outputs_of_a_certified_answer_agree_with_predict(lab, mnist, magnet_thresholds, certain) -> None:
+    """An accepted, certified image: /v2's label, status and radius are /predict's. Neither route
+    takes a seed (the batcher draws one per batch, service/batcher.py), so the outcome is made
+    seed-independent: every noise sample answers the digit's own class."""
+    magnet_thresholds(float("inf"))
+    x, y = mnist.test.x[11], int(mnist.test.y[11])
+    certain(y)
+    r = lab.post("/predict?pipeline=combo", content=png(x), headers=PNG)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert res["status"] == "accepted" and res["label"] == y and res["certified"] is True, res
+    assert res["target_radius"] == 0.5 and res["certified_radius"] >= 0.5, res
+    out = _v2_outputs(lab.post("/v2/models/combo/infer", json=_v2_images(x.unsqueeze(0))))
+    assert out["status"] == ("BYTES", [1], ["accepted"])
+    assert out["label"] == ("INT64", [1], [y])
+    assert out["certified_radius"][:2] == ("FP32", [1])
+    assert out["certified_radius"][2][0] == pytest.approx(res["certified_radius"], abs=1e-5)
+    probs = out["probabilities"][2]
+    assert probs[y] == pytest.approx(1.0) and sum(probs) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- 12. block mode on /v2, /certify
+def test_a_blocked_client_gets_429_on_v2_infer_and_post_certify(quick_bundle, mnist) -> None:
+    block = {"action": "block", "block_after": 0, "cooldown_s": 60}
+    pipelines = {**WATCH, "certwatch": {"defenses": [{"defense": "smoothing", "sigma": 0.5, "n": 1}],
+                                        "query_monitor": block}}
+    other = mnist.test.x[12]
+    with _started(quick_bundle, peer=("198.51.100.40", 999), pipelines=pipelines) as client:
+        before = _metrics(client)
+        _flag_and_block(client, mnist.test.x[13], None)
+        r = client.post("/v2/models/watch/infer", json=_v2_images(other.unsqueeze(0)))
+        assert r.status_code == 429, r.text
+        assert int(r.headers["Retry-After"]) >= 1
+        body = r.json()
+        assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
+        r = client.post("/certify?pipeline=certwatch&n=1&n0=1", content=png(other), headers=PNG)
+        assert r.status_code == 429, r.text
+        assert int(r.headers["Retry-After"]) >= 1
+        error = r.json()["error"]
+        assert error["code"] == "attack_suspected" and error["message"], error
+        after = _metrics(client)
+        for endpoint, pipeline in (("infer", "watch"), ("certify", "certwatch")):
+            labels = {"endpoint": endpoint, "pipeline": pipeline, "outcome": "attack_suspected"}
+            assert (_sample(after, "shieldserve_requests_total", **labels)
+                    - _sample(before, "shieldserve_requests_total", **labels)) == 1, labels
+
+
+# --------------------------------------------------------------------------- 13. the packaged pipelines
+# README "Defenses and pipelines": the table's nine (feature squeezing is a detector a pipeline
+# can add, not a packaged pipeline)
+PACKAGED_PIPELINES = {"baseline", "magnet", "defensegan", "neuralfp", "rmc", "smoothing", "denoised", "robust",
+                      "default"}
+
+
+def test_the_packaged_configuration_serves_the_documented_pipelines(packaged) -> None:
+    from service.settings import load_settings
+
+    configured = set(load_settings(bundle=packaged.app.state.settings.bundle).pipelines)
+    assert configured == PACKAGED_PIPELINES
+    body = packaged.get("/pipelines").json()
+    served = {p["name"]: p for p in body["pipelines"]}
+    assert set(served) | set(body["unavailable"]) == PACKAGED_PIPELINES
+    assert not set(served) & set(body["unavailable"])
+    for name in served:  # each served pipeline is a /v2 model
+        assert packaged.get(f"/v2/models/{name}").status_code == 200, name
+    assert packaged.get("/v2/models/squeeze").status_code == 404
+    # `default`: MagNet detection, then smoothing deciding, with a certificate
+    assert body["default"] == "default"
+    default = served["default"]
+    assert default["certifies"] is True
+    assert [(d["defense"], d["role"]) for d in default["defenses"]] == [("magnet", "detector"),
+                                                                         ("smoothing", "decider")]
+    smoothing = default["defenses"][1]["settings"]
+    assert smoothing["sigma"] == 0.5 and smoothing["target_radius"] == 0.5 and smoothing["norm"] == "L2"
+    assert {p: served[p]["certifies"] for p in served} == {
+        p: p in ("default", "smoothing", "denoised") for p in served}

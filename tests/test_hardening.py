@@ -4,6 +4,7 @@ and no secret in any response, log line or metric."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -247,9 +248,15 @@ def test_no_secret_in_responses_logs_or_metrics(make_client, quick_bundle, mnist
 
     key = "adm1n-Key-7f3c9e2b51d04a86"
     password = "r3dis-Passw0rd-c0ffee42"
-    c = make_client(admin_api_key=key,
+    client_key = "cl1ent-Key-4e8a0d6b93f2c175"  # a client's raw API key (api_keys holds its sha256)
+    monitor_password = "qm-r3dis-Pw-5b7e19d0aa"
+    c = make_client(admin_api_key=key, api_keys={"hardening-client": hashlib.sha256(client_key.encode()).hexdigest()},
                     # a Redis store that cannot be reached: its failures are logged (with the URL redacted)
-                    certify={"redis_url": f"redis://:{password}@127.0.0.1:1/0", "store": "redis"}, **FAST)
+                    certify={"redis_url": f"redis://:{password}@127.0.0.1:1/0", "store": "redis"},
+                    # the query monitor's Redis, unreachable too: it falls back to its own store, and says so
+                    query_monitor={"redis_url": f"redis://:{monitor_password}@127.0.0.1:1/0", "store": "redis"},
+                    **FAST)
+    c.headers["Authorization"] = f"Bearer {client_key}"  # every request below carries the client's key
     body = _png(mnist)
     texts: list[str] = []
     with caplog.at_level(logging.DEBUG):
@@ -262,6 +269,8 @@ def test_no_secret_in_responses_logs_or_metrics(make_client, quick_bundle, mnist
               c.post("/admin/rmc/reset?pipeline=rmc", headers={"X-API-Key": key}),
               c.post("/v2/models/neuralfp/infer", json={"inputs": [{"name": "input", "shape": [1, 784],
                                                                      "datatype": "FP32", "data": [0.1] * 784}]}),
+              _post(c, "/predict?pipeline=magnet", body, authorization=f"Bearer {client_key[:-1]}x"),  # a 401
+              _post(c, "/predict?pipeline=neuralfp", _png(mnist, 1), authorization="", **{"X-API-Key": client_key}),
               c.get("/certify?image_sha256=" + "0" * 64)]
         for r in rs[:-1]:
             assert r.status_code < 500, r.text
@@ -272,8 +281,10 @@ def test_no_secret_in_responses_logs_or_metrics(make_client, quick_bundle, mnist
     fmt = JsonFormatter()
     lines = [fmt.format(rec) for rec in caplog.records]
     assert any("redis store" in line and "***" in line for line in lines)  # the store's failure was logged
+    assert any("query monitor: Redis" in line and "***" in line for line in lines)  # and the monitor's
+    assert rs[-3].status_code == 401 and rs[-2].status_code == 200  # a wrong key; the key in X-API-Key
     texts.extend(lines)
-    secrets = [key, password] + _fingerprint_strings(quick_bundle)
+    secrets = [key, password, client_key, monitor_password] + _fingerprint_strings(quick_bundle)
     assert len(secrets) > 10
     for text in texts:
         for s in secrets:

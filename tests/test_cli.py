@@ -1,0 +1,180 @@
+"""The `shieldserve` command line (service/cli.py) through its real parser and `main`, with the
+heavy function each subcommand ends in (build_bundle, the server, the evaluation, the export)
+replaced by a recorder: what the user typed reaches it, and a missing required flag is
+argparse's exit status 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging() -> Any:
+    """`train` and `evaluate` configure logging (basicConfig, httpx at WARNING): undo it."""
+    root, httpx = logging.getLogger(), logging.getLogger("httpx")
+    handlers, levels = list(root.handlers), (root.level, httpx.level)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(levels[0])
+    httpx.setLevel(levels[1])
+
+
+def test_the_console_script_is_the_cli_main() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["shieldserve"] == "service.cli:main"
+    from importlib.metadata import EntryPoint
+
+    assert EntryPoint(name="shieldserve", value="service.cli:main", group="console_scripts").load() is cli.main
+
+
+def test_the_parser_has_the_four_commands() -> None:
+    parser = cli.build_parser()
+    for command in ("train", "serve", "evaluate", "export"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([command, "--help"])
+        assert exc.value.code == 0, command
+
+
+def test_train_reaches_build_bundle_with_its_flags(tmp_path, monkeypatch, capsys) -> None:
+    import models.train
+
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def build_bundle(out: Any, **kwargs: Any) -> Path:
+        calls.append((out, kwargs))
+        manifest = Path(out) / "manifest.json"
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({"version": "v-test", "metrics": {"accuracy": 0.5}}))
+        return manifest
+
+    monkeypatch.setattr(models.train, "build_bundle", build_bundle)
+    out = tmp_path / "bundle"
+    assert cli.main(["train", "--out", str(out), "--preset", "quick", "--seed", "3", "--dataset", "mnist5k"]) == 0
+    [(got_out, kwargs)] = calls
+    assert Path(got_out) == out
+    assert (kwargs["preset"], kwargs["seed"], kwargs["dataset"]) == ("quick", 3, "mnist5k")
+    assert kwargs["steps"] is None and kwargs["classifier"] is None and kwargs["device"] == "cpu"
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["bundle"] == str(out) and printed["version"] == "v-test"
+
+
+def test_serve_reaches_the_server_with_the_port_and_the_config_file(tmp_path, monkeypatch) -> None:
+    import service.server
+
+    calls: list[tuple[Any, Any]] = []
+    monkeypatch.setattr(service.server, "serve", lambda settings, config: calls.append((settings, config)))
+    config = tmp_path / "shieldserve.yaml"
+    config.write_text("default_pipeline: baseline\nbatching: {max_batch_size: 7}\n")
+    assert cli.main(["serve", "--config", str(config), "--port", "9001"]) == 0
+    [(settings, got_config)] = calls
+    assert settings.port == 9001
+    assert got_config == str(config)
+    assert settings.default_pipeline == "baseline" and settings.batching.max_batch_size == 7  # the file was read
+    assert "magnet" in settings.pipelines  # merged over the packaged configuration
+
+
+def test_evaluate_accepts_pipeline_as_an_alias_of_pipelines(tmp_path, monkeypatch) -> None:
+    import service.evaluation
+
+    configs: list[Any] = []
+
+    def evaluate(cfg: Any) -> dict[str, Any]:
+        configs.append(cfg)
+        return {"seconds": 0.0, "pipelines": {}}
+
+    monkeypatch.setattr(service.evaluation, "evaluate", evaluate)
+    out = tmp_path / "report"
+    argv = ["evaluate", "--out", str(out), "--pipeline", "magnet", "--pipelines", "default,rmc", "--limit", "5"]
+    assert cli.main(argv) == 0
+    [cfg] = configs
+    assert cfg.pipelines == ["magnet", "default", "rmc"]
+    assert cfg.limit == 5 and Path(cfg.out) == out and out.is_dir()
+
+
+def test_export_reaches_export_and_a_refusal_is_status_2(tmp_path, monkeypatch, capsys) -> None:
+    import service.export
+    from service.export import ExportRefused
+
+    calls: list[tuple[Any, ...]] = []
+
+    class Plan:
+        pipeline, parts, left_out = "magnet", ["reformer", "classifier"], []
+
+    def export(bundle: Any, pipeline: str, out: Any, config: Any = None) -> Plan:
+        calls.append((bundle, pipeline, out, config))
+        if pipeline == "smoothing":
+            raise ExportRefused("randomized")
+        return Plan()
+
+    monkeypatch.setattr(service.export, "export", export)
+    out = str(tmp_path / "m.pt")
+    assert cli.main(["export", "--pipeline", "magnet", "--out", out]) == 0
+    assert calls[-1] == ("models/default", "magnet", out, None)
+    assert json.loads(capsys.readouterr().out)["parts"] == ["reformer", "classifier"]
+    assert cli.main(["export", "--bundle", "B", "--pipeline", "smoothing", "--out", out]) == 2
+    assert calls[-1] == ("B", "smoothing", out, None)
+    assert "export refused" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train", "--preset", "quick"], ["evaluate", "--pipeline", "magnet"],
+                                  ["export", "--pipeline", "magnet"], ["export", "--out", "m.pt"], []])
+def test_a_missing_required_argument_exits_with_status_2(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+def _recorders(monkeypatch) -> dict[str, Any]:
+    """build_bundle and evaluate replaced by recorders of the command line they are given."""
+    import models.train
+    import service.evaluation
+
+    seen: dict[str, Any] = {}
+
+    def build_bundle(out: Any, **kwargs: Any) -> Path:
+        seen["train"] = " ".join(kwargs["argv"])
+        manifest = Path(out) / "manifest.json"
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({"version": "v-test"}))
+        return manifest
+
+    def evaluate(cfg: Any) -> dict[str, Any]:
+        seen["evaluate"] = cfg.command.removeprefix("shieldserve evaluate ")
+        return {"seconds": 0.0, "pipelines": {}}
+
+    monkeypatch.setattr(models.train, "build_bundle", build_bundle)
+    monkeypatch.setattr(service.evaluation, "evaluate", evaluate)
+    return seen
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_the_recorded_command_line_is_the_one_given_to_main(command: str, tmp_path, monkeypatch) -> None:
+    """The manifest and the report record the command that made them (so it can be rerun); a
+    programmatic main(argv) must record argv, as the console script records its own."""
+    seen = _recorders(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["pytest", "-q", "unrelated"])
+    flags = ["--out", str(tmp_path / "o"), "--seed", "3"]
+    assert cli.main([command, *flags]) == 0
+    assert seen[command] == " ".join(flags)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_the_console_script_records_its_command_line(command: str, tmp_path, monkeypatch) -> None:
+    """main() without argv (the `shieldserve` script): the arguments after the subcommand."""
+    seen = _recorders(monkeypatch)
+    flags = ["--out", str(tmp_path / "o"), "--seed", "3"]
+    monkeypatch.setattr(sys, "argv", ["shieldserve", command, *flags])
+    assert cli.main() == 0
+    assert seen[command] == " ".join(flags)
