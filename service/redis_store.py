@@ -35,15 +35,21 @@ _MAX_DIMS = 8
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password, for messages and logs: the one in the authority
+    (`redis://:PW@host`) and the `password=` query parameter redis-py also reads."""
     parts = urlsplit(url)
-    if parts.password is None:
+    query = "&".join(f"{k}=***" if k.lower() == "password" else (f"{k}={v}" if sep else k)
+                     for k, sep, v in (item.partition("=") for item in parts.query.split("&") if item))
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        netloc = (f"{parts.username}:***@" if parts.username else ":***@") + host
+    if netloc == parts.netloc and query == parts.query:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+    out = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return out.replace(":", "://", 1) if not netloc and url.startswith(parts.scheme + "://") else out  # unix://
 
 
 def encode_tensor(x: torch.Tensor) -> bytes:

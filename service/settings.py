@@ -27,9 +27,10 @@ def _default_bundle() -> Path:
 
 class Section(BaseModel):
     """A section of the settings: a key it does not know (a typo) is refused, as at the top
-    level, never ignored (the operator would believe it applied)."""
+    level, never ignored (the operator would believe it applied). Errors name the field, never
+    its value (a secret may be in it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class PipelineConfig(Section):
@@ -153,7 +154,8 @@ class AdmissionConfig(Section):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHIELDSERVE_", env_nested_delimiter="__",
-                                      extra="forbid", validate_default=True)
+                                      extra="forbid", validate_default=True,
+                                      hide_input_in_errors=True)  # a key pasted in by mistake is never echoed
 
     bundle: Path = Field(default_factory=_default_bundle)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1" or "auto"
@@ -211,7 +213,7 @@ class Settings(BaseSettings):
             if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
                 # never echo the value: it may be a key pasted in by mistake
                 raise ValueError(f"api_keys[{name!r}] must be the sha256 hex digest of the key (64 hex digits), "
-                                 f"not the key itself: sha256sum <<< -n KEY")
+                                 f"not the key itself: printf %s KEY | sha256sum")
             out[name] = d
         return out
 

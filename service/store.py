@@ -113,7 +113,10 @@ class MemoryStore:
         self.images.put(digest, copy)
 
     def get_image(self, digest: str) -> torch.Tensor | None:
-        return self.images.get(digest)
+        # a copy: whatever a pipeline does to its input, the next client's GET /certify of
+        # this image starts from the bytes that were posted
+        found = self.images.get(digest)
+        return None if found is None else found.clone()
 
     def put_certificate(self, key: Hashable, certificate: dict[str, Any]) -> None:
         self.certificates.put(key, dict(certificate))

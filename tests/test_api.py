@@ -316,3 +316,17 @@ def test_far_too_many_images_is_413_too(make_client, mnist, sent):
     r = c.post("/predict", files=_files([png(x) for x in mnist.test.x[:sent]]))
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
     assert "more than 2 images" in r.json()["error"]["message"]
+
+
+def test_a_multipart_body_of_many_text_fields_is_refused_unread(make_client, mnist):
+    # text fields cost the parser memory and time and carry nothing we read: past MAX_FORM_FIELDS
+    # the body is a 400 before any image is decoded
+    from service.api.predict import MAX_FORM_FIELDS
+
+    c = make_client()
+    fields = {f"f{i}": "x" for i in range(MAX_FORM_FIELDS + 1)}
+    r = c.post("/predict", data=fields, files=_files([png(mnist.test.x[0])]))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image", r.text
+    assert "fields" in r.json()["error"]["message"]
+    fields = {f"f{i}": "x" for i in range(MAX_FORM_FIELDS - 1)}
+    assert c.post("/predict", data=fields, files=_files([png(mnist.test.x[0])])).status_code == 200

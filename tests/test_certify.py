@@ -95,6 +95,13 @@ def test_get_certify_after_predict_and_errors(make_client, digits) -> None:
     # n above the configured maximum, an unknown sigma, a pipeline without certificates
     r = client.get(f"/certify?image_sha256={digest}&n=5001")
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"
+    r = client.get(f"/certify?image_sha256={digest}&n0=10001")  # above certify.max_n0
+    assert r.status_code == 422 and "max" in r.json()["error"]["message"]
+    for bad in ("11", "inf", "nan", "-1"):  # a radius no budget could certify is refused, as on /predict
+        r = client.get(f"/certify?image_sha256={digest}&radius={bad}")
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", bad
+        r = client.post(f"/certify?radius={bad}", content=body, headers=PNG)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", bad
     assert client.get(f"/certify?image_sha256={digest}&sigma=0.3").status_code == 422
     assert client.get(f"/certify?image_sha256={digest}&pipeline=baseline").status_code == 422
     assert client.get(f"/certify?image_sha256={digest}&pipeline=nope").status_code == 404

@@ -319,6 +319,10 @@ def test_the_certify_store_forgets_entries_past_their_age() -> None:
     store.put_image("c", x)
     x += 1
     assert float(store.get_image("c").sum()) == 0
+    # and hands out a copy: a pipeline changing its input in place changes nothing stored
+    got = store.get_image("c")
+    got += 5
+    assert float(store.get_image("c").sum()) == 0
 
 
 # --------------------------------------------------------------------------- 8. flag mode

@@ -38,3 +38,27 @@ def test_a_setting_the_service_does_not_read_is_refused(tmp_path):
     cfg.write_text("limits:\n  max_images_per_requests: 4\n")  # a typo
     with pytest.raises(ValidationError, match="max_images_per_requests"):
         load_settings(cfg)
+
+
+def test_settings_errors_never_echo_a_value(tmp_path):
+    # an API key pasted where its digest belongs, a password in a URL: the error names the
+    # field and the rule, never the value (start-up errors end up in logs)
+    from pydantic import ValidationError
+
+    pasted = "pasted-plain-key-0a9b8c7d6e"
+    with pytest.raises(ValidationError) as exc:
+        load_settings(api_keys={"bob": pasted})
+    assert pasted not in str(exc.value) and "sha256" in str(exc.value)
+    with pytest.raises(ValidationError) as exc:
+        load_settings(query_monitor={"redis_url": "redis://:pw-in-url-77@h:1/0", "window": "wide"})
+    assert "pw-in-url-77" not in str(exc.value) and "window" in str(exc.value)
+
+
+def test_redis_urls_are_redacted_for_logs():
+    from service.redis_store import redact
+
+    assert redact("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact("redis://user:s3cret@h/0") == "redis://user:***@h/0"
+    assert redact("redis://h:6379/0?db=1&password=s3cret") == "redis://h:6379/0?db=1&password=***"
+    assert redact("unix:///run/redis.sock?password=s3cret") == "unix:///run/redis.sock?password=***"
+    assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

@@ -31,6 +31,7 @@ from service.api.schemas import ErrorBody, RejectionOut
 from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded, RunContext
 from service.defenses.query_monitor import AttackSuspected
+from service.defenses.smoothing import MAX_RADIUS
 from service.runtime import Runtime, monitor_rejection
 from service.store import StoreUnavailable
 
@@ -188,7 +189,7 @@ async def certify_get(
         n: int | None = Query(None, ge=1, description="estimation samples (the maximum is configured)"),
         n0: int | None = Query(None, ge=1, description="selection samples"),
         alpha: float | None = Query(None, gt=0, lt=0.5, description="failure probability"),
-        radius: float | None = Query(None, ge=0, description="only decide: certified at this radius?"),
+        radius: float | None = Query(None, ge=0, le=MAX_RADIUS, description="only decide: certified at this radius?"),
         seed: int | None = Query(None, ge=0, lt=2**63, description="noise seed, to reproduce a certificate"),
         deadline: Deadline = Depends(request_deadline),
 ) -> CertifyResponse:
@@ -227,7 +228,7 @@ async def certify_post(
         request: Request,
         pipeline: str | None = Query(None), sigma: float | None = Query(None, gt=0),
         n: int | None = Query(None, ge=1), n0: int | None = Query(None, ge=1),
-        alpha: float | None = Query(None, gt=0, lt=0.5), radius: float | None = Query(None, ge=0),
+        alpha: float | None = Query(None, gt=0, lt=0.5), radius: float | None = Query(None, ge=0, le=MAX_RADIUS),
         seed: int | None = Query(None, ge=0, lt=2**63),
         deadline: Deadline = Depends(request_deadline),
 ) -> CertifyResponse:
