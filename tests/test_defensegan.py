@@ -228,6 +228,26 @@ def test_detector_threshold_round_trips(env, mnist):
     assert torch.equal(out.details["reconstruction_error"], det.scores)
 
 
+def test_the_purifier_reuses_only_its_own_runs_projections(env, mnist, monkeypatch):
+    # the detector's projections are kept in the run's context: the purifier of the same run
+    # reuses them (one image sent twice included, each with its own), another run never does
+    import service.defenses.defensegan as dg
+
+    detector, purifier = dg.build({"detect": True}, env)
+    calls = []
+    real = dg.project
+    monkeypatch.setattr(dg, "project", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    p, q = mnist.test.x[0], mnist.test.x[1]
+    x = torch.stack([p, q, p])
+    ctx = RunContext(seed=3)
+    (det,) = detector.detect(x, env.classifier, ctx)
+    out = purifier.purify(x, env.classifier, ctx)
+    assert calls == [3] and torch.equal(out.details["reconstruction_error"], det.scores)
+    other = purifier.purify(x, env.classifier, RunContext(seed=3))  # a fresh run projects anew
+    assert calls == [3, 3] and torch.equal(other.details["reconstruction_error"], det.scores)
+    assert not ctx.memo[detector.projector] or all(not v for v in ctx.memo[detector.projector].values())
+
+
 def test_options_are_checked(env):
     from service.defenses.defensegan import build
 

@@ -42,6 +42,10 @@ class RunContext:
     # what check() also runs between steps: GET /certify lets the batches queued behind it run
     # there (service/compute.py); None for batch runs
     between: Callable[[], None] | None = None
+    # what a component computed that a later component of the same run reuses (Defense-GAN's
+    # detector and purifier share one projection): it lives and dies with this run, so no
+    # other request can ever read it
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False)
     _generator: torch.Generator | None = field(default=None, repr=False)
 
     @property

@@ -29,8 +29,6 @@ same request, so detecting costs nothing extra.
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -217,38 +215,35 @@ def project(generator: nn.Module, x: torch.Tensor, settings: ProjectionSettings,
 
 # --------------------------------------------------------------------------- components
 class _Projector:
-    """The loaded networks, the projection settings, and a per-request cache of results."""
+    """The loaded networks and the projection settings; a run's projections are remembered in
+    its RunContext (`memo`), so the purifier reuses the detector's work for the same request."""
 
     def __init__(self, generator: nn.Module, encoder: nn.Module | None, settings: ProjectionSettings,
                  preset: str) -> None:
         self.generator, self.encoder, self.settings, self.preset = generator, encoder, settings, preset
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[int, bytes], tuple[torch.Tensor, ...]] = OrderedDict()
 
     @staticmethod
-    def _key(ctx: RunContext, row: torch.Tensor) -> tuple[int, bytes]:
-        return id(ctx), hashlib.blake2b(row.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+    def _key(row: torch.Tensor) -> bytes:
+        return hashlib.blake2b(row.detach().cpu().numpy().tobytes(), digest_size=16).digest()
 
     def run(self, x: torch.Tensor, ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(G(z*), reconstruction error, generator passes) per image; reuses what this request
-        already projected (the detector's work), in which case no new passes are spent."""
-        keys = [self._key(ctx, row) for row in x]
-        with self._lock:
-            hits = [self._cache.pop(k, None) for k in keys]
-        if all(h is not None for h in hits):
-            return (torch.stack([h[0] for h in hits]), torch.stack([h[1] for h in hits]),  # type: ignore[index]
-                    torch.stack([h[2] for h in hits]))  # type: ignore[index]
+        """(G(z*), reconstruction error, generator passes) per image; reuses what this run
+        already projected (the detector's work), in which case no new passes are spent. Equal
+        rows (one image sent twice) each take their own projection, in order."""
+        memo: dict[bytes, list[tuple[torch.Tensor, ...]]] = ctx.memo.get(self, {})
+        keys = [self._key(row) for row in x]
+        if memo and all(len(memo.get(k, ())) >= keys.count(k) for k in set(keys)):
+            hits = [memo[k].pop(0) for k in keys]
+            return torch.stack([h[0] for h in hits]), torch.stack([h[1] for h in hits]), torch.stack([h[2] for h in hits])
         p = project(self.generator, x, self.settings, encoder=self.encoder, rng=ctx.generator,
                     check=ctx.check)
         return p.x, p.error, p.generator_evals
 
     def remember(self, x: torch.Tensor, purified: torch.Tensor, error: torch.Tensor, evals: torch.Tensor,
                  ctx: RunContext) -> None:
-        with self._lock:
-            for row, px, e, n in zip(x, purified, error, evals):
-                self._cache[self._key(ctx, row)] = (px, e, n)
-            while len(self._cache) > 4096:  # rows of requests that were rejected, or never purified
-                self._cache.popitem(last=False)
+        memo = ctx.memo.setdefault(self, {})
+        for row, px, e, n in zip(x, purified, error, evals):
+            memo.setdefault(self._key(row), []).append((px, e, n))
 
 
 class ProjectionPurifier(Component):
