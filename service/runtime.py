@@ -169,7 +169,9 @@ class Runtime:
             m.monitor_flags.labels(pipeline.name).inc(flagged)
         if verdict.blocked_now:
             m.monitor_blocks.labels(pipeline.name).inc()
-            m.blocked_clients.set(self.monitor.blocked_count())  # type: ignore[union-attr]  # for --workers
+            # for --workers (no callback gauges there); off the loop: the count may ask Redis
+            monitor = self.monitor
+            self.executor.submit(lambda: m.blocked_clients.set(monitor.blocked_count()))  # type: ignore[union-attr]
         return verdict
 
     def _batch_screen(self, pipeline: Pipeline) -> Screen:

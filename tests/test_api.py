@@ -330,3 +330,28 @@ def test_a_multipart_body_of_many_text_fields_is_refused_unread(make_client, mni
     assert "fields" in r.json()["error"]["message"]
     fields = {f"f{i}": "x" for i in range(MAX_FORM_FIELDS - 1)}
     assert c.post("/predict", data=fields, files=_files([png(mnist.test.x[0])])).status_code == 200
+
+
+def test_metrics_are_collected_off_the_event_loop(quick_bundle):
+    # a gauge callback that blocks (the query monitor's blocked count asks Redis, which may be
+    # slow or down) must not hold up the other requests of the loop
+    import time as _time
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    app = create_app(load_settings(bundle=quick_bundle, warmup=False))
+    app.state.runtime.ready = True
+    app.state.runtime.metrics.blocked_clients.set_function(lambda: _time.sleep(0.8) or 0)
+
+    async def go():
+        async with _asgi_client(app) as client:
+            t0 = _time.monotonic()
+            scrape = asyncio.ensure_future(client.get("/metrics"))
+            await asyncio.sleep(0.1)  # the scrape is collecting (on the loop, this sleep would last 0.8 s)
+            health = await client.get("/healthz")
+            return health, _time.monotonic() - t0, await scrape
+
+    health, seconds, scrape = asyncio.run(go())
+    assert health.status_code == 200 and scrape.status_code == 200
+    assert seconds < 0.6, seconds  # /healthz answered while the scrape was still collecting

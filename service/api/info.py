@@ -52,4 +52,7 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", summary="Prometheus exposition", response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(request.app.state.runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    # off the event loop: collecting runs the gauges' callbacks (the query monitor's blocked
+    # count may ask Redis) and, with --workers, reads every worker's metric files
+    rt = request.app.state.runtime
+    return Response(await rt.offload(rt.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
