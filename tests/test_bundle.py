@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +167,35 @@ def test_rebuilding_with_the_same_seed_reproduces_the_metrics(quick_bundle, tmp_
     a = json.loads((quick_bundle / "manifest.json").read_text())["artifacts"]["classifier"]
     b = json.loads((out / "manifest.json").read_text())["artifacts"]["classifier"]
     assert a["metrics"] == b["metrics"]
+
+
+_NO_RECIPES = """
+import sys
+from models.bundle import Bundle
+from service.runtime import Runtime
+from service.settings import load_settings
+
+bundle = Bundle.load("models/default")
+networks = [n for n, a in bundle.manifest["artifacts"].items() if a.get("architecture")]
+for name in networks:
+    bundle.module(name)
+rt = Runtime(load_settings(bundle="models/default", warmup=False))
+print(len(networks), sorted(rt.pipelines))
+print(sorted(m for m in sys.modules if m.startswith("models.recipes")))
+rt.compute.close()
+"""
+
+
+def test_serving_the_committed_bundle_imports_no_training_recipe():
+    """DESIGN: a defense never imports a recipe. Every network the committed bundle names
+    (MagNet's autoencoders, Defense-GAN's generator and encoder, smoothing's CNNs and
+    denoisers) is built from models.architectures; in a fresh interpreter, so modules other
+    tests imported do not count."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", _NO_RECIPES], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts, recipes = out.stdout.strip().splitlines()[-2:]
+    assert "magnet" in counts and "defensegan" in counts and "smoothing" in counts, counts
+    assert recipes == "[]", recipes

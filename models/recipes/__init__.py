@@ -1,5 +1,6 @@
 """Training recipes: one module per artifact family (classifier, and one per defense).
 
-A recipe module that defines its own networks registers them with
-`models.architectures.register_builtin` on import, so bundles can name them.
+The networks they train (the defenses' autoencoders, generators, denoisers, ...) are defined
+and registered in models/architectures.py, so loading a bundle never imports a recipe; the
+recipe modules re-export them under their old names (models.recipes.magnet.MagnetAutoencoder, ...).
 """

@@ -1,6 +1,6 @@
-"""Defense-GAN's networks and training recipe (Samangouei, Kabkab & Chellappa, ICLR 2018).
+"""Defense-GAN's training recipe (Samangouei, Kabkab & Chellappa, ICLR 2018).
 
-Networks (the WGAN-GP MNIST shapes of the paper's reference code, with a width knob):
+Networks (models/architectures.py; the WGAN-GP MNIST shapes of the paper's reference code, with a width knob):
   generator  Linear(latent -> 4*4*4w), ReLU, ConvT(4w -> 2w) + crop to H/4, ReLU,
              ConvT(2w -> w), ReLU, ConvT(w -> C), sigmoid            (paper: w = 64)
   critic     Conv(C -> w, s2), LReLU, Conv(w -> 2w, s2), LReLU, Conv(2w -> 4w, s2), LReLU, Linear
@@ -34,132 +34,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.architectures import builtin_spec, register_builtin
+from models.architectures import (  # noqa: F401 - the networks, defined with the other builtins
+    Critic, Encoder, Generator, _ConvBody, builtin_spec,
+)
 from models.recipes.common import batches, progress, seeded
 
 STEP = "defensegan"
-
-
-# --------------------------------------------------------------------------- networks
-class Generator(nn.Module):
-    """Three stride-2 transposed convolutions from a `start` x `start` seed: 4x4 up to side 32
-    (MNIST: 4 -> 8, cropped to 7 -> 14 -> 28), side/8 above; the output is cropped to `image_size`."""
-
-    def __init__(self, latent_dim: int = 128, width: int = 64, channels: int = 1, image_size: int = 28) -> None:
-        super().__init__()
-        if not 4 <= image_size <= 256:
-            raise ValueError(f"the Defense-GAN generator makes images of side 4 to 256, not {image_size}")
-        self.latent_dim, self.width, self.image_size = latent_dim, width, image_size
-        self.crop = math.ceil(image_size / 4)  # after the first upsampling
-        self.start = max(4, math.ceil(self.crop / 2))
-        self.fc = nn.Linear(latent_dim, self.start * self.start * 4 * width)
-        self.up1 = nn.ConvTranspose2d(4 * width, 2 * width, 5, stride=2, padding=2, output_padding=1)
-        self.up2 = nn.ConvTranspose2d(2 * width, width, 5, stride=2, padding=2, output_padding=1)
-        self.up3 = nn.ConvTranspose2d(width, channels, 5, stride=2, padding=2, output_padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.fc(z)).view(-1, 4 * self.width, self.start, self.start)
-        h = F.relu(self.up1(h))[:, :, :self.crop, :self.crop]  # 8x8 -> 7x7 for MNIST
-        h = F.relu(self.up2(h))
-        return torch.sigmoid(self.up3(h))[:, :, :self.image_size, :self.image_size]
-
-    @torch.no_grad()
-    def reconstruction_grad(self, z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(G(z), per-row mean squared error against `target`, its gradient with respect to z):
-        what each step of Defense-GAN's projection needs, with the backward pass written out.
-
-        The projection runs thousands of these on a handful of rows, where autograd's graph
-        and oneDNN's per-call set-up cost more than the arithmetic. The adjoint of a transposed
-        convolution is the plain convolution with the same weights and stride; a crop's adjoint
-        pads with zeros; ReLU's passes the gradient where its input was positive. Up to
-        NATIVE_MAX_ROWS rows on a CPU the convolutions run on ATen's direct (im2col + GEMM)
-        kernels, which have no per-call set-up; larger batches and GPUs use the default ones.
-        tests/test_defensegan.py checks it against autograd."""
-        native = z.device.type == "cpu" and z.shape[0] <= self.NATIVE_MAX_ROWS
-        a0 = F.linear(z, self.fc.weight, self.fc.bias)
-        a1 = _up(a0.clamp_min(0).view(-1, 4 * self.width, self.start, self.start), self.up1, native)
-        a1c = a1[:, :, :self.crop, :self.crop]
-        a2 = _up(a1c.clamp_min(0), self.up2, native)
-        a3 = _up(a2.clamp_min(0), self.up3, native)
-        out = torch.sigmoid(a3)[:, :, :self.image_size, :self.image_size]
-        diff = out - target
-        loss = diff.pow(2).flatten(1).mean(1)
-        g = diff * (2.0 / diff[0].numel()) * out * (1 - out)                       # d/d a3 (cropped)
-        g = _down(_pad_to(g, a3), self.up3, native) * (a2 > 0)                        # d/d a2
-        g = _down(g, self.up2, native) * (a1c > 0)                                     # d/d a1 (cropped)
-        g = _down(_pad_to(g, a1), self.up1, native).reshape(len(z), -1) * (a0 > 0)    # d/d a0
-        return out, loss, g @ self.fc.weight
-
-    NATIVE_MAX_ROWS = 8  # where the direct kernels measured faster on 2 cores (not from ~16 rows)
-
-
-def _up(x: torch.Tensor, layer: nn.ConvTranspose2d, native: bool) -> torch.Tensor:
-    if native:
-        return torch.ops.aten.slow_conv_transpose2d(x, layer.weight, list(layer.kernel_size), layer.bias,
-                                                    list(layer.stride), list(layer.padding),
-                                                    list(layer.output_padding), list(layer.dilation))
-    return layer(x)
-
-
-def _down(g: torch.Tensor, layer: nn.ConvTranspose2d, native: bool) -> torch.Tensor:
-    """The adjoint of `layer` (a transposed convolution) applied to the gradient g."""
-    if native:
-        return torch.ops.aten.thnn_conv2d(g, layer.weight, list(layer.kernel_size), None, list(layer.stride),
-                                          list(layer.padding))
-    return F.conv2d(g, layer.weight, None, layer.stride, layer.padding, layer.dilation)
-
-
-def _pad_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A crop's adjoint: g (the top-left corner of `like`) zero-padded to like's size."""
-    dh, dw = like.shape[2] - g.shape[2], like.shape[3] - g.shape[3]
-    return F.pad(g, (0, dw, 0, dh)) if dh or dw else g
-
-
-class _ConvBody(nn.Sequential):
-    def __init__(self, width: int, channels: int, image_size: int) -> None:
-        super().__init__(
-            nn.Conv2d(channels, width, 5, stride=2, padding=2), nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 5, stride=2, padding=2), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 4 * width, 5, stride=2, padding=2), nn.LeakyReLU(0.2),
-            nn.Flatten(),
-        )
-        side = math.ceil(math.ceil(math.ceil(image_size / 2) / 2) / 2)
-        self.flat = 4 * width * side * side
-
-
-class Critic(nn.Module):
-    def __init__(self, width: int = 64, channels: int = 1, image_size: int = 28) -> None:
-        super().__init__()
-        self.body = _ConvBody(width, channels, image_size)
-        self.out = nn.Linear(self.body.flat, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(x)).squeeze(1)
-
-
-class Encoder(nn.Module):
-    """x -> z: a warm start for the projection (trained to invert the generator).
-
-    With `sphere`, z is put on the sphere of radius sqrt(latent), where N(0, I) puts its mass
-    and where the projection searches (ProjectionSettings.min_norm = max_norm = 1)."""
-
-    def __init__(self, latent_dim: int = 128, width: int = 64, channels: int = 1, image_size: int = 28,
-                 sphere: bool = False) -> None:
-        super().__init__()
-        self.sphere = sphere
-        self.body = _ConvBody(width, channels, image_size)
-        self.out = nn.Linear(self.body.flat, latent_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.out(self.body(x))
-        if self.sphere:
-            z = z * (z.shape[1] ** 0.5 / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        return z
-
-
-register_builtin("defensegan_generator", Generator)
-register_builtin("defensegan_critic", Critic)
-register_builtin("defensegan_encoder", Encoder)
 
 
 # --------------------------------------------------------------------------- recipe

@@ -29,45 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.architectures import builtin_spec, register_builtin
+from models.architectures import MagnetAutoencoder, builtin_spec  # noqa: F401 - the network, defined with the other builtins
 from models.recipes.common import batches, progress, seeded
 from service.defenses.magnet import (  # noqa: F401 - the scores the service serves, re-exported
     DETECTORS, REFORMER_AE, detector_scores, js_divergence, reconstruction_error,
 )
-
-class MagnetAutoencoder(nn.Module):
-    """The reference's DAE: 3x3 convs (sigmoid in the reference, ReLU by our default), pooling mirrored by
-    upsampling, and a final 3x3 conv with a sigmoid back to the input's channels."""
-
-    def __init__(self, in_channels: int = 1, structure: list[int | str] | None = None,
-                 activation: str = "sigmoid") -> None:
-        super().__init__()
-        act: type[nn.Module] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[activation]
-        structure = list(structure if structure is not None else [3, "average", 3])
-        layers: list[nn.Module] = []
-        c = in_channels
-        for layer in structure:
-            if isinstance(layer, int):
-                layers += [nn.Conv2d(c, layer, 3, padding=1), act()]
-                c = layer
-            elif layer in ("average", "max"):
-                layers.append(nn.AvgPool2d(2) if layer == "average" else nn.MaxPool2d(2))
-            else:
-                raise ValueError(f"unknown autoencoder layer {layer!r}")
-        for layer in reversed(structure):
-            if isinstance(layer, int):
-                layers += [nn.Conv2d(c, layer, 3, padding=1), act()]
-                c = layer
-            else:
-                layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
-        layers += [nn.Conv2d(c, in_channels, 3, padding=1), nn.Sigmoid()]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-register_builtin("magnet_autoencoder", MagnetAutoencoder)
 
 
 # ---------------------------------------------------------------------- recipe

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.architectures import build_architecture, builtin_spec, register_builtin
+from models.architectures import (  # noqa: F401 - the networks, defined with the other builtins
+    DnCNN, SmoothingCNN, SmoothingMLP, _small_mlp, build_architecture, builtin_spec,
+)
 from models.recipes.common import accuracy, batches, fit_keep_best, progress, random_affine, seeded
 
 SIGMAS = (0.25, 0.5)
@@ -32,71 +34,6 @@ SIGMAS = (0.25, 0.5)
 def sigma_tag(sigma: float) -> str:
     """0.25 -> "sigma25", 0.5 -> "sigma50": artifact names carry the noise level."""
     return f"sigma{int(round(sigma * 100)):02d}"
-
-
-class SmoothingMLP(nn.Module):
-    """Flatten, two hidden ReLU layers, logits. Fast under many noise samples on a CPU."""
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-                 hidden: int = 512, dropout: float = 0.1) -> None:
-        super().__init__()
-        d = in_channels * image_size * image_size
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                  nn.Linear(hidden, hidden), nn.ReLU())
-        self.out = nn.Linear(hidden, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(x))
-
-
-class SmoothingCNN(nn.Module):
-    """Two strided convolutions and a dense layer: ~5 MFLOP per digit at width 32 (1.7 at 16),
-    stronger than the MLP under noise and still mostly large matrix multiplications."""
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-                 width: int = 32, hidden: int = 256) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten())
-        with torch.no_grad():
-            flat = self.body(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
-        self.head = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU())
-        self.out = nn.Linear(hidden, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.features(x))
-
-
-def _small_mlp(**kwargs: Any) -> SmoothingMLP:
-    return SmoothingMLP(**{**kwargs, "hidden": 128})
-
-
-class DnCNN(nn.Module):
-    """Zhang et al. 2017's denoiser, small: predicts the noise and subtracts it."""
-
-    def __init__(self, in_channels: int = 1, width: int = 16, depth: int = 5) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU()]
-        for _ in range(depth - 2):
-            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
-        layers.append(nn.Conv2d(width, in_channels, 3, padding=1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.net(x)
-
-
-register_builtin("smoothing_mlp", SmoothingMLP)
-register_builtin("smoothing_mlp_small", _small_mlp)
-register_builtin("smoothing_cnn", SmoothingCNN)
-register_builtin("dncnn", DnCNN)
 
 
 @dataclass(frozen=True)
