@@ -194,10 +194,21 @@ def run(config: str | None = None, host: str | None = None, port: int | None = N
         ray.shutdown()
 
 
+# Settings that are secrets: never put into the runtime_env, which Ray shows in its dashboard
+# and keeps in its job metadata. A replica reads them from its own environment: that of
+# `shieldserve serve --ray` when it starts a local Ray, that of `ray start` on a cluster's nodes.
+_SECRET_VARS = ("SHIELDSERVE_ADMIN_API_KEY", "SHIELDSERVE_QUERY_MONITOR__SECRET")
+_URL_VARS = ("SHIELDSERVE_CERTIFY__REDIS_URL", "SHIELDSERVE_QUERY_MONITOR__REDIS_URL")  # secret with a password
+
+
 def _runtime_env() -> dict[str, Any]:
-    """Environment for the replicas: this checkout on their path and the SHIELDSERVE_* settings."""
+    """Environment for the replicas: this checkout on their path and the SHIELDSERVE_* settings
+    that are not secrets."""
+    from service.redis_store import redact
+
     root = str(Path(__file__).resolve().parents[1])
-    env = {k: v for k, v in os.environ.items() if k.startswith("SHIELDSERVE_") and not k.startswith("SHIELDSERVE_RAY_")}
+    env = {k: v for k, v in os.environ.items() if k.startswith("SHIELDSERVE_") and not k.startswith("SHIELDSERVE_RAY_")
+           and k not in _SECRET_VARS and not (k in _URL_VARS and redact(v) != v)}
     path = os.environ.get("PYTHONPATH")
     env["PYTHONPATH"] = root + (os.pathsep + path if path else "")
     return {"env_vars": env}

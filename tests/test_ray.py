@@ -33,6 +33,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_secrets_stay_out_of_the_replicas_runtime_env(monkeypatch) -> None:
+    # Ray shows a runtime_env in its dashboard and job metadata: the replicas read secrets from
+    # their own environment instead
+    from service.ray_app import _runtime_env
+
+    for k in [k for k in os.environ if k.startswith("SHIELDSERVE_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SHIELDSERVE_ADMIN_API_KEY", "adm-secret-1")
+    monkeypatch.setenv("SHIELDSERVE_QUERY_MONITOR__SECRET", "salt-secret-2")
+    monkeypatch.setenv("SHIELDSERVE_CERTIFY__REDIS_URL", "redis://:pw-secret-3@10.0.0.2:6379/0")
+    monkeypatch.setenv("SHIELDSERVE_QUERY_MONITOR__REDIS_URL", "redis://10.0.0.2:6379/1")  # no password: passed
+    monkeypatch.setenv("SHIELDSERVE_BATCHING__MAX_BATCH_SIZE", "16")
+    env = _runtime_env()["env_vars"]
+    assert "secret" not in repr(env)
+    assert env["SHIELDSERVE_QUERY_MONITOR__REDIS_URL"] == "redis://10.0.0.2:6379/1"
+    assert env["SHIELDSERVE_BATCHING__MAX_BATCH_SIZE"] == "16" and "PYTHONPATH" in env
+
+
 def test_deployment_options_autoscaling_and_gpu_fractions(quick_bundle: Path) -> None:
     cpu = deployment_options(load_settings(bundle=quick_bundle, device="cpu"),
                              RayOptions(min_replicas=2, max_replicas=6, target_ongoing_requests=4,
