@@ -360,3 +360,92 @@ def test_a_screen_settles_images_and_requests_before_the_pipeline_runs_the_rest(
     # the report holds what the requests were answered with (not the failed job's rows) and the screen's report
     assert [r.status for r in reports[1].results] == ["accepted", "rejected", "accepted", "rejected"]
     assert reports[1].screened == ["a", "bad", "c"]
+
+
+async def _until(condition, timeout: float = 20.0) -> None:
+    """Wait until `condition()` is true (a thread's progress), at most `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def _checking_run(sizes: list[int], ends: list[str], seconds: float = 0.3,
+                  quick_from: int | None = None):
+    """A run that calls ctx.check() every 10 ms for `seconds` (a sampling loop), then answers;
+    a batch whose first pixel is >= `quick_from` answers at once. `ends` records how each ran out."""
+    def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        sizes.append(int(x.shape[0]))
+        if quick_from is not None and int(x[0, 0, 0, 0]) >= quick_from:
+            return _echo(x, ctx)
+        end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < end:
+                ctx.check()
+                time.sleep(0.01)
+        except DeadlineExceeded as exc:
+            ends.append(f"stopped: {exc}")
+            raise
+        ends.append("finished")
+        return _echo(x, ctx)
+
+    return run
+
+
+def test_one_member_of_a_merged_batch_going_away_never_stops_it_for_the_others() -> None:
+    """A batch runs until it is done or *every* job is gone: its deadline is the latest of its
+    jobs' and `cancelled` means all of them are done (Batcher._run_jobs). One client
+    disconnecting, another's deadline passing mid-run: the third gets its full results."""
+    sizes: list[int] = []
+    ends: list[str] = []
+
+    async def main() -> None:
+        b = Batcher("p", _checking_run(sizes, ends, seconds=2.0), device=torch.device("cpu"), max_batch_size=3,
+                    max_delay_ms=2000)  # the first waits for company until the batch of 3 is full
+        started = time.monotonic()
+        gone = asyncio.ensure_future(b.submit(_img(1)))
+        expiring = asyncio.ensure_future(b.submit(_img(2), deadline=started + 1.0))  # passes mid-run
+        stays = asyncio.ensure_future(b.submit(_img(3), deadline=started + 60))
+        await _until(lambda: sizes)  # polled, not slept: a loaded machine starts threads late
+        assert sizes == [3] and not ends  # one merged batch, running
+        gone.cancel()  # the client disconnected
+        assert [r.label for r in await stays] == [3]  # after the whole run, not stopped
+        assert time.monotonic() - started >= 2.0
+        assert gone.cancelled()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        try:  # the batch ran past its deadline: it gets the results computed for it, or DeadlineExceeded
+            assert [r.label for r in await expiring] == [2]
+        except DeadlineExceeded:
+            pass
+        assert b.queued_images == 0
+        await b.close()
+
+    asyncio.run(main())
+    assert sizes == [3] and ends == ["finished"]
+
+
+def test_a_batch_whose_every_request_went_away_stops_at_its_next_check_and_the_batcher_goes_on() -> None:
+    sizes: list[int] = []
+    ends: list[str] = []
+
+    async def main() -> None:
+        b = Batcher("p", _checking_run(sizes, ends, seconds=30.0, quick_from=3), device=torch.device("cpu"),
+                    max_batch_size=2, max_delay_ms=2000)
+        first = asyncio.ensure_future(b.submit(_img(1)))
+        second = asyncio.ensure_future(b.submit(_img(2)))
+        await _until(lambda: sizes)
+        assert sizes == [2]
+        first.cancel()
+        await asyncio.sleep(0.05)
+        assert not ends  # one still waits: the batch goes on
+        second.cancel()
+        stopped = time.monotonic()
+        # the batch stops within a check or two, and the batch thread takes the next one
+        assert [r.label for r in await b.submit(_img(3, 2))] == [3, 3]
+        assert time.monotonic() - stopped < 10.0  # not the 30 s the run would take
+        assert first.cancelled() and second.cancelled()
+        await b.close()
+
+    asyncio.run(main())
+    assert sizes == [2, 2] and ends == ["stopped: client disconnected"]

@@ -325,6 +325,36 @@ def test_the_certify_store_forgets_entries_past_their_age() -> None:
     assert float(store.get_image("c").sum()) == 0
 
 
+def test_the_certify_and_query_monitor_settings_reach_the_store_and_the_monitor(quick_bundle, mnist) -> None:
+    """`certify.store_*` bound the app's /certify store (service/app.py -> service/store.py) and
+    `query_monitor.{max_queries,memory_window_s,suspect_history}` the monitor's memory
+    (QueryMonitor.from_settings): checked on the objects, and by what they then do."""
+    import numpy as np
+
+    certify = {"store_max_images": 2, "store_max_certificates": 4, "store_max_age_s": 60}
+    monitor = {"max_queries": 123, "memory_window_s": 45, "suspect_history": 7}
+    with _started(quick_bundle, certify=certify, query_monitor=monitor) as client:
+        store = client.app.state.store
+        assert (store.images.max_items, store.certificates.max_items) == (2, 4)
+        assert store.images.max_age_s == store.certificates.max_age_s == 60
+        qm = client.app.state.runtime.monitor
+        assert qm is not None and qm.suspect_history == 7
+        assert qm.memory.cap == 123 // 2 and qm.memory.half_s == 45 / 2  # two generations of half each
+        # behaviour: /predict remembers each image it answers, 2 at most: the first of 3 is gone
+        bodies = [png(x) for x in mnist.test.x[30:33]]
+        r = client.post("/predict?pipeline=baseline", files=_files(bodies))
+        assert r.status_code == 200, r.text
+        first, last = (hashlib.sha256(b).hexdigest() for b in (bodies[0], bodies[-1]))
+        r = client.get(f"/certify?image_sha256={first}&pipeline=smoothing&n=1&n0=1")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_image", r.text
+        r = client.get(f"/certify?image_sha256={last}&pipeline=smoothing&n=1&n0=1")
+        assert r.status_code == 200 and r.json()["image_sha256"] == last, r.text
+        # the monitor remembers at most max_queries (two generations of max_queries // 2)
+        n = 300
+        qm.memory.match([f"q{i}".encode() for i in range(n)], np.arange(3 * n).reshape(n, 3))
+        assert 123 // 2 <= qm.memory.remembered() <= 123
+
+
 # --------------------------------------------------------------------------- 8. flag mode
 def test_flag_mode_answers_a_flagged_query_and_reject_mode_rejects_it(lab, mnist) -> None:
     x = mnist.test.x[20]
