@@ -46,6 +46,8 @@ def test_predict_certifies_at_the_target_radius(make_client, digits) -> None:
     assert target == 0.5 and settings["sound_noise"] is True
     for res in results:  # each answer says the target, whether it was reached and what it cost
         assert res["target_radius"] == target and 0 < res["samples"] <= n_max + settings["n0"]
+        # and the bound its radius holds with
+        assert (res["alpha"], res["sigma"]) == (settings["alpha"], settings["sigma"])
         if res["certified"]:
             assert res["status"] == "accepted" and res["certified_radius"] >= target
         elif res["status"] == "accepted":
@@ -66,6 +68,7 @@ def test_predict_certifies_at_the_target_radius(make_client, digits) -> None:
     assert r.status_code == 422
     base = client.post("/predict?pipeline=baseline", content=digits[0][0], headers=PNG).json()["results"][0]
     assert base["target_radius"] is None and base["samples"] is None and base["certified"] is None
+    assert base["alpha"] is None and base["sigma"] is None
 
 
 def test_get_certify_after_predict_and_errors(make_client, digits) -> None:

@@ -27,6 +27,10 @@ class Rendered:
     target_radius: float | None = None
     certified: bool | None = None
     samples: int | None = None
+    # the certificate's bound: the radius holds with probability >= 1 - alpha over the noise
+    # at this sigma
+    alpha: float | None = None
+    sigma: float | None = None
 
     def image_out(self, image_sha256: str) -> ImageResultOut:
         """/predict's entry for one image."""
@@ -34,7 +38,7 @@ class Rendered:
                               class_name=self.class_name, confidence=self.confidence,
                               certified_radius=self.certified_radius, rejected_by=self.rejected_by,
                               stages=self.stages, target_radius=self.target_radius, certified=self.certified,
-                              samples=self.samples)
+                              samples=self.samples, alpha=self.alpha, sigma=self.sigma)
 
 
 def rejection_out(j: Rejection) -> RejectionOut:
@@ -46,6 +50,7 @@ def render(r: ImageResult) -> Rendered:
     return Rendered(
         target_radius=cert.get("target_radius") if cert else None,
         certified=cert.get("certified") if cert else None, samples=cert.get("samples") if cert else None,
+        alpha=cert.get("alpha") if cert else None, sigma=cert.get("sigma") if cert else None,
         status=r.status, label=r.label, class_name=r.class_name,  # the pipeline sets these only when accepted
         confidence=round(r.confidence, 6) if r.confidence is not None else None,
         certified_radius=round(r.certified_radius, 6) if r.certified_radius is not None else None,

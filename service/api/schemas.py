@@ -41,6 +41,10 @@ class ImageResultOut(BaseModel):
     target_radius: float | None = None
     certified: bool | None = None
     samples: int | None = None
+    # smoothing pipelines: the bound of the certificate: it holds with probability >= 1 - alpha
+    # over the service's noise, drawn at this sigma
+    alpha: float | None = None
+    sigma: float | None = None
     rejected_by: list[RejectionOut] = Field(default_factory=list)
     stages: list[StageOut] = Field(default_factory=list)
 
