@@ -267,8 +267,9 @@ class Bundle:
 
     def unusable(self, defense: str) -> str | None:
         """Why a defense (a `defense_key`) must not be served on this bundle, or None: the
-        bundle has no section for a defense that needs one, or the quality gate found it
-        ruins clean accuracy or could not build it."""
+        bundle has no section for a defense that needs one, the quality gate found it ruins
+        clean accuracy or could not build it, or the gate enforces its verdicts on this bundle
+        and has none for it."""
         name = defense.partition(":")[0]
         if name in TRAINED_DEFENSES and name not in self.manifest.get("defenses", {}):
             q = self.quality(defense)
@@ -276,6 +277,11 @@ class Bundle:
                 return str(q["reason"])
             return f"the bundle has no {name!r} section (build it with `shieldserve train --steps {name}`)"
         q = self.quality(defense)
+        if q is None and name in TRAINED_DEFENSES and self.manifest.get("quality", {}).get("enforce"):
+            # a bundle whose gate enforces its verdicts, but not on this defense (built before
+            # the gate, or a step added without it): unmeasured is not served
+            return (f"the quality gate has not measured {defense!r} on this bundle: measure it with "
+                    f"`shieldserve train --out BUNDLE --steps quality`")
         if q is not None and not q.get("usable", True):
             return str(q.get("reason", "marked unusable by the quality gate"))
         return None

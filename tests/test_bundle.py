@@ -70,6 +70,37 @@ def test_service_refuses_to_start_on_a_tampered_bundle(quick_bundle, tmp_path):
         create_app(load_settings(bundle=b))
 
 
+def test_a_defense_the_enforcing_gate_never_measured_is_not_served(quick_bundle, tmp_path):
+    # a bundle whose quality gate enforces its verdicts serves only what it measured: a defense
+    # added without the gate (or built before it) is refused loudly, not served unmeasured
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    b = _copy(quick_bundle, tmp_path / "b")
+    m = json.loads((b / "manifest.json").read_text())
+    verdict = {"usable": True, "passes": True, "reason": "within the bound"}
+    m["quality"] = {"enforce": True, "max_accuracy_drop": 0.02,
+                    "defenses": {k: dict(verdict) for k in ("magnet", "magnet:reformer", "smoothing", "robust")}}
+    (b / "manifest.json").write_text(json.dumps(m))
+    bundle = Bundle.load(b)
+    assert bundle.unusable("magnet") is None and bundle.unusable("smoothing") is None
+    assert "has not measured 'neuralfp'" in bundle.unusable("neuralfp")
+    assert "--steps quality" in bundle.unusable("smoothing:denoised")
+    with TestClient(create_app(load_settings(bundle=b, warmup=False))) as c:
+        listed = c.get("/pipelines").json()
+        served = {p["name"] for p in listed["pipelines"]}
+        unavailable = listed["unavailable"]  # name -> why
+    assert {"magnet", "smoothing", "robust", "baseline", "default"} <= served
+    assert {"neuralfp", "defensegan", "rmc", "denoised"} <= set(unavailable)
+    assert "has not measured" in unavailable["neuralfp"]
+    # without enforcement (the quick preset's gate) nothing changes: unmeasured is served
+    m["quality"]["enforce"] = False
+    (b / "manifest.json").write_text(json.dumps(m))
+    assert Bundle.load(b).unusable("neuralfp") is None
+
+
 def test_writer_round_trip_keeps_weights_exactly(tmp_path):
     net = TinyCNN(in_channels=3, num_classes=4)
     w = BundleWriter(tmp_path / "b")
