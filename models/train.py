@@ -180,8 +180,14 @@ def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "de
             quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
             writer.save()
         log.info("step %s done in %.1fs", name, time.monotonic() - t0)
-    if "classifier" in chosen and "quality" not in chosen:  # a new bundle: the monitor on its data
-        quality.measure_monitor(writer.path, writer.manifest, ds, preset, gate)
+    if "classifier" in chosen and "quality" not in chosen:
+        # a new classifier under defenses kept from before: their verdicts (and MagNet's, squeeze's,
+        # RMC's calibrations) were about the old one; measured again with the new one, a defense
+        # that no longer holds (or refuses a classifier it was not calibrated for) is not served
+        for name in quality.STEP_KEYS:
+            if name not in chosen and name in writer.manifest.get("defenses", {}):
+                quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
+        quality.measure_monitor(writer.path, writer.manifest, ds, preset, gate)  # a new bundle: the monitor on its data
         writer.save()
     if "quality" in chosen:  # the gate alone, again, on every defense the bundle has
         t0 = time.monotonic()

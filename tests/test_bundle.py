@@ -101,6 +101,27 @@ def test_a_defense_the_enforcing_gate_never_measured_is_not_served(quick_bundle,
     assert Bundle.load(b).unusable("neuralfp") is None
 
 
+def test_a_new_classifier_under_kept_defenses_is_gated_again(quick_bundle, tmp_path, monkeypatch):
+    # `--steps classifier` on a bundle with defenses: their verdicts were about the old
+    # classifier, so the gate measures every kept defense again, with the new classifier in
+    # place (MagNet and squeeze then refuse it: their thresholds were calibrated with the old
+    # one, tests/test_magnet.py; such a refusal is recorded as unusable)
+    import models.train as train
+
+    measured: list[tuple[str, str]] = []
+    monkeypatch.setattr(train.quality, "measure", lambda path, manifest, name, *a, **k: measured.append(
+        (name, manifest["artifacts"]["classifier"]["sha256"])))
+    monkeypatch.setattr(train.quality, "measure_monitor", lambda *a, **k: measured.append(("monitor", "")))
+    b = _copy(quick_bundle, tmp_path / "b")
+    old = Bundle.load(b).artifact("classifier")["sha256"]
+    build_bundle(b, preset="quick", seed=1, steps=["classifier"], argv=[],
+                 options={"classifier": {"epochs": 1}})
+    new = Bundle.load(b).artifact("classifier")["sha256"]
+    kept = [n for n in train.quality.STEP_KEYS if n in Bundle.load(b).manifest["defenses"]]
+    assert new != old and {"magnet", "squeeze", "rmc", "smoothing"} <= set(kept)
+    assert measured == [(n, new) for n in kept] + [("monitor", "")]
+
+
 def test_writer_round_trip_keeps_weights_exactly(tmp_path):
     net = TinyCNN(in_channels=3, num_classes=4)
     w = BundleWriter(tmp_path / "b")

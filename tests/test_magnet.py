@@ -108,6 +108,19 @@ def test_options_are_checked(env):
             build(bad, env)
 
 
+def test_thresholds_calibrated_for_another_classifier_are_refused(env, monkeypatch):
+    # the joint thresholds include the divergence detectors, which read the classifier: a
+    # classifier rebuilt under them would be served with thresholds that no longer hold
+    from service.defenses.magnet import build
+
+    section = env.bundle.defense("magnet")
+    assert section["classifier_sha256"] == env.bundle.artifact("classifier")["sha256"]  # recorded at build
+    monkeypatch.setitem(section, "classifier_sha256", "0" * 64)
+    with pytest.raises(ValueError, match="another classifier"):
+        build({"reform": False}, env)
+    assert [c.role for c in build({"detectors": [], "reform": True}, env)] == ["purifier"]  # the reformer alone
+
+
 def test_http_rejection_names_detector_score_threshold(make_client, digits):
     client = make_client(pipelines=PIPELINES, default_pipeline="magnet")
     x, y, x_adv = digits

@@ -189,6 +189,8 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
     test_scores = detector_scores(ds.test.x.to(dev), aes, clf, names)
     ctx.writer.set_defense("magnet", {
         "calibration": record,
+        # the divergence detectors read the classifier: their joint thresholds hold for this one
+        "classifier_sha256": ctx.writer.manifest["artifacts"]["classifier"]["sha256"],
         "detectors": DETECTORS,
         "reformer": {"autoencoder": reformer, "clip": [0.0, 1.0], "chosen_by": r.reformer,
                      "reformed_val_accuracy": reformed_val},

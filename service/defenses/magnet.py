@@ -134,6 +134,10 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     if not names and not reform:
         raise ValueError("magnet with no detectors and reform: false does nothing")
     components: list[Component] = []
+    built_for = section.get("classifier_sha256")  # absent in bundles built before it was recorded
+    if names and built_for not in (None, env.bundle.artifact("classifier")["sha256"]):
+        raise ValueError("the magnet thresholds were calibrated jointly with another classifier (its divergence "
+                         "detectors read the classifier): rebuild them with `shieldserve train --steps magnet`")
     if names:
         needed = {DETECTORS[n]["autoencoder"] for n in names}
         aes = {ae: env.bundle.module(ae, env.device) for ae in sorted(needed)}
