@@ -7,6 +7,9 @@ function the decider samples: the certificate then covers them too (denoised smo
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -135,6 +138,15 @@ class Pipeline:
     @property
     def certifies(self) -> bool:
         return bool(getattr(self.decider, "certifies", False))
+
+    @functools.cached_property
+    def settings_digest(self) -> str:
+        """A digest of what decides this pipeline's answers: its defenses and their public
+        settings. With the bundle version it tells apart two pipelines of one name configured
+        differently (replicas sharing /certify's certificate cache, one of them sampling in
+        bfloat16 or without sound noise)."""
+        defenses = [{"defense": c.defense, "role": c.role, "settings": c.public_settings()} for c in self.components]
+        return hashlib.sha256(json.dumps(defenses, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "certifies": self.certifies,

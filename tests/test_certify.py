@@ -181,3 +181,28 @@ def test_a_store_that_blocks_is_never_called_on_the_event_loop(make_client, digi
     assert client.post("/certify?n=500&n0=20", content=other, headers=PNG).status_code == 200
     # put, get, get_certificate, put_certificate, get_certificate (cached), put, get/put_certificate
     assert store.calls >= 8 and store.on_loop == []
+
+
+def test_a_shared_certificate_cache_tells_differently_configured_pipelines_apart(quick_bundle, digits) -> None:
+    # two replicas sharing one store (Redis in production), each with a pipeline named
+    # `smoothing` but configured differently: neither is answered with the other's certificate
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import load_settings
+    from service.store import MemoryStore
+
+    store = MemoryStore()
+    body, _ = digits[2]
+    digest = hashlib.sha256(body).hexdigest()
+    q = f"/certify?image_sha256={digest}&n0=20&n=200&seed=5"
+
+    def app(**smoothing):
+        pipes = {"smoothing": {"defenses": [{"defense": "smoothing", "sigma": 0.5, **smoothing}]}}
+        return TestClient(create_app(load_settings(bundle=quick_bundle, warmup=False, pipelines=pipes), store=store))
+
+    with app() as a, app(sound=False) as b:
+        assert a.post("/predict?pipeline=smoothing", content=body, headers=PNG).status_code == 200
+        assert not a.get(q).json()["cached"] and a.get(q).json()["cached"]
+        assert not b.get(q).json()["cached"]  # same name, other settings: its own certificate
+        assert b.get(q).json()["cached"]

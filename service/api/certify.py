@@ -100,8 +100,8 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
     runtime: Runtime = request.app.state.runtime
     store = request.app.state.store
     pipeline = runtime.pipelines[name]
-    key = (digest, name, runtime.bundle.version, opts["sigma"], opts["n0"], opts["n"], opts["alpha"],
-           opts.get("radius"), opts.get("seed"))
+    key = (digest, name, pipeline.settings_digest, runtime.bundle.version, opts["sigma"], opts["n0"], opts["n"],
+           opts["alpha"], opts.get("radius"), opts.get("seed"))
     try:  # the store is a cache here: one that is down costs the caching, not the answer
         cached = await store_call(runtime, store, lambda: store.get_certificate(key))
     except StoreUnavailable:
