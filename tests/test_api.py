@@ -342,16 +342,16 @@ def test_metrics_are_collected_off_the_event_loop(quick_bundle):
 
     app = create_app(load_settings(bundle=quick_bundle, warmup=False))
     app.state.runtime.ready = True
-    app.state.runtime.metrics.blocked_clients.set_function(lambda: _time.sleep(0.8) or 0)
+    app.state.runtime.metrics.blocked_clients.set_function(lambda: _time.sleep(2.0) or 0)
 
     async def go():
         async with _asgi_client(app) as client:
             t0 = _time.monotonic()
             scrape = asyncio.ensure_future(client.get("/metrics"))
-            await asyncio.sleep(0.1)  # the scrape is collecting (on the loop, this sleep would last 0.8 s)
+            await asyncio.sleep(0.1)  # the scrape is collecting (on the loop, this sleep would last 2 s)
             health = await client.get("/healthz")
             return health, _time.monotonic() - t0, await scrape
 
     health, seconds, scrape = asyncio.run(go())
     assert health.status_code == 200 and scrape.status_code == 200
-    assert seconds < 0.6, seconds  # /healthz answered while the scrape was still collecting
+    assert seconds < 1.5, seconds  # /healthz answered while the scrape was still collecting
