@@ -145,13 +145,14 @@ class Pipeline:
         settings. With the bundle version it tells apart two pipelines of one name configured
         differently (replicas sharing /certify's certificate cache, one of them sampling in
         bfloat16 or without sound noise)."""
-        defenses = [{"defense": c.defense, "role": c.role, "settings": c.public_settings()} for c in self.components]
-        return hashlib.sha256(json.dumps(defenses, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self._defenses(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _defenses(self) -> list[dict[str, Any]]:
+        return [{"defense": c.defense, "role": c.role, "settings": c.public_settings()} for c in self.components]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "certifies": self.certifies,
-                "defenses": [{"defense": c.defense, "role": c.role, "settings": c.public_settings()}
-                             for c in self.components],
+                "defenses": self._defenses(),
                 "query_monitor": self.monitor.public() if self.monitor is not None else None}
 
     # ------------------------------------------------------------------ running

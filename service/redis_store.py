@@ -21,7 +21,7 @@ import logging
 import struct
 from collections.abc import Hashable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -38,18 +38,15 @@ def redact(url: str) -> str:
     """The URL without its password, for messages and logs: the one in the authority
     (`redis://:PW@host`) and the `password=` query parameter redis-py also reads."""
     parts = urlsplit(url)
-    query = "&".join(f"{k}=***" if k.lower() == "password" else (f"{k}={v}" if sep else k)
-                     for k, sep, v in (item.partition("=") for item in parts.query.split("&") if item))
     netloc = parts.netloc
     if parts.password is not None:
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        netloc = (f"{parts.username}:***@" if parts.username else ":***@") + host
-    if netloc == parts.netloc and query == parts.query:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = "&".join(f"{item.partition('=')[0]}=***" if item.partition("=")[0].lower() == "password" else item
+                     for item in parts.query.split("&"))
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    out = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    return out.replace(":", "://", 1) if not netloc and url.startswith(parts.scheme + "://") else out  # unix://
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 def encode_tensor(x: torch.Tensor) -> bytes:

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.architectures import (  # noqa: F401 - the networks, defined with the other builtins
-    Critic, Encoder, Generator, _ConvBody, builtin_spec,
+    Critic, Encoder, Generator, builtin_spec,
 )
 from models.recipes.common import batches, progress, seeded
 

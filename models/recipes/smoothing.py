@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.architectures import (  # noqa: F401 - the networks, defined with the other builtins
-    DnCNN, SmoothingCNN, SmoothingMLP, _small_mlp, build_architecture, builtin_spec,
+    DnCNN, SmoothingCNN, SmoothingMLP, build_architecture, builtin_spec,
 )
 from models.recipes.common import accuracy, batches, fit_keep_best, progress, random_affine, seeded
 
