@@ -293,33 +293,60 @@ class Batcher:
         if then is not None:
             then()
 
-    def _run_jobs(self, jobs: list[_Job]) -> None:
+    def _context(self, jobs: list[_Job], seed: int) -> RunContext:
         deadlines = [j.deadline for j in jobs]
+        return RunContext(device=self._device, seed=seed,
+                          deadline=None if any(d is None for d in deadlines) else max(deadlines),  # type: ignore[type-var]
+                          cancelled=lambda: all(j.future.done() for j in jobs),
+                          options=dict(jobs[0].options))
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
         seed = secrets.randbits(63)  # unpredictable: a client cannot pick the noise its image gets
-        ctx = RunContext(device=self._device, seed=seed,
-                         deadline=None if any(d is None for d in deadlines) else max(deadlines),  # type: ignore[type-var]
-                         cancelled=lambda: all(j.future.done() for j in jobs),
-                         options=dict(jobs[0].options))
+        ctx = self._context(jobs, seed)
         started = time.monotonic()
         screened: list[Any] = []
         failed: dict[int, BaseException] = {}  # job index -> what its request gets instead
+        owner = [i for i, j in enumerate(jobs) for _ in range(j.size)]
 
-        def work() -> list[ImageResult]:
+        def run(x: torch.Tensor, rows: list[int]) -> list[ImageResult | None]:
+            """The pipeline on x's `rows`. Where a batch of several requests fails, each request
+            runs again alone, so one request's images (an input that trips a defense's bug, an
+            out-of-memory the merged size reached) fail that request only, never the others
+            that shared its batch: they get the answers they would have had alone. A deadline
+            or every client gone (DeadlineExceeded) ends the whole batch as before. The cost
+            of a failure: the batch's work about twice."""
+            try:
+                return self._run(x if len(rows) == len(x) else x[rows], ctx)  # type: ignore[return-value]
+            except DeadlineExceeded:
+                raise
+            except Exception:
+                members = sorted({owner[r] for r in rows})
+                if len(members) < 2:
+                    raise
+            out: list[ImageResult | None] = []
+            for i in members:
+                mine = [r for r in rows if owner[r] == i]
+                try:
+                    got: list[ImageResult | None] = list(self._run(x[mine], self._context([jobs[i]], seed)))
+                except Exception as exc:  # noqa: BLE001 - this request's own failure (or deadline)
+                    failed[i] = exc
+                    got = [None] * len(mine)
+                out.extend(got)
+            return out
+
+        def work() -> list[ImageResult | None]:
             x = jobs[0].x if len(jobs) == 1 else torch.cat([j.x for j in jobs])
             if x.device != self._device:
                 x = x.to(self._device)
             if self._screen is None or all(j.client is None for j in jobs):
-                return self._run(x, ctx)
+                return run(x, list(range(len(x))))
             # the screen runs here, on the compute thread, for the whole batch: in a thread of
             # its own it competed with torch's threads for the cores (docs/query_monitor.md)
             answered, errors, report = self._screen(x, [(j.client, j.size) for j in jobs])
             screened.extend(report)
             failed.update((i, e) for i, e in enumerate(errors) if e is not None)
-            owner = [i for i, j in enumerate(jobs) for _ in range(j.size)]
             rows = [r for r, a in enumerate(answered) if a is None and owner[r] not in failed]
-            if len(rows) == len(answered):
-                return self._run(x, ctx)
-            ran = self._run(x[rows], ctx) if rows else []
+            ran = run(x, rows) if rows else []
             out = list(answered)
             for r, result in zip(rows, ran):
                 out[r] = result

@@ -449,3 +449,91 @@ def test_a_batch_whose_every_request_went_away_stops_at_its_next_check_and_the_b
 
     asyncio.run(main())
     assert sizes == [2, 2] and ends == ["stopped: client disconnected"]
+
+
+def test_a_request_that_fails_a_merged_batch_fails_alone_and_the_others_get_their_answers() -> None:
+    """One client's images must never change another's answer, a failure included: when a
+    batch of several requests fails, each runs again alone; the one whose images trip the
+    pipeline gets the error, the others the answers they would have had alone. A failure
+    that is not a request's own (every run of it fails) reaches every request; a deadline ends
+    the batch without running anyone again."""
+    hold = threading.Event()
+    ran: list[list[int]] = []
+
+    def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        hold.wait(5)
+        values = [int(v) for v in x[:, 0, 0, 0].tolist()]
+        ran.append(values)
+        if 13 in values:
+            raise ValueError("a defense tripped on image 13")
+        if 99 in values:
+            raise RuntimeError("the model is gone")
+        return _echo(x, ctx)
+
+    reports: list[BatchReport] = []
+
+    async def main() -> None:
+        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=16, max_delay_ms=0,
+                    on_batch=reports.append)
+        first = asyncio.ensure_future(b.submit(_img(1)))  # runs alone, held in run()
+        await asyncio.sleep(0.1)
+        queued = [asyncio.ensure_future(b.submit(_img(2, 2))),
+                  asyncio.ensure_future(b.submit(torch.cat([_img(13), _img(3)]))),
+                  asyncio.ensure_future(b.submit(_img(4)))]
+        await asyncio.sleep(0.1)
+        hold.set()
+        assert [r.label for r in await first] == [1]
+        assert [r.label for r in await queued[0]] == [2, 2]
+        with pytest.raises(ValueError, match="image 13"):
+            await queued[1]
+        assert [r.label for r in await queued[2]] == [4]
+        await b.close()
+
+    asyncio.run(main())
+    # the merged batch, then each request alone; the failing one's images nowhere else
+    assert ran == [[1], [2, 2, 13, 3, 4], [2, 2], [13, 3], [4]]
+    assert [r.label for r in reports[-1].results] == [2, 2, 4]  # what was answered, in order
+
+    ran.clear()
+
+    async def everyone_fails() -> None:
+        hold.clear()
+        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=16, max_delay_ms=0)
+        first = asyncio.ensure_future(b.submit(_img(1)))
+        await asyncio.sleep(0.1)
+        queued = [asyncio.ensure_future(b.submit(_img(99))), asyncio.ensure_future(b.submit(_img(99)))]
+        await asyncio.sleep(0.1)
+        hold.set()
+        await first
+        for q in queued:
+            with pytest.raises(RuntimeError, match="gone"):
+                await q
+        await b.close()
+
+    asyncio.run(everyone_fails())
+    assert ran == [[1], [99, 99], [99], [99]]
+
+
+def test_a_merged_batch_past_its_deadline_is_not_run_again_request_by_request() -> None:
+    calls: list[int] = []
+
+    def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        calls.append(int(x.shape[0]))
+        time.sleep(0.3 if len(calls) == 1 else 0)
+        if len(calls) > 1:
+            raise DeadlineExceeded("deadline exceeded")
+        return _echo(x, ctx)
+
+    async def main() -> None:
+        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=16, max_delay_ms=0)
+        first = asyncio.ensure_future(b.submit(_img(1)))
+        await asyncio.sleep(0.1)
+        queued = [asyncio.ensure_future(b.submit(_img(i), deadline=time.monotonic() + 5)) for i in (2, 3)]
+        await first
+        for q in queued:
+            with pytest.raises(DeadlineExceeded):
+                await q
+        await b.close()
+
+    asyncio.run(main())
+    assert calls == [1, 2]  # the merged batch once; nobody alone after it
