@@ -34,6 +34,15 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
+
+def content_version(manifest: dict[str, Any]) -> str:
+    """A bundle's version: the first 12 hex digits of the sha256 of its artifacts' hashes and
+    its defenses' sections (thresholds, calibration), so that a change to either is a new
+    version. Written by `save`, checked by `load`."""
+    hashes = sorted(f"{k}:{v['sha256']}" for k, v in manifest.get("artifacts", {}).items())
+    defenses = json.dumps(manifest.get("defenses", {}), sort_keys=True)
+    return sha256_bytes(("\n".join(hashes) + defenses).encode())[:12]
+
 class BundleError(RuntimeError):
     """A bundle that cannot be used: missing file, wrong hash, unknown format."""
 
@@ -175,6 +184,14 @@ class Bundle:
         if verify:
             for name in manifest.get("artifacts", {}):
                 bundle._read_verified(name)
+        stated, content = manifest.get("version"), content_version(manifest)
+        if stated != content:
+            # the version names what answers (responses' model_version, GET /certify's cache
+            # key): a threshold edited by hand would be served under the old name
+            raise BundleError(f"{manifest_path}: its version is {stated!r}, but its artifacts and defenses "
+                              f"give {content!r}: the manifest was changed after shieldserve saved it. "
+                              f"Rebuild the changed step (`shieldserve train --out {root} --steps ...`), or, "
+                              f"if the edit is meant, set \"version\" to {content!r}")
         return bundle
 
     def read_verified(self, name: str) -> bytes:
@@ -332,9 +349,7 @@ class BundleWriter:
         self.manifest["build"]["steps"] = steps
 
     def save(self) -> Path:
-        hashes = sorted(f"{k}:{v['sha256']}" for k, v in self.manifest["artifacts"].items())
-        defenses = json.dumps(self.manifest.get("defenses", {}), sort_keys=True)
-        self.manifest["version"] = sha256_bytes(("\n".join(hashes) + defenses).encode())[:12]
+        self.manifest["version"] = content_version(self.manifest)
         out = self.path / MANIFEST_NAME
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")

@@ -58,6 +58,30 @@ def test_missing_file_and_escaping_path_are_refused(quick_bundle, tmp_path):
         Bundle.load(b2)
 
 
+def test_a_manifest_changed_after_it_was_saved_is_refused_until_its_version_says_so(quick_bundle, tmp_path):
+    # the version names what answers (model_version, the certificate cache's key): a threshold
+    # edited by hand must not be served under the version of the thresholds it replaced
+    from models.bundle import content_version
+
+    b = _copy(quick_bundle, tmp_path / "b")
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["version"] == content_version(m)  # as saved
+    thresholds = m["defenses"]["magnet"]["calibration"]["thresholds"]
+    thresholds["reconstruction_l1"] *= 2
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="changed after shieldserve saved it") as err:
+        Bundle.load(b)
+    assert content_version(m) in str(err.value) and m["version"] in str(err.value)
+    m["version"] = content_version(m)  # the edit, owned
+    (b / "manifest.json").write_text(json.dumps(m))
+    assert Bundle.load(b).version == content_version(m) != json.loads((quick_bundle / "manifest.json").read_text())["version"]
+    # a changed artifact record too (its hash is what the version is made of)
+    m["artifacts"]["classifier"]["sha256"] = "0" * 64
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="sha256"):  # the artifact's own check speaks first
+        Bundle.load(b)
+
+
 def test_service_refuses_to_start_on_a_tampered_bundle(quick_bundle, tmp_path):
     from service.app import create_app
     from service.settings import load_settings
