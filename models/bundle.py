@@ -189,9 +189,8 @@ class Bundle:
             # the version names what answers (responses' model_version, GET /certify's cache
             # key): a threshold edited by hand would be served under the old name
             raise BundleError(f"{manifest_path}: its version is {stated!r}, but its artifacts and defenses "
-                              f"give {content!r}: the manifest was changed after shieldserve saved it. "
-                              f"Rebuild the changed step (`shieldserve train --out {root} --steps ...`), or, "
-                              f"if the edit is meant, set \"version\" to {content!r}")
+                              f"give {content!r}: the manifest was changed after shieldserve saved it. Undo the "
+                              f"change, or, if it is meant, set \"version\" to {content!r}")
         return bundle
 
     def read_verified(self, name: str) -> bytes:
