@@ -65,7 +65,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
         if settings.warmup:
             await asyncio.wrap_future(runtime.compute.submit(runtime.warmup))
         # Everything loaded so far lives as long as the process: keep it out of the garbage
-        # collector's full passes, which otherwise stall the event loop for ~100 ms under load.
+        # collector's full passes, which otherwise pause every thread (they hold the GIL) for
+        # over 100 ms every few seconds under load (docs/operations.md, bench/gc_pauses.py).
         gc.collect()
         gc.freeze()
         runtime.ready = True
