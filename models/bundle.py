@@ -34,7 +34,6 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
-
 def content_version(manifest: dict[str, Any]) -> str:
     """A bundle's version: the first 12 hex digits of the sha256 of its artifacts' hashes and
     its defenses' sections (thresholds, calibration), so that a change to either is a new
@@ -42,6 +41,7 @@ def content_version(manifest: dict[str, Any]) -> str:
     hashes = sorted(f"{k}:{v['sha256']}" for k, v in manifest.get("artifacts", {}).items())
     defenses = json.dumps(manifest.get("defenses", {}), sort_keys=True)
     return sha256_bytes(("\n".join(hashes) + defenses).encode())[:12]
+
 
 class BundleError(RuntimeError):
     """A bundle that cannot be used: missing file, wrong hash, unknown format."""

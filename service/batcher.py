@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import secrets
 import threading
 import time
@@ -41,6 +42,8 @@ import torch
 
 from service.defenses.base import DeadlineExceeded, RunContext
 from service.pipeline import ImageResult
+
+log = logging.getLogger("shieldserve")
 
 RunBatch = Callable[[torch.Tensor, RunContext], list[ImageResult]]
 # A batch's screen before its pipeline (the query monitor, service/runtime.py): given the
@@ -319,10 +322,13 @@ class Batcher:
                 return self._run(x if len(rows) == len(x) else x[rows], ctx)  # type: ignore[return-value]
             except DeadlineExceeded:
                 raise
-            except Exception:
+            except Exception as exc:
                 members = sorted({owner[r] for r in rows})
                 if len(members) < 2:
                     raise
+                # logged here: where every request then succeeds alone, no one else reports it
+                log.warning("a batch of %d requests on %r failed (%s); running each alone",
+                            len(members), self.name, type(exc).__name__)
             out: list[ImageResult | None] = []
             for i in members:
                 mine = [r for r in rows if owner[r] == i]
