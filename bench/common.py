@@ -9,6 +9,7 @@ import it cheaply.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -27,7 +28,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 
 __all__ = [
     "BENCH_DIR", "REPO_ROOT", "RESULTS_DIR", "Timer", "format_table", "log", "machine_info",
-    "now_iso", "percentile", "print_table", "summarize_latencies", "write_results",
+    "asgi_request", "now_iso", "percentile", "print_table", "summarize_latencies", "write_results",
 ]
 
 
@@ -295,3 +296,34 @@ def drive_load(server: ServerProcess, target: str, clients: int, warmup: float, 
     if proc.returncode != 0:
         raise RuntimeError(f"load driver failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
+
+
+# ---------------------------------------------------------------------------- in-process ASGI
+async def asgi_request(app: Any, method: str, path: str, body: bytes = b"", query: bytes = b"",
+                       content_type: str = "image/png", on_first: Any = None) -> list[dict]:
+    """One request through an ASGI app in-process (no sockets, no HTTP parser, no client): the
+    messages it sent back. `on_first()` runs when the first one arrives (a timeline's stamp)."""
+    sent: list[dict] = []
+    done = False
+
+    async def receive() -> dict:
+        nonlocal done
+        if not done:
+            done = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)  # the client stays: nothing disconnects mid-request
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if not sent and on_first is not None:
+            on_first()
+        sent.append(message)
+
+    headers = [(b"host", b"x")]
+    if method == "POST":
+        headers += [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query,
+             "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+    await app(scope, receive, send)
+    return sent

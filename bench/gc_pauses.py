@@ -57,27 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 pauses[-1].append(time.perf_counter())
 
     async def call(body: bytes) -> None:
-        sent: list[dict] = []
-        done = False
-
-        async def receive() -> dict:
-            nonlocal done
-            if not done:
-                done = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.sleep(3600)
-            return {"type": "http.disconnect"}
-
-        async def send(m: dict) -> None:
-            sent.append(m)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/predict", "raw_path": b"/predict",
-                 "query_string": b"pipeline=" + args.pipeline.encode(),
-                 "headers": [(b"host", b"x"), (b"content-type", b"image/png"),
-                             (b"content-length", str(len(body)).encode())],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
-        await app(scope, receive, send)
+        sent = await common.asgi_request(app, "POST", "/predict", body, b"pipeline=" + args.pipeline.encode())
         assert sent and sent[0]["status"] == 200, sent[:1]
 
     async def window(frozen: bool) -> dict:

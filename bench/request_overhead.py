@@ -53,27 +53,7 @@ def main() -> int:
                                              probabilities=[0.1] * 10) for _ in range(x.shape[0])]
 
     async def call(path: str, body: bytes, method: str) -> None:
-        sent: list[dict] = []
-        done = False
-
-        async def receive() -> dict:
-            nonlocal done
-            if not done:
-                done = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.sleep(3600)
-            return {"type": "http.disconnect"}
-
-        async def send(m: dict) -> None:
-            sent.append(m)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-                 "scheme": "http", "path": path, "raw_path": path.encode(),
-                 "query_string": b"pipeline=baseline" if method == "POST" else b"",
-                 "headers": [(b"host", b"x"), (b"content-type", b"image/png"),
-                             (b"content-length", str(len(body)).encode())],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
-        await app(scope, receive, send)
+        sent = await common.asgi_request(app, method, path, body, b"pipeline=baseline" if method == "POST" else b"")
         assert sent[0]["status"] == 200, sent
 
     rows = []
