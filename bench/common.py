@@ -28,7 +28,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 
 __all__ = [
     "BENCH_DIR", "REPO_ROOT", "RESULTS_DIR", "Timer", "format_table", "log", "machine_info",
-    "asgi_request", "now_iso", "percentile", "print_table", "summarize_latencies", "write_results",
+    "asgi_request", "digit_pngs", "now_iso", "percentile", "print_table", "summarize_latencies", "write_results",
 ]
 
 
@@ -296,6 +296,16 @@ def drive_load(server: ServerProcess, target: str, clients: int, warmup: float, 
     if proc.returncode != 0:
         raise RuntimeError(f"load driver failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
+
+
+# ---------------------------------------------------------------------------- request bodies
+def digit_pngs(n: int | None = None) -> list[bytes]:
+    """The first n digits of mnist5k's test split (all of them with None), each as the PNG a
+    client would upload (the code of whichever checkout the script put on the path)."""
+    from models.datasets import load_dataset
+    from service.imaging import encode_png
+
+    return [encode_png(img) for img in load_dataset("mnist5k").test.x[:n]]
 
 
 # ---------------------------------------------------------------------------- in-process ASGI

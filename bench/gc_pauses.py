@@ -38,14 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out")
     args = p.parse_args(argv)
 
-    from models.datasets import load_dataset
     from service.app import create_app
-    from service.imaging import encode_png
     from service.settings import load_settings
 
     logging.disable(logging.INFO)
     started = common.now_iso()
-    bodies = [encode_png(x) for x in load_dataset("mnist5k").test.x[:64]]
+    bodies = common.digit_pngs(64)
     app = create_app(load_settings(bundle=args.bundle, log_level="warning"))
     pauses: list[list[float]] = []
 

@@ -77,10 +77,7 @@ def old_tree(args: argparse.Namespace, workdir: Path) -> Path:
 
 
 def requests_for(pipelines: list[str], n: int) -> dict[str, list[bytes]]:
-    from models.datasets import load_dataset
-    from service.imaging import encode_png
-
-    pngs = [encode_png(img) for img in load_dataset("mnist5k").test.x[:n]]
+    pngs = common.digit_pngs(n)
     host = b"Host: 127.0.0.1\r\n"
     return {p: [b"POST /predict?pipeline=" + p.encode() + b" HTTP/1.1\r\n" + host
                 + b"Content-Type: image/png\r\nContent-Length: " + str(len(png)).encode() + b"\r\n\r\n" + png

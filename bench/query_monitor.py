@@ -88,10 +88,7 @@ async def _round(url: str, pipeline: str, bodies: list[bytes], clients: int, sec
 def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     import httpx
 
-    from models.datasets import load_dataset
-    from service.imaging import encode_png
-
-    bodies = [encode_png(img) for img in load_dataset("mnist5k").test.x]
+    bodies = common.digit_pngs()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         port = _free_port()

@@ -37,16 +37,14 @@ def main() -> int:
     import torch
 
     import common
-    from models.datasets import load_dataset
     from service.app import create_app
-    from service.imaging import encode_png
     from service.pipeline import ImageResult
     from service.settings import load_settings
 
     torch.set_num_threads(1)
     logging.disable(logging.INFO)
     started = common.now_iso()
-    bodies = [encode_png(x) for x in load_dataset("mnist5k").test.x[:64]]
+    bodies = common.digit_pngs(64)
     app = create_app(load_settings(bundle=args.bundle, warmup=False, log_level="warning"))
     for b in app.state.runtime.batchers.values():  # the stub: no model, same result shape
         b._run = lambda x, ctx: [ImageResult(status="accepted", label=1, class_name="1", confidence=0.9,

@@ -51,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import service.batcher as batcher_mod
-    from models.datasets import load_dataset
     from service.app import create_app
-    from service.imaging import encode_png
     from service.pipeline import Pipeline
     from service.runtime import Runtime
     from service.settings import load_settings
@@ -88,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     Pipeline.run = stamp_at("run", Pipeline.run, end="ran")  # type: ignore[method-assign]
     batcher_mod._settle = stamp_at("settle", batcher_mod._settle)
 
-    bodies = [encode_png(x) for x in load_dataset("mnist5k").test.x[:64]]
+    bodies = common.digit_pngs(64)
     app = create_app(load_settings(bundle=args.bundle, log_level="warning"))
 
     async def call(pipeline: str, body: bytes) -> None:
