@@ -298,6 +298,21 @@ def drive_load(server: ServerProcess, target: str, clients: int, warmup: float, 
     return json.loads(proc.stdout)
 
 
+def write_requests(path: Path, requests: Mapping[str, Sequence[bytes]]) -> None:
+    """The raw HTTP requests for the load driver, per target, as JSON with base64 bodies (the
+    project never unpickles a file, a bench's own temp files included)."""
+    import base64
+
+    path.write_text(json.dumps({target: [base64.b64encode(r).decode("ascii") for r in reqs]
+                                for target, reqs in requests.items()}))
+
+
+def read_requests(path: Path, target: str) -> list[bytes]:
+    import base64
+
+    return [base64.b64decode(r) for r in json.loads(Path(path).read_text())[target]]
+
+
 # ---------------------------------------------------------------------------- request bodies
 def digit_pngs(n: int | None = None) -> list[bytes]:
     """The first n digits of mnist5k's test split (all of them with None), each as the PNG a

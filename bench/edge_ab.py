@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import statistics
 import sys
 import tempfile
@@ -97,11 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 server = Server(codes[label], Path(args.bundle), True, 64, 2.0, work)
                 try:
                     server.wait_ready()
-                    rf = work / f"requests-{server.port}.pkl"
-                    with open(rf, "wb") as f:
-                        pickle.dump({k: [r.replace(serving._HOST_PLACEHOLDER,
-                                                   f"Host: {serving.HOST}:{server.port}".encode()) for r in v]
-                                     for k, v in requests.items()}, f)
+                    rf = work / f"requests-{server.port}.json"
+                    common.write_requests(rf, {k: [r.replace(serving._HOST_PLACEHOLDER,
+                                                             f"Host: {serving.HOST}:{server.port}".encode()) for r in v]
+                                               for k, v in requests.items()})
                     for target in targets:
                         r = serving.drive(server, target, args.clients, drive_args, work, rf)
                         windows.append({"round": rnd, "code": label, "target": target, "clients": args.clients,

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -189,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="shieldserve-kserve-") as tmp:
         workdir = Path(tmp)
         requests, _ = _requests(64)
-        requests_file = workdir / "requests.pkl"
-        requests_file.write_bytes(pickle.dumps(requests))
+        requests_file = workdir / "requests.json"
+        common.write_requests(requests_file, requests)
         model = workdir / "classifier.pt"
         kind = _export_classifier(Path(args.bundle), model)
         base_env = {k: v for k, v in os.environ.items()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import subprocess
 import sys
 import tarfile
@@ -104,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, windows = [], []
     with tempfile.TemporaryDirectory(prefix="shieldserve-pipelines-") as tmp:
         workdir = Path(tmp)
-        requests_file = workdir / "requests.pkl"
-        requests_file.write_bytes(pickle.dumps(requests_for(pipelines, 64)))
+        requests_file = workdir / "requests.json"
+        common.write_requests(requests_file, requests_for(pipelines, 64))
         old = old_tree(args, workdir)
         servers = {"old": server("old", old, bundle, workdir, args.torch_threads),
                    "new": server("new", common.REPO_ROOT, bundle, workdir, args.torch_threads)}

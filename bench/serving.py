@@ -45,7 +45,6 @@ import asyncio
 import http.client
 import json
 import os
-import pickle
 import resource
 import signal
 import socket
@@ -216,8 +215,7 @@ async def _connect(load: _Load, index: int, loop: asyncio.AbstractEventLoop, por
 
 
 async def _drive_async(cfg: dict[str, Any]) -> dict[str, Any]:
-    with open(cfg["requests_file"], "rb") as f:
-        requests: list[bytes] = pickle.load(f)[cfg["target"]]
+    requests = common.read_requests(cfg["requests_file"], cfg["target"])
     loop = asyncio.get_running_loop()
     load = _Load(requests, cfg["clients"])
     load.all_closed = loop.create_future()
@@ -522,10 +520,10 @@ def run_server_phases(bundle: Path, batching: bool, args: argparse.Namespace, wo
     try:
         ready = server.wait_ready()
         common.log(f"server (batching {label}) ready on port {server.port} after {ready:.1f}s")
-        requests_file = workdir / f"requests-{server.port}.pkl"
-        with open(requests_file, "wb") as f:  # the Host header names this server's port
-            pickle.dump({k: [r.replace(_HOST_PLACEHOLDER, f"Host: {HOST}:{server.port}".encode())
-                             for r in v] for k, v in requests.items()}, f)
+        requests_file = workdir / f"requests-{server.port}.json"
+        common.write_requests(requests_file,  # the Host header names this server's port
+                              {k: [r.replace(_HOST_PLACEHOLDER, f"Host: {HOST}:{server.port}".encode()) for r in v]
+                               for k, v in requests.items()})
         # sanity: one request answers 200 with one accepted-or-not result
         status, body = server.post(f"/predict?pipeline={PIPELINE}", args.sample_png, "image/png")
         if status != 200:
