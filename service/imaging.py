@@ -26,8 +26,15 @@ Safety, in the order the checks run
        text in all (Pillow's ``PngImagePlugin`` limits, lowered at import; see below); past
        them the file is 400 ``invalid_image``; so is a PNG of more than 4,096 chunks or 16
        compressed ones (``png_chunk_excess``), which Pillow would walk or inflate at length.
+       A JPEG with more than 64 markers before its first scan, more than 256 KiB of APPn/COM
+       payload there, more than 1,024 stray or fill bytes between its markers, or more than 64
+       scans is 400 as well (``jpeg_marker_excess``): Pillow walks the part before the first
+       scan byte by byte and marker by marker, and libjpeg decodes every scan over the image.
     6. Decoding (``load()``) runs inside a handler that turns every decoder failure -
        truncated data, bad CRC, malformed headers - into 400 ``invalid_image``.
+    7. :func:`decode_batch` opens every image of a request (headers only) before decoding any,
+       and refuses (413 ``payload_too_large``) a request whose images declare more pixels in
+       all than its ``max_request_pixels``.
 
 Orientation
     A JPEG's EXIF orientation tag is applied (``ImageOps.exif_transpose``), so a photo looks
@@ -73,11 +80,11 @@ import io
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 from models.bundle import InputSpec
 
@@ -104,6 +111,7 @@ __all__ = [
 ]
 
 RESIZE_POLICIES = ("resize", "pad", "reject")
+_T = TypeVar("_T")
 
 # Declared content types that name an image format, mapped to Pillow's format name. Whether a
 # type is *accepted* depends on ImageLimits.formats; this table only says what it means.
@@ -322,6 +330,96 @@ def png_chunk_excess(data: bytes) -> str | None:
     return None
 
 
+# Pillow's JpegImagePlugin reads everything before the first scan (SOS) in Python: one loop
+# step per marker, each APPn/COM segment kept in a list (a 28x28 JPEG with 100,000 four-byte
+# COM markers took 0.22 s and ~17x its size in memory; 4 MiB of them ~1 s), and one step per
+# stray or 0xFF fill byte between markers (4 MiB of fill bytes: 3 s). Real files are far
+# inside these bounds: libjpeg, cameras and phones write fewer than 20 markers before the
+# scan, no stray bytes, and at most a few 64 KiB EXIF/XMP/ICC segments of metadata; 256 KiB
+# is also the text a PNG may carry (MAX_TEXT_MEMORY above). Past any of them: 400.
+MAX_JPEG_MARKERS = 64  # markers after SOI up to and including the first SOS
+MAX_JPEG_METADATA_BYTES = 256 * 1024  # APPn and COM payload before the first SOS
+MAX_JPEG_STRAY_BYTES = 1024  # bytes between markers that are no marker (junk, fill, FF00)
+# libjpeg (in C, past Pillow's loop) runs every scan of a progressive JPEG over the whole
+# image: 12-19 ms a scan at 4096x4096 here, and a 4 MiB file of one 16-byte scan of a
+# 2048x2048 image repeated (261k scans) ran for over 5 minutes. libjpeg writes 6 (gray) or 10
+# (colour) scans; counting every SOS marker in the file (0xFFDA cannot occur inside scan data)
+# also counts EXIF thumbnails and the MPO or gain-map images appended after EOI, still well
+# below 64. At the bound the scans of a max_pixels image cost at most ~1.2 s.
+MAX_JPEG_SCANS = 64
+_JPEG_SOS = 0xDA
+_JPEG_METADATA = frozenset(range(0xE0, 0xF0)) | {0xFE}  # APP0-APP15, COM
+
+
+def jpeg_marker_counts(data: bytes, stop: int = MAX_JPEG_MARKERS + 1,
+                       stop_stray: int = MAX_JPEG_STRAY_BYTES + 1) -> tuple[int, int, int]:
+    """(markers, APPn/COM payload bytes, stray bytes) of a JPEG after its SOI, up to and
+    including its first SOS, counted up to `stop` markers or `stop_stray` stray bytes.
+
+    Steps over the bytes as JpegImagePlugin's ``_open`` does (a 0xFF fill byte or FF00 is
+    skipped, a marker Pillow lists without a handler has no length, any other reads a 16-bit
+    length, a marker Pillow does not know ends its walk with an error) and stops where Pillow
+    would stop or fail, so it never says a file is well formed (Pillow decides that).
+    tests/test_imaging.py checks on generated marker sequences that Pillow never reads more
+    than this counts.
+    """
+    pos, end = 2, len(data)
+    markers = payload = stray = 0
+    table = JpegImagePlugin.MARKER  # Pillow's own: which markers it knows, which have a length
+    while pos + 1 < end and markers < stop and stray < stop_stray:
+        if data[pos] != 0xFF:  # junk: Pillow reads it a byte at a time
+            nxt = data.find(b"\xff", pos, pos + stop_stray - stray)
+            taken = (min(end, pos + stop_stray - stray) if nxt < 0 else nxt) - pos
+            stray += taken
+            pos += taken
+            continue
+        code = data[pos + 1]
+        if code == 0xFF:  # a fill byte; the next 0xFF may start the marker
+            stray += 1
+            pos += 1
+            continue
+        if code == 0x00:  # an escaped 0xFF outside a scan: Pillow skips the pair
+            stray += 2
+            pos += 2
+            continue
+        entry = table.get(0xFF00 | code)
+        if entry is None:  # "no marker found": Pillow refuses the file here
+            break
+        markers += 1
+        if entry[2] is None:  # RSTn, SOI, EOI, JPGn: no length, Pillow reads on
+            pos += 2
+            continue
+        if pos + 4 > end:
+            break
+        length = max(0, (data[pos + 2] << 8 | data[pos + 3]) - 2)
+        if code in _JPEG_METADATA:
+            payload += length
+        if code == _JPEG_SOS:
+            break
+        pos += 4 + length
+    return markers, payload, stray
+
+
+def jpeg_marker_excess(data: bytes) -> str | None:
+    """Why a JPEG has too many markers, too much metadata or too many stray bytes before its
+    first scan for Pillow to open cheaply, or too many scans for libjpeg to decode cheaply; or
+    None. Costs at most MAX_JPEG_MARKERS + MAX_JPEG_STRAY_BYTES Python steps and two passes
+    in C (a find over MAX_JPEG_STRAY_BYTES bytes, a count over the file)."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    markers, payload, stray = jpeg_marker_counts(data)
+    if markers > MAX_JPEG_MARKERS:
+        return f"the JPEG has more than {MAX_JPEG_MARKERS} markers before its image data"
+    if payload > MAX_JPEG_METADATA_BYTES:
+        return (f"the JPEG carries more than {MAX_JPEG_METADATA_BYTES // 1024} KiB of metadata "
+                f"(APPn/COM segments)")
+    if stray > MAX_JPEG_STRAY_BYTES:
+        return f"the JPEG has more than {MAX_JPEG_STRAY_BYTES} stray bytes between its markers"
+    if data.count(b"\xff\xda") > MAX_JPEG_SCANS:  # one C pass over the bytes
+        return f"the JPEG has more than {MAX_JPEG_SCANS} scans"
+    return None
+
+
 def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
     """Decode one upload to a float32 tensor of shape ``spec.shape`` with values in [0, 1].
 
@@ -333,8 +431,13 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Ten
 
 def _decode_guarded(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
     """`_decode` with every failure mapped to an ImageError."""
+    return _guarded(_decode, data, spec, limits)
+
+
+def _guarded(fn: Callable[..., _T], *args: Any) -> _T:
+    """`fn(*args)` with every failure mapped to an ImageError."""
     try:
-        return _decode(data, spec, limits)
+        return fn(*args)
     except ImageError:
         raise
     except Image.DecompressionBombError:
@@ -347,10 +450,19 @@ def _decode_guarded(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.nda
 
 def _decode(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
     """The float32 (C, H, W) pixels in [0, 1] (numpy; the caller makes the tensor)."""
+    im = _open_checked(data, limits)
+    try:
+        return _pixels(im, spec, limits)
+    finally:
+        im.close()
+
+
+def _open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
+    """The upload opened on its frame 0, header read and no pixel decoded, having passed every
+    check that needs no decoding (bytes, format, chunks or markers, pixels, frames)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise _invalid("the upload is not a byte string")
     data = bytes(data)
-    channels, height, width = (int(v) for v in spec.shape)
     if len(data) == 0:
         raise _invalid("the upload is empty (zero bytes)")
     if len(data) > limits.max_bytes:
@@ -361,10 +473,10 @@ def _decode(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
         raise _unsupported(f"{sniffed} images are not accepted; "
                            f"send one of {', '.join(limits.formats)}")
 
-    if sniffed == "PNG":
-        excess = png_chunk_excess(data)
-        if excess is not None:
-            raise _invalid(excess)
+    excess = (png_chunk_excess(data) if sniffed == "PNG" else
+              jpeg_marker_excess(data) if sniffed == "JPEG" else None)
+    if excess is not None:
+        raise _invalid(excess)
     im = _open(data, limits)
     try:
         if not limits.accepts(im.format):
@@ -387,16 +499,23 @@ def _decode(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
             if im.size[0] * im.size[1] > limits.max_pixels:
                 raise _too_large(f"frame 0 is {im.size[0]}x{im.size[1]} pixels; "
                                  f"the limit is {limits.max_pixels} pixels")
-        _load(im)
-        if im.mode == "L" and channels == 1 and im.size == (width, height):
-            # the common case (a gray image of the model's size): straight to a tensor, the
-            # same numbers as the general path (uint8 / 255 in float32), a third of its cost
-            pixels = np.frombuffer(im.tobytes(), dtype=np.uint8).reshape(1, height, width)
-            return pixels / np.float32(255.0)
-        oriented = _exif_transpose(im)
-        planes = _to_planes(oriented, channels)
-    finally:
+    except BaseException:
         im.close()
+        raise
+    return im
+
+
+def _pixels(im: Image.Image, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
+    """Decode an image `_open_checked` opened into float32 (C, H, W) pixels in [0, 1]."""
+    channels, height, width = (int(v) for v in spec.shape)
+    _load(im)
+    if im.mode == "L" and channels == 1 and im.size == (width, height):
+        # the common case (a gray image of the model's size): straight to a tensor, the
+        # same numbers as the general path (uint8 / 255 in float32), a third of its cost
+        pixels = np.frombuffer(im.tobytes(), dtype=np.uint8).reshape(1, height, width)
+        return pixels / np.float32(255.0)
+    oriented = _exif_transpose(im)
+    planes = _to_planes(oriented, channels)
     return _fit(planes, height, width, limits.resize)
 
 
@@ -564,29 +683,57 @@ def _fit(planes: np.ndarray, height: int, width: int, policy: str) -> np.ndarray
 
 
 def decode_batch(items: Sequence[tuple[bytes, str | None]], spec: InputSpec, limits: ImageLimits,
-                 max_images: int) -> torch.Tensor:
+                 max_images: int, max_request_pixels: int | None = None) -> torch.Tensor:
     """Decode several uploads (bytes, declared content type) into one (N, C, H, W) tensor.
 
     All-or-nothing: the first refused item refuses the request, and its error message starts
     with ``file i:`` where i is the item's 0-based position in the upload (the same index its
     result would have had in the response's ``results`` list).
+
+    Every item is opened (its header read, its header checks passed) before any is decoded, so
+    a request whose images declare more than ``max_request_pixels`` pixels (width x height) in
+    all is refused (413) having decoded nothing: each image may be up to ``limits.max_pixels``,
+    and decoding ``max_images`` of those is tens of seconds of CPU. None: no bound beyond the
+    per-image ones. (So a header refused in file 3 is named before broken pixels in file 1.)
     """
     n = len(items)
     if n == 0:
         raise _invalid("the request contains no image")
     if n > max_images:
         raise _too_large(f"the request contains {n} images; the limit is {max_images} per request")
-    arrays = []
-    for i, item in enumerate(items):
-        try:
-            data, content_type = item
-            check_content_type(content_type, limits)
-            arrays.append(_decode_guarded(data, spec, limits))
-        except ImageError as exc:
-            raise ImageError(exc.status, exc.code, f"file {i}: {exc.message}") from None
-        except Exception as exc:  # noqa: BLE001 - a malformed item tuple, say
-            raise _invalid(f"file {i}: the upload could not be read ({type(exc).__name__})") from None
+    opened: list[Image.Image] = []
+    try:
+        total = 0
+        for i, item in enumerate(items):
+            try:
+                data, content_type = item
+                check_content_type(content_type, limits)
+                im = _guarded(_open_checked, data, limits)
+            except Exception as exc:  # noqa: BLE001 - a malformed item tuple, say
+                raise _numbered(i, exc) from None
+            opened.append(im)
+            total += im.size[0] * im.size[1]
+            if max_request_pixels is not None and total > max_request_pixels:
+                held = "file 0 holds" if i == 0 else f"files 0 to {i} hold"
+                raise _too_large(f"{held} {total} pixels (width x height) in all; the limit is "
+                                 f"{max_request_pixels} pixels per request: send fewer or smaller images")
+        arrays = []
+        for i, im in enumerate(opened):
+            try:
+                arrays.append(_guarded(_pixels, im, spec, limits))
+            except ImageError as exc:
+                raise _numbered(i, exc) from None
+    finally:
+        for im in opened:
+            im.close()
     return torch.from_numpy(arrays[0][None] if n == 1 else np.stack(arrays))
+
+
+def _numbered(i: int, exc: Exception) -> ImageError:
+    """The refusal of item i, its message prefixed with ``file i:``."""
+    if isinstance(exc, ImageError):
+        return ImageError(exc.status, exc.code, f"file {i}: {exc.message}")
+    return _invalid(f"file {i}: the upload could not be read ({type(exc).__name__})")
 
 
 def encode_png(x: torch.Tensor) -> bytes:

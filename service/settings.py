@@ -76,7 +76,7 @@ class QueryMonitorConfig(Section):
     suspect_history: int = Field(128, ge=1, description="a suspect's last queries kept for the suspect_linf check")
     store: Literal["memory", "redis"] = Field(
         "memory", description="memory: per process; redis: one store for every replica")
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field("redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     redis_prefix: str = "shieldserve:"
     secret: SecretStr | None = Field(
         None, description="hashing key; unset: random per process (memory) or agreed once in Redis (redis)")
@@ -87,6 +87,13 @@ class LimitsConfig(Section):
     max_image_bytes: int = Field(4 * 1024 * 1024, gt=0, description="largest encoded image")
     max_pixels: int = Field(4096 * 4096, gt=0, description="width*height, checked before decoding")
     max_images_per_request: int = Field(64, gt=0)
+    # 4096 * 4096, one max_pixels image's worth: 64 images of 512x512 (digits, thumbnails), or
+    # one photo of up to 16.7 MP. Decoding and resizing cost ~10-30 ns a pixel, so this is
+    # under half a second of one worker per request; without it, 64 images at max_pixels (a
+    # 3 MB body of all-black PNGs) were ~30 s of worker CPU.
+    max_request_pixels: int = Field(
+        4096 * 4096, gt=0, description="width*height summed over a request's images, read from their headers "
+                                       "before any is decoded (413 above)")
     formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG"])
     resize: Literal["resize", "pad", "reject"] = "resize"
 
@@ -137,7 +144,8 @@ class CertifyConfig(Section):
     store_max_age_s: float = Field(3600.0, gt=0, description="older entries are forgotten")
     store: Literal["memory", "redis"] = Field(
         "memory", description="memory: per process; redis: shared by every replica (GET /certify on any)")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="the Redis of store=redis")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="the Redis of store=redis",
+                           repr=False)  # may hold a password
     redis_prefix: str = Field("shieldserve:", description="prefix of every key store=redis writes")
 
 

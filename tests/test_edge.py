@@ -193,6 +193,106 @@ def test_finding_4_compressed_v2_bodies_inflate_off_the_loop_within_the_limit(cl
     assert_contract_error(client.post(INFER, content=body, headers={"content-encoding": "br"}), 415)
 
 
+def test_predict_hashes_uploads_off_the_event_loop(client, digit, monkeypatch):
+    """The sha256 of every upload (up to the 8 MiB body limit of bytes) is taken in the worker
+    thread that decodes the images, not in the async handler; the answer carries it."""
+    import hashlib
+
+    import service.api.predict as predict
+
+    on_loop: list[bool] = []
+    real = predict.upload_digests
+
+    def spy(*a):  # type: ignore[no-untyped-def]
+        on_loop.append(on_event_loop())
+        return real(*a)
+
+    monkeypatch.setattr(predict, "upload_digests", spy)
+    r = client.post("/predict", content=digit, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["image_sha256"] == hashlib.sha256(digit).hexdigest()
+    other = _black_png(28, 28)
+    r = client.post("/predict", content=multipart(part(digit), part(other)), headers={"content-type": CT})
+    assert r.status_code == 200, r.text
+    assert [x["image_sha256"] for x in r.json()["results"]] == [hashlib.sha256(d).hexdigest() for d in (digit, other)]
+    assert on_loop == [False, False], on_loop
+
+
+def _black_png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_predict_bounds_the_pixels_of_a_request(client):
+    """limits.max_request_pixels (default 4096 x 4096): 64 images of 512 x 512 are exactly at
+    it and are answered; 512 pixels more is 413 before any decode; so are the 64 all-black
+    4096 x 4096 PNGs (a 1 MB body, ~30 s of decoding before) - at once."""
+    import time
+
+    limits = client.app.state.settings.limits
+    assert limits.max_request_pixels == 4096 * 4096 == 64 * 512 * 512 and limits.max_images_per_request == 64
+    small, taller = _black_png(512, 512), _black_png(512, 513)
+    r = client.post("/predict", content=multipart(*[part(small)] * 64), headers={"content-type": CT})
+    assert r.status_code == 200 and len(r.json()["results"]) == 64, r.text[:300]
+    r = client.post("/predict", content=multipart(*[part(small)] * 63, part(taller)), headers={"content-type": CT})
+    assert_contract_error(r, 413)
+    assert r.json()["error"]["code"] == "payload_too_large" and str(4096 * 4096) in r.json()["error"]["message"]
+    huge = _black_png(4096, 4096)
+    assert client.post("/predict", content=huge, headers={"content-type": "image/png"}).status_code == 200
+    started = time.perf_counter()
+    r = client.post("/predict", content=multipart(*[part(huge)] * 64), headers={"content-type": CT})
+    assert_contract_error(r, 413)
+    assert time.perf_counter() - started < 5.0  # two headers read, nothing decoded; ~30 s before
+
+
+def test_multipart_text_fields_are_bounded(client, digit):
+    """A text field is held to MAX_FORM_FIELD_BYTES (Starlette's max_part_size, passed
+    explicitly): at the bound the request is answered (the field is ignored), one byte more is
+    413 with the contract's body. File parts are not held to it."""
+    from service.api.predict import MAX_FORM_FIELD_BYTES
+
+    def with_note(size: int) -> bytes:
+        note = b"--" + B.encode() + b'\r\nContent-Disposition: form-data; name="note"\r\n\r\n' + b"n" * size + b"\r\n"
+        return multipart(note, part(digit))
+
+    assert client.post("/predict", content=with_note(MAX_FORM_FIELD_BYTES), headers={"content-type": CT}).status_code == 200
+    r = client.post("/predict", content=with_note(MAX_FORM_FIELD_BYTES + 1), headers={"content-type": CT})
+    assert_contract_error(r, 413)
+    assert "text field" in r.json()["error"]["message"]
+    big = _black_png(1200, 1200) + b"\0" * (MAX_FORM_FIELD_BYTES + 1)  # trailing bytes: Pillow ignores them
+    assert client.post("/predict", content=multipart(part(big)), headers={"content-type": CT}).status_code == 200
+
+
+def test_multipart_part_headers_are_bounded(client, digit):
+    """python-multipart's limits on a part's headers, which Starlette cannot pass on and this
+    test pins: MULTIPART_MAX_HEADER_COUNT lines of up to MULTIPART_MAX_HEADER_SIZE bytes are
+    answered; one line more, or one byte more in a line, is 400 with the contract's body."""
+    from python_multipart import multipart as pm
+
+    from service.api.predict import MULTIPART_MAX_HEADER_COUNT, MULTIPART_MAX_HEADER_SIZE
+
+    assert (pm.DEFAULT_MAX_HEADER_COUNT, pm.DEFAULT_MAX_HEADER_SIZE) == (MULTIPART_MAX_HEADER_COUNT,
+                                                                       MULTIPART_MAX_HEADER_SIZE)
+
+    def post(extra: list[bytes]):  # type: ignore[no-untyped-def]
+        head = b'Content-Disposition: form-data; name="file"; filename="d.png"\r\nContent-Type: image/png'
+        body = b"--" + B.encode() + b"\r\n" + b"".join(h + b"\r\n" for h in [head] + extra)
+        return client.post("/predict", content=body + b"\r\n" + digit + b"\r\n--" + B.encode() + b"--\r\n",
+                           headers={"content-type": CT})
+
+    room = MULTIPART_MAX_HEADER_COUNT - 2  # Content-Disposition and Content-Type are two
+    assert post([b"X-A: b"] * room).status_code == 200
+    r = post([b"X-A: b"] * (room + 1))
+    assert_contract_error(r, 400)
+    assert "header count" in r.json()["error"]["message"]
+    line = b"X-Pad: " + b"v" * (MULTIPART_MAX_HEADER_SIZE - 7)
+    assert len(line) == MULTIPART_MAX_HEADER_SIZE and post([line]).status_code == 200
+    r = post([line + b"v"])
+    assert_contract_error(r, 400)
+    assert "header size" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("case", [
     "shape overflow", "negative dim", "huge batch", "wrong datatype", "unknown datatype", "bool shape",
     "float shape", "header length past the body", "negative header length", "header length not a number",

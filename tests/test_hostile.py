@@ -9,6 +9,7 @@ Expected answers (limits: PNG and JPEG allowed, max_image_bytes 64 KiB for this 
     GIF (animated or not), BMP, TIFF, WebP: formats not allowed          415 unsupported_media_type
     text/plain, application/json, image/svg+xml declared                 415 unsupported_media_type
     animated PNG (APNG, several frames)                                  400 invalid_image
+    JPEG flooded with COM markers, fill bytes or repeated scans          400 invalid_image
     16-bit grayscale PNG, CMYK JPEG, palette PNG with alpha,
     LA / RGBA PNG, bilevel PNG, a 1 x 1 PNG, a PNG declared as
     application/octet-stream                                             200, decoded
@@ -63,6 +64,20 @@ def _huge_jpeg_header(good_jpeg: bytes) -> bytes:
     return bytes(data)
 
 
+def _jpeg_floods(good_jpeg: bytes, progressive_jpeg: bytes) -> dict[str, bytes]:
+    """A digit's JPEG with (within MAX_IMAGE_BYTES) 7,000 COM markers or 60,000 fill bytes
+    after its APP0 segment, or its progressive twin with its last scan repeated to fill it."""
+    at = 4 + int.from_bytes(good_jpeg[4:6], "big")
+    last = progressive_jpeg[progressive_jpeg.rfind(b"\xff\xda"):-2]
+    repeats = (MAX_IMAGE_BYTES - len(progressive_jpeg)) // len(last)
+    assert repeats > 100
+    return {
+        "jpeg com flood": good_jpeg[:at] + b"\xff\xfe\x00\x06abcd" * 7_000 + good_jpeg[at:],
+        "jpeg fill flood": good_jpeg[:at] + b"\xff" * 60_000 + good_jpeg[at:],
+        "jpeg scan flood": progressive_jpeg[:-2] + last * repeats + progressive_jpeg[-2:],
+    }
+
+
 def _apng(mnist) -> bytes:
     a = _digit_img(mnist)
     b = Image.fromarray(255 - np.asarray(a))
@@ -88,7 +103,10 @@ def corpus(mnist) -> dict[str, tuple[bytes, str, int, str | None]]:
     noise = np.random.default_rng(0).integers(0, 256, size=(300, 300), dtype=np.uint8)
     incompressible = _save(Image.fromarray(noise), "PNG", compress_level=0)
     assert MAX_IMAGE_BYTES < len(incompressible) < MAX_BODY_BYTES
+    floods = _jpeg_floods(good_jpeg, _save(digit, "JPEG", quality=90, progressive=True))
+    assert all(len(data) <= MAX_IMAGE_BYTES for data in floods.values())
     return {
+        **{name: (data, "image/jpeg", 400, "invalid_image") for name, data in floods.items()},
         "truncated png": (good_png[: len(good_png) // 2], "image/png", 400, "invalid_image"),
         "truncated jpeg": (good_jpeg[: len(good_jpeg) // 2], "image/jpeg", 400, "invalid_image"),
         "png header only": (good_png[:16], "image/png", 400, "invalid_image"),
@@ -171,7 +189,8 @@ def test_one_hostile_part_fails_the_request_with_its_code(client, hostile, mnist
 
 
 def test_certify_gets_the_same_answers(client, hostile):
-    for name in ("truncated png", "decompression bomb", "animated gif", "zero bytes", "cmyk jpeg", "16-bit png"):
+    for name in ("truncated png", "decompression bomb", "animated gif", "zero bytes", "cmyk jpeg", "16-bit png",
+                 "jpeg com flood"):
         data, ctype, status, code = hostile[name]
         r = client.post("/certify?pipeline=smoothing&n=100&n0=16", content=data, headers={"content-type": ctype})
         assert r.status_code < 500 and r.status_code == status, (name, r.text)

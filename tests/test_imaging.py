@@ -299,6 +299,39 @@ def test_decode_batch() -> None:
     assert info.value.to_json()["error"]["code"] == "unsupported_media_type"
 
 
+def test_decode_batch_bounds_the_pixels_of_a_request_before_decoding(monkeypatch) -> None:
+    """max_request_pixels bounds width x height summed over the items, read from their headers:
+    at the bound the batch decodes; one pixel over, it is 413 with nothing decoded, and the
+    header-only bomb PNGs (each within max_pixels) cost no decode either."""
+    import service.imaging as imaging
+
+    a = save(Image.fromarray(digit_like(0)))  # 28x28
+    b = save(Image.new("L", (20, 30)), "JPEG")  # 600 pixels
+    items = [(a, "image/png"), (b, "image/jpeg"), (a, None)]
+    bound = 2 * 28 * 28 + 600
+    assert decode_batch(items, MNIST, DEFAULT, max_images=4, max_request_pixels=bound).shape == (3, 1, 28, 28)
+
+    decoded: list[int] = []
+    real = imaging._pixels
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        decoded.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(imaging, "_pixels", spy)
+    with pytest.raises(ImageError) as info:
+        decode_batch(items, MNIST, DEFAULT, max_images=4, max_request_pixels=bound - 1)
+    err = info.value
+    assert (err.status, err.code) == (413, "payload_too_large") and str(bound) in err.message, err
+    assert "files 0 to 2" in err.message and decoded == []
+    bombs = [(png_header_only(4096, 4096), "image/png")] * 64  # 1 G pixels in 64 small files
+    with pytest.raises(ImageError) as info:
+        decode_batch(bombs, MNIST, DEFAULT, max_images=64, max_request_pixels=4096 * 4096)
+    assert info.value.status == 413 and "files 0 to 1" in info.value.message and decoded == []
+    # without a bound (decode_image, or decode_batch's default) only the per-image limits apply
+    assert decode_batch(items, MNIST, DEFAULT, max_images=4).shape == (3, 1, 28, 28)
+
+
 def test_sniff_format() -> None:
     assert sniff_format(save(Image.new("L", (4, 4)))) == "PNG"
     assert sniff_format(save(Image.new("L", (4, 4)), "JPEG")) == "JPEG"
@@ -544,6 +577,259 @@ def test_pillow_never_reads_or_inflates_more_png_chunks_than_counted(data: bytes
             pass
     assert inflations[0] <= inflated
     assert reads[0] <= chunks + 1
+    try:
+        decode_image(data, MNIST, DEFAULT)
+    except ImageError:
+        pass
+
+
+# ------------------------------------------------------------------ PNG limits at their bounds
+def test_png_text_memory_at_and_over_its_bound() -> None:
+    """Pillow's MAX_TEXT_MEMORY (lowered to 256 KiB at import) counts the inflated text of keyed
+    chunks: four zTXt chunks of 64 KiB (each at MAX_TEXT_CHUNK) are exactly 256 KiB and decode;
+    one more byte of text, or a fifth 60 KB chunk, is refused. Both stay within the chunk counts,
+    so it is this limit that refuses them."""
+    from PIL import PngImagePlugin
+
+    from service.imaging import MAX_PNG_INFLATED_CHUNKS
+
+    budget, each = PngImagePlugin.MAX_TEXT_MEMORY, PngImagePlugin.MAX_TEXT_CHUNK
+    assert (budget, each) == (256 * 1024, 64 * 1024) and budget // each < MAX_PNG_INFLATED_CHUNKS
+
+    def texts(sizes: list[int]) -> bytes:
+        chunks = [_chunk(b"zTXt", b"Key%d\0\0" % k + zlib.compress(b"t" * n, 9)) for k, n in enumerate(sizes)]
+        return gray_png(np.zeros((28, 28), np.uint8), [0] * 28, extra=chunks)
+
+    assert decode_image(texts([each] * 4), MNIST, DEFAULT).shape == (1, 28, 28)  # exactly 256 KiB
+    expect(400, "invalid_image", texts([each] * 4 + [1]))
+    assert decode_image(texts([60_000] * 4), MNIST, DEFAULT).shape == (1, 28, 28)
+    expect(400, "invalid_image", texts([60_000] * 5))
+    expect(400, "invalid_image", texts([each + 1]))  # one chunk over MAX_TEXT_CHUNK
+
+
+def test_png_chunk_counts_at_and_over_their_bounds() -> None:
+    """MAX_PNG_CHUNKS counts every chunk before IEND (IHDR and IDAT included): a PNG of exactly
+    that many decodes, one more is refused; likewise MAX_PNG_INFLATED_CHUNKS."""
+    from service.imaging import MAX_PNG_CHUNKS, MAX_PNG_INFLATED_CHUNKS, png_chunk_counts
+
+    def with_chunks(total: int) -> bytes:  # IHDR + (total - 2) empty tEXt + IDAT
+        return gray_png(np.zeros((28, 28), np.uint8), [0] * 28, extra=[_chunk(b"tEXt", b"")] * (total - 2))
+
+    at, over = with_chunks(MAX_PNG_CHUNKS), with_chunks(MAX_PNG_CHUNKS + 1)
+    assert png_chunk_counts(at, stop=10**6)[0] == MAX_PNG_CHUNKS
+    assert png_chunk_counts(over, stop=10**6)[0] == MAX_PNG_CHUNKS + 1
+    assert decode_image(at, MNIST, DEFAULT).shape == (1, 28, 28)
+    assert "chunks" in expect(400, "invalid_image", over).message
+    fine = inflating_png(28, 28, chunks=MAX_PNG_INFLATED_CHUNKS, each=1000)
+    assert decode_image(fine, MNIST, DEFAULT).shape == (1, 28, 28)
+    err = expect(400, "invalid_image", inflating_png(28, 28, chunks=MAX_PNG_INFLATED_CHUNKS + 1, each=1000))
+    assert "compressed text" in err.message
+
+
+# ------------------------------------------------------------------ JPEG markers before the scan
+def small_jpeg(size: tuple[int, int] = (28, 28), mode: str = "L", **kw) -> bytes:
+    img = Image.fromarray(digit_like(0)).resize(size).convert(mode)
+    return save(img, "JPEG", **kw)
+
+
+def _segment(code: int, payload: bytes) -> bytes:
+    return bytes([0xFF, code]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def with_segments(jpeg: bytes, segments: list[bytes] | bytes) -> bytes:
+    """`jpeg` with `segments` (or raw bytes) inserted right after its first segment (APP0)."""
+    at = 4 + int.from_bytes(jpeg[4:6], "big")
+    return jpeg[:at] + b"".join(segments if isinstance(segments, list) else [segments]) + jpeg[at:]
+
+
+def test_jpeg_markers_metadata_and_stray_bytes_at_and_over_their_bounds() -> None:
+    """Exactly MAX_JPEG_MARKERS markers before the scan, MAX_JPEG_METADATA_BYTES of APPn/COM
+    payload, or MAX_JPEG_STRAY_BYTES fill bytes decode (to Pillow's pixels); one more is 400."""
+    from service.imaging import (MAX_JPEG_MARKERS, MAX_JPEG_METADATA_BYTES, MAX_JPEG_STRAY_BYTES,
+                                 jpeg_marker_counts)
+
+    base = small_jpeg()
+    markers, payload, stray = jpeg_marker_counts(base)
+    assert stray == 0 and markers < 20  # what libjpeg writes: APP0, DQT, SOF0, DHT x 2, SOS
+    want = decode_image(base, MNIST, DEFAULT)
+
+    def check(at: bytes, over: bytes, word: str) -> None:
+        assert torch.equal(decode_image(at, MNIST, DEFAULT), want)
+        assert word in expect(400, "invalid_image", over).message
+
+    comment = _segment(0xFE, b"shieldserve")
+    check(with_segments(base, [comment] * (MAX_JPEG_MARKERS - markers)),
+          with_segments(base, [comment] * (MAX_JPEG_MARKERS - markers + 1)), "markers")
+    # standalone markers (no length) count too: Pillow takes a loop step for each
+    check(with_segments(base, b"\xff\xd0" * (MAX_JPEG_MARKERS - markers)),
+          with_segments(base, b"\xff\xd0" * (MAX_JPEG_MARKERS - markers + 1)), "markers")
+    room = MAX_JPEG_METADATA_BYTES - payload
+    full = [_segment(0xE9, b"\0" * 65533)] * (room // 65533)
+    check(with_segments(base, full + [_segment(0xFE, b"c" * (room % 65533))]),
+          with_segments(base, full + [_segment(0xFE, b"c" * (room % 65533 + 1))]), "metadata")
+    check(with_segments(base, b"\xff" * MAX_JPEG_STRAY_BYTES),
+          with_segments(base, b"\xff" * (MAX_JPEG_STRAY_BYTES + 1)), "stray")
+    check(with_segments(base, b"\x01" * MAX_JPEG_STRAY_BYTES),
+          with_segments(base, b"\x01" * (MAX_JPEG_STRAY_BYTES + 1)), "stray")
+
+
+def test_jpeg_marker_floods_are_refused_quickly() -> None:
+    """4 MiB JPEGs that are all markers, fill bytes, junk or FF00 pairs before the scan (Pillow
+    took 0.4-3 s on each, one loop step a marker or byte, the COM flood holding ~17x its size
+    in memory) are 400 after at most MAX_JPEG_MARKERS steps."""
+    import time
+
+    base = small_jpeg()
+    room = DEFAULT.max_bytes - len(base)
+    floods = {
+        "4-byte COM markers": with_segments(base, _segment(0xFE, b"abcd") * (room // 8)),
+        "APP1 markers": with_segments(base, _segment(0xE1, b"") * (room // 4)),
+        "EOI markers": with_segments(base, b"\xff\xd9" * (room // 2)),
+        "fill bytes": with_segments(base, b"\xff" * room),
+        "junk bytes": with_segments(base, b"\x01" * room),
+        "FF00 pairs": with_segments(base, b"\xff\x00" * (room // 2)),
+        "one 4 MiB COM flood after SOI": base[:2] + _segment(0xFE, b"abcd") * (room // 8) + base[2:],
+    }
+    for name, data in floods.items():
+        assert DEFAULT.max_bytes - 8 <= len(data) <= DEFAULT.max_bytes, name
+        started = time.perf_counter()
+        expect(400, "invalid_image", data)
+        assert time.perf_counter() - started < 1.0, name  # ~0.1 ms here; 0.4-3 s before
+
+
+def test_jpeg_scans_at_and_over_their_bound() -> None:
+    """A progressive JPEG whose last scan is repeated (libjpeg warns and decodes it again over
+    the whole image) decodes with MAX_JPEG_SCANS scans and is 400 with one more; 4 MiB of such
+    scans (minutes of libjpeg before) is refused at once."""
+    import time
+
+    from service.imaging import MAX_JPEG_SCANS
+
+    base = small_jpeg(progressive=True)
+    scans = base.count(b"\xff\xda")
+    last = base[base.rfind(b"\xff\xda"):-2]  # the last SOS segment and its data, before EOI
+
+    def repeated(total: int) -> bytes:
+        return base[:-2] + last * (total - scans) + base[-2:]
+
+    assert 1 < scans < MAX_JPEG_SCANS and repeated(MAX_JPEG_SCANS).count(b"\xff\xda") == MAX_JPEG_SCANS
+    assert decode_image(repeated(MAX_JPEG_SCANS), MNIST, DEFAULT).shape == (1, 28, 28)
+    assert "scans" in expect(400, "invalid_image", repeated(MAX_JPEG_SCANS + 1)).message
+    flood = repeated(scans + (DEFAULT.max_bytes - len(base)) // len(last))
+    assert len(flood) <= DEFAULT.max_bytes
+    started = time.perf_counter()
+    expect(400, "invalid_image", flood)
+    assert time.perf_counter() - started < 1.0
+
+
+_EXIF_TAGS = {0x010F: "Make", 0x0110: "Model", 0x010E: "ImageDescription", 0x0131: "Software"}
+
+
+@st.composite
+def pillow_jpegs(draw: st.DrawFn) -> bytes:
+    """A JPEG as Pillow (libjpeg) writes it with the options a real file may come with: mode,
+    size, quality, subsampling, progressive, optimized tables, restart markers, EXIF (with an
+    orientation), an ICC profile of one to two APP2 segments, XMP and a comment, together
+    within MAX_JPEG_METADATA_BYTES; sometimes as a two-image MPO."""
+    mode = draw(st.sampled_from(["L", "RGB", "CMYK"]))
+    size = (draw(st.integers(1, 300)), draw(st.integers(1, 300)))
+    kw: dict = {"quality": draw(st.integers(1, 100)), "progressive": draw(st.booleans()),
+                "optimize": draw(st.booleans())}
+    if mode != "L":
+        kw["subsampling"] = draw(st.sampled_from([0, 1, 2]))
+    if draw(st.booleans()):
+        kw["restart_marker_blocks"] = draw(st.integers(1, 64))
+    if draw(st.booleans()):
+        exif = Image.Exif()
+        exif[0x0112] = draw(st.integers(1, 8))
+        for tag in draw(st.sets(st.sampled_from(sorted(_EXIF_TAGS)))):
+            exif[tag] = "x" * draw(st.integers(1, 15_000))  # all four within one 64 KiB APP1
+        kw["exif"] = exif
+    if draw(st.booleans()):
+        kw["icc_profile"] = os.urandom(draw(st.integers(1, 120_000)))
+    if draw(st.booleans()):
+        kw["xmp"] = b"<x:xmpmeta>" + b"x" * draw(st.integers(0, 20_000)) + b"</x:xmpmeta>"
+    if draw(st.booleans()):
+        kw["comment"] = b"c" * draw(st.integers(1, 30_000))
+    # a camera's MPO: a second image appended after the first (not CMYK: Pillow's MPO writer
+    # gets its offsets wrong past the Adobe segment, and Pillow then warns and reads a JPEG)
+    if mode != "CMYK" and draw(st.integers(0, 4)) == 0:
+        img = Image.fromarray(digit_like(0)).resize(size).convert(mode)
+        return save(img, "MPO", save_all=True, append_images=[img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], **kw)
+    return small_jpeg(size, mode, **kw)
+
+
+@settings(max_examples=int(os.environ.get("SHIELDSERVE_HYPOTHESIS_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(pillow_jpegs())
+def test_the_jpeg_precheck_accepts_every_jpeg_pillow_writes(data: bytes) -> None:
+    """The differential test of the pre-check against real files: whatever options Pillow
+    wrote a JPEG with, within the metadata bound the pre-check passes it and it decodes."""
+    from service.imaging import MAX_JPEG_METADATA_BYTES, jpeg_marker_counts, jpeg_marker_excess
+
+    markers, payload, stray = jpeg_marker_counts(data, stop=10**6, stop_stray=10**6)
+    assert payload <= MAX_JPEG_METADATA_BYTES and stray == 0 and markers <= 24, (markers, payload)
+    assert jpeg_marker_excess(data) is None
+    assert decode_image(data, CIFAR, DEFAULT).shape == (3, 32, 32)
+
+
+@st.composite
+def jpeg_marker_sequences(draw: st.DrawFn) -> bytes:
+    """A small JPEG's SOI, then segments, standalone markers, fill and junk bytes drawn from
+    what Pillow's loop treats differently, sometimes with a lying length; then the JPEG's own
+    segments and scan, sometimes cut short."""
+    base = small_jpeg((8, 8))
+    out = base[:2]
+    for _ in range(draw(st.integers(0, 24))):
+        kind = draw(st.sampled_from(["app", "com", "dqt", "skip", "standalone", "fill", "junk", "ff00",
+                                     "unknown", "sof"]))
+        if kind in ("app", "com", "skip", "dqt", "sof"):
+            code = {"app": draw(st.integers(0xE0, 0xEF)), "com": 0xFE, "skip": draw(st.sampled_from([0xC4, 0xDD])),
+                    "dqt": 0xDB, "sof": 0xC0}[kind]
+            seg = bytearray(_segment(code, draw(st.binary(max_size=24))))
+            if draw(st.integers(0, 7)) == 0:  # a lying length
+                seg[2:4] = struct.pack(">H", draw(st.integers(0, 40)))
+            out += bytes(seg)
+        elif kind == "standalone":
+            out += bytes([0xFF, draw(st.sampled_from([0xD0, 0xD7, 0xD8, 0xD9, 0xC8, 0xF0]))])
+        elif kind == "fill":
+            out += b"\xff" * draw(st.integers(1, 8))
+        elif kind == "junk":
+            out += draw(st.binary(min_size=1, max_size=8))
+        elif kind == "ff00":
+            out += b"\xff\x00"
+        else:
+            out += bytes([0xFF, draw(st.integers(0x01, 0xBF))])
+    out += base[2:]
+    if draw(st.integers(0, 4)) == 0:
+        out = out[:draw(st.integers(2, len(out)))]
+    return out
+
+
+@settings(max_examples=int(os.environ.get("SHIELDSERVE_HYPOTHESIS_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(jpeg_marker_sequences())
+def test_pillow_never_walks_more_jpeg_markers_than_counted(data: bytes) -> None:
+    """The differential test of the JPEG walker against Pillow's: opening any generated file,
+    Pillow's marker loop (at most 4 reads a marker with a length, 1 per fill or junk byte)
+    reads no more than jpeg_marker_counts counts; and decode_image raises nothing but
+    ImageError."""
+    from service.imaging import jpeg_marker_counts
+
+    markers, _, stray = jpeg_marker_counts(data, stop=10**6, stop_stray=10**6)
+
+    class Counting(io.BytesIO):
+        reads = 0
+
+        def read(self, *a):  # type: ignore[no-untyped-def]
+            Counting.reads += 1
+            return super().read(*a)
+
+    try:
+        Image.open(Counting(data), formats=["JPEG"]).close()
+    except Exception:  # noqa: BLE001 - broken files are Pillow's to refuse; what it read counts
+        pass
+    assert Counting.reads <= 4 * markers + stray + 8, (Counting.reads, markers, stray)
     try:
         decode_image(data, MNIST, DEFAULT)
     except ImageError:

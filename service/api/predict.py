@@ -4,7 +4,8 @@ An image's way through the service:
 
     route (here: the body read by Starlette's own multipart parser, count and types checked)
     -> admission (Runtime.classify: refused at once with 503 when over budget)
-    -> decode (Pillow, in a worker thread, bounded by ImageLimits)
+    -> decode (Pillow, in a worker thread, bounded by ImageLimits and, for the request's images
+       together, by limits.max_request_pixels; the same thread hashes the uploads)
     -> batch (the pipeline's batcher; on a monitored pipeline the query monitor screens the
        batch first, on the compute thread) -> pipeline
     -> response (service/api/render.py, the one renderer every route shares).
@@ -40,7 +41,7 @@ from service.defenses.smoothing import MAX_RADIUS
 from service.imaging import ImageError, check_content_type, decode_batch
 from service.pipeline import ImageResult
 from service.runtime import Runtime
-from service.store import Store, StoreUnavailable
+from service.store import Store, StoreUnavailable, image_key, image_owner
 
 router = APIRouter(tags=["predict"])
 T = TypeVar("T")
@@ -48,6 +49,17 @@ T = TypeVar("T")
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 # multipart text fields a /predict body may carry besides its files (Starlette's max_fields)
 MAX_FORM_FIELDS = 64
+# the largest such text field (Starlette's max_part_size, which file parts are not held to;
+# past it 413): /predict reads no text field, and Starlette buffers each one in memory and
+# decodes it to a str, so a bound well under the 8 MiB body limit. Starlette's default, stated
+# here so that an upgrade cannot change it unseen.
+MAX_FORM_FIELD_BYTES = 1024 * 1024
+# What python-multipart (0.0.27 and later) allows a part's headers: 8 lines of up to 4,224
+# bytes each (past them 400). Starlette has no way to pass these, so tests/test_edge.py pins the
+# library's values to these; without them a part's headers could fill the body limit, one
+# Python list entry per line.
+MULTIPART_MAX_HEADER_COUNT = 8
+MULTIPART_MAX_HEADER_SIZE = 4096 + 128
 
 Upload = tuple[bytes, str | None]  # an uploaded image's bytes and declared content type
 
@@ -127,13 +139,19 @@ async def read_images(request: Request, runtime: Runtime) -> list[Upload]:
     if content_type == "multipart/form-data":
         max_files = runtime.settings.limits.max_images_per_request + 1  # one more: the 413 says how many
         try:
-            form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
+            form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS,
+                                      max_part_size=MAX_FORM_FIELD_BYTES)
         except (HTTPException, MultiPartException, ValueError) as exc:  # python-multipart's are ValueErrors
             detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc) or type(exc).__name__
             if str(detail).startswith("Too many files"):  # Starlette stops reading past max_files
                 raise ApiError(413, "payload_too_large", f"the request contains more than {max_files - 1} images; "
                                f"the limit is {max_files - 1} per request") from None
-            raise ApiError(400, "invalid_image", f"could not read the multipart body: {detail}") from None
+            if "exceeded maximum size" in str(detail):  # a text field past max_part_size
+                raise ApiError(413, "payload_too_large", f"a text field of the multipart body is larger than "
+                               f"{MAX_FORM_FIELD_BYTES} bytes; /predict reads only 'file' parts") from None
+            reason = _root_cause(exc)  # python-multipart's words behind Starlette's "Invalid multipart data."
+            raise ApiError(400, "invalid_image", f"could not read the multipart body: {detail}"
+                           + (f" ({reason})" if reason and reason not in str(detail) else "")) from None
         try:
             items = []
             for value in form.getlist("file"):
@@ -152,6 +170,14 @@ async def read_images(request: Request, runtime: Runtime) -> list[Upload]:
     return [(await request.body(), content_type or None)]
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The message of the exception at the bottom of `exc`'s chain ("" if none), shortened."""
+    inner, seen = exc, 0
+    while (inner.__cause__ or inner.__context__) is not None and seen < 8:
+        inner, seen = inner.__cause__ or inner.__context__, seen + 1  # type: ignore[assignment]
+    return str(inner)[:100] if inner is not exc else ""
+
+
 def check_uploads(items: list[Upload], runtime: Runtime) -> None:
     """What is refused before admission, without decoding: the count and the declared types."""
     try:
@@ -167,17 +193,38 @@ def check_uploads(items: list[Upload], runtime: Runtime) -> None:
         raise ApiError(exc.status, exc.code, exc.message) from None
 
 
-def image_decoder(items: list[Upload], runtime: Runtime) -> Callable[[], torch.Tensor]:
-    """The uploads' decode, for a worker thread: Pillow under the runtime's ImageLimits, every
-    refusal an ApiError with the contract's code."""
-    def decode() -> torch.Tensor:
+def upload_digests(items: list[Upload]) -> list[str]:
+    """The hex sha256 of each upload's bytes (the contract's `image_sha256`). Up to the body
+    limit of bytes: call it in a worker thread (hashlib lets go of the GIL meanwhile)."""
+    return [hashlib.sha256(data).hexdigest() for data, _ in items]
+
+
+class ImageDecode:
+    """The uploads' decode, for a worker thread: Pillow under the runtime's ImageLimits and the
+    request's pixel budget (`limits.max_request_pixels`), every refusal an ApiError with the
+    contract's code. With `hashes`, calling it also hashes the uploads, in the same thread,
+    into `digests` (needed only once the images decoded; hashing up to the 8 MiB body limit
+    must not hold the event loop)."""
+
+    def __init__(self, items: list[Upload], runtime: Runtime, hashes: bool = True) -> None:
+        self.items, self.runtime, self.hashes = items, runtime, hashes
+        self.digests: list[str] = []
+
+    def __call__(self) -> torch.Tensor:
+        limits = self.runtime.settings.limits
         try:
-            return decode_batch(items, runtime.input_spec, runtime.image_limits,
-                                runtime.settings.limits.max_images_per_request)
+            x = decode_batch(self.items, self.runtime.input_spec, self.runtime.image_limits,
+                             limits.max_images_per_request, max_request_pixels=limits.max_request_pixels)
         except ImageError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
+        if self.hashes:
+            self.digests = upload_digests(self.items)
+        return x
 
-    return decode
+
+def image_decoder(items: list[Upload], runtime: Runtime) -> ImageDecode:
+    """The uploads' decode and hashing, for a worker thread: see ImageDecode."""
+    return ImageDecode(items, runtime)
 
 
 def remember_images(store: Store, digests: list[str], x: torch.Tensor) -> None:
@@ -200,8 +247,10 @@ async def store_call(runtime: Runtime, store: Store, fn: Callable[[], T]) -> T:
 
 
 async def decode_uploads(items: list[Upload], runtime: Runtime) -> torch.Tensor:
-    """Decode now, in a worker thread (POST /certify, whose pipeline run is not batched)."""
-    return await runtime.offload(image_decoder(items, runtime))
+    """Decode now, in a worker thread (POST /certify, whose pipeline run is not batched). No
+    hashing: a caller that wants the digests off the loop too offloads an `image_decoder` and
+    reads its `digests`."""
+    return await runtime.offload(ImageDecode(items, runtime, hashes=False))
 
 
 async def classify(runtime: Runtime, pipeline: str, images: int, decode: Callable[[], torch.Tensor],
@@ -315,13 +364,14 @@ async def predict(request: Request,
         options = radius_options(runtime, name, radius)
         items = await read_images(request, runtime)
         check_uploads(items, runtime)
-        x, results = await classify(runtime, name, len(items), image_decoder(items, runtime), deadline,
-                                    options, client=client)
-        digests = [hashlib.sha256(data).hexdigest() for data, _ in items]
+        decode = image_decoder(items, runtime)
+        x, results = await classify(runtime, name, len(items), decode, deadline, options, client=client)
+        digests = decode.digests  # hashed in the decode's worker thread
         # so that GET /certify?image_sha256= can find them (only once answered: a client the
         # query monitor blocks gets nothing stored)
         store = request.app.state.store
-        await store_call(runtime, store, lambda: remember_images(store, digests, x))
+        keys = [image_key(image_owner(runtime.settings, client), d) for d in digests]
+        await store_call(runtime, store, lambda: remember_images(store, keys, x))
         t.outcome = outcome_of(results)
         return PredictResponse(request_id=request.state.request_id, pipeline=name,
                                model_version=runtime.bundle.version,
