@@ -4,7 +4,10 @@ finds an image whichever replica it was posted through (`certify.store: redis`).
 Keys (the prefix is `certify.redis_prefix`, "shieldserve:" by default; no key holds a secret):
   <prefix>img:<sha256 of the image bytes>       the decoded image: a small header (magic, shape)
                                                   then raw little-endian float32 pixels
-  <prefix>cert:<sha256 of the cache key, JSON>  the certificate, JSON
+  <prefix>img:key:<client name>:<sha256>        the same, with `api_keys` set: the key-holder's
+                                                  own (service.store.image_key), never the key
+  <prefix>cert:<sha256 of the cache key, JSON>  the certificate, JSON (the cache key holds the
+                                                  image's store key: scoped as the image is)
 Both expire `store_max_age_s` after they were written (Redis TTL; reading does not extend it).
 Nothing is pickled: a value that does not parse is treated as missing. The count limits
 (`store_max_images`, `store_max_certificates`) are not enforced per key on Redis: bound the

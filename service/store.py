@@ -7,6 +7,13 @@ count and by age, least recently used out first. `service.redis_store.RedisStore
 several replicas, implements the same four methods: images as raw float32 bytes plus shape,
 certificates as JSON, both expiring after `max_age_s`. A store that cannot be reached raises
 `StoreUnavailable`: a 503 `store_unavailable` answer, with `Retry-After`.
+
+With `api_keys` set, every image (and so every certificate) is the posting key-holder's own:
+it is stored under `image_key(owner, sha256)`, owner being the key's client tag, so another
+key's `GET /certify` of the same sha256 misses it exactly as it misses an image never posted
+(a 404 or a 200 must not tell one tenant what another posted). Without API keys a client is
+only an address, too weak to scope by (a client whose address changes would lose its images),
+and the store stays shared: `image_owner` is None.
 """
 
 from __future__ import annotations
@@ -20,6 +27,18 @@ from typing import Any, Protocol
 import torch
 
 from service.api.errors import ApiError
+
+
+def image_owner(settings: Any, client: str | None) -> str | None:
+    """Whose images `client` sees: its own client tag ("key:<name>", from api.clients.client_of;
+    never the key itself) when the service has API keys, else None (one store shared by all)."""
+    return client if settings.api_keys and client else None
+
+
+def image_key(owner: str | None, digest: str) -> str:
+    """The store key of the image with sha256 `digest` posted by `owner` (image_owner). The
+    digest is last and of fixed length, so two (owner, digest) pairs never share a key."""
+    return digest if owner is None else f"{owner}:{digest}"
 
 
 class StoreUnavailable(ApiError):

@@ -161,6 +161,105 @@ def test_api_keys_gate_certify_and_v2(keyed, keyed_digest, mnist, route: str, cr
         assert error["code"] == "unauthorized" and error["message"]
 
 
+TENANT_KEYS = {"tenant-a": "tenant-a-key-" + "k3" * 10, "tenant-b": "tenant-b-key-" + "m7" * 10}
+
+
+def _as(tenant: str) -> dict[str, str]:
+    return {"X-API-Key": TENANT_KEYS[tenant]}
+
+
+@pytest.fixture(scope="module")
+def tenants(quick_bundle: Path) -> Iterator[Any]:
+    """A service with two API keys (two tenants), both calling from the same address."""
+    keys = {name: hashlib.sha256(key.encode()).hexdigest() for name, key in TENANT_KEYS.items()}
+    with _started(quick_bundle, peer=("192.0.2.80", 4321), api_keys=keys) as client:
+        yield client
+
+
+def _post_image(client: Any, route: str, body: bytes, headers: dict[str, str]) -> None:
+    if route == "POST /predict":
+        r = client.post("/predict?pipeline=baseline", content=body, headers={**PNG, **headers})
+    else:
+        r = client.post("/certify?pipeline=smoothing&n=1&n0=1", content=body, headers={**PNG, **headers})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("route", ["POST /predict", "POST /certify"])
+def test_with_api_keys_a_posted_image_is_its_key_holders_own(tenants, mnist, route: str) -> None:
+    """Another key's GET /certify of an image tenant A posted is the 404 of an image never
+    posted: neither the status nor the body tells tenant B what A sent, nor gives B A's label."""
+    index = 20 if route == "POST /predict" else 21
+    body = png(mnist.test.x[index])
+    digest = hashlib.sha256(body).hexdigest()
+    never = hashlib.sha256(body + b"never posted").hexdigest()
+    query = "/certify?image_sha256={}&pipeline=smoothing&n=50&n0=10"
+    _post_image(tenants, route, body, _as("tenant-a"))
+    r_b = tenants.get(query.format(digest), headers=_as("tenant-b"))
+    r_never = tenants.get(query.format(never), headers=_as("tenant-b"))
+    assert r_b.status_code == r_never.status_code == 404, r_b.text
+    assert r_b.json()["error"]["code"] == "unknown_image"
+    assert r_b.json()["error"]["message"].replace(digest, "H") == r_never.json()["error"]["message"].replace(never, "H")
+    assert set(r_b.headers.keys()) == set(r_never.headers.keys())
+    r_a = tenants.get(query.format(digest), headers=_as("tenant-a"))
+    assert r_a.status_code == 200, r_a.text
+    assert r_a.json()["image_sha256"] == digest and not r_a.json()["cached"]
+    assert tenants.get(query.format(digest), headers=_as("tenant-b")).status_code == 404  # still not B's
+
+
+def test_with_api_keys_a_certificate_is_cached_for_its_key_holder_only(tenants, mnist) -> None:
+    """Both tenants post the same bytes: each gets its own certificate, never the other's
+    cached one (`cached` and the recorded seed would tell B that A had asked)."""
+    body = png(mnist.test.x[22])
+    digest = hashlib.sha256(body).hexdigest()
+    query = f"/certify?image_sha256={digest}&pipeline=smoothing&n=50&n0=10"
+    _post_image(tenants, "POST /certify", body, _as("tenant-a"))
+    first = tenants.get(query, headers=_as("tenant-a")).json()
+    again = tenants.get(query, headers=_as("tenant-a")).json()
+    assert not first["cached"] and again["cached"] and again["seed"] == first["seed"]
+    _post_image(tenants, "POST /certify", body, _as("tenant-b"))
+    r = tenants.get(query, headers=_as("tenant-b"))
+    assert r.status_code == 200 and not r.json()["cached"], r.text
+    assert tenants.get(query, headers=_as("tenant-b")).json()["cached"]  # B's own, from now on
+
+
+def test_the_store_key_is_scoped_by_the_key_holders_tag_only_with_api_keys(tenants, mnist) -> None:
+    from types import SimpleNamespace
+
+    from service.store import image_key, image_owner
+
+    digest = "ab" * 32
+    keyed, open_ = SimpleNamespace(api_keys={"a": "0" * 64}), SimpleNamespace(api_keys={})
+    assert image_owner(open_, "ip:192.0.2.1") is None and image_key(None, digest) == digest
+    assert image_owner(keyed, "key:a") == "key:a"
+    keys = {image_key(image_owner(keyed, c), digest) for c in ("key:a", "key:b", "key:a:b")}
+    assert len(keys) == 3 and digest not in keys and all(k.endswith(digest) for k in keys)
+    # the tag the service derives for a key-holder names the key's client, never the key
+    body = png(mnist.test.x[25])
+    _post_image(tenants, "POST /certify", body, _as("tenant-a"))
+    assert tenants.get(f"/certify?image_sha256={hashlib.sha256(body).hexdigest()}&pipeline=smoothing&n=1&n0=1",
+                       headers=_as("tenant-a")).status_code == 200  # a certificate cached too
+    store = tenants.app.state.store
+    stored = " ".join(str(k) for k in list(store.images._items) + list(store.certificates._items))
+    assert "key:tenant-a:" in stored
+    for key in TENANT_KEYS.values():
+        assert key not in stored and hashlib.sha256(key.encode()).hexdigest() not in stored
+
+
+def test_without_api_keys_the_store_is_shared_by_every_client(quick_bundle, mnist) -> None:
+    """An open service knows clients only by address, too weak to scope by: an image one
+    address posted (to /predict or /certify) is found, and its certificate cached, for any."""
+    body_p, body_c = png(mnist.test.x[23]), png(mnist.test.x[24])
+    with _started(quick_bundle, peer=("10.0.0.5", 123), trusted_proxies=PROXIES) as client:
+        one, two = {"X-Forwarded-For": "198.51.100.7"}, {"X-Forwarded-For": "198.51.100.8"}
+        _post_image(client, "POST /predict", body_p, one)
+        _post_image(client, "POST /certify", body_c, one)
+        for body in (body_p, body_c):
+            query = f"/certify?image_sha256={hashlib.sha256(body).hexdigest()}&pipeline=smoothing&n=50&n0=10"
+            r = client.get(query, headers=two)
+            assert r.status_code == 200 and not r.json()["cached"], r.text
+            assert client.get(query, headers=one).json()["cached"]
+
+
 # --------------------------------------------------------------------------- 2. trusted proxies
 def _post_watch(client: Any, x: torch.Tensor, forwarded_for: str | None) -> Any:
     headers = dict(PNG)
@@ -219,6 +318,45 @@ def test_a_detector_rejection_moves_rejection_score_and_stage_metrics(lab, mnist
     assert _sample(after, "shieldserve_stage_duration_seconds_count", **labels) > 0
     assert (_sample(after, "shieldserve_abstentions_total", pipeline="combo")
             == _sample(before, "shieldserve_abstentions_total", pipeline="combo"))
+
+
+@pytest.mark.parametrize("route", ["POST /certify", "GET /certify"])
+def test_a_detector_rejection_on_certify_moves_rejection_score_and_stage_metrics(lab, mnist, magnet_thresholds,
+                                                                                 route: str) -> None:
+    """/certify runs its pipeline outside the batcher; its results move the same metrics."""
+    magnet_thresholds(-1.0)
+    body = png(mnist.test.x[8 if route == "POST /certify" else 9])
+    if route == "GET /certify":  # posted first (rejected too), then asked with another n: not cached
+        assert lab.post("/certify?pipeline=combo&n=1&n0=1", content=body, headers=PNG).status_code == 200
+    labels = {"pipeline": "combo", "defense": "magnet"}
+    names = ("shieldserve_rejections_total", "shieldserve_detector_score_count",
+             "shieldserve_stage_duration_seconds_count")
+    before = _metrics(lab)
+    if route == "POST /certify":
+        r = lab.post("/certify?pipeline=combo&n=1&n0=1", content=body, headers=PNG)
+    else:
+        r = lab.get(f"/certify?image_sha256={hashlib.sha256(body).hexdigest()}&pipeline=combo&n=2&n0=1")
+    assert r.status_code == 200, r.text
+    cert = r.json()
+    assert cert["status"] == "rejected" and cert["rejected_by"][0]["defense"] == "magnet" and not cert["cached"]
+    after = _metrics(lab)
+    moved = {name: _sample(after, name, **labels) - _sample(before, name, **labels) for name in names}
+    assert moved["shieldserve_rejections_total"] == 1, moved
+    assert moved["shieldserve_detector_score_count"] >= 1 and moved["shieldserve_stage_duration_seconds_count"] == 1
+    assert (_sample(after, "shieldserve_abstentions_total", pipeline="combo")
+            == _sample(before, "shieldserve_abstentions_total", pipeline="combo"))
+
+
+def test_a_certify_abstention_is_counted_once(lab, mnist, magnet_thresholds) -> None:
+    magnet_thresholds(float("inf"))
+    before = _metrics(lab)
+    r = lab.post("/certify?pipeline=combo&n=1&n0=1", content=png(mnist.test.x[10]), headers=PNG)
+    assert r.status_code == 200 and r.json()["status"] == "abstained", r.text
+    after = _metrics(lab)
+    assert (_sample(after, "shieldserve_abstentions_total", pipeline="combo")
+            - _sample(before, "shieldserve_abstentions_total", pipeline="combo")) == 1
+    assert (_sample(after, "shieldserve_stage_duration_seconds_count", pipeline="combo", defense="smoothing")
+            - _sample(before, "shieldserve_stage_duration_seconds_count", pipeline="combo", defense="smoothing")) == 1
 
 
 def test_a_smoothing_abstention_moves_the_abstention_counter(lab, mnist, magnet_thresholds) -> None:

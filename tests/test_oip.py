@@ -134,6 +134,20 @@ def test_openapi_documents_the_infer_body(client):
     assert "/v2/models/{model}/versions/{version}/infer" in spec["paths"]
 
 
+def test_openapi_lists_the_infer_routes_401_and_429(client):
+    # inference answers 401 (api_keys set, no known key) and 429 (attack_suspected) as
+    # {"error": "..."}: a generated client must expect both
+    spec = client.get("/openapi.json").json()
+    for path in ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"):
+        responses = spec["paths"][path]["post"]["responses"]
+        for code in ("400", "401", "404", "413", "415", "429", "503", "504"):
+            assert code in responses, (path, code)
+        for code in ("401", "429"):
+            schema = responses[code]["content"]["application/json"]["schema"]
+            assert schema["$ref"].endswith("/OipError"), (path, code, schema)
+            assert responses[code]["description"], (path, code)
+
+
 # --------------------------------------------------------------------------- inference, JSON
 def test_json_infer_matches_predict_on_real_digits(client, digits):
     from service.imaging import encode_png

@@ -177,6 +177,33 @@ def test_two_apps_share_images_and_certificates(make_client, redis_url: str, dig
     assert isinstance(make_client(warmup=False).app.state.store, MemoryStore)
 
 
+def test_with_api_keys_replicas_keep_each_key_holders_images_its_own(make_client, redis_url: str, digit) -> None:
+    """With api_keys, an image one key posted through one replica is found by that key through
+    another, and by no other key (a 404, as for an image never posted); the Redis keys name the
+    key's client, never the key or its digest."""
+    import redis
+
+    keys = {"tenant-a": "redis-tenant-a-" + "x4" * 10, "tenant-b": "redis-tenant-b-" + "y5" * 10}
+    shared = {"store": "redis", "redis_url": redis_url, "redis_prefix": prefix()}
+    api_keys = {name: hashlib.sha256(key.encode()).hexdigest() for name, key in keys.items()}
+    one = make_client(warmup=False, certify=shared, api_keys=api_keys)
+    two = make_client(warmup=False, certify=shared, api_keys=api_keys)
+    body, y = digit
+    digest = hashlib.sha256(body).hexdigest()
+    query = f"/certify?image_sha256={digest}&n=500&n0=32"
+    r = one.post("/certify?n=500&n0=32", content=body, headers={**PNG, "X-API-Key": keys["tenant-a"]})
+    assert r.status_code == 200 and r.json()["label"] == y, r.text
+    r = two.get(query, headers={"X-API-Key": keys["tenant-b"]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_image", r.text
+    r = two.get(query, headers={"X-API-Key": keys["tenant-a"]})
+    assert r.status_code == 200 and r.json()["cached"], r.text  # A's own certificate, from A's POST
+    stored = [k.decode() for k in redis.Redis.from_url(redis_url).keys(shared["redis_prefix"] + "*")]
+    assert f"{shared['redis_prefix']}img:key:tenant-a:{digest}" in stored
+    assert not any(digest in k and "tenant-b" in k for k in stored)
+    for key in keys.values():
+        assert not any(key in k or hashlib.sha256(key.encode()).hexdigest() in k for k in stored)
+
+
 def test_app_with_redis_down_answers_503_and_still_predicts(make_client, digit) -> None:
     body, _ = digit
     digest = hashlib.sha256(body).hexdigest()

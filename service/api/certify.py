@@ -6,6 +6,8 @@ cannot be reached answers 503 `store_unavailable`); POST takes the image itself 
 without the store. Certification is expensive, so it
 runs on the runtime's compute thread, off the event loop, and stops at the request's deadline.
 Certificates are cached by (image, pipeline, bundle version, sigma, n0, n, alpha, radius, seed).
+With `api_keys` set, images and certificates are each key-holder's own (service.store.image_key):
+another key's GET of the same sha256 is a 404 `unknown_image`, as for an image never posted.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from service.defenses.base import DeadlineExceeded, RunContext
 from service.defenses.query_monitor import AttackSuspected
 from service.defenses.smoothing import MAX_RADIUS
 from service.runtime import Runtime, monitor_rejection
-from service.store import StoreUnavailable
+from service.store import StoreUnavailable, image_key, image_owner
 
 router = APIRouter(tags=["certify"])
 
@@ -95,13 +97,15 @@ def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int 
     return name, opts
 
 
-async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, Any],
+async def _certify(request: Request, digest: str, owner: str | None, x, name: str, opts: dict[str, Any],
                    deadline: Deadline) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
     store = request.app.state.store
     pipeline = runtime.pipelines[name]
-    key = (digest, name, pipeline.settings_digest, runtime.bundle.version, opts["sigma"], opts["n0"], opts["n"],
-           opts["alpha"], opts.get("radius"), opts.get("seed"))
+    # the image's store key, not its bare digest: a certificate is scoped as its image is, so no
+    # key-holder is answered (or shown `cached`) from another's certificate
+    key = (image_key(owner, digest), name, pipeline.settings_digest, runtime.bundle.version, opts["sigma"],
+           opts["n0"], opts["n"], opts["alpha"], opts.get("radius"), opts.get("seed"))
     try:  # the store is a cache here: one that is down costs the caching, not the answer
         cached = await store_call(runtime, store, lambda: store.get_certificate(key))
     except StoreUnavailable:
@@ -133,6 +137,10 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
         err = deadline.error()
         err.message += "; ask for a smaller n"
         raise err from None
+    # the metrics a batch's results move (stage durations, detector scores, rejections,
+    # abstentions, radii) move for this unbatched run too, from the same code: a /certify that
+    # MagNet rejects counts as a /predict one does (batch_size stays the batcher's)
+    runtime.observe_results(name, [result])
     cert = result.details.get("certificate") or {}
     out = render(result)
     body = CertifyResponse(
@@ -142,10 +150,6 @@ async def _certify(request: Request, digest: str, x, name: str, opts: dict[str, 
         n0=cert.get("n0", opts["n0"]), n=cert.get("n", 0), alpha=opts["alpha"], samples=cert.get("samples", 0),
         seconds=round(float(cert.get("seconds", 0.0)), 4), seed=cert.get("seed"), batch_size=cert.get("batch_size"),
         target_radius=cert.get("target_radius"), certified=cert.get("certified"), rejected_by=out.rejected_by)
-    if result.status == "accepted" and result.certified_radius is not None:
-        runtime.metrics.certified_radius.labels(name).observe(result.certified_radius)
-    elif result.status == "abstained":
-        runtime.metrics.abstentions.labels(name).inc()
     if store is not None:
         try:
             dump = body.model_dump(exclude={"cached"})
@@ -202,7 +206,8 @@ async def certify_get(
             raise ApiError(422, "invalid_parameter", "image_sha256 must be 64 hex digits")
         name, opts = _params(runtime, pipeline, sigma, n, n0, alpha, radius, seed)
         store = request.app.state.store
-        x = await store_call(runtime, store, lambda: store.get_image(digest))
+        owner = image_owner(runtime.settings, client)
+        x = await store_call(runtime, store, lambda: store.get_image(image_key(owner, digest)))
         if x is None:
             raise ApiError(404, "unknown_image", f"no recently posted image has sha256 {digest}; "
                            f"POST it to /certify or /predict first")
@@ -212,7 +217,7 @@ async def certify_get(
         rejected = await _monitor_rejection(runtime, digest, x, name, opts, client)
         if rejected is not None:
             return rejected
-        return await _certify(request, digest, x, name, opts, deadline)
+        return await _certify(request, digest, owner, x, name, opts, deadline)
 
     return await _observed(request, pipeline, work)
 
@@ -247,7 +252,8 @@ async def certify_post(
         if rejected is not None:
             return rejected
         store = request.app.state.store
-        await store_call(runtime, store, lambda: remember_images(store, [digest], x))
-        return await _certify(request, digest, x[0], name, opts, deadline)
+        owner = image_owner(runtime.settings, client)
+        await store_call(runtime, store, lambda: remember_images(store, [image_key(owner, digest)], x))
+        return await _certify(request, digest, owner, x[0], name, opts, deadline)
 
     return await _observed(request, pipeline, work)

@@ -187,6 +187,12 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
                                                  "JSON response followed by the raw tensor bytes",
           "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
     **_ERRORS,
+    # only inference knows the client (api.clients.client_of) and runs the query monitor, so
+    # only its routes answer these two; the metadata routes keep `_ERRORS`
+    401: {"model": OipError, "description": "`api_keys` is set and the request has no known key "
+                                            "(`Authorization: Bearer KEY` or `X-API-Key: KEY`)"},
+    429: {"model": OipError, "description": "attack suspected: the query monitor blocked this client "
+                                            "(block mode); retry after `Retry-After` seconds"},
 }
 
 
