@@ -16,6 +16,7 @@ exporting its classifier alone would not compute the pipeline's labels even on c
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,27 @@ def export(bundle: str | Path, pipeline: str, out: str | Path, config: str | Non
     return p
 
 
+MAX_INFO_BYTES = 1 << 20  # the description is a few hundred bytes; a larger entry is not ours
+
+
 def load_info(path: str | Path) -> dict[str, Any]:
-    """The description an exported file carries (pipeline, parts, what was left out)."""
-    files = {INFO_FILE: ""}
-    torch.jit.load(str(path), _extra_files=files)
-    return json.loads(files[INFO_FILE])
+    """The description an exported file carries (pipeline, parts, what was left out).
+
+    Read from the archive as a zip entry (`<archive>/extra/shieldserve.json`, where
+    torch.jit.save puts extra files), never by torch.jit.load: loading a file unpickles its
+    constants, and the file may come from anyone."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not a TorchScript archive (a zip file)") from None
+    with archive:
+        names = archive.namelist()
+        # torch's reader takes the archive's name from its first entry's directory
+        root = names[0].split("/", 1)[0] if names else ""
+        entry = f"{root}/extra/{INFO_FILE}"
+        if entry not in names:
+            raise ValueError(f"{path} is not a shieldserve export: no {INFO_FILE} in it")
+        if archive.getinfo(entry).file_size > MAX_INFO_BYTES:
+            raise ValueError(f"{path}: {INFO_FILE} is larger than {MAX_INFO_BYTES} bytes")
+        with archive.open(entry) as f:
+            return json.loads(f.read(MAX_INFO_BYTES + 1))

@@ -7,11 +7,15 @@ a request id or a secret.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
+
+log = logging.getLogger("shieldserve")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -44,8 +48,12 @@ def _cache_children(metric: Any) -> None:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, shared_monitor: bool = False) -> None:
+        """`shared_monitor`: the query monitor keeps its blocks in Redis, shared by every process
+        (else each process blocks on its own), which decides how `--workers` aggregate."""
         self.registry = CollectorRegistry(auto_describe=True)
+        # run before each exposition, off the event loop: gauges read from state at scrape time
+        self._before_scrape: list[Callable[[], None]] = []
         r = self.registry
         self.requests = Counter("shieldserve_requests", "Requests answered, by outcome.",
                                 ["pipeline", "endpoint", "outcome"], registry=r)
@@ -85,8 +93,12 @@ class Metrics:
                                           ["pipeline"], buckets=MATCH_BUCKETS, registry=r)
         self.monitor_seconds = Histogram("shieldserve_query_monitor_seconds", "Time the monitor took per request.",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        # set from the monitor's count (at each scrape and each block; service/runtime.py): with
+        # --workers, on the shared store every process counts the same clients, so the latest
+        # count is the value; on per-process stores each counts its own, so they add up
         self.blocked_clients = Gauge("shieldserve_blocked_clients", "Clients blocked by the query monitor now.",
-                                     registry=r, multiprocess_mode="max")
+                                     registry=r,
+                                     multiprocess_mode="livemostrecent" if shared_monitor else "livesum")
         self.monitor_blocks = Counter("shieldserve_query_monitor_blocks", "Clients the query monitor blocked.",
                                       ["pipeline"], registry=r)
         self.monitor_degraded = Gauge("shieldserve_query_monitor_degraded", "1 while the shared monitor store "
@@ -100,8 +112,19 @@ class Metrics:
                        self.batch_size, self.queue_depth, self.queue_wait):
             _cache_children(metric)
 
+    def before_scrape(self, refresh: Callable[[], None]) -> None:
+        """Run `refresh` before each exposition. A callback gauge (set_function) would do in one
+        process, but the multiprocess collector reads only the values processes have set."""
+        self._before_scrape.append(refresh)
+
     def exposition(self) -> bytes:
-        """The text format for GET /metrics; aggregates all workers in multiprocess mode."""
+        """The text format for GET /metrics; aggregates all workers in multiprocess mode. Runs
+        the `before_scrape` refreshes first: call it off the event loop (they may ask Redis)."""
+        for refresh in self._before_scrape:
+            try:
+                refresh()
+            except Exception as exc:  # one stale gauge, not a failed scrape
+                log.warning("metrics: a refresh before the scrape failed (%s)", type(exc).__name__)
         if multiprocess_dir():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)

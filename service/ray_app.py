@@ -26,8 +26,10 @@ Ray settings (environment, all optional):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +179,10 @@ def run(config: str | None = None, host: str | None = None, port: int | None = N
     # "local" starts a Ray of our own; ray.init(address=None) would join whatever cluster
     # `ray start` last recorded on this machine
     address = address or os.environ.get("SHIELDSERVE_RAY_ADDRESS") or "local"
+    if os.environ.get("FORWARDED_ALLOW_IPS", "") != PROXY_ENV["FORWARDED_ALLOW_IPS"]:
+        log.warning("FORWARDED_ALLOW_IPS is ignored: the service's trusted_proxies setting decides which "
+                    "proxies' X-Forwarded-For is believed")
+    os.environ.update(PROXY_ENV)  # the Ray that ray.init starts here (address "local") inherits it
     ray.init(address=address, runtime_env=_runtime_env())
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
@@ -194,21 +200,65 @@ def run(config: str | None = None, host: str | None = None, port: int | None = N
         ray.shutdown()
 
 
-# Settings that are secrets: never put into the runtime_env, which Ray shows in its dashboard
-# and keeps in its job metadata. A replica reads them from its own environment: that of
-# `shieldserve serve --ray` when it starts a local Ray, that of `ray start` on a cluster's nodes.
-_SECRET_VARS = ("SHIELDSERVE_ADMIN_API_KEY", "SHIELDSERVE_QUERY_MONITOR__SECRET")
-_URL_VARS = ("SHIELDSERVE_CERTIFY__REDIS_URL", "SHIELDSERVE_QUERY_MONITOR__REDIS_URL")  # secret with a password
+def _has_password(url: Any) -> bool:
+    from service.redis_store import redact
+
+    try:
+        return not isinstance(url, str) or redact(url) != url
+    except ValueError:  # a URL redact cannot parse: it cannot say there is no password in it
+        return True
+
+
+# Settings fields that hold secrets, by their path in Settings, and which values of them are
+# secret: never put into the runtime_env, which Ray shows in its dashboard and keeps in its job
+# metadata. A replica reads them from its own environment: that of `shieldserve serve --ray`
+# when it starts a local Ray, that of `ray start` on a cluster's nodes.
+_SECRET_FIELDS: dict[tuple[str, ...], Callable[[Any], bool]] = {
+    ("admin_api_key",): lambda value: True,
+    ("query_monitor", "secret"): lambda value: True,
+    ("certify", "redis_url"): _has_password,
+    ("query_monitor", "redis_url"): _has_password,
+}
+_PREFIX = "SHIELDSERVE_"
+
+# Ray Serve's HTTP proxy runs uvicorn with its defaults: X-Forwarded-For believed from the
+# addresses in FORWARDED_ALLOW_IPS (127.0.0.1 and ::1 unset), the peer rewritten from it, and
+# that rewritten peer handed to the replica as the request's client. The service's
+# trusted_proxies rule (service/api/clients.py) must be the only one that names a client, so
+# the proxy trusts no address: a local Ray's processes inherit this from `serve --ray`, a
+# cluster's proxies from the job's runtime_env (the Serve controller and its proxies inherit it).
+PROXY_ENV = {"FORWARDED_ALLOW_IPS": ""}
+
+
+def _carries_secret(name: str, value: str) -> bool:
+    """Whether the SHIELDSERVE_* variable `name` sets a secret: a secret field itself, or a
+    section given whole as JSON (`SHIELDSERVE_QUERY_MONITOR='{"secret": ...}'`, which
+    pydantic-settings accepts) with a secret in it. Names and JSON keys are matched
+    case-insensitively, as pydantic-settings matches them."""
+    path = tuple(name[len(_PREFIX):].lower().split("__"))
+    for field, is_secret in _SECRET_FIELDS.items():
+        if path == field:
+            if is_secret(value):
+                return True
+        elif field[:len(path)] == path:
+            try:
+                node: Any = json.loads(value)
+            except ValueError:
+                return True  # not JSON: the settings will refuse it, and it cannot be read here either
+            for key in field[len(path):]:
+                node = {str(k).lower(): v for k, v in node.items()}.get(key) if isinstance(node, dict) else None
+            if node is not None and is_secret(node):
+                return True
+    return False
 
 
 def _runtime_env() -> dict[str, Any]:
-    """Environment for the replicas: this checkout on their path and the SHIELDSERVE_* settings
-    that are not secrets."""
-    from service.redis_store import redact
-
+    """Environment for the replicas: this checkout on their path, the SHIELDSERVE_* settings
+    that are not secrets, and the proxy's settings (PROXY_ENV)."""
     root = str(Path(__file__).resolve().parents[1])
-    env = {k: v for k, v in os.environ.items() if k.startswith("SHIELDSERVE_") and not k.startswith("SHIELDSERVE_RAY_")
-           and k not in _SECRET_VARS and not (k in _URL_VARS and redact(v) != v)}
+    env = {k: v for k, v in os.environ.items() if k.startswith(_PREFIX) and not k.startswith(_PREFIX + "RAY_")
+           and not _carries_secret(k, v)}
     path = os.environ.get("PYTHONPATH")
     env["PYTHONPATH"] = root + (os.pathsep + path if path else "")
+    env.update(PROXY_ENV)
     return {"env_vars": env}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -20,7 +20,7 @@ from service.compute import ComputeThread
 from service.defenses.base import DefenseEnv, RunContext, optimize_argmax_decision, optimize_for_cpu
 from service.defenses.query_monitor import GATE_KEY, NEAR_GATE_KEY, AttackSuspected, QueryMonitor, Verdict
 from service.imaging import ImageLimits
-from service.metrics import Metrics
+from service.metrics import Metrics, multiprocess_dir
 from service.pipeline import ImageResult, Pipeline, PipelineConfigError, Rejection, Stage
 from service.settings import Settings
 
@@ -99,7 +99,7 @@ class Runtime:
             for p in self.pipelines.values():
                 if p.monitor is not None:
                     p.monitor = replace(p.monitor, suspect_linf=0.0)
-        self.metrics = Metrics()
+        self.metrics = Metrics(shared_monitor=settings.query_monitor.store == "redis")
         self.monitor = self._build_monitor() if any(p.monitor for p in self.pipelines.values()) else None
         # Inference runs off the event loop, on the compute thread: each pipeline's batcher
         # forms its batches in its own thread and hands each to it (service/batcher.py), as
@@ -138,8 +138,19 @@ class Runtime:
                 m.monitor_store_errors.inc()
 
         monitor = QueryMonitor.from_settings(qm, on_degraded=degraded)
-        m.blocked_clients.set_function(monitor.blocked_count)
+        # the count at scrape time: a block ends without a request, by its cooldown alone
+        m.before_scrape(lambda: m.blocked_clients.set(monitor.blocked_count()))
         return monitor
+
+    def _refresh_blocked(self) -> None:
+        """Set `blocked_clients` from the monitor's count, in a worker thread (it may ask Redis)."""
+        monitor, gauge = self.monitor, self.metrics.blocked_clients
+        if monitor is None:
+            return
+        try:
+            self.executor.submit(lambda: gauge.set(monitor.blocked_count()))
+        except RuntimeError:  # the runtime is closing: its executor takes no more work
+            pass
 
     async def offload(self, fn: Callable[[], T]) -> T:
         """`fn()` in this runtime's worker threads (a decode, a parse, a screen): never on the
@@ -169,10 +180,20 @@ class Runtime:
             m.monitor_flags.labels(pipeline.name).inc(flagged)
         if verdict.blocked_now:
             m.monitor_blocks.labels(pipeline.name).inc()
-            # for --workers (no callback gauges there); off the loop: the count may ask Redis
-            monitor = self.monitor
-            self.executor.submit(lambda: m.blocked_clients.set(monitor.blocked_count()))  # type: ignore[union-attr]
+            # With --workers a scrape reaches one process, which refreshes only its own value:
+            # this one's count rises now and, since the others' scrapes never refresh it, falls
+            # again when the block ends (1 s late: the block ends by the wall clock, the timer
+            # runs on the monotonic one)
+            self._refresh_blocked()
+            if multiprocess_dir() and pipeline.monitor is not None:
+                self._refresh_blocked_after(pipeline.monitor.cooldown_s + 1.0)
         return verdict
+
+    def _refresh_blocked_after(self, seconds: float) -> None:
+        try:  # a timer of the event loop (it runs there): no thread per block
+            asyncio.get_running_loop().call_later(seconds, self._refresh_blocked)
+        except RuntimeError:
+            log.warning("blocked_clients: no event loop to refresh it when a block ends")
 
     def _batch_screen(self, pipeline: Pipeline) -> Screen:
         """The query monitor as the pipeline's batcher sees it (service/batcher.Screen): one
@@ -304,8 +325,14 @@ class Runtime:
         m.batch_size.labels(pipeline).observe(report.size)
         for wait in report.queue_waits:
             m.queue_wait.labels(pipeline).observe(wait)
+        self.observe_results(pipeline, report.results)
+
+    def observe_results(self, pipeline: str, results: Sequence[ImageResult]) -> None:
+        """The per-image metrics of a pipeline's answers (stages, detector scores, rejections,
+        abstentions, radii, images): a batch's, and an unbatched /certify run's."""
+        m = self.metrics
         seen: set[str] = set()
-        for r in report.results:
+        for r in results:
             for stage in r.stages:
                 if stage.defense not in seen:
                     seen.add(stage.defense)

@@ -17,6 +17,7 @@ which tests and benchmarks build many times in one process.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -88,14 +89,27 @@ def worker_app() -> Any:
     return create_app(settings)
 
 
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's settings for serving `settings` (one process or `--workers N`; the live-server
+    tests run with them too)."""
+    return dict(host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
+                # the app writes its own access log (RequestIdMiddleware); uvicorn's, even disabled,
+                # formatted each request's client address and quoted path before dropping it
+                access_log=False,
+                # the client id is the service's to decide (trusted_proxies, service/api/clients.py):
+                # uvicorn's own X-Forwarded-For handling, on by default and trusting 127.0.0.1 and ::1
+                # (or $FORWARDED_ALLOW_IPS), would rewrite the peer first, so any local client could
+                # name itself per request and slip out of the query monitor's flags and blocks
+                proxy_headers=False,
+                # uvicorn takes whole seconds; rounded down, 0.5 s would cancel in-flight requests at once
+                timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s))
+
+
 def serve(settings: Settings, config_file: str | None = None) -> None:
     from service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.json_logs)
-    # access_log=False: the app writes its own access log (RequestIdMiddleware); uvicorn's, even
-    # disabled, formatted each request's client address and quoted path before dropping it
-    common = dict(host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
-                  access_log=False, timeout_graceful_shutdown=int(settings.graceful_timeout_s))
+    common = uvicorn_options(settings)
     if settings.workers > 1:
         _prepare_multiprocess()
         # each worker builds its own app from the same settings, passed through the environment

@@ -32,14 +32,16 @@ def live_server(settings: Any) -> Iterator[tuple[str, Any]]:
     import uvicorn
 
     from service.app import create_app
+    from service.server import uvicorn_options
 
     app = create_app(settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           log_config=None))
+    # uvicorn as `shieldserve serve` configures it (proxy headers off among others), on this port
+    options = {**uvicorn_options(settings), "host": "127.0.0.1", "port": port, "log_level": "warning"}
+    server = uvicorn.Server(uvicorn.Config(app, **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -127,6 +127,44 @@ def test_export_reaches_export_and_a_refusal_is_status_2(tmp_path, monkeypatch, 
     assert "export refused" in capsys.readouterr().err
 
 
+def test_load_info_reads_an_exports_description_without_unpickling_anything(quick_bundle, tmp_path,
+                                                                            monkeypatch) -> None:
+    """load_info reads the JSON entry torch.jit.save stored in the archive (a zip file) and never
+    loads the module (torch.jit.load unpickles the file's constants): the same description as
+    torch's own reader gives, whatever the file is named; anything else is a ValueError."""
+    import pickle
+    import shutil
+
+    import torch
+
+    from service.export import INFO_FILE, export, load_info
+
+    out = tmp_path / "baseline.pt"
+    export(quick_bundle, "baseline", out)
+    files = {INFO_FILE: ""}
+    torch.jit.load(str(out), _extra_files=files)
+    want = json.loads(files[INFO_FILE])
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("load_info loaded the module")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    info = load_info(out)
+    assert info == want and info["pipeline"] == "baseline" and info["input"]["range"] == [0.0, 1.0]
+    renamed = tmp_path / "renamed.pt"  # the archive's directory inside is still "baseline"
+    shutil.copy(out, renamed)
+    assert load_info(renamed) == want
+    plain = tmp_path / "plain.pt"  # TorchScript, but not an export of ours
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(plain))
+    with pytest.raises(ValueError, match="not a shieldserve export"):
+        load_info(plain)
+    pickled = tmp_path / "pickled.pt"
+    pickled.write_bytes(pickle.dumps({"pipeline": "baseline"}))
+    with pytest.raises(ValueError, match="not a TorchScript archive"):
+        load_info(pickled)
+
+
 @pytest.mark.parametrize("argv", [["train", "--preset", "quick"], ["evaluate", "--pipeline", "magnet"],
                                   ["export", "--pipeline", "magnet"], ["export", "--out", "m.pt"], []])
 def test_a_missing_required_argument_exits_with_status_2(argv: list[str], capsys) -> None:

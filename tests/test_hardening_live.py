@@ -1,5 +1,6 @@
 """Hardening over real sockets (a uvicorn server in a thread): a chunked upload without
-Content-Length over the body limit is 413; a client that disconnects stops its work."""
+Content-Length over the body limit is 413; a client that disconnects stops its work; a local
+client cannot choose its client id with X-Forwarded-For (uvicorn's proxy headers are off)."""
 
 from __future__ import annotations
 
@@ -174,3 +175,47 @@ def test_healthz_stays_fast_while_8_clients_post_inflating_pngs(server, tmp_path
         control, _, control_counts = _healthz_under_load(url, inflating_png(chunks=0), tmp_path)
         print(f"/healthz under ordinary PNGs: p95 {control * 1000:.1f} ms; clients' answers: {control_counts}")
         assert p95 <= 2 * control + 0.025, f"/healthz p95 {p95 * 1000:.1f} ms (ordinary PNGs: {control * 1000:.1f} ms)"
+
+
+# a monitored pipeline without defenses: a near copy of an earlier query is flagged, and with
+# block_after 0 its client is blocked at once (what tests/test_contract.py's proxy tests use)
+WATCH = {"watch": {"defenses": [], "query_monitor": {"action": "block", "block_after": 0, "cooldown_s": 60}}}
+
+
+@pytest.mark.parametrize("trusted", [[], ["127.0.0.1"]], ids=["no_trusted_proxy", "loopback_trusted"])
+def test_a_local_client_cannot_name_itself_with_x_forwarded_for(quick_bundle, mnist, tmp_path, trusted):
+    """uvicorn's own proxy-header handling (on by default, trusting 127.0.0.1) rewrote the peer
+    from X-Forwarded-For before the service's trusted_proxies rule ran: any local client chose
+    its client id per request, and left its block behind by claiming another address. Served
+    as `shieldserve serve` serves (service.server.uvicorn_options), the rule is the only one:
+    with no trusted proxy, the blocked client is its peer address whatever it claims next; with
+    127.0.0.1 trusted, the forwarded hop is the client (the proxy itself another one)."""
+    import httpx
+
+    from service.settings import load_settings
+
+    config = config_file(tmp_path, {"baseline"}, default_pipeline="baseline")
+    s = load_settings(config, bundle=quick_bundle, warmup=False, log_level="warning",
+                      trusted_proxies=trusted, pipelines=WATCH)
+    assert set(s.pipelines) == {"baseline", "watch"}
+    with live_server(s) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
+        def post(x, forwarded_for):
+            headers = {"content-type": "image/png"}
+            if forwarded_for is not None:
+                headers["X-Forwarded-For"] = forwarded_for
+            return c.post("/predict?pipeline=watch", content=png(x), headers=headers)
+
+        x = mnist.test.x[3]
+        near = x.clone()
+        near[..., 0, 0] = 0.5  # shares nearly every fingerprint hash with x
+        assert post(x, "203.0.113.9").json()["results"][0]["status"] == "accepted"
+        flagged = post(near, "203.0.113.9").json()["results"][0]
+        assert flagged["status"] == "rejected" and flagged["rejected_by"][0]["defense"] == "query_monitor", flagged
+        other = mnist.test.x[10]
+        r = post(other, "203.0.113.9")
+        assert r.status_code == 429 and r.json()["error"]["code"] == "attack_suspected", r.text
+        codes = {xff: post(other, xff).status_code for xff in ("198.51.100.8", "203.0.113.9, 198.51.100.8", None)}
+    if trusted:
+        assert codes == {"198.51.100.8": 200, "203.0.113.9, 198.51.100.8": 200, None: 200}
+    else:
+        assert codes == {"198.51.100.8": 429, "203.0.113.9, 198.51.100.8": 429, None: 429}

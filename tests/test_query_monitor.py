@@ -348,6 +348,159 @@ def test_block_mode_blocks_after_the_flag_limit_and_the_cooldown_ends(monkeypatc
     assert monitor.blocked_count() == 0
 
 
+def _clock(monkeypatch, start: float) -> list[float]:
+    """The monitor's wall clock (its flags, blocks and suspects), from `start`, moved by hand;
+    only this module's: the monotonic clock of the hash store and everything else run on."""
+    import types
+
+    import service.defenses.query_monitor as qm
+
+    clock = [start]
+    monkeypatch.setattr(qm, "time", types.SimpleNamespace(time=lambda: clock[0], monotonic=time.monotonic,
+                                                          perf_counter=time.perf_counter))
+    return clock
+
+
+def test_the_memory_stores_client_tables_are_bounded_expired_first(monkeypatch) -> None:
+    """Flags, suspects and blocks are kept per client: past MAX_CLIENTS entries each table
+    forgets the expired ones, then those that end first, down to KEEP_CLIENTS; what is kept
+    still works (limits monkeypatched small)."""
+    import service.defenses.query_monitor as qm
+
+    assert (qm.MAX_CLIENTS, qm.KEEP_CLIENTS) == (100_000, 50_000)
+    monkeypatch.setattr(qm, "MAX_CLIENTS", 4)
+    monkeypatch.setattr(qm, "KEEP_CLIENTS", 2)
+    clock = _clock(monkeypatch, 1000.0)
+    # suspects: a's status is over, b, c, d end after 10, 20, 30 s
+    store = MemoryStore(window_s=100.0, max_queries=100)
+    store.mark_suspect("a", 1)
+    clock[0] += 2
+    for i, c in enumerate("bcd"):
+        store.mark_suspect(c, 10 * (i + 1))
+    assert len(store._suspects) == 4  # at the limit: nothing forgotten yet
+    store.mark_suspect("e", 100)  # over it: a (over), then b and c (ending first)
+    assert sorted(store._suspects) == ["d", "e"] and store.suspect("d") and not store.suspect("b")
+    # flags (a 60 s window): f's is older than the window; g, h, i flagged a second apart
+    store = MemoryStore(window_s=100.0, max_queries=100)
+    store.add_flags("f", 1, window_s=60, block_after=1, cooldown_s=30)
+    clock[0] += 61
+    for c in "ghi":
+        store.add_flags(c, 1, window_s=60, block_after=1, cooldown_s=30)
+        clock[0] += 1
+    assert len(store._flags) == 4
+    store.add_flags("j", 1, window_s=60, block_after=1, cooldown_s=30)  # f (expired), then g and h (oldest) go
+    assert sorted(store._flags) == ["i", "j"]
+    assert store.add_flags("i", 1, window_s=60, block_after=1, cooldown_s=30)  # its first flag still counts
+    assert not store.add_flags("g", 1, window_s=60, block_after=1, cooldown_s=30)  # forgotten: a first flag
+    # blocks (block_after 0: every flag blocks): k's cooldown is over, l, m, n end after 10, 20, 30 s
+    store = MemoryStore(window_s=100.0, max_queries=100)
+    assert store.add_flags("k", 1, window_s=60, block_after=0, cooldown_s=1)
+    clock[0] += 2
+    for c, cooldown in zip("lmn", (10, 20, 30)):
+        store.add_flags(c, 1, window_s=60, block_after=0, cooldown_s=cooldown)
+    assert len(store._blocked) == 4 and store.blocked_count() == 3  # k's entry stays until k asks again
+    store.add_flags("o", 1, window_s=60, block_after=0, cooldown_s=100)  # k (over), then l and m go
+    assert sorted(store._blocked) == ["n", "o"] and store.blocked_count() == 2
+    assert store.blocked_for("o") == 100 and store.blocked_for("l") == 0
+
+
+def _near(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x with pixel (0, k) changed: it shares nearly every fingerprint hash with x."""
+    y = x.clone()
+    y[..., 0, k] = 0.5
+    return y
+
+
+def test_flags_older_than_block_window_are_forgotten_and_the_suspect_status_ends(monkeypatch, mnist) -> None:
+    """block_window_s: a flag older than it no longer counts toward block_after, and a client
+    flagged that long ago is no suspect (normal threshold) any more; two flags within it block
+    (block_after 1). The memory store, on a hand-moved clock."""
+    clock = _clock(monkeypatch, 1000.0)
+    monitor = QueryMonitor(secret="window")
+    policy = MonitorPolicy(action="block", block_after=1, block_window_s=60, cooldown_s=30, suspect_linf=0.0)
+    x, client = mnist.test.x[3:4], "ip:1.2.3.4"
+    assert monitor.screen(policy, x, client).flagged == [False]
+    v = monitor.screen(policy, _near(x, 0), client)
+    assert v.flagged == [True] and not v.blocked_now  # one flag: not more than block_after
+    v = monitor.screen(policy, mnist.test.x[50:51], client)  # another digit: not flagged, but held to
+    assert v.flagged == [False] and v.threshold == policy.suspect_threshold  # the suspect threshold
+    clock[0] += 61  # past the window: that flag and the suspect status are over
+    v = monitor.screen(policy, mnist.test.x[51:52], client)
+    assert v.flagged == [False] and v.threshold == policy.threshold
+    v = monitor.screen(policy, _near(x, 1), client)
+    assert v.flagged == [True] and not v.blocked_now  # the only flag within the window
+    clock[0] += 59  # within the window of that flag
+    v = monitor.screen(policy, _near(x, 2), client)
+    assert v.flagged == [True] and v.blocked_now  # two flags within it: blocked
+    with pytest.raises(AttackSuspected):
+        monitor.screen(policy, mnist.test.x[52:53], client)
+
+
+def test_flags_older_than_block_window_are_forgotten_on_redis_too(redis_url, mnist) -> None:  # noqa: F811
+    """The same on the shared store, where Redis's own clock ends the window (key expiry, in
+    ms): a real sleep past a 0.5 s window (longer is as good), then a 600 s window for the
+    two flags that block."""
+    import uuid
+
+    monitor = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=f"t-{uuid.uuid4().hex[:8]}:",
+                           secret="window")
+    short = MonitorPolicy(action="block", block_after=1, block_window_s=0.5, cooldown_s=30, suspect_linf=0.0)
+    x = mnist.test.x[3:4]
+    assert monitor.screen(short, x, "ip:1.1.1.1").flagged == [False]
+    v = monitor.screen(short, _near(x, 0), "ip:1.1.1.1")
+    assert v.flagged == [True] and not v.blocked_now
+    time.sleep(1.2)
+    v = monitor.screen(short, mnist.test.x[51:52], "ip:1.1.1.1")
+    assert v.flagged == [False] and v.threshold == short.threshold  # no suspect any more
+    v = monitor.screen(short, _near(x, 1), "ip:1.1.1.1")
+    assert v.flagged == [True] and not v.blocked_now  # the first flag was forgotten
+    long = MonitorPolicy(action="block", block_after=1, block_window_s=600, cooldown_s=30, suspect_linf=0.0)
+    v = monitor.screen(long, _near(x, 2), "ip:2.2.2.2")
+    assert v.flagged == [True] and not v.blocked_now
+    v = monitor.screen(long, mnist.test.x[50:51], "ip:2.2.2.2")
+    assert v.flagged == [False] and v.threshold == long.suspect_threshold
+    v = monitor.screen(long, _near(x, 3), "ip:2.2.2.2")
+    assert v.flagged == [True] and v.blocked_now
+    with pytest.raises(AttackSuspected):
+        monitor.screen(long, mnist.test.x[52:53], "ip:2.2.2.2")
+    assert monitor.redis is not None and monitor._down_since is None  # all of it on Redis
+
+
+def test_the_secret_is_in_no_repr(mnist) -> None:
+    """The hashing key never shows in a repr (a log line's %r, a traceback's locals): not the
+    monitor's, its fingerprinter's (a dataclass) or that of the settings that hold it."""
+    from service.settings import load_settings
+
+    settings = load_settings(query_monitor={"secret": SECRET}, admin_api_key="admin-" + SECRET)
+    monitor = QueryMonitor.from_settings(settings.query_monitor)
+    assert monitor.fingerprinter.key == SECRET.encode()  # the secret is in there
+    monitor.screen(MonitorPolicy(), mnist.test.x[:1], "ip:1.1.1.1")
+    for obj in (monitor, monitor.fingerprinter, monitor.memory, settings, settings.query_monitor,
+                settings.query_monitor.secret, settings.admin_api_key):
+        assert SECRET not in repr(obj) and SECRET not in str(obj), type(obj)
+    assert "key=" not in repr(Fingerprinter(b"k" * 32))
+    # a Redis URL may carry a password (redis://:PASSWORD@host): neither section shows it
+    url = f"redis://:{SECRET}@127.0.0.1:6379/0"
+    with_urls = load_settings(query_monitor={"redis_url": url}, certify={"redis_url": url})
+    assert with_urls.certify.redis_url == url
+    for obj in (with_urls, with_urls.certify, with_urls.query_monitor):
+        assert SECRET not in repr(obj) and SECRET not in str(obj), type(obj)
+
+
+def test_blocked_clients_falls_to_0_when_the_cooldown_ends(make_client, mnist, monkeypatch) -> None:
+    """The gauge is the count at scrape time: a block that ends by its cooldown alone (no request
+    of that client) is no longer counted (one process; tests/test_server.py has --workers)."""
+    c = make_client(warmup=False, pipelines={"watch": {"defenses": [], "query_monitor": {
+        "action": "block", "block_after": 0, "cooldown_s": 60}}})
+    x = mnist.test.x[3:4]
+    for q in (x, _near(x, 0)):
+        assert c.post("/predict?pipeline=watch", content=png(q), headers=PNG).status_code == 200
+    assert c.post("/predict?pipeline=watch", content=png(mnist.test.x[50]), headers=PNG).status_code == 429
+    assert "shieldserve_blocked_clients 1.0" in c.get("/metrics").text.splitlines()
+    _clock(monkeypatch, time.time() + 61)
+    assert "shieldserve_blocked_clients 0.0" in c.get("/metrics").text.splitlines()
+
+
 def test_a_batch_screened_at_once_is_judged_as_its_requests_one_by_one(mnist) -> None:
     """screen_parts (what the service runs on each batch): one fingerprinting of the batch,
     then each request matched, remembered and judged in queue order, with the same verdicts as

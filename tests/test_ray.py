@@ -20,11 +20,13 @@ from tests.conftest import png
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")
 ray = pytest.importorskip("ray")
 
-from service.ray_app import RayOptions, deployment_options  # noqa: E402
+from service.ray_app import PROXY_ENV, RayOptions, deployment_options  # noqa: E402
 from service.settings import load_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+# a monitored pipeline without defenses that blocks a client at its first flag
+WATCH = {"watch": {"defenses": [], "query_monitor": {"action": "block", "block_after": 0, "cooldown_s": 600}}}
 
 
 def free_port() -> int:
@@ -49,6 +51,41 @@ def test_secrets_stay_out_of_the_replicas_runtime_env(monkeypatch) -> None:
     assert "secret" not in repr(env)
     assert env["SHIELDSERVE_QUERY_MONITOR__REDIS_URL"] == "redis://10.0.0.2:6379/1"
     assert env["SHIELDSERVE_BATCHING__MAX_BATCH_SIZE"] == "16" and "PYTHONPATH" in env
+
+
+def test_secrets_in_json_sections_or_odd_case_names_stay_out_of_the_runtime_env(monkeypatch) -> None:
+    """pydantic-settings also takes a whole section as one JSON variable, and matches names and
+    JSON keys whatever their case: a variable that sets a secret any of these ways stays out."""
+    import json
+
+    from service.ray_app import _runtime_env
+
+    for k in [k for k in os.environ if k.upper().startswith("SHIELDSERVE_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SHIELDSERVE_QUERY_MONITOR", json.dumps({"SECRET": "salt-secret-1", "store": "redis"}))
+    # the threat is real: the settings read the section's secret
+    assert load_settings().query_monitor.secret.get_secret_value() == "salt-secret-1"
+    monkeypatch.setenv("SHIELDSERVE_CERTIFY", json.dumps({"redis_url": "redis://:pw-secret-2@10.0.0.2:6379/0"}))
+    monkeypatch.setenv("SHIELDSERVE_Query_Monitor__Secret", "salt-secret-3")
+    monkeypatch.setenv("SHIELDSERVE_Admin_Api_Key", "adm-secret-4")
+    monkeypatch.setenv("SHIELDSERVE_Certify__Redis_Url", "redis://10.0.0.2:6379/0?password=pw-secret-5")
+    # sections without a secret in them pass
+    passed = {"SHIELDSERVE_QUERY_MONITOR__POLICY": json.dumps({"action": "block"}),
+              "SHIELDSERVE_BATCHING": json.dumps({"max_batch_size": 16}),
+              "SHIELDSERVE_LIMITS__FORMATS": json.dumps(["PNG"])}
+    for k, v in passed.items():
+        monkeypatch.setenv(k, v)
+    env = _runtime_env()["env_vars"]
+    assert "secret" not in repr(env)
+    assert {k: v for k, v in env.items() if k.startswith("SHIELDSERVE_")} == passed
+    monkeypatch.setenv("SHIELDSERVE_CERTIFY", json.dumps({"redis_url": "redis://10.0.0.2:6379/0", "store": "redis"}))
+    monkeypatch.setenv("SHIELDSERVE_QUERY_MONITOR", json.dumps({"store": "redis", "secret": None}))
+    env = _runtime_env()["env_vars"]
+    assert "SHIELDSERVE_CERTIFY" in env and "SHIELDSERVE_QUERY_MONITOR" in env  # no password, no secret
+    monkeypatch.setenv("SHIELDSERVE_CERTIFY", "{not json")  # unreadable here: kept out (the replica reads its own)
+    assert "SHIELDSERVE_CERTIFY" not in _runtime_env()["env_vars"]
+    # Ray Serve's proxy must not rewrite the client from X-Forwarded-For (the service decides)
+    assert env["FORWARDED_ALLOW_IPS"] == ""
 
 
 def test_deployment_options_autoscaling_and_gpu_fractions(quick_bundle: Path) -> None:
@@ -81,20 +118,49 @@ def ray_serve(quick_bundle: Path):
     # ActorDiedError): on a loaded 2-core machine a proxy's start takes longer than that
     patience = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
     os.environ.update(patience)
+    # the proxy's environment as `serve --ray` (service.ray_app.run) gives it
+    forwarded = os.environ.get("FORWARDED_ALLOW_IPS")
+    os.environ.update(PROXY_ENV)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "SHIELDSERVE_PROGRESS": "0", **patience}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "SHIELDSERVE_PROGRESS": "0", **patience,
+                                       **PROXY_ENV}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         started = time.perf_counter()
         app = build_app(options=RayOptions(min_replicas=1, max_replicas=2, target_ongoing_requests=4,
                                            max_ongoing_requests=16, num_cpus=0.5),
-                        bundle=quick_bundle, torch_threads=1, log_level="warning")
+                        bundle=quick_bundle, torch_threads=1, log_level="warning", pipelines=WATCH)
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"\n[ray] application running in {time.perf_counter() - started:.1f} s")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+        if forwarded is None:
+            os.environ.pop("FORWARDED_ALLOW_IPS", None)
+        else:
+            os.environ["FORWARDED_ALLOW_IPS"] = forwarded
+
+
+def test_rays_proxy_leaves_the_client_to_the_service(ray_serve: str, mnist) -> None:
+    """Ray Serve's proxy runs uvicorn, whose X-Forwarded-For handling (trusting 127.0.0.1 by
+    default) would rewrite the client it hands the replica; with FORWARDED_ALLOW_IPS empty it
+    does not, so a local client forging X-Forwarded-For stays its peer address (trusted_proxies
+    is empty here): blocked whatever it claims next."""
+    import httpx
+
+    with httpx.Client(base_url=ray_serve, timeout=60) as c:
+        def post(x, forwarded_for):
+            return c.post("/predict?pipeline=watch", content=png(x),
+                          headers={"content-type": "image/png", "X-Forwarded-For": forwarded_for})
+
+        x = mnist.test.x[3]
+        near = x.clone()
+        near[..., 0, 0] = 0.5
+        assert post(x, "203.0.113.9").json()["results"][0]["status"] == "accepted"
+        assert post(near, "203.0.113.9").json()["results"][0]["status"] == "rejected"
+        r = post(mnist.test.x[10], "198.51.100.8")
+        assert r.status_code == 429 and r.json()["error"]["code"] == "attack_suspected", r.text
 
 
 def test_predict_through_ray_serve(ray_serve: str, mnist) -> None:

@@ -27,8 +27,9 @@ def _free_port() -> int:
 
 
 def _start(bundle: Path, port: int, *args: str, **env: str) -> subprocess.Popen:
-    full_env = {**os.environ, "SHIELDSERVE_BUNDLE": str(bundle), "SHIELDSERVE_LOG_LEVEL": "warning", **env}
-    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    full_env = {**os.environ, "SHIELDSERVE_BUNDLE": str(bundle), "SHIELDSERVE_LOG_LEVEL": "warning"}
+    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # unless the test names one
+    full_env.update(env)
     return subprocess.Popen([sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
                             cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -97,6 +98,42 @@ def test_torch_threads_auto_is_torch_default_shared_among_workers(monkeypatch) -
         torch.set_num_threads(before)
 
 
+def test_serve_gives_uvicorn_whole_seconds_rounded_up_and_no_proxy_headers(monkeypatch, tmp_path) -> None:
+    """uvicorn's graceful period is whole seconds: 0.5 s must not become 0 (in-flight requests
+    cancelled at once). Its own X-Forwarded-For handling stays off (the service's
+    trusted_proxies decides the client): one process and --workers alike."""
+    import uvicorn
+
+    import service.server as server
+    from service.settings import load_settings
+
+    configs: list[uvicorn.Config] = []
+
+    class Recorder:
+        def __init__(self, config: uvicorn.Config, app: object, drain_seconds: float) -> None:
+            configs.append(config)
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(server, "DrainingServer", Recorder)
+    monkeypatch.setattr(server, "apply_process_settings", lambda settings: None)
+    monkeypatch.setattr("service.logs.configure_logging", lambda *args: None)
+    monkeypatch.setattr("service.app.create_app", lambda settings: object())
+    for given, want in ((0.5, 1), (2.01, 3), (30.0, 30), (0.0, 0)):
+        server.serve(load_settings(bundle=tmp_path, graceful_timeout_s=given))
+        assert configs[-1].timeout_graceful_shutdown == want, given
+        assert configs[-1].proxy_headers is False
+    runs: list[dict] = []
+    monkeypatch.setattr(server.uvicorn, "run", lambda target, **kwargs: runs.append(kwargs))
+    monkeypatch.setattr(server, "_prepare_multiprocess", lambda: None)
+    for name in ("SHIELDSERVE_BUNDLE", "SHIELDSERVE_WORKERS"):  # serve sets them: restored after the test
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    server.serve(load_settings(bundle=tmp_path, graceful_timeout_s=0.5, workers=2))
+    assert runs[-1]["workers"] == 2 and runs[-1]["timeout_graceful_shutdown"] == 1
+    assert runs[-1]["proxy_headers"] is False
+
+
 @pytest.mark.slow
 def test_two_workers_report_the_sum_of_their_metrics_and_log_like_one_server(quick_bundle, mnist):
     port = _free_port()
@@ -129,6 +166,90 @@ def test_two_workers_report_the_sum_of_their_metrics_and_log_like_one_server(qui
     share = max(1, _torch_default_threads() // 2)
     threads = [r["message"] for r in lines if r.get("message", "").startswith("torch intra-op threads")]
     assert threads == [f"torch intra-op threads: {share} (auto; set torch_threads to choose)"] * 2
+
+
+@pytest.mark.slow
+def test_two_workers_report_a_block_and_its_end_whichever_answers_the_scrape(quick_bundle, mnist, tmp_path):
+    """`shieldserve_blocked_clients` with --workers: the multiprocess collector exposes only the
+    values processes set (a callback gauge is ignored), so a worker sets its count when it
+    blocks a client, when that block ends and at each scrape it answers; the workers' counts
+    add up (each blocks on its own store). A scrape shows the client blocked, then, once the
+    cooldown is over, no longer, whichever worker answers it."""
+    import yaml
+
+    from tests.live_server import config_file
+
+    cooldown = 6.0
+    path = config_file(tmp_path, {"baseline"}, default_pipeline="baseline")
+    data = yaml.safe_load(path.read_text())
+    data["pipelines"]["watch"] = {"defenses": [], "query_monitor": {"action": "block", "block_after": 0,
+                                                                    "cooldown_s": cooldown}}
+    path.write_text(yaml.safe_dump(data))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    metrics_dir = tmp_path / "metrics"
+    proc = _start(quick_bundle, port, "--config", str(path), "--workers", "2", SHIELDSERVE_WARMUP="false",
+                  SHIELDSERVE_TORCH_THREADS="1", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+
+    def exposed() -> float:
+        """The gauge as a scrape answered by either worker would expose it, read from the workers'
+        files without a scrape (the worker answering a scrape refreshes its own count first, which
+        would hide a stale one when it is the worker that blocked the client)."""
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(metrics_dir))
+        return _count(generate_latest(registry).decode(), "shieldserve_blocked_clients ")
+
+    def scrapes() -> dict[str, list[float]]:
+        """The gauge as each worker answers it (a request id starts with its process's prefix),
+        over 16 scrapes on new connections, 8 at a time, so that both workers answer some."""
+        def one(_: int) -> tuple[str, float]:
+            r = httpx.get(f"{url}/metrics", timeout=30)
+            return r.headers["x-request-id"][:16], _count(r.text, "shieldserve_blocked_clients ")
+
+        out: dict[str, list[float]] = {}
+        with ThreadPoolExecutor(8) as pool:
+            for worker, value in pool.map(one, range(16)):
+                out.setdefault(worker, []).append(value)
+        return out
+
+    try:
+        _wait_ready(port, proc)
+        time.sleep(2)  # the second worker may still be starting
+        x = mnist.test.x[3]
+        near = x.clone()
+        near[..., 0, 0] = 0.5
+        headers = {"content-type": "image/png"}
+        with httpx.Client(base_url=url, timeout=30) as c:  # one connection: one worker sees it all
+            assert c.post("/predict?pipeline=watch", content=png(x), headers=headers).status_code == 200
+            r = c.post("/predict?pipeline=watch", content=png(near), headers=headers)
+            assert r.json()["results"][0]["rejected_by"][0]["defense"] == "query_monitor", r.text
+            blocked_at = time.monotonic()
+            r = c.post("/predict?pipeline=watch", content=png(mnist.test.x[10]), headers=headers)
+            assert r.status_code == 429
+            blocker = r.headers["x-request-id"][:16]
+        during, exposed_during = scrapes(), exposed()
+        if time.monotonic() < blocked_at + cooldown - 1:  # a loaded machine may be slower than the cooldown
+            assert all(v == 1 for values in during.values() for v in values) and exposed_during == 1, during
+        # after the cooldown, with no scrape at all, the worker that blocked the client has set
+        # its count to 0 (the other workers' scrapes would otherwise add its stale 1)
+        time.sleep(max(0.0, blocked_at + cooldown + 1.5 - time.monotonic()))
+        deadline = time.monotonic() + 30
+        while exposed() != 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert exposed() == 0
+        deadline = time.monotonic() + 60
+        while True:
+            after = scrapes()
+            others = [v for worker, values in after.items() if worker != blocker for v in values]
+            if (others and not any(v for values in after.values() for v in values)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert others and not any(v for values in after.values() for v in values), (blocker, after)
+    finally:
+        _stop(proc)
 
 
 @pytest.mark.slow

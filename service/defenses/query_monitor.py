@@ -75,6 +75,7 @@ in a response, a log line or a metric; client ids are stored keyed-hashed.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import os
 import threading
@@ -94,6 +95,11 @@ PUBLIC_POLICY = ("enabled", "action", "threshold", "suspect_threshold", "suspect
                  "block_window_s", "cooldown_s")
 NEAR_SIDE = 32  # suspects' remembered images: at most this many pixels a side per channel
 NEAR_MEMORY_BYTES = 64 * 2**20  # the memory store's cap on suspects' remembered images
+# the memory store's per-client tables (flags, suspects, blocks): past MAX_CLIENTS entries the
+# expired are forgotten, then those ending first, down to KEEP_CLIENTS (half: a trim, costing a
+# pass over the table, is needed once per MAX_CLIENTS - KEEP_CLIENTS new clients, not each one)
+MAX_CLIENTS = 100_000
+KEEP_CLIENTS = 50_000
 
 
 # the quality gate's key for the monitor (models/recipes/quality.py measures it on the
@@ -115,7 +121,7 @@ class AttackSuspected(Exception):
 class Fingerprinter:
     """Blacklight's fingerprint: quantized pixels, keyed hashes of sliding windows, top N."""
 
-    key: bytes
+    key: bytes = field(repr=False)  # the secret: never in a repr (a log line, a traceback)
     quantization: int = 25
     window: int = 50
     top_n: int = 80
@@ -329,11 +335,7 @@ class MemoryStore:
         now = time.time()
         with self._lock:
             self._suspects[client] = now + seconds
-            if len(self._suspects) > 100_000:  # bounded: forget the expired, then the oldest
-                for c in [c for c, until in self._suspects.items() if until <= now]:
-                    del self._suspects[c]
-                for c in sorted(self._suspects, key=self._suspects.__getitem__)[:max(0, len(self._suspects) - 50_000)]:
-                    del self._suspects[c]
+            _trim(self._suspects, lambda until: until <= now, lambda until: until)
 
     def recall(self, client: str, pixels: np.ndarray, keep: int, seconds: float) -> list[np.ndarray]:
         """The client's remembered images (oldest first); then remember `pixels` too, the last
@@ -370,15 +372,30 @@ class MemoryStore:
             if len(times) > block_after:
                 self._blocked[client] = now + cooldown_s
                 self._flags.pop(client, None)
+                # without a bound, every client ever blocked would stay: an entry goes only when
+                # its own client asks again after its cooldown
+                _trim(self._blocked, lambda until: until <= now, lambda until: until)
                 return True
-            if len(self._flags) > 100_000:  # bounded: forget the clients with the oldest flags
-                for c in sorted(self._flags, key=lambda c: self._flags[c][-1])[:50_000]:
-                    del self._flags[c]
+            _trim(self._flags, lambda times: times[-1] <= now - window_s, lambda times: times[-1])
         return False
 
     def blocked_count(self) -> int:
         now = time.time()
         return sum(1 for until in list(self._blocked.values()) if until > now)
+
+
+def _trim(table: dict[str, Any], expired: Any, ends: Any) -> None:
+    """Bound a per-client table of the memory store (client -> value): past MAX_CLIENTS
+    entries, forget those whose value is `expired`, then those that `ends` first (the earliest
+    block or suspect status, the oldest last flag), down to KEEP_CLIENTS. Under the store's lock."""
+    if len(table) <= MAX_CLIENTS:
+        return
+    for c in [c for c, v in table.items() if expired(v)]:
+        del table[c]
+    excess = len(table) - KEEP_CLIENTS
+    if excess > 0:
+        for c in heapq.nsmallest(excess, table, key=lambda c: ends(table[c])):
+            del table[c]
 
 
 # One round trip per request: the blocked check, the generation turn, the match and the insert.
@@ -431,7 +448,7 @@ local window = tonumber(ARGV[4]); local after = tonumber(ARGV[5]); local cooldow
 local now = tonumber(ARGV[7])
 local k = p .. 'flags:' .. client
 local total = redis.call('INCRBY', k, count)
-if total == count then redis.call('EXPIRE', k, window) end
+if total == count then redis.call('PEXPIRE', k, window) end
 if total > after then
   redis.call('SET', p .. 'blocked:' .. client, '1', 'PX', cooldown)
   redis.call('DEL', k)
@@ -497,7 +514,9 @@ class RedisStore:
         return [np.frombuffer(bytes(b), dtype=np.uint8) for b in out]
 
     def add_flags(self, client: str, count: int, window_s: float, block_after: int, cooldown_s: float) -> bool:
-        return bool(self._flags(args=[self.prefix, client, count, int(max(1, window_s)), block_after,
+        # the flags count from the first one for block_window_s (in ms, as the cooldown: whole
+        # seconds would cut 1.5 s to 1), then start again
+        return bool(self._flags(args=[self.prefix, client, count, max(1, int(window_s * 1000)), block_after,
                                       int(cooldown_s * 1000), f"{time.time():.3f}"]))
 
     def blocked_count(self) -> int:
