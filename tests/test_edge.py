@@ -61,6 +61,19 @@ def on_event_loop() -> bool:
     return True
 
 
+def spy_on_loop(monkeypatch, module, name: str) -> list[bool]:
+    """Wrap module.name so that each call records whether it ran on the event loop."""
+    on_loop: list[bool] = []
+    real = getattr(module, name)
+
+    def spy(*a):  # type: ignore[no-untyped-def]
+        on_loop.append(on_event_loop())
+        return real(*a)
+
+    monkeypatch.setattr(module, name, spy)
+    return on_loop
+
+
 def part(data: bytes, ctypes: tuple[str, ...] = ("image/png",), name: str = "file", filename: str = "d.png") -> bytes:
     head = f'Content-Disposition: form-data; name="{name}"; filename="{filename}"'.encode()
     for ctype in ctypes:
@@ -174,14 +187,7 @@ def test_finding_4_compressed_v2_bodies_inflate_off_the_loop_within_the_limit(cl
 
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8",
                                    "data": [0] * 784}]}).encode()
-    on_loop: list[bool] = []
-    real = oip._decompress
-
-    def spy(*a):  # type: ignore[no-untyped-def]
-        on_loop.append(on_event_loop())
-        return real(*a)
-
-    monkeypatch.setattr(oip, "_decompress", spy)
+    on_loop = spy_on_loop(monkeypatch, oip, "_decompress")
     for encoding, data in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
         r = client.post(INFER, content=data, headers={"content-encoding": encoding, "content-type": "application/json"})
         assert r.status_code == 200, r.text
@@ -200,14 +206,7 @@ def test_predict_hashes_uploads_off_the_event_loop(client, digit, monkeypatch):
 
     import service.api.predict as predict
 
-    on_loop: list[bool] = []
-    real = predict.upload_digests
-
-    def spy(*a):  # type: ignore[no-untyped-def]
-        on_loop.append(on_event_loop())
-        return real(*a)
-
-    monkeypatch.setattr(predict, "upload_digests", spy)
+    on_loop = spy_on_loop(monkeypatch, predict, "upload_digests")
     r = client.post("/predict", content=digit, headers={"content-type": "image/png"})
     assert r.status_code == 200, r.text
     assert r.json()["results"][0]["image_sha256"] == hashlib.sha256(digit).hexdigest()
