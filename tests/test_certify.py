@@ -129,6 +129,32 @@ def test_post_certify_round_trip_and_target_radius(make_client, digits) -> None:
     assert r.status_code == 200 and r.json()["pipeline"] == "denoised"
 
 
+def test_post_certify_hashes_its_upload_off_the_event_loop(make_client, digits, monkeypatch) -> None:
+    """As on /predict, the upload's sha256 is taken in the worker thread that decodes it."""
+    import asyncio
+
+    import service.api.predict as predict
+
+    on_loop: list[bool] = []
+    real = predict.upload_digests
+
+    def spy(items):  # type: ignore[no-untyped-def]
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(items)
+
+    monkeypatch.setattr(predict, "upload_digests", spy)
+    client = make_client(warmup=False)
+    body, _ = digits[2]
+    r = client.post("/certify?n=200&n0=20&sigma=0.5", content=body, headers=PNG)
+    assert r.status_code == 200, r.text
+    assert r.json()["image_sha256"] == hashlib.sha256(body).hexdigest()
+    assert on_loop == [False], on_loop
+
+
 class _NetworkStore:
     """A store whose calls block, as Redis's do (not in_process): each records whether it ran
     on the event loop's thread, and sleeps as a round trip would."""

@@ -13,7 +13,6 @@ another key's GET of the same sha256 is a 404 `unknown_image`, as for an image n
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import secrets
 import threading
@@ -246,8 +245,7 @@ async def certify_post(
         check_uploads(items, runtime)
         if len(items) != 1:
             raise ApiError(422, "invalid_parameter", f"POST /certify takes one image, got {len(items)}")
-        x = await decode_uploads(items, runtime)
-        digest = hashlib.sha256(items[0][0]).hexdigest()
+        x, (digest,) = await decode_uploads(items, runtime)  # hashed off the loop, as on /predict
         rejected = await _monitor_rejection(runtime, digest, x[0], name, opts, client)
         if rejected is not None:
             return rejected

@@ -202,12 +202,12 @@ def upload_digests(items: list[Upload]) -> list[str]:
 class ImageDecode:
     """The uploads' decode, for a worker thread: Pillow under the runtime's ImageLimits and the
     request's pixel budget (`limits.max_request_pixels`), every refusal an ApiError with the
-    contract's code. With `hashes`, calling it also hashes the uploads, in the same thread,
-    into `digests` (needed only once the images decoded; hashing up to the 8 MiB body limit
-    must not hold the event loop)."""
+    contract's code. Calling it also hashes the uploads, in the same thread, into `digests`
+    (needed only once the images decoded; hashing up to the 8 MiB body limit must not hold the
+    event loop)."""
 
-    def __init__(self, items: list[Upload], runtime: Runtime, hashes: bool = True) -> None:
-        self.items, self.runtime, self.hashes = items, runtime, hashes
+    def __init__(self, items: list[Upload], runtime: Runtime) -> None:
+        self.items, self.runtime = items, runtime
         self.digests: list[str] = []
 
     def __call__(self) -> torch.Tensor:
@@ -217,8 +217,7 @@ class ImageDecode:
                              limits.max_images_per_request, max_request_pixels=limits.max_request_pixels)
         except ImageError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
-        if self.hashes:
-            self.digests = upload_digests(self.items)
+        self.digests = upload_digests(self.items)
         return x
 
 
@@ -246,11 +245,11 @@ async def store_call(runtime: Runtime, store: Store, fn: Callable[[], T]) -> T:
     return await runtime.offload(fn)
 
 
-async def decode_uploads(items: list[Upload], runtime: Runtime) -> torch.Tensor:
-    """Decode now, in a worker thread (POST /certify, whose pipeline run is not batched). No
-    hashing: a caller that wants the digests off the loop too offloads an `image_decoder` and
-    reads its `digests`."""
-    return await runtime.offload(ImageDecode(items, runtime, hashes=False))
+async def decode_uploads(items: list[Upload], runtime: Runtime) -> tuple[torch.Tensor, list[str]]:
+    """Decode and hash now, in a worker thread (POST /certify, whose pipeline run is not
+    batched): the images and their hex sha256s."""
+    decode = image_decoder(items, runtime)
+    return await runtime.offload(decode), decode.digests
 
 
 async def classify(runtime: Runtime, pipeline: str, images: int, decode: Callable[[], torch.Tensor],
