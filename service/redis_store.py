@@ -83,8 +83,12 @@ def connect(url: str, timeout_s: float) -> Any:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    # the retry is for a connection error only: Retry's default also retries timeouts, and a
+    # timeout inside the connection's handshake (its health-check PING) is retried there as
+    # well, so a Redis that accepts and never answers held the caller 4 x timeout_s
+    retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
     return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
-                                retry=Retry(NoBackoff(), 1), retry_on_timeout=False, health_check_interval=30)
+                                retry=retry, retry_on_timeout=False, health_check_interval=30)
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:

@@ -303,6 +303,21 @@ def test_forwarded_for_from_an_untrusted_peer_is_ignored(quick_bundle, mnist) ->
             assert r.status_code == 429 and r.json()["error"]["code"] == "attack_suspected", (xff, r.text)
 
 
+def test_a_forwarded_for_hop_names_its_client_by_its_first_64_characters(quick_bundle, mnist) -> None:
+    """The hop bound through a request: a client blocked under a 64-character forged hop is
+    the same client at 65 or 100 characters (the rest is cut), and another at a 64-character
+    hop that differs only in its last character (all 64 count)."""
+    other = mnist.test.x[10]
+    at_bound = "h" * 63 + "z"
+    with _started(quick_bundle, peer=("10.0.0.5", 123), trusted_proxies=PROXIES, pipelines=WATCH) as client:
+        _flag_and_block(client, mnist.test.x[3], at_bound)
+        for xff in (at_bound + "q", at_bound + "q" * 36, f"6.6.6.6, {at_bound}qqq"):
+            r = _post_watch(client, other, xff)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "attack_suspected", (xff, r.text)
+        r = _post_watch(client, other, "h" * 64)
+        assert r.status_code == 200 and r.json()["results"][0]["status"] == "accepted", r.text
+
+
 # --------------------------------------------------------------------------- 3. metrics
 def test_a_detector_rejection_moves_rejection_score_and_stage_metrics(lab, mnist, magnet_thresholds) -> None:
     magnet_thresholds(-1.0)

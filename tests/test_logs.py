@@ -36,3 +36,23 @@ def test_access_log_is_json_with_the_request_id(make_client, mnist):
 def test_a_hostile_request_id_is_replaced(make_client):
     r = make_client().get("/healthz", headers={"x-request-id": "bad id\n{injected}"})
     assert r.headers["x-request-id"] != "bad id\n{injected}" and len(r.headers["x-request-id"]) == 32
+
+
+def test_a_request_id_is_echoed_up_to_128_sane_characters_and_replaced_over(make_client):
+    """The X-Request-ID bound (service/api/middleware.py, `_REQUEST_ID`): 1 to 128 of
+    [A-Za-z0-9._:-], the whole value (fullmatch), is echoed back; anything else gets a fresh
+    32-hex id, so a client cannot put a log line break or a huge value in the access log."""
+    import re
+
+    c = make_client(warmup=False)
+    at_bound = "Az09._:-" * 16  # every kind of allowed character, exactly 128 of them
+    assert len(at_bound) == 128
+    r = c.get("/healthz", headers={"x-request-id": at_bound})
+    assert r.status_code == 200 and r.headers["x-request-id"] == at_bound
+    generated = re.compile(r"[0-9a-f]{32}")
+    for bad in (at_bound + "x",  # 129 characters
+                "x" * 1000,
+                "ok-id\n",  # a trailing newline: "$" in a search would have let it through
+                "ok-id\r\n", "\nok-id", "ok id", "ok/id", "ok;id", "ok\tid", "ok\"id", ""):
+        echoed = c.get("/healthz", headers={"x-request-id": bad}).headers["x-request-id"]
+        assert echoed != bad and generated.fullmatch(echoed), (bad, echoed)

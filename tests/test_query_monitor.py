@@ -22,6 +22,7 @@ from service.defenses.query_monitor import (
     policy_from_config,
 )
 from tests.test_redis_store import redis_url  # noqa: F401 - the real redis-server fixture
+from tests.test_redis_store import silent_redis  # noqa: F401 - a Redis that accepts and never answers
 
 PNG = {"content-type": "image/png"}
 SECRET = "monitor-test-secret-do-not-leak"
@@ -556,6 +557,22 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
     assert forwarded_client("10.0.0.5", "1.1.1.1", ()) == "10.0.0.5"
 
 
+def test_a_forwarded_for_hop_is_cut_to_64_characters() -> None:
+    """A forged hop can be anything; the client id made of it is at most 64 characters
+    (service/api/clients.py), so a client cannot grow the monitor's tables or its keys."""
+    trusted = ("10.0.0.0/8",)
+    at_bound = "h" * 63 + "z"
+    assert forwarded_client("10.0.0.5", at_bound, trusted) == at_bound  # 64: kept whole
+    for over in (at_bound + "q", at_bound + "q" * 36):  # 65 and 100 characters
+        assert forwarded_client("10.0.0.5", over, trusted) == at_bound
+        assert forwarded_client("10.0.0.5", f"6.6.6.6, {over}, 10.0.0.9", trusted) == at_bound
+    # every hop trusted: the left-most is the client, cut too (a scoped IPv6 address is an
+    # address ipaddress accepts, and trusts, whatever the length of its scope)
+    scoped = "fe80::1%" + "s" * 100
+    assert forwarded_client("fe80::2", scoped, ("fe80::/10",)) == scoped[:64]
+    assert forwarded_client("fe80::2", scoped[:64], ("fe80::/10",)) == scoped[:64]
+
+
 def test_api_keys_are_required_when_set_and_stored_hashed(make_client, mnist) -> None:
     key = "k-" + "7" * 30
     c = make_client(api_keys={"alice": hashlib.sha256(key.encode()).hexdigest()})
@@ -691,6 +708,74 @@ def test_a_redis_that_is_down_degrades_to_this_replica(caplog, mnist) -> None:
     assert alone._key_pending and events == [True]
     assert alone.screen(MonitorPolicy(), x, "ip:1.1.1.1").flagged == [False]
     assert alone.screen(MonitorPolicy(), y, "ip:1.1.1.1").flagged == [True]
+
+
+class _Clock:
+    """The `time` module as service.defenses.query_monitor sees it, with a monotonic clock the
+    test moves: retry_redis_s is tested without sleeping through it."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def test_a_redis_that_never_answers_degrades_and_is_asked_again_only_after_retry_redis_s(
+        silent_redis, mnist, monkeypatch, caplog) -> None:  # noqa: F811
+    """The monitor's 0.25 s socket timeout against a Redis that accepts and hangs: the first
+    screen tries it once, degrades (one log line, on_degraded(True)) and is still judged on
+    this replica's store; the screens within retry_redis_s do not try Redis; the first one at
+    retry_redis_s tries it once more."""
+    import service.defenses.query_monitor as qm
+
+    clock = _Clock()
+    monkeypatch.setattr(qm, "time", clock)
+    events: list[bool] = []
+    m = QueryMonitor(store="redis", redis_url=silent_redis.url, secret="s", retry_redis_s=5.0,
+                     on_degraded=events.append)
+    assert silent_redis.connections == 0  # with a secret there is no key to read from Redis
+    x = mnist.test.x[3:4].clone()
+    y = x.clone()
+    y[..., 0, 0] = 0.5
+    with caplog.at_level(logging.WARNING):
+        t0 = time.monotonic()
+        assert m.screen(MonitorPolicy(), x, "ip:1.1.1.1").flagged == [False]
+        assert time.monotonic() - t0 < 5  # about the 0.25 s timeout; generous
+        assert events == [True] and silent_redis.connections_after(1) == 1  # one try, not one per retry
+        clock.now += m.retry_redis_s - 0.01
+        assert m.screen(MonitorPolicy(), y, "ip:1.1.1.1").flagged == [True]  # the local store judges
+        assert m.blocked_count() == 0
+        assert silent_redis.connections == 1  # not asked again yet
+        clock.now += 0.01  # retry_redis_s after it went down
+        z = mnist.test.x[20:21].clone()
+        assert m.screen(MonitorPolicy(), z, "ip:2.2.2.2").flagged == [False]
+        assert silent_redis.connections_after(2) == 2  # asked once more, and down still
+        z[..., 0, 0] = 0.5
+        assert m.screen(MonitorPolicy(), z, "ip:2.2.2.2").flagged == [True]
+        assert silent_redis.connections == 2  # the clock starts again at the failed try
+    assert events == [True]  # still the one outage
+    assert sum("query monitor: Redis" in r.getMessage() for r in caplog.records) == 1
+    m.close()
+
+
+def test_an_app_whose_monitor_redis_never_answers_still_answers_and_says_degraded(
+        make_client, mnist, silent_redis) -> None:  # noqa: F811
+    """With query_monitor.store=redis on a hung Redis (and no secret: the replica reads the
+    shared key at start), the app starts degraded and a monitored /predict is answered."""
+    c = make_client(warmup=False, query_monitor={"store": "redis", "redis_url": silent_redis.url})
+    assert silent_redis.connections_after(1) >= 1  # the shared key was asked for
+    t0 = time.monotonic()
+    r = c.post("/predict?pipeline=magnet", content=png(mnist.test.x[3:4]), headers=PNG)
+    assert time.monotonic() - t0 < 10  # at most one 0.25 s timeout on top of the prediction; generous
+    assert r.status_code == 200, r.text
+    assert not any(j["defense"] == "query_monitor" for j in r.json()["results"][0]["rejected_by"])
+    text = c.get("/metrics").text
+    assert "shieldserve_query_monitor_degraded 1.0" in text
+    assert "shieldserve_query_monitor_store_errors_total 1.0" in text  # one outage
 
 
 def test_a_replica_started_before_redis_reads_the_shared_key_when_it_is_up(redis_url) -> None:  # noqa: F811

@@ -5,9 +5,11 @@ Redis is gone, and two apps sharing images: posted to one, certified by the othe
 from __future__ import annotations
 
 import hashlib
+import selectors
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +28,72 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class SilentRedis:
+    """A TCP server on 127.0.0.1 that accepts connections and reads what they send, and never
+    answers: a Redis that hangs (stopped, swapping, behind a network that drops its replies),
+    which a refused port does not stand for. `connections` counts the accepted ones, so a test
+    can tell how often a client tried."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self._listener.setblocking(False)
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="silent-redis", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._listener, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in sel.select(timeout=0.05):
+                    sock = key.fileobj
+                    if sock is self._listener:
+                        try:
+                            conn, _ = self._listener.accept()
+                        except BlockingIOError:
+                            continue
+                        conn.setblocking(False)
+                        sel.register(conn, selectors.EVENT_READ)
+                        self.connections += 1
+                        continue
+                    try:
+                        data = sock.recv(65536)  # type: ignore[union-attr]  # read, never answered
+                    except BlockingIOError:
+                        continue
+                    except ConnectionError:  # reset by the client: as closed
+                        data = b""
+                    if not data:  # the client closed it
+                        sel.unregister(sock)
+                        sock.close()  # type: ignore[union-attr]
+            for key in list(sel.get_map().values()):
+                if key.fileobj is not self._listener:
+                    key.fileobj.close()  # type: ignore[union-attr]
+
+    def connections_after(self, at_least: int, wait_s: float = 5.0) -> int:
+        """The count once it reaches `at_least` (the thread accepts a moment after the client
+        connects), or after `wait_s`: generous, never a bound a test times."""
+        deadline = time.monotonic() + wait_s
+        while self.connections < at_least and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.connections
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._listener.close()
+
+
+@pytest.fixture
+def silent_redis() -> Iterator[SilentRedis]:
+    server = SilentRedis()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +208,44 @@ def test_unreachable_redis_is_a_503_store_unavailable() -> None:
         store.put_certificate(("k",), {"label": 1})
 
 
+def test_a_call_after_redis_closed_the_pooled_connection_reconnects(redis_url: str) -> None:
+    """Redis closed the pooled connection (a restart, its `timeout`, CLIENT KILL): the next call
+    reconnects and succeeds. It stays so now that a timeout is not retried (next test): the
+    pool replaces a connection found closed, and a connection error still gets one retry."""
+    import redis
+
+    from service.redis_store import RedisStore
+
+    store = RedisStore(redis_url, prefix=prefix())
+    store.put_image("ab" * 32, torch.zeros(1, 2, 2))
+    killed = redis.Redis.from_url(redis_url).client_kill_filter(_id=store.client.client_id())
+    assert killed == 1
+    assert torch.equal(store.get_image("ab" * 32), torch.zeros(1, 2, 2))
+
+
+def test_a_redis_that_never_answers_is_a_503_store_unavailable_after_one_timeout(silent_redis) -> None:
+    """The store's 1 s socket timeout against a Redis that accepts and hangs: each call raises
+    StoreUnavailable after one connection and one timeout. A timeout is not retried (that is
+    for a pooled connection Redis closed): redis-py's default retry did, inside the handshake's
+    health check too, and held each call 4 s."""
+    from service.redis_store import RedisStore
+    from service.store import StoreUnavailable
+
+    store = RedisStore(silent_redis.url, prefix=prefix())  # timeout_s: the default 1.0
+    calls = (lambda: store.get_image("ab" * 32), lambda: store.put_certificate(("k",), {"label": 1}))
+    for i, call in enumerate(calls, start=1):
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable) as info:
+            call()
+        elapsed = time.monotonic() - t0
+        assert silent_redis.connections_after(i) == i  # one try per call
+        # about 1 s; the bound is generous for a loaded machine, yet under the 4 s of retries
+        assert elapsed < 3.5
+        err = info.value
+        assert (err.status, err.code, err.headers) == (503, "store_unavailable", {"Retry-After": "1"})
+        assert "TimeoutError" in err.message
+
+
 @pytest.fixture(scope="module")
 def digit(mnist) -> tuple[bytes, int]:
     test = mnist.test.per_class(1)
@@ -218,6 +324,23 @@ def test_app_with_redis_down_answers_503_and_still_predicts(make_client, digit) 
     # nor does POST /certify (the store only caches there)
     r = client.post("/certify?n=500&n0=32", content=body, headers=PNG)
     assert r.status_code == 200 and not r.json()["cached"], r.text
+
+
+def test_app_with_a_redis_that_never_answers_answers_503_and_still_predicts(make_client, digit,
+                                                                           silent_redis) -> None:
+    """GET /certify on a store whose Redis hangs: 503 `store_unavailable` with Retry-After,
+    after the store's timeout, not the client's; /predict is still answered."""
+    body, _ = digit
+    digest = hashlib.sha256(body).hexdigest()
+    client = make_client(warmup=False, certify={"store": "redis", "redis_prefix": prefix(),
+                                                 "redis_url": silent_redis.url})
+    t0 = time.monotonic()
+    r = client.get(f"/certify?image_sha256={digest}&n=500&n0=32")
+    assert time.monotonic() - t0 < 5  # about the 1 s timeout; generous
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert r.json()["error"]["code"] == "store_unavailable"
+    r = client.post("/predict?pipeline=smoothing", content=body, headers=PNG)  # remembering it fails quietly
+    assert r.status_code == 200, r.text
 
 
 def test_the_memory_store_keeps_its_own_copy_of_each_image() -> None:
