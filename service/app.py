@@ -98,6 +98,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["*"],
-                           expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
+                           # the last: where a binary /v2 response's JSON ends, which a browser
+                           # client needs to split it
+                           expose_headers=["X-Request-ID", "Retry-After", "Inference-Header-Content-Length"],
+                           max_age=600)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -464,20 +464,43 @@ _JSON = st.recursive(_JSON_LEAF, lambda kids: st.lists(kids, max_size=4) | st.di
                      max_leaves=20)
 
 
+# numbers past a datatype's range (they were 500s: OverflowError in the numpy conversion)
+_EXTREME = st.sampled_from([2 ** 64, -2 ** 70, 10 ** 400, -10 ** 400, 1e300, -1e300, 256, -1, 1.5])
+
+
+@st.composite
+def full_length_data(draw: st.DrawFn) -> list:
+    """784 values (one digit's worth, so that the element count passes and the conversion is
+    reached), a few of them replaced by fuzzed leaves or numbers past the datatype's range."""
+    data: list = [draw(st.sampled_from([0, 255, 0.5]))] * 784
+    for _ in range(draw(st.integers(1, 3))):
+        data[draw(st.integers(0, 783))] = draw(_EXTREME | _JSON_LEAF)
+    return data
+
+
 @st.composite
 def v2_bodies(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
     shape = draw(st.sampled_from([[1, 28, 28], [1, 1, 28, 28], [2, 784], [28, 28], [0, 784], [1, 784]])
                  | st.lists(st.integers(-2 ** 64, 2 ** 64), max_size=5))
     datatype = draw(st.sampled_from(["UINT8", "FP32", "FP16", "FP64", "INT8", "BYTES", "bogus"]))
     inp: dict = {"name": draw(st.sampled_from(["input", "x"])), "shape": shape, "datatype": datatype}
-    binary = draw(st.booleans())
+    # a quarter of the bodies are valid but for the numbers, so that the fuzzed values reach
+    # the conversion to the datatype (where 2**64 or 10**400 were a 500)
+    in_range_but_numbers = draw(st.integers(0, 3)) == 0
+    if in_range_but_numbers:
+        inp = {"name": "input", "shape": draw(st.sampled_from([[1, 784], [1, 28, 28], [28, 28]])),
+               "datatype": draw(st.sampled_from(["UINT8", "FP32", "FP16", "FP64"]))}
+    binary = not in_range_but_numbers and draw(st.booleans())
     tail = b""
-    if binary:
+    if in_range_but_numbers:
+        inp["data"] = draw(full_length_data())
+    elif binary:
         n = draw(st.integers(0, 3200))
         tail = draw(st.binary(min_size=n, max_size=n)) if n < 64 else bytes(n)
         inp["parameters"] = {"binary_data_size": draw(st.sampled_from([n, n + 1, -1, "n", None]))}
     else:
-        inp["data"] = draw(st.sampled_from([[0] * 784, [[0] * 28] * 28, [0.5] * 784]) | st.lists(_JSON, max_size=6))
+        inp["data"] = draw(st.sampled_from([[0] * 784, [[0] * 28] * 28, [0.5] * 784]) | st.lists(_JSON, max_size=6)
+                           | full_length_data())
     body: dict = {"inputs": [inp]}
     if draw(st.booleans()):
         body["outputs"] = draw(st.lists(st.fixed_dictionaries(

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -405,3 +407,190 @@ def test_gzip_body_over_the_limit_is_413(client):
     r = client.post("/v2/models/baseline/infer", content=body,
                     headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
     assert r.status_code == 413 and set(r.json()) == {"error"}
+
+
+# --------------------------------------------------------------------------- bounds (edge audit)
+def _post_raw(client, body: bytes, **headers: str):
+    return client.post("/v2/models/baseline/infer", content=body,
+                       headers={"Content-Type": "application/json", **headers})
+
+
+def test_a_mib_of_empty_inputs_is_a_fast_small_400(client):
+    """`{"inputs":[{},{},...]}`: 3 pydantic errors an item once cost 7.4 s, 1 GB and a 400 of
+    every error; max_length stops at the first too_long (~0.1 s)."""
+    import time
+
+    body = b'{"inputs":[' + b",".join([b"{}"] * (1024 * 1024 // 3)) + b"]}"
+    t0 = time.perf_counter()
+    r = _post_raw(client, body)
+    elapsed = time.perf_counter() - t0
+    assert r.status_code == 400 and set(r.json()) == {"error"}, r.text[:300]
+    assert len(r.content) < 2048 and elapsed < 2.0, (len(r.content), elapsed)
+
+
+def _bounded(field: str, n: int) -> dict:
+    """A valid one-digit request but for `field` holding n entries (n characters for `id`)."""
+    body = _json_input()
+    if field == "inputs":
+        body["inputs"] = body["inputs"] * n
+    elif field == "outputs":
+        body["outputs"] = [{"name": "label"}] * n
+    elif field == "shape":
+        body["inputs"][0]["shape"] = [1] * n
+    elif field == "id":
+        body["id"] = "x" * n
+    return body
+
+
+@pytest.mark.parametrize("field", ["inputs", "outputs", "shape", "id"])
+def test_request_list_and_id_bounds_at_and_over(client, field):
+    from service.api import oip
+
+    bound = {"inputs": oip.MAX_INPUTS, "outputs": oip.MAX_OUTPUTS, "shape": oip.MAX_SHAPE_DIMS,
+             "id": oip.MAX_ID_CHARS}[field]
+    at, over = infer_json(client, _bounded(field, bound)), infer_json(client, _bounded(field, bound + 1))
+    if field == "id":
+        assert at.status_code == 200 and at.json()["id"] == "x" * bound, at.text[:300]
+    else:  # at the bound pydantic passes it on to the service's own check (one input, no
+        # repeated output, an accepted shape): a 400 naming that, not the length
+        assert at.status_code == 400 and "at most" not in at.json()["error"], at.text[:300]
+    assert over.status_code == 400 and "at most" in over.json()["error"] and field in over.json()["error"], over.text
+
+
+def test_the_json_text_is_bounded_by_the_largest_valid_request(client):
+    from service.api import oip
+
+    rt = client.app.state.runtime
+    limit = oip._max_json_bytes(rt)
+    n = rt.settings.limits.max_images_per_request
+    # the largest valid request as FP64 of full precision, nested and pretty-printed (the
+    # longest way to write it), fits
+    x = np.random.default_rng(0).random((n, 1, 28, 28)) ** 4  # some as 1.2e-05
+    widest = json.dumps({"inputs": [{"name": "input", "shape": [n, 1, 28, 28], "datatype": "FP64",
+                                     "data": x.tolist()}]}, indent=2).encode()
+    assert len(widest) < limit
+    assert infer_json(client, json.loads(widest)).status_code == 200
+    for size, status in ((limit, 400), (limit + 1, 413)):  # padded with spaces: valid JSON
+        body = _json_input()
+        body["inputs"][0]["data"] = [0.5] * 783  # one short: a 400 once it is parsed
+        raw = json.dumps(body).encode()
+        raw = raw[:-1] + b" " * (size - len(raw)) + b"}"
+        assert len(raw) == size
+        r = _post_raw(client, raw)
+        assert r.status_code == status and set(r.json()) == {"error"}, (size, r.text[:300])
+
+
+def test_a_slow_parse_answers_504_at_the_deadline(client, monkeypatch):
+    import time
+
+    from service.api import oip
+
+    real = oip._parse_request
+
+    def slow(*a):  # type: ignore[no-untyped-def]
+        time.sleep(4)
+        return real(*a)
+
+    monkeypatch.setattr(oip, "_parse_request", slow)
+    t0 = time.perf_counter()
+    r = _post_raw(client, json.dumps(_json_input()).encode(), **{"X-Request-Timeout": "1"})
+    elapsed = time.perf_counter() - t0
+    assert r.status_code == 504 and set(r.json()) == {"error"}, r.text
+    assert elapsed < 3.0, elapsed
+
+
+@pytest.mark.parametrize("datatype,value", [
+    ("UINT8", 2 ** 64), ("UINT8", -2 ** 70), ("UINT8", 1e300),
+    ("FP32", 10 ** 400), ("FP64", 10 ** 400), ("FP16", 10 ** 400), ("FP64", -10 ** 400),
+])
+def test_numbers_past_the_datatypes_range_are_400(client, caplog, datatype, value):
+    data = [value] + [0] * 783
+    with caplog.at_level(logging.WARNING):
+        r = infer_json(client, _json_input(datatype=datatype, data=data))
+    assert r.status_code == 400 and datatype in r.json()["error"], r.text[:300]
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+
+
+def test_echoed_names_are_cut(client):
+    name = "n" * 1_000_000
+    for body in ({**_json_input(), "outputs": [{"name": name}]}, _json_input(name=name),
+                 _json_input(datatype=name)):
+        r = infer_json(client, body)
+        assert r.status_code == 400 and len(r.content) < 1024, (len(r.content), r.text[:200])
+
+
+@pytest.mark.parametrize("case", ["trailer cut", "junk after", "two members"])
+def test_gzip_bodies_must_end_where_the_stream_does(client, case):
+    raw = json.dumps(_json_input()).encode()
+    if case == "trailer cut":  # the CRC-32 and length: zlib alone does not notice
+        r = _post_raw(client, gzip.compress(raw)[:-8], **{"Content-Encoding": "gzip"})
+        assert r.status_code == 400 and "truncated" in r.json()["error"], r.text
+    elif case == "junk after":
+        for enc, data in (("gzip", gzip.compress(raw)), ("deflate", zlib.compress(raw))):
+            r = _post_raw(client, data + b"junk!", **{"Content-Encoding": enc})
+            assert r.status_code == 400 and set(r.json()) == {"error"}, (enc, r.text)
+    else:  # RFC 1952: a gzip body may be several members, inflated one after another
+        half = len(raw) // 2
+        r = _post_raw(client, gzip.compress(raw[:half]) + gzip.compress(raw[half:]),
+                      **{"Content-Encoding": "gzip"})
+        assert r.status_code == 200, r.text
+
+
+def test_gzip_members_at_and_over_the_bound(client):
+    from service.api import oip
+
+    raw = json.dumps(_json_input()).encode()
+    empty = gzip.compress(b"", mtime=0)
+    for n, status in ((oip.MAX_GZIP_MEMBERS, 200), (oip.MAX_GZIP_MEMBERS + 1, 400)):
+        body = gzip.compress(raw) + empty * (n - 1)
+        r = _post_raw(client, body, **{"Content-Encoding": "gzip"})
+        assert r.status_code == status, (n, r.text[:300])
+    assert "members" in r.json()["error"]
+
+
+def test_a_body_of_empty_gzip_members_is_a_fast_400(client):
+    """8 MiB of 20-byte members: each member's unused_data copies the rest (quadratic) unless
+    the members are bounded."""
+    import time
+
+    limit = client.app.state.runtime.settings.limits.max_body_bytes
+    empty = gzip.compress(b"", mtime=0)
+    t0 = time.perf_counter()
+    r = _post_raw(client, empty * (limit // len(empty)), **{"Content-Encoding": "gzip"})
+    assert r.status_code == 400 and time.perf_counter() - t0 < 2.0, r.text[:300]
+
+
+def test_gzip_inflating_to_exactly_the_body_limit_is_accepted(client):
+    """A binary request whose tensor bytes lie about their size, padded so that it inflates to
+    exactly max_body_bytes: past the inflater (a 400 from the tensor check, not 413); one more
+    byte is 413."""
+    limit = client.app.state.runtime.settings.limits.max_body_bytes
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "UINT8",
+                                     "parameters": {"binary_data_size": 784}}]}).encode()
+    for size, status in ((limit, 400), (limit + 1, 413)):
+        body = header + bytes(size - len(header))
+        r = client.post("/v2/models/baseline/infer", content=gzip.compress(body, compresslevel=1),
+                        headers={"Content-Encoding": "gzip", HCL: str(len(header)),
+                                 "Content-Type": "application/octet-stream"})
+        assert r.status_code == status, (size, r.text[:300])
+        if status == 400:
+            assert "binary_data_size" in r.json()["error"]
+
+
+def test_exactly_max_images_per_request_is_200(client):
+    limit = client.app.state.runtime.settings.limits.max_images_per_request
+    blob = np.zeros((limit, 1, 28, 28), dtype=np.uint8).tobytes()
+    header = {"inputs": [{"name": "input", "shape": [limit, 1, 28, 28], "datatype": "UINT8",
+                          "parameters": {"binary_data_size": len(blob)}}],
+              "outputs": [{"name": "label", "parameters": {"binary_data": False}}]}
+    body, headers = binary_body(header, blob)
+    r = client.post("/v2/models/baseline/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text[:300]
+    assert outputs_of(r)["label"]["shape"] == [limit]
+
+
+def test_cors_exposes_the_binary_header_length(make_client):
+    c = make_client(cors_origins=["https://app.example"])
+    r = c.get("/v2/health/live", headers={"Origin": "https://app.example"})
+    exposed = [h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")]
+    assert HCL.lower() in exposed

@@ -23,13 +23,21 @@ Extensions: `binary_tensor_data` (Triton's: JSON header, then raw little-endian 
 bytes, header length in `Inference-Header-Content-Length`) and `classification` (on the
 `probabilities` output: top-k as BYTES "<value>:<index>:<class name>").
 A `Content-Encoding: gzip` or `deflate` request body is accepted (inflated in a worker thread,
-up to the body limit: 413 past it).
+up to the body limit: 413 past it). A gzip body may hold up to MAX_GZIP_MEMBERS members (RFC
+1952), each inflated in turn; a truncated stream, or bytes after the (last) stream, is a 400.
 
 The request body is read raw (the binary extension appends tensor bytes to the JSON), then,
 in a worker thread, inflated, split, and its JSON part validated by pydantic
 (`InferRequest.model_validate_json`: its parser bounds nesting depth, so a body nested
 thousands deep is a 400, not a RecursionError). The tensor is decoded in the same worker-thread
-call; admission, the batch and the pipeline follow as for /predict (service/api/predict.py).
+call, which runs within the request's deadline (504 past it); admission, the batch and the
+pipeline follow as for /predict (service/api/predict.py).
+
+The parse is bounded, not only moved off the event loop (pydantic holds the GIL): the JSON
+text may be at most `_max_json_bytes` (what the largest valid request needs; 413 above), every
+list but `data` has a small max_length, so a body of a million `{}` fails at its first
+too_long error instead of collecting three errors per item, and user strings echoed in error
+messages are cut to 80 characters.
 
 Errors are `{"error": "<message>"}`: 400 for a malformed request, 404 for an unknown model or
 version, 413 for more images than `limits.max_images_per_request` (or a body over
@@ -54,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 import service
 from service.api.clients import client_of
 from service.api.errors import ApiError
-from service.api.predict import Deadline, infer_decoded, outcome_of, request_deadline, tracked
+from service.api.predict import Deadline, _within, infer_decoded, outcome_of, request_deadline, tracked
 from service.api.render import render
 from service.pipeline import ImageResult
 from service.runtime import Runtime
@@ -74,6 +82,25 @@ _INPUT_DTYPES: dict[str, tuple[str, float]] = {
 _KNOWN_DTYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
                  "FP16", "FP32", "FP64", "BF16", "BYTES"}
 _INPUT_PARAMS_UNSUPPORTED = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+# Bounds on the request's lists and strings. Pydantic collects every error of a list before
+# failing, so without them `{"inputs":[{},{},...]}` (3 bytes, 3 "Field required" errors an
+# item) cost 7 s of CPU and 1 GB per MiB of body; with max_length it stops at one too_long.
+# The model takes one input and has four outputs: the bounds sit above those so that a request
+# for two inputs or a repeated output still gets this module's own message, not pydantic's.
+MAX_INPUTS = 8
+MAX_OUTPUTS = 8
+MAX_SHAPE_DIMS = 8  # accepted shapes have 2 to 4 dimensions (_image_batch_shape)
+MAX_ID_CHARS = 256  # the id is echoed in the response
+# Bytes of JSON text a number of `data` may take: "1.2345678901234567e-05, " is 24, and
+# json.dumps(indent=2) of a [B, C, H, W] list puts each on its own line 10 spaces in (34);
+# generous, as it only has to bound the parse (2 MB for 64 digits: ~20 ms of parsing).
+JSON_BYTES_PER_VALUE = 40
+JSON_SLACK_BYTES = 64 * 1024  # the rest of the request: names, parameters, outputs, whitespace
+ECHO_CHARS = 80  # user strings quoted in error messages are cut to this many characters
+# Members of a gzip body inflated at most. Each one's `unused_data` is a copy of the rest of the
+# body, so 8 MiB of 20-byte empty members was quadratic (minutes); clients send one.
+MAX_GZIP_MEMBERS = 16
 
 
 # --------------------------------------------------------------------------- JSON models
@@ -117,7 +144,7 @@ class ModelMetadata(BaseModel):
 class InferInput(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str
-    shape: list[StrictInt]
+    shape: list[StrictInt] = Field(max_length=MAX_SHAPE_DIMS)
     datatype: str
     parameters: dict[str, Any] | None = None
     data: list[Any] | None = Field(None, description="row-major, flat or nested; absent when the "
@@ -133,10 +160,10 @@ class RequestedOutput(BaseModel):
 
 class InferRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    id: str | None = None
+    id: str | None = Field(None, max_length=MAX_ID_CHARS)
     parameters: dict[str, Any] | None = Field(None, description='"binary_data_output": bool')
-    inputs: list[InferInput]
-    outputs: list[RequestedOutput] | None = None
+    inputs: list[InferInput] = Field(max_length=MAX_INPUTS)
+    outputs: list[RequestedOutput] | None = Field(None, max_length=MAX_OUTPUTS)
 
 
 class InferOutput(BaseModel):
@@ -209,10 +236,10 @@ def _model(request: Request, name: str, version: str | None) -> Runtime:
     rt = _runtime(request)
     if name not in rt.pipelines:
         raise ApiError(404, "unknown_pipeline",
-                       f"unknown model '{name}'; models: {', '.join(sorted(rt.pipelines))}")
+                       f"unknown model {_echo(name)}; models: {', '.join(sorted(rt.pipelines))}")
     if version is not None and version != rt.bundle.version:
         raise ApiError(404, "unknown_version",
-                       f"model '{name}' has no version '{version}'; versions: {rt.bundle.version}")
+                       f"model '{name}' has no version {_echo(version)}; versions: {rt.bundle.version}")
     return rt
 
 
@@ -232,12 +259,27 @@ def _bad(message: str) -> ApiError:
     return ApiError(400, "bad_request", message)
 
 
+def _echo(value: Any) -> str:
+    """`value`'s repr cut to ECHO_CHARS, for error messages: an 8 MiB output name once made an
+    8 MB error body."""
+    text = repr(value)
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
+
+
+def _max_json_bytes(rt: Runtime) -> int:
+    """The longest JSON text a valid request can need: max_images_per_request images of the
+    model's input, JSON_BYTES_PER_VALUE a number, plus slack. Computed, not a setting, so that it
+    follows the model and `max_images_per_request` (2 MB for 64 MNIST digits)."""
+    c, h, w = rt.input_spec.shape
+    return rt.settings.limits.max_images_per_request * c * h * w * JSON_BYTES_PER_VALUE + JSON_SLACK_BYTES
+
+
 def _flag(params: dict[str, Any] | None, key: str, where: str) -> bool | None:
     if not params or key not in params:
         return None
     value = params[key]
     if not isinstance(value, bool):
-        raise _bad(f"{where} parameter '{key}' must be a boolean, got {value!r}")
+        raise _bad(f"{where} parameter '{key}' must be a boolean, got {_echo(value)}")
     return value
 
 
@@ -248,16 +290,31 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         return body
     if encoding not in ("gzip", "deflate"):
         raise ApiError(415, "unsupported_media_type",
-                       f"Content-Encoding '{encoding}' is not supported; use gzip, deflate or none")
-    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise _bad(f"the {encoding} body could not be decompressed: {exc}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise ApiError(413, "payload_too_large",
-                       f"the decompressed request body is larger than the limit of {limit} bytes")
-    return out
+                       f"Content-Encoding {_echo(encoding)} is not supported; use gzip, deflate or none")
+    out = bytearray()
+    rest = body
+    for _ in range(MAX_GZIP_MEMBERS):
+        d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            # max_length >= 1 here (out is at most `limit`); 0 would mean no bound at all
+            out += d.decompress(rest, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise _bad(f"the {encoding} body could not be decompressed: {exc}") from None
+        if len(out) > limit or d.unconsumed_tail:
+            raise ApiError(413, "payload_too_large",
+                           f"the decompressed request body is larger than the limit of {limit} bytes")
+        # zlib stops quietly where the input does: a stream cut before its end (a gzip body
+        # without its CRC and length trailer) must not pass as complete
+        if not d.eof:
+            raise _bad(f"the {encoding} body is truncated: its compressed stream does not end")
+        rest = d.unused_data
+        if not rest:
+            return bytes(out)
+        if encoding != "gzip":
+            raise _bad(f"{len(rest)} bytes follow the end of the deflate stream")
+        # RFC 1952: a gzip body is one or more members, concatenated; inflate the next one (a
+        # member that is not gzip is the zlib.error above: a 400)
+    raise _bad(f"the gzip body has more than {MAX_GZIP_MEMBERS} members")
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -266,21 +323,29 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     try:
         n = int(header_length.strip())
     except ValueError:
-        raise _bad(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        raise _bad(f"{HEADER_LENGTH} must be an integer, got {_echo(header_length)}") from None
     if n < 0 or n > len(body):
         raise _bad(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
     return body[:n], body[n:]
 
 
-def _parse_request(header: bytes) -> InferRequest:
+def _parse_request(header: bytes, max_bytes: int) -> InferRequest:
+    if len(header) > max_bytes:
+        raise ApiError(413, "payload_too_large",
+                       f"the request's JSON is {len(header)} bytes; the largest valid request needs at "
+                       f"most {max_bytes} (send more images in several requests, or the binary tensor "
+                       f"extension)")
     try:
         return InferRequest.model_validate_json(header)
     except ValidationError as exc:
-        if any(err.get("type") == "json_invalid" for err in exc.errors()):
-            detail = str(exc.errors()[0].get("msg", ""))[:200]
+        # once, and without the inputs and URLs: each error's copy of its input made the list
+        # cost as much again
+        errors = exc.errors(include_url=False, include_input=False)
+        if any(err.get("type") == "json_invalid" for err in errors):
+            detail = str(errors[0].get("msg", ""))[:200]
             raise _bad(f"the request body is not valid JSON: {detail}") from None
         parts = []
-        for err in exc.errors()[:5]:
+        for err in errors[:5]:
             where = ".".join(str(p) for p in err.get("loc", ()))
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
         raise _bad("invalid inference request: " + "; ".join(parts)) from None
@@ -296,7 +361,7 @@ def _flatten(data: list[Any], integral: bool) -> list[float | int]:
                 stack.append(iter(item))
                 break
             if isinstance(item, bool) or not isinstance(item, (int, float)):
-                raise _bad(f"input data must hold numbers only, found {type(item).__name__} {item!r:.40}")
+                raise _bad(f"input data must hold numbers only, found {type(item).__name__} {_echo(item)}")
             if integral and not (isinstance(item, int) or (math.isfinite(item) and item == int(item))):
                 raise _bad(f"UINT8 input data must hold integers, found {item!r}")
             out.append(item)
@@ -330,7 +395,7 @@ def _input_batch(req: InferRequest, rt: Runtime) -> int:
         raise _bad(f"the model takes exactly one input ('{INPUT_NAME}'), the request has {len(req.inputs)}")
     inp = req.inputs[0]
     if inp.name != INPUT_NAME:
-        raise _bad(f"unknown input '{inp.name}'; the model takes one input named '{INPUT_NAME}'")
+        raise _bad(f"unknown input {_echo(inp.name)}; the model takes one input named '{INPUT_NAME}'")
     params = inp.parameters or {}
     for key in _INPUT_PARAMS_UNSUPPORTED:
         if key in params:
@@ -338,7 +403,7 @@ def _input_batch(req: InferRequest, rt: Runtime) -> int:
     datatype = inp.datatype
     if datatype not in _INPUT_DTYPES:
         what = "unsupported" if datatype in _KNOWN_DTYPES else "unknown"
-        raise _bad(f"{what} input datatype '{datatype}'; accepted: FP32, FP64, FP16, or UINT8 (0..255)")
+        raise _bad(f"{what} input datatype {_echo(datatype)}; accepted: FP32, FP64, FP16, or UINT8 (0..255)")
     if any(d < 0 for d in inp.shape):
         raise _bad(f"input shape {inp.shape} has a negative dimension")
     c, h, w = rt.input_spec.shape
@@ -367,7 +432,7 @@ def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
         if inp.data is not None:
             raise _bad("input 'input' has both 'data' and a 'binary_data_size' parameter")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise _bad(f"binary_data_size must be a non-negative integer, got {size!r}")
+            raise _bad(f"binary_data_size must be a non-negative integer, got {_echo(size)}")
         if size != len(tail):
             raise _bad(f"binary_data_size is {size} but {len(tail)} bytes of binary data follow the "
                        f"JSON header ({HEADER_LENGTH})")
@@ -384,13 +449,19 @@ def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
         flat = _flatten(inp.data, integral=datatype == "UINT8")
         if len(flat) != count:
             raise _bad(f"input 'input' has {len(flat)} elements; shape {inp.shape} needs {count}")
-        if datatype == "UINT8":
-            arr = np.asarray(flat, dtype=np.int64)
-            if arr.size and (arr.min() < 0 or arr.max() > 255):
-                raise _bad("UINT8 input values must lie in 0..255")
-        else:
-            with np.errstate(over="ignore"):
-                arr = np.asarray(flat, dtype=np.float64).astype(np_dtype)
+        # numpy raises OverflowError for a JSON number past the conversion's range (2**64 or
+        # -2**70 as int64, 1e300 as int64, 10**400 as float64): the client's error, a 400
+        try:
+            if datatype == "UINT8":
+                arr = np.asarray(flat, dtype=np.int64)
+                if arr.size and (arr.min() < 0 or arr.max() > 255):
+                    raise OverflowError
+            else:
+                with np.errstate(over="ignore"):
+                    arr = np.asarray(flat, dtype=np.float64).astype(np_dtype)
+        except (OverflowError, ValueError):
+            what = "integers in 0..255" if datatype == "UINT8" else "pixels in [0, 1]"
+            raise _bad(f"{datatype} input values must be {what}; found a number out of that range") from None
     x = arr.astype(np.float32)
     if scale != 1.0:
         x *= scale
@@ -446,9 +517,9 @@ def _plan_outputs(req: InferRequest, rt: Runtime) -> list[tuple[str, bool, int]]
     plan, seen = [], set()
     for out in req.outputs:
         if out.name not in OUTPUT_NAMES:
-            raise _bad(f"unknown output '{out.name}'; outputs: {', '.join(OUTPUT_NAMES)}")
+            raise _bad(f"unknown output {_echo(out.name)}; outputs: {', '.join(OUTPUT_NAMES)}")
         if out.name in seen:
-            raise _bad(f"output '{out.name}' is requested twice")
+            raise _bad(f"output '{out.name}' is requested twice")  # a known name: short
         seen.add(out.name)
         params = out.parameters or {}
         if any(key in params for key in _INPUT_PARAMS_UNSUPPORTED):
@@ -559,16 +630,19 @@ async def _infer(request: Request, model: str, version: str | None, encoding: st
         _model(request, model, version)
         body = await request.body()
         limit = rt.settings.limits.max_body_bytes
+        max_json = _max_json_bytes(rt)
 
         def decode() -> tuple[InferRequest, list[tuple[str, bool, int]], torch.Tensor]:
             header, tail = _split_body(_decompress(body, encoding or "", limit), header_length)
-            req = _parse_request(header)
+            req = _parse_request(header, max_json)
             return req, _plan_outputs(req, rt), _decode_input(req, tail, rt)
 
         # One worker-thread call inflates, parses and decodes: how many images the body holds
         # (what admission weighs) is known only once it is parsed, and a second thread hop
-        # per request cost /v2 a third of its throughput (bench/edge_ab.py).
-        req, plan, x = await rt.offload(decode)
+        # per request cost /v2 a third of its throughput (bench/edge_ab.py). It counts against
+        # the request's deadline like the rest (a 504 at the deadline; the thread, which cannot
+        # be stopped, finishes a parse that the bounds above keep short).
+        req, plan, x = await _within(deadline, rt.offload(decode))
         results = await infer_decoded(rt, model, x, deadline, client=client)
         t.outcome = outcome_of(results)
         return _render(req, plan, results, rt, model, request.state.request_id)
