@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -27,28 +28,100 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")  # README "Bring your own model", step 2
+
+
+def _check_dataset(spec: str) -> None:
+    """An npz dataset is checked for its arrays before the build starts: np.load opens the
+    archive's directory only, so a file that lacks x_test is named now, not as a KeyError
+    after the bundle directory was created."""
+    kind, _, path = spec.partition(":")
+    if kind != "npz" or not path:
+        return  # mnist5k, idx:DIR and an unknown kind: load_dataset says what is wrong
+    import zipfile
+
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise ValueError(f"--dataset {spec}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            have = set(f.files)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"--dataset {spec}: not an .npz archive ({exc})") from None
+    missing = [k for k in NPZ_KEYS if k not in have]
+    if missing:
+        raise ValueError(f"--dataset {spec} lacks {', '.join(missing)} (it holds {', '.join(sorted(have)) or 'nothing'}; "
+                         f"it needs {', '.join(NPZ_KEYS)})")
+
+
+def _check_classifier(src: Any) -> None:  # models.train.ClassifierSource
+    """The classifier the user brings is opened before the build starts (the file exists; an
+    import: network takes its weights), so a wrong path or weights for another network is a
+    one-line error here instead of torch's load_state_dict RuntimeError (which we cannot tell
+    from a real bug) after the dataset was loaded and the bundle directory written."""
+    if src.kind == "torchscript":
+        if not Path(src.target).is_file():
+            raise ValueError(f"--classifier torchscript:{src.target}: no such file")
+        return
+    from models.architectures import import_factory
+
+    weights = Path(src.weights)
+    if not weights.is_file():
+        raise ValueError(f"--classifier-weights {weights}: no such file")
+    try:
+        factory = import_factory(src.target)
+    except AttributeError as exc:
+        raise ValueError(f"--classifier import:{src.target}: {exc}") from None
+    try:
+        net = factory(**src.kwargs)
+    except TypeError as exc:
+        raise ValueError(f"--classifier-kwargs do not fit {src.target}: {exc}") from None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as exc:
+        raise ValueError(f"--classifier-weights {weights}: not a safetensors file ({exc})") from None
+    try:  # strict=False: the key lists come back (torch's strict message lists every key of a big network)
+        keys = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # strict or not, a tensor of the wrong shape
+        raise ValueError(f"--classifier-weights {weights} do not fit {src.target}: {exc}") from None
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    wrong = [f"{len(k)} missing ({some(k)})" for k in [keys.missing_keys] if k]
+    wrong += [f"{len(k)} unexpected ({some(k)})" for k in [keys.unexpected_keys] if k]
+    if wrong:
+        raise ValueError(f"--classifier-weights {weights} do not fit {src.target}: "
+                         f"state_dict keys {'; '.join(wrong)}")
+
+
 def _train(args: argparse.Namespace) -> int:
     from models.train import build_bundle, parse_classifier
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     classifier = None
     if args.classifier:
-        classifier = parse_classifier(args.classifier, args.classifier_weights,
-                                      json.loads(args.classifier_kwargs or "{}"))
+        classifier = parse_classifier(args.classifier, args.classifier_weights, args.classifier_kwargs or {})
         classifier.feature_layer = args.feature_layer
+        _check_classifier(classifier)
     elif args.feature_layer:
-        raise SystemExit("--feature-layer is for a classifier you bring (--classifier)")
+        raise ValueError("--feature-layer is for a classifier you bring (--classifier)")
+    _check_dataset(args.dataset)
     overrides = {}
     if args.value_range:
-        overrides["value_range"] = tuple(float(v) for v in args.value_range.split(","))
+        overrides["value_range"] = args.value_range
     if args.mean:
-        overrides["mean"] = tuple(float(v) for v in args.mean.split(","))
-        overrides["std"] = tuple(float(v) for v in (args.std or "1").split(","))
-    options = json.loads(args.options) if args.options else {}
+        overrides["mean"] = args.mean
+        overrides["std"] = args.std or (1.0,)
+    options = args.options or {}
     if args.max_accuracy_drop is not None:
         options.setdefault("quality", {})["max_accuracy_drop"] = args.max_accuracy_drop
     manifest = build_bundle(args.out, dataset=args.dataset, preset=args.preset, seed=args.seed,
-                            steps=args.steps.split(",") if args.steps else None, classifier=classifier,
+                            steps=args.steps, classifier=classifier,
                             device=args.device, input_overrides=overrides, options=options,
                             argv=args.argv)
     data = json.loads(Path(manifest).read_text())
@@ -67,8 +140,11 @@ def _pairs(items: list[str] | None) -> dict[str, int]:
         for part in item.split(","):
             name, _, value = part.partition("=")
             if not value:
-                raise SystemExit(f"expected NAME=N, got {part!r}")
-            out[name.strip()] = int(value)
+                raise ValueError(f"expected NAME=N, got {part!r}")
+            try:
+                out[name.strip()] = int(value)
+            except ValueError:
+                raise ValueError(f"expected NAME=N with N a whole number, got {part!r}") from None
     return out
 
 
@@ -94,9 +170,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.linf_eps is not None:
         overrides["linf_eps"] = args.linf_eps
     if args.l2_eps:
-        overrides["l2_eps"] = tuple(float(v) for v in args.l2_eps.split(","))
+        overrides["l2_eps"] = args.l2_eps
     if args.linf_sweep:
-        overrides["linf_sweep"] = tuple(float(v) for v in args.linf_sweep.split(","))
+        overrides["linf_sweep"] = args.linf_sweep
     elif args.linf_eps is not None:  # the sweep's default is MNIST's; scale it to the chosen eps
         overrides["linf_sweep"] = tuple(round(args.linf_eps * f, 6) for f in (1 / 3, 2 / 3, 1.0))
     budget = replace(budget, **overrides)
@@ -107,7 +183,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         from service.evaluation import query_attacks
 
         if not args.url:
-            raise SystemExit("--sections query attacks a running service: give its --url")
+            raise ValueError("--sections query attacks a running service: give its --url")
         query_attacks.run(args.url, Path(args.out), off=args.query_off, reject=args.query_reject,
                           block=args.query_block, digits=args.query_digits, budget=args.query_budget,
                           attacks=tuple(args.query_attacks.split(",")), adaptive=not args.query_no_adaptive,
@@ -158,11 +234,63 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shieldserve", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _floats(count: int | None = None, positive: bool = False):  # noqa: ANN202
+    """An argparse type: comma-separated numbers (exactly `count` of them when given)."""
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        if count is not None and len(values) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, got {text!r}")
+        if positive and min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected numbers above 0, got {text!r}")
+        return values
+    return parse
 
-    s = sub.add_parser("serve", help="serve a bundle over HTTP")
+
+def _value_range(text: str) -> tuple[float, float]:
+    lo, hi = _floats(2)(text)
+    if not lo < hi:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with LO < HI, got {text!r}")
+    return lo, hi
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text!r}")
+    return value
+
+
+def _steps(text: str) -> list[str]:
+    from models.train import STEPS  # here, not at import: only `train --steps` pays for torch
+
+    known = [name for name, _ in STEPS] + ["quality"]
+    steps = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in known]
+    if unknown or not steps:
+        raise argparse.ArgumentTypeError(f"unknown step(s) {', '.join(unknown) or repr(text)}; "
+                                         f"choose from {','.join(known)}")
+    return steps
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shieldserve", description=__doc__, epilog=(
+        "A mistake in what you give (a missing file, a bad option) is one line 'shieldserve: "
+        "error: ...' and exit status 2; add --traceback after the command for the full traceback "
+        "(for a bug report)."))
+    sub = p.add_subparsers(dest="command", required=True)
+    # on every subcommand (after it, where users add flags), not on the top parser: argparse lets
+    # a subparser's default overwrite the top parser's value for the same name
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--traceback", action="store_true",
+                        help="on an error, print the full Python traceback instead of one line (for bug reports)")
+
+    s = sub.add_parser("serve", parents=[common], help="serve a bundle over HTTP")
     s.add_argument("--config", help="YAML config merged over the packaged one")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
@@ -173,29 +301,30 @@ def build_parser() -> argparse.ArgumentParser:
                                          "default: start a local one")
     s.set_defaults(func=_serve)
 
-    t = sub.add_parser("train", help="build a complete bundle (every artifact every defense needs)")
+    t = sub.add_parser("train", parents=[common], help="build a complete bundle (every artifact every defense needs)")
     t.add_argument("--out", required=True, help="bundle directory to write")
     t.add_argument("--dataset", default="mnist5k", help="mnist5k | idx:DIR | npz:FILE")
     t.add_argument("--preset", default="default", choices=["default", "quick"])
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", help="comma-separated steps to (re)build into an existing bundle; "
+    t.add_argument("--steps", type=_steps, help="comma-separated steps to (re)build into an existing bundle; "
                                    "'quality' measures its defenses again (the quality gate)")
     t.add_argument("--classifier", help="your pretrained classifier: import:pkg.module:factory or torchscript:FILE")
     t.add_argument("--classifier-weights", help="safetensors weights for an import: classifier")
-    t.add_argument("--classifier-kwargs", help="JSON keyword arguments for the factory")
+    t.add_argument("--classifier-kwargs", type=_json_object, help="JSON keyword arguments for the factory")
     t.add_argument("--feature-layer", help="the submodule whose output are the penultimate features RMC indexes "
                                            "(default: the input of the last Linear layer)")
     t.add_argument("--max-accuracy-drop", type=float,
                    help="quality gate: a defense whose clean validation accuracy is more than this below the "
                         "base classifier's is recorded as unusable and not served (default 0.02)")
-    t.add_argument("--value-range", help="the classifier's input range as LO,HI (default 0,1)")
-    t.add_argument("--mean", help="per-channel normalisation mean, e.g. 0.1307")
-    t.add_argument("--std", help="per-channel normalisation std, e.g. 0.3081")
+    t.add_argument("--value-range", type=_value_range, help="the classifier's input range as LO,HI (default 0,1; "
+                                                                  "a negative LO needs '=': --value-range=-1,1)")
+    t.add_argument("--mean", type=_floats(), help="per-channel normalisation mean, e.g. 0.1307")
+    t.add_argument("--std", type=_floats(positive=True), help="per-channel normalisation std, e.g. 0.3081")
     t.add_argument("--device", default="cpu")
-    t.add_argument("--options", help="JSON recipe overrides, e.g. '{\"classifier\": {\"adversarial\": \"pgd\"}}'")
+    t.add_argument("--options", type=_json_object, help="JSON recipe overrides, e.g. '{\"classifier\": {\"adversarial\": \"pgd\"}}'")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("evaluate", help="security evaluation: report.json, report.md and PNG plots")
+    e = sub.add_parser("evaluate", parents=[common], help="security evaluation: report.json, report.md and PNG plots")
     e.add_argument("--bundle", default="models/default")
     e.add_argument("--out", required=True, help="directory for report.json, report.md and the plots")
     e.add_argument("--pipelines", "--pipeline", action="append",
@@ -254,9 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input-diversity probability per MI-FGSM step (default 0.5; 0: plain MI-FGSM)")
     e.add_argument("--linf-eps", type=float, help="the L-inf budget of every L-inf attack (default 0.3, MNIST's; "
                                                   "e.g. 0.031 = 8/255 for photographs)")
-    e.add_argument("--l2-eps", help="L2 budgets, comma-separated; the largest is AutoAttack's and the "
+    e.add_argument("--l2-eps", type=_floats(positive=True), help="L2 budgets, comma-separated; the largest is AutoAttack's and the "
                                     "transfer attack's (default 0.5,1.0,2.0)")
-    e.add_argument("--linf-sweep", help="L-inf eps for the oblivious PGD sweep (default 0.1,0.2,0.3; "
+    e.add_argument("--linf-sweep", type=_floats(positive=True), help="L-inf eps for the oblivious PGD sweep (default 0.1,0.2,0.3; "
                                         "used only on pipelines that cost < 0.05 s per digit)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
@@ -265,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="service YAML merged over the packaged configuration")
     e.set_defaults(func=_evaluate)
 
-    x = sub.add_parser("export", help="a pipeline's deterministic, differentiable part as TorchScript "
+    x = sub.add_parser("export", parents=[common], help="a pipeline's deterministic, differentiable part as TorchScript "
                                       "([0, 1] NCHW in, logits out), for your own evaluation tools")
     x.add_argument("--bundle", default="models/default")
     x.add_argument("--pipeline", required=True)
@@ -290,4 +419,35 @@ def main(argv: list[str] | None = None) -> int:
     # what the manifest and the report record as the command: the words after the subcommand,
     # from main's own argv when given one (a program calling it), else the console script's
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        if args.traceback or not _user_error(exc):
+            raise
+        print(f"shieldserve: error: {_one_line(exc)}", file=sys.stderr)
+        return 2  # argparse's status for its own usage errors
+
+
+def _user_error(exc: BaseException) -> bool:
+    """Exceptions that say the user gave something wrong (a file, an option, a bundle) and whose
+    message says what: these end in one line. Anything else (a RuntimeError from torch in a
+    training loop, an AttributeError in our code) is a bug or an environment failure and keeps its
+    traceback. BundleError is a RuntimeError but names a bundle the user pointed us at;
+    ValueError covers pydantic's ValidationError (settings), FeatureError, PipelineConfigError and
+    ExportRefused; KeyError covers UnknownPipeline and np.load's missing array. The classes of
+    modules not yet imported cannot have been raised, so none is imported here (that would load
+    torch for `serve --help`)."""
+    user: list[type] = [ValueError, KeyError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                        PermissionError]
+    for module, name in (("models.bundle", "BundleError"), ("yaml", "YAMLError"),
+                         ("safetensors", "SafetensorError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            user.append(cls)
+    return isinstance(exc, tuple(user))
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line: pydantic's and torch's span several; str(KeyError) adds quotes."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(text.split()) or type(exc).__name__

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from models.bundle import Bundle, defense_key
+from models.bundle import TRAINED_DEFENSES, Bundle, defense_key
 from service.admission import Admission, image_cost
 from service.batcher import Batcher, BatchReport, Screen
 from service.compute import ComputeThread
@@ -84,6 +84,9 @@ class Runtime:
         if settings.default_pipeline not in self.pipelines:
             raise PipelineConfigError(f"default_pipeline {settings.default_pipeline!r} is not configured; "
                                       f"pipelines: {sorted(self.pipelines)}")
+        # served defenses the quality gate did not vouch for (measured below it but not enforced,
+        # or never measured): served, since the bundle says so, but never silently
+        self.quality_status: dict[str, tuple[str | None, str | None]] = self._gate_warnings(settings)
         # the quality gate found the monitor flags too many of this bundle's own benign images
         # (near-duplicate data): every pipeline runs without it, and /pipelines says why
         self.monitor_off: str | None = self.bundle.unusable(GATE_KEY)
@@ -254,6 +257,52 @@ class Runtime:
             if reason is not None:
                 return f"{key}: {reason}"
         return None
+
+    def _gate_warnings(self, settings: Settings) -> dict[str, tuple[str | None, str | None]]:
+        """Each served pipeline's quality-gate status, and one WARNING per served defense the
+        gate did not pass: "below_gate_not_enforced" (measured below it on a bundle whose gate
+        does not enforce, e.g. the quick preset) or "unmeasured" (no verdict: the gate was off,
+        `quality.images` 0). Returns {pipeline: (status, note)}: the worst status of its
+        trained defenses ("passed" when all passed; None when it has none) and the warnings."""
+        gate = self.bundle.manifest.get("quality", {})
+        dataset = self.bundle.manifest.get("build", {}).get("dataset", "DATASET")
+        fix = (f"to measure and enforce it: `shieldserve train --out {settings.bundle} --dataset {dataset} "
+               f"--steps quality` (the default preset sets quality.enforce)")
+        users: dict[str, list[str]] = {}  # defense key -> the served pipelines that run it
+        for name in self.pipelines:
+            for entry in settings.pipelines[name].model_dump().get("defenses", []) or []:
+                key = defense_key(entry)
+                if key.partition(":")[0] in TRAINED_DEFENSES and name not in users.setdefault(key, []):
+                    users[key].append(name)
+        status: dict[str, str] = {}
+        notes: dict[str, str] = {}
+        for key, names in users.items():
+            q = self.bundle.quality(key)
+            served = f"pipelines {', '.join(names)}"
+            if q is not None and q.get("passes") is True:
+                status[key] = "passed"
+                continue
+            if q is not None and q.get("passes") is False:
+                status[key] = "below_gate_not_enforced"
+                notes[key] = (f"defense {key} is served below the quality gate ({served}): clean validation accuracy "
+                              f"{q.get('val_accuracy')} vs the base classifier's {q.get('base_val_accuracy')} on "
+                              f"{q.get('images')} images (drop {q.get('accuracy_drop')}, allowed "
+                              f"{gate.get('max_accuracy_drop')}); quality.enforce is false on this bundle; {fix}")
+            else:
+                status[key] = "unmeasured"
+                why = ("the quality gate has no verdict on it" if gate else "the bundle was built without the "
+                       "quality gate (the quick preset, or quality.images 0)")
+                notes[key] = (f"defense {key} is served unmeasured ({served}): {why}, so nothing checked its clean "
+                              f"accuracy; {fix}")
+            log.warning("%s", notes[key])
+        worst = ("below_gate_not_enforced", "unmeasured", "passed")
+        out: dict[str, tuple[str | None, str | None]] = {}
+        for name in self.pipelines:
+            keys = [k for k, names in users.items() if name in names]
+            found = [status[k] for k in keys]
+            pick = next((w for w in worst if w in found), None)
+            out[name] = (pick, "; ".join(notes[k] for k in keys if k in notes) or None)
+        return out
 
     def _inference_copy(self) -> Any:
         """The classifier's TorchScript-frozen copy for decisions without gradients (CPU only):

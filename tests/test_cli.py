@@ -216,3 +216,132 @@ def test_the_console_script_records_its_command_line(command: str, tmp_path, mon
     monkeypatch.setattr(sys, "argv", ["shieldserve", command, *flags])
     assert cli.main() == 0
     assert seen[command] == " ".join(flags)
+
+
+# ------------------------------------------------------------------ a user's mistake is one line
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shieldserve: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def no_build(monkeypatch) -> None:
+    """The mistakes below are found before the build starts (nothing written, no dataset loaded)."""
+    import models.train
+
+    def build_bundle(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("build_bundle was reached")
+
+    monkeypatch.setattr(models.train, "build_bundle", build_bundle)
+
+
+def _npz(path: Path, **drop: bool) -> Path:
+    import numpy as np
+
+    arrays = {"x_train": np.zeros((4, 1, 8, 8), np.float32), "y_train": np.arange(4) % 2,
+              "x_test": np.zeros((2, 1, 8, 8), np.float32), "y_test": np.arange(2)}
+    np.savez(path, **{k: v for k, v in arrays.items() if not drop.get(k)})
+    return path
+
+
+def test_train_mistakes_are_one_line_and_status_2(tmp_path, no_build, capsys) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    out = ["train", "--out", str(tmp_path / "b")]
+    no_x_test = _npz(tmp_path / "no_x_test.npz", x_test=True)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    cases = {  # argv: what the one line must name
+        "missing npz": (["--dataset", f"npz:{tmp_path / 'none.npz'}"], "none.npz: no such file"),
+        "missing .pt": (["--classifier", f"torchscript:{tmp_path / 'none.pt'}"], "none.pt: no such file"),
+        "unknown classifier": (["--classifier", "mlp"], "--classifier must be"),
+        "npz without x_test": (["--dataset", f"npz:{no_x_test}"], "lacks x_test"),
+        # the import: path of README "Bring your own model", with weights of another network
+        "weights mismatch": (["--classifier", "import:examples.photo_cnn:PhotoCNN",
+                              "--classifier-weights", str(tmp_path / "other.safetensors")],
+                             "do not fit examples.photo_cnn:PhotoCNN: state_dict keys"),
+        "missing weights": (["--classifier", "import:examples.photo_cnn:PhotoCNN",
+                             "--classifier-weights", str(tmp_path / "none.safetensors")], "no such file"),
+        "feature layer alone": (["--feature-layer", "fc1"], "--feature-layer is for a classifier you bring"),
+    }
+    for name, (argv, says) in cases.items():
+        assert cli.main(out + argv) == 2, name
+        assert says in _one_error_line(capsys), name
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--value-range", "0"], "--value-range"), (["--value-range", "1,0"], "--value-range"),
+    (["--options", "{bad json"], "--options"), (["--options", "[1]"], "--options"),
+    (["--classifier-kwargs", "{"], "--classifier-kwargs"), (["--steps", "bogus"], "--steps"),
+    (["--steps", "magnet,bogus"], "--steps"), (["--mean", "a"], "--mean"), (["--std", "0"], "--std")])
+def test_bad_option_values_are_argparse_errors(argv: list[str], flag: str, tmp_path, no_build, capsys) -> None:
+    """Values argparse can check are checked by it: its usage line, then one error line, status 2."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--out", str(tmp_path / "b"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"shieldserve train: error: argument {flag}: ")
+
+
+def test_good_option_values_reach_build_bundle(tmp_path, monkeypatch) -> None:
+    _recorders(monkeypatch)
+    import models.train
+
+    kwargs: dict[str, Any] = {}
+    recorder = models.train.build_bundle
+    monkeypatch.setattr(models.train, "build_bundle", lambda out, **kw: (kwargs.update(kw), recorder(out, **kw))[1])
+    assert cli.main(["train", "--out", str(tmp_path / "b"), "--value-range=-1,1", "--mean", "0.5",
+                     "--steps", "magnet, quality", "--options", '{"quality": {"images": 0}}',
+                     "--max-accuracy-drop", "0.05"]) == 0
+    assert kwargs["input_overrides"] == {"value_range": (-1.0, 1.0), "mean": (0.5,), "std": (1.0,)}
+    assert kwargs["steps"] == ["magnet", "quality"]
+    assert kwargs["options"] == {"quality": {"images": 0, "max_accuracy_drop": 0.05}}
+
+
+def test_evaluate_on_a_missing_bundle_is_one_line(tmp_path, capsys) -> None:
+    assert cli.main(["evaluate", "--bundle", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 2
+    assert "no manifest.json" in _one_error_line(capsys)
+    assert cli.main(["evaluate", "--out", str(tmp_path / "r"), "--pipeline-limit", "magnet=all"]) == 2
+    assert "expected NAME=N" in _one_error_line(capsys)
+
+
+def test_serve_with_a_missing_config_is_one_line(tmp_path, capsys) -> None:
+    assert cli.main(["serve", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml does not exist" in _one_error_line(capsys)
+
+
+def test_a_key_error_is_shown_without_quotes_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch,
+                                                                              capsys) -> None:
+    import models.train
+
+    raised: list[BaseException] = []
+    monkeypatch.setattr(models.train, "build_bundle", lambda out, **kw: (_ for _ in ()).throw(raised[-1]))
+    argv = ["train", "--out", str(tmp_path / "b")]
+    raised.append(KeyError("x_val is not a file in the archive"))
+    assert cli.main(argv) == 2
+    assert _one_error_line(capsys) == "shieldserve: error: x_val is not a file in the archive"
+    with pytest.raises(KeyError):  # --traceback: the exception itself, for a bug report
+        cli.main([*argv, "--traceback"])
+    raised.append(RuntimeError("CUDA error: an illegal memory access"))  # not the user's doing
+    with pytest.raises(RuntimeError, match="illegal memory"):
+        cli.main(argv)
+    from models.bundle import BundleError
+
+    raised.append(BundleError("classifier.safetensors: sha256 does not match the manifest"))
+    assert cli.main(argv) == 2
+    assert "sha256 does not match" in _one_error_line(capsys)
+
+
+def test_the_help_says_how_to_get_the_traceback(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    assert "--traceback" in capsys.readouterr().out
+    for command in ("train", "serve", "evaluate", "export"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args([command, "--help"])
+        assert "--traceback" in capsys.readouterr().out

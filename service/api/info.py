@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -12,7 +14,17 @@ from service.api.schemas import HealthResponse, PipelineOut, PipelinesResponse
 router = APIRouter(tags=["service"])
 
 
+class PipelineWithQuality(PipelineOut):
+    quality: Literal["passed", "below_gate_not_enforced", "unmeasured"] | None = Field(
+        None, description="what the bundle's quality gate says of this pipeline's defenses (the worst of them): "
+                          "passed; below_gate_not_enforced (measured below the gate, served because the bundle "
+                          "does not enforce it); unmeasured (no verdict); null for a pipeline without defenses")
+    quality_warning: str | None = Field(
+        None, description="for a pipeline not `passed`: which defense, its measured figures, how to enforce the gate")
+
+
 class PipelinesWithUnavailable(PipelinesResponse):
+    pipelines: list[PipelineWithQuality]  # type: ignore[assignment]
     unavailable: dict[str, str] = Field(
         default_factory=dict, description="configured pipelines not served on this bundle, and why "
                                           "(a defense the quality gate found unusable, or one the bundle lacks)")
@@ -28,10 +40,15 @@ class PipelinesWithUnavailable(PipelinesResponse):
 async def pipelines(request: Request) -> PipelinesWithUnavailable:
     rt = request.app.state.runtime
     return PipelinesWithUnavailable(default=rt.settings.default_pipeline, model_version=rt.bundle.version,
-                                    pipelines=[PipelineOut(**p.describe()) for p in rt.pipelines.values()],
+                                    pipelines=[_with_quality(rt, name, p.describe()) for name, p in rt.pipelines.items()],
                                     unavailable=dict(getattr(rt, "unavailable", {})),
                                     query_monitor_off=getattr(rt, "monitor_off", None),
                                     suspect_linf_off=getattr(rt, "suspect_linf_off", None))
+
+
+def _with_quality(rt: object, name: str, described: dict) -> PipelineWithQuality:
+    status, warning = getattr(rt, "quality_status", {}).get(name, (None, None))
+    return PipelineWithQuality(**described, quality=status, quality_warning=warning)
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")
