@@ -10,6 +10,7 @@ so rebuilding with the same seed reproduces the manifest's metrics.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import platform
 import shlex
@@ -123,14 +124,20 @@ def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dat
     return record
 
 
-def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "default", seed: int = 0,
+def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str = "default", seed: int = 0,
                  steps: list[str] | None = None, classifier: ClassifierSource | None = None,
                  device: str = "cpu", input_overrides: dict[str, Any] | None = None,
                  options: dict[str, Any] | None = None, argv: list[str] | None = None) -> Path:
-    """Build (or extend, with `steps`) the bundle at `out`. Returns the manifest's path."""
+    """Build (or extend, with `steps`) the bundle at `out`. Returns the manifest's path.
+
+    `dataset`: mnist5k (the default for a new bundle), idx:DIR or npz:FILE. Extending a bundle
+    defaults to the dataset it was built on, and refuses another one (or the same one whose
+    content has changed): its steps would be trained and calibrated on data the manifest does
+    not name, beside artifacts made on the recorded data."""
+    from models.recipes.common import dataset_sha256
+
     out = Path(out)
     started = time.monotonic()
-    ds = load_dataset(dataset)
     known = [name for name, _ in STEPS]
     chosen = steps or known
     for s in chosen:
@@ -140,13 +147,29 @@ def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "de
     if "quality" in chosen and not (out / "manifest.json").exists():
         raise ValueError("--steps quality measures an existing bundle's defenses; build the bundle first")
     extending = bool(steps) and (out / "manifest.json").exists()
+    previous_text = (out / "manifest.json").read_text() if extending else ""
+    previous = json.loads(previous_text) if extending else {}
+    recorded = previous.get("build", {}).get("dataset")
+    if dataset is None:
+        dataset = recorded or "mnist5k"
+    elif recorded and dataset != recorded:
+        raise ValueError(f"the bundle at {out} was built on {recorded}; pass --dataset {recorded} "
+                         f"(or build a new bundle, without --steps, on {dataset})")
+    ds = load_dataset(dataset)
+    content = dataset_sha256(ds, ("train", "val", "test"))
+    recorded_sha = previous.get("dataset", {}).get("sha256")
+    if recorded_sha and recorded_sha != content:
+        raise ValueError(f"{dataset} is not the data the bundle at {out} was built on (its content's sha256 is "
+                         f"{content[:12]}..., the manifest's {recorded_sha[:12]}...); restore that data, or build "
+                         f"a new bundle without --steps")
     writer = BundleWriter.extend(out) if extending else BundleWriter(out)
     command = "shieldserve train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
     if not extending:
         spec = InputSpec(shape=ds.input_shape, class_names=tuple(ds.class_names),
                          **(input_overrides or {}))
         writer.set_input(spec)
-        writer.manifest["dataset"] = ds.describe()
+        # the content's hash: `--steps` on this bundle later refuses data that is not this
+        writer.manifest["dataset"] = {**ds.describe(), "sha256": content}
         writer.manifest["build"].update({"seed": seed, "preset": preset, "dataset": dataset,
                                          "command": command,
                                          "versions": {"python": platform.python_version(),
@@ -154,6 +177,26 @@ def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "de
     ctx = BuildContext(ds, writer, preset, seed, torch.device(device), command, dict(options or {}),
                        byo_classifier=classifier is not None)
     gate = dict(ctx.options.get("quality", {}))
+    try:
+        _run_steps(ctx, chosen, classifier, gate, command)
+    except quality.NearChance:
+        # the gate refused the base classifier: no manifest that serves it is left behind. A new
+        # bundle loses its manifest (nothing loads it); an extended one keeps the manifest it had
+        # before a refused new classifier, or its refused step's defenses marked unusable
+        if not extending:
+            (out / "manifest.json").unlink(missing_ok=True)
+        elif "classifier" in chosen:
+            (out / "manifest.json").write_text(previous_text)
+        else:
+            writer.save()
+        raise
+    writer.manifest["build"]["seconds"] = round(time.monotonic() - started, 1)
+    return writer.save()
+
+
+def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSource | None, gate: dict[str, Any],
+               command: str) -> None:
+    writer, ds, preset = ctx.writer, ctx.dataset, ctx.preset
     for name, module_path in STEPS:
         if name not in chosen:
             continue
@@ -174,6 +217,7 @@ def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "de
                 quality.record_failure(writer.manifest, name, exc, preset, gate)
         if name == "classifier":
             ctx.forget_classifier()
+            quality.check_classifier(writer.path, ds, preset, gate, ctx.device)
         writer.record_step(name, command, time.monotonic() - t0)
         writer.save()
         if name in writer.manifest.get("defenses", {}) and name in quality.STEP_KEYS:
@@ -196,5 +240,3 @@ def build_bundle(out: str | Path, *, dataset: str = "mnist5k", preset: str = "de
                 quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
         quality.measure_monitor(writer.path, writer.manifest, ds, preset, gate)
         writer.record_step("quality", command, time.monotonic() - t0)
-    writer.manifest["build"]["seconds"] = round(time.monotonic() - started, 1)
-    return writer.save()

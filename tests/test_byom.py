@@ -419,3 +419,70 @@ def test_an_import_classifier_in_the_current_directory_is_found_or_named(tmp_pat
     user_modules_importable()
     assert sys.path.count(str(tmp_path)) == 1
     sys.modules.pop("byom_user_net_xyz", None)
+
+
+# ---------------------------------------------------------------------------- the bundle's data and a broken base classifier
+# (`--steps` takes the dataset the bundle was built on; the gate refuses a classifier near chance)
+def _classifier_only(out: Path, npz: Path, mlp: Path, **kwargs) -> None:
+    from models.train import build_bundle, parse_classifier
+
+    build_bundle(out, dataset=f"npz:{npz}", preset="quick", seed=0, steps=["classifier"],
+                 classifier=parse_classifier(f"torchscript:{mlp}", None, {}), argv=[], **kwargs)
+
+
+def test_steps_on_a_bundle_default_to_its_dataset_and_refuse_another(tmp_path: Path, digits: tuple[Path, Path],
+                                                                     monkeypatch) -> None:
+    import shutil
+
+    import models.train
+    from models.train import build_bundle
+
+    npz, mlp = digits
+    mine = shutil.copy(npz, tmp_path / "mine.npz")
+    out = tmp_path / "b"
+    _classifier_only(out, mine, mlp)
+    assert len(_manifest(out)["dataset"]["sha256"]) == 64
+
+    other = tmp_path / "other.npz"
+    with np.load(mine) as f:
+        np.savez(other, **{k: f[k] for k in f.files})
+    with pytest.raises(ValueError, match=f"was built on npz:{mine}; pass --dataset npz:{mine}"):
+        build_bundle(out, dataset=f"npz:{other}", preset="quick", steps=["squeeze"], argv=[])
+
+    loaded: list[str] = []
+    real = models.train.load_dataset
+    monkeypatch.setattr(models.train, "load_dataset", lambda spec: loaded.append(spec) or real(spec))
+    build_bundle(out, preset="quick", steps=["squeeze"], options={"squeeze": {"bound": 0.01}}, argv=[])
+    assert loaded == [f"npz:{mine}"] and "squeeze" in _manifest(out)["defenses"]
+
+    # the same name, other content (re-split, or replaced in place): refused, not extended
+    with np.load(mine) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["y_test"] = arrays["y_test"][::-1].copy()
+    np.savez(mine, **arrays)
+    with pytest.raises(ValueError, match="is not the data the bundle .* was built on"):
+        build_bundle(out, preset="quick", steps=["squeeze"], argv=[])
+
+
+def test_the_gate_refuses_a_base_classifier_near_chance(tmp_path: Path, digits: tuple[Path, Path]) -> None:
+    """Labels shifted by one: the MLP (fit on the true labels) answers ~0 of them right, and every
+    defense would pass at 0.0 against 0.0. The enforced gate refuses at the classifier step; no
+    manifest is left to serve."""
+    from models.recipes import quality
+
+    npz, mlp = digits
+    shifted = tmp_path / "shifted.npz"
+    with np.load(npz) as f:
+        arrays = {k: f[k] for k in f.files}
+    for k in ("y_train", "y_test"):
+        arrays[k] = (arrays[k] + 1) % 10
+    np.savez(shifted, **arrays)
+    out = tmp_path / "b"
+    with pytest.raises(ValueError, match="at or below 0.1500 for 10 classes.*class order"):
+        _classifier_only(out, shifted, mlp, options={"quality": {"images": 50, "enforce": True}})
+    assert not (out / "manifest.json").exists()
+
+    assert quality.chance_bound(10) == pytest.approx(0.15) and quality.chance_bound(2) == pytest.approx(0.6)
+    quick = quality.recipe("quick", images=16)
+    assert "not enforced" in quality.check_base(0.05, 10, 16, quick)
+    assert quality.check_base(0.5, 10, 16, quick) is None

@@ -315,3 +315,32 @@ def test_default_bundle_purifies_clean_digits(default_bundle, mnist):
     with torch.no_grad():
         acc = float((classify(out.x).argmax(1) == y).float().mean())
     assert acc >= 0.9
+
+
+def test_a_checkpoint_of_other_data_is_not_resumed(mnist, tmp_path):
+    """The checkpoint key holds the train/validation content's sha256 (not only the dataset's name
+    and sizes), and a checkpoint recording other data is refused on load, never resumed."""
+    from types import SimpleNamespace
+
+    from models.datasets import Dataset, Split
+    from models.recipes import defensegan
+    from models.recipes.common import dataset_sha256, seeded
+
+    small = Dataset("small", Split(mnist.train.x[:64], mnist.train.y[:64]), mnist.val.per_class(2),
+                    mnist.test.per_class(2), mnist.class_names)
+    resplit = Dataset("small", Split(mnist.train.x[64:128], mnist.train.y[64:128]), small.val, small.test,
+                      small.class_names)
+    r = defensegan.recipe("quick", generator_steps=2, checkpoint_every=1)
+    ctx = lambda ds: SimpleNamespace(options={"defensegan": {"work_dir": str(tmp_path)}}, preset="quick",  # noqa: E731
+                                     seed=0, dataset=ds)
+    mine, other = defensegan.work_dir(ctx(small), r), defensegan.work_dir(ctx(resplit), r)
+    assert mine != other
+    ckpt = defensegan.Checkpoint(mine, dataset_sha256(small))
+    defensegan.train_gan(small.train.x, r, seeded(0, "defensegan"), ckpt)
+    _, fresh = defensegan.train_gan(resplit.train.x, r, seeded(0, "defensegan"),
+                                    defensegan.Checkpoint(other, dataset_sha256(resplit)))
+    assert fresh["resumed_from_step"] == 0
+    _, again = defensegan.train_gan(small.train.x, r, seeded(0, "defensegan"), ckpt)
+    assert again["resumed_from_step"] == 2  # its own data: resumed
+    with pytest.raises(ValueError, match="not trained on this data"):
+        defensegan.Checkpoint(mine, dataset_sha256(resplit)).load()

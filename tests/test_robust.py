@@ -76,14 +76,63 @@ def test_weight_averaging_keeps_the_average_and_leaves_training_alone(small: Dat
         robust.recipe("quick", ema_decay=1.0)
 
 
-def test_checkpoint_key_of_a_run_without_averaging_is_the_one_before_the_option(tmp_path: Path) -> None:
+def _ctx(dataset: Dataset, work: Path):
     from types import SimpleNamespace
 
-    ctx = SimpleNamespace(options={"robust": {"work_dir": "/w"}}, preset="default", seed=0,
-                          dataset=SimpleNamespace(describe=lambda: {"name": "mnist5k"}))
-    # the key computed before ema_decay existed: an interrupted run still resumes after an upgrade
-    assert robust.work_dir(ctx, robust.recipe("default")) == Path("/w/robust-default-seed0-cd4e79f2d1")
-    assert robust.work_dir(ctx, robust.recipe("default", ema_decay=0.99)) != Path("/w/robust-default-seed0-cd4e79f2d1")
+    return SimpleNamespace(options={"robust": {"work_dir": str(work)}}, preset="quick", seed=0, dataset=dataset)
+
+
+def test_checkpoint_key_follows_the_recipe_and_the_data_content(small: Dataset, tmp_path: Path) -> None:
+    ctx = _ctx(small, tmp_path)
+    key = robust.work_dir(ctx, robust.recipe("quick", checkpoint=True))
+    assert key is not None and key == robust.work_dir(ctx, robust.recipe("quick", checkpoint=True, ema_decay=0.0))
+    assert key != robust.work_dir(ctx, robust.recipe("quick", checkpoint=True, ema_decay=0.99))
+    # the same name and split sizes, other images: another run
+    resplit = Dataset("small", Split(small.train.x.flip(0), small.train.y.flip(0)), small.val, small.test,
+                      small.class_names)
+    assert robust.work_dir(_ctx(resplit, tmp_path), robust.recipe("quick", checkpoint=True)) != key
+
+
+def test_a_checkpoint_of_other_data_is_not_resumed(small: Dataset, tmp_path: Path) -> None:
+    """Re-split data under the same name and sizes: a fresh run in its own directory, and the old
+    run's checkpoint, if pointed at, is refused (its recorded data sha256 differs)."""
+    r = _tiny(epochs=1, checkpoint=True)
+    ckpt = robust.work_dir(_ctx(small, tmp_path), r) / "checkpoint.safetensors"
+    robust.train_robust(small, r, seed=0, checkpoint=ckpt)
+    resplit = Dataset("small", Split(small.train.x.flip(0), small.train.y.flip(0)), small.val, small.test,
+                      small.class_names)
+    other = robust.work_dir(_ctx(resplit, tmp_path), r) / "checkpoint.safetensors"
+    assert not other.exists()
+    _, _, metrics = robust.train_robust(resplit, r, seed=0, checkpoint=other)
+    assert metrics["resumed_from_epoch"] == 0 and other.is_file()
+    with pytest.raises(ValueError, match="not trained on this data"):
+        robust.train_robust(resplit, r, seed=0, checkpoint=ckpt)
+    _, _, again = robust.train_robust(small, r, seed=0, checkpoint=ckpt)
+    assert again["resumed_from_epoch"] == 1  # its own data: resumed (finished, nothing to train)
+
+
+def test_the_default_work_root_is_private_to_the_user(tmp_path: Path, monkeypatch) -> None:
+    import os
+    import stat
+    import tempfile
+
+    from models.recipes.common import work_root
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("SHIELDSERVE_WORK_DIR", raising=False)
+    root = Path(work_root(None))
+    assert root == tmp_path / f"shieldserve-work-{os.getuid()}"
+    st = root.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+    assert work_root("/elsewhere") == "/elsewhere"  # a configured one is the user's choice
+    root.chmod(0o777)
+    with pytest.raises(ValueError, match="writable by others.*SHIELDSERVE_WORK_DIR"):
+        work_root(None)
+    root.chmod(0o700)
+    root.rmdir()
+    root.symlink_to(tmp_path)
+    with pytest.raises(ValueError, match="not a plain directory"):
+        work_root(None)
 
 
 def test_catastrophic_overfitting_stops_and_restores_the_best_epoch(small: Dataset, monkeypatch) -> None:

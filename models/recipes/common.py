@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
+import stat
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +22,58 @@ def seeded(seed: int, step: str) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + sum(ord(c) * 131 ** i for i, c in enumerate(step))) % 2**63)
     return g
+
+
+def dataset_sha256(dataset: Any, splits: tuple[str, ...] = ("train", "val")) -> str:
+    """sha256 of the named splits' images and labels (shapes and dtypes included), computed once
+    per dataset object. A dataset's name and split sizes say nothing of its content: the same
+    path re-split, or a file replaced in place, must not resume a checkpoint trained on other
+    images, nor extend a bundle built on them."""
+    cache = dataset.__dict__.setdefault("_sha256", {})
+    if splits not in cache:
+        h = hashlib.sha256()
+        for name in splits:
+            split = getattr(dataset, name)
+            for t in (split.x, split.y):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+                h.update(t.numpy().tobytes())
+        cache[splits] = h.hexdigest()
+    return cache[splits]
+
+
+def work_root(configured: str | None) -> str:
+    """The directory that holds resumable training checkpoints.
+
+    A configured one (options' work_dir, $SHIELDSERVE_WORK_DIR) is the user's choice. The
+    default is per user, `<tmp>/shieldserve-work-<uid>`, created 0700: a shared, predictable
+    directory in /tmp would let another local user plant a checkpoint that a build resumes and
+    writes into the bundle. An existing one owned by someone else, or writable by others, is
+    refused rather than trusted."""
+    if configured:
+        return configured
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    root = os.path.join(tempfile.gettempdir(), "shieldserve-work" + ("" if uid is None else f"-{uid}"))
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    check_private_dir(root)
+    os.chmod(root, 0o700)  # ours and not writable by others: also not readable by them (the user's data)
+    return root
+
+
+def check_private_dir(path: str) -> None:
+    """Refuse (one line) a checkpoint directory another local user could write to."""
+    if not hasattr(os, "getuid"):  # no POSIX owners: nothing to check
+        return
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"checkpoint directory {path} is not a plain directory; remove it or set "
+                         f"$SHIELDSERVE_WORK_DIR to a directory of your own")
+    if st.st_uid != os.getuid():
+        raise ValueError(f"checkpoint directory {path} is owned by uid {st.st_uid}, not you; remove it "
+                         f"or set $SHIELDSERVE_WORK_DIR to a directory of your own")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ValueError(f"checkpoint directory {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                         f"chmod 700 it or set $SHIELDSERVE_WORK_DIR to a directory of your own")
 
 
 def progress(total: int, desc: str, unit: str = "batch") -> tqdm:

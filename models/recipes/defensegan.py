@@ -13,8 +13,10 @@ plus reconstruction ||G(E(x)) - x||^2 on real training digits. Then the projecti
 reconstruction-error detector is calibrated on the validation split.
 
 Checkpoints: a safetensors file and a JSON state in a work directory outside the bundle
-(options {"defensegan": {"work_dir": DIR}}, or $SHIELDSERVE_WORK_DIR, or the system temp
-directory), keyed by dataset, preset, seed and recipe; a build that finds one resumes from it.
+(options {"defensegan": {"work_dir": DIR}}, or $SHIELDSERVE_WORK_DIR, or a per-user
+`<tmp>/shieldserve-work-<uid>`, mode 0700), keyed by dataset (with the sha256 of its train and
+validation images and labels, also recorded in the checkpoint and checked on load), preset,
+seed and recipe; a build that finds one resumes from it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,13 +32,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.architectures import (  # noqa: F401 - the networks, defined with the other builtins
     Critic, Encoder, Generator, builtin_spec,
 )
-from models.recipes.common import batches, progress, seeded
+from models.recipes.common import batches, dataset_sha256, progress, seeded, work_root
 
 STEP = "defensegan"
 
@@ -120,8 +122,10 @@ def rec_spec(r: DefenseGanRecipe, shape: tuple[int, int, int], classes: int) -> 
 class Checkpoint:
     """Weights (safetensors) and loop state (JSON) of an interrupted training run."""
 
-    def __init__(self, directory: Path | None) -> None:
+    def __init__(self, directory: Path | None, data_sha256: str = "") -> None:
         self.dir = directory
+        # the training data's sha256 (common.dataset_sha256): recorded on save, checked on load
+        self.data_sha256 = data_sha256
 
     @property
     def enabled(self) -> bool:
@@ -131,6 +135,13 @@ class Checkpoint:
         if self.dir is None or not (self.dir / "state.json").is_file():
             return None
         state = json.loads((self.dir / "state.json").read_text())
+        with safe_open(str(self.dir / state["weights"]), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("data_sha256")
+        if self.data_sha256 and not (recorded == state.get("data_sha256") == self.data_sha256):
+            # another run's (other images under the same name and sizes) or not ours at all:
+            # never resumed and written into the bundle
+            raise ValueError(f"checkpoint {self.dir} was not trained on this data (its data sha256 is "
+                             f"{recorded or 'missing'}); delete it or choose another work_dir")
         return load_file(str(self.dir / state["weights"])), state
 
     def save(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -138,10 +149,11 @@ class Checkpoint:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         name = "checkpoint.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(self.dir / (name + ".tmp")))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(self.dir / (name + ".tmp")),
+                  metadata={"data_sha256": self.data_sha256})
         os.replace(self.dir / (name + ".tmp"), self.dir / name)
         tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps({**state, "weights": name}, indent=1))
+        tmp.write_text(json.dumps({**state, "weights": name, "data_sha256": self.data_sha256}, indent=1))
         os.replace(tmp, self.dir / "state.json")
 
 
@@ -154,14 +166,14 @@ def work_dir(ctx: Any, r: DefenseGanRecipe) -> Path | None:
     if r.checkpoint_every <= 0:
         return None
     opts = ctx.options.get(STEP, {})
-    root = opts.get("work_dir") or os.environ.get("SHIELDSERVE_WORK_DIR") or \
-        os.path.join(tempfile.gettempdir(), "shieldserve-work")
+    root = work_root(opts.get("work_dir") or os.environ.get("SHIELDSERVE_WORK_DIR"))
     neutral = {"critic_width": 0, "lr_decay": False}  # fields added later: at these values, the old key
     gan = {k: v for k, v in r.to_json().items() if k in _GAN_FIELDS and neutral.get(k, object()) != v}
     if r.lr_decay:  # the schedule depends on the run's length: a longer run is another run
         gan["generator_steps"] = r.generator_steps
-    key = json.dumps({"dataset": ctx.dataset.describe(), "preset": ctx.preset, "seed": ctx.seed,
-                      "recipe": gan}, sort_keys=True)
+    # the content of the data too: the same name and split sizes with other images is another run
+    key = json.dumps({"dataset": ctx.dataset.describe(), "data_sha256": dataset_sha256(ctx.dataset),
+                      "preset": ctx.preset, "seed": ctx.seed, "recipe": gan}, sort_keys=True)
     return Path(root) / f"defensegan-{ctx.preset}-seed{ctx.seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -411,7 +423,7 @@ def _build(ctx: Any, r: DefenseGanRecipe) -> None:
     g = seeded(ctx.seed, STEP)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
     shape = ctx.dataset.input_shape
-    ckpt = Checkpoint(work_dir(ctx, r))
+    ckpt = Checkpoint(work_dir(ctx, r), dataset_sha256(ctx.dataset))
     gen, gan_metrics = train_gan(ctx.dataset.train.x, r, g, ckpt, device)
     enc, enc_metrics = train_encoder(gen, ctx.dataset.train.x, r, g, device)
     samples = "defensegan_samples.png"

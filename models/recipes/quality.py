@@ -99,6 +99,59 @@ def record_failure(manifest: dict[str, Any], step: str, error: BaseException, pr
                               "pipeline": GATED.get(key)}
 
 
+class NearChance(ValueError):
+    """The base classifier answers the validation images no better than chance: the gate refuses
+    the bundle (every defense would pass at 0.0 against 0.0)."""
+
+
+def chance_bound(classes: int) -> float:
+    """The validation accuracy at or below which the base classifier counts as broken: 1.5/K,
+    at most chance + 0.1. Half of chance above it is many standard errors of a chance-level
+    classifier on the gate's few hundred images (10 classes: 0.15 against 0.10 +- 0.017), and
+    far below any classifier worth defending; the cap keeps two- to four-class data from
+    refusing a weak but real one (2 classes: 0.60, not 0.75). What it catches answers near 0
+    or near 1/K: labels shifted or 1-based, another class order, the wrong input range or
+    normalisation."""
+    k = max(1, classes)
+    return min(1.5 / k, 1.0 / k + 0.1)
+
+
+def check_base(base_acc: float, classes: int, images: int, r: QualityRecipe) -> str | None:
+    """Raise NearChance (where the gate enforces) when the base classifier is near chance; else
+    the note to record (not enforced), or None."""
+    bound = chance_bound(classes)
+    if base_acc > bound + 1e-9:
+        return None
+    why = (f"the base classifier's clean validation accuracy is {base_acc:.4f} on {images} images, at or below "
+           f"{bound:.4f} for {classes} classes (chance is {1 / max(1, classes):.4f}): check that the dataset's "
+           f"labels are in the classifier's class order (0-based) and the input range/mean/std "
+           f"(--value-range, --mean, --std) match how it was trained")
+    if r.enforce:
+        raise NearChance(why)
+    return why + "; not enforced (quality.enforce is false: the quick preset)"
+
+
+def _gate_images(dataset: Any, r: QualityRecipe, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    classes = len(dataset.class_names)
+    val = dataset.val.per_class(max(1, -(-r.images // classes)))
+    return val.x[:r.images].to(device), val.y[:r.images].to(device)
+
+
+@torch.no_grad()
+def check_classifier(bundle_path: Any, dataset: Any, preset: str, options: dict[str, Any],
+                     device: torch.device) -> None:
+    """Right after the classifier step, on the gate's images: a base classifier near chance is
+    refused before hours of defense training around it (NearChance where enforced)."""
+    from models.bundle import Bundle
+
+    r = recipe(preset, **options)
+    if r.images <= 0:
+        return
+    base = Bundle.load(bundle_path).classifier(device)
+    x, y = _gate_images(dataset, r, device)
+    check_base(float((base(x).argmax(1) == y).float().mean()), len(dataset.class_names), len(y), r)
+
+
 @torch.no_grad()
 def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any, preset: str,
             options: dict[str, Any], device: torch.device) -> None:
@@ -116,11 +169,20 @@ def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any,
     base = bundle.classifier(device)
     settings = load_settings(None, bundle=str(bundle_path))
     env = DefenseEnv(bundle=bundle, classifier=base, device=device, settings=settings)
-    classes = len(dataset.class_names)
-    val = dataset.val.per_class(max(1, -(-r.images // classes)))
-    x, y = val.x[:r.images].to(device), val.y[:r.images].to(device)
+    x, y = _gate_images(dataset, r, device)
     base_acc = float((base(x).argmax(1) == y).float().mean())
     q["base"] = {"val_accuracy": round(base_acc, 4), "images": len(y)}
+    try:
+        note = check_base(base_acc, len(dataset.class_names), len(y), r)
+    except NearChance as exc:
+        # measured against a classifier that is itself wrong, every defense would "pass" (0.0 vs
+        # 0.0): the step's defenses are recorded unusable (the manifest may be saved) and the build stops
+        q["base"]["reason"] = str(exc)
+        for key in STEP_KEYS.get(step, []):
+            q["defenses"][key] = {"usable": False, "passes": False, "reason": str(exc), "pipeline": GATED[key]}
+        raise
+    if note:
+        q["base"]["reason"] = note
     for key in STEP_KEYS.get(step, []):
         entries = GATED[key]
         started = time.monotonic()

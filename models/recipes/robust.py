@@ -25,8 +25,10 @@ kept (the training itself is unchanged).
 
 Checkpoints: one safetensors file per epoch (weights, optimiser moments, best weights, random
 states; loop state as JSON in the file's metadata, never pickle) in a work directory outside
-the bundle (options {"robust": {"work_dir": DIR}}, or $SHIELDSERVE_WORK_DIR, or the system
-temp directory), keyed by dataset, preset, seed and recipe. A build that finds one resumes
+the bundle (options {"robust": {"work_dir": DIR}}, or $SHIELDSERVE_WORK_DIR, or a per-user
+`<tmp>/shieldserve-work-<uid>`, mode 0700), keyed by dataset (with the sha256 of its train
+and validation images and labels, also recorded in the checkpoint and checked on load),
+preset, seed and recipe. A build that finds one resumes
 from it, and lands on the same weights as an uninterrupted run on the same machine.
 """
 
@@ -36,7 +38,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -51,7 +52,7 @@ from torch import nn
 
 from models.architectures import build_architecture, builtin_spec
 from models.datasets import Dataset
-from models.recipes.common import accuracy, batches, progress, random_affine, seeded
+from models.recipes.common import accuracy, batches, dataset_sha256, progress, random_affine, seeded, work_root
 
 STEP = "robust"
 ARTIFACT = "robust_classifier"
@@ -165,17 +166,18 @@ def work_dir(ctx: Any, r: RobustRecipe) -> Path | None:
     if not r.checkpoint:
         return None
     opts = ctx.options.get(STEP, {})
-    root = opts.get("work_dir") or os.environ.get("SHIELDSERVE_WORK_DIR") or \
-        os.path.join(tempfile.gettempdir(), "shieldserve-work")
+    root = work_root(opts.get("work_dir") or os.environ.get("SHIELDSERVE_WORK_DIR"))
     # options at their "off" value stay out of the key, so a run started before they existed resumes
     trajectory = {k: v for k, v in r.to_json().items() if k != "checkpoint" and not (k == "ema_decay" and v == 0)}
-    key = json.dumps({"dataset": ctx.dataset.describe(), "preset": ctx.preset, "seed": ctx.seed,
-                      "recipe": trajectory}, sort_keys=True)
+    # the content of the data too: the same name and split sizes with other images is another run
+    key = json.dumps({"dataset": ctx.dataset.describe(), "data_sha256": dataset_sha256(ctx.dataset),
+                      "preset": ctx.preset, "seed": ctx.seed, "recipe": trajectory}, sort_keys=True)
     return Path(root) / f"robust-{ctx.preset}-seed{ctx.seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, best: dict[str, torch.Tensor],
-                    generator: torch.Generator, state: dict[str, Any], averaged: nn.Module | None = None) -> None:
+                    generator: torch.Generator, state: dict[str, Any], averaged: nn.Module | None = None,
+                    data_sha256: str = "") -> None:
     tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
     if averaged is not None:
         tensors.update({f"ema.{k}": v for k, v in averaged.state_dict().items()})
@@ -185,7 +187,8 @@ def save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, best
         tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in s.items()})
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"state": json.dumps(state), "param_groups": json.dumps(opt_state["param_groups"])}
+    meta = {"state": json.dumps(state), "param_groups": json.dumps(opt_state["param_groups"]),
+            "data_sha256": data_sha256}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
@@ -193,10 +196,17 @@ def save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, best
 
 
 def load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, generator: torch.Generator,
-                    averaged: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Restore net (and its average), optimiser and random states in place; returns (best weights, loop state)."""
+                    averaged: nn.Module | None = None,
+                    data_sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore net (and its average), optimiser and random states in place; returns (best weights, loop state).
+
+    `data_sha256`: the training data's (common.dataset_sha256); a checkpoint that records other
+    data (or none) was not trained on it, and is refused rather than resumed and bundled."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
+        if data_sha256 is not None and meta.get("data_sha256") != data_sha256:
+            raise ValueError(f"checkpoint {path} was not trained on this data (its data sha256 is "
+                             f"{meta.get('data_sha256') or 'missing'}); delete it or choose another work_dir")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
@@ -254,8 +264,9 @@ def train_robust(dataset: Dataset, r: RobustRecipe, seed: int, device: str = "cp
     # gets validated and kept.
     averaged = copy.deepcopy(net).eval().requires_grad_(False) if r.ema_decay > 0 else None
     resumed_from = 0
+    data_sha = dataset_sha256(dataset)
     if checkpoint is not None and checkpoint.is_file():
-        best, state = load_checkpoint(checkpoint, net, opt, g, averaged)
+        best, state = load_checkpoint(checkpoint, net, opt, g, averaged, data_sha256=data_sha)
         resumed_from = state["epoch"]
     started = time.monotonic() - state["seconds"]
     bar = progress(total, f"train {ARTIFACT} ({r.method})")
@@ -303,7 +314,7 @@ def train_robust(dataset: Dataset, r: RobustRecipe, seed: int, device: str = "cp
         state["epoch"] = epoch + 1
         state["seconds"] = round(time.monotonic() - started, 1)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, net, opt, best, g, state, averaged)
+            save_checkpoint(checkpoint, net, opt, best, g, state, averaged, data_sha256=data_sha)
     bar.close()
     net.load_state_dict(best)
     net.eval()
