@@ -110,7 +110,8 @@ def _train(args: argparse.Namespace) -> int:
         _check_classifier(classifier)
     elif args.feature_layer:
         raise ValueError("--feature-layer is for a classifier you bring (--classifier)")
-    _check_dataset(args.dataset)
+    if args.dataset is not None:  # None: the bundle's recorded dataset (models.train.build_bundle)
+        _check_dataset(args.dataset)
     overrides = {}
     if args.value_range:
         overrides["value_range"] = args.value_range
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", parents=[common], help="build a complete bundle (every artifact every defense needs)")
     t.add_argument("--out", required=True, help="bundle directory to write")
-    t.add_argument("--dataset", default="mnist5k", help="mnist5k | idx:DIR | npz:FILE")
+    t.add_argument("--dataset", default=None,
+                   help="mnist5k | idx:DIR | npz:FILE (default: the dataset an existing bundle at --out was built on, else mnist5k)")
     t.add_argument("--preset", default="default", choices=["default", "quick"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=_steps, help="comma-separated steps to (re)build into an existing bundle; "
