@@ -387,6 +387,12 @@ def test_tritonclient_round_trip(server_url, client, digits):
         inp.set_data_from_numpy(x[:1].numpy().astype(np.float32), binary_data=False)
         res = tc.infer("baseline", [inp], outputs=[httpclient.InferRequestedOutput("label", binary_data=False)])
         assert res.as_numpy("label").tolist() == expected[:1].tolist()
+        # the client's own timeout (microseconds, sent as parameters.timeout) is honoured: one
+        # microsecond is over before the pipeline runs; a minute is the request's usual answer
+        with pytest.raises(InferenceServerException) as info:
+            tc.infer("baseline", [inp], timeout=1)
+        assert info.value.status() == "504"
+        assert tc.infer("baseline", [inp], timeout=60_000_000).as_numpy("label").tolist() == expected[:1].tolist()
 
         # errors come back as the client's exception with the server's message
         bad = httpclient.InferInput("input", [1, 1, 28, 28], "INT32")
@@ -478,6 +484,19 @@ def test_the_json_text_is_bounded_by_the_largest_valid_request(client):
         assert len(raw) == size
         r = _post_raw(client, raw)
         assert r.status_code == status and set(r.json()) == {"error"}, (size, r.text[:300])
+
+
+def test_the_timeout_parameter_shortens_the_deadline_and_is_checked(client):
+    """parameters.timeout (microseconds, tritonclient's infer(timeout=)) can only shorten the
+    request's deadline; anything but a positive integer is a 400."""
+    body = _json_input()
+    assert _post_raw(client, json.dumps({**body, "parameters": {"timeout": 60_000_000}}).encode()).status_code == 200
+    assert _post_raw(client, json.dumps({**body, "parameters": {"timeout": 10**12}}).encode()).status_code == 200
+    r = _post_raw(client, json.dumps({**body, "parameters": {"timeout": 1}}).encode())
+    assert r.status_code == 504 and set(r.json()) == {"error"}, r.text
+    for bad in (0, -5, 1.5, "1000", True):
+        r = _post_raw(client, json.dumps({**body, "parameters": {"timeout": bad}}).encode())
+        assert r.status_code == 400 and "parameters.timeout" in r.json()["error"], (bad, r.text)
 
 
 def test_a_slow_parse_answers_504_at_the_deadline(client, monkeypatch):

@@ -622,6 +622,21 @@ HeaderLength = Header(None, alias=HEADER_LENGTH,
                       description="binary tensor extension: the length of the JSON part of the body")
 
 
+def _with_timeout_parameter(deadline: Deadline, parameters: dict[str, Any] | None) -> Deadline:
+    """The request's deadline, shortened by the protocol's `timeout` request parameter
+    (microseconds; what tritonclient's `infer(timeout=...)` sends) when that is sooner. It never
+    lengthens it: `X-Request-Timeout` and `max_request_timeout_s` stay the bound."""
+    value = (parameters or {}).get("timeout")
+    if value is None:
+        return deadline
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _bad(f"parameters.timeout must be a positive integer of microseconds, got {_echo(value)}")
+    seconds = value / 1e6
+    if seconds >= deadline.seconds:
+        return deadline
+    return Deadline(deadline.at - deadline.seconds + seconds, seconds)
+
+
 async def _infer(request: Request, model: str, version: str | None, encoding: str | None,
                  header_length: str | None, deadline: Deadline) -> Response:
     rt = _runtime(request)
@@ -643,6 +658,7 @@ async def _infer(request: Request, model: str, version: str | None, encoding: st
         # the request's deadline like the rest (a 504 at the deadline; the thread, which cannot
         # be stopped, finishes a parse that the bounds above keep short).
         req, plan, x = await _within(deadline, rt.offload(decode))
+        deadline = _with_timeout_parameter(deadline, req.parameters)
         results = await infer_decoded(rt, model, x, deadline, client=client)
         t.outcome = outcome_of(results)
         return _render(req, plan, results, rt, model, request.state.request_id)
