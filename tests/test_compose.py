@@ -14,6 +14,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 REPLICAS = ("replica1", "replica2")
+# Redis memory per query remembered by the query monitor: 5.4-5.8 KB measured on redis 7 with
+# 80 distinct hashes per query (the worst case; tests/test_deploy.py measures it again on the
+# compose file's redis-monitor arguments)
+MONITOR_BYTES_PER_QUERY = 5_800
+# what redis-monitor keeps besides the queries: suspects' recent images (100 KB per suspect
+# for digits), flags and blocks; at least this much room is left for them
+MONITOR_HEADROOM_BYTES = 128 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +43,27 @@ def mounts(service: dict) -> dict[str, Path]:
     return {c: h for h, c in (host_path(v) for v in service.get("volumes", []) if v.startswith("./"))}
 
 
+def redis_args(service: dict) -> dict[str, str]:
+    """A redis-server `command:` -> {option: value} (`--save ""` -> {"save": ""})."""
+    argv = service["command"]
+    assert argv[0] == "redis-server"
+    return {argv[i].removeprefix("--"): argv[i + 1] for i in range(1, len(argv), 2)}
+
+
+def redis_bytes(size: str) -> int:
+    """A Redis memory size (`768mb`, `1gb`, `1000000`) in bytes, as redis.conf reads it."""
+    m = re.fullmatch(r"(\d+)(b|k|kb|m|mb|g|gb)?", size.lower())
+    units = {None: 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+    return int(m.group(1)) * units[m.group(2)]
+
+
+def setting_default(name: str):
+    """A service setting's default, whatever the environment of the machine running the test."""
+    from service.settings import Settings
+
+    return Settings.model_fields[name].default
+
+
 def metric_names() -> set[str]:
     """Every series name the service exposes (from service/metrics.py itself)."""
     from service.metrics import Metrics
@@ -55,7 +83,7 @@ def metric_names() -> set[str]:
 
 def test_services_and_every_healthcheck(compose: dict) -> None:
     services = compose["services"]
-    assert set(services) == {"gateway", *REPLICAS, "redis", "prometheus", "grafana"}
+    assert set(services) == {"gateway", *REPLICAS, "redis", "redis-monitor", "prometheus", "grafana"}
     for name, svc in services.items():
         assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     for r in REPLICAS:
@@ -66,11 +94,13 @@ def test_services_and_every_healthcheck(compose: dict) -> None:
         assert svc["environment"]["SHIELDSERVE_PORT"] == "8000"
         assert (REPO / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert svc["depends_on"]["redis-monitor"]["condition"] == "service_healthy"
         assert svc["stop_grace_period"] == "35s"  # > the service's 30 s graceful drain
     gw = services["gateway"]
     assert {services["gateway"]["depends_on"][r]["condition"] for r in REPLICAS} == {"service_healthy"}
     assert "/readyz" in " ".join(gw["healthcheck"]["test"])
-    assert "ping" in services["redis"]["healthcheck"]["test"]
+    for name in ("redis", "redis-monitor"):
+        assert "ping" in services[name]["healthcheck"]["test"]
 
 
 def test_networks_expose_only_the_gateway_publicly(compose: dict) -> None:
@@ -81,7 +111,7 @@ def test_networks_expose_only_the_gateway_publicly(compose: dict) -> None:
     assert published["gateway"] == ["8080:8080"]
     for name in ("prometheus", "grafana"):  # operators only, on the host's loopback
         assert all(p.startswith("127.0.0.1:") for p in published[name]), published[name]
-    for name in (*REPLICAS, "redis"):
+    for name in (*REPLICAS, "redis", "redis-monitor"):
         assert services[name]["networks"] == ["backend"]
     assert set(services["gateway"]["networks"]) == {"frontend", "backend"}
 
@@ -95,19 +125,34 @@ def test_gateway_config_matches_the_topology(compose: dict, nginx: str) -> None:
     upstream = re.search(r"upstream shieldserve \{(.*?)\}", nginx, re.S).group(1)
     servers = re.findall(r"^\s*server (\S+?)(?: |;)", upstream, re.M)
     assert servers == [f"{r}:8000" for r in REPLICAS]
-    # body limit = the replicas' limit; read timeout past the replicas' own deadline
+    # body limit = the replicas' limit
     settings = Settings(bundle=REPO)
     mib = int(re.search(r"client_max_body_size (\d+)m;", nginx).group(1))
     assert mib * 1024 * 1024 == settings.limits.max_body_bytes
+    # read timeout past the longest deadline a client may ask for (X-Request-Timeout, clamped
+    # to max_request_timeout_s): the replica answers its own 504 first
+    env = compose["services"]["replica1"]["environment"]
+    longest = float(env.get("SHIELDSERVE_MAX_REQUEST_TIMEOUT_S", setting_default("max_request_timeout_s")))
+    default = float(env.get("SHIELDSERVE_REQUEST_TIMEOUT_S", setting_default("request_timeout_s")))
     read = int(re.search(r"proxy_read_timeout (\d+)s;", nginx).group(1))
-    assert read > settings.request_timeout_s
-    # retries on another replica, side-effect-free POST routes included
-    assert re.search(r"^\s*proxy_next_upstream error timeout http_502 http_503 http_504;", nginx, re.M)
+    assert read > longest >= default
+    # retries on another replica: connection errors, 502, 503 (the request was not run); never
+    # after a replica's own 504 (it ran its whole deadline); POST only on the side-effect-free
+    # routes, which nginx retries once sent only with non_idempotent
+    lines = re.findall(r"^\s*proxy_next_upstream ([^;]*);", nginx, re.M)
+    assert len(lines) == 4, lines
+    for line in lines:
+        assert "http_504" not in line.split(), line
+        assert {"error", "timeout", "http_502", "http_503"} <= set(line.split()), line
+    server_level = re.search(r"^\s*proxy_next_upstream ([^;]*);", nginx, re.M).group(1)
+    assert server_level.split() == ["error", "timeout", "http_502", "http_503"]  # no non_idempotent
     assert re.search(r"^\s*proxy_next_upstream_tries 2;", nginx, re.M)
-    for route in ("location = /predict", "location = /certify", "/infer$"):
+    post_routes = ("location = /predict", "location = /certify", "/infer$")
+    for route in post_routes:
         block = nginx[nginx.index(route):]
         block = block[:block.index("}")]
         assert "non_idempotent" in block, route
+    assert len(re.findall(r"\bnon_idempotent\b", re.sub(r"#.*", "", nginx))) == len(post_routes)
     # not public
     for route in ("location = /metrics", "location ^~ /admin"):
         block = nginx[nginx.index(route):]
@@ -183,10 +228,62 @@ def test_replicas_share_the_query_monitor_and_trust_only_the_gateway(compose: di
     env = compose["services"]["replica1"]["environment"]
     assert env == compose["services"]["replica2"]["environment"]
     assert env["SHIELDSERVE_QUERY_MONITOR__STORE"] == "redis"
-    assert env["SHIELDSERVE_QUERY_MONITOR__REDIS_URL"].startswith("redis://redis:6379/")
+    assert env["SHIELDSERVE_QUERY_MONITOR__REDIS_URL"].startswith("redis://redis-monitor:6379/")
     gateway_ip = compose["services"]["gateway"]["networks"]["backend"]["ipv4_address"]
     assert json.loads(env["SHIELDSERVE_TRUSTED_PROXIES"]) == [gateway_ip]
-    subnet = compose["networks"]["backend"]["ipam"]["config"][0]["subnet"]
-    assert ipaddress.ip_address(gateway_ip) in ipaddress.ip_network(subnet)
     # the gateway appends the peer it saw: the replicas' first untrusted hop from the right
     assert re.search(r"^\s*proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;", nginx, re.M)
+
+
+def test_the_query_monitor_has_its_own_redis_that_never_evicts(compose: dict) -> None:
+    """On the certify store's allkeys-lru Redis, images posted to /certify evicted the
+    monitor's keys (its blocks too): eviction picks keys across databases."""
+    services = compose["services"]
+    env = services["replica1"]["environment"]
+    store_host = re.match(r"redis://([^:/]+)", env["SHIELDSERVE_CERTIFY__REDIS_URL"]).group(1)
+    monitor_host = re.match(r"redis://([^:/]+)", env["SHIELDSERVE_QUERY_MONITOR__REDIS_URL"]).group(1)
+    assert store_host == "redis" and monitor_host == "redis-monitor" and store_host != monitor_host
+    monitor = redis_args(services["redis-monitor"])
+    assert monitor["maxmemory-policy"] == "noeviction"
+    assert redis_args(services["redis"])["maxmemory-policy"] == "allkeys-lru"  # the store is a cache
+    # the maxmemory fits the queries the monitor is told to remember, with room for the rest
+    max_queries = int(env["SHIELDSERVE_QUERY_MONITOR__MAX_QUERIES"])
+    assert max_queries * MONITOR_BYTES_PER_QUERY + MONITOR_HEADROOM_BYTES <= redis_bytes(monitor["maxmemory"])
+
+
+def test_secrets_come_from_the_environment(compose: dict) -> None:
+    """The monitor's hashing key (so replicas agree on it whatever Redis does) and Grafana's
+    admin password: required variables, never a literal in the compose file."""
+    env = compose["services"]["replica1"]["environment"]
+    required = re.compile(r"\$\{([A-Z_]+):\?[^}]+\}")
+    secret = required.fullmatch(env["SHIELDSERVE_QUERY_MONITOR__SECRET"])
+    grafana = required.fullmatch(compose["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"])
+    assert secret and grafana
+    assert "admin/admin" not in (REPO / "docker-compose.yml").read_text()
+    # docker/env.example names exactly the variables the compose file requires, with no value
+    needed = set(required.findall((REPO / "docker-compose.yml").read_text()))
+    assert needed == {secret.group(1), grafana.group(1)}
+    example = dict(line.split("=", 1) for line in (DOCKER / "env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert set(example) == needed and set(example.values()) == {""}
+
+
+def test_fixed_addresses_are_outside_the_dynamic_pool(compose: dict) -> None:
+    """Docker hands out dynamic addresses from ip_range only: the gateway's fixed address,
+    which the replicas trust, cannot go to another container."""
+    import ipaddress
+
+    config = compose["networks"]["backend"]["ipam"]["config"][0]
+    subnet, pool = ipaddress.ip_network(config["subnet"]), ipaddress.ip_network(config["ip_range"])
+    assert pool.subnet_of(subnet) and pool != subnet
+    fixed = [ipaddress.ip_address(n["ipv4_address"]) for svc in compose["services"].values()
+             for n in (svc["networks"].values() if isinstance(svc["networks"], dict) else [])
+             if n and "ipv4_address" in n]
+    assert fixed, "the gateway has a fixed address"
+    for ip in fixed:
+        assert ip in subnet and ip not in pool, ip
+
+
+def test_prometheus_has_no_lifecycle_api(compose: dict) -> None:
+    # --web.enable-lifecycle lets anyone who reaches :9090 POST /-/quit (or /-/reload)
+    assert not any("lifecycle" in arg for arg in compose["services"]["prometheus"]["command"])

@@ -7,7 +7,9 @@ What it shows: requests through the gateway answer with real classifications; /m
 middle of a bounded load costs no client request (nginx retries on the other replica);
 Prometheus scrapes both replicas, runs every alert rule and dashboard query, and sees the
 dead one go down; `promtool check config|rules` and the alert unit tests pass; a digit posted
-through one replica is certified by the other (`GET /certify`, the shared store on Redis).
+through one replica is certified by the other (`GET /certify`, the shared store on Redis); the
+query monitor's own Redis, started with the compose file's arguments, holds its configured
+`max_queries` and refuses writes when full rather than evicting.
 """
 
 from __future__ import annotations
@@ -127,6 +129,17 @@ def render_prometheus(ports: dict[str, int]) -> dict:
     return cfg
 
 
+def compose_service(name: str) -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"][name]
+
+
+def redis_argv(binary: str, service: str, port: int) -> list[str]:
+    """redis-server with the `command:` of docker-compose.yml's `service`, on 127.0.0.1:port."""
+    command = compose_service(service)["command"]
+    assert command[0] == "redis-server"
+    return [binary, *command[1:], "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes"]
+
+
 def redis_ping(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
         s.sendall(b"PING\r\n")
@@ -136,7 +149,8 @@ def redis_ping(port: int) -> bool:
 class Topology:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.ports = {k: free_port() for k in ("gateway", "replica1", "replica2", "redis", "prometheus")}
+        self.ports = {k: free_port() for k in ("gateway", "replica1", "replica2", "redis", "redis_monitor",
+                                                "prometheus")}
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
         self.replica_env: dict[str, str] = {}
@@ -187,24 +201,26 @@ def topology(quick_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                    SHIELDSERVE_PROGRESS="0", SHIELDSERVE_WARMUP="true", SHIELDSERVE_TORCH_THREADS="1",
                    SHIELDSERVE_LOG_LEVEL="warning", SHIELDSERVE_CERTIFY__STORE="redis",
                    SHIELDSERVE_CERTIFY__REDIS_URL=f"redis://127.0.0.1:{ports['redis']}/0",
-                   # the query monitor shared on Redis as in docker-compose.yml; nginx is the proxy
+                   # the query monitor shared on its own Redis as in docker-compose.yml; nginx is the proxy
                    SHIELDSERVE_QUERY_MONITOR__STORE="redis", SHIELDSERVE_QUERY_MONITOR__SECRET=MONITOR_SECRET,
-                   SHIELDSERVE_QUERY_MONITOR__REDIS_URL=f"redis://127.0.0.1:{ports['redis']}/1",
+                   SHIELDSERVE_QUERY_MONITOR__REDIS_URL=f"redis://127.0.0.1:{ports['redis_monitor']}/0",
                    SHIELDSERVE_TRUSTED_PROXIES='["127.0.0.1"]')
         env.pop("SHIELDSERVE_CONFIG", None)
         topo.replica_env = env
         for r in ("replica1", "replica2"):
             topo.start_replica(r)
-        # Redis: part of the topology (the shared image/certificate store uses it)
-        topo.start("redis", [bins["redis-server"], "--port", str(ports["redis"]), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--protected-mode", "yes"])
+        # the two Redis servers, with docker-compose.yml's arguments: the image/certificate
+        # store's (LRU) and the query monitor's (noeviction)
+        topo.start("redis", redis_argv(bins["redis-server"], "redis", ports["redis"]))
+        topo.start("redis_monitor", redis_argv(bins["redis-server"], "redis-monitor", ports["redis_monitor"]))
         # Prometheus on the shipped config, rewritten for the test's ports
         prom_cfg = tmp / "prometheus.yml"
         prom_cfg.write_text(yaml.safe_dump(render_prometheus(ports)))
         topo.start("prometheus", [bins["prometheus"], f"--config.file={prom_cfg}",
                                   f"--storage.tsdb.path={tmp / 'prom-data'}",
                                   f"--web.listen-address=127.0.0.1:{ports['prometheus']}"])
-        wait_for("redis", lambda: redis_ping(ports["redis"]), 20, [topo.procs["redis"]])
+        for name in ("redis", "redis_monitor"):
+            wait_for(name, lambda name=name: redis_ping(ports[name]), 20, [topo.procs[name]])
         for r in ("replica1", "replica2"):
             wait_for(r, lambda r=r: http_get(ports[r], "/readyz").status_code == 200, 120, [topo.procs[r]])
         # nginx on the shipped config: first `nginx -t`, then in the foreground
@@ -387,6 +403,62 @@ def test_certify_on_another_replica_than_the_post(topology: Topology, mnist) -> 
     keys = redis.Redis(port=ports["redis"]).keys("*")
     assert f"shieldserve:img:{digest}".encode() in keys
     assert all(k.startswith((b"shieldserve:img:", b"shieldserve:cert:")) for k in keys), keys
+
+
+def test_the_monitors_redis_fits_max_queries_and_never_evicts(tmp_path: Path) -> None:
+    """redis-monitor as docker-compose.yml starts it: its policy is noeviction, the Redis memory
+    of one remembered query (measured here, the worst case: 80 distinct hashes each) times the
+    compose file's MAX_QUERIES fits its maxmemory with the headroom tests/test_compose.py
+    asks for, and a full Redis refuses the monitor's writes (which the monitor survives by
+    screening on its own store) instead of evicting its keys."""
+    import numpy as np
+    import redis
+    import torch
+
+    from service.defenses.query_monitor import MonitorPolicy, QueryMonitor, RedisStore
+    from tests.test_compose import MONITOR_HEADROOM_BYTES, redis_bytes
+
+    bins = need("redis-server")
+    port = free_port()
+    log = open(tmp_path / "redis.log", "wb")
+    proc = subprocess.Popen(redis_argv(bins["redis-server"], "redis-monitor", port), stdout=log,
+                            stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    try:
+        wait_for("redis-monitor", lambda: redis_ping(port), 20, [proc])
+        admin = redis.Redis(port=port)
+        assert admin.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        command = compose_service("redis-monitor")["command"]
+        maxmemory = int(admin.config_get("maxmemory")["maxmemory"])
+        assert maxmemory == redis_bytes(command[command.index("--maxmemory") + 1])
+        env = compose_service("replica1")["environment"]
+        max_queries = int(env["SHIELDSERVE_QUERY_MONITOR__MAX_QUERIES"])
+        store = RedisStore(f"redis://127.0.0.1:{port}/0", "shieldserve:", 3600.0, max_queries)
+        rng = np.random.default_rng(0)
+        before, n = admin.info("memory")["used_memory"], 2000
+        for i in range(n // 10):
+            store.screen(f"client{i % 7}", [rng.bytes(32) for _ in range(10)],
+                         rng.integers(0, 2**63, size=(10, 80), dtype=np.uint64))
+        per_query = (admin.info("memory")["used_memory"] - before) / n
+        print(f"\n[deploy] redis-monitor: {per_query:.0f} B per query; {max_queries} queries = "
+              f"{max_queries * per_query / 2**20:.0f} MiB of {maxmemory / 2**20:.0f} MiB")
+        assert max_queries * per_query + MONITOR_HEADROOM_BYTES <= maxmemory
+        # full: writes refused, nothing evicted, the monitor screens on (degraded, no error)
+        admin.config_set("maxmemory", str(admin.info("memory")["used_memory"] + 64 * 1024))
+        keys = admin.dbsize()
+        with pytest.raises(redis.exceptions.ResponseError, match="OOM|maxmemory"):
+            for i in range(1000):
+                admin.set(f"fill:{i}", b"x" * 4096)
+        assert admin.dbsize() >= keys  # no key of the monitor evicted
+        degraded: list[bool] = []
+        monitor = QueryMonitor(store="redis", redis_url=f"redis://127.0.0.1:{port}/0", secret="s",
+                               max_queries=max_queries, on_degraded=degraded.append)
+        verdict = monitor.screen(MonitorPolicy(), torch.rand(2, 1, 28, 28), "ip:1")
+        assert len(verdict.flagged) == 2 and degraded == [True]
+        monitor.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
 
 
 def test_prometheus_scrapes_both_replicas(topology: Topology, mnist) -> None:

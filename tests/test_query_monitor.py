@@ -655,6 +655,22 @@ def test_block_mode_answers_429_with_retry_after(make_client, mnist) -> None:
 
 
 # --------------------------------------------------------------------------- Redis: shared, or down
+def test_on_redis_max_queries_bounds_the_generations_kept(redis_url, mnist) -> None:  # noqa: F811
+    """A generation that turns by count drops the one before the last (matching reads only the
+    current and the last): distinct queries never keep more than two generations in Redis."""
+    import uuid
+
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    m = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix, max_queries=8)  # 4 a generation
+    policy = MonitorPolicy(action="flag")
+    for i in range(20):  # five generations' worth of distinct digits
+        m.screen(policy, mnist.test.x[i:i + 1], f"ip:10.1.0.{i}")
+    p = m.redis.prefix  # the monitor's keys: the configured prefix + "qm:"
+    gens = {k.decode()[len(p):].split(":")[0] for k in m.redis.client.keys(p + "g*:h")}
+    current = int(m.redis.client.get(p + "gen"))
+    assert current >= 4 and gens <= {f"g{current}", f"g{current - 1}"}, (current, gens)
+
+
 def test_two_monitors_share_one_store_through_redis(redis_url, mnist) -> None:  # noqa: F811
     import uuid
 

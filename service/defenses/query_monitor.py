@@ -413,6 +413,10 @@ local count = tonumber(redis.call('GET', p .. 'g' .. gen .. ':n') or '0')
 if now - started >= half or count >= cap then
   gen = gen + 1; count = 0
   redis.call('SET', p .. 'gen', gen); redis.call('SET', p .. 'gen_started', now)
+  -- matching reads this generation and the last: the one before goes now, not at its TTL (an
+  -- hour), so max_queries bounds Redis' memory under a flood of distinct queries too
+  local old = p .. 'g' .. (gen - 2)
+  redis.call('DEL', old .. ':h', old .. ':d', old .. ':n')
 end
 local ch, cd = p .. 'g' .. gen .. ':h', p .. 'g' .. gen .. ':d'
 local oh, od = p .. 'g' .. (gen - 1) .. ':h', p .. 'g' .. (gen - 1) .. ':d'
