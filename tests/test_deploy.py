@@ -9,7 +9,8 @@ Prometheus scrapes both replicas, runs every alert rule and dashboard query, and
 dead one go down; `promtool check config|rules` and the alert unit tests pass; a digit posted
 through one replica is certified by the other (`GET /certify`, the shared store on Redis); the
 query monitor's own Redis, started with the compose file's arguments, holds its configured
-`max_queries` and refuses writes when full rather than evicting.
+`max_queries` and refuses writes when full rather than evicting; a client cannot choose its
+identity through the gateway with a forged X-Forwarded-For.
 """
 
 from __future__ import annotations
@@ -186,6 +187,9 @@ class Topology:
 
 
 MONITOR_SECRET = "deploy-test-monitor-secret"
+# a monitored pipeline without defenses: a near copy of an earlier query is flagged, and with
+# block_after 0 its client is blocked at once (as in tests/test_hardening_live.py)
+WATCH = {"watch": {"defenses": [], "query_monitor": {"action": "block", "block_after": 0, "cooldown_s": 300}}}
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +208,9 @@ def topology(quick_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                    # the query monitor shared on its own Redis as in docker-compose.yml; nginx is the proxy
                    SHIELDSERVE_QUERY_MONITOR__STORE="redis", SHIELDSERVE_QUERY_MONITOR__SECRET=MONITOR_SECRET,
                    SHIELDSERVE_QUERY_MONITOR__REDIS_URL=f"redis://127.0.0.1:{ports['redis_monitor']}/0",
-                   SHIELDSERVE_TRUSTED_PROXIES='["127.0.0.1"]')
+                   SHIELDSERVE_TRUSTED_PROXIES='["127.0.0.1"]',
+                   # a monitored pipeline that blocks a client at its first flag (the forging test)
+                   SHIELDSERVE_PIPELINES=json.dumps(WATCH))
         env.pop("SHIELDSERVE_CONFIG", None)
         topo.replica_env = env
         for r in ("replica1", "replica2"):
@@ -361,6 +367,58 @@ def test_an_attacker_alternating_replicas_is_flagged_as_on_one(topology: Topolog
     text = http_get(topology.ports["replica1"], "/metrics").text + http_get(topology.ports["replica2"], "/metrics").text
     assert 'shieldserve_query_monitor_flags_total{pipeline="magnet"}' in text
     assert MONITOR_SECRET not in text
+
+
+def test_a_client_cannot_forge_its_identity_through_the_gateway(topology: Topology, mnist) -> None:
+    """The replicas trust 127.0.0.1, the address nginx reaches them from; the clients here
+    connect to the gateway from 127.0.0.3 and 127.0.0.4 (untrusted), so the hop nginx appends
+    names them whatever X-Forwarded-For they send. Observed through the query monitor in block
+    mode (shared on Redis, so either replica may answer): a client blocked under its real
+    address stays blocked whatever it forges, its forged address is not blocked, and another
+    client forging the blocked client's address is not blocked."""
+    import httpx
+
+    gw = f"http://127.0.0.1:{topology.ports['gateway']}"
+
+    def client(source: str) -> httpx.Client:
+        return httpx.Client(base_url=gw, timeout=30, transport=httpx.HTTPTransport(local_address=source))
+
+    def post(c: httpx.Client, x, forwarded_for: str | None) -> httpx.Response:
+        headers = {"content-type": "image/png"}
+        if forwarded_for is not None:
+            headers["X-Forwarded-For"] = forwarded_for
+        return c.post("/predict?pipeline=watch", content=png(x), headers=headers)
+
+    def blocked(r: httpx.Response) -> bool:
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "attack_suspected", r.text
+            return True
+        assert r.status_code == 200, r.text
+        return False
+
+    test = mnist.test
+    x, other = test.x[901], test.x[902]
+    near = x.clone()
+    near[..., 0, 0] = 0.5  # shares nearly every fingerprint hash with x
+    with client("127.0.0.3") as attacker, client("127.0.0.4") as bystander:
+        # the attacker, claiming 203.0.113.9: flagged, and blocked (block_after 0)
+        assert post(attacker, x, "203.0.113.9").json()["results"][0]["status"] == "accepted"
+        flagged = post(attacker, near, "203.0.113.9").json()["results"][0]
+        assert flagged["status"] == "rejected" and flagged["rejected_by"][0]["defense"] == "query_monitor", flagged
+        # blocked under its own address, whatever it claims next
+        claims = ("203.0.113.9", "198.51.100.8", "203.0.113.9, 198.51.100.8", "127.0.0.1", None)
+        attacker_blocked = {xff: blocked(post(attacker, other, xff)) for xff in claims}
+        # another client claiming the attacker's forged or real address is itself, not blocked
+        bystander_blocked = {xff: blocked(post(bystander, test.x[903 + i], xff))
+                             for i, xff in enumerate(("203.0.113.9", "127.0.0.3", None))}
+    assert attacker_blocked == dict.fromkeys(claims, True), attacker_blocked
+    assert bystander_blocked == {"203.0.113.9": False, "127.0.0.3": False, None: False}, bystander_blocked
+    # the blocked id is the attacker's real address: a trusted peer (a replica's own 127.0.0.1)
+    # forwarding for 127.0.0.3 is refused, forwarding for 203.0.113.9 is not
+    direct = f"http://127.0.0.1:{topology.ports['replica1']}"
+    with httpx.Client(base_url=direct, timeout=30) as c:
+        assert blocked(post(c, test.x[910], "127.0.0.3"))
+        assert not blocked(post(c, test.x[911], "203.0.113.9"))
 
 
 def test_certify_on_another_replica_than_the_post(topology: Topology, mnist) -> None:
