@@ -305,6 +305,8 @@ def _check_npz_size(path: Path) -> None:
     MAX_DATASET_BYTES, NPZ_MAX_RATIO) before numpy allocates and decompresses it."""
     fmt = np.lib.format
     total = 0
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
@@ -362,15 +364,27 @@ def mnist_idx(directory: str | Path, val_per_class: int = 500) -> Dataset:
     return _finish(f"idx:{d}", splits, class_names, val_per_class)
 
 
+def _require_npz_keys(f: Any, source: str) -> None:
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
+    if missing or (("x_val" in f) != ("y_val" in f)):
+        raise ValueError(f"{source}: lacks {', '.join(missing) or ('y_val' if 'x_val' in f else 'x_val')}; "
+                         f"an .npz needs x_train, y_train, x_test, y_test (and x_val with y_val)")
+
+
+def check_npz(path: str | Path) -> None:
+    """What npz_dataset refuses before reading any array (the file, its declared sizes, its
+    keys), for a caller that must refuse it before doing anything else (the CLI)."""
+    _check_npz_size(Path(path))
+    with np.load(path, allow_pickle=False) as f:
+        _require_npz_keys(f, f"npz:{path}")
+
+
 def npz_dataset(path: str | Path, val_per_class: int = 500) -> Dataset:
     """An .npz with x_train, y_train, x_test, y_test (Keras' mnist.npz layout); x_val/y_val optional."""
     source = f"npz:{path}"
     _check_npz_size(Path(path))
     with np.load(path, allow_pickle=False) as f:
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
-        if missing or (("x_val" in f) != ("y_val" in f)):
-            raise ValueError(f"{source}: lacks {', '.join(missing) or ('y_val' if 'x_val' in f else 'x_val')}; "
-                             f"an .npz needs x_train, y_train, x_test, y_test (and x_val with y_val)")
+        _require_npz_keys(f, source)
         raw = {s: (f[f"x_{s}"], f[f"y_{s}"]) for s in ("train", "val", "test") if f"x_{s}" in f}
         names = None
         if "class_names" in f:

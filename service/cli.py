@@ -28,31 +28,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")  # README "Bring your own model", step 2
-
-
 def _check_dataset(spec: str) -> None:
-    """An npz dataset is checked for its arrays before the build starts: np.load opens the
-    archive's directory only, so a file that lacks x_test is named now, not as a KeyError
-    after the bundle directory was created."""
+    """An npz dataset is checked (file, declared sizes, arrays) before the build starts, so a
+    file that lacks x_test is named now, before anything else is opened or written."""
     kind, _, path = spec.partition(":")
-    if kind != "npz" or not path:
-        return  # mnist5k, idx:DIR and an unknown kind: load_dataset says what is wrong
-    import zipfile
+    if kind == "npz" and path:  # mnist5k, idx:DIR and an unknown kind: load_dataset says what is wrong
+        from models.datasets import check_npz
 
-    import numpy as np
-
-    if not Path(path).is_file():
-        raise ValueError(f"--dataset {spec}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            have = set(f.files)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"--dataset {spec}: not an .npz archive ({exc})") from None
-    missing = [k for k in NPZ_KEYS if k not in have]
-    if missing:
-        raise ValueError(f"--dataset {spec} lacks {', '.join(missing)} (it holds {', '.join(sorted(have)) or 'nothing'}; "
-                         f"it needs {', '.join(NPZ_KEYS)})")
+        check_npz(path)
 
 
 def _check_classifier(src: Any) -> None:  # models.train.ClassifierSource
