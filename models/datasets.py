@@ -364,7 +364,7 @@ def mnist_idx(directory: str | Path, val_per_class: int = 500) -> Dataset:
     return _finish(f"idx:{d}", splits, class_names, val_per_class)
 
 
-def _require_npz_keys(f: Any, source: str) -> None:
+def _require_npz_keys(f: np.lib.npyio.NpzFile, source: str) -> None:
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
     if missing or (("x_val" in f) != ("y_val" in f)):
         raise ValueError(f"{source}: lacks {', '.join(missing) or ('y_val' if 'x_val' in f else 'x_val')}; "
