@@ -142,16 +142,18 @@ class Runtime:
 
         monitor = QueryMonitor.from_settings(qm, on_degraded=degraded)
         # the count at scrape time: a block ends without a request, by its cooldown alone
-        m.before_scrape(lambda: m.blocked_clients.set(monitor.blocked_count()))
+        m.before_scrape(self._count_blocked)
         return monitor
 
+    def _count_blocked(self) -> None:
+        """Set `blocked_clients` from the monitor's count (it may ask Redis: off the loop)."""
+        if self.monitor is not None:
+            self.metrics.blocked_clients.set(self.monitor.blocked_count())
+
     def _refresh_blocked(self) -> None:
-        """Set `blocked_clients` from the monitor's count, in a worker thread (it may ask Redis)."""
-        monitor, gauge = self.monitor, self.metrics.blocked_clients
-        if monitor is None:
-            return
+        """`_count_blocked` in a worker thread."""
         try:
-            self.executor.submit(lambda: gauge.set(monitor.blocked_count()))
+            self.executor.submit(self._count_blocked)
         except RuntimeError:  # the runtime is closing: its executor takes no more work
             pass
 
