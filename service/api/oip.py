@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 import service
 from service.api.clients import client_of
 from service.api.errors import ApiError
-from service.api.predict import Deadline, _within, infer_decoded, outcome_of, request_deadline, tracked
+from service.api.predict import Deadline, within_deadline, infer_decoded, outcome_of, request_deadline, tracked
 from service.api.render import render
 from service.pipeline import ImageResult
 from service.runtime import Runtime
@@ -657,7 +657,7 @@ async def _infer(request: Request, model: str, version: str | None, encoding: st
         # per request cost /v2 a third of its throughput (bench/edge_ab.py). It counts against
         # the request's deadline like the rest (a 504 at the deadline; the thread, which cannot
         # be stopped, finishes a parse that the bounds above keep short).
-        req, plan, x = await _within(deadline, rt.offload(decode))
+        req, plan, x = await within_deadline(deadline, rt.offload(decode))
         deadline = _with_timeout_parameter(deadline, req.parameters)
         results = await infer_decoded(rt, model, x, deadline, client=client)
         t.outcome = outcome_of(results)

@@ -257,7 +257,7 @@ async def classify(runtime: Runtime, pipeline: str, images: int, decode: Callabl
                    ) -> tuple[torch.Tensor, list[ImageResult]]:
     """Admission, decode, batch (screened by the query monitor) and pipeline (Runtime.classify)
     within the deadline."""
-    return await _within(deadline, runtime.classify(pipeline, images, decode, deadline=deadline.at, options=options,
+    return await within_deadline(deadline, runtime.classify(pipeline, images, decode, deadline=deadline.at, options=options,
                                                     client=client))
 
 
@@ -266,10 +266,10 @@ async def infer_decoded(runtime: Runtime, pipeline: str, x: torch.Tensor, deadli
     """Admission, batch (screened by the query monitor) and pipeline (Runtime.infer) for
     images decoded already (/v2 decodes its tensor in the worker-thread call that parses the
     body)."""
-    return await _within(deadline, runtime.infer(pipeline, x, deadline=deadline.at, options=options, client=client))
+    return await within_deadline(deadline, runtime.infer(pipeline, x, deadline=deadline.at, options=options, client=client))
 
 
-async def _within(deadline: Deadline, work: Coroutine[Any, Any, T]) -> T:
+async def within_deadline(deadline: Deadline, work: Coroutine[Any, Any, T]) -> T:
     """Await `work` until the deadline, with overload and deadline mapped to the contract's
     errors. Waiting out the deadline cancels the request's job: a batch whose every request
     is gone stops at its next ctx.check()."""
