@@ -12,7 +12,12 @@ Both expire `store_max_age_s` after they were written (Redis TTL; reading does n
 Nothing is pickled: a value that does not parse is treated as missing. The count limits
 (`store_max_images`, `store_max_certificates`) are not enforced per key on Redis: bound the
 memory with Redis' own `maxmemory` and `allkeys-lru` (docker-compose.yml does); a limit of 0
-still turns the store off. When Redis cannot be reached, every method raises
+still turns the store off. That LRU is global, not shared fairly between key-holders as
+service.store.MemoryStore's count bound is: with `api_keys`, one tenant's writes can evict
+another's images and certificates under memory pressure (its `GET /certify` then a 404).
+Sizing `maxmemory` for keys x `store_max_images` x image size (about 3 KB a 28x28 digit),
+plus the certificates, keeps Redis off that pressure, so only the TTL forgets an entry.
+When Redis cannot be reached, every method raises
 `StoreUnavailable` (503 `store_unavailable`, Retry-After: 1) within about a second.
 """
 

@@ -14,6 +14,12 @@ key's `GET /certify` of the same sha256 misses it exactly as it misses an image 
 (a 404 or a 200 must not tell one tenant what another posted). Without API keys a client is
 only an address, too weak to scope by (a client whose address changes would lose its images),
 and the store stays shared: `image_owner` is None.
+
+The count bound is shared fairly between key-holders (`owner_of_key`): over `max_items`, the
+store evicts the least recently used entry of the owner holding the most entries, so a
+key-holder holding no more than its share (max_items // the owners present) loses entries
+only to its own puts and to age, never to another's: one tenant's flood of images must not
+turn another's `GET /certify` into a 404. With a single owner (no API keys) this is plain LRU.
 """
 
 from __future__ import annotations
@@ -41,6 +47,19 @@ def image_key(owner: str | None, digest: str) -> str:
     return digest if owner is None else f"{owner}:{digest}"
 
 
+def owner_of_key(key: Hashable) -> str | None:
+    """The owner `image_key` built `key` from, for sharing the store's count bound fairly
+    (_Bounded): a str key's part before its last ':' (the digest, last, is hex: it holds none,
+    while a client tag may, "key:<name>" with any name), None for a bare digest; a tuple key
+    (a certificate's: its image's store key first) is its first element's; anything else None."""
+    if isinstance(key, tuple):
+        key = key[0] if key else None
+    if isinstance(key, str):
+        owner, sep, _ = key.rpartition(":")
+        return owner if sep else None
+    return None
+
+
 class StoreUnavailable(ApiError):
     """The shared store cannot be reached: 503 `store_unavailable`, retry later."""
 
@@ -63,11 +82,22 @@ class Store(Protocol):
 
 
 class _Bounded:
-    """An LRU map with a size limit and a maximum age; safe to use from several threads."""
+    """An LRU map with a size limit and a maximum age; safe to use from several threads.
+
+    The size limit is shared fairly between owners (`owner_of_key`): over it, the least
+    recently used entry of the owner holding the most entries goes (between owners holding as
+    many, the one whose least recently used entry was used longest ago). One OrderedDict per
+    owner, in use order: a put or get is the one map's few dict operations plus finding its
+    owner's, and only an eviction looks at every owner, O(owners): bounded by the configured
+    API keys (one owner without them: exactly LRU)."""
 
     def __init__(self, max_items: int, max_age_s: float, clock: Callable[[], float]) -> None:
         self.max_items, self.max_age_s, self.clock = max_items, max_age_s, clock
-        self._items: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        # owner -> key -> (time put, use tick, value), least recently used first; an owner
+        # with no entries left is dropped, so the owners present are the dict's keys
+        self._owners: dict[str | None, OrderedDict[Hashable, tuple[float, int, Any]]] = {}
+        self._count = 0
+        self._tick = 0  # a counter of uses, ordering entries of different owners
         self._lock = threading.Lock()
         self._swept = float("-inf")
         self._sweep_every = min(1.0, max_age_s / 4)
@@ -75,26 +105,64 @@ class _Bounded:
     def put(self, key: Hashable, value: Any) -> None:
         if self.max_items <= 0:
             return
+        owner = owner_of_key(key)
         with self._lock:
             now = self.clock()
-            self._items[key] = (now, value)
-            self._items.move_to_end(key)
+            self._tick += 1
+            items = self._owners.get(owner)
+            if items is None:
+                items = self._owners[owner] = OrderedDict()
+            if key in items:
+                items.move_to_end(key)
+            else:
+                self._count += 1
+            items[key] = (now, self._tick, value)
             self._sweep(now)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            while self._count > self.max_items:
+                self._evict()
 
     def get(self, key: Hashable) -> Any | None:
+        owner = owner_of_key(key)
         with self._lock:
             now = self.clock()
             self._sweep(now)
-            item = self._items.get(key)
+            items = self._owners.get(owner)
+            item = None if items is None else items.get(key)
             if item is None:
                 return None
             if item[0] < now - self.max_age_s:  # stale, not swept yet
-                del self._items[key]
+                self._delete(owner, items, key)
                 return None
-            self._items.move_to_end(key)
-            return item[1]
+            self._tick += 1
+            items[key] = (item[0], self._tick, item[2])
+            items.move_to_end(key)
+            return item[2]
+
+    def _evict(self) -> None:
+        # the least recently used entry of the owner holding the most; ties: the oldest such
+        owners = self._owners
+        if len(owners) == 1:
+            owner, items = next(iter(owners.items()))
+        else:  # C-level scans of the sizes: this runs for every put into a full store
+            sizes = list(map(len, owners.values()))
+            most = max(sizes)
+            if sizes.count(most) == 1:
+                owner = list(owners)[sizes.index(most)]
+            else:
+                owner = min((o for o, n in zip(owners, sizes) if n == most),
+                            key=lambda o: next(iter(owners[o].values()))[1])
+            items = owners[owner]
+        items.popitem(last=False)
+        self._count -= 1
+        if not items:
+            del owners[owner]
+
+    def _delete(self, owner: str | None, items: OrderedDict[Hashable, tuple[float, int, Any]],
+                key: Hashable) -> None:
+        del items[key]
+        self._count -= 1
+        if not items:
+            del self._owners[owner]
 
     def _sweep(self, now: float) -> None:
         # Entries are in use order, not age order, so a sweep scans them all: at most every
@@ -104,12 +172,17 @@ class _Bounded:
             return
         self._swept = now
         cutoff = now - self.max_age_s
-        stale = [k for k, (t, _) in self._items.items() if t < cutoff]
-        for k in stale:
-            del self._items[k]
+        for owner, items in list(self._owners.items()):
+            for k in [k for k, (t, _, _) in items.items() if t < cutoff]:
+                self._delete(owner, items, k)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._count
+
+    def keys(self) -> list[Hashable]:
+        """Every key held, each owner's in use order (for tests and inspection; no entry is used)."""
+        with self._lock:
+            return [k for items in self._owners.values() for k in items]
 
 
 class MemoryStore:

@@ -239,7 +239,7 @@ def test_the_store_key_is_scoped_by_the_key_holders_tag_only_with_api_keys(tenan
     assert tenants.get(f"/certify?image_sha256={hashlib.sha256(body).hexdigest()}&pipeline=smoothing&n=1&n0=1",
                        headers=_as("tenant-a")).status_code == 200  # a certificate cached too
     store = tenants.app.state.store
-    stored = " ".join(str(k) for k in list(store.images._items) + list(store.certificates._items))
+    stored = " ".join(str(k) for k in store.images.keys() + store.certificates.keys())
     assert "key:tenant-a:" in stored
     for key in TENANT_KEYS.values():
         assert key not in stored and hashlib.sha256(key.encode()).hexdigest() not in stored
