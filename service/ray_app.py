@@ -10,13 +10,20 @@ by default, the batcher's `max_batch_size` is 64 images).
 The app is built on the replica (`__serve_build_asgi_app__`), not pickled from the
 driver, and Ray runs its ASGI lifespan there: warm-up, readiness, graceful drain.
 
+What Ray's HTTP proxy adds (docs/operations.md, "Many machines: Ray Serve"): its own 503 when
+more than `max_queued_requests` wait for a replica (status and Retry-After set here, body
+Ray's plain text), its own timeout (`request_timeout_s`, past the longest deadline the service
+grants), and its own `X-Request-ID` on every response (the replica leaves its copy out where
+the two are the same id: `SingleRequestIdMiddleware`).
+
 Ray settings (environment, all optional):
   SHIELDSERVE_RAY_MIN_REPLICAS            1    autoscaling floor
   SHIELDSERVE_RAY_MAX_REPLICAS            4    autoscaling ceiling
   SHIELDSERVE_RAY_INITIAL_REPLICAS        min  replicas started first
   SHIELDSERVE_RAY_TARGET_ONGOING_REQUESTS 8    ongoing requests per replica the autoscaler aims at
   SHIELDSERVE_RAY_MAX_ONGOING_REQUESTS    32   requests one replica runs at once (backpressure)
-  SHIELDSERVE_RAY_MAX_QUEUED_REQUESTS     256  requests queued per caller before 503 (-1: no limit)
+  SHIELDSERVE_RAY_MAX_QUEUED_REQUESTS     256  requests queued per proxy before Ray's own 503 (with
+                                               Retry-After: admission.retry_after_s; -1: no limit)
   SHIELDSERVE_RAY_NUM_CPUS                1    CPUs reserved per replica
   SHIELDSERVE_RAY_NUM_GPUS                0.5 when the device is cuda, else 0: a fraction packs
                                                replicas on one GPU (0.5 = two per GPU)
@@ -96,6 +103,8 @@ class RayOptions:
 
 def deployment_options(settings: Any, options: RayOptions) -> dict[str, Any]:
     """The keyword arguments of `serve.deployment(...).options(...)` for these settings."""
+    from ray.serve.config import BackpressureConfig
+
     on_gpu = str(settings.device).startswith("cuda")
     num_gpus = options.num_gpus if options.num_gpus is not None else (0.5 if on_gpu else 0.0)
     if on_gpu and num_gpus <= 0:
@@ -117,6 +126,11 @@ def deployment_options(settings: Any, options: RayOptions) -> dict[str, Any]:
         "autoscaling_config": autoscaling,
         "max_ongoing_requests": options.max_ongoing_requests,
         "max_queued_requests": options.max_queued_requests,
+        # past max_queued_requests Ray's proxy answers itself (the request never reaches a
+        # replica): the status and Retry-After of the service's own 503 `overloaded`; the body
+        # stays Ray's text/plain (no public option changes it in Ray 2.60)
+        "backpressure_config": BackpressureConfig(status_code=503,
+                                                  retry_after_s=settings.admission.retry_after_s),
         "ray_actor_options": actor,
         # the service drains in-flight requests on shutdown (uvicorn's graceful period)
         "graceful_shutdown_timeout_s": 30,
@@ -132,13 +146,102 @@ class ShieldserveDeployment:
         self.config, self.overrides = config, overrides
 
     def __serve_build_asgi_app__(self):  # called by Ray Serve on the replica, after __init__
-        from service.app import create_app
         from service.server import apply_process_settings
         from service.settings import load_settings
 
         settings = load_settings(self.config, **self.overrides)
         apply_process_settings(settings)  # the replica's process: its entry point is here
-        return create_app(settings)
+        return replica_app(settings)
+
+
+def replica_app(settings: Any):
+    """The app one replica serves: `create_app` with `SingleRequestIdMiddleware` outermost."""
+    from service.app import create_app
+
+    app = create_app(settings)
+    app.add_middleware(SingleRequestIdMiddleware)  # added last: outside the service's RequestIdMiddleware
+    return app
+
+
+class SingleRequestIdMiddleware:
+    """One `X-Request-ID` per response behind Ray Serve's proxy.
+
+    Ray's proxy (its RequestIdMiddleware, always installed, no option to turn it off) puts an
+    `X-Request-ID` into every request that has none (a uuid4), and appends to every response
+    the request's `X-Request-ID` as it reached the proxy. The service echoes its own request
+    id too, which is that same value whenever it was a sane token (a uuid4 is): then the
+    service's copy is left out here and the response carries the id once, Ray's copy. Where
+    the service refused the client's id (not a sane token) and made its own, both stay: the
+    service's first (the id in its logs and response bodies), then the client's own value
+    that Ray echoes. Only for an app behind Ray's proxy (`replica_app`): elsewhere nothing
+    would add the id back."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        # the first one, as Ray's proxy reads it (Starlette's Headers.get)
+        given = next((v for k, v in scope.get("headers") or [] if k.lower() == b"x-request-id"), None)
+        if given is None:
+            return await self.app(scope, receive, send)
+
+        async def send_once(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                for i, (k, v) in enumerate(headers):
+                    if k.lower() == b"x-request-id" and v == given:
+                        del headers[i]
+                        message = {**message, "headers": headers}
+                        break
+            await send(message)
+
+        await self.app(scope, receive, send_once)
+
+
+def unshared_state_warning(settings: Any, max_replicas: int) -> str | None:
+    """The start-up warning for state that each replica keeps for itself, or None.
+
+    With more than one replica, a `memory` store is one per replica: the query monitor's
+    remembered queries, flags, blocks and (without `query_monitor.secret`) its hashing key,
+    and the /certify store's images and certificates. Ray's proxy spreads a client's requests
+    over the replicas, so a replica sees only part of a client's queries, a block holds on
+    the replica that decided it, and `GET /certify` finds an image only on the replica that
+    got it. Not refused: one replica, or a monitor nobody relies on across replicas, is a
+    valid set-up, and a default `serve --ray` must start."""
+    if max_replicas <= 1:
+        return None
+    problems, fixes = [], []
+    if settings.query_monitor.store == "memory":
+        problems.append("its own query monitor (query_monitor.store: memory): a client's queries spread over "
+                        "the replicas, each sees only part of them and hashes them with its own random key, "
+                        "and a block holds on one replica only")
+        fixes.append("query_monitor.store: redis with query_monitor.secret (the same on every replica; unset, "
+                     "the replicas agree on a key through Redis)")
+    if settings.certify.store == "memory" and settings.certify.store_max_images > 0:
+        problems.append("its own /certify image store (certify.store: memory): GET /certify answers 404 "
+                        "unknown_image when it reaches a replica other than the one that got the image")
+        fixes.append("certify.store: redis")
+    if not problems:
+        return None
+    return (f"Ray Serve may run up to {max_replicas} replicas, and each keeps " + "; and ".join(problems)
+            + ". Share them through Redis: " + ", and ".join(fixes)
+            + " (with their redis_url), or run one replica (SHIELDSERVE_RAY_MAX_REPLICAS=1).")
+
+
+# Ray's proxy gives up on a request (408, text/plain) this long after the longest deadline a
+# client may ask for (max_request_timeout_s): the replica answers 504 `deadline_exceeded` first,
+# as behind nginx (docker/nginx.conf: proxy_read_timeout 125 s for 120 s). Ray's clock starts at
+# the proxy, the service's when the replica gets the request: a request that waited in Ray's
+# queue longer than this margin gets Ray's 408 rather than the service's 504.
+RAY_TIMEOUT_MARGIN_S = 5.0
+
+
+def http_options(settings: Any) -> dict[str, Any]:
+    """`serve.start(http_options=...)`: where Ray's proxy listens, and its timeout."""
+    return {"host": settings.host, "port": settings.port,
+            "request_timeout_s": settings.max_request_timeout_s + RAY_TIMEOUT_MARGIN_S}
 
 
 def build_app(config: str | Path | None = None, options: RayOptions | None = None, **overrides: Any):
@@ -158,7 +261,11 @@ def build_app(config: str | Path | None = None, options: RayOptions | None = Non
     settings = load_settings(config, **overrides)
     if not (Path(settings.bundle) / "manifest.json").is_file():
         raise FileNotFoundError(f"no bundle at {settings.bundle} (manifest.json missing)")
-    opts = deployment_options(settings, options or RayOptions.from_env())
+    options = options or RayOptions.from_env()
+    opts = deployment_options(settings, options)
+    warning = unshared_state_warning(settings, options.max_replicas)
+    if warning:  # build_app runs on the driver only: logged once
+        log.warning(warning)
     return serve.deployment(ShieldserveDeployment).options(**opts).bind(config, overrides)
 
 
@@ -188,7 +295,7 @@ def run(config: str | None = None, host: str | None = None, port: int | None = N
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.start(http_options=http_options(settings))
         serve.run(app, name=APP_NAME, route_prefix="/")
         log.info("shieldserve on Ray Serve at http://%s:%d/", settings.host, settings.port)
         stop.wait()

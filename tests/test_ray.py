@@ -20,7 +20,7 @@ from tests.conftest import png
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")
 ray = pytest.importorskip("ray")
 
-from service.ray_app import PROXY_ENV, RayOptions, deployment_options  # noqa: E402
+from service.ray_app import PROXY_ENV, RayOptions, deployment_options, http_options  # noqa: E402
 from service.settings import load_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +108,90 @@ def test_deployment_options_autoscaling_and_gpu_fractions(quick_bundle: Path) ->
         del os.environ["SHIELDSERVE_RAY_MAX_REPLICAS"]
 
 
+def test_several_replicas_with_per_replica_stores_warn_at_start(caplog, default_bundle: Path) -> None:
+    """Each replica's `memory` stores are its own (the query monitor's queries, blocks and key;
+    the /certify images): with more than one replica the driver warns, once, and names the fix;
+    it still starts (a default `serve --ray` runs up to 4 replicas on memory stores)."""
+    import logging
+
+    from service.ray_app import build_app, unshared_state_warning
+
+    default = load_settings(bundle=default_bundle)
+    assert default.query_monitor.store == "memory" and default.certify.store == "memory"
+    warning = unshared_state_warning(default, max_replicas=4)
+    assert warning is not None and "up to 4 replicas" in warning
+    for needed in ("query_monitor.store: redis", "query_monitor.secret", "certify.store: redis",
+                   "a block holds on one replica only", "GET /certify answers 404"):
+        assert needed in warning, needed
+    assert unshared_state_warning(default, max_replicas=1) is None
+    shared = load_settings(bundle=default_bundle, query_monitor={"store": "redis"}, certify={"store": "redis"})
+    assert unshared_state_warning(shared, max_replicas=8) is None
+    only_certify = unshared_state_warning(load_settings(bundle=default_bundle, query_monitor={"store": "redis"}),
+                                          max_replicas=2)
+    assert only_certify is not None and "certify.store: redis" in only_certify and "query monitor" not in only_certify
+    # a /certify store turned off (store_max_images 0) holds nothing to miss
+    assert unshared_state_warning(load_settings(bundle=default_bundle, query_monitor={"store": "redis"},
+                                                certify={"store_max_images": 0}), max_replicas=2) is None
+
+    # build_app (on the driver, without starting Ray) logs it once, and still builds the app
+    with caplog.at_level(logging.WARNING, logger="shieldserve"):
+        app = build_app(options=RayOptions(max_replicas=3), bundle=default_bundle)
+    assert app is not None
+    warned = [r for r in caplog.records if r.name == "shieldserve" and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "up to 3 replicas" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shieldserve"):
+        build_app(options=RayOptions(max_replicas=1), bundle=default_bundle)
+        build_app(options=RayOptions(max_replicas=3), bundle=default_bundle,
+                  query_monitor={"store": "redis", "secret": "s3cret-key"}, certify={"store": "redis"})
+    assert not [r for r in caplog.records if r.name == "shieldserve" and r.levelno >= logging.WARNING]
+
+
+def test_rays_own_503_and_timeout_follow_the_services_settings(default_bundle: Path) -> None:
+    """Past max_queued_requests Ray's proxy answers by itself: with the status and Retry-After
+    of the service's 503 `overloaded`. Its timeout lies past the longest deadline a client may
+    ask for, so the replica's 504 comes first."""
+    from service.ray_app import RAY_TIMEOUT_MARGIN_S, http_options
+
+    settings = load_settings(bundle=default_bundle, admission={"retry_after_s": 3}, max_request_timeout_s=90,
+                             host="0.0.0.0", port=8123)
+    backpressure = deployment_options(settings, RayOptions())["backpressure_config"]
+    assert backpressure.status_code == 503 and backpressure.retry_after_s == 3
+    options = http_options(settings)
+    assert options == {"host": "0.0.0.0", "port": 8123, "request_timeout_s": 90 + RAY_TIMEOUT_MARGIN_S}
+    assert RAY_TIMEOUT_MARGIN_S > 0
+    from ray.serve.config import HTTPOptions
+
+    HTTPOptions.model_validate(options)  # what serve.start does with it
+
+
+def request_ids(response) -> list[str]:
+    return [v for k, v in response.headers.multi_items() if k.lower() == "x-request-id"]
+
+
+def test_one_request_id_behind_rays_proxy_middleware(default_bundle: Path) -> None:
+    """Ray's proxy (its RequestIdMiddleware: always there, no option) gives every request an
+    X-Request-ID and appends that id to every response; the replica leaves its own copy out when
+    it is the same id, so a response carries one. Checked with Ray's own middleware in process."""
+    from fastapi.testclient import TestClient
+    from ray.serve._private.http_util import RequestIdMiddleware as RaysRequestIdMiddleware
+
+    from service.ray_app import replica_app
+
+    app = replica_app(load_settings(bundle=default_bundle, warmup=False))
+    through_ray = TestClient(RaysRequestIdMiddleware(app))  # no lifespan: /healthz and 404s need none
+    for path in ("/healthz", "/no-such-route"):
+        ids = request_ids(through_ray.get(path))  # no id: Ray makes one (a uuid4), the service takes it
+        assert len(ids) == 1 and len(ids[0]) == 36, ids
+        assert request_ids(through_ray.get(path, headers={"X-Request-ID": "abc-123"})) == ["abc-123"]
+    # an id the service refuses (not a sane token): its own first, then the client's that Ray echoes
+    for bad in ("has space/slash", "x" * 300):
+        ids = request_ids(through_ray.get("/healthz", headers={"X-Request-ID": bad}))
+        assert len(ids) == 2 and ids[1] == bad and ids[0] != bad and len(ids[0]) == 32, ids
+    # a request with no id at all (which Ray's proxy never passes on) keeps the service's
+    assert len(request_ids(TestClient(app).get("/healthz"))) == 1
+
+
 @pytest.fixture(scope="module")
 def ray_serve(quick_bundle: Path):
     from service.ray_app import APP_NAME, build_app
@@ -125,7 +209,7 @@ def ray_serve(quick_bundle: Path):
              runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "SHIELDSERVE_PROGRESS": "0", **patience,
                                        **PROXY_ENV}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options=http_options(load_settings(bundle=quick_bundle, host="127.0.0.1", port=port)))
         started = time.perf_counter()
         app = build_app(options=RayOptions(min_replicas=1, max_replicas=2, target_ongoing_requests=4,
                                            max_ongoing_requests=16, num_cpus=0.5),
@@ -184,6 +268,13 @@ def test_predict_through_ray_serve(ray_serve: str, mnist) -> None:
         # errors keep the contract's shape behind Ray's proxy
         r = c.post("/predict?pipeline=nope", content=png(mnist.test.x[0]), headers={"content-type": "image/png"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_pipeline"
+        # one X-Request-ID through Ray's real proxy: the client's, or the one Ray made, which the
+        # service took (it is in the body)
+        r = c.post("/predict", content=png(mnist.test.x[0]), headers={"content-type": "image/png",
+                                                                      "X-Request-ID": "trace-42"})
+        assert request_ids(r) == ["trace-42"] and r.json()["request_id"] == "trace-42"
+        r = c.post("/predict", content=png(mnist.test.x[0]), headers={"content-type": "image/png"})
+        assert request_ids(r) == [r.json()["request_id"]]
     print(f"[ray] {correct}/{n} real digits classified correctly through Ray Serve")
     assert correct >= 8
     status = serve.status().applications[APP_NAME]
