@@ -173,7 +173,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                           attacks=tuple(args.query_attacks.split(",")), adaptive=not args.query_no_adaptive,
                           adaptive_digits=args.query_adaptive_digits, benign_images=args.query_benign,
                           seed=args.seed, l2_eps=args.query_l2_eps, command="shieldserve evaluate " + " ".join(
-                              args.argv))
+                              args.argv), api_key=args.api_key)
         print(f"wrote {args.out}/query_attacks.json and {args.out}/query_attacks.md")
         sections = tuple(s for s in sections if s != "query")
         if not sections:
@@ -186,7 +186,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                      attacks=tuple(args.attacks.split(",")) if args.attacks else None,
                      smoothing_n=_pairs(args.smoothing_n), certify_n=args.certify_n,
                      certify_limit=_pairs(args.certify_limit), blackbox_limit=_pairs(args.blackbox_limit),
-                     blackbox_default_limit=args.blackbox_digits, url=args.url, doc=args.doc,
+                     blackbox_default_limit=args.blackbox_digits, url=args.url, api_key=args.api_key, doc=args.doc,
                      adaptive_limit=_pairs(args.adaptive_limit), adaptive_sweep=args.adaptive_sweep, certify_n_for=_pairs(args.certify_n_for), seed=args.seed, config=args.config,
                      jobs=args.jobs, threads=args.threads, autoattack_limit=_pairs(args.autoattack_limit),
                      autoattack_norms=tuple(args.autoattack_norms.split(",")),
@@ -341,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--blackbox-digits", type=int, default=20, help="digits per pipeline for black-box attacks")
     e.add_argument("--blackbox-limit", action="append", metavar="NAME=N", help="black-box digits for a pipeline")
     e.add_argument("--url", help="black-box over HTTP: the base URL of a running service (/predict only)")
+    e.add_argument("--api-key", default=os.environ.get("SHIELDSERVE_EVAL_API_KEY"),
+                   help="with --url: the service's API key, sent as Authorization: Bearer (default: the "
+                        "SHIELDSERVE_EVAL_API_KEY environment variable, which keeps it out of shell history); "
+                        "never written to a report")
     q = e.add_argument_group("query attacks over HTTP (--sections query, with --url; docs/query_monitor.md)")
     q.add_argument("--query-off", default="baseline", help="pipeline without the query monitor")
     q.add_argument("--query-reject", default="baseline-monitored", help="pipeline with the monitor in reject mode")

@@ -308,3 +308,267 @@ def test_offset_splits_one_run_into_disjoint_parts(quick_bundle):
     assert second.report["offset"] == 11 and "digits 12-23" in second.report["dataset"]
     with pytest.raises(SystemExit, match="offset"):
         digits(5, offset=100_000)
+
+
+# ---------------------------------------------------------------------- failures, reports, HTTP
+def test_serial_run_records_a_failed_pipeline_and_goes_on(quick_bundle, tmp_path, monkeypatch):
+    """--jobs 1: a pipeline that raises is recorded as the parallel path records it (what it
+    measured, no `seconds`, its error) and the others are evaluated; report.md and the plots
+    are written and the command exits 1. The --url's password and the API key are in no file."""
+    from service.cli import main
+    from service.evaluation.harness import Evaluation
+
+    real_run = Evaluation.run
+
+    def failing_run(self, name, x, seed, desc):
+        if name == "baseline" and desc.startswith("oblivious"):  # after its clean run was saved
+            raise RuntimeError("boom talking to http://user:pw-secret@example.invalid:8000")
+        return real_run(self, name, x, seed, desc)
+
+    monkeypatch.setattr(Evaluation, "run", failing_run)
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline,magnet", "--limit", "4",
+               "--out", str(out), "--sections", "oblivious", "--attacks", "pgd", "--pgd-steps", "2",
+               "--linf-sweep", "0.3", "--threads", "0", "--url", "http://user:pw-secret@example.invalid:8000",
+               "--api-key", "k-test-secret-key"])
+    assert rc == 1
+    report = json.loads((out / "report.json").read_text())
+    failed, ok = report["pipelines"]["baseline"], report["pipelines"]["magnet"]
+    assert failed["error"].startswith("RuntimeError: boom") and "seconds" not in failed
+    assert "clean" in failed and not failed["attacks"]
+    assert "seconds" in ok and "error" not in ok and "oblivious/pgd_linf_0.3" in ok["attacks"]
+    md = (out / "report.md").read_text()
+    assert "| magnet |" in md and "failed, sections missing: RuntimeError: boom" in md
+    assert (out / "accuracy_vs_eps.png").stat().st_size > 0 and (out / "roc.png").exists()
+    for text in ((out / "report.json").read_text(), md):
+        assert "pw-secret" not in text and "k-test-secret-key" not in text
+    assert "user:***@example.invalid:8000" in report["command"] and "--api-key ***" in report["command"]
+
+
+def test_report_states_the_autoattack_budget_it_ran(quick_bundle, tmp_path):
+    """report.md describes AutoAttack with the budget of the run (report.json's rows), not
+    the standard version's 9 targets, 5,000 queries and PGD-100 x 10; every robust accuracy
+    has its 95% interval, and the headline's worst row says its n."""
+    from service.cli import main
+
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline", "--limit", "3", "--out", str(out),
+               "--sections", "autoattack", "--autoattack-norms", "linf", "--autoattack-budget",
+               "apgd_iters=3,targets=2,square_queries=15,pgd_steps=3,pgd_restarts=2", "--threads", "0"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = report["pipelines"]["baseline"]["attacks"]
+    aa = rows["autoattack/autoattack_linf_0.3"]
+    assert aa["budget"]["targets"] == 2 and aa["budget"]["square_queries"] == 15
+    assert "autoattack/pgd3x2_linf_0.3" in rows
+    for r in rows.values():
+        lo, hi = r["robust_accuracy_ci95"]
+        assert 0.0 <= lo <= r["robust_accuracy"] <= hi <= 1.0
+    md = (out / "report.md").read_text()
+    assert "APGD-T against the 2 most likely wrong classes, 3 iterations each" in md
+    assert "Square 15 queries" in md and "PGD-3 with 2 restarts" in md
+    assert "AutoAttack budget (baseline): apgd_iters 3, targets 2, square_queries 15, pgd_steps 3, pgd_restarts 2" in md
+    for standard in ("9 targets", "9 most likely", "5,000", "5000", "PGD-100", "10 restarts"):
+        assert standard not in md, standard
+    assert "; n=3, 95% CI " in md
+
+
+def test_clopper_pearson_interval():
+    assert metrics.clopper_pearson(0, 10) == (0.0, pytest.approx(0.30850, abs=1e-5))
+    assert metrics.clopper_pearson(10, 10) == (pytest.approx(0.69150, abs=1e-5), 1.0)
+    lo, hi = metrics.clopper_pearson(50, 100)
+    assert lo == pytest.approx(0.39832, abs=1e-5) and hi == pytest.approx(0.60168, abs=1e-5)
+    from service.evaluation.report import ci95
+    # an older report's row without the interval: computed from its accuracy and digits
+    assert ci95({"robust_accuracy": 0.5, "n": 100}) == (lo, hi)
+
+
+class FakePredict:
+    """A stand-in for the service's /predict: answers each posted PNG with `answer(image)`
+    (decoded as the service would see it), unless `statuses` scripts an error answer for the
+    next request; records the images and headers."""
+
+    def __init__(self, answer=None, statuses=(), version="v-test"):
+        self.answer = answer or (lambda img: ("accepted", 0, 0.9))
+        self.statuses, self.version = list(statuses), version
+        self.images: list[torch.Tensor] = []
+        self.headers: list[dict] = []
+
+    def post(self, url, params=None, files=None, headers=None, **kw):
+        import io
+
+        import httpx
+        from PIL import Image
+
+        self.headers.append(dict(headers or {}))
+        request = httpx.Request("POST", "http://fake" + url)
+        code, error = self.statuses.pop(0) if self.statuses else (200, None)
+        if code != 200:
+            return httpx.Response(code, json={"error": {"code": error, "message": error}}, request=request)
+        results = []
+        for _, (_, body, _) in files:
+            img = torch.from_numpy(np.asarray(Image.open(io.BytesIO(body)), dtype=np.float32) / 255).unsqueeze(0)
+            self.images.append(img)
+            status, label, conf = self.answer(img)
+            results.append({"status": status, "label": label if status == "accepted" else None,
+                            "confidence": conf, "rejected_by": []})
+        return httpx.Response(200, request=request, json={"request_id": "r", "pipeline": params["pipeline"],
+                                                          "model_version": self.version, "results": results})
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_http_oracle_refusals_blocks_keys_and_versions(digits):
+    """429 overloaded / 503: refusals counted against the budget; 429 attack_suspected: the
+    digit's attack ends (BudgetExhausted), the blocked images counted; 401: a clear error;
+    another model_version: refused with a clear error."""
+    x, y = digits
+    x0, y0 = x[0], int(y[0])
+    batch = np.repeat(x[:1].numpy(), 3, axis=0)
+    fake = FakePredict(statuses=[(503, "unavailable"), (429, "overloaded")], version="v1")
+    oracle = blackbox.HttpOracle(fake, "baseline", max_images=2, expected_version="v1")
+    q = blackbox.BudgetedOracle(oracle, x0, y0, 10, http=True)
+    probs = q(batch)  # two requests: both refused
+    assert q.used == 3 and oracle.refused == 3 and q.best.x is None
+    assert (probs.argmax(1) == y0).all()  # a refusal is a failure for the attacker
+    probs = q(batch[:1])  # answered now: accepted, label 0
+    assert q.used == 4 and len(fake.images) == 1
+    fake.statuses = [(200, None), (429, "attack_suspected")]  # the first request answered, the second blocked
+    with pytest.raises(blackbox.BudgetExhausted):
+        q(batch)
+    assert q.used == 7 and oracle.blocked == 1 and len(fake.images) == 3  # all 3 reached the service
+    for status, needle in (((401, "unauthorized"),), "--api-key"), (((500, "internal"),), "500"):
+        bad = blackbox.HttpOracle(FakePredict(statuses=list(status)), "baseline", where="http://user:***@h")
+        with pytest.raises(blackbox.ServiceError, match=needle):
+            bad.answer(x[:1])
+    other = blackbox.HttpOracle(FakePredict(version="other"), "baseline", expected_version="v1")
+    with pytest.raises(blackbox.ServiceError, match="model_version 'other'.*'v1'"):
+        other.answer(x[:1])
+
+
+def test_scrub_removes_the_url_password_and_the_key():
+    url = "http://alice:s3cret@svc.example:8000"
+    text = blackbox.scrub(f"shieldserve evaluate --url {url} --api-key k-abc123 (error at {url}/predict)", url,
+                          ("k-abc123", None))
+    assert "s3cret" not in text and "k-abc123" not in text
+    assert "alice:***@svc.example:8000/predict" in text and "--api-key ***" in text
+    # as an HTTP library prints it (normalised host): the password still goes
+    assert blackbox.scrub("for url 'http://alice:s3cret@svc.example:8000/predict'",
+                          "HTTP://alice:s3cret@SVC.example:8000") == "for url 'http://alice:***@svc.example:8000/predict'"
+
+
+def test_http_black_box_is_scored_from_the_answers_it_got(make_client, quick_bundle, tmp_path, monkeypatch):
+    """--url: no adversarial is posted again after the attack (a re-post is a query the monitor
+    could refuse); a digit is broken when an answer within eps was a wrong label. The client
+    sends the API key as a Bearer token; neither it nor the URL's password reaches report.json."""
+    from service.evaluation.harness import EvalConfig, Evaluation
+
+    client = make_client()
+    sent = {"images": 0}
+    post = client.post
+
+    def counting_post(url, *args, **kwargs):
+        sent["images"] += len(kwargs.get("files") or [])
+        return post(url, *args, **kwargs)
+
+    client.post = counting_post  # type: ignore[method-assign]
+    client.close = lambda: None  # type: ignore[method-assign]  (the fixture closes it)
+    url, key = "http://eve:pw-secret@testserver", "k-evaluation-key"
+    cfg = EvalConfig(bundle=str(quick_bundle), pipelines=["baseline"], limit=4, sections=("blackbox",),
+                     attacks=("square",), budget=Budget(square_queries=20), blackbox_default_limit=4, url=url,
+                     api_key=key, out=str(tmp_path / "eval"), threads=0,
+                     command=f"shieldserve evaluate --url {url} --api-key {key}")
+    ev = Evaluation(cfg)
+    assert ev.http_client().headers["authorization"] == f"Bearer {key}"
+    monkeypatch.setattr(Evaluation, "http_client", lambda self: client)
+    report = ev.run_all()
+    row = report["pipelines"]["baseline"]["attacks"]["blackbox/square_linf_0.3"]
+    assert row["mode"] == "http" and row["scored_from"] and row["rejected"] is None
+    assert sent["images"] == round(row["queries_used_mean"] * row["n"])  # the attack's queries, nothing more
+    assert row["attack_success"] == row["found_any_adversarial"]  # every Square query is within eps
+    clean_ok = report["pipelines"]["baseline"]["clean"]["accuracy"]
+    assert clean_ok - row["attack_success"] - 1e-4 <= row["robust_accuracy"] <= clean_ok
+    text = (tmp_path / "eval" / "report.json").read_text()
+    assert "pw-secret" not in text and key not in text and "eve:***@testserver" in report["command"]
+
+
+def test_transform_success_is_judged_on_the_image_the_service_saw(digits):
+    """query_attacks' `transform` disguise: the distance and the best adversarial are those of
+    the shifted, rescaled image the service decoded, not of the undisguised query; a success
+    counts only within the ball."""
+    from service.evaluation.query_attacks import MonitoredOracle, run_attack
+
+    x, y = digits
+    x0, y0 = x[0], int(y[0])
+    wrong = (y0 + 1) % 10
+    fake = FakePredict(answer=lambda img: ("accepted", wrong, 0.9))
+    oracle = MonitoredOracle(fake, "reject", transform=True, seed=3)
+    q = blackbox.BudgetedOracle(oracle, x0, y0, 10, norm="linf", http=True)
+    query = (x0 + 0.1).clamp(0, 1).unsqueeze(0)
+    q(query.numpy())
+    seen = fake.images[-1]
+    assert torch.equal(q.best.x, seen)  # what the service decoded from the PNG
+    assert q.best.distance == pytest.approx(float((seen - x0).abs().max()), abs=1e-6)
+    assert not torch.equal(seen, blackbox.quantize(query)[0])
+    start = x[(y != y0).nonzero()[0, 0]]
+    plain = run_attack("square_0.3", MonitoredOracle(FakePredict(answer=lambda img: ("accepted", wrong, 0.9)), "off"),
+                       x0, y0, start, budget=5, seed=0)
+    disguised = run_attack("square_0.3", MonitoredOracle(FakePredict(answer=lambda img: ("accepted", wrong, 0.9)),
+                                                         "reject", transform=True, seed=0),
+                           x0, y0, start, budget=5, seed=0)
+    assert plain["success"] and plain["distance"] <= 0.3 + 0.5 / 255 + 1e-6
+    assert not disguised["success"] and disguised["distance"] > 0.3
+
+
+def test_query_section_writes_no_password_or_key(tmp_path, monkeypatch):
+    import httpx
+
+    from service.evaluation import query_attacks
+
+    made = {}
+
+    def fake_client(**kwargs):
+        made.update(kwargs)
+        made["fake"] = FakePredict(answer=lambda img: ("rejected", -1, 0.0))
+        return made["fake"]
+
+    monkeypatch.setattr(httpx, "Client", fake_client)
+    url, key = "http://bob:pw-secret@svc:9", "k-query-key"
+    report = query_attacks.run(url, tmp_path, off="a", reject="b", block="c", digits=1, budget=3,
+                               attacks=("square_0.3",), adaptive=False, command=f"evaluate --url {url} --api-key {key}",
+                               api_key=key)
+    assert made["headers"] == {"Authorization": f"Bearer {key}"}
+    for text in ((tmp_path / "query_attacks.json").read_text(), (tmp_path / "query_attacks.md").read_text()):
+        assert "pw-secret" not in text and key not in text
+    assert report["url"] == "http://bob:***@svc:9"
+
+
+def test_certificates_are_shared_only_by_the_same_smoothed_classifier(quick_bundle):
+    """The certification cache key names the networks f evaluates by their weights: a
+    denoised pipeline with another labeler gets its own certificates; the same networks
+    loaded again (another pipeline object) share them; without the denoiser the labeler is
+    not part of f."""
+    import copy
+    from dataclasses import replace
+
+    from service.evaluation.harness import certify_key
+
+    _, first = targets.load_pipelines(quick_bundle, ["denoised", "smoothing"])
+    _, again = targets.load_pipelines(quick_bundle, ["denoised"])
+    den, den_again = targets.anatomy(first["denoised"]), targets.anatomy(again["denoised"])
+    assert den.smoothing.use_denoiser and den.labeler is not den_again.labeler
+    assert certify_key(den, 4, 100) == certify_key(den_again, 4, 100)
+    other = copy.deepcopy(den.labeler)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    assert certify_key(replace(den, labeler=other), 4, 100) != certify_key(den, 4, 100)
+    assert certify_key(den, 4, 100) != certify_key(den, 4, 200)
+    sm = targets.anatomy(first["smoothing"])
+    assert certify_key(replace(sm, labeler=other), 4, 100) == certify_key(sm, 4, 100)

@@ -8,7 +8,22 @@ client's would be).
 `BudgetedOracle` counts every image sent; it refuses (raises `BudgetExhausted`) before a
 query would exceed the budget, so the budget is never overrun, and it remembers the best
 adversarial seen (accepted with a wrong label; the smallest L2 or L-inf distance), which is
-the attack's result when ART stops early or runs out of budget.
+the attack's result when ART stops early or runs out of budget. Distances are measured on
+the image the service received: the 8-bit pixels over HTTP, and, for an oracle that alters
+its queries on the way (query_attacks' `transform` disguise), the altered image it reports
+as `sent`. Over HTTP a digit is scored from these answers (`answered_outcome`): broken when
+an accepted wrong answer within the ball exists; the final adversarial is not posted again
+(a re-post is one more query, which the query monitor may refuse, turning a success into
+"robust").
+
+HTTP answers other than 200 (`HttpOracle`): 429 `attack_suspected` (the query monitor's
+block) ends that digit's attack (`Blocked`, a `BudgetExhausted`: the blocked request's
+images count against the budget, what the attack found before stands); another 429
+(`overloaded`) or a 503 is a refusal of that request's images (they count against the
+budget and break nothing, as a rejection would) and the attack goes on; 401/403 and any other
+error stop the run with `ServiceError` (a pipeline that fails). Every answer's
+`model_version` must be the evaluated bundle's version: else `ServiceError`, as the report
+would describe another model.
 
 ART attacks run on an `art` BlackBoxClassifier whose probabilities are built from the
 answer: accepted -> `confidence` on the label, the rest spread evenly; rejected or
@@ -32,6 +47,39 @@ class BudgetExhausted(Exception):
     pass
 
 
+class Blocked(BudgetExhausted):
+    """429 attack_suspected: the service blocked this client; the attack on this digit ends
+    (a subclass of BudgetExhausted, so ART's loop stops). `sent`: images of the call that
+    reached the service, the blocked request's included (counted against the budget)."""
+
+    def __init__(self, message: str = "blocked", sent: int = 0) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class ServiceError(RuntimeError):
+    """An answer the evaluation cannot go on with: 401/403, another model version, an error."""
+
+
+def scrub(text: str, url: str | None = None, secrets: tuple[str | None, ...] = ()) -> str:
+    """`text` (a command line, an error message) without the password of `url` (the same
+    redaction as Redis URLs get: service.redis_store.redact) and without `secrets` (an API
+    key): for reports, logs and messages."""
+    from urllib.parse import urlsplit
+
+    from service.redis_store import redact
+
+    if url:
+        text = text.replace(url, redact(url))
+        password = urlsplit(url).password
+        if password:  # the same URL as an HTTP library prints it (host lower-cased, a path added)
+            text = text.replace(f":{password}@", ":***@")
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 class Oracle(Protocol):
     def answer(self, x: torch.Tensor) -> list[tuple[str, int, float]]: ...
 
@@ -51,37 +99,73 @@ class PipelineOracle:
 
 class HttpOracle:
     """POST /predict?pipeline=NAME with multipart PNG files; `client` is an httpx.Client (or a
-    FastAPI TestClient) whose base URL is the service."""
+    FastAPI TestClient) whose base URL is the service (and which sends the API key, if any).
+    `expected_version`: the bundle's version every answer's `model_version` must match."""
 
-    def __init__(self, client: Any, pipeline: str, max_images: int = 16) -> None:
+    def __init__(self, client: Any, pipeline: str, max_images: int = 16, *,
+                 expected_version: str | None = None, where: str = "the service") -> None:
         self.client, self.pipeline, self.max_images = client, pipeline, max_images
+        self.expected_version, self.where = expected_version, where
         self.requests = 0
+        self.refused = 0      # images answered 429 overloaded / 503 (refusals)
+        self.blocked = 0      # requests answered 429 attack_suspected
 
     def answer(self, x: torch.Tensor) -> list[tuple[str, int, float]]:
         from service.imaging import encode_png
 
         out: list[tuple[str, int, float]] = []
         for i in range(0, len(x), self.max_images):
-            files = [("file", (f"{j}.png", encode_png(img), "image/png")) for j, img in enumerate(x[i:i + self.max_images])]
+            chunk = x[i:i + self.max_images]
+            files = [("file", (f"{j}.png", encode_png(img), "image/png")) for j, img in enumerate(chunk)]
             r = self.client.post("/predict", params={"pipeline": self.pipeline}, files=files)
             self.requests += 1
-            r.raise_for_status()
-            for res in r.json()["results"]:
-                label = res["label"] if res["label"] is not None else -1
-                out.append((res["status"], int(label), float(res["confidence"] or 0.0)))
+            if r.status_code == 200:
+                body = r.json()
+                version = body.get("model_version")
+                if self.expected_version is not None and version != self.expected_version:
+                    raise ServiceError(f"{self.where} answers with model_version {version!r}, but the evaluated "
+                                       f"bundle is version {self.expected_version!r}: the report would describe "
+                                       f"another model (serve this bundle, or evaluate the served one)")
+                for res in body["results"]:
+                    label = res["label"] if res["label"] is not None else -1
+                    out.append((res["status"], int(label), float(res["confidence"] or 0.0)))
+                continue
+            code = _error_code(r)
+            if r.status_code == 429 and code == "attack_suspected":
+                self.blocked += 1
+                raise Blocked(f"429 attack_suspected from {self.where}", sent=i + len(chunk))
+            if r.status_code in (429, 503):  # overloaded, unavailable: a refusal, the attack goes on
+                self.refused += len(chunk)
+                out += [("refused", -1, 0.0)] * len(chunk)
+                continue
+            if r.status_code in (401, 403):
+                raise ServiceError(f"{r.status_code} {code or ''} from {self.where}: it needs an API key this "
+                                   f"evaluation does not have (give --api-key, or set SHIELDSERVE_EVAL_API_KEY)")
+            raise ServiceError(f"{r.status_code} {code or ''} from {self.where} /predict?pipeline={self.pipeline}")
         return out
 
 
-def http_outcome(oracle: HttpOracle, x: torch.Tensor) -> "targets.Outcome":
-    """The service's answers over HTTP as an Outcome (no detector scores: /predict shows
-    them only for rejected images)."""
-    import time
+def _error_code(r: Any) -> str | None:
+    """The service's error code (`{"error": {"code": ...}}`), or None for another body."""
+    try:
+        return r.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
-    started = time.perf_counter()
-    answers = oracle.answer(quantize(x))
-    return targets.Outcome(np.array([a[0] for a in answers]), np.array([a[1] for a in answers], dtype=np.int64),
-                           np.array([a[2] for a in answers], dtype=np.float64), np.full(len(answers), np.nan),
-                           time.perf_counter() - started)
+
+def answered_outcome(rows: list[dict[str, Any]], eps: float, norm: str) -> "targets.Outcome":
+    """The digits as the attack's own answers score them, with no further query: a digit is
+    broken (status "accepted", the wrong label the service gave) when the attack received an
+    accepted wrong answer for an image within `eps` (`norm`) of the clean digit, measured on
+    the 8-bit image sent (L-inf: half an 8-bit step of tolerance, the PNG's rounding of
+    x +- eps); else "unbroken" (neither accepted-right, rejected nor abstained: not one answer
+    but many)."""
+    tol = 0.5 / 255 + 1e-6 if norm == "linf" else 1e-6
+    broken = [r["distance"] is not None and r["distance"] <= eps + tol for r in rows]
+    return targets.Outcome(np.array(["accepted" if b else "unbroken" for b in broken]),
+                           np.array([r["label"] if b else -1 for r, b in zip(rows, broken)], dtype=np.int64),
+                           np.array([r["confidence"] if b else np.nan for r, b in zip(rows, broken)], dtype=np.float64),
+                           np.full(len(rows), np.nan), 0.0)
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +178,8 @@ class Best:
     x: torch.Tensor | None = None
     distance: float = float("inf")
     queries_at: int = 0
+    label: int = -1               # the wrong label the service answered for x
+    confidence: float = 0.0
 
 
 class BudgetedOracle:
@@ -116,17 +202,25 @@ class BudgetedOracle:
             x = quantize(x)
         if self.used + len(x) > self.budget:
             raise BudgetExhausted(f"{self.used} of {self.budget} queries used")
-        answers = self.oracle.answer(x)
+        try:
+            answers = self.oracle.answer(x)
+        except Blocked as exc:  # the blocked request's images reached the service
+            self.used += exc.sent
+            raise
         self.used += len(x)
+        # what the service judged: an oracle that alters its queries (a disguise) says what it sent
+        sent = getattr(self.oracle, "sent", None)
+        if sent is not None:
+            x = sent
         probs = np.zeros((len(x), self.num_classes), dtype=np.float32)
         dist = self._distance(x)
         for i, (status, label, conf) in enumerate(answers):
             if status == "accepted" and 0 <= label < self.num_classes:
+                if label != self.y and float(dist[i]) < self.best.distance:
+                    self.best = Best(x[i].clone(), float(dist[i]), self.used, int(label), float(conf))
                 conf = min(max(conf, 1.0 / self.num_classes), 1.0)
                 probs[i] = (1.0 - conf) / (self.num_classes - 1)
                 probs[i, label] = conf
-                if label != self.y and float(dist[i]) < self.best.distance:
-                    self.best = Best(x[i].clone(), float(dist[i]), self.used)
             else:
                 probs[i, self.y] = 1.0
         return probs
@@ -164,7 +258,8 @@ def attack_one(kind: str, oracle: Oracle, x0: torch.Tensor, y: int, *, budget: i
         pass
     b = q.best
     return {"x": b.x, "distance": b.distance if b.x is not None else None, "queries": q.used,
-            "queries_to_best": b.queries_at if b.x is not None else None}
+            "queries_to_best": b.queries_at if b.x is not None else None,
+            "label": b.label if b.x is not None else None, "confidence": b.confidence if b.x is not None else None}
 
 
 def attack_many(kind: str, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, budget: int, eps: float = 0.3,

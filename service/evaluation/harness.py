@@ -57,6 +57,7 @@ class EvalConfig:
     adaptive_sweep: bool = False                # adaptive PGD at every sweep eps too (cheap pipelines)
     sweep_max_seconds: float = 0.05             # eps sweep only where a clean digit costs less than this
     url: str | None = None                      # black-box over HTTP against this service
+    api_key: str | None = field(default=None, repr=False)  # sent as Authorization: Bearer; never in a report
     seed: int = 0
     batch: int = 100
     config: str | None = None                   # service config YAML merged over the packaged one
@@ -88,6 +89,9 @@ def _outcome_json(o: Outcome, y: np.ndarray, clean: Outcome | None) -> dict[str,
          "seconds_per_image": round(o.seconds / max(1, len(y)), 4)}
     if clean is not None:
         d["robust_accuracy"] = round(metrics.robust_accuracy(clean, o, y), 4)
+        robust = int((clean.correct(y) & ~o.wrong(y)).sum())
+        lo, hi = metrics.clopper_pearson(robust, len(y))  # rounded outwards: the interval stays >= 95%
+        d["robust_accuracy_ci95"] = [math.floor(lo * 1e4) / 1e4, math.ceil(hi * 1e4) / 1e4]
     return d
 
 
@@ -124,7 +128,7 @@ class Evaluation:
         span = f"first {len(self.y)} digits" if not cfg.offset else f"digits {cfg.offset + 1}-{cfg.offset + len(self.y)}"
         self.pipes = {n: Pipeline.build(n, settings.pipelines[n].model_dump(), env) for n in names}
         self.report: dict[str, Any] = {
-            "command": cfg.command, "bundle": str(cfg.bundle), "bundle_version": self.bundle.version,
+            "command": self.scrub(cfg.command), "bundle": str(cfg.bundle), "bundle_version": self.bundle.version,
             "dataset": f"{ds.name} test split, {span} stratified by class",
             "limit": len(self.y), "offset": cfg.offset, "seed": cfg.seed, "budget": cfg.budget.to_json(),
             "sections": list(cfg.sections), "certify": {"n": cfg.certify_n, "n0": cfg.certify_n0, "alpha": cfg.certify_alpha},
@@ -138,6 +142,17 @@ class Evaluation:
         self._advs: dict[tuple[str, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
+    def scrub(self, text: str) -> str:
+        """`text` without the --url's password and the API key (reports, logs, errors)."""
+        return blackbox.scrub(text, self.cfg.url, (self.cfg.api_key,))
+
+    def http_client(self) -> Any:
+        """The HTTP client of the black-box section's `--url` mode (a test replaces it)."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else {}
+        return httpx.Client(base_url=self.cfg.url, timeout=120.0, headers=headers)
+
     def _unusable(self, settings: Any, name: str) -> str | None:
         """Why a configured pipeline is not served on this bundle (the service leaves it out too)."""
         from models.bundle import defense_key
@@ -251,11 +266,11 @@ class Evaluation:
         cheap = clean.seconds / n < cfg.sweep_max_seconds
 
         def record(section: str, label: str, adv: torch.Tensor, gen_seconds: float, extra: dict[str, Any] | None = None,
-                   digits: int | None = None, oracle: Any = None) -> None:
+                   digits: int | None = None, answered: Outcome | None = None) -> None:
             k = digits or n
             xa, ya = adv[:k], yn[:k]
-            if oracle is not None:  # black-box over HTTP: the running service judges its own adversarials
-                o = blackbox.http_outcome(oracle, xa)
+            if answered is not None:  # black-box over HTTP: scored from the answers the attack got
+                o = answered
             else:
                 o = self.run(name, xa, cfg.seed + 1000 * (len(rep["attacks"]) + 1), f"{section} {label}")
             cl = _slice(clean, k)
@@ -263,6 +278,9 @@ class Evaluation:
                    "attack_success": round(metrics.attack_success(o, ya), 4),
                    **{k2: round(v, 4) for k2, v in metrics.norms(self.x[:k], xa).items()},
                    "attack_seconds_per_image": round(gen_seconds / max(1, k), 4)}
+            if answered is not None:  # no one answer per digit to split into accepted / rejected / abstained
+                row.update({"accepted_correct": None, "rejected": None, "abstained": None, "seconds_per_image": None,
+                            "scored_from": "the attack's own answers (broken: an accepted wrong answer within eps)"})
             if a.detectors:
                 row["detection_auc"] = round(metrics.auc_roc(clean.score, o.score), 4)
                 fpr, tpr = metrics.roc_curve(clean.score, o.score)
@@ -424,10 +442,9 @@ class Evaluation:
         if k <= 0:
             return
         if cfg.url:
-            import httpx
-
-            client = httpx.Client(base_url=cfg.url, timeout=120.0)
-            oracle: Any = blackbox.HttpOracle(client, name)
+            client = self.http_client()
+            where = blackbox.scrub(cfg.url, cfg.url)
+            oracle: Any = blackbox.HttpOracle(client, name, expected_version=self.bundle.version, where=where)
         else:
             client = None
             oracle = blackbox.PipelineOracle(self.pipes[name], seed=cfg.seed + 555)
@@ -436,8 +453,11 @@ class Evaluation:
             for kind, budget, eps in (("square", b.square_queries, b.linf_eps), ("hsj", b.hsj_queries, hsj_eps)):
                 if not cfg.wants(kind):
                     continue
+                refused, blocked = getattr(oracle, "refused", 0), getattr(oracle, "blocked", 0)
                 with _bar(k, f"{name}: black-box {kind}") as bar:
                     t = time.perf_counter()
+                    # eps bounds Square's queries; HopSkipJump takes no eps (it minimises L2 from a
+                    # digit of another class): its result is judged against hsj_eps below
                     adv, rows = blackbox.attack_many(kind, oracle, x[:k], y[:k], budget=budget, eps=b.linf_eps,
                                                      http=bool(cfg.url), seed=cfg.seed, bar=bar)
                     secs = time.perf_counter() - t
@@ -446,14 +466,20 @@ class Evaluation:
                     far = dist > eps
                     adv[torch.from_numpy(far)] = x[:k][torch.from_numpy(far)]
                 found = np.isfinite(dist)
+                norm = "linf" if kind == "square" else "l2"
                 extra = {"digits": k, "query_budget": budget, "mode": "http" if cfg.url else "in-process",
                          "queries_used_mean": round(float(np.mean([r["queries"] for r in rows])), 1),
                          "queries_used_max": int(max(r["queries"] for r in rows)),
                          "found_any_adversarial": round(float(found.mean()), 4),
                          "median_distance_found": round(float(np.median(dist[found])), 4) if found.any() else None,
-                         "eps": eps, "norm": "linf" if kind == "square" else "l2"}
+                         "eps": eps, "norm": norm}
+                answered = None
+                if cfg.url:  # scored from the answers received: a re-post would be one more (monitored) query
+                    answered = blackbox.answered_outcome(rows, eps, norm)
+                    extra["refused_images"] = oracle.refused - refused      # 429 overloaded / 503
+                    extra["digits_blocked"] = oracle.blocked - blocked      # 429 attack_suspected ended the digit
                 label = f"square_linf_{b.linf_eps:g}" if kind == "square" else f"hsj_l2_{eps:g}"
-                record("blackbox", label, adv, secs, extra=extra, digits=k, oracle=oracle if cfg.url else None)
+                record("blackbox", label, adv, secs, extra=extra, digits=k, answered=answered)
         finally:
             if client is not None:
                 client.close()
@@ -469,7 +495,7 @@ class Evaluation:
         cache = getattr(self, "_cert_cache", {})
         self._cert_cache = cache
         n_cert = cfg.certify_n_for.get(name, cfg.certify_n)
-        key = (s.sigma, s.use_denoiser, k, n_cert)  # type: ignore[attr-defined]
+        key = certify_key(a, k, n_cert)
         t = time.perf_counter()
         if key in cache:  # the same smoothed classifier (e.g. `default` = MagNet + `smoothing`)
             labels, radii = cache[key]
@@ -539,13 +565,51 @@ class Evaluation:
         self.make_shared()
         for name in tqdm(list(self.pipes), desc="pipelines", disable=not progress_enabled(), file=sys.stderr):
             t = time.perf_counter()
-            self.evaluate_pipeline(name)
+            try:
+                self.evaluate_pipeline(name)
+            except Exception as exc:  # noqa: BLE001 - one pipeline's failure must not stop the others
+                # recorded as the parallel path records a failed worker: what was measured, no
+                # `seconds` (partial), and the error
+                log.error("pipeline %s failed: %s", name, self.scrub(repr(exc)))
+                self.report["pipelines"][name] = _mark_failed(self.report["pipelines"].get(name, {}), exc, self.scrub)
+                self.save()
+                continue
             self.report["pipelines"][name]["seconds"] = round(time.perf_counter() - t, 1)
             log.info("pipeline %s evaluated in %.0fs", name, time.perf_counter() - t)
         self.report["seconds"] = round(time.time() - self.started, 1)
         self.report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.save()
         return self.report
+
+
+def certify_key(a: targets.Anatomy, k: int, n_cert: int) -> tuple[Any, ...]:
+    """What makes two pipelines' certificates the same: the smoothed function (sigma, with or
+    without the denoiser, precision) and the networks it evaluates, by their weights (the
+    noise-trained classifier at sigma; or the denoiser at sigma and the labeling network
+    after it), the digits and the samples. Two denoised-smoothing pipelines with different
+    labelers never share certificates; `default` (MagNet + smoothing) and `smoothing` do."""
+    s: Any = a.smoothing
+    if s.use_denoiser:
+        nets = (s.eager_denoisers[s.sigma], a.labeler)
+    else:
+        nets = (s.eager_classifiers[s.sigma],)
+    return (float(s.sigma), bool(s.use_denoiser), str(getattr(s, "precision", "")),
+            tuple(weights_id(m) for m in nets), k, n_cert)
+
+
+def weights_id(net: Any) -> str:
+    """A stable id of a network: the sha256 of its parameters and buffers (names, shapes,
+    dtypes, values); for a callable without a state_dict, its type and object id."""
+    import hashlib
+
+    state = getattr(net, "state_dict", None)
+    if state is None:
+        return f"{type(net).__qualname__}@{id(net):x}"
+    h = hashlib.sha256()
+    for key, t in sorted(state().items()):
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _slice(o: Outcome, k: int) -> Outcome:
@@ -626,8 +690,8 @@ def _run_parallel(ev: Evaluation) -> dict[str, Any]:
                     results[name] = fut.result()
                     log.info("pipeline %s evaluated in %.0fs", name, results[name].get("seconds", 0))
                 except Exception as exc:  # noqa: BLE001 - one pipeline's failure must not stop the others
-                    log.error("pipeline %s failed: %r", name, exc)
-                    results[name] = _failed_part(parts / name, exc)
+                    log.error("pipeline %s failed: %s", name, ev.scrub(repr(exc)))
+                    results[name] = _failed_part(parts / name, exc, ev.scrub)
                 bar.update(1)
                 ev.report["pipelines"] = {n: results[n] for n in names if n in results}
                 ev.save()
@@ -639,15 +703,22 @@ def _run_parallel(ev: Evaluation) -> dict[str, Any]:
     return ev.report
 
 
-def _failed_part(part: Path, exc: BaseException) -> dict[str, Any]:
+def _failed_part(part: Path, exc: BaseException, scrub: Any = None) -> dict[str, Any]:
     """What a failed worker had saved of its pipeline (marked partial: no `seconds`), and the error."""
     saved: dict[str, Any] = {}
     try:
         saved = next(iter(json.loads((part / "report.json").read_text())["pipelines"].values()), {})
     except (OSError, ValueError, StopIteration):
         pass
+    return _mark_failed(saved, exc, scrub)
+
+
+def _mark_failed(saved: dict[str, Any], exc: BaseException, scrub: Any = None) -> dict[str, Any]:
+    """A failed pipeline's entry, in serial and parallel runs alike: what it had measured,
+    marked partial (no `seconds`), and the error (without the --url's password or the API key)."""
     saved.pop("seconds", None)
-    saved["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    error = f"{type(exc).__name__}: {exc}"
+    saved["error"] = (scrub(error) if scrub is not None else error)[:500]
     return saved
 
 

@@ -28,6 +28,19 @@ def robust_accuracy(clean: Outcome, adv: Outcome, y: np.ndarray) -> float:
     return float((clean.correct(y) & ~adv.wrong(y)).mean()) if len(y) else float("nan")
 
 
+def clopper_pearson(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) two-sided 1 - alpha confidence interval of a proportion:
+    `successes` of `n` (e.g. digits robust to an attack). (nan, nan) when n is 0."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return float("nan"), float("nan")
+    k = min(max(int(successes), 0), int(n))
+    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return lo, hi
+
+
 def attack_success(adv: Outcome, y: np.ndarray) -> float:
     """Share of digits whose adversarial version was accepted with a wrong label."""
     return float(adv.wrong(y).mean()) if len(y) else float("nan")

@@ -7,16 +7,20 @@ mode (`--query-block`); docs/query_monitor.md's config serves all three. Each di
 own query budget. Per run it reports:
 
   * attack success: the service answered at least one of the attack's queries `accepted`
-    with a wrong label (what the attacker wants, whatever ART itself returns), within the
-    attack's ball: L-inf eps for Square (every query is inside it), L2 `l2_eps` (2.0) for
-    HopSkipJump and the boundary attack (their first queries are a digit of another class),
+    with a wrong label (what the attacker wants, whatever ART itself returns), for an image
+    within the attack's ball around the clean digit, measured on the image the service
+    received (8-bit pixels; disguised, in `transform` mode): L-inf eps for Square (plus half
+    an 8-bit step, the PNG's rounding), L2 `l2_eps` (2.0) for HopSkipJump and the boundary
+    attack (their first queries are a digit of another class),
   * queries until the first flag (the first query the monitor answered as a rejection by
     `query_monitor`), counted from the attack's first query,
   * queries until blocked (the first 429 `attack_suspected`; the attack stops there).
 
 Then the adaptive attacker who knows the monitor (against the reject and block pipelines):
   * `transform`: each query randomly translated by up to 2 pixels and rescaled in brightness
-    (OARS-style: the answer is used as if for the untransformed query),
+    (OARS-style: the attack uses the answer as if for the untransformed query; its success
+    is judged on the transformed image the service saw, which a shift usually takes out of
+    the ball),
   * `sybil`: every query from a different client (X-Forwarded-For through a trusted proxy, the
     same as one API key per query),
 and, before the attacks, a benign workload (`--query-benign N`): N distinct mnist5k digits
@@ -39,15 +43,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.evaluation.blackbox import BudgetedOracle, BudgetExhausted, quantize
+from service.evaluation.blackbox import Blocked, BudgetedOracle, BudgetExhausted, ServiceError, quantize, scrub
 
 log = logging.getLogger("shieldserve.evaluate")
 
 ATTACKS = ("square_0.3", "square_0.15", "hsj", "boundary")
-
-
-class Blocked(BudgetExhausted):
-    """429 attack_suspected: the attack cannot go on (a subclass, so ART's loop stops)."""
 
 
 @dataclass
@@ -64,7 +64,9 @@ class QueryLog:
 class MonitoredOracle:
     """POST /predict?pipeline=NAME with PNG files (8-bit pixels, as a real client sends), at
     most `max_images` per request; answers as blackbox.Oracle does, and logs the monitor's
-    verdicts. `transform` and `sybil` are the adaptive attacker's tricks."""
+    verdicts. `transform` and `sybil` are the adaptive attacker's tricks. `sent`: the images of
+    the last answered call as the service decoded them (disguised, 8-bit), which
+    BudgetedOracle measures and keeps instead of the undisguised queries."""
 
     client: Any
     pipeline: str
@@ -74,6 +76,7 @@ class MonitoredOracle:
     seed: int = 0
     log: QueryLog = field(default_factory=QueryLog)
     identity: str = "203.0.113.7"
+    sent: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._g = torch.Generator().manual_seed(self.seed)
@@ -92,6 +95,7 @@ class MonitoredOracle:
 
         if self.transform:
             x = self._disguise(x)
+        self.sent = None
         out: list[tuple[str, int, float]] = []
         for i in range(0, len(x), self.max_images):
             chunk = x[i:i + self.max_images]
@@ -103,7 +107,7 @@ class MonitoredOracle:
             if r.status_code == 429 and r.json()["error"]["code"] == "attack_suspected":
                 if self.log.blocked_at is None:
                     self.log.blocked_at = self.log.sent + 1
-                raise Blocked("blocked")
+                raise Blocked("blocked")  # not counted in `sent` (nor in the budget): as before
             r.raise_for_status()
             for res in r.json()["results"]:
                 self.log.sent += 1
@@ -113,6 +117,7 @@ class MonitoredOracle:
                         self.log.first_flag = self.log.sent
                 label = res["label"] if res["label"] is not None else -1
                 out.append((res["status"], int(label), float(res["confidence"] or 0.0)))
+        self.sent = quantize(x)  # what the PNGs carried (encode_png rounds the same way)
         return out
 
 
@@ -145,8 +150,9 @@ def run_attack(kind: str, oracle: MonitoredOracle, x0: torch.Tensor, y: int, sta
             raise ValueError(f"unknown attack {kind!r}")
     except BudgetExhausted:
         pass
-    best = q.best
-    success = best.x is not None and (norm == "linf" or best.distance <= l2_eps)
+    best = q.best  # measured on the images the service received (disguised ones in `transform`)
+    radius = float(kind.split("_")[1]) + 0.5 / 255 + 1e-6 if norm == "linf" else l2_eps
+    success = best.x is not None and best.distance <= radius
     return {"success": success, "queries": oracle.log.sent, "first_flag": oracle.log.first_flag,
             "blocked_at": oracle.log.blocked_at, "flags": oracle.log.flags,
             "distance": round(best.distance, 4) if best.x is not None else None,
@@ -200,8 +206,11 @@ def benign(client: Any, pipeline: str, x: torch.Tensor, *, clients: int = 8, ret
 
 def run(url: str, out: Path, *, off: str, reject: str, block: str, digits: int = 10, budget: int = 1000,
         attacks: tuple[str, ...] = ATTACKS, adaptive: bool = True, adaptive_digits: int = 5,
-        benign_images: int = 0, seed: int = 0, l2_eps: float = 2.0, command: str = "") -> dict[str, Any]:
-    """The whole section; writes out/query_attacks.json and out/query_attacks.md."""
+        benign_images: int = 0, seed: int = 0, l2_eps: float = 2.0, command: str = "",
+        api_key: str | None = None) -> dict[str, Any]:
+    """The whole section; writes out/query_attacks.json and out/query_attacks.md. `api_key`
+    is sent as `Authorization: Bearer` and written nowhere; the URL's password is not
+    written either."""
     import httpx
     from tqdm import tqdm
 
@@ -209,8 +218,8 @@ def run(url: str, out: Path, *, off: str, reject: str, block: str, digits: int =
 
     test = load_dataset("mnist5k").test
     flat = test.x.flatten(1)
-    report: dict[str, Any] = {"url": url, "command": command, "digits": digits, "budget_per_digit": budget,
-                              "l2_eps": l2_eps, "adaptive_digits": adaptive_digits,
+    report: dict[str, Any] = {"url": scrub(url, url), "command": scrub(command, url, (api_key,)), "digits": digits,
+                              "budget_per_digit": budget, "l2_eps": l2_eps, "adaptive_digits": adaptive_digits,
                               "pipelines": {"off": off, "reject": reject, "block": block}, "runs": {}}
     modes = [("off", off, False, False), ("reject", reject, False, False), ("block", block, False, False)]
     if adaptive:
@@ -224,27 +233,31 @@ def run(url: str, out: Path, *, off: str, reject: str, block: str, digits: int =
         raise ValueError(f"{len(jobs)} runs of {digits} digits need more than the {len(order)} test digits")
     bar = tqdm(total=sum(digits if "+" not in m[0] else min(digits, adaptive_digits) for _, m in jobs),
                desc="query attacks over HTTP", unit="digit")
-    with httpx.Client(base_url=url, timeout=120.0) as client:
-        if benign_images:  # first: the attacks' queries would be remembered near these digits
-            data = load_dataset("mnist5k")
-            every = torch.cat([data.train.x, data.val.x, data.test.x])[:benign_images]
-            report["benign"] = {"pipeline": reject, **benign(client, reject, every, seed=seed)}
-            _write(report, out)
-        for j, (kind, (mode, pipeline, transform, sybil)) in enumerate(jobs):
-            k = digits if "+" not in mode else min(digits, adaptive_digits)
-            rows = []
-            for i, d in enumerate(order[j * digits:j * digits + k].tolist()):
-                x0, y0 = test.x[d], int(test.y[d])
-                other = (test.y != y0).nonzero().flatten()
-                start = test.x[other[(flat[other] - x0.flatten()).norm(dim=1).argmin()]]
-                # a fresh attacker per digit: its own address, so one digit's block does not end the next
-                oracle = MonitoredOracle(client, pipeline, transform=transform, sybil=sybil, seed=seed + 101 * i,
-                                         identity=f"203.0.{j % 250}.{i % 250 + 1}")
-                rows.append(run_attack(kind, oracle, x0, y0, start, budget=budget, seed=seed + i, l2_eps=l2_eps))
-                bar.update(1)
-            report["runs"][f"{kind}/{mode}"] = {"attack": kind, "mode": mode, "pipeline": pipeline,
-                                                **_summary(rows), "per_digit": rows}
-            _write(report, out)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with httpx.Client(base_url=url, timeout=120.0, headers=headers) as client:
+            if benign_images:  # first: the attacks' queries would be remembered near these digits
+                data = load_dataset("mnist5k")
+                every = torch.cat([data.train.x, data.val.x, data.test.x])[:benign_images]
+                report["benign"] = {"pipeline": reject, **benign(client, reject, every, seed=seed)}
+                _write(report, out)
+            for j, (kind, (mode, pipeline, transform, sybil)) in enumerate(jobs):
+                k = digits if "+" not in mode else min(digits, adaptive_digits)
+                rows = []
+                for i, d in enumerate(order[j * digits:j * digits + k].tolist()):
+                    x0, y0 = test.x[d], int(test.y[d])
+                    other = (test.y != y0).nonzero().flatten()
+                    start = test.x[other[(flat[other] - x0.flatten()).norm(dim=1).argmin()]]
+                    # a fresh attacker per digit: its own address, so one digit's block does not end the next
+                    oracle = MonitoredOracle(client, pipeline, transform=transform, sybil=sybil, seed=seed + 101 * i,
+                                             identity=f"203.0.{j % 250}.{i % 250 + 1}")
+                    rows.append(run_attack(kind, oracle, x0, y0, start, budget=budget, seed=seed + i, l2_eps=l2_eps))
+                    bar.update(1)
+                report["runs"][f"{kind}/{mode}"] = {"attack": kind, "mode": mode, "pipeline": pipeline,
+                                                    **_summary(rows), "per_digit": rows}
+                _write(report, out)
+    except httpx.HTTPError as exc:  # its message names the URL: here without the password or the key
+        raise ServiceError(scrub(f"{type(exc).__name__}: {exc}", url, (api_key,))) from None
     bar.close()
     _write(report, out)
     return report

@@ -13,10 +13,11 @@ TITLES = {
                  "(no weights of the bundle)"),
     "graybox": "Gray-box: computed on the labeling network, without the defense's secrets, detectors or noise",
     "adaptive": "Adaptive white-box: BPDA, EOT, detector-aware losses, GMSA",
-    "autoattack": ("AutoAttack (standard version without FAB-T: APGD-CE, APGD-T with 9 targets, Square 5,000 "
-                   "queries; worst case per digit) and PGD-100 with 10 restarts, on the white-box model; for "
-                   "randomized pipelines the rand version (APGD-CE and APGD-T with EOT gradients), for pipelines "
-                   "that reject the detector-aware one (a wrong class must also beat the rejection)"),
+    # the versions and budgets each pipeline got are listed under the heading (autoattack_notes)
+    "autoattack": ("AutoAttack on the white-box model (without FAB-T; worst case per digit over its attacks): the "
+                   "standard version on deterministic pipelines without detectors, with PGD with restarts beside "
+                   "it; for randomized pipelines the rand version (EOT gradients, no Square); for pipelines that "
+                   "reject the detector-aware one (a wrong class must also beat the rejection)"),
     "blackbox": "Black-box: /predict answers only (status, label, confidence), with a query budget per digit",
 }
 
@@ -33,6 +34,69 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def ci95(row: dict[str, Any]) -> tuple[float, float] | None:
+    """A row's 95% Clopper-Pearson interval for its robust accuracy: the one report.json
+    holds, or (older reports) computed from its robust accuracy and digits."""
+    if row.get("robust_accuracy_ci95"):
+        lo, hi = row["robust_accuracy_ci95"]
+        return float(lo), float(hi)
+    if row.get("robust_accuracy") is None or not row.get("n"):
+        return None
+    from service.evaluation.metrics import clopper_pearson
+
+    n = int(row["n"])
+    return clopper_pearson(round(float(row["robust_accuracy"]) * n), n)
+
+
+def _with_ci(value: float, name: str, row: dict[str, Any]) -> str:
+    """`value (name; n=N, 95% CI lo-hi)`: the worst row of rows on different digits says its own."""
+    ci = ci95(row)
+    return (f"{_f(value)} ({name}; n={row.get('n')}" + (f", 95% CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else "") + ")")
+
+
+def autoattack_notes(report: dict[str, Any]) -> list[str]:
+    """One line per pipeline and AutoAttack run: the version, the attacks and the budget it
+    ran with, as recorded in its rows (not the standard version's numbers)."""
+    lines = []
+    for name, rep in report["pipelines"].items():
+        attacks = rep.get("attacks", {})
+        for key, r in attacks.items():
+            if r.get("section") != "autoattack" or "autoattack" not in r:
+                continue
+            log, b = r["autoattack"], r.get("budget") or {}
+            ran = log.get("attacks") or list(log.get("after", {}))  # older reports: the attacks' results
+            parts = []
+            if "apgd-ce" in ran:
+                parts.append(f"APGD-CE {b.get('apgd_iters', '?')} iterations")
+            if "apgd-t" in ran:
+                parts.append(f"APGD-T against the {b.get('targets', '?')} most likely wrong classes, "
+                             f"{b.get('apgd_iters', '?')} iterations each")
+            if "square" in ran:
+                sq = b.get("square_queries")
+                parts.append(f"Square {sq:,} queries" if isinstance(sq, int) else "Square")
+            line = f"- `{name}` {key.split('/', 1)[1]}: {log.get('version', '?')}: " + ", ".join(parts)
+            if "rand" in str(log.get("version", "")):
+                line += (f"; gradients averaged over {b['eot_iter']} noise draws" if "eot_iter" in b else "") + (
+                    f", candidates judged by the mean of {b['check_draws']} draws" if "check_draws" in b else "")
+            pgd = f"pgd{b.get('pgd_steps')}x{b.get('pgd_restarts')}_{key.split('_', 1)[1]}"
+            if f"autoattack/{pgd}" in attacks:
+                line += f"; beside it PGD-{b['pgd_steps']} with {b['pgd_restarts']} restarts (`{pgd}`)"
+            lines.append(line + f"; {r['n']} digits.")
+    return lines
+
+
+def autoattack_budgets(report: dict[str, Any]) -> list[str]:
+    """The AutoAttack budgets the runs used (report.json's rows), each with its pipelines."""
+    seen: dict[str, list[str]] = {}
+    for name, rep in report["pipelines"].items():
+        for r in rep.get("attacks", {}).values():
+            if r.get("section") == "autoattack" and r.get("budget"):
+                text = ", ".join(f"{k} {v}" for k, v in r["budget"].items())
+                if name not in seen.setdefault(text, []):
+                    seen[text].append(name)
+    return [f"AutoAttack budget ({', '.join(names)}): {text}." for text, names in seen.items()]
 
 
 def worst(rep: dict[str, Any], section: str | None = None, key: str = "robust_accuracy") -> tuple[float | None, str | None]:
@@ -63,7 +127,7 @@ def headline(report: dict[str, Any]) -> list[list[Any]]:
                      f"{_f(aa['robust_accuracy'])} ({aa['n']} digits)" if aa else "-",
                      f"{_f(wa)} ({wa_name})" if wa is not None else "-",
                      f"{_f(wb)} ({wb_name})" if wb is not None else "-",
-                     f"{_f(wall)} ({wall_name})" if wall is not None else "-",
+                     _with_ci(wall, wall_name, rep["attacks"][wall_name]) if wall is not None else "-",
                      auc, cert.get("0.5"), rep["clean"]["seconds_per_image"]])
     return rows
 
@@ -156,7 +220,8 @@ Threat models (each a section below):
 - **Black-box**: only what /predict returns (status, label, confidence) with a query budget
   per digit: ART Square (score-based, L-inf eps 0.3) and ART HopSkipJump (label-only, L2,
   started from the nearest test digit of another class; success counted within L2 <= 2).
-  In process here; `--url` runs the same attacks against a running service over HTTP.
+  In process here; `--url` runs the same attacks against a running service over HTTP, each
+  digit scored from the answers its attack got (no adversarial is posted a second time).
 """
 
 
@@ -168,7 +233,11 @@ LIMITS = """\
   a few hundred queries per digit are weak attacks: read them as upper bounds.
 - Carlini-Wagner L2 is this project's torch implementation (`service/attacks/cw.py`),
   with the same objective as ART's `CarliniL2Method` (kept as attack `cw_art`), which ran about
-  ten times slower here. PGD, APGD, Square and HopSkipJump are ART's.
+  ten times slower here. The PGD and APGD of the oblivious, gray-box and adaptive sections and
+  the black-box Square and HopSkipJump are ART's. AutoAttack's APGD-CE and APGD-T, its L-inf
+  Square and the PGD with restarts beside it are this project's torch code
+  (`service/evaluation/autoattack.py`, after the reference implementations); only its L2 Square
+  is ART's. GMSA's PGD and the transfer section's MI-FGSM are this project's too.
 - The smoothing certificates are L2 certificates: L-inf eps 0.3 perturbations have L2 norms
   near 6, far outside any certified radius, so the L-inf rows do not test the certificate; the
   L2 rows and the invariant do. In `default` the certificate covers the smoothed classifier,
@@ -216,7 +285,10 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                 for r in report["runs"]] + [""] if len(report.get("runs", [])) > 1 else []),
            "Robust accuracy: the clean digit is accepted with the right label AND its adversarial version is "
            "rejected, abstained on, or labelled right (a refused adversarial is a defended one; a refused clean "
-           "digit is an error). Attack success: the adversarial digit is accepted with a wrong label.",
+           "digit is an error). Attack success: the adversarial digit is accepted with a wrong label. "
+           "Each robust accuracy in report.json has its 95% Clopper-Pearson interval over its own digits "
+           "(`robust_accuracy_ci95`); the headline's worst of all attacks takes the lowest over rows measured "
+           "on different numbers of digits, so it gives that row's n and interval.",
            "",
            "## Headline",
            "",
@@ -231,6 +303,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
            "",
            "Budgets: " + ", ".join(f"{k} {v}" for k, v in report["budget"].items()) + ".",
            "",
+           *[line for b in autoattack_budgets(report) for line in (b, "")],
            "## Findings (computed from the tables below)",
            "",
            *findings(report),
@@ -276,7 +349,8 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
             notes = [f"- `{n}`: {rep['graybox_note']}" for n, rep in report["pipelines"].items() if rep.get("graybox_note")]
             out += notes + ([""] if notes else [])
         if section == "autoattack":
-            notes = [f"- `{n}`: {rep['autoattack_note']}" for n, rep in report["pipelines"].items() if rep.get("autoattack_note")]
+            notes = autoattack_notes(report)
+            notes += [f"- `{n}`: {rep['autoattack_note']}" for n, rep in report["pipelines"].items() if rep.get("autoattack_note")]
             out += notes + ([""] if notes else [])
         if section == "adaptive":
             notes = [f"- `{n}`: {rep['adaptive_model']}" for n, rep in report["pipelines"].items() if rep.get("adaptive_model")]
