@@ -207,7 +207,7 @@ def _export(args: argparse.Namespace) -> int:
     from service.export import ExportRefused, export
 
     try:
-        p = export(args.bundle, args.pipeline, args.out, config=args.config)
+        p = export(args.bundle, args.pipeline, args.out, config=args.config, force=args.force)
     except ExportRefused as exc:
         print(f"export refused: {exc}", file=sys.stderr)
         return 2
@@ -389,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--pipeline", required=True)
     x.add_argument("--out", required=True, help="TorchScript file to write")
     x.add_argument("--config", help="service YAML merged over the packaged configuration")
+    x.add_argument("--force", action="store_true",
+                   help="replace --out even when it is not an earlier shieldserve export")
     x.set_defaults(func=_export)
     return p
 

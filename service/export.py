@@ -11,11 +11,18 @@ smoothing's noise and vote (the export is the base function f the service smooth
 smoothed classifier g). A pipeline whose answer depends on a step without exact gradients
 (Defense-GAN's projection: an optimisation over z; RMC: per-image fine-tuning) is refused:
 exporting its classifier alone would not compute the pipeline's labels even on clean digits.
+So is a pipeline the service does not serve on the bundle (a defense the quality gate marked
+unusable there, or one the bundle lacks): an export is only ever of what the service serves.
+
+The file is written atomically (a temporary file beside it, then a rename), and an existing
+file is replaced only when it is an earlier export (load_info reads it) or with `force`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,15 +105,35 @@ def plan(pipe: Pipeline) -> ExportPlan:
     return ExportPlan(pipe.name, nn.Sequential(*stages, labeler).eval(), parts, left_out)
 
 
-def export(bundle: str | Path, pipeline: str, out: str | Path, config: str | None = None) -> ExportPlan:
+def export(bundle: str | Path, pipeline: str, out: str | Path, config: str | None = None, *,
+           force: bool = False) -> ExportPlan:
     """Write `pipeline`'s deterministic, differentiable part to `out` as TorchScript (traced on
-    a [0, 1] batch, then checked against the eager modules on random digits)."""
-    from models.bundle import Bundle
-    from service.evaluation.targets import load_pipelines
+    a [0, 1] batch, then checked against the eager modules on random digits).
 
+    Refused (ExportRefused) for a pipeline the service would not serve on this bundle (a
+    defense it names is unusable there: models.bundle.Bundle.unusable, as the runtime checks),
+    and for an existing `out` that is not a shieldserve export unless `force`: a re-export
+    replaces an earlier export, never another file by mistake. The file is written next to
+    `out` under a temporary name and renamed over it (os.replace), so `out` is either the old
+    file or the complete new one, never a partial write."""
+    from models.bundle import Bundle, defense_key
+    from service.evaluation.targets import load_pipelines
+    from service.settings import load_settings
+
+    out = Path(out)
+    _check_target(out, force)
+    settings = load_settings(config, bundle=bundle)
+    b = Bundle.load(settings.bundle, verify=False)
+    if pipeline in settings.pipelines:
+        for entry in settings.pipelines[pipeline].model_dump().get("defenses", []) or []:
+            key = defense_key(entry)
+            reason = b.unusable(key)
+            if reason is not None:  # the service leaves it out (404): no export claims to be it
+                raise ExportRefused(f"pipeline {pipeline!r} is not served on this bundle ({key}: {reason}), "
+                                    f"so there is no served pipeline to export")
     _, pipes = load_pipelines(bundle, [pipeline], config)
     p = plan(pipes[pipeline])
-    spec = Bundle.load(bundle, verify=False).input_spec
+    spec = b.input_spec
     g = torch.Generator().manual_seed(0)
     probe = torch.rand((8, *spec.shape), generator=g)
     with torch.no_grad():
@@ -114,13 +141,46 @@ def export(bundle: str | Path, pipeline: str, out: str | Path, config: str | Non
         check = torch.rand((5, *spec.shape), generator=g)
         if not torch.allclose(traced(check), p.model(check), atol=1e-4, rtol=1e-4):
             raise ExportRefused(f"pipeline {pipeline!r}: the traced module differs from the eager one")
-    info = {"pipeline": pipeline, "bundle_version": Bundle.load(bundle, verify=False).version,
+    info = {"pipeline": pipeline, "bundle_version": b.version,
             "input": {"shape": ["B", *spec.shape], "range": [0.0, 1.0], "dtype": "float32"},
             "output": "logits", "class_names": list(spec.class_names), "parts": p.parts,
             "left_out": p.left_out, "exact": p.exact}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(traced, str(out), _extra_files={INFO_FILE: json.dumps(info, indent=1)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save_atomically(traced, out, {INFO_FILE: json.dumps(info, indent=1)}, force)
     return p
+
+
+def _check_target(out: Path, force: bool) -> None:
+    """Refuse to write over anything at `out` but an earlier shieldserve export (any file with
+    `force`; never a directory)."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir():
+        raise ExportRefused(f"--out {out} is a directory; name the file to write")
+    if force:
+        return
+    try:
+        load_info(out)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, it is not ours to replace
+        raise ExportRefused(f"--out {out} exists and is not a shieldserve export ({exc}); "
+                            f"not replacing it (force it with --force, or choose another --out)") from None
+
+
+def _save_atomically(traced: torch.jit.ScriptModule, out: Path, extra: dict[str, str], force: bool) -> None:
+    """torch.jit.save into a fresh directory beside `out` (same file system; the file keeps
+    `out`'s name, which torch takes as the archive's name), flushed to disk, then renamed over
+    `out` in one step."""
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = tmp_dir / out.name
+    try:
+        torch.jit.save(traced, str(tmp), _extra_files=extra)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        _check_target(out, force)  # again: something may have appeared there while we traced
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_dir.rmdir()
 
 
 MAX_INFO_BYTES = 1 << 20  # the description is a few hundred bytes; a larger entry is not ours

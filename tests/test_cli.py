@@ -111,7 +111,7 @@ def test_export_reaches_export_and_a_refusal_is_status_2(tmp_path, monkeypatch, 
     class Plan:
         pipeline, parts, left_out = "magnet", ["reformer", "classifier"], []
 
-    def export(bundle: Any, pipeline: str, out: Any, config: Any = None) -> Plan:
+    def export(bundle: Any, pipeline: str, out: Any, config: Any = None, force: bool = False) -> Plan:
         calls.append((bundle, pipeline, out, config))
         if pipeline == "smoothing":
             raise ExportRefused("randomized")

@@ -5,20 +5,30 @@ compared in constant time (hmac.compare_digest), and it is checked before anythi
 the request is looked at, so a caller without it learns nothing about the pipelines.
 
 `POST /admin/rmc/reset?pipeline=NAME[&to=bundle|snapshot]` puts an online RMC pipeline's
-adaptation stream back to the bundle's weights (or to its latest in-memory snapshot).
+adaptation stream back to the bundle's weights (or to its latest in-memory snapshot). The
+stream lives in one server process: the reset reaches only the process that answers (the
+response names it, `process`, and says `scope: "process"`); with `--workers N` every worker,
+and every replica, has its own stream (docs/defenses/rmc.md). A reset changes what every
+client gets next, so each one is logged (WARNING, logger `shieldserve`) with the caller's
+address, never the key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
+import os
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, Field
 
+from service.api.clients import forwarded_client
 from service.api.errors import ApiError
 from service.api.schemas import ErrorBody
+
+log = logging.getLogger("shieldserve")
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -43,6 +53,12 @@ class RmcResetResponse(BaseModel):
     mode: str = Field(description="the RMC adapter's mode: online or isolated")
     restored: str = Field(description="'bundle', or 'snapshot@N' (the stream after N images)")
     discarded_images: int = Field(description="adapted images whose influence the reset removed")
+    scope: Literal["process"] = Field(
+        "process", description="what was reset: the stream of the one server process that answered; with "
+                               "--workers N (or several replicas) every other process keeps its own")
+    process: int = Field(description="the id (pid) of the server process whose stream was reset")
+    workers: int = Field(description="the server processes this instance runs (--workers): a reset reaches "
+                                     "all of them only once that many distinct `process` ids have answered")
 
 
 @router.post("/rmc/reset", response_model=RmcResetResponse,
@@ -64,4 +80,11 @@ async def rmc_reset(request: Request,
         raise ApiError(422, "invalid_parameter", f"pipeline {pipeline!r} has no RMC adapter to reset")
     # on the compute thread, as every torch call: after the batch running now, never inside it
     outcome = await asyncio.wrap_future(runtime.compute.submit(adapters[0].reset, to))
-    return RmcResetResponse(pipeline=pipeline, **outcome)
+    # every later answer changes: leave a trace (who, what, how much), never the key
+    peer = request.client.host if request.client is not None else "unknown"
+    client = forwarded_client(peer, request.headers.get("x-forwarded-for"), tuple(runtime.settings.trusted_proxies))
+    client = "".join(ch if ch.isprintable() and not ch.isspace() else "?" for ch in client)  # one line, one token
+    log.warning("admin: rmc reset pipeline=%s to=%s restored=%s discarded=%d mode=%s process=%d client=ip:%s",
+                pipeline, to, outcome["restored"], outcome["discarded_images"], outcome["mode"], os.getpid(),
+                client)
+    return RmcResetResponse(pipeline=pipeline, process=os.getpid(), workers=runtime.settings.workers, **outcome)
