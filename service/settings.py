@@ -133,7 +133,9 @@ class CertifyConfig(Section):
     default_n0: int = Field(100, gt=0, description="selection samples on /certify without n0=")
     max_n: int = Field(100_000, gt=0, description="largest n a caller may ask for (422 above)")
     max_n0: int = Field(10_000, gt=0, description="largest n0 a caller may ask for (422 above)")
-    alpha: float = Field(0.001, gt=0, lt=1)
+    alpha: float = Field(0.001, ge=1e-12, lt=0.5,
+                         description="certificates' alpha; the bounds of /certify's alpha= (1e-12: "
+                                     "service.defenses.smoothing.MIN_ALPHA, where scipy's bounds are exact)")
     batch_size: int = Field(8000, gt=0, description="noisy copies per forward pass (bench: larger is faster on CPU)")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="arithmetic of the sampled networks: auto is bfloat16 on a CPU with native bfloat16 "

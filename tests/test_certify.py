@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 
@@ -91,10 +92,24 @@ def test_get_certify_after_predict_and_errors(make_client, digits) -> None:
     # the same question again is answered from the cache
     again = client.get(f"/certify?image_sha256={digest}&n0=50&alpha=0.001").json()
     assert again["cached"] and again["radius"] == cert["radius"]
+    assert cert["seed_chosen_by_client"] is False and again["seed_chosen_by_client"] is False
     # the recorded seed reproduces the certificate exactly (a fresh computation: seed is in the key)
     rep = client.get(f"/certify?image_sha256={digest}&n0=50&alpha=0.001&seed={cert['seed']}").json()
     assert not rep["cached"] and (rep["label"], rep["p_a_lower"], rep["radius"]) == \
         (cert["label"], cert["p_a_lower"], cert["radius"])
+    # ... and says the seed was the client's (its alpha holds only for a seed not picked after
+    # seeing results), also when answered from the cache
+    assert rep["seed_chosen_by_client"] is True
+    again = client.get(f"/certify?image_sha256={digest}&n0=50&alpha=0.001&seed={cert['seed']}").json()
+    assert again["cached"] and again["seed_chosen_by_client"] is True
+    # alpha: at the bound 1e-12 a certificate; below it (where scipy's bound is no bound) a 422
+    r = client.get(f"/certify?image_sha256={digest}&n0=20&n=200&alpha=1e-12")
+    assert r.status_code == 200 and r.json()["alpha"] == 1e-12, r.text
+    for bad in ("9.9e-13", "1e-300", "5e-324", "0", "0.5"):
+        r = client.get(f"/certify?image_sha256={digest}&alpha={bad}")
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", bad
+        r = client.post(f"/certify?alpha={bad}", content=body, headers=PNG)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", bad
     # n above the configured maximum, an unknown sigma, a pipeline without certificates
     r = client.get(f"/certify?image_sha256={digest}&n=5001")
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"
@@ -232,3 +247,45 @@ def test_a_shared_certificate_cache_tells_differently_configured_pipelines_apart
         assert not a.get(q).json()["cached"] and a.get(q).json()["cached"]
         assert not b.get(q).json()["cached"]  # same name, other settings: its own certificate
         assert b.get(q).json()["cached"]
+
+
+def test_a_radius_beyond_the_budget_asks_only_for_the_label(make_client, digits) -> None:
+    # r = 10 (and r = 3 at n = 100,000) cannot be certified by any count of the budget: known
+    # before any sample, so each digit draws only what its label needs, not n_max
+    client = make_client(warmup=False)
+    files = [("file", (f"{i}.png", body, "image/png")) for i, (body, _) in enumerate(digits[:6])]
+    n_max = {d["defense"]: d["settings"] for p in client.get("/pipelines").json()["pipelines"]
+             if p["name"] == "smoothing" for d in p["defenses"]}["smoothing"]["n"]
+    r = client.post("/predict?pipeline=smoothing&radius=10", files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    for res in results:
+        assert res["certified"] is False and res["target_radius"] == 10
+        assert res["samples"] <= n_max // 10, res["samples"]  # what the label needs (16 for an easy digit)
+        if res["status"] == "accepted":
+            assert 0 < res["certified_radius"] < 10
+    assert sum(res["label"] == y for res, (_, y) in zip(results, digits[:6])) >= 4
+    body, y = digits[3]
+    digest = hashlib.sha256(body).hexdigest()
+    started = time.monotonic()
+    r = client.get(f"/certify?image_sha256={digest}&n=100000&n0=10&radius=3")
+    cert = r.json()
+    assert r.status_code == 200 and cert["certified"] is False and cert["samples"] < 1000, cert
+    assert cert["label"] == y and 0 < cert["radius"] < 3
+    assert time.monotonic() - started < 5
+
+
+def test_certify_past_its_deadline_is_a_504_and_stops(make_client, digits) -> None:
+    # with a 0.3 s deadline: a 504 soon after it, not an answer after the whole budget. The
+    # largest CERTIFY (n0 = 10,000 drawn in batch_size chunks, then n = 100,000), and r = 1.85
+    # at n = 100,000, whose first look is 70,506 samples (one draw of 70,506 copies, ~660 MB,
+    # with no deadline check inside it before: now in batch_size chunks, checked between them)
+    client = make_client(warmup=False)
+    body, _ = digits[5]
+    assert client.post("/certify?n=100&n0=10", content=body, headers=PNG).status_code == 200
+    digest = hashlib.sha256(body).hexdigest()
+    for query in ("n=100000&n0=10000", "n=100000&n0=10&radius=1.85"):
+        started = time.monotonic()
+        r = client.get(f"/certify?image_sha256={digest}&{query}", headers={"X-Request-Timeout": "0.3"})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+        assert time.monotonic() - started < 2, query

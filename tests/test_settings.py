@@ -62,3 +62,17 @@ def test_redis_urls_are_redacted_for_logs():
     assert redact("redis://h:6379/0?db=1&password=s3cret") == "redis://h:6379/0?db=1&password=***"
     assert redact("unix:///run/redis.sock?password=s3cret") == "unix:///run/redis.sock?password=***"
     assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_the_certify_alpha_setting_has_the_bound_the_api_enforces() -> None:
+    # one bound for a configured alpha and a requested one: service.defenses.smoothing.MIN_ALPHA
+    import pytest
+    from pydantic import ValidationError
+
+    from service.defenses.smoothing import MIN_ALPHA
+    from service.settings import Settings
+
+    assert Settings(certify={"alpha": MIN_ALPHA}).certify.alpha == MIN_ALPHA
+    for bad in (MIN_ALPHA / 2, 0.5, 0.0):
+        with pytest.raises(ValidationError):
+            Settings(certify={"alpha": bad})

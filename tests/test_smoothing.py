@@ -7,13 +7,15 @@ import math
 import pytest
 import torch
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.stats import binom, norm
 
 from service.defenses.smoothing import (
-    ABSTAIN, CERTIFIED, CONTINUE, NOISE_GRID, NoiseSampler, SequentialTest, alpha_spending, certify,
-    certify_at_radius, certify_batch_at_radius, geometric_schedule, lower_bounds, lower_confidence_bound,
-    noisy_copies, optimize_for_cpu, predict_from_counts, radius_from, resolve_precision, sampling_network,
-    standard_normal64, upper_bounds, upper_confidence_bound,
+    ABSTAIN, CERTIFIED, CONTINUE, MIN_ALPHA, NOISE_GRID, REFUSED, NoiseSampler, NormalStream, SequentialTest,
+    alpha_spending, certify, certify_at_radius, certify_batch_at_radius, geometric_schedule, lower_bounds,
+    lower_confidence_bound, noisy_copies, optimize_for_cpu, predict_from_counts, radius_from, resolve_precision,
+    sampling_network, standard_normal64, threshold_counts, upper_bounds, upper_confidence_bound,
 )
 
 
@@ -110,9 +112,10 @@ def test_radius_decision_stops_early_on_a_sure_input() -> None:
     cert, _ = certify_at_radius(sampler, x, radius=0.5, n0=64, n_max=100_000, alpha=0.001, seed=0)
     assert cert.certified and cert.label == 7 and cert.radius >= 0.5
     assert cert.samples == 64 + 361, cert.samples  # all agree: decided at the first look, (alpha/4) ** (1/n) > Phi(2)
-    # a radius no finite sample can certify is refused, after n_max at the latest
+    # a radius no count of n_max samples could certify is refused before any sample: only the
+    # label is asked, settled at the label question's first look (16 unanimous samples)
     cert, _ = certify_at_radius(sampler, x, radius=5.0, n0=64, n_max=4000, alpha=0.001, seed=0)
-    assert cert.certified is False and cert.n == 4000
+    assert cert.certified is False and cert.n == 16 and cert.label == 7 and 0 < cert.radius < 5.0
     # a coin is refused at r = 0.25 long before n_max
     cert, _ = certify_at_radius(NoiseSampler(_coin, 0.25, 10, 1000), torch.full((1, 28, 28), 0.5),
                                 radius=0.25, n0=64, n_max=100_000, alpha=0.001, seed=0)
@@ -398,3 +401,154 @@ def test_noise_classifier_width_is_recorded_in_its_spec(mnist) -> None:
     assert net.body[0].out_channels == 4 and net.head[0].out_features == 8
     old = build_architecture(builtin_spec("smoothing_cnn", in_channels=1, num_classes=10, image_size=28))
     assert old.body[0].out_channels == 32 and old.head[0].out_features == 256
+
+
+def _thresholds_all_counts(n: int, alpha: float, refuse_level: float, target: float) -> tuple[int, int]:
+    """The sequential test's thresholds as they were computed before bisection: both bounds
+    at every count 0..n, the first count above the target and the last below it."""
+    k = np.arange(n + 1)
+    above = np.nonzero(lower_bounds(k, n, alpha) > target)[0]
+    below = np.nonzero(upper_bounds(k, n, refuse_level) < target)[0]
+    return int(above[0]) if above.size else n + 1, int(below[-1]) if below.size else -1
+
+
+def test_bisected_thresholds_are_those_of_every_count() -> None:
+    # the looks of real tests: budgets up to 100,000, alpha from the smallest served up, radii
+    # from 0 (p* = 1/2) to beyond what the budget certifies; p* and 1/2 (the label question)
+    for n_max, alphas in ((1, (MIN_ALPHA, 0.001)), (200, (MIN_ALPHA, 1e-6, 0.001, 0.1)),
+                          (4000, (MIN_ALPHA, 0.001, 0.1)), (100_000, (MIN_ALPHA, 0.001))):
+        for alpha in alphas:
+            for radius, sigma in ((0.0, 0.5), (0.25, 0.25), (0.5, 0.5), (1.0, 0.5), (1.5, 0.5), (0.9, 0.25)):
+                test = SequentialTest(radius, sigma, n_max, alpha)
+                last = len(test.schedule) - 1
+                looks = range(last + 1) if n_max <= 4000 else ((last,) if radius in (0.5, 1.5) else ())
+                for look in looks:
+                    n, a = test.schedule[look], test.alphas[look]
+                    for target in {test.target, 0.5}:
+                        assert threshold_counts(n, a, test.refuse_level, target) == \
+                            _thresholds_all_counts(n, a, test.refuse_level, target), (n_max, alpha, radius, look)
+                    if test.certifiable:
+                        assert test.thresholds(look) == _thresholds_all_counts(n, a, test.refuse_level, test.target)
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 3000), log_alpha=st.floats(math.log10(MIN_ALPHA), math.log10(0.4)),
+       refuse_level=st.floats(0.01, 0.5), target=st.one_of(st.floats(0.5, 1.0), st.sampled_from([0.5, 1.0])))
+def test_bisected_thresholds_match_every_count_on_random_looks(n: int, log_alpha: float, refuse_level: float,
+                                                               target: float) -> None:
+    alpha = 10 ** log_alpha
+    assert threshold_counts(n, alpha, refuse_level, target) == _thresholds_all_counts(n, alpha, refuse_level, target)
+
+
+def test_alpha_at_the_served_bound_gives_bounds_without_warnings() -> None:
+    # scipy warns (and goes wrong) for alpha near 1e-300; at MIN_ALPHA and the per-look shares
+    # of it nothing is printed, and the lower bound is monotone in the count
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (16, 1000, 100_000):
+            test = SequentialTest(0.5, 0.5, n, MIN_ALPHA)
+            for look in range(len(test.schedule)):
+                test.thresholds(look), test.answer_verdicts(look, np.array([0, test.schedule[look]]))
+            k = np.arange(0, n + 1, max(1, n // 5000))
+            assert np.all(np.diff(lower_bounds(k, n, min(test.alphas))) >= 0)
+
+
+def test_a_radius_no_count_could_certify_asks_only_for_the_label() -> None:
+    # r = 3 at sigma 0.5: p* = Phi(6), beyond a unanimous count of 100,000 at alpha = 0.001
+    test = SequentialTest(3.0, 0.5, 100_000, 0.001)
+    assert not test.certifiable
+    # every count refused at r; the schedule is that of "pA > 1/2?" (radius 0's), not one look of n_max
+    assert test.schedule == SequentialTest(0.0, 0.5, 100_000, 0.001).schedule and test.schedule[0] == 16
+    for look, n in enumerate(test.schedule):
+        assert test.verdicts(look, np.array([0, n // 2, n])).tolist() == [REFUSED] * 3
+    # the boundary: certifiable exactly when some look of the test's own schedule certifies a
+    # unanimous count
+    for radius in np.linspace(1.0, 2.0, 21):
+        t = SequentialTest(float(radius), 0.5, 4000, 0.001)
+        own = SequentialTest(float(radius), 0.5, 4000, 0.001, first=t._first_decisive_look(4000, 1.5, t.target))
+        reachable = any(own.thresholds(look)[0] <= n for look, n in enumerate(own.schedule))
+        assert t.certifiable == reachable == own.certifiable, radius
+    # served: 40 images of pA = 0.7 and 0.3 at r = 3, a budget of 100,000: each stops where its
+    # label is settled, certified false, the radius it has
+    xs = torch.zeros(40, 1, 1, 1)
+    for p, answered in ((0.9, True), (0.1, False)):
+        out = certify_batch_at_radius(_known_pa(p, 0.5), xs, 0.5, 3.0, 0, 100_000, 0.001, list(range(40)), 10)
+        assert not any(c.certified for c, _ in out) and all(c.target_radius == 3.0 for c, _ in out)
+        assert max(c.samples for c, _ in out) <= 500, max(c.samples for c, _ in out)
+        if answered:
+            assert all(not c.abstained and c.label == 0 and 0 < c.radius < 3.0 for c, _ in out)
+        else:
+            assert all(c.abstained for c, _ in out)
+
+
+@pytest.mark.parametrize("numel", [1, 2, 7, 784 * 33 + 1])
+def test_a_normal_stream_in_pieces_is_the_one_draw(numel: int) -> None:
+    whole = standard_normal64(torch.empty(numel, dtype=torch.float64), torch.Generator().manual_seed(4))
+    after = torch.Generator().manual_seed(4)
+    standard_normal64(torch.empty(numel, dtype=torch.float64), after)
+    rng = np.random.default_rng(numel)
+    for _ in range(4):
+        cuts = sorted({0, numel, *(int(c) for c in rng.integers(0, numel + 1, size=5))})
+        g = torch.Generator().manual_seed(4)
+        stream, out = NormalStream(numel, g), torch.empty(numel, dtype=torch.float64)
+        for a, b in zip(cuts, cuts[1:]):
+            stream.fill(out[a:b], a)
+        assert torch.equal(out, whole), cuts
+        assert torch.equal(g.get_state(), after.get_state())  # the generator moved as by one draw
+
+
+def test_a_draw_larger_than_batch_size_is_chunked_with_the_same_noise() -> None:
+    # n0 and looks above batch_size: at most batch_size (+1 clean) rows at once, ctx.check()
+    # between the chunks, and the counts those of the whole draw (the stream is cut, not changed)
+    import service.defenses.smoothing as sm
+    from service.defenses.base import RunContext
+
+    f = _known_pa(0.75, 0.5)  # p* = Phi(0.5) = 0.69 at r = 0.25: several looks
+    xs = torch.zeros(3, 1, 1, 1)
+    seeds = [5, 6, 7]
+    whole = certify_batch_at_radius(f, xs, 0.5, 0.25, 300, 3000, 0.001, seeds, 10, batch_size=100_000)
+    rows, checks = [], [0]
+    real_get = sm._Buffers.get
+
+    def get(self, n):  # type: ignore[no-untyped-def]
+        rows.append(n)
+        return real_get(self, n)
+
+    sm._Buffers.get = get
+    try:
+        ctx = RunContext(seed=0, between=lambda: checks.__setitem__(0, checks[0] + 1))
+        chunked = certify_batch_at_radius(f, xs, 0.5, 0.25, 300, 3000, 0.001, seeds, 10, batch_size=40, ctx=ctx)
+    finally:
+        sm._Buffers.get = real_get
+    assert max(rows) <= 41, max(rows)
+    drawn = sum(c.samples for c, _ in chunked)
+    assert min(c.n for c, _ in chunked) > 100, [c.n for c, _ in chunked]  # looks above batch_size too
+    assert checks[0] >= drawn / 40
+    for (a, ca), (b, cb) in zip(whole, chunked):
+        assert torch.equal(ca, cb) and (a.label, a.samples, a.p_a_lower) == (b.label, b.samples, b.p_a_lower)
+
+
+def test_sampling_stops_at_the_deadline_within_a_chunk_and_after_the_last_draw() -> None:
+    from service.defenses.base import DeadlineExceeded, RunContext
+
+    seen = [0]
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        seen[0] += x.shape[0]
+        return torch.nn.functional.one_hot(torch.zeros(x.shape[0], dtype=torch.long), 10).float()
+
+    # n0 = 100,000 selection copies, drawn in chunks of 500 (not at once): stops within a chunk
+    # of the moment the work is no longer wanted
+    xs = torch.zeros(1, 1, 1, 1)
+    ctx = RunContext(seed=0, cancelled=lambda: seen[0] >= 1000)
+    with pytest.raises(DeadlineExceeded):
+        certify_batch_at_radius(counting, xs, 0.5, 1.0, 100_000, 100_000, 0.001, [1], 10, batch_size=500,
+                                ctx=ctx)
+    assert seen[0] <= 1000 + 500
+    # the last look's draw is checked too: work past the deadline is a 504, not an answer
+    seen[0] = 0
+    ctx = RunContext(seed=0, cancelled=lambda: seen[0] > 0)
+    with pytest.raises(DeadlineExceeded):
+        certify_batch_at_radius(counting, xs, 0.5, 0.5, 0, 49, 0.001, [1], 10, batch_size=500, ctx=ctx)

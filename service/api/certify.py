@@ -6,6 +6,8 @@ cannot be reached answers 503 `store_unavailable`); POST takes the image itself 
 without the store. Certification is expensive, so it
 runs on the runtime's compute thread, off the event loop, and stops at the request's deadline.
 Certificates are cached by (image, pipeline, bundle version, sigma, n0, n, alpha, radius, seed).
+A seed the client passed is marked in the answer (`seed_chosen_by_client`): the alpha of a
+certificate holds over the service's own noise, not over seeds a client may pick and retry.
 With `api_keys` set, images and certificates are each key-holder's own (service.store.image_key):
 another key's GET of the same sha256 is a 404 `unknown_image`, as for an image never posted.
 """
@@ -32,7 +34,7 @@ from service.api.schemas import ErrorBody, RejectionOut
 from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded, RunContext
 from service.defenses.query_monitor import AttackSuspected
-from service.defenses.smoothing import MAX_RADIUS
+from service.defenses.smoothing import MAX_RADIUS, MIN_ALPHA
 from service.runtime import Runtime, monitor_rejection
 from service.store import StoreUnavailable, image_key, image_owner
 
@@ -60,6 +62,10 @@ class CertifyResponse(BaseModel):
     samples: int = Field(description="all noise samples drawn: n0 + n")
     seconds: float
     seed: int | None = Field(description="the noise seed: pass it back as seed= to reproduce this certificate")
+    seed_chosen_by_client: bool = Field(
+        False, description="true when the request passed seed=: the certificate reproduces the one that seed "
+                           "gives, and its alpha holds only if the seed was not chosen after seeing results "
+                           "(false: the service drew the seed, and alpha holds over its noise)")
     batch_size: int | None = None
     target_radius: float | None = None
     certified: bool | None = Field(None, description="with radius=: is the label certified at that radius")
@@ -109,8 +115,8 @@ async def _certify(request: Request, digest: str, owner: str | None, x, name: st
         cached = await store_call(runtime, store, lambda: store.get_certificate(key))
     except StoreUnavailable:
         cached, store = None, None
-    if cached is not None:
-        return CertifyResponse(**{**cached, "cached": True})
+    if cached is not None:  # the key holds the seed or None: whose seed it was is the request's
+        return CertifyResponse(**{**cached, "cached": True, "seed_chosen_by_client": "seed" in opts})
     gone = threading.Event()  # set when the client disconnects: the sampling loop stops
     # on the compute thread, letting the batches queued behind it run between its noise batches
     ctx = RunContext(device=runtime.device, seed=int(opts.get("seed", secrets.randbits(63))),
@@ -147,7 +153,8 @@ async def _certify(request: Request, digest: str, owner: str | None, x, name: st
         label=out.label, class_name=out.class_name, abstained=out.status != "accepted",
         radius=out.certified_radius, p_a_lower=cert.get("p_a_lower"), sigma=opts["sigma"],
         n0=cert.get("n0", opts["n0"]), n=cert.get("n", 0), alpha=opts["alpha"], samples=cert.get("samples", 0),
-        seconds=round(float(cert.get("seconds", 0.0)), 4), seed=cert.get("seed"), batch_size=cert.get("batch_size"),
+        seconds=round(float(cert.get("seconds", 0.0)), 4), seed=cert.get("seed"),
+        seed_chosen_by_client="seed" in opts, batch_size=cert.get("batch_size"),
         target_radius=cert.get("target_radius"), certified=cert.get("certified"), rejected_by=out.rejected_by)
     if store is not None:
         try:
@@ -171,7 +178,7 @@ async def _monitor_rejection(runtime: Runtime, digest: str, x, name: str, opts: 
     return CertifyResponse(
         image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status="rejected", label=None,
         abstained=True, radius=None, p_a_lower=None, sigma=opts["sigma"], n0=opts["n0"], n=0, alpha=opts["alpha"],
-        samples=0, seconds=0.0, seed=None,
+        samples=0, seconds=0.0, seed=None, seed_chosen_by_client="seed" in opts,
         rejected_by=[rejection_out(monitor_rejection(verdict, 0))])
 
 
@@ -191,9 +198,12 @@ async def certify_get(
         sigma: float | None = Query(None, gt=0, description="noise level; one the pipeline has"),
         n: int | None = Query(None, ge=1, description="estimation samples (the maximum is configured)"),
         n0: int | None = Query(None, ge=1, description="selection samples"),
-        alpha: float | None = Query(None, gt=0, lt=0.5, description="failure probability"),
+        alpha: float | None = Query(None, ge=MIN_ALPHA, lt=0.5,
+                                    description=f"failure probability, in [{MIN_ALPHA:g}, 0.5)"),
         radius: float | None = Query(None, ge=0, le=MAX_RADIUS, description="only decide: certified at this radius?"),
-        seed: int | None = Query(None, ge=0, lt=2**63, description="noise seed, to reproduce a certificate"),
+        seed: int | None = Query(None, ge=0, lt=2**63,
+                                 description="noise seed, to reproduce a certificate (the answer then says "
+                                             "seed_chosen_by_client: true)"),
         deadline: Deadline = Depends(request_deadline),
 ) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
@@ -232,7 +242,8 @@ async def certify_post(
         request: Request,
         pipeline: str | None = Query(None), sigma: float | None = Query(None, gt=0),
         n: int | None = Query(None, ge=1), n0: int | None = Query(None, ge=1),
-        alpha: float | None = Query(None, gt=0, lt=0.5), radius: float | None = Query(None, ge=0, le=MAX_RADIUS),
+        alpha: float | None = Query(None, ge=MIN_ALPHA, lt=0.5),
+        radius: float | None = Query(None, ge=0, le=MAX_RADIUS),
         seed: int | None = Query(None, ge=0, lt=2**63),
         deadline: Deadline = Depends(request_deadline),
 ) -> CertifyResponse:

@@ -13,7 +13,10 @@ norm below R = sigma * Phi^-1(pA_lower) changes g's answer.
                             samples on a geometric schedule whose first look is the first at
                             which a unanimous count certifies, and stop as soon as the
                             Clopper-Pearson interval (alpha split over the looks, a union
-                            bound) lies wholly above or below Phi(r / sigma). What /predict runs
+                            bound) lies wholly above or below Phi(r / sigma). A radius that not
+                            even a unanimous count at n_max could certify is refused before any
+                            sample, and only "pA > 1/2?" is asked (the label and the radius it
+                            has), on the schedule of that question. What /predict runs
                             (`certify_batch_at_radius`: all images of a batch together, c_A
                             from the clean image when n0 = 0); /certify runs CERTIFY.
 
@@ -29,7 +32,9 @@ The certificate is about the smoothed classifier g only; detectors before it are
 All noise comes from a torch.Generator seeded with the certificate's `seed`; with the same
 seed, n0, n and batch size a certificate is reproduced exactly. It is drawn soundly in float64
 and rounded to a grid (see NOISE_GRID: Voracek & Hein 2023). Sampling is batched: one
-forward pass per `batch_size` noisy copies, never a Python loop per sample.
+forward pass per `batch_size` noisy copies, never a Python loop per sample, and never more
+than `batch_size` copies of one image drawn at once (a larger draw is made in chunks of the
+same stream, the deadline checked between them: `_count_batch`).
 """
 
 from __future__ import annotations
@@ -139,6 +144,40 @@ CONTINUE, CERTIFIED, REFUSED = 0, 1, -1
 # target; 0.2 keeps a margin
 REFUSE_LEVEL = 0.2
 MAX_RADIUS = 10.0  # a target above it is refused (422): no sample budget could certify it
+# The smallest alpha a certificate may ask for (422 below it on /certify; a pipeline's or
+# certify.alpha below it does not load). scipy's beta.ppf (boost's ibeta inverse) is
+# inaccurate below ~1e-305 (a reported lower bound is then no bound, and not monotone in the
+# count) and warns on stderr from ~1e-300; at 1e-12, and at the per-look shares of it the
+# sequential test spends (~2e-14 at n = 100,000), its lower bounds solve I_p(k, n-k+1) = alpha
+# to a relative 5e-12 (checked against mpmath at n up to 100,000 and alpha down to 1e-16, on
+# the counts where mpmath converges), are monotone in the count and raise no warning
+# (tests/test_smoothing.py): a margin of ~290 orders of magnitude.
+MIN_ALPHA = 1e-12
+
+
+def _first_true(pred: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The smallest k in [lo, hi) with pred(k), or hi; pred must be false then true."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@functools.lru_cache(maxsize=4096)
+def threshold_counts(n: int, alpha: float, refuse_level: float, target: float) -> tuple[int, int]:
+    """(k_certified, k_refused) after n samples: the fewest successes whose lower bound at
+    `alpha` exceeds `target` (n + 1 if none), and the most whose upper bound at `refuse_level`
+    falls below it (-1 if none). The Clopper-Pearson bounds are monotone in k, so each is found
+    by bisection: ~2 log2(n) scalar beta.ppf calls (34 at n = 100,000) instead of a pass over
+    k = 0..n (1 s at n = 100,000). The same comparisons as that pass, so the same counts
+    (tests/test_smoothing.py checks them against it). Cached: shared by every test, radius and
+    request that meets the same (n, alpha, refuse level, target)."""
+    k_cert = _first_true(lambda k: bool(lower_bounds(np.array([k]), n, alpha)[0] > target), 0, n + 1)
+    k_ref = _first_true(lambda k: not bool(upper_bounds(np.array([k]), n, refuse_level)[0] < target), 0, n + 1) - 1
+    return k_cert, k_ref
 
 
 class SequentialTest:
@@ -161,6 +200,12 @@ class SequentialTest:
     abstention), so an early refusal does not turn into an abstention. The union bound covers
     this too: it holds for every look at once, whichever question decided where to stop.
     Every method takes arrays: one call decides a whole batch of images.
+
+    `certifiable` is false when not even a unanimous count at any look could certify p*
+    (p* too close to 1 for n_max samples at this alpha). Every count is then REFUSED at the
+    target from the start, no sample is spent on it, and the schedule is that of "pA > 1/2?"
+    (its first look the first at which a unanimous count clears 1/2, as for radius 0): an
+    image draws only what its label needs, not n_max.
     """
 
     def __init__(self, radius: float, sigma: float, n_max: int, alpha: float,
@@ -171,25 +216,35 @@ class SequentialTest:
         self.radius, self.sigma, self.alpha = float(radius), float(sigma), float(alpha)
         self.refuse_level = float(refuse_level)
         self.target = float(norm.cdf(self.radius / self.sigma))
-        if first is None:
-            first = self._first_decisive_look(n_max, factor)
+        self._set_schedule(n_max, factor, first if first is not None else
+                           self._first_decisive_look(n_max, factor, self.target))
+        # can any look certify p*? Its best chance is a unanimous count (the same comparison as
+        # `thresholds`: k_certified <= n at some look)
+        sizes = np.asarray(self.schedule)
+        self.certifiable = bool(self.target < 1.0 and (lower_bounds(sizes, sizes, np.asarray(self.alphas))
+                                                       > self.target).any())
+        if not self.certifiable and first is None:  # only "pA > 1/2?" is asked: its own schedule
+            self._set_schedule(n_max, factor, self._first_decisive_look(n_max, factor, 0.5))
+
+    def _set_schedule(self, n_max: int, factor: float, first: int) -> None:
         self.schedule = geometric_schedule(n_max, first=min(first, n_max), factor=factor)
-        self.alphas = alpha_spending(alpha, len(self.schedule))
+        self.alphas = alpha_spending(self.alpha, len(self.schedule))
         self._thresholds: dict[tuple[int, float], tuple[int, int]] = {}
 
-    def _first_decisive_look(self, n_max: int, factor: float) -> int:
-        """The first look: the fewest samples at which a unanimous count can certify (at least 16).
+    def _first_decisive_look(self, n_max: int, factor: float, target: float) -> int:
+        """The first look: the fewest samples at which a unanimous count can certify `target`
+        (at least 16).
 
         All n samples agreeing, the lower bound is alpha_1^(1/n), above p* once
         n > ln(alpha_1) / ln(p*). Looking earlier could only refuse, and would cost alpha and a
         forward pass for every image; an easy image is decided in one pass at the first look.
         alpha_1 depends on the number of looks, which depends on the first: a few rounds settle it."""
-        if self.target >= 1.0:
+        if target >= 1.0:
             return n_max
         first = 16
         for _ in range(6):
             a1 = alpha_spending(self.alpha, len(geometric_schedule(n_max, first=min(first, n_max), factor=factor)))[0]
-            need = min(n_max, max(16, int(math.log(a1) / math.log(self.target)) + 1))
+            need = min(n_max, max(16, int(math.log(a1) / math.log(target)) + 1))
             if need == first:
                 break
             first = need
@@ -199,18 +254,19 @@ class SequentialTest:
         """(k_certified, k_refused) at this look for `target` (default p*): CERTIFIED iff
         k >= k_certified (lower bound at alphas[look] above the target), REFUSED iff
         k <= k_refused (upper bound at refuse_level below it). The bounds are monotone in k, so
-        one vectorised pass over k = 0..n settles every count a look can see; computed once per
-        look, target and test (tests are cached by their parameters, `sequential_test`), so
-        deciding a batch is integer comparisons."""
-        target = self.target if target is None else target
+        two bisections settle every count a look can see (`threshold_counts`); computed once
+        per look, target and test (tests are cached by their parameters, `sequential_test`),
+        so deciding a batch is integer comparisons. p* when not `certifiable`: every count is
+        refused, (n + 1, n), with no bound computed."""
+        n = self.schedule[look]
+        if target is None:
+            if not self.certifiable:
+                return n + 1, n
+            target = self.target
         cached = self._thresholds.get((look, target))
         if cached is None:
-            n, a = self.schedule[look], self.alphas[look]
-            k = np.arange(n + 1)
-            above = np.nonzero(lower_bounds(k, n, a) > target)[0]
-            below = np.nonzero(upper_bounds(k, n, self.refuse_level) < target)[0]
-            cached = self._thresholds[(look, target)] = (int(above[0]) if above.size else n + 1,
-                                                         int(below[-1]) if below.size else -1)
+            cached = self._thresholds[(look, target)] = threshold_counts(n, self.alphas[look], self.refuse_level,
+                                                                         float(target))
         return cached
 
     def verdicts(self, look: int, k: np.ndarray, target: float | None = None) -> np.ndarray:
@@ -257,14 +313,25 @@ def noisy_copies(out: torch.Tensor, x: torch.Tensor, sigma: float, generators: l
     shaped like out): Q(x + sigma * e) computed soundly as described above; without it:
     x + sigma * e in out's dtype (float32 sampling, the practice Voracek & Hein show can be
     unsound). The arithmetic runs once over all G images (a few large passes, not G small ones)."""
+    m = out.shape[0] // x.shape[0]
+
+    def fill(noise: torch.Tensor) -> None:
+        for j, gen in enumerate(generators):
+            if work is None:
+                torch.randn((m, *x.shape[1:]), generator=gen, out=noise[j * m:(j + 1) * m])
+            else:
+                standard_normal64(noise[j * m:(j + 1) * m], gen)
+    return _noisy(out, x, sigma, work, fill)
+
+
+def _noisy(out: torch.Tensor, x: torch.Tensor, sigma: float, work: torch.Tensor | None,
+           fill: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """`noisy_copies` with the standard normal noise written by `fill` into `work` (sound) or
+    `out` (float32): the copies of each image x[j] consecutive, as many for each."""
     g = x.shape[0]
     m = out.shape[0] // g
     noise = out if work is None else work
-    for j, gen in enumerate(generators):
-        if work is None:
-            torch.randn((m, *x.shape[1:]), generator=gen, out=noise[j * m:(j + 1) * m])
-        else:
-            standard_normal64(noise[j * m:(j + 1) * m], gen)
+    fill(noise)
     flat = noise.view(g, m, -1)
     if work is None:
         return torch.add(x.reshape(g, 1, -1), flat, alpha=sigma, out=flat).view_as(out)
@@ -304,6 +371,55 @@ def standard_normal64(out: torch.Tensor, generator: torch.Generator) -> torch.Te
     theta.sin_().mul_(r)                     # r sin(2 pi u2)
     r.mul_(cos)                              # r cos(2 pi u2)
     return out
+
+
+class NormalStream:
+    """The `numel` standard normals that one `standard_normal64(out, generator)` call would
+    write, made in pieces: `fill(out, start)` writes values [start, start + out.numel()) of
+    that call's output. On the CPU the pieces are the same bits as the one call, however the
+    stream is cut (each piece jumps the PCG64 stream to the uniforms it needs with `advance`,
+    and Box-Muller pairs uniform i with uniform numel//2 + i, wherever the two lie), so a draw
+    cut into `batch_size` chunks gives the certificate the whole draw gives. It takes its key
+    from `generator` when made, as the call does. On other devices each piece is a
+    `standard_normal64` call of its own (a fresh key each): reproducible from the seed and the
+    chunking, not the bits of one call."""
+
+    def __init__(self, numel: int, generator: torch.Generator) -> None:
+        self.numel, self.half, self.generator = numel, numel // 2, generator
+        self.cpu = torch.device(generator.device).type == "cpu"
+        self.key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator)) if self.cpu else None
+
+    def _uniforms(self, out: torch.Tensor, start: int) -> None:
+        bits = np.random.PCG64(self.key)
+        bits.advance(int(start))  # one 64-bit draw per float64 uniform
+        np.random.Generator(bits).random(out=out.numpy())
+
+    def fill(self, out: torch.Tensor, start: int) -> torch.Tensor:
+        flat = out.view(-1)
+        if not self.cpu:
+            return standard_normal64(out, self.generator)
+        end, half = start + flat.numel(), self.half
+        if not 0 <= start <= end <= self.numel:
+            raise ValueError(f"values [{start}, {end}) are outside the stream's {self.numel}")
+        a0, a1 = start, min(end, half)            # r cos(2 pi u2): r from u[p], u2 = u[half + p]
+        if a1 > a0:
+            r, theta = flat[:a1 - a0], torch.empty(a1 - a0, dtype=torch.float64)
+            self._uniforms(r, a0)
+            self._uniforms(theta, half + a0)
+            r.neg_().log1p_().mul_(-2.0).sqrt_()
+            r.mul_(theta.mul_(2.0 * math.pi).cos_())
+        b0, b1 = max(start, half), min(end, 2 * half)  # r sin(2 pi u2): r from u[p - half], u2 = u[p]
+        if b1 > b0:
+            theta, r = flat[b0 - start:b1 - start], torch.empty(b1 - b0, dtype=torch.float64)
+            self._uniforms(theta, b0)
+            self._uniforms(r, b0 - half)
+            r.neg_().log1p_().mul_(-2.0).sqrt_()
+            theta.mul_(2.0 * math.pi).sin_().mul_(r)
+        if self.numel % 2 and end == self.numel:  # the odd last value: after all the uniforms
+            bits = np.random.PCG64(self.key)
+            bits.advance(2 * half)
+            flat[-1] = float(np.random.Generator(bits).standard_normal())
+        return out
 
 
 # ---------------------------------------------------------------------- precision
@@ -426,6 +542,8 @@ class NoiseSampler:
                     labels = self.f(noisy[i:i + self.forward_batch]).argmax(1)
                     counts += torch.bincount(labels, minlength=self.num_classes)
                 remaining -= m
+            if ctx is not None:  # the last batch may have run past the deadline too
+                ctx.check()
         return counts.cpu()
 
 
@@ -490,37 +608,77 @@ def _count_batch(f: Classify, xs: torch.Tensor, idx: list[int], need: int, gener
     The copies of many images share each forward pass (images grouped up to the buffers'
     rows), so the network runs at efficient batch sizes however few copies each image needs.
     Each image's noise is one draw of `need` copies from its own generator: it depends only on
-    its seed and the schedule, never on the other images of the batch. With `clean_labels`
-    (one entry per image of xs), f's answer on each clean image xs[i], i in idx, is written
-    to entry i, the clean images riding in their group's last forward pass: one pass fewer per
-    batch (at one image a pass costs mostly its fixed overhead). A row's answer depends on
-    that row alone, never on the noise beside it."""
+    its seed and the schedule, never on the other images of the batch. A draw larger than the
+    buffers' rows (`batch_size`) is made in chunks of at most that many rows, of the same
+    stream (`NormalStream`: the sound noise is the same bits as one draw; the float32 noise of
+    `sound: false` is torch.randn per chunk, the same values as one draw when an image has a
+    multiple of 16 values, as 28x28 has, torch filling in blocks of 16), so memory stays
+    bounded by batch_size whatever n, n0 or the look asks. `ctx.check()` (the deadline, a
+    client gone, the queued batches let in) runs before every group or chunk and once before
+    returning. With `clean_labels` (one entry per image of xs), f's answer on each clean image
+    xs[i], i in idx, is written to entry i, the clean images riding in their group's (or
+    last chunk's) forward pass: one pass fewer per batch (at one image a pass costs mostly its
+    fixed overhead). A row's answer depends on that row alone, never on the noise beside it."""
     out = torch.zeros(len(idx), num_classes, dtype=torch.long)
-    per_group = max(1, buffers.rows // need)
-    for g0 in range(0, len(idx), per_group):
-        if ctx is not None:
-            ctx.check()
-        group = idx[g0:g0 + per_group]
-        rows = len(group) * need
-        extra = len(group) if clean_labels is not None else 0
-        noisy, work = buffers.get(rows + extra)
-        noisy_copies(noisy[:rows], xs[group], sigma, [generators[i] for i in group],
-                     None if work is None else work[:rows])
-        if extra:
-            noisy[rows:] = xs[group]
-        answers = torch.cat([f(noisy[r:r + forward_batch]).argmax(1) for r in range(0, rows + extra, forward_batch)])
-        if extra:
-            clean_labels[group] = answers[rows:].cpu()
-        labels = answers[:rows]
-        owner = torch.arange(len(group)).repeat_interleave(need)
-        flat = torch.bincount(owner * num_classes + labels.cpu(), minlength=len(group) * num_classes)
-        out[g0:g0 + len(group)] = flat.view(len(group), num_classes)
+
+    def labels_of(noisy: torch.Tensor) -> torch.Tensor:
+        return torch.cat([f(noisy[r:r + forward_batch]).argmax(1) for r in range(0, noisy.shape[0], forward_batch)])
+
+    if need > buffers.rows:  # one image at a time, in chunks
+        per_image = int(np.prod(xs.shape[1:]))
+        for j, i in enumerate(idx):
+            gen = generators[i]
+            stream = NormalStream(need * per_image, gen) if buffers.sound else None
+            done = 0
+            while done < need:
+                if ctx is not None:
+                    ctx.check()
+                m = min(need - done, buffers.rows)
+                extra = 1 if clean_labels is not None and done + m == need else 0
+                noisy, work = buffers.get(m + extra)
+
+                def fill(noise: torch.Tensor, start: int = done) -> None:
+                    if stream is None:
+                        torch.randn(noise.shape, generator=gen, out=noise)
+                    else:
+                        stream.fill(noise, start * per_image)
+                _noisy(noisy[:m], xs[i:i + 1], sigma, None if work is None else work[:m], fill)
+                if extra:
+                    noisy[m] = xs[i]
+                answers = labels_of(noisy[:m + extra])
+                if extra:
+                    clean_labels[i] = answers[m].cpu()
+                out[j] += torch.bincount(answers[:m].cpu(), minlength=num_classes)
+                done += m
+    else:
+        per_group = max(1, buffers.rows // need)
+        for g0 in range(0, len(idx), per_group):
+            if ctx is not None:
+                ctx.check()
+            group = idx[g0:g0 + per_group]
+            rows = len(group) * need
+            extra = len(group) if clean_labels is not None else 0
+            noisy, work = buffers.get(rows + extra)
+            noisy_copies(noisy[:rows], xs[group], sigma, [generators[i] for i in group],
+                         None if work is None else work[:rows])
+            if extra:
+                noisy[rows:] = xs[group]
+            answers = labels_of(noisy[:rows + extra])
+            if extra:
+                clean_labels[group] = answers[rows:].cpu()
+            labels = answers[:rows]
+            owner = torch.arange(len(group)).repeat_interleave(need)
+            flat = torch.bincount(owner * num_classes + labels.cpu(), minlength=len(group) * num_classes)
+            out[g0:g0 + len(group)] = flat.view(len(group), num_classes)
+    if ctx is not None:  # the last draw may have run past the deadline
+        ctx.check()
     return out
 
 
 class _Buffers:
-    """Noise buffers for one batch: `rows` copies per forward group (more when one image's draw
-    alone is larger), allocated on first use and reused look after look."""
+    """Noise buffers for one batch: `rows` copies per forward group (plus the group's clean
+    images; a larger draw is made in chunks of `rows`), allocated on first use and reused look
+    after look."""
 
     def __init__(self, shape: tuple[int, ...], rows: int, sound: bool, device: torch.device,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -548,8 +706,10 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
     guarantee holds as with selection copies; one forward pass instead of n0). Then, look by
     look, every image still undecided gets its next copies, all of them in shared forward
     passes; an image leaves as soon as it is certified, or refused with a lower bound that
-    settles "label or abstain" (see `SequentialTest`). Returns per image the certificate and
-    the counts of its estimation copies.
+    settles "label or abstain" (see `SequentialTest`). A target no count could certify (not
+    `certifiable`) is refused for every image before any sample: each draws only what "pA > 1/2?"
+    needs, and its certificate says certified false with the radius its lower bound gives.
+    Returns per image the certificate and the counts of its estimation copies.
     """
     started = time.perf_counter()
     b = xs.shape[0]
@@ -563,7 +723,9 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
     counts = torch.zeros(b, num_classes, dtype=torch.long)
     lower = np.zeros(b)
     verdict = np.full(b, CONTINUE)
-    refused = np.zeros(b, dtype=bool)  # refused at the target radius, still asking "pA > 1/2?"
+    # refused at the target radius, still asking "pA > 1/2?"; every image from the start when
+    # no count could certify the target (the test's schedule is then that question's)
+    refused = np.full(b, not test.certifiable)
     used = np.zeros(b, dtype=np.int64)
     with torch.inference_mode():
         c_a = (_count_batch(f, xs, list(range(b)), n0, generators, sigma, num_classes, buffers, forward_batch,
@@ -755,6 +917,10 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
         if not 0 <= target_radius <= MAX_RADIUS:
             raise ValueError(f"target_radius must be in [0, {MAX_RADIUS:g}] or null, got {target_radius:g}")
     alpha = float(options.get("alpha", _setting(env, "alpha", 0.001)))
+    for name, value in (("alpha", alpha), ("certify.alpha", float(_setting(env, "alpha", 0.001)))):
+        if not MIN_ALPHA <= value < 1:
+            raise ValueError(f"{name} must be in [{MIN_ALPHA:g}, 1), got {value:g} (scipy's Clopper-Pearson "
+                             "bounds are not reliable far below it)")
     batch_size = int(options.get("batch_size", _setting(env, "batch_size", 8000)))
     forward_batch = int(options.get("forward_batch", 1000))
     if not (n >= 1 and n0 >= (1 if target_radius is None else 0) and batch_size >= 1 and forward_batch >= 1 and 0 < alpha < 1):
@@ -778,7 +944,8 @@ def _frozen(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return module
 
 
-__all__ = ["ABSTAIN", "CERTIFIED", "CONTINUE", "Certificate", "MAX_RADIUS", "NOISE_GRID", "NoiseSampler",
+__all__ = ["ABSTAIN", "CERTIFIED", "CONTINUE", "Certificate", "MAX_RADIUS", "MIN_ALPHA", "NOISE_GRID", "NoiseSampler",
+           "NormalStream", "threshold_counts",
            "REFUSED", "SequentialTest", "sequential_test", "SmoothingDecider", "alpha_spending", "build", "certify",
            "certify_at_radius", "certify_batch_at_radius", "lower_bounds", "noisy_copies", "upper_bounds", "geometric_schedule", "lower_confidence_bound", "optimize_for_cpu",
            "predict_from_counts", "radius_from", "upper_confidence_bound"]
