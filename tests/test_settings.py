@@ -66,7 +66,6 @@ def test_redis_urls_are_redacted_for_logs():
 
 def test_the_certify_alpha_setting_has_the_bound_the_api_enforces() -> None:
     # one bound for a configured alpha and a requested one: service.defenses.smoothing.MIN_ALPHA
-    import pytest
     from pydantic import ValidationError
 
     from service.defenses.smoothing import MIN_ALPHA
