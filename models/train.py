@@ -5,10 +5,17 @@ artifacts, calibrates what needs calibrating, and adds both to the bundle. Steps
 order of STEPS; `--steps` picks some of them to add to (or refresh in) an existing bundle.
 Every step draws its randomness from a generator derived from the seed and the step's name,
 so rebuilding with the same seed reproduces the manifest's metrics.
+
+A defense step that fails on a new bundle is recorded as unusable (with its error) and the
+build goes on. Extending a bundle, a step that fails on a defense the bundle already has leaves
+that defense as it was (section, artifacts, manifest) and the command fails; a training
+checkpoint that cannot be resumed (recipes.common.CheckpointError) always fails the command,
+naming the file.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import logging
@@ -26,6 +33,7 @@ from models.bundle import Bundle, BundleWriter, Classifier, InputSpec
 from models.features import FeatureError
 from models.datasets import Dataset, load_dataset
 from models.recipes import quality
+from models.recipes.common import CheckpointError
 
 log = logging.getLogger("shieldserve.train")
 
@@ -63,6 +71,7 @@ class BuildContext:
     command: str
     options: dict[str, Any] = field(default_factory=dict)
     byo_classifier: bool = False
+    extending: bool = False    # `--steps` on an existing bundle: a failed step keeps the defense it had
     _classifier: Classifier | None = None
 
     @property
@@ -78,6 +87,62 @@ class BuildContext:
 
     def forget_classifier(self) -> None:
         self._classifier = None
+
+
+class StepWriter(BundleWriter):
+    """A BundleWriter that can undo one step (`begin` ... `rollback` or `commit`): the files the
+    step overwrote are put back, the ones it added removed, and the manifest restored, in memory
+    and on disk where the step saved it (BuildContext.classifier() saves). A step that fails
+    on a defense the bundle already has leaves that defense as it was."""
+
+    def __init__(self, path: str | Path, manifest: dict[str, Any] | None = None) -> None:
+        super().__init__(path, manifest)
+        self._undo: dict[str, Any] | None = None
+
+    def begin(self, step: str) -> None:
+        manifest_file = self.path / "manifest.json"
+        self._undo = {"manifest": copy.deepcopy(self.manifest),
+                      "disk": manifest_file.read_bytes() if manifest_file.is_file() else None,
+                      "files": {}}
+        # files a defense section names that are not artifacts (Defense-GAN's samples_png): the
+        # step writes them directly, not through add_file
+        for value in self.manifest.get("defenses", {}).get(step, {}).values():
+            if isinstance(value, str) and Path(value).name == value and (self.path / value).is_file():
+                self._keep(value)
+
+    def _keep(self, filename: str) -> None:
+        if self._undo is not None and filename not in self._undo["files"]:
+            target = self.path / filename
+            self._undo["files"][filename] = target.read_bytes() if target.is_file() else None
+
+    def add_file(self, name: str, filename: str, data: bytes, **meta: Any) -> dict[str, Any]:
+        self._keep(filename)
+        return super().add_file(name, filename, data, **meta)
+
+    def commit(self) -> None:
+        self._undo = None
+
+    def rollback(self) -> None:
+        undo, self._undo = self._undo, None
+        if undo is None:
+            return
+        for filename, data in undo["files"].items():
+            target = self.path / filename
+            if data is None:
+                target.unlink(missing_ok=True)
+            else:
+                target.write_bytes(data)
+        self.manifest.clear()
+        self.manifest.update(undo["manifest"])
+        manifest_file = self.path / "manifest.json"
+        current = manifest_file.read_bytes() if manifest_file.is_file() else None
+        if current != undo["disk"]:
+            if undo["disk"] is None:
+                manifest_file.unlink(missing_ok=True)
+            else:
+                tmp = manifest_file.with_suffix(".json.tmp")
+                tmp.write_bytes(undo["disk"])
+                tmp.replace(manifest_file)
 
 
 def parse_classifier(spec: str, weights: str | None, kwargs: dict[str, Any]) -> ClassifierSource:
@@ -124,7 +189,7 @@ def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dat
     return record
 
 
-def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str = "default", seed: int = 0,
+def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | None = None, seed: int | None = None,
                  steps: list[str] | None = None, classifier: ClassifierSource | None = None,
                  device: str = "cpu", input_overrides: dict[str, Any] | None = None,
                  options: dict[str, Any] | None = None, argv: list[str] | None = None) -> Path:
@@ -133,7 +198,10 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str = "
     `dataset`: mnist5k (the default for a new bundle), idx:DIR or npz:FILE. Extending a bundle
     defaults to the dataset it was built on, and refuses another one (or the same one whose
     content has changed): its steps would be trained and calibrated on data the manifest does
-    not name, beside artifacts made on the recorded data."""
+    not name, beside artifacts made on the recorded data. `preset` and `seed` likewise: a new
+    bundle's default is "default" and 0, an extended one's what it was built with
+    (`build.preset`, `build.seed`), and another value is refused (the manifest records one
+    preset and seed for the whole bundle, and rebuilding from it must reproduce its metrics)."""
     from models.recipes.common import dataset_sha256
 
     out = Path(out)
@@ -155,6 +223,9 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str = "
     elif recorded and dataset != recorded:
         raise ValueError(f"the bundle at {out} was built on {recorded}; pass --dataset {recorded} "
                          f"(or build a new bundle, without --steps, on {dataset})")
+    build = previous.get("build", {})
+    preset = _as_built(out, "preset", preset, build.get("preset"), "default")
+    seed = _as_built(out, "seed", seed, build.get("seed"), 0)
     ds = load_dataset(dataset)
     content = dataset_sha256(ds, ("train", "val", "test"))
     recorded_sha = previous.get("dataset", {}).get("sha256")
@@ -162,7 +233,7 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str = "
         raise ValueError(f"{dataset} is not the data the bundle at {out} was built on (its content's sha256 is "
                          f"{content[:12]}..., the manifest's {recorded_sha[:12]}...); restore that data, or build "
                          f"a new bundle without --steps")
-    writer = BundleWriter.extend(out) if extending else BundleWriter(out)
+    writer = StepWriter.extend(out) if extending else StepWriter(out)
     command = "shieldserve train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
     if not extending:
         spec = InputSpec(shape=ds.input_shape, class_names=tuple(ds.class_names),
@@ -175,7 +246,7 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str = "
                                          "versions": {"python": platform.python_version(),
                                                       "torch": torch.__version__}})
     ctx = BuildContext(ds, writer, preset, seed, torch.device(device), command, dict(options or {}),
-                       byo_classifier=classifier is not None)
+                       byo_classifier=classifier is not None, extending=extending)
     gate = dict(ctx.options.get("quality", {}))
     try:
         _run_steps(ctx, chosen, classifier, gate, command)
@@ -194,6 +265,17 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str = "
     return writer.save()
 
 
+def _as_built(out: Path, flag: str, given: Any, recorded: Any, default: Any) -> Any:
+    """`given` (None: not given) against what the bundle being extended records (None: a new
+    bundle, or one that records nothing): the recorded value by default, another one refused."""
+    if given is None:
+        return default if recorded is None else recorded
+    if recorded is not None and given != recorded:
+        raise ValueError(f"the bundle at {out} was built with --{flag} {recorded}; pass --{flag} {recorded} "
+                         f"(or leave it out), or build a new bundle, without --steps, with --{flag} {given}")
+    return given
+
+
 def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSource | None, gate: dict[str, Any],
                command: str) -> None:
     writer, ds, preset = ctx.writer, ctx.dataset, ctx.preset
@@ -207,14 +289,7 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
         elif name == "classifier":
             importlib.import_module(module_path).build_step(ctx)
         else:
-            # A defense that cannot be built around this classifier is recorded as unusable with
-            # the reason, and the build goes on: the other defenses may still serve it.
-            try:
-                importlib.import_module(module_path).build_step(ctx)
-            except Exception as exc:
-                log.exception("step %s failed; its defense is recorded as unusable", name)
-                writer.manifest.get("defenses", {}).pop(name, None)
-                quality.record_failure(writer.manifest, name, exc, preset, gate)
+            _defense_step(ctx, name, module_path, gate)
         if name == "classifier":
             ctx.forget_classifier()
             quality.check_classifier(writer.path, ds, preset, gate, ctx.device)
@@ -240,3 +315,37 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
                 quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
         quality.measure_monitor(writer.path, writer.manifest, ds, preset, gate)
         writer.record_step("quality", command, time.monotonic() - t0)
+
+
+def _defense_step(ctx: BuildContext, name: str, module_path: str, gate: dict[str, Any]) -> None:
+    """Run one defense step. Whatever it raises, what it wrote is undone first (StepWriter).
+
+    A defense that cannot be built around this classifier is recorded as unusable with the
+    reason, and the build goes on: the other defenses may still serve it. Not so for a defense
+    the bundle being extended already has (its working section and artifacts are kept and the
+    command fails: refreshing it failed, it did not become unusable), nor for a checkpoint
+    that cannot be resumed (the command fails naming the file; the manifest is not saved)."""
+    writer = ctx.writer
+    kept = ctx.extending and name in writer.manifest.get("defenses", {})
+    guarded = isinstance(writer, StepWriter)
+    if guarded:
+        writer.begin(name)
+    try:
+        importlib.import_module(module_path).build_step(ctx)
+    except BaseException as exc:
+        if guarded:
+            writer.rollback()
+        if isinstance(exc, CheckpointError):
+            log.error("step %s stopped, the bundle unchanged by it: %s", name, exc)
+            raise
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: undone, not recorded
+            raise
+        if kept:
+            log.error("step %s failed; the bundle keeps the %s defense it had: %s", name, name, exc)
+            raise
+        log.exception("step %s failed; its defense is recorded as unusable", name)
+        writer.manifest.get("defenses", {}).pop(name, None)
+        quality.record_failure(writer.manifest, name, exc, ctx.preset, gate)
+    else:
+        if guarded:
+            writer.commit()

@@ -289,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="bundle directory to write")
     t.add_argument("--dataset", default=None,
                    help="mnist5k | idx:DIR | npz:FILE (default: the dataset an existing bundle at --out was built on, else mnist5k)")
-    t.add_argument("--preset", default="default", choices=["default", "quick"])
-    t.add_argument("--seed", type=int, default=0)
+    # None: a new bundle gets "default" and 0; --steps on a bundle takes the ones it was built with
+    t.add_argument("--preset", default=None, choices=["default", "quick"])
+    t.add_argument("--seed", type=int, default=None)
     t.add_argument("--steps", type=_steps, help="comma-separated steps to (re)build into an existing bundle; "
                                    "'quality' measures its defenses again (the quality gate)")
     t.add_argument("--classifier", help="your pretrained classifier: import:pkg.module:factory or torchscript:FILE")

@@ -138,7 +138,7 @@ def test_a_new_classifier_under_kept_defenses_is_gated_again(quick_bundle, tmp_p
     monkeypatch.setattr(train.quality, "measure_monitor", lambda *a, **k: measured.append(("monitor", "")))
     b = _copy(quick_bundle, tmp_path / "b")
     old = Bundle.load(b).artifact("classifier")["sha256"]
-    build_bundle(b, preset="quick", seed=1, steps=["classifier"], argv=[],
+    build_bundle(b, preset="quick", steps=["classifier"], argv=[],
                  options={"classifier": {"epochs": 1}})
     new = Bundle.load(b).artifact("classifier")["sha256"]
     kept = [n for n in train.quality.STEP_KEYS if n in Bundle.load(b).manifest["defenses"]]

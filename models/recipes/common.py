@@ -42,6 +42,22 @@ def dataset_sha256(dataset: Any, splits: tuple[str, ...] = ("train", "val")) -> 
     return cache[splits]
 
 
+class CheckpointError(ValueError):
+    """A resumable training checkpoint that cannot be used: unreadable (truncated, not ours),
+    trained on other data, or further along than the run asked for. Never swallowed by the
+    build (models.train): resuming it is impossible, and training from scratch over it, or
+    recording the step as failed, would either overwrite a run the user may want or drop a
+    defense the bundle already serves. A ValueError, so the CLI says it in one line (exit 2)."""
+
+
+def checkpoint_error(step: str, path: Any, problem: str, remove: Any = None) -> CheckpointError:
+    """The error for `step`'s unusable checkpoint at `path`: what is wrong and the two ways out
+    (delete it, or train in another work directory)."""
+    return CheckpointError(
+        f"{step} checkpoint {path} cannot be resumed: {problem}; delete {remove or path}, or set "
+        f"$SHIELDSERVE_WORK_DIR (or --options '{{\"{step}\": {{\"work_dir\": DIR}}}}') to another directory")
+
+
 def work_root(configured: str | None) -> str:
     """The directory that holds resumable training checkpoints.
 

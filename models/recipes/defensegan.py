@@ -16,7 +16,11 @@ Checkpoints: a safetensors file and a JSON state in a work directory outside the
 (options {"defensegan": {"work_dir": DIR}}, or $SHIELDSERVE_WORK_DIR, or a per-user
 `<tmp>/shieldserve-work-<uid>`, mode 0700), keyed by dataset (with the sha256 of its train and
 validation images and labels, also recorded in the checkpoint and checked on load), preset,
-seed and recipe; a build that finds one resumes from it.
+seed and recipe; a build that finds one resumes from it. `generator_steps` is left out of that
+key unless `lr_decay` (whose schedule depends on the run's length): a longer run resumes a
+shorter one, and a shorter run than the checkpoint's is refused (CheckpointError), as is one
+that cannot be read or was trained on other data: delete the directory it names, or train in
+another work directory.
 """
 
 from __future__ import annotations
@@ -32,14 +36,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.architectures import (  # noqa: F401 - the networks, defined with the other builtins
     Critic, Encoder, Generator, builtin_spec,
 )
-from models.recipes.common import batches, dataset_sha256, progress, seeded, work_root
+from models.recipes.common import (
+    CheckpointError, batches, checkpoint_error, dataset_sha256, progress, seeded, work_root,
+)
 
 STEP = "defensegan"
 
@@ -132,17 +138,36 @@ class Checkpoint:
         return self.dir is not None
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """(weights, loop state), or None when there is no checkpoint. One that cannot be used
+        (a truncated state.json or weights file, another run's data, not ours) raises
+        CheckpointError naming the file: never trained over, nor recorded as a failed step."""
         if self.dir is None or not (self.dir / "state.json").is_file():
             return None
-        state = json.loads((self.dir / "state.json").read_text())
-        with safe_open(str(self.dir / state["weights"]), framework="pt") as f:
-            recorded = (f.metadata() or {}).get("data_sha256")
-        if self.data_sha256 and not (recorded == state.get("data_sha256") == self.data_sha256):
-            # another run's (other images under the same name and sizes) or not ours at all:
-            # never resumed and written into the bundle
-            raise ValueError(f"checkpoint {self.dir} was not trained on this data (its data sha256 is "
-                             f"{recorded or 'missing'}); delete it or choose another work_dir")
-        return load_file(str(self.dir / state["weights"])), state
+        where = self.dir / "state.json"
+        try:
+            state = json.loads(where.read_text())
+            if not isinstance(state, dict):
+                raise checkpoint_error(STEP, where, "it is not a JSON object", self.dir)
+            missing = [k for k in ("weights", "generator_step", "seconds", "history") if k not in state]
+            if missing:
+                raise checkpoint_error(STEP, where, f"it lacks {', '.join(missing)}", self.dir)
+            name = state["weights"]
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise checkpoint_error(STEP, where, f"its weights file {name!r} is not a file name in {self.dir}",
+                                       self.dir)
+            where = self.dir / name
+            with safe_open(str(where), framework="pt") as f:
+                recorded = (f.metadata() or {}).get("data_sha256")
+            if self.data_sha256 and not (recorded == state.get("data_sha256") == self.data_sha256):
+                # another run's (other images under the same name and sizes) or not ours at all:
+                # never resumed and written into the bundle
+                raise checkpoint_error(STEP, where, f"it was not trained on this data (its data sha256 is "
+                                                    f"{recorded or 'missing'})", self.dir)
+            return load_file(str(where)), state
+        except CheckpointError:
+            raise
+        except (SafetensorError, OSError, ValueError) as exc:  # ValueError: json's JSONDecodeError
+            raise checkpoint_error(STEP, where, f"{type(exc).__name__}: {exc}", self.dir) from exc
 
     def save(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         if self.dir is None:
@@ -157,7 +182,10 @@ class Checkpoint:
         os.replace(tmp, self.dir / "state.json")
 
 
-# what determines the training trajectory (generator_steps does not: a longer run resumes a shorter one)
+# what determines the training trajectory (generator_steps does not: a longer run resumes a shorter
+# one, and train_gan refuses a checkpoint further along than the run asks for). robust.py keys on
+# its whole recipe, epochs included, for the same reason: its one-cycle schedule depends on the
+# run's length, as Defense-GAN's does only with lr_decay (then generator_steps is in the key too).
 _GAN_FIELDS = {"latent_dim", "width", "critic_width", "critic_steps", "gp_lambda", "lr", "betas", "lr_decay",
                "batch_size"}
 
@@ -228,13 +256,29 @@ def train_gan(x_train: torch.Tensor, r: DefenseGanRecipe, g: torch.Generator, ck
     loaded = ckpt.load()
     if loaded is not None:
         tensors, state = loaded
-        gen.load_state_dict(_unpack("gen", tensors))
-        critic.load_state_dict(_unpack("critic", tensors))
-        _load_opt(opt_g, _unpack("opt_g", tensors))
-        _load_opt(opt_c, _unpack("opt_c", tensors))
-        g.set_state(tensors["rng.step"])
-        torch.set_rng_state(tensors["rng.torch"])
-        start, seconds, history = int(state["generator_step"]), float(state["seconds"]), state["history"]
+        assert ckpt.dir is not None
+        start = state["generator_step"]
+        if not isinstance(start, int) or start < 0:
+            raise checkpoint_error(STEP, ckpt.dir / "state.json", f"its generator_step is {start!r}", ckpt.dir)
+        if start > r.generator_steps:
+            # The work directory's key leaves generator_steps out (without lr_decay the first N
+            # steps are the same in a run of any length, so a longer run resumes a shorter one);
+            # a shorter run cannot undo steps, and bundling the longer run's generator as this
+            # one's would record a recipe it was not trained with.
+            raise checkpoint_error(STEP, ckpt.dir / "state.json",
+                                   f"it holds {start} generator steps, more than the {r.generator_steps} asked "
+                                   f"for (ask for generator_steps >= {start} to use it)", ckpt.dir)
+        try:
+            gen.load_state_dict(_unpack("gen", tensors))
+            critic.load_state_dict(_unpack("critic", tensors))
+            _load_opt(opt_g, _unpack("opt_g", tensors))
+            _load_opt(opt_c, _unpack("opt_c", tensors))
+            g.set_state(tensors["rng.step"])
+            torch.set_rng_state(tensors["rng.torch"])
+            seconds, history = float(state["seconds"]), list(state["history"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # another recipe's shapes, missing pieces
+            raise checkpoint_error(STEP, ckpt.dir / str(state["weights"]), f"{type(exc).__name__}: {exc}",
+                                   ckpt.dir) from exc
     x_train = x_train.to(device)
     n = len(x_train)
     order: list[torch.Tensor] = []

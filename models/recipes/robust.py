@@ -29,7 +29,9 @@ the bundle (options {"robust": {"work_dir": DIR}}, or $SHIELDSERVE_WORK_DIR, or 
 `<tmp>/shieldserve-work-<uid>`, mode 0700), keyed by dataset (with the sha256 of its train
 and validation images and labels, also recorded in the checkpoint and checked on load),
 preset, seed and recipe. A build that finds one resumes
-from it, and lands on the same weights as an uninterrupted run on the same machine.
+from it, and lands on the same weights as an uninterrupted run on the same machine. One that
+cannot be resumed (truncated, trained on other data, not ours) stops the build with a
+CheckpointError naming the file: delete it, or train in another work directory.
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from models.architectures import build_architecture, builtin_spec
 from models.datasets import Dataset
-from models.recipes.common import accuracy, batches, dataset_sha256, progress, random_affine, seeded, work_root
+from models.recipes.common import (
+    CheckpointError, accuracy, batches, checkpoint_error, dataset_sha256, progress, random_affine, seeded, work_root,
+)
 
 STEP = "robust"
 ARTIFACT = "robust_classifier"
@@ -195,34 +199,54 @@ def save_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, best
     os.replace(tmp, path)
 
 
+_LOOP_STATE = ("epoch", "history", "best_epoch", "best_pgd", "best_clean", "seconds", "collapsed_at")
+
+
 def load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer, generator: torch.Generator,
                     averaged: nn.Module | None = None,
                     data_sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Restore net (and its average), optimiser and random states in place; returns (best weights, loop state).
 
     `data_sha256`: the training data's (common.dataset_sha256); a checkpoint that records other
-    data (or none) was not trained on it, and is refused rather than resumed and bundled."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        if data_sha256 is not None and meta.get("data_sha256") != data_sha256:
-            raise ValueError(f"checkpoint {path} was not trained on this data (its data sha256 is "
-                             f"{meta.get('data_sha256') or 'missing'}); delete it or choose another work_dir")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    data (or none) was not trained on it, and is refused rather than resumed and bundled. A
+    checkpoint that cannot be read or restored (truncated, another recipe's shapes, not ours)
+    is refused the same way: CheckpointError, naming the file and what to do."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if data_sha256 is not None and meta.get("data_sha256") != data_sha256:
+                raise checkpoint_error(STEP, path, f"it was not trained on this data (its data sha256 is "
+                                                   f"{meta.get('data_sha256') or 'missing'})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
 
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    net.load_state_dict(part("model."))
-    if averaged is not None:
-        averaged.load_state_dict(part("ema."))
-    opt_state: dict[str, Any] = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
-    for key, v in part("opt.").items():
-        i, _, name = key.partition(".")
-        opt_state["state"].setdefault(int(i), {})[name] = v
-    opt.load_state_dict(opt_state)
-    generator.set_state(tensors["rng.generator"])
-    torch.set_rng_state(tensors["rng.torch"])
-    return part("best."), json.loads(meta["state"])
+        state = json.loads(meta["state"])
+        missing = [k for k in _LOOP_STATE if k not in state] if isinstance(state, dict) else list(_LOOP_STATE)
+        if missing:
+            raise checkpoint_error(STEP, path, f"its loop state lacks {', '.join(missing)}")
+        net.load_state_dict(part("model."))
+        if averaged is not None:
+            averaged.load_state_dict(part("ema."))
+        opt_state: dict[str, Any] = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
+        for key, v in part("opt.").items():
+            i, _, name = key.partition(".")
+            opt_state["state"].setdefault(int(i), {})[name] = v
+        opt.load_state_dict(opt_state)
+        generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        best = part("best.")
+        shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in best.items()} != shapes:
+            raise checkpoint_error(STEP, path, "its best weights do not fit the network")
+        return best, state
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
+        # truncated or garbled (SafetensorError, JSONDecodeError), another recipe's shapes
+        # (RuntimeError from load_state_dict), or missing pieces (KeyError)
+        raise checkpoint_error(STEP, path, f"{type(exc).__name__}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- training
@@ -267,6 +291,10 @@ def train_robust(dataset: Dataset, r: RobustRecipe, seed: int, device: str = "cp
     data_sha = dataset_sha256(dataset)
     if checkpoint is not None and checkpoint.is_file():
         best, state = load_checkpoint(checkpoint, net, opt, g, averaged, data_sha256=data_sha)
+        if not isinstance(state["epoch"], int) or not 0 <= state["epoch"] <= r.epochs:
+            # the work directory's key holds `epochs`: only a file put there by hand gets here
+            raise checkpoint_error(STEP, checkpoint, f"it holds {state['epoch']!r} epochs, not 0 to this run's "
+                                                     f"{r.epochs}")
         resumed_from = state["epoch"]
     started = time.monotonic() - state["seconds"]
     bar = progress(total, f"train {ARTIFACT} ({r.method})")
