@@ -114,7 +114,12 @@ def photos_bundle(photos: tuple[Path, Path], tmp_path_factory: pytest.TempPathFa
 
     npz, weights = photos
     out = tmp_path_factory.mktemp("b") / "photos"
-    build_bundle(out, dataset=f"npz:{npz}", preset="quick", seed=0, options=QUICK,
+    # the photos' few calibration images (144) cannot show a false-rejection rate <= 1% at 95%
+    # confidence: bounds of 5% let MagNet and NeuralFP calibrate on them (a failed step would
+    # leave nothing of itself in the bundle: its artifacts are what this test reads)
+    options = {**QUICK, "magnet": {"epochs": 1, "target_fpr": 0.05},
+               "neuralfp": {"epochs": 1, "target_fpr": 0.05, "bound": 0.05}}
+    build_bundle(out, dataset=f"npz:{npz}", preset="quick", seed=0, options=options,
                  steps=["classifier", "magnet", "neuralfp", "defensegan", "rmc"],
                  classifier=parse_classifier("import:examples.photo_cnn:PhotoCNN", str(weights), {}), argv=[])
     return out
