@@ -315,9 +315,11 @@ class Batcher:
             """The pipeline on x's `rows`. Where a batch of several requests fails, each request
             runs again alone, so one request's images (an input that trips a defense's bug, an
             out-of-memory the merged size reached) fail that request only, never the others
-            that shared its batch: they get the answers they would have had alone. A deadline
-            or every client gone (DeadlineExceeded) ends the whole batch as before. The cost
-            of a failure: the batch's work about twice."""
+            that shared its batch: they get the answers they would have had alone. Where the
+            rows were one request's, the failure is that request's alone: the jobs the screen
+            settled keep their answers (and its report its metrics). A deadline or every client
+            gone (DeadlineExceeded) ends the whole batch as before. The cost of a failure: the
+            batch's work about twice."""
             try:
                 return self._run(x if len(rows) == len(x) else x[rows], ctx)  # type: ignore[return-value]
             except DeadlineExceeded:
@@ -325,15 +327,21 @@ class Batcher:
             except Exception as exc:
                 members = sorted({owner[r] for r in rows})
                 if len(members) < 2:
-                    raise
+                    # one request's rows only: the failure is that request's, and the batch's
+                    # other jobs (answered or refused by the screen) keep their own answers
+                    failed[members[0]] = exc
+                    return [None] * len(rows)
                 # logged here: where every request then succeeds alone, no one else reports it
                 log.warning("a batch of %d requests on %r failed (%s); running each alone",
                             len(members), self.name, type(exc).__name__)
             out: list[ImageResult | None] = []
             for i in members:
                 mine = [r for r in rows if owner[r] == i]
+                # the seed its images had in the merged batch (a pipeline's per-image seeds count
+                # from the batch's: smoothing's seed + i), not the batch's first image's
+                alone = (seed + rows.index(mine[0])) % 2**63
                 try:
-                    got: list[ImageResult | None] = list(self._run(x[mine], self._context([jobs[i]], seed)))
+                    got: list[ImageResult | None] = list(self._run(x[mine], self._context([jobs[i]], alone)))
                 except Exception as exc:  # noqa: BLE001 - this request's own failure (or deadline)
                     failed[i] = exc
                     got = [None] * len(mine)

@@ -21,7 +21,11 @@ its cores should raise `parallel_min_cost` (100: magnet and neuralfp on one thre
 One thread means one batch at a time, first come first served. A long `/certify` lets the
 batches queued behind it run between its noise batches (`RunContext.between`), so a
 100,000-sample certificate does not hold `/predict` up for its whole duration; the batches of
-`defensegan` and `rmc` run whole (seconds at most, bounded by the batch size).
+`defensegan` and `rmc` run whole (seconds at most, bounded by the batch size). A long task
+queued behind another long one waits for it to end (`submit(..., long=True)`, or a task given
+this thread's `between` in a RunContext): run inside the first one's `between`, it would hold
+every batch up for its whole duration. One that was not known to be long (it calls `between`
+while run inside another's) lets the batches queued meanwhile run in its own `between`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from service.defenses.base import RunContext
+
 T = TypeVar("T")
 
 
@@ -42,41 +48,60 @@ class ComputeThread:
         # the intra-op threads a task gets unless it asks for fewer: the process's count
         self.threads = threads or torch.get_num_threads()
         self._current = self.threads  # what the thread has set now
-        self._queue: deque[tuple[Future, Callable[[], Any], int | None]] = deque()
+        # (future, task, threads, long): `between` runs the tasks that are not long
+        self._queue: deque[tuple[Future, Callable[[], Any], int | None, bool]] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
-        self._depth = 0  # on the thread: 1 while a task runs, 2 while a task runs inside another
+        self._depth = 0  # on the thread: 1 while a task runs, 2 while a task runs inside another's between
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[..., T], *args: Any, threads: int | None = None, **kwargs: Any) -> "Future[T]":
+    def submit(self, fn: Callable[..., T], *args: Any, threads: int | None = None, long: bool | None = None,
+               **kwargs: Any) -> "Future[T]":
         """Queue `fn(*args, **kwargs)`; `threads`: at most this many intra-op threads for it
-        (None: all of `self.threads`)."""
+        (None: all of `self.threads`). `long`: a task that lets others in (`between`) and so
+        never runs inside another's `between`, only after it; None: long where an argument is
+        a RunContext whose `between` is this thread's (GET/POST /certify's run)."""
+        if long is None:
+            long = any(isinstance(a, RunContext) and a.between == self.between
+                       for a in (*args, *kwargs.values()))
         future: Future = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the compute thread is closed")
-            self._queue.append((future, lambda: fn(*args, **kwargs), threads))
+            self._queue.append((future, lambda: fn(*args, **kwargs), threads, long))
             self._cond.notify()
         return future
 
-    def call(self, fn: Callable[..., T], *args: Any, threads: int | None = None, **kwargs: Any) -> T:
+    def call(self, fn: Callable[..., T], *args: Any, threads: int | None = None, long: bool | None = None,
+             **kwargs: Any) -> T:
         """Run `fn` on the compute thread and wait for it (inline when already on it)."""
         if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
-        return self.submit(fn, *args, threads=threads, **kwargs).result()
+        return self.submit(fn, *args, threads=threads, long=long, **kwargs).result()
 
     def between(self) -> None:
         """Called on the compute thread between two steps of a long task (GET /certify's noise
-        batches): run the tasks queued meanwhile, then return to it. One level deep: a task
-        run here does not let others in in turn. Each runs in torch's default grad mode, as
-        it would on its own (the long task may be inside inference_mode)."""
-        if threading.current_thread() is not self._thread or self._depth != 1:
+        batches): run the tasks queued meanwhile that are not long ones, in order, then return
+        to it; long ones stay queued, in order, for after it (run in here, one would hold up
+        every batch until it ended). At most as many as were queued when it was called, so a
+        steady stream of batches cannot stall the long task. Each runs one at a time, in
+        torch's default grad mode, as it would on its own (the long task may be inside
+        inference_mode). A task run here that calls between() in turn was a long one after
+        all (not marked so): the tasks still queued then run in its between(), so no batch
+        waits for the whole of it."""
+        if threading.current_thread() is not self._thread or self._depth < 1:
             return
         with self._cond:
-            waiting, self._queue = list(self._queue), deque()
+            budget = sum(1 for *_, long in self._queue if not long)
         outer = self._current
-        for future, task, threads in waiting:
+        for _ in range(budget):
+            with self._cond:  # the first short one queued now: a nested between() may have run some
+                at = next((k for k, (*_, long) in enumerate(self._queue) if not long), None)
+                if at is None:
+                    break
+                future, task, threads, _ = self._queue[at]
+                del self._queue[at]
             with torch.inference_mode(False), torch.enable_grad():
                 self._run(future, task, threads)
         self._use(outer)
@@ -107,7 +132,7 @@ class ComputeThread:
                     self._cond.wait()
                 if not self._queue:
                     return
-                future, task, threads = self._queue.popleft()
+                future, task, threads, _ = self._queue.popleft()
             self._run(future, task, threads)
 
     def close(self, timeout: float | None = 30.0) -> None:

@@ -45,7 +45,7 @@ def test_between_runs_the_tasks_queued_behind_a_long_one_in_default_grad_mode() 
 
     def short(tag: str) -> str:
         seen.append((tag, torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
-        c.between()  # nested: must not run the others from in here
+        c.between()  # nested: a task that calls between() lets the rest in from here, in order
         return tag
 
     def long() -> int:

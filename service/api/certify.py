@@ -125,7 +125,8 @@ async def _certify(request: Request, digest: str, owner: str | None, x, name: st
     cost = runtime.cost(name, 1, opts)
     try:
         with runtime.admission.hold(cost, f"certifying with n0={opts['n0']}, n={opts['n']}"):
-            work = asyncio.wrap_future(runtime.compute.submit(pipeline.run, x.unsqueeze(0).to(runtime.device), ctx))
+            work = asyncio.wrap_future(runtime.compute.submit(pipeline.run, x.unsqueeze(0).to(runtime.device), ctx,
+                                                               long=True))
             try:
                 [result] = await asyncio.shield(work)
             except asyncio.CancelledError:
