@@ -32,6 +32,16 @@ from models.features import FeatureError, FeatureExtractor
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# The largest manifest.json `Bundle.load` reads. Real ones are tens of kB (models/default's:
+# ~40 kB; the build log, metrics and calibration are all small), so 4 MB is ~100x headroom,
+# while a multi-GB file named manifest.json cannot make the loader read it into memory and
+# parse it (JSON parsing costs several times the file's size in Python objects).
+MAX_MANIFEST_BYTES = 4 * 2**20
+# The largest input a bundle may declare, C*H*W values per image: 4096x4096 RGBA. Every request
+# is decoded and resized to this shape before anything else runs, and the defenses allocate
+# batches of it, so an absurd shape in a manifest (say 1x10^7x10^7) must be refused at load,
+# not discovered as an allocation failure at the first request.
+MAX_INPUT_VALUES = 4096 * 4096 * 4
 
 
 def content_version(manifest: dict[str, Any]) -> str:
@@ -80,9 +90,24 @@ class InputSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "InputSpec":
+        if not isinstance(d, dict):
+            raise BundleError(f"manifest's input must be an object, got {type(d).__name__}")
+        try:
+            return cls._from_json(d)
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise BundleError(f"manifest's input is malformed: {what}") from exc
+
+    @classmethod
+    def _from_json(cls, d: dict[str, Any]) -> "InputSpec":
         shape = tuple(int(v) for v in d["shape"])
         if len(shape) != 3 or min(shape) < 1:
             raise BundleError(f"input shape must be (C, H, W), got {shape}")
+        if shape[0] * shape[1] * shape[2] > MAX_INPUT_VALUES:
+            raise BundleError(f"input shape {shape} has {shape[0] * shape[1] * shape[2]} values per image; "
+                              f"shieldserve serves at most {MAX_INPUT_VALUES} (4096x4096x4)")
         return cls(shape=shape, class_names=tuple(str(c) for c in d["class_names"]),  # type: ignore[arg-type]
                    value_range=tuple(d.get("value_range", (0.0, 1.0))),  # type: ignore[arg-type]
                    mean=tuple(d["mean"]) if d.get("mean") is not None else None,
@@ -158,6 +183,75 @@ def defense_key(entry: Any) -> str:
     return name
 
 
+def _read_manifest(manifest_path: Path) -> dict[str, Any]:
+    size = manifest_path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{manifest_path}: {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES} "
+                          f"(real ones are tens of kB)")
+    with manifest_path.open("rb") as fh:
+        raw = fh.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise BundleError(f"{manifest_path}: not valid JSON ({problem})") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path}: must be a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
+def _check_manifest(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """The structure `Bundle` relies on: an `input` section and well-formed artifact records."""
+    if "input" not in manifest:
+        raise BundleError(f"{manifest_path}: no 'input' section")
+    try:
+        InputSpec.from_json(manifest["input"])
+    except BundleError as exc:
+        raise BundleError(f"{manifest_path}: {exc}") from None
+    for section in ("artifacts", "defenses"):
+        if not isinstance(manifest.get(section, {}), dict):
+            raise BundleError(f"{manifest_path}: {section!r} must be an object")
+    for name, record in manifest.get("artifacts", {}).items():
+        where = f"{manifest_path}: artifact {name!r}"
+        if not isinstance(record, dict):
+            raise BundleError(f"{where} must be an object")
+        for key in ("file", "sha256"):
+            if not isinstance(record.get(key), str):
+                raise BundleError(f"{where} has no {key!r} (a string)")
+        size = record.get("bytes")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise BundleError(f"{where}: 'bytes' must be a non-negative integer, got {size!r}")
+        if not isinstance(record.get("architecture", {}), dict):
+            raise BundleError(f"{where}: 'architecture' must be an object")
+
+
+def _check_shapes(name: str, arch: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Build the architecture on the meta device (no memory) and compare its parameters' and
+    buffers' shapes with the weights file's, so that a spec whose sizes are out of proportion
+    to its (hash-checked, size-bounded) weights is refused before anything is allocated."""
+    try:
+        with torch.device("meta"):
+            meta = build_architecture(arch)
+    except (KeyError, TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
+        raise BundleError(f"artifact {name!r}: cannot build its architecture: {exc}") from exc
+    expected = meta.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise BundleError(f"artifact {name!r}: weights do not fit its architecture "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(state[k].shape)}"
+             for k, v in expected.items() if tuple(v.shape) != tuple(state[k].shape)]
+    if wrong:
+        raise BundleError(f"artifact {name!r}: its architecture's shapes differ from its weights' "
+                          f"({'; '.join(wrong[:3])})")
+    extra = sum(b.numel() for n, b in meta.named_buffers() if n not in expected)
+    if extra > sum(t.numel() for t in state.values()) + MAX_INPUT_VALUES:
+        raise BundleError(f"artifact {name!r}: its architecture allocates {extra} values outside its weights")
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -172,19 +266,20 @@ class Bundle:
         manifest_path = root / MANIFEST_NAME
         if not manifest_path.is_file():
             raise BundleError(f"{root}: no {MANIFEST_NAME}; build a bundle with `shieldserve train --out {root}`")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
+        manifest = _read_manifest(manifest_path)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise BundleError(f"{root}: bundle format {manifest.get('format_version')!r}, "
                               f"this shieldserve reads {FORMAT_VERSION}")
+        _check_manifest(manifest_path, manifest)
         bundle = cls(root, manifest)
-        InputSpec.from_json(manifest["input"])
         if verify:
             for name in manifest.get("artifacts", {}):
                 bundle._read_verified(name)
-        stated, content = manifest.get("version"), content_version(manifest)
+        try:
+            content = content_version(manifest)
+        except (RecursionError, TypeError, ValueError) as exc:
+            raise BundleError(f"{manifest_path}: malformed ({type(exc).__name__}: {exc})") from exc
+        stated = manifest.get("version")
         if stated != content:
             # the version names what answers (responses' model_version, GET /certify's cache
             # key): a threshold edited by hand would be served under the old name
@@ -206,7 +301,17 @@ class Bundle:
             raise BundleError(f"artifact {name!r}: file {record['file']!r} is outside the bundle")
         if not file.is_file():
             raise BundleError(f"artifact {name!r}: {file} is missing")
-        data = file.read_bytes()
+        # the manifest's `bytes` (written by BundleWriter) is checked before anything is read,
+        # and the read is bounded by it: a swapped or grown file is not read into memory whole
+        expected = record.get("bytes")
+        size = file.stat().st_size
+        if expected is not None and size != expected:
+            raise BundleError(f"artifact {name!r}: {record['file']} is {size} bytes, "
+                              f"the manifest says {expected}; refusing to load it")
+        with file.open("rb") as fh:
+            data = fh.read() if expected is None else fh.read(expected + 1)
+        if expected is not None and len(data) != expected:
+            raise BundleError(f"artifact {name!r}: {record['file']} changed size while it was read")
         digest = sha256_bytes(data)
         if digest != record["sha256"]:
             raise BundleError(f"artifact {name!r}: sha256 of {record['file']} is {digest}, "
@@ -257,12 +362,21 @@ class Bundle:
         arch = record.get("architecture")
         if arch is None:
             raise BundleError(f"artifact {name!r} has no architecture")
-        if arch.get("kind") == "torchscript":
+        if arch.get("kind") == "torchscript" or record.get("format") == "torchscript":
+            # only a file written as TorchScript is handed to torch.jit.load: a safetensors
+            # artifact relabelled `kind: torchscript` (or the reverse) is refused
+            if arch.get("kind") != "torchscript" or record.get("format") != "torchscript":
+                raise BundleError(f"artifact {name!r}: architecture kind {arch.get('kind')!r} with format "
+                                  f"{record.get('format')!r}; a TorchScript artifact needs both 'torchscript'")
             import io
             net = torch.jit.load(io.BytesIO(self._read_verified(name)), map_location=device)
         else:
-            net = build_architecture(arch)
             state = self.tensors(name)
+            _check_shapes(name, arch, state)
+            try:
+                net = build_architecture(arch)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BundleError(f"artifact {name!r}: cannot build its architecture: {exc}") from exc
             missing, unexpected = net.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise BundleError(f"artifact {name!r}: weights do not fit its architecture "

@@ -92,8 +92,62 @@ def serialize_index(index: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(_faiss().serialize_index(index)))
 
 
-def deserialize_index(data: torch.Tensor) -> Any:
-    return _faiss().deserialize_index(np.ascontiguousarray(data.cpu().numpy().astype(np.uint8)))
+# The index classes `build_faiss_index` writes, by FAISS's fourcc: every one begins with
+# fourcc, d (int32), ntotal (int64), two int64 placeholders, is_trained (1 byte), metric (int32).
+INDEX_FOURCCS = {b"IxF2": "IndexFlatL2", b"IwFl": "IndexIVFFlat", b"IHNf": "IndexHNSWFlat"}
+_FLAT_HEADER = 4 + 4 + 8 + 8 + 8 + 1 + 4 + 8  # ... then the codes' length (uint64) and d*ntotal float32
+_deserialize_lock = threading.Lock()
+
+
+def check_index_header(raw: np.ndarray, dim: int | None = None, ntotal: int | None = None) -> str:
+    """Check a serialized index's header before FAISS reads it (FAISS allocates whatever the
+    header declares, up to 1 TB): a type `build_faiss_index` writes, `dim` and `ntotal` as
+    expected, and, for a flat index, exactly the bytes d*ntotal float32 vectors take. Returns
+    the class name; raises BundleError."""
+    from models.bundle import BundleError  # noqa: PLC0415
+
+    buf = raw.tobytes()
+    if len(buf) < _FLAT_HEADER:
+        raise BundleError(f"RMC index: {len(buf)} bytes is too short for a FAISS index")
+    kind = INDEX_FOURCCS.get(buf[:4])
+    if kind is None:
+        raise BundleError(f"RMC index: FAISS type {buf[:4]!r} is not one shieldserve writes "
+                          f"({', '.join(INDEX_FOURCCS.values())})")
+    d = int(np.frombuffer(buf, "<i4", 1, 4)[0])
+    n = int(np.frombuffer(buf, "<i8", 1, 8)[0])
+    if d < 1 or (dim is not None and d != dim):
+        raise BundleError(f"RMC index: {kind} of dimension {d}, the classifier's features have {dim}")
+    if n < 0 or (ntotal is not None and n != ntotal):
+        raise BundleError(f"RMC index: {kind} holds {n} vectors, D′ has {ntotal} labels")
+    if kind == "IndexFlatL2":
+        codes = int(np.frombuffer(buf, "<u8", 1, _FLAT_HEADER - 8)[0])
+        if codes != d * n or len(buf) != _FLAT_HEADER + 4 * d * n:
+            raise BundleError(f"RMC index: {kind} with d={d}, ntotal={n} takes {_FLAT_HEADER + 4 * d * n} "
+                              f"bytes, the file has {len(buf)} (declaring {codes} values)")
+    elif len(buf) < 4 * d * n:
+        raise BundleError(f"RMC index: {kind} with d={d}, ntotal={n} needs at least {4 * d * n} bytes, "
+                          f"the file has {len(buf)}")
+    return kind
+
+
+def deserialize_index(data: torch.Tensor, dim: int | None = None, ntotal: int | None = None) -> Any:
+    """FAISS's index from its bytes, after `check_index_header`; no vector FAISS reads may
+    exceed twice the file's size (its own default limit is 1 TB)."""
+    faiss = _faiss()
+    raw = np.ascontiguousarray(data.cpu().numpy().astype(np.uint8)).reshape(-1)
+    check_index_header(raw, dim, ntotal)
+    if not hasattr(faiss, "set_deserialization_vector_byte_limit"):
+        return faiss.deserialize_index(raw)
+    with _deserialize_lock:  # the limit is process-wide
+        previous = faiss.get_deserialization_vector_byte_limit()
+        faiss.set_deserialization_vector_byte_limit(2 * raw.size + 4096)
+        try:
+            return faiss.deserialize_index(raw)
+        except RuntimeError as exc:
+            from models.bundle import BundleError  # noqa: PLC0415
+            raise BundleError(f"RMC index: FAISS cannot read it: {str(exc).strip().splitlines()[-1]}") from exc
+        finally:
+            faiss.set_deserialization_vector_byte_limit(previous)
 
 
 class KnnIndex:
@@ -382,7 +436,9 @@ class RMC(Component):
         if search == "faiss":
             try:
                 raw = env.bundle.tensors(INDEX_ARTIFACT)["index"]
-                return FaissIndex(deserialize_index(raw), env.device, nprobe=nprobe, ef_search=ef_search)
+                dim = int(extract_features(self.classifier, from_uint8(self.images[:1])).shape[1])
+                index = deserialize_index(raw, dim=dim, ntotal=int(self.labels.shape[0]))
+                return FaissIndex(index, env.device, nprobe=nprobe, ef_search=ef_search)
             except ImportError:
                 log.warning("FAISS is not installed: RMC searches D′ exactly with torch instead")
         return TorchIndex(extract_features(env.classifier, from_uint8(self.images)))

@@ -1,0 +1,230 @@
+"""A malformed or hostile bundle is refused with BundleError, before anything is allocated:
+manifest parsing, artifact sizes, TorchScript only for TorchScript files, declared sizes
+bounded, and the RMC FAISS index's header checked before FAISS reads it. Tiny synthetic
+bundles only (milliseconds each)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import models.bundle as bundle_mod
+from models.architectures import SmoothingMLP, builtin_spec
+from models.bundle import Bundle, BundleError, BundleWriter, InputSpec, content_version
+
+ARCH = builtin_spec("smoothing_mlp", in_channels=1, num_classes=3, image_size=4, hidden=8)
+
+
+def _bundle(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    w = BundleWriter(tmp_path / "b")
+    w.set_input(InputSpec(shape=(1, 4, 4), class_names=("a", "b", "c")))
+    w.add_module("classifier", SmoothingMLP(1, 3, 4, hidden=8), ARCH)
+    w.save()
+    return tmp_path / "b"
+
+
+def _edit(root: Path, edit, *, revision: bool = True) -> None:
+    path = root / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    if revision:
+        m["version"] = content_version(m)
+    path.write_text(json.dumps(m))
+
+
+def test_tiny_bundle_loads_and_answers(tmp_path):
+    root = _bundle(tmp_path)
+    clf = Bundle.load(root).classifier()
+    assert clf(torch.rand(2, 1, 4, 4)).shape == (2, 3)
+
+
+# ------------------------------------------------------------------ 1. manifest parsing
+@pytest.mark.parametrize("text, problem", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("{not json", "not valid JSON"),
+    (b"\xff\xfe{}", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    (json.dumps({"format_version": 1, "artifacts": {}}), "no 'input'"),
+    (json.dumps({"format_version": 1, "input": {"class_names": ["a"]}}), "input is malformed"),
+    (json.dumps({"format_version": 1, "input": {"shape": ["x", 1, 1], "class_names": ["a"]}}), "input is malformed"),
+    (json.dumps({"format_version": 1, "input": [1]}), "input must be an object"),
+])
+def test_malformed_manifest_is_a_bundle_error(tmp_path, text, problem):
+    (tmp_path / "manifest.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(BundleError, match=problem) as info:
+        Bundle.load(tmp_path)
+    assert "manifest.json" in str(info.value)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m["artifacts"]["classifier"].pop("file"), "no 'file'"),
+    (lambda m: m["artifacts"]["classifier"].pop("sha256"), "no 'sha256'"),
+    (lambda m: m["artifacts"].__setitem__("classifier", "x"), "must be an object"),
+    (lambda m: m.__setitem__("artifacts", ["classifier"]), "'artifacts' must be an object"),
+    (lambda m: m["artifacts"]["classifier"].__setitem__("bytes", "12"), "'bytes' must be"),
+    (lambda m: m["artifacts"]["classifier"].__setitem__("architecture", [1]), "'architecture' must be"),
+])
+def test_malformed_artifact_record_is_a_bundle_error(tmp_path, edit, problem):
+    root = _bundle(tmp_path)
+    _edit(root, edit, revision=False)
+    for verify in (True, False):
+        with pytest.raises(BundleError, match=problem):
+            Bundle.load(root, verify=verify)
+
+
+def test_oversized_manifest_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    root = _bundle(tmp_path)
+    monkeypatch.setattr(bundle_mod, "MAX_MANIFEST_BYTES", 100)
+    with pytest.raises(BundleError, match="a manifest is at most 100"):
+        Bundle.load(root)
+
+
+# ------------------------------------------------------------------ 2. artifact sizes
+def test_artifact_size_is_checked_against_the_manifest(tmp_path):
+    root = _bundle(tmp_path)
+    with (root / "classifier.safetensors").open("ab") as fh:
+        fh.write(b"\0" * 10)
+    with pytest.raises(BundleError, match="bytes, the manifest says"):
+        Bundle.load(root)
+
+
+def test_artifact_without_a_size_still_loads(tmp_path):
+    root = _bundle(tmp_path)
+    _edit(root, lambda m: m["artifacts"]["classifier"].pop("bytes"))
+    assert Bundle.load(root).classifier()(torch.rand(1, 1, 4, 4)).shape == (1, 3)
+
+
+# ------------------------------------------------------------------ 3. TorchScript only for TorchScript files
+def _torchscript_bundle(tmp_path: Path) -> Path:
+    w = BundleWriter(tmp_path / "ts")
+    w.set_input(InputSpec(shape=(1, 4, 4), class_names=("a", "b", "c")))
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(SmoothingMLP(1, 3, 4, hidden=8).eval()), buf)
+    w.add_file("classifier", "classifier.torchscript", buf.getvalue(), format="torchscript",
+               architecture={"kind": "torchscript"})
+    w.save()
+    return tmp_path / "ts"
+
+
+def test_torchscript_artifact_loads(tmp_path):
+    clf = Bundle.load(_torchscript_bundle(tmp_path)).classifier()
+    assert clf(torch.rand(2, 1, 4, 4)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("make, edit", [
+    # a safetensors file relabelled as TorchScript
+    ("safetensors", lambda r: r["architecture"].__setitem__("kind", "torchscript")),
+    # a TorchScript file without its format, or with another one
+    ("torchscript", lambda r: r.pop("format")),
+    ("torchscript", lambda r: r.__setitem__("format", "safetensors")),
+    # a TorchScript file claimed to be a builtin
+    ("torchscript", lambda r: r.__setitem__("architecture", ARCH)),
+])
+def test_torchscript_needs_kind_and_format(tmp_path, make, edit):
+    root = _bundle(tmp_path) if make == "safetensors" else _torchscript_bundle(tmp_path)
+    _edit(root, lambda m: edit(m["artifacts"]["classifier"]))
+    b = Bundle.load(root)
+    with pytest.raises(BundleError):
+        b.classifier()
+
+
+# ------------------------------------------------------------------ 4. declared sizes
+def test_huge_input_shape_is_refused(tmp_path):
+    root = _bundle(tmp_path)
+    _edit(root, lambda m: m["input"].__setitem__("shape", [1, 10**7, 10**7]))
+    with pytest.raises(BundleError, match="values per image"):
+        Bundle.load(root)
+    assert InputSpec.from_json({"shape": [4, 4096, 4096], "class_names": ["a"]}).shape == (4, 4096, 4096)
+
+
+@pytest.mark.parametrize("hidden", [10**12, 10**6, 16])
+def test_architecture_sizes_must_match_the_weights(tmp_path, hidden):
+    """Hidden 10**6 would fit in memory (a 10**6 x 16 layer): it is refused on the meta
+    device, by its shapes, without allocating it."""
+    root = _bundle(tmp_path)
+    _edit(root, lambda m: m["artifacts"]["classifier"]["architecture"]["kwargs"].__setitem__("hidden", hidden))
+    b = Bundle.load(root)
+    with pytest.raises(BundleError, match="artifact 'classifier'"):
+        b.classifier()
+
+
+def test_unknown_architecture_is_a_bundle_error(tmp_path):
+    root = _bundle(tmp_path)
+    _edit(root, lambda m: m["artifacts"]["classifier"]["architecture"].__setitem__("name", "nope"))
+    with pytest.raises(BundleError, match="cannot build"):
+        Bundle.load(root).classifier()
+
+
+# ------------------------------------------------------------------ 5. the RMC FAISS index
+def _flat(d: int = 4, n: int = 2) -> bytes:
+    faiss = pytest.importorskip("faiss")
+    idx = faiss.IndexFlatL2(d)
+    idx.add(np.arange(d * n, dtype="float32").reshape(n, d))
+    return faiss.serialize_index(idx).tobytes()
+
+
+def _de(data: bytes, **kw):
+    from service.defenses.rmc import deserialize_index
+    return deserialize_index(torch.frombuffer(bytearray(data), dtype=torch.uint8), **kw)
+
+
+def test_faiss_index_round_trips_with_its_header_checked():
+    assert _de(_flat(), dim=4, ntotal=2).ntotal == 2
+
+
+def _patched(data: bytes, at: int, fmt: str, value: int) -> bytes:
+    out = bytearray(data)
+    out[at:at + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("ntotal", "takes"),        # header claims 2**40 vectors in a 77-byte file
+    ("codes", "declaring"),     # codes vector claims 50M floats
+    ("trunc", "the file has"),
+    ("fourcc", "not one shieldserve writes"),
+    ("short", "too short"),
+    ("dim", "dimension"),
+    ("labels", "D′ has"),
+])
+def test_faiss_index_header_is_checked_before_faiss_reads_it(case, problem):
+    b = _flat()
+    kw: dict = {}
+    data = {"ntotal": lambda: _patched(b, 8, "<q", 2**40),
+            "codes": lambda: _patched(b, 37, "<Q", 50_000_000),
+            "trunc": lambda: b[:-5],
+            "fourcc": lambda: b"IxFI" + b[4:],
+            "short": lambda: b[:20],
+            "dim": lambda: b,
+            "labels": lambda: b}[case]()
+    if case == "dim":
+        kw["dim"] = 5
+    if case == "labels":
+        kw["ntotal"] = 3
+    with pytest.raises(BundleError, match=problem):
+        _de(data, **kw)
+
+
+def test_faiss_vectors_are_bounded_by_the_file_size():
+    """An IVF index's header is consistent, but its quantizer's codes vector claims 50M
+    floats: FAISS's per-vector limit (set around the call) refuses it without allocating."""
+    faiss = pytest.importorskip("faiss")
+    x = np.random.default_rng(0).random((100, 4), dtype=np.float32)
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(4), 4, 2)
+    ivf.train(x)
+    ivf.add(x)
+    b = faiss.serialize_index(ivf).tobytes()
+    limit = faiss.get_deserialization_vector_byte_limit()
+    assert _de(b, dim=4, ntotal=100).ntotal == 100
+    q = b.index(b"IxF2")  # the coarse quantizer, a flat index inside the IVF one
+    bad = _patched(b, q + 37, "<Q", 50_000_000)
+    with pytest.raises(BundleError, match="FAISS cannot read it"):
+        _de(bad, dim=4, ntotal=100)
+    assert faiss.get_deserialization_vector_byte_limit() == limit  # restored
