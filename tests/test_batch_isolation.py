@@ -82,25 +82,6 @@ def test_a_failing_request_does_not_fail_the_jobs_the_screen_answered() -> None:
     assert report.size == 4
 
 
-def test_a_lone_request_that_fails_gets_its_error_and_the_batcher_goes_on() -> None:
-    calls = {"n": 0}
-
-    def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise ValueError("model exploded")
-        return [ImageResult(status="accepted", label=v) for v in _values(x)]
-
-    async def main() -> None:
-        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=4, max_delay_ms=0)
-        with pytest.raises(ValueError, match="exploded"):
-            await b.submit(_img(1))
-        assert (await b.submit(_img(2)))[0].label == 2
-        await b.close()
-
-    asyncio.run(main())
-
-
 # ---------------------------------------------------------------- C: seeds when run again alone
 
 def _seed_recorder(hold: threading.Event, fail_on: int):
