@@ -5,41 +5,108 @@ Every pipeline request is weighed before it is queued, in *sample units*: one fo
 of the classifier on one image is 1. A request holds its cost from admission until it is
 answered (or fails, or its client goes away). Past `admission.max_cost` units, or past
 `admission.max_concurrent` requests in flight, a new request is refused at once with 503
-`overloaded` and `Retry-After`, before it costs anything. A request that alone weighs more
-than the whole budget is admitted only when nothing else is in flight (otherwise a server
-configured with a large `certify.max_n` could never answer it).
+`overloaded` and `Retry-After`, before it costs anything. A new request is weighed at its
+full estimate against what is held, but it holds at most half of `max_cost`
+(min(cost, max_cost / 2)): one request never takes the whole replica, so while even the
+heaviest runs, requests worth the other half are still admitted. A request that alone weighs
+more than the whole budget is admitted only when nothing else is in flight (otherwise a server
+configured with a large `certify.max_n` could never answer it), and holds half the budget
+while it runs; a second such request is refused until it is done.
 
 The weight of one image through a pipeline: `admission.cost_per_image[pipeline]` when the
-operator set one; otherwise an estimate from the components' public settings:
+operator set one, plus the samples of a certifying decider (below); otherwise an estimate from
+the components' public settings:
     1                                 the classifier (and every cheap detector or purifier)
-    + n0 + n                          a certifying decider (randomized smoothing; per request)
+    + (n0 + n) * w                    a certifying decider (randomized smoothing; per request)
     + 3 * steps * restarts            an iterative purifier (Defense-GAN projection)
     + 3 * steps * k                   an adapter fine-tuning on k neighbours (RMC)
-(a forward plus a backward pass counts 3). The estimate is an upper bound: early stopping
-only makes the work cheaper than it was charged.
+(a forward plus a backward pass counts 3). `w` weighs one sample: the FLOPs of the networks
+the decider samples (a noise-trained classifier, or a denoiser then the classifier) over the
+base classifier's, counted once at start-up on one image (`sample_weights`; 1 where they
+cannot be counted). The estimate is an upper bound: early stopping only makes the work
+cheaper than it was charged, and FLOPs are the networks' work, not their speed.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
+
+import torch
 
 from service.batcher import Overloaded
 from service.pipeline import Pipeline
 
+log = logging.getLogger(__name__)
 
-def image_cost(pipeline: Pipeline, options: dict[str, Any] | None = None) -> float:
-    """The estimated sample units one image costs through `pipeline` with these options."""
-    options = options or {}
-    cost = 1.0
+
+def _flops(fn: Any, x: torch.Tensor) -> int:
+    """The FLOPs torch's counter sees in one call of `fn` on `x` (0: none counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fn(x)
+    return int(counter.get_total_flops())
+
+
+def sample_weights(pipeline: Pipeline, shape: tuple[int, ...], device: Any = "cpu") -> dict[int, float]:
+    """The weight of one sample of each certifying decider of `pipeline`, by index in its
+    components: the FLOPs of the networks it samples (`function(sigma, classifier)`, the
+    eager networks, at its heaviest sigma) over the base classifier's, on one zero image of
+    `shape`; rounded up to 0.01. One forward pass of each network under torch's FLOP
+    counter (milliseconds on MNIST-sized networks). Deciders whose networks cannot be
+    counted weigh 1 (the unweighted estimate), with a warning."""
+    out: dict[int, float] = {}
+    x = torch.zeros(1, *shape, device=device)
+    for i, comp in enumerate(pipeline.components):
+        if not (comp.role == "decider" and getattr(comp, "certifies", False) and hasattr(comp, "function")):
+            continue
+        try:
+            base = _flops(pipeline.classifier, x)
+            sampled = max(_flops(comp.function(s, pipeline.classifier, differentiable=True), x)
+                          for s in getattr(comp, "sigmas", [getattr(comp, "sigma", None)]))
+        except Exception as exc:  # noqa: BLE001 - an estimate: fall back to the unweighted one
+            log.warning("pipeline %s: could not count the FLOPs of %s's sampled networks (%s); "
+                        "each sample counts 1", pipeline.name, type(comp).__name__, exc)
+            continue
+        if base <= 0 or sampled <= 0:
+            log.warning("pipeline %s: no FLOPs counted for %s's sampled networks; each sample counts 1",
+                        pipeline.name, type(comp).__name__)
+            continue
+        out[i] = math.ceil(100 * sampled / base) / 100
+        log.info("pipeline %s: one sample weighs %.2f classifier passes (%d / %d FLOPs)",
+                 pipeline.name, out[i], sampled, base)
+    return out
+
+
+def sampling_cost(pipeline: Pipeline, options: dict[str, Any] | None = None,
+                  weights: Mapping[int, float] | None = None) -> float:
+    """The sample units one image's certifying decider(s) cost: (n0 + n) * w each, with the
+    request's n and n0 where it has them, else the decider's."""
+    options, weights = options or {}, weights or {}
+    cost = 0.0
+    for i, comp in enumerate(pipeline.components):
+        if comp.role == "decider" and getattr(comp, "certifies", False):
+            ps = comp.public_settings() or {}
+            n = options.get("n", ps.get("n", getattr(comp, "n", 0)))
+            n0 = options.get("n0", ps.get("n0", getattr(comp, "n0", 0)))
+            cost += (float(n) + float(n0)) * float(weights.get(i, 1.0))
+    return cost
+
+
+def image_cost(pipeline: Pipeline, options: dict[str, Any] | None = None,
+               weights: Mapping[int, float] | None = None) -> float:
+    """The estimated sample units one image costs through `pipeline` with these options;
+    `weights`: `sample_weights(pipeline, ...)` (without them each sample counts 1)."""
+    cost = 1.0 + sampling_cost(pipeline, options, weights)
     for comp in pipeline.components:
         ps = comp.public_settings() or {}
         if comp.role == "decider" and getattr(comp, "certifies", False):
-            n = options.get("n", ps.get("n", getattr(comp, "n", 0)))
-            n0 = options.get("n0", ps.get("n0", getattr(comp, "n0", 0)))
-            cost += float(n) + float(n0)
+            continue
         elif comp.role == "adapter" and "steps" in ps:
             cost += 3.0 * float(ps["steps"]) * float(ps.get("k", 1))
         elif "steps" in ps:
@@ -56,6 +123,7 @@ class Admission:
                  on_change: Any = None) -> None:
         self.max_cost, self.max_concurrent, self.retry_after_s = max_cost, max_concurrent, retry_after_s
         self.cost_in_flight = 0.0
+        self.max_hold = max_cost / 2  # the most one request holds (module docstring)
         self.requests_in_flight = 0
         self._on_change = on_change
 
@@ -63,8 +131,13 @@ class Admission:
         if self._on_change is not None:
             self._on_change(self.cost_in_flight)
 
+    def held(self, cost: float) -> float:
+        """What a request of `cost` holds while in flight: at most half the budget."""
+        return min(cost, self.max_hold)
+
     def admit(self, cost: float, what: str) -> None:
-        """Take `cost` units, or raise Overloaded. Runs on the event loop: no lock needed."""
+        """Weigh `cost` (the full estimate) against the units in flight and take `held(cost)`
+        of them, or raise Overloaded. Runs on the event loop: no lock needed."""
         if self.requests_in_flight >= self.max_concurrent:
             raise Overloaded(f"{self.requests_in_flight} requests are in flight (limit {self.max_concurrent}); "
                              f"retry later", self.retry_after_s)
@@ -72,12 +145,13 @@ class Admission:
             raise Overloaded(f"{what} would cost {cost:,.0f} sample units; {self.cost_in_flight:,.0f} of this "
                              f"replica's {self.max_cost:,.0f} are in use; retry later",
                              max(self.retry_after_s, math.ceil(self.retry_after_s * cost / self.max_cost)))
-        self.cost_in_flight += cost
+        self.cost_in_flight += self.held(cost)
         self.requests_in_flight += 1
         self._changed()
 
     def release(self, cost: float) -> None:
-        self.cost_in_flight = max(0.0, self.cost_in_flight - cost)
+        """Give back what `admit(cost)` took (the same `cost`)."""
+        self.cost_in_flight = max(0.0, self.cost_in_flight - self.held(cost))
         self.requests_in_flight = max(0, self.requests_in_flight - 1)
         self._changed()
 

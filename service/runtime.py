@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 
 from models.bundle import TRAINED_DEFENSES, Bundle, defense_key
-from service.admission import Admission, image_cost
+from service.admission import Admission, image_cost, sample_weights, sampling_cost
 from service.batcher import Batcher, BatchReport, Screen
 from service.compute import ComputeThread
 from service.defenses.base import DefenseEnv, RunContext, optimize_argmax_decision, optimize_for_cpu
@@ -126,6 +126,9 @@ class Runtime:
         a = settings.admission
         self.admission = Admission(a.max_cost, a.max_concurrent, a.retry_after_s,
                                    on_change=self.metrics.cost_in_flight.set)
+        # what one sample of each certifying decider weighs, in classifier passes (FLOPs)
+        self.sample_weights = {name: sample_weights(p, tuple(self.input_spec.shape), self.device)
+                               for name, p in self.pipelines.items()}
         self.ready = False
         self.load_seconds = time.monotonic() - started
         log.info("bundle %s (version %s) loaded in %.2fs with pipelines %s", self.bundle.name,
@@ -328,9 +331,13 @@ class Runtime:
 
     def cost(self, pipeline: str, images: int, options: dict[str, Any] | None = None) -> float:
         """What `images` images through `pipeline` weigh, in sample units (service/admission.py)."""
-        per_image = self.settings.admission.cost_per_image.get(pipeline)
+        p = self.pipeline(pipeline)
+        weights = getattr(self, "sample_weights", {}).get(p.name)
+        per_image = self.settings.admission.cost_per_image.get(p.name)
         if per_image is None:
-            per_image = image_cost(self.pipeline(pipeline), options)
+            per_image = image_cost(p, options, weights)
+        else:  # the operator's figure, plus a certifying decider's samples (settings: "adds n0 + n")
+            per_image = float(per_image) + sampling_cost(p, options, weights)
         return float(per_image) * images
 
     async def classify(self, pipeline: str, images: int, decode: Callable[[], torch.Tensor], *,

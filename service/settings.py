@@ -158,7 +158,7 @@ class AdmissionConfig(Section):
     max_cost: float = Field(200_000, gt=0, description="sample units in flight per process before 503 overloaded")
     max_concurrent: int = Field(256, gt=0, description="pipeline requests in flight per process before 503 overloaded")
     cost_per_image: dict[str, float] = Field(
-        default_factory=dict, description="per-pipeline cost of one image; a certifying pipeline adds n0 + n")
+        default_factory=dict, description="per-pipeline cost of one image; a certifying pipeline adds (n0 + n) x w, w its sampled networks' FLOPs over the base classifier's")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on a cost or concurrency refusal")
 
 
@@ -193,7 +193,7 @@ class Settings(BaseSettings):
                              "where OMP_NUM_THREADS is set")
     parallel_min_cost: float = Field(
         2.0, ge=0, description="the batches of a pipeline whose image weighs fewer sample units than this "
-                               "(admission's estimate: baseline 1, magnet 3, smoothing ~1,065) run on one torch "
+                               "(admission's estimate: baseline 1, magnet 3, smoothing ~561) run on one torch "
                                "thread, the others on all torch_threads (a pipeline's threads: overrides it). "
                                "2 (default): baseline alone; 100: magnet and neuralfp too, steadier where other "
                                "processes share the cores; 0: every pipeline on all")

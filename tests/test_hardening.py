@@ -131,7 +131,8 @@ def test_admission_refuses_by_cost_with_retry_after(make_client, mnist):
     c = make_client(admission={"max_cost": 1000, "retry_after_s": 2}, **FAST)
     adm = c.app.state.runtime.admission
     body = _png(mnist)
-    adm.admit(990, "a test's stand-in for work in flight")
+    adm.admit(495, "a test's stand-in for work in flight")  # one request holds at most half the budget
+    adm.admit(495, "a test's stand-in for work in flight")
     try:
         # a prediction (1 unit) still fits; a certification of n=500 does not
         assert _post(c, "/predict?pipeline=baseline", body).status_code == 200
@@ -142,11 +143,12 @@ def test_admission_refuses_by_cost_with_retry_after(make_client, mnist):
                    json={"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0.0] * 784}]})
         assert r.status_code == 503 and "Retry-After" in r.headers and set(r.json()) == {"error"}
     finally:
-        adm.release(990)
+        adm.release(495)
+        adm.release(495)
     # with the budget free, the same certification is admitted
     assert _post(c, "/certify?pipeline=smoothing&n=500&n0=32", body).status_code == 200
     # a request heavier than the whole budget runs when nothing else is in flight
-    assert _post(c, "/certify?pipeline=smoothing&n=2000&n0=32", body).status_code == 200
+    assert _post(c, "/certify?pipeline=smoothing&n=20000&n0=32", body).status_code == 200
     text = c.get("/metrics").text
     assert 'outcome="overloaded",pipeline="smoothing"' in text and "shieldserve_admitted_cost 0.0" in text
 
