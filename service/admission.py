@@ -62,11 +62,13 @@ def sample_weights(pipeline: Pipeline, shape: tuple[int, ...], device: Any = "cp
     counted weigh 1 (the unweighted estimate), with a warning."""
     out: dict[int, float] = {}
     x = torch.zeros(1, *shape, device=device)
+    base: int | None = None  # the classifier's FLOPs: counted once, for the first certifying decider
     for i, comp in enumerate(pipeline.components):
         if not (comp.role == "decider" and getattr(comp, "certifies", False) and hasattr(comp, "function")):
             continue
         try:
-            base = _flops(pipeline.classifier, x)
+            if base is None:
+                base = _flops(pipeline.classifier, x)
             sampled = max(_flops(comp.function(s, pipeline.classifier, differentiable=True), x)
                           for s in getattr(comp, "sigmas", [getattr(comp, "sigma", None)]))
         except Exception as exc:  # noqa: BLE001 - an estimate: fall back to the unweighted one

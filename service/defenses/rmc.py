@@ -106,27 +106,28 @@ def check_index_header(raw: np.ndarray, dim: int | None = None, ntotal: int | No
     the class name; raises BundleError."""
     from models.bundle import BundleError  # noqa: PLC0415
 
-    buf = raw.tobytes()
-    if len(buf) < _FLAT_HEADER:
-        raise BundleError(f"RMC index: {len(buf)} bytes is too short for a FAISS index")
-    kind = INDEX_FOURCCS.get(buf[:4])
+    size = int(raw.size)  # the header is read in place: the index itself is not copied
+    if size < _FLAT_HEADER:
+        raise BundleError(f"RMC index: {size} bytes is too short for a FAISS index")
+    fourcc = raw[:4].tobytes()
+    kind = INDEX_FOURCCS.get(fourcc)
     if kind is None:
-        raise BundleError(f"RMC index: FAISS type {buf[:4]!r} is not one shieldserve writes "
+        raise BundleError(f"RMC index: FAISS type {fourcc!r} is not one shieldserve writes "
                           f"({', '.join(INDEX_FOURCCS.values())})")
-    d = int(np.frombuffer(buf, "<i4", 1, 4)[0])
-    n = int(np.frombuffer(buf, "<i8", 1, 8)[0])
+    d = int(np.frombuffer(raw, "<i4", 1, 4)[0])
+    n = int(np.frombuffer(raw, "<i8", 1, 8)[0])
     if d < 1 or (dim is not None and d != dim):
         raise BundleError(f"RMC index: {kind} of dimension {d}, the classifier's features have {dim}")
     if n < 0 or (ntotal is not None and n != ntotal):
         raise BundleError(f"RMC index: {kind} holds {n} vectors, D′ has {ntotal} labels")
     if kind == "IndexFlatL2":
-        codes = int(np.frombuffer(buf, "<u8", 1, _FLAT_HEADER - 8)[0])
-        if codes != d * n or len(buf) != _FLAT_HEADER + 4 * d * n:
+        codes = int(np.frombuffer(raw, "<u8", 1, _FLAT_HEADER - 8)[0])
+        if codes != d * n or size != _FLAT_HEADER + 4 * d * n:
             raise BundleError(f"RMC index: {kind} with d={d}, ntotal={n} takes {_FLAT_HEADER + 4 * d * n} "
-                              f"bytes, the file has {len(buf)} (declaring {codes} values)")
-    elif len(buf) < 4 * d * n:
+                              f"bytes, the file has {size} (declaring {codes} values)")
+    elif size < 4 * d * n:
         raise BundleError(f"RMC index: {kind} with d={d}, ntotal={n} needs at least {4 * d * n} bytes, "
-                          f"the file has {len(buf)}")
+                          f"the file has {size}")
     return kind
 
 
