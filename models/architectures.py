@@ -9,13 +9,17 @@ A bundle's manifest describes each network as an *architecture spec*, one of
   {"kind": "builtin", "name": "mnist_cnn", "kwargs": {...}}      a network defined here
   {"kind": "import", "factory": "pkg.module:fn", "kwargs": {...}} the user's own code
   {"kind": "torchscript"}                                          a TorchScript file (no weights file)
+
+An `import` spec runs the named Python code when the bundle is loaded, so a bundle with one is
+code, not data: `Bundle.load` refuses it unless the operator trusts the module
+(`import_trusted`; the `trusted_imports` setting, `train --trust-import`).
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -311,6 +315,23 @@ def register_builtin(name: str, factory: Callable[..., nn.Module]) -> None:
 
 def builtin_spec(name: str, **kwargs: Any) -> dict[str, Any]:
     return {"kind": "builtin", "name": name, "kwargs": kwargs}
+
+
+def import_trusted(factory: str, trusted: Iterable[str]) -> bool:
+    """May a bundle's `import` architecture run `factory` ("pkg.module:fn")? Only where the
+    operator named it: an entry "pkg" trusts the module pkg and every module under it (pkg.nets,
+    not pkgfoo), an entry "pkg.module:fn" that one factory."""
+    module = factory.partition(":")[0]
+    for entry in trusted:
+        entry = entry.strip()
+        if not entry:
+            continue
+        if ":" in entry:
+            if factory == entry:
+                return True
+        elif module == entry or module.startswith(entry + "."):
+            return True
+    return False
 
 
 def import_factory(path: str) -> Callable[..., nn.Module]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from models.architectures import build_architecture
+from models.architectures import build_architecture, import_trusted
 from models.features import FeatureError, FeatureExtractor
 
 FORMAT_VERSION = 1
@@ -55,6 +56,23 @@ def content_version(manifest: dict[str, Any]) -> str:
 
 class BundleError(RuntimeError):
     """A bundle that cannot be used: missing file, wrong hash, unknown format."""
+
+
+class UntrustedImport(BundleError):
+    """The bundle names Python code (an `import` architecture) that the operator has not trusted."""
+
+
+def untrusted_imports(manifest: dict[str, Any], trusted: Iterable[str]) -> dict[str, str]:
+    """artifact -> factory, for each `import` architecture whose code `trusted` does not cover."""
+    trusted = list(trusted)
+    out = {}
+    for name, record in manifest.get("artifacts", {}).items():
+        arch = record.get("architecture") or {}
+        if arch.get("kind") == "import":
+            factory = str(arch.get("factory", ""))
+            if not import_trusted(factory, trusted):
+                out[name] = factory
+    return out
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -257,11 +275,19 @@ class Bundle:
     path: Path
     manifest: dict[str, Any]
     _verified: dict[str, bytes] = field(default_factory=dict, repr=False)
+    # the modules whose code this bundle's `import` architectures may run (checked at load)
+    trusted_imports: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
-        """Read the manifest and (by default) check every artifact's sha256 up front."""
+    def load(cls, path: str | Path, verify: bool = True, trusted_imports: Iterable[str] = ()) -> "Bundle":
+        """Read the manifest and (by default) check every artifact's sha256 up front.
+
+        A network described as `{"kind": "import", "factory": "pkg.module:fn"}` is built by
+        importing and calling that code, with the service's rights: such a bundle is refused
+        (UntrustedImport) unless `trusted_imports` covers the module (models.architectures.
+        import_trusted), because a sha256 in the manifest only says the files are the ones the
+        manifest names, not who wrote it."""
         root = Path(path)
         manifest_path = root / MANIFEST_NAME
         if not manifest_path.is_file():
@@ -271,7 +297,17 @@ class Bundle:
             raise BundleError(f"{root}: bundle format {manifest.get('format_version')!r}, "
                               f"this shieldserve reads {FORMAT_VERSION}")
         _check_manifest(manifest_path, manifest)
-        bundle = cls(root, manifest)
+        trusted = tuple(trusted_imports)
+        untrusted = untrusted_imports(manifest, trusted)
+        if untrusted:
+            modules = sorted({f.partition(":")[0] for f in untrusted.values()})
+            named = ", ".join(f"{a!r} by {f!r}" for a, f in sorted(untrusted.items()))
+            raise UntrustedImport(
+                f"{root}: networks built by Python code ({named}), which loading the bundle would import "
+                f"and run. Load it only if you trust whoever wrote the bundle, and then name the code: "
+                f"`trusted_imports: [{', '.join(modules)}]` in the service's config (or SHIELDSERVE_TRUSTED_IMPORTS="
+                f"'{json.dumps(modules)}'), or `--trust-import {modules[0]}` for `shieldserve train`")
+        bundle = cls(root, manifest, trusted_imports=trusted)
         if verify:
             for name in manifest.get("artifacts", {}):
                 bundle._read_verified(name)
@@ -420,8 +456,12 @@ class Bundle:
 class BundleWriter:
     """Builds or extends a bundle directory; `save()` writes the manifest last."""
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | Path, manifest: dict[str, Any] | None = None,
+                 trusted_imports: Iterable[str] = ()) -> None:
         self.path = Path(path)
+        # what Bundle.load may import while the bundle is built (models.train: --trust-import and
+        # the module --classifier import: names)
+        self.trusted_imports = tuple(trusted_imports)
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest: dict[str, Any] = manifest or {}
         self.manifest.setdefault("format_version", FORMAT_VERSION)
@@ -432,8 +472,12 @@ class BundleWriter:
         self.manifest.setdefault("build", {"steps": []})
 
     @classmethod
-    def extend(cls, path: str | Path) -> "BundleWriter":
-        return cls(path, Bundle.load(path).manifest)
+    def extend(cls, path: str | Path, trusted_imports: Iterable[str] = ()) -> "BundleWriter":
+        return cls(path, Bundle.load(path, trusted_imports=trusted_imports).manifest, trusted_imports)
+
+    def load(self) -> "Bundle":
+        """The bundle as saved so far, its imports trusted as this writer's."""
+        return Bundle.load(self.path, trusted_imports=self.trusted_imports)
 
     def set_input(self, spec: InputSpec) -> None:
         self.manifest["input"] = spec.to_json()

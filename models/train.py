@@ -82,7 +82,7 @@ class BuildContext:
         """The base classifier as saved so far (frozen, eval mode)."""
         if self._classifier is None:
             self.writer.save()
-            self._classifier = Bundle.load(self.writer.path).classifier(self.device)
+            self._classifier = self.writer.load().classifier(self.device)
         return self._classifier
 
     def forget_classifier(self) -> None:
@@ -95,8 +95,9 @@ class StepWriter(BundleWriter):
     and on disk where the step saved it (BuildContext.classifier() saves). A step that fails
     on a defense the bundle already has leaves that defense as it was."""
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any] | None = None) -> None:
-        super().__init__(path, manifest)
+    def __init__(self, path: str | Path, manifest: dict[str, Any] | None = None,
+                 trusted_imports: tuple[str, ...] = ()) -> None:
+        super().__init__(path, manifest, trusted_imports)
         self._undo: dict[str, Any] | None = None
 
     def begin(self, step: str) -> None:
@@ -177,7 +178,7 @@ def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dat
         net.load_state_dict(load_file(str(src.weights)))
         record = writer.add_module("classifier", net, arch, source=str(src.weights))
     writer.save()
-    clf = Bundle.load(writer.path).classifier(device)
+    clf = writer.load().classifier(device)
     record["metrics"] = {"test_accuracy": round(accuracy(clf, dataset.test.x.to(device), dataset.test.y.to(device)), 4)}
     record["pretrained"] = True
     if src.feature_layer:
@@ -192,7 +193,8 @@ def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dat
 def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | None = None, seed: int | None = None,
                  steps: list[str] | None = None, classifier: ClassifierSource | None = None,
                  device: str = "cpu", input_overrides: dict[str, Any] | None = None,
-                 options: dict[str, Any] | None = None, argv: list[str] | None = None) -> Path:
+                 options: dict[str, Any] | None = None, argv: list[str] | None = None,
+                 trusted_imports: list[str] | tuple[str, ...] = ()) -> Path:
     """Build (or extend, with `steps`) the bundle at `out`. Returns the manifest's path.
 
     `dataset`: mnist5k (the default for a new bundle), idx:DIR or npz:FILE. Extending a bundle
@@ -217,6 +219,12 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     extending = bool(steps) and (out / "manifest.json").exists()
     previous_text = (out / "manifest.json").read_text() if extending else ""
     previous = json.loads(previous_text) if extending else {}
+    # the user's own --classifier import: is trusted (they named it); a bundle's recorded one is
+    # code like any other and needs --trust-import, refused here before the data is loaded
+    byo = (classifier.target,) if classifier is not None and classifier.kind == "import" else ()
+    trusted = tuple(trusted_imports) + byo
+    if extending:
+        Bundle.load(out, verify=False, trusted_imports=trusted)
     recorded = previous.get("build", {}).get("dataset")
     if dataset is None:
         dataset = recorded or "mnist5k"
@@ -233,7 +241,7 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
         raise ValueError(f"{dataset} is not the data the bundle at {out} was built on (its content's sha256 is "
                          f"{content[:12]}..., the manifest's {recorded_sha[:12]}...); restore that data, or build "
                          f"a new bundle without --steps")
-    writer = StepWriter.extend(out) if extending else StepWriter(out)
+    writer = StepWriter.extend(out, trusted) if extending else StepWriter(out, trusted_imports=trusted)
     command = "shieldserve train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
     if not extending:
         spec = InputSpec(shape=ds.input_shape, class_names=tuple(ds.class_names),
@@ -292,11 +300,13 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
             _defense_step(ctx, name, module_path, gate)
         if name == "classifier":
             ctx.forget_classifier()
-            quality.check_classifier(writer.path, ds, preset, gate, ctx.device)
+            quality.check_classifier(writer.path, ds, preset, gate, ctx.device,
+                                     trusted_imports=writer.trusted_imports)
         writer.record_step(name, command, time.monotonic() - t0)
         writer.save()
         if name in writer.manifest.get("defenses", {}) and name in quality.STEP_KEYS:
-            quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
+            quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device,
+                            trusted_imports=writer.trusted_imports)
             writer.save()
         log.info("step %s done in %.1fs", name, time.monotonic() - t0)
     if "classifier" in chosen and "quality" not in chosen:
@@ -305,14 +315,16 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
         # that no longer holds (or refuses a classifier it was not calibrated for) is not served
         for name in quality.STEP_KEYS:
             if name not in chosen and name in writer.manifest.get("defenses", {}):
-                quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
+                quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device,
+                                trusted_imports=writer.trusted_imports)
         quality.measure_monitor(writer.path, writer.manifest, ds, preset, gate)  # a new bundle: the monitor on its data
         writer.save()
     if "quality" in chosen:  # the gate alone, again, on every defense the bundle has
         t0 = time.monotonic()
         for name in quality.STEP_KEYS:
             if name in writer.manifest.get("defenses", {}):
-                quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device)
+                quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device,
+                                trusted_imports=writer.trusted_imports)
         quality.measure_monitor(writer.path, writer.manifest, ds, preset, gate)
         writer.record_step("quality", command, time.monotonic() - t0)
 

@@ -104,10 +104,15 @@ def _train(args: argparse.Namespace) -> int:
     options = args.options or {}
     if args.max_accuracy_drop is not None:
         options.setdefault("quality", {})["max_accuracy_drop"] = args.max_accuracy_drop
+    from service.settings import load_settings
+
+    # --trust-import, and the `trusted_imports` setting (SHIELDSERVE_TRUSTED_IMPORTS, the config
+    # named by SHIELDSERVE_CONFIG) as `serve` reads it; what --classifier import: names is trusted
+    trusted = [*(args.trust_import or []), *load_settings(None, bundle=args.out).trusted_imports]
     manifest = build_bundle(args.out, dataset=args.dataset, preset=args.preset, seed=args.seed,
                             steps=args.steps, classifier=classifier,
                             device=args.device, input_overrides=overrides, options=options,
-                            argv=args.argv)
+                            argv=args.argv, trusted_imports=tuple(trusted))
     data = json.loads(Path(manifest).read_text())
     print(json.dumps({"bundle": str(Path(args.out)), "version": data["version"],
                       "metrics": data.get("metrics", {})}, indent=2))
@@ -295,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_steps, help="comma-separated steps to (re)build into an existing bundle; "
                                    "'quality' measures its defenses again (the quality gate)")
     t.add_argument("--classifier", help="your pretrained classifier: import:pkg.module:factory or torchscript:FILE")
+    t.add_argument("--trust-import", action="append", metavar="MODULE",
+                   help="let the bundle at --out build networks with this Python module's code (\"pkg\" covers "
+                        "pkg.*; repeatable): a bundle you extend with --steps whose classifier came from "
+                        "--classifier import:... (the module --classifier names is trusted for its own build)")
     t.add_argument("--classifier-weights", help="safetensors weights for an import: classifier")
     t.add_argument("--classifier-kwargs", type=_json_object, help="JSON keyword arguments for the factory")
     t.add_argument("--feature-layer", help="the submodule whose output are the penultimate features RMC indexes "

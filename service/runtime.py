@@ -55,7 +55,7 @@ class Runtime:
         self.settings = settings
         self.device = torch.device(settings.device)
         started = time.monotonic()
-        self.bundle = Bundle.load(settings.bundle)  # verifies every sha256; raises BundleError
+        self.bundle = Bundle.load(settings.bundle, trusted_imports=settings.trusted_imports)  # verifies every sha256; raises BundleError
         self.input_spec = self.bundle.input_spec
         lim = settings.limits
         self.image_limits = ImageLimits(max_bytes=lim.max_image_bytes, max_pixels=lim.max_pixels,

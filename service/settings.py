@@ -212,6 +212,10 @@ class Settings(BaseSettings):
     trusted_proxies: list[str] = Field(
         default_factory=list, description="addresses or networks (CIDR) of gateways whose X-Forwarded-For is "
                                           "believed: the client is the first untrusted hop from the right")
+    trusted_imports: list[str] = Field(
+        default_factory=list, description="Python modules (\"pkg\" covers pkg.*) or factories (\"pkg.mod:fn\") "
+                                          "that a bundle's `import` architectures may run; empty (the default): "
+                                          "a bundle naming Python code is refused at start-up")
     query_monitor: QueryMonitorConfig = Field(default_factory=QueryMonitorConfig)
 
     @field_validator("api_keys")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.architectures import TinyCNN
-from models.bundle import Bundle, BundleError, BundleWriter, InputSpec
+from models.bundle import Bundle, BundleError, BundleWriter, InputSpec, UntrustedImport
 from models.train import ClassifierSource, build_bundle, parse_classifier
 
 
@@ -200,7 +200,9 @@ def test_bring_your_own_classifier_by_import_path_and_torchscript(tmp_path):
     src = parse_classifier("import:models.architectures:TinyCNN", str(weights), {"in_channels": 3, "num_classes": 4})
     out = tmp_path / "byo"
     build_bundle(out, dataset=f"npz:{data}", preset="quick", classifier=src, steps=["classifier"], argv=[])
-    b = Bundle.load(out)
+    with pytest.raises(UntrustedImport, match="models.architectures"):
+        Bundle.load(out)  # a bundle naming Python code is a program: loaded only where trusted
+    b = Bundle.load(out, trusted_imports=["models.architectures:TinyCNN"])
     assert b.input_spec.shape == (3, 32, 32) and b.input_spec.class_names == ("r", "g", "b", "w")
     assert b.manifest["artifacts"]["classifier"]["pretrained"] is True
     x = torch.rand(3, 3, 32, 32)

@@ -20,7 +20,7 @@ from torch import nn
 
 pytest.importorskip("sklearn")
 
-from models.bundle import Bundle, Classifier, InputSpec  # noqa: E402
+from models.bundle import Bundle, Classifier, InputSpec, UntrustedImport  # noqa: E402
 from models.features import FeatureError, FeatureExtractor  # noqa: E402
 
 
@@ -264,7 +264,10 @@ def test_photos_import_bundle(photos_bundle: Path) -> None:
     near = m["quality"]["defenses"]["query_monitor:suspect_linf"]
     assert near["near_rate"] > 0.2 and not near["passes"] and near["usable"] and "not enforced" in near["reason"]
     assert mon["suspect_linf"] == 0.62  # measured with the check: not enforced, so served with it
-    b = Bundle.load(photos_bundle)
+    # its networks are built by examples.photo_cnn's code: loaded only where that is trusted
+    with pytest.raises(UntrustedImport, match=r"'classifier' by 'examples.photo_cnn:PhotoCNN'"):
+        Bundle.load(photos_bundle)
+    b = Bundle.load(photos_bundle, trusted_imports=["examples.photo_cnn"])
     x = torch.rand(2, 3, 32, 32)
     assert b.module("defensegan_generator")(torch.randn(2, 128)).shape == x.shape
     assert b.classifier().features(x).shape == (2, 64)

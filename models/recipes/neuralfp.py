@@ -153,7 +153,7 @@ def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildC
 
 def _build(ctx: "BuildContext") -> None:  # noqa: F821
     from models.architectures import build_architecture
-    from models.bundle import Bundle, Classifier
+    from models.bundle import Classifier
     from models.recipes.classifier import architecture_spec
     from models.recipes.classifier import recipe as classifier_recipe
     from dataclasses import replace as dc_replace
@@ -181,7 +181,7 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
             # bytes: its parameters are ordinary leaf tensors that autograd trains like an eager
             # module's (Bundle.module froze the serving copy, not this one).
             init, epochs = "copy of the base classifier (TorchScript, fine-tuned)", r.epochs
-            net = torch.jit.load(io.BytesIO(Bundle.load(ctx.writer.path).read_verified("classifier")),
+            net = torch.jit.load(io.BytesIO(ctx.writer.load().read_verified("classifier")),
                                  map_location=dev)
         else:
             init, epochs = "builtin CNN from scratch", r.scratch_epochs
@@ -236,11 +236,10 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
 def _existing(ctx: "BuildContext", r: NeuralFPRecipe):  # noqa: F821
     """The bundle's fingerprinted network and fingerprints, for `recalibrate: true`: the
     training settings come from the network's record, the calibration ones from `r`."""
-    from models.bundle import Bundle
     from models.datasets import calibration_holdout
 
     ctx.writer.save()
-    bundle = Bundle.load(ctx.writer.path)
+    bundle = ctx.writer.load()
     if not bundle.has("neuralfp_classifier") or not bundle.has("neuralfp_fingerprints"):
         raise ValueError("neuralfp recalibrate: the bundle has no fingerprinted network to recalibrate")
     record = bundle.artifact("neuralfp_classifier")

@@ -139,7 +139,7 @@ def _gate_images(dataset: Any, r: QualityRecipe, device: torch.device) -> tuple[
 
 @torch.no_grad()
 def check_classifier(bundle_path: Any, dataset: Any, preset: str, options: dict[str, Any],
-                     device: torch.device) -> None:
+                     device: torch.device, trusted_imports: tuple[str, ...] = ()) -> None:
     """Right after the classifier step, on the gate's images: a base classifier near chance is
     refused before hours of defense training around it (NearChance where enforced)."""
     from models.bundle import Bundle
@@ -147,14 +147,14 @@ def check_classifier(bundle_path: Any, dataset: Any, preset: str, options: dict[
     r = recipe(preset, **options)
     if r.images <= 0:
         return
-    base = Bundle.load(bundle_path).classifier(device)
+    base = Bundle.load(bundle_path, trusted_imports=trusted_imports).classifier(device)
     x, y = _gate_images(dataset, r, device)
     check_base(float((base(x).argmax(1) == y).float().mean()), len(dataset.class_names), len(y), r)
 
 
 @torch.no_grad()
 def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any, preset: str,
-            options: dict[str, Any], device: torch.device) -> None:
+            options: dict[str, Any], device: torch.device, trusted_imports: tuple[str, ...] = ()) -> None:
     """Measure the step's defenses on the validation split and record the verdicts in `manifest`."""
     from models.bundle import Bundle
     from service.defenses.base import DefenseEnv, RunContext
@@ -165,7 +165,7 @@ def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any,
     if r.images <= 0:
         return
     q = _section(manifest, r)
-    bundle = Bundle.load(bundle_path)
+    bundle = Bundle.load(bundle_path, trusted_imports=trusted_imports)
     base = bundle.classifier(device)
     settings = load_settings(None, bundle=str(bundle_path))
     env = DefenseEnv(bundle=bundle, classifier=base, device=device, settings=settings)

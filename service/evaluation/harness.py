@@ -106,7 +106,7 @@ class Evaluation:
         self.cfg = cfg
         self.started = time.time()
         settings = load_settings(cfg.config, bundle=cfg.bundle)
-        self.bundle = Bundle.load(settings.bundle)
+        self.bundle = Bundle.load(settings.bundle, trusted_imports=settings.trusted_imports)
         self.base = self.bundle.classifier()
         env = DefenseEnv(bundle=self.bundle, classifier=self.base, device=torch.device("cpu"), settings=settings)
         names = cfg.pipelines or [n for n in settings.pipelines if not self._unusable(settings, n)]
