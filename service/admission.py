@@ -3,15 +3,18 @@ prediction.
 
 Every pipeline request is weighed before it is queued, in *sample units*: one forward pass
 of the classifier on one image is 1. A request holds its cost from admission until it is
-answered (or fails, or its client goes away). Past `admission.max_cost` units, or past
-`admission.max_concurrent` requests in flight, a new request is refused at once with 503
-`overloaded` and `Retry-After`, before it costs anything. A new request is weighed at its
-full estimate against what is held, but it holds at most half of `max_cost`
-(min(cost, max_cost / 2)): one request never takes the whole replica, so while even the
-heaviest runs, requests worth the other half are still admitted. A request that alone weighs
-more than the whole budget is admitted only when nothing else is in flight (otherwise a server
-configured with a large `certify.max_n` could never answer it), and holds half the budget
-while it runs; a second such request is refused until it is done.
+answered (or fails, or its client goes away), and for as long as work it caused still runs:
+one whose client went away while its rows were in a running batch beside live requests holds
+its cost until that batch ends (`hold`), so leaving early frees no budget for new work. Past
+`admission.max_cost` units, or past `admission.max_concurrent` requests in flight, a new
+request is refused at once with 503 `overloaded` and `Retry-After`, before it costs
+anything. A new request is weighed at its full estimate against what is held, but it holds
+at most half of `max_cost` (min(cost, max_cost / 2)): one request never takes the whole
+replica, so while even the heaviest runs, requests worth the other half are still admitted.
+A request that alone weighs more than the whole budget is admitted only when nothing else is
+in flight (otherwise a server configured with a large `certify.max_n` could never answer
+it), and holds half the budget while it runs; a second such request is refused until it is
+done.
 
 The weight of one image through a pipeline: `admission.cost_per_image[pipeline]` when the
 operator set one, plus the samples of a certifying decider (below); otherwise an estimate from
@@ -31,13 +34,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from service.batcher import Overloaded
+from service.batcher import Overloaded, outlives
 from service.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -159,8 +162,25 @@ class Admission:
 
     @contextmanager
     def hold(self, cost: float, what: str) -> Iterator[None]:
+        """`admit(cost)` for the block, and past it while a batch still computes the rows of
+        the request that left it (service.batcher.outlives): released once all have ended."""
         self.admit(cost, what)
+        holders = [1]  # this block, and each batch still running for the request after it left
+
+        def let_go() -> None:
+            holders[0] -= 1
+            if holders[0] == 0:
+                self.release(cost)
+
+        def keep() -> Callable[[], None]:
+            if holders[0] == 0:  # released already: nothing left to hold on to
+                return lambda: None
+            holders[0] += 1
+            return let_go
+
+        token = outlives.set(keep)
         try:
             yield
         finally:
-            self.release(cost)
+            outlives.reset(token)
+            let_go()

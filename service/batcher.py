@@ -21,12 +21,18 @@ the loop, the model stood idle ~20% of the time at 32 clients; docs/operations.m
 
 A batcher's `screen` (the query monitor's, for a monitored pipeline) sees each batch on the
 compute thread before the pipeline does, and settles what it rejects.
+
+A request that goes away (its client disconnected, its deadline passed) while a batch with
+other live requests computes its rows leaves that work running until the batch ends; what it
+holds for that work (its admission cost, `outlives`) is let go only then. One that goes away
+while still queued lets go at once: the batch thread skips it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import json
 import logging
@@ -54,6 +60,14 @@ Screen = Callable[[torch.Tensor, list[tuple[str | None, int]]],
                   tuple[list[ImageResult | None], list[BaseException | None], list[Any]]]
 
 
+# Set by whoever holds something for the request served in this context until its work is done
+# (Admission.hold: its cost). Called when the request goes away while a batch is computing its
+# rows, it returns what lets go of that hold, which the batch thread calls (on the request's
+# event loop) once the batch has ended, so the hold covers the work still running for it.
+outlives: contextvars.ContextVar[Callable[[], Callable[[], None]] | None] = contextvars.ContextVar(
+    "shieldserve_outlives", default=None)
+
+
 class Overloaded(Exception):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
@@ -70,6 +84,10 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     client: str | None = None  # who sent it, for the batch's screen (None: not screened)
     enqueued: float = field(default_factory=time.monotonic)
+    # under the batcher's lock: taken by a batch that has not ended yet, and (once its request
+    # went away meanwhile) what lets go of its hold when that batch ends
+    running: bool = False
+    release: Callable[[], None] | None = None
 
     @property
     def size(self) -> int:
@@ -185,6 +203,11 @@ class Batcher:
             return await job.future
         except asyncio.CancelledError:
             job.future.cancel()  # the batch thread skips it, or stops the batch if no one else waits
+            keep = outlives.get()
+            if keep is not None:
+                with self._cond:  # the batch thread ends a batch under this lock: no release is missed
+                    if job.running:  # a batch computes its rows until it ends: hold on until then
+                        job.release = keep()
             raise
 
     def _queue_changed(self, depth: int) -> None:
@@ -241,9 +264,25 @@ class Batcher:
                 self._send([(j, False, DeadlineExceeded("deadline passed while queued")) for j in expired])
             if jobs:
                 started = time.monotonic()
-                self._run_jobs(jobs)
+                try:
+                    self._run_jobs(jobs)
+                finally:
+                    self._ended(jobs)
                 ended = time.monotonic()
                 last, last_s = len(jobs), ended - started
+
+    def _ended(self, jobs: list[_Job]) -> None:
+        """The batch of `jobs` is over: the holds of those whose requests went away while it ran
+        are let go now, on their loops."""
+        with self._cond:
+            for job in jobs:
+                job.running = False
+            releases = [(job.loop, job.release) for job in jobs if job.release is not None]
+        for loop, release in releases:
+            try:
+                loop.call_soon_threadsafe(release)
+            except RuntimeError:  # that loop is closed: nothing it admitted is left to let go
+                pass
 
     def _hold(self, first: _Job, until: Callable[[], float], enough: Callable[[], bool] = lambda: False) -> None:
         """Under the lock: wait for company until `until()` (read again after every wake-up),
@@ -278,6 +317,8 @@ class Batcher:
         now = time.monotonic()
         live = [j for j in jobs if j.deadline is None or now <= j.deadline]
         expired = [j for j in jobs if j.deadline is not None and now > j.deadline]
+        for job in live:
+            job.running = True
         return live, expired, self._queued_images
 
     def _send(self, outcomes: list[tuple[_Job, bool, Any]], then: Callable[[], None] | None = None) -> None:
