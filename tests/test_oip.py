@@ -279,7 +279,24 @@ BAD_REQUESTS = {
     "unknown output": {**_json_input(), "outputs": [{"name": "logits"}]},
     "classification on label": {**_json_input(), "outputs": [{"name": "label", "parameters": {"classification": 2}}]},
     "shape not a list": _json_input(shape="1,1,28,28"),
+    # nested data is read level by level as the shape: a ragged nesting that only adds up is refused
+    "ragged nesting": _json_input(data=[[0.5] * 783, [0.5]]),
+    "ragged rows": _json_input(data=[[[[0.5] * 28] * 27 + [[0.5] * 29]]]),
+    "nested too shallow": _json_input(data=[[0.5] * 784]),
+    "nested too deep": _json_input(data=[[[[[0.5]] * 28] * 28]]),
+    "flat and nested mixed": _json_input(data=[[0.5] * 392] + [0.5] * 392),
+    "FP64 past float32's range": _json_input(datatype="FP64", data=[1e300] + [0.5] * 783),
 }
+
+
+def test_nested_data_as_the_shape_is_read_as_flat(client, digits):
+    x, _ = digits
+    flat = infer_json(client, {"inputs": [{"name": "input", "shape": [2, 1, 28, 28], "datatype": "UINT8",
+                                           "data": uint8(x[:2]).reshape(-1).tolist()}]})
+    nested = infer_json(client, {"inputs": [{"name": "input", "shape": [2, 1, 28, 28], "datatype": "UINT8",
+                                             "data": uint8(x[:2]).tolist()}]})
+    assert flat.status_code == nested.status_code == 200
+    assert outputs_of(flat)["probabilities"] == outputs_of(nested)["probabilities"]
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))

@@ -351,15 +351,24 @@ def _parse_request(header: bytes, max_bytes: int) -> InferRequest:
         raise _bad("invalid inference request: " + "; ".join(parts)) from None
 
 
-def _flatten(data: list[Any], integral: bool) -> list[float | int]:
-    """Row-major flattening of flat or nested JSON lists of numbers."""
+def _flatten(data: list[Any], integral: bool, shape: list[int]) -> list[float | int]:
+    """Row-major flattening of a flat JSON list of numbers, or of one nested exactly as `shape`
+    (a ragged nesting whose total happens to fit the shape is refused, not read in some order)."""
     out: list[float | int] = []
+    nested = bool(data) and isinstance(data[0], list)
+    if nested and len(data) != shape[0]:
+        raise _ragged(shape)
     stack = [iter(data)]
     while stack:
+        depth = len(stack) - 1
         for item in stack[-1]:
             if isinstance(item, list):
+                if not nested or depth + 1 >= len(shape) or len(item) != shape[depth + 1]:
+                    raise _ragged(shape)
                 stack.append(iter(item))
                 break
+            if nested and depth != len(shape) - 1:
+                raise _ragged(shape)
             if isinstance(item, bool) or not isinstance(item, (int, float)):
                 raise _bad(f"input data must hold numbers only, found {type(item).__name__} {_echo(item)}")
             if integral and not (isinstance(item, int) or (math.isfinite(item) and item == int(item))):
@@ -368,6 +377,11 @@ def _flatten(data: list[Any], integral: bool) -> list[float | int]:
         else:
             stack.pop()
     return out
+
+
+def _ragged(shape: list[int]) -> ApiError:
+    return _bad(f"input 'input': nested data must follow its shape {shape} level by level; "
+                f"send it flat (row-major) or nested exactly as the shape")
 
 
 def _image_batch_shape(shape: list[int], spec_shape: tuple[int, int, int]) -> int:
@@ -446,7 +460,7 @@ def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
             raise _bad(f"{len(tail)} bytes follow the JSON header but no input has a binary_data_size")
         if inp.data is None:
             raise _bad("input 'input' has neither 'data' nor a 'binary_data_size' parameter")
-        flat = _flatten(inp.data, integral=datatype == "UINT8")
+        flat = _flatten(inp.data, integral=datatype == "UINT8", shape=list(inp.shape))
         if len(flat) != count:
             raise _bad(f"input 'input' has {len(flat)} elements; shape {inp.shape} needs {count}")
         # numpy raises OverflowError for a JSON number past the conversion's range (2**64 or
@@ -462,7 +476,8 @@ def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
         except (OverflowError, ValueError):
             what = "integers in 0..255" if datatype == "UINT8" else "pixels in [0, 1]"
             raise _bad(f"{datatype} input values must be {what}; found a number out of that range") from None
-    x = arr.astype(np.float32)
+    with np.errstate(over="ignore"):  # FP64 past float32's range becomes inf: refused below
+        x = arr.astype(np.float32)
     if scale != 1.0:
         x *= scale
     else:
