@@ -153,7 +153,8 @@ class CertifyConfig(Section):
 
 class AdmissionConfig(Section):
     """Backpressure by cost, per process: every request holds its cost (in sample units: one
-    classifier forward pass on one image is 1) from admission until it is answered."""
+    classifier forward pass on one image is 1) from admission until it is answered, and while
+    a batch still computes the images of a request whose client left it (service/admission.py)."""
 
     max_cost: float = Field(200_000, gt=0, description="sample units in flight per process before 503 overloaded")
     max_concurrent: int = Field(256, gt=0, description="pipeline requests in flight per process before 503 overloaded")
