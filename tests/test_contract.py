@@ -294,6 +294,29 @@ def test_forwarded_for_from_a_trusted_proxy_names_the_client(quick_bundle, mnist
         assert _sample(_metrics(client), "shieldserve_blocked_clients") == 1
 
 
+def test_forwarded_for_in_several_header_lines_is_one_list(quick_bundle, mnist) -> None:
+    """A gateway that appends its own X-Forwarded-For line after the client's (HAProxy's
+    `option forwardfor`) sends two lines: one list (RFC 9110), read from the right. Reading
+    the first line alone let a blocked client forge a new id per request, or name a victim."""
+    real, victim = "198.51.100.7", "203.0.113.50"
+    other = mnist.test.x[10]
+
+    def lines(*values: str) -> list[tuple[str, str]]:
+        return [("content-type", "image/png")] + [("x-forwarded-for", v) for v in values]
+
+    with _started(quick_bundle, peer=("10.0.0.5", 123), trusted_proxies=PROXIES, pipelines=WATCH) as client:
+        r = client.post("/predict?pipeline=watch", content=png(mnist.test.x[3]), headers=lines(victim, real))
+        assert r.status_code == 200 and r.json()["results"][0]["status"] == "accepted", r.text
+        r = client.post("/predict?pipeline=watch", content=png(_near_copy(mnist.test.x[3])),
+                        headers=lines(victim, real))
+        assert r.json()["results"][0]["status"] == "rejected", r.text  # flagged: real is blocked
+        for forged in ("1.1.1.1", "2.2.2.2", victim):  # a new forged line each time: still blocked
+            r = client.post("/predict?pipeline=watch", content=png(other), headers=lines(forged, real))
+            assert r.status_code == 429 and r.json()["error"]["code"] == "attack_suspected", (forged, r.text)
+        r = _post_watch(client, other, victim)  # the victim, through the gateway: not blocked
+        assert r.status_code == 200 and r.json()["results"][0]["status"] == "accepted", r.text
+
+
 def test_forwarded_for_from_an_untrusted_peer_is_ignored(quick_bundle, mnist) -> None:
     other = mnist.test.x[10]
     with _started(quick_bundle, peer=("203.0.113.9", 123), trusted_proxies=PROXIES, pipelines=WATCH) as client:

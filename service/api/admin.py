@@ -24,7 +24,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, Field
 
-from service.api.clients import forwarded_client
+from service.api.clients import forwarded_client, forwarded_for
 from service.api.errors import ApiError
 from service.api.schemas import ErrorBody
 
@@ -82,7 +82,7 @@ async def rmc_reset(request: Request,
     outcome = await asyncio.wrap_future(runtime.compute.submit(adapters[0].reset, to))
     # every later answer changes: leave a trace (who, what, how much), never the key
     peer = request.client.host if request.client is not None else "unknown"
-    client = forwarded_client(peer, request.headers.get("x-forwarded-for"), tuple(runtime.settings.trusted_proxies))
+    client = forwarded_client(peer, forwarded_for(request), tuple(runtime.settings.trusted_proxies))
     client = "".join(ch if ch.isprintable() and not ch.isspace() else "?" for ch in client)  # one line, one token
     log.warning("admin: rmc reset pipeline=%s to=%s restored=%s discarded=%d mode=%s process=%d client=ip:%s",
                 pipeline, to, outcome["restored"], outcome["discarded_images"], outcome["mode"], os.getpid(),

@@ -49,6 +49,15 @@ def forwarded_client(peer: str, forwarded_for: str | None, trusted_proxies: tupl
     return hops[0][:64] if hops else peer
 
 
+def forwarded_for(request: Request) -> str | None:
+    """Every X-Forwarded-For line of the request, joined in order: several lines of one header
+    are one comma-separated list (RFC 9110 5.3). A gateway that appends its own line after the
+    client's (rather than extending it, as nginx does) must not leave the client's forged line
+    as the one read."""
+    lines = request.headers.getlist("x-forwarded-for")
+    return ",".join(lines) if lines else None
+
+
 def api_key_of(request: Request) -> str | None:
     auth = request.headers.get("authorization")
     if auth and auth[:7].lower() == "bearer ":
@@ -71,5 +80,4 @@ def client_of(request: Request) -> str:
                 return f"key:{name}"
         raise ApiError(401, "unauthorized", "unknown API key", {"WWW-Authenticate": "Bearer"})
     peer = request.client.host if request.client is not None else "unknown"
-    return "ip:" + forwarded_client(peer, request.headers.get("x-forwarded-for"),
-                                    tuple(settings.trusted_proxies))
+    return "ip:" + forwarded_client(peer, forwarded_for(request), tuple(settings.trusted_proxies))
