@@ -26,10 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import struct
 from collections.abc import Hashable
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -44,17 +44,21 @@ _MAX_DIMS = 8
 
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs: the one in the authority
-    (`redis://:PW@host`) and the `password=` query parameter redis-py also reads."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
-    query = "&".join(f"{item.partition('=')[0]}=***" if item.partition("=")[0].lower() == "password" else item
-                     for item in parts.query.split("&"))
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url
-    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
-            + (f"#{parts.fragment}" if parts.fragment else ""))
+    (`redis://:PW@host`) and the `password=` query parameter redis-py also reads. Not through
+    urlsplit, which ends the authority at the first '/', '?' or '#': a password holding one
+    (a generated one often does) that was not percent-encoded would be left in. Everything
+    between `://` and the last '@' is the user information; all of it but the user goes."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user if colon else ''}:***@{rest}"
+    rest = _QUERY_PASSWORD.sub(r"\1***", rest)
+    return f"{scheme}{sep}{rest}" if sep else rest
+
+
+# a `password=` parameter in the query: its value, up to the next parameter or the fragment
+_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#]*")
 
 
 def encode_tensor(x: torch.Tensor) -> bytes:
@@ -92,8 +96,16 @@ def connect(url: str, timeout_s: float) -> Any:
     # timeout inside the connection's handshake (its health-check PING) is retried there as
     # well, so a Redis that accepts and never answers held the caller 4 x timeout_s
     retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
-                                retry=retry, retry_on_timeout=False, health_check_interval=30)
+    try:
+        return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+                                    retry=retry, retry_on_timeout=False, health_check_interval=30)
+    except ValueError:
+        pass
+    # redis-py's message quotes the part of the URL it could not read, which for a password
+    # holding '/', '?' or '#' unencoded is the password: raised here, outside the handler, so
+    # that not even the exception's context keeps it
+    raise ValueError(f"cannot read the Redis URL {redact(url)}: percent-encode any '/', '?', '#', '@' "
+                     f"or ':' in its password")
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:

@@ -62,6 +62,32 @@ def test_redis_urls_are_redacted_for_logs():
     assert redact("redis://h:6379/0?db=1&password=s3cret") == "redis://h:6379/0?db=1&password=***"
     assert redact("unix:///run/redis.sock?password=s3cret") == "unix:///run/redis.sock?password=***"
     assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    # a password holding '#', '/', '?' or '@' unencoded (generated ones do): urlsplit ends the
+    # authority at the first of them and had left the password in
+    for pw in ("s3cr3t#Pw", "ab/cdEF+gh", "pa?ss", "p@ss", "x:y"):
+        url = f"redis://:{pw}@127.0.0.1:6379/0"
+        assert redact(url) == "redis://:***@127.0.0.1:6379/0", url
+    assert redact("rediss://u:pw@h/0?password=x#frag") == "rediss://u:***@h/0?password=***#frag"
+    assert redact("redis://h/0?Password=abc&db=1") == "redis://h/0?Password=***&db=1"
+
+
+@pytest.mark.parametrize("pw", ["s3cr3t#Pw", "ab/cdEF+gh", "zq9?Kw7"])
+def test_a_redis_url_redis_cannot_read_is_named_without_its_password(pw, caplog):
+    """redis-py's own error for such a URL quotes the part it could not read: the password."""
+    from service.defenses.query_monitor import QueryMonitor
+    from service.redis_store import RedisStore, connect
+
+    url = f"redis://:{pw}@127.0.0.1:6379/0"
+    for make in (lambda: connect(url, 0.2), lambda: RedisStore(url, timeout_s=0.2),
+                 lambda: QueryMonitor(store="redis", redis_url=url)):
+        try:
+            make()
+        except ValueError as exc:
+            text = str(exc) + repr(exc) + str(exc.__cause__ or "") + str(exc.__context__ or "")
+        else:
+            text = ""
+        secret = pw.split("#")[0].split("/")[0].split("?")[0]
+        assert secret not in text and secret not in caplog.text
 
 
 def test_the_certify_alpha_setting_has_the_bound_the_api_enforces() -> None:
