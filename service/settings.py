@@ -71,7 +71,7 @@ class QueryMonitorConfig(Section):
     top_n: int = Field(80, ge=1, description="hashes kept per query")
     informative: float = Field(0.25, ge=0, le=1, description="fraction of a window off the image's common level "
                                                              "for the window to count")
-    memory_window_s: float = Field(3600.0, gt=0, description="how long a query is remembered")
+    memory_window_s: float = Field(3600.0, gt=0, description="a query is remembered at least half of this, never all of it (two generations in slots of half; docs/query_monitor.md)")
     max_queries: int = Field(100_000, gt=1, description="queries remembered at most (per store; ~3.7 KB each)")
     suspect_history: int = Field(128, ge=1, description="a suspect's last queries kept for the suspect_linf check")
     store: Literal["memory", "redis"] = Field(

@@ -18,8 +18,9 @@ REPLICAS = ("replica1", "replica2")
 # 80 distinct hashes per query (the worst case; tests/test_deploy.py measures it again on the
 # compose file's redis-monitor arguments)
 MONITOR_BYTES_PER_QUERY = 5_800
-# what redis-monitor keeps besides the queries: suspects' recent images (100 KB per suspect
-# for digits), flags and blocks; at least this much room is left for them
+# what redis-monitor keeps besides the queries: suspects' recent images (64 MiB in all at most,
+# Redis' bookkeeping counted: query_monitor.NEAR_MEMORY_BYTES), flags and blocks; at least this
+# much room is left for them
 MONITOR_HEADROOM_BYTES = 128 * 1024 * 1024
 
 
@@ -249,6 +250,9 @@ def test_the_query_monitor_has_its_own_redis_that_never_evicts(compose: dict) ->
     # the maxmemory fits the queries the monitor is told to remember, with room for the rest
     max_queries = int(env["SHIELDSERVE_QUERY_MONITOR__MAX_QUERIES"])
     assert max_queries * MONITOR_BYTES_PER_QUERY + MONITOR_HEADROOM_BYTES <= redis_bytes(monitor["maxmemory"])
+    from service.defenses.query_monitor import NEAR_MEMORY_BYTES
+
+    assert NEAR_MEMORY_BYTES <= MONITOR_HEADROOM_BYTES // 2  # the rest for flags, blocks, the key
 
 
 def test_secrets_come_from_the_environment(compose: dict) -> None:

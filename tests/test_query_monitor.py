@@ -21,6 +21,7 @@ from service.defenses.query_monitor import (
     AttackSuspected, Fingerprinter, MemoryStore, MonitorPolicy, QueryMonitor, is_near, near_distances, near_pixels,
     policy_from_config,
 )
+from tests.conftest import MovedClock
 from tests.test_redis_store import redis_url  # noqa: F401 - the real redis-server fixture
 from tests.test_redis_store import silent_redis  # noqa: F401 - a Redis that accepts and never answers
 
@@ -726,18 +727,7 @@ def test_a_redis_that_is_down_degrades_to_this_replica(caplog, mnist) -> None:
     assert alone.screen(MonitorPolicy(), y, "ip:1.1.1.1").flagged == [True]
 
 
-class _Clock:
-    """The `time` module as service.defenses.query_monitor sees it, with a monotonic clock the
-    test moves: retry_redis_s is tested without sleeping through it."""
-
-    def __init__(self) -> None:
-        self.now = time.monotonic()
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
+_Clock = MovedClock
 
 
 def test_a_redis_that_never_answers_degrades_and_is_asked_again_only_after_retry_redis_s(

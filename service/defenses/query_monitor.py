@@ -40,9 +40,10 @@ Rules that keep benign traffic out (docs/query_monitor.md):
     copies are subtracted before matching, so retries and many clients sending the same public
     image are not flagged; a repeat of a *flagged* query is still flagged, because it still
     matches the other queries it was flagged for;
-  * only the hashes are remembered, for `memory_window_s` and at most `max_queries` queries
-    (two generations; the oldest is dropped when the newest is full or old); pixels only of
-    suspects (below).
+  * only the hashes are remembered, for at least half of `memory_window_s` and never the
+    whole of it, and at most `max_queries` queries (two generations, each begun in a slot of
+    half the window; the oldest is dropped when the newest is full or in a later slot); pixels
+    only of suspects (below).
 
 Actions: `flag` (count and answer), `reject` (the image's answer is a rejection by
 `query_monitor`), `block` (reject, and a client with more than `block_after` flags within
@@ -65,7 +66,9 @@ makes two images' L-inf distance larger.
 
 The store is per process (`store: memory`) or shared by every replica through Redis
 (`store: redis`). A Redis that cannot be reached degrades to the per-process store, with one
-log line per outage and `shieldserve_query_monitor_degraded` = 1, never an error to the client.
+log line per outage and `shieldserve_query_monitor_degraded` = 1, never an error to the client;
+one that answers but refuses writes (full) degrades too, but its blocks and suspect marks are
+still read (QueryMonitor._judge).
 
 Secrets: the hashing key (from `query_monitor.secret`, or generated: per process on the memory
 store, once per Redis on the shared store, where every replica must hash alike) never appears
@@ -77,6 +80,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import logging
+import math
 import os
 import threading
 import time
@@ -94,7 +98,11 @@ Action = Literal["flag", "reject", "block"]
 PUBLIC_POLICY = ("enabled", "action", "threshold", "suspect_threshold", "suspect_linf", "block_after",
                  "block_window_s", "cooldown_s")
 NEAR_SIDE = 32  # suspects' remembered images: at most this many pixels a side per channel
-NEAR_MEMORY_BYTES = 64 * 2**20  # the memory store's cap on suspects' remembered images
+NEAR_MEMORY_BYTES = 64 * 2**20  # the cap on suspects' remembered images (per process; on Redis, in all)
+# on Redis each remembered image counts these bytes more, and each suspect these: Redis' own
+# bookkeeping of the lists and of their index (measured on Redis 7: 64 MiB of one-image suspects
+# took 111 MiB uncounted, of 128-image ones 68 MiB; counted, 64 MiB at most)
+NEAR_REDIS_PER_IMAGE, NEAR_REDIS_PER_SUSPECT = 64, 512
 # the memory store's per-client tables (flags, suspects, blocks): past MAX_CLIENTS entries the
 # expired are forgotten, then those ending first, down to KEEP_CLIENTS (half: a trim, costing a
 # pass over the table, is needed once per MAX_CLIENTS - KEEP_CLIENTS new clients, not each one)
@@ -299,10 +307,15 @@ class MemoryStore:
         self._near_bytes = 0
 
     def _rotate(self, now: float) -> None:
+        # time is cut into slots of half the window: a generation turns over at the first query
+        # of a later slot (or when full) and becomes the old one, unless it began two slots ago
+        # or more (then both go); so a query is matched for at least half the window (one that
+        # came at the end of a slot), never for the whole of it (docs/query_monitor.md)
         cur = self._gens[1]
-        if now - self._started >= self.half_s or len(cur[1]) >= self.cap:
-            if now - self._started >= 2 * self.half_s:
-                self._gens = [({}, set()), ({}, set())]  # both are older than the window
+        slots = _slot(now, self.half_s) - _slot(self._started, self.half_s)
+        if slots > 0 or len(cur[1]) >= self.cap:
+            if slots >= 2:
+                self._gens = [({}, set()), ({}, set())]  # both are a whole window old
             else:
                 self._gens = [cur, ({}, set())]
             self._started = now
@@ -384,6 +397,11 @@ class MemoryStore:
         return sum(1 for until in list(self._blocked.values()) if until > now)
 
 
+def _slot(t: float, half_s: float) -> int:
+    """The half window that time `t` falls in (the Redis script computes it alike)."""
+    return math.floor(t / half_s)
+
+
 def _trim(table: dict[str, Any], expired: Any, ends: Any) -> None:
     """Bound a per-client table of the memory store (client -> value): past MAX_CLIENTS
     entries, forget those whose value is `expired`, then those that `ends` first (the earliest
@@ -410,13 +428,21 @@ out[2] = redis.call('PTTL', p .. 'suspect:' .. client)
 local gen = tonumber(redis.call('GET', p .. 'gen') or '0')
 local started = tonumber(redis.call('GET', p .. 'gen_started') or '0')
 local count = tonumber(redis.call('GET', p .. 'g' .. gen .. ':n') or '0')
-if now - started >= half or count >= cap then
+-- the memory store's turnover (MemoryStore._rotate): slots of half the window; a replica whose
+-- clock is behind the one that started the generation does not turn it back
+local slots = math.floor(now / half) - math.floor(started / half)
+if slots > 0 or count >= cap then
   gen = gen + 1; count = 0
   redis.call('SET', p .. 'gen', gen); redis.call('SET', p .. 'gen_started', now)
   -- matching reads this generation and the last: the one before goes now, not at its TTL (an
   -- hour), so max_queries bounds Redis' memory under a flood of distinct queries too
   local old = p .. 'g' .. (gen - 2)
   redis.call('DEL', old .. ':h', old .. ':d', old .. ':n')
+  if slots >= 2 then
+    -- the last one began a whole window ago or more: it goes too, as in memory
+    old = p .. 'g' .. (gen - 1)
+    redis.call('DEL', old .. ':h', old .. ':d', old .. ':n')
+  end
 end
 local ch, cd = p .. 'g' .. gen .. ':h', p .. 'g' .. gen .. ':d'
 local oh, od = p .. 'g' .. (gen - 1) .. ':h', p .. 'g' .. (gen - 1) .. ':d'
@@ -462,13 +488,36 @@ end
 return 0
 """
 
-# A suspect's remembered images: return them (oldest first), then push the new ones.
+# A suspect's remembered images: return them (oldest first), then push the new ones, the last
+# `keep` for `ttl` ms. All suspects' images together are bounded as in the memory store
+# (NEAR_MEMORY_BYTES): `near_lru` orders the suspects by last use, `near_bytes` holds the bytes of
+# each one's list (its images', plus `per_image` each and `per_suspect`: Redis' bookkeeping) and
+# `near_total` their sum; past the bound the least recently seen suspects' lists are deleted
+# (never the caller's). A list gone by its TTL still counts until it is the oldest, as in memory.
+# Reads first: on a full Redis the first write fails, and nothing is written.
 _RECALL = """
-local k = ARGV[1]; local keep = tonumber(ARGV[2]); local ttl = tonumber(ARGV[3])
+local p = ARGV[1]; local client = ARGV[2]; local keep = tonumber(ARGV[3]); local ttl = tonumber(ARGV[4])
+local limit = tonumber(ARGV[5]); local per_image = tonumber(ARGV[6]); local per_suspect = tonumber(ARGV[7])
+local k = p .. 'near:' .. client
+local lru, sizes, total = p .. 'near_lru', p .. 'near_bytes', p .. 'near_total'
 local before = redis.call('LRANGE', k, 0, -1)
-for i = 4, #ARGV do redis.call('RPUSH', k, ARGV[i]) end
+local lens = {}
+for _, v in ipairs(before) do lens[#lens + 1] = #v end
+for i = 8, #ARGV do lens[#lens + 1] = #ARGV[i] end
+local size = per_suspect
+for i = math.max(1, #lens - keep + 1), #lens do size = size + lens[i] + per_image end
+local sum = redis.call('INCRBY', total, size - tonumber(redis.call('HGET', sizes, client) or '0'))
+redis.call('HSET', sizes, client, size)
+redis.call('ZADD', lru, redis.call('INCR', p .. 'near_seq'), client)
+for i = 8, #ARGV do redis.call('RPUSH', k, ARGV[i]) end
 redis.call('LTRIM', k, -keep, -1)
 redis.call('PEXPIRE', k, ttl)
+while sum > limit do
+  local oldest = redis.call('ZRANGE', lru, 0, 0)[1]
+  if oldest == nil or oldest == client then break end
+  sum = redis.call('DECRBY', total, tonumber(redis.call('HGET', sizes, oldest) or '0'))
+  redis.call('HDEL', sizes, oldest); redis.call('ZREM', lru, oldest); redis.call('DEL', p .. 'near:' .. oldest)
+end
 return before
 """
 
@@ -477,7 +526,8 @@ class RedisStore:
     """The same store in Redis, shared by every replica. Keys under `<prefix>qm:`: `gen`,
     `gen_started`, `g<N>:h` (hash -> count), `g<N>:d` (digests), `g<N>:n`, `flags:<client>`,
     `blocked:<client>`, `suspect:<client>`, `near:<client>` (a suspect's last images, 8-bit),
-    `blocked` (sorted set), `key` (the shared hashing key)."""
+    `near_lru` (sorted set: suspects by last use), `near_bytes` (hash: bytes of each `near:` list),
+    `near_total`, `near_seq`, `blocked` (sorted set), `key` (the shared hashing key)."""
 
     def __init__(self, url: str, prefix: str, window_s: float, max_queries: int, timeout_s: float = 0.25,
                  client: Any = None) -> None:
@@ -488,6 +538,9 @@ class RedisStore:
         self.ttl_s = max(1, int(window_s + 1))
         self.client = client or connect(url, timeout_s)
         self.errors = unavailable_errors()
+        import redis
+
+        self.refusals = (redis.exceptions.ResponseError,)  # Redis answered, and refused (full: OOM)
         self._screen = self.client.register_script(_SCREEN)
         self._flags = self.client.register_script(_FLAGS)
         self._recall = self.client.register_script(_RECALL)
@@ -513,9 +566,20 @@ class RedisStore:
         self.client.set(self.prefix + "suspect:" + client, "1", px=max(1, int(seconds * 1000)))
 
     def recall(self, client: str, pixels: np.ndarray, keep: int, seconds: float) -> list[np.ndarray]:
-        out = self._recall(args=[self.prefix + "near:" + client, keep, max(1, int(seconds * 1000)),
-                                 *(row.tobytes() for row in pixels)])
+        """As MemoryStore.recall; NEAR_MEMORY_BYTES is shared by the replicas, and counts Redis'
+        bookkeeping too (NEAR_REDIS_PER_IMAGE, NEAR_REDIS_PER_SUSPECT)."""
+        out = self._recall(args=[self.prefix, client, keep, max(1, int(seconds * 1000)), NEAR_MEMORY_BYTES,
+                                 NEAR_REDIS_PER_IMAGE, NEAR_REDIS_PER_SUSPECT, *(row.tobytes() for row in pixels)])
         return [np.frombuffer(bytes(b), dtype=np.uint8) for b in out]
+
+    def status(self, client: str) -> tuple[float, bool]:
+        """(seconds the client stays blocked, whether it is a suspect), by reads alone: what a
+        Redis that refuses writes (full, `noeviction`) still answers, and `screen` then cannot."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.pttl(self.prefix + "blocked:" + client)
+        pipe.pttl(self.prefix + "suspect:" + client)
+        blocked, suspect = pipe.execute()
+        return (int(blocked) / 1000.0 if int(blocked) > 0 else 0.0), int(suspect) > 0
 
     def add_flags(self, client: str, count: int, window_s: float, block_after: int, cooldown_s: float) -> bool:
         # the flags count from the first one for block_window_s (in ms, as the cooldown: whole
@@ -585,6 +649,7 @@ class QueryMonitor:
         self.retry_redis_s = retry_redis_s
         self.suspect_history = suspect_history
         self._down_since: float | None = None
+        self._refused = False  # the last failure was Redis answering with an error (full), not silence
         self._on_degraded = on_degraded or (lambda degraded: None)
         self._params = (quantization, window, top_n, informative, layout, lines)
         key = secret.encode() if secret else None
@@ -616,14 +681,16 @@ class QueryMonitor:
         return self._down_since is None or time.monotonic() - self._down_since >= self.retry_redis_s
 
     def _redis_failed(self, what: str, exc: BaseException) -> None:
+        assert self.redis is not None
         if self._down_since is None:
-            assert self.redis is not None
             log.warning("query monitor: Redis (%s) %s failed (%s); using this replica's own store until it is back",
                         self.redis.url, what, type(exc).__name__)
             self._on_degraded(True)
         self._down_since = time.monotonic()
+        self._refused = isinstance(exc, self.redis.refusals)
 
     def _redis_ok(self) -> None:
+        self._refused = False
         if self._down_since is not None:
             log.warning("query monitor: Redis is back; the replicas share the store again")
             self._down_since = None
@@ -684,6 +751,15 @@ class QueryMonitor:
                 self._redis_failed("screen", exc)
         if matches is None:
             blocked_for, suspect = self.memory.blocked_for(tag), self.memory.suspect(tag)
+            if self._refused and not self._key_pending:
+                # Redis answers but refuses writes (a full noeviction Redis: the screen script
+                # fails at its first write): a block or suspect mark recorded there still holds
+                assert self.redis is not None
+                try:
+                    shared_for, shared_suspect = self.redis.status(tag)
+                    blocked_for, suspect = max(blocked_for, shared_for), suspect or shared_suspect
+                except self.redis.errors as exc:
+                    self._redis_failed("reading the client's block", exc)
             matches = self.memory.match(digests, hashes)
         if policy.action == "block" and blocked_for > 0:
             raise AttackSuspected(max(1, int(np.ceil(blocked_for))))
@@ -742,7 +818,8 @@ class QueryMonitor:
         return self.memory.add_flags(*args)
 
     def blocked_count(self) -> int:
-        if self._use_redis() and not self._key_pending:
+        # a full Redis (refusing writes) still answers this, as it does the client's block
+        if (self._use_redis() or self._refused) and not self._key_pending:
             assert self.redis is not None
             try:
                 return self.redis.blocked_count()

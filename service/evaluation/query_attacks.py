@@ -27,8 +27,9 @@ and, before the attacks, a benign workload (`--query-benign N`): N distinct mnis
 (5,000: every one) from 8 clients, 10% retried, 20 public digits sent by every client; the
 false-positive rate is the share of these queries the monitor rejects.
 
-Spacing queries out in time is not run: it helps only past `memory_window_s` (1 hour by
-default) between near-identical queries; the README says what that costs an attacker.
+Spacing queries out in time is not run: it helps only past the monitor's memory (at least
+half of `memory_window_s`, 1 hour by default, never all of it) between near-identical queries;
+the README says what that costs an attacker.
 """
 
 from __future__ import annotations
