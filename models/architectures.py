@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -334,25 +335,44 @@ def import_trusted(factory: str, trusted: Iterable[str]) -> bool:
     return False
 
 
-def import_factory(path: str) -> Callable[..., nn.Module]:
-    """Resolve "package.module:factory" to a callable."""
+def import_factory(path: str, trusted: Iterable[str] | None = None) -> Callable[..., nn.Module]:
+    """Resolve "package.module:factory" to a callable: one public name of the module, no
+    attribute path (with "pkg.mod:torch.os.system" a bundle trusted for pkg.mod's own networks
+    reached any code pkg.mod imports). With `trusted` (a bundle's spec, Bundle.load checked the
+    module), the object must also be defined in trusted code: named exactly by a "pkg.mod:fn"
+    entry, or from a module a module entry covers (not, say, `system` imported from os)."""
     module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"factory must look like 'package.module:factory', got {path!r}")
+    if not sep or not module_name or not _PUBLIC_NAME.match(attr):
+        raise ValueError(f"factory must look like 'package.module:factory' (one public name of the module), "
+                         f"got {path!r}")
+    if trusted is not None and not import_trusted(path, trusted):
+        raise ValueError(f"{path!r} is not among the trusted imports")
     try:
-        obj: Any = importlib.import_module(module_name)
+        module: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise ValueError(f"cannot import {module_name!r} for {path!r} ({exc}): run shieldserve from the directory "
                          f"that holds it, or put that directory on PYTHONPATH (the service needs it too)") from exc
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise ValueError(f"module {module_name!r} has no {attr!r}")
     if not callable(obj):
         raise ValueError(f"{path!r} is not callable")
+    if trusted is not None:
+        exact = any(entry.strip() == path for entry in trusted)
+        defined_in = getattr(obj, "__module__", None)
+        modules = [entry for entry in trusted if ":" not in entry]
+        if not exact and not (isinstance(defined_in, str) and import_trusted(f"{defined_in}:{attr}", modules)):
+            raise ValueError(f"{path!r} is defined in {defined_in!r}, which is not among the trusted imports")
     return obj
 
 
-def build_architecture(spec: dict[str, Any]) -> nn.Module:
-    """Instantiate an (untrained) network from an architecture spec."""
+_PUBLIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+
+
+def build_architecture(spec: dict[str, Any], trusted_imports: Iterable[str] | None = None) -> nn.Module:
+    """Instantiate an (untrained) network from an architecture spec. `trusted_imports`: for a
+    spec read from a bundle, what its `import` factory may be (import_factory); None for the
+    specs shieldserve and the user's own `--classifier` write."""
     kind = spec.get("kind", "builtin")
     kwargs = dict(spec.get("kwargs", {}))
     if kind == "builtin":
@@ -361,6 +381,9 @@ def build_architecture(spec: dict[str, Any]) -> nn.Module:
             raise ValueError(f"unknown builtin architecture {name!r}; known: {sorted(BUILTIN)}")
         return BUILTIN[name](**kwargs)
     if kind == "import":
-        return import_factory(spec["factory"])(**kwargs)
+        net = import_factory(spec["factory"], trusted_imports)(**kwargs)
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"{spec['factory']!r} returned a {type(net).__name__}, not a torch.nn.Module")
+        return net
     raise ValueError(f"architecture kind {kind!r} cannot be built from a spec")
 

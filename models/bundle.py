@@ -245,13 +245,14 @@ def _check_manifest(manifest_path: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"{where}: 'architecture' must be an object")
 
 
-def _check_shapes(name: str, arch: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+def _check_shapes(name: str, arch: dict[str, Any], state: dict[str, torch.Tensor],
+                  trusted_imports: tuple[str, ...]) -> None:
     """Build the architecture on the meta device (no memory) and compare its parameters' and
     buffers' shapes with the weights file's, so that a spec whose sizes are out of proportion
     to its (hash-checked, size-bounded) weights is refused before anything is allocated."""
     try:
         with torch.device("meta"):
-            meta = build_architecture(arch)
+            meta = build_architecture(arch, trusted_imports)
     except (KeyError, TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
         raise BundleError(f"artifact {name!r}: cannot build its architecture: {exc}") from exc
     expected = meta.state_dict()
@@ -408,9 +409,9 @@ class Bundle:
             net = torch.jit.load(io.BytesIO(self._read_verified(name)), map_location=device)
         else:
             state = self.tensors(name)
-            _check_shapes(name, arch, state)
+            _check_shapes(name, arch, state, self.trusted_imports)
             try:
-                net = build_architecture(arch)
+                net = build_architecture(arch, self.trusted_imports)
             except (KeyError, TypeError, ValueError) as exc:
                 raise BundleError(f"artifact {name!r}: cannot build its architecture: {exc}") from exc
             missing, unexpected = net.load_state_dict(state, strict=False)

@@ -134,3 +134,40 @@ def test_train_extending_it_needs_trust_import_and_says_so_before_loading_data(c
     assert code == 2 and err.count("\n") == 1 and f"--trust-import {module}" in err
     assert (out / "manifest.json").read_bytes() == before
     assert not (markers / "imported").exists()
+
+
+@pytest.mark.parametrize("attr,why", [
+    ("torch.os.system", "one public name"),       # an attribute path out of the module
+    ("_private", "one public name"),
+    ("Path", "defined in 'pathlib'"),             # imported into the trusted module, not its own
+    ("system", "defined in 'posix'"),
+])
+def test_a_trusted_module_lends_only_its_own_public_names(tmp_path: Path, monkeypatch, attr: str,
+                                                          why: str) -> None:
+    """Trusting a module for its networks is not trusting everything it imports: a bundle
+    naming `mod:torch.os.system` (a getattr path) or `mod:system` (os' own, imported into mod)
+    is refused, before the call, whatever the kwargs."""
+    module = f"shieldserve_test_lend_{uuid.uuid4().hex[:12]}"
+    (tmp_path / f"{module}.py").write_text(
+        "import torch\nfrom os import system\nfrom pathlib import Path\n_private = print\n"
+        "def net():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    marker = tmp_path / "ran"
+    out = tmp_path / "bundle"
+    w = BundleWriter(out)
+    w.set_input(InputSpec(shape=(1, 2, 2), class_names=("a", "b")))
+    w.add_tensors("classifier", {"w": torch.zeros(1)},
+                  architecture={"kind": "import", "factory": f"{module}:{attr}",
+                                "kwargs": {"command": f"touch {marker}"} if attr.endswith("system") else {}})
+    w.save()
+    try:
+        b = Bundle.load(out, trusted_imports=[module])  # the module is trusted, its imports are not
+        with pytest.raises(BundleError, match=why):
+            b.classifier()
+        assert not marker.exists()
+        # named exactly, the operator's word covers it (and the call then fails on its own terms)
+        if attr == "Path":
+            with pytest.raises(BundleError):
+                Bundle.load(out, trusted_imports=[f"{module}:{attr}"]).classifier()
+    finally:
+        sys.modules.pop(module, None)

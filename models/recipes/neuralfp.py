@@ -174,7 +174,7 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
         arch = ctx.writer.manifest["artifacts"]["classifier"].get("architecture", {})
         if arch.get("kind") in ("builtin", "import"):
             init, epochs = "copy of the base classifier", r.epochs
-            net = build_architecture(arch).to(dev)
+            net = build_architecture(arch, ctx.writer.trusted_imports).to(dev)
             net.load_state_dict(base.network.state_dict())
         elif arch.get("kind") == "torchscript":
             # A fresh copy of the user's TorchScript module, loaded from the bundle's verified
