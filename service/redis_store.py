@@ -28,6 +28,7 @@ import json
 import logging
 import re
 import struct
+from urllib.parse import unquote_plus
 from collections.abc import Hashable
 from typing import Any
 
@@ -53,12 +54,17 @@ def redact(url: str) -> str:
         userinfo, _, rest = rest.rpartition("@")
         user, colon, _ = userinfo.partition(":")
         rest = f"{user if colon else ''}:***@{rest}"
-    rest = _QUERY_PASSWORD.sub(r"\1***", rest)
+    rest = _QUERY_PARAM.sub(_mask_password, rest)
     return f"{scheme}{sep}{rest}" if sep else rest
 
 
-# a `password=` parameter in the query: its value, up to the next parameter or the fragment
-_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#]*")
+# a query parameter: its key and value, up to the next parameter or the fragment
+_QUERY_PARAM = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
+
+
+def _mask_password(m: re.Match[str]) -> str:
+    # redis-py reads the key percent-decoded: `pass%77ord=` sets the password too
+    return f"{m[1]}{m[2]}=***" if unquote_plus(m[2]).strip().lower() == "password" else m[0]
 
 
 def encode_tensor(x: torch.Tensor) -> bytes:

@@ -462,6 +462,14 @@ def test_scrub_removes_the_url_password_and_the_key():
     # as an HTTP library prints it (normalised host): the password still goes
     assert blackbox.scrub("for url 'http://alice:s3cret@svc.example:8000/predict'",
                           "HTTP://alice:s3cret@SVC.example:8000") == "for url 'http://alice:***@svc.example:8000/predict'"
+    # a pasted key with a non-ASCII character: httpx's error quotes it escaped in its repr
+    import httpx
+
+    for key in ("s3cr3t\xa0key", "s3cr3t\u2028key", "s3cr3t\u00e9\U0001f600"):
+        with pytest.raises(UnicodeEncodeError) as e:
+            httpx.Headers({"Authorization": f"Bearer {key}"}).raw  # noqa: B018 - what raises
+        for text in (repr(e.value), str(e.value), repr(f"Bearer {key}"), ascii(f"Bearer {key}")):
+            assert "s3cr3t" not in blackbox.scrub(text, None, (key,)), (key, text)
 
 
 def test_http_black_box_is_scored_from_the_answers_it_got(make_client, quick_bundle, tmp_path, monkeypatch):

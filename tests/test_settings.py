@@ -69,6 +69,9 @@ def test_redis_urls_are_redacted_for_logs():
         assert redact(url) == "redis://:***@127.0.0.1:6379/0", url
     assert redact("rediss://u:pw@h/0?password=x#frag") == "rediss://u:***@h/0?password=***#frag"
     assert redact("redis://h/0?Password=abc&db=1") == "redis://h/0?Password=***&db=1"
+    # redis-py reads query keys percent-decoded
+    assert redact("redis://h/0?pass%77ord=hunter2&db=1") == "redis://h/0?pass%77ord=***&db=1"
+    assert redact("redis://h/0?db=1&%70assword=hunter2#x") == "redis://h/0?db=1&%70assword=***#x"
 
 
 @pytest.mark.parametrize("pw", ["s3cr3t#Pw", "ab/cdEF+gh", "zq9?Kw7"])

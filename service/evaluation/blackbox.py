@@ -76,7 +76,11 @@ def scrub(text: str, url: str | None = None, secrets: tuple[str | None, ...] = (
             text = text.replace(f":{password}@", ":***@")
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "***")
+            # as given, and as a repr or an ASCII-escaping message quotes it (a pasted key with a
+            # non-ASCII character makes httpx raise an error whose repr holds '\xa0'-style escapes)
+            for form in sorted({secret, repr(secret)[1:-1], ascii(secret)[1:-1],
+                                secret.encode("unicode_escape").decode("ascii")}, key=len, reverse=True):
+                text = text.replace(form, "***")
     return text
 
 
