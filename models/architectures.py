@@ -358,10 +358,11 @@ def import_factory(path: str, trusted: Iterable[str] | None = None) -> Callable[
     if not callable(obj):
         raise ValueError(f"{path!r} is not callable")
     if trusted is not None:
-        exact = any(entry.strip() == path for entry in trusted)
         defined_in = getattr(obj, "__module__", None)
+        factories = [entry for entry in trusted if ":" in entry]
         modules = [entry for entry in trusted if ":" not in entry]
-        if not exact and not (isinstance(defined_in, str) and import_trusted(f"{defined_in}:{attr}", modules)):
+        if not import_trusted(path, factories) and not (
+                isinstance(defined_in, str) and import_trusted(f"{defined_in}:{attr}", modules)):
             raise ValueError(f"{path!r} is defined in {defined_in!r}, which is not among the trusted imports")
     return obj
 

@@ -62,17 +62,25 @@ class UntrustedImport(BundleError):
     """The bundle names Python code (an `import` architecture) that the operator has not trusted."""
 
 
-def untrusted_imports(manifest: dict[str, Any], trusted: Iterable[str]) -> dict[str, str]:
-    """artifact -> factory, for each `import` architecture whose code `trusted` does not cover."""
-    trusted = list(trusted)
-    out = {}
-    for name, record in manifest.get("artifacts", {}).items():
-        arch = record.get("architecture") or {}
-        if arch.get("kind") == "import":
+def require_trusted(manifest: dict[str, Any], trusted: tuple[str, ...], where: Any) -> None:
+    """Raise UntrustedImport where an `import` architecture of `manifest` names code that
+    `trusted` does not cover (models.architectures.import_trusted)."""
+    untrusted = {}
+    artifacts = manifest.get("artifacts")
+    for name, record in (artifacts.items() if isinstance(artifacts, dict) else ()):
+        arch = record.get("architecture") if isinstance(record, dict) else None
+        if isinstance(arch, dict) and arch.get("kind") == "import":
             factory = str(arch.get("factory", ""))
             if not import_trusted(factory, trusted):
-                out[name] = factory
-    return out
+                untrusted[name] = factory
+    if untrusted:
+        modules = sorted({f.partition(":")[0] for f in untrusted.values()})
+        named = ", ".join(f"{a!r} by {f!r}" for a, f in sorted(untrusted.items()))
+        raise UntrustedImport(
+            f"{where}: networks built by Python code ({named}), which loading the bundle would import "
+            f"and run. Load it only if you trust whoever wrote the bundle, and then name the code: "
+            f"`trusted_imports: [{', '.join(modules)}]` in the service's config (or SHIELDSERVE_TRUSTED_IMPORTS="
+            f"'{json.dumps(modules)}'), or `--trust-import {modules[0]}` for `shieldserve train`")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -299,15 +307,7 @@ class Bundle:
                               f"this shieldserve reads {FORMAT_VERSION}")
         _check_manifest(manifest_path, manifest)
         trusted = tuple(trusted_imports)
-        untrusted = untrusted_imports(manifest, trusted)
-        if untrusted:
-            modules = sorted({f.partition(":")[0] for f in untrusted.values()})
-            named = ", ".join(f"{a!r} by {f!r}" for a, f in sorted(untrusted.items()))
-            raise UntrustedImport(
-                f"{root}: networks built by Python code ({named}), which loading the bundle would import "
-                f"and run. Load it only if you trust whoever wrote the bundle, and then name the code: "
-                f"`trusted_imports: [{', '.join(modules)}]` in the service's config (or SHIELDSERVE_TRUSTED_IMPORTS="
-                f"'{json.dumps(modules)}'), or `--trust-import {modules[0]}` for `shieldserve train`")
+        require_trusted(manifest, trusted, root)
         bundle = cls(root, manifest, trusted_imports=trusted)
         if verify:
             for name in manifest.get("artifacts", {}):

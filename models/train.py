@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from models.bundle import Bundle, BundleWriter, Classifier, InputSpec
+from models.bundle import BundleWriter, Classifier, InputSpec, require_trusted
 from models.features import FeatureError
 from models.datasets import Dataset, load_dataset
 from models.recipes import quality
@@ -224,7 +224,7 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     byo = (classifier.target,) if classifier is not None and classifier.kind == "import" else ()
     trusted = tuple(trusted_imports) + byo
     if extending:
-        Bundle.load(out, verify=False, trusted_imports=trusted)
+        require_trusted(previous, trusted, out)
     recorded = previous.get("build", {}).get("dataset")
     if dataset is None:
         dataset = recorded or "mnist5k"

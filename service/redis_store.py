@@ -114,6 +114,14 @@ def connect(url: str, timeout_s: float) -> Any:
                      f"or ':' in its password")
 
 
+def refused_errors() -> tuple[type[BaseException], ...]:
+    """What a Redis that answers but refuses the command raises (a full `noeviction` Redis: OOM);
+    a subset of `unavailable_errors`."""
+    import redis
+
+    return (redis.exceptions.ResponseError,)
+
+
 def unavailable_errors() -> tuple[type[BaseException], ...]:
     """What a Redis that is down or refusing raises."""
     import redis

@@ -10,6 +10,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -64,6 +65,22 @@ async def _request(adm: Admission, b: Batcher, x: torch.Tensor, cost: float,
         return await b.submit(x, deadline=deadline)
 
 
+def _budget_and_batcher(run: Any, merged: bool) -> tuple[Admission, Batcher]:
+    """A budget of 100 units in flight, and a batcher that merges two requests into one batch
+    (waiting for the second) or runs each alone at once."""
+    adm = Admission(max_cost=100, max_concurrent=10)
+    b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=2 if merged else 1,
+                max_delay_ms=5000 if merged else 0)
+    return adm, b
+
+
+async def _all_back(adm: Admission) -> None:
+    """Every unit and request the budget held is given back (the batch thread ends a batch
+    after its answers are sent: polled, bounded)."""
+    await _until(lambda: adm.cost_in_flight == 0)
+    assert adm.requests_in_flight == 0
+
+
 async def _gone(task: asyncio.Task) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -77,8 +94,7 @@ def test_a_request_that_left_a_running_batch_holds_its_cost_until_the_batch_ends
     run = Gate()
 
     async def main() -> None:
-        adm = Admission(max_cost=100, max_concurrent=10)
-        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=2, max_delay_ms=5000)
+        adm, b = _budget_and_batcher(run, merged=True)
         live = asyncio.ensure_future(_request(adm, b, _img(1), 40))
         gone = asyncio.ensure_future(_request(adm, b, _img(2), 40))
         await _until(run.started.is_set)
@@ -91,8 +107,7 @@ def test_a_request_that_left_a_running_batch_holds_its_cost_until_the_batch_ends
         adm.release(20)
         run.open()
         assert [r.label for r in await live] == [1]
-        await _until(lambda: adm.cost_in_flight == 0)  # the batch has ended: all of it is back
-        assert adm.requests_in_flight == 0
+        await _all_back(adm)  # the batch has ended: all of it is back
         await b.close()
 
     asyncio.run(main())
@@ -102,8 +117,7 @@ def test_a_request_that_left_while_queued_lets_go_at_once_and_is_never_run() -> 
     run = Gate()
 
     async def main() -> None:
-        adm = Admission(max_cost=100, max_concurrent=10)
-        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=1, max_delay_ms=0)
+        adm, b = _budget_and_batcher(run, merged=False)
         first = asyncio.ensure_future(_request(adm, b, _img(1), 30))
         await _until(run.started.is_set)  # the batch thread is busy with it
         queued = asyncio.ensure_future(_request(adm, b, _img(2), 40))
@@ -115,8 +129,7 @@ def test_a_request_that_left_while_queued_lets_go_at_once_and_is_never_run() -> 
         assert [r.label for r in await first] == [1]
         assert [r.label for r in await _request(adm, b, _img(3), 10)] == [3]
         assert run.calls == [[1], [3]]  # the cancelled job was skipped
-        await _until(lambda: adm.cost_in_flight == 0)
-        assert adm.requests_in_flight == 0
+        await _all_back(adm)
         await b.close()
 
     asyncio.run(main())
@@ -129,8 +142,7 @@ def test_a_failing_batch_gives_back_a_departed_requests_cost_once(fail: BaseExce
     run = Gate(fail=fail)
 
     async def main() -> None:
-        adm = Admission(max_cost=100, max_concurrent=10)
-        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=2, max_delay_ms=5000)
+        adm, b = _budget_and_batcher(run, merged=True)
         live = asyncio.ensure_future(_request(adm, b, _img(1), 40))
         gone = asyncio.ensure_future(_request(adm, b, _img(2), 30))
         await _until(run.started.is_set)
@@ -139,8 +151,7 @@ def test_a_failing_batch_gives_back_a_departed_requests_cost_once(fail: BaseExce
         run.open()
         with pytest.raises((ValueError, RuntimeError)):
             await live
-        await _until(lambda: adm.cost_in_flight == 0)
-        assert adm.requests_in_flight == 0
+        await _all_back(adm)
         # the batcher goes on, and its accounting with it
         run.fail = None
         answers = await asyncio.gather(_request(adm, b, _img(3), 10), _request(adm, b, _img(4), 10))
@@ -166,8 +177,7 @@ def test_when_every_request_left_the_batch_stops_and_then_their_costs_come_back(
             stopped.set()
 
     async def main() -> None:
-        adm = Admission(max_cost=100, max_concurrent=10)
-        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=2, max_delay_ms=5000)
+        adm, b = _budget_and_batcher(run, merged=True)
         one = asyncio.ensure_future(_request(adm, b, _img(1), 40))
         two = asyncio.ensure_future(_request(adm, b, _img(2), 40))
         await _until(started.is_set)
@@ -203,8 +213,7 @@ def test_closing_the_batcher_leaks_no_cost() -> None:
         run.open()
         await closing
         assert [r.label for r in await live] == [1]
-        await _until(lambda: adm.cost_in_flight == 0)
-        assert adm.requests_in_flight == 0
+        await _all_back(adm)
         with pytest.raises(Overloaded):  # refused before it queued: nothing held after
             await _request(adm, b, _img(4), 40)
         assert adm.cost_in_flight == 0 and adm.requests_in_flight == 0
@@ -217,8 +226,7 @@ def test_a_request_whose_deadline_passed_while_queued_lets_go_with_its_answer() 
     run = Gate()
 
     async def main() -> None:
-        adm = Admission(max_cost=100, max_concurrent=10)
-        b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=1, max_delay_ms=0)
+        adm, b = _budget_and_batcher(run, merged=False)
         first = asyncio.ensure_future(_request(adm, b, _img(1), 30))
         await _until(run.started.is_set)
         expired = asyncio.ensure_future(_request(adm, b, _img(2), 40, deadline=time.monotonic() - 1))
@@ -228,8 +236,7 @@ def test_a_request_whose_deadline_passed_while_queued_lets_go_with_its_answer() 
         with pytest.raises(DeadlineExceeded):
             await expired
         assert [r.label for r in await first] == [1]
-        await _until(lambda: adm.cost_in_flight == 0)
-        assert adm.requests_in_flight == 0
+        await _all_back(adm)
         await b.close()
 
     asyncio.run(main())

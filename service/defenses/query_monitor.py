@@ -531,16 +531,14 @@ class RedisStore:
 
     def __init__(self, url: str, prefix: str, window_s: float, max_queries: int, timeout_s: float = 0.25,
                  client: Any = None) -> None:
-        from service.redis_store import connect, redact, unavailable_errors
+        from service.redis_store import connect, redact, refused_errors, unavailable_errors
 
         self.url, self.prefix = redact(url), prefix + "qm:"
         self.half_s, self.cap = window_s / 2.0, max(1, max_queries // 2)
         self.ttl_s = max(1, int(window_s + 1))
         self.client = client or connect(url, timeout_s)
         self.errors = unavailable_errors()
-        import redis
-
-        self.refusals = (redis.exceptions.ResponseError,)  # Redis answered, and refused (full: OOM)
+        self.refusals = refused_errors()  # Redis answered, and refused (full: OOM)
         self._screen = self.client.register_script(_SCREEN)
         self._flags = self.client.register_script(_FLAGS)
         self._recall = self.client.register_script(_RECALL)
