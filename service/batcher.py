@@ -69,9 +69,12 @@ outlives: contextvars.ContextVar[Callable[[], Callable[[], None]] | None] = cont
 
 
 class Overloaded(Exception):
-    def __init__(self, message: str, retry_after: int) -> None:
+    """Refused for load, answered `overloaded` with Retry-After: 503 when the replica is full,
+    429 when the client is over its own share (Admission's `max_client_cost`)."""
+
+    def __init__(self, message: str, retry_after: int, status: int = 503) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after, self.status = retry_after, status
 
 
 @dataclass

@@ -125,7 +125,7 @@ class Runtime:
         }
         a = settings.admission
         self.admission = Admission(a.max_cost, a.max_concurrent, a.retry_after_s,
-                                   on_change=self.metrics.cost_in_flight.set)
+                                   on_change=self.metrics.cost_in_flight.set, max_client_cost=a.max_client_cost)
         # what one sample of each certifying decider weighs, in classifier passes (FLOPs)
         self.sample_weights = {name: sample_weights(p, tuple(self.input_spec.shape), self.device)
                                for name, p in self.pipelines.items()}
@@ -237,10 +237,11 @@ class Runtime:
 
     async def infer(self, pipeline: str, x: torch.Tensor, *, deadline: float | None = None,
                     options: dict[str, Any] | None = None, client: str | None = None) -> list[ImageResult]:
-        """Run `x` through `pipeline`; with `client`, the query monitor screens it first."""
+        """Run `x` through `pipeline`; with `client`, the query monitor screens it first and
+        admission weighs it against the client's share too (`admission.max_client_cost`)."""
         p = self.pipeline(pipeline)
         images = int(x.shape[0])
-        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
+        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}", client):
             # the batcher of a monitored pipeline screens the batch first (_batch_screen)
             return await self.batchers[p.name].submit(x, deadline=deadline, options=options, client=client)
 
@@ -346,7 +347,8 @@ class Runtime:
         """An upload's way through the service: admission (Overloaded at once when over
         budget, before anything is decoded), then `decode()` in a worker thread (an image
         decode never runs on the event loop), then the pipeline's batch, which the query
-        monitor screens first (with `client`). Returns the decoded images with their results."""
+        monitor screens first (with `client`, which admission also weighs against its share).
+        Returns the decoded images with their results."""
         p = self.pipeline(pipeline)
 
         def decoded() -> torch.Tensor:
@@ -356,7 +358,7 @@ class Runtime:
             return x
 
         batcher = self.batchers[p.name]
-        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}"):
+        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}", client):
             with batcher.expecting(images) as on_its_way:
                 x = await self.offload(decoded)
                 return x, await batcher.submit(x, deadline=deadline, options=options, client=client,

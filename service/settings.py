@@ -136,7 +136,7 @@ class CertifyConfig(Section):
     alpha: float = Field(0.001, ge=1e-12, lt=0.5,
                          description="certificates' alpha; the bounds of /certify's alpha= (1e-12: "
                                      "service.defenses.smoothing.MIN_ALPHA, where scipy's bounds are exact)")
-    batch_size: int = Field(8000, gt=0, description="noisy copies per forward pass (bench: larger is faster on CPU)")
+    batch_size: int = Field(8000, gt=0, description="noisy copies of an image drawn at once (the noise buffer; forward passes take at most 1,000 of them: the `forward_batch` option)")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="arithmetic of the sampled networks: auto is bfloat16 on a CPU with native bfloat16 "
                             "(AVX-512 BF16, AMX), else float32; the certificate is of the network so computed")
@@ -161,6 +161,9 @@ class AdmissionConfig(Section):
     cost_per_image: dict[str, float] = Field(
         default_factory=dict, description="per-pipeline cost of one image; a certifying pipeline adds (n0 + n) x w, w its sampled networks' FLOPs over the base classifier's")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on a cost or concurrency refusal")
+    max_client_cost: float | None = Field(
+        None, gt=0, description="sample units one client (API key, else address) may hold in flight per "
+                                "process before 429 overloaded; unset: no per-client share")
 
 
 class Settings(BaseSettings):

@@ -885,11 +885,18 @@ def test_post_certify_rejected_by_the_monitor_gives_no_label_and_says_abstained(
     statuses = [c.post("/predict?pipeline=smoothing", content=png(q), headers=PNG).json()["results"][0]["status"]
                 for q in queries[:30]]
     assert "rejected" in statuses, statuses
+    rt = c.app.state.runtime
+    images, rejections = rt.metrics.images.labels("smoothing", "rejected"), rt.metrics.rejections.labels(
+        "smoothing", "query_monitor")
+    before = images._value.get(), rejections._value.get()
     r = c.post("/certify?pipeline=smoothing&n=100&n0=20", content=png(queries[30]), headers=PNG)
     body = r.json()
     assert r.status_code == 200 and body["status"] == "rejected", r.text
     assert body["abstained"] is True and body["label"] is None and body["radius"] is None
     assert [rej["defense"] for rej in body["rejected_by"]] == ["query_monitor"]
+    # counted as /predict counts one: in images_total as well as rejections_total (the
+    # rejected share of images the dashboard and the rejection-spike alert divide by)
+    assert (images._value.get(), rejections._value.get()) == (before[0] + 1, before[1] + 1)
 
 
 def test_a_401_on_certify_is_counted_like_one_on_predict(make_client, mnist) -> None:

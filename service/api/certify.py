@@ -35,6 +35,7 @@ from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded, RunContext
 from service.defenses.query_monitor import AttackSuspected
 from service.defenses.smoothing import MAX_RADIUS, MIN_ALPHA
+from service.pipeline import ImageResult, Stage
 from service.runtime import Runtime, monitor_rejection
 from service.store import StoreUnavailable, image_key, image_owner
 
@@ -103,7 +104,7 @@ def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int 
 
 
 async def _certify(request: Request, digest: str, owner: str | None, x, name: str, opts: dict[str, Any],
-                   deadline: Deadline) -> CertifyResponse:
+                   deadline: Deadline, client: str) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
     store = request.app.state.store
     pipeline = runtime.pipelines[name]
@@ -124,7 +125,7 @@ async def _certify(request: Request, digest: str, owner: str | None, x, name: st
                      between=runtime.compute.between)
     cost = runtime.cost(name, 1, opts)
     try:
-        with runtime.admission.hold(cost, f"certifying with n0={opts['n0']}, n={opts['n']}"):
+        with runtime.admission.hold(cost, f"certifying with n0={opts['n0']}, n={opts['n']}", client):
             work = asyncio.wrap_future(runtime.compute.submit(pipeline.run, x.unsqueeze(0).to(runtime.device), ctx,
                                                                long=True))
             try:
@@ -175,7 +176,10 @@ async def _monitor_rejection(runtime: Runtime, digest: str, x, name: str, opts: 
         raise attack_suspected_error(exc) from None
     if verdict is None or not (verdict.reject and verdict.flagged[0]):
         return None
-    runtime.metrics.rejections.labels(name, "query_monitor").inc()
+    # counted as the batch screen's rejection on /predict is (images_total, rejections_total,
+    # the monitor's stage time), so the rejected share of images holds for /certify too
+    runtime.observe_results(name, [ImageResult(status="rejected", rejected_by=[monitor_rejection(verdict, 0)],
+                                               stages=[Stage("query_monitor", "monitor", verdict.seconds)])])
     return CertifyResponse(
         image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status="rejected", label=None,
         abstained=True, radius=None, p_a_lower=None, sigma=opts["sigma"], n0=opts["n0"], n=0, alpha=opts["alpha"],
@@ -227,7 +231,7 @@ async def certify_get(
         rejected = await _monitor_rejection(runtime, digest, x, name, opts, client)
         if rejected is not None:
             return rejected
-        return await _certify(request, digest, owner, x, name, opts, deadline)
+        return await _certify(request, digest, owner, x, name, opts, deadline, client)
 
     return await _observed(request, pipeline, work)
 
@@ -264,6 +268,6 @@ async def certify_post(
         store = request.app.state.store
         owner = image_owner(runtime.settings, client)
         await store_call(runtime, store, lambda: remember_images(store, [image_key(owner, digest)], x))
-        return await _certify(request, digest, owner, x[0], name, opts, deadline)
+        return await _certify(request, digest, owner, x[0], name, opts, deadline, client)
 
     return await _observed(request, pipeline, work)

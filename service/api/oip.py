@@ -219,7 +219,8 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": OipError, "description": "`api_keys` is set and the request has no known key "
                                             "(`Authorization: Bearer KEY` or `X-API-Key: KEY`)"},
     429: {"model": OipError, "description": "attack suspected: the query monitor blocked this client "
-                                            "(block mode); retry after `Retry-After` seconds"},
+                                            "(block mode), or the client holds its share of the replica "
+                                            "(`admission.max_client_cost`); retry after `Retry-After` seconds"},
 }
 
 

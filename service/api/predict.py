@@ -124,7 +124,7 @@ async def request_deadline(request: Request,
 
 
 def overloaded_error(exc: Overloaded) -> ApiError:
-    return ApiError(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)})
+    return ApiError(exc.status, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)})
 
 
 def attack_suspected_error(exc: AttackSuspected) -> ApiError:
@@ -294,6 +294,8 @@ class tracked:
 
     Set `outcome` (and `pipeline`, once known) inside the block; an ApiError sets the outcome
     to its code when that is `overloaded` or `deadline_exceeded`, any other failure to `error`.
+    A 429 `overloaded` (a client over its own share, admission.max_client_cost) is counted as
+    `over_share`: that client's doing, not the replica's load, so no alert to add replicas.
     A pipeline that is not configured is counted as `unknown`, so clients cannot create labels.
     """
 
@@ -308,6 +310,8 @@ class tracked:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, asyncio.CancelledError):
             self.outcome = "client_closed"  # the client went away; its work was stopped
+        elif isinstance(exc, ApiError) and exc.code == "overloaded" and exc.status == 429:
+            self.outcome = "over_share"
         elif exc is not None:
             self.outcome = exc.code if isinstance(exc, ApiError) and exc.code in (
                 "overloaded", "deadline_exceeded", "attack_suspected", "unauthorized") else "error"
