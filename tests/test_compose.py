@@ -224,8 +224,6 @@ def test_dockerfiles(name: str) -> None:
 
 
 def test_replicas_share_the_query_monitor_and_trust_only_the_gateway(compose: dict, nginx: str) -> None:
-    import ipaddress
-
     env = compose["services"]["replica1"]["environment"]
     assert env == compose["services"]["replica2"]["environment"]
     assert env["SHIELDSERVE_QUERY_MONITOR__STORE"] == "redis"
