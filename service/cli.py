@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "a negative LO needs '=': --value-range=-1,1)")
     t.add_argument("--mean", type=_floats(), help="per-channel normalisation mean, e.g. 0.1307")
     t.add_argument("--std", type=_floats(positive=True), help="per-channel normalisation std, e.g. 0.3081")
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="cpu",
+                   help="torch device to train and measure on: cpu, cuda or cuda:N (default cpu)")
     t.add_argument("--options", type=_json_object, help="JSON recipe overrides, e.g. '{\"classifier\": {\"adversarial\": \"pgd\"}}'")
     t.set_defaults(func=_train)
 
@@ -331,22 +332,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pipeline-limit", action="append", metavar="NAME=N", help="fewer digits for a costly pipeline")
     e.add_argument("--sections", help="comma-separated: oblivious,transfer,graybox,adaptive,blackbox,certify "
                                       "(default: all), "
-                                      "and autoattack (only when named)")
+                                      "and autoattack and query (only when named; query attacks a running "
+                                      "service: --url)")
     e.add_argument("--attacks", help="keep only these: pgd,apgd,cw,bpda,gmsa,square,hsj,autoattack,mifgsm")
     e.add_argument("--autoattack-limit", action="append", metavar="NAME=N", help="digits for a pipeline's AutoAttack")
     e.add_argument("--autoattack-budget", action="append", metavar="KEY=N",
-                   help="AutoAttack budget overrides: apgd_iters, targets, square_queries, pgd_steps, pgd_restarts "
-                        "(default: the standard version's 100, 9, 5000, and PGD 100 x 10)")
+                   help="AutoAttack budget overrides: apgd_iters, targets, square_queries, pgd_steps, pgd_restarts, "
+                        "eot_iter, check_draws (default: the standard version's 100, 9, 5000, and PGD 100 x 10; "
+                        "for randomized pipelines, the rand version's gradients averaged over 20 noise draws "
+                        "and candidates judged by the mean of 32)")
     e.add_argument("--autoattack-norms", default="linf,l2",
                    help="AutoAttack threat models: linf (at the L-inf eps), l2 (at the largest L2 eps)")
     e.add_argument("--smoothing-n", action="append", metavar="NAME=N",
                    help="PREDICT samples per digit for a smoothing pipeline (default: the service's)")
     e.add_argument("--certify-n", type=int, default=10_000, help="CERTIFY samples per digit")
     e.add_argument("--certify-limit", action="append", metavar="NAME=N", help="digits to certify for a pipeline")
-    e.add_argument("--certify-n-for", action="append", metavar="NAME=N", help="CERTIFY samples for one pipeline")
+    e.add_argument("--certify-n-for", action="append", metavar="NAME=N",
+                   help="CERTIFY samples per digit for one pipeline, instead of --certify-n")
     e.add_argument("--adaptive-limit", action="append", metavar="NAME=N",
                    help="digits for a pipeline's gray-box and adaptive attacks")
-    e.add_argument("--adaptive-sweep", action="store_true", help="adaptive PGD at every eps of the sweep (cheap pipelines)")
+    e.add_argument("--adaptive-sweep", action="store_true",
+                   help="adaptive PGD at every eps of --linf-sweep too, not only at --linf-eps (on pipelines "
+                        "that cost < 0.05 s per clean digit)")
     e.add_argument("--doc", help="also write the report here (e.g. docs/security-report.md), plot links relative to it")
     e.add_argument("--blackbox-digits", type=int, default=20, help="digits per pipeline for black-box attacks")
     e.add_argument("--blackbox-limit", action="append", metavar="NAME=N", help="black-box digits for a pipeline")
@@ -361,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--query-block", default="baseline-block", help="pipeline with the monitor in block mode")
     q.add_argument("--query-digits", type=int, default=10, help="digits per attack and mode")
     q.add_argument("--query-budget", type=int, default=1000, help="queries per digit (at most)")
-    q.add_argument("--query-attacks", default="square_0.3,square_0.15,hsj,boundary")
+    q.add_argument("--query-attacks", default="square_0.3,square_0.15,hsj,boundary",
+                   help="comma-separated: square_EPS (Square at that L-inf eps), hsj (HopSkipJump), boundary")
     q.add_argument("--query-adaptive-digits", type=int, default=5, help="digits per adaptive run")
     q.add_argument("--query-no-adaptive", action="store_true", help="skip the adaptive attacker")
     q.add_argument("--query-l2-eps", type=float, default=2.0, help="L2 success radius of HopSkipJump/boundary")
