@@ -85,6 +85,42 @@ def make_client(quick_bundle: Path) -> Iterator[Callable[..., object]]:
         c.__exit__(None, None, None)
 
 
+def free_ports(n: int = 1) -> list[int]:
+    """`n` distinct free ports on 127.0.0.1 for servers a test starts, from below the kernel's
+    ephemeral range where it leaves room (20,000 up to it), so that no socket the kernel
+    numbers itself (Ray starts a dozen before its HTTP proxy binds) can take one between the
+    choice and the bind; each is checked free, and all are held until all are chosen (ports
+    picked one at a time with bind(0) and released could repeat)."""
+    import random
+    import socket
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    held: list[socket.socket] = []
+    try:
+        candidates = random.sample(range(20_000, low), min(low - 20_000, 200)) if low > 20_100 else []
+        for port in candidates:
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+            if len(held) == n:
+                break
+        while len(held) < n:  # no room below the ephemeral range: the kernel's choice, held
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            held.append(s)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
 def defense_env(path: str | Path):
     """A DefenseEnv on a bundle directory (CPU), as the runtime builds one, for tests that
     construct defense components directly."""

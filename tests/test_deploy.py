@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import png
+from tests.conftest import free_ports, png
 
 pytestmark = pytest.mark.slow
 
@@ -54,9 +54,8 @@ def need(*names: str) -> dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    [port] = free_ports(1)
+    return port
 
 
 def wait_for(what: str, check, timeout: float, procs: list[subprocess.Popen] = ()) -> None:
@@ -150,8 +149,8 @@ def redis_ping(port: int) -> bool:
 class Topology:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.ports = {k: free_port() for k in ("gateway", "replica1", "replica2", "redis", "redis_monitor",
-                                                "prometheus")}
+        names = ("gateway", "replica1", "replica2", "redis", "redis_monitor", "prometheus")
+        self.ports = dict(zip(names, free_ports(len(names))))  # six distinct ports
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
         self.replica_env: dict[str, str] = {}

@@ -9,13 +9,12 @@ wheel and ~30 dependencies, and a Ray start-up per run); install it with
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import png
+from tests.conftest import free_ports, png
 
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")
 ray = pytest.importorskip("ray")
@@ -30,9 +29,8 @@ WATCH = {"watch": {"defenses": [], "query_monitor": {"action": "block", "block_a
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    [port] = free_ports(1)
+    return port
 
 
 def test_secrets_stay_out_of_the_replicas_runtime_env(monkeypatch) -> None:
@@ -196,7 +194,6 @@ def test_one_request_id_behind_rays_proxy_middleware(default_bundle: Path) -> No
 def ray_serve(quick_bundle: Path):
     from service.ray_app import APP_NAME, build_app
 
-    port = free_port()
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     # Serve's controller kills a proxy that is not ready within 5 s (then serve.start fails with
     # ActorDiedError): on a loaded 2-core machine a proxy's start takes longer than that
@@ -209,6 +206,7 @@ def ray_serve(quick_bundle: Path):
              runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "SHIELDSERVE_PROGRESS": "0", **patience,
                                        **PROXY_ENV}})
     try:
+        port = free_port()  # once Ray's own sockets are bound (below the kernel's range: free_ports)
         serve.start(http_options=http_options(load_settings(bundle=quick_bundle, host="127.0.0.1", port=port)))
         started = time.perf_counter()
         app = build_app(options=RayOptions(min_replicas=1, max_replicas=2, target_ongoing_requests=4,

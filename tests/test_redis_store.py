@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.conftest import png
+from tests.conftest import free_ports, png
 
 pytest.importorskip("redis")
 
@@ -25,9 +25,8 @@ PNG = {"content-type": "image/png"}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    [port] = free_ports(1)
+    return port
 
 
 class SilentRedis:
@@ -178,12 +177,13 @@ def test_image_and_certificate_round_trip(redis_url: str) -> None:
 def test_entries_expire_after_max_age(redis_url: str) -> None:
     from service.redis_store import RedisStore
 
-    store = RedisStore(redis_url, max_age_s=0.3, prefix=prefix())
+    # 1 s: a pause of the test process longer than that between put and get would expire them
+    store = RedisStore(redis_url, max_age_s=1.0, prefix=prefix())
     store.put_image("ef" * 32, torch.zeros(1, 4, 4))
     store.put_certificate(("ef" * 32, "p"), {"label": 1})
     assert store.get_image("ef" * 32) is not None and store.get_certificate(("ef" * 32, "p")) == {"label": 1}
-    assert 0 < store.client.pttl(store.image_key("ef" * 32)) <= 300
-    time.sleep(0.6)
+    assert 0 < store.client.pttl(store.image_key("ef" * 32)) <= 1000
+    time.sleep(1.3)
     assert store.get_image("ef" * 32) is None and store.get_certificate(("ef" * 32, "p")) is None
     # limits of 0 turn the store off, as in memory
     off = RedisStore(redis_url, max_images=0, max_certificates=0, prefix=prefix())

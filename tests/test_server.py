@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import png
+from tests.conftest import free_ports, png
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    [port] = free_ports(1)
+    return port
 
 
 def _start(bundle: Path, port: int, *args: str, **env: str) -> subprocess.Popen:
