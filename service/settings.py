@@ -216,6 +216,9 @@ class Settings(BaseSettings):
     trusted_proxies: list[str] = Field(
         default_factory=list, description="addresses or networks (CIDR) of gateways whose X-Forwarded-For is "
                                           "believed: the client is the first untrusted hop from the right")
+    client_ipv6_prefix: int = Field(
+        64, ge=1, le=128, description="an IPv6 client is its address's network of this prefix length (an "
+                                      "attacker holds a whole /64); 128: each address on its own")
     trusted_imports: list[str] = Field(
         default_factory=list, description="Python modules (\"pkg\" covers pkg.*) or factories (\"pkg.mod:fn\") "
                                           "that a bundle's `import` architectures may run; empty (the default): "

@@ -341,6 +341,37 @@ def test_a_forwarded_for_hop_names_its_client_by_its_first_64_characters(quick_b
         assert r.status_code == 200 and r.json()["results"][0]["status"] == "accepted", r.text
 
 
+@pytest.mark.parametrize("prefix", [64, 128])
+def test_an_ipv6_client_is_its_network(quick_bundle, mnist, prefix: int) -> None:
+    """A host holds a whole /64: blocked from one address, it is blocked at every other
+    address of its /64 (client_ipv6_prefix 64, the default), not in the next /64; an IPv4
+    client as an IPv4-mapped IPv6 address is that IPv4 client. At 128 each address is its own."""
+    other = mnist.test.x[10]
+    with _started(quick_bundle, peer=("10.0.0.5", 123), trusted_proxies=PROXIES, pipelines=WATCH,
+                  client_ipv6_prefix=prefix) as client:
+        _flag_and_block(client, mnist.test.x[3], "2001:db8:1:2::5")
+        same = ("2001:db8:1:2:ffff:abcd:0:9", "2001:DB8:1:2::6", "2001:db8:1:2::5")
+        for xff in same:
+            r = _post_watch(client, other, xff)
+            blocked = prefix == 64 or xff == "2001:db8:1:2::5"
+            assert r.status_code == (429 if blocked else 200), (xff, r.text)
+        r = _post_watch(client, other, "2001:db8:1:3::5")  # the next /64: another client
+        assert r.status_code == 200 and r.json()["results"][0]["status"] == "accepted", r.text
+        _flag_and_block(client, mnist.test.x[4], "198.51.100.20")
+        r = _post_watch(client, other, "::ffff:198.51.100.20")
+        assert r.status_code == 429 and r.json()["error"]["code"] == "attack_suspected", r.text
+
+
+def test_client_ipv6_prefix_is_checked() -> None:
+    from pydantic import ValidationError
+
+    from service.settings import load_settings
+    for bad in (0, 129):
+        with pytest.raises(ValidationError):
+            load_settings(client_ipv6_prefix=bad)
+    assert load_settings().client_ipv6_prefix == 64
+
+
 # --------------------------------------------------------------------------- 3. metrics
 def test_a_detector_rejection_moves_rejection_score_and_stage_metrics(lab, mnist, magnet_thresholds) -> None:
     magnet_thresholds(-1.0)

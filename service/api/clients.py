@@ -5,7 +5,11 @@
     `unauthorized`. Only digests are configured, so a leaked config leaks no key.
   * otherwise the peer address ("ip:<address>"), or, when the peer is one of
     `trusted_proxies` (the gateway), the first address of `X-Forwarded-For` counted from the
-    right that is not a trusted proxy: the hops a client can forge are left of it.
+    right that is not a trusted proxy: the hops a client can forge are left of it. An IPv6
+    address stands for its network of `client_ipv6_prefix` bits ("ip:2001:db8:1:2::/64"): a
+    host is usually given a whole /64, so one address per query would otherwise be a new
+    client per query, out of reach of the monitor's blocks and suspect marks and of the
+    admission share. An IPv4-mapped IPv6 address is its IPv4 address.
 
 Call it with the request inside the endpoint's request count (`tracked`): a 401 is counted too.
 """
@@ -80,4 +84,21 @@ def client_of(request: Request) -> str:
                 return f"key:{name}"
         raise ApiError(401, "unauthorized", "unknown API key", {"WWW-Authenticate": "Bearer"})
     peer = request.client.host if request.client is not None else "unknown"
-    return "ip:" + forwarded_client(peer, forwarded_for(request), tuple(settings.trusted_proxies))
+    address = forwarded_client(peer, forwarded_for(request), tuple(settings.trusted_proxies))
+    return "ip:" + client_network(address, settings.client_ipv6_prefix)
+
+
+def client_network(address: str, ipv6_prefix: int) -> str:
+    """What names a client with this address: an IPv6 address's network of `ipv6_prefix`
+    bits, an IPv4 address (IPv4-mapped too) itself; anything else (a forged hop that is no
+    address, a test client's name) as it is."""
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if ipv6_prefix < 128:
+            return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+    return str(ip)
