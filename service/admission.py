@@ -17,13 +17,16 @@ it), and holds half the budget while it runs; a second such request is refused u
 done.
 
 With `admission.max_client_cost` set, one client (its API key, else its address: the query
-monitor's identity) may hold at most that many units at a time: a request that would take it
-past them, while it has one in flight, is refused at once with 429 `overloaded` and
-`Retry-After`, whatever the rest of the replica holds, so one client sending many costly
-requests cannot take the whole budget from the others. The same rule as the replica's: the
-new request weighed at its full estimate against what the client holds, a client's request
-heavier than its whole share admitted when it has nothing else in flight. Unset (the
-default), clients share the replica's budget first come, first served.
+monitor's identity) may hold at most that many units at a time, and the same share of the
+replica's other limits: f = max_client_cost / max_cost of `max_concurrent` requests and of a
+pipeline's queue (`batching.max_queue` images), at least one of each. A request that would take
+it past any of them, while it has one in flight, is refused at once with 429 `overloaded` and
+`Retry-After`, whatever the rest of the replica holds, so one client sending many requests,
+costly or cheap, cannot take the replica's budget, its request slots or a pipeline's queue from
+the others. The same rule as the replica's: the new request weighed at its full estimate
+against what the client holds, a client's request larger than its whole share admitted when it
+has nothing else in flight. Unset (the default), clients share the replica first come, first
+served.
 
 The weight of one image through a pipeline: `admission.cost_per_image[pipeline]` when the
 operator set one, plus the samples of a certifying decider (below); otherwise an estimate from
@@ -134,14 +137,17 @@ class Admission:
     """A per-process budget of sample units and of requests in flight."""
 
     def __init__(self, max_cost: float, max_concurrent: int, retry_after_s: int = 1,
-                 on_change: Any = None, max_client_cost: float | None = None) -> None:
+                 on_change: Any = None, max_client_cost: float | None = None, max_queue: int = 1024) -> None:
         self.max_cost, self.max_concurrent, self.retry_after_s = max_cost, max_concurrent, retry_after_s
         self.cost_in_flight = 0.0
         self.max_hold = max_cost / 2  # the most one request holds (module docstring)
         self.requests_in_flight = 0
         self.max_client_cost = max_client_cost
-        # client -> [units held, requests in flight]; an entry goes with its last request, so
-        # there are never more than max_concurrent
+        share = min(1.0, max_client_cost / max_cost) if max_client_cost is not None else 1.0
+        self.max_client_requests = max(1, math.floor(share * max_concurrent))
+        self.max_client_images = max(1, math.floor(share * max_queue))
+        # client -> [units held, requests in flight, images in flight]; an entry goes with its
+        # last request, so there are never more than max_concurrent
         self.clients: dict[str, list[float]] = {}
         self._on_change = on_change
 
@@ -153,18 +159,24 @@ class Admission:
         """What a request of `cost` holds while in flight: at most half the budget."""
         return min(cost, self.max_hold)
 
-    def admit(self, cost: float, what: str, client: str | None = None) -> None:
+    def admit(self, cost: float, what: str, client: str | None = None, images: int = 1) -> None:
         """Weigh `cost` (the full estimate) against the units in flight, and the client's
-        against its share, and take `held(cost)` of them, or raise Overloaded. Runs on the
-        event loop: no lock needed."""
+        request of `images` against its share, and take `held(cost)` of them, or raise
+        Overloaded. Runs on the event loop: no lock needed."""
         mine = self.clients.get(client) if client is not None and self.max_client_cost is not None else None
-        if mine is not None and mine[0] + cost > self.max_client_cost:
-            # the client's identity stays out of the message: it may be an API key's digest
-            raise Overloaded(f"{what} would cost {cost:,.0f} sample units; this client holds {mine[0]:,.0f} of the "
-                             f"{self.max_client_cost:,.0f} one client may hold on this replica in "
-                             f"{mine[1]:.0f} request(s) in flight; retry later",
-                             max(self.retry_after_s, math.ceil(self.retry_after_s * cost / self.max_client_cost)),
-                             status=429)
+        if mine is not None:
+            over = []
+            if mine[0] + cost > self.max_client_cost:
+                over.append(f"{mine[0]:,.0f} of its {self.max_client_cost:,.0f} sample units (this request: {cost:,.0f})")
+            if mine[1] + 1 > self.max_client_requests:
+                over.append(f"{mine[1]:.0f} of its {self.max_client_requests} requests")
+            if mine[2] + images > self.max_client_images:
+                over.append(f"{mine[2]:.0f} of its {self.max_client_images} images (this request: {images})")
+            if over:
+                # the client's identity stays out of the message: it may be an API key's name
+                raise Overloaded(f"{what}: this client has {' and '.join(over)} in flight on this replica; retry later",
+                                 max(self.retry_after_s, math.ceil(self.retry_after_s * cost / self.max_client_cost)),
+                                 status=429)
         if self.requests_in_flight >= self.max_concurrent:
             raise Overloaded(f"{self.requests_in_flight} requests are in flight (limit {self.max_concurrent}); "
                              f"retry later", self.retry_after_s)
@@ -175,13 +187,14 @@ class Admission:
         self.cost_in_flight += self.held(cost)
         self.requests_in_flight += 1
         if client is not None and self.max_client_cost is not None:
-            mine = self.clients.setdefault(client, [0.0, 0])
+            mine = self.clients.setdefault(client, [0.0, 0, 0])
             mine[0] += self.held(cost)
             mine[1] += 1
+            mine[2] += images
         self._changed()
 
-    def release(self, cost: float, client: str | None = None) -> None:
-        """Give back what `admit(cost, client=client)` took (the same `cost` and `client`)."""
+    def release(self, cost: float, client: str | None = None, images: int = 1) -> None:
+        """Give back what `admit(cost, client=client, images=images)` took (the same values)."""
         self.requests_in_flight = max(0, self.requests_in_flight - 1)
         # fractional costs (sample weights) leave rounding behind: none is held by no request
         self.cost_in_flight = max(0.0, self.cost_in_flight - self.held(cost)) if self.requests_in_flight else 0.0
@@ -189,22 +202,23 @@ class Admission:
         if mine is not None:
             mine[0] -= self.held(cost)
             mine[1] -= 1
+            mine[2] -= images
             if mine[1] <= 0:
                 del self.clients[client]
         self._changed()
 
     @contextmanager
-    def hold(self, cost: float, what: str, client: str | None = None) -> Iterator[None]:
-        """`admit(cost, client=client)` for the block, and past it while a batch still
-        computes the rows of the request that left it (service.batcher.outlives): released
-        once all have ended."""
-        self.admit(cost, what, client)
+    def hold(self, cost: float, what: str, client: str | None = None, images: int = 1) -> Iterator[None]:
+        """`admit(cost, client=client, images=images)` for the block, and past it while a
+        batch still computes the rows of the request that left it (service.batcher.outlives):
+        released once all have ended."""
+        self.admit(cost, what, client, images)
         holders = [1]  # this block, and each batch still running for the request after it left
 
         def let_go() -> None:
             holders[0] -= 1
             if holders[0] == 0:
-                self.release(cost, client)
+                self.release(cost, client, images)
 
         def keep() -> Callable[[], None]:
             if holders[0] == 0:  # released already: nothing left to hold on to

@@ -125,7 +125,8 @@ class Runtime:
         }
         a = settings.admission
         self.admission = Admission(a.max_cost, a.max_concurrent, a.retry_after_s,
-                                   on_change=self.metrics.cost_in_flight.set, max_client_cost=a.max_client_cost)
+                                   on_change=self.metrics.cost_in_flight.set, max_client_cost=a.max_client_cost,
+                                   max_queue=settings.batching.max_queue)
         # what one sample of each certifying decider weighs, in classifier passes (FLOPs)
         self.sample_weights = {name: sample_weights(p, tuple(self.input_spec.shape), self.device)
                                for name, p in self.pipelines.items()}
@@ -241,7 +242,8 @@ class Runtime:
         admission weighs it against the client's share too (`admission.max_client_cost`)."""
         p = self.pipeline(pipeline)
         images = int(x.shape[0])
-        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}", client):
+        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}", client,
+                                 images):
             # the batcher of a monitored pipeline screens the batch first (_batch_screen)
             return await self.batchers[p.name].submit(x, deadline=deadline, options=options, client=client)
 
@@ -358,7 +360,8 @@ class Runtime:
             return x
 
         batcher = self.batchers[p.name]
-        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}", client):
+        with self.admission.hold(self.cost(pipeline, images, options), f"{images} image(s) on {pipeline!r}", client,
+                                 images):
             with batcher.expecting(images) as on_its_way:
                 x = await self.offload(decoded)
                 return x, await batcher.submit(x, deadline=deadline, options=options, client=client,

@@ -362,6 +362,53 @@ def test_an_ipv6_client_is_its_network(quick_bundle, mnist, prefix: int) -> None
         assert r.status_code == 429 and r.json()["error"]["code"] == "attack_suspected", r.text
 
 
+@pytest.mark.parametrize("peer", ["::ffff:10.0.0.5", "10.0.0.5"])
+def test_a_gateway_seen_as_an_ipv4_mapped_address_is_still_trusted(quick_bundle, mnist, peer: str) -> None:
+    """A dual-stack socket reports an IPv4 gateway as ::ffff:a.b.c.d: still the trusted proxy,
+    so each client behind it is itself (not every client the gateway, blocked together), also
+    where the gateway writes the client with a port or brackets."""
+    other = mnist.test.x[10]
+    with _started(quick_bundle, peer=(peer, 123), trusted_proxies=PROXIES, pipelines=WATCH) as client:
+        _flag_and_block(client, mnist.test.x[3], "198.51.100.7")
+        for xff in ("198.51.100.7:50123", "198.51.100.7, ::ffff:10.0.0.2"):  # the same client
+            r = _post_watch(client, other, xff)
+            assert r.status_code == 429, (xff, r.text)
+        for xff in ("198.51.100.8", "[2001:db8::1]:443", None):  # others, the gateway itself too
+            r = _post_watch(client, other, xff)
+            assert r.status_code == 200 and r.json()["results"][0]["status"] == "accepted", (xff, r.text)
+
+
+CLIENT_IDS = {  # what a peer or hop is called, at client_ipv6_prefix 64
+    "192.0.2.4": "192.0.2.4", "192.0.2.4:50123": "192.0.2.4", "::ffff:192.0.2.4": "192.0.2.4",
+    "2001:db8:1:2:aaaa::5": "2001:db8:1:2::/64", "[2001:DB8:1:2::1]:443": "2001:db8:1:2::/64",
+    "[2001:db8:1:2::1]": "2001:db8:1:2::/64", "2001:db8:1:2::%a": "2001:db8:1:2::/64",
+    "2001:db8:1:2::%b": "2001:db8:1:2::/64",  # a zone is the writer's interface, not the client
+    "64:ff9b::198.51.100.7": "198.51.100.7",  # NAT64: an IPv4 host
+    "2002:c633:6407::1": "198.51.100.7", "2002:c633:6407:ffff::1": "198.51.100.7",  # 6to4: its IPv4 host
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2": "192.0.2.45",  # Teredo: its client's IPv4 address
+    "fe80::1%eth0": "fe80::1", "fe80::2": "fe80::2", "::1": "::1",  # a /64 here is every host of a link
+    "testclient": "testclient", "192.0.2.4:": "192.0.2.4:", "[2001:db8::1]x": "[2001:db8::1]x",  # no address
+}
+
+
+def test_client_ids_name_hosts_not_connections() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from service.api.clients import client_network
+
+    assert {a: client_network(a, 64) for a in CLIENT_IDS} == CLIENT_IDS
+    assert client_network("2001:db8:1:2:aaaa::5", 128) == "2001:db8:1:2:aaaa::5"
+    assert client_network("2001:db8:1:2:aaaa::5", 48) == "2001:db8:1::/48"
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(max_size=80) | st.from_regex(r"\[?[0-9a-fA-F:.%\]\[]{0,60}(:[0-9]{0,6})?", fullmatch=True))
+    def never_raises(text: str) -> None:
+        assert isinstance(client_network(text, 64), str)
+
+    never_raises()
+
+
 def test_client_ipv6_prefix_is_checked() -> None:
     from pydantic import ValidationError
 

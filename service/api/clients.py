@@ -32,12 +32,39 @@ def _networks(proxies: tuple[str, ...]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
 
 
-def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix: an IPv4 host's address
+
+
+def parse_address(text: str) -> Address | None:
+    """The address a peer or X-Forwarded-For hop names, or None: as gateways write it, with
+    brackets (`[2001:db8::1]`), a port (`192.0.2.1:50123`, `[2001:db8::1]:443`) or a zone
+    (`fe80::1%eth0`) left out: a port or zone names a connection or an interface, not a client,
+    and kept they would make each connection a new client. An IPv4-mapped IPv6 address is its
+    IPv4 address (a dual-stack socket reports IPv4 peers that way)."""
+    t = text.strip()
+    if t.startswith("["):
+        end = t.find("]")
+        rest = t[end + 1:] if end > 0 else "x"
+        if rest and not (rest[0] == ":" and rest[1:].isascii() and rest[1:].isdigit()):
+            return None
+        t = t[1:end]
+    elif t.count(":") == 1:  # IPv4 with a port; an IPv6 address has at least two colons
+        t, _, port = t.partition(":")
+        if not (port.isascii() and port.isdigit()):
+            return None
     try:
-        ip = ipaddress.ip_address(address.strip())
+        ip = ipaddress.ip_address(t.split("%", 1)[0])
     except ValueError:
-        return False
-    return any(ip in net for net in networks)
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
+    ip = parse_address(address)
+    return ip is not None and any(ip in net for net in networks)
 
 
 def forwarded_client(peer: str, forwarded_for: str | None, trusted_proxies: tuple[str, ...]) -> str:
@@ -89,16 +116,21 @@ def client_of(request: Request) -> str:
 
 
 def client_network(address: str, ipv6_prefix: int) -> str:
-    """What names a client with this address: an IPv6 address's network of `ipv6_prefix`
-    bits, an IPv4 address (IPv4-mapped too) itself; anything else (a forged hop that is no
-    address, a test client's name) as it is."""
-    try:
-        ip = ipaddress.ip_address(address.strip())
-    except ValueError:
+    """What names a client with this address (parse_address): an IPv4 address itself, also
+    where an IPv6 address carries it (IPv4-mapped, NAT64 64:ff9b::/96, 6to4, Teredo's
+    client); a loopback or link-local IPv6 address itself (a /64 there is every host of the
+    link); any other IPv6 address its network of `ipv6_prefix` bits; what is no address (a
+    forged hop, a test client's name) as it is."""
+    ip = parse_address(address)
+    if ip is None:
         return address
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        if ipv6_prefix < 128:
+        if ip in _NAT64:
+            return str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip.sixtofour is not None:
+            return str(ip.sixtofour)
+        if ip.teredo is not None:
+            return str(ip.teredo[1])
+        if ipv6_prefix < 128 and not (ip.is_loopback or ip.is_link_local):
             return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
     return str(ip)
