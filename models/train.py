@@ -300,6 +300,9 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
             _defense_step(ctx, name, module_path, gate)
         if name == "classifier":
             ctx.forget_classifier()
+            # the check loads the bundle from disk: saved first, or a new bundle has no manifest
+            # yet and an extended one would measure the classifier it had before this step
+            writer.save()
             quality.check_classifier(writer.path, ds, preset, gate, ctx.device,
                                      trusted_imports=writer.trusted_imports)
         writer.record_step(name, command, time.monotonic() - t0)

@@ -472,6 +472,25 @@ def test_steps_on_a_bundle_default_to_its_dataset_and_refuse_another(tmp_path: P
         build_bundle(out, preset="quick", steps=["squeeze"], argv=[])
 
 
+def test_the_gate_checks_a_new_builtin_classifier(tmp_path: Path, digits: tuple[Path, Path], monkeypatch) -> None:
+    """`train --out NEW` with the built-in classifier and the gate on (the default preset's
+    case): the check after the classifier step loads the bundle, which had no manifest yet, so
+    every such build stopped there with "no manifest.json". It measures the new network now."""
+    from models.recipes import quality
+    from models.train import build_bundle
+
+    npz, _ = digits
+    seen = []
+    check_base = quality.check_base
+    monkeypatch.setattr(quality, "check_base", lambda acc, *a: seen.append(acc) or check_base(acc, *a))
+    out = tmp_path / "b"
+    build_bundle(out, dataset=f"npz:{npz}", preset="quick", seed=0, steps=["classifier"],
+                 options={"classifier": {"epochs": 15}, "quality": {"images": 50, "enforce": True}}, argv=[])
+    m = json.loads((out / "manifest.json").read_text())
+    assert "classifier" in m["artifacts"] and len(seen) == 1
+    assert seen[0] > quality.chance_bound(10), seen  # the new network, well above chance
+
+
 def test_the_gate_refuses_a_base_classifier_near_chance(tmp_path: Path, digits: tuple[Path, Path]) -> None:
     """Labels shifted by one: the MLP (fit on the true labels) answers ~0 of them right, and every
     defense would pass at 0.0 against 0.0. The enforced gate refuses at the classifier step; no
