@@ -160,12 +160,38 @@ def parse_classifier(spec: str, weights: str | None, kwargs: dict[str, Any]) -> 
                      "or 'torchscript:FILE'")
 
 
+@torch.no_grad()
+def _check_fits(net: Any, dataset: Dataset, source: str) -> None:
+    """ValueError, before anything is written, where the user's classifier does not run on the
+    data's input shape or gives another number of logits than the data has classes (served, a
+    10-logit network on 2-class data answered labels that are no class)."""
+    shape, classes = (2, *dataset.input_shape), len(dataset.class_names)
+    try:
+        out = net(torch.zeros(shape))
+    except Exception as exc:  # noqa: BLE001 - whatever the user's network raises, said in one line
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"the classifier {source} does not run on this data's input {tuple(shape)} "
+                         f"(N, C, H, W; pixels scaled by --mean/--std): {first}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or tuple(out.shape) != (2, classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the classifier {source} answers {got} for a batch of 2, but the data has {classes} "
+                         f"classes: it must return logits of shape (N, {classes})")
+
+
 def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dataset, device: torch.device) -> dict:
     """Put the user's pretrained classifier into the bundle unchanged, and measure it."""
     from models.recipes.common import accuracy
 
     if src.kind == "torchscript":
+        import io
+
         data = Path(src.target).read_bytes()
+        try:
+            net = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+        except Exception as exc:  # noqa: BLE001 - torch's loader says only "[enforce fail ...]"
+            raise ValueError(f"{src.target} is not a TorchScript file (torch.jit.save's output): "
+                             f"{type(exc).__name__}") from None
+        _check_fits(net, dataset, str(src.target))
         record = writer.add_file("classifier", "classifier.torchscript", data, format="torchscript",
                                  architecture={"kind": "torchscript"}, source=str(src.target))
     else:
@@ -176,6 +202,7 @@ def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dat
         arch = {"kind": "import", "factory": src.target, "kwargs": src.kwargs}
         net = build_architecture(arch)
         net.load_state_dict(load_file(str(src.weights)))
+        _check_fits(net.eval(), dataset, src.target)
         record = writer.add_module("classifier", net, arch, source=str(src.weights))
     writer.save()
     clf = writer.load().classifier(device)

@@ -438,6 +438,32 @@ def _classifier_only(out: Path, npz: Path, mlp: Path, **kwargs) -> None:
                  classifier=parse_classifier(f"torchscript:{mlp}", None, {}), argv=[], **kwargs)
 
 
+def test_a_classifier_that_does_not_fit_the_data_is_refused_before_anything_is_written(
+        tmp_path: Path, digits: tuple[Path, Path]) -> None:
+    """A 10-logit network on 2-class data was served, answering labels that are no class; one
+    made for 8x8 images on 16x16 data, or a file that is no TorchScript, ended in torch's
+    traceback after a manifest naming it was written. Each is now one ValueError, nothing
+    written."""
+    npz, mlp = digits
+    with np.load(npz) as f:
+        arrays = {k: f[k] for k in f.files}
+    two = {}
+    for split in ("train", "test"):
+        keep = arrays[f"y_{split}"] < 2
+        two[f"x_{split}"], two[f"y_{split}"] = arrays[f"x_{split}"][keep], arrays[f"y_{split}"][keep]
+    np.savez(tmp_path / "two.npz", **two)
+    big = {k: (np.repeat(np.repeat(v, 2, axis=2), 2, axis=3) if k.startswith("x_") else v) for k, v in arrays.items()}
+    np.savez(tmp_path / "big.npz", **big)
+    cases = [(tmp_path / "two.npz", mlp, r"answers \(2, 10\) for a batch of 2, but the data has 2 classes"),
+             (tmp_path / "big.npz", mlp, r"does not run on this data's input \(2, 1, 16, 16\)"),
+             (npz, npz, "is not a TorchScript file")]
+    for i, (data, net, message) in enumerate(cases):
+        out = tmp_path / f"b{i}"
+        with pytest.raises(ValueError, match=message):
+            _classifier_only(out, data, net)
+        assert not (out / "manifest.json").exists() and not list(out.glob("classifier*")), i
+
+
 def test_steps_on_a_bundle_default_to_its_dataset_and_refuse_another(tmp_path: Path, digits: tuple[Path, Path],
                                                                      monkeypatch) -> None:
     import shutil
