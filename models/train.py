@@ -217,6 +217,28 @@ def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dat
     return record
 
 
+def _check_options(options: dict[str, Any]) -> None:
+    """--options' sections are steps' names (or `quality`), and the gate's settings are its
+    own: refused here, before anything is written, rather than as a TypeError once the
+    classifier step has written a manifest (a step's own recipe options are checked when it
+    runs: a step that cannot be built is recorded, not fatal)."""
+    sections = [name for name, _ in STEPS] + ["quality"]
+    for section, value in options.items():
+        if section not in sections:
+            raise ValueError(f"--options: unknown section {section!r}; sections: {', '.join(sections)}")
+        if not isinstance(value, dict):
+            raise ValueError(f"--options: {section!r} must be an object of settings, got {type(value).__name__}")
+    defaults = quality.PRESETS["default"].to_json()
+    for key, value in options.get("quality", {}).items():
+        if key not in defaults:
+            raise ValueError(f"--options quality: unknown setting {key!r}; settings: {', '.join(defaults)}")
+        want = type(defaults[key])  # bool, int or float; a float setting takes an int too
+        ok = isinstance(value, bool) if want is bool else (
+            isinstance(value, (int, float) if want is float else int) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"--options quality.{key}: {value!r} is not {'an' if want is int else 'a'} {want.__name__}")
+
+
 def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | None = None, seed: int | None = None,
                  steps: list[str] | None = None, classifier: ClassifierSource | None = None,
                  device: str = "cpu", input_overrides: dict[str, Any] | None = None,
@@ -243,6 +265,7 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
                              f"defenses again)")
     if "quality" in chosen and not (out / "manifest.json").exists():
         raise ValueError("--steps quality measures an existing bundle's defenses; build the bundle first")
+    _check_options(options or {})
     extending = bool(steps) and (out / "manifest.json").exists()
     previous_text = (out / "manifest.json").read_text() if extending else ""
     previous = json.loads(previous_text) if extending else {}

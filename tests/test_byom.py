@@ -464,6 +464,18 @@ def test_a_classifier_that_does_not_fit_the_data_is_refused_before_anything_is_w
         assert not (out / "manifest.json").exists() and not list(out.glob("classifier*")), i
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"quality": {"imagez": 3}}, "unknown setting 'imagez'"), ({"quality": {"images": "x"}}, "'x' is not an int"),
+    ({"quality": {"enforce": 1}}, "1 is not a bool"), ({"qualty": {}}, "unknown section 'qualty'"),
+    ({"magnet": 3}, "'magnet' must be an object")])
+def test_options_the_build_cannot_use_are_refused_before_anything_is_written(
+        tmp_path: Path, digits: tuple[Path, Path], options: dict, message: str) -> None:
+    npz, mlp = digits
+    with pytest.raises(ValueError, match=message):
+        _classifier_only(tmp_path / "b", npz, mlp, options=options)
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
 def test_steps_on_a_bundle_default_to_its_dataset_and_refuse_another(tmp_path: Path, digits: tuple[Path, Path],
                                                                      monkeypatch) -> None:
     import shutil
