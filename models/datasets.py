@@ -253,6 +253,14 @@ def check_disjoint(ds: "Dataset") -> None:
 def _finish(name: str, splits: dict[str, Split], class_names: list[str], val_per_class: int) -> Dataset:
     train, val = splits["train"], splits.get("val")
     if val is None:
+        counts = np.bincount(train.y.numpy(), minlength=len(class_names))
+        if counts.min() < 2:
+            # one image cannot be both a training image and a validation image: carved, the class
+            # would have none to train on, and the build would stop later blaming the labels
+            rare = [class_names[i] for i in np.flatnonzero(counts < 2)[:5]]
+            raise ValueError(f"{name}: class {', '.join(rare)} has a single training image and no validation "
+                             f"split was given: at least 2 per class are needed (one is kept for validation); "
+                             f"give more images of it, or x_val/y_val")
         train, val = _carve_validation(train, _val_share(train, val_per_class), SPLIT_SEED)
     ds = Dataset(name, train, val, splits["test"], class_names)
     check_disjoint(ds)
