@@ -99,6 +99,15 @@ class InputSpec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
+    def __post_init__(self) -> None:
+        # the Classifier wrapper views them as (1, C, 1, 1): another length failed at the first
+        # forward pass, in torch's words, after the bundle had been written
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values and len(values) != self.shape[0]:
+                raise ValueError(f"input {name} has {len(values)} value(s) for {self.shape[0]} channel(s): give "
+                                 f"one per channel (--{name} " + ",".join(["V"] * self.shape[0]) + ")")
+
     @property
     def channels(self) -> int:
         return self.shape[0]

@@ -464,6 +464,15 @@ def test_a_classifier_that_does_not_fit_the_data_is_refused_before_anything_is_w
         assert not (out / "manifest.json").exists() and not list(out.glob("classifier*")), i
 
 
+def test_a_mean_or_std_per_channel_or_nothing(tmp_path: Path, digits: tuple[Path, Path]) -> None:
+    """--mean/--std with another count than the data's channels failed at the first forward
+    pass, in torch's words, with the manifest written; refused in one line, nothing written."""
+    npz, mlp = digits
+    with pytest.raises(ValueError, match=r"input mean has 2 value\(s\) for 1 channel\(s\)"):
+        _classifier_only(tmp_path / "b", npz, mlp, input_overrides={"mean": (0.5, 0.5), "std": (0.2, 0.2)})
+    assert not (tmp_path / "b" / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("options,message", [
     ({"quality": {"imagez": 3}}, "unknown setting 'imagez'"), ({"quality": {"images": "x"}}, "'x' is not an int"),
     ({"quality": {"enforce": 1}}, "1 is not a bool"), ({"qualty": {}}, "unknown section 'qualty'"),
