@@ -27,6 +27,8 @@ nothing unless `images` is set, and then records the verdicts without enforcing 
 
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -172,6 +174,13 @@ def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any,
     x, y = _gate_images(dataset, r, device)
     base_acc = float((base(x).argmax(1) == y).float().mean())
     q["base"] = {"val_accuracy": round(base_acc, 4), "images": len(y)}
+    # a drop within max_accuracy_drop is only seen on at least 2 / max_accuracy_drop images (100
+    # at 0.02: two images' worth): on a small validation split (2 images of imbalanced data, one
+    # per class) a defense that cost half the accuracy still "passed"
+    least = math.ceil(2 / r.max_accuracy_drop - 1e-9) if r.max_accuracy_drop > 0 else 0
+    too_few = (f"measured on only {len(y)} validation images, fewer than the {least} a drop within "
+               f"{r.max_accuracy_drop:.2f} needs (one image is {1 / max(1, len(y)):.4f}): give more validation "
+               f"images (x_val/y_val) or a larger quality.max_accuracy_drop") if len(y) < least else None
     try:
         note = check_base(base_acc, len(dataset.class_names), len(y), r)
     except NearChance as exc:
@@ -211,14 +220,17 @@ def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any,
             "images": len(status), "seconds": round(seconds, 1),
             "seconds_per_image": round(seconds / max(1, len(status)), 4), "pipeline": entries,
         }
-        passes = base_acc - acc <= r.max_accuracy_drop + 1e-9
+        within = base_acc - acc <= r.max_accuracy_drop + 1e-9
+        passes = within and too_few is None
         record["passes"] = passes
         record["usable"] = passes or not r.enforce
         record["reason"] = (f"clean validation accuracy {acc:.4f} is within {r.max_accuracy_drop:.2f} of the base "
-                            f"classifier's {base_acc:.4f}" if passes else
+                            f"classifier's {base_acc:.4f}" if within else
                             f"clean validation accuracy {acc:.4f} is {base_acc - acc:.4f} below the base "
                             f"classifier's {base_acc:.4f} (more than the {r.max_accuracy_drop:.2f} allowed; "
                             f"rejected {record['rejection_rate']:.4f}, abstained {record['abstention_rate']:.4f})")
+        if within and too_few is not None:
+            record["reason"] += f", but {too_few}"
         if not passes and not r.enforce:
             record["reason"] += "; not enforced (quality.enforce is false: the quick preset)"
         q["defenses"][key] = record
