@@ -115,6 +115,7 @@ def client_of(request: Request) -> str:
     return "ip:" + client_network(address, settings.client_ipv6_prefix)
 
 
+@lru_cache(maxsize=4096)  # 6 us a parse, on the event loop for every request; clients repeat
 def client_network(address: str, ipv6_prefix: int) -> str:
     """What names a client with this address (parse_address): an IPv4 address itself, also
     where an IPv6 address carries it (IPv4-mapped, NAT64 64:ff9b::/96, 6to4, Teredo's
