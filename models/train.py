@@ -408,7 +408,10 @@ def _defense_step(ctx: BuildContext, name: str, module_path: str, gate: dict[str
         if kept:
             log.error("step %s failed; the bundle keeps the %s defense it had: %s", name, name, exc)
             raise
-        log.exception("step %s failed; its defense is recorded as unusable", name)
+        if isinstance(exc, ValueError):  # what the data cannot give (too few calibration images): one line
+            log.error("step %s failed; its defense is recorded as unusable: %s", name, exc)
+        else:  # anything else may be a bug: its traceback
+            log.exception("step %s failed; its defense is recorded as unusable", name)
         writer.manifest.get("defenses", {}).pop(name, None)
         quality.record_failure(writer.manifest, name, exc, ctx.preset, gate)
     else:

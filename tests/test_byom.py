@@ -11,6 +11,7 @@ it), not accuracies.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -363,9 +364,11 @@ def test_a_monitor_below_the_gate_is_off_and_pipelines_say_why(digits_bundle: Pa
             assert all(q["suspect_linf"] == (0.62 if usable else 0.0) for q in monitored)
 
 
-def test_a_step_that_cannot_be_built_is_recorded_not_fatal(tmp_path: Path, digits: tuple[Path, Path]) -> None:
+def test_a_step_that_cannot_be_built_is_recorded_not_fatal(tmp_path: Path, digits: tuple[Path, Path],
+                                                           caplog) -> None:
     """RMC on a TorchScript network whose features cannot be found: the build goes on, the
-    manifest says why, and the service leaves the rmc pipeline out."""
+    manifest says why (and the log, in one line: what the network cannot give is no bug), and
+    the service leaves the rmc pipeline out."""
     from models.train import build_bundle, parse_classifier
 
     class NotAChain(nn.Module):
@@ -380,8 +383,11 @@ def test_a_step_that_cannot_be_built_is_recorded_not_fatal(tmp_path: Path, digit
     ts = tmp_path / "net.pt"
     torch.jit.trace(NotAChain().eval(), torch.zeros(1, 1, 8, 8)).save(str(ts))
     out = tmp_path / "b"
-    build_bundle(out, dataset=f"npz:{npz}", preset="quick", seed=0, options=QUICK, steps=["classifier", "rmc"],
-                 classifier=parse_classifier(f"torchscript:{ts}", None, {}), argv=[])
+    with caplog.at_level(logging.ERROR, logger="shieldserve.train"):
+        build_bundle(out, dataset=f"npz:{npz}", preset="quick", seed=0, options=QUICK, steps=["classifier", "rmc"],
+                     classifier=parse_classifier(f"torchscript:{ts}", None, {}), argv=[])
+    [failed] = [r for r in caplog.records if "step rmc failed" in r.getMessage()]
+    assert "not a chain" in failed.getMessage() and failed.exc_info is None
     m = _manifest(out)
     assert "rmc" not in m["defenses"]
     assert m["quality"]["defenses"]["rmc"]["usable"] is False
