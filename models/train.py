@@ -346,13 +346,13 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
             writer.manifest["metrics"]["classifier_test_accuracy"] = record["metrics"]["test_accuracy"]
         elif name == "classifier":
             importlib.import_module(module_path).build_step(ctx)
+            # the check below loads the bundle from disk (add_byo_classifier saves as it measures):
+            # unsaved, a new bundle has no manifest yet and an extended one has its old classifier
+            writer.save()
         else:
             _defense_step(ctx, name, module_path, gate)
         if name == "classifier":
             ctx.forget_classifier()
-            # the check loads the bundle from disk: saved first, or a new bundle has no manifest
-            # yet and an extended one would measure the classifier it had before this step
-            writer.save()
             quality.check_classifier(writer.path, ds, preset, gate, ctx.device,
                                      trusted_imports=writer.trusted_imports)
         writer.record_step(name, command, time.monotonic() - t0)

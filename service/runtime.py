@@ -41,6 +41,13 @@ def monitor_rejection(verdict: Verdict, i: int) -> Rejection:
     return Rejection("query_monitor", "suspect_near", float(verdict.near[i] or 0.0), verdict.suspect_linf)
 
 
+def monitor_result(verdict: Verdict, i: int) -> ImageResult:
+    """The answer to image i of a screened request that the query monitor rejects (on /predict's
+    batches and on /certify alike, so the two count it alike)."""
+    return ImageResult(status="rejected", rejected_by=[monitor_rejection(verdict, i)],
+                       stages=[Stage("query_monitor", "monitor", verdict.seconds)])
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         # Every torch call of this runtime runs on one thread, loading included (service/compute.py)
@@ -229,9 +236,7 @@ class Runtime:
                 report.append(verdict)
                 for k, flagged in enumerate(verdict.flagged):
                     if flagged and verdict.reject:
-                        answered[starts[i] + k] = ImageResult(
-                            status="rejected", rejected_by=[monitor_rejection(verdict, k)],
-                            stages=[Stage("query_monitor", "monitor", verdict.seconds)])
+                        answered[starts[i] + k] = monitor_result(verdict, k)
             return answered, errors, report
 
         return screen

@@ -28,7 +28,6 @@ nothing unless `images` is set, and then records the verdicts without enforcing 
 from __future__ import annotations
 
 import math
-
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any

@@ -35,8 +35,7 @@ from service.batcher import Overloaded
 from service.defenses.base import DeadlineExceeded, RunContext
 from service.defenses.query_monitor import AttackSuspected
 from service.defenses.smoothing import MAX_RADIUS, MIN_ALPHA
-from service.pipeline import ImageResult, Stage
-from service.runtime import Runtime, monitor_rejection
+from service.runtime import Runtime, monitor_result
 from service.store import StoreUnavailable, image_key, image_owner
 
 router = APIRouter(tags=["certify"])
@@ -178,13 +177,13 @@ async def _monitor_rejection(runtime: Runtime, digest: str, x, name: str, opts: 
         return None
     # counted as the batch screen's rejection on /predict is (images_total, rejections_total,
     # the monitor's stage time), so the rejected share of images holds for /certify too
-    runtime.observe_results(name, [ImageResult(status="rejected", rejected_by=[monitor_rejection(verdict, 0)],
-                                               stages=[Stage("query_monitor", "monitor", verdict.seconds)])])
+    result = monitor_result(verdict, 0)
+    runtime.observe_results(name, [result])
     return CertifyResponse(
         image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status="rejected", label=None,
         abstained=True, radius=None, p_a_lower=None, sigma=opts["sigma"], n0=opts["n0"], n=0, alpha=opts["alpha"],
         samples=0, seconds=0.0, seed=None, seed_chosen_by_client="seed" in opts,
-        rejected_by=[rejection_out(monitor_rejection(verdict, 0))])
+        rejected_by=[rejection_out(rejection) for rejection in result.rejected_by])
 
 
 async def _observed(request: Request, name_hint: str | None, work) -> CertifyResponse:
