@@ -204,18 +204,45 @@ class Classifier(nn.Module):
 TRAINED_DEFENSES = ("magnet", "neuralfp", "squeeze", "defensegan", "rmc", "smoothing", "robust")
 
 
+# the noise level the gate measures each smoothing variant at under its plain key (what the
+# packaged configuration serves): plain smoothing at 0.5, denoised smoothing at 0.25
+GATED_SIGMA = {"smoothing": 0.5, "smoothing:denoised": 0.25}
+# the defense keys that only detect (they change no image and decide nothing): a pipeline of
+# them before one last defense answers wrongly at most where one of its parts alone did
+DETECTOR_KEYS = frozenset({"magnet", "squeeze"})
+
+
 def defense_key(entry: Any) -> str:
     """The quality gate's key for one entry of a pipeline config: its defense's name, and
     `smoothing:denoised` for denoised smoothing (the plain classifier behind a denoiser),
-    `magnet:reformer` for MagNet with its reformer (`magnet` alone: its detectors)."""
+    `magnet:reformer` for MagNet with its reformer (`magnet` alone: its detectors). Smoothing
+    at a noise level other than the one its plain key is measured at (GATED_SIGMA) is a key of
+    its own, `smoothing@0.25` or `smoothing:denoised@0.5`: each sigma has its own network, and
+    one verdict says nothing of another's (the build's default sigma, when a config gives
+    none, is 0.25)."""
     if isinstance(entry, str):
         return "magnet:reformer" if entry == "magnet" else entry
     name = str(entry.get("defense", "")) if isinstance(entry, dict) else ""
-    if name == "smoothing" and entry.get("denoiser"):
-        return "smoothing:denoised"
+    if name == "smoothing":
+        key = "smoothing:denoised" if entry.get("denoiser") else "smoothing"
+        try:
+            sigma = float(entry.get("sigma", 0.25))
+        except (TypeError, ValueError):
+            return key  # the pipeline's build refuses it, with its own message
+        return key if sigma == GATED_SIGMA[key] else f"{key}@{sigma:g}"
     if name == "magnet" and entry.get("reform", True) is not False:
         return "magnet:reformer"
     return name
+
+
+def defense_name(key: str) -> str:
+    """The defense (the manifest section) a gate key belongs to: `smoothing:denoised@0.5` -> smoothing."""
+    return key.partition(":")[0].partition("@")[0]
+
+
+def canonical_defenses(entries: Any) -> str:
+    """A pipeline's defense list as one comparable string (a bare name is {"defense": name})."""
+    return json.dumps([{"defense": e} if isinstance(e, str) else e for e in entries or []], sort_keys=True)
 
 
 def _read_manifest(manifest_path: Path) -> dict[str, Any]:
@@ -446,7 +473,7 @@ class Bundle:
         bundle has no section for a defense that needs one, the quality gate found it ruins
         clean accuracy or could not build it, or the gate enforces its verdicts on this bundle
         and has none for it."""
-        name = defense.partition(":")[0]
+        name = defense_name(defense)
         if name in TRAINED_DEFENSES and name not in self.manifest.get("defenses", {}):
             q = self.quality(defense)
             if q is not None and q.get("reason"):
@@ -461,6 +488,55 @@ class Bundle:
         if q is not None and not q.get("usable", True):
             return str(q.get("reason", "marked unusable by the quality gate"))
         return None
+
+    def composition(self, entries: Any) -> dict[str, Any] | None:
+        """The quality gate's verdict on a pipeline that composes two or more trained defenses;
+        None for fewer (its defense's own verdict is the pipeline's) or where a part has no
+        verdict (`unusable` speaks for that part). Two parts that each pass can fail together:
+        MagNet's rejections and smoothing's abstentions fall on different images.
+
+        Measured where the gate ran the same defense list (`quality.pipelines`: the packaged
+        configuration's compositions, and those of the `--config` given to `shieldserve train`).
+        Else bounded where that is sound: every part but the last only detects (DETECTOR_KEYS:
+        it changes no image), so the pipeline answers wrongly only where one part alone did, and
+        its accuracy drop is at most the parts' drops plus the base classifier's own error once
+        for each part past the first (every part's errors include it). A part that changes the
+        image before another (a reformer, a projection) bounds nothing: unmeasured.
+
+        Returns {"passes": True | False | None, "usable": bool, "how": "measured" | "bound" |
+        "unmeasured", "accuracy_drop" or "accuracy_drop_bound", "reason"}."""
+        entries = list(entries or [])
+        keys = [defense_key(e) for e in entries]
+        trained = [k for k in keys if defense_name(k) in TRAINED_DEFENSES]
+        if len(trained) < 2:
+            return None
+        gate = self.manifest.get("quality", {})
+        enforce = bool(gate.get("enforce"))
+        bound_allowed = float(gate.get("max_accuracy_drop", 0.02))
+        fix = "measure it with `shieldserve train --out BUNDLE --steps quality --config YOUR_CONFIG.yaml`"
+        want = canonical_defenses(entries)
+        for name, rec in (gate.get("pipelines") or {}).items():
+            if isinstance(rec, dict) and canonical_defenses(rec.get("defenses")) == want:
+                return {**rec, "how": "measured", "measured_as": name}
+        parts = [self.quality(k) for k in trained]
+        if any(q is None or not isinstance(q.get("accuracy_drop"), (int, float)) for q in parts):
+            return None
+        if not all(k in DETECTOR_KEYS for k in keys[:-1]):
+            return {"passes": None, "usable": not enforce, "how": "unmeasured",
+                    "reason": f"the quality gate has not measured the composition {' + '.join(keys)} on this bundle "
+                              f"(a part changes the image before the next, so its parts' verdicts bound nothing): "
+                              f"{fix}"}
+        base_error = 1.0 - float(parts[0].get("base_val_accuracy", 1.0))
+        bound = sum(float(q["accuracy_drop"]) for q in parts) + (len(parts) - 1) * max(0.0, base_error)
+        passes = bound <= bound_allowed + 1e-9
+        drops = ", ".join(f"{float(q['accuracy_drop']):.4f}" for q in parts)
+        why = (f"the composition {' + '.join(keys)} drops at most {bound:.4f} of clean validation accuracy (its "
+               f"parts' measured drops {drops}"
+               + (f", plus the base classifier's error {base_error:.4f} for each part past the first"
+                  if base_error > 0 else "") + ")")
+        return {"passes": passes, "usable": passes or not enforce, "how": "bound", "accuracy_drop_bound": round(bound, 4),
+                "reason": f"{why}, within the {bound_allowed:.2f} allowed" if passes else
+                          f"{why}, more than the {bound_allowed:.2f} allowed, and the gate has not measured it: {fix}"}
 
 
 class BundleWriter:

@@ -72,6 +72,7 @@ class BuildContext:
     options: dict[str, Any] = field(default_factory=dict)
     byo_classifier: bool = False
     extending: bool = False    # `--steps` on an existing bundle: a failed step keeps the defense it had
+    config: str | None = None  # the service YAML whose compositions the gate measures (None: the packaged one)
     _classifier: Classifier | None = None
 
     @property
@@ -243,8 +244,11 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
                  steps: list[str] | None = None, classifier: ClassifierSource | None = None,
                  device: str = "cpu", input_overrides: dict[str, Any] | None = None,
                  options: dict[str, Any] | None = None, argv: list[str] | None = None,
-                 trusted_imports: list[str] | tuple[str, ...] = ()) -> Path:
+                 trusted_imports: list[str] | tuple[str, ...] = (), config: str | None = None) -> Path:
     """Build (or extend, with `steps`) the bundle at `out`. Returns the manifest's path.
+    `config`: the service YAML the bundle will be served with (merged over the packaged one, as
+    `shieldserve serve --config` does): the quality gate also measures each of its pipelines
+    that composes two or more trained defenses (models.recipes.quality.measure_pipelines).
 
     `dataset`: mnist5k (the default for a new bundle), idx:DIR or npz:FILE. Extending a bundle
     defaults to the dataset it was built on, and refuses another one (or the same one whose
@@ -266,6 +270,10 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     if "quality" in chosen and not (out / "manifest.json").exists():
         raise ValueError("--steps quality measures an existing bundle's defenses; build the bundle first")
     _check_options(options or {})
+    if config is not None:  # a config that does not load fails now, not after hours of training
+        from service.settings import load_settings
+
+        load_settings(config)
     extending = bool(steps) and (out / "manifest.json").exists()
     previous_text = (out / "manifest.json").read_text() if extending else ""
     previous = json.loads(previous_text) if extending else {}
@@ -304,7 +312,7 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
                                          "versions": {"python": platform.python_version(),
                                                       "torch": torch.__version__}})
     ctx = BuildContext(ds, writer, preset, seed, torch.device(device), command, dict(options or {}),
-                       byo_classifier=classifier is not None, extending=extending)
+                       byo_classifier=classifier is not None, extending=extending, config=config)
     gate = dict(ctx.options.get("quality", {}))
     try:
         _run_steps(ctx, chosen, classifier, gate, command)
@@ -379,6 +387,12 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
                 quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device,
                                 trusted_imports=writer.trusted_imports)
         quality.measure_monitor(writer.path, writer.manifest, ds, preset, gate)
+    # the served compositions, each whole (what a step above measured again was dropped); read
+    # from the bundle on disk with the verdicts above
+    writer.save()
+    quality.measure_pipelines(writer.path, writer.manifest, ds, preset, gate, ctx.device, config=ctx.config,
+                              trusted_imports=writer.trusted_imports)
+    if "quality" in chosen:
         writer.record_step("quality", command, time.monotonic() - t0)
 
 

@@ -112,7 +112,7 @@ def _train(args: argparse.Namespace) -> int:
     manifest = build_bundle(args.out, dataset=args.dataset, preset=args.preset, seed=args.seed,
                             steps=args.steps, classifier=classifier,
                             device=args.device, input_overrides=overrides, options=options,
-                            argv=args.argv, trusted_imports=tuple(trusted))
+                            argv=args.argv, trusted_imports=tuple(trusted), config=args.config)
     data = json.loads(Path(manifest).read_text())
     print(json.dumps({"bundle": str(Path(args.out)), "version": data["version"],
                       "metrics": data.get("metrics", {})}, indent=2))
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu",
                    help="torch device to train and measure on: cpu, cuda or cuda:N (default cpu)")
     t.add_argument("--options", type=_json_object, help="JSON recipe overrides, e.g. '{\"classifier\": {\"adversarial\": \"pgd\"}}'")
+    t.add_argument("--config", help="the service YAML you will serve the bundle with (merged over the packaged "
+                                     "one): the quality gate also measures each of its pipelines that composes two "
+                                     "or more trained defenses, as a whole")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", parents=[common], help="security evaluation: report.json, report.md and PNG plots")

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from models.bundle import TRAINED_DEFENSES, Bundle, defense_key
+from models.bundle import TRAINED_DEFENSES, Bundle, defense_key, defense_name
 from service.admission import Admission, image_cost, sample_weights, sampling_cost
 from service.batcher import Batcher, BatchReport, Screen
 from service.compute import ComputeThread
@@ -264,11 +264,15 @@ class Runtime:
     def _unusable(self, config: dict[str, Any]) -> str | None:
         """Why a configured pipeline cannot be served on this bundle (models.bundle.Bundle.unusable
         for each defense it names), or None."""
-        for entry in config.get("defenses", []) or []:
+        entries = config.get("defenses", []) or []
+        for entry in entries:
             key = defense_key(entry)
             reason = self.bundle.unusable(key)
             if reason is not None:
                 return f"{key}: {reason}"
+        together = self.bundle.composition(entries)  # its parts pass one by one; together?
+        if together is not None and not together.get("usable", True):
+            return str(together.get("reason", "marked unusable by the quality gate"))
         return None
 
     def _gate_warnings(self, settings: Settings) -> dict[str, tuple[str | None, str | None]]:
@@ -285,7 +289,7 @@ class Runtime:
         for name in self.pipelines:
             for entry in settings.pipelines[name].model_dump().get("defenses", []) or []:
                 key = defense_key(entry)
-                if key.partition(":")[0] in TRAINED_DEFENSES and name not in users.setdefault(key, []):
+                if defense_name(key) in TRAINED_DEFENSES and name not in users.setdefault(key, []):
                     users[key].append(name)
         status: dict[str, str] = {}
         notes: dict[str, str] = {}
@@ -313,8 +317,17 @@ class Runtime:
         for name in self.pipelines:
             keys = [k for k, names in users.items() if name in names]
             found = [status[k] for k in keys]
+            said = [notes[k] for k in keys if k in notes]
+            together = self.bundle.composition(settings.pipelines[name].model_dump().get("defenses", []))
+            if together is not None and together.get("passes") is not True:
+                # its parts' verdicts are above; this is the pipeline's own (models.bundle.Bundle.composition)
+                found.append("below_gate_not_enforced" if together.get("passes") is False else "unmeasured")
+                note = (f"pipeline {name} is served {'below the quality gate' if together.get('passes') is False else 'unmeasured'}"
+                        f" as a whole: {together.get('reason')}; quality.enforce is false on this bundle")
+                log.warning("%s", note)
+                said.append(note)
             pick = next((w for w in worst if w in found), None)
-            out[name] = (pick, "; ".join(notes[k] for k in keys if k in notes) or None)
+            out[name] = (pick, "; ".join(said) or None)
         return out
 
     def _inference_copy(self) -> Any:

@@ -57,6 +57,34 @@ STEP_KEYS: dict[str, list[str]] = {
 }
 
 
+def gated(key: str) -> list[Any]:
+    """The pipeline that measures a defense key: GATED's, or smoothing at another sigma
+    (`smoothing@0.25`, `smoothing:denoised@0.5`) as GATED's smoothing entry at that sigma."""
+    if key in GATED:
+        return GATED[key]
+    base, _, sigma = key.partition("@")
+    if base in ("smoothing", "smoothing:denoised") and sigma:
+        return [{**GATED[base][0], "sigma": float(sigma)}]
+    raise KeyError(key)
+
+
+def step_keys(step: str, manifest: dict[str, Any]) -> list[str]:
+    """The defense keys a build step's section serves: STEP_KEYS, and for smoothing one pair per
+    noise level the section has networks for (each sigma's own network gets its own verdict;
+    models.bundle.defense_key)."""
+    from models.bundle import defense_key
+
+    keys = list(STEP_KEYS.get(step, []))
+    section = manifest.get("defenses", {}).get(step, {})
+    if step == "smoothing":
+        for part, denoiser in (("classifiers", False), ("denoisers", True)):
+            for sigma in sorted(float(sg) for sg in section.get(part, {})):
+                key = defense_key({"defense": "smoothing", "sigma": sigma, "denoiser": denoiser})
+                if key not in keys:
+                    keys.append(key)
+    return keys
+
+
 @dataclass(frozen=True)
 class QualityRecipe:
     images: int = 300              # validation images, stratified by class
@@ -156,60 +184,129 @@ def check_classifier(bundle_path: Any, dataset: Any, preset: str, options: dict[
 @torch.no_grad()
 def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any, preset: str,
             options: dict[str, Any], device: torch.device, trusted_imports: tuple[str, ...] = ()) -> None:
-    """Measure the step's defenses on the validation split and record the verdicts in `manifest`."""
-    from models.bundle import Bundle
-    from service.defenses.base import DefenseEnv, RunContext
-    from service.pipeline import Pipeline
+    """Measure the step's defenses on the validation split and record the verdicts in `manifest`.
+    The compositions measured with the step's old defenses (`quality.pipelines`) are dropped:
+    `measure_pipelines` measures them again."""
+    r = recipe(preset, **options)
+    if r.images <= 0:
+        return
+    q = _section(manifest, r)
+    gate = _Gate.open(bundle_path, dataset, r, device, trusted_imports)
+    q["base"] = {"val_accuracy": round(gate.base_acc, 4), "images": len(gate.y)}
+    keys = step_keys(step, manifest)
+    try:
+        note = check_base(gate.base_acc, len(dataset.class_names), len(gate.y), r)
+    except NearChance as exc:
+        # measured against a classifier that is itself wrong, every defense would "pass" (0.0 vs
+        # 0.0): the step's defenses are recorded unusable (the manifest may be saved) and the build stops
+        q["base"]["reason"] = str(exc)
+        for key in keys:
+            q["defenses"][key] = {"usable": False, "passes": False, "reason": str(exc), "pipeline": gated(key)}
+        raise
+    if note:
+        q["base"]["reason"] = note
+    for name, rec in list((q.get("pipelines") or {}).items()):
+        if set(rec.get("keys", [])) & set(keys):
+            del q["pipelines"][name]
+    for key in keys:
+        q["defenses"][key] = gate.score(gated(key), f"quality gate {key}", r)
+
+
+@torch.no_grad()
+def measure_pipelines(bundle_path: Any, manifest: dict[str, Any], dataset: Any, preset: str,
+                      options: dict[str, Any], device: torch.device, config: str | None = None,
+                      trusted_imports: tuple[str, ...] = ()) -> None:
+    """The served compositions, each as a whole: every pipeline of the service's configuration
+    (the packaged one, with `config` merged over it: the file the bundle will be served with)
+    that composes two or more trained defenses, all of them measured and usable on this bundle,
+    is run on the gate's images like a single defense and recorded in `quality.pipelines` (its
+    name -> the record, with its defense list). The service matches a served pipeline to a
+    record by its defense list (models.bundle.Bundle.composition); one not measured is bounded
+    from its parts' verdicts where that is sound, and otherwise not served where the gate is
+    enforced. Only what is missing is measured: `measure` drops the records of a step it measures again."""
+    from models.bundle import Bundle, TRAINED_DEFENSES, canonical_defenses, defense_key, defense_name
     from service.settings import load_settings
 
     r = recipe(preset, **options)
     if r.images <= 0:
         return
     q = _section(manifest, r)
+    done = q.setdefault("pipelines", {})
     bundle = Bundle.load(bundle_path, trusted_imports=trusted_imports)
-    base = bundle.classifier(device)
-    settings = load_settings(None, bundle=str(bundle_path))
-    env = DefenseEnv(bundle=bundle, classifier=base, device=device, settings=settings)
-    x, y = _gate_images(dataset, r, device)
-    base_acc = float((base(x).argmax(1) == y).float().mean())
-    q["base"] = {"val_accuracy": round(base_acc, 4), "images": len(y)}
-    # a drop within max_accuracy_drop is only seen on at least 2 / max_accuracy_drop images (100
-    # at 0.02: two images' worth): on a small validation split (2 images of imbalanced data, one
-    # per class) a defense that cost half the accuracy still "passed"
-    least = math.ceil(2 / r.max_accuracy_drop - 1e-9) if r.max_accuracy_drop > 0 else 0
-    too_few = (f"measured on only {len(y)} validation images, fewer than the {least} a drop within "
-               f"{r.max_accuracy_drop:.2f} needs (one image is {1 / max(1, len(y)):.4f}): give more validation "
-               f"images (x_val/y_val) or a larger quality.max_accuracy_drop") if len(y) < least else None
-    try:
-        note = check_base(base_acc, len(dataset.class_names), len(y), r)
-    except NearChance as exc:
-        # measured against a classifier that is itself wrong, every defense would "pass" (0.0 vs
-        # 0.0): the step's defenses are recorded unusable (the manifest may be saved) and the build stops
-        q["base"]["reason"] = str(exc)
-        for key in STEP_KEYS.get(step, []):
-            q["defenses"][key] = {"usable": False, "passes": False, "reason": str(exc), "pipeline": GATED[key]}
-        raise
-    if note:
-        q["base"]["reason"] = note
-    for key in STEP_KEYS.get(step, []):
-        entries = GATED[key]
+    wanted: dict[str, list[Any]] = {}
+    for name, cfg in load_settings(config, bundle=str(bundle_path)).pipelines.items():
+        entries = cfg.model_dump().get("defenses", []) or []
+        keys = [defense_key(e) for e in entries]
+        trained = [k for k in keys if defense_name(k) in TRAINED_DEFENSES]
+        if len(trained) < 2 or any(bundle.unusable(k) is not None for k in trained):
+            continue  # a single defense's verdict is the pipeline's; an unusable part is refused anyway
+        if any(canonical_defenses(rec.get("defenses")) == canonical_defenses(entries) for rec in done.values()):
+            continue
+        wanted[name] = entries
+    if not wanted:
+        return
+    gate = _Gate.open(bundle_path, dataset, r, device, trusted_imports)
+    for name, entries in wanted.items():
+        record = gate.score(entries, f"quality gate pipeline {name}", r)
+        record.pop("pipeline", None)
+        keys = [defense_key(e) for e in entries]
+        done[name] = {**record, "defenses": entries, "keys": keys}
+
+
+@dataclass
+class _Gate:
+    """The gate's images and the base classifier's accuracy on them, and how one pipeline is scored."""
+
+    env: Any
+    x: torch.Tensor
+    y: torch.Tensor
+    base_acc: float
+    too_few: str | None
+    device: torch.device
+
+    @classmethod
+    def open(cls, bundle_path: Any, dataset: Any, r: QualityRecipe, device: torch.device,
+             trusted_imports: tuple[str, ...]) -> "_Gate":
+        from models.bundle import Bundle
+        from service.defenses.base import DefenseEnv
+        from service.settings import load_settings
+
+        bundle = Bundle.load(bundle_path, trusted_imports=trusted_imports)
+        base = bundle.classifier(device)
+        settings = load_settings(None, bundle=str(bundle_path))
+        env = DefenseEnv(bundle=bundle, classifier=base, device=device, settings=settings)
+        x, y = _gate_images(dataset, r, device)
+        base_acc = float((base(x).argmax(1) == y).float().mean())
+        # a drop within max_accuracy_drop is only seen on at least 2 / max_accuracy_drop images (100
+        # at 0.02: two images' worth): on a small validation split (2 images of imbalanced data, one
+        # per class) a defense that cost half the accuracy still "passed"
+        least = math.ceil(2 / r.max_accuracy_drop - 1e-9) if r.max_accuracy_drop > 0 else 0
+        too_few = (f"measured on only {len(y)} validation images, fewer than the {least} a drop within "
+                   f"{r.max_accuracy_drop:.2f} needs (one image is {1 / max(1, len(y)):.4f}): give more validation "
+                   f"images (x_val/y_val) or a larger quality.max_accuracy_drop") if len(y) < least else None
+        return cls(env, x, y, base_acc, too_few, device)
+
+    def score(self, entries: list[Any], label: str, r: QualityRecipe) -> dict[str, Any]:
+        """Run the pipeline of `entries` on the gate's images; its verdict."""
+        from service.defenses.base import RunContext
+        from service.pipeline import Pipeline
+
+        x, y, base_acc = self.x, self.y, self.base_acc
         started = time.monotonic()
         try:
-            pipe = Pipeline.build(f"quality:{key}", {"defenses": entries}, env)
+            pipe = Pipeline.build(label, {"defenses": entries}, self.env)
             results = []
-            bar = progress(-(-len(x) // 50), f"quality gate {key}")
+            bar = progress(-(-len(x) // 50), label)
             for i in range(0, len(x), 50):
-                results += pipe.run(x[i:i + 50], RunContext(device=device, seed=r.seed + i))
+                results += pipe.run(x[i:i + 50], RunContext(device=self.device, seed=r.seed + i))
                 bar.update(1)
             bar.close()
         except Exception as exc:  # a defense that cannot run on this bundle is not served
-            q["defenses"][key] = {"usable": False, "reason": f"could not run its pipeline: {exc}",
-                                  "pipeline": entries}
-            continue
+            return {"usable": False, "reason": f"could not run its pipeline: {exc}", "pipeline": entries}
         seconds = time.monotonic() - started
-        labels = torch.tensor([-1 if res.label is None else res.label for res in results], device=device)
+        labels = torch.tensor([-1 if res.label is None else res.label for res in results], device=self.device)
         status = [res.status for res in results]
-        right = (torch.tensor([s == "accepted" for s in status], device=device) & (labels == y))
+        right = (torch.tensor([s == "accepted" for s in status], device=self.device) & (labels == y))
         acc = float(right.float().mean())
         record = {
             "val_accuracy": round(acc, 4), "base_val_accuracy": round(base_acc, 4),
@@ -220,7 +317,7 @@ def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any,
             "seconds_per_image": round(seconds / max(1, len(status)), 4), "pipeline": entries,
         }
         within = base_acc - acc <= r.max_accuracy_drop + 1e-9
-        passes = within and too_few is None
+        passes = within and self.too_few is None
         record["passes"] = passes
         record["usable"] = passes or not r.enforce
         record["reason"] = (f"clean validation accuracy {acc:.4f} is within {r.max_accuracy_drop:.2f} of the base "
@@ -228,11 +325,11 @@ def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any,
                             f"clean validation accuracy {acc:.4f} is {base_acc - acc:.4f} below the base "
                             f"classifier's {base_acc:.4f} (more than the {r.max_accuracy_drop:.2f} allowed; "
                             f"rejected {record['rejection_rate']:.4f}, abstained {record['abstention_rate']:.4f})")
-        if within and too_few is not None:
-            record["reason"] += f", but {too_few}"
+        if within and self.too_few is not None:
+            record["reason"] += f", but {self.too_few}"
         if not passes and not r.enforce:
             record["reason"] += "; not enforced (quality.enforce is false: the quick preset)"
-        q["defenses"][key] = record
+        return record
 
 
 MONITOR_CLIENTS = 8
@@ -323,12 +420,16 @@ def _measure_near(x: torch.Tensor, linf: float, history: int, r: QualityRecipe) 
 
 
 def table(manifest: dict[str, Any]) -> str:
-    """The gate's verdicts as a plain-text table (printed at the end of `shieldserve train`)."""
+    """The gate's verdicts as a plain-text table (printed at the end of `shieldserve train`): each
+    defense, then each composition measured whole (`pipeline NAME`)."""
+    from models.bundle import defense_name
+
     q = manifest.get("quality", {})
     base = q.get("base", {})
     steps = {s["step"]: s.get("seconds") for s in manifest.get("build", {}).get("steps", [])}
     rows = [("defense", "clean acc", "base acc", "rejected", "abstained", "step s", "gate s", "verdict")]
-    for key, d in q.get("defenses", {}).items():
+    measured = [*q.get("defenses", {}).items(), *((f"pipeline {n}", d) for n, d in (q.get("pipelines") or {}).items())]
+    for key, d in measured:
         def f(v: Any) -> str:
             return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
         verdict = ("usable" if d.get("passes", d.get("usable")) else
@@ -337,7 +438,7 @@ def table(manifest: dict[str, Any]) -> str:
             return "-" if v is None else f"{v:.1f}"
         rows.append((key, f(d.get("val_accuracy")), f(d.get("base_val_accuracy", base.get("val_accuracy"))),
                      f(d.get("rejection_rate", d.get("flag_rate", d.get("near_rate")))), f(d.get("abstention_rate")),
-                     sec(steps.get(key.partition(":")[0])), sec(d.get("seconds")), verdict))
+                     sec(steps.get(defense_name(key))), sec(d.get("seconds")), verdict))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
     head = (f"quality gate: {base.get('images', '?')} validation images; a defense more than "

@@ -1,0 +1,182 @@
+"""The quality gate speaks for what is served (team rule: never silently wrong): a smoothing
+pipeline at a noise level the gate did not measure gets no other sigma's verdict, and a
+pipeline composing two trained defenses is judged as a whole: measured by the gate, else
+bounded from its parts' verdicts where that is sound, else not served where the gate is
+enforced (models.bundle.Bundle.composition, models.recipes.quality.measure_pipelines)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.bundle import Bundle, defense_key, defense_name
+
+MAGNET = {"defense": "magnet", "reform": False}
+SMOOTH = {"defense": "smoothing", "sigma": 0.5, "target_radius": 0.5}
+
+
+def _verdict(drop: float, base: float = 1.0) -> dict:
+    return {"usable": True, "passes": drop <= 0.02, "val_accuracy": round(base - drop, 4), "base_val_accuracy": base,
+            "accuracy_drop": drop, "images": 300, "reason": "measured"}
+
+
+def _bundle(quick_bundle: Path, tmp_path: Path, defenses: dict, enforce: bool = True,
+            pipelines: dict | None = None) -> Path:
+    """The quick bundle with a quality section of these verdicts (every other gated key passes).
+    The section is not part of the bundle's hashed version, so the copy still verifies."""
+    from models.recipes.quality import GATED
+
+    out = tmp_path / "b"
+    shutil.copytree(quick_bundle, out)
+    m = json.loads((out / "manifest.json").read_text())
+    verdicts = {key: _verdict(0.0) for key in GATED}
+    verdicts.update(defenses)
+    m["quality"] = {"enforce": enforce, "max_accuracy_drop": 0.02, "images": 300, "defenses": verdicts}
+    if pipelines is not None:
+        m["quality"]["pipelines"] = pipelines
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def _serve(bundle: Path, tmp_path: Path, pipelines: dict, caplog) -> tuple[dict, list[str]]:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(json.dumps({"default_pipeline": "baseline", "pipelines": pipelines}))  # JSON is YAML
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shieldserve"):
+        with TestClient(create_app(load_settings(str(config), bundle=str(bundle), warmup=False))) as client:
+            body = client.get("/pipelines").json()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "shieldserve"]
+    return body, warnings
+
+
+def test_each_smoothing_sigma_is_a_key_of_its_own() -> None:
+    # the packaged configuration's: their verdicts keep their keys
+    assert defense_key(SMOOTH) == "smoothing"
+    assert defense_key({"defense": "smoothing", "sigma": 0.25, "denoiser": True}) == "smoothing:denoised"
+    # any other sigma, the build's default (0.25) included, is not measured by those
+    assert defense_key({"defense": "smoothing"}) == "smoothing@0.25"
+    assert defense_key({"defense": "smoothing", "sigma": 1}) == "smoothing@1"
+    assert defense_key({"defense": "smoothing", "sigma": 0.5, "denoiser": True}) == "smoothing:denoised@0.5"
+    assert defense_name("smoothing:denoised@0.5") == defense_name("smoothing@1") == "smoothing"
+    assert defense_key("magnet") == "magnet:reformer" and defense_key(MAGNET) == "magnet"
+
+
+def test_the_gate_measures_every_sigma_the_bundle_has() -> None:
+    from models.recipes.quality import gated, step_keys
+
+    manifest = {"defenses": {"smoothing": {"classifiers": {"0.25": {}, "0.5": {}}, "denoisers": {"0.25": {}, "0.5": {}}}}}
+    keys = step_keys("smoothing", manifest)
+    assert sorted(keys) == ["smoothing", "smoothing:denoised", "smoothing:denoised@0.5", "smoothing@0.25"]
+    for key in keys:  # each measured as the pipeline its key stands for
+        [entry] = gated(key)
+        assert defense_key(entry) == key
+    assert step_keys("magnet", manifest) == ["magnet", "magnet:reformer"]
+
+
+def test_a_sigma_the_gate_did_not_measure_is_not_served(quick_bundle, tmp_path, caplog) -> None:
+    """Before, `{defense: smoothing}` (sigma 0.25) was served on the verdict measured at 0.5."""
+    bundle = _bundle(quick_bundle, tmp_path, {})
+    body, _ = _serve(bundle, tmp_path, {"baseline": {"defenses": []}, "low": {"defenses": [{"defense": "smoothing"}]},
+                                        "served": {"defenses": [SMOOTH]}}, caplog)
+    assert "smoothing@0.25" in body["unavailable"]["low"] and "--steps quality" in body["unavailable"]["low"]
+    assert "served" not in body["unavailable"]
+
+
+def test_a_composition_within_its_parts_bound_is_served(quick_bundle, tmp_path, caplog) -> None:
+    bundle = _bundle(quick_bundle, tmp_path, {"magnet": _verdict(0.007), "smoothing": _verdict(0.007)})
+    verdict = Bundle.load(bundle).composition([MAGNET, SMOOTH])
+    assert verdict["how"] == "bound" and verdict["passes"] is True and verdict["accuracy_drop_bound"] == 0.014
+    body, warnings = _serve(bundle, tmp_path, {"baseline": {"defenses": []}, "both": {"defenses": [MAGNET, SMOOTH]}},
+                            caplog)
+    pipes = {p["name"]: p for p in body["pipelines"]}
+    assert pipes["both"]["quality"] == "passed" and not warnings
+
+
+def test_two_parts_that_pass_alone_but_not_together_are_refused(quick_bundle, tmp_path, caplog) -> None:
+    # each within 0.02; together at most 0.03 + the base classifier's error (0.01): not shown to be within
+    bundle = _bundle(quick_bundle, tmp_path, {"magnet": _verdict(0.015, base=0.99), "smoothing": _verdict(0.015, base=0.99)})
+    verdict = Bundle.load(bundle).composition([MAGNET, SMOOTH])
+    assert verdict["passes"] is False and verdict["usable"] is False
+    assert verdict["accuracy_drop_bound"] == pytest.approx(0.04)
+    body, _ = _serve(bundle, tmp_path, {"baseline": {"defenses": []}, "both": {"defenses": [MAGNET, SMOOTH]},
+                                        "alone": {"defenses": [SMOOTH]}}, caplog)
+    why = body["unavailable"]["both"]
+    assert "magnet + smoothing" in why and "0.0400" in why and "--config" in why
+    assert "alone" not in body["unavailable"]
+    # measured whole by the gate, the measurement decides
+    measured = {"both": {**_verdict(0.01, base=0.99), "defenses": [MAGNET, SMOOTH], "keys": ["magnet", "smoothing"]}}
+    bundle2 = _bundle(quick_bundle, tmp_path / "2", {"magnet": _verdict(0.015, base=0.99),
+                                                     "smoothing": _verdict(0.015, base=0.99)}, pipelines=measured)
+    body, _ = _serve(bundle2, tmp_path, {"baseline": {"defenses": []}, "mine": {"defenses": [MAGNET, SMOOTH]}}, caplog)
+    assert "mine" not in body["unavailable"]
+    assert {p["name"]: p for p in body["pipelines"]}["mine"]["quality"] == "passed"
+
+
+def test_a_composition_measured_below_the_gate_is_refused_however_its_parts_did(quick_bundle, tmp_path, caplog) -> None:
+    measured = {"default": {**_verdict(0.05), "passes": False, "usable": False,
+                            "reason": "clean validation accuracy 0.9500 is 0.0500 below", "defenses": [MAGNET, SMOOTH],
+                            "keys": ["magnet", "smoothing"]}}
+    bundle = _bundle(quick_bundle, tmp_path, {}, pipelines=measured)
+    body, _ = _serve(bundle, tmp_path, {"baseline": {"defenses": []}, "both": {"defenses": [MAGNET, SMOOTH]}}, caplog)
+    assert "0.0500 below" in body["unavailable"]["both"]
+
+
+def test_a_part_that_changes_the_image_bounds_nothing(quick_bundle, tmp_path, caplog) -> None:
+    """MagNet's reformer before smoothing: smoothing's verdict was on clean images, not reformed
+    ones. Enforced: not served until measured; not enforced: served, saying so."""
+    reformed = [{"defense": "magnet", "reform": True}, SMOOTH]
+    bundle = _bundle(quick_bundle, tmp_path, {})
+    body, _ = _serve(bundle, tmp_path, {"baseline": {"defenses": []}, "reformed": {"defenses": reformed}}, caplog)
+    assert "not measured the composition magnet:reformer + smoothing" in body["unavailable"]["reformed"]
+    loose = _bundle(quick_bundle, tmp_path / "loose", {}, enforce=False)
+    body, warnings = _serve(loose, tmp_path, {"baseline": {"defenses": []}, "reformed": {"defenses": reformed}}, caplog)
+    pipes = {p["name"]: p for p in body["pipelines"]}
+    assert pipes["reformed"]["quality"] == "unmeasured"
+    [line] = [w for w in warnings if w.startswith("pipeline reformed ")]
+    assert "as a whole" in line and "\n" not in line
+
+
+def test_the_gate_measures_the_served_compositions(quick_bundle, mnist, tmp_path) -> None:
+    """measure_pipelines runs the packaged `default` (MagNet detection + smoothing) as a whole,
+    and a config's own composition; measuring a step again drops the records that used it."""
+    from models.recipes import quality
+
+    out = tmp_path / "b"
+    shutil.copytree(quick_bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    config = tmp_path / "mine.yaml"
+    config.write_text(json.dumps({"pipelines": {"mine": {"defenses": ["squeeze", MAGNET]}}}))
+    options = {"images": 20, "max_accuracy_drop": 0.1}
+    quality.measure_pipelines(out, manifest, mnist, "quick", options, torch.device("cpu"), config=str(config))
+    done = manifest["quality"]["pipelines"]
+    assert set(done) == {"default", "mine"}, done
+    assert done["default"]["keys"] == ["magnet", "smoothing"] and done["default"]["images"] == 20
+    assert done["mine"]["defenses"] == ["squeeze", MAGNET]
+    for rec in done.values():
+        assert 0.0 <= rec["val_accuracy"] <= 1.0 and isinstance(rec["passes"], bool) and rec["reason"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert Bundle.load(out).composition(["squeeze", MAGNET])["how"] == "measured"
+    # measuring squeeze again drops the record that measured the old squeeze (`mine`), not `default`
+    quality.measure(out, manifest, "squeeze", mnist, "quick", options, torch.device("cpu"))
+    assert set(manifest["quality"]["pipelines"]) == {"default"}
+    assert "pipeline default" in quality.table(manifest)
+
+
+def test_train_refuses_a_config_that_does_not_load_before_training(tmp_path) -> None:
+    from models.train import build_bundle
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pipelines: [1, 2")
+    with pytest.raises(Exception) as info:
+        build_bundle(tmp_path / "never", preset="quick", config=str(bad))
+    assert not (tmp_path / "never" / "manifest.json").exists(), info.value
