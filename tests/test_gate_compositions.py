@@ -180,3 +180,27 @@ def test_train_refuses_a_config_that_does_not_load_before_training(tmp_path) -> 
     with pytest.raises(Exception) as info:
         build_bundle(tmp_path / "never", preset="quick", config=str(bad))
     assert not (tmp_path / "never" / "manifest.json").exists(), info.value
+
+
+def test_certify_refuses_a_sigma_the_gate_found_unusable(quick_bundle, mnist, tmp_path, caplog) -> None:
+    """/certify's sigma= picks a network of the pipeline's: one the gate refused is not served there."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import load_settings
+    from tests.conftest import png
+
+    bad = {**_verdict(0.0233), "passes": False, "usable": False,
+           "reason": "clean validation accuracy 0.9767 is 0.0233 below the base classifier's 1.0000"}
+    bundle = _bundle(quick_bundle, tmp_path, {"smoothing:denoised@0.5": bad, "smoothing@0.25": _verdict(0.0)})
+    body = png(mnist.test.x[0])
+    with TestClient(create_app(load_settings(None, bundle=str(bundle), warmup=False))) as client:
+        r = client.post("/certify?pipeline=denoised&sigma=0.5&n=20&n0=5", content=body,
+                        headers={"Content-Type": "image/png"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", r.text
+        assert "sigma=0.5 is not served on pipeline 'denoised'" in r.json()["error"]["message"]
+        assert "0.0233 below" in r.json()["error"]["message"]
+        for pipeline, sigma in (("denoised", 0.25), ("smoothing", 0.25), ("smoothing", 0.5)):
+            r = client.post(f"/certify?pipeline={pipeline}&sigma={sigma}&n=20&n0=5", content=body,
+                            headers={"Content-Type": "image/png"})
+            assert r.status_code == 200, (pipeline, sigma, r.text)

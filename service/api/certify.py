@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
+from models.bundle import defense_key
 from service.api.clients import client_of
 from service.api.errors import ApiError
 from service.api.predict import (
@@ -92,6 +93,13 @@ def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int 
     if sigma not in decider.sigmas:  # type: ignore[attr-defined]
         raise ApiError(422, "invalid_parameter", f"sigma={sigma:g} is not available on pipeline {name!r}; "
                        f"choose from {[float(s) for s in decider.sigmas]}")  # type: ignore[attr-defined]
+    # each sigma's network has its own quality-gate verdict (models.bundle.defense_key): one the
+    # gate found ruins clean accuracy, or did not measure where it is enforced, is not served here
+    # either (the pipeline's own sigma passed it, or the pipeline would not be served)
+    unusable = runtime.bundle.unusable(defense_key({"defense": "smoothing", "sigma": sigma,
+                                                    "denoiser": bool(getattr(decider, "use_denoiser", False))}))
+    if unusable is not None:
+        raise ApiError(422, "invalid_parameter", f"sigma={sigma:g} is not served on pipeline {name!r}: {unusable}")
     opts: dict[str, Any] = {"sigma": sigma, "n": n, "n0": n0, "alpha": cfg.alpha if alpha is None else alpha}
     if radius is not None:
         opts["radius"] = radius
