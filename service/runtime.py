@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +110,12 @@ class Runtime:
             for p in self.pipelines.values():
                 if p.monitor is not None:
                     p.monitor = replace(p.monitor, suspect_linf=0.0)
+        values = math.prod(self.input_spec.shape)
+        if any(p.monitor for p in self.pipelines.values()) and settings.query_monitor.window > values:
+            # it hashes windows of the flattened image: every monitored request would be a 500
+            raise PipelineConfigError(f"query_monitor.window ({settings.query_monitor.window}) is larger than this "
+                                      f"bundle's images ({values} values): lower it, or turn the monitor off "
+                                      f"(query_monitor: false on each pipeline)")
         self.metrics = Metrics(shared_monitor=settings.query_monitor.store == "redis")
         self.monitor = self._build_monitor() if any(p.monitor for p in self.pipelines.values()) else None
         # Inference runs off the event loop, on the compute thread: each pipeline's batcher

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 PACKAGED_CONFIG = Path(__file__).with_name("default_config.yaml")
@@ -148,6 +148,16 @@ class CertifyConfig(Section):
         "memory", description="memory: per process; redis: shared by every replica (GET /certify on any)")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="the Redis of store=redis",
                            repr=False)  # may hold a password
+
+    @model_validator(mode="after")
+    def _defaults_within_maxima(self) -> "CertifyConfig":
+        # a default above its maximum refused every /certify sent without n= (or n0=), naming a
+        # parameter the client never sent
+        for default, maximum in (("default_n", "max_n"), ("default_n0", "max_n0")):
+            if getattr(self, default) > getattr(self, maximum):
+                raise ValueError(f"certify.{default} ({getattr(self, default)}) is above certify.{maximum} "
+                                 f"({getattr(self, maximum)})")
+        return self
     redis_prefix: str = Field("shieldserve:", description="prefix of every key store=redis writes")
 
 
@@ -255,6 +265,16 @@ class Settings(BaseSettings):
 
             return "cuda" if torch.cuda.is_available() else "cpu"
         return v
+
+    @model_validator(mode="after")
+    def _a_request_fits_the_queue(self) -> "Settings":
+        # a request of more images than a pipeline queues was answered 503 `overloaded` with
+        # Retry-After even on an idle replica: a retry that can never succeed
+        if self.batching.max_queue < self.limits.max_images_per_request:
+            raise ValueError(f"batching.max_queue ({self.batching.max_queue}) is below "
+                             f"limits.max_images_per_request ({self.limits.max_images_per_request}): a request of "
+                             f"that many images could never be queued")
+        return self
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -171,7 +171,8 @@ def test_full_queue_answers_503_overloaded_with_retry_after(quick_bundle, mnist)
 
     app = create_app(load_settings(bundle=quick_bundle, warmup=False,
                                    batching={"max_batch_size": 1, "max_delay_ms": 0, "max_queue": 2,
-                                             "retry_after_s": 3}))
+                                             "retry_after_s": 3},
+                                   limits={"max_images_per_request": 2}))  # at most the queue (Settings)
     images = [png(x) for x in mnist.test.x[:40]]
 
     async def go():
@@ -355,3 +356,14 @@ def test_metrics_are_collected_off_the_event_loop(quick_bundle):
     health, seconds, scrape = asyncio.run(go())
     assert health.status_code == 200 and scrape.status_code == 200
     assert seconds < 1.5, seconds  # /healthz answered while the scrape was still collecting
+
+
+def test_an_unknown_pipeline_is_named_cut_short(make_client, mnist) -> None:
+    """The 404 quotes the client's pipeline name cut to 80 characters (as /v2 does), not whole."""
+    client = make_client(warmup=False)
+    long = "p" * 5000
+    for r in (client.post(f"/predict?pipeline={long}", content=png(mnist.test.x[0]),
+                          headers={"content-type": "image/png"}),
+              client.get(f"/certify?pipeline={long}&image_sha256={'0' * 64}")):
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_pipeline", r.text
+        assert len(r.text) < 600 and "ppp..." in r.json()["error"]["message"]

@@ -587,3 +587,22 @@ def test_the_gate_refuses_a_base_classifier_near_chance(tmp_path: Path, digits: 
     quick = quality.recipe("quick", images=16)
     assert "not enforced" in quality.check_base(0.05, 10, 16, quick)
     assert quality.check_base(0.5, 10, 16, quick) is None
+
+
+def test_float_pixels_a_rounding_step_past_one_are_clipped_further_ones_refused(tmp_path: Path) -> None:
+    """RANGE_TOLERANCE: 1 + 9e-6 (a float64 -> float32 division's rounding) is clipped to 1; 1 + 2e-5
+    is another range, refused with a message that shows it (four digits printed it as "1")."""
+    from models.datasets import load_dataset
+
+    f = np.load(_digits_npz(tmp_path / "d.npz"))
+    for excess, ok in ((9e-6, True), (2e-5, False)):
+        data = {k: f[k] for k in f.files}
+        data["x_train"] = data["x_train"].astype(np.float64)
+        data["x_train"][0, 0, 0, 0] = 1.0 + excess
+        path = tmp_path / f"x{excess}.npz"
+        np.savez(path, **data)
+        if ok:
+            assert float(load_dataset(f"npz:{path}").train.x.max()) == 1.0
+        else:
+            with pytest.raises(ValueError, match=r"span \[0, 1\.00002\] but must be in \[0, 1\]"):
+                load_dataset(f"npz:{path}")

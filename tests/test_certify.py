@@ -124,6 +124,14 @@ def test_get_certify_after_predict_and_errors(make_client, digits) -> None:
         r = client.post(f"/certify?radius={bad}", content=body, headers=PNG)
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", bad
     assert client.get(f"/certify?image_sha256={digest}&sigma=0.3").status_code == 422
+    # the lower bounds and the seed's range, on GET and POST
+    for bad in ("n=0", "n0=0", "sigma=0", "sigma=-1", "seed=-1", f"seed={2**63}"):
+        r = client.get(f"/certify?image_sha256={digest}&{bad}")
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", bad
+        r = client.post(f"/certify?{bad}", content=body, headers=PNG)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", bad
+    two = client.post("/certify", files=[("file", ("a.png", body, "image/png")), ("file", ("b.png", body, "image/png"))])
+    assert two.status_code == 422 and "one image" in two.json()["error"]["message"], two.text
     assert client.get(f"/certify?image_sha256={digest}&pipeline=baseline").status_code == 422
     assert client.get(f"/certify?image_sha256={digest}&pipeline=nope").status_code == 404
     assert client.get("/certify?image_sha256=xyz").status_code == 422

@@ -274,6 +274,7 @@ BAD_REQUESTS = {
     "bad shape": _json_input(shape=[1, 3, 28, 28], data=[0.5] * 784 * 3),
     "two inputs": {"inputs": [_json_input()["inputs"][0], {**_json_input()["inputs"][0], "name": "other"}]},
     "no inputs": {"inputs": []},
+    "zero images": _json_input(shape=[0, 1, 28, 28], data=[]),
     "wrong input name": _json_input(name="image"),
     "missing data": {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32"}]},
     "unknown output": {**_json_input(), "outputs": [{"name": "logits"}]},
@@ -509,6 +510,8 @@ def test_the_timeout_parameter_shortens_the_deadline_and_is_checked(client):
     body = _json_input()
     assert _post_raw(client, json.dumps({**body, "parameters": {"timeout": 60_000_000}}).encode()).status_code == 200
     assert _post_raw(client, json.dumps({**body, "parameters": {"timeout": 10**12}}).encode()).status_code == 200
+    # an integer too large for a float (JSON allows it; the parser reads it exactly) was a 500
+    assert _post_raw(client, json.dumps({**body, "parameters": {"timeout": 10**309}}).encode()).status_code == 200
     r = _post_raw(client, json.dumps({**body, "parameters": {"timeout": 1}}).encode())
     assert r.status_code == 504 and set(r.json()) == {"error"}, r.text
     for bad in (0, -5, 1.5, "1000", True):

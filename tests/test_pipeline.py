@@ -79,3 +79,50 @@ def test_unknown_defense_fails_at_start_up(quick_bundle):
         create_app(load_settings(bundle=quick_bundle, pipelines={"x": {"defenses": ["nonexistent"]}}))
     with pytest.raises(PipelineConfigError, match="default_pipeline"):
         create_app(load_settings(bundle=quick_bundle, default_pipeline="missing"))
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"defense": "smoothing", "sigma": 0.5, "target_radius": 11}, "target_radius must be in"),
+    ({"defense": "smoothing", "sigma": 0.5, "alpha": 0.999}, r"alpha must be in \[1e-12, 0.5\)"),
+    ({"defense": "smoothing", "sigma": 0.5, "alpha": 0.5}, r"alpha must be in \[1e-12, 0.5\)"),
+    ({"defense": "smoothing", "sigma": 0.5, "alpha": 1e-13}, "alpha must be in"),
+    ({"defense": "smoothing", "sigma": 0.5, "n": 0}, "n >= 1"),
+    ({"defense": "smoothing", "sigma": 0.3}, "sigma 0.3: the bundle has"),
+    ({"defense": "rmc", "k": 0}, "rmc"),
+    ({"defense": "rmc", "lr": 0}, "rmc"),
+    ({"defense": "rmc", "patience": 0}, "rmc"),
+])
+def test_a_defense_option_past_its_bound_refuses_start_up(quick_bundle, entry, message):
+    """Each bound on a pipeline's defense options is a start-up error naming the pipeline, not a
+    wrong answer later (a pipeline alpha of 0.999 "certified" radius 0.69 after 16 samples)."""
+    from service.app import create_app
+    from service.settings import load_settings
+
+    with pytest.raises(PipelineConfigError, match=message) as info:
+        create_app(load_settings(bundle=quick_bundle, warmup=False, pipelines={"x": {"defenses": [entry]}}))
+    assert "pipeline 'x'" in str(info.value)
+
+
+def test_a_pipeline_alpha_inside_the_bounds_starts(quick_bundle):
+    from service.app import create_app
+    from service.settings import load_settings
+
+    for alpha in (1e-12, 0.499):
+        create_app(load_settings(bundle=quick_bundle, warmup=False, pipelines={
+            "x": {"defenses": [{"defense": "smoothing", "sigma": 0.5, "alpha": alpha}]}}))
+
+
+def test_a_monitor_window_larger_than_the_images_refuses_start_up(quick_bundle):
+    """It hashes windows of the flattened image: a window past its 784 values made every
+    monitored request a 500 while /readyz said ready."""
+    from service.app import create_app
+    from service.settings import load_settings
+
+    with pytest.raises(PipelineConfigError, match=r"query_monitor.window \(785\) is larger than this bundle's images "
+                                                  r"\(784 values\)"):
+        create_app(load_settings(bundle=quick_bundle, warmup=False, query_monitor={"window": 785}))
+    create_app(load_settings(bundle=quick_bundle, warmup=False, query_monitor={"window": 784}))
+    # no pipeline monitored: nothing to refuse
+    create_app(load_settings(bundle=quick_bundle, warmup=False, query_monitor={"window": 785},
+                             pipelines={name: {"query_monitor": False} for name in ("default", "smoothing", "denoised",
+                                        "robust", "magnet", "neuralfp", "defensegan", "rmc")}))

@@ -544,6 +544,17 @@ def test_policies_from_pipeline_config() -> None:
         policy_from_config("p", {"salt": 1}, d)
     with pytest.raises(ValueError, match="flag, reject or block"):
         policy_from_config("p", {"action": "ban"}, d)
+    # the global policy's bounds and types hold per pipeline too: merged raw, cooldown_s <= 0 or
+    # block_window_s 0 turned blocking off, a threshold "14" made every request a 500
+    for bad, field in (({"cooldown_s": -5}, "cooldown_s"), ({"block_window_s": 0}, "block_window_s"),
+                       ({"threshold": 0}, "threshold"), ({"suspect_threshold": 0}, "suspect_threshold"),
+                       ({"suspect_linf": 1.5}, "suspect_linf"), ({"block_after": "ten"}, "block_after"),
+                       ({"block_after": -1}, "block_after")):
+        with pytest.raises(ValueError, match=f"pipeline 'p': query_monitor: {field}"):
+            policy_from_config("p", bad, d)
+    coerced = policy_from_config("p", {"threshold": "14", "cooldown_s": "60"}, d)
+    assert coerced.threshold == 14 and type(coerced.threshold) is int and coerced.cooldown_s == 60.0
+    assert policy_from_config("p", {"enabled": "no"}, d) is None  # "no" is off, not a truthy string
 
 
 # --------------------------------------------------------------------------- client identity

@@ -104,3 +104,21 @@ def test_the_certify_alpha_setting_has_the_bound_the_api_enforces() -> None:
     for bad in (MIN_ALPHA / 2, 0.5, 0.0):
         with pytest.raises(ValidationError):
             Settings(certify={"alpha": bad})
+
+
+def test_settings_that_would_refuse_every_request_are_refused_at_start() -> None:
+    """certify's defaults above their maxima made every /certify without n= a 422 about an n
+    the client never sent; a queue shorter than the largest request made such a request a 503
+    with Retry-After on an idle replica, forever."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match=r"certify.default_n \(10000\) is above certify.max_n \(5000\)"):
+        Settings(certify={"max_n": 5000})
+    with pytest.raises(ValidationError, match=r"certify.default_n0 \(100\) is above certify.max_n0 \(50\)"):
+        Settings(certify={"max_n0": 50})
+    assert Settings(certify={"max_n": 5000, "default_n": 5000}).certify.max_n == 5000
+    with pytest.raises(ValidationError, match=r"batching.max_queue \(4\) is below limits.max_images_per_request \(64\)"):
+        Settings(batching={"max_queue": 4})
+    assert Settings(batching={"max_queue": 4}, limits={"max_images_per_request": 4}).batching.max_queue == 4

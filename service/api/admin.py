@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, Field
 
 from service.api.clients import forwarded_client, forwarded_for
-from service.api.errors import ApiError
+from service.api.errors import ApiError, echo
 from service.api.schemas import ErrorBody
 
 log = logging.getLogger("shieldserve")
@@ -73,7 +73,7 @@ async def rmc_reset(request: Request,
     runtime = request.app.state.runtime
     if pipeline not in runtime.pipelines:
         raise ApiError(404, "unknown_pipeline",
-                       f"no pipeline {pipeline!r}; configured: {', '.join(sorted(runtime.pipelines))}")
+                       f"no pipeline {echo(pipeline)}; configured: {', '.join(sorted(runtime.pipelines))}")
     adapters = [c for c in runtime.pipelines[pipeline].components
                 if c.role == "adapter" and callable(getattr(c, "reset", None))]
     if not adapters:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from models.bundle import defense_key
 from service.api.clients import client_of
-from service.api.errors import ApiError
+from service.api.errors import ApiError, echo
 from service.api.predict import (
     Deadline, attack_suspected_error, check_uploads, decode_uploads, overloaded_error, read_images,
     remember_images, request_deadline, store_call, tracked,
@@ -79,7 +79,7 @@ def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int 
     cfg = runtime.settings.certify
     name = pipeline or (cfg.pipeline if cfg.pipeline in runtime.pipelines else runtime.settings.default_pipeline)
     if name not in runtime.pipelines:
-        raise ApiError(404, "unknown_pipeline", f"no pipeline {name!r}; configured: {', '.join(sorted(runtime.pipelines))}")
+        raise ApiError(404, "unknown_pipeline", f"no pipeline {echo(name)}; configured: {', '.join(sorted(runtime.pipelines))}")
     decider = runtime.pipelines[name].decider
     if not getattr(decider, "certifies", False):
         raise ApiError(422, "invalid_parameter", f"pipeline {name!r} does not certify; use a smoothing pipeline")

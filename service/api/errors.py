@@ -16,6 +16,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("shieldserve")
 
 
+ECHO_CHARS = 80  # user strings quoted in error messages are cut to this many characters
+
+
+def echo(value: object) -> str:
+    """`value`'s repr cut to ECHO_CHARS, for error messages: an 8 MiB output name once made an
+    8 MB error body."""
+    text = repr(value)
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)

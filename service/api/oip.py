@@ -61,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 import service
 from service.api.clients import client_of
-from service.api.errors import ApiError
+from service.api.errors import ApiError, echo
 from service.api.predict import Deadline, within_deadline, infer_decoded, outcome_of, request_deadline, tracked
 from service.api.render import render
 from service.pipeline import ImageResult
@@ -97,7 +97,6 @@ MAX_ID_CHARS = 256  # the id is echoed in the response
 # generous, as it only has to bound the parse (2 MB for 64 digits: ~20 ms of parsing).
 JSON_BYTES_PER_VALUE = 40
 JSON_SLACK_BYTES = 64 * 1024  # the rest of the request: names, parameters, outputs, whitespace
-ECHO_CHARS = 80  # user strings quoted in error messages are cut to this many characters
 # Members of a gzip body inflated at most. Each one's `unused_data` is a copy of the rest of the
 # body, so 8 MiB of 20-byte empty members was quadratic (minutes); clients send one.
 MAX_GZIP_MEMBERS = 16
@@ -260,11 +259,7 @@ def _bad(message: str) -> ApiError:
     return ApiError(400, "bad_request", message)
 
 
-def _echo(value: Any) -> str:
-    """`value`'s repr cut to ECHO_CHARS, for error messages: an 8 MiB output name once made an
-    8 MB error body."""
-    text = repr(value)
-    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
+_echo = echo
 
 
 def _max_json_bytes(rt: Runtime) -> int:
@@ -420,7 +415,7 @@ def _input_batch(req: InferRequest, rt: Runtime) -> int:
         what = "unsupported" if datatype in _KNOWN_DTYPES else "unknown"
         raise _bad(f"{what} input datatype {_echo(datatype)}; accepted: FP32, FP64, FP16, or UINT8 (0..255)")
     if any(d < 0 for d in inp.shape):
-        raise _bad(f"input shape {inp.shape} has a negative dimension")
+        raise _bad(f"input shape {_echo(inp.shape)} has a negative dimension")
     c, h, w = rt.input_spec.shape
     batch = _image_batch_shape(inp.shape, (c, h, w))
     max_images = rt.settings.limits.max_images_per_request
@@ -428,7 +423,7 @@ def _input_batch(req: InferRequest, rt: Runtime) -> int:
         raise _bad("the input holds no image (batch size 0)")
     if batch > max_images:
         raise ApiError(413, "payload_too_large",
-                       f"the request holds {batch} images; the limit is {max_images} per request")
+                       f"the request holds {_echo(batch)} images; the limit is {max_images} per request")
     return batch
 
 
@@ -647,9 +642,9 @@ def _with_timeout_parameter(deadline: Deadline, parameters: dict[str, Any] | Non
         return deadline
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _bad(f"parameters.timeout must be a positive integer of microseconds, got {_echo(value)}")
-    seconds = value / 1e6
-    if seconds >= deadline.seconds:
+    if value >= deadline.seconds * 1e6:  # compared before dividing: a 310-digit int has no float
         return deadline
+    seconds = value / 1e6
     return Deadline(deadline.at - deadline.seconds + seconds, seconds)
 
 

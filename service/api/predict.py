@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service.api.clients import client_of
-from service.api.errors import ApiError, is_oip
+from service.api.errors import ApiError, echo, is_oip
 from service.api.render import render
 from service.api.schemas import ErrorBody, PredictResponse
 from service.batcher import Overloaded
@@ -329,7 +329,7 @@ def outcome_of(results: list[ImageResult]) -> str:
 def known_pipeline(runtime: Runtime, name: str) -> None:
     if name not in runtime.pipelines:
         raise ApiError(404, "unknown_pipeline",
-                       f"no pipeline {name!r}; configured: {', '.join(sorted(runtime.pipelines))}")
+                       f"no pipeline {echo(name)}; configured: {', '.join(sorted(runtime.pipelines))}")
 
 
 def radius_options(runtime: Runtime, name: str, radius: float | None) -> dict[str, Any] | None:

@@ -859,10 +859,16 @@ def policy_from_config(pipeline: str, value: Any, defaults: MonitorPolicy) -> Mo
     if merged["action"] not in ("flag", "reject", "block"):
         raise ValueError(f"pipeline {pipeline!r}: query_monitor.action must be flag, reject or block, "
                          f"got {merged['action']!r}")
-    if int(merged["threshold"]) < 1 or int(merged["suspect_threshold"]) < 1:
-        raise ValueError(f"pipeline {pipeline!r}: query_monitor.threshold and suspect_threshold must be at least 1")
-    if not 0.0 <= float(merged["suspect_linf"]) <= 1.0:
-        raise ValueError(f"pipeline {pipeline!r}: query_monitor.suspect_linf must be in [0, 1] (0: off), "
-                         f"got {merged['suspect_linf']!r}")
+    from pydantic import ValidationError
+
+    from service.settings import MonitorPolicyConfig
+
+    # the same bounds and types as the global policy (settings.MonitorPolicyConfig): merged raw, a
+    # threshold "14" stayed a string (every request a 500), cooldown_s <= 0 turned blocking off
+    try:
+        merged = MonitorPolicyConfig(**merged).model_dump()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"pipeline {pipeline!r}: query_monitor: {problems}") from None
     policy = MonitorPolicy(**merged)
     return policy if policy.enabled else None

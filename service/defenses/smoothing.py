@@ -918,9 +918,10 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
             raise ValueError(f"target_radius must be in [0, {MAX_RADIUS:g}] or null, got {target_radius:g}")
     alpha = float(options.get("alpha", _setting(env, "alpha", 0.001)))
     for name, value in (("alpha", alpha), ("certify.alpha", float(_setting(env, "alpha", 0.001)))):
-        if not MIN_ALPHA <= value < 1:
-            raise ValueError(f"{name} must be in [{MIN_ALPHA:g}, 1), got {value:g} (scipy's Clopper-Pearson "
-                             "bounds are not reliable far below it)")
+        if not MIN_ALPHA <= value < 0.5:  # the bounds of certify.alpha and /certify's alpha=
+            raise ValueError(f"{name} must be in [{MIN_ALPHA:g}, 0.5), got {value:g} (scipy's Clopper-Pearson "
+                             "bounds are not reliable below it; a certificate at 0.5 or more holds less often "
+                             "than not)")
     batch_size = int(options.get("batch_size", _setting(env, "batch_size", 8000)))
     forward_batch = int(options.get("forward_batch", 1000))
     if not (n >= 1 and n0 >= (1 if target_radius is None else 0) and batch_size >= 1 and forward_batch >= 1 and 0 < alpha < 1):
