@@ -500,8 +500,9 @@ class Bundle:
         Else bounded where that is sound: every part but the last only detects (DETECTOR_KEYS:
         it changes no image), so the pipeline answers wrongly only where one part alone did, and
         its accuracy drop is at most the parts' drops plus the base classifier's own error once
-        for each part past the first (every part's errors include it). A part that changes the
-        image before another (a reformer, a projection) bounds nothing: unmeasured.
+        for each part past the first (every part's errors include it); for a randomized part
+        (smoothing) up to its sampling noise. A part that changes the image before another (a
+        reformer, a projection) bounds nothing: unmeasured.
 
         Returns {"passes": True | False | None, "usable": bool, "how": "measured" | "bound" |
         "unmeasured", "accuracy_drop" or "accuracy_drop_bound", "reason"}."""
