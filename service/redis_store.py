@@ -8,15 +8,19 @@ Keys (the prefix is `certify.redis_prefix`, "shieldserve:" by default; no key ho
                                                   own (service.store.image_key), never the key
   <prefix>cert:<sha256 of the cache key, JSON>  the certificate, JSON (the cache key holds the
                                                   image's store key: scoped as the image is)
+  <prefix>idx:img:<owner> / idx:cert:<owner>   each owner's entries by the time they were
+                                                  written (a sorted set), for its count bound
 Both expire `store_max_age_s` after they were written (Redis TTL; reading does not extend it).
-Nothing is pickled: a value that does not parse is treated as missing. The count limits
-(`store_max_images`, `store_max_certificates`) are not enforced per key on Redis: bound the
-memory with Redis' own `maxmemory` and `allkeys-lru` (docker-compose.yml does); a limit of 0
-still turns the store off. That LRU is global, not shared fairly between key-holders as
-service.store.MemoryStore's count bound is: with `api_keys`, one tenant's writes can evict
-another's images and certificates under memory pressure (its `GET /certify` then a 404).
-Sizing `maxmemory` for keys x `store_max_images` x image size (about 3 KB a 28x28 digit),
-plus the certificates, keeps Redis off that pressure, so only the TTL forgets an entry.
+Nothing is pickled: a value that does not parse is treated as missing. The count limits hold per
+owner (`service.store.owner_of_key`: each API key-holder, or the one shared store without
+keys): an owner keeps at most `store_max_images` images and `store_max_certificates`
+certificates, its oldest going first, in one server-side script per write (atomic with the
+write, whichever replica makes it). Before, the limits were not enforced on Redis, and with
+`api_keys` one tenant's writes could push Redis into its global `allkeys-lru` eviction and evict
+another tenant's images (its `GET /certify` then a 404). Size Redis' `maxmemory` for owners x
+`store_max_images` x image size (about 3 KB a 28x28 digit), plus the certificates, and keep
+`allkeys-lru` (docker-compose.yml does) as the backstop: then only an owner's own writes and the
+TTL forget its entries. A limit of 0 still turns the store off.
 When Redis cannot be reached, every method raises
 `StoreUnavailable` (503 `store_unavailable`, Retry-After: 1) within about a second.
 """
@@ -35,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.store import StoreUnavailable
+from service.store import StoreUnavailable, owner_of_key
 
 log = logging.getLogger("shieldserve")
 
@@ -129,6 +133,27 @@ def unavailable_errors() -> tuple[type[BaseException], ...]:
     return redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError
 
 
+# KEYS: the entry, its owner's index; ARGV: value, TTL in ms, the owner's cap. The index scores
+# entries by the server's clock in microseconds (one clock for every replica; < 2^53, exact as
+# a score); entries the TTL has removed are dropped from it first, then the oldest beyond the
+# cap are deleted with their index entries. (Keys not in KEYS are deleted: standalone Redis, not Cluster.)
+_BOUNDED_PUT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+redis.call('ZADD', KEYS[2], now, KEYS[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl * 1000)
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+if over > 0 then
+  local old = redis.call('ZPOPMIN', KEYS[2], over)
+  for i = 1, #old, 2 do redis.call('DEL', old[i]) end
+end
+redis.call('PEXPIRE', KEYS[2], ttl)
+return over
+"""
+
+
 class RedisStore:
     """Images and certificates in Redis, expiring after `max_age_s`."""
 
@@ -142,6 +167,7 @@ class RedisStore:
         self.ttl_ms = max(1, int(round(max_age_s * 1000)))
         self.client = client or connect(url, timeout_s)  # a request waits ~timeout_s, then gets a 503
         self._errors = unavailable_errors()
+        self._bounded_put: Any = None  # the registered _BOUNDED_PUT script (at the first write)
 
     # ----------------------------------------------------------------------------- keys
     def image_key(self, digest: str) -> str:
@@ -150,6 +176,16 @@ class RedisStore:
     def certificate_key(self, key: Hashable) -> str:
         text = json.dumps(list(key) if isinstance(key, tuple) else key, sort_keys=True, default=str)
         return f"{self.prefix}cert:{hashlib.sha256(text.encode()).hexdigest()}"
+
+    def _index_key(self, kind: str, owner: str | None) -> str:
+        return f"{self.prefix}idx:{kind}:{'shared' if owner is None else 'owner:' + owner}"
+
+    def _put(self, what: str, kind: str, key: str, owner: str | None, value: bytes | str, cap: int) -> None:
+        """SET key value with the TTL, and keep the owner's `cap` newest entries of `kind`."""
+        script = self._bounded_put
+        if script is None:
+            script = self._bounded_put = self.client.register_script(_BOUNDED_PUT)
+        self._call(what, script, keys=[key, self._index_key(kind, owner)], args=[value, self.ttl_ms, cap])
 
     def _call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -163,7 +199,7 @@ class RedisStore:
     def put_image(self, digest: str, x: torch.Tensor) -> None:
         if self.max_images <= 0:
             return
-        self._call("put_image", self.client.set, self.image_key(digest), encode_tensor(x), px=self.ttl_ms)
+        self._put("put_image", "img", self.image_key(digest), owner_of_key(digest), encode_tensor(x), self.max_images)
 
     def get_image(self, digest: str) -> torch.Tensor | None:
         data = self._call("get_image", self.client.get, self.image_key(digest))
@@ -177,8 +213,8 @@ class RedisStore:
     def put_certificate(self, key: Hashable, certificate: dict[str, Any]) -> None:
         if self.max_certificates <= 0:
             return
-        self._call("put_certificate", self.client.set, self.certificate_key(key),
-                   json.dumps(certificate, separators=(",", ":")), px=self.ttl_ms)
+        self._put("put_certificate", "cert", self.certificate_key(key), owner_of_key(key),
+                  json.dumps(certificate, separators=(",", ":")), self.max_certificates)
 
     def get_certificate(self, key: Hashable) -> dict[str, Any] | None:
         data = self._call("get_certificate", self.client.get, self.certificate_key(key))

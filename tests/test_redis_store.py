@@ -192,6 +192,39 @@ def test_entries_expire_after_max_age(redis_url: str) -> None:
     assert off.get_image("ef" * 32) is None and off.get_certificate(("k",)) is None
 
 
+def test_each_owner_keeps_its_newest_entries_and_no_other_owner_evicts_them(redis_url: str) -> None:
+    """The count limits hold per owner on Redis (they were not enforced there at all: one
+    key-holder's writes could push Redis into its global LRU and evict another's images)."""
+    from service.redis_store import RedisStore
+    from service.store import image_key
+
+    store = RedisStore(redis_url, max_images=3, max_certificates=2, prefix=prefix())
+    mine = [image_key("key:alice", f"{i:064x}") for i in range(5)]
+    theirs = [image_key("key:bob", f"{i:064x}") for i in range(2)]
+    shared = [f"{i + 100:064x}" for i in range(4)]
+    for k in theirs:
+        store.put_image(k, torch.zeros(1, 2, 2))
+    for k in mine + shared:
+        store.put_image(k, torch.full((1, 2, 2), 0.5))
+        time.sleep(0.002)  # the server's clock orders them
+    assert [store.get_image(k) is not None for k in mine] == [False, False, True, True, True]
+    assert all(store.get_image(k) is not None for k in theirs)  # untouched by alice's five
+    assert [store.get_image(k) is not None for k in shared] == [False, True, True, True]
+    for owner, held in (("owner:key:alice", 3), ("owner:key:bob", 2), ("shared", 3)):
+        index = f"{store.prefix}idx:img:{owner}"
+        assert store.client.zcard(index) == held and 0 < store.client.pttl(index) <= store.ttl_ms
+    for i in range(3):  # certificates: their image's owner, the certificates' own limit
+        store.put_certificate((mine[i], "smoothing", i), {"label": i})
+        time.sleep(0.002)
+    store.put_certificate((theirs[0], "smoothing", 0), {"label": 9})
+    assert [store.get_certificate((mine[i], "smoothing", i)) for i in range(3)] == [None, {"label": 1}, {"label": 2}]
+    assert store.get_certificate((theirs[0], "smoothing", 0)) == {"label": 9}
+    # the same image written again is one entry, now the newest
+    store.put_image(mine[2], torch.ones(1, 2, 2))
+    store.put_image(image_key("key:alice", "f" * 64), torch.ones(1, 2, 2))
+    assert store.get_image(mine[2]) is not None and store.get_image(mine[3]) is None
+
+
 def test_unreachable_redis_is_a_503_store_unavailable() -> None:
     from service.redis_store import RedisStore
     from service.store import StoreUnavailable
