@@ -208,7 +208,8 @@ TRAINED_DEFENSES = ("magnet", "neuralfp", "squeeze", "defensegan", "rmc", "smoot
 # packaged configuration serves): plain smoothing at 0.5, denoised smoothing at 0.25
 GATED_SIGMA = {"smoothing": 0.5, "smoothing:denoised": 0.25}
 # the defense keys that only detect (they change no image and decide nothing): a pipeline of
-# them before one last defense answers wrongly at most where one of its parts alone did
+# them before one last defense answers wrongly only where one of them rejects or the last alone
+# answers wrongly
 DETECTOR_KEYS = frozenset({"magnet", "squeeze"})
 
 
@@ -229,7 +230,10 @@ def defense_key(entry: Any) -> str:
             sigma = float(entry.get("sigma", 0.25))
         except (TypeError, ValueError):
             return key  # the pipeline's build refuses it, with its own message
-        return key if sigma == GATED_SIGMA[key] else f"{key}@{sigma:g}"
+        if sigma == GATED_SIGMA[key]:
+            return key
+        short = f"{sigma:g}"  # 0.25, not 0.25000000000000000 (repr where :g would round)
+        return f"{key}@{short if float(short) == sigma else repr(sigma)}"
     if name == "magnet" and entry.get("reform", True) is not False:
         return "magnet:reformer"
     return name
@@ -489,20 +493,22 @@ class Bundle:
             return str(q.get("reason", "marked unusable by the quality gate"))
         return None
 
-    def composition(self, entries: Any) -> dict[str, Any] | None:
+    def composition(self, entries: Any, digest: str | None = None) -> dict[str, Any] | None:
         """The quality gate's verdict on a pipeline that composes two or more trained defenses;
         None for fewer (its defense's own verdict is the pipeline's) or where a part has no
         verdict (`unusable` speaks for that part). Two parts that each pass can fail together:
         MagNet's rejections and smoothing's abstentions fall on different images.
 
-        Measured where the gate ran the same defense list (`quality.pipelines`: the packaged
-        configuration's compositions, and those of the `--config` given to `shieldserve train`).
-        Else bounded where that is sound: every part but the last only detects (DETECTOR_KEYS:
-        it changes no image), so the pipeline answers wrongly only where one part alone did, and
-        its accuracy drop is at most the parts' drops plus the base classifier's own error once
-        for each part past the first (every part's errors include it); for a randomized part
-        (smoothing) up to its sampling noise. A part that changes the image before another (a
-        reformer, a projection) bounds nothing: unmeasured.
+        Measured where the gate ran the same pipeline (`quality.pipelines`: the packaged
+        configuration's compositions, and those of the `--config` given to `shieldserve train`),
+        matched by `digest`, the built pipeline's `settings_digest` (its defenses' settings as
+        built, whatever way the config wrote them); a record written before digests, by its
+        defense list. Else bounded where that is sound: every part but the last only detects
+        (DETECTOR_KEYS: it changes no image and decides nothing), so the pipeline answers wrongly
+        only where a detector rejects or the last part alone answers wrongly, and its accuracy
+        drop is at most the detectors' rejection rates plus the last part's drop (for a
+        randomized last part, smoothing, up to its sampling noise). Any other part before the
+        last (a reformer, a projection, an adapter) bounds nothing: unmeasured.
 
         Returns {"passes": True | False | None, "usable": bool, "how": "measured" | "bound" |
         "unmeasured", "accuracy_drop" or "accuracy_drop_bound", "reason"}."""
@@ -513,31 +519,36 @@ class Bundle:
             return None
         gate = self.manifest.get("quality", {})
         enforce = bool(gate.get("enforce"))
-        bound_allowed = float(gate.get("max_accuracy_drop", 0.02))
+        allowed = float(gate.get("max_accuracy_drop", 0.02))
         fix = "measure it with `shieldserve train --out BUNDLE --steps quality --config YOUR_CONFIG.yaml`"
         want = canonical_defenses(entries)
         for name, rec in (gate.get("pipelines") or {}).items():
-            if isinstance(rec, dict) and canonical_defenses(rec.get("defenses")) == want:
+            if not isinstance(rec, dict) or rec.get("stale"):
+                continue
+            same = (rec.get("settings_digest") == digest if rec.get("settings_digest") and digest
+                    else canonical_defenses(rec.get("defenses")) == want)
+            if same:
                 return {**rec, "how": "measured", "measured_as": name}
-        parts = [self.quality(k) for k in trained]
-        if any(q is None or not isinstance(q.get("accuracy_drop"), (int, float)) for q in parts):
+        parts = [self.quality(k) for k in keys]
+        if any(q is None for q in parts):
             return None
-        if not all(k in DETECTOR_KEYS for k in keys[:-1]):
+        if len(keys) != len(trained) or not all(k in DETECTOR_KEYS for k in keys[:-1]):
             return {"passes": None, "usable": not enforce, "how": "unmeasured",
                     "reason": f"the quality gate has not measured the composition {' + '.join(keys)} on this bundle "
-                              f"(a part changes the image before the next, so its parts' verdicts bound nothing): "
-                              f"{fix}"}
-        base_error = 1.0 - float(parts[0].get("base_val_accuracy", 1.0))
-        bound = sum(float(q["accuracy_drop"]) for q in parts) + (len(parts) - 1) * max(0.0, base_error)
-        passes = bound <= bound_allowed + 1e-9
-        drops = ", ".join(f"{float(q['accuracy_drop']):.4f}" for q in parts)
-        why = (f"the composition {' + '.join(keys)} drops at most {bound:.4f} of clean validation accuracy (its "
-               f"parts' measured drops {drops}"
-               + (f", plus the base classifier's error {base_error:.4f} for each part past the first"
-                  if base_error > 0 else "") + ")")
+                              f"(a part before the last is not a pure detector, so its parts' verdicts bound "
+                              f"nothing): {fix}"}
+        rejections = [q.get("rejection_rate") for q in parts[:-1]]
+        last = parts[-1].get("accuracy_drop")
+        if any(not isinstance(v, (int, float)) for v in (*rejections, last)):
+            return None
+        bound = sum(float(v) for v in rejections) + float(last)
+        passes = bound <= allowed + 1e-9
+        why = (f"the composition {' + '.join(keys)} drops at most {bound:.4f} of clean validation accuracy "
+               f"({', '.join(k for k in keys[:-1])} reject {', '.join(f'{float(v):.4f}' for v in rejections)}; "
+               f"{keys[-1]} alone drops {float(last):.4f})")
         return {"passes": passes, "usable": passes or not enforce, "how": "bound", "accuracy_drop_bound": round(bound, 4),
-                "reason": f"{why}, within the {bound_allowed:.2f} allowed" if passes else
-                          f"{why}, more than the {bound_allowed:.2f} allowed, and the gate has not measured it: {fix}"}
+                "reason": f"{why}, within the {allowed:.2f} allowed" if passes else
+                          f"{why}, more than the {allowed:.2f} allowed, and the gate has not measured it: {fix}"}
 
 
 class BundleWriter:

@@ -7,8 +7,10 @@ bytes, fingerprints, noise seeds of secret defenses, or API keys.
 from __future__ import annotations
 
 import contextvars
+import copy
 import json
 import logging
+import re
 import sys
 import time
 
@@ -30,10 +32,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+LOGGED_PATH_CHARS = 512  # a request path in a log line is cut to this many characters
+
+
+def logged_path(path: str) -> str:
+    """A request's path for a log line: cut (a client chooses its length, up to the server's
+    request-line limit)."""
+    return path if len(path) <= LOGGED_PATH_CHARS else path[:LOGGED_PATH_CHARS] + "..."
+
+
+class TextFormatter(logging.Formatter):
+    """`json_logs: false`: one line per record (its traceback, if any, after it). Control
+    characters in the message are escaped (a newline as \\x0a): a client puts them in a path
+    (uvicorn percent-decodes it, %0A a newline), and unescaped it forged log records."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if _CONTROL.search(record.message):
+            record = copy.copy(record)
+            record.message = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(level: str = "info", json_logs: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_logs else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if json_logs else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -24,7 +24,7 @@ MATCH_BUCKETS = (0.0, 0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.76, 0.8, 0.9, 0
 SCORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 OUTCOMES = ("accepted", "rejected", "abstained", "mixed", "error", "overloaded", "deadline_exceeded",
-            "client_closed", "attack_suspected", "unauthorized")
+            "client_closed", "attack_suspected", "unauthorized", "over_share", "client_deadline")
 
 
 def multiprocess_dir() -> str | None:
@@ -103,7 +103,9 @@ class Metrics:
                                       ["pipeline"], registry=r)
         self.monitor_degraded = Gauge("shieldserve_query_monitor_degraded", "1 while the shared monitor store "
                                       "(Redis) is unreachable and this replica uses its own.", registry=r,
-                                      multiprocess_mode="max")
+                                      # live: a worker that exited while degraded left its 1 on disk,
+                                      # and "max" read it until the whole server restarted
+                                      multiprocess_mode="livemax")
         self.monitor_store_errors = Counter("shieldserve_query_monitor_store_errors", "Shared monitor store "
                                             "(Redis) outages seen by this replica.", registry=r)
 

@@ -83,7 +83,16 @@ class Runtime:
                 log.warning("pipeline %s is not served: %s", name, reason)
                 self.unavailable[name] = reason
                 continue
-            self.pipelines[name] = Pipeline.build(name, cfg.model_dump(), env)
+            pipeline = Pipeline.build(name, cfg.model_dump(), env)  # a config error fails start-up
+            # its parts pass one by one; together? (built first: a pipeline that does not build is
+            # a configuration error, not a gate verdict)
+            together = self.bundle.composition(cfg.model_dump().get("defenses", []), pipeline.settings_digest)
+            if together is not None and not together.get("usable", True):
+                reason = str(together.get("reason", "marked unusable by the quality gate"))
+                log.warning("pipeline %s is not served: %s", name, reason)
+                self.unavailable[name] = reason
+                continue
+            self.pipelines[name] = pipeline
         if settings.default_pipeline in self.unavailable and self.pipelines:
             fallback = next((n for n, p in self.pipelines.items() if p.components), next(iter(self.pipelines)))
             log.warning("default pipeline %s is not served (%s); the default is %s instead",
@@ -271,15 +280,11 @@ class Runtime:
     def _unusable(self, config: dict[str, Any]) -> str | None:
         """Why a configured pipeline cannot be served on this bundle (models.bundle.Bundle.unusable
         for each defense it names), or None."""
-        entries = config.get("defenses", []) or []
-        for entry in entries:
+        for entry in config.get("defenses", []) or []:
             key = defense_key(entry)
             reason = self.bundle.unusable(key)
             if reason is not None:
                 return f"{key}: {reason}"
-        together = self.bundle.composition(entries)  # its parts pass one by one; together?
-        if together is not None and not together.get("usable", True):
-            return str(together.get("reason", "marked unusable by the quality gate"))
         return None
 
     def _gate_warnings(self, settings: Settings) -> dict[str, tuple[str | None, str | None]]:
@@ -325,12 +330,16 @@ class Runtime:
             keys = [k for k, names in users.items() if name in names]
             found = [status[k] for k in keys]
             said = [notes[k] for k in keys if k in notes]
-            together = self.bundle.composition(settings.pipelines[name].model_dump().get("defenses", []))
+            together = self.bundle.composition(settings.pipelines[name].model_dump().get("defenses", []),
+                                               self.pipelines[name].settings_digest)
             if together is not None and together.get("passes") is not True:
                 # its parts' verdicts are above; this is the pipeline's own (models.bundle.Bundle.composition)
                 found.append("below_gate_not_enforced" if together.get("passes") is False else "unmeasured")
+                why = str(together.get("reason"))
+                if "not enforced" not in why:
+                    why += "; quality.enforce is false on this bundle"
                 note = (f"pipeline {name} is served {'below the quality gate' if together.get('passes') is False else 'unmeasured'}"
-                        f" as a whole: {together.get('reason')}; quality.enforce is false on this bundle")
+                        f" as a whole: {why}")
                 log.warning("%s", note)
                 said.append(note)
             pick = next((w for w in worst if w in found), None)

@@ -156,7 +156,8 @@ class CertifyConfig(Section):
         for default, maximum in (("default_n", "max_n"), ("default_n0", "max_n0")):
             if getattr(self, default) > getattr(self, maximum):
                 raise ValueError(f"certify.{default} ({getattr(self, default)}) is above certify.{maximum} "
-                                 f"({getattr(self, maximum)})")
+                                 f"({getattr(self, maximum)}); SHIELDSERVE_CERTIFY__{default.upper()} sets the "
+                                 f"default from the environment")
         return self
     redis_prefix: str = Field("shieldserve:", description="prefix of every key store=redis writes")
 
@@ -273,7 +274,8 @@ class Settings(BaseSettings):
         if self.batching.max_queue < self.limits.max_images_per_request:
             raise ValueError(f"batching.max_queue ({self.batching.max_queue}) is below "
                              f"limits.max_images_per_request ({self.limits.max_images_per_request}): a request of "
-                             f"that many images could never be queued")
+                             f"that many images could never be queued; lower the limit too "
+                             f"(SHIELDSERVE_LIMITS__MAX_IMAGES_PER_REQUEST)")
         return self
 
 

@@ -20,9 +20,10 @@ MAGNET = {"defense": "magnet", "reform": False}
 SMOOTH = {"defense": "smoothing", "sigma": 0.5, "target_radius": 0.5}
 
 
-def _verdict(drop: float, base: float = 1.0) -> dict:
+def _verdict(drop: float, base: float = 1.0, rejected: float | None = None) -> dict:
     return {"usable": True, "passes": drop <= 0.02, "val_accuracy": round(base - drop, 4), "base_val_accuracy": base,
-            "accuracy_drop": drop, "images": 300, "reason": "measured"}
+            "accuracy_drop": drop, "rejection_rate": drop if rejected is None else rejected, "images": 300,
+            "reason": "measured"}
 
 
 def _bundle(quick_bundle: Path, tmp_path: Path, defenses: dict, enforce: bool = True,
@@ -67,6 +68,8 @@ def test_each_smoothing_sigma_is_a_key_of_its_own() -> None:
     assert defense_key({"defense": "smoothing"}) == "smoothing@0.25"
     assert defense_key({"defense": "smoothing", "sigma": 1}) == "smoothing@1"
     assert defense_key({"defense": "smoothing", "sigma": 0.5, "denoiser": True}) == "smoothing:denoised@0.5"
+    assert defense_key({"defense": "smoothing", "sigma": "0.5"}) == "smoothing"
+    assert defense_key({"defense": "smoothing", "sigma": 0.1234567}) == "smoothing@0.1234567"  # not rounded
     assert defense_name("smoothing:denoised@0.5") == defense_name("smoothing@1") == "smoothing"
     assert defense_key("magnet") == "magnet:reformer" and defense_key(MAGNET) == "magnet"
 
@@ -93,33 +96,77 @@ def test_a_sigma_the_gate_did_not_measure_is_not_served(quick_bundle, tmp_path, 
 
 
 def test_a_composition_within_its_parts_bound_is_served(quick_bundle, tmp_path, caplog) -> None:
-    bundle = _bundle(quick_bundle, tmp_path, {"magnet": _verdict(0.007), "smoothing": _verdict(0.007)})
+    # MagNet rejects 0.7% alone; smoothing alone drops 0.7%: together at most 1.4%
+    bundle = _bundle(quick_bundle, tmp_path, {"magnet": _verdict(0.007), "smoothing": _verdict(0.007, rejected=0.0)})
     verdict = Bundle.load(bundle).composition([MAGNET, SMOOTH])
     assert verdict["how"] == "bound" and verdict["passes"] is True and verdict["accuracy_drop_bound"] == 0.014
     body, warnings = _serve(bundle, tmp_path, {"baseline": {"defenses": []}, "both": {"defenses": [MAGNET, SMOOTH]}},
                             caplog)
     pipes = {p["name"]: p for p in body["pipelines"]}
     assert pipes["both"]["quality"] == "passed" and not warnings
+    # the bound counts what a detector rejects, not the base classifier's errors its verdict includes:
+    # a base classifier 90% right does not make every composition fail
+    weak = _bundle(quick_bundle, tmp_path / "weak", {"magnet": _verdict(0.005, base=0.9, rejected=0.005),
+                                                     "squeeze": _verdict(0.004, base=0.9, rejected=0.004),
+                                                     "smoothing": _verdict(0.01, base=0.9, rejected=0.0)})
+    verdict = Bundle.load(weak).composition(["squeeze", MAGNET, SMOOTH])
+    assert verdict["passes"] is True and verdict["accuracy_drop_bound"] == pytest.approx(0.019)
 
 
 def test_two_parts_that_pass_alone_but_not_together_are_refused(quick_bundle, tmp_path, caplog) -> None:
-    # each within 0.02; together at most 0.03 + the base classifier's error (0.01): not shown to be within
-    bundle = _bundle(quick_bundle, tmp_path, {"magnet": _verdict(0.015, base=0.99), "smoothing": _verdict(0.015, base=0.99)})
+    # each within 0.02; together at most 0.015 rejected + 0.015 dropped: not shown to be within
+    bundle = _bundle(quick_bundle, tmp_path, {"magnet": _verdict(0.015), "smoothing": _verdict(0.015, rejected=0.0)})
     verdict = Bundle.load(bundle).composition([MAGNET, SMOOTH])
     assert verdict["passes"] is False and verdict["usable"] is False
-    assert verdict["accuracy_drop_bound"] == pytest.approx(0.04)
+    assert verdict["accuracy_drop_bound"] == pytest.approx(0.03)
     body, _ = _serve(bundle, tmp_path, {"baseline": {"defenses": []}, "both": {"defenses": [MAGNET, SMOOTH]},
                                         "alone": {"defenses": [SMOOTH]}}, caplog)
     why = body["unavailable"]["both"]
-    assert "magnet + smoothing" in why and "0.0400" in why and "--config" in why
+    assert "magnet + smoothing" in why and "0.0300" in why and "--config" in why
     assert "alone" not in body["unavailable"]
-    # measured whole by the gate, the measurement decides
-    measured = {"both": {**_verdict(0.01, base=0.99), "defenses": [MAGNET, SMOOTH], "keys": ["magnet", "smoothing"]}}
-    bundle2 = _bundle(quick_bundle, tmp_path / "2", {"magnet": _verdict(0.015, base=0.99),
-                                                     "smoothing": _verdict(0.015, base=0.99)}, pipelines=measured)
+    # measured whole by the gate, the measurement decides: a record written before digests is
+    # matched by its defense list
+    measured = {"both": {**_verdict(0.01), "defenses": [MAGNET, SMOOTH], "keys": ["magnet", "smoothing"]}}
+    parts = {"magnet": _verdict(0.015), "smoothing": _verdict(0.015, rejected=0.0)}
+    bundle2 = _bundle(quick_bundle, tmp_path / "2", parts, pipelines=measured)
     body, _ = _serve(bundle2, tmp_path, {"baseline": {"defenses": []}, "mine": {"defenses": [MAGNET, SMOOTH]}}, caplog)
     assert "mine" not in body["unavailable"]
     assert {p["name"]: p for p in body["pipelines"]}["mine"]["quality"] == "passed"
+
+
+def test_a_measured_record_matches_the_built_pipeline_however_the_config_writes_it(quick_bundle, tmp_path,
+                                                                                   caplog) -> None:
+    """Records carry the built pipeline's settings_digest: a config that leaves a default out
+    (target_radius 0.5) or writes 0.5 as "0.5" is the same pipeline; another budget is not."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    probe = _bundle(quick_bundle, tmp_path / "probe", {})
+    with TestClient(create_app(load_settings(None, bundle=str(probe), warmup=False))) as client:
+        digest = client.app.state.runtime.pipelines["default"].settings_digest
+    parts = {"magnet": _verdict(0.015), "smoothing": _verdict(0.015, rejected=0.0)}  # the bound fails
+    measured = {"default": {**_verdict(0.01), "defenses": [MAGNET, SMOOTH], "keys": ["magnet", "smoothing"],
+                            "settings_digest": digest}}
+    bundle = _bundle(quick_bundle, tmp_path, parts, pipelines=measured)
+    body, _ = _serve(bundle, tmp_path, {
+        "baseline": {"defenses": []},
+        "same": {"defenses": [{"reform": False, "defense": "magnet"}, {"defense": "smoothing", "sigma": "0.5"}]},
+        "other": {"defenses": [MAGNET, {**SMOOTH, "n": 100}]}}, caplog)
+    assert "same" not in body["unavailable"]
+    assert "0.0300" in body["unavailable"]["other"]  # not the record: its parts' bound, which fails
+
+
+def test_a_composition_that_does_not_build_fails_start_up_not_the_gate(quick_bundle, tmp_path) -> None:
+    from service.app import create_app
+    from service.pipeline import PipelineConfigError
+    from service.settings import load_settings
+
+    bundle = _bundle(quick_bundle, tmp_path, {})
+    with pytest.raises(PipelineConfigError, match="order"):
+        create_app(load_settings(None, bundle=str(bundle), warmup=False,
+                                 pipelines={"wrong": {"defenses": ["robust", "squeeze"]}}))
 
 
 def test_a_composition_measured_below_the_gate_is_refused_however_its_parts_did(quick_bundle, tmp_path, caplog) -> None:
@@ -166,10 +213,32 @@ def test_the_gate_measures_the_served_compositions(quick_bundle, mnist, tmp_path
         assert 0.0 <= rec["val_accuracy"] <= 1.0 and isinstance(rec["passes"], bool) and rec["reason"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert Bundle.load(out).composition(["squeeze", MAGNET])["how"] == "measured"
-    # measuring squeeze again drops the record that measured the old squeeze (`mine`), not `default`
+    assert all(len(rec["settings_digest"]) == 16 for rec in done.values())
+    # measuring squeeze again marks the record that measured the old squeeze (`mine`) stale, not
+    # `default`'s; a stale record speaks for nothing, and the next run measures it again, with
+    # or without the config that gave it
     quality.measure(out, manifest, "squeeze", mnist, "quick", options, torch.device("cpu"))
-    assert set(manifest["quality"]["pipelines"]) == {"default"}
+    assert done["mine"]["stale"] is True and "stale" not in done["default"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert (Bundle.load(out).composition(["squeeze", MAGNET]) or {}).get("how") != "measured"
+    quality.measure_pipelines(out, manifest, mnist, "quick", options, torch.device("cpu"))
+    assert set(done) == {"default", "mine"} and "stale" not in done["mine"]
     assert "pipeline default" in quality.table(manifest)
+
+
+def test_a_config_pipeline_that_does_not_build_is_not_recorded(quick_bundle, mnist, tmp_path, caplog) -> None:
+    from models.recipes import quality
+
+    out = tmp_path / "b"
+    shutil.copytree(quick_bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    config = tmp_path / "bad.yaml"
+    config.write_text(json.dumps({"pipelines": {"bad": {"defenses": [MAGNET, {**SMOOTH, "bogus": 1}]}}}))
+    with caplog.at_level(logging.WARNING, logger="shieldserve"):
+        quality.measure_pipelines(out, manifest, mnist, "quick", {"images": 20, "max_accuracy_drop": 0.1},
+                                  torch.device("cpu"), config=str(config))
+    assert "bad" not in manifest["quality"]["pipelines"] and "default" in manifest["quality"]["pipelines"]
+    assert any("pipeline bad does not build" in r.getMessage() for r in caplog.records)
 
 
 def test_train_refuses_a_config_that_does_not_load_before_training(tmp_path) -> None:

@@ -73,6 +73,16 @@ def test_deadline_from_settings_and_clamped_header(make_client, mnist):
     assert "0.001" in r.json()["error"]["message"]
     text = c.get("/metrics").text
     assert 'shieldserve_requests_total{endpoint="predict",outcome="deadline_exceeded",pipeline="defensegan"} 1.0' in text
+    # a deadline the client chose shorter than the server's: its 504 is the client's doing,
+    # counted apart (outcome client_deadline) so that the alert to add replicas does not fire
+    c = make_client(**FAST)
+    _error(_post(c, "/predict?pipeline=defensegan", body, **{"X-Request-Timeout": "1ms"}), 504, "deadline_exceeded")
+    # and /certify without pipeline= counts its failures under the pipeline it picks, not "unknown"
+    _error(_post(c, "/certify?n=100000", body, **{"X-Request-Timeout": "1ms"}), 504, "deadline_exceeded")
+    text = c.get("/metrics").text
+    assert 'shieldserve_requests_total{endpoint="predict",outcome="client_deadline",pipeline="defensegan"} 1.0' in text
+    assert 'shieldserve_requests_total{endpoint="certify",outcome="client_deadline",pipeline="smoothing"} 1.0' in text
+    assert 'outcome="deadline_exceeded"' not in text and 'pipeline="unknown"' not in text
     # the maximum holds for every pipeline (1 us: a fast CPU may answer baseline within 1 ms)
     c = make_client(max_request_timeout_s=1e-6, **FAST)
     assert _post(c, "/predict?pipeline=baseline", body, **{"X-Request-Timeout": "1000"}).status_code == 504

@@ -56,3 +56,47 @@ def test_a_request_id_is_echoed_up_to_128_sane_characters_and_replaced_over(make
                 "ok-id\r\n", "\nok-id", "ok id", "ok/id", "ok;id", "ok\tid", "ok\"id", ""):
         echoed = c.get("/healthz", headers={"x-request-id": bad}).headers["x-request-id"]
         assert echoed != bad and generated.fullmatch(echoed), (bad, echoed)
+
+
+def test_plain_text_logs_keep_a_client_path_on_one_line_and_cut(make_client):
+    """json_logs: false. uvicorn (and the test client) percent-decode the path, so %0A in a URL
+    was a newline in the access line: a client forged log records. Escaped now, and cut."""
+    from service.logs import LOGGED_PATH_CHARS, TextFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("shieldserve.access")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        c = make_client()
+        c.post('/predict%0A{"level":"error","message":"FORGED"}', content=b"x")
+        c.get("/" + "a" * 5000)
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert '/predict\\x0a{"level":"error","message":"FORGED"} 404' in lines[0]
+    assert len(lines[1]) < LOGGED_PATH_CHARS + 100 and " /" + "a" * (LOGGED_PATH_CHARS - 1) + "... 404" in lines[1]
+
+
+def test_text_formatter_escapes_messages_and_keeps_tracebacks():
+    from service.logs import TextFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("test.text_formatter")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed on %s", "/x\r\nforged\x1b[31m")
+    finally:
+        logger.removeHandler(handler)
+    first, *trace = stream.getvalue().splitlines()
+    assert first.endswith("failed on /x\\x0d\\x0aforged\\x1b[31m")
+    assert trace[0] == "Traceback (most recent call last):" and trace[-1] == "ValueError: boom"

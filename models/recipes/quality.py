@@ -27,6 +27,7 @@ nothing unless `images` is set, and then records the verdicts without enforcing 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -35,6 +36,8 @@ from typing import Any
 import torch
 
 from models.recipes.common import progress
+
+log = logging.getLogger("shieldserve.train")
 
 # defense key -> the pipeline that measures it (what the packaged config serves)
 GATED: dict[str, list[Any]] = {
@@ -205,9 +208,9 @@ def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any,
         raise
     if note:
         q["base"]["reason"] = note
-    for name, rec in list((q.get("pipelines") or {}).items()):
+    for rec in (q.get("pipelines") or {}).values():
         if set(rec.get("keys", [])) & set(keys):
-            del q["pipelines"][name]
+            rec["stale"] = True  # measured with this step's old defense: measure_pipelines runs it again
     for key in keys:
         q["defenses"][key] = gate.score(gated(key), f"quality gate {key}", r)
 
@@ -217,40 +220,58 @@ def measure_pipelines(bundle_path: Any, manifest: dict[str, Any], dataset: Any, 
                       options: dict[str, Any], device: torch.device, config: str | None = None,
                       trusted_imports: tuple[str, ...] = ()) -> None:
     """The served compositions, each as a whole: every pipeline of the service's configuration
-    (the packaged one, with `config` merged over it: the file the bundle will be served with)
-    that composes two or more trained defenses, all of them measured and usable on this bundle,
-    is run on the gate's images like a single defense and recorded in `quality.pipelines` (its
-    name -> the record, with its defense list). The service matches a served pipeline to a
-    record by its defense list (models.bundle.Bundle.composition); one not measured is bounded
-    from its parts' verdicts where that is sound, and otherwise not served where the gate is
-    enforced. Only what is missing is measured: `measure` drops the records of a step it measures again."""
-    from models.bundle import Bundle, TRAINED_DEFENSES, canonical_defenses, defense_key, defense_name
+    (the packaged one, with `config` merged over it: the file the bundle will be served with,
+    whose settings the pipelines are built with, as `serve` builds them) that composes two or
+    more trained defenses, all of them usable on this bundle, is run on the gate's images like
+    a single defense and recorded in `quality.pipelines` (its name -> the record, with its
+    defense list and the built pipeline's `settings_digest`, by which the service matches it:
+    models.bundle.Bundle.composition). Measured again: a record `measure` marked stale (a step
+    it used was rebuilt), whichever config gave it. A pipeline that does not build is not
+    recorded (serving it fails start-up with the same error), only logged."""
+    from models.bundle import Bundle, TRAINED_DEFENSES, defense_key, defense_name
+    from service.pipeline import Pipeline
     from service.settings import load_settings
 
     r = recipe(preset, **options)
     if r.images <= 0:
+        if config is not None:
+            log.warning("--config %s: the quality gate is off (quality.images 0, the quick preset's default), so its "
+                        "compositions are not measured", config)
         return
     q = _section(manifest, r)
     done = q.setdefault("pipelines", {})
     bundle = Bundle.load(bundle_path, trusted_imports=trusted_imports)
-    wanted: dict[str, list[Any]] = {}
-    for name, cfg in load_settings(config, bundle=str(bundle_path)).pipelines.items():
-        entries = cfg.model_dump().get("defenses", []) or []
+    settings = load_settings(config, bundle=str(bundle_path))
+    wanted = {name: cfg.model_dump().get("defenses", []) or [] for name, cfg in settings.pipelines.items()}
+    for name, rec in done.items():
+        if rec.get("stale"):
+            wanted.setdefault(name, rec.get("defenses") or [])
+    gate = None
+    measured: set[str] = set()
+    for name, entries in wanted.items():
         keys = [defense_key(e) for e in entries]
         trained = [k for k in keys if defense_name(k) in TRAINED_DEFENSES]
         if len(trained) < 2 or any(bundle.unusable(k) is not None for k in trained):
             continue  # a single defense's verdict is the pipeline's; an unusable part is refused anyway
-        if any(canonical_defenses(rec.get("defenses")) == canonical_defenses(entries) for rec in done.values()):
+        gate = gate or _Gate.open(bundle_path, dataset, r, device, trusted_imports, settings)
+        try:
+            pipe = Pipeline.build(f"quality:{name}", {"defenses": entries}, gate.env)
+        except Exception as exc:  # noqa: BLE001 - a configuration error: serve fails on it, loudly
+            log.warning("quality gate: pipeline %s does not build, not measured: %s", name, exc)
             continue
-        wanted[name] = entries
-    if not wanted:
-        return
-    gate = _Gate.open(bundle_path, dataset, r, device, trusted_imports)
-    for name, entries in wanted.items():
-        record = gate.score(entries, f"quality gate pipeline {name}", r)
+        digest = pipe.settings_digest
+        current = done.get(name)
+        if digest in measured or (current is not None and not current.get("stale")
+                                  and current.get("settings_digest") == digest):
+            continue
+        if any(rec.get("settings_digest") == digest and not rec.get("stale") for rec in done.values()):
+            continue
+        record = gate.score(entries, f"quality gate pipeline {name}", r, pipe=pipe)
         record.pop("pipeline", None)
-        keys = [defense_key(e) for e in entries]
-        done[name] = {**record, "defenses": entries, "keys": keys}
+        done[name] = {**record, "defenses": entries, "keys": keys, "settings_digest": digest}
+        measured.add(digest)
+    for name in [n for n, rec in done.items() if rec.get("stale")]:
+        del done[name]  # no longer buildable or served: a stale verdict must not stay
 
 
 @dataclass
@@ -266,14 +287,14 @@ class _Gate:
 
     @classmethod
     def open(cls, bundle_path: Any, dataset: Any, r: QualityRecipe, device: torch.device,
-             trusted_imports: tuple[str, ...]) -> "_Gate":
+             trusted_imports: tuple[str, ...], settings: Any = None) -> "_Gate":
         from models.bundle import Bundle
         from service.defenses.base import DefenseEnv
         from service.settings import load_settings
 
         bundle = Bundle.load(bundle_path, trusted_imports=trusted_imports)
         base = bundle.classifier(device)
-        settings = load_settings(None, bundle=str(bundle_path))
+        settings = settings or load_settings(None, bundle=str(bundle_path))
         env = DefenseEnv(bundle=bundle, classifier=base, device=device, settings=settings)
         x, y = _gate_images(dataset, r, device)
         base_acc = float((base(x).argmax(1) == y).float().mean())
@@ -286,15 +307,15 @@ class _Gate:
                    f"images (x_val/y_val) or a larger quality.max_accuracy_drop") if len(y) < least else None
         return cls(env, x, y, base_acc, too_few, device)
 
-    def score(self, entries: list[Any], label: str, r: QualityRecipe) -> dict[str, Any]:
-        """Run the pipeline of `entries` on the gate's images; its verdict."""
+    def score(self, entries: list[Any], label: str, r: QualityRecipe, pipe: Any = None) -> dict[str, Any]:
+        """Run the pipeline of `entries` (built already: `pipe`) on the gate's images; its verdict."""
         from service.defenses.base import RunContext
         from service.pipeline import Pipeline
 
         x, y, base_acc = self.x, self.y, self.base_acc
         started = time.monotonic()
         try:
-            pipe = Pipeline.build(label, {"defenses": entries}, self.env)
+            pipe = pipe or Pipeline.build(label, {"defenses": entries}, self.env)
             results = []
             bar = progress(-(-len(x) // 50), label)
             for i in range(0, len(x), 50):

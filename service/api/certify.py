@@ -74,10 +74,16 @@ class CertifyResponse(BaseModel):
     rejected_by: list[RejectionOut] = Field(default_factory=list)
 
 
+def _default_pipeline(runtime: Runtime) -> str:
+    """/certify's pipeline without pipeline=: certify.pipeline where served, else the default one."""
+    cfg = runtime.settings.certify
+    return cfg.pipeline if cfg.pipeline in runtime.pipelines else runtime.settings.default_pipeline
+
+
 def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int | None, n0: int | None,
             alpha: float | None, radius: float | None, seed: int | None) -> tuple[str, dict[str, Any]]:
     cfg = runtime.settings.certify
-    name = pipeline or (cfg.pipeline if cfg.pipeline in runtime.pipelines else runtime.settings.default_pipeline)
+    name = pipeline or _default_pipeline(runtime)
     if name not in runtime.pipelines:
         raise ApiError(404, "unknown_pipeline", f"no pipeline {echo(name)}; configured: {', '.join(sorted(runtime.pipelines))}")
     decider = runtime.pipelines[name].decider
@@ -196,6 +202,8 @@ async def _monitor_rejection(runtime: Runtime, digest: str, x, name: str, opts: 
 
 async def _observed(request: Request, name_hint: str | None, work) -> CertifyResponse:
     runtime: Runtime = request.app.state.runtime
+    # the pipeline _params picks without pipeline=: its failures are counted under its name too
+    name_hint = name_hint or _default_pipeline(runtime)
     with tracked(runtime, "certify", name_hint) as t:
         body = await work()
         t.pipeline, t.outcome = body.pipeline, body.status

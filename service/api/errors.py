@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.logs import logged_path
+
 log = logging.getLogger("shieldserve")
 
 
@@ -55,7 +57,7 @@ def api_error_response(path: str, exc: ApiError) -> JSONResponse:
 def internal_error_response(method: str, path: str) -> JSONResponse:
     """The answer to an exception nothing mapped: logged with its traceback, a 500 without it.
     Call from an `except` block."""
-    log.exception("unhandled error on %s %s", method, path)
+    log.exception("unhandled error on %s %s", method, logged_path(path))
     return error_response(path, 500, "internal_error",
                           "the server failed to answer this request; the error is logged")
 
@@ -79,7 +81,7 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _STATUS_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and message == "Not Found":
-            message = f"no route {request.method} {request.url.path}"
+            message = f"no route {request.method} {echo(request.url.path)}"
         return error_response(request.url.path, exc.status_code, code, message,
                               getattr(exc, "headers", None))
 

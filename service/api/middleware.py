@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from service.api.errors import internal_error_response, is_oip
-from service.logs import request_id_var
+from service.logs import logged_path, request_id_var
 
 access_log = logging.getLogger("shieldserve.access")
 
@@ -178,7 +178,8 @@ class RequestIdMiddleware:
             if scope["state"].get("client_closed"):
                 status = 499  # nginx's code for "the client closed the connection"
             if access_log.isEnabledFor(logging.INFO):  # the extra fields cost even when not logged
-                access_log.info("%s %s %s", scope["method"], scope["path"], status,
-                                extra={"method": scope["method"], "path": scope["path"], "status": status,
+                path = logged_path(scope["path"])
+                access_log.info("%s %s %s", scope["method"], path, status,
+                                extra={"method": scope["method"], "path": path, "status": status,
                                        "seconds": round(time.perf_counter() - started, 6)})
             request_id_var.reset(token)

@@ -376,7 +376,7 @@ def _flatten(data: list[Any], integral: bool, shape: list[int]) -> list[float | 
 
 
 def _ragged(shape: list[int]) -> ApiError:
-    return _bad(f"input 'input': nested data must follow its shape {shape} level by level; "
+    return _bad(f"input 'input': nested data must follow its shape {_echo(shape)} level by level; "
                 f"send it flat (row-major) or nested exactly as the shape")
 
 
@@ -394,7 +394,7 @@ def _image_batch_shape(shape: list[int], spec_shape: tuple[int, int, int]) -> in
     if len(shape) == 2 and shape[1] == c * h * w:
         return shape[0]
     single = f"[{h}, {w}] or [B, {h}, {w}]" if c == 1 else f"[{c}, {h}, {w}]"
-    raise _bad(f"input shape {shape} does not fit the model's input [-1, {c}, {h}, {w}]; "
+    raise _bad(f"input shape {_echo(shape)} does not fit the model's input [-1, {c}, {h}, {w}]; "
                f"accepted: [B, {c}, {h}, {w}], [B, {c * h * w}], {single}")
 
 
@@ -448,8 +448,8 @@ def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
                        f"JSON header ({HEADER_LENGTH})")
         itemsize = np.dtype(np_dtype).itemsize
         if size != count * itemsize:
-            raise _bad(f"binary_data_size is {size} bytes; shape {inp.shape} of {datatype} needs "
-                       f"{count * itemsize}")
+            raise _bad(f"binary_data_size is {size} bytes; shape {_echo(inp.shape)} of {datatype} needs "
+                       f"{_echo(count * itemsize)}")
         arr = np.frombuffer(tail, dtype=np_dtype)
     else:
         if tail:
@@ -458,7 +458,7 @@ def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
             raise _bad("input 'input' has neither 'data' nor a 'binary_data_size' parameter")
         flat = _flatten(inp.data, integral=datatype == "UINT8", shape=list(inp.shape))
         if len(flat) != count:
-            raise _bad(f"input 'input' has {len(flat)} elements; shape {inp.shape} needs {count}")
+            raise _bad(f"input 'input' has {len(flat)} elements; shape {_echo(inp.shape)} needs {_echo(count)}")
         # numpy raises OverflowError for a JSON number past the conversion's range (2**64 or
         # -2**70 as int64, 1e300 as int64, 10**400 as float64): the client's error, a 400
         try:
@@ -645,7 +645,7 @@ def _with_timeout_parameter(deadline: Deadline, parameters: dict[str, Any] | Non
     if value >= deadline.seconds * 1e6:  # compared before dividing: a 310-digit int has no float
         return deadline
     seconds = value / 1e6
-    return Deadline(deadline.at - deadline.seconds + seconds, seconds)
+    return Deadline(deadline.at - deadline.seconds + seconds, seconds, client_set=True)
 
 
 async def _infer(request: Request, model: str, version: str | None, encoding: str | None,

@@ -94,13 +94,19 @@ def parse_timeout(value: str) -> float:
 class Deadline:
     at: float  # time.monotonic() when the request must be answered
     seconds: float  # its length, for the 504's message
+    # shorter than request_timeout_s because the client asked (X-Request-Timeout, /v2's timeout):
+    # its 504 is counted as outcome `client_deadline`, not as the server's `deadline_exceeded`
+    # (one client sending 1 ms deadlines fired the critical ShieldserveServerErrorRate)
+    client_set: bool = False
 
     def remaining(self) -> float:
         return self.at - time.monotonic()
 
     def error(self) -> ApiError:
-        return ApiError(504, "deadline_exceeded",
-                        f"the request did not finish within its deadline of {self.seconds:g} s")
+        err = ApiError(504, "deadline_exceeded",
+                       f"the request did not finish within its deadline of {self.seconds:g} s")
+        err.client_deadline = self.client_set  # type: ignore[attr-defined]
+        return err
 
 
 async def request_deadline(request: Request,
@@ -110,7 +116,7 @@ async def request_deadline(request: Request,
     middleware stamps it), so reading, decoding and queueing count. `X-Request-Timeout` sets
     the length, clamped to `max_request_timeout_s`; without it `request_timeout_s` applies."""
     settings = request.app.state.runtime.settings
-    seconds = settings.request_timeout_s
+    seconds = server = min(settings.request_timeout_s, settings.max_request_timeout_s)
     if timeout is not None:
         try:
             seconds = parse_timeout(timeout)
@@ -120,7 +126,7 @@ async def request_deadline(request: Request,
                            f"milliseconds (e.g. 2500ms), got {timeout[:40]!r}") from None
     seconds = min(seconds, settings.max_request_timeout_s)
     started = getattr(request.state, "received_at", None) or time.monotonic()
-    return Deadline(started + seconds, seconds)
+    return Deadline(started + seconds, seconds, client_set=seconds < server)
 
 
 def overloaded_error(exc: Overloaded) -> ApiError:
@@ -295,7 +301,8 @@ class tracked:
     Set `outcome` (and `pipeline`, once known) inside the block; an ApiError sets the outcome
     to its code when that is `overloaded` or `deadline_exceeded`, any other failure to `error`.
     A 429 `overloaded` (a client over its own share, admission.max_client_cost) is counted as
-    `over_share`: that client's doing, not the replica's load, so no alert to add replicas.
+    `over_share`, and a 504 on a deadline the client shortened as `client_deadline`: that
+    client's doing, not the replica's load, so no alert to add replicas.
     A pipeline that is not configured is counted as `unknown`, so clients cannot create labels.
     """
 
@@ -312,6 +319,8 @@ class tracked:
             self.outcome = "client_closed"  # the client went away; its work was stopped
         elif isinstance(exc, ApiError) and exc.code == "overloaded" and exc.status == 429:
             self.outcome = "over_share"
+        elif isinstance(exc, ApiError) and exc.code == "deadline_exceeded" and getattr(exc, "client_deadline", False):
+            self.outcome = "client_deadline"  # the client's own short deadline: not the server's capacity
         elif exc is not None:
             self.outcome = exc.code if isinstance(exc, ApiError) and exc.code in (
                 "overloaded", "deadline_exceeded", "attack_suspected", "unauthorized") else "error"
