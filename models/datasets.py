@@ -173,8 +173,8 @@ def _scale(source: str, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not all(np.isfinite(x).all() for x in nonempty):
         raise ValueError(f"{source}: images hold NaN or infinite values")
     if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
-        # enough digits to show the excess (1 + 2e-5 printed with 4 digits read "1")
-        raise ValueError(f"{source}: float pixels span [{lo:.10g}, {hi:.10g}] but must be in [0, 1] "
+        # a float32's digits: enough to show the excess (1 + 2e-5 printed with 4 digits read "1")
+        raise ValueError(f"{source}: float pixels span [{lo:.7g}, {hi:.7g}] but must be in [0, 1] "
                          f"(or uint8 0-255): rescale them; a classifier that expects another range "
                          f"takes --value-range LO,HI (and --mean/--std) at train time")
     return {n: np.clip(x.astype(np.float32, copy=False), 0.0, 1.0) for n, x in xs.items()}

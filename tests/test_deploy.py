@@ -454,12 +454,12 @@ def test_certify_on_another_replica_than_the_post(topology: Topology, mnist) -> 
     # a fresh certificate (another seed) through the gateway: the image, not the cache
     via = httpx.get(f"http://127.0.0.1:{ports['gateway']}{query}&seed=7", timeout=60)
     assert via.status_code == 200 and not via.json()["cached"] and via.json()["label"] == label, via.text
-    # the keys on Redis: the prefix and the image's digest, nothing else
+    # the keys on Redis: the prefix and the image's digest, and the store's per-owner index
     import redis
 
     keys = redis.Redis(port=ports["redis"]).keys("*")
     assert f"shieldserve:img:{digest}".encode() in keys
-    assert all(k.startswith((b"shieldserve:img:", b"shieldserve:cert:")) for k in keys), keys
+    assert all(k.startswith((b"shieldserve:img:", b"shieldserve:cert:", b"shieldserve:idx:")) for k in keys), keys
 
 
 def test_the_monitors_redis_fits_max_queries_and_never_evicts(tmp_path: Path) -> None:

@@ -273,3 +273,26 @@ def test_certify_refuses_a_sigma_the_gate_found_unusable(quick_bundle, mnist, tm
             r = client.post(f"/certify?pipeline={pipeline}&sigma={sigma}&n=20&n0=5", content=body,
                             headers={"Content-Type": "image/png"})
             assert r.status_code == 200, (pipeline, sigma, r.text)
+
+
+def test_certify_judges_the_whole_pipeline_at_the_sigma_asked(quick_bundle, mnist, tmp_path) -> None:
+    """/certify?sigma= on a composition runs all of it at that sigma: MagNet's 1.5% rejected with
+    smoothing@0.25's 1% dropped is past the 2 points allowed, though each passes alone."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import load_settings
+    from tests.conftest import png
+
+    bundle = _bundle(quick_bundle, tmp_path, {"magnet": _verdict(0.015), "smoothing": _verdict(0.0),
+                                              "smoothing@0.25": _verdict(0.01, rejected=0.0)})
+    body = png(mnist.test.x[0])
+    with TestClient(create_app(load_settings(None, bundle=str(bundle), warmup=False))) as client:
+        assert "default" not in client.get("/pipelines").json()["unavailable"]
+        r = client.post("/certify?pipeline=default&sigma=0.25&n=20&n0=5", content=body,
+                        headers={"Content-Type": "image/png"})
+        assert r.status_code == 422 and "magnet + smoothing@0.25" in r.json()["error"]["message"], r.text
+        for pipeline, sigma in (("default", 0.5), ("smoothing", 0.25)):
+            r = client.post(f"/certify?pipeline={pipeline}&sigma={sigma}&n=20&n0=5", content=body,
+                            headers={"Content-Type": "image/png"})
+            assert r.status_code == 200, (pipeline, sigma, r.text)

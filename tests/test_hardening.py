@@ -342,3 +342,32 @@ def test_a_bad_image_in_a_merged_batch_fails_only_its_request(quick_bundle, mnis
     count = float(next(line for line in text.splitlines()
                        if line.startswith('shieldserve_batch_size_count{pipeline="baseline"}')).split()[-1])
     assert count < 8  # the requests were merged into fewer batches
+
+
+def test_requests_refused_before_their_handler_are_counted_once(make_client, mnist):
+    """A query parameter or header that does not validate, or a body over the limit, was
+    answered before the handler's counter ran: in no metric, and the error-rate alert missed
+    them. Counted now as outcome error under pipeline unknown; an error the handler counted
+    (an unknown pipeline) is not counted twice."""
+    import re
+
+    c = make_client(limits={"max_body_bytes": 4096}, **FAST)
+    body = _png(mnist, 0)
+
+    def count(endpoint: str) -> float:
+        m = re.search(r'shieldserve_requests_total\{endpoint="%s",outcome="error",pipeline="unknown"\} ([0-9.]+)'
+                      % endpoint, c.get("/metrics").text)
+        return float(m.group(1)) if m else 0.0
+
+    _error(_post(c, "/predict?radius=abc", body), 422, "invalid_parameter")
+    _error(_post(c, "/predict", body, **{"X-Request-Timeout": "soon"}), 422, "invalid_parameter")
+    _error(_post(c, "/predict", b"x" * 5000), 413, "payload_too_large")
+    _error(_post(c, "/predict?pipeline=nope", body), 404, "unknown_pipeline")
+    assert count("predict") == 4.0
+    _error(_post(c, "/certify?n=abc", body), 422, "invalid_parameter")
+    assert count("certify") == 1.0
+    r = c.post("/v2/models/baseline/infer", content=b"{}", headers={"X-Request-Timeout": "soon",
+                                                                    "content-type": "application/json"})
+    assert r.status_code == 400 and count("infer") == 1.0
+    c.get("/healthz?x=1")
+    assert "endpoint=\"healthz\"" not in c.get("/metrics").text

@@ -104,6 +104,15 @@ def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int 
     # either (the pipeline's own sigma passed it, or the pipeline would not be served)
     unusable = runtime.bundle.unusable(defense_key({"defense": "smoothing", "sigma": sigma,
                                                     "denoiser": bool(getattr(decider, "use_denoiser", False))}))
+    if unusable is None and sigma != float(decider.sigma):  # type: ignore[attr-defined]
+        # and the pipeline as a whole at that sigma (MagNet's rejections with its abstentions):
+        # its gate record is of the configured sigma, so its parts' bound speaks for it
+        config = runtime.settings.pipelines.get(name)
+        entries = [{**e, "sigma": sigma} if isinstance(e, dict) and e.get("defense") == "smoothing" else e
+                   for e in (config.model_dump().get("defenses", []) if config is not None else [])]
+        together = runtime.bundle.composition(entries)
+        if together is not None and not together.get("usable", True):
+            unusable = str(together.get("reason"))
     if unusable is not None:
         raise ApiError(422, "invalid_parameter", f"sigma={sigma:g} is not served on pipeline {name!r}: {unusable}")
     opts: dict[str, Any] = {"sigma": sigma, "n": n, "n0": n0, "alpha": cfg.alpha if alpha is None else alpha}

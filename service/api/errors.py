@@ -28,6 +28,24 @@ def echo(value: object) -> str:
     return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
 
 
+def count_refused(app: object, path: str) -> None:
+    """A request to `/predict`, `/certify` or `/v2` infer refused before its handler counted it
+    (a query parameter or header that does not validate, a body over the limit): counted in
+    requests_total as outcome `error` under pipeline `unknown`, as the handler's `tracked` counts
+    its own failures (those 4xx were in no metric, and the error-rate alert missed them)."""
+    if path == "/predict":
+        endpoint = "predict"
+    elif path == "/certify":
+        endpoint = "certify"
+    elif path.startswith("/v2/models/") and path.endswith("/infer"):
+        endpoint = "infer"
+    else:
+        return
+    metrics = getattr(getattr(getattr(app, "state", None), "runtime", None), "metrics", None)
+    if metrics is not None:
+        metrics.requests.labels("unknown", endpoint, "error").inc()
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -65,10 +83,13 @@ def internal_error_response(method: str, path: str) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if not getattr(exc, "counted", False):  # raised before the handler's `tracked` (a dependency)
+            count_refused(request.app, request.url.path)
         return api_error_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        count_refused(request.app, request.url.path)  # before the handler ran: nothing counted it
         parts = []
         for err in exc.errors()[:5]:
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))

@@ -11,7 +11,7 @@ import secrets
 import time
 from typing import Any
 
-from service.api.errors import internal_error_response, is_oip
+from service.api.errors import count_refused, internal_error_response, is_oip
 from service.logs import logged_path, request_id_var
 
 access_log = logging.getLogger("shieldserve.access")
@@ -130,6 +130,7 @@ class BodyLimitMiddleware:
 
     @staticmethod
     async def _reject(scope: dict, send: Any, status: int, code: str, message: str) -> None:
+        count_refused(scope.get("app"), scope["path"])
         payload = {"error": message} if is_oip(scope["path"]) else {"error": {"code": code, "message": message}}
         body = json.dumps(payload).encode()
         await send({"type": "http.response.start", "status": status,

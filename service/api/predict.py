@@ -324,6 +324,8 @@ class tracked:
         elif exc is not None:
             self.outcome = exc.code if isinstance(exc, ApiError) and exc.code in (
                 "overloaded", "deadline_exceeded", "attack_suspected", "unauthorized") else "error"
+        if exc is not None:
+            exc.counted = True  # type: ignore[attr-defined]  # the error handlers count it once, not twice
         label = self.pipeline if self.pipeline in self.runtime.pipelines else "unknown"
         m = self.runtime.metrics
         m.requests.labels(label, self.endpoint, self.outcome).inc()
