@@ -181,23 +181,25 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(self.prepare(x))
 
-    @property
-    def extractor(self) -> FeatureExtractor:
-        """How `features` is computed (found on first use; raises FeatureError if it cannot be)."""
+    def feature_extractor(self) -> FeatureExtractor:
+        """How `features` is computed (found on first use; raises FeatureError if it cannot be).
+        A method, not a property: torch.jit.trace probes the module's attributes with hasattr,
+        which lets only AttributeError through, so a property raising FeatureError (a TorchScript
+        network that is no chain of its submodules) broke every trace of the classifier: the
+        service's inference copy and `shieldserve export`."""
         if self._extractor is None:
             self._extractor = FeatureExtractor(self.network, self.spec.shape, self.feature_layer)
         return self._extractor
 
-    @property
     def has_features(self) -> bool:
         try:
-            self.extractor
+            self.feature_extractor()
         except FeatureError:
             return False
         return True
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.extractor(self.prepare(x))
+        return self.feature_extractor()(self.prepare(x))
 
 
 # defenses whose artifacts and calibration `shieldserve train` writes into a bundle section
@@ -491,6 +493,15 @@ class Bundle:
                     f"`shieldserve train --out BUNDLE --steps quality`")
         if q is not None and not q.get("usable", True):
             return str(q.get("reason", "marked unusable by the quality gate"))
+        return None
+
+    def composition_refusal(self, entries: Any, digest: str | None = None) -> str | None:
+        """Why a pipeline of these defenses (built with `settings_digest` `digest`) is not served
+        as a whole on this bundle, or None: `composition` found it unusable. The service, `shieldserve
+        evaluate` and `shieldserve export` all leave such a pipeline out."""
+        together = self.composition(entries, digest)
+        if together is not None and not together.get("usable", True):
+            return str(together.get("reason", "marked unusable by the quality gate"))
         return None
 
     def composition(self, entries: Any, digest: str | None = None) -> dict[str, Any] | None:

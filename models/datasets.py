@@ -213,7 +213,8 @@ def _assemble(source: str, raw: dict[str, tuple[np.ndarray, np.ndarray]], names:
     # examples to calibrate its detectors on: the labels are almost surely not 0..K-1
     missing = sorted(set(range(k)) - set(np.unique(ys["train"]).tolist()))
     if missing:
-        raise ValueError(f"{source}: {len(missing)} of the {k} classes have no training image (class "
+        raise ValueError(f"{source}: {len(missing)} of the {k} classes {'has' if len(missing) == 1 else 'have'} "
+                         f"no training image (class "
                          f"{', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}); "
                          f"labels must be 0..K-1 with every class in {names['train'][1]}")
     scaled = _scale(source, xs)

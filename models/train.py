@@ -73,6 +73,7 @@ class BuildContext:
     byo_classifier: bool = False
     extending: bool = False    # `--steps` on an existing bundle: a failed step keeps the defense it had
     config: str | None = None  # the service YAML whose compositions the gate measures (None: the packaged one)
+    broken_pipelines: list[str] = field(default_factory=list)  # its pipelines that do not build
     _classifier: Classifier | None = None
 
     @property
@@ -212,7 +213,7 @@ def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dat
     if src.feature_layer:
         record["feature_layer"] = src.feature_layer
     try:
-        record["features"] = Classifier(clf.network, clf.spec, src.feature_layer).extractor.describe()
+        record["features"] = Classifier(clf.network, clf.spec, src.feature_layer).feature_extractor().describe()
     except FeatureError as exc:  # RMC's step will say so; the other defenses do not need features
         record["features"] = {"error": str(exc)}
     return record
@@ -286,12 +287,15 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     recorded = previous.get("build", {}).get("dataset")
     if dataset is None:
         dataset = recorded or "mnist5k"
-    elif recorded and dataset != recorded:
+    elif recorded and absolute_dataset(dataset) != absolute_dataset(recorded):
         raise ValueError(f"the bundle at {out} was built on {recorded}; pass --dataset {recorded} "
                          f"(or build a new bundle, without --steps, on {dataset})")
     build = previous.get("build", {})
     preset = _as_built(out, "preset", preset, build.get("preset"), "default")
     seed = _as_built(out, "seed", seed, build.get("seed"), 0)
+    # recorded with an absolute path: `evaluate` and `--steps` read the bundle's dataset from
+    # the manifest, run from anywhere (a relative one was relative to where train ran)
+    dataset = absolute_dataset(dataset)
     ds = load_dataset(dataset)
     content = dataset_sha256(ds, ("train", "val", "test"))
     recorded_sha = previous.get("dataset", {}).get("sha256")
@@ -328,7 +332,20 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
             writer.save()
         raise
     writer.manifest["build"]["seconds"] = round(time.monotonic() - started, 1)
-    return writer.save()
+    path = writer.save()
+    if ctx.broken_pipelines:  # the bundle is saved; `serve --config` would refuse to start on these
+        raise ValueError(f"the bundle at {out} is built, but the --config {ctx.config} does not serve on it: "
+                         + "; ".join(ctx.broken_pipelines) + " (fix the config, then measure it with "
+                         f"`shieldserve train --out {out} --steps quality --config {ctx.config}`)")
+    return path
+
+
+def absolute_dataset(spec: str) -> str:
+    """A dataset spec with its file or directory made absolute (npz:FILE, idx:DIR); others as given."""
+    kind, sep, path = spec.partition(":")
+    if sep and kind in ("npz", "idx") and path and not Path(path).is_absolute():
+        return f"{kind}:{Path(path).resolve()}"
+    return spec
 
 
 def _as_built(out: Path, flag: str, given: Any, recorded: Any, default: Any) -> Any:
@@ -390,8 +407,8 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
     # the served compositions, each whole (what a step above measured again was dropped); read
     # from the bundle on disk with the verdicts above
     writer.save()
-    quality.measure_pipelines(writer.path, writer.manifest, ds, preset, gate, ctx.device, config=ctx.config,
-                              trusted_imports=writer.trusted_imports)
+    ctx.broken_pipelines = quality.measure_pipelines(writer.path, writer.manifest, ds, preset, gate, ctx.device,
+                                                     config=ctx.config, trusted_imports=writer.trusted_imports)
     if "quality" in chosen:
         writer.record_step("quality", command, time.monotonic() - t0)
 

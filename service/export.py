@@ -132,6 +132,12 @@ def export(bundle: str | Path, pipeline: str, out: str | Path, config: str | Non
                 raise ExportRefused(f"pipeline {pipeline!r} is not served on this bundle ({key}: {reason}), "
                                     f"so there is no served pipeline to export")
     _, pipes = load_pipelines(bundle, [pipeline], config)
+    if pipeline in settings.pipelines:
+        reason = b.composition_refusal(settings.pipelines[pipeline].model_dump().get("defenses", []) or [],
+                                       pipes[pipeline].settings_digest)
+        if reason is not None:
+            raise ExportRefused(f"pipeline {pipeline!r} is not served on this bundle ({reason}), so there is no "
+                                f"served pipeline to export")
     p = plan(pipes[pipeline])
     spec = b.input_spec
     g = torch.Generator().manual_seed(0)

@@ -86,9 +86,8 @@ class Runtime:
             pipeline = Pipeline.build(name, cfg.model_dump(), env)  # a config error fails start-up
             # its parts pass one by one; together? (built first: a pipeline that does not build is
             # a configuration error, not a gate verdict)
-            together = self.bundle.composition(cfg.model_dump().get("defenses", []), pipeline.settings_digest)
-            if together is not None and not together.get("usable", True):
-                reason = str(together.get("reason", "marked unusable by the quality gate"))
+            reason = self.bundle.composition_refusal(cfg.model_dump().get("defenses", []), pipeline.settings_digest)
+            if reason is not None:
                 log.warning("pipeline %s is not served: %s", name, reason)
                 self.unavailable[name] = reason
                 continue
@@ -296,7 +295,11 @@ class Runtime:
         gate = self.bundle.manifest.get("quality", {})
         dataset = self.bundle.manifest.get("build", {}).get("dataset", "DATASET")
         fix = (f"to measure and enforce it: `shieldserve train --out {settings.bundle} --dataset {dataset} "
-               f"--steps quality` (the default preset sets quality.enforce)")
+               f"--steps quality --options '{{\"quality\": {{\"images\": 300, \"enforce\": true}}}}'` (the default "
+               f"preset measures and enforces without --options)")
+        base_note = (gate.get("base") or {}).get("reason")
+        if base_note:  # the gate's check of the base classifier, recorded but not enforced (quick preset)
+            log.warning("the quality gate's check of the base classifier failed: %s", base_note)
         users: dict[str, list[str]] = {}  # defense key -> the served pipelines that run it
         for name in self.pipelines:
             for entry in settings.pipelines[name].model_dump().get("defenses", []) or []:

@@ -172,7 +172,13 @@ def test_features_of_a_traced_sequential_and_the_limits() -> None:
     assert FeatureExtractor(NotAChain().eval(), (1, 8, 8)).layer == "b"
     # a Classifier with no findable features says so instead of raising from has_features
     spec = InputSpec((1, 8, 8), tuple("0123456789"))
-    assert not Classifier(torch.jit.trace(NotAChain().eval(), torch.zeros(1, 1, 8, 8)), spec).has_features
+    wrapped = Classifier(torch.jit.trace(NotAChain().eval(), torch.zeros(1, 1, 8, 8)), spec)
+    assert not wrapped.has_features()
+    # ... and it still traces (the service's inference copy, `shieldserve export`): torch.jit.trace
+    # probes attributes with hasattr, and a property raising FeatureError broke every trace
+    traced = torch.jit.trace(wrapped.eval(), torch.zeros(2, 1, 8, 8))
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.allclose(traced(x), wrapped(x))
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -212,7 +218,7 @@ def test_mnist_shapes_are_unchanged(default_bundle: Path) -> None:
     b = Bundle.load(default_bundle)
     for name in ("defensegan_generator", "magnet_ae_i", "magnet_ae_ii"):
         b.module(name)
-    assert b.classifier().extractor.method == "features"
+    assert b.classifier().feature_extractor().method == "features"
 
 
 # ---------------------------------------------------------------------------- bundles

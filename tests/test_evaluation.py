@@ -581,3 +581,27 @@ def test_certificates_are_shared_only_by_the_same_smoothed_classifier(quick_bund
     assert certify_key(den, 4, 100) != certify_key(den, 4, 200)
     sm = targets.anatomy(first["smoothing"])
     assert certify_key(replace(sm, labeler=other), 4, 100) == certify_key(sm, 4, 100)
+
+
+def test_the_adaptive_attack_scores_squeezing_with_gradients(quick_bundle) -> None:
+    """`evaluate`'s adaptive section failed every pipeline holding `squeeze` ("no differentiable
+    score"): its served score now, the squeezers passed straight through (BPDA)."""
+    from models.bundle import Bundle
+    from service.defenses.base import DefenseEnv
+    from service.defenses.squeeze import squeeze_scores
+    from service.evaluation.adaptive import detector_ratios
+    from service.pipeline import Pipeline
+    from service.settings import load_settings
+
+    b = Bundle.load(quick_bundle)
+    clf = b.classifier()
+    env = DefenseEnv(bundle=b, classifier=clf, device=torch.device("cpu"),
+                     settings=load_settings(None, bundle=str(quick_bundle)))
+    [comp] = Pipeline.build("sq", {"defenses": ["squeeze"]}, env).components
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    ratios = detector_ratios(comp, clf)(x)
+    with torch.no_grad():
+        served = squeeze_scores(x, clf, comp.squeezers) / comp.threshold
+    assert ratios.shape == (4, 1) and torch.allclose(ratios.squeeze(1), served, atol=1e-5)
+    ratios.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0

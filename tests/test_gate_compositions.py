@@ -235,10 +235,27 @@ def test_a_config_pipeline_that_does_not_build_is_not_recorded(quick_bundle, mni
     config = tmp_path / "bad.yaml"
     config.write_text(json.dumps({"pipelines": {"bad": {"defenses": [MAGNET, {**SMOOTH, "bogus": 1}]}}}))
     with caplog.at_level(logging.WARNING, logger="shieldserve"):
-        quality.measure_pipelines(out, manifest, mnist, "quick", {"images": 20, "max_accuracy_drop": 0.1},
-                                  torch.device("cpu"), config=str(config))
+        broken = quality.measure_pipelines(out, manifest, mnist, "quick", {"images": 20, "max_accuracy_drop": 0.1},
+                                           torch.device("cpu"), config=str(config))
     assert "bad" not in manifest["quality"]["pipelines"] and "default" in manifest["quality"]["pipelines"]
     assert any("pipeline bad does not build" in r.getMessage() for r in caplog.records)
+    [line] = broken
+    assert line.startswith("pipeline 'bad' does not build") and "bogus" in line
+
+
+def test_train_with_a_config_serve_would_refuse_fails_after_saving_the_bundle(quick_bundle, tmp_path) -> None:
+    """`train --config` exited 0 on a config whose pipeline does not build (a typo'd option), and
+    `serve --config` then refused to start: the build now fails, naming it, the bundle saved."""
+    from models.train import build_bundle
+
+    out = tmp_path / "b"
+    shutil.copytree(quick_bundle, out)
+    config = tmp_path / "typo.yaml"
+    config.write_text(json.dumps({"pipelines": {"guarded": {"defenses": ["squeeze", {**SMOOTH, "sigmaa": 0.25}]}}}))
+    with pytest.raises(ValueError, match=r"pipeline 'guarded' does not build.*sigmaa.*--steps quality --config"):
+        build_bundle(out, steps=["squeeze"], config=str(config),
+                     options={"quality": {"images": 20, "max_accuracy_drop": 0.1}})
+    assert "squeeze" in Bundle.load(out).manifest["quality"]["defenses"]  # saved, with its verdicts
 
 
 def test_train_refuses_a_config_that_does_not_load_before_training(tmp_path) -> None:
@@ -296,3 +313,50 @@ def test_certify_judges_the_whole_pipeline_at_the_sigma_asked(quick_bundle, mnis
             r = client.post(f"/certify?pipeline={pipeline}&sigma={sigma}&n=20&n0=5", content=body,
                             headers={"Content-Type": "image/png"})
             assert r.status_code == 200, (pipeline, sigma, r.text)
+
+
+def test_evaluate_and_export_leave_out_a_composition_the_service_does_not_serve(quick_bundle, tmp_path) -> None:
+    """`shieldserve evaluate` (its default list) and `shieldserve export` follow the service's
+    decision on a composition, not only on its parts (they evaluated and exported one the gate
+    measured unusable whole)."""
+    from service.evaluation.harness import EvalConfig, Evaluation
+    from service.export import ExportRefused, export
+
+    both = [MAGNET, {"defense": "robust"}]
+    measured = {"guarded": {**_verdict(0.05), "passes": False, "usable": False,
+                            "reason": "clean validation accuracy 0.9500 is 0.0500 below", "defenses": both,
+                            "keys": ["magnet", "robust"]}}
+    bundle = _bundle(quick_bundle, tmp_path, {}, pipelines=measured)
+    config = tmp_path / "serve.yaml"
+    config.write_text(json.dumps({"pipelines": {"guarded": {"defenses": both}}}))
+    ev = Evaluation(EvalConfig(bundle=str(bundle), config=str(config), limit=2))
+    assert "guarded" not in ev.pipes and "robust" in ev.pipes
+    with pytest.raises(ExportRefused, match="0.0500 below"):
+        export(str(bundle), "guarded", tmp_path / "guarded.pt", str(config))
+    export(str(bundle), "robust", tmp_path / "robust.pt", str(config))
+    assert (tmp_path / "robust.pt").stat().st_size > 0
+
+
+def test_dataset_paths_are_recorded_absolute(tmp_path, monkeypatch) -> None:
+    from models.train import absolute_dataset
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_dataset("npz:digits.npz") == f"npz:{tmp_path / 'digits.npz'}"
+    assert absolute_dataset("idx:data/mnist") == f"idx:{tmp_path / 'data' / 'mnist'}"
+    assert absolute_dataset("npz:/abs/d.npz") == "npz:/abs/d.npz" and absolute_dataset("mnist5k") == "mnist5k"
+
+
+def test_a_failed_base_check_is_a_warning_at_start_up_and_in_the_table(quick_bundle, tmp_path, caplog) -> None:
+    """The quick preset records the base classifier's check without enforcing it: it was only
+    in the manifest, and every pipeline read `passed`."""
+    from models.recipes.quality import table
+
+    bundle = _bundle(quick_bundle, tmp_path, {}, enforce=False)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["quality"]["base"] = {"val_accuracy": 0.0, "images": 100,
+                            "reason": "the base classifier's clean validation accuracy is 0.0000 on 100 images"}
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    _, warnings = _serve(bundle, tmp_path, {"baseline": {"defenses": []}}, caplog)
+    assert any(w.startswith("the quality gate's check of the base classifier failed") for w in warnings)
+    assert "BASE CLASSIFIER: the base classifier's clean validation accuracy is 0.0000" in table(m)
+    assert "marked (not enforced: served anyway)" in table(m)

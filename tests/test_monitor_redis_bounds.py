@@ -194,14 +194,17 @@ def test_a_full_redis_keeps_its_blocks_and_suspects(redis_url, mnist, monkeypatc
     try:
         with pytest.raises(redis_lib.exceptions.ResponseError, match="maxmemory"):
             admin.set(m.redis.prefix + "probe", "1")  # the Redis is full
-        with pytest.raises(AttackSuspected) as exc:  # the screen script fails; the block is read
+        with pytest.raises(AttackSuspected) as exc:  # blocked: the script only reads, nothing to refuse
             m.screen(block, mnist.test.x[20:21], "ip:6.6.6.6")
         assert 800 <= exc.value.retry_after <= 900
+        assert events == [] and m._down_since is None
+        v = m.screen(reject, mnist.test.x[50:51], "ip:7.7.7.7")  # its script writes: refused; the mark is read
+        assert v.threshold == reject.suspect_threshold
         assert events == [True] and m._down_since is not None  # degraded
         clock.now += 1  # within retry_redis_s: the script is not tried, the block is still read
         with pytest.raises(AttackSuspected):
             m.screen(block, mnist.test.x[21:22], "ip:6.6.6.6")
-        v = m.screen(reject, mnist.test.x[50:51], "ip:7.7.7.7")  # the suspect mark is read too
+        v = m.screen(reject, mnist.test.x[53:54], "ip:7.7.7.7")  # the suspect mark is read too
         assert v.threshold == reject.suspect_threshold
         v = m.screen(reject, mnist.test.x[51:52], "ip:8.8.8.8")  # anyone else is answered
         assert v.flagged == [False] and v.threshold == reject.threshold

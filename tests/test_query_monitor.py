@@ -932,3 +932,29 @@ def test_a_401_on_certify_is_counted_like_one_on_predict(make_client, mnist) -> 
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
     assert unauthorized("predict") == before["predict"] + 1
     assert unauthorized("certify") == before["certify"] + 2
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_blocked_clients_refused_queries_are_not_remembered(store, request, mnist) -> None:
+    """Block mode: a blocked client's queries are refused (429) and so neither matched nor
+    remembered. Remembered, a blocked attacker's 429'd images got every other client's exact
+    copy of them rejected for the whole cooldown."""
+    import uuid
+
+    if store == "redis":
+        url = request.getfixturevalue("redis_url")
+        monitor = QueryMonitor(store="redis", redis_url=url, redis_prefix=f"t-{uuid.uuid4().hex[:8]}:", secret="b")
+    else:
+        monitor = QueryMonitor(secret="b")
+    policy = MonitorPolicy(action="block", block_after=1, cooldown_s=60, suspect_linf=0.0)
+    x = mnist.test.x[3:4]
+    monitor.screen(policy, x, "ip:6.6.6.6")
+    assert monitor.screen(policy, _near(x, 0), "ip:6.6.6.6").flagged == [True]
+    assert monitor.screen(policy, _near(x, 1), "ip:6.6.6.6").blocked_now
+    poison = mnist.test.x[40:41]
+    with pytest.raises(AttackSuspected):
+        monitor.screen(policy, poison, "ip:6.6.6.6")  # blocked: refused
+    v = monitor.screen(policy, poison, "ip:7.7.7.7")  # another client's first copy of that image
+    assert v.flagged == [False], v
+    if store == "redis":
+        assert monitor.redis is not None and monitor._down_since is None

@@ -218,7 +218,7 @@ def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any,
 @torch.no_grad()
 def measure_pipelines(bundle_path: Any, manifest: dict[str, Any], dataset: Any, preset: str,
                       options: dict[str, Any], device: torch.device, config: str | None = None,
-                      trusted_imports: tuple[str, ...] = ()) -> None:
+                      trusted_imports: tuple[str, ...] = ()) -> list[str]:
     """The served compositions, each as a whole: every pipeline of the service's configuration
     (the packaged one, with `config` merged over it: the file the bundle will be served with,
     whose settings the pipelines are built with, as `serve` builds them) that composes two or
@@ -227,7 +227,8 @@ def measure_pipelines(bundle_path: Any, manifest: dict[str, Any], dataset: Any, 
     defense list and the built pipeline's `settings_digest`, by which the service matches it:
     models.bundle.Bundle.composition). Measured again: a record `measure` marked stale (a step
     it used was rebuilt), whichever config gave it. A pipeline that does not build is not
-    recorded (serving it fails start-up with the same error), only logged."""
+    recorded (serving it fails start-up with the same error): returned, one line each, for
+    `shieldserve train` to fail on once the bundle is saved."""
     from models.bundle import Bundle, TRAINED_DEFENSES, defense_key, defense_name
     from service.pipeline import Pipeline
     from service.settings import load_settings
@@ -237,7 +238,7 @@ def measure_pipelines(bundle_path: Any, manifest: dict[str, Any], dataset: Any, 
         if config is not None:
             log.warning("--config %s: the quality gate is off (quality.images 0, the quick preset's default), so its "
                         "compositions are not measured", config)
-        return
+        return []
     q = _section(manifest, r)
     done = q.setdefault("pipelines", {})
     bundle = Bundle.load(bundle_path, trusted_imports=trusted_imports)
@@ -248,17 +249,21 @@ def measure_pipelines(bundle_path: Any, manifest: dict[str, Any], dataset: Any, 
             wanted.setdefault(name, rec.get("defenses") or [])
     gate = None
     measured: set[str] = set()
+    broken: list[str] = []
     for name, entries in wanted.items():
         keys = [defense_key(e) for e in entries]
         trained = [k for k in keys if defense_name(k) in TRAINED_DEFENSES]
-        if len(trained) < 2 or any(bundle.unusable(k) is not None for k in trained):
-            continue  # a single defense's verdict is the pipeline's; an unusable part is refused anyway
+        if any(bundle.unusable(k) is not None for k in trained):
+            continue  # the service leaves it out, saying why
         gate = gate or _Gate.open(bundle_path, dataset, r, device, trusted_imports, settings)
-        try:
+        try:  # every pipeline, so that a config `serve` would refuse fails here, not at deployment
             pipe = Pipeline.build(f"quality:{name}", {"defenses": entries}, gate.env)
         except Exception as exc:  # noqa: BLE001 - a configuration error: serve fails on it, loudly
             log.warning("quality gate: pipeline %s does not build, not measured: %s", name, exc)
+            broken.append(f"pipeline {name!r} does not build: {exc}")
             continue
+        if len(trained) < 2:
+            continue  # a single defense's verdict is the pipeline's
         digest = pipe.settings_digest
         current = done.get(name)
         if digest in measured or (current is not None and not current.get("stale")
@@ -272,6 +277,7 @@ def measure_pipelines(bundle_path: Any, manifest: dict[str, Any], dataset: Any, 
         measured.add(digest)
     for name in [n for n, rec in done.items() if rec.get("stale")]:
         del done[name]  # no longer buildable or served: a stale verdict must not stay
+    return broken
 
 
 @dataclass
@@ -463,5 +469,7 @@ def table(manifest: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
     head = (f"quality gate: {base.get('images', '?')} validation images; a defense more than "
-            f"{q.get('max_accuracy_drop', 0.02):.2f} below the base classifier is not served")
-    return "\n".join([head, *lines])
+            f"{q.get('max_accuracy_drop', 0.02):.2f} below the base classifier is "
+            + ("not served" if q.get("enforce") else "marked (not enforced: served anyway)"))
+    tail = [f"BASE CLASSIFIER: {base['reason']}"] if base.get("reason") else []
+    return "\n".join([head, *lines, *tail])

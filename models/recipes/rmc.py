@@ -103,7 +103,7 @@ def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildC
     g = seeded(ctx.seed, "rmc")
     clf = ctx.classifier()
     try:
-        clf.extractor
+        clf.feature_extractor()
     except FeatureError as exc:
         raise ValueError(f"rmc: {exc}") from exc
     trainable = default_trainable(clf) if r.trainable == "auto" else r.trainable
@@ -161,6 +161,6 @@ def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildC
                                                    "fraction_of_train_each": r.adv_fraction}},
         "settings": {"k": k, "lr": r.lr, "steps": r.steps, "patience": r.patience,
                      "stop_loss": r.stop_loss, "trainable": trainable, "optimizer": "adam"},
-        "features": clf.extractor.describe(),
+        "features": clf.feature_extractor().describe(),
         "metrics": metrics,
     })

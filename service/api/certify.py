@@ -131,9 +131,13 @@ async def _certify(request: Request, digest: str, owner: str | None, x, name: st
     store = request.app.state.store
     pipeline = runtime.pipelines[name]
     # the image's store key, not its bare digest: a certificate is scoped as its image is, so no
-    # key-holder is answered (or shown `cached`) from another's certificate
+    # key-holder is answered (or shown `cached`) from another's certificate. Without API keys the
+    # images are shared, but each client gets its own certificates (the requester last; the
+    # store still counts them in one shared pool): shared, one client could evict and re-draw the
+    # cached certificate another is served, choosing its noise, which alpha assumes nobody does
     key = (image_key(owner, digest), name, pipeline.settings_digest, runtime.bundle.version, opts["sigma"],
-           opts["n0"], opts["n"], opts["alpha"], opts.get("radius"), opts.get("seed"))
+           opts["n0"], opts["n"], opts["alpha"], opts.get("radius"), opts.get("seed"),
+           client if owner is None else None)
     try:  # the store is a cache here: one that is down costs the caching, not the answer
         cached = await store_call(runtime, store, lambda: store.get_certificate(key))
     except StoreUnavailable:

@@ -425,6 +425,9 @@ local ttl = tonumber(ARGV[5]); local n = tonumber(ARGV[6]); local client = ARGV[
 local out = {}
 out[1] = redis.call('PTTL', p .. 'blocked:' .. client)
 out[2] = redis.call('PTTL', p .. 'suspect:' .. client)
+-- block mode: a blocked client's queries are refused, so they are neither matched nor
+-- remembered (remembered, they got other clients' copies of those images rejected)
+if ARGV[8] == '1' and tonumber(out[1]) > 0 then return out end
 local gen = tonumber(redis.call('GET', p .. 'gen') or '0')
 local started = tonumber(redis.call('GET', p .. 'gen_started') or '0')
 local count = tonumber(redis.call('GET', p .. 'g' .. gen .. ':n') or '0')
@@ -446,7 +449,7 @@ if slots > 0 or count >= cap then
 end
 local ch, cd = p .. 'g' .. gen .. ':h', p .. 'g' .. gen .. ':d'
 local oh, od = p .. 'g' .. (gen - 1) .. ':h', p .. 'g' .. (gen - 1) .. ':d'
-local i = 8
+local i = 9
 while i <= #ARGV do
   local d = ARGV[i]
   local in_cur = redis.call('SISMEMBER', cd, d)
@@ -548,10 +551,14 @@ class RedisStore:
         self.client.set(self.prefix + "key", os.urandom(32), nx=True)
         return bytes(self.client.get(self.prefix + "key"))
 
-    def screen(self, client: str, digests: Sequence[bytes], hashes: np.ndarray) -> tuple[float, bool, list[int]]:
-        """(seconds the client stays blocked, whether it is a suspect, matches per query)."""
+    def screen(self, client: str, digests: Sequence[bytes], hashes: np.ndarray,
+               skip_blocked: bool = False) -> tuple[float, bool, list[int]]:
+        """(seconds the client stays blocked, whether it is a suspect, matches per query);
+        `skip_blocked` (block mode): a blocked client's queries are neither matched nor
+        remembered (no matches returned)."""
         n = hashes.shape[1]
-        args: list[Any] = [self.prefix, f"{time.time():.3f}", self.half_s, self.cap, self.ttl_s, n, client]
+        args: list[Any] = [self.prefix, f"{time.time():.3f}", self.half_s, self.cap, self.ttl_s, n, client,
+                           "1" if skip_blocked else "0"]
         for d, hs in zip(digests, hashes):
             raw = hs.astype(">u8").tobytes()
             args.append(d)
@@ -743,7 +750,8 @@ class QueryMonitor:
         if self._use_redis() and not self._key_pending:
             assert self.redis is not None
             try:
-                blocked_for, suspect, matches = self.redis.screen(tag, digests, hashes)
+                blocked_for, suspect, matches = self.redis.screen(tag, digests, hashes,
+                                                                  skip_blocked=policy.action == "block")
                 self._redis_ok()
             except self.redis.errors as exc:
                 self._redis_failed("screen", exc)
@@ -758,9 +766,13 @@ class QueryMonitor:
                     blocked_for, suspect = max(blocked_for, shared_for), suspect or shared_suspect
                 except self.redis.errors as exc:
                     self._redis_failed("reading the client's block", exc)
-            matches = self.memory.match(digests, hashes)
+            if not (policy.action == "block" and blocked_for > 0):
+                # a blocked client's queries are refused below: neither matched nor remembered
+                # (remembered, they got other clients' copies of those images rejected)
+                matches = self.memory.match(digests, hashes)
         if policy.action == "block" and blocked_for > 0:
             raise AttackSuspected(max(1, int(np.ceil(blocked_for))))
+        assert matches is not None
         width = hashes.shape[1]  # the hashes per image: top_n windows and the lines
         # a client flagged within block_window_s is a suspect: held to the lower threshold
         threshold = min(policy.suspect_threshold if suspect else policy.threshold, width)

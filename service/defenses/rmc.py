@@ -220,13 +220,19 @@ class TorchIndex(KnnIndex):
         return dist.to(queries.device), ids.to(queries.device)
 
 
+def _has_features(classifier: Any) -> bool:
+    """Whether a bundle Classifier finds its penultimate features (a bare network: no)."""
+    has = getattr(classifier, "has_features", None)
+    return bool(has()) if callable(has) else False
+
+
 def default_trainable(classifier: Any) -> str:
     """What RMC fine-tunes on a classifier: the dense `head` of the builtin networks, else the
     `last` Linear layer when it alone makes the logits, else `all` parameters."""
     net = getattr(classifier, "network", classifier)
     if all(hasattr(net, a) for a in ("body", "head", "out")):
         return "head"
-    if getattr(classifier, "has_features", False) and classifier.extractor.head is not None:
+    if _has_features(classifier) and classifier.feature_extractor().head is not None:
         return "last"
     return "all"
 
@@ -273,7 +279,7 @@ class Finetuner:
         net = getattr(classifier, "network", classifier)
         self.trainable = trainable
         if trainable == "last":
-            head = classifier.extractor.head if hasattr(classifier, "extractor") else None
+            head = classifier.feature_extractor().head if _has_features(classifier) else None
             if head is None:
                 raise ValueError("trainable='last' needs a network whose last Linear layer makes the logits "
                                  "from its penultimate features; use 'all'")

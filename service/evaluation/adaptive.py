@@ -69,7 +69,8 @@ def detector_ratios(component: Any, classify: Fn) -> Fn:
     MagNet: reconstruction errors and JS divergences of its autoencoders (the same formulas
     as service.defenses.magnet.detector_scores). NeuralFP: min_k D_k with the real (secret)
     fingerprints (the served score: min, predicted-class or either): the white-box attacker
-    knows them."""
+    knows them. Squeezing: its score (service.defenses.squeeze.squeeze_scores) with the
+    squeezers passed straight through (BPDA): evaluate failed every pipeline holding it."""
     if component.defense == "magnet":
         names, thr, aes = component.names, component.thresholds, component.autoencoders
 
@@ -96,6 +97,22 @@ def detector_ratios(component: Any, classify: Fn) -> Fn:
             return (match_score(logits, dist, match, taus) / thr_fp).unsqueeze(1)
 
         return neuralfp
+    if component.defense == "squeeze":
+        from service.defenses.squeeze import squeeze
+
+        squeezers, thr_sq = component.squeezers, component.threshold
+
+        def squeezed(x: torch.Tensor, name: str) -> torch.Tensor:
+            # BPDA (straight-through): the 1-bit rounding has no gradient, the median's is sparse
+            return x + (squeeze(x, name) - x).detach()
+
+        def squeezing(x: torch.Tensor) -> torch.Tensor:
+            p = torch.softmax(classify(x).float(), dim=1)
+            d = torch.stack([(p - torch.softmax(classify(squeezed(x, n)).float(), dim=1)).abs().sum(1)
+                             for n in squeezers])
+            return (d.max(dim=0).values / thr_sq).unsqueeze(1)
+
+        return squeezing
     raise ValueError(f"no differentiable score for the {component.defense} detector")
 
 

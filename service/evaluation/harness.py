@@ -127,6 +127,12 @@ class Evaluation:
             raise SystemExit(f"--offset {cfg.offset} is past the {len(test.y)} test digits of the stratified order")
         span = f"first {len(self.y)} digits" if not cfg.offset else f"digits {cfg.offset + 1}-{cfg.offset + len(self.y)}"
         self.pipes = {n: Pipeline.build(n, settings.pipelines[n].model_dump(), env) for n in names}
+        if not cfg.pipelines:  # as the service: a composition the gate did not pass as a whole is left out
+            for n in list(self.pipes):
+                reason = self.bundle.composition_refusal(settings.pipelines[n].defenses, self.pipes[n].settings_digest)
+                if reason is not None:
+                    log.warning("pipeline %s is not evaluated: %s", n, reason)
+                    del self.pipes[n]
         self.report: dict[str, Any] = {
             "command": self.scrub(cfg.command), "bundle": str(cfg.bundle), "bundle_version": self.bundle.version,
             "dataset": f"{ds.name} test split, {span} stratified by class",
