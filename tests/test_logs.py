@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+from collections.abc import Iterator
 
 from service.logs import JsonFormatter
 from tests.conftest import png
 
 
-def test_access_log_is_json_with_the_request_id(make_client, mnist):
+@contextlib.contextmanager
+def _captured(formatter: logging.Formatter, name: str = "shieldserve.access") -> Iterator[io.StringIO]:
+    """What the logger `name` writes meanwhile, through `formatter`."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("shieldserve.access")
+    handler.setFormatter(formatter)
+    logger = logging.getLogger(name)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_access_log_is_json_with_the_request_id(make_client, mnist):
+    with _captured(JsonFormatter()) as stream:
         c = make_client(admin_api_key="s3cret-admin-key")
         c.post("/predict?pipeline=baseline", content=png(mnist.test.x[0]),
                headers={"content-type": "image/png", "x-request-id": "trace-123"})
         c.get("/healthz")
-    finally:
-        logger.removeHandler(handler)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     predict = next(line for line in lines if line.get("path") == "/predict")
     assert predict["request_id"] == "trace-123" and predict["status"] == 200 and predict["seconds"] > 0
@@ -63,18 +72,10 @@ def test_plain_text_logs_keep_a_client_path_on_one_line_and_cut(make_client):
     was a newline in the access line: a client forged log records. Escaped now, and cut."""
     from service.logs import LOGGED_PATH_CHARS, TextFormatter
 
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(TextFormatter())
-    logger = logging.getLogger("shieldserve.access")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with _captured(TextFormatter()) as stream:
         c = make_client()
         c.post('/predict%0A{"level":"error","message":"FORGED"}', content=b"x")
         c.get("/" + "a" * 5000)
-    finally:
-        logger.removeHandler(handler)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2, lines
     assert '/predict\\x0a{"level":"error","message":"FORGED"} 404' in lines[0]
@@ -84,19 +85,13 @@ def test_plain_text_logs_keep_a_client_path_on_one_line_and_cut(make_client):
 def test_text_formatter_escapes_messages_and_keeps_tracebacks():
     from service.logs import TextFormatter
 
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(TextFormatter())
     logger = logging.getLogger("test.text_formatter")
-    logger.addHandler(handler)
     logger.propagate = False
-    try:
+    with _captured(TextFormatter(), logger.name) as stream:
         try:
             raise ValueError("boom")
         except ValueError:
             logger.exception("failed on %s", "/x\r\nforged\x1b[31m")
-    finally:
-        logger.removeHandler(handler)
     first, *trace = stream.getvalue().splitlines()
     assert first.endswith("failed on /x\\x0d\\x0aforged\\x1b[31m")
     assert trace[0] == "Traceback (most recent call last):" and trace[-1] == "ValueError: boom"
