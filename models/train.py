@@ -334,9 +334,10 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     writer.manifest["build"]["seconds"] = round(time.monotonic() - started, 1)
     path = writer.save()
     if ctx.broken_pipelines:  # the bundle is saved; `serve --config` would refuse to start on these
-        raise ValueError(f"the bundle at {out} is built, but the --config {ctx.config} does not serve on it: "
+        given = f"--config {ctx.config}" if ctx.config else "the service configuration"
+        raise ValueError(f"the bundle at {out} is built, but {given} does not serve on it: "
                          + "; ".join(ctx.broken_pipelines) + " (fix the config, then measure it with "
-                         f"`shieldserve train --out {out} --steps quality --config {ctx.config}`)")
+                         f"`shieldserve train --out {out} --steps quality --config CONFIG`)")
     return path
 
 

@@ -241,6 +241,12 @@ def test_a_config_pipeline_that_does_not_build_is_not_recorded(quick_bundle, mni
     assert any("pipeline bad does not build" in r.getMessage() for r in caplog.records)
     [line] = broken
     assert line.startswith("pipeline 'bad' does not build") and "bogus" in line
+    # a stale record of a pipeline no config serves now, which no longer builds: dropped, no failure
+    manifest["quality"]["pipelines"]["gone"] = {"stale": True, "defenses": [MAGNET, {**SMOOTH, "bogus": 1}],
+                                                "keys": ["magnet", "smoothing"]}
+    assert quality.measure_pipelines(out, manifest, mnist, "quick", {"images": 20, "max_accuracy_drop": 0.1},
+                                     torch.device("cpu")) == []
+    assert "gone" not in manifest["quality"]["pipelines"]
 
 
 def test_train_with_a_config_serve_would_refuse_fails_after_saving_the_bundle(quick_bundle, tmp_path) -> None:

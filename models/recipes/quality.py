@@ -259,8 +259,9 @@ def measure_pipelines(bundle_path: Any, manifest: dict[str, Any], dataset: Any, 
         try:  # every pipeline, so that a config `serve` would refuse fails here, not at deployment
             pipe = Pipeline.build(f"quality:{name}", {"defenses": entries}, gate.env)
         except Exception as exc:  # noqa: BLE001 - a configuration error: serve fails on it, loudly
-            log.warning("quality gate: pipeline %s does not build, not measured: %s", name, exc)
-            broken.append(f"pipeline {name!r} does not build: {exc}")
+            if name in settings.pipelines:  # a stale record's old pipeline is only dropped (below)
+                log.warning("quality gate: pipeline %s does not build, not measured: %s", name, exc)
+                broken.append(f"pipeline {name!r} does not build: {exc}")
             continue
         if len(trained) < 2:
             continue  # a single defense's verdict is the pipeline's
