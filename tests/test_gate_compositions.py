@@ -292,6 +292,9 @@ def test_certify_refuses_a_sigma_the_gate_found_unusable(quick_bundle, mnist, tm
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", r.text
         assert "sigma=0.5 is not served on pipeline 'denoised'" in r.json()["error"]["message"]
         assert "0.0233 below" in r.json()["error"]["message"]
+        r = client.post("/certify?pipeline=denoised&sigma=0.3&n=20&n0=5", content=body,
+                        headers={"Content-Type": "image/png"})
+        assert r.status_code == 422 and r.json()["error"]["message"].endswith("choose from [0.25]"), r.text
         for pipeline, sigma in (("denoised", 0.25), ("smoothing", 0.25), ("smoothing", 0.5)):
             r = client.post(f"/certify?pipeline={pipeline}&sigma={sigma}&n=20&n0=5", content=body,
                             headers={"Content-Type": "image/png"})

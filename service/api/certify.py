@@ -96,14 +96,19 @@ def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int 
     if n0 > cfg.max_n0:
         raise ApiError(422, "invalid_parameter", f"n0={n0} is above this server's maximum of {cfg.max_n0}")
     sigma = float(decider.sigma) if sigma is None else float(sigma)  # type: ignore[attr-defined]
-    if sigma not in decider.sigmas:  # type: ignore[attr-defined]
-        raise ApiError(422, "invalid_parameter", f"sigma={sigma:g} is not available on pipeline {name!r}; "
-                       f"choose from {[float(s) for s in decider.sigmas]}")  # type: ignore[attr-defined]
     # each sigma's network has its own quality-gate verdict (models.bundle.defense_key): one the
     # gate found ruins clean accuracy, or did not measure where it is enforced, is not served here
     # either (the pipeline's own sigma passed it, or the pipeline would not be served)
-    unusable = runtime.bundle.unusable(defense_key({"defense": "smoothing", "sigma": sigma,
-                                                    "denoiser": bool(getattr(decider, "use_denoiser", False))}))
+    denoiser = bool(getattr(decider, "use_denoiser", False))
+
+    def refused(s: float) -> str | None:
+        return runtime.bundle.unusable(defense_key({"defense": "smoothing", "sigma": s, "denoiser": denoiser}))
+
+    if sigma not in decider.sigmas:  # type: ignore[attr-defined]
+        served = [float(s) for s in decider.sigmas if refused(float(s)) is None]  # type: ignore[attr-defined]
+        raise ApiError(422, "invalid_parameter", f"sigma={sigma:g} is not available on pipeline {name!r}; "
+                       f"choose from {served}")
+    unusable = refused(sigma)
     if unusable is None and sigma != float(decider.sigma):  # type: ignore[attr-defined]
         # and the pipeline as a whole at that sigma (MagNet's rejections with its abstentions):
         # its gate record is of the configured sigma, so its parts' bound speaks for it
