@@ -77,21 +77,22 @@ class Runtime:
         self.pipelines: dict[str, Pipeline] = {}
         # pipelines left out because a defense they need is unusable on this bundle, and why
         self.unavailable: dict[str, str] = {}
+        # each served pipeline's own gate verdict as a whole (None: one trained defense or fewer)
+        together: dict[str, dict[str, Any] | None] = {}
         for name, cfg in settings.pipelines.items():
-            reason = self._unusable(cfg.model_dump())
-            if reason is not None:
-                log.warning("pipeline %s is not served: %s", name, reason)
-                self.unavailable[name] = reason
-                continue
-            pipeline = Pipeline.build(name, cfg.model_dump(), env)  # a config error fails start-up
-            # its parts pass one by one; together? (built first: a pipeline that does not build is
-            # a configuration error, not a gate verdict)
-            reason = self.bundle.composition_refusal(cfg.model_dump().get("defenses", []), pipeline.settings_digest)
-            if reason is not None:
-                log.warning("pipeline %s is not served: %s", name, reason)
-                self.unavailable[name] = reason
-                continue
-            self.pipelines[name] = pipeline
+            config = cfg.model_dump()
+            reason = self._unusable(config)
+            if reason is None:
+                pipeline = Pipeline.build(name, config, env)  # a config error fails start-up
+                # its parts pass one by one; together? (built first: a pipeline that does not build
+                # is a configuration error, not a gate verdict)
+                together[name] = self.bundle.composition(config.get("defenses", []), pipeline.settings_digest)
+                if together[name] is None or together[name].get("usable", True):
+                    self.pipelines[name] = pipeline
+                    continue
+                reason = str(together[name].get("reason", "marked unusable by the quality gate"))
+            log.warning("pipeline %s is not served: %s", name, reason)
+            self.unavailable[name] = reason
         if settings.default_pipeline in self.unavailable and self.pipelines:
             fallback = next((n for n, p in self.pipelines.items() if p.components), next(iter(self.pipelines)))
             log.warning("default pipeline %s is not served (%s); the default is %s instead",
@@ -102,7 +103,7 @@ class Runtime:
                                       f"pipelines: {sorted(self.pipelines)}")
         # served defenses the quality gate did not vouch for (measured below it but not enforced,
         # or never measured): served, since the bundle says so, but never silently
-        self.quality_status: dict[str, tuple[str | None, str | None]] = self._gate_warnings(settings)
+        self.quality_status: dict[str, tuple[str | None, str | None]] = self._gate_warnings(settings, together)
         # the quality gate found the monitor flags too many of this bundle's own benign images
         # (near-duplicate data): every pipeline runs without it, and /pipelines says why
         self.monitor_off: str | None = self.bundle.unusable(GATE_KEY)
@@ -286,11 +287,13 @@ class Runtime:
                 return f"{key}: {reason}"
         return None
 
-    def _gate_warnings(self, settings: Settings) -> dict[str, tuple[str | None, str | None]]:
+    def _gate_warnings(self, settings: Settings, together: dict[str, dict[str, Any] | None]
+                       ) -> dict[str, tuple[str | None, str | None]]:
         """Each served pipeline's quality-gate status, and one WARNING per served defense the
         gate did not pass: "below_gate_not_enforced" (measured below it on a bundle whose gate
         does not enforce, e.g. the quick preset) or "unmeasured" (no verdict: the gate was off,
-        `quality.images` 0). Returns {pipeline: (status, note)}: the worst status of its
+        `quality.images` 0), and per pipeline its verdict as a whole (`together`, computed as it was
+        built). Returns {pipeline: (status, note)}: the worst status of its
         trained defenses ("passed" when all passed; None when it has none) and the warnings."""
         gate = self.bundle.manifest.get("quality", {})
         dataset = self.bundle.manifest.get("build", {}).get("dataset", "DATASET")
@@ -333,16 +336,14 @@ class Runtime:
             keys = [k for k, names in users.items() if name in names]
             found = [status[k] for k in keys]
             said = [notes[k] for k in keys if k in notes]
-            together = self.bundle.composition(settings.pipelines[name].model_dump().get("defenses", []),
-                                               self.pipelines[name].settings_digest)
-            if together is not None and together.get("passes") is not True:
-                # its parts' verdicts are above; this is the pipeline's own (models.bundle.Bundle.composition)
-                found.append("below_gate_not_enforced" if together.get("passes") is False else "unmeasured")
-                why = str(together.get("reason"))
+            whole = together.get(name)  # the pipeline's own verdict (models.bundle.Bundle.composition)
+            if whole is not None and whole.get("passes") is not True:
+                below = whole.get("passes") is False
+                found.append("below_gate_not_enforced" if below else "unmeasured")
+                why = str(whole.get("reason"))
                 if "not enforced" not in why:
                     why += "; quality.enforce is false on this bundle"
-                note = (f"pipeline {name} is served {'below the quality gate' if together.get('passes') is False else 'unmeasured'}"
-                        f" as a whole: {why}")
+                note = f"pipeline {name} is served {'below the quality gate' if below else 'unmeasured'} as a whole: {why}"
                 log.warning("%s", note)
                 said.append(note)
             pick = next((w for w in worst if w in found), None)

@@ -266,12 +266,9 @@ def measure_pipelines(bundle_path: Any, manifest: dict[str, Any], dataset: Any, 
         if len(trained) < 2:
             continue  # a single defense's verdict is the pipeline's
         digest = pipe.settings_digest
-        current = done.get(name)
-        if digest in measured or (current is not None and not current.get("stale")
-                                  and current.get("settings_digest") == digest):
-            continue
-        if any(rec.get("settings_digest") == digest and not rec.get("stale") for rec in done.values()):
-            continue
+        if digest in measured or any(rec.get("settings_digest") == digest and not rec.get("stale")
+                                     for rec in done.values()):
+            continue  # measured already, this run or before
         record = gate.score(entries, f"quality gate pipeline {name}", r, pipe=pipe)
         record.pop("pipeline", None)
         done[name] = {**record, "defenses": entries, "keys": keys, "settings_digest": digest}

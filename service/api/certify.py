@@ -115,9 +115,7 @@ def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int 
         config = runtime.settings.pipelines.get(name)
         entries = [{**e, "sigma": sigma} if isinstance(e, dict) and e.get("defense") == "smoothing" else e
                    for e in (config.model_dump().get("defenses", []) if config is not None else [])]
-        together = runtime.bundle.composition(entries)
-        if together is not None and not together.get("usable", True):
-            unusable = str(together.get("reason"))
+        unusable = runtime.bundle.composition_refusal(entries)
     if unusable is not None:
         raise ApiError(422, "invalid_parameter", f"sigma={sigma:g} is not served on pipeline {name!r}: {unusable}")
     opts: dict[str, Any] = {"sigma": sigma, "n": n, "n0": n0, "alpha": cfg.alpha if alpha is None else alpha}

@@ -28,18 +28,22 @@ def echo(value: object) -> str:
     return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
 
 
+def endpoint_of(path: str) -> str | None:
+    """The `endpoint` label of a path that runs a pipeline (`predict`, `certify`, `infer`), or None."""
+    if path in ("/predict", "/certify"):
+        return path[1:]
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "infer"
+    return None
+
+
 def count_refused(app: object, path: str) -> None:
     """A request to `/predict`, `/certify` or `/v2` infer refused before its handler counted it
     (a query parameter or header that does not validate, a body over the limit): counted in
     requests_total as outcome `error` under pipeline `unknown`, as the handler's `tracked` counts
     its own failures (those 4xx were in no metric, and the error-rate alert missed them)."""
-    if path == "/predict":
-        endpoint = "predict"
-    elif path == "/certify":
-        endpoint = "certify"
-    elif path.startswith("/v2/models/") and path.endswith("/infer"):
-        endpoint = "infer"
-    else:
+    endpoint = endpoint_of(path)
+    if endpoint is None:
         return
     metrics = getattr(getattr(getattr(app, "state", None), "runtime", None), "metrics", None)
     if metrics is not None:

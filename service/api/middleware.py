@@ -11,7 +11,7 @@ import secrets
 import time
 from typing import Any
 
-from service.api.errors import count_refused, internal_error_response, is_oip
+from service.api.errors import count_refused, endpoint_of, internal_error_response, is_oip
 from service.logs import logged_path, request_id_var
 
 access_log = logging.getLogger("shieldserve.access")
@@ -25,11 +25,6 @@ _ID_COUNTER = itertools.count(1)
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
-
-
-def _does_work(path: str) -> bool:
-    """Routes whose work is worth stopping when the client goes away."""
-    return path in ("/predict", "/certify") or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
 def _replay_once(body: bytes, receive: Any) -> Any:
@@ -85,7 +80,7 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if not _does_work(scope["path"]):  # health, metadata, metrics: nothing to stop
+        if endpoint_of(scope["path"]) is None:  # health, metadata, metrics: no pipeline work to stop
             return await self.app(scope, _replay_once(body, receive), send)
         replayed = False
         task = asyncio.current_task()
