@@ -294,7 +294,8 @@ class Runtime:
         does not enforce, e.g. the quick preset) or "unmeasured" (no verdict: the gate was off,
         `quality.images` 0), and per pipeline its verdict as a whole (`together`, computed as it was
         built). Returns {pipeline: (status, note)}: the worst status of its
-        trained defenses ("passed" when all passed; None when it has none) and the warnings."""
+        trained defenses ("passed" when all passed; None when it has none; "below_gate_not_enforced"
+        for every pipeline when the gate's check of the base classifier failed) and the warnings."""
         gate = self.bundle.manifest.get("quality", {})
         dataset = self.bundle.manifest.get("build", {}).get("dataset", "DATASET")
         fix = (f"to measure and enforce it: `shieldserve train --out {settings.bundle} --dataset {dataset} "
@@ -346,6 +347,10 @@ class Runtime:
                 note = f"pipeline {name} is served {'below the quality gate' if below else 'unmeasured'} as a whole: {why}"
                 log.warning("%s", note)
                 said.append(note)
+            if base_note:  # every pipeline serves the base classifier (or is measured against it)
+                found.append("below_gate_not_enforced")
+                said.append(f"the quality gate's check of the base classifier failed (not enforced on this "
+                            f"bundle): {base_note}")
             pick = next((w for w in worst if w in found), None)
             out[name] = (pick, "; ".join(said) or None)
         return out

@@ -355,7 +355,7 @@ def test_dataset_paths_are_recorded_absolute(tmp_path, monkeypatch) -> None:
     assert absolute_dataset("npz:/abs/d.npz") == "npz:/abs/d.npz" and absolute_dataset("mnist5k") == "mnist5k"
 
 
-def test_a_failed_base_check_is_a_warning_at_start_up_and_in_the_table(quick_bundle, tmp_path, caplog) -> None:
+def test_a_failed_base_check_is_a_warning_at_start_up_in_pipelines_and_in_the_table(quick_bundle, tmp_path, caplog) -> None:
     """The quick preset records the base classifier's check without enforcing it: it was only
     in the manifest, and every pipeline read `passed`."""
     from models.recipes.quality import table
@@ -365,7 +365,11 @@ def test_a_failed_base_check_is_a_warning_at_start_up_and_in_the_table(quick_bun
     m["quality"]["base"] = {"val_accuracy": 0.0, "images": 100,
                             "reason": "the base classifier's clean validation accuracy is 0.0000 on 100 images"}
     (bundle / "manifest.json").write_text(json.dumps(m))
-    _, warnings = _serve(bundle, tmp_path, {"baseline": {"defenses": []}}, caplog)
+    body, warnings = _serve(bundle, tmp_path, {"baseline": {"defenses": []}}, caplog)
     assert any(w.startswith("the quality gate's check of the base classifier failed") for w in warnings)
+    # /pipelines says so too: the pipeline serves that classifier (it read `passed` or null before)
+    [p] = [p for p in body["pipelines"] if p["name"] == "baseline"]
+    assert p["quality"] == "below_gate_not_enforced"
+    assert "check of the base classifier failed" in p["quality_warning"] and "0.0000 on 100 images" in p["quality_warning"]
     assert "BASE CLASSIFIER: the base classifier's clean validation accuracy is 0.0000" in table(m)
     assert "marked (not enforced: served anyway)" in table(m)

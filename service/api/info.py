@@ -18,7 +18,8 @@ class PipelineWithQuality(PipelineOut):
     quality: Literal["passed", "below_gate_not_enforced", "unmeasured"] | None = Field(
         None, description="what the bundle's quality gate says of this pipeline's defenses (the worst of them): "
                           "passed; below_gate_not_enforced (measured below the gate, served because the bundle "
-                          "does not enforce it); unmeasured (no verdict); null for a pipeline without defenses")
+                          "does not enforce it); unmeasured (no verdict); null for a pipeline without defenses. Every pipeline reads "
+                          "below_gate_not_enforced when the gate's check of the base classifier itself failed")
     quality_warning: str | None = Field(
         None, description="for a pipeline not `passed`: which defense, its measured figures, how to enforce the gate")
 
