@@ -162,9 +162,14 @@ class FeatureExtractor:
             buf.seek(0)
             chain = _chain(torch.jit.load(buf, map_location=probe.device).eval(), probe)
         if chain is None:
+            # a TorchScript module takes no hooks, so a named layer is reachable only along a chain
+            what = (f"--feature-layer {layer!r} cannot be used: a TorchScript classifier's layers are reached only "
+                    f"along a chain of its submodules, and this one's forward is not one"
+                    if layer is not None else
+                    "this TorchScript classifier's forward is not a chain of its submodules, so its penultimate "
+                    "features cannot be found")
             raise FeatureError(
-                "this TorchScript classifier's forward is not a chain of its submodules, so its penultimate "
-                "features cannot be found; export an nn.Sequential (torch.jit.trace of one is a chain), "
+                f"{what}; export an nn.Sequential (torch.jit.trace of one is a chain), "
                 "add a `features(x)` method marked @torch.jit.export, or bring it with import:")
         names = [n for n, _ in chain]
         if layer is not None:

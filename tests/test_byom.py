@@ -168,6 +168,9 @@ def test_features_of_a_traced_sequential_and_the_limits() -> None:
 
     with pytest.raises(FeatureError, match="not a chain"):
         FeatureExtractor(torch.jit.trace(NotAChain().eval(), torch.zeros(1, 1, 8, 8)), (1, 8, 8))
+    # naming the layer cannot help there, and the message says why rather than only "not a chain"
+    with pytest.raises(FeatureError, match="--feature-layer 'a' cannot be used: a TorchScript classifier"):
+        FeatureExtractor(torch.jit.trace(NotAChain().eval(), torch.zeros(1, 1, 8, 8)), (1, 8, 8), layer="a")
     # ... the same network in eager form works (hooks)
     assert FeatureExtractor(NotAChain().eval(), (1, 8, 8)).layer == "b"
     # a Classifier with no findable features says so instead of raising from has_features
