@@ -5,7 +5,9 @@ the server keeps answering for `drain_seconds`, so a gateway or orchestrator sto
 new work; then uvicorn stops accepting connections, lets in-flight requests finish (up to
 `graceful_timeout_s`), and the app shuts down. A second signal exits at once.
 
-With `workers > 1` every worker is a separate process that loads the bundle itself; the
+With `workers > 1` uvicorn's supervisor sends each worker SIGTERM and waits for it; each
+worker drains as the single process does (`drain_in_worker`). Every worker is a separate
+process that loads the bundle itself; the
 Prometheus metrics of all of them are aggregated through prometheus-client's multiprocess
 mode (a directory named by PROMETHEUS_MULTIPROC_DIR, wiped at start).
 
@@ -20,9 +22,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import uvicorn
@@ -32,25 +35,57 @@ from service.settings import Settings, load_settings
 log = logging.getLogger("shieldserve")
 
 
-class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: Any, drain_seconds: float) -> None:
-        super().__init__(config)
-        self._app = app
-        self._drain_seconds = drain_seconds
-        self._draining = False
+class Drain:
+    """The drain, in front of uvicorn's exit handler `exit`: the first SIGTERM or SIGINT turns
+    readiness false and calls `exit` after `seconds`; a second signal (or `seconds` <= 0) calls it
+    at once."""
 
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        if self._draining or self._drain_seconds <= 0:
-            return super().handle_exit(sig, frame)
-        self._draining = True
-        self._app.state.draining = True
-        runtime = getattr(self._app.state, "runtime", None)
+    def __init__(self, app: Any, seconds: float, exit: Callable[[int, Any], None]) -> None:
+        self.app, self.seconds, self.exit = app, seconds, exit
+        self.draining = False
+
+    def __call__(self, sig: int, frame: Any) -> None:
+        if self.draining or self.seconds <= 0:
+            return self.exit(sig, frame)
+        self.draining = True
+        self.app.state.draining = True
+        runtime = getattr(self.app.state, "runtime", None)
         if runtime is not None:
             runtime.ready = False
-        log.info("signal %s: draining for %.1fs before shutting down", sig, self._drain_seconds)
-        timer = threading.Timer(self._drain_seconds, super().handle_exit, (sig, frame))
+        log.info("signal %s: draining for %.1fs before shutting down", sig, self.seconds)
+        timer = threading.Timer(self.seconds, self.exit, (sig, frame))
         timer.daemon = True
         timer.start()
+
+
+class DrainingServer(uvicorn.Server):
+    """One process: uvicorn's server with the drain in front of its exit handler."""
+
+    def __init__(self, config: uvicorn.Config, app: Any, drain_seconds: float) -> None:
+        super().__init__(config)
+        self._drain = Drain(app, drain_seconds, super().handle_exit)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._drain(sig, frame)
+
+
+def drain_in_worker(app: Any, drain_seconds: float) -> bool:
+    """Put the drain in front of uvicorn's exit handler in a `--workers` process. uvicorn's
+    supervisor answers SIGTERM by sending SIGTERM to each worker and waiting for it; the worker's
+    server installs its exit handler (one method, for SIGTERM and SIGINT) before it loads the
+    app, that is before this factory runs, so the drain wraps the handler found. Returns whether
+    it did (not where no uvicorn server's handler is installed, e.g. outside the main thread)."""
+    if drain_seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        return False
+    exit = signal.getsignal(signal.SIGTERM)
+    server = getattr(exit, "__self__", None)
+    if not isinstance(server, uvicorn.Server) or signal.getsignal(signal.SIGINT) != exit:
+        log.warning("no uvicorn exit handler found in this worker: a signal stops it without the drain")
+        return False
+    drain = Drain(app, drain_seconds, exit)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, drain)
+    return True
 
 
 def torch_threads(settings: Settings, default: int) -> int | None:
@@ -86,7 +121,9 @@ def worker_app() -> Any:
     settings = load_settings()
     configure_logging(settings.log_level, settings.json_logs)
     apply_process_settings(settings)
-    return create_app(settings)
+    app = create_app(settings)
+    drain_in_worker(app, settings.drain_seconds)
+    return app
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

@@ -273,3 +273,30 @@ def test_sigterm_turns_readiness_off_first_and_finishes_in_flight_requests(quick
         assert proc.wait(30) in (0, -signal.SIGTERM)
     finally:
         _stop(proc)
+
+
+@pytest.mark.slow
+def test_sigterm_drains_every_worker_too(quick_bundle, mnist):
+    """--workers 2: uvicorn's supervisor forwards SIGTERM to its workers, and each drains as the
+    single process does (it closed its listener at the signal, with no drain, before)."""
+    port = _free_port()
+    proc = _start(quick_bundle, port, "--workers", "2", SHIELDSERVE_DRAIN_SECONDS="3", SHIELDSERVE_TORCH_THREADS="1",
+                  SHIELDSERVE_WARMUP="false", SHIELDSERVE_LOG_LEVEL="info")
+    try:
+        _wait_ready(port, proc)
+        time.sleep(2)  # the second worker may still be starting
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        seen = set()
+        for _ in range(12):  # new connections, so that both workers answer some
+            r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+            seen.add((r.status_code, r.json()["status"]))
+            ok = httpx.post(f"http://127.0.0.1:{port}/predict?pipeline=baseline", content=png(mnist.test.x[0]),
+                            headers={"content-type": "image/png"}, timeout=30)
+            assert ok.status_code == 200  # still answering during the drain
+        assert seen == {(503, "draining")}
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        _stop(proc)
+    lines = [json.loads(line) for line in proc.stdout.read().decode().splitlines() if line.startswith("{")]
+    assert sum("draining for 3.0s" in r.get("message", "") for r in lines) == 2
