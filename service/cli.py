@@ -106,9 +106,10 @@ def _train(args: argparse.Namespace) -> int:
         options.setdefault("quality", {})["max_accuracy_drop"] = args.max_accuracy_drop
     from service.settings import load_settings
 
-    # --trust-import, and the `trusted_imports` setting (SHIELDSERVE_TRUSTED_IMPORTS, the config
-    # named by SHIELDSERVE_CONFIG) as `serve` reads it; what --classifier import: names is trusted
-    trusted = [*(args.trust_import or []), *load_settings(None, bundle=args.out).trusted_imports]
+    # --trust-import, and the `trusted_imports` setting (--config, else the config named by
+    # SHIELDSERVE_CONFIG; SHIELDSERVE_TRUSTED_IMPORTS) as `serve` reads it; what --classifier
+    # import: names is trusted
+    trusted = [*(args.trust_import or []), *load_settings(args.config, bundle=args.out).trusted_imports]
     manifest = build_bundle(args.out, dataset=args.dataset, preset=args.preset, seed=args.seed,
                             steps=args.steps, classifier=classifier,
                             device=args.device, input_overrides=overrides, options=options,
@@ -185,7 +186,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             return 0
         args.sections = ",".join(sections)
     pipelines = [p for item in (args.pipelines or []) for p in item.split(",") if p] or None
-    cfg = EvalConfig(bundle=args.bundle, out=args.out, pipelines=pipelines, limit=args.limit, offset=args.offset,
+    cfg = EvalConfig(bundle=_bundle(args), out=args.out, pipelines=pipelines, limit=args.limit, offset=args.offset,
                      pipeline_limit=_pairs(args.pipeline_limit), budget=budget,
                      sections=tuple(args.sections.split(",")) if args.sections else EvalConfig.sections,
                      attacks=tuple(args.attacks.split(",")) if args.attacks else None,
@@ -208,11 +209,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _bundle(args: argparse.Namespace) -> str:
+    """--bundle, else the `bundle` setting as `serve` reads it (SHIELDSERVE_BUNDLE, the config's
+    `bundle:`, the packaged models/default)."""
+    from service.settings import load_settings
+
+    return str(args.bundle or load_settings(args.config).bundle)
+
+
 def _export(args: argparse.Namespace) -> int:
     from service.export import ExportRefused, export
 
     try:
-        p = export(args.bundle, args.pipeline, args.out, config=args.config, force=args.force)
+        p = export(_bundle(args), args.pipeline, args.out, config=args.config, force=args.force)
     except ExportRefused as exc:
         print(f"export refused: {exc}", file=sys.stderr)
         return 2
@@ -324,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", parents=[common], help="security evaluation: report.json, report.md and PNG plots")
-    e.add_argument("--bundle", default="models/default")
+    e.add_argument("--bundle", help="the bundle (default: the `bundle` setting: SHIELDSERVE_BUNDLE, the config's "
+                                     "`bundle:`, else the packaged models/default)")
     e.add_argument("--out", required=True, help="directory for report.json, report.md and the plots")
     e.add_argument("--pipelines", "--pipeline", action="append",
                    help="pipelines (comma-separated or repeated; default: every configured one)")
@@ -406,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", parents=[common], help="a pipeline's deterministic, differentiable part as TorchScript "
                                       "([0, 1] NCHW in, logits out), for your own evaluation tools")
-    x.add_argument("--bundle", default="models/default")
+    x.add_argument("--bundle", help="the bundle (default: the `bundle` setting: SHIELDSERVE_BUNDLE, the config's "
+                                     "`bundle:`, else the packaged models/default)")
     x.add_argument("--pipeline", required=True)
     x.add_argument("--out", required=True, help="TorchScript file to write")
     x.add_argument("--config", help="service YAML merged over the packaged configuration")

@@ -102,6 +102,12 @@ def test_evaluate_accepts_pipeline_as_an_alias_of_pipelines(tmp_path, monkeypatc
     assert cfg.limit == 5 and Path(cfg.out) == out and out.is_dir()
 
 
+def cli_default_bundle() -> Any:
+    from service.settings import Settings
+
+    return Settings.model_fields["bundle"].default_factory()
+
+
 def test_export_reaches_export_and_a_refusal_is_status_2(tmp_path, monkeypatch, capsys) -> None:
     import service.export
     from service.export import ExportRefused
@@ -119,9 +125,22 @@ def test_export_reaches_export_and_a_refusal_is_status_2(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(service.export, "export", export)
     out = str(tmp_path / "m.pt")
+    monkeypatch.delenv("SHIELDSERVE_BUNDLE", raising=False)
+    monkeypatch.delenv("SHIELDSERVE_CONFIG", raising=False)
     assert cli.main(["export", "--pipeline", "magnet", "--out", out]) == 0
-    assert calls[-1] == ("models/default", "magnet", out, None)
+    assert calls[-1] == (str(cli_default_bundle()), "magnet", out, None)  # the packaged one, from any directory
     assert json.loads(capsys.readouterr().out)["parts"] == ["reformer", "classifier"]
+    # without --bundle: the `bundle` setting as `serve` reads it (it was "models/default" relative to
+    # the working directory, whatever SHIELDSERVE_BUNDLE or the config said)
+    monkeypatch.setenv("SHIELDSERVE_BUNDLE", str(tmp_path / "env-bundle"))
+    assert cli.main(["export", "--pipeline", "magnet", "--out", out]) == 0
+    assert calls[-1][0] == str(tmp_path / "env-bundle")
+    monkeypatch.delenv("SHIELDSERVE_BUNDLE")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"bundle: {tmp_path / 'config-bundle'}\n")
+    assert cli.main(["export", "--pipeline", "magnet", "--out", out, "--config", str(config)]) == 0
+    assert calls[-1] == (str(tmp_path / "config-bundle"), "magnet", out, str(config))
+    capsys.readouterr()
     assert cli.main(["export", "--bundle", "B", "--pipeline", "smoothing", "--out", out]) == 2
     assert calls[-1] == ("B", "smoothing", out, None)
     assert "export refused" in capsys.readouterr().err

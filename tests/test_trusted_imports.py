@@ -136,6 +136,30 @@ def test_train_extending_it_needs_trust_import_and_says_so_before_loading_data(c
     assert not (markers / "imported").exists()
 
 
+def test_train_reads_trusted_imports_from_its_config(code_bundle, capsys, monkeypatch, tmp_path: Path) -> None:
+    """`train --config FILE` (the service YAML the bundle will be served with) trusts what that
+    file's `trusted_imports` names, as `serve --config FILE` does: it was read only from
+    SHIELDSERVE_CONFIG, and the refusal told the user to put it where it already was."""
+    import models.train
+    from service.cli import main
+
+    out, module, markers = code_bundle
+    monkeypatch.delenv("SHIELDSERVE_CONFIG", raising=False)
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"trusted_imports: [{module}]\n")
+
+    class Loaded(Exception):
+        pass
+
+    def load_dataset(spec: str) -> None:
+        raise Loaded(spec)  # past the trust check: the build goes on to its data
+
+    monkeypatch.setattr(models.train, "load_dataset", load_dataset)
+    with pytest.raises(Loaded):
+        main(["train", "--out", str(out), "--steps", "squeeze", "--config", str(config)])
+    assert "--trust-import" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("attr,why", [
     ("torch.os.system", "one public name"),       # an attribute path out of the module
     ("_private", "one public name"),
