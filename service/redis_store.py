@@ -98,7 +98,11 @@ def connect(url: str, timeout_s: float) -> Any:
     """A Redis client that fails fast: short timeouts and one immediate retry (a pooled
     connection Redis closed), so a caller waits about `timeout_s` at most for a Redis that is
     gone and can fall back (the certify store answers 503, the query monitor goes per-replica)."""
-    import redis
+    try:
+        import redis
+    except ImportError as exc:  # an extra: `make install` installs the service's core packages only
+        raise ImportError("a Redis store (certify.store or query_monitor.store: redis) needs the redis package: "
+                          "pip install 'shieldserve[redis]' (the Dockerfile installs it)") from exc
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 

@@ -393,3 +393,15 @@ def test_the_memory_store_keeps_its_own_copy_of_each_image() -> None:
     assert torch.equal(a, want_a) and a.dtype == torch.float32 and a.is_contiguous()
     assert a.untyped_storage().nbytes() == 28 * 28 * 4  # its own storage, not the batch's
     assert torch.allclose(b, want_b) and b.dtype == torch.float32 and not b.requires_grad
+
+
+def test_without_the_redis_package_the_error_names_the_extra(monkeypatch) -> None:
+    """`make install` leaves the extras out: a Redis store then failed start-up with a bare
+    ModuleNotFoundError and no hint."""
+    import sys
+
+    from service.redis_store import connect
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'shieldserve\[redis\]'"):
+        connect("redis://127.0.0.1:1/0", 0.1)
