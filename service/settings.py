@@ -312,8 +312,47 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
     return data
 
 
+# SHIELDSERVE_* variables that are not settings: read by the CLI, the build, the evaluation,
+# `serve --ray` (service/ray_app.py) and the tests
+NOT_SETTINGS = ("CONFIG", "WORK_DIR", "PROGRESS", "EVAL_API_KEY", "HYPOTHESIS_EXAMPLES", "FUZZ_EXAMPLES")
+NOT_SETTINGS_PREFIXES = ("RAY_", "TEST_")
+
+
+def unknown_environment(environ: Any = None) -> list[str]:
+    """SHIELDSERVE_* variables that name no setting. pydantic-settings drops them without a word
+    (a key it does not know inside a section's variable is refused, as in YAML), so a typo such
+    as SHIELDSERVE_ADMISSION_MAX_CLIENT_COST (one underscore) left the per-client share off."""
+    env = os.environ if environ is None else environ
+    fields = {name.upper() for name in Settings.model_fields}
+    out = []
+    for key in env:
+        if not key.upper().startswith("SHIELDSERVE_"):
+            continue
+        name = key[len("SHIELDSERVE_"):].upper()
+        if name.split("__")[0] in fields or name in NOT_SETTINGS or name.startswith(NOT_SETTINGS_PREFIXES):
+            continue
+        out.append(key)
+    return sorted(out)
+
+
+def _did_you_mean(key: str) -> str:
+    name = key[len("SHIELDSERVE_"):].upper()
+    for field, info in Settings.model_fields.items():
+        section = getattr(info.annotation, "model_fields", None)
+        head = field.upper() + "_"
+        if section and name.startswith(head) and name[len(head):].lower() in section:
+            return f" (did you mean SHIELDSERVE_{field.upper()}__{name[len(head):]}?)"
+    return ""
+
+
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build settings from the config files, the environment and explicit overrides."""
+    """Build settings from the config files, the environment and explicit overrides. A
+    SHIELDSERVE_* variable that names no setting is refused, as an unknown key in the YAML is."""
+    unknown = unknown_environment()
+    if unknown:
+        raise ValueError("environment variables that name no setting (a typo would otherwise be ignored without a "
+                         "word): " + ", ".join(f"{k}{_did_you_mean(k)}" for k in unknown[:10])
+                         + "; settings are SHIELDSERVE_<NAME>, a section's SHIELDSERVE_<SECTION>__<NAME>")
     file_data = read_config_file(config or os.environ.get("SHIELDSERVE_CONFIG"))
     explicit = {k: v for k, v in overrides.items() if v is not None}
 

@@ -122,3 +122,27 @@ def test_settings_that_would_refuse_every_request_are_refused_at_start() -> None
     with pytest.raises(ValidationError, match=r"batching.max_queue \(4\) is below limits.max_images_per_request \(64\)"):
         Settings(batching={"max_queue": 4})
     assert Settings(batching={"max_queue": 4}, limits={"max_images_per_request": 4}).batching.max_queue == 4
+
+
+def test_an_environment_variable_naming_no_setting_is_refused(monkeypatch) -> None:
+    """pydantic-settings drops an unknown top-level SHIELDSERVE_* variable without a word: a
+    one-underscore SHIELDSERVE_ADMISSION_MAX_CLIENT_COST left the per-client share off, and the
+    removed SHIELDSERVE_GIL_SWITCH_INTERVAL_MS loaded. Refused, as an unknown YAML key is."""
+    from service.settings import load_settings, unknown_environment
+
+    monkeypatch.setenv("SHIELDSERVE_ADMISSION_MAX_CLIENT_COST", "100")
+    with pytest.raises(ValueError, match=r"SHIELDSERVE_ADMISSION_MAX_CLIENT_COST \(did you mean "
+                                         r"SHIELDSERVE_ADMISSION__MAX_CLIENT_COST\?\)"):
+        load_settings()
+    monkeypatch.delenv("SHIELDSERVE_ADMISSION_MAX_CLIENT_COST")
+    monkeypatch.setenv("shieldserve_gil_switch_interval_ms", "1")  # names are not case-sensitive
+    with pytest.raises(ValueError, match="(?i)shieldserve_gil_switch_interval_ms"):
+        load_settings()
+    # settings in any case, a section's variables, and the variables the project reads besides settings
+    assert unknown_environment({"SHIELDSERVE_Admission__Max_Client_Cost": "5", "SHIELDSERVE_WORKERS": "2",
+                                "SHIELDSERVE_CONFIG": "c.yaml", "SHIELDSERVE_RAY_MAX_REPLICAS": "2",
+                                "SHIELDSERVE_TEST_QUICK_BUNDLE": "b", "SHIELDSERVE_WORK_DIR": "w",
+                                "SHIELDSERVE_EVAL_API_KEY": "k", "OTHER": "x"}) == []
+    monkeypatch.delenv("shieldserve_gil_switch_interval_ms")
+    monkeypatch.setenv("SHIELDSERVE_ADMISSION__MAX_CLIENT_COST", "5")
+    assert load_settings().admission.max_client_cost == 5
