@@ -313,8 +313,10 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
 
 
 # SHIELDSERVE_* variables that are not settings: read by the CLI, the build, the evaluation,
-# `serve --ray` (service/ray_app.py) and the tests
-NOT_SETTINGS = ("CONFIG", "WORK_DIR", "PROGRESS", "EVAL_API_KEY", "HYPOTHESIS_EXAMPLES", "FUZZ_EXAMPLES")
+# `serve --ray` (service/ray_app.py) and the tests; MONITOR_SECRET is docker-compose's (.env),
+# which it hands to the replicas as SHIELDSERVE_QUERY_MONITOR__SECRET
+NOT_SETTINGS = ("CONFIG", "WORK_DIR", "PROGRESS", "EVAL_API_KEY", "HYPOTHESIS_EXAMPLES", "FUZZ_EXAMPLES",
+                "MONITOR_SECRET")
 NOT_SETTINGS_PREFIXES = ("RAY_", "TEST_")
 
 
