@@ -304,3 +304,28 @@ def test_certify_past_its_deadline_is_a_504_and_stops(make_client, digits) -> No
         r = client.get(f"/certify?image_sha256={digest}&{query}", headers={"X-Request-Timeout": "0.3"})
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
         assert time.monotonic() - started < 2, query
+
+
+def test_without_pipeline_a_certify_pipeline_not_served_is_said_not_hidden(make_client, mnist, caplog,
+                                                                           tmp_path) -> None:
+    """certify.pipeline not served (removed, or left out by the quality gate): /certify without
+    pipeline= fell back to default_pipeline quietly, and answered 422 "pipeline 'baseline' does
+    not certify", a pipeline the client never named. Now start-up names the certifying pipeline it
+    uses instead, or, where none certifies, the 422 says why."""
+    import logging
+
+    body = png(mnist.test.x[0])
+    headers = {"content-type": "image/png"}
+    with caplog.at_level(logging.WARNING, logger="shieldserve"):
+        client = make_client(warmup=False, default_pipeline="baseline", certify={"pipeline": "gone"})
+    assert any("certify.pipeline gone is not served (not configured); /certify without pipeline= uses default"
+               in r.getMessage() for r in caplog.records)  # the first certifying one
+    r = client.post("/certify?n=100", content=body, headers=headers)
+    assert r.status_code == 200 and r.json()["pipeline"] == "default"
+    config = tmp_path / "c.yaml"  # every certifying pipeline removed
+    config.write_text("default_pipeline: baseline\npipelines: {default: null, smoothing: null, denoised: null}\n")
+    client = make_client(warmup=False, config=str(config))
+    r = client.post("/certify?n=100", content=body, headers=headers)
+    assert r.status_code == 422
+    assert "certify.pipeline 'smoothing' is not served (not configured) and no served pipeline certifies" in \
+        r.json()["error"]["message"]
