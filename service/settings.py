@@ -72,7 +72,8 @@ class QueryMonitorConfig(Section):
     informative: float = Field(0.25, ge=0, le=1, description="fraction of a window off the image's common level "
                                                              "for the window to count")
     memory_window_s: float = Field(3600.0, gt=0, description="a query is remembered at least half of this, never all of it (two generations in slots of half; docs/query_monitor.md)")
-    max_queries: int = Field(100_000, gt=1, description="queries remembered at most (per store; ~3.7 KB each)")
+    max_queries: int = Field(100_000, gt=1, description="queries remembered at most (per store; ~3.7 KB each for digits, up to "
+                                                 "5.8 KB in Redis at worst)")
     suspect_history: int = Field(128, ge=1, description="a suspect's last queries kept for the suspect_linf check")
     store: Literal["memory", "redis"] = Field(
         "memory", description="memory: per process; redis: one store for every replica")
