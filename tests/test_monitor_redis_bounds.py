@@ -209,6 +209,10 @@ def test_a_full_redis_keeps_its_blocks_and_suspects(redis_url, mnist, monkeypatc
         v = m.screen(reject, mnist.test.x[51:52], "ip:8.8.8.8")  # anyone else is answered
         assert v.flagged == [False] and v.threshold == reject.threshold
         assert m.blocked_count() == 1
+        clock.now += 5  # retry_redis_s later, still full: the blocked client's script (reads alone)
+        with pytest.raises(AttackSuspected):  # succeeds, and is no sign that Redis takes writes again
+            m.screen(block, mnist.test.x[23:24], "ip:6.6.6.6")
+        assert events == [True] and m._down_since is not None  # it logged "Redis is back", then down again
     finally:
         admin.config_set("maxmemory", "0")
     clock.now += 5  # retry_redis_s later: Redis takes writes again

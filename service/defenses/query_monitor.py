@@ -752,7 +752,10 @@ class QueryMonitor:
             try:
                 blocked_for, suspect, matches = self.redis.screen(tag, digests, hashes,
                                                                   skip_blocked=policy.action == "block")
-                self._redis_ok()
+                if matches:
+                    # not for a blocked client's script, which only reads: a full Redis answers it
+                    # too, and a blocked client's queries would turn the outage off and on
+                    self._redis_ok()
             except self.redis.errors as exc:
                 self._redis_failed("screen", exc)
         if matches is None:
