@@ -32,7 +32,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: a client's path is
+# percent-decoded as UTF-8, so %C2%85 (NEL) or %E2%80%A8 also split a line for readers that
+# follow Unicode (str.splitlines), and %C2%9B is an 8-bit terminal escape
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 LOGGED_PATH_CHARS = 512  # a request path in a log line is cut to this many characters
 
 
@@ -44,8 +47,9 @@ def logged_path(path: str) -> str:
 
 class TextFormatter(logging.Formatter):
     """`json_logs: false`: one line per record (its traceback, if any, after it). Control
-    characters in the message are escaped (a newline as \\x0a): a client puts them in a path
-    (uvicorn percent-decodes it, %0A a newline), and unescaped it forged log records."""
+    characters in the message are escaped (a newline as \\x0a, NEL as \\x85, U+2028 as
+    \\u2028): a client puts them in a path (uvicorn percent-decodes it, %0A a newline), and
+    unescaped they forged log records."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -53,8 +57,13 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         if _CONTROL.search(record.message):
             record = copy.copy(record)
-            record.message = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", record.message)
+            record.message = _CONTROL.sub(_escaped, record.message)
         return super().formatMessage(record)
+
+
+def _escaped(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def configure_logging(level: str = "info", json_logs: bool = True) -> None:

@@ -94,4 +94,10 @@ def test_text_formatter_escapes_messages_and_keeps_tracebacks():
             logger.exception("failed on %s", "/x\r\nforged\x1b[31m")
     first, *trace = stream.getvalue().splitlines()
     assert first.endswith("failed on /x\\x0d\\x0aforged\\x1b[31m")
+    # the path is percent-decoded as UTF-8: C1 controls and Unicode's line separators split a
+    # line too, for readers that follow Unicode (str.splitlines)
+    with _captured(TextFormatter(), logger.name) as stream:
+        logger.warning("GET %s 404", "/a\x85b\u2028c\u2029d\x9b31mX\xe9")
+    [line] = stream.getvalue().splitlines()
+    assert line.endswith("GET /a\\x85b\\u2028c\\u2029d\\x9b31mX\xe9 404")  # printable text (é) kept
     assert trace[0] == "Traceback (most recent call last):" and trace[-1] == "ValueError: boom"
