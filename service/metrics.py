@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,32 @@ OUTCOMES = ("accepted", "rejected", "abstained", "mixed", "error", "overloaded",
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+_LIVE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db")
+
+
+def reap_dead_workers(directory: str) -> list[int]:
+    """Drop the live gauges of worker processes that no longer run. A worker that exits cleanly
+    does it itself (the app's lifespan), but one killed (out of memory, a crash) left its values,
+    and uvicorn's supervisor starts another without a word: the killed worker's 1 in
+    `shieldserve_query_monitor_degraded` ("livemax") was read until the server restarted.
+    Returns the process ids dropped."""
+    dead = []
+    for name in os.listdir(directory):
+        m = _LIVE_FILE.fullmatch(name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead.append(pid)
+        except PermissionError:  # runs, as another user
+            pass
+    for pid in set(dead):
+        multiprocess.mark_process_dead(pid, directory)
+    return sorted(set(dead))
 
 
 def _cache_children(metric: Any) -> None:
@@ -104,7 +131,8 @@ class Metrics:
         self.monitor_degraded = Gauge("shieldserve_query_monitor_degraded", "1 while the shared monitor store "
                                       "(Redis) is unreachable and this replica uses its own.", registry=r,
                                       # live: a worker that exited while degraded left its 1 on disk,
-                                      # and "max" read it until the whole server restarted
+                                      # and "max" read it until the whole server restarted (a killed
+                                      # one's is dropped at the next scrape: reap_dead_workers)
                                       multiprocess_mode="livemax")
         self.monitor_store_errors = Counter("shieldserve_query_monitor_store_errors", "Shared monitor store "
                                             "(Redis) outages seen by this replica.", registry=r)
@@ -127,7 +155,9 @@ class Metrics:
                 refresh()
             except Exception as exc:  # one stale gauge, not a failed scrape
                 log.warning("metrics: a refresh before the scrape failed (%s)", type(exc).__name__)
-        if multiprocess_dir():
+        directory = multiprocess_dir()
+        if directory:
+            reap_dead_workers(directory)
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)

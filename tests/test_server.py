@@ -300,3 +300,26 @@ def test_sigterm_drains_every_worker_too(quick_bundle, mnist):
         _stop(proc)
     lines = [json.loads(line) for line in proc.stdout.read().decode().splitlines() if line.startswith("{")]
     assert sum("draining for 3.0s" in r.get("message", "") for r in lines) == 2
+
+
+def test_a_killed_workers_live_gauges_are_dropped_at_the_next_scrape(tmp_path) -> None:
+    """--workers: a worker killed (out of memory, a crash) never runs its lifespan's
+    mark_process_dead, and uvicorn starts another; its 1 in the query monitor's degraded gauge
+    ("livemax") was read by every scrape until the server restarted. The scrape drops the live
+    gauges of processes that no longer run."""
+    child = """
+import os, sys
+from service.metrics import Metrics
+m = Metrics(shared_monitor=True)
+m.monitor_degraded.set(int(os.environ["V"]))
+if os.environ["V"] == "1":
+    os.kill(os.getpid(), 9)  # the worker crashes while degraded
+print([line for line in m.exposition().decode().splitlines() if line.startswith("shieldserve_query_monitor_degraded ")])
+"""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-c", child], env={**env, "V": "1"}, cwd=REPO)
+    assert killed.returncode == -signal.SIGKILL
+    assert any(p.name.startswith("gauge_livemax_") for p in tmp_path.iterdir())  # its 1 is on disk
+    live = subprocess.run([sys.executable, "-c", child], env={**env, "V": "0"}, cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    assert live.stdout.strip() == "['shieldserve_query_monitor_degraded 0.0']", live.stdout + live.stderr
