@@ -83,6 +83,18 @@ def test_deadline_from_settings_and_clamped_header(make_client, mnist):
     assert 'shieldserve_requests_total{endpoint="predict",outcome="client_deadline",pipeline="defensegan"} 1.0' in text
     assert 'shieldserve_requests_total{endpoint="certify",outcome="client_deadline",pipeline="smoothing"} 1.0' in text
     assert 'outcome="deadline_exceeded"' not in text and 'pipeline="unknown"' not in text
+    # ... but only a deadline at most half the server's: one just under it (an SDK that always
+    # sends one) is the server's, or real overload would be hidden from that alert
+    c = make_client(request_timeout_s=0.002, **FAST)
+    _error(_post(c, "/predict?pipeline=defensegan", body, **{"X-Request-Timeout": "1.9ms"}), 504, "deadline_exceeded")
+    _error(_post(c, "/predict?pipeline=defensegan", body, **{"X-Request-Timeout": "1ms"}), 504, "deadline_exceeded")
+    r = c.post("/v2/models/defensegan/infer", json={"parameters": {"timeout": 1900}, "inputs": [
+        {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]})
+    assert r.status_code == 504
+    text = c.get("/metrics").text
+    assert 'shieldserve_requests_total{endpoint="predict",outcome="deadline_exceeded",pipeline="defensegan"} 1.0' in text
+    assert 'shieldserve_requests_total{endpoint="predict",outcome="client_deadline",pipeline="defensegan"} 1.0' in text
+    assert 'shieldserve_requests_total{endpoint="infer",outcome="deadline_exceeded",pipeline="defensegan"} 1.0' in text
     # the maximum holds for every pipeline (1 us: a fast CPU may answer baseline within 1 ms)
     c = make_client(max_request_timeout_s=1e-6, **FAST)
     assert _post(c, "/predict?pipeline=baseline", body, **{"X-Request-Timeout": "1000"}).status_code == 504

@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 import service
 from service.api.clients import client_of
 from service.api.errors import ApiError, echo
-from service.api.predict import Deadline, within_deadline, infer_decoded, outcome_of, request_deadline, tracked
+from service.api.predict import Deadline, client_deadline, within_deadline, infer_decoded, outcome_of, request_deadline, tracked
 from service.api.render import render
 from service.pipeline import ImageResult
 from service.runtime import Runtime
@@ -645,7 +645,8 @@ def _with_timeout_parameter(deadline: Deadline, parameters: dict[str, Any] | Non
     if value >= deadline.seconds * 1e6:  # compared before dividing: a 310-digit int has no float
         return deadline
     seconds = value / 1e6
-    return Deadline(deadline.at - deadline.seconds + seconds, seconds, client_set=True)
+    return Deadline(deadline.at - deadline.seconds + seconds, seconds, deadline.server,
+                    client_set=client_deadline(seconds, deadline.server))
 
 
 async def _infer(request: Request, model: str, version: str | None, encoding: str | None,

@@ -90,13 +90,24 @@ def parse_timeout(value: str) -> float:
     return seconds
 
 
+CLIENT_DEADLINE_SHARE = 0.5
+
+
+def client_deadline(seconds: float, server: float) -> bool:
+    """Whether a deadline of `seconds` is the client's doing: at most half the server's."""
+    return seconds <= CLIENT_DEADLINE_SHARE * server
+
+
 @dataclass(frozen=True)
 class Deadline:
     at: float  # time.monotonic() when the request must be answered
     seconds: float  # its length, for the 504's message
-    # shorter than request_timeout_s because the client asked (X-Request-Timeout, /v2's timeout):
-    # its 504 is counted as outcome `client_deadline`, not as the server's `deadline_exceeded`
-    # (one client sending 1 ms deadlines fired the critical ShieldserveServerErrorRate)
+    server: float = 0.0  # the server's own deadline (request_timeout_s, clamped), 0: not known
+    # at most CLIENT_DEADLINE_SHARE of the server's because the client asked (X-Request-Timeout,
+    # /v2's timeout): its 504 is counted as outcome `client_deadline`, not as the server's
+    # `deadline_exceeded` (one client sending 1 ms deadlines fired the critical
+    # ShieldserveServerErrorRate). A deadline nearer the server's is the server's: a client that
+    # always sends one just under it would otherwise hide real overload from that alert
     client_set: bool = False
 
     def remaining(self) -> float:
@@ -126,7 +137,7 @@ async def request_deadline(request: Request,
                            f"milliseconds (e.g. 2500ms), got {timeout[:40]!r}") from None
     seconds = min(seconds, settings.max_request_timeout_s)
     started = getattr(request.state, "received_at", None) or time.monotonic()
-    return Deadline(started + seconds, seconds, client_set=seconds < server)
+    return Deadline(started + seconds, seconds, server, client_set=client_deadline(seconds, server))
 
 
 def overloaded_error(exc: Overloaded) -> ApiError:
