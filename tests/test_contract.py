@@ -267,6 +267,58 @@ def test_without_api_keys_the_store_is_shared_by_every_client(quick_bundle, mnis
             assert client.get(query, headers=two).json()["cached"]  # two's own, from its first
 
 
+def test_without_a_key_nothing_else_is_looked_at_first(keyed, mnist) -> None:
+    """A missing or unknown key is 401 before the request's parameters are validated: a bad
+    query parameter or header answered 422 first, which told a client without a key the routes'
+    parameter rules. Counted as the handlers count a 401 (outcome unauthorized, under the served
+    pipeline the request names, else unknown)."""
+    body = png(mnist.test.x[0])
+    before = _metrics(keyed)
+    for r in (keyed.post("/predict?pipeline=magnet&radius=abc", content=body, headers=PNG),
+              keyed.post("/predict", content=body, headers={**PNG, "X-Request-Timeout": "soon"}),
+              keyed.get("/certify", params={"image_sha256": "0" * 64, "n": "abc"}),
+              keyed.get("/certify"),
+              keyed.post("/v2/models/baseline/infer", json={}, headers={"X-Request-Timeout": "x",
+                                                                         "X-API-Key": "wrong"}),
+              keyed.post("/predict?pipeline=no-such&radius=abc", content=body, headers=PNG)):
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", (r.request.url, r.text)
+    after = _metrics(keyed)
+
+    def added(**labels: str) -> float:
+        return (_sample(after, "shieldserve_requests_total", outcome="unauthorized", **labels)
+                - _sample(before, "shieldserve_requests_total", outcome="unauthorized", **labels))
+
+    assert added(endpoint="predict", pipeline="magnet") == 1
+    assert added(endpoint="predict", pipeline="default") == 1  # the default pipeline
+    assert added(endpoint="predict", pipeline="unknown") == 1  # a name not served: no new label
+    assert added(endpoint="certify", pipeline="smoothing") == 2  # certify.pipeline
+    assert added(endpoint="infer", pipeline="baseline") == 1
+    # with the key, the same bad parameter is the 422 it always was
+    r = keyed.post("/predict?pipeline=magnet&radius=abc", content=body, headers={**PNG, "X-API-Key": KEY})
+    assert r.status_code == 422
+
+
+def test_a_key_with_letters_beyond_ascii_is_accepted(quick_bundle: Path, mnist) -> None:
+    """The docs have operators take `printf %s "$KEY" | sha256sum`, the digest of the key's
+    UTF-8 bytes; Starlette decodes a header as latin-1, and the text re-encoded as UTF-8 never
+    matched a key with a non-ASCII letter (the admin key likewise)."""
+    key = "clé-carol-" + "ü" * 20
+    admin = "clé-admin-" + "ß" * 20
+    with _started(quick_bundle, api_keys={"carol": hashlib.sha256(key.encode()).hexdigest()},
+                  admin_api_key=admin) as client:
+        sent = key.encode()  # as a client sends it: the key's UTF-8 bytes
+        r = client.post("/predict?pipeline=baseline", content=png(mnist.test.x[0]),
+                        headers=[(b"content-type", b"image/png"), (b"x-api-key", sent)])
+        assert r.status_code == 200, r.text
+        r = client.post("/predict?pipeline=baseline", content=png(mnist.test.x[0]),
+                        headers=[(b"content-type", b"image/png"), (b"authorization", b"Bearer " + sent)])
+        assert r.status_code == 200, r.text
+        r = client.post("/admin/rmc/reset?pipeline=rmc", headers=[(b"x-api-key", admin.encode())])
+        assert r.status_code != 403, r.text  # past the key (the pipeline's own answer follows)
+        r = client.post("/admin/rmc/reset?pipeline=rmc", headers=[(b"x-api-key", admin.encode()[:-2])])
+        assert r.status_code == 403
+
+
 # --------------------------------------------------------------------------- 2. trusted proxies
 def _post_watch(client: Any, x: torch.Tensor, forwarded_for: str | None) -> Any:
     headers = dict(PNG)

@@ -44,7 +44,9 @@ async def require_admin_key(request: Request,
     if not x_api_key:
         raise ApiError(401, "unauthorized", "this route needs the admin key in the X-API-Key header",
                        {"WWW-Authenticate": "X-API-Key"})
-    if not hmac.compare_digest(x_api_key.encode(), secret.encode()):
+    # the header's own bytes (Starlette decodes it as latin-1) against the key's UTF-8 bytes: a
+    # key with a non-ASCII letter, sent as UTF-8, never matched
+    if not hmac.compare_digest(x_api_key.encode("latin-1"), secret.encode()):
         raise ApiError(403, "forbidden", "the X-API-Key header does not hold the admin key")
 
 

@@ -24,7 +24,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from models.bundle import defense_key
-from service.api.clients import client_of
+from service.api.clients import client_of, require_api_key
 from service.api.errors import ApiError, echo
 from service.api.predict import (
     Deadline, attack_suspected_error, check_uploads, decode_uploads, overloaded_error, read_images,
@@ -229,7 +229,9 @@ async def _observed(request: Request, name_hint: str | None, work) -> CertifyRes
         t.pipeline, t.outcome = body.pipeline, body.status
         return body
 
+
 @router.get("/certify", response_model=CertifyResponse, responses=_ERRORS,
+            dependencies=[Depends(require_api_key)],
             summary="Certify an image recently posted to /predict or /certify")
 async def certify_get(
         request: Request,
@@ -272,6 +274,7 @@ async def certify_get(
 
 
 @router.post("/certify", response_model=CertifyResponse, responses=_ERRORS,
+             dependencies=[Depends(require_api_key)],
              summary="Certify one posted image",
              openapi_extra={"requestBody": {"content": {
                  "multipart/form-data": {"schema": {"type": "object", "properties": {

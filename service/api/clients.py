@@ -97,6 +97,32 @@ def api_key_of(request: Request) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
+def require_api_key(request: Request) -> None:
+    """A route dependency, resolved before the route's parameters are validated: with API keys
+    on, a request without a known key is 401 `unauthorized` before anything else about it is
+    looked at (a bad query parameter or header was a 422 first, which told a client without a
+    key the routes' parameter rules). Counted as the handler counts a 401: outcome
+    `unauthorized`, under the pipeline the request names where that is served."""
+    if not request.app.state.runtime.settings.api_keys:
+        return
+    try:
+        client_of(request)
+    except ApiError as exc:
+        exc.outcome = "unauthorized"  # type: ignore[attr-defined]
+        exc.pipeline = _named_pipeline(request)  # type: ignore[attr-defined]
+        raise
+
+
+def _named_pipeline(request: Request) -> str:
+    """The served pipeline a request names (a metric label: anything else is `unknown`)."""
+    runtime = request.app.state.runtime
+    settings = runtime.settings
+    name = request.path_params.get("model") or request.query_params.get("pipeline")
+    if name is None:
+        name = settings.certify.pipeline if request.url.path == "/certify" else settings.default_pipeline
+    return name if name in runtime.pipelines else "unknown"
+
+
 def client_of(request: Request) -> str:
     """The request's client id; 401 `unauthorized` when API keys are on and none matches."""
     settings = request.app.state.runtime.settings
@@ -105,7 +131,10 @@ def client_of(request: Request) -> str:
         if key is None:
             raise ApiError(401, "unauthorized", "this service needs an API key: Authorization: Bearer KEY "
                                                 "or X-API-Key: KEY", {"WWW-Authenticate": "Bearer"})
-        digest = hashlib.sha256(key.encode()).hexdigest()
+        # the header's own bytes (Starlette decodes headers as latin-1): the digest the docs
+        # have operators take, `printf %s "$KEY" | sha256sum`, is of the key's UTF-8 bytes, and
+        # hashing the latin-1 text re-encoded as UTF-8 never matched a key with a non-ASCII letter
+        digest = hashlib.sha256(key.encode("latin-1")).hexdigest()
         for name, known in settings.api_keys.items():
             if digest == known:
                 return f"key:{name}"

@@ -37,7 +37,7 @@ def endpoint_of(path: str) -> str | None:
     return None
 
 
-def count_refused(app: object, path: str) -> None:
+def count_refused(app: object, path: str, outcome: str = "error", pipeline: str = "unknown") -> None:
     """A request to `/predict`, `/certify` or `/v2` infer refused before its handler counted it
     (a query parameter or header that does not validate, a body over the limit): counted in
     requests_total as outcome `error` under pipeline `unknown`, as the handler's `tracked` counts
@@ -47,7 +47,7 @@ def count_refused(app: object, path: str) -> None:
         return
     metrics = getattr(getattr(getattr(app, "state", None), "runtime", None), "metrics", None)
     if metrics is not None:
-        metrics.requests.labels("unknown", endpoint, "error").inc()
+        metrics.requests.labels(pipeline, endpoint, outcome).inc()
 
 
 class ApiError(Exception):
@@ -88,7 +88,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         if not getattr(exc, "counted", False):  # raised before the handler's `tracked` (a dependency)
-            count_refused(request.app, request.url.path)
+            count_refused(request.app, request.url.path, getattr(exc, "outcome", "error"),
+                          getattr(exc, "pipeline", "unknown"))
         return api_error_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)

@@ -60,7 +60,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 import service
-from service.api.clients import client_of
+from service.api.clients import client_of, require_api_key
 from service.api.errors import ApiError, echo
 from service.api.predict import Deadline, client_deadline, within_deadline, infer_decoded, outcome_of, request_deadline, tracked
 from service.api.render import render
@@ -677,6 +677,7 @@ async def _infer(request: Request, model: str, version: str | None, encoding: st
 
 
 @router.post("/v2/models/{model}/infer", response_model=None, responses=_INFER_RESPONSES,
+             dependencies=[Depends(require_api_key)],
              openapi_extra=_INFER_OPENAPI, summary="OIP: run images through a pipeline")
 async def infer(request: Request, model: str, content_encoding: str | None = ContentEncoding,
                 header_length: str | None = HeaderLength,
@@ -685,6 +686,7 @@ async def infer(request: Request, model: str, content_encoding: str | None = Con
 
 
 @router.post("/v2/models/{model}/versions/{version}/infer", response_model=None,
+             dependencies=[Depends(require_api_key)],
              responses=_INFER_RESPONSES, openapi_extra=_INFER_OPENAPI,
              summary="OIP: run images through a pipeline, one version")
 async def infer_version(request: Request, model: str, version: str,

@@ -30,7 +30,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from service.api.clients import client_of
+from service.api.clients import client_of, require_api_key
 from service.api.errors import ApiError, echo, is_oip
 from service.api.render import render
 from service.api.schemas import ErrorBody, PredictResponse
@@ -373,6 +373,7 @@ _IMAGE_BODY = {"requestBody": {"content": {
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY,
+             dependencies=[Depends(require_api_key)],
              summary="Classify one or more images through a defended pipeline")
 async def predict(request: Request,
                   pipeline: str | None = Query(None, description="pipeline name; default: the configured default"),
