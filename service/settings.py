@@ -241,12 +241,14 @@ class Settings(BaseSettings):
     @classmethod
     def _api_keys(cls, v: dict[str, str]) -> dict[str, str]:
         out = {}
-        for name, digest in v.items():
+        for i, (name, digest) in enumerate(v.items(), 1):
             d = digest.strip().lower().removeprefix("sha256:")
             if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
-                # never echo the value: it may be a key pasted in by mistake
-                raise ValueError(f"api_keys[{name!r}] must be the sha256 hex digest of the key (64 hex digits), "
-                                 f"not the key itself: printf %s KEY | sha256sum")
+                # never echo the value, nor the name: either may be a key pasted in by mistake
+                # (`KEY: name`, the mapping the wrong way round, puts the key in the name)
+                raise ValueError(f"api_keys: entry {i} of {len(v)} (in the order given) must map a client name to "
+                                 f"the sha256 hex digest of its key (64 hex digits), not the key itself: "
+                                 f"printf %s KEY | sha256sum")
             out[name] = d
         return out
 
@@ -298,13 +300,25 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error without the text it quotes: PyYAML's message shows the offending line, which
+    in a config file may hold a key or a secret (an unclosed quote on `admin_api_key:`)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+    what = "; ".join(str(part) for part in (getattr(exc, "context", None), getattr(exc, "problem", None)) if part)
+    return f"not valid YAML at {where}: {what or type(exc).__name__} (the line is not shown: it may hold a secret)"
+
+
 def read_config_file(path: str | Path | None) -> dict[str, Any]:
     data = yaml.safe_load(PACKAGED_CONFIG.read_text()) or {}
     if path:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
-        user = yaml.safe_load(p.read_text()) or {}
+        try:
+            user = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {p}: {yaml_problem(exc)}") from None
         if not isinstance(user, dict):
             raise ValueError(f"config file {p} must hold a mapping")
         if "bundle" in user and not Path(user["bundle"]).is_absolute():

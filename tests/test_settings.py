@@ -146,3 +146,21 @@ def test_an_environment_variable_naming_no_setting_is_refused(monkeypatch) -> No
     monkeypatch.delenv("shieldserve_gil_switch_interval_ms")
     monkeypatch.setenv("SHIELDSERVE_ADMISSION__MAX_CLIENT_COST", "5")
     assert load_settings().admission.max_client_cost == 5
+
+
+def test_settings_errors_never_show_a_secret_a_config_line_or_a_reversed_key(tmp_path) -> None:
+    """PyYAML quotes the offending line (an unclosed quote on `admin_api_key:` showed the key),
+    and an `api_keys` mapping written the wrong way round (`KEY: name`) put the key in the
+    entry's name, which the error named."""
+    from service.settings import load_settings
+
+    secret = "Adm1nS3cretKey-" + "x" * 20
+    for text in (f'admin_api_key: "{secret}\n', f"query_monitor:\n  secret: {secret}: value\n"):
+        config = tmp_path / "bad.yaml"
+        config.write_text("default_pipeline: baseline\n" + text)
+        with pytest.raises(ValueError, match=r"not valid YAML at line \d+, column \d+") as e:
+            load_settings(str(config))
+        assert secret not in str(e.value) and "Adm1n" not in str(e.value)
+    with pytest.raises(ValueError, match="entry 2 of 2") as e:
+        load_settings(api_keys={"alice": "a" * 64, secret: "bob"})
+    assert secret not in str(e.value) and "bob" not in str(e.value)
