@@ -359,11 +359,27 @@ def _carries_secret(name: str, value: str) -> bool:
     return False
 
 
+# the SHIELDSERVE_* variables a replica reads that are not settings; the others (the evaluation's
+# client key, docker-compose's monitor secret, the tests', `serve --ray`'s own) stay here
+_REPLICA_EXTRAS = ("CONFIG", "PROGRESS", "WORK_DIR")
+
+
+def _for_replicas(name: str) -> bool:
+    """Whether the SHIELDSERVE_* variable `name` is one the replicas read: a setting, or one of
+    _REPLICA_EXTRAS. Forwarding every SHIELDSERVE_* variable put SHIELDSERVE_EVAL_API_KEY (a
+    client's key) and SHIELDSERVE_MONITOR_SECRET (docker-compose's name for the monitor's key) in
+    the runtime_env, which no secret check covered: they are not settings."""
+    from service.settings import Settings
+
+    rest = name[len(_PREFIX):].upper()
+    return rest.split("__")[0] in {f.upper() for f in Settings.model_fields} or rest in _REPLICA_EXTRAS
+
+
 def _runtime_env() -> dict[str, Any]:
     """Environment for the replicas: this checkout on their path, the SHIELDSERVE_* settings
     that are not secrets, and the proxy's settings (PROXY_ENV)."""
     root = str(Path(__file__).resolve().parents[1])
-    env = {k: v for k, v in os.environ.items() if k.startswith(_PREFIX) and not k.startswith(_PREFIX + "RAY_")
+    env = {k: v for k, v in os.environ.items() if k.startswith(_PREFIX) and _for_replicas(k)
            and not _carries_secret(k, v)}
     path = os.environ.get("PYTHONPATH")
     env["PYTHONPATH"] = root + (os.pathsep + path if path else "")

@@ -45,8 +45,13 @@ def test_secrets_stay_out_of_the_replicas_runtime_env(monkeypatch) -> None:
     monkeypatch.setenv("SHIELDSERVE_CERTIFY__REDIS_URL", "redis://:pw-secret-3@10.0.0.2:6379/0")
     monkeypatch.setenv("SHIELDSERVE_QUERY_MONITOR__REDIS_URL", "redis://10.0.0.2:6379/1")  # no password: passed
     monkeypatch.setenv("SHIELDSERVE_BATCHING__MAX_BATCH_SIZE", "16")
+    # not settings, so no settings' secret check covered them: a client's key for the
+    # evaluation, and docker-compose's name for the monitor's key
+    monkeypatch.setenv("SHIELDSERVE_EVAL_API_KEY", "eval-secret-4")
+    monkeypatch.setenv("SHIELDSERVE_MONITOR_SECRET", "compose-secret-5")
+    monkeypatch.setenv("SHIELDSERVE_PROGRESS", "0")  # read by the replicas: passed
     env = _runtime_env()["env_vars"]
-    assert "secret" not in repr(env)
+    assert "secret" not in repr(env) and env["SHIELDSERVE_PROGRESS"] == "0"
     assert env["SHIELDSERVE_QUERY_MONITOR__REDIS_URL"] == "redis://10.0.0.2:6379/1"
     assert env["SHIELDSERVE_BATCHING__MAX_BATCH_SIZE"] == "16" and "PYTHONPATH" in env
 
