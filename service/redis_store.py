@@ -58,17 +58,30 @@ def redact(url: str) -> str:
         userinfo, _, rest = rest.rpartition("@")
         user, colon, _ = userinfo.partition(":")
         rest = f"{user if colon else ''}:***@{rest}"
-    rest = _QUERY_PARAM.sub(_mask_password, rest)
-    return f"{scheme}{sep}{rest}" if sep else rest
+    head, q, query = rest.partition("?")
+    return f"{scheme}{sep}{head}{q}{_mask_query(query) if q else ''}" if sep else f"{head}{q}{_mask_query(query)}"
 
 
-# a query parameter: its key and value, up to the next parameter or the fragment
-_QUERY_PARAM = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
+_SEPARATOR = re.compile(r"[&;#]")
 
 
-def _mask_password(m: re.Match[str]) -> str:
-    # redis-py reads the key percent-decoded: `pass%77ord=` sets the password too
-    return f"{m[1]}{m[2]}=***" if unquote_plus(m[2]).strip().lower() == "password" else m[0]
+def _mask_query(query: str) -> str:
+    """The query string with everything from the first password parameter's value on masked:
+    redis-py reads `password=` with its key percent-decoded (`pass%77ord=`); a password that
+    holds an unencoded '&' or '#' runs past where a parser ends it, so nothing after it is
+    shown (a `;password=` or `password%3D...` that redis-py ignores is masked too)."""
+    start = 0
+    for m in [*_SEPARATOR.finditer(query), None]:
+        end = m.start() if m is not None else len(query)
+        token = query[start:end]
+        key = unquote_plus(token).split("=", 1)[0].strip().lower()
+        if key == "password":
+            raw_key = token.split("=", 1)[0] if "=" in token else "password"
+            return f"{query[:start]}{raw_key}=***"
+        if m is None:
+            return query
+        start = m.end()
+    return query
 
 
 def encode_tensor(x: torch.Tensor) -> bytes:
