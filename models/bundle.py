@@ -45,13 +45,31 @@ MAX_MANIFEST_BYTES = 4 * 2**20
 MAX_INPUT_VALUES = 4096 * 4096 * 4
 
 
+# What a bundle's version covers. 1: its artifacts' hashes and its defenses' sections. 2 (every
+# bundle saved from 0.8 on, and an older one the next time a step saves it): also the input
+# section (shape, value range, normalisation, class names) and each artifact's record of how it
+# is built and read (architecture, feature layer), which decide what a request gets as much as
+# the weights do: hand-edited, they were served under the old model_version (and GET /certify's
+# cached certificates, keyed by it, with them).
+VERSION_SCHEME = 2
+_BUILD_FIELDS = ("architecture", "feature_layer", "format", "file")
+
+
 def content_version(manifest: dict[str, Any]) -> str:
-    """A bundle's version: the first 12 hex digits of the sha256 of its artifacts' hashes and
-    its defenses' sections (thresholds, calibration), so that a change to either is a new
-    version. Written by `save`, checked by `load`."""
-    hashes = sorted(f"{k}:{v['sha256']}" for k, v in manifest.get("artifacts", {}).items())
+    """A bundle's version: the first 12 hex digits of the sha256 of what it covers (see
+    VERSION_SCHEME; the manifest's `version_scheme`, 1 where absent), so that a change to any of
+    it is a new version. Written by `save`, checked by `load`."""
+    artifacts = manifest.get("artifacts", {})
+    hashes = sorted(f"{k}:{v['sha256']}" for k, v in artifacts.items())
     defenses = json.dumps(manifest.get("defenses", {}), sort_keys=True)
-    return sha256_bytes(("\n".join(hashes) + defenses).encode())[:12]
+    scheme = manifest.get("version_scheme", 1)
+    if scheme == 1:
+        return sha256_bytes(("\n".join(hashes) + defenses).encode())[:12]
+    if scheme != 2:
+        raise ValueError(f"version_scheme {scheme!r} is not one this shieldserve reads (1 or 2)")
+    built = {k: {f: v.get(f) for f in _BUILD_FIELDS if f in v} for k, v in artifacts.items()}
+    covered = json.dumps({"input": manifest.get("input"), "artifacts": built}, sort_keys=True)
+    return sha256_bytes(("\n".join(hashes) + defenses + covered).encode())[:12]
 
 
 class BundleError(RuntimeError):
@@ -356,13 +374,15 @@ class Bundle:
                 bundle._read_verified(name)
         try:
             content = content_version(manifest)
-        except (RecursionError, TypeError, ValueError) as exc:
+        except (AttributeError, RecursionError, TypeError, ValueError) as exc:
             raise BundleError(f"{manifest_path}: malformed ({type(exc).__name__}: {exc})") from exc
         stated = manifest.get("version")
         if stated != content:
             # the version names what answers (responses' model_version, GET /certify's cache
             # key): a threshold edited by hand would be served under the old name
-            raise BundleError(f"{manifest_path}: its version is {stated!r}, but its artifacts and defenses "
+            covers = ("artifacts and defenses" if manifest.get("version_scheme", 1) == 1 else
+                      "artifacts, defenses, input section and artifacts' architecture records")
+            raise BundleError(f"{manifest_path}: its version is {stated!r}, but its {covers} "
                               f"give {content!r}: the manifest was changed after shieldserve saved it. Undo the "
                               f"change, or, if it is meant, set \"version\" to {content!r}")
         return bundle
@@ -615,6 +635,7 @@ class BundleWriter:
         self.manifest["build"]["steps"] = steps
 
     def save(self) -> Path:
+        self.manifest["version_scheme"] = VERSION_SCHEME  # an older bundle's is upgraded here
         self.manifest["version"] = content_version(self.manifest)
         out = self.path / MANIFEST_NAME
         tmp = out.with_suffix(".json.tmp")

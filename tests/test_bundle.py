@@ -277,3 +277,41 @@ def test_serving_the_committed_bundle_imports_no_training_recipe():
     counts, recipes = out.stdout.strip().splitlines()[-2:]
     assert "magnet" in counts and "defensegan" in counts and "smoothing" in counts, counts
     assert recipes == "[]", recipes
+
+
+def test_the_version_covers_the_input_section_and_architecture_records(quick_bundle, tmp_path):
+    """Since version scheme 2 a hand-edited input section (value range, normalisation, class
+    names) or architecture record is a changed manifest too: it was served under the old
+    model_version. A bundle saved before (no version_scheme) keeps its version and loads; the
+    next save upgrades it."""
+    from models.bundle import VERSION_SCHEME, BundleWriter, content_version
+
+    b = _copy(quick_bundle, tmp_path / "b")
+    path = b / "manifest.json"
+    saved = json.loads(path.read_text())
+    BundleWriter.extend(b).save()  # the session's quick bundle, saved by this code
+    m = json.loads(path.read_text())
+    assert m["version_scheme"] == VERSION_SCHEME == 2 and m["version"] == content_version(m)
+    for edit in (lambda m: m["input"].update(value_range=[0, 255]),
+                 lambda m: m["input"].update(class_names=list("abcdefghij")),
+                 lambda m: m["artifacts"]["classifier"]["architecture"]["kwargs"].update(hidden=201)):
+        edited = json.loads(json.dumps(m))
+        edit(edited)
+        path.write_text(json.dumps(edited))
+        with pytest.raises(BundleError, match="input section and artifacts' architecture records"):
+            Bundle.load(b)
+    # scheme 1 (a bundle saved before): what it covered then, so its version stands
+    old = {k: v for k, v in saved.items() if k != "version_scheme"}
+    old["version"] = content_version(old)
+    path.write_text(json.dumps(old))
+    assert Bundle.load(b).version == old["version"]
+    old["input"]["class_names"] = list("abcdefghij")  # not covered there: loads (the README says so)
+    path.write_text(json.dumps(old))
+    assert Bundle.load(b).version == old["version"]
+    BundleWriter.extend(b).save()  # upgraded: now the edit is part of the version
+    m = json.loads(path.read_text())
+    assert m["version_scheme"] == 2 and m["version"] != old["version"]
+    m["version_scheme"] = 3
+    path.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="version_scheme 3"):
+        Bundle.load(b)
