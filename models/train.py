@@ -195,7 +195,7 @@ def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dat
                              f"{type(exc).__name__}") from None
         _check_fits(net, dataset, str(src.target))
         record = writer.add_file("classifier", "classifier.torchscript", data, format="torchscript",
-                                 architecture={"kind": "torchscript"}, source=str(src.target))
+                                 architecture={"kind": "torchscript"}, preprocess="bundle", source=str(src.target))
     else:
         from safetensors.torch import load_file
 
@@ -205,7 +205,7 @@ def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dat
         net = build_architecture(arch)
         net.load_state_dict(load_file(str(src.weights)))
         _check_fits(net.eval(), dataset, src.target)
-        record = writer.add_module("classifier", net, arch, source=str(src.weights))
+        record = writer.add_module("classifier", net, arch, preprocess="bundle", source=str(src.weights))
     writer.save()
     clf = writer.load().classifier(device)
     record["metrics"] = {"test_accuracy": round(accuracy(clf, dataset.test.x.to(device), dataset.test.y.to(device)), 4)}

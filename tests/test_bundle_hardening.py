@@ -228,3 +228,33 @@ def test_faiss_vectors_are_bounded_by_the_file_size():
     with pytest.raises(BundleError, match="FAISS cannot read it"):
         _de(bad, dim=4, ntotal=100)
     assert faiss.get_deserialization_vector_byte_limit() == limit  # restored
+
+
+def test_networks_shieldserve_trains_take_pixels_a_brought_one_the_bundles_conversion(tmp_path):
+    """The input section (value range, mean, std) describes the classifier a user brought; the
+    networks shieldserve trains (built-in classifier, robust, smoothing, Defense-GAN's) learn on
+    [0, 1] pixels, and served through a user's --mean/--std they lost 8 points (robust)."""
+    from models.bundle import takes_bundle_input
+
+    torch.manual_seed(0)
+    w = BundleWriter(tmp_path / "b")
+    w.set_input(InputSpec(shape=(1, 4, 4), class_names=("a", "b", "c"), value_range=(0.0, 2.0),
+                          mean=(0.5,), std=(0.1,)))
+    net = SmoothingMLP(1, 3, 4, hidden=8).eval()
+    w.add_module("classifier", net, ARCH, preprocess="bundle")  # as a brought network is recorded
+    w.add_module("robust_classifier", net, ARCH, preprocess="none")
+    w.add_module("smoothing_sigma25", net, ARCH)  # a record saved before `preprocess` existed
+    w.add_module("neuralfp_classifier", net, ARCH)
+    w.save()
+    b = Bundle.load(tmp_path / "b")
+    x = torch.rand(2, 1, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(b.classifier(artifact="classifier")(x), net(((x * 2.0) - 0.5) / 0.1), atol=1e-5)
+        for raw in ("robust_classifier", "smoothing_sigma25"):
+            assert torch.allclose(b.classifier(artifact=raw)(x), net(x)), raw
+        assert not torch.allclose(b.classifier(artifact="neuralfp_classifier")(x), net(x))  # trained through it
+    assert takes_bundle_input("classifier", {"architecture": {"kind": "torchscript"}})
+    assert takes_bundle_input("classifier", {"architecture": {"kind": "import"}})
+    assert not takes_bundle_input("classifier", {"architecture": {"kind": "builtin"}})
+    with pytest.raises(BundleError, match="preprocess must be"):
+        takes_bundle_input("classifier", {"preprocess": "yes"})

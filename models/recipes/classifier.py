@@ -107,6 +107,7 @@ def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildC
     overrides = {k: v for k, v in ctx.options.get("classifier", {}).items()}
     r = recipe(ctx.preset, **overrides)
     net, spec, metrics = train_classifier(ctx.dataset, r, ctx.seed, device=str(ctx.device))
-    ctx.writer.add_module("classifier", net, spec, training={"recipe": r.to_json(), "seed": ctx.seed},
+    # trained on [0, 1] pixels: served without the bundle's input conversion (Bundle.classifier)
+    ctx.writer.add_module("classifier", net, spec, preprocess="none", training={"recipe": r.to_json(), "seed": ctx.seed},
                           metrics=metrics)
     ctx.writer.manifest["metrics"]["classifier_test_accuracy"] = metrics["test_accuracy"]

@@ -501,7 +501,7 @@ def _build(ctx: Any, r: DefenseGanRecipe) -> None:
     ctx.writer.add_module("defensegan_encoder", enc, encoder_spec(r, shape), training=training,
                           metrics=enc_metrics)
     if rec is not None:
-        ctx.writer.add_module("defensegan_classifier", rec, rec_spec(r, shape, classes), training=training,
+        ctx.writer.add_module("defensegan_classifier", rec, rec_spec(r, shape, classes), preprocess="none", training=training,
                               metrics=rec_metrics)
     ctx.writer.set_defense(STEP, {
         "generator": "defensegan_generator", "encoder": "defensegan_encoder",

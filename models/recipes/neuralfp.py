@@ -217,9 +217,11 @@ def _build(ctx: "BuildContext") -> None:  # noqa: F821
             buf = io.BytesIO()
             torch.jit.save(wrapped.network, buf)
             ctx.writer.add_file("neuralfp_classifier", "neuralfp_classifier.torchscript", buf.getvalue(),
-                                format="torchscript", architecture=arch, training=training, metrics=metrics)
-        else:
-            ctx.writer.add_module("neuralfp_classifier", wrapped.network, arch, training=training, metrics=metrics)
+                                format="torchscript", architecture=arch, preprocess="bundle", training=training,
+                                metrics=metrics)
+        else:  # trained through the bundle's input conversion (the wrapper), as it is served
+            ctx.writer.add_module("neuralfp_classifier", wrapped.network, arch, preprocess="bundle", training=training,
+                                  metrics=metrics)
         ctx.writer.add_tensors("neuralfp_fingerprints", fp, secret=True,
                                note="the fingerprints (dx, dy): secret, never served")
     ctx.writer.set_defense("neuralfp", {

@@ -364,6 +364,7 @@ def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildC
     directory = work_dir(ctx, r)
     ckpt = directory / "checkpoint.safetensors" if directory is not None else None
     net, spec, metrics = train_robust(ctx.dataset, r, ctx.seed, device=str(ctx.device), checkpoint=ckpt)
-    ctx.writer.add_module(ARTIFACT, net, spec, training={"recipe": r.to_json(), "seed": ctx.seed}, metrics=metrics)
+    ctx.writer.add_module(ARTIFACT, net, spec, preprocess="none",  # trained on [0, 1] pixels
+                          training={"recipe": r.to_json(), "seed": ctx.seed}, metrics=metrics)
     ctx.writer.set_defense(STEP, {"classifier": ARTIFACT, "threat_model": {"norm": "linf", "eps": r.eps}})
     ctx.writer.manifest["metrics"]["robust_classifier_test_accuracy"] = metrics["test_accuracy"]

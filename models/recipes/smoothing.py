@@ -244,7 +244,8 @@ def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildC
     for sigma in (r.sigmas if r.classifiers else ()):
         name = f"smoothing_{sigma_tag(sigma)}"
         net, spec, metrics = train_noise_classifier(ctx.dataset, r, sigma, ctx.seed, name, str(ctx.device))
-        ctx.writer.add_module(name, net, spec, training={"recipe": r.to_json(), "seed": ctx.seed, "sigma": sigma},
+        ctx.writer.add_module(name, net, spec, preprocess="none",  # trained on noisy [0, 1] pixels
+                              training={"recipe": r.to_json(), "seed": ctx.seed, "sigma": sigma},
                               metrics=metrics)
         section["classifiers"][str(sigma)] = {"artifact": name, "metrics": metrics}
     if r.denoiser:
