@@ -627,8 +627,17 @@ class BundleWriter:
         self.manifest.setdefault("build", {"steps": []})
 
     @classmethod
-    def extend(cls, path: str | Path, trusted_imports: Iterable[str] = ()) -> "BundleWriter":
-        return cls(path, Bundle.load(path, trusted_imports=trusted_imports).manifest, trusted_imports)
+    def extend(cls, path: str | Path, trusted_imports: Iterable[str] = (),
+               unverified: Iterable[str] = ()) -> "BundleWriter":
+        """A writer over the bundle at `path`, every artifact's sha256 checked but those in
+        `unverified`: the ones the caller is about to write again (a step killed while writing
+        them left files its manifest's hashes do not match)."""
+        bundle = Bundle.load(path, verify=False, trusted_imports=trusted_imports)
+        skip = set(unverified)
+        for name in bundle.manifest.get("artifacts", {}):
+            if name not in skip:
+                bundle.read_verified(name)
+        return cls(path, bundle.manifest, trusted_imports)
 
     def load(self) -> "Bundle":
         """The bundle as saved so far, its imports trusted as this writer's."""

@@ -219,17 +219,41 @@ def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dat
     return record
 
 
+# --options keys a step reads besides its recipe's fields (squeeze has no recipe class)
+_STEP_EXTRAS: dict[str, set[str]] = {"robust": {"work_dir"}, "defensegan": {"work_dir", "recipe"},
+                                     "squeeze": {"target_fpr", "bound", "confidence"}}
+
+
+def _step_settings(step: str) -> set[str]:
+    """The --options keys the step `step` reads: its recipe's fields and _STEP_EXTRAS."""
+    import dataclasses
+
+    make = getattr(importlib.import_module(dict(STEPS)[step]), "recipe", None)
+    fields = {f.name for f in dataclasses.fields(make("quick"))} if make is not None else set()
+    return fields | _STEP_EXTRAS.get(step, set())
+
+
 def _check_options(options: dict[str, Any]) -> None:
-    """--options' sections are steps' names (or `quality`), and the gate's settings are its
-    own: refused here, before anything is written, rather than as a TypeError once the
-    classifier step has written a manifest (a step's own recipe options are checked when it
-    runs: a step that cannot be built is recorded, not fatal)."""
+    """--options' sections are steps' names (or `quality`), and each section's settings are its
+    step's: refused here, before anything is written or trained (a misspelt key was a traceback
+    once the classifier step had written a manifest, or, in a defense step, that defense
+    recorded unusable after every other step had run, and the command exiting 0)."""
     sections = [name for name, _ in STEPS] + ["quality"]
     for section, value in options.items():
         if section not in sections:
             raise ValueError(f"--options: unknown section {section!r}; sections: {', '.join(sections)}")
         if not isinstance(value, dict):
             raise ValueError(f"--options: {section!r} must be an object of settings, got {type(value).__name__}")
+        if section == "quality":
+            continue
+        known = _step_settings(section)
+        nested = value.get("recipe", {}) if section == "defensegan" else {}
+        if not isinstance(nested, dict):
+            raise ValueError("--options defensegan.recipe must be an object of settings")
+        for key in [*value, *nested]:
+            if key not in known or (key == "recipe" and key in nested):
+                raise ValueError(f"--options {section}: unknown setting {key!r}; settings: "
+                                 f"{', '.join(sorted(known - {'recipe'}))}")
     defaults = quality.PRESETS["default"].to_json()
     for key, value in options.get("quality", {}).items():
         if key not in defaults:
@@ -268,9 +292,25 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
         if s not in known and s != "quality":
             raise ValueError(f"unknown step {s!r}; steps: {known} (and quality: measure the bundle's "
                              f"defenses again)")
-    if "quality" in chosen and not (out / "manifest.json").exists():
+    exists = (out / "manifest.json").exists()
+    if "quality" in chosen and not exists:
         raise ValueError("--steps quality measures an existing bundle's defenses; build the bundle first")
+    if steps and not exists and "classifier" not in chosen:
+        # every other step needs the classifier: each would fail after its training, the
+        # command exit 0, and `serve` refuse the bundle
+        raise ValueError(f"there is no bundle at {out} to add steps to (no manifest.json); build one first "
+                         f"(without --steps, or with --steps classifier,...)")
+    if classifier is not None and "classifier" not in chosen:
+        raise ValueError("--classifier replaces the bundle's classifier: add `classifier` to --steps")
+    _check_device(device)
     _check_options(options or {})
+    gate_asked = {k for k in (options or {}).get("quality", {}) if k != "images"}
+    if gate_asked and quality.recipe(preset or "default", **(options or {})["quality"]).images <= 0:
+        raise ValueError(f"--options quality / --max-accuracy-drop set {', '.join(sorted(gate_asked))}, but the "
+                         f"quality gate does not run here (the {preset or 'default'} preset measures 0 images): "
+                         f"add --options '{{\"quality\": {{\"images\": 300}}}}' to run it")
+    if classifier is not None and classifier.feature_layer:
+        _check_feature_layer(classifier)  # a mistyped layer is refused now, not after the steps trained
     if config is not None:  # a config that does not load fails now, not after hours of training
         from service.settings import load_settings
 
@@ -284,6 +324,20 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     trusted = tuple(trusted_imports) + byo
     if extending:
         require_trusted(previous, trusted, out)
+    if extending and input_overrides:
+        had = previous.get("input", {})
+        default = {"value_range": [0.0, 1.0]}
+        changed = [k for k, v in input_overrides.items()
+                   if [float(x) for x in v] != [float(x) for x in (had.get(k) or default.get(k, []))]]
+        if changed and not (classifier is not None and "classifier" in chosen):
+            raise ValueError(f"the bundle at {out} has its input conversion (value range, mean, std) from its build; "
+                             f"--value-range, --mean and --std change it only with a new classifier "
+                             f"(--steps classifier --classifier ...), or build a new bundle")
+    if extending and "classifier" in chosen and classifier is None and \
+            (previous.get("artifacts", {}).get("classifier", {}).get("architecture") or {}).get("kind") != "builtin":
+        raise ValueError(f"the bundle at {out} serves a classifier you brought; --steps classifier without "
+                         f"--classifier would replace it with the built-in one: give --classifier, or build a new "
+                         f"bundle")
     recorded = previous.get("build", {}).get("dataset")
     if dataset is None:
         dataset = recorded or "mnist5k"
@@ -303,12 +357,18 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
         raise ValueError(f"{dataset} is not the data the bundle at {out} was built on (its content's sha256 is "
                          f"{content[:12]}..., the manifest's {recorded_sha[:12]}...); restore that data, or build "
                          f"a new bundle without --steps")
-    writer = StepWriter.extend(out, trusted) if extending else StepWriter(out, trusted_imports=trusted)
+    # artifacts the chosen steps write again are not verified: a step killed while writing them
+    # (SIGKILL, out of memory) left files the manifest's hashes do not match, and nothing could
+    # load the bundle to run that step again
+    rebuilt = _step_artifacts(previous, chosen) if extending else ()
+    writer = (StepWriter.extend(out, trusted, unverified=rebuilt) if extending
+              else StepWriter(out, trusted_imports=trusted))
     command = "shieldserve train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
-    if not extending:
+    if not extending or (input_overrides and classifier is not None):
         spec = InputSpec(shape=ds.input_shape, class_names=tuple(ds.class_names),
                          **(input_overrides or {}))
         writer.set_input(spec)
+    if not extending:
         # the content's hash: `--steps` on this bundle later refuses data that is not this
         writer.manifest["dataset"] = {**ds.describe(), "sha256": content}
         writer.manifest["build"].update({"seed": seed, "preset": preset, "dataset": dataset,
@@ -319,7 +379,8 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
                        byo_classifier=classifier is not None, extending=extending, config=config)
     gate = dict(ctx.options.get("quality", {}))
     try:
-        _run_steps(ctx, chosen, classifier, gate, command)
+        with _signals_stop_the_step():
+            _run_steps(ctx, chosen, classifier, gate, command)
     except quality.NearChance:
         # the gate refused the base classifier: no manifest that serves it is left behind. A new
         # bundle loses its manifest (nothing loads it); an extended one keeps the manifest it had
@@ -339,6 +400,80 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
                          + "; ".join(ctx.broken_pipelines) + " (fix the config, then measure it with "
                          f"`shieldserve train --out {out} --steps quality --config CONFIG`)")
     return path
+
+
+def _check_device(device: str) -> None:
+    """A device torch can use here, refused before anything is written (`--device cuda` on a
+    CPU-only torch was an AssertionError traceback from the first step, and an empty bundle
+    directory)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device: cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch has no CUDA device to use (torch "
+                             f"{torch.__version__}); train on cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r}: shieldserve trains on cpu or cuda")
+
+
+def _check_feature_layer(src: ClassifierSource) -> None:
+    """--feature-layer names a submodule of the brought network: checked on the network alone,
+    before the data is loaded or anything trains (a misspelt one surfaced after the classifier
+    step, as RMC recorded unusable, and the command exited 0)."""
+    if src.kind == "torchscript":
+        net = torch.jit.load(str(src.target), map_location="cpu")
+    else:
+        from models.architectures import build_architecture
+
+        net = build_architecture({"kind": "import", "factory": src.target, "kwargs": src.kwargs})
+    names = [n for n, _ in net.named_modules() if n]
+    if src.feature_layer not in names:
+        raise ValueError(f"--feature-layer {src.feature_layer!r}: the network has no such submodule; it has "
+                         f"{names[:20]}")
+
+
+def _step_artifacts(manifest: dict[str, Any], steps: list[str]) -> tuple[str, ...]:
+    """The artifacts of `manifest` that `steps` write again: named after the step (`classifier`
+    itself; `smoothing_*`, `magnet_*`, ... for the others; `robust_classifier` for robust)."""
+    names = manifest.get("artifacts", {})
+    return tuple(n for n in names for s in steps
+                 if n == s or (s != "classifier" and n.startswith(s + "_")))
+
+
+class _Stopped(SystemExit):
+    """SIGTERM or SIGHUP during a build: raised in the main thread so that the running step is
+    undone (StepWriter.rollback) as it is for Ctrl-C."""
+
+
+def _signals_stop_the_step() -> Any:
+    """While the steps run, SIGTERM and SIGHUP (`kill`, `docker stop`, a closed terminal, a job
+    timeout) raise _Stopped: a step stopped by one left artifacts the manifest's hashes did not
+    match, and no command loaded the bundle again. SIGKILL cannot be caught: for that, `--steps`
+    on the same step does not verify the artifacts it writes again (_step_artifacts)."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def guard() -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop(sig: int, frame: Any) -> None:
+            raise _Stopped(128 + sig)
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return guard()
 
 
 def absolute_dataset(spec: str) -> str:

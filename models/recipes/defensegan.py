@@ -448,7 +448,11 @@ def save_samples(gen: Generator, path: Path, g: torch.Generator, rows: int = 8, 
 
 def build_step(ctx: "BuildContext") -> None:  # noqa: F821 - models.train.BuildContext
     """Train G (WGAN-GP) and the encoder, calibrate the error detector, write artifacts."""
-    r = recipe(ctx.preset, **ctx.options.get(STEP, {}).get("recipe", {}))
+    opts = ctx.options.get(STEP, {})
+    # the recipe's settings at the top of the section, as every other step reads them, or under
+    # "recipe" (read alone until this release: a top-level `generator_steps` was ignored)
+    settings = {**opts.get("recipe", {}), **{k: v for k, v in opts.items() if k not in ("recipe", "work_dir")}}
+    r = recipe(ctx.preset, **settings)
     threads = torch.get_num_threads()
     if r.threads > 0:
         torch.set_num_threads(r.threads)
