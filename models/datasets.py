@@ -150,6 +150,12 @@ def _labels(where: str, y: np.ndarray) -> np.ndarray:
     return y.astype(np.int64)
 
 
+# The largest integer pixel of a whole dataset below this is taken for another scale: no split of
+# 8-bit images has its brightest pixel under a quarter of the range (UCI's digits count 0-16,
+# and read as 0-255 the classifier came out at chance, without a word)
+DARKEST_MAX = 64
+
+
 def _scale(source: str, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """float32 in [0, 1], one decision for every split: per split, one validation pixel at 1.02
     would divide that split alone by 255 and leave the others as they were."""
@@ -169,6 +175,10 @@ def _scale(source: str, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             raise ValueError(f"{source}: integer pixels span [{lo:g}, {hi:g}]; they must be 0-255")
         if hi <= 1:  # 0/1 masks divided by 255 would be all but black
             raise ValueError(f"{source}: integer pixels are all 0 or 1; store 0/255 as uint8, or 0/1 as float")
+        if hi < DARKEST_MAX:  # counts on another scale (UCI's digits: 0-16) read as 0-255: near black
+            raise ValueError(f"{source}: integer pixels span [{lo:g}, {hi:g}]: read as 0-255 they would all be "
+                             f"at most {hi / 255:.2f}; if they count on another scale, store them as float in "
+                             f"[0, 1] (x / {hi:g} for 0-{hi:g})")
         return {n: x.astype(np.float32) / 255.0 for n, x in xs.items()}
     if not all(np.isfinite(x).all() for x in nonempty):
         raise ValueError(f"{source}: images hold NaN or infinite values")

@@ -147,6 +147,9 @@ def test_builtin_mnist5k_has_no_shared_images(mnist):
     ({"y_test": -(np.arange(100) % 10)}, "labels go down to -9"),
     ({"x_train": np.zeros((0, 1, 8, 8), np.uint8), "y_train": np.zeros(0, np.int64)}, "x_train holds no images"),
     ({"y_test": None}, "lacks y_test"),
+    # counts on another scale (UCI's digits: 0-16) read as 0-255 were near black: chance accuracy
+    ({"x_train": np.arange(200 * 64).reshape(200, 1, 8, 8) % 17, "x_test": np.arange(100 * 64).reshape(100, 1, 8, 8) % 17},
+     r"integer pixels span \[0, 16\]: read as 0-255 they would all be at most 0.06.*x / 16"),
 ])
 def test_a_users_mistake_is_one_line_naming_it(tmp_path, arrays, message):
     with pytest.raises(ValueError, match=message) as exc:
