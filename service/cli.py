@@ -146,6 +146,21 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from service.evaluation import EvalConfig, evaluate
     from service.evaluation.attacks import Budget
+    from service.evaluation.harness import ALL_SECTIONS, ATTACKS, NORMS, OPTIONAL_SECTIONS, PIPELINE_COUNTS, check_names
+
+    def names(flag: str, text: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
+        """A comma-separated list of `valid` names (spaces and empty items dropped)."""
+        given = tuple(n.strip() for n in text.split(",") if n.strip())
+        if not given:
+            raise ValueError(f"{flag} {text!r}: no {what} given; choose from {', '.join(valid)}")
+        check_names(flag, given, valid, what)
+        return given
+
+    def pairs(dest: str) -> dict[str, int]:
+        try:
+            return _pairs(getattr(args, dest))
+        except ValueError as exc:
+            raise ValueError(f"--{dest.replace('_', '-')}: {exc}") from None
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # the query section sends thousands of requests: httpx logs each one at INFO
@@ -166,7 +181,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     elif args.linf_eps is not None:  # the sweep's default is MNIST's; scale it to the chosen eps
         overrides["linf_sweep"] = tuple(round(args.linf_eps * f, 6) for f in (1 / 3, 2 / 3, 1.0))
     budget = replace(budget, **overrides)
-    sections = tuple(args.sections.split(",")) if args.sections else None
+    # every name and NAME=N is checked here, before any work (the query attacks, the bundle's
+    # pipelines, the transfer section's surrogates): a typo is one line and status 2, not a
+    # section silently skipped or a failure after an hour. query is this command's own section.
+    sections = names("--sections", args.sections, (*ALL_SECTIONS, *OPTIONAL_SECTIONS, "query"), "section") \
+        if args.sections else None
+    pipelines = [p.strip() for item in (args.pipelines or []) for p in item.split(",") if p.strip()] or None
+    cfg = EvalConfig(bundle=_bundle(args), out=args.out, pipelines=pipelines, limit=args.limit, offset=args.offset,
+                     budget=budget,
+                     sections=tuple(s for s in sections if s != "query") if sections else EvalConfig.sections,
+                     attacks=names("--attacks", args.attacks, ATTACKS, "attack") if args.attacks else None,
+                     certify_n=args.certify_n, blackbox_default_limit=args.blackbox_digits, url=args.url,
+                     api_key=args.api_key, doc=args.doc, adaptive_sweep=args.adaptive_sweep, seed=args.seed,
+                     config=args.config, jobs=args.jobs, threads=args.threads,
+                     autoattack_norms=names("--autoattack-norms", args.autoattack_norms, NORMS, "norm"),
+                     autoattack_budget=pairs("autoattack_budget"),
+                     transfer_surrogates=args.transfer_surrogates,
+                     transfer_norms=names("--transfer-norms", args.transfer_norms, NORMS, "norm"),
+                     command="shieldserve evaluate " + " ".join(args.argv),
+                     **{dest: pairs(dest) for dest in PIPELINE_COUNTS})
+    cfg.check()  # the pipelines: configured ones (--config), the counts: in range
     if sections and "query" in sections:  # query attacks over HTTP: only a running service
         from pathlib import Path
 
@@ -181,25 +215,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                           seed=args.seed, l2_eps=args.query_l2_eps, command="shieldserve evaluate " + " ".join(
                               args.argv), api_key=args.api_key)
         print(f"wrote {args.out}/query_attacks.json and {args.out}/query_attacks.md")
-        sections = tuple(s for s in sections if s != "query")
-        if not sections:
+        if not cfg.sections:
             return 0
-        args.sections = ",".join(sections)
-    pipelines = [p for item in (args.pipelines or []) for p in item.split(",") if p] or None
-    cfg = EvalConfig(bundle=_bundle(args), out=args.out, pipelines=pipelines, limit=args.limit, offset=args.offset,
-                     pipeline_limit=_pairs(args.pipeline_limit), budget=budget,
-                     sections=tuple(args.sections.split(",")) if args.sections else EvalConfig.sections,
-                     attacks=tuple(args.attacks.split(",")) if args.attacks else None,
-                     smoothing_n=_pairs(args.smoothing_n), certify_n=args.certify_n,
-                     certify_limit=_pairs(args.certify_limit), blackbox_limit=_pairs(args.blackbox_limit),
-                     blackbox_default_limit=args.blackbox_digits, url=args.url, api_key=args.api_key, doc=args.doc,
-                     adaptive_limit=_pairs(args.adaptive_limit), adaptive_sweep=args.adaptive_sweep, certify_n_for=_pairs(args.certify_n_for), seed=args.seed, config=args.config,
-                     jobs=args.jobs, threads=args.threads, autoattack_limit=_pairs(args.autoattack_limit),
-                     autoattack_norms=tuple(args.autoattack_norms.split(",")),
-                     autoattack_budget=_pairs(args.autoattack_budget),
-                     transfer_surrogates=args.transfer_surrogates,
-                     transfer_norms=tuple(args.transfer_norms.split(",")),
-                     command="shieldserve evaluate " + " ".join(args.argv))
     os.makedirs(args.out, exist_ok=True)
     report = evaluate(cfg)
     print(f"wrote {args.out}/report.json, {args.out}/report.md and plots in {report['seconds'] / 60:.1f} min")

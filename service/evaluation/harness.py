@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,18 @@ log = logging.getLogger("shieldserve.evaluate")
 SMOOTHING_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 ALL_SECTIONS = ("oblivious", "transfer", "graybox", "adaptive", "blackbox", "certify")
 OPTIONAL_SECTIONS = ("autoattack",)  # costly: run only when asked (--sections / --attacks autoattack)
+# the attack names EvalConfig.attacks (--attacks) keeps: those the sections ask `wants` about,
+# and autoattack, which also turns its section on
+ATTACKS = ("pgd", "apgd", "cw", "bpda", "gmsa", "square", "hsj", "autoattack", "mifgsm")
+NORMS = ("linf", "l2")  # transfer_norms and autoattack_norms: at budget.linf_eps and max(budget.l2_eps)
+# EvalConfig's per-pipeline counts (NAME=N: the field's flag is --pipeline-limit, ...) and the
+# least N each takes: 0 black-box digits leave a pipeline out of that section (blackbox()),
+# every other count needs at least one digit or sample
+PIPELINE_COUNTS = {"pipeline_limit": 1, "smoothing_n": 1, "certify_limit": 1, "certify_n_for": 1,
+                   "blackbox_limit": 0, "adaptive_limit": 1, "autoattack_limit": 1}
+# EvalConfig's other counts: their flag and the least each takes
+COUNTS = {"limit": ("--limit", 1), "offset": ("--offset", 0), "certify_n": ("--certify-n", 1),
+          "blackbox_default_limit": ("--blackbox-digits", 0), "transfer_surrogates": ("--transfer-surrogates", 1)}
 
 
 @dataclass
@@ -65,16 +78,68 @@ class EvalConfig:
     jobs: int = 1                               # pipelines evaluated side by side in this many processes
     threads: int = 1                            # torch threads per process
     autoattack_limit: dict[str, int] = field(default_factory=dict)  # digits for a pipeline's AutoAttack
-    autoattack_norms: tuple[str, ...] = ("linf", "l2")              # at budget.linf_eps and max(budget.l2_eps)
+    autoattack_norms: tuple[str, ...] = NORMS                       # at budget.linf_eps and max(budget.l2_eps)
     autoattack_budget: dict[str, int] = field(default_factory=dict)  # AutoAttackBudget overrides (default: standard)
     transfer_surrogates: int = 3                # independently trained surrogates in the transfer ensemble
-    transfer_norms: tuple[str, ...] = ("linf", "l2")                # at budget.linf_eps and max(budget.l2_eps)
+    transfer_norms: tuple[str, ...] = NORMS                         # at budget.linf_eps and max(budget.l2_eps)
 
     def n_for(self, name: str) -> int:
         return min(self.limit, self.pipeline_limit.get(name, self.limit))
 
     def wants(self, attack: str) -> bool:
+        if attack not in ATTACKS:  # every attack asked about must be one check() lets --attacks name
+            raise AssertionError(f"attack {attack!r} is not in harness.ATTACKS")
         return self.attacks is None or attack in self.attacks
+
+    def check(self, configured: Collection[str] | None = None) -> None:
+        """ValueError naming the first value no evaluation could use: an unknown section, attack,
+        norm, AutoAttack budget key or pipeline (`configured`: the configured pipelines; default:
+        those of `config`), or a count below what its field takes. Cheap (no bundle, no
+        network): the command calls it before any work, Evaluation again for other callers.
+
+        A NAME=N field may name any configured pipeline, not only those this run evaluates: the
+        same flags serve runs split by --pipelines (report.merge), and without --pipelines which
+        configured pipelines run is known only once the bundle is open (a pipeline whose
+        defenses it lacks is left out)."""
+        from dataclasses import fields
+
+        from service.evaluation.autoattack import AutoAttackBudget
+
+        if configured is None:
+            from service.settings import load_settings
+
+            configured = load_settings(self.config, bundle=self.bundle).pipelines
+        configured = list(configured)
+        pipelines = f"configured pipelines: {', '.join(configured)}"
+        check_names("--pipelines", self.pipelines or (), configured, "pipeline", choices=pipelines)
+        check_names("--sections", self.sections, (*ALL_SECTIONS, *OPTIONAL_SECTIONS), "section")
+        check_names("--attacks", self.attacks or (), ATTACKS, "attack")
+        check_names("--transfer-norms", self.transfer_norms, NORMS, "norm")
+        check_names("--autoattack-norms", self.autoattack_norms, NORMS, "norm")
+        for name, (flag, least) in COUNTS.items():
+            if getattr(self, name) < least:
+                raise ValueError(f"{flag} {getattr(self, name)}: must be >= {least}")
+        for name, least in PIPELINE_COUNTS.items():
+            flag = "--" + name.replace("_", "-")
+            for pipeline, n in getattr(self, name).items():
+                if pipeline not in configured:
+                    raise ValueError(f"{flag} {pipeline}={n}: no pipeline {pipeline!r} is configured; {pipelines}")
+                if not isinstance(n, int) or n < least:
+                    raise ValueError(f"{flag} {pipeline}={n}: N must be a whole number >= {least}")
+        keys = [f.name for f in fields(AutoAttackBudget)]
+        for key, n in self.autoattack_budget.items():
+            if key not in keys:
+                raise ValueError(f"--autoattack-budget {key}={n}: unknown key {key!r}; choose from {', '.join(keys)}")
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"--autoattack-budget {key}={n}: N must be a whole number >= 1")
+
+
+def check_names(flag: str, given: Collection[str], valid: Collection[str], what: str, choices: str = "") -> None:
+    """ValueError naming the values of `given` that are not in `valid`, and the valid ones."""
+    unknown = [n for n in given if n not in valid]
+    if unknown:
+        raise ValueError(f"{flag}: unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         + (choices or f"choose from {', '.join(valid)}"))
 
 
 def _bar(total: int, desc: str) -> tqdm:
@@ -106,13 +171,11 @@ class Evaluation:
         self.cfg = cfg
         self.started = time.time()
         settings = load_settings(cfg.config, bundle=cfg.bundle)
+        cfg.check(settings.pipelines)  # before the bundle is opened (the command checked it already)
         self.bundle = Bundle.load(settings.bundle, trusted_imports=settings.trusted_imports)
         self.base = self.bundle.classifier()
         env = DefenseEnv(bundle=self.bundle, classifier=self.base, device=torch.device("cpu"), settings=settings)
         names = cfg.pipelines or [n for n in settings.pipelines if not self._unusable(settings, n)]
-        unknown = [n for n in names if n not in settings.pipelines]
-        if unknown:
-            raise SystemExit(f"unknown pipelines {unknown}; configured: {sorted(settings.pipelines)}")
         # the bundle's own dataset: a user's bundle is evaluated on its test split, not on MNIST
         ds = load_dataset(self.bundle.manifest.get("build", {}).get("dataset", "mnist5k"))
         if cfg.offset < 0 or cfg.limit < 1:
@@ -137,7 +200,9 @@ class Evaluation:
             "command": self.scrub(cfg.command), "bundle": str(cfg.bundle), "bundle_version": self.bundle.version,
             "dataset": f"{ds.name} test split, {span} stratified by class",
             "limit": len(self.y), "offset": cfg.offset, "seed": cfg.seed, "budget": cfg.budget.to_json(),
-            "sections": list(cfg.sections), "certify": {"n": cfg.certify_n, "n0": cfg.certify_n0, "alpha": cfg.certify_alpha},
+            "sections": list(cfg.sections), "attacks": list(cfg.attacks) if cfg.attacks is not None else None,
+            "transfer_norms": list(cfg.transfer_norms), "autoattack_norms": list(cfg.autoattack_norms),
+            "certify": {"n": cfg.certify_n, "n0": cfg.certify_n0, "alpha": cfg.certify_alpha},
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -191,62 +192,171 @@ def findings(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-THREAT_MODELS = """\
-Threat models (each a section below):
-
-- **Oblivious**: the attacker knows only the base classifier; adversarial digits are computed on
-  it (ART PGD and APGD-CE at L-inf eps 0.3, PGD at eps 0.1 and 0.2 for the sweep, and
-  Carlini-Wagner L2) and then sent through every pipeline.
-- **Transfer**: the attacker knows neither the defense nor the bundle's weights, but trains
-  surrogates of their own (different architectures and seeds, on the training split) and crafts
-  adversarial digits on the mean of their logits with MI-FGSM (momentum 1.0, 10 steps) and input
-  diversity (a random resize-and-pad per step with probability 0.5), at L-inf eps 0.3 and at the
-  largest L2 eps; those digits are sent through every pipeline.
-- **Gray-box**: the attacker knows the network that labels the input in that pipeline (the
-  fingerprinted network for NeuralFP; the noise-trained classifier, or denoiser + classifier,
-  for smoothing) but not the defense's secrets (fingerprints, noise draws) and ignores its
-  detectors. Where that network is the base classifier (MagNet, Defense-GAN, RMC) gray-box
-  equals oblivious and is not repeated.
-- **Adaptive white-box** (everything known, secrets included): MagNet: exact gradients through
-  the reformer plus a detector-aware model (an extra "rejected" output
-  max_j z_j + beta * log(max_d score_d / threshold_d), attacked towards the clean runner-up class
-  by PGD/APGD, and by CW-L2 whose loss needs a wrong class above both the true class and
-  "rejected"); NeuralFP: the same detector-aware model with the real fingerprints; Defense-GAN:
-  BPDA (forward: the real projection; backward: identity); smoothing: EOT (log of the mean
-  softmax over fresh Gaussian draws at every step), plus the MagNet-aware output in `default`;
-  RMC: GMSA-AVG (attack the average of the base model and the models RMC adapted to the
-  previous rounds' adversarial digits; isolated-mode adaptation is deterministic, so the
-  adapted model of a round is exactly what the service would use).
-- **Black-box**: only what /predict returns (status, label, confidence) with a query budget
-  per digit: ART Square (score-based, L-inf eps 0.3) and ART HopSkipJump (label-only, L2,
-  started from the nearest test digit of another class; success counted within L2 <= 2).
-  In process here; `--url` runs the same attacks against a running service over HTTP, each
-  digit scored from the answers its attack got (no adversarial is posted a second time).
-"""
+def _and(items: list[str], comma: str = "") -> str:
+    """a, b and c (with comma=",": a, b, and c)"""
+    if len(items) < 3:
+        return " and ".join(items)
+    return ", ".join(items[:-1]) + f"{comma} and " + items[-1]
 
 
-LIMITS = """\
-## Limits of this evaluation
+def _g(v: Any) -> str:
+    return "?" if v is None else f"{float(v):g}"
 
-- Budgets are CPU-sized (see Budgets above): more PGD/EOT/BPDA steps, more GMSA rounds, more
-  black-box queries can only lower the robust accuracies reported here. Black-box numbers with
-  a few hundred queries per digit are weak attacks: read them as upper bounds.
-- Carlini-Wagner L2 is this project's torch implementation (`service/attacks/cw.py`),
-  with the same objective as ART's `CarliniL2Method` (kept as attack `cw_art`), which ran about
-  ten times slower here. The PGD and APGD of the oblivious, gray-box and adaptive sections and
-  the black-box Square and HopSkipJump are ART's. AutoAttack's APGD-CE and APGD-T, its L-inf
-  Square and the PGD with restarts beside it are this project's torch code
-  (`service/evaluation/autoattack.py`, after the reference implementations); only its L2 Square
-  is ART's. GMSA's PGD and the transfer section's MI-FGSM are this project's too.
-- The smoothing certificates are L2 certificates: L-inf eps 0.3 perturbations have L2 norms
-  near 6, far outside any certified radius, so the L-inf rows do not test the certificate; the
-  L2 rows and the invariant do. In `default` the certificate covers the smoothed classifier,
-  not MagNet's detection in front of it.
-- Gray-box MagNet as in the paper (a secret random choice among several autoencoders) is not
-  evaluated: the bundle holds one autoencoder per role. RMC is evaluated in its isolated
-  (serving default) mode; the online mode's poisoning risk is described in docs/defenses/rmc.md.
-- Defense-GAN is attacked with its serving projection preset (`default`), not the paper's.
-"""
+
+def _eps(values: Any) -> str:
+    return _and([f"{float(e):g}" for e in values])
+
+
+def _rows(report: dict[str, Any], section: str) -> list[dict[str, Any]]:
+    """Every pipeline's rows of one section."""
+    return [r for rep in report["pipelines"].values() for r in rep.get("attacks", {}).values()
+            if r.get("section") == section]
+
+
+def threat_models(report: dict[str, Any]) -> str:
+    """The threat models of the sections this run measured, with the budgets it used: the
+    shared adversarials' and the rows' own records (eps, norms, steps, queries), else the run's
+    budget (report.json's `budget`); never a default the run did not use."""
+    b = report.get("budget", {})
+    eps = float(b.get("linf_eps", 0.3))
+    l2 = [float(e) for e in b.get("l2_eps") or []]
+    wanted = report.get("attacks")  # None: every attack (--attacks not given, or an older report)
+    asked = set(report.get("sections") or ())
+    lines = ["Threat models (each a section below):", ""]
+
+    obl = report.get("oblivious_attacks") or {}
+    if obl:
+        kinds: dict[str, list[float]] = {}
+        for v in obl.values():
+            kinds.setdefault(v.get("attack", "?"), []).extend([float(v["eps"])] if v.get("eps") is not None else [])
+        pgd, apgd = sorted(set(kinds.get("pgd", []))), sorted(set(kinds.get("apgd", [])))
+        parts = []
+        if pgd and apgd == [eps] and eps in pgd:
+            parts.append(f"ART PGD and APGD-CE at L-inf eps {eps:g}")
+        else:
+            parts += [f"ART PGD at L-inf eps {eps:g}"] if eps in pgd else []
+            parts += [f"ART APGD-CE at L-inf eps {_eps(apgd)}"] if apgd else []
+        sweep = [e for e in pgd if e != eps]
+        if sweep:
+            parts.append(f"PGD at eps {_eps(sweep)} for the sweep")
+        if "cw" in kinds:
+            parts.append("Carlini-Wagner L2")
+        if parts:
+            lines += ["- **Oblivious**: the attacker knows only the base classifier; adversarial digits are computed "
+                      f"on it ({_and(parts, ',')}) and then "
+                      "sent through every pipeline."]
+
+    transfer = report.get("transfer_attacks") or {}
+    if transfer:
+        first = next(iter(transfer.values()))
+        at = [f"L-inf eps {float(v['eps']):g}" if v.get("norm") == "linf" else f"L2 eps {float(v['eps']):g}"
+              for v in transfer.values()]
+        k = len((report.get("transfer_surrogates") or {}).get("surrogates") or [])
+        how = f"MI-FGSM (momentum {_g(first.get('decay'))}, {first.get('steps', '?')} steps)"
+        p = first.get("diversity")
+        how += (" without input diversity" if p == 0 else
+                f" and input diversity (a random resize-and-pad per step with probability {_g(p)})")
+        lines += [f"- **Transfer**: the attacker knows neither the defense nor the bundle's weights, but trains "
+                  f"{f'{k} ' if k else ''}surrogates of their own (different architectures and seeds, on the training "
+                  f"split) and crafts adversarial digits on the mean of their logits with {how}, at {_and(at)}; those "
+                  f"digits are sent through every pipeline."]
+
+    graybox = _rows(report, "graybox")
+    notes = any(rep.get("graybox_note") for rep in report["pipelines"].values())
+    if graybox or notes or ("graybox" in asked and (wanted is None or "pgd" in wanted)):
+        budget = f"PGD at L-inf eps {eps:g}" + (f", and at L2 eps {_eps(l2)} on smoothing pipelines" if l2 else "")
+        lines += ["- **Gray-box**: the attacker knows the network that labels the input in that pipeline (the "
+                  "fingerprinted network for NeuralFP; the noise-trained classifier, or denoiser + classifier, for "
+                  "smoothing) but not the defense's secrets (fingerprints, noise draws) and ignores its detectors "
+                  f"({budget}). Where that network is the base classifier (MagNet, Defense-GAN, RMC) gray-box "
+                  "equals oblivious and is not repeated."]
+
+    adaptive = _rows(report, "adaptive")
+    if adaptive or "adaptive" in asked:
+        draws = b.get("eot_draws")
+        sweep = sorted({float(m.group(1)) for r in adaptive
+                        for m in [re.search(r"_linf_([0-9.e-]+)$", str(r.get("attack", "")))] if m} - {eps})
+        at = f"L-inf attacks at eps {eps:g}" + (f" (PGD also at {_eps(sweep)} on cheap pipelines)" if sweep else "")
+        lines += [f"- **Adaptive white-box** (everything known, secrets included; {at}"
+                  f"{f', EOT also at L2 eps {_eps(l2)}' if l2 else ''}): MagNet: exact gradients through "
+                  "the reformer plus a detector-aware model (an extra \"rejected\" output "
+                  "max_j z_j + beta * log(max_d score_d / threshold_d), attacked towards the clean runner-up class "
+                  "by PGD/APGD, and by CW-L2 whose loss needs a wrong class above both the true class and "
+                  "\"rejected\"); NeuralFP: the same detector-aware model with the real fingerprints; Defense-GAN: "
+                  "BPDA (forward: the real projection; backward: identity); smoothing: EOT (log of the mean "
+                  f"softmax over {f'{draws} ' if draws else ''}fresh Gaussian draws at every step), plus the "
+                  "MagNet-aware output in `default`; RMC: GMSA-AVG (attack the average of the base model and the "
+                  "models RMC adapted to the previous rounds' adversarial digits; isolated-mode adaptation is "
+                  "deterministic, so the adapted model of a round is exactly what the service would use)."]
+
+    blackbox = _rows(report, "blackbox")
+    if blackbox:
+        def budget_of(prefix: str) -> dict[str, Any] | None:
+            rows = [r for r in blackbox if str(r.get("attack", "")).startswith(prefix)]
+            if not rows:
+                return None
+            queries = sorted({r["query_budget"] for r in rows if r.get("query_budget") is not None})
+            return {"eps": rows[0].get("eps"), "queries": _and([f"{q:,}" for q in queries]) if queries else None}
+
+        attacks = []
+        sq, hsj = budget_of("square_"), budget_of("hsj_")
+        if sq:
+            per = f", {sq['queries']} queries per digit" if sq["queries"] else ""
+            attacks.append(f"ART Square (score-based, L-inf eps {_g(sq['eps'] if sq['eps'] is not None else eps)}{per})")
+        if hsj:
+            per = f"{hsj['queries']} queries per digit, " if hsj["queries"] else ""
+            within = hsj["eps"] if hsj["eps"] is not None else (max(l2) if l2 else None)
+            success = f"; success counted within L2 <= {_g(within)}" if within is not None else ""
+            attacks.append(f"ART HopSkipJump (label-only, L2, {per}started from the nearest test digit of another "
+                           f"class{success})")
+        if attacks:
+            lines += ["- **Black-box**: only what /predict returns (status, label, confidence) with a query budget "
+                      f"per digit: {' and '.join(attacks)}. In process here; `--url` runs the same attacks against a "
+                      "running service over HTTP, each digit scored from the answers its attack got (no adversarial "
+                      "is posted a second time)."]
+    if len(lines) == 2:
+        return ""
+    return "\n".join(lines) + "\n"
+
+
+def limits(report: dict[str, Any]) -> str:
+    """The limits of this evaluation, with the run's own L-inf eps, L2 norms and query budgets."""
+    b = report.get("budget", {})
+    eps = float(b.get("linf_eps", 0.3))
+    blackbox = _rows(report, "blackbox")
+    queries = sorted({r["query_budget"] for r in blackbox if r.get("query_budget") is not None})
+    lines = ["## Limits of this evaluation", "",
+             "- Budgets are CPU-sized (see Budgets above): more PGD/EOT/BPDA steps, more GMSA rounds, more "
+             "black-box queries can only lower the robust accuracies reported here."
+             + (f" Black-box numbers with at most {queries[-1]:,} queries per digit are weak attacks: read them as "
+                "upper bounds." if queries else ""),
+             "- Carlini-Wagner L2 is this project's torch implementation (`service/attacks/cw.py`), with the same "
+             "objective as ART's `CarliniL2Method` (kept as attack `cw_art`), which ran about ten times slower "
+             "here. The PGD and APGD of the oblivious, gray-box and adaptive sections and the black-box Square and "
+             "HopSkipJump are ART's. AutoAttack's APGD-CE and APGD-T, its L-inf Square and the PGD with restarts "
+             "beside it are this project's torch code (`service/evaluation/autoattack.py`, after the reference "
+             "implementations); only its L2 Square is ART's. GMSA's PGD and the transfer section's MI-FGSM are "
+             "this project's too."]
+    certs = [rep["certified"] for rep in report["pipelines"].values() if rep.get("certified")]
+    if certs:
+        obl = (report.get("oblivious_attacks") or {}).get(f"pgd_linf_{eps:g}", {})
+        radius = max((float(r) for c in certs for r in c.get("accuracy", {})), default=None)
+        norm = obl.get("mean_l2")
+        if norm is not None and radius is not None and norm > radius:
+            said = (f"L-inf eps {eps:g} perturbations have L2 norms near {norm:.1f} here (mean L2 of the oblivious "
+                    f"`pgd_linf_{eps:g}`), outside the largest certified radius ({radius:g}), so the L-inf rows do "
+                    "not test the certificate")
+        else:
+            said = (f"the L-inf rows (eps {eps:g}) test the certificate only where their L2 norm (mean L2 column) "
+                    "is within a certified radius")
+        lines.append(f"- The smoothing certificates are L2 certificates: {said}; the L2 rows and the invariant do. "
+                     "In `default` the certificate covers the smoothed classifier, not MagNet's detection in front "
+                     "of it.")
+    lines += ["- Gray-box MagNet as in the paper (a secret random choice among several autoencoders) is not "
+              "evaluated: the bundle holds one autoencoder per role. RMC is evaluated in its isolated (serving "
+              "default) mode; the online mode's poisoning risk is described in docs/defenses/rmc.md.",
+              "- Defense-GAN is attacked with its serving projection preset (`default`), not the paper's."]
+    return "\n".join(lines) + "\n"
 
 
 def coverage(report: dict[str, Any]) -> list[list[Any]]:
@@ -294,7 +404,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
            "",
            _table(headline_header(report["budget"]["linf_eps"]), headline(report)),
            "",
-           THREAT_MODELS,
+           threat_models(report),
            "Coverage (costly pipelines use fewer digits for some sections; every number below says on how many; "
            "a pipeline marked partial was stopped before all its sections ran: its missing rows were not measured):",
            "",
@@ -384,7 +494,7 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                         "empirical >= certified at each r"], inv_rows), ""]
     if plots:
         out += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
-    out += [LIMITS]
+    out += [limits(report)]
     return "\n".join(line for line in out) + "\n"
 
 
