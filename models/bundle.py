@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,7 +32,12 @@ from torch import nn
 from models.architectures import build_architecture, import_trusted
 from models.features import FeatureError, FeatureExtractor
 
-FORMAT_VERSION = 1
+# The manifest's format. 2 (this release on): the version also covers the input section and the
+# artifacts' build records (content_version). 1 is read as it was written; a bundle of format 1
+# becomes format 2 the next time a step saves it, and a release that reads only 1 then says the
+# bundle is newer instead of calling it hand-edited.
+FORMAT_VERSION = 2
+READS_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 # The largest manifest.json `Bundle.load` reads. Real ones are tens of kB (models/default's:
 # ~40 kB; the build log, metrics and calibration are all small), so 4 MB is ~100x headroom,
@@ -45,28 +51,26 @@ MAX_MANIFEST_BYTES = 4 * 2**20
 MAX_INPUT_VALUES = 4096 * 4096 * 4
 
 
-# What a bundle's version covers. 1: its artifacts' hashes and its defenses' sections. 2 (every
-# bundle saved from 0.8 on, and an older one the next time a step saves it): also the input
-# section (shape, value range, normalisation, class names) and each artifact's record of how it
-# is built and read (architecture, feature layer), which decide what a request gets as much as
-# the weights do: hand-edited, they were served under the old model_version (and GET /certify's
-# cached certificates, keyed by it, with them).
-VERSION_SCHEME = 2
+# What a bundle's version covers, by its format_version. 1: its artifacts' hashes and its
+# defenses' sections. 2: also the input section (shape, value range, normalisation, class names)
+# and each artifact's record of how it is built and read (architecture, feature layer,
+# preprocess), which decide what a request gets as much as the weights do: hand-edited, they were
+# served under the old model_version (and GET /certify's cached certificates, keyed by it, with them).
 _BUILD_FIELDS = ("architecture", "feature_layer", "format", "file", "preprocess")
 
 
 def content_version(manifest: dict[str, Any]) -> str:
-    """A bundle's version: the first 12 hex digits of the sha256 of what it covers (see
-    VERSION_SCHEME; the manifest's `version_scheme`, 1 where absent), so that a change to any of
-    it is a new version. Written by `save`, checked by `load`."""
+    """A bundle's version: the first 12 hex digits of the sha256 of what its format covers (see
+    _BUILD_FIELDS), so that a change to any of it is a new version. Written by `save`, checked by
+    `load`."""
     artifacts = manifest.get("artifacts", {})
     hashes = sorted(f"{k}:{v['sha256']}" for k, v in artifacts.items())
     defenses = json.dumps(manifest.get("defenses", {}), sort_keys=True)
-    scheme = manifest.get("version_scheme", 1)
-    if scheme == 1:
+    fmt = manifest.get("format_version")
+    if fmt == 1:
         return sha256_bytes(("\n".join(hashes) + defenses).encode())[:12]
-    if scheme != 2:
-        raise ValueError(f"version_scheme {scheme!r} is not one this shieldserve reads (1 or 2)")
+    if fmt != 2:
+        raise ValueError(f"bundle format {fmt!r} is not one this shieldserve reads {READS_FORMATS}")
     built = {k: {f: v.get(f) for f in _BUILD_FIELDS if f in v} for k, v in artifacts.items()}
     covered = json.dumps({"input": manifest.get("input"), "artifacts": built}, sort_keys=True)
     return sha256_bytes(("\n".join(hashes) + defenses + covered).encode())[:12]
@@ -88,6 +92,18 @@ def takes_bundle_input(name: str, record: dict[str, Any]) -> bool:
         return preprocess == "bundle"
     kind = (record.get("architecture") or {}).get("kind")
     return kind != "builtin" or name == "neuralfp_classifier"
+
+
+def served_differently(manifest: dict[str, Any]) -> bool:
+    """A format-1 bundle with an input conversion (value range, mean, std) and a network that
+    takes pixels (`takes_bundle_input`): served through the conversion before this release."""
+    if manifest.get("format_version") != 1:
+        return False
+    spec = manifest.get("input") or {}
+    converts = (list(spec.get("value_range") or [0.0, 1.0]) != [0.0, 1.0] or spec.get("mean") is not None
+                or spec.get("std") is not None)
+    return converts and any(not takes_bundle_input(name, record) for name, record in manifest.get("artifacts", {}).items()
+                            if isinstance(record, dict) and record.get("architecture"))
 
 
 class BundleError(RuntimeError):
@@ -384,9 +400,9 @@ class Bundle:
         if not manifest_path.is_file():
             raise BundleError(f"{root}: no {MANIFEST_NAME}; build a bundle with `shieldserve train --out {root}`")
         manifest = _read_manifest(manifest_path)
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READS_FORMATS:
             raise BundleError(f"{root}: bundle format {manifest.get('format_version')!r}, "
-                              f"this shieldserve reads {FORMAT_VERSION}")
+                              f"this shieldserve reads {', '.join(map(str, READS_FORMATS))} (a newer release saved it?)")
         _check_manifest(manifest_path, manifest)
         trusted = tuple(trusted_imports)
         require_trusted(manifest, trusted, root)
@@ -402,11 +418,17 @@ class Bundle:
         if stated != content:
             # the version names what answers (responses' model_version, GET /certify's cache
             # key): a threshold edited by hand would be served under the old name
-            covers = ("artifacts and defenses" if manifest.get("version_scheme", 1) == 1 else
+            covers = ("artifacts and defenses" if manifest.get("format_version") == 1 else
                       "artifacts, defenses, input section and artifacts' architecture records")
             raise BundleError(f"{manifest_path}: its version is {stated!r}, but its {covers} "
                               f"give {content!r}: the manifest was changed after shieldserve saved it. Undo the "
                               f"change, or, if it is meant, set \"version\" to {content!r}")
+        if served_differently(manifest):
+            logging.getLogger("shieldserve").warning(
+                "%s: saved by an earlier release, which served its networks trained on [0, 1] pixels (robust, "
+                "smoothing's, the built-in classifier) through the input conversion its input section describes; "
+                "they take pixels now, so its answers carry model_version %s instead of %s (`shieldserve train "
+                "--steps ...` on it saves it in the current format)", root, bundle.version, stated)
         return bundle
 
     def read_verified(self, name: str) -> bytes:
@@ -447,7 +469,14 @@ class Bundle:
 
     @property
     def version(self) -> str:
-        return str(self.manifest.get("version", "unversioned"))
+        """The model_version of its answers: the manifest's `version`, except for a format-1
+        bundle whose networks trained on pixels were served through its input conversion by the
+        releases that saved it (`served_differently`): they answer differently now, so under
+        another name (a certificate cached under the old one is not served for the new)."""
+        stated = str(self.manifest.get("version", "unversioned"))
+        if served_differently(self.manifest):
+            return sha256_bytes(f"{stated}:preprocess".encode())[:12]
+        return stated
 
     @property
     def name(self) -> str:
@@ -670,7 +699,7 @@ class BundleWriter:
         self.manifest["build"]["steps"] = steps
 
     def save(self) -> Path:
-        self.manifest["version_scheme"] = VERSION_SCHEME  # an older bundle's is upgraded here
+        self.manifest["format_version"] = FORMAT_VERSION  # a format-1 bundle is upgraded here
         self.manifest["version"] = content_version(self.manifest)
         out = self.path / MANIFEST_NAME
         tmp = out.with_suffix(".json.tmp")

@@ -26,7 +26,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_quick_bundle_manifest_is_complete(quick_bundle):
     m = json.loads((quick_bundle / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["input"]["shape"] == [1, 28, 28]
+    assert m["format_version"] == 2 and m["input"]["shape"] == [1, 28, 28]
     assert m["dataset"]["test"] == 1000
     rec = m["artifacts"]["classifier"]
     assert rec["file"].endswith(".safetensors") and len(rec["sha256"]) == 64
@@ -280,28 +280,28 @@ def test_serving_the_committed_bundle_imports_no_training_recipe():
 
 
 def test_the_version_covers_the_input_section_and_architecture_records(quick_bundle, tmp_path):
-    """Since version scheme 2 a hand-edited input section (value range, normalisation, class
-    names) or architecture record is a changed manifest too: it was served under the old
-    model_version. A bundle saved before (no version_scheme) keeps its version and loads; the
-    next save upgrades it."""
-    from models.bundle import VERSION_SCHEME, BundleWriter, content_version
+    """Since format 2 a hand-edited input section (value range, normalisation, class names) or
+    architecture record is a changed manifest too: it was served under the old model_version. A
+    bundle of format 1 keeps its version and loads; the next save makes it format 2 (so a
+    release that reads only format 1 says it is newer, rather than hand-edited)."""
+    from models.bundle import FORMAT_VERSION, BundleWriter, content_version
 
     b = _copy(quick_bundle, tmp_path / "b")
     path = b / "manifest.json"
-    saved = json.loads(path.read_text())
-    BundleWriter.extend(b).save()  # the session's quick bundle, saved by this code
+    BundleWriter.extend(b).save()  # saved by this code
     m = json.loads(path.read_text())
-    assert m["version_scheme"] == VERSION_SCHEME == 2 and m["version"] == content_version(m)
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["version"] == content_version(m)
     for edit in (lambda m: m["input"].update(value_range=[0, 255]),
                  lambda m: m["input"].update(class_names=list("abcdefghij")),
-                 lambda m: m["artifacts"]["classifier"]["architecture"]["kwargs"].update(hidden=201)):
+                 lambda m: m["artifacts"]["classifier"]["architecture"]["kwargs"].update(hidden=201),
+                 lambda m: m["artifacts"]["robust_classifier"].update(preprocess="bundle")):
         edited = json.loads(json.dumps(m))
         edit(edited)
         path.write_text(json.dumps(edited))
         with pytest.raises(BundleError, match="input section and artifacts' architecture records"):
             Bundle.load(b)
-    # scheme 1 (a bundle saved before): what it covered then, so its version stands
-    old = {k: v for k, v in saved.items() if k != "version_scheme"}
+    # format 1 (a bundle saved before): what it covered then, so its version stands
+    old = {**m, "format_version": 1}
     old["version"] = content_version(old)
     path.write_text(json.dumps(old))
     assert Bundle.load(b).version == old["version"]
@@ -310,8 +310,37 @@ def test_the_version_covers_the_input_section_and_architecture_records(quick_bun
     assert Bundle.load(b).version == old["version"]
     BundleWriter.extend(b).save()  # upgraded: now the edit is part of the version
     m = json.loads(path.read_text())
-    assert m["version_scheme"] == 2 and m["version"] != old["version"]
-    m["version_scheme"] = 3
+    assert m["format_version"] == 2 and m["version"] != old["version"]
+    m["format_version"] = 3
     path.write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="version_scheme 3"):
+    with pytest.raises(BundleError, match="bundle format 3, this shieldserve reads 1, 2"):
         Bundle.load(b)
+
+
+def test_a_format_1_bundle_whose_pixel_networks_were_served_converted_answers_under_another_version(
+        quick_bundle, tmp_path, caplog):
+    """Releases before format 2 served the networks shieldserve trained on pixels through the
+    bundle's input conversion; they take pixels now. A format-1 bundle with a conversion answers
+    differently, so under another model_version (GET /certify's cache is keyed by it), and says so."""
+    import logging
+
+    from models.bundle import content_version
+
+    b = _copy(quick_bundle, tmp_path / "b")
+    path = b / "manifest.json"
+    m = json.loads(path.read_text())
+    m["format_version"] = 1
+    m["input"].update(mean=[0.5], std=[0.25])
+    for record in m["artifacts"].values():
+        record.pop("preprocess", None)  # as the earlier release wrote them
+    m["version"] = content_version(m)
+    path.write_text(json.dumps(m))
+    with caplog.at_level(logging.WARNING, logger="shieldserve"):
+        loaded = Bundle.load(b)
+    assert loaded.version != m["version"] and len(loaded.version) == 12
+    assert any("saved by an earlier release" in r.getMessage() and m["version"] in r.getMessage()
+               for r in caplog.records)
+    m["input"].pop("mean"), m["input"].pop("std")  # no conversion: nothing is served differently
+    m["version"] = content_version(m)
+    path.write_text(json.dumps(m))
+    assert Bundle.load(b).version == m["version"]
