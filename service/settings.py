@@ -8,13 +8,17 @@ set to `null` is removed.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+log = logging.getLogger("shieldserve")
 
 PACKAGED_CONFIG = Path(__file__).with_name("default_config.yaml")
 
@@ -335,10 +339,16 @@ NOT_SETTINGS = ("CONFIG", "WORK_DIR", "PROGRESS", "EVAL_API_KEY", "HYPOTHESIS_EX
 NOT_SETTINGS_PREFIXES = ("RAY_", "TEST_")
 
 
+# what an orchestrator sets for a service or container named `shieldserve`: Kubernetes' service
+# links (SHIELDSERVE_SERVICE_HOST, SHIELDSERVE_SERVICE_PORT[_NAME], SHIELDSERVE_PORT_8000_TCP[_ADDR,
+# _PORT, _PROTO]) and Docker's legacy links (SHIELDSERVE_NAME, SHIELDSERVE_ENV_*, the same PORT_*)
+_ORCHESTRATOR = re.compile(r"SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_ADDR|_PORT|_PROTO)?|NAME|ENV_\w+")
+
+
 def unknown_environment(environ: Any = None) -> list[str]:
-    """SHIELDSERVE_* variables that name no setting. pydantic-settings drops them without a word
-    (a key it does not know inside a section's variable is refused, as in YAML), so a typo such
-    as SHIELDSERVE_ADMISSION_MAX_CLIENT_COST (one underscore) left the per-client share off."""
+    """SHIELDSERVE_* variables that name no setting (nor one the project or an orchestrator
+    sets). pydantic-settings drops them without a word (a key it does not know inside a
+    section's variable is refused, as in YAML)."""
     env = os.environ if environ is None else environ
     fields = {name.upper() for name in Settings.model_fields}
     out = []
@@ -346,7 +356,8 @@ def unknown_environment(environ: Any = None) -> list[str]:
         if not key.upper().startswith("SHIELDSERVE_"):
             continue
         name = key[len("SHIELDSERVE_"):].upper()
-        if name.split("__")[0] in fields or name in NOT_SETTINGS or name.startswith(NOT_SETTINGS_PREFIXES):
+        if (name.split("__")[0] in fields or name in NOT_SETTINGS or name.startswith(NOT_SETTINGS_PREFIXES)
+                or _ORCHESTRATOR.fullmatch(name)):
             continue
         out.append(key)
     return sorted(out)
@@ -366,10 +377,14 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     """Build settings from the config files, the environment and explicit overrides. A
     SHIELDSERVE_* variable that names no setting is refused, as an unknown key in the YAML is."""
     unknown = unknown_environment()
-    if unknown:
-        raise ValueError("environment variables that name no setting (a typo would otherwise be ignored without a "
-                         "word): " + ", ".join(f"{k}{_did_you_mean(k)}" for k in unknown[:10])
+    typos = [k for k in unknown if _did_you_mean(k)]
+    if typos:  # a section's variable with one underscore: a setting the operator meant, surely
+        raise ValueError("environment variables that name no setting (pydantic-settings would ignore them without "
+                         "a word): " + ", ".join(f"{k}{_did_you_mean(k)}" for k in typos[:10])
                          + "; settings are SHIELDSERVE_<NAME>, a section's SHIELDSERVE_<SECTION>__<NAME>")
+    if unknown:
+        log.warning("environment variables that name no setting, ignored: %s (settings are SHIELDSERVE_<NAME>, a "
+                    "section's SHIELDSERVE_<SECTION>__<NAME>)", ", ".join(unknown[:10]))
     file_data = read_config_file(config or os.environ.get("SHIELDSERVE_CONFIG"))
     explicit = {k: v for k, v in overrides.items() if v is not None}
 
