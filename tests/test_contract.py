@@ -293,6 +293,9 @@ def test_without_a_key_nothing_else_is_looked_at_first(keyed, mnist) -> None:
     assert added(endpoint="predict", pipeline="unknown") == 1  # a name not served: no new label
     assert added(endpoint="certify", pipeline="smoothing") == 2  # certify.pipeline
     assert added(endpoint="infer", pipeline="baseline") == 1
+    # and timed, as a 401 inside the handler was
+    assert (_sample(after, "shieldserve_request_duration_seconds_count", endpoint="predict", pipeline="magnet")
+            - _sample(before, "shieldserve_request_duration_seconds_count", endpoint="predict", pipeline="magnet")) == 1
     # with the key, the same bad parameter is the 422 it always was
     r = keyed.post("/predict?pipeline=magnet&radius=abc", content=body, headers={**PNG, "X-API-Key": KEY})
     assert r.status_code == 422
@@ -317,6 +320,30 @@ def test_a_key_with_letters_beyond_ascii_is_accepted(quick_bundle: Path, mnist) 
         assert r.status_code != 403, r.text  # past the key (the pipeline's own answer follows)
         r = client.post("/admin/rmc/reset?pipeline=rmc", headers=[(b"x-api-key", admin.encode()[:-2])])
         assert r.status_code == 403
+
+
+def test_a_non_ascii_key_sent_as_latin_1_is_accepted_too() -> None:
+    """Python's http.client (so requests and urllib) and browsers send a non-ASCII header as
+    latin-1 bytes, curl as UTF-8: the key is matched either way (the test client re-encodes
+    headers as UTF-8, so this calls the check on a request built from raw bytes)."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from service.api.clients import client_of
+    from service.api.errors import ApiError
+
+    key = "clé-carol-" + "ü" * 20
+    settings = SimpleNamespace(api_keys={"carol": hashlib.sha256(key.encode()).hexdigest()})
+    app = SimpleNamespace(state=SimpleNamespace(runtime=SimpleNamespace(settings=settings)))
+
+    def request(raw: bytes) -> Request:
+        return Request({"type": "http", "app": app, "headers": [(b"x-api-key", raw)], "client": ("192.0.2.1", 1)})
+
+    assert client_of(request(key.encode("utf-8"))) == "key:carol"
+    assert client_of(request(key.encode("latin-1"))) == "key:carol"
+    with pytest.raises(ApiError):
+        client_of(request("clé-carol".encode("latin-1")))
 
 
 # --------------------------------------------------------------------------- 2. trusted proxies

@@ -44,9 +44,11 @@ async def require_admin_key(request: Request,
     if not x_api_key:
         raise ApiError(401, "unauthorized", "this route needs the admin key in the X-API-Key header",
                        {"WWW-Authenticate": "X-API-Key"})
-    # the header's own bytes (Starlette decodes it as latin-1) against the key's UTF-8 bytes: a
-    # key with a non-ASCII letter, sent as UTF-8, never matched
-    if not hmac.compare_digest(x_api_key.encode("latin-1"), secret.encode()):
+    # the key's UTF-8 bytes against the header's own bytes (a client that sent UTF-8; Starlette
+    # decodes headers as latin-1) and its text in UTF-8 (one that sent latin-1: Python's
+    # http.client, browsers): both compared, in constant time, whatever the first gives
+    raw, text, want = x_api_key.encode("latin-1"), x_api_key.encode("utf-8", "surrogatepass"), secret.encode()
+    if not (hmac.compare_digest(raw, want) | hmac.compare_digest(text, want)):
         raise ApiError(403, "forbidden", "the X-API-Key header does not hold the admin key")
 
 

@@ -97,12 +97,13 @@ def api_key_of(request: Request) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """A route dependency, resolved before the route's parameters are validated: with API keys
     on, a request without a known key is 401 `unauthorized` before anything else about it is
     looked at (a bad query parameter or header was a 422 first, which told a client without a
     key the routes' parameter rules). Counted as the handler counts a 401: outcome
-    `unauthorized`, under the pipeline the request names where that is served."""
+    `unauthorized`, under the pipeline the request names where that is served. `async`: a plain
+    function would cost every request a hop to the thread pool, and this does no blocking work."""
     if not request.app.state.runtime.settings.api_keys:
         return
     try:
@@ -131,12 +132,17 @@ def client_of(request: Request) -> str:
         if key is None:
             raise ApiError(401, "unauthorized", "this service needs an API key: Authorization: Bearer KEY "
                                                 "or X-API-Key: KEY", {"WWW-Authenticate": "Bearer"})
-        # the header's own bytes (Starlette decodes headers as latin-1): the digest the docs
-        # have operators take, `printf %s "$KEY" | sha256sum`, is of the key's UTF-8 bytes, and
-        # hashing the latin-1 text re-encoded as UTF-8 never matched a key with a non-ASCII letter
-        digest = hashlib.sha256(key.encode("latin-1")).hexdigest()
+        # the digest the docs have operators take, `printf %s "$KEY" | sha256sum`, is of the key's
+        # UTF-8 bytes. Starlette decodes a header as latin-1: a client that sent UTF-8 (curl) is
+        # matched by the header's own bytes, one that sent latin-1 (Python's http.client, so
+        # requests and urllib; browsers' fetch) by the text encoded as UTF-8. Both are tried.
+        digests = {hashlib.sha256(key.encode("latin-1")).hexdigest()}
+        try:
+            digests.add(hashlib.sha256(key.encode("utf-8")).hexdigest())
+        except UnicodeEncodeError:  # lone surrogates cannot come from a header; kept for safety
+            pass
         for name, known in settings.api_keys.items():
-            if digest == known:
+            if known in digests:
                 return f"key:{name}"
         raise ApiError(401, "unauthorized", "unknown API key", {"WWW-Authenticate": "Bearer"})
     peer = request.client.host if request.client is not None else "unknown"

@@ -7,6 +7,7 @@ On `/v2/*` (the Open Inference Protocol): {"error": "<message>"}.
 from __future__ import annotations
 
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +38,8 @@ def endpoint_of(path: str) -> str | None:
     return None
 
 
-def count_refused(app: object, path: str, outcome: str = "error", pipeline: str = "unknown") -> None:
+def count_refused(app: object, path: str, outcome: str = "error", pipeline: str = "unknown",
+                  received_at: float | None = None) -> None:
     """A request to `/predict`, `/certify` or `/v2` infer refused before its handler counted it
     (a query parameter or header that does not validate, a body over the limit): counted in
     requests_total as outcome `error` under pipeline `unknown`, as the handler's `tracked` counts
@@ -48,6 +50,14 @@ def count_refused(app: object, path: str, outcome: str = "error", pipeline: str 
     metrics = getattr(getattr(getattr(app, "state", None), "runtime", None), "metrics", None)
     if metrics is not None:
         metrics.requests.labels(pipeline, endpoint, outcome).inc()
+        if received_at is not None:  # as the handler's count records it (time.monotonic(), the middleware's stamp)
+            metrics.request_duration.labels(pipeline, endpoint).observe(max(0.0, time.monotonic() - received_at))
+
+
+def _received_at(request: Request) -> float | None:
+    """When the body-limit middleware saw the request arrive (time.monotonic()), if it did."""
+    value = (request.scope.get("state") or {}).get("received_at")
+    return value if isinstance(value, float) else None
 
 
 class ApiError(Exception):
@@ -89,12 +99,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         if not getattr(exc, "counted", False):  # raised before the handler's `tracked` (a dependency)
             count_refused(request.app, request.url.path, getattr(exc, "outcome", "error"),
-                          getattr(exc, "pipeline", "unknown"))
+                          getattr(exc, "pipeline", "unknown"), _received_at(request))
         return api_error_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        count_refused(request.app, request.url.path)  # before the handler ran: nothing counted it
+        count_refused(request.app, request.url.path, received_at=_received_at(request))  # before the handler ran
         parts = []
         for err in exc.errors()[:5]:
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
