@@ -37,25 +37,44 @@ log = logging.getLogger("shieldserve")
 
 class Drain:
     """The drain, in front of uvicorn's exit handler `exit`: the first SIGTERM or SIGINT turns
-    readiness false and calls `exit` after `seconds`; a second signal (or `seconds` <= 0) calls it
-    at once."""
+    readiness false and calls `exit` (with SIGTERM: a graceful stop) after `seconds`; a second
+    signal (or `seconds` <= 0) calls it at once. `supervised` (a `--workers` process): a SIGTERM
+    during the drain is uvicorn's supervisor forwarding the signal the process group already had
+    (systemd's KillMode=control-group, `kill -TERM -PGID`, Ctrl-C's SIGINT then the forward), so
+    it does not cut the drain short."""
 
-    def __init__(self, app: Any, seconds: float, exit: Callable[[int, Any], None]) -> None:
-        self.app, self.seconds, self.exit = app, seconds, exit
-        self.draining = False
+    def __init__(self, app: Any, seconds: float, exit: Callable[[int, Any], None], supervised: bool = False) -> None:
+        self.app, self.seconds, self.exit, self.supervised = app, seconds, exit, supervised
+        self.draining = self.exited = False
+        self.timer: threading.Timer | None = None
 
     def __call__(self, sig: int, frame: Any) -> None:
-        if self.draining or self.seconds <= 0:
-            return self.exit(sig, frame)
+        if self.seconds <= 0 or self.exited:
+            return self.exit(sig, frame)  # uvicorn's own: a repeated Ctrl-C forces the exit
+        if self.draining:
+            if self.supervised and sig == signal.SIGTERM:
+                return
+            self._exit(sig, frame)
+            return
         self.draining = True
         self.app.state.draining = True
         runtime = getattr(self.app.state, "runtime", None)
         if runtime is not None:
             runtime.ready = False
         log.info("signal %s: draining for %.1fs before shutting down", sig, self.seconds)
-        timer = threading.Timer(self.seconds, self.exit, (sig, frame))
-        timer.daemon = True
-        timer.start()
+        self.timer = threading.Timer(self.seconds, self._exit, (signal.SIGTERM, frame))
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _exit(self, sig: int, frame: Any) -> None:
+        """Once: the timer after a second signal does nothing (it called uvicorn's handler with
+        the first signal again, and a SIGINT there forced the exit, dropping in-flight requests)."""
+        if self.exited:
+            return
+        self.exited = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.exit(sig, frame)
 
 
 class DrainingServer(uvicorn.Server):
@@ -82,7 +101,7 @@ def drain_in_worker(app: Any, drain_seconds: float) -> bool:
     if not isinstance(server, uvicorn.Server) or signal.getsignal(signal.SIGINT) != exit:
         log.warning("no uvicorn exit handler found in this worker: a signal stops it without the drain")
         return False
-    drain = Drain(app, drain_seconds, exit)
+    drain = Drain(app, drain_seconds, exit, supervised=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, drain)
     return True

@@ -24,12 +24,13 @@ def _free_port() -> int:
     return port
 
 
-def _start(bundle: Path, port: int, *args: str, **env: str) -> subprocess.Popen:
+def _start(bundle: Path, port: int, *args: str, group: bool = False, **env: str) -> subprocess.Popen:
     full_env = {**os.environ, "SHIELDSERVE_BUNDLE": str(bundle), "SHIELDSERVE_LOG_LEVEL": "warning"}
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # unless the test names one
     full_env.update(env)
     return subprocess.Popen([sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-                            cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=group)  # group: its own process group, to signal as a whole
 
 
 def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -300,6 +301,39 @@ def test_sigterm_drains_every_worker_too(quick_bundle, mnist):
         _stop(proc)
     lines = [json.loads(line) for line in proc.stdout.read().decode().splitlines() if line.startswith("{")]
     assert sum("draining for 3.0s" in r.get("message", "") for r in lines) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_a_signal_to_the_whole_process_group_drains_the_workers_too(quick_bundle, mnist, sig):
+    """systemd (KillMode=control-group), `kill -TERM -PGID` and Ctrl-C signal every process of
+    the group: each worker starts its drain, then uvicorn's supervisor forwards SIGTERM, which
+    cut the drain short; after Ctrl-C the drain's timer then forced the exit, dropping the
+    requests in flight. The forward is ignored during a drain, and the timer stops gracefully."""
+    port = _free_port()
+    proc = _start(quick_bundle, port, "--workers", "2", group=True, SHIELDSERVE_DRAIN_SECONDS="2",
+                  SHIELDSERVE_TORCH_THREADS="1", SHIELDSERVE_WARMUP="false",
+                  SHIELDSERVE_BATCHING__MAX_DELAY_MS="2500", SHIELDSERVE_BATCHING__MAX_BATCH_SIZE="256")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(port, proc)
+        time.sleep(2)  # the second worker may still be starting
+        body = png(mnist.test.x[1])
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(httpx.post, f"{url}/predict?pipeline=baseline", content=body,
+                                   headers={"content-type": "image/png"}, timeout=60) for _ in range(8)]
+            time.sleep(0.5)  # in flight: the batch waits 2.5 s for company
+            signalled = time.monotonic()
+            os.killpg(proc.pid, sig)
+            time.sleep(1.2)  # past the supervisor's forward (within 0.5 s): still draining, not closed
+            ready = httpx.get(f"{url}/readyz", timeout=5)
+            assert ready.status_code == 503 and ready.json()["status"] == "draining", time.monotonic() - signalled
+            assert [f.result().status_code for f in futures] == [200] * 8
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_a_killed_workers_live_gauges_are_dropped_at_the_next_scrape(tmp_path) -> None:
