@@ -251,7 +251,7 @@ def _check_options(options: dict[str, Any]) -> None:
         if not isinstance(nested, dict):
             raise ValueError("--options defensegan.recipe must be an object of settings")
         for key in [*value, *nested]:
-            if key not in known or (key == "recipe" and key in nested):
+            if key not in known or (key in nested and key in _STEP_EXTRAS.get(section, ())):
                 raise ValueError(f"--options {section}: unknown setting {key!r}; settings: "
                                  f"{', '.join(sorted(known - {'recipe'}))}")
     defaults = quality.PRESETS["default"].to_json()
@@ -304,11 +304,6 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
         raise ValueError("--classifier replaces the bundle's classifier: add `classifier` to --steps")
     _check_device(device)
     _check_options(options or {})
-    gate_asked = {k for k in (options or {}).get("quality", {}) if k != "images"}
-    if gate_asked and quality.recipe(preset or "default", **(options or {})["quality"]).images <= 0:
-        raise ValueError(f"--options quality / --max-accuracy-drop set {', '.join(sorted(gate_asked))}, but the "
-                         f"quality gate does not run here (the {preset or 'default'} preset measures 0 images): "
-                         f"add --options '{{\"quality\": {{\"images\": 300}}}}' to run it")
     if classifier is not None and classifier.feature_layer:
         _check_feature_layer(classifier)  # a mistyped layer is refused now, not after the steps trained
     if config is not None:  # a config that does not load fails now, not after hours of training
@@ -347,6 +342,11 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     build = previous.get("build", {})
     preset = _as_built(out, "preset", preset, build.get("preset"), "default")
     seed = _as_built(out, "seed", seed, build.get("seed"), 0)
+    gate_asked = {k for k in (options or {}).get("quality", {}) if k != "images"}
+    if gate_asked and quality.recipe(preset, **(options or {})["quality"]).images <= 0:
+        raise ValueError(f"--options quality / --max-accuracy-drop set {', '.join(sorted(gate_asked))}, but the "
+                         f"quality gate does not run here (the {preset} preset measures 0 images): "
+                         f"add --options '{{\"quality\": {{\"images\": 300}}}}' to run it")
     # recorded with an absolute path: `evaluate` and `--steps` read the bundle's dataset from
     # the manifest, run from anywhere (a relative one was relative to where train ran)
     dataset = absolute_dataset(dataset)
@@ -467,7 +467,9 @@ def _signals_stop_the_step() -> Any:
         def stop(sig: int, frame: Any) -> None:
             raise _Stopped(128 + sig)
 
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        # a signal ignored by whoever started us (`nohup` ignores SIGHUP) stays ignored
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)
+                    if signal.getsignal(sig) is not signal.SIG_IGN}
         try:
             yield
         finally:

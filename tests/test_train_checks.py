@@ -38,6 +38,7 @@ def _no_data(monkeypatch) -> None:
     ({"squeeze": {"rate": 0.1}}, r"--options squeeze: unknown setting 'rate'; settings: bound, confidence, target_fpr"),
     ({"defensegan": {"recipe": {"generator_step": 5}}}, r"--options defensegan: unknown setting 'generator_step'"),
     ({"defensegan": {"recipe": 5}}, r"defensegan.recipe must be an object"),
+    ({"defensegan": {"recipe": {"work_dir": "/tmp/x"}}}, r"--options defensegan: unknown setting 'work_dir'"),
 ])
 def test_a_misspelt_step_setting_is_refused_before_anything_is_written(tmp_path, monkeypatch, options, match) -> None:
     """A misspelt key was a TypeError traceback (in the classifier step), or its defense recorded
@@ -79,9 +80,28 @@ def test_what_cannot_work_is_refused_before_the_data_loads(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="is not a torch device|trains on cpu or cuda"):
         build_bundle(tmp_path / "c", preset="quick", device="gpu")
     assert not (tmp_path / "c").exists()
-    # the gate's settings where the gate does not run (the quick preset measures no images)
+    # the gate's settings where the gate does not run (the quick preset measures no images), also
+    # on a bundle extended with the preset it was built with
     with pytest.raises(ValueError, match="quality gate does not run here"):
         build_bundle(tmp_path / "c", preset="quick", options={"quality": {"max_accuracy_drop": 0.05}})
+    with pytest.raises(ValueError, match="the quick preset measures 0 images"):
+        build_bundle(_copy(quick_bundle, tmp_path / "b2"), steps=["quality"],
+                     options={"quality": {"max_accuracy_drop": 0.05}})
+
+
+def test_a_signal_nohup_ignores_stays_ignored_while_the_steps_run() -> None:
+    import signal as sig
+
+    from models.train import _signals_stop_the_step
+
+    before = sig.signal(sig.SIGHUP, sig.SIG_IGN)
+    try:
+        with _signals_stop_the_step():
+            assert sig.getsignal(sig.SIGHUP) is sig.SIG_IGN  # `nohup shieldserve train` survives the terminal
+            assert sig.getsignal(sig.SIGTERM) not in (sig.SIG_IGN, sig.SIG_DFL)
+        assert sig.getsignal(sig.SIGHUP) is sig.SIG_IGN
+    finally:
+        sig.signal(sig.SIGHUP, before)
 
 
 def test_an_existing_bundles_input_conversion_and_brought_classifier_are_not_dropped(tmp_path, monkeypatch,
