@@ -210,7 +210,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise ValueError("--sections query attacks a running service: give its --url")
         query_attacks.run(args.url, Path(args.out), off=args.query_off, reject=args.query_reject,
                           block=args.query_block, digits=args.query_digits, budget=args.query_budget,
-                          attacks=tuple(args.query_attacks.split(",")), adaptive=not args.query_no_adaptive,
+                          attacks=tuple(args.query_attacks), adaptive=not args.query_no_adaptive,
                           adaptive_digits=args.query_adaptive_digits, benign_images=args.query_benign,
                           seed=args.seed, l2_eps=args.query_l2_eps, command="shieldserve evaluate " + " ".join(
                               args.argv), api_key=args.api_key)
@@ -262,6 +262,40 @@ def _floats(count: int | None = None, positive: bool = False):  # noqa: ANN202
             raise argparse.ArgumentTypeError(f"expected numbers above 0, got {text!r}")
         return values
     return parse
+
+
+def _number(kind: type, low: float, high: float | None = None, low_open: bool = False):  # noqa: ANN202
+    """An argparse type: an int or float in [low, high] ((low, high] with low_open). `evaluate`'s
+    budgets took 0 or a negative (`--linf-eps -0.1`) and failed, or measured nothing, later."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if (value <= low if low_open else value < low) or (high is not None and value > high):
+            where = f"{'above' if low_open else 'at least'} {low:g}" + (f" and at most {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"expected a number {where}, got {text!r}")
+        return value
+    return parse
+
+
+def _query_attacks(text: str) -> tuple[str, ...]:
+    """--query-attacks: square_EPS (0 < EPS <= 1), hsj, boundary."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for name in names:
+        if name in ("hsj", "boundary"):
+            continue
+        kind, _, eps = name.partition("_")
+        try:
+            ok = kind == "square" and 0 < float(eps) <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"unknown query attack {name!r}: square_EPS (0 < EPS <= 1), hsj, boundary")
+    if not names:
+        raise argparse.ArgumentTypeError("no query attack given: square_EPS, hsj, boundary")
+    return names
 
 
 def _value_range(text: str) -> tuple[float, float]:
@@ -396,29 +430,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--query-off", default="baseline", help="pipeline without the query monitor")
     q.add_argument("--query-reject", default="baseline-monitored", help="pipeline with the monitor in reject mode")
     q.add_argument("--query-block", default="baseline-block", help="pipeline with the monitor in block mode")
-    q.add_argument("--query-digits", type=int, default=10, help="digits per attack and mode")
-    q.add_argument("--query-budget", type=int, default=1000, help="queries per digit (at most)")
-    q.add_argument("--query-attacks", default="square_0.3,square_0.15,hsj,boundary",
+    q.add_argument("--query-digits", type=_number(int, 1), default=10, help="digits per attack and mode")
+    q.add_argument("--query-budget", type=_number(int, 1), default=1000, help="queries per digit (at most)")
+    q.add_argument("--query-attacks", type=_query_attacks, default=("square_0.3", "square_0.15", "hsj", "boundary"),
                    help="comma-separated: square_EPS (Square at that L-inf eps), hsj (HopSkipJump), boundary")
-    q.add_argument("--query-adaptive-digits", type=int, default=5, help="digits per adaptive run")
+    q.add_argument("--query-adaptive-digits", type=_number(int, 1), default=5, help="digits per adaptive run")
     q.add_argument("--query-no-adaptive", action="store_true", help="skip the adaptive attacker")
-    q.add_argument("--query-l2-eps", type=float, default=2.0, help="L2 success radius of HopSkipJump/boundary")
-    q.add_argument("--query-benign", type=int, default=0, help="benign digits sent first (5000: all of mnist5k)")
+    q.add_argument("--query-l2-eps", type=_number(float, 0, low_open=True), default=2.0,
+                   help="L2 success radius of HopSkipJump/boundary")
+    q.add_argument("--query-benign", type=_number(int, 0), default=0, help="benign digits sent first (5000: all of mnist5k)")
     for flag, what in (("pgd-steps", "PGD steps"), ("apgd-steps", "APGD iterations"), ("cw-steps", "CW steps per binary step"),
                        ("eot-draws", "noise draws per EOT gradient"), ("eot-steps", "PGD steps with EOT"),
                        ("bpda-steps", "PGD steps through Defense-GAN (BPDA)"), ("gmsa-rounds", "GMSA rounds"),
                        ("gmsa-steps", "PGD steps per GMSA round"), ("square-queries", "Square query budget per digit"),
                        ("hsj-queries", "HopSkipJump query budget per digit")):
-        e.add_argument(f"--{flag}", type=int, help=what)
+        e.add_argument(f"--{flag}", type=_number(int, 1), help=what)
     e.add_argument("--transfer-surrogates", type=int, default=3,
                    help="surrogates trained for the transfer section (cached in OUT/transfer_surrogates)")
     e.add_argument("--transfer-norms", default="linf,l2",
                    help="transfer threat models: linf (at the L-inf eps), l2 (at the largest L2 eps)")
-    e.add_argument("--transfer-steps", type=int, help="MI-FGSM iterations on the surrogate ensemble (default 10)")
-    e.add_argument("--transfer-decay", type=float, help="MI-FGSM momentum decay (default 1.0)")
-    e.add_argument("--transfer-diversity", type=float,
+    e.add_argument("--transfer-steps", type=_number(int, 1), help="MI-FGSM iterations on the surrogate ensemble (default 10)")
+    e.add_argument("--transfer-decay", type=_number(float, 0), help="MI-FGSM momentum decay (default 1.0)")
+    e.add_argument("--transfer-diversity", type=_number(float, 0, 1),
                    help="input-diversity probability per MI-FGSM step (default 0.5; 0: plain MI-FGSM)")
-    e.add_argument("--linf-eps", type=float, help="the L-inf budget of every L-inf attack (default 0.3, MNIST's; "
+    e.add_argument("--linf-eps", type=_number(float, 0, 1, low_open=True), help="the L-inf budget of every L-inf attack (default 0.3, MNIST's; "
                                                   "e.g. 0.031 = 8/255 for photographs)")
     e.add_argument("--l2-eps", type=_floats(positive=True), help="L2 budgets, comma-separated; the largest is AutoAttack's and the "
                                     "transfer attack's (default 0.5,1.0,2.0)")

@@ -282,3 +282,23 @@ def test_the_threat_models_leave_out_what_the_run_did_not_measure() -> None:
     for absent in ("**Transfer**", "**Gray-box**", "**Adaptive", "**Black-box**", "APGD", "Carlini"):
         assert absent not in text, absent
     assert "queries per digit" not in report.limits(fake)
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--linf-eps", "-0.1"], "--linf-eps"), (["--linf-eps", "0"], "--linf-eps"), (["--linf-eps", "2"], "--linf-eps"),
+    (["--pgd-steps", "0"], "--pgd-steps"), (["--square-queries", "-5"], "--square-queries"),
+    (["--transfer-diversity", "1.5"], "--transfer-diversity"), (["--transfer-decay", "-1"], "--transfer-decay"),
+    (["--transfer-steps", "x"], "--transfer-steps"), (["--query-budget", "0"], "--query-budget"),
+    (["--query-attacks", "square_0.3,hjs"], "--query-attacks"), (["--query-attacks", "square_2"], "--query-attacks"),
+    (["--query-attacks", ","], "--query-attacks"), (["--query-l2-eps", "0"], "--query-l2-eps"),
+])
+def test_a_bad_budget_is_an_argparse_error(argv: list[str], flag: str, tmp_path, never_reached, capsys) -> None:
+    """The budgets took 0 or a negative (`--linf-eps -0.1`) and --query-attacks any name: they
+    failed, or measured nothing, once the run was under way."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["evaluate", "--out", str(tmp_path / "report"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"shieldserve evaluate: error: argument {flag}: ")
+    assert not (tmp_path / "report").exists()
