@@ -150,3 +150,17 @@ class MovedClock:
 
     def __getattr__(self, name: str):
         return getattr(time, name)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The CLI's `train` and `evaluate` configure logging (basicConfig, httpx at WARNING): the
+    root handlers and both levels are put back after the test."""
+    import logging
+
+    root, httpx = logging.getLogger(), logging.getLogger("httpx")
+    handlers, levels = list(root.handlers), (root.level, httpx.level)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(levels[0])
+    httpx.setLevel(levels[1])

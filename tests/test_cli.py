@@ -6,7 +6,6 @@ argparse's exit status 2."""
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import tomllib
 from pathlib import Path
@@ -19,15 +18,8 @@ from service import cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Any:
-    """`train` and `evaluate` configure logging (basicConfig, httpx at WARNING): undo it."""
-    root, httpx = logging.getLogger(), logging.getLogger("httpx")
-    handlers, levels = list(root.handlers), (root.level, httpx.level)
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(levels[0])
-    httpx.setLevel(levels[1])
+# `train` and `evaluate` configure logging (basicConfig, httpx at WARNING): undone after each test
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def test_the_console_script_is_the_cli_main() -> None:

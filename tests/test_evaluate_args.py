@@ -5,7 +5,6 @@ or a surrogate is trained; and report.md's threat models state the budgets the r
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,8 @@ from service.evaluation import harness
 CONFIGURED = ("baseline", "default", "smoothing", "denoised", "robust", "magnet", "neuralfp", "defensegan", "rmc")
 
 
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Any:
-    """`evaluate` configures logging (basicConfig, httpx at WARNING): undo it."""
-    root, httpx = logging.getLogger(), logging.getLogger("httpx")
-    handlers, levels = list(root.handlers), (root.level, httpx.level)
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(levels[0])
-    httpx.setLevel(levels[1])
+# `train` and `evaluate` configure logging (basicConfig, httpx at WARNING): undone after each test
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture
