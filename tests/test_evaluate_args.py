@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from service import cli
+from tests.test_cli import _one_error_line
 from service.evaluation import harness
 
 CONFIGURED = ("baseline", "default", "smoothing", "denoised", "robust", "magnet", "neuralfp", "defensegan", "rmc")
@@ -50,14 +51,6 @@ def never_reached(monkeypatch) -> None:
     monkeypatch.setattr(service.evaluation, "evaluate", fail)
     monkeypatch.setattr(query_attacks, "run", fail)
     monkeypatch.setattr(transfer, "load_or_train_surrogates", fail)
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("shieldserve: error: "), err
-    return lines[0]
 
 
 PIPELINES = "configured pipelines: " + ", ".join(CONFIGURED)
