@@ -261,6 +261,9 @@ def test_a_broken_small_png_is_a_400_and_the_next_request_is_fine(make_client, m
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("file 1:"), r.text
     r = c.post("/predict?pipeline=baseline", content=digit, headers={"content-type": "image/png"})
     assert r.status_code == 200 and r.json()["results"][0]["label"] is not None
+    # a part whose declared type is refused is named by its index too (the 415 named none)
+    r = c.post("/predict?pipeline=baseline", files=[*_files([digit, digit]), ("file", ("2.txt", b"hi", "text/plain"))])
+    assert r.status_code == 415 and r.json()["error"]["message"].startswith("file 2: content type 'text/plain'"), r.text
 
 
 def test_an_unexpected_failure_in_predict_is_a_logged_500_and_the_next_request_is_fine(make_client, mnist, caplog):

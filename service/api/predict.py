@@ -204,8 +204,11 @@ def check_uploads(items: list[Upload], runtime: Runtime) -> None:
         if len(items) > max_images:
             raise ImageError(413, "payload_too_large",
                              f"the request contains {len(items)} images; the limit is {max_images} per request")
-        for _, ctype in items:
-            check_content_type(ctype, runtime.image_limits)
+        for i, (_, ctype) in enumerate(items):
+            try:
+                check_content_type(ctype, runtime.image_limits)
+            except ImageError as exc:  # named by its index, as every error about one file is
+                raise ImageError(exc.status, exc.code, f"file {i}: {exc.message}") from None
     except ImageError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
 
