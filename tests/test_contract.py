@@ -541,6 +541,7 @@ def test_a_detector_rejection_on_certify_moves_rejection_score_and_stage_metrics
     assert r.status_code == 200, r.text
     cert = r.json()
     assert cert["status"] == "rejected" and cert["rejected_by"][0]["defense"] == "magnet" and not cert["cached"]
+    assert (cert["n0"], cert["n"], cert["samples"]) == (0, 0, 0)  # rejected before any sample
     after = _metrics(lab)
     moved = {name: _sample(after, name, **labels) - _sample(before, name, **labels) for name in names}
     assert moved["shieldserve_rejections_total"] == 1, moved

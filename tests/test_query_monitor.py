@@ -904,6 +904,8 @@ def test_post_certify_rejected_by_the_monitor_gives_no_label_and_says_abstained(
     body = r.json()
     assert r.status_code == 200 and body["status"] == "rejected", r.text
     assert body["abstained"] is True and body["label"] is None and body["radius"] is None
+    # no sample drawn: n0 + n = samples = 0 (it said n0 20 beside samples 0)
+    assert (body["n0"], body["n"], body["samples"]) == (0, 0, 0)
     assert [rej["defense"] for rej in body["rejected_by"]] == ["query_monitor"]
     # counted as /predict counts one: in images_total as well as rejections_total (the
     # rejected share of images the dashboard and the rejection-spike alert divide by)

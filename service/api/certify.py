@@ -57,7 +57,7 @@ class CertifyResponse(BaseModel):
     radius: float | None = Field(description="certified L2 radius; null when abstained or rejected")
     p_a_lower: float | None
     sigma: float
-    n0: int
+    n0: int = Field(description="selection samples drawn (0 when rejected before smoothing)")
     n: int = Field(description="estimation samples drawn (fewer than asked with radius=)")
     alpha: float
     samples: int = Field(description="all noise samples drawn: n0 + n")
@@ -187,7 +187,8 @@ async def _certify(request: Request, digest: str, owner: str | None, x, name: st
         image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status=out.status,
         label=out.label, class_name=out.class_name, abstained=out.status != "accepted",
         radius=out.certified_radius, p_a_lower=cert.get("p_a_lower"), sigma=opts["sigma"],
-        n0=cert.get("n0", opts["n0"]), n=cert.get("n", 0), alpha=opts["alpha"], samples=cert.get("samples", 0),
+        # rejected before any sample (no certificate): none drawn, so n0 + n = samples = 0
+        n0=cert.get("n0", 0), n=cert.get("n", 0), alpha=opts["alpha"], samples=cert.get("samples", 0),
         seconds=round(float(cert.get("seconds", 0.0)), 4), seed=cert.get("seed"),
         seed_chosen_by_client="seed" in opts, batch_size=cert.get("batch_size"),
         target_radius=cert.get("target_radius"), certified=cert.get("certified"), rejected_by=out.rejected_by)
@@ -215,7 +216,7 @@ async def _monitor_rejection(runtime: Runtime, digest: str, x, name: str, opts: 
     runtime.observe_results(name, [result])
     return CertifyResponse(
         image_sha256=digest, pipeline=name, model_version=runtime.bundle.version, status="rejected", label=None,
-        abstained=True, radius=None, p_a_lower=None, sigma=opts["sigma"], n0=opts["n0"], n=0, alpha=opts["alpha"],
+        abstained=True, radius=None, p_a_lower=None, sigma=opts["sigma"], n0=0, n=0, alpha=opts["alpha"],
         samples=0, seconds=0.0, seed=None, seed_chosen_by_client="seed" in opts,
         rejected_by=[rejection_out(rejection) for rejection in result.rejected_by])
 
