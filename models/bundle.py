@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +98,10 @@ def takes_bundle_input(name: str, record: dict[str, Any]) -> bool:
 def served_differently(manifest: dict[str, Any]) -> bool:
     """A format-1 bundle with an input conversion (value range, mean, std) and a network that
     takes pixels (`takes_bundle_input`): served through the conversion before this release."""
-    if manifest.get("format_version") != 1:
+    if manifest.get("format_version") != 1 or not manifest.get("input"):
         return False
-    spec = manifest.get("input") or {}
-    converts = (list(spec.get("value_range") or [0.0, 1.0]) != [0.0, 1.0] or spec.get("mean") is not None
-                or spec.get("std") is not None)
-    return converts and any(not takes_bundle_input(name, record) for name, record in manifest.get("artifacts", {}).items()
+    spec = InputSpec.from_json(manifest["input"])
+    return spec != spec.pixels() and any(not takes_bundle_input(name, record) for name, record in manifest.get("artifacts", {}).items()
                             if isinstance(record, dict) and record.get("architecture"))
 
 
@@ -467,7 +466,7 @@ class Bundle:
     def input_spec(self) -> InputSpec:
         return InputSpec.from_json(self.manifest["input"])
 
-    @property
+    @cached_property  # read for every answer; the manifest a Bundle holds does not change
     def version(self) -> str:
         """The model_version of its answers: the manifest's `version`, except for a format-1
         bundle whose networks trained on pixels were served through its input conversion by the

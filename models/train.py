@@ -15,14 +15,19 @@ naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import importlib
 import json
 import logging
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,8 +231,6 @@ _STEP_EXTRAS: dict[str, set[str]] = {"robust": {"work_dir"}, "defensegan": {"wor
 
 def _step_settings(step: str) -> set[str]:
     """The --options keys the step `step` reads: its recipe's fields and _STEP_EXTRAS."""
-    import dataclasses
-
     make = getattr(importlib.import_module(dict(STEPS)[step]), "recipe", None)
     fields = {f.name for f in dataclasses.fields(make("quick"))} if make is not None else set()
     return fields | _STEP_EXTRAS.get(step, set())
@@ -320,11 +323,8 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     if extending:
         require_trusted(previous, trusted, out)
     if extending and input_overrides:
-        had = previous.get("input", {})
-        default = {"value_range": [0.0, 1.0]}
-        changed = [k for k, v in input_overrides.items()
-                   if [float(x) for x in v] != [float(x) for x in (had.get(k) or default.get(k, []))]]
-        if changed and not (classifier is not None and "classifier" in chosen):
+        had = InputSpec.from_json(previous.get("input"))
+        if dataclasses.replace(had, **input_overrides) != had and not (classifier is not None and "classifier" in chosen):
             raise ValueError(f"the bundle at {out} has its input conversion (value range, mean, std) from its build; "
                              f"--value-range, --mean and --std change it only with a new classifier "
                              f"(--steps classifier --classifier ...), or build a new bundle")
@@ -449,33 +449,27 @@ class _Stopped(SystemExit):
     undone (StepWriter.rollback) as it is for Ctrl-C."""
 
 
-def _signals_stop_the_step() -> Any:
+@contextlib.contextmanager
+def _signals_stop_the_step() -> Iterator[None]:
     """While the steps run, SIGTERM and SIGHUP (`kill`, `docker stop`, a closed terminal, a job
     timeout) raise _Stopped: a step stopped by one left artifacts the manifest's hashes did not
     match, and no command loaded the bundle again. SIGKILL cannot be caught: for that, `--steps`
     on the same step does not verify the artifacts it writes again (_step_artifacts)."""
-    import contextlib
-    import signal
-    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-    @contextlib.contextmanager
-    def guard() -> Any:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+    def stop(sig: int, frame: Any) -> None:
+        raise _Stopped(128 + sig)
 
-        def stop(sig: int, frame: Any) -> None:
-            raise _Stopped(128 + sig)
-
-        # a signal ignored by whoever started us (`nohup` ignores SIGHUP) stays ignored
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)
-                    if signal.getsignal(sig) is not signal.SIG_IGN}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-    return guard()
+    # a signal ignored by whoever started us (`nohup` ignores SIGHUP) stays ignored
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def absolute_dataset(spec: str) -> str:
