@@ -369,10 +369,9 @@ def _for_replicas(name: str) -> bool:
     _REPLICA_EXTRAS. Forwarding every SHIELDSERVE_* variable put SHIELDSERVE_EVAL_API_KEY (a
     client's key) and SHIELDSERVE_MONITOR_SECRET (docker-compose's name for the monitor's key) in
     the runtime_env, which no secret check covered: they are not settings."""
-    from service.settings import Settings
+    from service.settings import names_a_setting
 
-    rest = name[len(_PREFIX):].upper()
-    return rest.split("__")[0] in {f.upper() for f in Settings.model_fields} or rest in _REPLICA_EXTRAS
+    return names_a_setting(name) or name[len(_PREFIX):].upper() in _REPLICA_EXTRAS
 
 
 def _runtime_env() -> dict[str, Any]:

@@ -59,7 +59,8 @@ def redact(url: str) -> str:
         user, colon, _ = userinfo.partition(":")
         rest = f"{user if colon else ''}:***@{rest}"
     head, q, query = rest.partition("?")
-    return f"{scheme}{sep}{head}{q}{_mask_query(query) if q else ''}" if sep else f"{head}{q}{_mask_query(query)}"
+    rest = head + q + _mask_query(query)
+    return f"{scheme}{sep}{rest}" if sep else rest
 
 
 _SEPARATOR = re.compile(r"[&;#]")
@@ -72,15 +73,10 @@ def _mask_query(query: str) -> str:
     shown (a `;password=` or `password%3D...` that redis-py ignores is masked too)."""
     start = 0
     for m in [*_SEPARATOR.finditer(query), None]:
-        end = m.start() if m is not None else len(query)
-        token = query[start:end]
-        key = unquote_plus(token).split("=", 1)[0].strip().lower()
-        if key == "password":
-            raw_key = token.split("=", 1)[0] if "=" in token else "password"
-            return f"{query[:start]}{raw_key}=***"
-        if m is None:
-            return query
-        start = m.end()
+        token = query[start:m.start() if m is not None else len(query)]
+        if unquote_plus(token).split("=", 1)[0].strip().lower() == "password":
+            return f"{query[:start]}{token.split('=', 1)[0] if '=' in token else 'password'}=***"
+        start = m.end() if m is not None else start
     return query
 
 

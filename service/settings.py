@@ -345,18 +345,23 @@ NOT_SETTINGS_PREFIXES = ("RAY_", "TEST_")
 _ORCHESTRATOR = re.compile(r"SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_ADDR|_PORT|_PROTO)?|NAME|ENV_\w+")
 
 
+def names_a_setting(key: str) -> bool:
+    """Whether the SHIELDSERVE_* variable `key` sets a setting (SHIELDSERVE_<NAME> or a section's
+    SHIELDSERVE_<SECTION>__<NAME>; any case, as pydantic-settings reads them)."""
+    return key[len("SHIELDSERVE_"):].upper().split("__")[0] in {name.upper() for name in Settings.model_fields}
+
+
 def unknown_environment(environ: Any = None) -> list[str]:
     """SHIELDSERVE_* variables that name no setting (nor one the project or an orchestrator
     sets). pydantic-settings drops them without a word (a key it does not know inside a
     section's variable is refused, as in YAML)."""
     env = os.environ if environ is None else environ
-    fields = {name.upper() for name in Settings.model_fields}
     out = []
     for key in env:
         if not key.upper().startswith("SHIELDSERVE_"):
             continue
         name = key[len("SHIELDSERVE_"):].upper()
-        if (name.split("__")[0] in fields or name in NOT_SETTINGS or name.startswith(NOT_SETTINGS_PREFIXES)
+        if (names_a_setting(key) or name in NOT_SETTINGS or name.startswith(NOT_SETTINGS_PREFIXES)
                 or _ORCHESTRATOR.fullmatch(name)):
             continue
         out.append(key)
@@ -375,12 +380,13 @@ def _did_you_mean(key: str) -> str:
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Build settings from the config files, the environment and explicit overrides. A
-    SHIELDSERVE_* variable that names no setting is refused, as an unknown key in the YAML is."""
+    SHIELDSERVE_* variable that names no setting is refused where it is a section's variable
+    written with one underscore, logged as a WARNING otherwise (unknown_environment)."""
     unknown = unknown_environment()
-    typos = [k for k in unknown if _did_you_mean(k)]
+    typos = {k: hint for k in unknown if (hint := _did_you_mean(k))}
     if typos:  # a section's variable with one underscore: a setting the operator meant, surely
         raise ValueError("environment variables that name no setting (pydantic-settings would ignore them without "
-                         "a word): " + ", ".join(f"{k}{_did_you_mean(k)}" for k in typos[:10])
+                         "a word): " + ", ".join(f"{k}{hint}" for k, hint in list(typos.items())[:10])
                          + "; settings are SHIELDSERVE_<NAME>, a section's SHIELDSERVE_<SECTION>__<NAME>")
     if unknown:
         log.warning("environment variables that name no setting, ignored: %s (settings are SHIELDSERVE_<NAME>, a "

@@ -125,7 +125,15 @@ def _named_pipeline(request: Request) -> str:
 
 
 def client_of(request: Request) -> str:
-    """The request's client id; 401 `unauthorized` when API keys are on and none matches."""
+    """The request's client id; 401 `unauthorized` when API keys are on and none matches. Found
+    once per request (require_api_key finds it first where keys are on)."""
+    known = getattr(request.state, "client_id", None)
+    if known is None:
+        known = request.state.client_id = _client_of(request)
+    return known
+
+
+def _client_of(request: Request) -> str:
     settings = request.app.state.runtime.settings
     if settings.api_keys:
         key = api_key_of(request)
@@ -136,11 +144,7 @@ def client_of(request: Request) -> str:
         # UTF-8 bytes. Starlette decodes a header as latin-1: a client that sent UTF-8 (curl) is
         # matched by the header's own bytes, one that sent latin-1 (Python's http.client, so
         # requests and urllib; browsers' fetch) by the text encoded as UTF-8. Both are tried.
-        digests = {hashlib.sha256(key.encode("latin-1")).hexdigest()}
-        try:
-            digests.add(hashlib.sha256(key.encode("utf-8")).hexdigest())
-        except UnicodeEncodeError:  # lone surrogates cannot come from a header; kept for safety
-            pass
+        digests = {hashlib.sha256(key.encode(codec)).hexdigest() for codec in ("latin-1", "utf-8")}
         for name, known in settings.api_keys.items():
             if known in digests:
                 return f"key:{name}"
