@@ -126,6 +126,21 @@ class Pipeline:
         if tail and (any(r != "purifier" for r in tail) or not getattr(components[decider_at], "certifies", False)):
             raise PipelineConfigError(f"pipeline {name!r}: only purifiers may follow the decider, "
                                       f"and only a certifying one (smoothing)")
+        if decider_at < len(roles) and getattr(components[decider_at], "certifies", False):
+            # the radius is a statement about the image the decider receives: a purifier or an
+            # adapter before it would make it one about the purified image (or an input-dependent
+            # classifier), not about what the client sent
+            changes = [c for c in components[:decider_at] if c.role != "detector"]
+            if changes:
+                raise PipelineConfigError(
+                    f"pipeline {name!r}: only detectors may come before {components[decider_at].defense}: "
+                    f"{changes[0].defense} ({changes[0].role}) would change the image or the classifier "
+                    f"the certificate is about, so its radius would not hold around the input; a purifier "
+                    f"belongs after it, inside the noisy classifier (smoothing with denoiser: true)")
+            if tail and not getattr(components[decider_at], "composes_followers", True):
+                raise PipelineConfigError(
+                    f"pipeline {name!r}: the purifiers after {components[decider_at].defense} would never run: "
+                    f"only with denoiser: true does its noisy classifier include what follows it")
 
     # ------------------------------------------------------------------ describing
     @property
@@ -233,9 +248,11 @@ class Pipeline:
         # the inference thread, and every Python step there competes with the event loop)
         probs = decision.probabilities.detach().float().cpu().tolist()
         labels = decision.labels.detach().cpu().tolist()
-        conf = decision.confidence.detach().float().cpu().tolist()
+        # double, not float: a certificate's radius and bound must reach the renderer as computed
+        # (a float32 copy rounds to nearest, up as often as down)
+        conf = decision.confidence.detach().double().cpu().tolist()
         abst = decision.abstained.detach().cpu().tolist()
-        radius = decision.radius.detach().float().cpu().tolist() if decision.radius is not None else None
+        radius = decision.radius.detach().double().cpu().tolist() if decision.radius is not None else None
         n = len(labels)
         details = {}
         for key, value in decision.details.items():

@@ -329,3 +329,50 @@ def test_without_pipeline_a_certify_pipeline_not_served_is_said_not_hidden(make_
     assert r.status_code == 422
     assert "certify.pipeline 'smoothing' is not served (not configured) and no served pipeline certifies" in \
         r.json()["error"]["message"]
+
+
+def test_a_lower_bound_of_exactly_one_half_abstains(make_client, digits) -> None:
+    """Cohen et al. give a label only when pA > 1/2 is shown: ten unanimous samples at alpha
+    2^-10 bound pA below by exactly 0.5, which shows nothing (a label at radius 0 was served)."""
+    client = make_client(warmup=False)
+    for body, _ in digits[:3]:
+        r = client.post("/certify?pipeline=smoothing&n=10&n0=10&alpha=0.0009765625", content=body, headers=PNG)
+        assert r.status_code == 200, r.text
+        cert = r.json()
+        if cert["p_a_lower"] == 0.5:
+            assert cert["abstained"] is True and cert["label"] is None and cert["status"] == "abstained"
+        else:  # not unanimous: below one half
+            assert cert["p_a_lower"] < 0.5 and cert["abstained"] is True
+
+
+def test_a_shown_radius_never_exceeds_its_bound(make_client, digits) -> None:
+    """The radius and the lower bound on pA are cut to 6 decimals, never rounded up: a shown
+    radius above sigma * Phi^-1(p_a_lower) claimed more than the certificate shows (by up to
+    5e-7 on 10 of 36 certificates, from a float32 copy and round-to-nearest)."""
+    from scipy.stats import norm
+
+    client = make_client(warmup=False)
+    seen = 0
+    for body, _ in digits:
+        for n in (100, 137, 1000):
+            cert = client.post(f"/certify?pipeline=smoothing&n={n}&n0=10", content=body, headers=PNG).json()
+            if cert["abstained"]:
+                continue
+            seen += 1
+            exact = cert["sigma"] * norm.ppf(cert["p_a_lower"])
+            assert cert["radius"] <= exact and exact - cert["radius"] < 1.01e-6, (cert, exact)
+    assert seen >= 10
+
+
+def test_the_v2_radius_tensor_never_rounds_a_radius_up() -> None:
+    """/v2 carries the radius as FP32, whose nearest value to 0.1 (or 0.3) is above it."""
+    from service.api.oip import _columns
+    from service.pipeline import ImageResult
+
+    radii = [0.1, 0.3, 0.545218, 1.350916, 0.0]
+    results = [ImageResult(status="accepted", label=1, confidence=0.9, certified_radius=r) for r in radii]
+    results.append(ImageResult(status="abstained"))
+    dtype, column = _columns(results, 2)["certified_radius"]
+    assert dtype == "FP32" and column[-1] == -1.0
+    for shown, exact in zip(column[:-1], radii):
+        assert float(shown) <= exact and exact - float(shown) < 1e-7

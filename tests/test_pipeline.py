@@ -126,3 +126,42 @@ def test_a_monitor_window_larger_than_the_images_refuses_start_up(quick_bundle):
     create_app(load_settings(bundle=quick_bundle, warmup=False, query_monitor={"window": 785},
                              pipelines={name: {"query_monitor": False} for name in ("default", "smoothing", "denoised",
                                         "robust", "magnet", "neuralfp", "defensegan", "rmc")}))
+
+
+class _Adapt(Component):
+    role = "adapter"
+    defense = "adapt"
+
+    def adapt(self, x, classify, ctx):
+        return classify
+
+
+class _NoFollowers(_Smooth):
+    composes_followers = False
+
+
+@pytest.mark.parametrize("components,message", [
+    ([_Pur(), _Smooth()], "only detectors may come before fake_smoothing: invert"),
+    ([_Det(), _Adapt(), _Smooth()], "only detectors may come before fake_smoothing: adapt"),
+    ([_NoFollowers(), _Pur()], "would never run"),
+])
+def test_what_would_void_a_certificate_is_refused(components, message):
+    """A purifier or adapter before a certifying decider makes the radius hold around the
+    changed image (or an input-dependent classifier), not around the input; purifiers after a
+    decider that does not compose them would never run. Each is refused, not served."""
+    with pytest.raises(PipelineConfigError, match=message):
+        Pipeline._check_order("p", components)
+    Pipeline._check_order("p", [_Det(), _Smooth(), _Pur()])  # detectors before, purifiers composed after
+
+
+@pytest.mark.parametrize("defenses,message", [
+    ([{"defense": "magnet", "reform": True}, {"defense": "smoothing", "sigma": 0.5}], "only detectors may come before"),
+    ([{"defense": "rmc"}, {"defense": "smoothing", "sigma": 0.25, "denoiser": True}], "only detectors may come before"),
+    ([{"defense": "smoothing", "sigma": 0.5}, {"defense": "magnet", "reform": True, "detectors": []}], "never run"),
+])
+def test_a_pipeline_whose_certificate_would_not_cover_its_input_refuses_start_up(quick_bundle, defenses, message):
+    from service.app import create_app
+    from service.settings import load_settings
+
+    with pytest.raises(PipelineConfigError, match=message):
+        create_app(load_settings(bundle=quick_bundle, pipelines={"x": {"defenses": defenses}}))

@@ -497,8 +497,10 @@ def _columns(results: list[ImageResult], k: int) -> dict[str, tuple[str, np.ndar
     for i, o in enumerate(rendered):
         if o.probabilities is not None:
             probs[i, :] = o.probabilities[:k]
-    radius = np.array([o.certified_radius if o.certified_radius is not None else -1.0
-                       for o in rendered], dtype="<f4")
+    exact = np.array([o.certified_radius if o.certified_radius is not None else -1.0 for o in rendered])
+    radius = exact.astype("<f4")
+    up = radius.astype(np.float64) > exact  # FP32 rounds to nearest: a radius must not grow
+    radius[up] = np.nextafter(radius[up], np.float32(-np.inf))
     return {"label": ("INT64", labels), "probabilities": ("FP32", probs),
             "status": ("BYTES", [o.status for o in rendered]), "certified_radius": ("FP32", radius)}
 

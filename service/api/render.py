@@ -7,6 +7,7 @@ are null).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from service.api.schemas import ImageResultOut, RejectionOut, StageOut
@@ -45,6 +46,14 @@ def rejection_out(j: Rejection) -> RejectionOut:
     return RejectionOut(defense=j.defense, detector=j.detector, score=j.score, threshold=j.threshold)
 
 
+def round_down(value: float, places: int = 6) -> float:
+    """`value` cut to `places` decimals, never above it: a certificate's radius and lower bound
+    shown shorter must not claim more than was shown (round() goes up half the time)."""
+    scaled = math.floor(value * 10 ** places)
+    out = scaled / 10 ** places
+    return out if out <= value else (scaled - 1) / 10 ** places
+
+
 def render(r: ImageResult) -> Rendered:
     cert = r.details.get("certificate") if r.details else None  # a smoothing decider's, for this image
     return Rendered(
@@ -52,8 +61,9 @@ def render(r: ImageResult) -> Rendered:
         certified=cert.get("certified") if cert else None, samples=cert.get("samples") if cert else None,
         alpha=cert.get("alpha") if cert else None, sigma=cert.get("sigma") if cert else None,
         status=r.status, label=r.label, class_name=r.class_name,  # the pipeline sets these only when accepted
-        confidence=round(r.confidence, 6) if r.confidence is not None else None,
-        certified_radius=round(r.certified_radius, 6) if r.certified_radius is not None else None,
+        # with a certificate, the confidence is its lower bound on pA
+        confidence=None if r.confidence is None else round_down(r.confidence) if cert else round(r.confidence, 6),
+        certified_radius=round_down(r.certified_radius) if r.certified_radius is not None else None,
         probabilities=r.probabilities,
         rejected_by=[rejection_out(j) for j in r.rejected_by],
         stages=[StageOut(defense=s.defense, seconds=round(s.seconds, 6), **s.details) for s in r.stages])

@@ -579,7 +579,7 @@ def certify(sampler: NoiseSampler, x: torch.Tensor, n0: int, n: int, alpha: floa
     counts = sampler.counts(x, n, g, ctx)
     k = int(counts[c_a])
     p_lower = lower_confidence_bound(k, n, alpha)
-    abstained = p_lower < 0.5
+    abstained = not p_lower > 0.5  # Cohen et al.: a label only when pA > 1/2 is shown
     cert = Certificate(label=ABSTAIN if abstained else c_a, abstained=abstained,
                        radius=0.0 if abstained else radius_from(p_lower, sampler.sigma),
                        p_a_lower=p_lower, count=k, sigma=sampler.sigma, n0=n0, n=n, alpha=alpha,
@@ -755,7 +755,7 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
     out = []
     for i in range(b):
         p_lower = float(lower[i])
-        abstained = p_lower < 0.5
+        abstained = not p_lower > 0.5  # Cohen et al.: a label only when pA > 1/2 is shown
         label = int(c_a[i])
         cert = Certificate(label=ABSTAIN if abstained else label, abstained=abstained,
                            radius=0.0 if abstained else radius_from(p_lower, sigma), p_a_lower=p_lower,
@@ -854,7 +854,7 @@ class SmoothingDecider(Component):
                                            batch_size=self.batch_size, forward_batch=self.forward_batch or 1000,
                                            sound=self.sound, ctx=ctx)
         labels = torch.full((b,), ABSTAIN, dtype=torch.long)
-        confidence, radius = torch.zeros(b), torch.zeros(b)
+        confidence, radius = torch.zeros(b, dtype=torch.float64), torch.zeros(b, dtype=torch.float64)
         probs = torch.zeros(b, self.num_classes)
         abstained = torch.ones(b, dtype=torch.bool)
         certificates: list[dict[str, Any]] = []
@@ -865,6 +865,12 @@ class SmoothingDecider(Component):
             certificates.append(cert.to_json())
         return Decision(labels=labels, confidence=confidence, probabilities=probs, abstained=abstained,
                         radius=radius, details={"certificate": certificates})
+
+    @property
+    def composes_followers(self) -> bool:
+        """Whether purifiers after this decider run inside f: only with the denoiser, whose f is
+        denoiser + the pipeline's classifier; the noise-trained classifier is f by itself."""
+        return self.use_denoiser
 
     def public_settings(self) -> dict[str, Any]:
         covers = ("the bundle's DnCNN denoiser for this sigma, then the plain base classifier"
