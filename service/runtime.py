@@ -35,11 +35,14 @@ class UnknownPipeline(KeyError):
 
 def monitor_rejection(verdict: Verdict, i: int) -> Rejection:
     """The query monitor's rejection of image i of a screened request: its shared hashes, or
-    (a suspect's image the hashes let through) its L-inf distance to the client's nearest
-    remembered image, rejected at or below `suspect_linf`."""
+    (an image the hashes let through) the pixel check: a suspect's by its L-inf distance to the
+    client's nearest remembered image, rejected at or below `suspect_linf`; any other client's
+    by how many of its remembered images are that close, rejected at `near_matches`."""
     if verdict.by_hashes(i) or not verdict.near:
         return Rejection("query_monitor", "fingerprint_match", verdict.score(i), verdict.threshold / verdict.top_n)
-    return Rejection("query_monitor", "suspect_near", float(verdict.near[i] or 0.0), verdict.suspect_linf)
+    if verdict.suspect:
+        return Rejection("query_monitor", "suspect_near", float(verdict.near[i] or 0.0), verdict.suspect_linf)
+    return Rejection("query_monitor", "near_queries", float(verdict.near_counts[i]), float(verdict.near_needed))
 
 
 def monitor_result(verdict: Verdict, i: int) -> ImageResult:

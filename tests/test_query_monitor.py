@@ -272,6 +272,73 @@ def test_a_suspects_queries_near_its_recent_ones_in_pixels_are_flagged(mnist) ->
     assert mon.screen(policy, torch.cat([far, _noisy(far, 0.3, seed=3)]), "ip:1.1.1.1").flagged == [False, True]
 
 
+def _dithered(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Every pixel moved to its nearest quantization boundary, 25k - 1 or 25k of 255 at random:
+    copies at most 1/255 apart in L-inf whose windows all straddle a boundary, so that they
+    share no hash (an auditor's evasion, stop 43: Square through it, 10 of 10 digits at L-inf
+    0.3 with no flag)."""
+    g = torch.Generator().manual_seed(seed)
+    p = (x * 255).round()
+    bounds = torch.arange(25.0, 251.0, 25.0)
+    b = bounds[(p.unsqueeze(-1) - bounds).abs().argmin(-1)]
+    return (b - torch.randint(0, 2, p.shape, generator=g).float()) / 255
+
+
+def test_dithered_copies_that_share_no_hash_are_flagged_by_the_pixel_check(mnist) -> None:
+    """Any client's query within suspect_linf of near_matches (2) of its own recent queries is
+    flagged, suspect or not: the third of a run of dithered copies, whose hashes match nothing."""
+    from service.runtime import monitor_rejection
+
+    x = mnist.test.x[0:1]
+    policy = MonitorPolicy()
+    mon = QueryMonitor(secret="s")
+    verdicts = [mon.screen(policy, _dithered(x, s), "ip:1.1.1.1") for s in range(12)]
+    assert max(v.matches[0] for v in verdicts) < policy.suspect_threshold  # the hashes see (almost) nothing
+    assert [v.flagged[0] for v in verdicts] == [False, False] + [True] * 10
+    first = monitor_rejection(verdicts[2], 0)
+    assert (first.defense, first.detector, first.score, first.threshold) == ("query_monitor", "near_queries", 2.0, 2.0)
+    assert monitor_rejection(verdicts[3], 0).detector == "suspect_near"  # flagged once, a suspect
+    # another client's copies are not its own: nothing of its own to be near
+    assert mon.screen(policy, _dithered(x, 99), "ip:2.2.2.2").flagged == [False]
+    # near_matches 0 leaves the pixel check to suspects, and the hashes alone miss this run
+    mon = QueryMonitor(secret="s")
+    off = MonitorPolicy(near_matches=0)
+    assert not any(mon.screen(off, _dithered(x, s), "ip:1.1.1.1").flagged[0] for s in range(12))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
+def test_the_same_8bit_pixels_by_another_lossless_path_are_an_exact_copy(mnist, mode: str) -> None:
+    """A gray digit sent as an RGB, RGBA or palette PNG decodes (through the luma conversion) a
+    float32 last bit away from the gray PNG's pixels; as the same 8-bit pixels it is an exact
+    copy, never evidence: not for another client (it was rejected, 5 of 5), not for a resend."""
+    from models.bundle import InputSpec
+    from service.imaging import ImageLimits, decode_image
+
+    spec, limits = InputSpec(shape=(1, 28, 28), class_names=tuple(str(i) for i in range(10))), ImageLimits()
+    for i in range(5):
+        gray = png(mnist.test.x[i])
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(gray)).convert(mode).save(buf, format="PNG")
+        a, b = decode_image(gray, spec, limits), decode_image(buf.getvalue(), spec, limits)
+        assert (a * 255).round().equal((b * 255).round())  # the same 8-bit pixels
+        mon, policy = QueryMonitor(secret="s"), MonitorPolicy()
+        assert mon.screen(policy, a[None], "ip:1.1.1.1").flagged == [False]
+        assert mon.screen(policy, b[None], "ip:2.2.2.2").flagged == [False]
+        assert mon.screen(policy, b[None], "ip:1.1.1.1").flagged == [False]
+        assert mon.screen(policy, a[None], "ip:2.2.2.2").flagged == [False]
+
+
+@pytest.mark.parametrize("clients", [1, 8])
+def test_the_pixel_check_of_every_client_flags_almost_no_benign_digit(mnist, clients: int) -> None:
+    """Every mnist5k digit once, shuffled, from one client or eight in turn, through the whole
+    monitor (hashes and the every-client pixel check): at most 0.1% flagged (0 measured)."""
+    xs = digits(mnist)
+    xs = xs[torch.randperm(len(xs), generator=torch.Generator().manual_seed(1))]
+    mon, policy = QueryMonitor(secret="s"), MonitorPolicy()
+    flagged = sum(mon.screen(policy, xs[i:i + 1], f"ip:10.0.0.{i % clients}").flagged[0] for i in range(len(xs)))
+    assert flagged <= len(xs) // 1000, flagged
+
+
 def test_near_pixels_never_overstate_a_distance_and_are_bounded() -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.rand(4, 3, 64, 64, generator=g)
@@ -466,6 +533,22 @@ def test_flags_older_than_block_window_are_forgotten_on_redis_too(redis_url, mni
     with pytest.raises(AttackSuspected):
         monitor.screen(long, mnist.test.x[52:53], "ip:2.2.2.2")
     assert monitor.redis is not None and monitor._down_since is None  # all of it on Redis
+
+
+def test_on_redis_a_block_is_counted_as_blocked_only_for_its_cooldown(redis_url, mnist) -> None:  # noqa: F811
+    """shieldserve_blocked_clients on Redis: the sorted set's score is the block's end in
+    seconds (it was now + the cooldown in ms: a 900 s block counted for ~10 days)."""
+    import uuid
+
+    monitor = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=f"t-{uuid.uuid4().hex[:8]}:",
+                           secret="blocked")
+    assert monitor.redis is not None
+    assert monitor.redis.add_flags("tag", 1, window_s=60, block_after=0, cooldown_s=1.0)
+    assert monitor.blocked_count() == 1
+    ends = monitor.redis.client.zscore(monitor.redis.prefix + "blocked", "tag")
+    assert abs(ends - (time.time() + 1.0)) < 5.0
+    time.sleep(1.3)
+    assert monitor.blocked_count() == 0
 
 
 def test_the_secret_is_in_no_repr(mnist) -> None:
@@ -736,6 +819,40 @@ def test_a_redis_that_is_down_degrades_to_this_replica(caplog, mnist) -> None:
     assert alone._key_pending and events == [True]
     assert alone.screen(MonitorPolicy(), x, "ip:1.1.1.1").flagged == [False]
     assert alone.screen(MonitorPolicy(), y, "ip:1.1.1.1").flagged == [True]
+
+
+def test_a_block_recorded_while_redis_was_down_holds_when_it_is_back(redis_url, mnist, monkeypatch) -> None:  # noqa: F811
+    """A client blocked in this replica's own store during an outage stays blocked for its
+    cooldown once Redis answers again (blocks were read from Redis alone, and it was answered);
+    and the degraded gauge falls back at the next scrape, not at the next screened request."""
+    import uuid
+
+    import redis
+
+    events: list[bool] = []
+    m = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=f"t-{uuid.uuid4().hex[:8]}:", secret="s",
+                     on_degraded=events.append, retry_redis_s=0.0)
+    assert m.redis is not None
+    policy = MonitorPolicy(action="block", block_after=1, cooldown_s=600, suspect_linf=0.0)
+    x = mnist.test.x[3:4]
+
+    def down(*args, **kwargs):
+        raise redis.exceptions.ConnectionError("down")
+
+    with monkeypatch.context() as outage:
+        for name in ("screen", "add_flags", "mark_suspect", "recall", "blocked_count", "status"):
+            outage.setattr(m.redis, name, down)
+        m.screen(policy, x, "ip:1.1.1.1")
+        assert m.screen(policy, _near(x, 0), "ip:1.1.1.1").flagged == [True]
+        assert m.screen(policy, _near(x, 1), "ip:1.1.1.1").blocked_now
+        with pytest.raises(AttackSuspected):
+            m.screen(policy, mnist.test.x[60:61], "ip:1.1.1.1")
+    assert events == [True]
+    assert m.blocked_count() == 0  # Redis, back, holds no block; the scrape says it is back
+    assert events == [True, False]
+    with pytest.raises(AttackSuspected):  # the block made during the outage still holds
+        m.screen(policy, mnist.test.x[61:62], "ip:1.1.1.1")
+    assert m.screen(policy, mnist.test.x[62:63], "ip:2.2.2.2").flagged == [False]  # others are answered
 
 
 _Clock = MovedClock

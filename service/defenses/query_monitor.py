@@ -42,8 +42,8 @@ Rules that keep benign traffic out (docs/query_monitor.md):
     matches the other queries it was flagged for;
   * only the hashes are remembered, for at least half of `memory_window_s` and never the
     whole of it, and at most `max_queries` queries (two generations, each begun in a slot of
-    half the window; the oldest is dropped when the newest is full or in a later slot); pixels
-    only of suspects (below).
+    half the window; the oldest is dropped when the newest is full or in a later slot); and
+    each client's last images, 8-bit (below).
 
 Actions: `flag` (count and answer), `reject` (the image's answer is a rejection by
 `query_monitor`), `block` (reject, and a client with more than `block_after` flags within
@@ -63,6 +63,11 @@ of the other 4,999 mnist5k digits is within 0.62 for 3% of them); on low-resolut
 few levels (the 8x8 UCI digits: nearly all) it would reject a suspect's benign queries too,
 which the quality gate measures (`query_monitor:suspect_linf`). Averaging keeps the test sound: it never
 makes two images' L-inf distance larger.
+
+Every client's query is compared the same way, and flagged when `near_matches` (2) of its
+remembered ones are that close: the hashes are exact over fixed quantization steps, and an
+attacker who puts every pixel just beside a step boundary, one side or the other per query,
+shares no hash at 1/255 apart (docs/query_monitor.md, "Every client's queries in pixel space").
 
 The store is per process (`store: memory`) or shared by every replica through Redis
 (`store: redis`). A Redis that cannot be reached degrades to the per-process store, with one
@@ -95,8 +100,8 @@ import torch
 log = logging.getLogger("shieldserve")
 
 Action = Literal["flag", "reject", "block"]
-PUBLIC_POLICY = ("enabled", "action", "threshold", "suspect_threshold", "suspect_linf", "block_after",
-                 "block_window_s", "cooldown_s")
+PUBLIC_POLICY = ("enabled", "action", "threshold", "suspect_threshold", "suspect_linf", "near_matches",
+                 "block_after", "block_window_s", "cooldown_s")
 NEAR_SIDE = 32  # suspects' remembered images: at most this many pixels a side per channel
 NEAR_MEMORY_BYTES = 64 * 2**20  # the cap on suspects' remembered images (per process; on Redis, in all)
 # on Redis each remembered image counts these bytes more, and each suspect these: Redis' own
@@ -191,8 +196,12 @@ class Fingerprinter:
         a whole batch in one call (numpy's cost per call is most of it for one digit)."""
         b = int(x.shape[0])
         a = x.detach().to("cpu", torch.float32).numpy().reshape(b, -1)
+        # the exact copy is judged on 8-bit pixels: lossless paths to the same pixels (a gray
+        # digit as an RGB or palette PNG, through the luma conversion; /v2 UINT8) reach here a
+        # float32 last bit apart, and a client's own resend that way was taken for a near copy
+        eight = np.rint(np.clip(a, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
         digests = [hashlib.blake2b(row.tobytes(), key=self._digest_key, digest_size=16).digest()  # type: ignore[attr-defined]
-                   for row in a]
+                   for row in eight]
         if self.layout == "columns" and x.dim() >= 3:  # (..., H, W) read column by column
             a = a.reshape(tuple(x.shape)).swapaxes(-1, -2).reshape(b, -1)
         # floor by the cast: the clipped values are >= 0
@@ -270,18 +279,28 @@ def near_distances(history: Sequence[np.ndarray], pixels: np.ndarray) -> list[fl
     """For each image, its L-inf distance (in [0, 1] units) to the nearest remembered image of
     the same size or earlier image of the same request; None where there is none. An exact
     copy does not count: retries are not an attack (and teach an attacker nothing)."""
+    return near_scan(history, pixels)[0]
+
+
+def near_scan(history: Sequence[np.ndarray], pixels: np.ndarray, linf: float | None = None
+              ) -> tuple[list[float | None], list[int]]:
+    """`near_distances`, and for each image how many of those earlier images (exact copies
+    left out) are near it, within `linf` as `is_near` allows (0s without `linf`)."""
     # the images of one request share a shape: the remembered ones of that shape, then the
     # request's own, stacked once; image i is compared with everything before it
     same = [h for h in history if h.shape == pixels.shape[1:]]
     pool = np.concatenate([np.stack(same), pixels]) if same else pixels
     pool = pool.astype(np.int16)
+    reach = -1.0 if linf is None else linf * 255.0 + 1.5  # is_near's bound, in 8-bit steps
     out: list[float | None] = []
+    counts: list[int] = []
     for i in range(len(pixels)):
         k = len(same) + i
         d = np.abs(pool[:k] - pool[k]).max(axis=1)
         d = d[d > 0]
         out.append(float(d.min()) / 255.0 if d.size else None)
-    return out
+        counts.append(int((d <= reach).sum()))
+    return out, counts
 
 
 def is_near(distance: float | None, linf: float) -> bool:
@@ -485,7 +504,7 @@ if total == count then redis.call('PEXPIRE', k, window) end
 if total > after then
   redis.call('SET', p .. 'blocked:' .. client, '1', 'PX', cooldown)
   redis.call('DEL', k)
-  redis.call('ZADD', p .. 'blocked', now + cooldown, client)
+  redis.call('ZADD', p .. 'blocked', now + cooldown / 1000, client)  -- now in s, cooldown in ms
   return 1
 end
 return 0
@@ -608,6 +627,7 @@ class MonitorPolicy:
     threshold: int = 14
     suspect_threshold: int = 7  # for a client flagged within block_window_s
     suspect_linf: float = 0.62  # a suspect's query this close to one of its recent ones is flagged (0: off)
+    near_matches: int = 2  # any client's query that close to this many of its recent ones is flagged (0: off)
     block_after: int = 10
     block_window_s: float = 600.0
     cooldown_s: float = 900.0
@@ -627,9 +647,13 @@ class Verdict:
     reject: bool  # flagged images are answered as rejections (reject and block modes)
     blocked_now: bool = False
     seconds: float = 0.0
-    # a suspect's images: the L-inf distance to its nearest remembered one (None: none to compare)
+    # the pixel check: each image's L-inf distance to the client's nearest remembered one (None:
+    # none to compare) and how many are within suspect_linf; `near_needed` of them flag it
     near: list[float | None] = field(default_factory=list)
     suspect_linf: float = 0.0
+    near_counts: list[int] = field(default_factory=list)
+    near_needed: int = 0
+    suspect: bool = False
 
     def score(self, i: int) -> float:
         return self.matches[i] / self.top_n
@@ -746,6 +770,11 @@ class QueryMonitor:
         """One request's fingerprints against the store (Redis, or this process's); a
         suspect's images also against its own recent ones in pixel space."""
         tag = self.client_tag(client)
+        # a block or suspect mark this replica recorded in its own store while Redis was down
+        # holds until it ends, Redis back or not (read from Redis alone, a block was dropped)
+        local_blocked, local_suspect = self.memory.blocked_for(tag), self.memory.suspect(tag)
+        if policy.action == "block" and local_blocked > 0:
+            raise AttackSuspected(max(1, int(np.ceil(local_blocked))))
         blocked_for, suspect, matches = 0.0, False, None
         if self._use_redis() and not self._key_pending:
             assert self.redis is not None
@@ -758,8 +787,9 @@ class QueryMonitor:
                     self._redis_ok()
             except self.redis.errors as exc:
                 self._redis_failed("screen", exc)
+        suspect = suspect or local_suspect
         if matches is None:
-            blocked_for, suspect = self.memory.blocked_for(tag), self.memory.suspect(tag)
+            blocked_for = local_blocked
             if self._refused and not self._key_pending:
                 # Redis answers but refuses writes (a full noeviction Redis: the screen script
                 # fails at its first write): a block or suspect mark recorded there still holds
@@ -781,15 +811,22 @@ class QueryMonitor:
         threshold = min(policy.suspect_threshold if suspect else policy.threshold, width)
         flagged = [m >= threshold for m in matches]
         near: list[float | None] = []
-        if policy.suspect_linf > 0 and (suspect or any(flagged)):
-            # a suspect's images are remembered from its first flag on
+        counts: list[int] = []
+        needed = 1 if suspect else policy.near_matches
+        if policy.suspect_linf > 0 and (needed > 0 or any(flagged)):
+            # every client's recent images are remembered (with near_matches 0, a client's from
+            # its first flag on): the hashes alone are evaded by an attacker who puts each pixel
+            # just beside a quantization boundary, one side or the other per query, so that no
+            # window hash survives, while every query of one L-inf attack stays within 2 eps of
+            # the others in pixels
             pixels = near_pixels(x)
             history = self._recall(tag, pixels, policy.block_window_s)
-            if suspect:
-                near = near_distances(history, pixels)
-                flagged = [f or is_near(d, policy.suspect_linf) for f, d in zip(flagged, near)]
+            if needed > 0:
+                near, counts = near_scan(history, pixels, policy.suspect_linf)
+                flagged = [f or c >= needed for f, c in zip(flagged, counts)]
         verdict = Verdict(matches, flagged, width, threshold, policy.action != "flag", near=near,
-                          suspect_linf=policy.suspect_linf)
+                          suspect_linf=policy.suspect_linf, near_counts=counts, near_needed=needed,
+                          suspect=suspect)
         if any(flagged):
             self._mark_suspect(tag, policy.block_window_s)
         if policy.action == "block" and any(flagged):
@@ -835,7 +872,10 @@ class QueryMonitor:
         if (self._use_redis() or self._refused) and not self._key_pending:
             assert self.redis is not None
             try:
-                return self.redis.blocked_count()
+                count = self.redis.blocked_count()
+                if not self._refused:  # Redis is back (a full one answers reads and still refuses writes)
+                    self._redis_ok()
+                return count
             except self.redis.errors as exc:
                 self._redis_failed("blocked_count", exc)
         return self.memory.blocked_count()
