@@ -20,11 +20,25 @@ def _serve(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
         ray_app.run(args.config, host=args.host, port=args.port, address=args.ray_address)
         return 0
+    from logging.handlers import BufferingHandler
+
+    from service.logs import configure_logging
     from service.server import serve
     from service.settings import load_settings
 
     overrides = {"host": args.host, "port": args.port, "workers": args.workers}
-    serve(load_settings(args.config, **overrides), args.config)
+    # what reading the settings logs (an unknown SHIELDSERVE_* variable) is held until the
+    # settings say how to log, then logged that way: it was a bare stderr line with no level
+    held = BufferingHandler(capacity=1000)
+    logging.getLogger().addHandler(held)
+    try:
+        settings = load_settings(args.config, **overrides)
+    finally:
+        logging.getLogger().removeHandler(held)
+    configure_logging(settings.log_level, settings.json_logs)
+    for record in held.buffer:
+        logging.getLogger(record.name).handle(record)
+    serve(settings, args.config)
     return 0
 
 

@@ -4,6 +4,7 @@ bundle, the pipelines, one batcher per pipeline, the metrics. No module-level st
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -206,8 +207,9 @@ class Runtime:
     async def offload(self, fn: Callable[[], T]) -> T:
         """`fn()` in this runtime's worker threads (a decode, a parse, a screen): never on the
         event loop. A plain executor hop: anyio's to_thread (Starlette's run_in_threadpool)
-        cost the loop about 0.1 ms more per call (bench/request_overhead.py)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        cost the loop about 0.1 ms more per call (bench/request_overhead.py). In the caller's
+        context, so that what `fn` logs carries the request's id."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, contextvars.copy_context().run, fn)
 
     async def screen(self, pipeline: Pipeline, x: torch.Tensor, client: str | None) -> Verdict | None:
         """The query monitor's verdict on a request's images (None: not monitored). Raises

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 log = logging.getLogger("shieldserve")
 
@@ -285,6 +285,12 @@ class Settings(BaseSettings):
                              f"limits.max_images_per_request ({self.limits.max_images_per_request}): a request of "
                              f"that many images could never be queued; lower the limit too "
                              f"(SHIELDSERVE_LIMITS__MAX_IMAGES_PER_REQUEST)")
+        # the default deadline past the longest a client may ask for: the gateway (sized for the
+        # longest, docker/nginx.conf) gave up first and answered 504 while the replica computed
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError(f"request_timeout_s ({self.request_timeout_s:g}) is above max_request_timeout_s "
+                             f"({self.max_request_timeout_s:g}), the longest deadline a request may have; raise "
+                             f"max_request_timeout_s too (and the gateway's proxy_read_timeout past it)")
         return self
 
 
@@ -406,4 +412,11 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
                                        ) -> tuple[PydanticBaseSettingsSource, ...]:
             return (init_settings, env_settings, InitSettingsSource(settings_cls, file_data))
 
-    return _Loaded(**explicit)
+    try:
+        return _Loaded(**explicit)
+    except SettingsError as exc:
+        # pydantic-settings names the field only: a list or mapping setting read from the
+        # environment is JSON, which an operator writing SHIELDSERVE_TRUSTED_PROXIES=10.0.0.1 cannot guess
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else ""
+        raise ValueError(f"{exc}: SHIELDSERVE_{field.upper()} holds a list or mapping, written in JSON in the "
+                         f"environment, e.g. SHIELDSERVE_TRUSTED_PROXIES='[\"172.28.5.10\"]'") from None

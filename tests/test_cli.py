@@ -61,7 +61,18 @@ def test_train_reaches_build_bundle_with_its_flags(tmp_path, monkeypatch, capsys
     assert printed["bundle"] == str(out) and printed["version"] == "v-test"
 
 
-def test_serve_reaches_the_server_with_the_port_and_the_config_file(tmp_path, monkeypatch) -> None:
+@pytest.fixture()
+def logging_restored():
+    """`serve` configures the process's logging (root handlers, level): put it back after."""
+    import logging
+
+    root, access = logging.getLogger(), logging.getLogger("uvicorn.access")
+    saved = (root.handlers[:], root.level, access.disabled)
+    yield
+    root.handlers[:], root.level, access.disabled = saved[0], saved[1], saved[2]
+
+
+def test_serve_reaches_the_server_with_the_port_and_the_config_file(tmp_path, monkeypatch, logging_restored) -> None:
     import service.server
 
     calls: list[tuple[Any, Any]] = []
@@ -74,6 +85,28 @@ def test_serve_reaches_the_server_with_the_port_and_the_config_file(tmp_path, mo
     assert got_config == str(config)
     assert settings.default_pipeline == "baseline" and settings.batching.max_batch_size == 7  # the file was read
     assert "magnet" in settings.pipelines  # merged over the packaged configuration
+
+
+def test_a_warning_from_reading_the_settings_is_logged_as_the_settings_say(monkeypatch, capsys,
+                                                                            logging_restored) -> None:
+    """An unknown SHIELDSERVE_* variable's WARNING reached stderr as a bare line (logging was
+    not configured yet): it is held, then logged as a JSON line with its level."""
+    import service.server
+
+    monkeypatch.setattr(service.server, "serve", lambda settings, config: None)
+    monkeypatch.setenv("SHIELDSERVE_GRACEFUL_TIMEOUT", "10")
+    assert cli.main(["serve"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    [warning] = [r for r in lines if "SHIELDSERVE_GRACEFUL_TIMEOUT" in r["message"]]
+    assert warning["level"] == "warning" and warning["logger"] == "shieldserve"
+
+
+def test_a_list_setting_in_the_environment_that_is_not_json_says_so(monkeypatch) -> None:
+    from service.settings import load_settings
+
+    monkeypatch.setenv("SHIELDSERVE_TRUSTED_PROXIES", "172.28.5.10")
+    with pytest.raises(ValueError, match=r"SHIELDSERVE_TRUSTED_PROXIES holds a list or mapping, written in JSON"):
+        load_settings()
 
 
 def test_evaluate_accepts_pipeline_as_an_alias_of_pipelines(tmp_path, monkeypatch) -> None:

@@ -101,3 +101,24 @@ def test_text_formatter_escapes_messages_and_keeps_tracebacks():
     [line] = stream.getvalue().splitlines()
     assert line.endswith("GET /a\\x85b\\u2028c\\u2029d\\x9b31mX\xe9 404")  # printable text (é) kept
     assert trace[0] == "Traceback (most recent call last):" and trace[-1] == "ValueError: boom"
+
+
+def test_work_moved_to_a_worker_thread_logs_with_the_requests_id():
+    """Runtime.offload runs its function in the caller's context: a store's warning logged
+    from a worker thread during a request carries that request's id (it carried none)."""
+    import asyncio
+    import types
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.logs import request_id_var
+    from service.runtime import Runtime
+
+    async def main():
+        token = request_id_var.set("req-43")
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                return await Runtime.offload(types.SimpleNamespace(executor=pool), request_id_var.get)
+        finally:
+            request_id_var.reset(token)
+
+    assert asyncio.run(main()) == "req-43"

@@ -127,6 +127,10 @@ def test_settings_that_would_refuse_every_request_are_refused_at_start() -> None
     with pytest.raises(ValidationError, match=r"batching.max_queue \(4\) is below limits.max_images_per_request \(64\)"):
         Settings(batching={"max_queue": 4})
     assert Settings(batching={"max_queue": 4}, limits={"max_images_per_request": 4}).batching.max_queue == 4
+    # a default deadline past the longest one a request may have (the gateway gave up first)
+    with pytest.raises(ValidationError, match=r"request_timeout_s \(200\) is above max_request_timeout_s \(120\)"):
+        Settings(request_timeout_s=200)
+    assert Settings(request_timeout_s=200, max_request_timeout_s=200).request_timeout_s == 200
 
 
 def test_an_environment_variable_naming_no_setting_is_refused_or_said(monkeypatch, caplog) -> None:
