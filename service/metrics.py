@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -141,6 +141,16 @@ class Metrics:
                        self.detector_score, self.certified_radius, self.abstentions, self.images,
                        self.batch_size, self.queue_depth, self.queue_wait):
             _cache_children(metric)
+
+    def declare_monitored_pipelines(self, names: Iterable[str]) -> None:
+        """Create the query monitor's per-pipeline counters at 0 for the pipelines it screens, so
+        that they are exposed from the first scrape on. A labelled series otherwise appears at
+        its first increment, and Prometheus' increase() needs two samples of a series: a first
+        burst of flags between two scrapes (the series born at 29) was never seen by
+        QueryAttackSuspected (docker/alerts.yml)."""
+        for name in names:
+            self.monitor_flags.labels(name)
+            self.monitor_blocks.labels(name)
 
     def before_scrape(self, refresh: Callable[[], None]) -> None:
         """Run `refresh` before each exposition. A callback gauge (set_function) would do in one

@@ -9,7 +9,8 @@ With `workers > 1` uvicorn's supervisor sends each worker SIGTERM and waits for 
 worker drains as the single process does (`drain_in_worker`). Every worker is a separate
 process that loads the bundle itself; the
 Prometheus metrics of all of them are aggregated through prometheus-client's multiprocess
-mode (a directory named by PROMETHEUS_MULTIPROC_DIR, wiped at start).
+mode (a directory named by PROMETHEUS_MULTIPROC_DIR; prometheus-client's files in it are
+removed at start, nothing else).
 
 Process-wide state (torch's thread count) is set here, once per process, from settings: by
 `serve` for one process and by `worker_app` in each worker; never by the app or the runtime,
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
+import re
 import signal
 import tempfile
 import threading
@@ -182,11 +183,23 @@ def serve(settings: Settings, config_file: str | None = None) -> None:
     DrainingServer(uvicorn.Config(app, **common), app, settings.drain_seconds).run()
 
 
-def _prepare_multiprocess() -> None:
+# prometheus-client's own files in the multiprocess directory: `<type>[_<mode>]_<pid>.db`
+_METRICS_FILE = re.compile(r"[a-z]+(_[a-z]+)?_\d+\.db")
+
+
+def _prepare_multiprocess() -> list[str]:
+    """Make PROMETHEUS_MULTIPROC_DIR (a new temporary directory where unset) ready for the
+    workers: prometheus-client's files from an earlier run would be counted again, so they are
+    removed, and only they: the directory is the operator's, and was wiped whole with whatever
+    else it held. Returns the files removed."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
         directory = tempfile.mkdtemp(prefix="shieldserve-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    # stale files from an earlier run would be counted again
-    shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
+    removed = []
+    for entry in os.scandir(directory):
+        if _METRICS_FILE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            os.remove(entry.path)
+            removed.append(entry.name)
+    return sorted(removed)

@@ -137,16 +137,17 @@ def test_gateway_config_matches_the_topology(compose: dict, nginx: str) -> None:
     default = float(env.get("SHIELDSERVE_REQUEST_TIMEOUT_S", setting_default("request_timeout_s")))
     read = int(re.search(r"proxy_read_timeout (\d+)s;", nginx).group(1))
     assert read > longest >= default
-    # retries on another replica: connection errors, 502, 503 (the request was not run); never
-    # after a replica's own 504 (it ran its whole deadline); POST only on the side-effect-free
-    # routes, which nginx retries once sent only with non_idempotent
+    # retries on another replica: connection errors, timeouts, 502; never after a replica's own
+    # 504 (it ran its whole deadline) nor its own 503 (nginx counts each listed http_* code as a
+    # failed attempt: a few deliberate 503s took both replicas out, tests/test_deploy.py); POST
+    # only on the side-effect-free routes, which nginx retries once sent only with non_idempotent
     lines = re.findall(r"^\s*proxy_next_upstream ([^;]*);", nginx, re.M)
     assert len(lines) == 4, lines
     for line in lines:
-        assert "http_504" not in line.split(), line
-        assert {"error", "timeout", "http_502", "http_503"} <= set(line.split()), line
+        assert not {"http_503", "http_504"} & set(line.split()), line
+        assert {"error", "timeout", "http_502"} <= set(line.split()), line
     server_level = re.search(r"^\s*proxy_next_upstream ([^;]*);", nginx, re.M).group(1)
-    assert server_level.split() == ["error", "timeout", "http_502", "http_503"]  # no non_idempotent
+    assert server_level.split() == ["error", "timeout", "http_502"]  # no non_idempotent
     assert re.search(r"^\s*proxy_next_upstream_tries 2;", nginx, re.M)
     post_routes = ("location = /predict", "location = /certify", "/infer$")
     for route in post_routes:

@@ -86,7 +86,7 @@ def render_nginx(ports: dict[str, int], tmp: Path) -> str:
         "worker_processes": "worker_processes 1;",
         "pid": f"pid {tmp}/nginx.pid;",
         "error_log": f"error_log {tmp}/nginx-error.log info;",
-        "access_log": f"access_log {tmp}/nginx-access.log;",
+        "access_log": None,  # the path only (below)
         "listen": f"listen 127.0.0.1:{ports['gateway']};",
     }
     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -103,6 +103,9 @@ def render_nginx(ports: dict[str, int], tmp: Path) -> str:
         if key not in subs:
             raise KeyError(f"docker/nginx.conf marks an unknown test line: {key}")
         seen.add(key)
+        if key == "access_log":  # only the path: the log format named after it stays
+            words = m.group(0).split("#")[0].strip().rstrip(";").split()  # access_log PATH [FORMAT ...]
+            return m.group(1) + " ".join([words[0], f"{tmp}/nginx-access.log", *words[2:]]) + ";"
         return m.group(1) + subs[key]
 
     out = re.sub(r"^(\s*)\S.*#\s*test:\s*(\w+)\s*$", sub, text, flags=re.M)
@@ -695,3 +698,163 @@ def test_replica_stopped_or_killed_mid_load_costs_no_request(topology: Topology,
                    headers={"content-type": "image/png"}, timeout=30)
     assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
     assert r.json()["error"]["code"] == "overloaded"
+    # on /v2 (the Open Inference Protocol) in its own shape, {"error": "<message>"}
+    r = httpx.get(f"http://127.0.0.1:{ports['gateway']}/v2/health/ready", timeout=30)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert isinstance(r.json()["error"], str), r.text
+
+
+# ----------------------------------------------- the gateway alone, in front of stub replicas
+class StubReplica:
+    """A stand-in replica on 127.0.0.1 that answers what the gateway's behaviour depends on:
+    GET /certify a 503 `store_unavailable` (its store's Redis down) and POST /predict?overloaded
+    a 503 `overloaded` (admission), both with the replica's own Retry-After: 7 (the gateway's own
+    503 says 1); anything else a 200 naming the replica. It records each request it gets."""
+
+    def __init__(self, name: str, seen: list[tuple[str, str, str, str | None]]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # nginx's upstream keep-alive
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def answer(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                if length:
+                    self.rfile.read(length)
+                seen.append((name, self.command, self.path, self.headers.get("x-request-id")))
+                if self.path.startswith("/certify"):
+                    status, body = 503, {"error": {"code": "store_unavailable", "message": "stub: store down"}}
+                elif self.path.startswith("/predict?overloaded"):
+                    status, body = 503, {"error": {"code": "overloaded", "message": "stub: overloaded"}}
+                else:
+                    status, body = 200, {"replica": name}
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                if status == 503:
+                    self.send_header("retry-after", "7")
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class StubGateway:
+    def __init__(self, tmp: Path, port: int, seen: list) -> None:
+        self.tmp, self.port, self.seen = tmp, port, seen
+        self.url = f"http://127.0.0.1:{port}"
+
+    def access_log(self) -> str:
+        return (self.tmp / "nginx-access.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def stub_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StubGateway]:
+    """nginx on the shipped docker/nginx.conf (rendered as for the topology) in front of two
+    StubReplicas: what the gateway itself does, without models."""
+    bins = need("nginx")
+    tmp = tmp_path_factory.mktemp("gateway")
+    seen: list[tuple[str, str, str, str | None]] = []
+    stubs = {name: StubReplica(name, seen) for name in ("replica1", "replica2")}
+    ports = {"gateway": free_port(), **{name: s.port for name, s in stubs.items()}}
+    conf = tmp / "nginx.conf"
+    conf.write_text(render_nginx(ports, tmp))
+    log = open(tmp / "nginx.log", "ab")
+    proc = subprocess.Popen([bins["nginx"], "-p", str(tmp), "-e", "stderr", "-c", str(conf), "-g", "daemon off;"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
+    try:
+        wait_for("gateway", lambda: http_get(ports["gateway"], "/gateway/healthz").status_code == 200, 20, [proc])
+        yield StubGateway(tmp, ports["gateway"], seen)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+        for s in stubs.values():
+            s.close()
+
+
+def test_a_replicas_own_503_is_passed_on_and_never_ejects_a_replica(stub_gateway: StubGateway) -> None:
+    """A replica's deliberate 503 (GET /certify's store_unavailable while the store's Redis is
+    down, admission's overloaded) reaches the client as the replica sent it, Retry-After and
+    body, once (not retried), and does not count as a failed attempt: with http_503 in
+    proxy_next_upstream, nginx counted each as one toward max_fails=3, so after three such
+    requests (each tried on both replicas) both replicas were out for fail_timeout and every
+    route, /pipelines too, got the gateway's own 503 "no replica could answer"."""
+    import httpx
+
+    seen = stub_gateway.seen
+    with httpx.Client(base_url=stub_gateway.url, timeout=10) as c:
+        for i in range(8):
+            before = len(seen)
+            r = c.get(f"/certify?image_sha256={i:064x}")
+            assert r.status_code == 503 and r.headers["retry-after"] == "7", (i, r.status_code, r.text)
+            assert r.json()["error"]["code"] == "store_unavailable", (i, r.text)
+            assert len(seen) - before == 1, seen[before:]  # one replica asked, no retry
+        for i in range(4):
+            r = c.post("/predict?overloaded", content=b"\x89PNG", headers={"content-type": "image/png"})
+            assert r.status_code == 503 and r.headers["retry-after"] == "7", (i, r.status_code, r.text)
+            assert r.json()["error"]["message"] == "stub: overloaded", r.text
+        # both replicas still in the upstream: other requests reach them, both of them
+        answered = set()
+        for i in range(10):
+            r = c.get("/pipelines")
+            assert r.status_code == 200, (i, r.status_code, r.text)
+            answered.add(r.json()["replica"])
+    assert answered == {"replica1", "replica2"}
+
+
+def test_the_gateways_own_errors_are_in_the_contracts_shape(stub_gateway: StubGateway) -> None:
+    """nginx's own 414 (request line too long), 400 (a header too large) and 413 (body over
+    8 MiB) are JSON: {"error": {"code", "message"}}, and {"error": "<message>"} on /v2/* (the
+    Open Inference Protocol's shape, as the replicas answer there). They were nginx's HTML
+    pages (414, 400), and the /v2 shape was never used."""
+    import httpx
+
+    with httpx.Client(base_url=stub_gateway.url, timeout=10) as c:
+        r = c.get("/pipelines?" + "x" * 9000)  # past large_client_header_buffers' 8 KiB
+        assert r.status_code == 414 and r.headers["content-type"] == "application/json", r.text
+        assert r.json()["error"]["code"] == "bad_request", r.text
+        for path in ("/pipelines", "/v2/health/ready"):
+            r = c.get(path, headers={"x-big": "y" * 9000})
+            assert r.status_code == 400 and r.headers["content-type"] == "application/json", (path, r.text)
+            error = r.json()["error"]
+            if path.startswith("/v2/"):
+                assert isinstance(error, str) and "header" in error, r.text
+            else:
+                assert error["code"] == "bad_request" and "header" in error["message"], r.text
+        big = b"\0" * (9 * 1024 * 1024)
+        r = c.post("/predict", content=big, headers={"content-type": "image/png"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+        r = c.post("/v2/models/default/infer", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and isinstance(r.json()["error"], str), r.text
+
+
+def test_the_gateways_access_log_carries_the_request_id(stub_gateway: StubGateway) -> None:
+    """Each access log line names the request id the replica got (the client's X-Request-ID,
+    or nginx's own): one id in the gateway's and the replica's logs."""
+    import httpx
+
+    seen = stub_gateway.seen
+    with httpx.Client(base_url=stub_gateway.url, timeout=10) as c:
+        assert c.get("/pipelines", headers={"x-request-id": "ops-log-given"}).status_code == 200
+        before = len(seen)
+        assert c.get("/pipelines?no-id").status_code == 200
+    [(_, _, _, made)] = seen[before:]  # the id nginx made and sent to the replica
+    assert made and re.fullmatch(r"[0-9a-f]{32}", made), made
+    lines = stub_gateway.access_log().splitlines()
+    assert any("/pipelines " in line and "request_id=ops-log-given" in line for line in lines), lines[-5:]
+    assert any("/pipelines?no-id " in line and f"request_id={made}" in line for line in lines), lines[-5:]
