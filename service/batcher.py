@@ -128,8 +128,9 @@ class Batcher:
                  execute: Callable[[Callable[[], list[ImageResult]]], list[ImageResult]] | None = None,
                  on_batch: Callable[[BatchReport], None] | None = None,
                  on_queue_change: Callable[[int], None] | None = None,
-                 screen: Screen | None = None) -> None:
+                 screen: Screen | None = None, noise_key: bytes | None = None) -> None:
         self.name = name
+        self._noise_key = noise_key  # RunContext.noise_key of every batch
         self._run = run
         self._screen = screen
         self._device = device
@@ -345,7 +346,7 @@ class Batcher:
         return RunContext(device=self._device, seed=seed,
                           deadline=None if any(d is None for d in deadlines) else max(deadlines),  # type: ignore[type-var]
                           cancelled=lambda: all(j.future.done() for j in jobs),
-                          options=dict(jobs[0].options))
+                          options=dict(jobs[0].options), noise_key=self._noise_key)
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
         seed = secrets.randbits(63)  # unpredictable: a client cannot pick the noise its image gets

@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -156,6 +157,9 @@ class Runtime:
         # (numpy, maybe Redis); bounded, so a flood of costly uploads takes at most its threads.
         self.executor = ThreadPoolExecutor(max_workers=max(2, min(8, len(self.pipelines))),
                                            thread_name_prefix="shieldserve-infer")
+        # smoothing's noise per image from a keyed hash of it (RunContext.noise_key): the same
+        # image asked the same thing gets the same answer from this process
+        self.noise_key = os.urandom(32)
         b = settings.batching
         self.batchers = {
             name: Batcher(name, pipeline.run, device=self.device, enabled=b.enabled,
@@ -165,7 +169,8 @@ class Runtime:
                           max_queue=b.max_queue, retry_after_s=b.retry_after_s,
                           on_batch=lambda report, n=name: self._observe_batch(n, report),
                           on_queue_change=lambda depth, n=name: self.metrics.queue_depth.labels(n).set(depth),
-                          screen=self._batch_screen(pipeline) if self.monitor and pipeline.monitor else None)
+                          screen=self._batch_screen(pipeline) if self.monitor and pipeline.monitor else None,
+                          noise_key=self.noise_key)
             for name, pipeline in self.pipelines.items()
         }
         a = settings.admission

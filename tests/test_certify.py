@@ -376,3 +376,25 @@ def test_the_v2_radius_tensor_never_rounds_a_radius_up() -> None:
     assert dtype == "FP32" and column[-1] == -1.0
     for shown, exact in zip(column[:-1], radii):
         assert float(shown) <= exact and exact - float(shown) < 1e-7
+
+
+def test_a_resent_image_gets_the_same_noise_and_answer_alone_or_in_company(make_client, mnist) -> None:
+    """/predict draws an image's noise from a keyed hash of the image and what it is asked, so
+    resending it (alone, or beside other images) gives the same answer: a client cannot retry an
+    image until a certificate that holds only with probability 1 - alpha per draw comes out
+    wrong. Blends of two digits, whose pA is far from 1, are answered from different noise
+    with different sample counts and radii when each request draws its own."""
+    client = make_client(warmup=False)
+    test = mnist.test.per_class(1)
+    blends = [png(0.5 * test.x[i] + 0.5 * test.x[i + 1]) for i in range(0, 8, 2)]
+    others = [("file", (f"o{i}.png", png(test.x[9 - i]), "image/png")) for i in range(3)]
+    keys = ("status", "label", "certified_radius", "confidence", "samples", "certified")
+    for body in blends:
+        answers = []
+        for _ in range(3):
+            res = client.post("/predict?pipeline=smoothing", content=body, headers=PNG).json()["results"][0]
+            answers.append(tuple(res[k] for k in keys))
+        files = [others[0], ("file", ("b.png", body, "image/png")), *others[1:]]
+        res = client.post("/predict?pipeline=smoothing", files=files).json()["results"][1]
+        answers.append(tuple(res[k] for k in keys))
+        assert len(set(answers)) == 1, answers

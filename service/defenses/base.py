@@ -46,6 +46,11 @@ class RunContext:
     # detector and purifier share one projection): it lives and dies with this run, so no
     # other request can ever read it
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+    # a secret of the serving process: with it, smoothing draws each image's noise from a keyed
+    # hash of the image and what it is asked (service.defenses.smoothing.image_seeds), not from
+    # `seed`, so a resent image gets the same answer: retrying cannot shop for a certificate
+    # that holds only with probability 1 - alpha per draw. None: `seed` (evaluation, tests)
+    noise_key: bytes | None = field(default=None, repr=False)
     _generator: torch.Generator | None = field(default=None, repr=False)
 
     @property

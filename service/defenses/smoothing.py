@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import logging
 import math
 import time
@@ -766,6 +767,18 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
     return out
 
 
+def image_seeds(key: bytes, x: torch.Tensor, asked: tuple[Any, ...]) -> list[int]:
+    """One seed per image of `x`: a keyed hash of its pixels and of what it is asked (sigma, n,
+    n0, alpha, target radius, ...). The same image asked the same thing is answered from the
+    same noise, whatever its batch company or how often it is sent: a certificate holds with
+    probability 1 - alpha over one draw, and a client resending an image until one certifies
+    would get a wrong one far more often. Without the key the seeds cannot be predicted."""
+    rows = x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).numpy()
+    tail = repr(asked).encode()
+    return [int.from_bytes(hashlib.blake2b(row.tobytes() + tail, key=key, digest_size=8).digest(), "big") >> 1
+            for row in rows]
+
+
 # ---------------------------------------------------------------------- the decider
 _OPTIONS = {"sigma", "denoiser", "n", "n0", "alpha", "batch_size", "forward_batch", "optimize", "target_radius",
             "sound", "precision"}
@@ -844,8 +857,11 @@ class SmoothingDecider(Component):
         target = opts.get("radius", None if opts.get("certify") else self.target_radius)
         f = self.function(sigma, classify)
         b = x.shape[0]
-        base_seed = int(opts.get("seed", ctx.seed))
-        seeds = [(base_seed + i) % 2**63 for i in range(b)]  # one recorded seed per image
+        if "seed" in opts or ctx.noise_key is None:
+            base_seed = int(opts.get("seed", ctx.seed))
+            seeds = [(base_seed + i) % 2**63 for i in range(b)]  # one recorded seed per image
+        else:
+            seeds = image_seeds(ctx.noise_key, x, (sigma, n, n0, alpha, target, self.use_denoiser))
         if target is None:
             sampler = NoiseSampler(f, sigma, self.num_classes, self.batch_size, self.forward_batch, self.sound)
             done = [certify(sampler, x[i], n0, n, alpha, seeds[i], ctx) for i in range(b)]
