@@ -605,3 +605,39 @@ def test_the_adaptive_attack_scores_squeezing_with_gradients(quick_bundle) -> No
     assert ratios.shape == (4, 1) and torch.allclose(ratios.squeeze(1), served, atol=1e-5)
     ratios.sum().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_cw_counts_a_success_within_the_runs_l2_budget_only(quick_bundle, tmp_path):
+    """Carlini-Wagner minimises L2 with no bound: an adversarial farther than the run's largest
+    L2 eps is not a success (HopSkipJump's rule); counted at any size (L2 5.5 on the default
+    bundle's MagNet) it was the headline's "worst of all attacks"."""
+    from service.cli import main
+
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--bundle", str(quick_bundle), "--pipelines", "baseline", "--limit", "8", "--out", str(out),
+               "--sections", "oblivious", "--attacks", "cw", "--cw-steps", "50", "--l2-eps", "1", "--threads", "0"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    row = report["pipelines"]["baseline"]["attacks"]["oblivious/cw_l2"]
+    assert row["eps"] == 1.0 and row["norm"] == "l2"
+    assert row["beyond_eps"] > 0  # a short CW run's adversarials go past L2 1 here (5 of 8 past 2)
+    assert row["mean_l2"] <= 1.0 + 1e-4  # what is scored: in the ball, or the clean digit
+    assert "Carlini-Wagner L2, a success counted within L2 1" in (out / "report.md").read_text()
+
+
+def test_autoattack_records_the_targets_it_ran_and_auc_uses_the_digits_an_attack_changed(quick_bundle, tmp_path):
+    """APGD-T has K - 1 = 9 classes to aim at: a budget of 12 ran 9 and the report said 12. A
+    detection AUC is over the digits the attack changed (a failed attack hands back the clean
+    digit, which compared against itself pulled the AUC towards 0.5)."""
+    from service.cli import main
+
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--bundle", str(quick_bundle), "--pipelines", "magnet", "--limit", "3", "--out", str(out),
+               "--sections", "autoattack", "--autoattack-norms", "linf", "--autoattack-budget",
+               "apgd_iters=2,targets=12,square_queries=5,pgd_steps=2,pgd_restarts=1", "--threads", "0"])
+    assert rc == 0
+    row = json.loads((out / "report.json").read_text())["pipelines"]["magnet"]["attacks"]["autoattack/autoattack_linf_0.3"]
+    assert row["budget"]["targets"] == 9
+    assert "12 most likely" not in (out / "report.md").read_text()
+    assert 0 <= row["detection_auc_digits"] <= 3
+    assert (row["detection_auc"] is None) == (row["detection_auc_digits"] == 0)
