@@ -61,7 +61,7 @@ class MonitorPolicyConfig(Section):
     suspect_threshold: int = Field(7, ge=1, description="the threshold for a client flagged within block_window_s")
     suspect_linf: float = Field(0.62, ge=0, le=1, description="a suspect's query within this L-inf distance of one "
                                                               "of its last suspect_history queries is flagged (0: off)")
-    near_matches: int = Field(2, ge=0, description="any client's query within suspect_linf of this many of its "
+    near_matches: int = Field(0, ge=0, description="any client's query within suspect_linf of this many of its "
                                                     "last suspect_history queries is flagged (0: suspects only)")
     block_after: int = Field(10, ge=0)
     block_window_s: float = Field(600.0, gt=0)

@@ -284,13 +284,15 @@ def _dithered(x: torch.Tensor, seed: int) -> torch.Tensor:
     return (b - torch.randint(0, 2, p.shape, generator=g).float()) / 255
 
 
-def test_dithered_copies_that_share_no_hash_are_flagged_by_the_pixel_check(mnist) -> None:
-    """Any client's query within suspect_linf of near_matches (2) of its own recent queries is
-    flagged, suspect or not: the third of a run of dithered copies, whose hashes match nothing."""
+def test_dithered_copies_that_share_no_hash_are_flagged_by_every_clients_pixel_check(mnist) -> None:
+    """With near_matches (off by default), any client's query within suspect_linf of that many
+    of its own recent, distinct queries is flagged: the third of a run of dithered copies,
+    whose hashes match nothing. Off, the run goes unflagged (the evasion it is for); a retry
+    is one remembered image, not two."""
     from service.runtime import monitor_rejection
 
     x = mnist.test.x[0:1]
-    policy = MonitorPolicy()
+    policy = MonitorPolicy(near_matches=2)
     mon = QueryMonitor(secret="s")
     verdicts = [mon.screen(policy, _dithered(x, s), "ip:1.1.1.1") for s in range(12)]
     assert max(v.matches[0] for v in verdicts) < policy.suspect_threshold  # the hashes see (almost) nothing
@@ -300,10 +302,31 @@ def test_dithered_copies_that_share_no_hash_are_flagged_by_the_pixel_check(mnist
     assert monitor_rejection(verdicts[3], 0).detector == "suspect_near"  # flagged once, a suspect
     # another client's copies are not its own: nothing of its own to be near
     assert mon.screen(policy, _dithered(x, 99), "ip:2.2.2.2").flagged == [False]
-    # near_matches 0 leaves the pixel check to suspects, and the hashes alone miss this run
+    # retries are one image: a copy sent twice, then a near one, has one distinct neighbour
     mon = QueryMonitor(secret="s")
-    off = MonitorPolicy(near_matches=0)
-    assert not any(mon.screen(off, _dithered(x, s), "ip:1.1.1.1").flagged[0] for s in range(12))
+    for s in (0, 0, 0, 1):
+        v = mon.screen(policy, _dithered(x, s), "ip:3.3.3.3")
+    assert v.near_counts == [1] and v.flagged == [False]
+    # the default (near_matches 0) leaves the pixel check to suspects, and the hashes miss this run
+    mon = QueryMonitor(secret="s")
+    assert MonitorPolicy().near_matches == 0
+    assert not any(mon.screen(MonitorPolicy(), _dithered(x, s), "ip:1.1.1.1").flagged[0] for s in range(12))
+
+
+def test_fp32_queries_a_fraction_of_a_level_apart_are_not_exact_copies(mnist) -> None:
+    """/v2 FP32 queries 0.0019 apart are different queries to the model (an estimate of its
+    gradient from their answers): judged on 8-bit pixels they were exact repeats and went
+    unflagged; off the 8-bit grid the exact floats are the copy's identity."""
+    x = mnist.test.x[0:1]
+    g = torch.Generator().manual_seed(0)
+    mon, policy = QueryMonitor(secret="s"), MonitorPolicy()
+    flags = [mon.screen(policy, (x + 0.0019 * (2 * torch.rand(x.shape, generator=g) - 1)).clamp(0, 1),
+                        "ip:1.1.1.1").flagged[0] for _ in range(40)]
+    assert sum(flags) >= 38
+    # on the grid (a PNG's pixels, a last bit off) it is one image: a retry, not evidence
+    on_grid = (x * 255).round() / 255
+    mon = QueryMonitor(secret="s")
+    assert not any(mon.screen(policy, on_grid + 1e-7 * k, "ip:1.1.1.1").flagged[0] for k in range(5))
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
@@ -329,9 +352,9 @@ def test_the_same_8bit_pixels_by_another_lossless_path_are_an_exact_copy(mnist, 
 
 
 @pytest.mark.parametrize("clients", [1, 8])
-def test_the_pixel_check_of_every_client_flags_almost_no_benign_digit(mnist, clients: int) -> None:
+def test_the_whole_monitor_flags_almost_no_benign_digit(mnist, clients: int) -> None:
     """Every mnist5k digit once, shuffled, from one client or eight in turn, through the whole
-    monitor (hashes and the every-client pixel check): at most 0.1% flagged (0 measured)."""
+    monitor as served (hashes, suspects and their pixel check): at most 0.1% flagged (0 here)."""
     xs = digits(mnist)
     xs = xs[torch.randperm(len(xs), generator=torch.Generator().manual_seed(1))]
     mon, policy = QueryMonitor(secret="s"), MonitorPolicy()

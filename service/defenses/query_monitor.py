@@ -64,10 +64,12 @@ few levels (the 8x8 UCI digits: nearly all) it would reject a suspect's benign q
 which the quality gate measures (`query_monitor:suspect_linf`). Averaging keeps the test sound: it never
 makes two images' L-inf distance larger.
 
-Every client's query is compared the same way, and flagged when `near_matches` (2) of its
-remembered ones are that close: the hashes are exact over fixed quantization steps, and an
-attacker who puts every pixel just beside a step boundary, one side or the other per query,
-shares no hash at 1/255 apart (docs/query_monitor.md, "Every client's queries in pixel space").
+With `near_matches` set (0, off, by default) every client's query is compared the same way,
+and flagged when that many of its remembered ones are that close: the hashes are exact over
+fixed quantization steps, and an attacker who puts every pixel just beside a step boundary,
+one side or the other per query, shares no hash at 1/255 apart. Off by default for what it
+costs benign clients and for how it is evaded (docs/query_monitor.md, "Every client's
+queries in pixel space").
 
 The store is per process (`store: memory`) or shared by every replica through Redis
 (`store: redis`). A Redis that cannot be reached degrades to the per-process store, with one
@@ -196,12 +198,17 @@ class Fingerprinter:
         a whole batch in one call (numpy's cost per call is most of it for one digit)."""
         b = int(x.shape[0])
         a = x.detach().to("cpu", torch.float32).numpy().reshape(b, -1)
-        # the exact copy is judged on 8-bit pixels: lossless paths to the same pixels (a gray
-        # digit as an RGB or palette PNG, through the luma conversion; /v2 UINT8) reach here a
-        # float32 last bit apart, and a client's own resend that way was taken for a near copy
-        eight = np.rint(np.clip(a, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
-        digests = [hashlib.blake2b(row.tobytes(), key=self._digest_key, digest_size=16).digest()  # type: ignore[attr-defined]
-                   for row in eight]
+        # the exact copy: an image on the 8-bit grid is judged on its 8-bit pixels (lossless paths
+        # to the same pixels, a gray digit as an RGB or palette PNG through the luma conversion,
+        # /v2 UINT8, reach here a float32 last bit apart, and a client's own resend that way was
+        # taken for a near copy); any other by its exact floats (/v2 FP32 queries a fraction of a
+        # level apart are different queries to the model, and as 8-bit repeats went unflagged)
+        scaled = a * np.float32(255.0)
+        eight = np.rint(scaled)
+        on_grid = (np.abs(scaled - eight) <= 1e-3).all(axis=1) & (eight >= 0).all(axis=1) & (eight <= 255).all(axis=1)
+        digests = [hashlib.blake2b(b"8" + e.astype(np.uint8).tobytes() if grid else b"f" + row.tobytes(),
+                                   key=self._digest_key, digest_size=16).digest()  # type: ignore[attr-defined]
+                   for e, row, grid in zip(eight, a, on_grid)]
         if self.layout == "columns" and x.dim() >= 3:  # (..., H, W) read column by column
             a = a.reshape(tuple(x.shape)).swapaxes(-1, -2).reshape(b, -1)
         # floor by the cast: the clipped values are >= 0
@@ -288,7 +295,9 @@ def near_scan(history: Sequence[np.ndarray], pixels: np.ndarray, linf: float | N
     left out) are near it, within `linf` as `is_near` allows (0s without `linf`)."""
     # the images of one request share a shape: the remembered ones of that shape, then the
     # request's own, stacked once; image i is compared with everything before it
-    same = [h for h in history if h.shape == pixels.shape[1:]]
+    # distinct images only: a retry (or a flood of one image's copies) is one image, so it
+    # neither counts twice towards near_matches nor is anything but an exact copy
+    same = list({h.tobytes(): h for h in history if h.shape == pixels.shape[1:]}.values())
     pool = np.concatenate([np.stack(same), pixels]) if same else pixels
     pool = pool.astype(np.int16)
     reach = -1.0 if linf is None else linf * 255.0 + 1.5  # is_near's bound, in 8-bit steps
@@ -627,7 +636,7 @@ class MonitorPolicy:
     threshold: int = 14
     suspect_threshold: int = 7  # for a client flagged within block_window_s
     suspect_linf: float = 0.62  # a suspect's query this close to one of its recent ones is flagged (0: off)
-    near_matches: int = 2  # any client's query that close to this many of its recent ones is flagged (0: off)
+    near_matches: int = 0  # any client's query that close to this many of its recent ones is flagged (0: off)
     block_after: int = 10
     block_window_s: float = 600.0
     cooldown_s: float = 900.0
@@ -814,11 +823,10 @@ class QueryMonitor:
         counts: list[int] = []
         needed = 1 if suspect else policy.near_matches
         if policy.suspect_linf > 0 and (needed > 0 or any(flagged)):
-            # every client's recent images are remembered (with near_matches 0, a client's from
-            # its first flag on): the hashes alone are evaded by an attacker who puts each pixel
-            # just beside a quantization boundary, one side or the other per query, so that no
-            # window hash survives, while every query of one L-inf attack stays within 2 eps of
-            # the others in pixels
+            # a client's recent images are remembered from its first flag on (with near_matches,
+            # every client's: the hashes alone are evaded by an attacker who puts each pixel just
+            # beside a quantization boundary, one side or the other per query, so that no window
+            # hash survives, while every query of one L-inf attack stays within 2 eps of the others)
             pixels = near_pixels(x)
             history = self._recall(tag, pixels, policy.block_window_s)
             if needed > 0:
