@@ -67,7 +67,7 @@ def test_deadline_from_settings_and_clamped_header(make_client, mnist):
     c = make_client(request_timeout_s=0.001, **FAST)
     _error(_post(c, "/predict?pipeline=defensegan", body), 504, "deadline_exceeded")
     # a client asking for 1000 s gets the server's maximum, here 1 ms
-    c = make_client(max_request_timeout_s=0.001, **FAST)
+    c = make_client(request_timeout_s=0.001, max_request_timeout_s=0.001, **FAST)
     r = _post(c, "/predict?pipeline=defensegan", body, **{"X-Request-Timeout": "1000"})
     _error(r, 504, "deadline_exceeded")
     assert "0.001" in r.json()["error"]["message"]
@@ -96,7 +96,7 @@ def test_deadline_from_settings_and_clamped_header(make_client, mnist):
     assert 'shieldserve_requests_total{endpoint="predict",outcome="client_deadline",pipeline="defensegan"} 1.0' in text
     assert 'shieldserve_requests_total{endpoint="infer",outcome="deadline_exceeded",pipeline="defensegan"} 1.0' in text
     # the maximum holds for every pipeline (1 us: a fast CPU may answer baseline within 1 ms)
-    c = make_client(max_request_timeout_s=1e-6, **FAST)
+    c = make_client(request_timeout_s=1e-6, max_request_timeout_s=1e-6, **FAST)
     assert _post(c, "/predict?pipeline=baseline", body, **{"X-Request-Timeout": "1000"}).status_code == 504
     # a generous deadline answers
     c = make_client(**FAST)

@@ -104,6 +104,14 @@ async def require_api_key(request: Request) -> None:
     key the routes' parameter rules). Counted as the handler counts a 401: outcome
     `unauthorized`, under the pipeline the request names where that is served. `async`: a plain
     function would cost every request a hop to the thread pool, and this does no blocking work."""
+    check_api_key(request)
+
+
+def check_api_key(request: Request) -> None:
+    """require_api_key's check, also run by BodyLimitMiddleware (service/api/middleware.py) on
+    the pipeline routes before it reads a body: there a request without a known key gets its
+    401 from its headers alone, not after up to the body limit of bytes held in memory. The
+    client id it finds is kept (client_of), so the route's dependency finds it again for free."""
     if not request.app.state.runtime.settings.api_keys:
         return
     try:
@@ -118,7 +126,13 @@ def _named_pipeline(request: Request) -> str:
     """The served pipeline a request names (a metric label: anything else is `unknown`)."""
     runtime = request.app.state.runtime
     settings = runtime.settings
-    name = request.path_params.get("model") or request.query_params.get("pipeline")
+    model = request.path_params.get("model")
+    path = request.scope["path"]
+    if model is None and path.startswith("/v2/models/"):
+        # checked before routing (BodyLimitMiddleware), the path has no path_params yet: the
+        # segment the routes' {model} matches
+        model = path.split("/")[3]
+    name = model or request.query_params.get("pipeline")
     if name is None:
         name = settings.certify.pipeline if request.url.path == "/certify" else settings.default_pipeline
     return name if name in runtime.pipelines else "unknown"

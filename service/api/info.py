@@ -12,6 +12,9 @@ from pydantic import Field
 from service.api.schemas import HealthResponse, PipelineOut, PipelinesResponse
 
 router = APIRouter(tags=["service"])
+# Each GET route here also answers HEAD (a load balancer's health check; the server sends no
+# body): a second route of the same function, kept out of the OpenAPI document, where FastAPI
+# would give both methods of one route a single operationId (and change GET's).
 
 
 class PipelineWithQuality(PipelineOut):
@@ -37,6 +40,7 @@ class PipelinesWithUnavailable(PipelinesResponse):
                           "gate found too many of its benign images near each other); null where it runs")
 
 
+@router.head("/pipelines", include_in_schema=False)
 @router.get("/pipelines", response_model=PipelinesWithUnavailable, summary="Pipelines and their public settings")
 async def pipelines(request: Request) -> PipelinesWithUnavailable:
     rt = request.app.state.runtime
@@ -52,11 +56,13 @@ def _with_quality(rt: object, name: str, described: dict) -> PipelineWithQuality
     return PipelineWithQuality(**described, quality=status, quality_warning=warning)
 
 
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")
 async def healthz(request: Request) -> HealthResponse:
     return HealthResponse(status="ok", model_version=request.app.state.runtime.bundle.version)
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get("/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}},
             summary="Readiness: bundle loaded and warm, not draining")
 async def readyz(request: Request) -> Response:
@@ -68,6 +74,7 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ok", "model_version": rt.bundle.version})
 
 
+@router.head("/metrics", include_in_schema=False)
 @router.get("/metrics", summary="Prometheus exposition", response_class=Response)
 async def metrics(request: Request) -> Response:
     # off the event loop: collecting runs the gauges' callbacks (the query monitor's blocked

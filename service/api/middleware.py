@@ -11,7 +11,10 @@ import secrets
 import time
 from typing import Any
 
-from service.api.errors import count_refused, endpoint_of, internal_error_response, is_oip
+from starlette.requests import Request
+
+from service.api.clients import check_api_key
+from service.api.errors import ApiError, api_error_response, count_refused, endpoint_of, internal_error_response, is_oip
 from service.logs import logged_path, request_id_var
 
 access_log = logging.getLogger("shieldserve.access")
@@ -45,7 +48,11 @@ class BodyLimitMiddleware:
     then watch the connection and stop the request's work when its client goes away.
 
     The body is read here (up to the limit) and replayed to the app, so no handler can be
-    made to buffer more than the limit. Once the body is in, this middleware is the only
+    made to buffer more than the limit. With `api_keys` set, a request to a pipeline route
+    without a known key is answered 401 first, from its headers (api.clients.check_api_key):
+    a client without a key gets no body of its held in memory. A client that goes away
+    before its body is in is counted and logged as one that goes away later is (outcome
+    `client_closed`, 499). Once the body is in, this middleware is the only
     reader of the connection's further messages: an `http.disconnect` before the response
     is complete cancels the handler's task. The cancellation reaches the batcher (the job is
     dropped, or the batch stops at its next `ctx.check()` when no one else waits for it) and
@@ -59,6 +66,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope.setdefault("state", {}).setdefault("received_at", time.monotonic())
+        pipeline_route = endpoint_of(scope["path"]) is not None
+        if pipeline_route and await self._unauthorized(scope, receive, send):
+            return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -72,6 +82,11 @@ class BodyLimitMiddleware:
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
+                # gone during its upload: as a client gone later is (tracked, and the 499 of
+                # RequestIdMiddleware's access line), not a 500 counted nowhere
+                scope["state"]["client_closed"] = True
+                count_refused(scope.get("app"), scope["path"], "client_closed",
+                              received_at=scope["state"]["received_at"])
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
@@ -80,7 +95,7 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if endpoint_of(scope["path"]) is None:  # health, metadata, metrics: no pipeline work to stop
+        if not pipeline_route:  # health, metadata, metrics: no pipeline work to stop
             return await self.app(scope, _replay_once(body, receive), send)
         replayed = False
         task = asyncio.current_task()
@@ -118,6 +133,23 @@ class BodyLimitMiddleware:
             scope["state"]["client_closed"] = True
         finally:
             watcher.cancel()
+
+    @staticmethod
+    async def _unauthorized(scope: dict, receive: Any, send: Any) -> bool:
+        """Answer the 401 of a request without a known key (api_keys set) and say so; False for
+        one with a key, or with keys off. The route's dependency (require_api_key) runs the same
+        check: the same 401, counted as it counts one, with `Connection: close` as the 413's
+        (the unread body must not be taken for the connection's next request)."""
+        try:
+            check_api_key(Request(scope))
+        except ApiError as exc:
+            count_refused(scope.get("app"), scope["path"], getattr(exc, "outcome", "error"),
+                          getattr(exc, "pipeline", "unknown"), scope["state"]["received_at"])
+            response = api_error_response(scope["path"], exc)
+            response.headers["connection"] = "close"
+            await response(scope, receive, send)
+            return True
+        return False
 
     async def _too_big(self, scope: dict, send: Any) -> None:
         await self._reject(scope, send, 413, "payload_too_large",

@@ -23,7 +23,8 @@ Extensions: `binary_tensor_data` (Triton's: JSON header, then raw little-endian 
 bytes, header length in `Inference-Header-Content-Length`) and `classification` (on the
 `probabilities` output: top-k as BYTES "<value>:<index>:<class name>").
 A `Content-Encoding: gzip` or `deflate` request body is accepted (inflated in a worker thread,
-up to the body limit: 413 past it). A gzip body may hold up to MAX_GZIP_MEMBERS members (RFC
+up to the body limit: 413 past it); one coding only, the header's lines read as one list (two
+lines are the 415 that `gzip, br` on one line is). A gzip body may hold up to MAX_GZIP_MEMBERS members (RFC
 1952), each inflated in turn; a truncated stream, or bytes after the (last) stream, is a 400.
 
 The request body is read raw (the binary extension appends tensor bytes to the JSON), then,
@@ -75,9 +76,9 @@ PLATFORM = "shieldserve"
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("label", "probabilities", "status", "certified_radius")
 
-# accepted input datatypes -> (numpy little-endian dtype, scale to [0, 1])
+# accepted input datatypes -> (numpy little-endian dtype, divisor to [0, 1])
 _INPUT_DTYPES: dict[str, tuple[str, float]] = {
-    "FP32": ("<f4", 1.0), "FP64": ("<f8", 1.0), "FP16": ("<f2", 1.0), "UINT8": ("u1", 1.0 / 255.0),
+    "FP32": ("<f4", 1.0), "FP64": ("<f8", 1.0), "FP16": ("<f2", 1.0), "UINT8": ("u1", 255.0),
 }
 _KNOWN_DTYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
                  "FP16", "FP32", "FP64", "BF16", "BYTES"}
@@ -433,7 +434,7 @@ def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
     inp = req.inputs[0]
     params = inp.parameters or {}
     datatype = inp.datatype
-    np_dtype, scale = _INPUT_DTYPES[datatype]
+    np_dtype, divisor = _INPUT_DTYPES[datatype]
     c, h, w = rt.input_spec.shape
     count = batch * c * h * w
 
@@ -474,8 +475,11 @@ def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
             raise _bad(f"{datatype} input values must be {what}; found a number out of that range") from None
     with np.errstate(over="ignore"):  # FP64 past float32's range becomes inf: refused below
         x = arr.astype(np.float32)
-    if scale != 1.0:
-        x *= scale
+    if divisor != 1.0:
+        # a division, as the PNG path makes it (imaging._pixels: uint8 / float32(255)): `*= 1/255`
+        # rounds twice and gave 126 of the 256 values another float32 than the same pixels as a
+        # PNG, so another input to the model and to the query monitor's exact-repeat digest
+        x /= np.float32(divisor)
     else:
         if not np.isfinite(x).all():
             raise _bad("input values must be finite (found NaN or infinity)")
@@ -584,11 +588,16 @@ def _ready_response(ok: bool, body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
+# Each GET route also answers HEAD (a load balancer's health check; the server sends no body):
+# a second route of the same function, kept out of the OpenAPI document, where FastAPI would
+# give both methods of one route a single operationId (and change GET's).
+@router.head("/v2/health/live", include_in_schema=False)
 @router.get("/v2/health/live", response_model=LiveResponse, summary="OIP: server live")
 async def server_live() -> LiveResponse:
     return LiveResponse(live=True)
 
 
+@router.head("/v2/health/ready", include_in_schema=False)
 @router.get("/v2/health/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}},
             summary="OIP: server ready (200) or not (503)")
 async def server_ready(request: Request) -> JSONResponse:
@@ -596,23 +605,27 @@ async def server_ready(request: Request) -> JSONResponse:
     return _ready_response(ok, {"ready": ok})
 
 
+@router.head("/v2", include_in_schema=False)
 @router.get("/v2", response_model=ServerMetadata, summary="OIP: server metadata")
 async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="shieldserve", version=service.__version__, extensions=list(EXTENSIONS))
 
 
+@router.head("/v2/models/{model}", include_in_schema=False)
 @router.get("/v2/models/{model}", response_model=ModelMetadata, responses=_ERRORS,
             summary="OIP: model (pipeline) metadata")
 async def model_metadata(request: Request, model: str) -> ModelMetadata:
     return _model_metadata(_model(request, model, None), model)
 
 
+@router.head("/v2/models/{model}/versions/{version}", include_in_schema=False)
 @router.get("/v2/models/{model}/versions/{version}", response_model=ModelMetadata, responses=_ERRORS,
             summary="OIP: model (pipeline) metadata, one version")
 async def model_version_metadata(request: Request, model: str, version: str) -> ModelMetadata:
     return _model_metadata(_model(request, model, version), model)
 
 
+@router.head("/v2/models/{model}/ready", include_in_schema=False)
 @router.get("/v2/models/{model}/ready", response_model=ModelReadyResponse,
             responses={**_ERRORS, 503: {"model": ModelReadyResponse}}, summary="OIP: model ready")
 async def model_ready(request: Request, model: str) -> JSONResponse:
@@ -621,6 +634,7 @@ async def model_ready(request: Request, model: str) -> JSONResponse:
     return _ready_response(ok, {"name": model, "ready": ok})
 
 
+@router.head("/v2/models/{model}/versions/{version}/ready", include_in_schema=False)
 @router.get("/v2/models/{model}/versions/{version}/ready", response_model=ModelReadyResponse,
             responses={**_ERRORS, 503: {"model": ModelReadyResponse}}, summary="OIP: model version ready")
 async def model_version_ready(request: Request, model: str, version: str) -> JSONResponse:
@@ -630,6 +644,9 @@ async def model_version_ready(request: Request, model: str, version: str) -> JSO
 
 
 # --------------------------------------------------------------------------- inference
+# taken as `list[str]`: FastAPI then reads every line of the header, not only the first (two
+# lines `gzip` and `br` were inflated as gzip alone), as api.clients.forwarded_for reads
+# X-Forwarded-For
 ContentEncoding = Header(None, alias="Content-Encoding", description="gzip, deflate or identity")
 HeaderLength = Header(None, alias=HEADER_LENGTH,
                       description="binary tensor extension: the length of the JSON part of the body")
@@ -651,9 +668,12 @@ def _with_timeout_parameter(deadline: Deadline, parameters: dict[str, Any] | Non
                     client_set=client_deadline(seconds, deadline.server))
 
 
-async def _infer(request: Request, model: str, version: str | None, encoding: str | None,
+async def _infer(request: Request, model: str, version: str | None, encodings: list[str] | None,
                  header_length: str | None, deadline: Deadline) -> Response:
     rt = _runtime(request)
+    # several lines of one header are one comma-separated list (RFC 9110 5.3): `_decompress`
+    # takes a single coding, so two lines are refused as "gzip, br" on one line is
+    encoding = ", ".join(encodings or [])
     with tracked(rt, "infer", model) as t:
         client = client_of(request)
         _model(request, model, version)
@@ -662,7 +682,7 @@ async def _infer(request: Request, model: str, version: str | None, encoding: st
         max_json = _max_json_bytes(rt)
 
         def decode() -> tuple[InferRequest, list[tuple[str, bool, int]], torch.Tensor]:
-            header, tail = _split_body(_decompress(body, encoding or "", limit), header_length)
+            header, tail = _split_body(_decompress(body, encoding, limit), header_length)
             req = _parse_request(header, max_json)
             return req, _plan_outputs(req, rt), _decode_input(req, tail, rt)
 
@@ -681,7 +701,7 @@ async def _infer(request: Request, model: str, version: str | None, encoding: st
 @router.post("/v2/models/{model}/infer", response_model=None, responses=_INFER_RESPONSES,
              dependencies=[Depends(require_api_key)],
              openapi_extra=_INFER_OPENAPI, summary="OIP: run images through a pipeline")
-async def infer(request: Request, model: str, content_encoding: str | None = ContentEncoding,
+async def infer(request: Request, model: str, content_encoding: list[str] | None = ContentEncoding,
                 header_length: str | None = HeaderLength,
                 deadline: Deadline = Depends(request_deadline)) -> Response:
     return await _infer(request, model, None, content_encoding, header_length, deadline)
@@ -692,6 +712,6 @@ async def infer(request: Request, model: str, content_encoding: str | None = Con
              responses=_INFER_RESPONSES, openapi_extra=_INFER_OPENAPI,
              summary="OIP: run images through a pipeline, one version")
 async def infer_version(request: Request, model: str, version: str,
-                        content_encoding: str | None = ContentEncoding, header_length: str | None = HeaderLength,
+                        content_encoding: list[str] | None = ContentEncoding, header_length: str | None = HeaderLength,
                         deadline: Deadline = Depends(request_deadline)) -> Response:
     return await _infer(request, model, version, content_encoding, header_length, deadline)

@@ -152,6 +152,7 @@ def attack_suspected_error(exc: AttackSuspected) -> ApiError:
 async def read_images(request: Request, runtime: Runtime) -> list[Upload]:
     """The uploaded images, as sent: every `file` part of a multipart body (Starlette's parser),
     or the raw body. Nothing is decoded here."""
+    check_identity_encoding(request)
     content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         max_files = runtime.settings.limits.max_images_per_request + 1  # one more: the 413 says how many
@@ -185,6 +186,20 @@ async def read_images(request: Request, runtime: Runtime) -> list[Upload]:
                        f"send multipart/form-data with 'file' parts, or an image/png or image/jpeg body; "
                        f"got {content_type[:80]}")
     return [(await request.body(), content_type or None)]
+
+
+def check_identity_encoding(request: Request) -> None:
+    """415 for a body declared compressed (any `Content-Encoding` but identity, on any of the
+    header's lines): /predict and /certify inflate nothing (PNG and JPEG are compressed already),
+    and one read as if it were not would be decoded as the wrong bytes (a real gzipped PNG was a
+    400 `invalid_image`, a PNG labelled `br` a 200)."""
+    # every line, as one comma-separated list (RFC 9110 5.3), as api.clients.forwarded_for reads
+    # X-Forwarded-For: a second line must not go unread
+    declared = ", ".join(request.headers.getlist("content-encoding"))
+    if any(coding.strip().lower() not in ("", "identity") for coding in declared.split(",")):
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Encoding {echo(declared)} is not supported here; send the image bytes "
+                       f"uncompressed (identity)")
 
 
 def _root_cause(exc: BaseException) -> str:
