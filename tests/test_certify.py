@@ -398,3 +398,20 @@ def test_a_resent_image_gets_the_same_noise_and_answer_alone_or_in_company(make_
         res = client.post("/predict?pipeline=smoothing", files=files).json()["results"][1]
         answers.append(tuple(res[k] for k in keys))
         assert len(set(answers)) == 1, answers
+
+
+def test_a_certificate_the_cache_no_longer_holds_is_computed_from_the_same_noise(make_client, mnist, monkeypatch) -> None:
+    """POST /certify without seed= draws an image's noise as /predict does, from a keyed hash of
+    the image and what it is asked: with no cached copy (evicted, or a store that is down) the
+    same request is answered from the same noise, seed included, not redrawn until it certifies."""
+    client = make_client(warmup=False)
+    store = client.app.state.store
+    monkeypatch.setattr(store, "get_certificate", lambda key: None)
+    test = mnist.test.per_class(1)
+    body = png(0.5 * test.x[2] + 0.5 * test.x[3])
+    first, second = (client.post("/certify?pipeline=smoothing&n=500&n0=20", content=body, headers=PNG).json()
+                     for _ in range(2))
+    assert not second.get("cached") and first["seed"] == second["seed"]
+    assert (first["label"], first["radius"], first["p_a_lower"]) == (second["label"], second["radius"], second["p_a_lower"])
+    chosen = client.post(f"/certify?pipeline=smoothing&n=500&n0=20&seed={first['seed']}", content=body, headers=PNG).json()
+    assert chosen["seed_chosen_by_client"] is True and chosen["p_a_lower"] == first["p_a_lower"]  # reproduced

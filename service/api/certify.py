@@ -153,9 +153,12 @@ async def _certify(request: Request, digest: str, owner: str | None, x, name: st
         return CertifyResponse(**{**cached, "cached": True, "seed_chosen_by_client": "seed" in opts})
     gone = threading.Event()  # set when the client disconnects: the sampling loop stops
     # on the compute thread, letting the batches queued behind it run between its noise batches
+    # without seed=, the image's noise comes from a keyed hash of it and of what it is asked
+    # (RunContext.noise_key), as on /predict: a certificate the cache no longer holds is
+    # computed again from the same noise, not redrawn
     ctx = RunContext(device=runtime.device, seed=int(opts.get("seed", secrets.randbits(63))),
                      deadline=deadline.at, cancelled=gone.is_set, options=dict(opts),
-                     between=runtime.compute.between)
+                     between=runtime.compute.between, noise_key=runtime.noise_key)
     cost = runtime.cost(name, 1, opts)
     try:
         with runtime.admission.hold(cost, f"certifying with n0={opts['n0']}, n={opts['n']}", client):
