@@ -383,7 +383,7 @@ class Batcher:
             for i in members:
                 mine = [r for r in rows if owner[r] == i]
                 # the seed its images had in the merged batch (a pipeline's per-image seeds count
-                # from the batch's: smoothing's seed + i), not the batch's first image's
+                # from the batch's where there is no noise key), not the batch's first image's
                 alone = (seed + rows.index(mine[0])) % 2**63
                 try:
                     got: list[ImageResult | None] = list(self._run(x[mine], self._context([jobs[i]], alone)))

@@ -33,6 +33,13 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger().addHandler(held)
     try:
         settings = load_settings(args.config, **overrides)
+    except Exception:
+        # refused: what was held is told as before, to stderr (it may be why: an ignored
+        # misspelt variable beside the one refused)
+        for record in held.buffer:
+            if logging.lastResort is not None:
+                logging.lastResort.handle(record)
+        raise
     finally:
         logging.getLogger().removeHandler(held)
     configure_logging(settings.log_level, settings.json_logs)

@@ -417,6 +417,7 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     except SettingsError as exc:
         # pydantic-settings names the field only: a list or mapping setting read from the
         # environment is JSON, which an operator writing SHIELDSERVE_TRUSTED_PROXIES=10.0.0.1 cannot guess
-        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else ""
-        raise ValueError(f"{exc}: SHIELDSERVE_{field.upper()} holds a list or mapping, written in JSON in the "
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "?"
+        raise ValueError(f"{exc}: the environment variable of setting {field} (SHIELDSERVE_{field.upper()}, or a "
+                         f"SHIELDSERVE_{field.upper()}__* one) holds a list or mapping, written in JSON in the "
                          f"environment, e.g. SHIELDSERVE_TRUSTED_PROXIES='[\"172.28.5.10\"]'") from None

@@ -105,7 +105,7 @@ def test_a_list_setting_in_the_environment_that_is_not_json_says_so(monkeypatch)
     from service.settings import load_settings
 
     monkeypatch.setenv("SHIELDSERVE_TRUSTED_PROXIES", "172.28.5.10")
-    with pytest.raises(ValueError, match=r"SHIELDSERVE_TRUSTED_PROXIES holds a list or mapping, written in JSON"):
+    with pytest.raises(ValueError, match=r"setting trusted_proxies \(SHIELDSERVE_TRUSTED_PROXIES, or a SHIELDSERVE_TRUSTED_PROXIES__\* one\) holds a list or mapping, written in JSON"):
         load_settings()
 
 
@@ -389,3 +389,17 @@ def test_the_help_says_how_to_get_the_traceback(capsys) -> None:
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args([command, "--help"])
         assert "--traceback" in capsys.readouterr().out
+
+
+def test_a_held_warning_is_still_told_when_the_settings_are_refused(monkeypatch, capsys, logging_restored) -> None:
+    """A misspelt variable (ignored, a warning) beside one that is refused: the warning was held
+    for the logging the settings never configured, and lost with the refusal."""
+    import service.server
+
+    monkeypatch.setattr(service.server, "serve", lambda settings, config: None)
+    monkeypatch.setenv("SHIELDSERVE_MAX_REQUEST_TIMEOUT", "300")  # the name lacks its _S
+    monkeypatch.setenv("SHIELDSERVE_REQUEST_TIMEOUT_S", "200")
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "request_timeout_s (200) is above max_request_timeout_s" in err
+    assert "name no setting, ignored: SHIELDSERVE_MAX_REQUEST_TIMEOUT" in err

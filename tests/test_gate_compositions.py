@@ -179,12 +179,13 @@ def test_a_composition_measured_below_the_gate_is_refused_however_its_parts_did(
 
 
 def test_a_part_that_changes_the_image_bounds_nothing(quick_bundle, tmp_path, caplog) -> None:
-    """MagNet's reformer before smoothing: smoothing's verdict was on clean images, not reformed
-    ones. Enforced: not served until measured; not enforced: served, saying so."""
-    reformed = [{"defense": "magnet", "reform": True}, SMOOTH]
+    """MagNet's reformer before RMC: RMC's verdict was on clean images, not reformed ones (a
+    reformer before smoothing is refused at start-up: the certificate would be about the
+    reformed image). Enforced: not served until measured; not enforced: served, saying so."""
+    reformed = [{"defense": "magnet", "reform": True}, {"defense": "rmc"}]
     bundle = _bundle(quick_bundle, tmp_path, {})
     body, _ = _serve(bundle, tmp_path, {"baseline": {"defenses": []}, "reformed": {"defenses": reformed}}, caplog)
-    assert "not measured the composition magnet:reformer + smoothing" in body["unavailable"]["reformed"]
+    assert "not measured the composition magnet:reformer + rmc" in body["unavailable"]["reformed"]
     loose = _bundle(quick_bundle, tmp_path / "loose", {}, enforce=False)
     body, warnings = _serve(loose, tmp_path, {"baseline": {"defenses": []}, "reformed": {"defenses": reformed}}, caplog)
     pipes = {p["name"]: p for p in body["pipelines"]}

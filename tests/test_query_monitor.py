@@ -307,6 +307,10 @@ def test_dithered_copies_that_share_no_hash_are_flagged_by_every_clients_pixel_c
     for s in (0, 0, 0, 1):
         v = mon.screen(policy, _dithered(x, s), "ip:3.3.3.3")
     assert v.near_counts == [1] and v.flagged == [False]
+    # and so are the copies within one request
+    mon = QueryMonitor(secret="s")
+    v = mon.screen(policy, torch.cat([_dithered(x, 0), _dithered(x, 0), _dithered(x, 1)]), "ip:4.4.4.4")
+    assert v.near_counts == [0, 0, 1] and v.flagged == [False, False, False]
     # the default (near_matches 0) leaves the pixel check to suspects, and the hashes miss this run
     mon = QueryMonitor(secret="s")
     assert MonitorPolicy().near_matches == 0

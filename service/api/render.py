@@ -7,8 +7,8 @@ are null).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from decimal import ROUND_FLOOR, Decimal
 
 from service.api.schemas import ImageResultOut, RejectionOut, StageOut
 from service.pipeline import ImageResult, Rejection
@@ -49,9 +49,7 @@ def rejection_out(j: Rejection) -> RejectionOut:
 def round_down(value: float, places: int = 6) -> float:
     """`value` cut to `places` decimals, never above it: a certificate's radius and lower bound
     shown shorter must not claim more than was shown (round() goes up half the time)."""
-    scaled = math.floor(value * 10 ** places)
-    out = scaled / 10 ** places
-    return out if out <= value else (scaled - 1) / 10 ** places
+    return float(Decimal(value).quantize(Decimal(1).scaleb(-places), rounding=ROUND_FLOOR))
 
 
 def render(r: ImageResult) -> Rendered:

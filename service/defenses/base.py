@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -28,6 +29,20 @@ Classify = Callable[[torch.Tensor], torch.Tensor]  # pixels in [0, 1] -> logits
 
 class DeadlineExceeded(Exception):
     """The request's deadline passed, or its client went away, while work was running."""
+
+
+def exact_bytes(x: torch.Tensor) -> list[bytes]:
+    """Each image's identity as an exact copy: its 8-bit pixels where it lies on the 8-bit grid
+    (a gray digit as a gray, RGB or palette PNG, or as /v2 UINT8, decodes to the same pixels a
+    float32 last bit apart), its exact float32 values otherwise (/v2 FP32 queries a fraction of
+    a level apart are different queries to the model). The query monitor's exact-repeat digest
+    and smoothing's per-image noise both use it: what the monitor takes for one image (a retry,
+    never evidence) is answered from one noise, so a resend in another format draws nothing new."""
+    a = x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).numpy()
+    scaled = a * np.float32(255.0)
+    eight = np.rint(scaled)
+    grid = (np.abs(scaled - eight) <= 1e-3).all(axis=1) & (eight >= 0).all(axis=1) & (eight <= 255).all(axis=1)
+    return [b"8" + e.astype(np.uint8).tobytes() if g else b"f" + row.tobytes() for e, row, g in zip(eight, a, grid)]
 
 
 @dataclass

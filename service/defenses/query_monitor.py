@@ -99,6 +99,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from service.defenses.base import exact_bytes
+
 log = logging.getLogger("shieldserve")
 
 Action = Literal["flag", "reject", "block"]
@@ -198,17 +200,11 @@ class Fingerprinter:
         a whole batch in one call (numpy's cost per call is most of it for one digit)."""
         b = int(x.shape[0])
         a = x.detach().to("cpu", torch.float32).numpy().reshape(b, -1)
-        # the exact copy: an image on the 8-bit grid is judged on its 8-bit pixels (lossless paths
-        # to the same pixels, a gray digit as an RGB or palette PNG through the luma conversion,
-        # /v2 UINT8, reach here a float32 last bit apart, and a client's own resend that way was
-        # taken for a near copy); any other by its exact floats (/v2 FP32 queries a fraction of a
-        # level apart are different queries to the model, and as 8-bit repeats went unflagged)
-        scaled = a * np.float32(255.0)
-        eight = np.rint(scaled)
-        on_grid = (np.abs(scaled - eight) <= 1e-3).all(axis=1) & (eight >= 0).all(axis=1) & (eight <= 255).all(axis=1)
-        digests = [hashlib.blake2b(b"8" + e.astype(np.uint8).tobytes() if grid else b"f" + row.tobytes(),
-                                   key=self._digest_key, digest_size=16).digest()  # type: ignore[attr-defined]
-                   for e, row, grid in zip(eight, a, on_grid)]
+        # the exact copy (base.exact_bytes): 8-bit pixels on the grid (a gray digit as an RGB PNG
+        # or /v2 UINT8 was taken for a near copy of itself), exact floats off it (/v2 FP32 queries
+        # a fraction of a level apart, as 8-bit repeats, went unflagged)
+        digests = [hashlib.blake2b(row, key=self._digest_key, digest_size=16).digest()  # type: ignore[attr-defined]
+                   for row in exact_bytes(x)]
         if self.layout == "columns" and x.dim() >= 3:  # (..., H, W) read column by column
             a = a.reshape(tuple(x.shape)).swapaxes(-1, -2).reshape(b, -1)
         # floor by the cast: the clipped values are >= 0
@@ -296,9 +292,14 @@ def near_scan(history: Sequence[np.ndarray], pixels: np.ndarray, linf: float | N
     # the images of one request share a shape: the remembered ones of that shape, then the
     # request's own, stacked once; image i is compared with everything before it
     # distinct images only: a retry (or a flood of one image's copies) is one image, so it
-    # neither counts twice towards near_matches nor is anything but an exact copy
+    # neither counts twice towards near_matches nor is anything but an exact copy; the
+    # request's own copies too
     same = list({h.tobytes(): h for h in history if h.shape == pixels.shape[1:]}.values())
     pool = np.concatenate([np.stack(same), pixels]) if same else pixels
+    first = {}
+    for j, row in enumerate(pool):
+        first.setdefault(row.tobytes(), j)
+    distinct = np.array([first[row.tobytes()] == j for j, row in enumerate(pool)])
     pool = pool.astype(np.int16)
     reach = -1.0 if linf is None else linf * 255.0 + 1.5  # is_near's bound, in 8-bit steps
     out: list[float | None] = []
@@ -306,7 +307,7 @@ def near_scan(history: Sequence[np.ndarray], pixels: np.ndarray, linf: float | N
     for i in range(len(pixels)):
         k = len(same) + i
         d = np.abs(pool[:k] - pool[k]).max(axis=1)
-        d = d[d > 0]
+        d = d[(d > 0) & distinct[:k]]
         out.append(float(d.min()) / 255.0 if d.size else None)
         counts.append(int((d <= reach).sum()))
     return out, counts

@@ -53,7 +53,8 @@ import numpy as np
 import torch
 from scipy.stats import beta, binomtest, norm
 
-from service.defenses.base import Classify, Component, Decision, DefenseEnv, RunContext, optimize_for_cpu
+from service.defenses.base import (Classify, Component, Decision, DefenseEnv, RunContext, exact_bytes,
+                                   optimize_for_cpu)
 
 log = logging.getLogger("shieldserve")
 
@@ -773,10 +774,12 @@ def image_seeds(key: bytes, x: torch.Tensor, asked: tuple[Any, ...]) -> list[int
     same noise, whatever its batch company or how often it is sent: a certificate holds with
     probability 1 - alpha over one draw, and a client resending an image until one certifies
     would get a wrong one far more often. Without the key the seeds cannot be predicted."""
-    rows = x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).numpy()
     tail = repr(asked).encode()
-    return [int.from_bytes(hashlib.blake2b(row.tobytes() + tail, key=key, digest_size=8).digest(), "big") >> 1
-            for row in rows]
+    # the image as the query monitor tells copies apart (base.exact_bytes): a resend of the same
+    # pixels in another lossless format is one image there, never evidence, so it must not be a
+    # fresh draw here
+    return [int.from_bytes(hashlib.blake2b(row + tail, key=key, digest_size=8).digest(), "big") >> 1
+            for row in exact_bytes(x)]
 
 
 # ---------------------------------------------------------------------- the decider
