@@ -43,7 +43,7 @@ Rules that keep benign traffic out (docs/query_monitor.md):
   * only the hashes are remembered, for at least half of `memory_window_s` and never the
     whole of it, and at most `max_queries` queries (two generations, each begun in a slot of
     half the window; the oldest is dropped when the newest is full or in a later slot); and
-    each client's last images, 8-bit (below).
+    a suspect's last images, 8-bit (with `near_matches`, every client's; below).
 
 Actions: `flag` (count and answer), `reject` (the image's answer is a rejection by
 `query_monitor`), `block` (reject, and a client with more than `block_after` flags within
