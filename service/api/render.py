@@ -7,8 +7,8 @@ are null).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from decimal import ROUND_FLOOR, Decimal
 
 from service.api.schemas import ImageResultOut, RejectionOut, StageOut
 from service.pipeline import ImageResult, Rejection
@@ -49,7 +49,11 @@ def rejection_out(j: Rejection) -> RejectionOut:
 def round_down(value: float, places: int = 6) -> float:
     """`value` cut to `places` decimals, never above it: a certificate's radius and lower bound
     shown shorter must not claim more than was shown (round() goes up half the time)."""
-    return float(Decimal(value).quantize(Decimal(1).scaleb(-places), rounding=ROUND_FLOOR))
+    # on doubles, not decimals: the double nearest 0.3 lies just below 3/10, and an exact decimal
+    # floor would show it as 0.299999; the double shown is never above the one computed
+    scaled = math.floor(value * 10 ** places)
+    out = scaled / 10 ** places
+    return out if out <= value else (scaled - 1) / 10 ** places
 
 
 def render(r: ImageResult) -> Rendered:
