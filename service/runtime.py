@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import logging
 import math
 import os
@@ -158,8 +159,12 @@ class Runtime:
         self.executor = ThreadPoolExecutor(max_workers=max(2, min(8, len(self.pipelines))),
                                            thread_name_prefix="shieldserve-infer")
         # smoothing's noise per image from a keyed hash of it (RunContext.noise_key): the same
-        # image asked the same thing gets the same answer from this process
-        self.noise_key = os.urandom(32)
+        # image asked the same thing gets the same answer. Derived from the query monitor's
+        # secret where one is set (docker-compose sets it), so every worker and replica sharing it
+        # answers from the same noise (a resend to another one draws nothing new); else per process
+        qm_secret = settings.query_monitor.secret if settings.query_monitor is not None else None
+        self.noise_key = (hashlib.sha256(b"shieldserve smoothing noise" + qm_secret.get_secret_value().encode()).digest()
+                          if qm_secret else os.urandom(32))
         b = settings.batching
         self.batchers = {
             name: Batcher(name, pipeline.run, device=self.device, enabled=b.enabled,

@@ -442,3 +442,17 @@ def test_a_certificate_the_cache_no_longer_holds_is_computed_from_the_same_noise
     assert (first["label"], first["radius"], first["p_a_lower"]) == (second["label"], second["radius"], second["p_a_lower"])
     chosen = client.post(f"/certify?pipeline=smoothing&n=500&n0=20&seed={first['seed']}", content=body, headers=PNG).json()
     assert chosen["seed_chosen_by_client"] is True and chosen["p_a_lower"] == first["p_a_lower"]  # reproduced
+
+
+def test_replicas_sharing_the_monitor_secret_share_the_noise(make_client, mnist) -> None:
+    """With the query monitor's secret set (docker-compose sets it), every replica and worker
+    derives the same noise key: an image resent to another replica is answered from the same
+    noise. Without it each process has its own key."""
+    body = png(mnist.test.x[5])
+    url = "/certify?pipeline=smoothing&n=200&n0=10"
+    a, b = (make_client(warmup=False, query_monitor={"secret": "shared-secret-do-not-leak"}) for _ in range(2))
+    first, second = (c.post(url, content=body, headers=PNG).json() for c in (a, b))
+    assert first["seed"] == second["seed"] and first["p_a_lower"] == second["p_a_lower"]
+    assert "shared-secret-do-not-leak" not in str(first)
+    c, d = make_client(warmup=False), make_client(warmup=False)
+    assert c.post(url, content=body, headers=PNG).json()["seed"] != d.post(url, content=body, headers=PNG).json()["seed"]
