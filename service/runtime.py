@@ -162,7 +162,7 @@ class Runtime:
         # image asked the same thing gets the same answer. Derived from the query monitor's
         # secret where one is set (docker-compose sets it), so every worker and replica sharing it
         # answers from the same noise (a resend to another one draws nothing new); else per process
-        qm_secret = settings.query_monitor.secret if settings.query_monitor is not None else None
+        qm_secret = settings.query_monitor.secret
         self.noise_key = (hashlib.sha256(b"shieldserve smoothing noise" + qm_secret.get_secret_value().encode()).digest()
                           if qm_secret else os.urandom(32))
         b = settings.batching

@@ -290,16 +290,13 @@ def near_scan(history: Sequence[np.ndarray], pixels: np.ndarray, linf: float | N
     """`near_distances`, and for each image how many of those earlier images (exact copies
     left out) are near it, within `linf` as `is_near` allows (0s without `linf`)."""
     # the images of one request share a shape: the remembered ones of that shape, then the
-    # request's own, stacked once; image i is compared with everything before it
-    # distinct images only: a retry (or a flood of one image's copies) is one image, so it
-    # neither counts twice towards near_matches nor is anything but an exact copy; the
-    # request's own copies too
-    same = list({h.tobytes(): h for h in history if h.shape == pixels.shape[1:]}.values())
+    # request's own, stacked once; image i is compared with everything before it. Only the
+    # first of equal rows counts (remembered or in the request): a retry, or a flood of one
+    # image's copies, is one image, never counted twice towards near_matches
+    same = [h for h in history if h.shape == pixels.shape[1:]]
     pool = np.concatenate([np.stack(same), pixels]) if same else pixels
-    first = {}
-    for j, row in enumerate(pool):
-        first.setdefault(row.tobytes(), j)
-    distinct = np.array([first[row.tobytes()] == j for j, row in enumerate(pool)])
+    first: dict[bytes, int] = {}
+    distinct = np.array([first.setdefault(row.tobytes(), j) == j for j, row in enumerate(pool)])
     pool = pool.astype(np.int16)
     reach = -1.0 if linf is None else linf * 255.0 + 1.5  # is_near's bound, in 8-bit steps
     out: list[float | None] = []
