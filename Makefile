@@ -12,7 +12,7 @@ LOCKS := requirements/serve.lock requirements/test.lock
 UV_COMPILE := $(PY) -m uv pip compile pyproject.toml --universal --python-version 3.11 --quiet \
 	--excludes requirements/excludes.txt --custom-compile-command "make lock"
 
-.PHONY: install install-test serve test bench clean lock
+.PHONY: install install-test serve test clean lock
 
 install: $(VENV)/.installed
 

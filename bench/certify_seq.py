@@ -66,7 +66,7 @@ RESULTS = REPO / "bench" / "results"
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # stdout: the tables
 
 
 def loadavg() -> list[float]:
@@ -201,7 +201,7 @@ class Bench:
         acc, adv = self.out.get("accuracy", {}), self.out.get("pgd", {})
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
         for ax, sigma in zip(axes, (0.25, 0.5)):
-            series = [(f"clean digits", acc.get(f"sequential_sigma{sigma:g}", {}).get("all_samples")),
+            series = [("clean digits", acc.get(f"sequential_sigma{sigma:g}", {}).get("all_samples")),
                       (f"oblivious PGD (L-inf {adv.get('eps_linf', 0):g})", adv.get(f"sigma{sigma:g}", {}).get("all_samples"))]
             series = [(name, s) for name, s in series if s]
             if not series:

@@ -15,9 +15,9 @@ Prints a table and writes JSON (default bench/results/omp_threads.json).
 from __future__ import annotations
 
 import argparse
-import json
 import queue
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def worker() -> "queue.Queue[Callable[[], None] | None]":
@@ -51,8 +52,9 @@ def on(q: "queue.Queue[Callable[[], None] | None]", fn: Callable[[], Any]) -> An
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=500)
-    p.add_argument("--out", default=str(RESULTS / "omp_threads.json"))
+    p.add_argument("--out", help="default bench/results/omp_threads.json")
     args = p.parse_args(argv)
+    started = common.now_iso()
     with torch.no_grad():
         cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3)).eval()
     cases = {"cnn, one 28x28 image": (cnn, torch.rand(1, 1, 28, 28)),
@@ -81,11 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'thread':40s} " + " ".join(f"{n:>22s}" for n in names))
     for label, t in rows:
         print(f"{label:40s} " + " ".join(f"{t[n]:22.0f}" for n in names))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                               "median_us": {label: t for label, t in rows}}, indent=2) + "\n")
-    print(f"wrote {out}")
+    out = common.write_results("omp_threads", {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                               "median_us": {label: t for label, t in rows}},
+                               out=args.out, started=started)
+    common.log(f"wrote {out}")
     return 0
 
 

@@ -49,7 +49,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # stdout: the tables
 
 
 def table(rows: list[dict[str, Any]], cols: list[str]) -> str:

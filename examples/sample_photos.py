@@ -2,7 +2,7 @@
 (`load_sample_images`: china.jpg and flower.jpg), labelled by photograph and quadrant (8
 classes), and a small CNN of the user's own given to shieldserve by `import:`.
 
-    python examples/sample_photos.py --out /tmp/byom-photos
+    python -m examples.sample_photos --out /tmp/byom-photos   # from the repository's root
     shieldserve train --out /tmp/byom-photos/bundle --dataset npz:/tmp/byom-photos/photo_patches.npz \
         --classifier import:examples.photo_cnn:PhotoCNN \
         --classifier-weights /tmp/byom-photos/photo_cnn.safetensors
