@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -84,12 +85,13 @@ class AttackCache:
         if self.dir is None:
             return compute()
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        path = self.dir / f"{key['attack']}-{digest}.pt"
+        # safetensors, never pickle: a cache directory is a place others may write to
+        path = self.dir / f"{key['attack']}-{digest}.safetensors"
         if path.exists():
-            return torch.load(path)
+            return load_file(str(path))["x"]
         out = compute()
         self.dir.mkdir(parents=True, exist_ok=True)
-        torch.save(out, path.with_suffix(".tmp"))
+        save_file({"x": out.detach().cpu().contiguous()}, str(path.with_suffix(".tmp")))
         path.with_suffix(".tmp").replace(path)
         return out
 

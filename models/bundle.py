@@ -2,9 +2,13 @@
 
 Loading verifies the sha256 of every file the manifest names before any of it is used, and
 never unpickles: weights come from safetensors, architectures from the manifest's spec. The
-one exception to "weights in safetensors" is a user's TorchScript classifier, which is loaded
-with `torch.jit.load` after its sha256 is checked (TorchScript's loader restricts what it
-deserialises; the file is code the operator chose to run).
+exceptions are code: a network built by Python (`import` architectures) and a user's
+TorchScript network, loaded with `torch.jit.load`. A TorchScript program can do what the
+service can (`torch.from_file` reads and writes any file it may), and a sha256 in the manifest
+says only that the file is the one the manifest names, not who wrote either; so both are
+loaded only where the operator trusts them (`trusted_imports`: the module, or
+`torchscript:SHA256` for one TorchScript file), and refused before anything is imported or
+deserialised otherwise.
 
 Manifest layout (format 1):
   format_version, name, version (derived from the artifact hashes), dataset, input
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,6 +55,10 @@ MAX_MANIFEST_BYTES = 4 * 2**20
 # batches of it, so an absurd shape in a manifest (say 1x10^7x10^7) must be refused at load,
 # not discovered as an allocation failure at the first request.
 MAX_INPUT_VALUES = 4096 * 4096 * 4
+# An artifact is read whole into memory to be hashed and used: a bound on it, checked on the
+# file's size before a byte is read (an 8 GiB file ended in MemoryError, or the OOM killer).
+# The default bundle's largest is ~10 MB; a brought network of a few hundred MB fits easily.
+MAX_ARTIFACT_BYTES = 2 * 2**30
 
 
 # What a bundle's version covers, by its format_version. 1: its artifacts' hashes and its
@@ -110,28 +119,74 @@ class BundleError(RuntimeError):
 
 
 class UntrustedImport(BundleError):
-    """The bundle names Python code (an `import` architecture) that the operator has not trusted."""
+    """The bundle names code (an `import` architecture, a TorchScript file) that the operator
+    has not trusted."""
+
+
+TORCHSCRIPT_TRUST = "torchscript:"  # a `trusted_imports` entry for one TorchScript file: + its sha256
+
+
+def torchscript_trust(sha256: str) -> str:
+    """The `trusted_imports` entry that trusts the TorchScript file of this sha256."""
+    return TORCHSCRIPT_TRUST + sha256
+
+
+def is_torchscript(record: Any) -> bool:
+    """Would loading this artifact record hand its bytes to torch.jit.load (either label says
+    TorchScript: Bundle.module refuses the two disagreeing before loading)?"""
+    if not isinstance(record, dict):
+        return False
+    arch = record.get("architecture")
+    return record.get("format") == "torchscript" or (isinstance(arch, dict) and arch.get("kind") == "torchscript")
+
+
+def _untrusted(manifest: dict[str, Any], trusted: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """({artifact: factory} of untrusted `import` architectures, {artifact: sha256} of untrusted
+    TorchScript artifacts)."""
+    trusted = tuple(trusted)
+    untrusted, scripts = {}, {}
+    entries = {str(e).strip().lower() for e in trusted}
+    artifacts = manifest.get("artifacts")
+    for name, record in (artifacts.items() if isinstance(artifacts, dict) else ()):
+        arch = record.get("architecture") if isinstance(record, dict) else None
+        if is_torchscript(record):
+            if torchscript_trust(str(record.get("sha256", "")).lower()) not in entries:
+                scripts[name] = str(record.get("sha256", ""))
+        elif isinstance(arch, dict) and arch.get("kind") == "import":
+            factory = str(arch.get("factory", ""))
+            if not import_trusted(factory, trusted):
+                untrusted[name] = factory
+    return untrusted, scripts
+
+
+def trust_needed(manifest: dict[str, Any], trusted: Iterable[str] = ()) -> list[str]:
+    """The `trusted_imports` entries loading this bundle needs beyond `trusted`: the modules of
+    its `import` architectures, `torchscript:SHA256` for each TorchScript artifact."""
+    untrusted, scripts = _untrusted(manifest, trusted)
+    return sorted({f.partition(":")[0] for f in untrusted.values()}) + sorted(
+        {torchscript_trust(h) for h in scripts.values()})
 
 
 def require_trusted(manifest: dict[str, Any], trusted: tuple[str, ...], where: Any) -> None:
     """Raise UntrustedImport where an `import` architecture of `manifest` names code that
-    `trusted` does not cover (models.architectures.import_trusted)."""
-    untrusted = {}
-    artifacts = manifest.get("artifacts")
-    for name, record in (artifacts.items() if isinstance(artifacts, dict) else ()):
-        arch = record.get("architecture") if isinstance(record, dict) else None
-        if isinstance(arch, dict) and arch.get("kind") == "import":
-            factory = str(arch.get("factory", ""))
-            if not import_trusted(factory, trusted):
-                untrusted[name] = factory
+    `trusted` does not cover (models.architectures.import_trusted), or where a TorchScript
+    artifact's sha256 is not trusted by a `torchscript:SHA256` entry."""
+    untrusted, scripts = _untrusted(manifest, trusted)
+    if not untrusted and not scripts:
+        return
+    needed = trust_needed(manifest, trusted)
+    what = []
     if untrusted:
-        modules = sorted({f.partition(":")[0] for f in untrusted.values()})
-        named = ", ".join(f"{a!r} by {f!r}" for a, f in sorted(untrusted.items()))
-        raise UntrustedImport(
-            f"{where}: networks built by Python code ({named}), which loading the bundle would import "
-            f"and run. Load it only if you trust whoever wrote the bundle, and then name the code: "
-            f"`trusted_imports: [{', '.join(modules)}]` in the service's config (or SHIELDSERVE_TRUSTED_IMPORTS="
-            f"'{json.dumps(modules)}'), or `--trust-import {modules[0]}` for `shieldserve train`")
+        what.append("networks built by Python code (" + ", ".join(f"{a!r} by {f!r}" for a, f in sorted(untrusted.items()))
+                    + "), which loading the bundle would import and run")
+    if scripts:
+        what.append("TorchScript programs (" + ", ".join(repr(a) for a in sorted(scripts))
+                    + "), which loading the bundle would run with the service's rights (TorchScript can read "
+                      "and write files)")
+    raise UntrustedImport(
+        f"{where}: {'; and '.join(what)}. Load it only if you trust whoever wrote the bundle, and then name "
+        f"the code: `trusted_imports: [{', '.join(needed)}]` in the service's config (or SHIELDSERVE_TRUSTED_IMPORTS="
+        f"'{json.dumps(needed)}'), or `--trust-import {' --trust-import '.join(needed)}` for `shieldserve train`")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -192,16 +247,34 @@ class InputSpec:
 
     @classmethod
     def _from_json(cls, d: dict[str, Any]) -> "InputSpec":
-        shape = tuple(int(v) for v in d["shape"])
+        if not isinstance(d["shape"], list) or not all(type(v) is int for v in d["shape"]):
+            # int(28.9) would be 28: a shape is whole numbers or refused
+            raise ValueError(f"input shape must be three integers (C, H, W), got {d['shape']!r}")
+        shape = tuple(d["shape"])
         if len(shape) != 3 or min(shape) < 1:
             raise BundleError(f"input shape must be (C, H, W), got {shape}")
         if shape[0] * shape[1] * shape[2] > MAX_INPUT_VALUES:
             raise BundleError(f"input shape {shape} has {shape[0] * shape[1] * shape[2]} values per image; "
                               f"shieldserve serves at most {MAX_INPUT_VALUES} (4096x4096x4)")
-        return cls(shape=shape, class_names=tuple(str(c) for c in d["class_names"]),  # type: ignore[arg-type]
-                   value_range=tuple(d.get("value_range", (0.0, 1.0))),  # type: ignore[arg-type]
-                   mean=tuple(d["mean"]) if d.get("mean") is not None else None,
-                   std=tuple(d["std"]) if d.get("std") is not None else None)
+        names = d["class_names"]
+        if not isinstance(names, list) or len(names) < 2:
+            raise ValueError(f"input class_names must list at least 2 classes, got {names!r:.80}")
+        value_range = _finite_numbers("value_range", d.get("value_range", [0.0, 1.0]))
+        if len(value_range) != 2 or not value_range[0] < value_range[1]:
+            raise ValueError(f"input value_range must be [lo, hi] with lo < hi, got {list(value_range)}")
+        mean = _finite_numbers("mean", d["mean"]) if d.get("mean") is not None else None
+        std = _finite_numbers("std", d["std"]) if d.get("std") is not None else None
+        if std is not None and min(std, default=1.0) <= 0:
+            # a zero std divides every pixel by zero: inf/NaN logits, a label for every input
+            raise ValueError(f"input std must be positive, got {list(std)}")
+        return cls(shape=shape, class_names=tuple(str(c) for c in names),  # type: ignore[arg-type]
+                   value_range=value_range, mean=mean, std=std)  # type: ignore[arg-type]
+
+
+def _finite_numbers(name: str, values: Any) -> tuple[float, ...]:
+    if not isinstance(values, list) or not all(type(v) in (int, float) and math.isfinite(v) for v in values):
+        raise ValueError(f"input {name} must be a list of finite numbers, got {values!r:.80}")
+    return tuple(float(v) for v in values)
 
 
 class Classifier(nn.Module):
@@ -393,7 +466,8 @@ class Bundle:
         importing and calling that code, with the service's rights: such a bundle is refused
         (UntrustedImport) unless `trusted_imports` covers the module (models.architectures.
         import_trusted), because a sha256 in the manifest only says the files are the ones the
-        manifest names, not who wrote it."""
+        manifest names, not who wrote it. A TorchScript artifact is a program too: refused
+        unless `trusted_imports` holds `torchscript:` + its sha256."""
         root = Path(path)
         manifest_path = root / MANIFEST_NAME
         if not manifest_path.is_file():
@@ -430,6 +504,21 @@ class Bundle:
                 "--steps ...` on it saves it in the current format)", root, bundle.version, stated)
         return bundle
 
+    def require_finished(self) -> None:
+        """Raise BundleError if this bundle's build has not finished (`build.complete` false,
+        models.train): a build interrupted after its classifier step left a bundle that loads
+        and would be served without the defenses of the steps it never reached (the default
+        pipeline falling back to `baseline`). Not part of `load`: the build itself loads the
+        unfinished bundle between its steps."""
+        build = self.manifest.get("build")
+        if not isinstance(build, dict) or build.get("complete") is not False:
+            return
+        pending = [str(s) for s in build.get("pending_steps") or []]
+        steps = ",".join(pending) or "STEPS"
+        raise BundleError(f"{self.path}: its build has not finished (the steps {steps} did not run): run its "
+                          f"command again ({str(build.get('command', 'shieldserve train ...'))[:300]}), or "
+                          f"`shieldserve train --out {self.path} --steps {steps}`")
+
     def read_verified(self, name: str) -> bytes:
         """An artifact's bytes, after its sha256 has been checked."""
         return self._read_verified(name)
@@ -447,6 +536,9 @@ class Bundle:
         # and the read is bounded by it: a swapped or grown file is not read into memory whole
         expected = record.get("bytes")
         size = file.stat().st_size
+        if size > MAX_ARTIFACT_BYTES:
+            raise BundleError(f"artifact {name!r}: {record['file']} is {size} bytes, more than the "
+                              f"{MAX_ARTIFACT_BYTES} shieldserve reads; refusing to load it")
         if expected is not None and size != expected:
             raise BundleError(f"artifact {name!r}: {record['file']} is {size} bytes, "
                               f"the manifest says {expected}; refusing to load it")
@@ -542,7 +634,21 @@ class Bundle:
         (`takes_bundle_input`)."""
         record = self.artifact(artifact)
         spec = self.input_spec if takes_bundle_input(artifact, record) else self.input_spec.pixels()
-        return Classifier(self.module(artifact, device), spec, record.get("feature_layer")).to(device).eval()
+        clf = Classifier(self.module(artifact, device), spec, record.get("feature_layer")).to(device).eval()
+        # one forward pass now: a network of another class count than the manifest names was
+        # served (labels without a name, /v2 declaring K probabilities while it gave others) or
+        # failed only inside a defense, in torch's words
+        try:
+            with torch.no_grad():
+                out = clf(torch.zeros(2, *spec.shape, device=device))
+        except Exception as exc:  # noqa: BLE001 - any failure of the network on its declared input
+            raise BundleError(f"artifact {artifact!r}: fails on an input of the manifest's shape "
+                              f"{list(spec.shape)}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, spec.num_classes):
+            got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise BundleError(f"artifact {artifact!r}: gives {got} for 2 images, not logits of the manifest's "
+                              f"{spec.num_classes} classes ([2, {spec.num_classes}])")
+        return clf
 
     def quality(self, defense: str) -> dict[str, Any] | None:
         """The quality gate's verdict on a defense (models.quality), None if it was not measured."""
@@ -686,6 +792,11 @@ class BundleWriter:
         (self.path / filename).write_bytes(data)
         record = {"file": filename, "sha256": sha256_bytes(data), "bytes": len(data), **meta}
         self.manifest["artifacts"][name] = record
+        if is_torchscript(record):
+            # the build wrote this program itself, from the user's file (trusted by naming it in
+            # --classifier) or from its own training: it may load it back; serving it needs the
+            # operator's `torchscript:SHA256` entry
+            self.trusted_imports = (*self.trusted_imports, torchscript_trust(record["sha256"]))
         return record
 
     def set_defense(self, name: str, section: dict[str, Any]) -> None:

@@ -219,6 +219,11 @@ def _assemble(source: str, raw: dict[str, tuple[np.ndarray, np.ndarray]], names:
         if len(set(class_names)) != len(class_names):
             raise ValueError(f"{source}: class_names repeats a name; each class needs its own")
     k = len(class_names) if class_names is not None else top + 1
+    # one class: a network trained on it answers that class whatever the image, yet the quick
+    # preset built and served such a bundle
+    if k < 2:
+        raise ValueError(f"{source}: every label is {top}: a classifier needs at least 2 classes (labels "
+                         f"0..K-1, K >= 2{', and as many class_names' if class_names is not None else ''})")
     # a class with no training image (labels 10-19 for 10 classes, a gap) would have no
     # examples to calibrate its detectors on: the labels are almost surely not 0..K-1
     missing = sorted(set(range(k)) - set(np.unique(ys["train"]).tolist()))

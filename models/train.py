@@ -11,6 +11,12 @@ build goes on. Extending a bundle, a step that fails on a defense the bundle alr
 that defense as it was (section, artifacts, manifest) and the command fails; a training
 checkpoint that cannot be resumed (recipes.common.CheckpointError) always fails the command,
 naming the file.
+
+The manifest on disk moves only from one consistent state to the next, whenever the process is
+killed: no step saves it halfway (BuildContext.classifier() builds from memory), a step is saved
+with its verdicts "not measured" until the quality gate has measured it, and a new build's
+manifest says it is unfinished (`build.complete` false; is_incomplete) until its last save. A
+finished bundle is not replaced without `force`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import importlib
 import json
 import logging
@@ -34,7 +41,7 @@ from typing import Any
 
 import torch
 
-from models.bundle import BundleWriter, Classifier, InputSpec, require_trusted
+from models.bundle import Bundle, BundleWriter, Classifier, InputSpec, require_trusted, torchscript_trust
 from models.features import FeatureError
 from models.datasets import Dataset, load_dataset
 from models.recipes import quality
@@ -86,10 +93,22 @@ class BuildContext:
         return InputSpec.from_json(self.writer.manifest["input"])
 
     def classifier(self) -> Classifier:
-        """The base classifier as saved so far (frozen, eval mode)."""
+        """The base classifier (frozen, eval mode), built from the writer's manifest in memory.
+
+        Never by saving the manifest first: a defense step calls this after writing some of its
+        artifacts, and a save there put them on disk beside the step's old section (MagNet's
+        new autoencoders under thresholds calibrated on the old ones, smoothing's new networks
+        under the old verdicts) until the step's own save; a process killed in between (SIGKILL,
+        out of memory) left a bundle that loaded and rejected every clean image. The manifest
+        on disk moves only from one finished step to the next. The classifier's file does not
+        change during a defense step, and its bytes are checked against the record in memory."""
         if self._classifier is None:
-            self.writer.save()
-            self._classifier = self.writer.load().classifier(self.device)
+            manifest = copy.deepcopy(self.writer.manifest)
+            trusted = tuple(self.writer.trusted_imports)
+            # what Bundle.load checks before it builds anything (the classifier's code or program)
+            require_trusted({"artifacts": {"classifier": manifest["artifacts"]["classifier"]}}, trusted,
+                            self.writer.path)
+            self._classifier = Bundle(self.writer.path, manifest, trusted_imports=trusted).classifier(self.device)
         return self._classifier
 
     def forget_classifier(self) -> None:
@@ -99,8 +118,8 @@ class BuildContext:
 class StepWriter(BundleWriter):
     """A BundleWriter that can undo one step (`begin` ... `rollback` or `commit`): the files the
     step overwrote are put back, the ones it added removed, and the manifest restored, in memory
-    and on disk where the step saved it (BuildContext.classifier() saves). A step that fails
-    on a defense the bundle already has leaves that defense as it was."""
+    and on disk where the step saved it (neuralfp's `recalibrate` saves before it starts). A step
+    that fails on a defense the bundle already has leaves that defense as it was."""
 
     def __init__(self, path: str | Path, manifest: dict[str, Any] | None = None,
                  trusted_imports: tuple[str, ...] = ()) -> None:
@@ -266,13 +285,24 @@ def _check_options(options: dict[str, Any]) -> None:
             isinstance(value, (int, float) if want is float else int) and not isinstance(value, bool))
         if not ok:
             raise ValueError(f"--options quality.{key}: {value!r} is not {'an' if want is int else 'a'} {want.__name__}")
+    # the types alone let a typo turn the gate off: a drop of 2 (meant as 2 %) passes a defense
+    # that rejects every clean image, and NaN compares false with everything; a negative drop
+    # (the defense must beat the base classifier) only makes the gate stricter
+    drop = options.get("quality", {}).get("max_accuracy_drop")
+    if drop is not None and not -1 < drop < 1:
+        raise ValueError(f"--options quality.max_accuracy_drop: {drop!r} is not a fraction below 1 (0.02 allows a drop "
+                         f"of 2 points of clean accuracy; 1 or more would pass every defense)")
+    images = options.get("quality", {}).get("images")
+    if images is not None and images < 0:
+        raise ValueError(f"--options quality.images: {images!r} is negative (0 turns the gate off; 300 is the default)")
 
 
 def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | None = None, seed: int | None = None,
                  steps: list[str] | None = None, classifier: ClassifierSource | None = None,
                  device: str = "cpu", input_overrides: dict[str, Any] | None = None,
                  options: dict[str, Any] | None = None, argv: list[str] | None = None,
-                 trusted_imports: list[str] | tuple[str, ...] = (), config: str | None = None) -> Path:
+                 trusted_imports: list[str] | tuple[str, ...] = (), config: str | None = None,
+                 force: bool = False) -> Path:
     """Build (or extend, with `steps`) the bundle at `out`. Returns the manifest's path.
     `config`: the service YAML the bundle will be served with (merged over the packaged one, as
     `shieldserve serve --config` does): the quality gate also measures each of its pipelines
@@ -284,7 +314,15 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     not name, beside artifacts made on the recorded data. `preset` and `seed` likewise: a new
     bundle's default is "default" and 0, an extended one's what it was built with
     (`build.preset`, `build.seed`), and another value is refused (the manifest records one
-    preset and seed for the whole bundle, and rebuilding from it must reproduce its metrics)."""
+    preset and seed for the whole bundle, and rebuilding from it must reproduce its metrics).
+
+    Without `steps`, a bundle already at `out` is refused unless `force` (`--force`): the build
+    would replace it. A new build's manifest says it is unfinished until its last save
+    (`build.complete` false, `build.pending_steps` the steps still to run; `is_incomplete`): the
+    service must not serve it. Such a bundle is built again without `force` (its training
+    checkpoints, in the work directory, resume), or finished with `--steps` naming the pending
+    ones. Replacing a bundle (`force`, or an unfinished one) deletes its manifest and the files it
+    names before the first step runs."""
     from models.recipes.common import dataset_sha256
 
     out = Path(out)
@@ -298,6 +336,12 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     exists = (out / "manifest.json").exists()
     if "quality" in chosen and not exists:
         raise ValueError("--steps quality measures an existing bundle's defenses; build the bundle first")
+    if exists and not steps and not force and not is_incomplete(_read_json(out / "manifest.json")):
+        # nothing checked for one: a finished bundle (hours of training) was silently replaced,
+        # and an interrupted rebuild left only its classifier, served undefended
+        raise ValueError(f"there is a bundle at {out} already (its manifest.json); building one there without "
+                         f"--steps would replace it: pass --force to replace it, add or refresh some of its steps "
+                         f"with --steps STEP,..., or choose another --out")
     if steps and not exists and "classifier" not in chosen:
         # every other step needs the classifier: each would fail after its training, the
         # command exit 0, and `serve` refuse the bundle
@@ -316,9 +360,14 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     extending = bool(steps) and (out / "manifest.json").exists()
     previous_text = (out / "manifest.json").read_text() if extending else ""
     previous = json.loads(previous_text) if extending else {}
-    # the user's own --classifier import: is trusted (they named it); a bundle's recorded one is
-    # code like any other and needs --trust-import, refused here before the data is loaded
-    byo = (classifier.target,) if classifier is not None and classifier.kind == "import" else ()
+    # the user's own --classifier is trusted (they named it: the import: factory, the
+    # torchscript: file by its content); a bundle's recorded one is code like any other and
+    # needs --trust-import, refused here before the data is loaded
+    byo: tuple[str, ...] = ()
+    if classifier is not None and classifier.kind == "import":
+        byo = (classifier.target,)
+    elif classifier is not None and classifier.kind == "torchscript" and Path(classifier.target).is_file():
+        byo = (torchscript_trust(hashlib.sha256(Path(classifier.target).read_bytes()).hexdigest()),)
     trusted = tuple(trusted_imports) + byo
     if extending:
         require_trusted(previous, trusted, out)
@@ -375,6 +424,12 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
                                          "command": command,
                                          "versions": {"python": platform.python_version(),
                                                       "torch": torch.__version__}})
+    if not extending:
+        # unfinished until the last save below: an interrupted new build (or replacement) must not
+        # be served with only its first steps' defenses, or none (the classifier alone)
+        writer.manifest["build"].update({"complete": False, "pending_steps": [s for s in known if s in chosen]})
+        if exists:  # --force, or an unfinished build again: its old manifest, then the files it named
+            _remove_bundle(out)
     ctx = BuildContext(ds, writer, preset, seed, torch.device(device), command, dict(options or {}),
                        byo_classifier=classifier is not None, extending=extending, config=config)
     gate = dict(ctx.options.get("quality", {}))
@@ -393,6 +448,11 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
             writer.save()
         raise
     writer.manifest["build"]["seconds"] = round(time.monotonic() - started, 1)
+    build = writer.manifest["build"]
+    if build.get("complete") is False and not build.get("pending_steps"):
+        # every step a new build chose has run (an extended unfinished one: its --steps ran the rest)
+        build["complete"] = True
+        build.pop("pending_steps", None)
     path = writer.save()
     if ctx.broken_pipelines:  # the bundle is saved; `serve --config` would refuse to start on these
         given = f"--config {ctx.config}" if ctx.config else "the service configuration"
@@ -400,6 +460,44 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
                          + "; ".join(ctx.broken_pipelines) + " (fix the config, then measure it with "
                          f"`shieldserve train --out {out} --steps quality --config CONFIG`)")
     return path
+
+
+def is_incomplete(manifest: Any) -> bool:
+    """Whether a manifest is one of a build that has not finished (`build.complete` is false:
+    written by the first save of a new build, `shieldserve train` without --steps or on a new
+    --out, and set true by its last). What the service must refuse to serve: an interrupted
+    build's bundle lacks the defenses of the steps it did not reach (`build.pending_steps`).
+    A manifest without the key (saved before it existed, or not a dict) is a finished one."""
+    build = manifest.get("build") if isinstance(manifest, dict) else None
+    return isinstance(build, dict) and build.get("complete") is False
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, or None where it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_bundle(out: Path) -> None:
+    """Delete the bundle at `out` that a new build replaces: its manifest first (from then on no
+    bundle is there to load), then the files it names (its artifacts, Defense-GAN's samples), so
+    that none is left beside the new bundle's. Files it does not name are left alone."""
+    old = _read_json(out / "manifest.json")
+    (out / "manifest.json").unlink(missing_ok=True)
+    if not isinstance(old, dict):
+        return
+    names = [rec.get("file") for rec in (old.get("artifacts") or {}).values() if isinstance(rec, dict)]
+    for section in (old.get("defenses") or {}).values():
+        if isinstance(section, dict):
+            # the files a section names itself (Defense-GAN's samples image), not its other strings
+            names += [v for v in section.values() if isinstance(v, str) and v.endswith(".png")]
+    for name in names:
+        if isinstance(name, str) and name and Path(name).name == name and name not in (".", "..", "manifest.json"):
+            target = out / name
+            if target.is_file() and not target.is_symlink():
+                target.unlink()
 
 
 def _check_device(device: str) -> None:
@@ -491,9 +589,21 @@ def _as_built(out: Path, flag: str, given: Any, recorded: Any, default: Any) -> 
     return given
 
 
+def _unmeasured(manifest: dict[str, Any], step: str) -> None:
+    """Record the step's defenses as not measured (unusable) until the gate's verdicts replace
+    these, in the same shape as quality.record_failure's."""
+    verdicts = manifest.setdefault("quality", {}).setdefault("defenses", {})
+    for key in quality.step_keys(step, manifest):
+        verdicts[key] = {"usable": False, "pipeline": quality.gated(key),
+                         "reason": f"not measured: the build stopped after the {step} step was saved and before "
+                                   f"the quality gate measured it (measure it with `shieldserve train --out BUNDLE "
+                                   f"--steps quality`)"}
+
+
 def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSource | None, gate: dict[str, Any],
                command: str) -> None:
     writer, ds, preset = ctx.writer, ctx.dataset, ctx.preset
+    gate_runs = quality.recipe(preset, **gate).images > 0  # quality.measure measures nothing otherwise
     for name, module_path in STEPS:
         if name not in chosen:
             continue
@@ -513,11 +623,18 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
             quality.check_classifier(writer.path, ds, preset, gate, ctx.device,
                                      trusted_imports=writer.trusted_imports)
         writer.record_step(name, command, time.monotonic() - t0)
-        writer.save()
-        if name in writer.manifest.get("defenses", {}) and name in quality.STEP_KEYS:
+        if name in writer.manifest.get("defenses", {}) and name in quality.STEP_KEYS and gate_runs:
+            # the gate reads the bundle from disk, so the step is saved before it is measured: with
+            # its verdicts "not measured" (unusable), not the old defense's (a process killed
+            # before the second save left the new defense under the old one's "usable")
+            _unmeasured(writer.manifest, name)
+            writer.save()
             quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device,
                             trusted_imports=writer.trusted_imports)
-            writer.save()
+        pending = writer.manifest["build"].get("pending_steps")
+        if isinstance(pending, list) and name in pending:
+            pending.remove(name)  # saved with the step's verdicts: an unfinished build resumes after it
+        writer.save()
         log.info("step %s done in %.1fs", name, time.monotonic() - t0)
     if "classifier" in chosen and "quality" not in chosen:
         # a new classifier under defenses kept from before: their verdicts (and MagNet's, squeeze's,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -107,6 +108,7 @@ def _train(args: argparse.Namespace) -> int:
     from models.train import build_bundle, parse_classifier
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _check_out_dir(args.out, "bundle")
     classifier = None
     if args.classifier:
         classifier = parse_classifier(args.classifier, args.classifier_weights, args.classifier_kwargs or {})
@@ -134,7 +136,7 @@ def _train(args: argparse.Namespace) -> int:
     manifest = build_bundle(args.out, dataset=args.dataset, preset=args.preset, seed=args.seed,
                             steps=args.steps, classifier=classifier,
                             device=args.device, input_overrides=overrides, options=options,
-                            argv=args.argv, trusted_imports=tuple(trusted), config=args.config)
+                            argv=args.argv, trusted_imports=tuple(trusted), config=args.config, force=args.force)
     data = json.loads(Path(manifest).read_text())
     print(json.dumps({"bundle": str(Path(args.out)), "version": data["version"],
                       "metrics": data.get("metrics", {})}, indent=2))
@@ -142,7 +144,40 @@ def _train(args: argparse.Namespace) -> int:
         from models.recipes.quality import table
 
         print(table(data))
+    from models.bundle import trust_needed
+
+    needed = trust_needed(data)
+    if needed:  # the next command a user runs, `serve`, would refuse the bundle without them
+        print(f"the bundle runs code (its import: module, its TorchScript files): serving or evaluating it takes "
+              f"trusted_imports: {json.dumps(needed)} (SHIELDSERVE_TRUSTED_IMPORTS='{json.dumps(needed)}'); "
+              f"`--steps` on it later takes {' '.join('--trust-import ' + n for n in needed)}", file=sys.stderr)
     return 0
+
+
+def _check_out_dir(out: str, what: str) -> None:
+    """--out names a directory to write: an existing file there is one line now, not
+    os.makedirs' FileExistsError traceback once the work is done (or before it starts)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file; --out names the {what} directory to write")
+
+
+def _check_finished_report(out: str, force: bool) -> None:
+    """`evaluate` into an --out that holds the finished report.json of an earlier run replaced
+    it without a word: refused unless --force. An unfinished one (an interrupted run; no
+    `finished`) is what rerunning the command is for: it starts over, the transfer surrogates
+    cached in --out are reused."""
+    from service.evaluation.harness import finished_report
+
+    earlier = finished_report(Path(out))
+    if earlier is None:
+        return
+    if force:
+        logging.getLogger("shieldserve").warning("--force: replacing the finished report of an earlier run in %s "
+                                                 "(finished %s)", out, earlier.get("finished"))
+        return
+    raise ValueError(f"--out {out} holds the finished report of an earlier run (finished {earlier.get('finished')}"
+                     f", `{earlier.get('command') or '?'}`): give another --out, or add --force to replace it")
 
 
 def _pairs(items: list[str] | None) -> dict[str, int]:
@@ -222,6 +257,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                      command="shieldserve evaluate " + " ".join(args.argv),
                      **{dest: pairs(dest) for dest in PIPELINE_COUNTS})
     cfg.check()  # the pipelines: configured ones (--config), the counts: in range
+    _check_out_dir(args.out, "report")
+    if cfg.sections:  # report.json will be written (--sections query alone writes query_attacks.*)
+        _check_finished_report(args.out, args.force)
     if sections and "query" in sections:  # query attacks over HTTP: only a running service
         from pathlib import Path
 
@@ -285,18 +323,27 @@ def _floats(count: int | None = None, positive: bool = False):  # noqa: ANN202
     return parse
 
 
-def _number(kind: type, low: float, high: float | None = None, low_open: bool = False):  # noqa: ANN202
-    """An argparse type: an int or float in [low, high] ((low, high] with low_open). `evaluate`'s
-    budgets took 0 or a negative (`--linf-eps -0.1`) and failed, or measured nothing, later."""
+def _number(kind: type, low: float, high: float | None = None, low_open: bool = False,  # noqa: ANN202
+            high_open: bool = False, hint: str = ""):
+    """An argparse type: an int or float in [low, high] ((low, ... with low_open, ..., high) with
+    high_open); NaN and infinity never. `evaluate`'s budgets took 0 or a negative (`--linf-eps
+    -0.1`) and failed, or measured nothing, later; `--max-accuracy-drop 2` (meant as 2 %) turned
+    the quality gate off; `serve --port 99999` listened on 99999 mod 65536. `hint` follows the
+    range in the message."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
-        if (value <= low if low_open else value < low) or (high is not None and value > high):
-            where = f"{'above' if low_open else 'at least'} {low:g}" + (f" and at most {high:g}" if high is not None else "")
-            raise argparse.ArgumentTypeError(f"expected a number {where}, got {text!r}")
+        # not (low <= value): NaN fails every comparison, and passed `value < low`
+        below = not (value > low if low_open else value >= low)
+        above = high is not None and not (value < high if high_open else value <= high)
+        if below or above or not math.isfinite(value):
+            where = f"{'above' if low_open else 'at least'} {low:g}"
+            if high is not None:
+                where += f" and {'below' if high_open else 'at most'} {high:g}"
+            raise argparse.ArgumentTypeError(f"expected a number {where}{hint}, got {text!r}")
         return value
     return parse
 
@@ -363,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[common], help="serve a bundle over HTTP")
     s.add_argument("--config", help="YAML config merged over the packaged one")
     s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--workers", type=int, help="worker processes (metrics aggregated across them)")
+    s.add_argument("--port", type=_number(int, 0, 65535), help="TCP port, 0-65535 (0: one the system picks)")
+    s.add_argument("--workers", type=_number(int, 1), help="worker processes (metrics aggregated across them)")
     s.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve, autoscaled (settings: SHIELDSERVE_RAY_*, see service/ray_app.py)")
     s.add_argument("--ray-address", help="with --ray: an existing Ray cluster ('auto', 'ray://HOST:10001'); "
@@ -389,9 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--classifier-kwargs", type=_json_object, help="JSON keyword arguments for the factory")
     t.add_argument("--feature-layer", help="the submodule whose output are the penultimate features RMC indexes "
                                            "(default: the input of the last Linear layer)")
-    t.add_argument("--max-accuracy-drop", type=float,
+    t.add_argument("--max-accuracy-drop", type=_number(float, 0, 1, high_open=True, hint=" (a fraction: 0.02 is 2%)"),
                    help="quality gate: a defense whose clean validation accuracy is more than this below the "
-                        "base classifier's is recorded as unusable and not served (default 0.02)")
+                        "base classifier's is recorded as unusable and not served; a fraction in [0, 1): "
+                        "0.02 is 2 points (default 0.02)")
     t.add_argument("--value-range", type=_value_range, help="the classifier's input range as LO,HI (default 0,1; "
                                                                   "a negative LO needs '=': --value-range=-1,1)")
     t.add_argument("--mean", type=_floats(), help="per-channel normalisation mean, e.g. 0.1307")
@@ -399,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu",
                    help="torch device to train and measure on: cpu, cuda or cuda:N (default cpu)")
     t.add_argument("--options", type=_json_object, help="JSON recipe overrides, e.g. '{\"classifier\": {\"adversarial\": \"pgd\"}}'")
+    t.add_argument("--force", action="store_true",
+                   help="without --steps: replace the bundle already at --out (refused without it)")
     t.add_argument("--config", help="the service YAML you will serve the bundle with (merged over the packaged "
                                      "one): the quality gate also measures each of its pipelines that composes two "
                                      "or more trained defenses, as a whole")
@@ -481,10 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--linf-sweep", type=_floats(positive=True), help="L-inf eps for the oblivious PGD sweep (default 0.1,0.2,0.3; "
                                         "used only on pipelines that cost < 0.05 s per digit)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
-    e.add_argument("--jobs", type=int, default=1,
+    e.add_argument("--threads", type=_number(int, 0), default=1, help="torch threads per process (0: torch's default)")
+    e.add_argument("--jobs", type=_number(int, 1), default=1,
                    help="evaluate pipelines side by side in this many processes (the oblivious attacks run once)")
     e.add_argument("--config", help="service YAML merged over the packaged configuration")
+    e.add_argument("--force", action="store_true",
+                   help="replace the finished report of an earlier run in --out (refused without it; an "
+                        "unfinished one, of an interrupted run, is started over without it)")
     e.set_defaults(func=_evaluate)
 
     x = sub.add_parser("export", parents=[common], help="a pipeline's deterministic, differentiable part as TorchScript "
@@ -528,15 +581,18 @@ def _user_error(exc: BaseException) -> bool:
     """Exceptions that say the user gave something wrong (a file, an option, a bundle) and whose
     message says what: these end in one line. Anything else (a RuntimeError from torch in a
     training loop, an AttributeError in our code) is a bug or an environment failure and keeps its
-    traceback. BundleError is a RuntimeError but names a bundle the user pointed us at;
+    traceback. BundleError is a RuntimeError but names a bundle the user pointed us at (and
+    ServiceError the service at --url);
     ValueError covers pydantic's ValidationError (settings), FeatureError, PipelineConfigError and
     ExportRefused; KeyError covers UnknownPipeline and np.load's missing array. The classes of
     modules not yet imported cannot have been raised, so none is imported here (that would load
     torch for `serve --help`)."""
-    user: list[type] = [ValueError, KeyError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                        PermissionError]
+    user: list[type] = [ValueError, KeyError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                        NotADirectoryError, PermissionError]
+    # ServiceError (a RuntimeError): the service at --url refused or could not be reached
+    # (connection refused, a wrong API key, another model version); its message names it
     for module, name in (("models.bundle", "BundleError"), ("yaml", "YAMLError"),
-                         ("safetensors", "SafetensorError")):
+                         ("safetensors", "SafetensorError"), ("service.evaluation.blackbox", "ServiceError")):
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type):
             user.append(cls)

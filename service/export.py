@@ -124,6 +124,7 @@ def export(bundle: str | Path, pipeline: str, out: str | Path, config: str | Non
     _check_target(out, force)
     settings = load_settings(config, bundle=bundle)
     b = Bundle.load(settings.bundle, verify=False, trusted_imports=settings.trusted_imports)
+    b.require_finished()
     if pipeline in settings.pipelines:
         for entry in settings.pipelines[pipeline].model_dump().get("defenses", []) or []:
             key = defense_key(entry)

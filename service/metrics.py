@@ -136,6 +136,12 @@ class Metrics:
                                       multiprocess_mode="livemax")
         self.monitor_store_errors = Counter("shieldserve_query_monitor_store_errors", "Shared monitor store "
                                             "(Redis) outages seen by this replica.", registry=r)
+        # requests no route answers (a scanner's paths, a wrong method): by status only, never
+        # the path or method, which the client chooses (one series per path it tried)
+        self.unrouted = Counter("shieldserve_unrouted_requests", "Requests for no route (404) or a route's "
+                                "wrong method (405), by status.", ["status"], registry=r)
+        for status in ("404", "405"):
+            self.unrouted.labels(status)
 
         for metric in (self.monitor_flags, self.monitor_distance, self.monitor_blocks, self.requests, self.request_duration, self.stage_duration, self.rejections,
                        self.detector_score, self.certified_radius, self.abstentions, self.images,

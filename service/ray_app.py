@@ -11,10 +11,14 @@ The app is built on the replica (`__serve_build_asgi_app__`), not pickled from t
 driver, and Ray runs its ASGI lifespan there: warm-up, readiness, graceful drain.
 
 What Ray's HTTP proxy adds (docs/operations.md, "Many machines: Ray Serve"): its own 503 when
-more than `max_queued_requests` wait for a replica (status and Retry-After set here, body
-Ray's plain text), its own timeout (`request_timeout_s`, past the longest deadline the service
-grants), and its own `X-Request-ID` on every response (the replica leaves its copy out where
-the two are the same id: `SingleRequestIdMiddleware`).
+more than `max_queued_requests` wait for a replica (status and Retry-After set here), its own
+timeout (`request_timeout_s`, past the longest deadline the service grants), and its own
+`X-Request-ID` on every response (the replica leaves its copy out where the two are the same
+id: `SingleRequestIdMiddleware`). In each proxy, in front of Ray's, runs the service's
+`service.ray_proxy.ProxyEdgeMiddleware` (installed through Ray's
+RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, `proxy_env`): API key and body limit checked before
+the body is read, the whole body read (each part within `body_timeout_s`) before a replica's
+slot is taken, and Ray's own text/plain errors answered in the contract's JSON.
 
 Ray settings (environment, all optional):
   SHIELDSERVE_RAY_MIN_REPLICAS            1    autoscaling floor
@@ -27,6 +31,8 @@ Ray settings (environment, all optional):
   SHIELDSERVE_RAY_NUM_CPUS                1    CPUs reserved per replica
   SHIELDSERVE_RAY_NUM_GPUS                0.5 when the device is cuda, else 0: a fraction packs
                                                replicas on one GPU (0.5 = two per GPU)
+  SHIELDSERVE_RAY_BODY_TIMEOUT_S          15   longest wait of the proxy for the next part of a
+                                               request body (nginx's client_body_timeout): 408
   SHIELDSERVE_RAY_ADDRESS                 local  an existing cluster ("auto", "ray://host:10001");
                                                  "local" (the default) starts a Ray of its own
 """
@@ -71,6 +77,7 @@ class RayOptions:
     num_gpus: float | None = None  # None: 0.5 on cuda, 0 on cpu
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 120.0
+    body_timeout_s: float = 15.0  # the proxy's wait for the next part of a body (ray_proxy)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> RayOptions:
@@ -84,6 +91,7 @@ class RayOptions:
             max_queued_requests=_env("MAX_QUEUED_REQUESTS", d.max_queued_requests, int),
             num_cpus=_env("NUM_CPUS", d.num_cpus, float),
             num_gpus=_env("NUM_GPUS", d.num_gpus, float),
+            body_timeout_s=_env("BODY_TIMEOUT_S", d.body_timeout_s, float),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validated()
@@ -98,6 +106,8 @@ class RayOptions:
             raise ValueError("target_ongoing_requests must be > 0 and max_ongoing_requests >= 1")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ValueError("num_gpus must be >= 0")
+        if not self.body_timeout_s > 0:
+            raise ValueError("body_timeout_s must be > 0")
         return self
 
 
@@ -127,13 +137,14 @@ def deployment_options(settings: Any, options: RayOptions) -> dict[str, Any]:
         "max_ongoing_requests": options.max_ongoing_requests,
         "max_queued_requests": options.max_queued_requests,
         # past max_queued_requests Ray's proxy answers itself (the request never reaches a
-        # replica): the status and Retry-After of the service's own 503 `overloaded`; the body
-        # stays Ray's text/plain (no public option changes it in Ray 2.60)
+        # replica): the status and Retry-After of the service's own 503 `overloaded`; Ray's
+        # text/plain body becomes the contract's JSON in the proxy (ray_proxy.ProxyEdgeMiddleware)
         "backpressure_config": BackpressureConfig(status_code=503,
                                                   retry_after_s=settings.admission.retry_after_s),
         "ray_actor_options": actor,
-        # the service drains in-flight requests on shutdown (uvicorn's graceful period)
-        "graceful_shutdown_timeout_s": 30,
+        # how long a replica's in-flight requests may take to finish at shutdown, as the plain
+        # server's graceful period
+        "graceful_shutdown_timeout_s": settings.graceful_timeout_s,
         "health_check_period_s": 10,
     }
 
@@ -146,12 +157,21 @@ class ShieldserveDeployment:
         self.config, self.overrides = config, overrides
 
     def __serve_build_asgi_app__(self):  # called by Ray Serve on the replica, after __init__
-        from service.server import apply_process_settings
-        from service.settings import load_settings
+        return build_replica(self.config, self.overrides)
 
-        settings = load_settings(self.config, **self.overrides)
-        apply_process_settings(settings)  # the replica's process: its entry point is here
-        return replica_app(settings)
+
+def build_replica(config: str | None, overrides: dict[str, Any]):
+    """A replica's app, in the replica's process (its entry point is here): the settings, then
+    logging and the process-wide settings as `shieldserve serve` sets them (`log_level`,
+    `json_logs`, the `shieldserve.access` lines; torch's threads), then `replica_app`."""
+    from service.logs import configure_logging
+    from service.server import apply_process_settings
+    from service.settings import load_settings
+
+    settings = load_settings(config, **overrides)
+    configure_logging(settings.log_level, settings.json_logs)
+    apply_process_settings(settings)
+    return replica_app(settings)
 
 
 def replica_app(settings: Any):
@@ -249,9 +269,12 @@ def build_app(config: str | Path | None = None, options: RayOptions | None = Non
 
     `config` and `overrides` are what `load_settings` takes; they are evaluated here (so a
     bad configuration fails on the driver, before any replica starts) and again on each
-    replica. Environment variables reach replicas started on this machine; on a cluster,
-    pass settings as overrides or ship them in the config file.
+    replica. The bundle is verified here too, as each replica will: a corrupted or untrusted
+    bundle is one BundleError now, not a failed deployment after every replica tried.
+    Environment variables reach replicas started on this machine; on a cluster, pass settings
+    as overrides or ship them in the config file.
     """
+    from models.bundle import Bundle
     from service.settings import load_settings
 
     config = str(Path(config).resolve()) if config else None  # replicas run in another directory
@@ -261,6 +284,7 @@ def build_app(config: str | Path | None = None, options: RayOptions | None = Non
     settings = load_settings(config, **overrides)
     if not (Path(settings.bundle) / "manifest.json").is_file():
         raise FileNotFoundError(f"no bundle at {settings.bundle} (manifest.json missing)")
+    Bundle.load(settings.bundle, trusted_imports=settings.trusted_imports)
     options = options or RayOptions.from_env()
     opts = deployment_options(settings, options)
     warning = unshared_state_warning(settings, options.max_replicas)
@@ -269,11 +293,63 @@ def build_app(config: str | Path | None = None, options: RayOptions | None = Non
     return serve.deployment(ShieldserveDeployment).options(**opts).bind(config, overrides)
 
 
+def proxy_env(settings: Any, options: RayOptions) -> dict[str, str]:
+    """The environment of Serve's HTTP proxies: uvicorn's X-Forwarded-For rule off (PROXY_ENV),
+    and the service's middleware (service.ray_proxy) through Ray's callback hook, with its
+    limits. No secret: `api_keys` are sha256 digests, as in the config file."""
+    from service.ray_proxy import CALLBACK, CONFIG_ENV, ProxyConfig
+
+    return {**PROXY_ENV, "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK,
+            CONFIG_ENV: ProxyConfig.of(settings, options.body_timeout_s).to_env()}
+
+
+class ServeAlreadyRunning(ValueError):
+    """Serve runs on the cluster already: its proxies keep the options they were started with."""
+
+
+def running_serve() -> str | None:
+    """Where the Ray Serve that already runs on the connected cluster listens ("host:port", or
+    "an unknown address"), or None when Serve does not run there."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    named = ray.util.list_named_actors(all_namespaces=True)
+    if not any(a.get("name") == SERVE_CONTROLLER_NAME and a.get("namespace") == SERVE_NAMESPACE for a in named):
+        return None
+    try:  # Serve's own client asks its controller this way (best effort: only for the message)
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        config = ray.get(controller.get_http_config.remote(), timeout=30)
+        return f"{config.host}:{config.port}"
+    except Exception:  # the controller starting, stopping, or another Ray's
+        log.debug("Serve's controller did not say where its proxy listens", exc_info=True)
+        return "an unknown address"
+
+
+def start_serve(settings: Any, options: RayOptions) -> None:
+    """`serve.start` with the service's proxy: HTTP options (`http_options`) and environment
+    (`proxy_env`, through `controller_options`: the controller's proxies inherit it).
+
+    Refused (ServeAlreadyRunning) where Serve already runs on the cluster: `serve.start` would
+    join it and apply none of this (Ray logs it and carries on), so the app would be served on
+    that Serve's port, with its proxies' X-Forwarded-For rule and without the service's body
+    limit, API-key check or JSON errors, while this command named another port."""
+    where = running_serve()
+    if where is not None:
+        raise ServeAlreadyRunning(
+            f"Ray Serve already runs on this Ray cluster, its HTTP proxy at {where}, started with its own "
+            f"options: `serve --ray` cannot set its port ({settings.host}:{settings.port} asked), nor its "
+            f"proxies' body limit, API-key check, body timeout and X-Forwarded-For rule. Stop it first "
+            f"(`serve shutdown` on the cluster; it deletes every application it runs), then start this again")
+    serve.start(http_options=http_options(settings),
+                controller_options={"runtime_env": {"env_vars": proxy_env(settings, options)}})
+
+
 def run(config: str | None = None, host: str | None = None, port: int | None = None,
         address: str | None = None, options: RayOptions | None = None) -> None:
-    """`shieldserve serve --ray`: start (or join) Ray, start Serve's HTTP proxy on host:port,
-    run the app, and serve until SIGINT or SIGTERM; then delete the app (replicas drain
-    their in-flight requests) and leave Ray."""
+    """`shieldserve serve --ray`: start (or join) Ray, start Serve and its HTTP proxy on
+    host:port (`start_serve`: refused where Serve runs already), run the app, and serve until
+    SIGINT or SIGTERM; then delete the app (replicas drain their in-flight requests), stop the
+    Serve it started unless another application runs on it, and leave Ray."""
     import signal
     import threading
 
@@ -282,7 +358,8 @@ def run(config: str | None = None, host: str | None = None, port: int | None = N
     from service.settings import load_settings
 
     settings = load_settings(config, host=host, port=port)
-    app = build_app(config, options)  # a bad configuration fails here, before Ray starts
+    options = options or RayOptions.from_env()
+    app = build_app(config, options)  # a bad configuration or bundle fails here, before Ray starts
     # "local" starts a Ray of our own; ray.init(address=None) would join whatever cluster
     # `ray start` last recorded on this machine
     address = address or os.environ.get("SHIELDSERVE_RAY_ADDRESS") or "local"
@@ -295,13 +372,16 @@ def run(config: str | None = None, host: str | None = None, port: int | None = N
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options=http_options(settings))
+        start_serve(settings, options)
         serve.run(app, name=APP_NAME, route_prefix="/")
         log.info("shieldserve on Ray Serve at http://%s:%d/", settings.host, settings.port)
         stop.wait()
         log.info("stopping: deleting the application (replicas drain)")
         serve.delete(APP_NAME)
-        if address == "local":
+        others = sorted(set(serve.status().applications) - {APP_NAME})
+        if others:  # deployed on this Serve since it started: theirs to stop
+            log.warning("Ray Serve keeps running for its other applications: %s", ", ".join(others))
+        else:
             serve.shutdown()
     finally:
         ray.shutdown()

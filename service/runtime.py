@@ -70,6 +70,7 @@ class Runtime:
         self.device = torch.device(settings.device)
         started = time.monotonic()
         self.bundle = Bundle.load(settings.bundle, trusted_imports=settings.trusted_imports)  # verifies every sha256; raises BundleError
+        self.bundle.require_finished()
         self.input_spec = self.bundle.input_spec
         lim = settings.limits
         self.image_limits = ImageLimits(max_bytes=lim.max_image_bytes, max_pixels=lim.max_pixels,
@@ -160,11 +161,21 @@ class Runtime:
                                            thread_name_prefix="shieldserve-infer")
         # smoothing's noise per image from a keyed hash of it (RunContext.noise_key): the same
         # image asked the same thing gets the same answer. Derived from the query monitor's
-        # secret where one is set (docker-compose sets it), so every worker and replica sharing it
-        # answers from the same noise (a resend to another one draws nothing new); else per process
+        # secret where one is set (docker-compose sets it), else from the key the monitor's
+        # replicas share through Redis, so every worker and replica sharing either answers from
+        # the same noise (a resend to another one draws nothing new); else per process
         qm_secret = settings.query_monitor.secret
-        self.noise_key = (hashlib.sha256(b"shieldserve smoothing noise" + qm_secret.get_secret_value().encode()).digest()
-                          if qm_secret else os.urandom(32))
+        purpose = b"shieldserve smoothing noise"
+        shared = self.monitor.shared_derived_key(purpose) if self.monitor is not None else None
+        self.noise_key = (hashlib.sha256(purpose + qm_secret.get_secret_value().encode()).digest() if qm_secret
+                          else shared or os.urandom(32))
+        if not qm_secret and shared is None and (settings.workers > 1 or settings.query_monitor.store == "redis") \
+                and any(p.certifies for p in self.pipelines.values()):
+            log.warning("smoothing's noise key is this process's own (no query_monitor.secret%s): each of the %s "
+                        "answers a resent image from its own noise draw, so a client resending an image to "
+                        "another one gets a fresh try at its certificate; set query_monitor.secret, the same "
+                        "everywhere", "" if settings.query_monitor.store == "memory" else
+                        ", and no key shared through Redis", "workers" if settings.workers > 1 else "replicas")
         b = settings.batching
         self.batchers = {
             name: Batcher(name, pipeline.run, device=self.device, enabled=b.enabled,
@@ -331,9 +342,15 @@ class Runtime:
         for every pipeline when the gate's check of the base classifier failed) and the warnings."""
         gate = self.bundle.manifest.get("quality", {})
         dataset = self.bundle.manifest.get("build", {}).get("dataset", "DATASET")
-        fix = (f"to measure and enforce it: `shieldserve train --out {settings.bundle} --dataset {dataset} "
-               f"--steps quality --options '{{\"quality\": {{\"images\": 300, \"enforce\": true}}}}'` (the default "
-               f"preset measures and enforces without --options)")
+
+        def fix_with(bundle: str, data: str) -> str:
+            return (f"to measure and enforce it: `shieldserve train --out {bundle} --dataset {data} --steps quality "
+                    f"--options '{{\"quality\": {{\"images\": 300, \"enforce\": true}}}}'` (the default preset "
+                    f"measures and enforces without --options)")
+
+        # GET /pipelines answers anyone: its notes name no path of this machine (the bundle's,
+        # the dataset's); the operator's log has the command with them
+        fix, fix_here = fix_with("BUNDLE", "DATASET"), fix_with(str(settings.bundle), str(dataset))
         base_note = (gate.get("base") or {}).get("reason")
         if base_note:  # the gate's check of the base classifier, recorded but not enforced (quick preset)
             log.warning("the quality gate's check of the base classifier failed: %s", base_note)
@@ -363,7 +380,7 @@ class Runtime:
                        "quality gate (the quick preset, or quality.images 0)")
                 notes[key] = (f"defense {key} is served unmeasured ({served}): {why}, so nothing checked its clean "
                               f"accuracy; {fix}")
-            log.warning("%s", notes[key])
+            log.warning("%s", notes[key].replace(fix, fix_here))
         worst = ("below_gate_not_enforced", "unmeasured", "passed")
         out: dict[str, tuple[str | None, str | None]] = {}
         for name in self.pipelines:

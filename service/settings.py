@@ -192,7 +192,9 @@ class Settings(BaseSettings):
     bundle: Path = Field(default_factory=_default_bundle)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1" or "auto"
     host: str = "127.0.0.1"
-    port: int = 8000
+    # ge/le: uvicorn took 99999 and listened on 99999 mod 65536 (34463), logging 99999
+    port: int = Field(8000, ge=0, le=65535, description="TCP port `serve` listens on, 0-65535 (0: one the "
+                                                          "system picks)")
     log_level: str = "info"
     json_logs: bool = True
     default_pipeline: str = "default"
@@ -239,8 +241,10 @@ class Settings(BaseSettings):
                                       "attacker holds a whole /64); 128: each address on its own")
     trusted_imports: list[str] = Field(
         default_factory=list, description="Python modules (\"pkg\" covers pkg.*) or factories (\"pkg.mod:fn\") "
-                                          "that a bundle's `import` architectures may run; empty (the default): "
-                                          "a bundle naming Python code is refused at start-up")
+                                          "that a bundle's `import` architectures may run, and `torchscript:SHA256` "
+                                          "for each TorchScript artifact it may load; empty (the default): a "
+                                          "bundle naming Python code or holding a TorchScript file is refused at "
+                                          "start-up")
     query_monitor: QueryMonitorConfig = Field(default_factory=QueryMonitorConfig)
 
     @field_validator("api_keys")

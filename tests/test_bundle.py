@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -214,7 +215,17 @@ def test_bring_your_own_classifier_by_import_path_and_torchscript(tmp_path):
     out2 = tmp_path / "byo-ts"
     build_bundle(out2, dataset=f"npz:{data}", preset="quick", classifier=ClassifierSource("torchscript", str(scripted)),
                  steps=["classifier"], argv=[])
-    assert torch.allclose(Bundle.load(out2).classifier()(x), net(x), atol=1e-6)
+    # a TorchScript file is a program too (torch.from_file reads and writes files): trusted by
+    # its sha256, refused before torch.jit.load sees it
+    digest = hashlib.sha256(scripted.read_bytes()).hexdigest()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("an untrusted TorchScript file was deserialised"))
+        with pytest.raises(UntrustedImport, match=f"torchscript:{digest}"):
+            Bundle.load(out2)
+        with pytest.raises(UntrustedImport):  # a module entry, or another file's digest, is no trust in it
+            Bundle.load(out2, trusted_imports=["torch", "models", "torchscript:" + "0" * 64, "torchscript"])
+    assert torch.allclose(Bundle.load(out2, trusted_imports=[f"torchscript:{digest}"]).classifier()(x), net(x),
+                          atol=1e-6)
 
 
 def test_byo_classifier_with_normalisation_sees_pixels_in_unit_range(tmp_path):

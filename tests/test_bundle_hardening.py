@@ -101,6 +101,22 @@ def test_artifact_without_a_size_still_loads(tmp_path):
     assert Bundle.load(root).classifier()(torch.rand(1, 1, 4, 4)).shape == (1, 3)
 
 
+@pytest.mark.parametrize("with_size", [True, False])
+def test_an_artifact_over_the_size_bound_is_refused_before_it_is_read(tmp_path, monkeypatch, with_size):
+    """An 8 GiB file (with the manifest's `bytes` saying so, or without it) was read whole
+    before its hash was checked: MemoryError, or the OOM killer."""
+    root = _bundle(tmp_path)
+    size = (root / "classifier.safetensors").stat().st_size
+    if not with_size:
+        _edit(root, lambda m: m["artifacts"]["classifier"].pop("bytes"))
+    monkeypatch.setattr(bundle_mod, "MAX_ARTIFACT_BYTES", size - 1)
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: pytest.fail("the artifact was opened")
+                        if self.suffix == ".safetensors" else real_open(self, *a, **k))
+    with pytest.raises(BundleError, match=f"is {size} bytes, more than the {size - 1}"):
+        Bundle.load(root)
+
+
 # ------------------------------------------------------------------ 3. TorchScript only for TorchScript files
 def _torchscript_bundle(tmp_path: Path) -> Path:
     w = BundleWriter(tmp_path / "ts")
@@ -113,9 +129,40 @@ def _torchscript_bundle(tmp_path: Path) -> Path:
     return tmp_path / "ts"
 
 
+def _trust(root: Path) -> list[str]:
+    """`torchscript:SHA256` for every artifact of the bundle at `root`."""
+    return [f"torchscript:{r['sha256']}" for r in json.loads((root / "manifest.json").read_text())["artifacts"].values()]
+
+
 def test_torchscript_artifact_loads(tmp_path):
-    clf = Bundle.load(_torchscript_bundle(tmp_path)).classifier()
+    root = _torchscript_bundle(tmp_path)
+    clf = Bundle.load(root, trusted_imports=_trust(root)).classifier()
     assert clf(torch.rand(2, 1, 4, 4)).shape == (2, 3)
+
+
+def test_a_torchscript_artifact_is_refused_unless_its_sha256_is_trusted(tmp_path, monkeypatch):
+    """A TorchScript program runs with the service's rights (torch.from_file reads and writes
+    any file it may): any artifact written as TorchScript, not only the classifier, is refused
+    before torch.jit.load sees its bytes, unless `trusted_imports` names its sha256; the
+    refusal says which entry trusts it, and nothing else (a module, a bare `torchscript`,
+    another file's digest) does."""
+    root = _bundle(tmp_path)
+    w = BundleWriter.extend(root)
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(SmoothingMLP(1, 3, 4, hidden=8).eval()), buf)
+    record = w.add_file("magnet_ae_i", "magnet_ae_i.torchscript", buf.getvalue(), format="torchscript",
+                        architecture={"kind": "torchscript"})
+    w.save()
+    entry = f"torchscript:{record['sha256']}"
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("an untrusted TorchScript file was read"))
+    for trusted in ([], ["torch", "models", "torchscript", "torchscript:" + "0" * 64]):
+        with pytest.raises(bundle_mod.UntrustedImport, match="magnet_ae_i") as err:
+            Bundle.load(root, trusted_imports=trusted)
+        assert entry in str(err.value)
+    assert bundle_mod.trust_needed(json.loads((root / "manifest.json").read_text())) == [entry]
+    monkeypatch.undo()
+    assert Bundle.load(root, trusted_imports=[entry.upper().replace("TORCHSCRIPT:", "torchscript:")]).module(
+        "magnet_ae_i")(torch.rand(1, 1, 4, 4)).shape == (1, 3)
 
 
 @pytest.mark.parametrize("make, edit", [
@@ -130,7 +177,7 @@ def test_torchscript_artifact_loads(tmp_path):
 def test_torchscript_needs_kind_and_format(tmp_path, make, edit):
     root = _bundle(tmp_path) if make == "safetensors" else _torchscript_bundle(tmp_path)
     _edit(root, lambda m: edit(m["artifacts"]["classifier"]))
-    b = Bundle.load(root)
+    b = Bundle.load(root, trusted_imports=_trust(root))
     with pytest.raises(BundleError):
         b.classifier()
 
@@ -141,7 +188,42 @@ def test_huge_input_shape_is_refused(tmp_path):
     _edit(root, lambda m: m["input"].__setitem__("shape", [1, 10**7, 10**7]))
     with pytest.raises(BundleError, match="values per image"):
         Bundle.load(root)
-    assert InputSpec.from_json({"shape": [4, 4096, 4096], "class_names": ["a"]}).shape == (4, 4096, 4096)
+    assert InputSpec.from_json({"shape": [4, 4096, 4096], "class_names": ["a", "b"]}).shape == (4, 4096, 4096)
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("shape", [1, 4.9, 4], "three integers"),        # int() would serve it as 4
+    ("shape", [1, True, 4], "three integers"),
+    ("class_names", ["a"], "at least 2 classes"),
+    ("class_names", [], "at least 2 classes"),
+    ("class_names", "abc", "at least 2 classes"),
+    ("value_range", "ab", "finite numbers"),
+    ("value_range", [0, 1, 2], "lo < hi"),
+    ("value_range", [1, 0], "lo < hi"),
+    ("value_range", [0, float("inf")], "finite numbers"),
+    ("mean", [float("nan")], "finite numbers"),
+    ("std", [0.0], "positive"),
+])
+def test_the_input_section_is_checked_before_anything_is_served(tmp_path, key, value, problem):
+    """A manifest's input section the Classifier wrapper would turn into NaN logits (a zero or
+    NaN std), a label for every input, a truncated shape or a one-class service is refused."""
+    root = _bundle(tmp_path)
+    _edit(root, lambda m: m["input"].update({key: value, **({"std": [1.0]} if key == "mean" else {}),
+                                             **({"mean": [0.0]} if key == "std" else {})}))
+    with pytest.raises(BundleError, match=problem):
+        Bundle.load(root).input_spec
+
+
+def test_a_classifier_of_another_class_count_than_the_manifest_is_refused(tmp_path):
+    """Five class names over a 3-logit network: the labels past the third had no name, /v2
+    declared 5 probabilities and got 3, smoothing failed in torch's words at start-up."""
+    root = _bundle(tmp_path)
+    _edit(root, lambda m: m["input"].__setitem__("class_names", list("abcde")))
+    with pytest.raises(BundleError, match=r"'classifier': gives \[2, 3\] .* 5 classes"):
+        Bundle.load(root).classifier()
+    _edit(root, lambda m: m["input"].__setitem__("shape", [1, 5, 5]))  # and one it cannot take
+    with pytest.raises(BundleError, match=r"'classifier': fails on an input of the manifest's shape \[1, 5, 5\]"):
+        Bundle.load(root).classifier()
 
 
 @pytest.mark.parametrize("hidden", [10**12, 10**6, 16])
@@ -258,3 +340,35 @@ def test_networks_shieldserve_trains_take_pixels_a_brought_one_the_bundles_conve
     assert not takes_bundle_input("classifier", {"architecture": {"kind": "builtin"}})
     with pytest.raises(BundleError, match="preprocess must be"):
         takes_bundle_input("classifier", {"preprocess": "yes"})
+
+
+def test_nothing_in_the_repository_unpickles():
+    """Weights, caches and datasets are safetensors or npz without pickles: no torch.load (a
+    pickle loader, whatever its defaults in a given torch release), no pickle module."""
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for folder in ("service", "models", "bench", "examples"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            for needle in ("torch.load(", "import pickle", "pickle.load", "allow_pickle=True"):
+                if needle in text:
+                    found.append(f"{path.relative_to(root)}: {needle}")
+    assert not found, found
+
+
+def test_the_service_refuses_a_bundle_whose_build_has_not_finished(tmp_path):
+    """A build killed after its classifier step left a bundle that loaded and was served
+    undefended (the default pipeline fell back to `baseline`): refused before anything else."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    root = _bundle(tmp_path)
+    _edit(root, lambda m: m["build"].update({"complete": False, "pending_steps": ["magnet", "smoothing"],
+                                             "command": "shieldserve train --out b"}))
+    with pytest.raises(BundleError, match="has not finished .*magnet,smoothing.*shieldserve train --out b"):
+        with TestClient(create_app(load_settings(bundle=str(root), warmup=False))):
+            pass
+    _edit(root, lambda m: m["build"].update({"complete": True}))
+    Bundle.load(root).require_finished()  # finished; and bundles older than the marker have none

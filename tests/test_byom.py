@@ -126,6 +126,13 @@ def photos_bundle(photos: tuple[Path, Path], tmp_path_factory: pytest.TempPathFa
     return out
 
 
+def _trust(bundle: Path) -> list[str]:
+    """The `trusted_imports` entries the bundle's code needs (its TorchScript files by sha256)."""
+    from models.bundle import trust_needed
+
+    return trust_needed(_manifest(bundle))
+
+
 # ---------------------------------------------------------------------------- features
 def test_features_of_an_eager_network_are_the_input_of_its_last_linear() -> None:
     from examples.photo_cnn import PhotoCNN
@@ -236,7 +243,12 @@ def test_digits_torchscript_bundle(digits_bundle: Path) -> None:
     # NeuralFP fine-tuned a copy of the TorchScript MLP, kept as TorchScript
     nfp = m["artifacts"]["neuralfp_classifier"]
     assert nfp["format"] == "torchscript" and "TorchScript" in nfp["training"]["init"]
-    b = Bundle.load(digits_bundle)
+    # both are programs, served only where the operator trusts each by its sha256
+    assert _trust(digits_bundle) == sorted(f"torchscript:{m['artifacts'][a]['sha256']}"
+                                           for a in ("classifier", "neuralfp_classifier"))
+    with pytest.raises(UntrustedImport, match="neuralfp_classifier"):
+        Bundle.load(digits_bundle, trusted_imports=[f"torchscript:{m['artifacts']['classifier']['sha256']}", "torchscript"])
+    b = Bundle.load(digits_bundle, trusted_imports=_trust(digits_bundle))
     base, tuned = b.classifier(), b.classifier(artifact="neuralfp_classifier")
     diff = [float((p - q).abs().max()) for p, q in zip(base.network.parameters(), tuned.network.parameters())]
     assert max(diff) > 0, "the fingerprinted copy did not train"
@@ -302,17 +314,17 @@ def test_gate_enforced_marks_unusable_and_the_service_skips_it(digits_bundle: Pa
     shutil.copytree(digits_bundle, out)
     m = _manifest(out)
     # an impossible gate (accuracy must rise by a point) on the squeeze and magnet steps
-    build_bundle(out, dataset=m["build"]["dataset"], preset="quick", seed=0, steps=["magnet", "squeeze"],
+    build_bundle(out, dataset=m["build"]["dataset"], preset="quick", seed=0, steps=["magnet", "squeeze"], trusted_imports=_trust(out),
                  options={**QUICK, "quality": {"images": 16, "max_accuracy_drop": -0.01, "enforce": True}}, argv=[])
     q = _manifest(out)["quality"]["defenses"]
     for key in ("magnet", "magnet:reformer", "squeeze"):
         assert q[key]["usable"] is False and q[key]["passes"] is False
         assert "below the base classifier" in q[key]["reason"] and "accuracy_drop" in q[key]
     assert q["rmc"]["usable"]  # measured before, untouched
-    b = Bundle.load(out)
+    b = Bundle.load(out, trusted_imports=_trust(out))
     assert b.unusable("magnet") and b.unusable("rmc") is None and "no 'defensegan' section" in b.unusable("defensegan")
 
-    app = create_app(load_settings(None, bundle=str(out), warmup=False))
+    app = create_app(load_settings(None, bundle=str(out), warmup=False, trusted_imports=_trust(out)))
     with TestClient(app) as client:
         body = client.get("/pipelines").json()
         served = {p["name"] for p in body["pipelines"]}
@@ -346,7 +358,7 @@ def test_a_monitor_below_the_gate_is_off_and_pipelines_say_why(digits_bundle: Pa
     m["quality"]["defenses"]["query_monitor"] = {"usable": False, "passes": False,
                                                  "reason": "the query monitor flags 9 of 10 benign images"}
     (out / "manifest.json").write_text(json.dumps(m))
-    app = create_app(load_settings(None, bundle=str(out), warmup=False))
+    app = create_app(load_settings(None, bundle=str(out), warmup=False, trusted_imports=_trust(out)))
     with TestClient(app) as client:
         body = client.get("/pipelines").json()
         assert body["query_monitor_off"] == "the query monitor flags 9 of 10 benign images"
@@ -363,7 +375,7 @@ def test_a_monitor_below_the_gate_is_off_and_pipelines_say_why(digits_bundle: Pa
         m["quality"]["defenses"]["query_monitor:suspect_linf"] = {
             "usable": usable, "passes": usable, "reason": "fine" if usable else "the suspect pixel check finds 9 of 10"}
         (out / "manifest.json").write_text(json.dumps(m))
-        with TestClient(create_app(load_settings(None, bundle=str(out), warmup=False))) as client:
+        with TestClient(create_app(load_settings(None, bundle=str(out), warmup=False, trusted_imports=_trust(out)))) as client:
             body = client.get("/pipelines").json()
             assert body["query_monitor_off"] is None
             monitored = [p["query_monitor"] for p in body["pipelines"] if p["query_monitor"] is not None]
@@ -401,7 +413,7 @@ def test_a_step_that_cannot_be_built_is_recorded_not_fatal(tmp_path: Path, digit
     assert "rmc" not in m["defenses"]
     assert m["quality"]["defenses"]["rmc"]["usable"] is False
     assert "not a chain" in m["quality"]["defenses"]["rmc"]["reason"]
-    assert "not a chain" in Bundle.load(out).unusable("rmc")
+    assert "not a chain" in Bundle.load(out, trusted_imports=_trust(out)).unusable("rmc")
 
 
 def test_steps_quality_measures_the_bundle_again(digits_bundle: Path, tmp_path: Path) -> None:
@@ -413,7 +425,7 @@ def test_steps_quality_measures_the_bundle_again(digits_bundle: Path, tmp_path: 
     shutil.copytree(digits_bundle, out)
     before = _manifest(out)
     build_bundle(out, dataset=before["build"]["dataset"], preset="quick", steps=["quality"],
-                 options={"quality": {"images": 8}}, argv=[])
+                 options={"quality": {"images": 8}}, argv=[], trusted_imports=_trust(out))
     after = _manifest(out)
     assert after["artifacts"] == before["artifacts"]  # nothing retrained
     monitor = ("query_monitor", "query_monitor:suspect_linf")
@@ -494,7 +506,8 @@ def test_the_gate_passes_nothing_on_too_few_images(digits_bundle: Path) -> None:
     for images, passes in ((1, False), (2, True)):
         manifest = json.loads(json.dumps(m))
         quality.measure(digits_bundle, manifest, "squeeze", ds, "quick",
-                        {"images": images, "max_accuracy_drop": 1.0, "enforce": True}, torch.device("cpu"))
+                        {"images": images, "max_accuracy_drop": 1.0, "enforce": True}, torch.device("cpu"),
+                        tuple(_trust(digits_bundle)))
         d = manifest["quality"]["defenses"]["squeeze"]
         assert d["images"] == images and d["passes"] is passes and d["usable"] is passes, d
         assert ("only 1 validation images, fewer than the 2" in d["reason"]) is not passes, d
@@ -538,12 +551,13 @@ def test_steps_on_a_bundle_default_to_its_dataset_and_refuse_another(tmp_path: P
     with np.load(mine) as f:
         np.savez(other, **{k: f[k] for k in f.files})
     with pytest.raises(ValueError, match=f"was built on npz:{mine}; pass --dataset npz:{mine}"):
-        build_bundle(out, dataset=f"npz:{other}", preset="quick", steps=["squeeze"], argv=[])
+        build_bundle(out, dataset=f"npz:{other}", preset="quick", steps=["squeeze"], argv=[], trusted_imports=_trust(out))
 
     loaded: list[str] = []
     real = models.train.load_dataset
     monkeypatch.setattr(models.train, "load_dataset", lambda spec: loaded.append(spec) or real(spec))
-    build_bundle(out, preset="quick", steps=["squeeze"], options={"squeeze": {"bound": 0.01}}, argv=[])
+    build_bundle(out, preset="quick", steps=["squeeze"], options={"squeeze": {"bound": 0.01}}, argv=[],
+                 trusted_imports=_trust(out))
     assert loaded == [f"npz:{mine}"] and "squeeze" in _manifest(out)["defenses"]
 
     # the same name, other content (re-split, or replaced in place): refused, not extended
@@ -552,7 +566,7 @@ def test_steps_on_a_bundle_default_to_its_dataset_and_refuse_another(tmp_path: P
     arrays["y_test"] = arrays["y_test"][::-1].copy()
     np.savez(mine, **arrays)
     with pytest.raises(ValueError, match="is not the data the bundle .* was built on"):
-        build_bundle(out, preset="quick", steps=["squeeze"], argv=[])
+        build_bundle(out, preset="quick", steps=["squeeze"], argv=[], trusted_imports=_trust(out))
 
 
 def test_the_gate_checks_a_new_builtin_classifier(tmp_path: Path, digits: tuple[Path, Path], monkeypatch) -> None:

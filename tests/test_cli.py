@@ -310,18 +310,48 @@ def test_train_mistakes_are_one_line_and_status_2(tmp_path, no_build, capsys) ->
         "missing weights": (["--classifier", "import:examples.photo_cnn:PhotoCNN",
                              "--classifier-weights", str(tmp_path / "none.safetensors")], "no such file"),
         "feature layer alone": (["--feature-layer", "fc1"], "--feature-layer is for a classifier you bring"),
+        # an existing file: os.makedirs' FileExistsError traceback
+        "out is a file": (["--out", str(no_x_test)], f"--out {no_x_test} is a file; --out names the bundle directory"),
     }
+    before = no_x_test.read_bytes()
     for name, (argv, says) in cases.items():
         assert cli.main(out + argv) == 2, name
         assert says in _one_error_line(capsys), name
     assert not (tmp_path / "b").exists()
+    assert no_x_test.read_bytes() == before
+
+
+def test_a_file_exists_error_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    """Wherever else a path the user gave is in the way (os.makedirs under --out), one line."""
+    import models.train
+
+    monkeypatch.setattr(models.train, "build_bundle",
+                        lambda out, **kw: (_ for _ in ()).throw(FileExistsError(17, "File exists", str(out))))
+    assert cli.main(["train", "--out", str(tmp_path / "b")]) == 2
+    assert "File exists" in _one_error_line(capsys)
+
+
+def test_train_force_reaches_build_bundle(tmp_path, monkeypatch) -> None:
+    _recorders(monkeypatch)
+    import models.train
+
+    kwargs: dict[str, Any] = {}
+    recorder = models.train.build_bundle
+    monkeypatch.setattr(models.train, "build_bundle", lambda out, **kw: (kwargs.update(kw), recorder(out, **kw))[1])
+    assert cli.main(["train", "--out", str(tmp_path / "b")]) == 0
+    assert kwargs["force"] is False
+    assert cli.main(["train", "--out", str(tmp_path / "b"), "--force"]) == 0
+    assert kwargs["force"] is True
 
 
 @pytest.mark.parametrize(("argv", "flag"), [
     (["--value-range", "0"], "--value-range"), (["--value-range", "1,0"], "--value-range"),
     (["--options", "{bad json"], "--options"), (["--options", "[1]"], "--options"),
     (["--classifier-kwargs", "{"], "--classifier-kwargs"), (["--steps", "bogus"], "--steps"),
-    (["--steps", "magnet,bogus"], "--steps"), (["--mean", "a"], "--mean"), (["--std", "0"], "--std")])
+    (["--steps", "magnet,bogus"], "--steps"), (["--mean", "a"], "--mean"), (["--std", "0"], "--std"),
+    # a fraction: "2" (meant as 2 %) turned the quality gate off
+    (["--max-accuracy-drop", "2"], "--max-accuracy-drop"), (["--max-accuracy-drop", "1"], "--max-accuracy-drop"),
+    (["--max-accuracy-drop", "-0.01"], "--max-accuracy-drop"), (["--max-accuracy-drop", "nan"], "--max-accuracy-drop")])
 def test_bad_option_values_are_argparse_errors(argv: list[str], flag: str, tmp_path, no_build, capsys) -> None:
     """Values argparse can check are checked by it: its usage line, then one error line, status 2."""
     with pytest.raises(SystemExit) as exc:
@@ -345,6 +375,46 @@ def test_good_option_values_reach_build_bundle(tmp_path, monkeypatch) -> None:
     assert kwargs["input_overrides"] == {"value_range": (-1.0, 1.0), "mean": (0.5,), "std": (1.0,)}
     assert kwargs["steps"] == ["magnet", "quality"]
     assert kwargs["options"] == {"quality": {"images": 0, "max_accuracy_drop": 0.05}}
+    for drop in ("0", "0.999"):  # the ends of [0, 1)
+        assert cli.main(["train", "--out", str(tmp_path / "b"), "--max-accuracy-drop", drop]) == 0
+        assert kwargs["options"] == {"quality": {"max_accuracy_drop": float(drop)}}
+
+
+def test_the_max_accuracy_drop_error_says_it_is_a_fraction(tmp_path, no_build, capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--out", str(tmp_path / "b"), "--max-accuracy-drop", "2"])
+    assert "expected a number at least 0 and below 1 (a fraction: 0.02 is 2%), got '2'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--port", "99999"], "--port"), (["--port", "65536"], "--port"), (["--port", "-5"], "--port"),
+    (["--port", "http"], "--port"), (["--workers", "0"], "--workers"), (["--workers", "-2"], "--workers")])
+def test_bad_serve_values_are_argparse_errors(argv: list[str], flag: str, monkeypatch, capsys) -> None:
+    """uvicorn listened on 99999 mod 65536 (logging 99999) and refused -5 with "Servname not
+    supported for ai_socktype" after the bundle had loaded."""
+    import service.server
+
+    monkeypatch.setattr(service.server, "serve", lambda settings, config: pytest.fail("the server was started"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"shieldserve serve: error: argument {flag}: ")
+
+
+def test_serve_takes_the_ends_of_the_port_range_and_refuses_a_port_setting_past_it(monkeypatch, capsys,
+                                                                                  logging_restored) -> None:
+    import service.server
+
+    served: list[Any] = []
+    monkeypatch.setattr(service.server, "serve", lambda settings, config: served.append(settings))
+    for port in ("0", "65535"):
+        assert cli.main(["serve", "--port", port, "--workers", "1"]) == 0
+    assert [s.port for s in served] == [0, 65535]
+    monkeypatch.setenv("SHIELDSERVE_PORT", "99999")  # the setting itself, from the environment
+    assert cli.main(["serve"]) == 2
+    assert "port" in _one_error_line(capsys) and len(served) == 2
 
 
 def test_evaluate_on_a_missing_bundle_is_one_line(tmp_path, capsys) -> None:

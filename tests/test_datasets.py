@@ -138,6 +138,10 @@ def test_builtin_mnist5k_has_no_shared_images(mnist):
     ({"x_test": np.zeros((100, 1, 9, 9), np.uint8)}, r"differ in shape \(x_train \(1, 8, 8\), x_test \(1, 9, 9\)\)"),
     ({"y_test": np.arange(50) % 10}, "x_test holds 100 images but y_test 50 labels"),
     ({"y_train": np.arange(200) % 10 + 10, "y_test": np.arange(100) % 10 + 10}, "10 of the 20 classes have no training image"),
+    # one class: the quick preset built and served a bundle that answers it for every image
+    ({"y_train": np.zeros(200, np.int64), "y_test": np.zeros(100, np.int64)}, "every label is 0: .*needs at least 2 classes"),
+    ({"y_train": np.zeros(200, np.int64), "y_test": np.zeros(100, np.int64), "class_names": np.array(["only"])},
+     "needs at least 2 classes"),
     # carved, class 3's one image would go to validation, leaving none to train on
     ({"y_train": np.where(np.arange(200) % 10 == 3, 4, np.arange(200) % 10) + np.eye(200, dtype=np.int64)[3] * -1},
      "class 3 has a single training image and no validation split was given"),

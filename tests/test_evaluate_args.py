@@ -276,6 +276,9 @@ def test_the_threat_models_leave_out_what_the_run_did_not_measure() -> None:
     (["--transfer-steps", "x"], "--transfer-steps"), (["--query-budget", "0"], "--query-budget"),
     (["--query-attacks", "square_0.3,hjs"], "--query-attacks"), (["--query-attacks", "square_2"], "--query-attacks"),
     (["--query-attacks", ","], "--query-attacks"), (["--query-l2-eps", "0"], "--query-l2-eps"),
+    # --threads -1 was torch's RuntimeError traceback; --jobs 0 was taken (one process, said nowhere)
+    (["--threads", "-1"], "--threads"), (["--jobs", "0"], "--jobs"), (["--linf-eps", "nan"], "--linf-eps"),
+    (["--transfer-decay", "inf"], "--transfer-decay"),
 ])
 def test_a_bad_budget_is_an_argparse_error(argv: list[str], flag: str, tmp_path, never_reached, capsys) -> None:
     """The budgets took 0 or a negative (`--linf-eps -0.1`) and --query-attacks any name: they
@@ -287,3 +290,121 @@ def test_a_bad_budget_is_an_argparse_error(argv: list[str], flag: str, tmp_path,
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"shieldserve evaluate: error: argument {flag}: ")
     assert not (tmp_path / "report").exists()
+
+
+# ---------------------------------------------------------------------- --out, and the service at --url
+def test_an_out_that_is_a_file_is_one_line(tmp_path, never_reached, capsys) -> None:
+    """os.makedirs(--out) raised FileExistsError (a traceback) after the query section had run."""
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    for sections in ("oblivious", "query"):
+        assert cli.main(["evaluate", "--out", str(out), "--sections", sections, "--url", "http://127.0.0.1:9"]) == 2
+        assert f"--out {out} is a file" in _one_error_line(capsys)
+    assert out.read_text() == "mine"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_service_that_cannot_be_reached_or_refuses_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    """The query section against a --url nobody listens on (httpx's ConnectError, wrapped in
+    ServiceError) or one that refuses the API key: a traceback, now one line and status 2."""
+    from service.evaluation import blackbox, query_attacks
+
+    url = f"http://127.0.0.1:{_closed_port()}"
+    argv = ["evaluate", "--out", str(tmp_path / "q"), "--sections", "query", "--url", url, "--query-digits", "1",
+            "--query-budget", "5", "--query-attacks", "hsj", "--query-no-adaptive"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err  # the section's progress bar (query_attacks' own tqdm) around the line
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "shieldserve: error: " in line]
+    assert line.split("shieldserve: error: ")[1].startswith("ConnectError")
+
+    def refused(url: str, out: Path, **kw: Any) -> None:
+        raise blackbox.ServiceError("401 unauthorized from the service: it needs an API key this evaluation does not "
+                                    "have (give --api-key, or set SHIELDSERVE_EVAL_API_KEY)")
+
+    monkeypatch.setattr(query_attacks, "run", refused)
+    assert cli.main([*argv, "--api-key", "wrong"]) == 2
+    assert "401 unauthorized" in _one_error_line(capsys)
+
+
+def _finished(out: Path, **extra: Any) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"command": "shieldserve evaluate --limit 200", "started": "2026-01-01T00:00:00Z",
+                       "pipelines": {}, **extra})
+    (out / "report.json").write_text(text)
+    return text
+
+
+def test_a_finished_report_is_not_replaced_without_force(tmp_path, reached, capsys) -> None:
+    """evaluate replaced an earlier run's finished report in the same --out without a word."""
+    out = tmp_path / "r"
+    text = _finished(out, finished="2026-01-01T01:00:00Z")
+    assert cli.main(["evaluate", "--out", str(out), "--limit", "5"]) == 2
+    line = _one_error_line(capsys)
+    assert f"--out {out} holds the finished report of an earlier run (finished 2026-01-01T01:00:00Z" in line
+    assert "--force" in line and "shieldserve evaluate --limit 200" in line
+    assert (out / "report.json").read_text() == text and not reached["evaluate"]
+    # the query section alone writes query_attacks.*, not report.json: not refused
+    assert cli.main(["evaluate", "--out", str(out), "--sections", "query", "--url", "http://127.0.0.1:9"]) == 0
+    assert len(reached["query"]) == 1
+    assert cli.main(["evaluate", "--out", str(out), "--limit", "5", "--force"]) == 0
+    assert len(reached["evaluate"]) == 1
+
+
+def test_an_interrupted_run_is_started_over_without_force(tmp_path, reached) -> None:
+    """A report.json without `finished` is an interrupted run's (saved as it went): rerunning the
+    command into the same --out (where its transfer surrogates are cached) is how it goes on."""
+    out = tmp_path / "r"
+    _finished(out)
+    assert cli.main(["evaluate", "--out", str(out), "--limit", "5"]) == 0
+    (out / "report.json").write_text('{"command": "shieldserve evaluate", "pipel')  # cut off mid-write
+    assert cli.main(["evaluate", "--out", str(out), "--limit", "5"]) == 0
+    assert len(reached["evaluate"]) == 2
+
+
+def test_the_report_files_are_replaced_whole(tmp_path, monkeypatch) -> None:
+    """report.json (after every pipeline), report.md, the plots and --doc were rewritten in place:
+    a reader, or a run killed mid-write, saw half a file. Each is now written beside and renamed
+    over the old one: a reader's open file keeps the old whole, and a failed write leaves it."""
+    import os
+    from types import SimpleNamespace
+
+    from service.evaluation import report
+
+    out, doc = tmp_path / "r", tmp_path / "docs" / "security-report.md"
+    out.mkdir()
+    doc.parent.mkdir()
+    names = ("report.json", "report.md", "accuracy_vs_eps.png")
+    for path in (*(out / n for n in names), doc):
+        path.write_text("old " * 1000)
+    readers = {p: open(p) for p in (*(out / n for n in names), doc)}
+    try:
+        fake = SimpleNamespace(cfg=SimpleNamespace(out=str(out)), report=_fake_report())
+        harness.Evaluation.save(fake)  # type: ignore[arg-type]
+        report.write(fake.report, out, doc=doc)
+        for path, fh in readers.items():
+            assert fh.read() == "old " * 1000, path  # the old file, whole
+            assert os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino, path  # a new file took its name
+        assert json.loads((out / "report.json").read_text())["bundle_version"] == "v1"
+    finally:
+        for fh in readers.values():
+            fh.close()
+    assert not [p.name for p in (out, doc.parent) for p in p.iterdir() if p.name.endswith(".tmp")]
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    before = (out / "report.json").read_text()
+    fake.report["pipelines"] = {}
+    with pytest.raises(OSError, match="No space left"):
+        harness.Evaluation.save(fake)  # type: ignore[arg-type]
+    assert (out / "report.json").read_text() == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -64,6 +64,9 @@ def test_a_defense_below_the_gate_not_enforced_is_served_with_a_warning(quick_bu
     pipes = {p["name"]: p for p in body["pipelines"]}
     assert pipes["neuralfp"]["quality"] == "below_gate_not_enforced"
     assert "defense neuralfp" in pipes["neuralfp"]["quality_warning"]
+    # /pipelines answers anyone: the log's command names the bundle's path, the response does not
+    assert "--out BUNDLE --dataset DATASET" in pipes["neuralfp"]["quality_warning"]
+    assert str(bundle) not in json.dumps(body) and str(tmp_path) not in json.dumps(body)
     assert pipes["magnet"]["quality"] == "passed" and pipes["magnet"]["quality_warning"] is None
     assert pipes["baseline"]["quality"] is None  # no defense for the gate to measure
     # the existing fields are still there

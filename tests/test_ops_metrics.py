@@ -79,3 +79,30 @@ def test_a_replica_exposes_its_monitored_pipelines_flags_at_zero_from_the_start(
     assert 'shieldserve_query_monitor_flags_total{pipeline="magnet"} 0.0' in text
     assert 'shieldserve_query_monitor_flags_total{pipeline="default"} 0.0' in text
     assert 'shieldserve_query_monitor_flags_total{pipeline="baseline"}' not in text
+
+
+def test_requests_for_no_route_are_counted_by_status_only(make_client) -> None:
+    """A scanner's paths and wrong methods were in no metric (only the access log had them):
+    counted by status, never by the path or method the client chose; a wrong method on a
+    classifying route is that endpoint's `error`."""
+    import re
+
+    c = make_client(warmup=False)
+
+    def count(text: str, pattern: str) -> float:
+        m = re.search(pattern, text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    before = c.get("/metrics").text
+    paths = [f"/wp-admin/{i}.php" for i in range(20)] + ["/v3/models", "/predict/x"]
+    for p in paths:
+        assert c.get(p).status_code == 404
+    for method in ("PUT", "DELETE", "PATCH"):
+        assert c.request(method, "/healthz").status_code == 405
+        assert c.request(method, "/predict").status_code == 405
+    text = c.get("/metrics").text
+    assert count(text, r'^shieldserve_unrouted_requests_total\{status="404"\} (\S+)') == len(paths)
+    assert count(text, r'^shieldserve_unrouted_requests_total\{status="405"\} (\S+)') == 3
+    predict_errors = r'^shieldserve_requests_total\{endpoint="predict",outcome="error",pipeline="unknown"\} (\S+)'
+    assert count(text, predict_errors) - count(before, predict_errors) == 3
+    assert "wp-admin" not in text and "PATCH" not in text

@@ -1104,3 +1104,23 @@ def test_a_blocked_clients_refused_queries_are_not_remembered(store, request, mn
     assert v.flagged == [False], v
     if store == "redis":
         assert monitor.redis is not None and monitor._down_since is None
+
+
+def test_replicas_sharing_a_redis_monitor_share_the_noise_key(make_client, redis_url, caplog) -> None:  # noqa: F811
+    """Without query_monitor.secret the replicas' monitors agree on a key through Redis; the
+    smoothing noise key is derived from it, so a resend to another replica is answered from the
+    same noise (each replica had drawn its own: two answers to one image). A process with its
+    own key says so at start-up where it is meant to be one of several."""
+    import uuid
+
+    qm = {"store": "redis", "redis_url": redis_url, "redis_prefix": f"t-{uuid.uuid4().hex[:8]}:"}
+    a, b = make_client(warmup=False, query_monitor=qm), make_client(warmup=False, query_monitor=qm)
+    key_a, key_b = a.app.state.runtime.noise_key, b.app.state.runtime.noise_key
+    monitor_key = a.app.state.runtime.monitor.fingerprinter.key
+    assert key_a == key_b and monitor_key not in key_a  # derived, not the monitor's key itself
+    other = make_client(warmup=False, query_monitor={**qm, "redis_prefix": "t-other:"})
+    assert other.app.state.runtime.noise_key != key_a
+    with caplog.at_level(logging.WARNING, logger="shieldserve"):
+        alone = make_client(warmup=False, workers=2)
+    assert alone.app.state.runtime.noise_key != key_a
+    assert any("noise key is this process's own" in r.getMessage() for r in caplog.records)

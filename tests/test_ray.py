@@ -19,13 +19,16 @@ from tests.conftest import free_ports, png
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")
 ray = pytest.importorskip("ray")
 
-from service.ray_app import PROXY_ENV, RayOptions, deployment_options, http_options  # noqa: E402
+from service.ray_app import PROXY_ENV, RayOptions, deployment_options, start_serve  # noqa: E402
 from service.settings import load_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 # a monitored pipeline without defenses that blocks a client at its first flag
 WATCH = {"watch": {"defenses": [], "query_monitor": {"action": "block", "block_after": 0, "cooldown_s": 600}}}
+LIMITS = {"max_body_bytes": 1 << 20}  # the module's Ray: 1 MiB bodies, at the proxy and the replicas
+# the module's deployment: up to 2 replicas of 16 request slots each
+OPTIONS = RayOptions(min_replicas=1, max_replicas=2, target_ongoing_requests=4, max_ongoing_requests=16, num_cpus=0.5)
 
 
 def free_port() -> int:
@@ -92,10 +95,11 @@ def test_secrets_in_json_sections_or_odd_case_names_stay_out_of_the_runtime_env(
 
 
 def test_deployment_options_autoscaling_and_gpu_fractions(quick_bundle: Path) -> None:
-    cpu = deployment_options(load_settings(bundle=quick_bundle, device="cpu"),
+    cpu = deployment_options(load_settings(bundle=quick_bundle, device="cpu", graceful_timeout_s=7),
                              RayOptions(min_replicas=2, max_replicas=6, target_ongoing_requests=4,
                                         max_ongoing_requests=16))
     assert cpu["autoscaling_config"]["min_replicas"] == 2 and cpu["autoscaling_config"]["max_replicas"] == 6
+    assert cpu["graceful_shutdown_timeout_s"] == 7  # the service's graceful period, not Ray's own
     assert cpu["autoscaling_config"]["target_ongoing_requests"] == 4
     assert cpu["max_ongoing_requests"] == 16 and "num_gpus" not in cpu["ray_actor_options"]
     gpu = deployment_options(load_settings(bundle=quick_bundle, device="cuda"), RayOptions())
@@ -104,11 +108,67 @@ def test_deployment_options_autoscaling_and_gpu_fractions(quick_bundle: Path) ->
     assert quarter["ray_actor_options"]["num_gpus"] == 0.25
     with pytest.raises(ValueError):
         RayOptions(min_replicas=3, max_replicas=2).validated()
+    with pytest.raises(ValueError):
+        RayOptions(body_timeout_s=0).validated()
     os.environ["SHIELDSERVE_RAY_MAX_REPLICAS"] = "7"
+    os.environ["SHIELDSERVE_RAY_BODY_TIMEOUT_S"] = "30"
     try:
-        assert RayOptions.from_env().max_replicas == 7
+        assert RayOptions.from_env().max_replicas == 7 and RayOptions.from_env().body_timeout_s == 30
     finally:
-        del os.environ["SHIELDSERVE_RAY_MAX_REPLICAS"]
+        del os.environ["SHIELDSERVE_RAY_MAX_REPLICAS"], os.environ["SHIELDSERVE_RAY_BODY_TIMEOUT_S"]
+
+
+def test_a_bad_bundle_is_refused_before_ray_starts(quick_bundle: Path, tmp_path: Path, monkeypatch,
+                                                   capsys) -> None:
+    """The driver verifies the bundle as every replica would: a corrupted artifact is one line
+    and exit 2 from `serve --ray`, before Ray starts (it was a failed deployment after the
+    replicas had tried, 260 lines and a RuntimeError, 34 s)."""
+    import shutil
+
+    from models.bundle import BundleError
+    from service import cli, ray_app
+    from service.ray_app import build_app
+
+    bad = tmp_path / "bundle"
+    shutil.copytree(quick_bundle, bad)
+    weights = bad / "classifier.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        build_app(options=RayOptions(max_replicas=1), bundle=bad)
+    ray_init = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: ray_init.append(a))
+    monkeypatch.setattr(ray_app, "start_serve", lambda *a: ray_init.append(a))
+    monkeypatch.setenv("SHIELDSERVE_BUNDLE", str(bad))
+    assert cli.main(["serve", "--ray", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("shieldserve: error: ") and "classifier" in err[-1], err
+    assert not ray_init
+
+
+def test_a_replica_sets_up_logging_as_serve_does(quick_bundle: Path, monkeypatch) -> None:
+    """A replica's app is built after logging is configured from its settings (`log_level`,
+    `json_logs`): the service's access lines and JSON logs behind Ray too."""
+    import logging
+
+    import service.server
+    from service import ray_app
+    from service.logs import JsonFormatter, TextFormatter
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    monkeypatch.setattr(service.server, "apply_process_settings", lambda settings: None)
+    monkeypatch.setattr(ray_app, "replica_app", lambda settings: settings)
+    try:
+        settings = ray_app.build_replica(None, {"bundle": str(quick_bundle), "log_level": "error", "json_logs": False})
+        assert settings.log_level == "error" and root.level == logging.ERROR
+        assert isinstance(root.handlers[-1].formatter, TextFormatter)
+        ray_app.build_replica(None, {"bundle": str(quick_bundle), "log_level": "debug"})
+        assert root.level == logging.DEBUG and isinstance(root.handlers[-1].formatter, JsonFormatter)
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
 
 
 def test_several_replicas_with_per_replica_stores_warn_at_start(caplog, default_bundle: Path) -> None:
@@ -168,6 +228,148 @@ def test_rays_own_503_and_timeout_follow_the_services_settings(default_bundle: P
     HTTPOptions.model_validate(options)  # what serve.start does with it
 
 
+def _asgi(app, path: str, headers: dict[str, str] | None = None, body: list[bytes] | None = None,
+          method: str = "POST") -> tuple[dict, dict, bytes, list[int]]:
+    """One request through an ASGI app, its body in the parts given (None: a client that sends
+    nothing more). Returns the response's start message, its headers (lower-cased names; the
+    values of a repeated one joined by ", "), its body, and how many parts the app read."""
+    import asyncio
+
+    parts, read, sent = list(body or [b""]), [0], []
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "scheme": "http",
+             "http_version": "1.1", "root_path": ""}
+
+    async def receive() -> dict:
+        if body is None or read[0] >= len(parts):
+            await asyncio.sleep(3600)  # the client sends nothing more
+        read[0] += 1
+        return {"type": "http.request", "body": parts[read[0] - 1], "more_body": read[0] < len(parts)}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    hdrs: dict[str, str] = {}
+    for k, v in start["headers"]:
+        name = bytes(k).decode().lower()
+        hdrs[name] = f"{hdrs[name]}, {bytes(v).decode()}" if name in hdrs else bytes(v).decode()
+    return start, hdrs, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"), read
+
+
+def test_proxy_edge_checks_the_key_and_the_size_before_reading_the_body() -> None:
+    """Ray's proxy read a body whole, with no limit, before the replica's limit and key check
+    saw it; in front of it (service.ray_proxy) the key is checked from the headers, the size
+    from Content-Length and then from the bytes received, and the body is read whole (each
+    part within body_timeout_s) before Ray gets the request."""
+    import hashlib
+    import json
+
+    from service.ray_proxy import ProxyConfig, ProxyEdgeMiddleware
+
+    seen = []
+
+    async def ray_proxy(scope, receive, send):  # stands for Ray's proxy app: echoes the body it got
+        message = await receive()
+        seen.append(message)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": message["body"]})
+
+    key = hashlib.sha256(b"k-1").hexdigest()
+    edge = ProxyEdgeMiddleware(ray_proxy, ProxyConfig(max_body_bytes=100, body_timeout_s=0.2, api_keys=(key,)))
+    # no key, or a wrong one, on a pipeline route: 401 from the headers, nothing of the body read
+    for path, headers in (("/predict", {}), ("/certify", {"X-API-Key": "nope"}),
+                          ("/v2/models/default/infer", {"Authorization": "Bearer nope"})):
+        start, h, body, read = _asgi(edge, path, {"Content-Length": "1000000", **headers}, [b"x" * 50] * 40)
+        assert start["status"] == 401 and read == [0] and not seen, (path, body)
+        assert h["content-type"] == "application/json" and h["connection"] == "close"
+        assert h["www-authenticate"] == "Bearer" and len(h["x-request-id"]) == 36  # the id Ray would make
+        error = json.loads(body)["error"]
+        assert error == "unknown API key" if path.startswith("/v2/") else error["code"] == "unauthorized", error
+    # with the key: too large by Content-Length (not read), or by the bytes received (read up to the limit)
+    start, h, body, read = _asgi(edge, "/predict", {"X-API-Key": "k-1", "Content-Length": "101", "X-Request-ID": "t-1"},
+                                 [b"x" * 101])
+    assert start["status"] == 413 and read == [0] and h["x-request-id"] == "t-1" and h["connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
+    start, h, body, read = _asgi(edge, "/predict", {"X-API-Key": "k-1"}, [b"x" * 60] * 40)
+    assert start["status"] == 413 and read == [2] and not seen
+    # a body that stops arriving: 408 after body_timeout_s, Ray never saw the request
+    start, h, body, read = _asgi(edge, "/predict", {"X-API-Key": "k-1"}, None)
+    assert start["status"] == 408 and json.loads(body)["error"]["code"] == "request_timeout" and not seen
+    # within the limits: Ray gets the whole body in one message (no replica slot held while it arrives)
+    start, h, body, read = _asgi(edge, "/predict", {"Authorization": "Bearer k-1"}, [b"ab", b"cd", b"e"])
+    assert start["status"] == 200 and body == b"abcde" and seen[-1]["more_body"] is False
+    # keys are for the pipeline routes only (as the replica checks them); the size limit is for all
+    assert _asgi(edge, "/healthz", {}, [b"x" * 100])[0]["status"] == 200
+    assert _asgi(edge, "/healthz", {}, [b"x" * 101])[0]["status"] == 413
+
+
+def test_proxy_edge_answers_rays_own_errors_in_the_contracts_json() -> None:
+    """Ray's proxy answers its own errors in text/plain (backpressure 503, its timeout 408, an
+    application not deployed 404) or not at all (a replica died with the request: uvicorn's bare
+    500): each becomes the contract's JSON error, with an X-Request-ID; the service's own
+    answers, and Ray's /-/ routes, pass untouched."""
+    import json
+
+    from ray.serve._private.http_util import RequestIdMiddleware as RaysRequestIdMiddleware
+
+    from service.ray_proxy import ProxyConfig, ProxyEdgeMiddleware, middlewares
+
+    def rays(status: int | None, headers=(), content_type=b"text/plain; charset=utf-8"):
+        async def app(scope, receive, send):
+            await receive()
+            if status is not None:
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [[b"content-type", content_type], *headers]})
+                await send({"type": "http.response.body", "body": b"Ray's own words"})
+        # as in the proxy: the service's middleware outside Ray's RequestIdMiddleware
+        return ProxyEdgeMiddleware(RaysRequestIdMiddleware(app), ProxyConfig(retry_after_s=3))
+
+    cases = [  # Ray's answer -> the contract's
+        (rays(503, [[b"retry-after", b"2"]]), 503, "overloaded", "2"),  # backpressure
+        (rays(503), 503, "unavailable", "3"),  # no replica (a deployment that failed)
+        (rays(408), 504, "deadline_exceeded", None),  # Ray's request_timeout_s
+        (rays(404), 503, "unavailable", "3"),  # the application deleted (serve --ray stopping)
+        (rays(None), 503, "unavailable", "3"),  # the replica died: Ray answered nothing
+    ]
+    for app, status, code, retry_after in cases:
+        start, h, body, _ = _asgi(app, "/predict", {}, [b"png"])
+        assert (start["status"], json.loads(body)["error"]["code"]) == (status, code), body
+        assert h["content-type"] == "application/json" and h.get("retry-after") == retry_after
+        assert len(h["x-request-id"]) == 36 and "," not in h["x-request-id"]  # one id, Ray's kind
+        start, h, body, _ = _asgi(app, "/v2/models/default/infer", {"X-Request-ID": "t-2"}, [b"{}"])
+        assert start["status"] == status and isinstance(json.loads(body)["error"], str) and h["x-request-id"] == "t-2"
+    service_503 = rays(503, [[b"retry-after", b"1"]], content_type=b"application/json")  # the service's own
+    assert _asgi(service_503, "/predict", {}, [b""])[2] == b"Ray's own words"
+    assert _asgi(rays(503), "/-/healthz", {}, [b""], method="GET")[2] == b"Ray's own words"
+    # what Ray's proxy wants from the callback (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH)
+    from ray.serve._private.http_util import validate_http_proxy_callback_return
+
+    assert validate_http_proxy_callback_return(middlewares())
+
+
+def test_the_proxys_environment_carries_its_limits_and_no_key(quick_bundle: Path) -> None:
+    import hashlib
+    import json
+
+    from service.ray_app import proxy_env
+    from service.ray_proxy import CONFIG_ENV, ProxyConfig
+
+    digest = hashlib.sha256(b"key-secret-1").hexdigest()
+    settings = load_settings(bundle=quick_bundle, api_keys={"ci": digest}, limits={"max_body_bytes": 4096},
+                             admission={"retry_after_s": 2})
+    env = proxy_env(settings, RayOptions(body_timeout_s=9))
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "service.ray_proxy:middlewares"
+    assert env["FORWARDED_ALLOW_IPS"] == "" and "secret" not in repr(env) and all(isinstance(v, str) for v in env.values())
+    assert ProxyConfig.from_env(env) == ProxyConfig(max_body_bytes=4096, body_timeout_s=9, api_keys=(digest,),
+                                                    retry_after_s=2)
+    assert ProxyConfig.from_env({}) == ProxyConfig()  # unset: the settings' defaults
+    with pytest.raises(ValueError):
+        ProxyConfig.from_env({CONFIG_ENV: json.dumps({"max_body_bytes": 0})})
+
+
 def request_ids(response) -> list[str]:
     return [v for k, v in response.headers.multi_items() if k.lower() == "x-request-id"]
 
@@ -212,11 +414,12 @@ def ray_serve(quick_bundle: Path):
                                        **PROXY_ENV}})
     try:
         port = free_port()  # once Ray's own sockets are bound (below the kernel's range: free_ports)
-        serve.start(http_options=http_options(load_settings(bundle=quick_bundle, host="127.0.0.1", port=port)))
+        # as `serve --ray` starts it: the proxies' options and environment (service.ray_proxy's
+        # middleware and its limits) through Serve's controller
+        start_serve(load_settings(bundle=quick_bundle, host="127.0.0.1", port=port, limits=LIMITS), OPTIONS)
         started = time.perf_counter()
-        app = build_app(options=RayOptions(min_replicas=1, max_replicas=2, target_ongoing_requests=4,
-                                           max_ongoing_requests=16, num_cpus=0.5),
-                        bundle=quick_bundle, torch_threads=1, log_level="warning", pipelines=WATCH)
+        app = build_app(options=OPTIONS, bundle=quick_bundle, torch_threads=1, log_level="warning",
+                        pipelines=WATCH, limits=LIMITS)
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"\n[ray] application running in {time.perf_counter() - started:.1f} s")
         yield f"http://127.0.0.1:{port}"
@@ -285,22 +488,159 @@ def test_predict_through_ray_serve(ray_serve: str, mnist) -> None:
     assert status.deployments[DEPLOYMENT_NAME].status == "HEALTHY"
 
 
-def test_serve_ray_cli_joins_a_cluster_and_drains_on_sigterm(ray_serve: str, quick_bundle: Path, mnist,
-                                                             tmp_path: Path) -> None:
-    """`shieldserve serve --ray --ray-address ADDR` on the running Ray: it redeploys the app,
-    answers, and on SIGTERM deletes the application and exits 0."""
+def _open(base: str, method: str, path: str, headers: dict[str, str], body: bytes = b""):
+    """A raw HTTP/1.1 request to Ray's proxy at `base`, its head and `body` sent; the socket."""
+    import socket
+
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock.sendall(head.encode() + b"\r\n" + body)
+    return sock
+
+
+def _answer(sock) -> tuple[int, dict[str, str], bytes]:
+    """The response on `sock` (Content-Length framed): status, headers (lower-cased), body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed without an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = f"{headers[k.strip().lower()]}, {v.strip()}" if k.strip().lower() in headers \
+            else v.strip()
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    sock.close()
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_rays_proxy_stops_reading_a_body_over_the_limit(ray_serve: str) -> None:
+    """A chunked upload with no Content-Length: the proxy answers 413 in JSON once the bytes
+    received pass limits.max_body_bytes (1 MiB here) and reads no more; Ray's own proxy read
+    all of it (300 MiB, held in the proxy's memory) before a replica could refuse it."""
+    import json
+    import select
+
+    sock = _open(ray_serve, "POST", "/predict", {"Content-Type": "image/png", "Transfer-Encoding": "chunked"})
+    chunk, sent, stopped = b"%x\r\n" % (1 << 20) + b"\0" * (1 << 20) + b"\r\n", 0, None
+    try:
+        while sent < 64 and not select.select([sock], [], [], 0)[0]:  # up to 64 MiB, until an answer comes
+            sock.sendall(chunk)
+            sent += 1
+    except OSError as exc:  # the proxy closed the connection: it reads no more
+        stopped = exc
+    status, headers, body = _answer(sock)
+    assert status == 413 and headers["content-type"] == "application/json" and headers["connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "payload_too_large" and "x-request-id" in headers
+    # what the socket buffers on both sides take in: a few MiB past the limit, not the 64 sent
+    assert sent < 32, f"{sent} MiB sent before the proxy answered ({stopped!r})"
+
+
+def test_slow_uploads_hold_no_replica_slot(ray_serve: str, mnist) -> None:
+    """More slow uploads (a byte, then nothing) than all replicas' request slots (2 x 16): the
+    proxy reads each body whole before Ray routes the request, so none holds a slot while it
+    trickles in (each is cut with 408 after body_timeout_s, 15 s); another client is answered
+    at once (behind Ray's own proxy it waited for the slots)."""
+    import select
+
+    held = [_open(ray_serve, "POST", "/predict", {"Content-Type": "image/png", "Transfer-Encoding": "chunked"},
+                  b"1\r\nx\r\n") for _ in range(2 * OPTIONS.max_ongoing_requests + 4)]
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        status, _, body = _answer(_open(ray_serve, "POST", "/predict", {"Content-Type": "image/png",
+                                        "Content-Length": str(len(png(mnist.test.x[0])))}, png(mnist.test.x[0])))
+        waited = time.monotonic() - started
+        assert status == 200 and waited < 5, (status, body[:200], waited)
+        assert not select.select(held, [], [], 0)[0]  # the slow uploads are all still waiting, unanswered
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_rays_own_errors_answer_in_the_contracts_json(ray_serve: str) -> None:
+    """Ray's backpressure 503 (text/plain before) is the contract's `overloaded` with its
+    Retry-After; a replica that dies with a request (a bare text 500 without X-Request-ID
+    before) is 503 `unavailable`. A second application on the module's Serve, one slot and one
+    queue place, stands for a replica under load."""
+    import asyncio
+    import json
+
+    from ray.serve.config import BackpressureConfig
+
+    @serve.deployment(max_ongoing_requests=1, max_queued_requests=1, ray_actor_options={"num_cpus": 0},
+                      backpressure_config=BackpressureConfig(status_code=503, retry_after_s=2))
+    class Probe:
+        async def __call__(self, request):
+            if "die" in request.query_params:
+                os._exit(1)  # as the OOM killer or a lost node ends a replica
+            await asyncio.sleep(float(request.query_params.get("sleep", 0)))
+            return "done"
+
+    serve.run(Probe.bind(), name="probe", route_prefix="/probe")
+    try:
+        busy = _open(ray_serve, "GET", "/probe?sleep=4", {})  # on the replica's one slot
+        time.sleep(1)
+        queued = _open(ray_serve, "GET", "/probe?sleep=4", {})  # in the proxy's queue
+        time.sleep(0.5)
+        status, headers, body = _answer(_open(ray_serve, "GET", "/probe", {}))
+        assert (status, headers["content-type"], headers["retry-after"]) == (503, "application/json", "2"), body
+        assert json.loads(body)["error"]["code"] == "overloaded" and len(headers["x-request-id"]) == 36
+        for sock in (busy, queued):
+            sock.close()  # Ray cancels them at the replica
+        deadline = time.monotonic() + 30
+        while _answer(_open(ray_serve, "GET", "/probe", {}))[0] != 200:  # until the cancellations land
+            assert time.monotonic() < deadline, "the probe's slot stayed taken"
+            time.sleep(0.2)
+        status, headers, body = _answer(_open(ray_serve, "GET", "/probe?die=1", {"X-Request-ID": "dies-1"}))
+        assert (status, headers["content-type"], headers["x-request-id"]) == (503, "application/json", "dies-1"), body
+        assert json.loads(body)["error"]["code"] == "unavailable" and "retry-after" in headers
+    finally:
+        serve.delete("probe")
+
+
+def test_serve_ray_cli_on_a_cluster_starts_its_own_serve_and_drains_on_sigterm(
+        ray_serve: str, quick_bundle: Path, mnist, tmp_path: Path) -> None:
+    """`shieldserve serve --ray --ray-address ADDR` on a running Ray. Where Serve runs already it
+    is refused, naming where that Serve listens: Serve would have joined it (the app on that
+    Serve's port, behind proxies with that Serve's options, and a URL logged on a port that
+    refused connections). Without one, it starts Serve: its proxy takes the limits and key
+    check of the command's settings (through Serve's controller, not the node's environment), the
+    replicas log as the settings say (`shieldserve.access`); on SIGTERM it deletes the
+    application, stops the Serve it started and exits 0. Last in the module: it stops the
+    module's Serve."""
+    import hashlib
+    import json
     import signal
     import subprocess
     import sys
 
     import httpx
 
-    from service.ray_app import APP_NAME
+    from service.ray_app import APP_NAME, ServeAlreadyRunning, running_serve
 
     port = int(ray_serve.rsplit(":", 1)[1])
+    assert running_serve() == f"127.0.0.1:{port}"
+    with pytest.raises(ServeAlreadyRunning, match=f"127.0.0.1:{port}"):
+        start_serve(load_settings(bundle=quick_bundle, port=port + 1), OPTIONS)
+    serve.shutdown()
+    assert running_serve() is None
+
+    port, key = free_port(), "cli-key-1"
+    base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, SHIELDSERVE_BUNDLE=str(quick_bundle), SHIELDSERVE_TORCH_THREADS="1",
-               SHIELDSERVE_PROGRESS="0", SHIELDSERVE_LOG_LEVEL="warning", SHIELDSERVE_RAY_NUM_CPUS="0.5",
-               SHIELDSERVE_RAY_MAX_REPLICAS="1")
+               SHIELDSERVE_PROGRESS="0", SHIELDSERVE_LOG_LEVEL="info", SHIELDSERVE_RAY_NUM_CPUS="0.5",
+               SHIELDSERVE_RAY_MAX_REPLICAS="1", SHIELDSERVE_WARMUP="false",
+               SHIELDSERVE_LIMITS__MAX_BODY_BYTES="65536",
+               SHIELDSERVE_API_KEYS=json.dumps({"ci": hashlib.sha256(key.encode()).hexdigest()}))
     log = tmp_path / "serve-ray.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--ray", "--ray-address",
@@ -314,14 +654,27 @@ def test_serve_ray_cli_joins_a_cluster_and_drains_on_sigterm(ray_serve: str, qui
                 assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
                 assert time.monotonic() < deadline, "serve --ray did not come up in 300 s"
                 time.sleep(0.5)
-            r = httpx.post(f"{ray_serve}/predict", content=png(mnist.test.x[0]),
-                           headers={"content-type": "image/png"}, timeout=60)
+            # the cluster's proxy has this command's rules: no key, 401; past 64 KiB, 413; both
+            # from the headers (no body is sent)
+            status, _, body = _answer(_open(base, "POST", "/predict", {"Content-Length": "100000"}))
+            assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized", body
+            status, _, body = _answer(_open(base, "POST", "/predict", {"Content-Length": "100000", "X-API-Key": key}))
+            assert status == 413 and "65536" in json.loads(body)["error"]["message"], body
+            r = httpx.post(f"{base}/predict", content=png(mnist.test.x[0]),
+                           headers={"content-type": "image/png", "X-API-Key": key}, timeout=60)
             assert r.status_code == 200 and r.json()["results"][0]["label"] == int(mnist.test.y[0])
             assert serve.status().applications[APP_NAME].status == "RUNNING"
+            deadline = time.monotonic() + 30  # the replica's log lines reach the driver's output
+            while '"logger": "shieldserve.access"' not in log.read_text(errors="replace"):
+                assert time.monotonic() < deadline, "no shieldserve.access line from the replica"
+                time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=180) == 0, log.read_text(errors="replace")[-3000:]
         finally:
             if proc.poll() is None:
                 proc.kill()
     assert "deleting the application" in log.read_text(errors="replace")
-    assert APP_NAME not in serve.status().applications
+    deadline = time.monotonic() + 30
+    while running_serve() is not None:  # the Serve it started is stopped
+        assert time.monotonic() < deadline, "serve --ray left its Serve running"
+        time.sleep(0.5)

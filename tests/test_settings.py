@@ -185,3 +185,14 @@ def test_settings_errors_never_show_a_secret_a_config_line_or_a_reversed_key(tmp
     with pytest.raises(ValueError, match="entry 2 of 2") as e:
         load_settings(api_keys={"alice": "a" * 64, secret: "bob"})
     assert secret not in str(e.value) and "bob" not in str(e.value)
+
+
+def test_the_port_is_one_tcp_can_listen_on() -> None:
+    """uvicorn took 99999 and listened on 99999 mod 65536 (34463), logging 99999; -5 failed once
+    the bundle had loaded, with "Servname not supported for ai_socktype"."""
+    from pydantic import ValidationError
+
+    for bad in (99999, 65536, -5):
+        with pytest.raises(ValidationError, match="port"):
+            load_settings(port=bad)
+    assert load_settings(port=0).port == 0 and load_settings(port=65535).port == 65535

@@ -119,7 +119,7 @@ def test_an_existing_bundles_input_conversion_and_brought_classifier_are_not_dro
     (b / "manifest.json").write_text(json.dumps(m))
     monkeypatch.setattr(models.train, "load_dataset", lambda spec: pytest.fail("the data was loaded"))
     with pytest.raises(ValueError, match="serves a classifier you brought"):
-        build_bundle(b, steps=["classifier"])
+        build_bundle(b, steps=["classifier"], trusted_imports=[f"torchscript:{m['artifacts']['classifier']['sha256']}"])
 
 
 def test_a_misspelt_feature_layer_is_refused_before_anything_trains(tmp_path, monkeypatch) -> None:

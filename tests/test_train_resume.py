@@ -68,7 +68,7 @@ def base_bundle(data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
                  classifier=parse_classifier(f"torchscript:{mlp}", None, {}), argv=[])
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(robust, "train_robust", _fake_train_robust)
-        build_bundle(out, steps=["robust"], argv=[])
+        build_bundle(out, steps=["robust"], argv=[], trusted_imports=_trust(out))
     assert "robust" in json.loads((out / "manifest.json").read_text())["defenses"]
     return out
 
@@ -78,6 +78,11 @@ def bundle(base_bundle: Path, tmp_path: Path) -> Path:
     out = tmp_path / "b"
     shutil.copytree(base_bundle, out)
     return out
+
+
+def _trust(bundle: Path) -> list[str]:
+    """What trusts the bundle's brought TorchScript classifier (a program: models.bundle)."""
+    return [f"torchscript:{json.loads((bundle / 'manifest.json').read_text())['artifacts']['classifier']['sha256']}"]
 
 
 def _digest(path: Path) -> dict[str, str]:
@@ -118,12 +123,12 @@ def test_a_truncated_robust_checkpoint_fails_the_command_and_keeps_the_defense(b
     _truncated_safetensors(ckpt)
     before = _digest(bundle)
     argv = ["train", "--out", str(bundle), "--steps", "robust", "--preset", "quick", "--seed", str(SEED),
-            "--options", json.dumps(_robust_options(work))]
+            "--options", json.dumps(_robust_options(work)), "--trust-import", _trust(bundle)[0]]
     assert cli.main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("shieldserve: error:")]
     assert len(err) == 1 and str(ckpt) in err[0] and "delete" in err[0] and "SHIELDSERVE_WORK_DIR" in err[0]
     assert _digest(bundle) == before
-    assert "robust" in Bundle.load(bundle).manifest["defenses"]
+    assert "robust" in Bundle.load(bundle, trusted_imports=_trust(bundle)).manifest["defenses"]
 
 
 def test_a_robust_checkpoint_of_other_data_fails_the_build(bundle: Path, tmp_path: Path) -> None:
@@ -135,7 +140,7 @@ def test_a_robust_checkpoint_of_other_data_fails_the_build(bundle: Path, tmp_pat
     save_file({"model.w": torch.zeros(3)}, str(ckpt), metadata={"data_sha256": "0" * 64, "state": "{}"})
     before = _digest(bundle)
     with pytest.raises(CheckpointError, match="not trained on this data.*delete"):
-        build_bundle(bundle, steps=["robust"], options=_robust_options(work), argv=[])
+        build_bundle(bundle, trusted_imports=_trust(bundle), steps=["robust"], options=_robust_options(work), argv=[])
     assert _digest(bundle) == before
 
 
@@ -156,13 +161,13 @@ def test_an_unusable_defensegan_checkpoint_fails_the_build(bundle: Path, tmp_pat
     if damage == "truncated_state":
         named.write_text(named.read_text()[:40])
     else:  # the weights file: truncated, or recording another run's data
-        named = directory / "checkpoint.safetensors"
+        named = directory / json.loads(named.read_text())["weights"]  # checkpoint-<step>.safetensors
         if damage == "truncated_weights":
             named.write_bytes(named.read_bytes()[:100])
     before = _digest(bundle)
     options = {"defensegan": {"work_dir": str(work), "recipe": {"generator_steps": 2, "checkpoint_every": 1}}}
     with pytest.raises(CheckpointError) as exc:
-        build_bundle(bundle, steps=["defensegan"], options=options, argv=[])
+        build_bundle(bundle, trusted_imports=_trust(bundle), steps=["defensegan"], options=options, argv=[])
     assert str(named) in str(exc.value) and f"delete {directory}" in str(exc.value)
     assert ("not trained on this data" in str(exc.value)) == (damage == "other_data")
     assert _digest(bundle) == before
@@ -217,9 +222,9 @@ def test_a_failed_step_keeps_the_defense_the_bundle_had(bundle: Path, monkeypatc
     before = _digest(bundle)
     monkeypatch.setattr(robust, "build_step", _failing_step(overwrite=True))
     with pytest.raises(RuntimeError, match="boom"):
-        build_bundle(bundle, steps=["robust"], argv=[])
+        build_bundle(bundle, trusted_imports=_trust(bundle), steps=["robust"], argv=[])
     assert _digest(bundle) == before  # the old robust_classifier, no robust_extra, the old manifest
-    b = Bundle.load(bundle)
+    b = Bundle.load(bundle, trusted_imports=_trust(bundle))
     assert b.manifest["defenses"]["robust"] == {"classifier": "robust_classifier",
                                                 "threat_model": {"norm": "linf", "eps": 0.3}}
     b.read_verified("robust_classifier")
@@ -232,7 +237,7 @@ def test_a_failed_step_new_to_the_bundle_is_recorded_unusable(bundle: Path, monk
     from models.recipes import squeeze
 
     monkeypatch.setattr(squeeze, "build_step", lambda ctx: (_ for _ in ()).throw(ValueError("cannot squeeze")))
-    build_bundle(bundle, steps=["squeeze"], argv=[])
+    build_bundle(bundle, trusted_imports=_trust(bundle), steps=["squeeze"], argv=[])
     m = json.loads((bundle / "manifest.json").read_text())
     assert "squeeze" not in m["defenses"] and "robust" in m["defenses"]
     assert m["quality"]["defenses"]["squeeze"]["usable"] is False
@@ -251,7 +256,7 @@ def test_a_failed_step_of_a_new_bundle_is_recorded_unusable(data: tuple[Path, Pa
     verdict = m["quality"]["defenses"]["robust"]
     assert verdict["usable"] is False and "boom" in verdict["reason"]
     assert not (out / "robust_extra.safetensors").exists() and not (out / "robust_classifier.safetensors").exists()
-    Bundle.load(out).read_verified("classifier")
+    Bundle.load(out, trusted_imports=_trust(out)).read_verified("classifier")
 
 
 def test_a_checkpoint_error_in_a_new_bundle_is_not_recorded_unusable(data: tuple[Path, Path], tmp_path: Path,
@@ -308,14 +313,14 @@ def test_extending_takes_the_bundles_preset_and_seed_and_refuses_others(bundle: 
     from models.recipes import squeeze
 
     monkeypatch.setattr(squeeze, "build_step", build_step)
-    build_bundle(bundle, steps=["squeeze"], argv=[])
-    build_bundle(bundle, preset="quick", seed=SEED, steps=["squeeze"], argv=[])
+    build_bundle(bundle, trusted_imports=_trust(bundle), steps=["squeeze"], argv=[])
+    build_bundle(bundle, trusted_imports=_trust(bundle), preset="quick", seed=SEED, steps=["squeeze"], argv=[])
     assert seen == [("quick", SEED)] * 2
     before = _digest(bundle)
     with pytest.raises(ValueError, match="built with --preset quick; pass --preset quick"):
-        build_bundle(bundle, preset="default", steps=["squeeze"], argv=[])
+        build_bundle(bundle, trusted_imports=_trust(bundle), preset="default", steps=["squeeze"], argv=[])
     with pytest.raises(ValueError, match=f"built with --seed {SEED}; pass --seed {SEED}"):
-        build_bundle(bundle, seed=0, steps=["squeeze"], argv=[])
+        build_bundle(bundle, trusted_imports=_trust(bundle), seed=0, steps=["squeeze"], argv=[])
     assert _digest(bundle) == before and len(seen) == 2
 
 

@@ -170,16 +170,23 @@ class Checkpoint:
             raise checkpoint_error(STEP, where, f"{type(exc).__name__}: {exc}", self.dir) from exc
 
     def save(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Weights under a name of their own (the generator step's), then state.json naming them,
+        then the previous weights deleted: state.json's replacement is the one step that moves
+        the checkpoint on. Both files replaced in place, one after the other, a process killed
+        between the two left step-20 weights under a step-10 state, resumed without a word."""
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        name = "checkpoint.safetensors"
+        name = f"checkpoint-{int(state['generator_step'])}.safetensors"
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(self.dir / (name + ".tmp")),
                   metadata={"data_sha256": self.data_sha256})
         os.replace(self.dir / (name + ".tmp"), self.dir / name)
         tmp = self.dir / "state.json.tmp"
         tmp.write_text(json.dumps({**state, "weights": name, "data_sha256": self.data_sha256}, indent=1))
         os.replace(tmp, self.dir / "state.json")
+        for old in self.dir.glob("checkpoint*.safetensors"):  # checkpoint.safetensors: an earlier release's
+            if old.name != name:
+                old.unlink(missing_ok=True)
 
 
 # what determines the training trajectory (generator_steps does not: a longer run resumes a shorter
@@ -253,6 +260,7 @@ def train_gan(x_train: torch.Tensor, r: DefenseGanRecipe, g: torch.Generator, ck
     opt_g = torch.optim.Adam(gen.parameters(), lr=r.lr, betas=r.betas)
     opt_c = torch.optim.Adam(critic.parameters(), lr=r.lr, betas=r.betas)
     start, seconds, history = 0, 0.0, []
+    seed = g.initial_seed()  # `g` as seeded for the step, before a checkpoint's state replaces it
     loaded = ckpt.load()
     if loaded is not None:
         tensors, state = loaded
@@ -281,14 +289,22 @@ def train_gan(x_train: torch.Tensor, r: DefenseGanRecipe, g: torch.Generator, ck
                                    ckpt.dir) from exc
     x_train = x_train.to(device)
     n = len(x_train)
-    order: list[torch.Tensor] = []
+    # The real batches: the i-th one drawn (i = generator step * critic_steps + critic step) is
+    # batch i % per_epoch of epoch i // per_epoch, whose order is a permutation seeded by the
+    # run's seed and the epoch alone. A resumed run so draws the batches the uninterrupted one
+    # would: the order was drawn from `g` when an epoch ran out, and a checkpoint taken mid-epoch
+    # did not hold the rest of it (a resumed run drew a new one, and trained another generator).
+    # Only whole batches (a short last one is left out), or the one short batch of fewer images.
+    per_epoch = max(1, n // r.batch_size)
+    shuffled: dict[int, torch.Tensor] = {}
 
-    def real_batch() -> torch.Tensor:
-        nonlocal order
-        if not order:
-            order = list(batches(n, r.batch_size, g))
-            order = [b for b in order if len(b) == r.batch_size] or order
-        return x_train[order.pop()]
+    def real_batch(i: int) -> torch.Tensor:
+        epoch, k = divmod(i, per_epoch)
+        if epoch not in shuffled:
+            shuffled.clear()
+            rng = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+            shuffled[epoch] = torch.randperm(n, generator=rng)
+        return x_train[shuffled[epoch][k * r.batch_size:(k + 1) * r.batch_size].to(x_train.device)]
 
     bar = progress(r.generator_steps, "train defensegan (WGAN-GP)")
     bar.update(start)
@@ -301,8 +317,8 @@ def train_gan(x_train: torch.Tensor, r: DefenseGanRecipe, g: torch.Generator, ck
                     group["lr"] = r.lr * (1 - step / r.generator_steps)
         for p in critic.parameters():
             p.requires_grad_(True)
-        for _ in range(r.critic_steps):
-            real = real_batch()
+        for k in range(r.critic_steps):
+            real = real_batch(step * r.critic_steps + k)
             z = torch.randn(len(real), r.latent_dim, generator=g).to(device)
             with torch.no_grad():
                 fake = gen(z)

@@ -114,6 +114,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code in (404, 405):  # the router's own: no route, or not this method
+            if exc.status_code == 405 and endpoint_of(request.url.path) is not None:
+                count_refused(request.app, request.url.path, received_at=_received_at(request))
+            else:
+                metrics = getattr(getattr(request.app.state, "runtime", None), "metrics", None)
+                if metrics is not None:
+                    metrics.unrouted.labels(str(exc.status_code)).inc()
         code = _STATUS_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and message == "Not Found":

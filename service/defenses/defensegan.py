@@ -29,6 +29,7 @@ same request, so detecting costs nothing extra.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.bundle import BundleError
 from service.defenses.base import Classify, Component, DefenseEnv, Detection, Purified, RunContext
 
 
@@ -68,6 +70,50 @@ PRESETS: dict[str, ProjectionSettings] = {
                                   init_noise=0.5, prune_at=10, patience=15, min_delta=2e-3,
                                   decay_at=0.8, decay=0.3, min_norm=1.0, max_norm=1.0),
 }
+
+
+# What build accepts, from the manifest's stored projection or a pipeline's `overrides`. The
+# warm-up runs up to `steps` x `restarts` generator passes per image with no deadline, so an
+# unbounded value (steps 10**9, no early stop) held start-up forever. The cap on passes is ten
+# times `paper`'s 2,000 (200 steps x 10 restarts), the costliest projection shipped.
+MAX_STEPS = 10_000
+MAX_RESTARTS = 100
+MAX_PASSES = 20_000             # steps x restarts per image
+_INTS = {"steps": (1, MAX_STEPS), "restarts": (1, MAX_RESTARTS), "prune_at": (0, MAX_STEPS),
+         "patience": (0, MAX_STEPS)}
+# (low, high, low included, high included); a NaN anywhere turns z, the error and the detector's
+# comparison into NaN, an infinite lr or noise does the same a step later. The upper bounds sit
+# far above every shipped value (lr 10, noise 0.5, norms 1).
+_FLOATS = {"lr": (0.0, 1000.0, False, True), "momentum": (0.0, 1.0, True, False),
+           "decay_at": (0.0, 1.0, True, True), "decay": (0.0, 1.0, False, True),
+           "init_noise": (0.0, 100.0, True, True), "min_delta": (0.0, 1.0, True, False),
+           "max_norm": (0.0, 100.0, True, True), "min_norm": (0.0, 100.0, True, True)}
+_CHOICES = {"optimizer": ("momentum", "adam"), "init": ("random", "encoder")}
+
+
+def check_settings(s: ProjectionSettings, source: Callable[[str], str] = lambda name: "") -> None:
+    """Raise ValueError naming the field, its bound and the value where `s` is outside what
+    build serves (MAX_STEPS and the tables above); `source(field)` says where a value came from."""
+    for name, (lo, hi) in _INTS.items():
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"defensegan projection {name}{source(name)} must be an integer in [{lo}, {hi}], got {v!r}")
+    for name, (lo, hi, lo_in, hi_in) in _FLOATS.items():
+        v = getattr(s, name)
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        ok = ok and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)
+        if not ok:
+            bounds = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+            raise ValueError(f"defensegan projection {name}{source(name)} must be a finite number in {bounds}, got {v!r}")
+    for name, allowed in _CHOICES.items():
+        if getattr(s, name) not in allowed:
+            raise ValueError(f"defensegan projection {name}{source(name)} must be one of {allowed}, got {getattr(s, name)!r}")
+    if s.steps * s.restarts > MAX_PASSES:
+        raise ValueError(f"defensegan projection steps x restarts{source('steps') or source('restarts')} must be at most {MAX_PASSES} "
+                         f"generator passes per image, got {s.steps} x {s.restarts} = {s.steps * s.restarts}")
+    if s.max_norm > 0 and s.min_norm > s.max_norm:
+        raise ValueError(f"defensegan projection min_norm{source('min_norm')} must be at most max_norm "
+                         f"({s.max_norm!r}), got {s.min_norm!r}")
 
 
 @dataclass
@@ -298,6 +344,39 @@ class ReconstructionErrorDetector(Component):
 _OPTIONS = {"projection", "detect", "rate", "overrides", "classifier"}
 
 
+def _finite_number(env: DefenseEnv, value: Any, key: str, high: float = math.inf) -> float:
+    """A number from the bundle's section, refused (BundleError) unless finite and in [0, high]:
+    no error is ever above a NaN or infinite threshold, so the detector would pass everything
+    without a word; errors are mean squares (>= 0)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or not 0 <= value <= high:
+        raise BundleError(f"bundle {env.bundle.path}: {key} must be a finite number in [0, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _check_networks(env: DefenseEnv, section: dict[str, Any], generator: nn.Module, encoder: nn.Module | None) -> None:
+    """Refuse (BundleError) a generator that does not draw this bundle's images or an encoder whose
+    latent is not the generator's: each artifact fits its own weights, and a misfit between
+    them surfaced as a torch shape error at the warm-up, or on every request with it off."""
+    shape = tuple(int(d) for d in env.bundle.input_spec.shape)
+    latent = getattr(generator, "latent_dim", None)
+    where = f"bundle {env.bundle.path}: artifact {section['generator']!r} (defensegan generator)"
+    if isinstance(latent, bool) or not isinstance(latent, int) or latent < 1:
+        raise BundleError(f"{where}: latent_dim must be a positive integer, got {latent!r}")
+    try:
+        with torch.no_grad():
+            drawn = tuple(generator(torch.zeros(1, latent, device=env.device)).shape)
+            coded = tuple(encoder(torch.zeros(1, *shape, device=env.device)).shape) if encoder is not None else None
+    except Exception as exc:
+        raise BundleError(f"bundle {env.bundle.path}: the defensegan networks do not run on this bundle's "
+                          f"{shape} input and the generator's latent {latent}: {exc}") from exc
+    if drawn != (1, *shape):
+        raise BundleError(f"{where} draws images of shape {drawn[1:]}, this bundle's input is {shape}")
+    if coded is not None and coded != (1, latent):
+        raise BundleError(f"bundle {env.bundle.path}: artifact {section['encoder']!r} (defensegan encoder) codes "
+                          f"an image into shape {coded[1:]}, the generator takes ({latent},)")
+
+
 def settings_for(preset: str, section: dict[str, Any]) -> ProjectionSettings:
     """The settings of a projection preset; for the preset the bundle was calibrated with, the
     settings stored in the bundle (so that a bundle and its threshold stay consistent)."""
@@ -324,7 +403,15 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     if bad:
         raise ValueError(f"unknown projection settings {sorted(bad)}")
     section = env.bundle.defense("defensegan")
+    stored = preset == section.get("projection", {}).get("preset")
     settings = replace(settings_for(preset, section), **overrides)
+
+    def source(name: str) -> str:
+        if name in overrides:
+            return " (the pipeline's overrides)"
+        return f" (bundle {env.bundle.path}: defenses.defensegan.projection)" if stored else ""
+
+    check_settings(settings, source)
     rec_artifact = section.get("classifier")
     classify_with = str(options.get("classifier", "base"))
     if classify_with not in ("rec", "base"):
@@ -333,6 +420,7 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
         raise ValueError("this bundle has no Defense-GAN-Rec classifier; use classifier: base")
     generator = env.bundle.module(section["generator"], env.device)
     encoder = env.bundle.module(section["encoder"], env.device) if settings.init == "encoder" else None
+    _check_networks(env, section, generator, encoder)
     projector = _Projector(generator, encoder, settings, preset)
     components: list[Component] = []
     if options.get("detect", False):
@@ -341,11 +429,14 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
             raise ValueError(f"the error detector is calibrated for projection {calibrated!r} without "
                              f"overrides; use that projection or detect: false")
         record = section["detector"]["reconstruction_error"]
-        rate = float(options.get("rate", record["target_fpr"]))
-        if abs(rate - float(record["target_fpr"])) > 1e-12:
-            raise ValueError(f"the bundle's detector is calibrated to rate {record['target_fpr']}, not {rate}")
-        components.append(ReconstructionErrorDetector(projector, float(record["thresholds"]["reconstruction_error"]),
-                                                      rate))
+        key = "defenses.defensegan.detector.reconstruction_error"
+        target = _finite_number(env, record.get("target_fpr"), f"{key}.target_fpr", 1.0)
+        threshold = _finite_number(env, record.get("thresholds", {}).get("reconstruction_error"),
+                                   f"{key}.thresholds.reconstruction_error")
+        rate = float(options.get("rate", target))
+        if not abs(rate - target) <= 1e-12:  # written so that a NaN rate is refused too
+            raise ValueError(f"the bundle's detector is calibrated to rate {target}, not {rate}")
+        components.append(ReconstructionErrorDetector(projector, threshold, rate))
     components.append(ProjectionPurifier(projector))
     if classify_with == "rec":
         components.append(RecClassifierAdapter(env.bundle.module(rec_artifact, env.device), rec_artifact))

@@ -19,14 +19,18 @@ their number and the threshold only; scores are distances, never fingerprint val
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from models.bundle import Classifier
+from models.bundle import Bundle, BundleError, Classifier
 from service.defenses.base import Classify, Component, DefenseEnv, Detection, RunContext
 
 OPTIONS = {"classify_with"}
+# a score costs one forward pass per fingerprint and image: the recipe trains 10 by default; far more
+# is a broken or hostile artifact whose warm-up would exhaust memory rather than a setting
+MAX_FINGERPRINTS = 1000
 
 
 # ---------------------------------------------------------------------- scores (the recipe calibrates on these)
@@ -128,6 +132,59 @@ class NeuralFPAdapter(Component):
         return {"classifier": "neuralfp_classifier"}
 
 
+def _checked_fingerprints(bundle: Bundle, artifact: str, network: Classifier,
+                          device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The artifact's (dx, dy), refused (BundleError) unless they fit what the score computes:
+    dx (M, *input shape) is added to each image, dy (M, K, K) is compared with the responses of
+    a K-logit network, indexed by its predicted class. A misfit otherwise surfaces as a torch
+    broadcasting error naming no artifact, at the warm-up or (warm-up off) on every request.
+    Messages name keys, dtypes and shapes only: the values are secret."""
+    fp = bundle.tensors(artifact, device)
+    where = f"bundle {bundle.path}: artifact {artifact!r} (neuralfp fingerprints)"
+    missing = sorted({"dx", "dy"} - set(fp))
+    if missing:
+        raise BundleError(f"{where} has no {' or '.join(missing)}; it holds {sorted(fp)}")
+    dx, dy = fp["dx"], fp["dy"]
+    shape = tuple(int(d) for d in bundle.input_spec.shape)
+    try:
+        with torch.no_grad():
+            k = int(network(torch.zeros((1, *shape), device=device)).shape[-1])
+    except Exception as exc:
+        raise BundleError(f"bundle {bundle.path}: the neuralfp network cannot take this bundle's {shape} "
+                          f"input: {exc}") from exc
+    classes = bundle.input_spec.num_classes
+    if k != classes:
+        raise BundleError(f"bundle {bundle.path}: the neuralfp network makes {k} logits for {classes} class names")
+    m = int(dx.shape[0]) if dx.dim() else 0
+    for key, t, expected in (("dx", dx, (m, *shape)), ("dy", dy, (m, k, k))):
+        if not t.is_floating_point():
+            raise BundleError(f"{where}: {key} must be floating point, got {t.dtype}")
+        if tuple(t.shape) != expected:
+            raise BundleError(f"{where}: {key} must have shape {expected} (M fingerprints, M = dx's first "
+                              f"dimension), got {tuple(t.shape)}")
+    if not 1 <= m <= MAX_FINGERPRINTS:
+        raise BundleError(f"{where}: {m} fingerprints; expected 1 to {MAX_FINGERPRINTS}")
+    for key, t in (("dx", dx), ("dy", dy)):
+        if not bool(torch.isfinite(t).all()):
+            raise BundleError(f"{where}: {key} holds non-finite values (NaN or infinity)")
+    # the networks compute in float32: a float64 dx would promote every probe and fail there
+    return dx.float(), dy.float()
+
+
+def _finite(bundle: Bundle, value: Any, key: str, *, positive: bool = False) -> float:
+    """A calibration number from the manifest (a threshold, the target rate), refused unless
+    finite: no score is ever above a NaN or infinite threshold, so the detector would accept
+    everything without a word. Scores are distances (>= 0); the `either` taus divide
+    them (> 0)."""
+    where = f"bundle {bundle.path}: defenses.neuralfp.calibration.{key}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BundleError(f"{where} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise BundleError(f"{where} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return v
+
+
 def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     unknown = set(options) - OPTIONS
     if unknown:
@@ -138,14 +195,22 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     section = env.bundle.defense("neuralfp")
     cal = section["calibration"]
     network = env.bundle.classifier(env.device, artifact=section["classifier"])
-    fp = env.bundle.tensors(section["fingerprints"], env.device)
+    dx, dy = _checked_fingerprints(env.bundle, section["fingerprints"], network, env.device)
     match = section.get("match", "min")
+    if match not in MATCHES:
+        raise BundleError(f"bundle {env.bundle.path}: defenses.neuralfp.match must be one of {MATCHES}, got {match!r}")
+    thresholds = cal["thresholds"]
     taus = None
     if match == "either":
-        taus = {"min": float(cal["thresholds"]["min"]), "predicted": float(cal["thresholds"]["predicted"])}
+        taus = {k: _finite(env.bundle, thresholds.get(k), f"thresholds.{k}", positive=True)
+                for k in ("min", "predicted")}
+    target_fpr = _finite(env.bundle, cal.get("target_fpr"), "target_fpr")
+    if target_fpr > 1:
+        raise BundleError(f"bundle {env.bundle.path}: defenses.neuralfp.calibration.target_fpr must be a rate "
+                          f"in [0, 1], got {target_fpr!r}")
     components: list[Component] = [
-        NeuralFPDetector(network, fp["dx"], fp["dy"], float(cal["thresholds"]["fingerprint"]),
-                         float(cal["target_fpr"]), match, taus)]
+        NeuralFPDetector(network, dx, dy, _finite(env.bundle, thresholds.get("fingerprint"), "thresholds.fingerprint"),
+                         target_fpr, match, taus)]
     if classify_with == "fingerprinted":
         components.append(NeuralFPAdapter(network))
     return components

@@ -705,6 +705,14 @@ class QueryMonitor:
     def _set_key(self, key: bytes) -> None:
         self.fingerprinter = Fingerprinter(key, *self._params)
         self._client_key = hashlib.sha256(b"client" + key).digest()
+        self._shared = key if self.redis is not None and not self._key_pending else None
+
+    def shared_derived_key(self, purpose: bytes) -> bytes | None:
+        """A key for `purpose` derived from the hashing key every replica sharing this Redis
+        uses (the shared key it read there: `query_monitor.secret` unset), or None where this
+        monitor's key is its own (a memory store, Redis unreachable when it started). Never the
+        key itself."""
+        return hashlib.sha256(purpose + self._shared).digest() if self._shared is not None else None
 
     def client_tag(self, client: str) -> str:
         """The keyed hash under which a client's flags are stored (no raw address or key name)."""

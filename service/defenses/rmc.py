@@ -95,15 +95,100 @@ def serialize_index(index: Any) -> torch.Tensor:
 # The index classes `build_faiss_index` writes, by FAISS's fourcc: every one begins with
 # fourcc, d (int32), ntotal (int64), two int64 placeholders, is_trained (1 byte), metric (int32).
 INDEX_FOURCCS = {b"IxF2": "IndexFlatL2", b"IwFl": "IndexIVFFlat", b"IHNf": "IndexHNSWFlat"}
-_FLAT_HEADER = 4 + 4 + 8 + 8 + 8 + 1 + 4 + 8  # ... then the codes' length (uint64) and d*ntotal float32
+_HEADER = 4 + 4 + 8 + 8 + 8 + 1 + 4
+_FLAT_HEADER = _HEADER + 8  # ... then the codes' length (uint64) and d*ntotal float32
+# FAISS writes a float metric_arg after the metric for metrics past L2, which would shift
+# every offset below: the indexes shieldserve writes are all L2.
+_METRIC_L2 = 1
+# The first faiss-cpu with both `set_deserialization_vector_byte_limit` and the HNSW graph
+# checks on read (facebookresearch/faiss #4928 and #4949, both first tagged in v1.14.2).
+SAFE_FAISS = "1.14.2"
 _deserialize_lock = threading.Lock()
+
+
+def _int_at(raw: np.ndarray, offset: int, fmt: str, what: str) -> int:
+    from models.bundle import BundleError  # noqa: PLC0415
+
+    width = np.dtype(fmt).itemsize
+    if offset + width > raw.size:
+        raise BundleError(f"RMC index: {raw.size} bytes end before its {what} (at byte {offset})")
+    return int(np.frombuffer(raw, fmt, 1, offset)[0])
+
+
+def _ivf_layout(raw: np.ndarray, d: int, n: int) -> tuple[int, int]:
+    """An IndexIVFFlat's header as index_write.cpp lays it out: after the common header, nlist
+    and nprobe (uint64), the coarse quantizer (a whole IndexFlatL2 of nlist centroids), the
+    direct map (type byte, then a uint64-counted vector) and the inverted lists' own header
+    ("ilar", nlist, code_size). FAISS builds per-list structures from the "ilar" nlist before
+    it compares it with anything (~170 bytes a list: 2^25 lists grew the process by 5.3 GiB
+    out of a 1.2 MB file), so both counts are bounded here. Returns nlist and the offset of
+    the lists' sizes."""
+    from models.bundle import BundleError  # noqa: PLC0415
+
+    nlist = _int_at(raw, _HEADER, "<u8", "nlist")
+    nprobe = _int_at(raw, _HEADER + 8, "<u8", "nprobe")
+    if not 1 <= nlist <= n:
+        raise BundleError(f"RMC index: IndexIVFFlat of {n} vectors declares {nlist} inverted lists "
+                          f"(1 to {n})")
+    if not 1 <= nprobe <= nlist:
+        raise BundleError(f"RMC index: IndexIVFFlat probes {nprobe} of its {nlist} lists")
+    q = _HEADER + 16
+    fourcc = raw[q:q + 4].tobytes()
+    qd, qn = _int_at(raw, q + 4, "<i4", "quantizer's d"), _int_at(raw, q + 8, "<i8", "quantizer's ntotal")
+    qmetric = _int_at(raw, q + _HEADER - 4, "<i4", "quantizer's metric")
+    if fourcc != b"IxF2" or qd != d or qn != nlist or qmetric != _METRIC_L2:
+        raise BundleError(f"RMC index: IndexIVFFlat's quantizer must be an IndexFlatL2 of its {nlist} centroids "
+                          f"of dimension {d}, got {fourcc!r} with d={qd}, ntotal={qn}, metric {qmetric}")
+    # The quantizer's codes count is left to FAISS, which refuses one other than d*ntotal under
+    # the byte limit: the next offsets hold for every file it reads.
+    at = q + _FLAT_HEADER + 4 * d * nlist
+    direct_map, direct_ids = _int_at(raw, at, "<u1", "direct map"), _int_at(raw, at + 1, "<u8", "direct map")
+    if direct_map != 0 or direct_ids != 0:
+        raise BundleError(f"RMC index: IndexIVFFlat with a direct map (type {direct_map}, {direct_ids} ids); "
+                          f"shieldserve writes none")
+    at += 9
+    lists = raw[at:at + 4].tobytes()
+    lists_nlist, code_size = _int_at(raw, at + 4, "<u8", "lists' nlist"), _int_at(raw, at + 12, "<u8", "code size")
+    if lists != b"ilar" or lists_nlist != nlist or code_size != 4 * d:
+        raise BundleError(f"RMC index: IndexIVFFlat's inverted lists must be 'ilar' with its {nlist} lists of "
+                          f"{4 * d}-byte codes, got {lists!r} with {lists_nlist} lists of {code_size}-byte codes")
+    return nlist, at + 20
+
+
+def check_ivf_lists(raw: np.ndarray, d: int, n: int) -> None:
+    """An IndexIVFFlat's list sizes (a "full" vector of nlist counts, or "sprs" (list, count)
+    pairs) must add up to ntotal, and the file must end with exactly their codes and ids: FAISS
+    takes the header's ntotal and each list's count at its word, and allocates a list (up to
+    its byte limit, twice the file) before it finds the bytes missing."""
+    from models.bundle import BundleError  # noqa: PLC0415
+
+    nlist, at = _ivf_layout(raw, d, n)
+    kind, count = raw[at:at + 4].tobytes(), _int_at(raw, at + 4, "<u8", "list sizes")
+    if not ((kind == b"full" and count == nlist) or (kind == b"sprs" and count % 2 == 0 and count <= 2 * nlist)):
+        raise BundleError(f"RMC index: IndexIVFFlat's list sizes are {kind!r} with {count} values "
+                          f"for {nlist} lists")
+    at += 12
+    if at + 8 * count > raw.size:
+        raise BundleError(f"RMC index: {raw.size} bytes end inside its {count} list sizes")
+    values = np.frombuffer(raw, "<u8", count, at)
+    sizes = values if kind == b"full" else values[1::2]
+    if kind == b"sprs" and count and (np.any(np.diff(values[::2].astype(np.int64)) <= 0)
+                                      or int(values[::2].max()) >= nlist or int(sizes.min()) == 0):
+        raise BundleError(f"RMC index: IndexIVFFlat's sparse list sizes name lists out of order, past "
+                          f"{nlist} or empty")
+    total = sum(sizes.tolist())  # Python ints: a uint64 sum could wrap back to n
+    expected = at + 8 * count + total * (4 * d + 8)
+    if total != n or raw.size != expected:
+        raise BundleError(f"RMC index: IndexIVFFlat's lists hold {total} vectors in {raw.size - at - 8 * count} "
+                          f"bytes; its header says {n}, which take {n * (4 * d + 8)}")
 
 
 def check_index_header(raw: np.ndarray, dim: int | None = None, ntotal: int | None = None) -> str:
     """Check a serialized index's header before FAISS reads it (FAISS allocates whatever the
     header declares, up to 1 TB): a type `build_faiss_index` writes, `dim` and `ntotal` as
-    expected, and, for a flat index, exactly the bytes d*ntotal float32 vectors take. Returns
-    the class name; raises BundleError."""
+    expected, and, for a flat index, exactly the bytes d*ntotal float32 vectors take; for an
+    IVF one, its list counts and quantizer (`_ivf_layout`). Returns the class name; raises
+    BundleError."""
     from models.bundle import BundleError  # noqa: PLC0415
 
     size = int(raw.size)  # the header is read in place: the index itself is not copied
@@ -116,10 +201,13 @@ def check_index_header(raw: np.ndarray, dim: int | None = None, ntotal: int | No
                           f"({', '.join(INDEX_FOURCCS.values())})")
     d = int(np.frombuffer(raw, "<i4", 1, 4)[0])
     n = int(np.frombuffer(raw, "<i8", 1, 8)[0])
+    metric = int(np.frombuffer(raw, "<i4", 1, _HEADER - 4)[0])
     if d < 1 or (dim is not None and d != dim):
         raise BundleError(f"RMC index: {kind} of dimension {d}, the classifier's features have {dim}")
     if n < 0 or (ntotal is not None and n != ntotal):
         raise BundleError(f"RMC index: {kind} holds {n} vectors, D′ has {ntotal} labels")
+    if metric != _METRIC_L2:
+        raise BundleError(f"RMC index: {kind} with metric {metric}; shieldserve writes L2 ({_METRIC_L2})")
     if kind == "IndexFlatL2":
         codes = int(np.frombuffer(raw, "<u8", 1, _FLAT_HEADER - 8)[0])
         if codes != d * n or size != _FLAT_HEADER + 4 * d * n:
@@ -128,27 +216,67 @@ def check_index_header(raw: np.ndarray, dim: int | None = None, ntotal: int | No
     elif size < 4 * d * n:
         raise BundleError(f"RMC index: {kind} with d={d}, ntotal={n} needs at least {4 * d * n} bytes, "
                           f"the file has {size}")
+    if kind == "IndexIVFFlat":
+        _ivf_layout(raw, d, n)
     return kind
 
 
+def check_ivf_ids(index: Any) -> None:
+    """Every row of D′ exactly once in an IVF index's lists: FAISS returns whatever ids the
+    lists hold, and RMC indexes D′'s labels and images with them on every request."""
+    from models.bundle import BundleError  # noqa: PLC0415
+
+    faiss = _faiss()
+    n, invlists = int(index.ntotal), faiss.extract_index_ivf(index).invlists
+    parts = [faiss.rev_swig_ptr(invlists.get_ids(i), size).copy()
+             for i in range(invlists.nlist) if (size := invlists.list_size(i)) > 0]
+    ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if ids.size != n:
+        raise BundleError(f"RMC index: IndexIVFFlat's lists hold {ids.size} ids, its header says {n}")
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise BundleError(f"RMC index: IndexIVFFlat's lists hold ids {int(ids.min())}..{int(ids.max())}, "
+                          f"D′ has rows 0..{n - 1}")
+    if n and int(np.bincount(ids, minlength=n).max()) > 1:
+        raise BundleError("RMC index: IndexIVFFlat's lists hold a row of D′ more than once")
+
+
 def deserialize_index(data: torch.Tensor, dim: int | None = None, ntotal: int | None = None) -> Any:
-    """FAISS's index from its bytes, after `check_index_header`; no vector FAISS reads may
-    exceed twice the file's size (its own default limit is 1 TB)."""
+    """FAISS's index from its bytes, after `check_index_header` (and `check_ivf_lists`); no
+    vector FAISS reads may exceed twice the file's size (its own default limit is 1 TB). An
+    IVF index's ids are checked after (`check_ivf_ids`)."""
+    from models.bundle import BundleError  # noqa: PLC0415
+
     faiss = _faiss()
     raw = np.ascontiguousarray(data.cpu().numpy().astype(np.uint8)).reshape(-1)
-    check_index_header(raw, dim, ntotal)
-    if not hasattr(faiss, "set_deserialization_vector_byte_limit"):
-        return faiss.deserialize_index(raw)
-    with _deserialize_lock:  # the limit is process-wide
-        previous = faiss.get_deserialization_vector_byte_limit()
-        faiss.set_deserialization_vector_byte_limit(2 * raw.size + 4096)
-        try:
-            return faiss.deserialize_index(raw)
-        except RuntimeError as exc:
-            from models.bundle import BundleError  # noqa: PLC0415
-            raise BundleError(f"RMC index: FAISS cannot read it: {str(exc).strip().splitlines()[-1]}") from exc
-        finally:
-            faiss.set_deserialization_vector_byte_limit(previous)
+    kind = check_index_header(raw, dim, ntotal)
+    if kind == "IndexIVFFlat":
+        check_ivf_lists(raw, int(np.frombuffer(raw, "<i4", 1, 4)[0]), int(np.frombuffer(raw, "<i8", 1, 8)[0]))
+    limited = hasattr(faiss, "set_deserialization_vector_byte_limit")
+    if not limited and kind != "IndexFlatL2":
+        # Such a FAISS reads every vector the file declares (up to 1 TB) and does not check an
+        # HNSW graph's ids (1.9 segfaults at the first search); the header checks above make a
+        # flat index, and only a flat one, safe without it.
+        raise BundleError(f"RMC index: FAISS {getattr(faiss, '__version__', '?')} cannot read an {kind} "
+                          f"safely; install faiss-cpu>={SAFE_FAISS}, or serve RMC with `search: torch`")
+    try:
+        if not limited:
+            index = faiss.deserialize_index(raw)
+        else:
+            with _deserialize_lock:  # the limit is process-wide
+                previous = faiss.get_deserialization_vector_byte_limit()
+                faiss.set_deserialization_vector_byte_limit(2 * raw.size + 4096)
+                try:
+                    index = faiss.deserialize_index(raw)
+                finally:
+                    faiss.set_deserialization_vector_byte_limit(previous)
+    except RuntimeError as exc:
+        raise BundleError(f"RMC index: FAISS cannot read it: {str(exc).strip().splitlines()[-1]}") from exc
+    if type(index).__name__ != kind or int(index.ntotal) != int(np.frombuffer(raw, "<i8", 1, 8)[0]):
+        raise BundleError(f"RMC index: FAISS read a {type(index).__name__} of {index.ntotal} vectors "
+                          f"from a {kind} header")
+    if kind == "IndexIVFFlat":
+        check_ivf_ids(index)
+    return index
 
 
 class KnnIndex:
@@ -378,6 +506,69 @@ class Finetuner:
         return self._logits(params, self.frozen(x))
 
 
+# The fine-tuning a pipeline's options or a manifest may ask for: every image runs up to
+# `steps` Adam steps, the start-up warm-up with no deadline. 1,000 is 50 times the presets'
+# 20, and already ~25 s for one image with trainable=all on the quick bundle's network (one
+# CPU thread); a negative min_delta makes every step an "improvement", so patience never ends it.
+MAX_STEPS = 1000
+_SETTING_RULES: dict[str, tuple[bool, Callable[[float], bool], str]] = {
+    "lr": (False, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "steps": (True, lambda v: 0 <= v <= MAX_STEPS, f"an integer from 0 to {MAX_STEPS}"),
+    "patience": (True, lambda v: 1 <= v <= MAX_STEPS, f"an integer from 1 to {MAX_STEPS}"),
+    "min_delta": (False, lambda v: v >= 0, "a finite number >= 0"),
+    "stop_loss": (False, lambda v: v >= 0, "a finite number >= 0"),
+}
+
+
+def finetune_settings(options: dict[str, Any], manifest: dict[str, Any]) -> FinetuneSettings:
+    """A pipeline's options over the manifest's settings over FinetuneSettings' defaults, each
+    within `_SETTING_RULES`. A bad option is the operator's configuration (ValueError), a bad
+    manifest value the bundle's (BundleError)."""
+    from models.bundle import BundleError  # noqa: PLC0415
+
+    values: dict[str, Any] = {}
+    for name, (integer, allowed, rule) in _SETTING_RULES.items():
+        from_option = options.get(name) is not None
+        value = options[name] if from_option else manifest.get(name, getattr(FinetuneSettings, name))
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (math.isfinite(number) and allowed(number) and (not integer or number.is_integer())):
+            where = f"option {name}" if from_option else f"the manifest's defenses.rmc.settings.{name}"
+            message = f"RMC: {where} is {value!r}; it must be {rule}"
+            raise ValueError(message) if from_option else BundleError(message)
+        values[name] = int(number) if integer else number
+    return FinetuneSettings(**values)
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_dataset(data: dict[str, torch.Tensor], shape: tuple[int, ...], num_classes: int) -> None:
+    """D′ as models/recipes/rmc.py writes it: images uint8 (N, C, H, W) in the bundle's input
+    shape, labels integers (N,) in [0, num_classes). Requests index both with neighbour ids
+    and fine-tune on the labels: a wrong one would fail there, image after image, as a 500."""
+    from models.bundle import BundleError  # noqa: PLC0415
+
+    where = f"artifact {DATA_ARTIFACT!r}"
+    for key in ("images", "labels"):
+        if key not in data:
+            raise BundleError(f"{where} has no {key!r} tensor; it has {sorted(data)}")
+    images, labels = data["images"], data["labels"]
+    if labels.dtype not in _INTEGER_DTYPES or labels.dim() != 1 or labels.shape[0] < 1:
+        raise BundleError(f"{where}: 'labels' must be a non-empty vector of integers (N,), got "
+                          f"{labels.dtype} {tuple(labels.shape)}")
+    n = int(labels.shape[0])
+    if images.dtype != torch.uint8 or tuple(images.shape) != (n, *shape):
+        raise BundleError(f"{where}: 'images' must be uint8 {(n, *shape)}, one per label in the bundle's "
+                          f"input shape, got {images.dtype} {tuple(images.shape)}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise BundleError(f"{where}: 'labels' run from {lo} to {hi}; the classifier's classes are 0 to "
+                          f"{num_classes - 1}")
+
+
 # ============================================================================ the component
 _OPTIONS = {"mode", "k", "lr", "steps", "patience", "min_delta", "stop_loss", "trainable",
             "parallel", "search", "nprobe", "ef_search", "snapshot_every", "snapshots", "frozen_cache_mb"}
@@ -409,24 +600,29 @@ class RMC(Component):
             raise ValueError("the bundle's RMC index was built for another classifier; "
                              "rebuild it with `shieldserve train --steps rmc`")
         defaults = section.get("settings", {})
+        if not isinstance(defaults, dict):
+            from models.bundle import BundleError  # noqa: PLC0415
+            raise BundleError(f"the manifest's defenses.rmc.settings must be an object, got {type(defaults).__name__}")
         self.device = env.device
         self.mode = mode
         data = env.bundle.tensors(DATA_ARTIFACT, env.device)
+        check_dataset(data, tuple(env.bundle.input_spec.shape), env.bundle.input_spec.num_classes)
         self.images, self.labels = data["images"], data["labels"].long()
         self.sources = data.get("pgd_steps")
         n = int(self.labels.shape[0])
+        from_manifest = k == "auto" and defaults.get("k", "auto") != "auto"
         k = defaults.get("k", "auto") if k == "auto" else k
-        self.k = scaled_k(n) if k == "auto" else int(k)
-        if not 1 <= self.k <= n:
-            raise ValueError(f"k must be between 1 and |D′| = {n}, got {self.k}")
-        self.settings = FinetuneSettings(
-            lr=float(lr if lr is not None else defaults.get("lr", 1e-3)),
-            steps=int(steps if steps is not None else defaults.get("steps", 10)),
-            patience=int(patience if patience is not None else defaults.get("patience", 3)),
-            min_delta=float(min_delta if min_delta is not None else defaults.get("min_delta", 1e-4)),
-            stop_loss=float(stop_loss if stop_loss is not None else defaults.get("stop_loss", 0.01)))
-        if self.settings.lr <= 0 or self.settings.steps < 0 or self.settings.patience < 1:
-            raise ValueError("lr must be > 0, steps >= 0 and patience >= 1")
+        try:
+            self.k = scaled_k(n) if k == "auto" else int(k)
+            if not 1 <= self.k <= n:
+                raise ValueError(f"k must be between 1 and |D′| = {n}, got {self.k}")
+        except (TypeError, ValueError, OverflowError) as exc:
+            if not from_manifest:
+                raise
+            from models.bundle import BundleError  # noqa: PLC0415
+            raise BundleError(f"the manifest's defenses.rmc.settings.k is {k!r}: {exc}") from None
+        self.settings = finetune_settings({"lr": lr, "steps": steps, "patience": patience, "min_delta": min_delta,
+                                           "stop_loss": stop_loss}, defaults)
         self.classifier = env.classifier
         self.finetuner = Finetuner(env.classifier, trainable or defaults.get("trainable", "all"))
         self.parallel = int(parallel)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from service.evaluation import adaptive, blackbox, metrics, targets
 from service.evaluation.attacks import Budget, art_attack, gmsa_rmc, progress_enabled
+from service.evaluation.report import write_text
 from service.evaluation.targets import Outcome
 
 log = logging.getLogger("shieldserve.evaluate")
@@ -134,6 +135,16 @@ class EvalConfig:
                 raise ValueError(f"--autoattack-budget {key}={n}: N must be a whole number >= 1")
 
 
+def finished_report(out: Path) -> dict[str, Any] | None:
+    """The report.json in `out` if a run finished it (it has `finished`), else None: no report,
+    or an interrupted run's (saved as it went; rerunning the command starts it over)."""
+    try:
+        report = json.loads((Path(out) / "report.json").read_text())
+    except (OSError, ValueError):  # none, or not one of ours
+        return None
+    return report if isinstance(report, dict) and "finished" in report else None
+
+
 def check_names(flag: str, given: Collection[str], valid: Collection[str], what: str, choices: str = "") -> None:
     """ValueError naming the values of `given` that are not in `valid`, and the valid ones."""
     unknown = [n for n in given if n not in valid]
@@ -173,6 +184,7 @@ class Evaluation:
         settings = load_settings(cfg.config, bundle=cfg.bundle)
         cfg.check(settings.pipelines)  # before the bundle is opened (the command checked it already)
         self.bundle = Bundle.load(settings.bundle, trusted_imports=settings.trusted_imports)
+        self.bundle.require_finished()
         self.base = self.bundle.classifier()
         env = DefenseEnv(bundle=self.bundle, classifier=self.base, device=torch.device("cpu"), settings=settings)
         names = cfg.pipelines or [n for n in settings.pipelines if not self._unusable(settings, n)]
@@ -244,9 +256,10 @@ class Evaluation:
             return targets.run(self.pipes[name], x, batch=self.cfg.batch, seed=seed, options=self.options(name), bar=bar)
 
     def save(self) -> None:
+        """report.json as measured so far, replaced whole (a kill mid-write leaves the last one)."""
         out = Path(self.cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(clean_json(self.report), indent=2, default=_json_default) + "\n")
+        write_text(out / "report.json", json.dumps(clean_json(self.report), indent=2, default=_json_default) + "\n")
 
     # ------------------------------------------------------------------ oblivious
     def make_oblivious(self) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SECTIONS = ("oblivious", "transfer", "graybox", "adaptive", "autoattack", "blackbox")
 TITLES = {
@@ -498,13 +499,39 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     return "\n".join(line for line in out) + "\n"
 
 
+def replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` a file beside `path`, then rename it over `path` (os.replace): a reader, or a
+    run killed mid-write, sees the old file or the new one, never half of one (report.json was
+    rewritten in place after every pipeline: a kill during the write could leave it truncated)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """`path` replaced by `text` (replace_file), its bytes on disk before the rename."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    replace_file(path, write)
+
+
 def _save(fig: Any, path: Path) -> str:
     """Lay out, write and close a figure; its file name."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        replace_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".")))
+    finally:
+        plt.close(fig)
     return path.name
 
 
@@ -579,17 +606,16 @@ def plot(report: dict[str, Any], out: Path, prefix: str = "") -> dict[str, str]:
 
 def write(report: dict[str, Any], out: Path, doc: Path | None = None, preface: str = "") -> None:
     """report.md and the plots into `out`; with `doc`, the same report there too, its plot
-    links made relative to the doc's folder (the published docs/security-report.md)."""
-    import os
-
+    links made relative to the doc's folder (the published docs/security-report.md). Each
+    file is replaced whole (replace_file)."""
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(report, out)
-    (out / "report.md").write_text(markdown(report, plots))
+    write_text(out / "report.md", markdown(report, plots))
     if doc is not None:
         rel = os.path.relpath(out, doc.parent)
         text = markdown(report, {k: f"{rel}/{v}" for k, v in plots.items()})
         doc.parent.mkdir(parents=True, exist_ok=True)
-        doc.write_text(text)
+        write_text(doc, text)
 
 
 def merge(report: dict[str, Any], others: list[dict[str, Any]], order: list[str] | None = None) -> dict[str, Any]:
@@ -635,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.note:
         report["note"] = args.note
     if args.merge or args.command:
-        (d / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_text(d / "report.json", json.dumps(report, indent=2) + "\n")
     write(report, d, doc=Path(args.doc) if args.doc else None)
     return 0
 

@@ -136,6 +136,7 @@ def load_pipelines(bundle: Any, names: list[str] | None = None, config: str | No
 
     settings = load_settings(config, bundle=bundle)
     b = Bundle.load(settings.bundle, trusted_imports=settings.trusted_imports)
+    b.require_finished()
     base = b.classifier()
     env = DefenseEnv(bundle=b, classifier=base, device=torch.device("cpu"), settings=settings)
     names = names or list(settings.pipelines)

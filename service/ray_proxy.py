@@ -1,0 +1,231 @@
+"""The service's edge rules in Ray Serve's HTTP proxy (`shieldserve serve --ray`).
+
+Ray's proxy (Ray 2.60) takes a request's body off the socket as fast as it comes, with no
+limit, and queues it for the replica: the replica's body limit and API-key check
+(service/api/middleware.py, BodyLimitMiddleware) came only after the proxy had read it all
+(a 300 MiB upload without a key was read whole). A request takes one of its replica's
+`max_ongoing_requests` slots as soon as the proxy hands it on, before its body is in: 40
+slow uploads locked every other client out. And the proxy answers some errors itself, as
+`text/plain`. `ProxyEdgeMiddleware`, in each proxy in front of Ray's own, does what the
+nginx gateway does (docker/nginx.conf):
+
+  * on the pipeline routes, a request without a known API key (`api_keys` set) is answered
+    401 `unauthorized` from its headers, before any of its body is read;
+  * the body is capped at `limits.max_body_bytes`: 413 `payload_too_large` from
+    `Content-Length`, else as soon as the bytes received pass it (`Connection: close`: the
+    rest is never read);
+  * the whole body is read before Ray routes the request, each read within `body_timeout_s`
+    (nginx's `client_body_timeout`, 15 s; 408 `request_timeout` after it): a replica's slot
+    is taken only by a request whose body is in;
+  * Ray's own errors get the contract's JSON body (`{"error": {"code", "message"}}`, on
+    `/v2/*` `{"error": message}`) and an `X-Request-ID`: its backpressure 503 is
+    `overloaded` (its `Retry-After` kept), its timeout (408) a 504 `deadline_exceeded`, and a
+    replica that died with the request (no answer at all, which uvicorn made a text 500), a
+    deployment with no replica (503 without `Retry-After`) or an application not deployed
+    (404) a 503 `unavailable` with `Retry-After`.
+
+Installed through Ray's documented hook, the environment variable
+RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH (`middlewares` below), which each proxy reads as it
+starts; the limits come in CONFIG_ENV (service.ray_app.proxy_env). Ray's `/-/healthz` and
+`/-/routes` pass untouched. The answers given here never reach Ray's proxy, so they are in
+neither Ray's metrics nor the replicas'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from starlette.middleware import Middleware
+from starlette.requests import Request
+
+from service.api.clients import api_key_of
+from service.api.errors import endpoint_of, is_oip
+
+# what ray_app sets in the proxies' environment
+CALLBACK = "service.ray_proxy:middlewares"
+CONFIG_ENV = "SHIELDSERVE_RAY_PROXY"
+
+log = logging.getLogger("shieldserve")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    max_body_bytes: int = 8 * 1024 * 1024  # limits.max_body_bytes
+    body_timeout_s: float = 15.0  # longest wait for the next part of a body
+    api_keys: tuple[str, ...] = ()  # the sha256 hex digests of api_keys (no key in them)
+    retry_after_s: int = 1  # admission.retry_after_s: the Retry-After of a 503 `unavailable`
+
+    @classmethod
+    def of(cls, settings: Any, body_timeout_s: float) -> ProxyConfig:
+        return cls(max_body_bytes=settings.limits.max_body_bytes, body_timeout_s=body_timeout_s,
+                   api_keys=tuple(sorted(set(settings.api_keys.values()))),
+                   retry_after_s=settings.admission.retry_after_s)
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls, environ: Any = None) -> ProxyConfig:
+        """The config in CONFIG_ENV; the defaults where it is unset. Anything else in it fails
+        the proxy's start (Ray retries it and says why), rather than serve without limits."""
+        raw = (os.environ if environ is None else environ).get(CONFIG_ENV)
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        data["api_keys"] = tuple(data.get("api_keys", ()))
+        config = cls(**data)
+        if config.max_body_bytes <= 0 or config.body_timeout_s <= 0:
+            raise ValueError(f"{CONFIG_ENV}: max_body_bytes and body_timeout_s must be > 0")
+        return config
+
+
+def middlewares() -> list[Middleware]:
+    """RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH's callback, called once by each of Ray Serve's
+    HTTP proxies as it starts. Ray wants a list of Starlette `Middleware` (ray/serve/_private/
+    http_util.py, validate_http_proxy_callback_return) and puts them outside its own."""
+    return [Middleware(ProxyEdgeMiddleware, config=ProxyConfig.from_env())]
+
+
+def _known_key(key: str | None, digests: tuple[str, ...]) -> bool:
+    """Whether `key` is one of the keys `digests` are of: service.api.clients._client_of's test
+    (the key's bytes as sent, UTF-8 or latin-1)."""
+    if key is None:
+        return False
+    return not {hashlib.sha256(key.encode(codec)).hexdigest() for codec in ("latin-1", "utf-8")}.isdisjoint(digests)
+
+
+def _header(headers: Any, name: bytes) -> bytes | None:
+    """The first value of header `name` (lower case), as Starlette's Headers.get reads it."""
+    return next((v for k, v in headers or [] if k.lower() == name), None)
+
+
+# Ray's own errors (text/plain): (status, code, message) of the contract's answer
+_OVERLOADED = (503, "overloaded", "too many requests are waiting for a replica; retry after Retry-After seconds")
+_NO_REPLICA = (503, "unavailable",
+               "no replica of the service can take requests now (starting, or failed to deploy); retry later")
+_NOT_DEPLOYED = (503, "unavailable",
+                 "the service is not deployed on this proxy (starting or shutting down); retry later")
+_REPLICA_FAILED = (503, "unavailable", "the replica serving this request failed before answering; retry")
+_RAY_TIMEOUT = (504, "deadline_exceeded", "no replica answered within the proxy's timeout")
+
+
+def _rays_error(status: int, headers: Any) -> tuple[int, str, str] | None:
+    """The contract's answer for Ray's own error response, or None for anything else: the
+    service answers every error in JSON, Ray's proxy in text/plain."""
+    if not (_header(headers, b"content-type") or b"").startswith(b"text/plain"):
+        return None
+    if status == 503:
+        return _OVERLOADED if _header(headers, b"retry-after") is not None else _NO_REPLICA
+    return {408: _RAY_TIMEOUT, 404: _NOT_DEPLOYED, 500: _REPLICA_FAILED}.get(status)
+
+
+class ProxyEdgeMiddleware:
+    """The module's rules, around Ray's proxy app (Ray's RequestIdMiddleware inside it)."""
+
+    def __init__(self, app: Any, config: ProxyConfig) -> None:
+        self.app, self.config = app, config
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/-/"):
+            return await self.app(scope, receive, send)
+        request_id = _header(scope.get("headers"), b"x-request-id")
+        if request_id is None:
+            # the id Ray's RequestIdMiddleware would make (a uuid4), made here so that the answers
+            # given here carry it too; Ray's takes it and echoes it on every response
+            request_id = str(uuid.uuid4()).encode()
+            scope["headers"] = [*(scope.get("headers") or []), (b"x-request-id", request_id)]
+        path = scope["path"]
+
+        async def answer(status: int, code: str, message: str, headers: Any = (), close: bool = False) -> None:
+            body = json.dumps({"error": message} if is_oip(path) else {"error": {"code": code, "message": message}})
+            out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            out += [(bytes(k), bytes(v)) for k, v in headers]
+            if _header(out, b"x-request-id") is None:
+                out.append((b"x-request-id", request_id))
+            if close:  # the body left unread must not be taken for the connection's next request
+                out.append((b"connection", b"close"))
+            await send({"type": "http.response.start", "status": status, "headers": out})
+            await send({"type": "http.response.body", "body": body.encode()})
+
+        config = self.config
+        if config.api_keys and endpoint_of(path) is not None:
+            key = api_key_of(Request(scope))
+            if not _known_key(key, config.api_keys):
+                # as the replica's require_api_key answers it (BodyLimitMiddleware._unauthorized)
+                return await answer(401, "unauthorized",
+                                    "this service needs an API key: Authorization: Bearer KEY or X-API-Key: KEY"
+                                    if key is None else "unknown API key", [(b"www-authenticate", b"Bearer")],
+                                    close=True)
+        too_big = f"request body is larger than the limit of {config.max_body_bytes} bytes"
+        declared = _header(scope.get("headers"), b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await answer(400, "bad_request", "Content-Length is not a number", close=True)
+            if int(declared) > config.max_body_bytes:
+                return await answer(413, "payload_too_large", too_big, close=True)
+
+        chunks, size, more = [], 0, True
+        while more:
+            try:
+                async with asyncio.timeout(config.body_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                return await answer(408, "request_timeout", f"the request body stopped arriving (nothing for "
+                                                            f"{config.body_timeout_s:g} s)", close=True)
+            if message["type"] == "http.disconnect":
+                return  # gone during its upload: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > config.max_body_bytes:
+                return await answer(413, "payload_too_large", too_big, close=True)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        state = {"delivered": False, "started": False, "disconnected": False, "held": None}
+
+        async def replay() -> dict:
+            if not state["delivered"]:
+                state["delivered"] = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            message = await receive()  # the client's disconnect, which makes Ray cancel the request
+            if message["type"] == "http.disconnect":
+                state["disconnected"] = True
+            return message
+
+        async def contract_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                mapped = _rays_error(message["status"], message.get("headers"))
+                if mapped is not None:
+                    state["held"] = (message, mapped)  # Ray's own error: answered below, with its body
+                    return
+                state["started"] = True
+            elif message["type"] == "http.response.body" and state["held"] is not None:
+                if not message.get("more_body", False):
+                    held, (status, code, text) = state["held"]
+                    state["held"], state["started"] = None, True
+                    keep = [(k, v) for k, v in held.get("headers") or []
+                            if k.lower() in (b"retry-after", b"x-request-id")]
+                    if status == 503 and code == "unavailable" and _header(keep, b"retry-after") is None:
+                        keep.append((b"retry-after", str(config.retry_after_s).encode()))
+                    await answer(status, code, text, keep)
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, replay, contract_send)
+        except Exception:
+            if state["started"]:
+                raise
+            log.exception("Ray Serve's proxy failed on %s %s", scope.get("method"), path)
+        if not state["started"] and not state["disconnected"]:
+            # Ray's proxy returned without an answer: the replica died with the request (Ray
+            # leaves that to uvicorn's bare text 500)
+            status, code, text = _REPLICA_FAILED
+            await answer(status, code, text, [(b"retry-after", str(config.retry_after_s).encode())])
