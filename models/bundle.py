@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -272,7 +273,8 @@ class InputSpec:
 
 
 def _finite_numbers(name: str, values: Any) -> tuple[float, ...]:
-    if not isinstance(values, list) or not all(type(v) in (int, float) and math.isfinite(v) for v in values):
+    if not isinstance(values, (list, tuple)) or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
         raise ValueError(f"input {name} must be a list of finite numbers, got {values!r:.80}")
     return tuple(float(v) for v in values)
 
@@ -515,9 +517,10 @@ class Bundle:
             return
         pending = [str(s) for s in build.get("pending_steps") or []]
         steps = ",".join(pending) or "STEPS"
+        trust = "".join(f" --trust-import {t}" for t in trust_needed(self.manifest))
         raise BundleError(f"{self.path}: its build has not finished (the steps {steps} did not run): run its "
                           f"command again ({str(build.get('command', 'shieldserve train ...'))[:300]}), or "
-                          f"`shieldserve train --out {self.path} --steps {steps}`")
+                          f"`shieldserve train --out {self.path} --steps {steps}{trust}`")
 
     def read_verified(self, name: str) -> bytes:
         """An artifact's bytes, after its sha256 has been checked."""

@@ -336,6 +336,9 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     exists = (out / "manifest.json").exists()
     if "quality" in chosen and not exists:
         raise ValueError("--steps quality measures an existing bundle's defenses; build the bundle first")
+    if force and steps:
+        raise ValueError("--force replaces a whole bundle, and --steps adds or refreshes some of its steps: "
+                         "give one of them")
     if exists and not steps and not force and not is_incomplete(_read_json(out / "manifest.json")):
         # nothing checked for one: a finished bundle (hours of training) was silently replaced,
         # and an interrupted rebuild left only its classifier, served undefended
@@ -429,7 +432,21 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
         # be served with only its first steps' defenses, or none (the classifier alone)
         writer.manifest["build"].update({"complete": False, "pending_steps": [s for s in known if s in chosen]})
         if exists:  # --force, or an unfinished build again: its old manifest, then the files it named
-            _remove_bundle(out)
+            # but never what this build reads: `--classifier torchscript:OUT/classifier.torchscript`
+            # (or its weights) named the old bundle's own file, deleted before it was read
+            inputs = [Path(p) for p in (classifier.target if classifier and classifier.kind == "torchscript" else None,
+                                        classifier.weights if classifier else None) if p]
+            if dataset.startswith("npz:"):
+                inputs.append(Path(dataset[4:]))
+            _remove_bundle(out, keep=inputs)
+    elif "classifier" in chosen and any(k in writer.manifest.get("defenses", {}) for k in quality.STEP_KEYS
+                                        if k not in chosen):
+        # the classifier step saves the new classifier beside the defenses kept from before,
+        # whose verdicts were about the old one until the gate measures them again at the end:
+        # unfinished (`--steps quality` finishes it) until then, so a kill in between is not served
+        build = writer.manifest["build"]
+        build["complete"] = False
+        build["pending_steps"] = [*[s for s in build.get("pending_steps") or [] if s != "quality"], "quality"]
     ctx = BuildContext(ds, writer, preset, seed, torch.device(device), command, dict(options or {}),
                        byo_classifier=classifier is not None, extending=extending, config=config)
     gate = dict(ctx.options.get("quality", {}))
@@ -480,7 +497,7 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _remove_bundle(out: Path) -> None:
+def _remove_bundle(out: Path, keep: list[Path] = ()) -> None:  # type: ignore[assignment]
     """Delete the bundle at `out` that a new build replaces: its manifest first (from then on no
     bundle is there to load), then the files it names (its artifacts, Defense-GAN's samples), so
     that none is left beside the new bundle's. Files it does not name are left alone."""
@@ -493,10 +510,11 @@ def _remove_bundle(out: Path) -> None:
         if isinstance(section, dict):
             # the files a section names itself (Defense-GAN's samples image), not its other strings
             names += [v for v in section.values() if isinstance(v, str) and v.endswith(".png")]
+    kept = {p.resolve() for p in keep}
     for name in names:
         if isinstance(name, str) and name and Path(name).name == name and name not in (".", "..", "manifest.json"):
             target = out / name
-            if target.is_file() and not target.is_symlink():
+            if target.is_file() and not target.is_symlink() and target.resolve() not in kept:
                 target.unlink()
 
 
@@ -589,6 +607,13 @@ def _as_built(out: Path, flag: str, given: Any, recorded: Any, default: Any) -> 
     return given
 
 
+def _done(manifest: dict[str, Any], step: str) -> None:
+    """Take a step off the unfinished build's `pending_steps` (saved with what it wrote)."""
+    pending = manifest["build"].get("pending_steps")
+    if isinstance(pending, list) and step in pending:
+        pending.remove(step)
+
+
 def _unmeasured(manifest: dict[str, Any], step: str) -> None:
     """Record the step's defenses as not measured (unusable) until the gate's verdicts replace
     these, in the same shape as quality.record_failure's."""
@@ -631,9 +656,7 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
             writer.save()
             quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device,
                             trusted_imports=writer.trusted_imports)
-        pending = writer.manifest["build"].get("pending_steps")
-        if isinstance(pending, list) and name in pending:
-            pending.remove(name)  # saved with the step's verdicts: an unfinished build resumes after it
+        _done(writer.manifest, name)  # saved with the step's verdicts: an unfinished build resumes after it
         writer.save()
         log.info("step %s done in %.1fs", name, time.monotonic() - t0)
     if "classifier" in chosen and "quality" not in chosen:
@@ -645,6 +668,7 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
                 quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device,
                                 trusted_imports=writer.trusted_imports)
         quality.measure_monitor(writer.path, writer.manifest, ds, preset, gate)  # a new bundle: the monitor on its data
+        _done(writer.manifest, "quality")
         writer.save()
     if "quality" in chosen:  # the gate alone, again, on every defense the bundle has
         t0 = time.monotonic()
@@ -653,6 +677,7 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
                 quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device,
                                 trusted_imports=writer.trusted_imports)
         quality.measure_monitor(writer.path, writer.manifest, ds, preset, gate)
+        _done(writer.manifest, "quality")
     # the served compositions, each whole (what a step above measured again was dropped); read
     # from the bundle on disk with the verdicts above
     writer.save()

@@ -284,7 +284,7 @@ def build_app(config: str | Path | None = None, options: RayOptions | None = Non
     settings = load_settings(config, **overrides)
     if not (Path(settings.bundle) / "manifest.json").is_file():
         raise FileNotFoundError(f"no bundle at {settings.bundle} (manifest.json missing)")
-    Bundle.load(settings.bundle, trusted_imports=settings.trusted_imports)
+    Bundle.load(settings.bundle, trusted_imports=settings.trusted_imports).require_finished()
     options = options or RayOptions.from_env()
     opts = deployment_options(settings, options)
     warning = unshared_state_warning(settings, options.max_replicas)

@@ -175,7 +175,8 @@ class Runtime:
                         "answers a resent image from its own noise draw, so a client resending an image to "
                         "another one gets a fresh try at its certificate; set query_monitor.secret, the same "
                         "everywhere", "" if settings.query_monitor.store == "memory" else
-                        ", and no key shared through Redis", "workers" if settings.workers > 1 else "replicas")
+                        ", and no key shared through Redis at start: it keeps its own until restarted",
+                        "workers" if settings.workers > 1 else "replicas")
         b = settings.batching
         self.batchers = {
             name: Batcher(name, pipeline.run, device=self.device, enabled=b.enabled,

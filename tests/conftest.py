@@ -52,6 +52,9 @@ def quick_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return Path(prebuilt)
 
     out = tmp_path_factory.mktemp("bundle") / "quick"
+    # session fixtures are set up before the autouse thread reset of the test that first asks for
+    # it: trained at the session's thread count, whichever test that is
+    torch.set_num_threads(SESSION_THREADS)
     build_bundle(out, preset="quick", seed=0, argv=["--out", str(out), "--preset", "quick"])
     return out
 
@@ -164,3 +167,19 @@ def restore_logging() -> Iterator[None]:
     root.handlers[:] = handlers
     root.setLevel(levels[0])
     httpx.setLevel(levels[1])
+
+
+@pytest.fixture
+def logging_restored_all():
+    """Put back what service.logs.configure_logging changes in the process: the root logger's
+    handlers and level, uvicorn's loggers' handlers and propagation, uvicorn.access disabled."""
+    import logging
+
+    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level, logging.getLogger(n).propagate,
+                 logging.getLogger(n).disabled) for n in names}
+    yield
+    for n, (handlers, level, propagate, disabled) in saved.items():
+        lg = logging.getLogger(n)
+        lg.handlers[:], lg.propagate, lg.disabled = handlers, propagate, disabled
+        lg.setLevel(level)

@@ -62,14 +62,9 @@ def test_train_reaches_build_bundle_with_its_flags(tmp_path, monkeypatch, capsys
 
 
 @pytest.fixture()
-def logging_restored():
-    """`serve` configures the process's logging (root handlers, level): put it back after."""
-    import logging
-
-    root, access = logging.getLogger(), logging.getLogger("uvicorn.access")
-    saved = (root.handlers[:], root.level, access.disabled)
+def logging_restored(logging_restored_all):
+    """`serve` configures the process's logging: put it back after (conftest's fixture)."""
     yield
-    root.handlers[:], root.level, access.disabled = saved[0], saved[1], saved[2]
 
 
 def test_serve_reaches_the_server_with_the_port_and_the_config_file(tmp_path, monkeypatch, logging_restored) -> None:

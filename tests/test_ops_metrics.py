@@ -101,8 +101,9 @@ def test_requests_for_no_route_are_counted_by_status_only(make_client) -> None:
         assert c.request(method, "/healthz").status_code == 405
         assert c.request(method, "/predict").status_code == 405
     text = c.get("/metrics").text
-    assert count(text, r'^shieldserve_unrouted_requests_total\{status="404"\} (\S+)') == len(paths)
-    assert count(text, r'^shieldserve_unrouted_requests_total\{status="405"\} (\S+)') == 3
+    for status, n in (("404", len(paths)), ("405", 3)):
+        series = r'^shieldserve_unrouted_requests_total\{status="%s"\} (\S+)' % status
+        assert count(text, series) - count(before, series) == n
     predict_errors = r'^shieldserve_requests_total\{endpoint="predict",outcome="error",pipeline="unknown"\} (\S+)'
     assert count(text, predict_errors) - count(before, predict_errors) == 3
     assert "wp-admin" not in text and "PATCH" not in text

@@ -319,3 +319,8 @@ def test_a_manifest_asking_for_endless_fine_tuning_fails_start_up(quick_bundle: 
     hostile = {"steps": 10**9, "patience": 10**9, "stop_loss": 0.0, "min_delta": -1.0}
     _refused(_edited(quick_bundle, tmp_path / "b", settings=hostile), "defenses.rmc.settings.steps is 1000000000")
     _refused(_edited(quick_bundle, tmp_path / "c", settings={"k": "all"}), "defenses.rmc.settings.k is 'all'")
+
+
+def test_a_fractional_k_is_refused_not_truncated(quick_bundle: Path, tmp_path: Path) -> None:
+    """int(2.7) served k = 2 without a word."""
+    _refused(_edited(quick_bundle, tmp_path / "b", settings={"k": 2.7}), "k must be a whole number")

@@ -27,6 +27,8 @@ def _free_port() -> int:
 def _start(bundle: Path, port: int, *args: str, group: bool = False, **env: str) -> subprocess.Popen:
     full_env = {**os.environ, "SHIELDSERVE_BUNDLE": str(bundle), "SHIELDSERVE_LOG_LEVEL": "warning"}
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # unless the test names one
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the server's thread choice, as the tests expect it
+        full_env.pop(name, None)
     full_env.update(env)
     return subprocess.Popen([sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
                             cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -311,7 +313,8 @@ def test_a_signal_to_the_whole_process_group_drains_the_workers_too(quick_bundle
     cut the drain short; after Ctrl-C the drain's timer then forced the exit, dropping the
     requests in flight. The forward is ignored during a drain, and the timer stops gracefully."""
     port = _free_port()
-    proc = _start(quick_bundle, port, "--workers", "2", group=True, SHIELDSERVE_DRAIN_SECONDS="2",
+    # the drain (4 s) outlasts the probe 1.2 s in by a margin a loaded machine keeps
+    proc = _start(quick_bundle, port, "--workers", "2", group=True, SHIELDSERVE_DRAIN_SECONDS="4",
                   SHIELDSERVE_TORCH_THREADS="1", SHIELDSERVE_WARMUP="false",
                   SHIELDSERVE_BATCHING__MAX_DELAY_MS="2500", SHIELDSERVE_BATCHING__MAX_BATCH_SIZE="256")
     url = f"http://127.0.0.1:{port}"

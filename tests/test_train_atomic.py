@@ -330,3 +330,50 @@ def test_a_kill_between_the_checkpoints_two_files_resumes_a_consistent_step(tmp_
     assert state["generator_step"] == 2 and (tmp_path / "b" / state["weights"]).is_file()
     resumed, m = _train(x, 6, tmp_path / "b")
     assert m["resumed_from_step"] == 2 and _same(straight, resumed)
+
+
+# ------------------------------------------------------------------ review mends
+def test_force_keeps_the_files_the_build_reads(data, tmp_path, monkeypatch) -> None:
+    """`--force --classifier torchscript:OUT/classifier.torchscript` named the old bundle's own
+    file: replacing the bundle deleted it before the classifier step read it, and the command
+    failed leaving no bundle at all."""
+    import shutil
+
+    _fake_all(monkeypatch, 1.0)
+    out = _new(data, tmp_path / "b")
+    own = out / "classifier.torchscript"
+    assert own.is_file() and _manifest(out)["artifacts"]["classifier"]["file"] == own.name
+    mine = tmp_path / "mine.npz"
+    shutil.copy(data[0], mine)
+    _new((mine, own), out, force=True)
+    assert own.is_file() and _manifest(out)["build"]["complete"] is True
+    with pytest.raises(ValueError, match="--force replaces a whole bundle"):
+        _new(data, out, steps=["squeeze"], force=True, trusted_imports=_trust(out))
+
+
+def test_a_new_classifier_under_kept_defenses_is_unfinished_until_they_are_measured(data, tmp_path,
+                                                                                   monkeypatch) -> None:
+    """`--steps classifier` on a finished bundle saved the new classifier beside the kept
+    defenses' verdicts about the old one until the gate measured them again: killed in between,
+    the bundle was served as finished. Now it says it is unfinished (`--steps quality`)."""
+    from models.bundle import Bundle, BundleError
+
+    _fake_all(monkeypatch, 1.0)
+    out = _new(data, tmp_path / "b")
+    seen: list[dict] = []
+    real = quality.measure
+
+    def killed_at_the_remeasure(path, manifest, name, *a, **k):
+        seen.append(_manifest(Path(path)))
+        raise Killed()
+
+    monkeypatch.setattr(quality, "measure", killed_at_the_remeasure)
+    with pytest.raises(Killed):
+        _new(data, out, steps=["classifier"], options={"quality": {"images": 8}}, trusted_imports=_trust(out))
+    m = _manifest(out)
+    assert seen and m["build"]["complete"] is False and m["build"]["pending_steps"] == ["quality"]
+    with pytest.raises(BundleError, match="--steps quality"):
+        Bundle.load(out, trusted_imports=_trust(out)).require_finished()
+    monkeypatch.setattr(quality, "measure", real)
+    _new(data, out, steps=["classifier"], trusted_imports=_trust(out))
+    assert _manifest(out)["build"]["complete"] is True and "pending_steps" not in _manifest(out)["build"]

@@ -759,8 +759,9 @@ class QueryMonitor:
         if self._key_pending and self._use_redis():
             assert self.redis is not None
             try:
-                self._set_key(self.redis.shared_key())
-                self._key_pending = False
+                key = self.redis.shared_key()
+                self._key_pending = False  # before _set_key: its shared derived keys are the replicas' now
+                self._set_key(key)
                 self._redis_ok()
             except self.redis.errors as exc:
                 self._redis_failed("reading the shared key", exc)

@@ -613,6 +613,8 @@ class RMC(Component):
         from_manifest = k == "auto" and defaults.get("k", "auto") != "auto"
         k = defaults.get("k", "auto") if k == "auto" else k
         try:
+            if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) and not (isinstance(k, str) and k.isdigit())):
+                raise ValueError(f"k must be a whole number or \"auto\", got {k!r}")  # int(2.7) was 2
             self.k = scaled_k(n) if k == "auto" else int(k)
             if not 1 <= self.k <= n:
                 raise ValueError(f"k must be between 1 and |D′| = {n}, got {self.k}")
