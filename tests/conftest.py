@@ -183,3 +183,26 @@ def logging_restored_all():
         lg = logging.getLogger(n)
         lg.handlers[:], lg.propagate, lg.disabled = handlers, propagate, disabled
         lg.setLevel(level)
+
+
+def blobs_and_mlp(root: Path) -> tuple[Path, Path]:
+    """(an .npz of 8x8 three-class blobs in `root`, a traced TorchScript MLP for them): data and
+    a brought classifier for tests of the build's mechanics, in milliseconds."""
+    import numpy as np
+    from torch import nn
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % 3
+        x = rng.uniform(0, 0.3, (n, 1, 8, 8)).astype(np.float32)
+        for i, c in enumerate(y):
+            x[i, 0, 2 * c:2 * c + 3, :] += 0.6  # a bright band per class: learnable at a glance
+        return x.clip(0, 1), y.astype(np.int64)
+
+    (xt, yt), (xv, yv), (xs, ys) = split(60), split(30), split(30)
+    np.savez(root / "blobs.npz", x_train=xt, y_train=yt, x_val=xv, y_val=yv, x_test=xs, y_test=ys)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
+    torch.jit.trace(mlp, torch.zeros(1, 1, 8, 8)).save(str(root / "mlp.pt"))
+    return root / "blobs.npz", root / "mlp.pt"

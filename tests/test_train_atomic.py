@@ -22,7 +22,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -33,6 +32,7 @@ from models.datasets import Dataset, Split
 from models.recipes import defensegan, magnet, quality, smoothing
 from models.recipes.common import dataset_sha256, seeded
 from models.train import _check_options, build_bundle, is_incomplete, parse_classifier
+from tests.conftest import blobs_and_mlp
 
 DEFENSES = [name for name, _ in models.train.STEPS if name != "classifier"]
 
@@ -44,22 +44,7 @@ class Killed(BaseException):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(an .npz of 8x8 three-class blobs, a traced MLP for them)."""
-    root = tmp_path_factory.mktemp("atomic")
-    rng = np.random.default_rng(0)
-
-    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = np.arange(n) % 3
-        x = rng.uniform(0, 0.3, (n, 1, 8, 8)).astype(np.float32)
-        for i, c in enumerate(y):
-            x[i, 0, 2 * c:2 * c + 3, :] += 0.6
-        return x.clip(0, 1), y.astype(np.int64)
-
-    (xt, yt), (xv, yv), (xs, ys) = split(60), split(30), split(30)
-    np.savez(root / "blobs.npz", x_train=xt, y_train=yt, x_val=xv, y_val=yv, x_test=xs, y_test=ys)
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
-    torch.jit.trace(mlp, torch.zeros(1, 1, 8, 8)).save(str(root / "mlp.pt"))
-    return root / "blobs.npz", root / "mlp.pt"
+    return blobs_and_mlp(tmp_path_factory.mktemp("atomic"))
 
 
 def _manifest(bundle: Path) -> dict:

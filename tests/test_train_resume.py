@@ -15,10 +15,8 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from models.architectures import build_architecture
 from models.bundle import Bundle
@@ -26,6 +24,7 @@ from models.datasets import Dataset, Split, load_dataset
 from models.recipes import defensegan, robust
 from models.recipes.common import CheckpointError, dataset_sha256, seeded
 from models.train import build_bundle, parse_classifier
+from tests.conftest import blobs_and_mlp
 
 SEED = 3  # not the CLI's default 0: extending must take the bundle's own
 
@@ -34,22 +33,7 @@ SEED = 3  # not the CLI's default 0: extending must take the bundle's own
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(an .npz of 8x8 three-class blobs, a traced MLP for it)."""
-    root = tmp_path_factory.mktemp("resume")
-    rng = np.random.default_rng(0)
-
-    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = np.arange(n) % 3
-        x = rng.uniform(0, 0.3, (n, 1, 8, 8)).astype(np.float32)
-        for i, c in enumerate(y):
-            x[i, 0, 2 * c:2 * c + 3, :] += 0.6  # a bright band per class: learnable at a glance
-        return x.clip(0, 1), y.astype(np.int64)
-
-    (xt, yt), (xv, yv), (xs, ys) = split(60), split(30), split(30)
-    np.savez(root / "blobs.npz", x_train=xt, y_train=yt, x_val=xv, y_val=yv, x_test=xs, y_test=ys)
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
-    torch.jit.trace(mlp, torch.zeros(1, 1, 8, 8)).save(str(root / "mlp.pt"))
-    return root / "blobs.npz", root / "mlp.pt"
+    return blobs_and_mlp(tmp_path_factory.mktemp("resume"))
 
 
 def _fake_train_robust(dataset: Dataset, r: robust.RobustRecipe, seed: int, device: str = "cpu",
