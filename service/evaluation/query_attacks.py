@@ -232,8 +232,10 @@ def run(url: str, out: Path, *, off: str, reject: str, block: str, digits: int =
     order = np.random.default_rng(seed).permutation(len(test.x))
     if len(jobs) * digits > len(order):
         raise ValueError(f"{len(jobs)} runs of {digits} digits need more than the {len(order)} test digits")
+    from service.evaluation.attacks import progress_enabled
+
     bar = tqdm(total=sum(digits if "+" not in m[0] else min(digits, adaptive_digits) for _, m in jobs),
-               desc="query attacks over HTTP", unit="digit")
+               desc="query attacks over HTTP", unit="digit", disable=not progress_enabled())
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         with httpx.Client(base_url=url, timeout=120.0, headers=headers) as client:
@@ -258,15 +260,18 @@ def run(url: str, out: Path, *, off: str, reject: str, block: str, digits: int =
                                                     **_summary(rows), "per_digit": rows}
                 _write(report, out)
     except httpx.HTTPError as exc:  # its message names the URL: here without the password or the key
-        raise ServiceError(scrub(f"{type(exc).__name__}: {exc}", url, (api_key,))) from None
+        bar.close()  # before the error's line, not on the bar's
+        raise ServiceError(scrub(f"{type(exc).__name__} from {url}: {exc}", url, (api_key,))) from None
     bar.close()
     _write(report, out)
     return report
 
 
 def _write(report: dict[str, Any], out: Path) -> None:
+    from service.evaluation.report import write_text  # replaced whole, as the report's files are
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "query_attacks.json").write_text(json.dumps(report, indent=1))
+    write_text(out / "query_attacks.json", json.dumps(report, indent=1))
     lines = ["# Query attacks over HTTP", "", f"`{report['command']}` against {report['url']}; "
              f"{report['digits']} digits per run ({report.get('adaptive_digits', '')} per adaptive run), at most "
              f"{report['budget_per_digit']} queries per digit; success within L-inf eps (Square) or L2 "
@@ -284,4 +289,4 @@ def _write(report: dict[str, Any], out: Path) -> None:
         lines += ["", f"Benign: {b['queries']} queries ({b['distinct_images']} distinct digits, {b['clients']} clients, "
                       f"{b['retries']} retries, {b['public_images']} public digits sent by every client): "
                       f"{b['flagged']} flagged ({100 * b['false_positive_rate']:.3f}%)."]
-    (out / "query_attacks.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "query_attacks.md", "\n".join(lines) + "\n")
