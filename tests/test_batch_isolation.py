@@ -15,6 +15,7 @@ from service.batcher import Batcher, BatchReport
 from service.compute import ComputeThread
 from service.defenses.base import RunContext
 from service.pipeline import ImageResult
+from tests.test_batcher import _until
 
 
 def _img(v: int, n: int = 1) -> torch.Tensor:
@@ -38,7 +39,10 @@ def test_a_failing_request_does_not_fail_the_jobs_the_screen_answered() -> None:
     hold = threading.Event()
     ran: list[list[int]] = []
 
+    entered: list[int] = []  # batches the thread has taken
+
     def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        entered.append(1)
         hold.wait(5)
         ran.append(_values(x))
         if 13 in _values(x):
@@ -58,7 +62,7 @@ def test_a_failing_request_does_not_fail_the_jobs_the_screen_answered() -> None:
         b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=16, max_delay_ms=0,
                     screen=screen, on_batch=reports.append)
         first = asyncio.ensure_future(b.submit(_img(1), client="D"))  # runs alone, held in run()
-        await asyncio.sleep(0.1)
+        await _until(lambda: entered)
         a = asyncio.ensure_future(b.submit(_img(0), client="A"))
         bb = asyncio.ensure_future(b.submit(_img(13, 2), client="B"))
         c = asyncio.ensure_future(b.submit(_img(0), client="C"))
@@ -86,25 +90,27 @@ def test_a_failing_request_does_not_fail_the_jobs_the_screen_answered() -> None:
 
 def _seed_recorder(hold: threading.Event, fail_on: int):
     runs: list[tuple[list[int], int]] = []
+    entered: list[int] = []  # batches the thread has taken
 
     def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        entered.append(1)
         hold.wait(5)
         runs.append((_values(x), ctx.seed))
         if fail_on in _values(x):
             raise ValueError("tripped")
         return [ImageResult(status="accepted", label=v) for v in _values(x)]
 
-    return runs, run
+    return runs, run, entered
 
 
 def test_requests_run_again_alone_keep_the_seeds_they_had_in_the_batch() -> None:
     hold = threading.Event()
-    runs, run = _seed_recorder(hold, fail_on=13)
+    runs, run, entered = _seed_recorder(hold, fail_on=13)
 
     async def main() -> None:
         b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=16, max_delay_ms=0)
         first = asyncio.ensure_future(b.submit(_img(1)))  # runs alone, held in run()
-        await asyncio.sleep(0.1)
+        await _until(lambda: entered)
         queued = [asyncio.ensure_future(b.submit(_img(2, 2))),
                   asyncio.ensure_future(b.submit(_img(13))),
                   asyncio.ensure_future(b.submit(_img(4, 3)))]
@@ -129,7 +135,7 @@ def test_the_seed_offset_counts_only_the_images_that_reached_the_pipeline() -> N
     """Rows the screen answered are not in the pipeline's batch: the offset is the request's
     first image's place among those that were."""
     hold = threading.Event()
-    runs, run = _seed_recorder(hold, fail_on=13)
+    runs, run, entered = _seed_recorder(hold, fail_on=13)
 
     def screen(x: torch.Tensor, parts: list[tuple[str | None, int]]):
         answered = [ImageResult(status="rejected") if v == 7 else None for v in _values(x)]
@@ -138,7 +144,7 @@ def test_the_seed_offset_counts_only_the_images_that_reached_the_pipeline() -> N
     async def main() -> None:
         b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=16, max_delay_ms=0, screen=screen)
         first = asyncio.ensure_future(b.submit(_img(1), client="x"))
-        await asyncio.sleep(0.1)
+        await _until(lambda: entered)
         queued = [asyncio.ensure_future(b.submit(torch.cat([_img(7), _img(2)]), client="a")),
                   asyncio.ensure_future(b.submit(_img(13), client="b")),
                   asyncio.ensure_future(b.submit(torch.cat([_img(7), _img(4)]), client="c"))]

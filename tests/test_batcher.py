@@ -232,15 +232,17 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
 
 def test_queue_limit_deadline_cancellation_and_close() -> None:
     release = threading.Event()
+    entered: list[int] = []  # batches the thread has taken (a sleep guessed it: a loaded machine lags)
 
     def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        entered.append(1)
         release.wait(5)
         return _echo(x, ctx)
 
     async def main() -> None:
         b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=1, max_delay_ms=0, max_queue=3)
         first = asyncio.ensure_future(b.submit(_img(1)))  # taken by the thread, blocked in run
-        await asyncio.sleep(0.05)
+        await _until(lambda: len(entered) == 1)
         expired = asyncio.ensure_future(b.submit(_img(2), deadline=time.monotonic() + 0.01))
         dropped = asyncio.ensure_future(b.submit(_img(3)))
         kept = asyncio.ensure_future(b.submit(_img(4), options={"k": 1}))
@@ -258,7 +260,7 @@ def test_queue_limit_deadline_cancellation_and_close() -> None:
         # closing answers what is still queued with Overloaded, and refuses new work
         release.clear()
         running = asyncio.ensure_future(b.submit(_img(6)))
-        await asyncio.sleep(0.05)
+        await _until(lambda: len(entered) == 3)  # first's batch, kept's, and this one
         queued = asyncio.ensure_future(b.submit(_img(7)))
         await asyncio.sleep(0.01)
         closing = asyncio.ensure_future(b.close())
@@ -328,7 +330,10 @@ def test_a_screen_settles_images_and_requests_before_the_pipeline_runs_the_rest(
     ran: list[list[int]] = []
     hold = threading.Event()
 
+    entered: list[int] = []
+
     def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        entered.append(1)
         hold.wait(5)
         ran.append([int(v) for v in x[:, 0, 0, 0].tolist()])
         return _echo(x, ctx)
@@ -345,7 +350,7 @@ def test_a_screen_settles_images_and_requests_before_the_pipeline_runs_the_rest(
         b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=16, max_delay_ms=0,
                     screen=screen, on_batch=reports.append)
         first = asyncio.ensure_future(b.submit(_img(1), client="a"))  # runs alone, held in run()
-        await asyncio.sleep(0.1)
+        await _until(lambda: entered)
         queued = [asyncio.ensure_future(b.submit(torch.cat([_img(2), _img(7), _img(3)]), client="a")),
                   asyncio.ensure_future(b.submit(_img(4, 2), client="bad")),
                   asyncio.ensure_future(b.submit(_img(7), client="c"))]
@@ -467,7 +472,10 @@ def test_a_request_that_fails_a_merged_batch_fails_alone_and_the_others_get_thei
     hold = threading.Event()
     ran: list[list[int]] = []
 
+    entered: list[int] = []
+
     def run(x: torch.Tensor, ctx: RunContext) -> list[ImageResult]:
+        entered.append(1)
         hold.wait(5)
         values = [int(v) for v in x[:, 0, 0, 0].tolist()]
         ran.append(values)
@@ -483,7 +491,7 @@ def test_a_request_that_fails_a_merged_batch_fails_alone_and_the_others_get_thei
         b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=16, max_delay_ms=0,
                     on_batch=reports.append)
         first = asyncio.ensure_future(b.submit(_img(1)))  # runs alone, held in run()
-        await asyncio.sleep(0.1)
+        await _until(lambda: entered)
         queued = [asyncio.ensure_future(b.submit(_img(2, 2))),
                   asyncio.ensure_future(b.submit(torch.cat([_img(13), _img(3)]))),
                   asyncio.ensure_future(b.submit(_img(4)))]
@@ -505,9 +513,10 @@ def test_a_request_that_fails_a_merged_batch_fails_alone_and_the_others_get_thei
 
     async def everyone_fails() -> None:
         hold.clear()
+        entered.clear()
         b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=16, max_delay_ms=0)
         first = asyncio.ensure_future(b.submit(_img(1)))
-        await asyncio.sleep(0.1)
+        await _until(lambda: entered)
         queued = [asyncio.ensure_future(b.submit(_img(99))), asyncio.ensure_future(b.submit(_img(99)))]
         await asyncio.sleep(0.1)
         hold.set()
@@ -534,7 +543,7 @@ def test_a_merged_batch_past_its_deadline_is_not_run_again_request_by_request() 
     async def main() -> None:
         b = Batcher("p", run, device=torch.device("cpu"), max_batch_size=16, max_delay_ms=0)
         first = asyncio.ensure_future(b.submit(_img(1)))
-        await asyncio.sleep(0.1)
+        await _until(lambda: calls)  # taken by the thread: the next two queue behind it
         queued = [asyncio.ensure_future(b.submit(_img(i), deadline=time.monotonic() + 5)) for i in (2, 3)]
         await first
         for q in queued:
