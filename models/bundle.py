@@ -190,6 +190,14 @@ def require_trusted(manifest: dict[str, Any], trusted: tuple[str, ...], where: A
         f"'{json.dumps(needed)}'), or `--trust-import {' --trust-import '.join(needed)}` for `shieldserve train`")
 
 
+def is_unfinished(manifest: Any) -> bool:
+    """Whether a manifest is one of a build that has not finished (`build.complete` false,
+    written by a new build's first save and set true by its last: models.train). A manifest
+    without the key (saved before it existed, or not a dict) is a finished one."""
+    build = manifest.get("build") if isinstance(manifest, dict) else None
+    return isinstance(build, dict) and build.get("complete") is False
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -272,9 +280,14 @@ class InputSpec:
                    value_range=value_range, mean=mean, std=std)  # type: ignore[arg-type]
 
 
+def finite_number(value: Any) -> bool:
+    """A real number (not a bool) that is finite: what a manifest's numbers must be (a NaN or
+    infinite threshold or rate silently turns a detector off)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _finite_numbers(name: str, values: Any) -> tuple[float, ...]:
-    if not isinstance(values, (list, tuple)) or not all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+    if not isinstance(values, (list, tuple)) or not all(finite_number(v) for v in values):
         raise ValueError(f"input {name} must be a list of finite numbers, got {values!r:.80}")
     return tuple(float(v) for v in values)
 
@@ -512,9 +525,9 @@ class Bundle:
         and would be served without the defenses of the steps it never reached (the default
         pipeline falling back to `baseline`). Not part of `load`: the build itself loads the
         unfinished bundle between its steps."""
-        build = self.manifest.get("build")
-        if not isinstance(build, dict) or build.get("complete") is not False:
+        if not is_unfinished(self.manifest):
             return
+        build = self.manifest["build"]
         pending = [str(s) for s in build.get("pending_steps") or []]
         steps = ",".join(pending) or "STEPS"
         trust = "".join(f" --trust-import {t}" for t in trust_needed(self.manifest))

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from models.bundle import Bundle, BundleWriter, Classifier, InputSpec, require_trusted, torchscript_trust
+from models.bundle import is_unfinished as is_incomplete  # the service refuses such a bundle (Bundle.require_finished)
 from models.features import FeatureError
 from models.datasets import Dataset, load_dataset
 from models.recipes import quality
@@ -477,16 +478,6 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
                          + "; ".join(ctx.broken_pipelines) + " (fix the config, then measure it with "
                          f"`shieldserve train --out {out} --steps quality --config CONFIG`)")
     return path
-
-
-def is_incomplete(manifest: Any) -> bool:
-    """Whether a manifest is one of a build that has not finished (`build.complete` is false:
-    written by the first save of a new build, `shieldserve train` without --steps or on a new
-    --out, and set true by its last). What the service must refuse to serve: an interrupted
-    build's bundle lacks the defenses of the steps it did not reach (`build.pending_steps`).
-    A manifest without the key (saved before it existed, or not a dict) is a finished one."""
-    build = manifest.get("build") if isinstance(manifest, dict) else None
-    return isinstance(build, dict) and build.get("complete") is False
 
 
 def _read_json(path: Path) -> Any:

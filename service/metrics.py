@@ -33,6 +33,19 @@ def multiprocess_dir() -> str | None:
 
 
 _LIVE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db")
+# prometheus-client's own files in the multiprocess directory: `<type>[_<mode>]_<pid>.db`
+_METRICS_FILE = re.compile(r"[a-z]+(_[a-z]+)?_\d+\.db")
+
+
+def remove_metric_files(directory: str) -> list[str]:
+    """Remove prometheus-client's files from `directory`, and only them (the directory is the
+    operator's); the names removed, sorted."""
+    removed = []
+    for entry in os.scandir(directory):
+        if _METRICS_FILE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            os.remove(entry.path)
+            removed.append(entry.name)
+    return sorted(removed)
 
 
 def reap_dead_workers(directory: str) -> list[int]:

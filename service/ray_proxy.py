@@ -34,7 +34,6 @@ neither Ray's metrics nor the replicas'.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -45,8 +44,8 @@ from typing import Any
 from starlette.middleware import Middleware
 from starlette.requests import Request
 
-from service.api.clients import api_key_of
-from service.api.errors import endpoint_of, is_oip
+from service.api.clients import api_key_of, key_digests
+from service.api.errors import endpoint_of, error_body
 
 # what ray_app sets in the proxies' environment
 CALLBACK = "service.ray_proxy:middlewares"
@@ -94,11 +93,8 @@ def middlewares() -> list[Middleware]:
 
 
 def _known_key(key: str | None, digests: tuple[str, ...]) -> bool:
-    """Whether `key` is one of the keys `digests` are of: service.api.clients._client_of's test
-    (the key's bytes as sent, UTF-8 or latin-1)."""
-    if key is None:
-        return False
-    return not {hashlib.sha256(key.encode(codec)).hexdigest() for codec in ("latin-1", "utf-8")}.isdisjoint(digests)
+    """Whether `key` is one of the keys `digests` are of, as the replica tells (clients.key_digests)."""
+    return key is not None and not key_digests(key).isdisjoint(digests)
 
 
 def _header(headers: Any, name: bytes) -> bytes | None:
@@ -144,7 +140,7 @@ class ProxyEdgeMiddleware:
         path = scope["path"]
 
         async def answer(status: int, code: str, message: str, headers: Any = (), close: bool = False) -> None:
-            body = json.dumps({"error": message} if is_oip(path) else {"error": {"code": code, "message": message}})
+            body = json.dumps(error_body(path, code, message))
             out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
             out += [(bytes(k), bytes(v)) for k, v in headers]
             if _header(out, b"x-request-id") is None:

@@ -150,8 +150,8 @@ class Runtime:
                                       f"(query_monitor: false on each pipeline)")
         self.metrics = Metrics(shared_monitor=settings.query_monitor.store == "redis")
         self.monitor = self._build_monitor() if any(p.monitor for p in self.pipelines.values()) else None
-        if self.monitor is not None:  # exposed at 0 from the first scrape (QueryAttackSuspected)
-            self.metrics.declare_monitored_pipelines(n for n, p in self.pipelines.items() if p.monitor)
+        # exposed at 0 from the first scrape (QueryAttackSuspected)
+        self.metrics.declare_monitored_pipelines(n for n, p in self.pipelines.items() if p.monitor)
         # Inference runs off the event loop, on the compute thread: each pipeline's batcher
         # forms its batches in its own thread and hands each to it (service/batcher.py), as
         # do the warm-up and GET /certify. torch parallelises inside each call. This pool runs

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import signal
 import tempfile
 import threading
@@ -183,10 +182,6 @@ def serve(settings: Settings, config_file: str | None = None) -> None:
     DrainingServer(uvicorn.Config(app, **common), app, settings.drain_seconds).run()
 
 
-# prometheus-client's own files in the multiprocess directory: `<type>[_<mode>]_<pid>.db`
-_METRICS_FILE = re.compile(r"[a-z]+(_[a-z]+)?_\d+\.db")
-
-
 def _prepare_multiprocess() -> list[str]:
     """Make PROMETHEUS_MULTIPROC_DIR (a new temporary directory where unset) ready for the
     workers: prometheus-client's files from an earlier run would be counted again, so they are
@@ -197,9 +192,8 @@ def _prepare_multiprocess() -> list[str]:
         directory = tempfile.mkdtemp(prefix="shieldserve-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     os.makedirs(directory, exist_ok=True)
-    removed = []
-    for entry in os.scandir(directory):
-        if _METRICS_FILE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-            os.remove(entry.path)
-            removed.append(entry.name)
-    return sorted(removed)
+    # imported here, after the variable is set: prometheus-client picks its multiprocess
+    # values when it is first imported
+    from service.metrics import remove_metric_files
+
+    return remove_metric_files(directory)

@@ -147,6 +147,12 @@ def client_of(request: Request) -> str:
     return known
 
 
+def key_digests(key: str) -> set[str]:
+    """The sha256 hex digests an API key as received may be configured under: of the header's
+    own bytes and of its text as UTF-8 (see _client_of)."""
+    return {hashlib.sha256(key.encode(codec)).hexdigest() for codec in ("latin-1", "utf-8")}
+
+
 def _client_of(request: Request) -> str:
     settings = request.app.state.runtime.settings
     if settings.api_keys:
@@ -158,7 +164,7 @@ def _client_of(request: Request) -> str:
         # UTF-8 bytes. Starlette decodes a header as latin-1: a client that sent UTF-8 (curl) is
         # matched by the header's own bytes, one that sent latin-1 (Python's http.client, so
         # requests and urllib; browsers' fetch) by the text encoded as UTF-8. Both are tried.
-        digests = {hashlib.sha256(key.encode(codec)).hexdigest() for codec in ("latin-1", "utf-8")}
+        digests = key_digests(key)
         for name, known in settings.api_keys.items():
             if known in digests:
                 return f"key:{name}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -76,10 +77,14 @@ def is_oip(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
+def error_body(path: str, code: str, message: str) -> dict[str, Any]:
+    """The contract's error body: `/v2`'s `{"error": message}`, elsewhere `{"error": {code, message}}`."""
+    return {"error": message} if is_oip(path) else {"error": {"code": code, "message": message}}
+
+
 def error_response(path: str, status: int, code: str, message: str,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": message} if is_oip(path) else {"error": {"code": code, "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(path, code, message), status_code=status, headers=headers)
 
 
 def api_error_response(path: str, exc: ApiError) -> JSONResponse:
@@ -94,12 +99,18 @@ def internal_error_response(method: str, path: str) -> JSONResponse:
                           "the server failed to answer this request; the error is logged")
 
 
+def refused_response(app: object, path: str, exc: ApiError, received_at: float | None) -> JSONResponse:
+    """The answer to an ApiError raised before a route's handler counted its request (a
+    dependency, the body-limit middleware's early 401): counted as refused, then answered."""
+    count_refused(app, path, getattr(exc, "outcome", "error"), getattr(exc, "pipeline", "unknown"), received_at)
+    return api_error_response(path, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         if not getattr(exc, "counted", False):  # raised before the handler's `tracked` (a dependency)
-            count_refused(request.app, request.url.path, getattr(exc, "outcome", "error"),
-                          getattr(exc, "pipeline", "unknown"), _received_at(request))
+            return refused_response(request.app, request.url.path, exc, _received_at(request))
         return api_error_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request
 
 from service.api.clients import check_api_key
-from service.api.errors import ApiError, api_error_response, count_refused, endpoint_of, internal_error_response, is_oip
+from service.api.errors import ApiError, count_refused, endpoint_of, internal_error_response, is_oip, refused_response
 from service.logs import logged_path, request_id_var
 
 access_log = logging.getLogger("shieldserve.access")
@@ -143,9 +143,7 @@ class BodyLimitMiddleware:
         try:
             check_api_key(Request(scope))
         except ApiError as exc:
-            count_refused(scope.get("app"), scope["path"], getattr(exc, "outcome", "error"),
-                          getattr(exc, "pipeline", "unknown"), scope["state"]["received_at"])
-            response = api_error_response(scope["path"], exc)
+            response = refused_response(scope.get("app"), scope["path"], exc, scope["state"]["received_at"])
             response.headers["connection"] = "close"
             await response(scope, receive, send)
             return True

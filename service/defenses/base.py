@@ -38,7 +38,11 @@ def exact_bytes(x: torch.Tensor) -> list[bytes]:
     a level apart are different queries to the model). The query monitor's exact-repeat digest
     and smoothing's per-image noise both use it: what the monitor takes for one image (a retry,
     never evidence) is answered from one noise, so a resend in another format draws nothing new."""
-    a = x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).numpy()
+    return exact_rows(x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).numpy())
+
+
+def exact_rows(a: np.ndarray) -> list[bytes]:
+    """exact_bytes of images already flattened to float32 rows (B, N)."""
     scaled = a * np.float32(255.0)
     eight = np.rint(scaled)
     grid = (np.abs(scaled - eight) <= 1e-3).all(axis=1) & (eight >= 0).all(axis=1) & (eight <= 255).all(axis=1)

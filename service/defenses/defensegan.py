@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.bundle import BundleError
+from models.bundle import BundleError, finite_number
 from service.defenses.base import Classify, Component, DefenseEnv, Detection, Purified, RunContext
 
 
@@ -348,8 +348,7 @@ def _finite_number(env: DefenseEnv, value: Any, key: str, high: float = math.inf
     """A number from the bundle's section, refused (BundleError) unless finite and in [0, high]:
     no error is ever above a NaN or infinite threshold, so the detector would pass everything
     without a word; errors are mean squares (>= 0)."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or not 0 <= value <= high:
+    if not finite_number(value) or not 0 <= value <= high:
         raise BundleError(f"bundle {env.bundle.path}: {key} must be a finite number in [0, {high:g}], got {value!r}")
     return float(value)
 

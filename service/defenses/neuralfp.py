@@ -19,12 +19,11 @@ their number and the threshold only; scores are distances, never fingerprint val
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from models.bundle import Bundle, BundleError, Classifier
+from models.bundle import Bundle, BundleError, Classifier, finite_number
 from service.defenses.base import Classify, Component, DefenseEnv, Detection, RunContext
 
 OPTIONS = {"classify_with"}
@@ -132,11 +131,12 @@ class NeuralFPAdapter(Component):
         return {"classifier": "neuralfp_classifier"}
 
 
-def _checked_fingerprints(bundle: Bundle, artifact: str, network: Classifier,
+def _checked_fingerprints(bundle: Bundle, artifact: str,
                           device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """The artifact's (dx, dy), refused (BundleError) unless they fit what the score computes:
     dx (M, *input shape) is added to each image, dy (M, K, K) is compared with the responses of
-    a K-logit network, indexed by its predicted class. A misfit otherwise surfaces as a torch
+    the K-logit network (Bundle.classifier refused one of another class count), indexed by its
+    predicted class. A misfit otherwise surfaces as a torch
     broadcasting error naming no artifact, at the warm-up or (warm-up off) on every request.
     Messages name keys, dtypes and shapes only: the values are secret."""
     fp = bundle.tensors(artifact, device)
@@ -146,15 +146,7 @@ def _checked_fingerprints(bundle: Bundle, artifact: str, network: Classifier,
         raise BundleError(f"{where} has no {' or '.join(missing)}; it holds {sorted(fp)}")
     dx, dy = fp["dx"], fp["dy"]
     shape = tuple(int(d) for d in bundle.input_spec.shape)
-    try:
-        with torch.no_grad():
-            k = int(network(torch.zeros((1, *shape), device=device)).shape[-1])
-    except Exception as exc:
-        raise BundleError(f"bundle {bundle.path}: the neuralfp network cannot take this bundle's {shape} "
-                          f"input: {exc}") from exc
-    classes = bundle.input_spec.num_classes
-    if k != classes:
-        raise BundleError(f"bundle {bundle.path}: the neuralfp network makes {k} logits for {classes} class names")
+    k = bundle.input_spec.num_classes
     m = int(dx.shape[0]) if dx.dim() else 0
     for key, t, expected in (("dx", dx, (m, *shape)), ("dy", dy, (m, k, k))):
         if not t.is_floating_point():
@@ -177,12 +169,11 @@ def _finite(bundle: Bundle, value: Any, key: str, *, positive: bool = False) -> 
     everything without a word. Scores are distances (>= 0); the `either` taus divide
     them (> 0)."""
     where = f"bundle {bundle.path}: defenses.neuralfp.calibration.{key}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not finite_number(value) and not isinstance(value, float):  # NaN and infinities are floats
         raise BundleError(f"{where} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+    if not finite_number(value) or value < 0 or (positive and value == 0):
         raise BundleError(f"{where} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-    return v
+    return float(value)
 
 
 def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
@@ -195,7 +186,7 @@ def build(options: dict[str, Any], env: DefenseEnv) -> list[Component]:
     section = env.bundle.defense("neuralfp")
     cal = section["calibration"]
     network = env.bundle.classifier(env.device, artifact=section["classifier"])
-    dx, dy = _checked_fingerprints(env.bundle, section["fingerprints"], network, env.device)
+    dx, dy = _checked_fingerprints(env.bundle, section["fingerprints"], env.device)
     match = section.get("match", "min")
     if match not in MATCHES:
         raise BundleError(f"bundle {env.bundle.path}: defenses.neuralfp.match must be one of {MATCHES}, got {match!r}")

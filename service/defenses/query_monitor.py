@@ -99,7 +99,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from service.defenses.base import exact_bytes
+from service.defenses.base import exact_rows
 
 log = logging.getLogger("shieldserve")
 
@@ -204,7 +204,7 @@ class Fingerprinter:
         # or /v2 UINT8 was taken for a near copy of itself), exact floats off it (/v2 FP32 queries
         # a fraction of a level apart, as 8-bit repeats, went unflagged)
         digests = [hashlib.blake2b(row, key=self._digest_key, digest_size=16).digest()  # type: ignore[attr-defined]
-                   for row in exact_bytes(x)]
+                   for row in exact_rows(a)]
         if self.layout == "columns" and x.dim() >= 3:  # (..., H, W) read column by column
             a = a.reshape(tuple(x.shape)).swapaxes(-1, -2).reshape(b, -1)
         # floor by the cast: the clipped values are >= 0
@@ -298,7 +298,7 @@ def near_scan(history: Sequence[np.ndarray], pixels: np.ndarray, linf: float | N
     first: dict[bytes, int] = {}
     distinct = np.array([first.setdefault(row.tobytes(), j) == j for j, row in enumerate(pool)])
     pool = pool.astype(np.int16)
-    reach = -1.0 if linf is None else linf * 255.0 + 1.5  # is_near's bound, in 8-bit steps
+    reach = -1.0 if linf is None else _near_steps(linf)
     out: list[float | None] = []
     counts: list[int] = []
     for i in range(len(pixels)):
@@ -310,9 +310,16 @@ def near_scan(history: Sequence[np.ndarray], pixels: np.ndarray, linf: float | N
     return out, counts
 
 
+def _near_steps(linf: float) -> float:
+    """The largest L-inf distance, in 8-bit steps, that is within `linf` allowing for the 8-bit
+    rounding of both images (one bound for near_scan's counts and is_near)."""
+    return linf * 255.0 + 1.5
+
+
 def is_near(distance: float | None, linf: float) -> bool:
-    """Within `linf`, allowing for the 8-bit rounding of both images."""
-    return distance is not None and distance <= linf + 1.5 / 255.0
+    """Within `linf` (a near_distances distance, a whole number of 8-bit steps), allowing for the
+    8-bit rounding of both images."""
+    return distance is not None and round(distance * 255.0) <= _near_steps(linf)
 
 
 # --------------------------------------------------------------------------- stores
@@ -805,7 +812,6 @@ class QueryMonitor:
                 self._redis_failed("screen", exc)
         suspect = suspect or local_suspect
         if matches is None:
-            blocked_for = local_blocked
             if self._refused and not self._key_pending:
                 # Redis answers but refuses writes (a full noeviction Redis: the screen script
                 # fails at its first write): a block or suspect mark recorded there still holds

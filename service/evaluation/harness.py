@@ -353,13 +353,15 @@ class Evaluation:
                    digits: int | None = None, answered: Outcome | None = None) -> None:
             k = digits or n
             xa, ya = adv[:k], yn[:k]
+            diff = (xa - self.x[:k]).flatten(1)  # the scored adversarials' distances, once
             if label.endswith("cw_l2"):
                 # CW minimises L2 with no bound: its adversarial counts within the run's largest L2
                 # budget only, as HopSkipJump's does (counted at any size, it broke digits at L2 5.5
                 # and set the headline's "worst of all attacks" below every bounded attack)
                 eps = max(b.l2_eps)
-                far = (xa - self.x[:k]).flatten(1).norm(dim=1) > eps + 1e-6
+                far = diff.norm(dim=1) > eps + 1e-6
                 xa = torch.where(far.view(-1, *([1] * (xa.dim() - 1))), self.x[:k], xa)
+                diff = torch.where(far[:, None], torch.zeros_like(diff), diff)  # those rows: the clean digit
                 extra = {**(extra or {}), "eps": eps, "norm": "l2",
                          "beyond_eps": round(float(far.float().mean()), 4)}
             if answered is not None:  # black-box over HTTP: scored from the answers the attack got
@@ -374,7 +376,6 @@ class Evaluation:
             if answered is not None:  # no one answer per digit to split into accepted / rejected / abstained
                 row.update({"accepted_correct": None, "rejected": None, "abstained": None, "seconds_per_image": None,
                             "scored_from": "the attack's own answers (broken: an accepted wrong answer within eps)"})
-            diff = (xa - self.x[:k]).flatten(1)  # the scored adversarials' distances, once
             if a.detectors:
                 # the digits the attack changed: where it failed it hands back the clean digit, and
                 # a clean digit against itself is no test of the detector (Square's AUC read 0.585

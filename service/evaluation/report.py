@@ -221,6 +221,7 @@ def threat_models(report: dict[str, Any]) -> str:
     b = report.get("budget", {})
     eps = float(b.get("linf_eps", 0.3))
     l2 = [float(e) for e in b.get("l2_eps") or []]
+    cw_eps = max(l2) if l2 else 2.0  # CW's successes count within the run's largest L2 budget
     wanted = report.get("attacks")  # None: every attack (--attacks not given, or an older report)
     asked = set(report.get("sections") or ())
     lines = ["Threat models (each a section below):", ""]
@@ -241,7 +242,7 @@ def threat_models(report: dict[str, Any]) -> str:
         if sweep:
             parts.append(f"PGD at eps {_eps(sweep)} for the sweep")
         if "cw" in kinds:
-            parts.append(f"Carlini-Wagner L2, a success counted within L2 {max(l2) if l2 else 2.0:g}")
+            parts.append(f"Carlini-Wagner L2, a success counted within L2 {cw_eps:g}")
         if parts:
             lines += ["- **Oblivious**: the attacker knows only the base classifier; adversarial digits are computed "
                       f"on it ({_and(parts, ',')}) and then "
@@ -283,7 +284,7 @@ def threat_models(report: dict[str, Any]) -> str:
                   "the reformer plus a detector-aware model (an extra \"rejected\" output "
                   "max_j z_j + beta * log(max_d score_d / threshold_d), attacked towards the clean runner-up class "
                   "by PGD/APGD, and by CW-L2 whose loss needs a wrong class above both the true class and "
-                  f"\"rejected\" (a success counted within L2 {max(l2) if l2 else 2.0:g})); NeuralFP: the same detector-aware model with the real fingerprints; Defense-GAN: "
+                  f"\"rejected\" (a success counted within L2 {cw_eps:g})); NeuralFP: the same detector-aware model with the real fingerprints; Defense-GAN: "
                   "BPDA (forward: the real projection; backward: identity); smoothing: EOT (log of the mean "
                   f"softmax over {f'{draws} ' if draws else ''}fresh Gaussian draws at every step), plus the "
                   "MagNet-aware output in `default`; RMC: GMSA-AVG (attack the average of the base model and the "
