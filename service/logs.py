@@ -66,6 +66,12 @@ def _escaped(m: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+def escape_controls(text: str) -> str:
+    """`text` with its control characters escaped as TextFormatter escapes them, for a line
+    written by a formatter that is not ours (Ray's)."""
+    return _CONTROL.sub(_escaped, text)
+
+
 def configure_logging(level: str = "info", json_logs: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_logs else TextFormatter())

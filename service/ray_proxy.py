@@ -27,8 +27,12 @@ nginx gateway does (docker/nginx.conf):
 Installed through Ray's documented hook, the environment variable
 RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH (`middlewares` below), which each proxy reads as it
 starts; the limits come in CONFIG_ENV (service.ray_app.proxy_env). Ray's `/-/healthz` and
-`/-/routes` pass untouched. The answers given here never reach Ray's proxy, so they are in
-neither Ray's metrics nor the replicas'.
+`/-/routes` pass untouched. The answers given here never reach Ray's proxy, so neither Ray's
+metrics nor the replicas' count them: each is counted in the Ray metric
+`shieldserve_proxy_refused_requests` (exported by Ray as
+`ray_shieldserve_proxy_refused_requests_total{status, code}`) and written as a line to the
+proxy's log (logger `ray.serve.shieldserve`, in Ray's proxy log file beside Ray's own lines):
+method, path, status, code, request id and client address, never a key.
 """
 
 from __future__ import annotations
@@ -46,12 +50,16 @@ from starlette.requests import Request
 
 from service.api.clients import api_key_of, key_digests
 from service.api.errors import endpoint_of, error_body
+from service.logs import escape_controls, logged_path
 
 # what ray_app sets in the proxies' environment
 CALLBACK = "service.ray_proxy:middlewares"
 CONFIG_ENV = "SHIELDSERVE_RAY_PROXY"
 
-log = logging.getLogger("shieldserve")
+# a child of Ray Serve's logger, whose handlers (configured by Ray in each proxy) write the
+# proxy's log file; the root logger of a proxy's process is not ours to configure
+log = logging.getLogger("ray.serve.shieldserve")
+REFUSED_METRIC = "shieldserve_proxy_refused_requests"
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,22 @@ def middlewares() -> list[Middleware]:
     """RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH's callback, called once by each of Ray Serve's
     HTTP proxies as it starts. Ray wants a list of Starlette `Middleware` (ray/serve/_private/
     http_util.py, validate_http_proxy_callback_return) and puts them outside its own."""
-    return [Middleware(ProxyEdgeMiddleware, config=ProxyConfig.from_env())]
+    return [Middleware(ProxyEdgeMiddleware, config=ProxyConfig.from_env(), refused=_refused_counter())]
+
+
+def _refused_counter() -> Any:
+    """The Ray counter of the answers given here, where Ray runs (in a proxy it always does);
+    None elsewhere (a metric recorded outside a Ray worker fails)."""
+    try:
+        import ray
+        from ray.util.metrics import Counter
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    return Counter(REFUSED_METRIC, description="requests answered by shieldserve's middleware in Ray Serve's "
+                                               "proxy, before Ray saw them (401, 400, 413, 408)",
+                   tag_keys=("status", "code"))
 
 
 def _known_key(key: str | None, digests: tuple[str, ...]) -> bool:
@@ -125,8 +148,19 @@ def _rays_error(status: int, headers: Any) -> tuple[int, str, str] | None:
 class ProxyEdgeMiddleware:
     """The module's rules, around Ray's proxy app (Ray's RequestIdMiddleware inside it)."""
 
-    def __init__(self, app: Any, config: ProxyConfig) -> None:
-        self.app, self.config = app, config
+    def __init__(self, app: Any, config: ProxyConfig, refused: Any = None) -> None:
+        self.app, self.config, self.refused = app, config, refused
+
+    def _refused(self, scope: dict, request_id: bytes, status: int, code: str) -> None:
+        """An answer given here in the log and the metric (what Ray's proxy would have counted)."""
+        if self.refused is not None:
+            self.refused.inc(tags={"status": str(status), "code": code})
+        if log.isEnabledFor(logging.INFO):
+            client = scope.get("client")
+            # Ray's formatter writes the line: the client's path and request id escaped here
+            log.info("refused at the proxy: %s %s %s %s (request id %s, client %s)", scope.get("method"),
+                     escape_controls(logged_path(scope["path"])), status, code,
+                     escape_controls(request_id.decode("latin-1")[:128]), client[0] if client else "-")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"].startswith("/-/"):
@@ -138,6 +172,11 @@ class ProxyEdgeMiddleware:
             request_id = str(uuid.uuid4()).encode()
             scope["headers"] = [*(scope.get("headers") or []), (b"x-request-id", request_id)]
         path = scope["path"]
+
+        async def refuse(status: int, code: str, message: str, headers: Any = ()) -> None:
+            """An answer of this middleware's own, before Ray saw the request (its body left unread)."""
+            self._refused(scope, request_id, status, code)
+            await answer(status, code, message, headers, close=True)
 
         async def answer(status: int, code: str, message: str, headers: Any = (), close: bool = False) -> None:
             body = json.dumps(error_body(path, code, message))
@@ -155,17 +194,16 @@ class ProxyEdgeMiddleware:
             key = api_key_of(Request(scope))
             if not _known_key(key, config.api_keys):
                 # as the replica's require_api_key answers it (BodyLimitMiddleware._unauthorized)
-                return await answer(401, "unauthorized",
+                return await refuse(401, "unauthorized",
                                     "this service needs an API key: Authorization: Bearer KEY or X-API-Key: KEY"
-                                    if key is None else "unknown API key", [(b"www-authenticate", b"Bearer")],
-                                    close=True)
+                                    if key is None else "unknown API key", [(b"www-authenticate", b"Bearer")])
         too_big = f"request body is larger than the limit of {config.max_body_bytes} bytes"
         declared = _header(scope.get("headers"), b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                return await answer(400, "bad_request", "Content-Length is not a number", close=True)
+                return await refuse(400, "bad_request", "Content-Length is not a number")
             if int(declared) > config.max_body_bytes:
-                return await answer(413, "payload_too_large", too_big, close=True)
+                return await refuse(413, "payload_too_large", too_big)
 
         chunks, size, more = [], 0, True
         while more:
@@ -173,14 +211,14 @@ class ProxyEdgeMiddleware:
                 async with asyncio.timeout(config.body_timeout_s):
                     message = await receive()
             except TimeoutError:
-                return await answer(408, "request_timeout", f"the request body stopped arriving (nothing for "
-                                                            f"{config.body_timeout_s:g} s)", close=True)
+                return await refuse(408, "request_timeout", f"the request body stopped arriving (nothing for "
+                                                            f"{config.body_timeout_s:g} s)")
             if message["type"] == "http.disconnect":
                 return  # gone during its upload: nobody to answer
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > config.max_body_bytes:
-                return await answer(413, "payload_too_large", too_big, close=True)
+                return await refuse(413, "payload_too_large", too_big)
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)

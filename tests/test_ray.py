@@ -301,6 +301,51 @@ def test_proxy_edge_checks_the_key_and_the_size_before_reading_the_body() -> Non
     assert _asgi(edge, "/healthz", {}, [b"x" * 101])[0]["status"] == 413
 
 
+def test_proxy_edge_counts_and_logs_what_it_refuses(caplog) -> None:
+    """The proxy's own 401/400/413/408 never reach Ray's proxy, so neither Ray's metrics nor
+    the replicas' saw them: each is counted (the Ray counter, by status and code) and logged in
+    the proxy's log (Ray Serve's logger), without the key; the control characters of a client's
+    path and request id are escaped; what passes to Ray is neither counted nor logged."""
+    import hashlib
+    import logging
+
+    from service.ray_proxy import REFUSED_METRIC, ProxyConfig, ProxyEdgeMiddleware, _refused_counter
+
+    class Counter:
+        def __init__(self) -> None:
+            self.seen: list[dict] = []
+
+        def inc(self, tags: dict) -> None:
+            self.seen.append(tags)
+
+    async def ray_proxy(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    counter = Counter()
+    key = hashlib.sha256(b"k-secret-1").hexdigest()
+    edge = ProxyEdgeMiddleware(ray_proxy, ProxyConfig(max_body_bytes=10, body_timeout_s=0.2, api_keys=(key,)), counter)
+    with caplog.at_level(logging.INFO, logger="ray.serve.shieldserve"):
+        assert _asgi(edge, "/predict", {"X-API-Key": "k-wrong-2"}, [b"x"])[0]["status"] == 401
+        assert _asgi(edge, "/predict", {"X-API-Key": "k-secret-1", "Content-Length": "2x"}, [b"x"])[0]["status"] == 400
+        assert _asgi(edge, "/predict", {"X-API-Key": "k-secret-1", "X-Request-ID": "t\x07forged"},
+                     [b"x" * 11])[0]["status"] == 413
+        assert _asgi(edge, "/predict", {"Authorization": "Bearer k-secret-1"}, None)[0]["status"] == 408
+        assert _asgi(edge, "/predict", {"X-API-Key": "k-secret-1"}, [b"x"])[0]["status"] == 200
+    assert counter.seen == [{"status": "401", "code": "unauthorized"}, {"status": "400", "code": "bad_request"},
+                            {"status": "413", "code": "payload_too_large"}, {"status": "408", "code": "request_timeout"}]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ray.serve.shieldserve"]
+    assert len(lines) == 4 and all(line.startswith("refused at the proxy: POST /predict ") for line in lines), lines
+    assert "413 payload_too_large" in lines[2] and "client 127.0.0.1" in lines[2]
+    assert "\x07" not in "".join(lines) and "request id t\\x07forged," in lines[2], lines[2]
+    assert not any("k-wrong-2" in line or "k-secret-1" in line or key in line for line in lines)
+    # outside a Ray worker there is no counter to record to (a metric recorded there fails)
+    if not ray.is_initialized():
+        assert _refused_counter() is None
+    assert REFUSED_METRIC == "shieldserve_proxy_refused_requests"
+
+
 def test_proxy_edge_answers_rays_own_errors_in_the_contracts_json() -> None:
     """Ray's proxy answers its own errors in text/plain (backpressure 503, its timeout 408, an
     application not deployed 404) or not at all (a replica died with the request: uvicorn's bare
