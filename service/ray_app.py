@@ -293,6 +293,20 @@ def build_app(config: str | Path | None = None, options: RayOptions | None = Non
     return serve.deployment(ShieldserveDeployment).options(**opts).bind(config, overrides)
 
 
+def check_runtime(settings: Any) -> None:
+    """Build the service's runtime once here and close it: what the runtime refuses (a pipeline
+    that does not build, a default pipeline not served, a monitor window larger than the images)
+    is one error now, where each replica would fail with it in turn and Serve would give up
+    after a minute and ~300 lines of their tracebacks. Only where the replicas run on this
+    machine (`serve --ray` without a cluster): a cluster's nodes may have devices, CPUs or
+    networks this driver has not."""
+    import asyncio
+
+    from service.runtime import Runtime
+
+    asyncio.run(Runtime(settings).close())
+
+
 def proxy_env(settings: Any, options: RayOptions) -> dict[str, str]:
     """The environment of Serve's HTTP proxies: uvicorn's X-Forwarded-For rule off (PROXY_ENV),
     and the service's middleware (service.ray_proxy) through Ray's callback hook, with its
@@ -363,6 +377,8 @@ def run(config: str | None = None, host: str | None = None, port: int | None = N
     # "local" starts a Ray of our own; ray.init(address=None) would join whatever cluster
     # `ray start` last recorded on this machine
     address = address or os.environ.get("SHIELDSERVE_RAY_ADDRESS") or "local"
+    if address == "local":
+        check_runtime(settings)
     if os.environ.get("FORWARDED_ALLOW_IPS", "") != PROXY_ENV["FORWARDED_ALLOW_IPS"]:
         log.warning("FORWARDED_ALLOW_IPS is ignored: the service's trusted_proxies setting decides which "
                     "proxies' X-Forwarded-For is believed")

@@ -147,6 +147,37 @@ def test_a_bad_bundle_is_refused_before_ray_starts(quick_bundle: Path, tmp_path:
     assert not ray_init
 
 
+def test_a_config_the_runtime_refuses_is_refused_before_a_local_ray_starts(quick_bundle: Path, tmp_path: Path,
+                                                                          monkeypatch, capsys) -> None:
+    """What only the runtime refuses (here a monitor window larger than the bundle's images) is
+    found on the driver when the replicas run on this machine: one line and exit 2 before Ray
+    starts (it was each replica failing in turn, then a RuntimeError after a minute and ~300
+    lines of their tracebacks, exit 1). With a cluster's address it is left to the replicas."""
+    from service import cli, ray_app
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"bundle: {quick_bundle}\nquery_monitor:\n  window: 1000\n")
+    started = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append(k.get("address")))
+    monkeypatch.setattr(ray_app, "start_serve", lambda *a: started.append("serve"))
+
+    def deployed(*a, **k):
+        raise SystemExit("deployed")
+
+    monkeypatch.setattr(ray_app.serve, "run", deployed)
+    monkeypatch.delenv("SHIELDSERVE_RAY_ADDRESS", raising=False)
+    assert cli.main(["serve", "--ray", "--config", str(config), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("shieldserve: error: query_monitor.window (1000) is larger"), err
+    assert not started
+    # a cluster: the replicas, on its nodes, decide (the driver is not where they run)
+    checked = []
+    monkeypatch.setattr(ray_app, "check_runtime", lambda settings: checked.append(settings))
+    with pytest.raises(SystemExit, match="deployed"):
+        ray_app.run(str(config), port=free_port(), address="ray://10.0.0.1:10001")
+    assert started == ["ray://10.0.0.1:10001", "serve"] and not checked
+
+
 def test_a_replica_sets_up_logging_as_serve_does(quick_bundle: Path, monkeypatch, logging_restored_all) -> None:
     """A replica's app is built after logging is configured from its settings (`log_level`,
     `json_logs`): the service's access lines and JSON logs behind Ray too."""
