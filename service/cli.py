@@ -302,7 +302,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"export refused: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"out": str(args.out), "pipeline": p.pipeline, "input": "[0, 1] NCHW float32",
-                      "output": "logits", "parts": p.parts, "left_out": p.left_out}, indent=2))
+                      "output": "logits", "parts": p.parts, "left_out": p.left_out, "exact": p.exact}, indent=2))
     for item in p.left_out:
         print(f"left out: {item}", file=sys.stderr)
     return 0

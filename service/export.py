@@ -3,11 +3,11 @@
 The exported module takes pixels in [0, 1], shape (B, C, H, W), and returns logits (B, K):
 the pipeline's purifiers with exact gradients (MagNet's reformer, clamped to [0, 1] as served),
 then the network whose logits decide (the base classifier, or the one an adapter hands over:
-`robust`, `neuralfp`, Defense-GAN-Rec). Users attack it with their own tools (AutoAttack,
+`robust`, `neuralfp`). Users attack it with their own tools (AutoAttack,
 RobustBench-style scripts) without reimplementing our code.
 
-What is left out is said, never hidden: detectors (their rejections are not in the logits) and
-smoothing's noise and vote (the export is the base function f the service smooths, not the
+What is left out is said, never hidden: detectors and the query monitor (their rejections are
+not in the logits) and smoothing's noise and vote (the export is the base function f the service smooths, not the
 smoothed classifier g). A pipeline whose answer depends on a step without exact gradients
 (Defense-GAN's projection: an optimisation over z; RMC: per-image fine-tuning) is refused:
 exporting its classifier alone would not compute the pipeline's labels even on clean digits.
@@ -51,11 +51,15 @@ class ExportPlan:
     model: nn.Module
     parts: list[str]
     left_out: list[str] = field(default_factory=list)
+    # whether what is left out only rejects (detectors, the query monitor), never relabels
+    # (smoothing's vote: g's label is not f's)
+    only_rejections_left_out: bool = True
 
     @property
     def exact(self) -> bool:
-        """True when the exported logits give the pipeline's accepted labels exactly."""
-        return not self.left_out
+        """True when the exported logits' argmax is the pipeline's label on every image the
+        pipeline accepts (what it rejects is in `left_out`)."""
+        return self.only_rejections_left_out
 
 
 def plan(pipe: Pipeline) -> ExportPlan:
@@ -63,20 +67,18 @@ def plan(pipe: Pipeline) -> ExportPlan:
     stages: list[nn.Module] = []
     parts: list[str] = []
     left_out: list[str] = []
+    relabels = False
     labeler: Any = pipe.classifier
     labeler_name = "classifier"
     roles = [c.role for c in pipe.components]
     decider_at = roles.index("decider") if "decider" in roles else len(roles)
+    if pipe.monitor is not None:
+        left_out.append("query monitor: its rejections of near copies of recent queries are not part of the logits")
     for c in pipe.components[:decider_at]:
         if c.role == "detector":
             left_out.append(f"{c.defense} detector: its rejections are not part of the logits")
-        elif c.role == "purifier" and c.defense == "magnet":
-            stages += [c.autoencoder, _Clamp01()]  # type: ignore[attr-defined]
-            parts.append(f"magnet reformer ({getattr(c, 'name', 'autoencoder')})")
         elif c.role == "purifier":
-            raise ExportRefused(f"pipeline {pipe.name!r}: the {c.defense} purifier has no exact gradient (an "
-                                f"optimisation, not a network), so no TorchScript module computes this pipeline's "
-                                f"labels; attack it with `shieldserve evaluate` (BPDA) instead")
+            _add_purifier(pipe, c, stages, parts)
         elif c.role == "adapter" and isinstance(getattr(c, "network", None), nn.Module):
             labeler = c.network  # type: ignore[attr-defined]
             labeler_name = getattr(c, "artifact", None) or f"{c.defense} classifier"
@@ -92,17 +94,33 @@ def plan(pipe: Pipeline) -> ExportPlan:
                 raise ExportRefused(f"pipeline {pipe.name!r}: its denoiser is not a torch module")
             stages.append(denoiser)
             parts.append(f"smoothing denoiser (sigma {s.sigma:g})")
+            # the purifiers after it run inside f, between the denoiser and the classifier
+            # (service.pipeline._compose): the export computes that f, or is refused
+            for c in pipe.components[decider_at + 1:]:
+                _add_purifier(pipe, c, stages, parts)
         else:
             labeler = s.eager_classifiers[s.sigma]
             labeler_name = f"smoothing base classifier (sigma {s.sigma:g})"
         left_out.append(f"smoothing noise and vote (sigma {s.sigma:g}): this is the base classifier f the service "
                         f"smooths, not the smoothed classifier g; its labels are f's, and the certificate is g's")
+        relabels = True
     elif decider is not None:
         raise ExportRefused(f"pipeline {pipe.name!r}: its {decider.defense} decision is not an argmax of logits")
     if not isinstance(labeler, nn.Module):
         raise ExportRefused(f"pipeline {pipe.name!r}: its classifier is not a torch module")
     parts.append(labeler_name)
-    return ExportPlan(pipe.name, nn.Sequential(*stages, labeler).eval(), parts, left_out)
+    return ExportPlan(pipe.name, nn.Sequential(*stages, labeler).eval(), parts, left_out, not relabels)
+
+
+def _add_purifier(pipe: Pipeline, c: Any, stages: list[nn.Module], parts: list[str]) -> None:
+    """A purifier into the export (MagNet's reformer: its autoencoder, clamped as served), or
+    the refusal: the others are optimisations, not networks."""
+    if c.defense != "magnet":
+        raise ExportRefused(f"pipeline {pipe.name!r}: the {c.defense} purifier has no exact gradient (an "
+                            f"optimisation, not a network), so no TorchScript module computes this pipeline's "
+                            f"labels; attack it with `shieldserve evaluate` (BPDA) instead")
+    stages += [c.autoencoder, _Clamp01()]
+    parts.append(f"magnet reformer ({getattr(c, 'name', 'autoencoder')})")
 
 
 def export(bundle: str | Path, pipeline: str, out: str | Path, config: str | None = None, *,
@@ -159,7 +177,12 @@ def export(bundle: str | Path, pipeline: str, out: str | Path, config: str | Non
 
 def _check_target(out: Path, force: bool) -> None:
     """Refuse to write over anything at `out` but an earlier shieldserve export (any file with
-    `force`; never a directory)."""
+    `force`; never a directory), and a folder for it that cannot be one."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportRefused(f"--out {out}: {parent} is not a directory")
+            break
     if not (out.exists() or out.is_symlink()):
         return
     if out.is_dir():

@@ -135,7 +135,7 @@ def test_export_reaches_export_and_a_refusal_is_status_2(tmp_path, monkeypatch, 
     calls: list[tuple[Any, ...]] = []
 
     class Plan:
-        pipeline, parts, left_out = "magnet", ["reformer", "classifier"], []
+        pipeline, parts, left_out, exact = "magnet", ["reformer", "classifier"], [], True
 
     def export(bundle: Any, pipeline: str, out: Any, config: Any = None, force: bool = False) -> Plan:
         calls.append((bundle, pipeline, out, config))

@@ -202,7 +202,10 @@ def test_export_gives_the_served_labels(make_client, quick_bundle: Path, mnist, 
     model = torch.jit.load(str(out))
     info = load_info(out)
     assert info["pipeline"] == pipeline and info["input"]["range"] == [0.0, 1.0]
-    assert bool(info["left_out"]) == (pipeline in ("magnet", "neuralfp")) == (not plan.exact)
+    # what only rejects is listed (the detectors; the query monitor, on every pipeline but
+    # baseline), and the labels of what is accepted are the export's: exact
+    assert bool(info["left_out"]) == (pipeline != "baseline") and plan.exact and info["exact"] is True
+    assert any("query monitor" in s for s in info["left_out"]) == (pipeline != "baseline")
     x = torch.cat([mnist.test.per_class(2).x, torch.rand(4, 1, 28, 28)])  # digits and noise
     client = make_client()
     r = client.post(f"/predict?pipeline={pipeline}", files=[("file", (f"{i}.png", png(x[i]), "image/png"))
@@ -223,6 +226,59 @@ def test_export_of_a_smoothing_pipeline_says_what_is_left_out(quick_bundle: Path
 
     plan = export(quick_bundle, "default", tmp_path / "default.pt")
     assert any("smoothing noise" in s for s in plan.left_out) and any("magnet detector" in s for s in plan.left_out)
+
+
+TAIL_PIPELINES = """
+pipelines:
+  denoised-reformed:
+    defenses:
+      - {defense: smoothing, sigma: 0.25, denoiser: true, target_radius: 0.5, n: 200, batch_size: 200}
+      - {defense: magnet, detectors: [], reform: true}
+    query_monitor: false
+  denoised-projected:
+    defenses:
+      - {defense: smoothing, sigma: 0.25, denoiser: true, target_radius: 0.5, n: 100, batch_size: 100}
+      - {defense: defensegan, projection: default}
+    query_monitor: false
+"""
+
+
+def test_export_computes_the_f_that_purifiers_after_smoothing_run_in(quick_bundle: Path, tmp_path: Path) -> None:
+    """Purifiers after a denoised smoothing run inside the function it samples, between the
+    denoiser and the classifier (service.pipeline._compose): the export is that f (MagNet's
+    reformer included), or refused (Defense-GAN's projection has no exact gradient). Before, both
+    were exported as denoiser + classifier, the purifier left out unsaid (argmax differed on 2-3
+    of 16 inputs)."""
+    from service.evaluation.targets import load_pipelines
+    from service.export import ExportRefused, export
+    from service.pipeline import _compose
+
+    config = tmp_path / "tail.yaml"
+    config.write_text(TAIL_PIPELINES)
+    out = tmp_path / "reformed.pt"
+    plan = export(quick_bundle, "denoised-reformed", out, str(config))
+    assert plan.parts[0].startswith("smoothing denoiser") and plan.parts[1].startswith("magnet reformer")
+    assert not plan.exact and any("smoothing noise" in s for s in plan.left_out)
+    _, pipes = load_pipelines(quick_bundle, ["denoised-reformed"], str(config))
+    pipe = pipes["denoised-reformed"]
+    decider = pipe.components[0]
+    f = decider.function(decider.sigma, _compose(pipe.components[1:], pipe.classifier, None), differentiable=True)
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(out))(x), f(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ExportRefused, match="defensegan purifier has no exact gradient"):
+        export(quick_bundle, "denoised-projected", tmp_path / "projected.pt", str(config))
+    assert not (tmp_path / "projected.pt").exists()
+
+
+def test_export_refuses_an_out_whose_folder_is_a_file(quick_bundle: Path, tmp_path: Path, capsys) -> None:
+    from service.cli import main
+
+    (tmp_path / "afile").write_text("mine")
+    assert main(["export", "--bundle", str(quick_bundle), "--pipeline", "baseline",
+                 "--out", str(tmp_path / "afile" / "sub" / "x.pt")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{tmp_path / 'afile'} is not a directory")
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 @pytest.mark.parametrize("pipeline", ["defensegan", "rmc"])
