@@ -117,6 +117,43 @@ def test_a_keyless_request_is_refused_before_its_body_is_read(keyed, path, endpo
     assert _count(keyed, pipeline, endpoint, "unauthorized") == before + 2
 
 
+@pytest.fixture(scope="module")
+def keyed_behind_gateway(quick_bundle, tmp_path_factory) -> Iterator[Any]:
+    """The keyed app with _call's client address (192.0.2.43) as its trusted proxy."""
+    yield from _client(quick_bundle, tmp_path_factory, api_keys={"alice": hashlib.sha256(KEY.encode()).hexdigest()},
+                       trusted_proxies=["192.0.2.0/24"], limits={"max_body_bytes": 100_000})
+
+
+def test_a_refused_body_from_the_trusted_gateway_is_read_and_the_connection_kept(keyed_behind_gateway):
+    """From a trusted proxy (nginx, which has the whole body buffered and is still sending it)
+    the refused body is read and thrown away before the 401 or 413, which then keep the
+    connection: answered with `Connection: close` and the body unread, nginx took the broken
+    pipe for a failed replica and, keyless 8 MiB uploads 3 in 5 s, took every replica out
+    (every client's request a 503). The body is read to its end, never past DRAIN_BYTES."""
+    from service.api.middleware import BodyLimitMiddleware
+
+    part = {"type": "http.request", "body": b"\0" * 65536, "more_body": True}
+    last = {"type": "http.request", "body": b"\0" * 100, "more_body": False}
+    cases = [  # headers, the 401 or 413 expected
+        ([(b"content-length", str(3 * 65536 + 100).encode())], 401),  # no key
+        ([(b"x-api-key", KEY.encode()), (b"content-length", str(3 * 65536 + 100).encode())], 413),  # declared
+        ([(b"x-api-key", KEY.encode())], 413),  # chunked: found past the limit while reading
+    ]
+    for headers, status in cases:
+        sent, calls = _call(keyed_behind_gateway, "POST", "/predict?pipeline=baseline",
+                            [(b"content-type", b"image/png"), *headers], [part, part, part, last])
+        assert sent[0]["status"] == status, sent
+        assert calls == 4, (status, calls)  # every part read, no more
+        assert b"connection" not in {k.lower() for k, _ in sent[0]["headers"]}, sent[0]["headers"]
+    # a body that goes on past DRAIN_BYTES: read up to there, then closed as for any client
+    declared = [(b"content-type", b"image/png"), (b"content-length", str(BodyLimitMiddleware.DRAIN_BYTES * 2).encode())]
+    big = {"type": "http.request", "body": b"\0" * (1 << 20), "more_body": True}
+    sent, calls = _call(keyed_behind_gateway, "POST", "/predict?pipeline=baseline", declared,
+                        [big] * (BodyLimitMiddleware.DRAIN_BYTES // (1 << 20) + 5))
+    assert sent[0]["status"] == 401 and calls == BodyLimitMiddleware.DRAIN_BYTES // (1 << 20) + 1
+    assert dict(sent[0]["headers"])[b"connection"] == b"close"
+
+
 def test_a_request_with_a_key_is_served_as_before(keyed, digit):
     assert keyed.post("/predict?pipeline=baseline", content=digit, headers={**PNG, "X-API-Key": KEY}).status_code == 200
     r = keyed.post("/predict?pipeline=baseline", content=digit, headers=PNG)

@@ -67,6 +67,13 @@ def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
     return ip is not None and any(ip in net for net in networks)
 
 
+def from_trusted_proxy(scope: dict) -> bool:
+    """Whether the connection's peer is one of `trusted_proxies` (the gateway)."""
+    client = scope.get("client")
+    proxies = tuple(scope["app"].state.runtime.settings.trusted_proxies)
+    return client is not None and bool(proxies) and _trusted(client[0], _networks(proxies))
+
+
 def forwarded_client(peer: str, forwarded_for: str | None, trusted_proxies: tuple[str, ...]) -> str:
     """The client address: the peer, or the first untrusted hop of X-Forwarded-For (from the
     right) when the peer is a trusted proxy."""

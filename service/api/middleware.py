@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from service.api.clients import check_api_key
+from service.api.clients import check_api_key, from_trusted_proxy
 from service.api.errors import ApiError, count_refused, endpoint_of, internal_error_response, is_oip, refused_response
 from service.logs import logged_path, request_id_var
 
@@ -59,6 +59,10 @@ class BodyLimitMiddleware:
     /certify's sampling loop; the request is counted with outcome `client_closed`.
     """
 
+    # what is read and thrown away of a refused request's body from a trusted proxy, at most
+    # (nginx's limit is 8 MiB; past this the connection is closed as for any client)
+    DRAIN_BYTES = 64 * 1024 * 1024
+
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
@@ -67,7 +71,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         scope.setdefault("state", {}).setdefault("received_at", time.monotonic())
         pipeline_route = endpoint_of(scope["path"]) is not None
-        if pipeline_route and await self._unauthorized(scope, receive, send):
+        if pipeline_route and await self._unauthorized(scope, receive, send, self.DRAIN_BYTES):
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
@@ -77,7 +81,7 @@ class BodyLimitMiddleware:
             except ValueError:
                 return await self._reject(scope, send, 400, "bad_request", "Content-Length is not a number")
             if too_big:
-                return await self._too_big(scope, send)
+                return await self._too_big(scope, send, await self._drained(scope, receive, 0, self.DRAIN_BYTES))
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -91,7 +95,9 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await self._too_big(scope, send)
+                rest = message.get("more_body", False)
+                return await self._too_big(scope, send, not rest or await self._drained(scope, receive, size,
+                                                                                     self.DRAIN_BYTES))
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
@@ -135,33 +141,57 @@ class BodyLimitMiddleware:
             watcher.cancel()
 
     @staticmethod
-    async def _unauthorized(scope: dict, receive: Any, send: Any) -> bool:
+    async def _drained(scope: dict, receive: Any, read: int, limit: int) -> bool:
+        """Read and throw away the rest of a refused request's body when it comes from a trusted
+        proxy, so that the answer can keep the connection: True when the whole body was read.
+        A direct client's body is never read (its refusal closes the connection instead). Why:
+        nginx, still sending the body it buffered when the replica answered and closed, took
+        the broken connection for a failed replica and, after 3 in 5 s (max_fails), took
+        every replica out: keyless 8 MiB uploads made every client's request a 503."""
+        if not from_trusted_proxy(scope):
+            return False
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            read += len(message.get("body", b""))
+            if read > limit:
+                return False
+            more = message.get("more_body", False)
+        return True
+
+    @classmethod
+    async def _unauthorized(cls, scope: dict, receive: Any, send: Any, drain_limit: int) -> bool:
         """Answer the 401 of a request without a known key (api_keys set) and say so; False for
         one with a key, or with keys off. The route's dependency (require_api_key) runs the same
         check: the same 401, counted as it counts one, with `Connection: close` as the 413's
-        (the unread body must not be taken for the connection's next request)."""
+        (the unread body must not be taken for the connection's next request), unless the body
+        came from a trusted proxy and was read (_drained)."""
         try:
             check_api_key(Request(scope))
         except ApiError as exc:
             response = refused_response(scope.get("app"), scope["path"], exc, scope["state"]["received_at"])
-            response.headers["connection"] = "close"
+            if not await cls._drained(scope, receive, 0, drain_limit):
+                response.headers["connection"] = "close"
             await response(scope, receive, send)
             return True
         return False
 
-    async def _too_big(self, scope: dict, send: Any) -> None:
+    async def _too_big(self, scope: dict, send: Any, drained: bool = False) -> None:
         await self._reject(scope, send, 413, "payload_too_large",
-                           f"request body is larger than the limit of {self.max_bytes} bytes")
+                           f"request body is larger than the limit of {self.max_bytes} bytes", keep_alive=drained)
 
     @staticmethod
-    async def _reject(scope: dict, send: Any, status: int, code: str, message: str) -> None:
+    async def _reject(scope: dict, send: Any, status: int, code: str, message: str, keep_alive: bool = False) -> None:
+        """The refusal; `Connection: close` unless the whole body was read (`keep_alive`)."""
         count_refused(scope.get("app"), scope["path"])
         payload = {"error": message} if is_oip(scope["path"]) else {"error": {"code": code, "message": message}}
         body = json.dumps(payload).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if not keep_alive:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
