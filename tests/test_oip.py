@@ -633,3 +633,55 @@ def test_cors_exposes_the_binary_header_length(make_client):
     r = c.get("/v2/health/live", headers={"Origin": "https://app.example"})
     exposed = [h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")]
     assert HCL.lower() in exposed
+
+
+def test_classification_names_no_class_for_an_image_not_accepted(client):
+    """The classification extension is how a Triton client reads a top-k: for a rejected row
+    (all-zero probabilities) it named class 0, for an abstained one the votes' top class, so a
+    client asking only for it never saw that the defense refused. Such rows now carry index -1
+    and the status, as `label` says -1."""
+    from service.api.oip import _classification
+
+    g = torch.Generator().manual_seed(45)
+    x = (torch.rand(1, 1, 28, 28, generator=g) * 255).round().to(torch.uint8)
+    near = x.clone()
+    near[0, 0, 14, 14] ^= 1  # a near copy: the query monitor rejects it on `robust`
+    outputs = [{"name": "status"}, {"name": "label"}, {"name": "probabilities", "parameters": {"classification": 2}}]
+    answers = []
+    for image in (x, near):
+        body = {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "UINT8",
+                            "data": image.flatten().tolist()}], "outputs": outputs}
+        r = infer_json(client, body, model="robust")
+        assert r.status_code == 200, r.text
+        answers.append(outputs_of(r))
+    first, second = answers
+    assert first["status"]["data"] == ["accepted"]
+    assert int(first["probabilities"]["data"][0].split(":")[1]) == first["label"]["data"][0]
+    assert second["status"]["data"] == ["rejected"] and second["label"]["data"] == [-1]
+    assert second["probabilities"]["data"] == ["0.000000:-1:rejected"] * 2
+    # an abstention the same way; an accepted row as before
+    probs = np.array([[0.1, 0.7, 0.2], [0.45, 0.1, 0.45]], dtype="<f4")
+    rows = _classification(probs, 2, ("a", "b", "c"), ["accepted", "abstained"])
+    assert rows == [["0.700000:1:b", "0.200000:2:c"], ["0.000000:-1:abstained"] * 2]
+
+
+@pytest.mark.parametrize("lines, ok", [
+    (["{n}"], True), (["{n}", "{n}"], False), (["{n}", "9"], False), (["9", "{n}"], False),
+    (["+{n}"], False), (["{n}_0"], False), ([" {n} "], True)])
+def test_the_header_length_is_one_decimal_number(client, lines, ok):
+    """Inference-Header-Content-Length sent twice was read from its first line (a gateway
+    reading the last splits the body elsewhere), and int() took "+144" and "14_4"."""
+    raw = json.dumps(_json_input()).encode()
+    n = str(len(raw))
+    headers = [("Content-Type", "application/octet-stream")] + [(HCL, line.format(n=n)) for line in lines]
+    r = client.post("/v2/models/baseline/infer", content=raw, headers=headers)
+    assert (r.status_code == 200) == ok, (lines, r.status_code, r.text)
+    if not ok:
+        assert r.status_code == 400 and HCL in r.json()["error"], r.text
+
+
+def test_x_gzip_is_gzip(client):
+    """RFC 9110 8.4.1.3: a recipient SHOULD treat x-gzip as gzip (it was a 415)."""
+    raw = json.dumps(_json_input()).encode()
+    r = _post_raw(client, gzip.compress(raw), **{"Content-Encoding": "x-gzip"})
+    assert r.status_code == 200, r.text

@@ -21,7 +21,9 @@ A rejection or an abstention is a successful answer (200), as on `/predict`.
 
 Extensions: `binary_tensor_data` (Triton's: JSON header, then raw little-endian tensor
 bytes, header length in `Inference-Header-Content-Length`) and `classification` (on the
-`probabilities` output: top-k as BYTES "<value>:<index>:<class name>").
+`probabilities` output: top-k as BYTES "<value>:<index>:<class name>"; for an image not
+accepted every entry is "0.000000:-1:<status>", the index -1 as `label`'s, since a client
+that asks only for the top class must not read one for a rejected image).
 A `Content-Encoding: gzip` or `deflate` request body is accepted (inflated in a worker thread,
 up to the body limit: 413 past it); one coding only, the header's lines read as one list (two
 lines are the 415 that `gzip, br` on one line is). A gzip body may hold up to MAX_GZIP_MEMBERS members (RFC
@@ -285,6 +287,8 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
+    if encoding == "x-gzip":  # RFC 9110 8.4.1.3: a recipient SHOULD take it as gzip
+        encoding = "gzip"
     if encoding not in ("gzip", "deflate"):
         raise ApiError(415, "unsupported_media_type",
                        f"Content-Encoding {_echo(encoding)} is not supported; use gzip, deflate or none")
@@ -314,14 +318,17 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     raise _bad(f"the gzip body has more than {MAX_GZIP_MEMBERS} members")
 
 
-def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
-    if header_length is None:
+def _split_body(body: bytes, header_length: list[str] | None) -> tuple[bytes, bytes]:
+    if not header_length:
         return body, b""
-    try:
-        n = int(header_length.strip())
-    except ValueError:
-        raise _bad(f"{HEADER_LENGTH} must be an integer, got {_echo(header_length)}") from None
-    if n < 0 or n > len(body):
+    if len(header_length) > 1:
+        # a gateway that reads the last line would split the body elsewhere than the first
+        raise _bad(f"{HEADER_LENGTH} is sent {len(header_length)} times; send it once")
+    text = header_length[0].strip(" \t")
+    if not (text.isascii() and text.isdigit()):  # int() would take "+144" and "14_4"
+        raise _bad(f"{HEADER_LENGTH} must be a decimal integer, got {_echo(header_length[0])}")
+    n = int(text)
+    if n > len(body):
         raise _bad(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
     return body[:n], body[n:]
 
@@ -509,9 +516,15 @@ def _columns(results: list[ImageResult], k: int) -> dict[str, tuple[str, np.ndar
             "status": ("BYTES", [o.status for o in rendered]), "certified_radius": ("FP32", radius)}
 
 
-def _classification(probs: np.ndarray, count: int, class_names: tuple[str, ...]) -> list[list[str]]:
+def _classification(probs: np.ndarray, count: int, class_names: tuple[str, ...],
+                    statuses: list[str]) -> list[list[str]]:
     rows = []
-    for row in probs:
+    for row, status in zip(probs, statuses):
+        if status != "accepted":
+            # a rejected row's zeros would rank class 0 first, an abstained one's votes its top
+            # class: a top-1 client would read a class the pipeline refused to give
+            rows.append([f"{0.0:f}:-1:{status}"] * count)
+            continue
         order = sorted(range(len(row)), key=lambda j: (-float(row[j]), j))[:count]
         rows.append([f"{float(row[j]):f}:{j}:{class_names[j] if j < len(class_names) else j}" for j in order])
     return rows
@@ -559,7 +572,8 @@ def _render(req: InferRequest, plan: list[tuple[str, bool, int]], results: list[
     for name, binary, count in plan:
         datatype, values = cols[name]
         if count:
-            rows = _classification(values, count, rt.input_spec.class_names)  # type: ignore[arg-type]
+            rows = _classification(values, count, rt.input_spec.class_names,  # type: ignore[arg-type]
+                                   cols["status"][1])  # type: ignore[arg-type]
             datatype, shape, flat = "BYTES", [len(rows), count], [s for row in rows for s in row]
         elif datatype == "BYTES":
             shape, flat = [len(values)], list(values)
@@ -645,8 +659,8 @@ async def model_version_ready(request: Request, model: str, version: str) -> JSO
 
 # --------------------------------------------------------------------------- inference
 # taken as `list[str]`: FastAPI then reads every line of the header, not only the first (two
-# lines `gzip` and `br` were inflated as gzip alone), as api.clients.forwarded_for reads
-# X-Forwarded-For
+# lines `gzip` and `br` were inflated as gzip alone; two header lengths, the first used), as
+# api.clients.forwarded_for reads X-Forwarded-For
 ContentEncoding = Header(None, alias="Content-Encoding", description="gzip, deflate or identity")
 HeaderLength = Header(None, alias=HEADER_LENGTH,
                       description="binary tensor extension: the length of the JSON part of the body")
@@ -669,7 +683,7 @@ def _with_timeout_parameter(deadline: Deadline, parameters: dict[str, Any] | Non
 
 
 async def _infer(request: Request, model: str, version: str | None, encodings: list[str] | None,
-                 header_length: str | None, deadline: Deadline) -> Response:
+                 header_length: list[str] | None, deadline: Deadline) -> Response:
     rt = _runtime(request)
     # several lines of one header are one comma-separated list (RFC 9110 5.3): `_decompress`
     # takes a single coding, so two lines are refused as "gzip, br" on one line is
@@ -702,7 +716,7 @@ async def _infer(request: Request, model: str, version: str | None, encodings: l
              dependencies=[Depends(require_api_key)],
              openapi_extra=_INFER_OPENAPI, summary="OIP: run images through a pipeline")
 async def infer(request: Request, model: str, content_encoding: list[str] | None = ContentEncoding,
-                header_length: str | None = HeaderLength,
+                header_length: list[str] | None = HeaderLength,
                 deadline: Deadline = Depends(request_deadline)) -> Response:
     return await _infer(request, model, None, content_encoding, header_length, deadline)
 
@@ -712,6 +726,6 @@ async def infer(request: Request, model: str, content_encoding: list[str] | None
              responses=_INFER_RESPONSES, openapi_extra=_INFER_OPENAPI,
              summary="OIP: run images through a pipeline, one version")
 async def infer_version(request: Request, model: str, version: str,
-                        content_encoding: list[str] | None = ContentEncoding, header_length: str | None = HeaderLength,
+                        content_encoding: list[str] | None = ContentEncoding, header_length: list[str] | None = HeaderLength,
                         deadline: Deadline = Depends(request_deadline)) -> Response:
     return await _infer(request, model, version, content_encoding, header_length, deadline)
