@@ -685,3 +685,32 @@ def test_x_gzip_is_gzip(client):
     raw = json.dumps(_json_input()).encode()
     r = _post_raw(client, gzip.compress(raw), **{"Content-Encoding": "x-gzip"})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("pipeline", ["default", "magnet", "smoothing"])
+def test_v2_answers_as_predict_on_defended_pipelines(client, digits, pipeline):
+    """The same pixels as PNGs on /predict, UINT8 JSON and FP32 binary on /v2: the same status,
+    label and certified radius on the defended pipelines (digits and noise, which the defenses
+    may reject or abstain on), not only on `baseline`."""
+    from tests.conftest import png
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([digits[0][:4], (torch.rand(2, 1, 28, 28, generator=g) * 255).round() / 255])
+    n = len(x)
+    r = client.post(f"/predict?pipeline={pipeline}",
+                    files=[("file", (f"{i}.png", png(x[i]), "image/png")) for i in range(n)])
+    assert r.status_code == 200, r.text
+    expected = [(p["status"], p["label"] if p["status"] == "accepted" else -1,
+                 p["certified_radius"] if p["certified_radius"] is not None else -1.0) for p in r.json()["results"]]
+    as_json = infer_json(client, {"inputs": [{"name": "input", "shape": [n, 1, 28, 28], "datatype": "UINT8",
+                                              "data": uint8(x).reshape(-1).tolist()}]}, model=pipeline)
+    blob = x.numpy().astype("<f4").tobytes()
+    body, headers = binary_body({"inputs": [{"name": "input", "shape": [n, 784], "datatype": "FP32",
+                                             "parameters": {"binary_data_size": len(blob)}}]}, blob)
+    as_binary = client.post(f"/v2/models/{pipeline}/infer", content=body, headers=headers)
+    for r in (as_json, as_binary):
+        assert r.status_code == 200, r.text
+        o = outputs_of(r)
+        got = list(zip(o["status"]["data"], o["label"]["data"], o["certified_radius"]["data"]))
+        assert [(s, lab) for s, lab, _ in got] == [(s, lab) for s, lab, _ in expected]
+        assert all(abs(a[2] - b[2]) <= 1e-6 for a, b in zip(got, expected)), (got, expected)
