@@ -199,8 +199,10 @@ class Runtime:
                                for name, p in self.pipelines.items()}
         self.ready = False
         self.load_seconds = time.monotonic() - started
-        log.info("bundle %s (version %s) loaded in %.2fs with pipelines %s", self.bundle.name,
-                 self.bundle.version, self.load_seconds, sorted(self.pipelines))
+        # the device named: a GPU image whose environment says `cpu` serves on the CPU, and
+        # nothing else at start-up says so
+        log.info("bundle %s (version %s) loaded on %s in %.2fs with pipelines %s", self.bundle.name,
+                 self.bundle.version, self.device, self.load_seconds, sorted(self.pipelines))
 
     def _build_monitor(self) -> QueryMonitor:
         qm = self.settings.query_monitor

@@ -162,7 +162,7 @@ def test_two_workers_report_the_sum_of_their_metrics_and_log_like_one_server(qui
     lines = [json.loads(line) for line in proc.stdout.read().decode().splitlines() if line.startswith("{")]
     access = [r for r in lines if r.get("logger") == "shieldserve.access" and r.get("path") == "/predict"]
     assert len(access) == n and {r["status"] for r in access} == {200}
-    assert sum("loaded in" in r.get("message", "") for r in lines) == 2  # each worker's bundle
+    assert sum(" loaded on cpu in " in r.get("message", "") for r in lines) == 2  # each worker's bundle, its device named
     # each worker set its share of torch's default threads, once, at its start
     share = max(1, _torch_default_threads() // 2)
     threads = [r["message"] for r in lines if r.get("message", "").startswith("torch intra-op threads")]
