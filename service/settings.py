@@ -357,6 +357,29 @@ NOT_SETTINGS_PREFIXES = ("RAY_", "TEST_")
 _ORCHESTRATOR = re.compile(r"SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_ADDR|_PORT|_PROTO)?|NAME|ENV_\w+")
 
 
+# Kubernetes' service link for a Service named `shieldserve` is SHIELDSERVE_PORT=tcp://IP:PORT,
+# the name of the `port` setting: it named no port and start-up failed on "port: Input should be
+# a valid integer"
+_SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://\S+:\d+", re.IGNORECASE)
+
+
+class _WithoutServiceLink(PydanticBaseSettingsSource):
+    """The environment's settings without SHIELDSERVE_PORT where it is a service link."""
+
+    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.inner = inner
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # unused: __call__ reads all
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data = self.inner()
+        if isinstance(data.get("port"), str) and _SERVICE_LINK.fullmatch(data["port"].strip()):
+            del data["port"]
+        return data
+
+
 def names_a_setting(key: str) -> bool:
     """Whether the SHIELDSERVE_* variable `key` sets a setting (SHIELDSERVE_<NAME> or a section's
     SHIELDSERVE_<SECTION>__<NAME>; any case, as pydantic-settings reads them)."""
@@ -403,6 +426,11 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     if unknown:
         log.warning("environment variables that name no setting, ignored: %s (settings are SHIELDSERVE_<NAME>, a "
                     "section's SHIELDSERVE_<SECTION>__<NAME>)", ", ".join(unknown[:10]))
+    link = os.environ.get("SHIELDSERVE_PORT", "")
+    if _SERVICE_LINK.fullmatch(link.strip()):
+        log.warning("SHIELDSERVE_PORT=%s is ignored: it is the service link Kubernetes sets for a Service named "
+                    "shieldserve, not a port (the port comes from --port, the config file or its default; name "
+                    "the Service otherwise, or set enableServiceLinks: false, to be rid of it)", link.strip())
     file_data = read_config_file(config or os.environ.get("SHIELDSERVE_CONFIG"))
     explicit = {k: v for k, v in overrides.items() if v is not None}
 
@@ -414,7 +442,8 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
                                        dotenv_settings: PydanticBaseSettingsSource,
                                        file_secret_settings: PydanticBaseSettingsSource,
                                        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_data))
+            return (init_settings, _WithoutServiceLink(settings_cls, env_settings),
+                    InitSettingsSource(settings_cls, file_data))
 
     try:
         return _Loaded(**explicit)

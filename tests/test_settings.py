@@ -169,6 +169,27 @@ def test_an_environment_variable_naming_no_setting_is_refused_or_said(monkeypatc
     assert load_settings().admission.max_client_cost == 5
 
 
+def test_kubernetes_service_link_in_shieldserve_port_is_ignored_with_a_warning(monkeypatch, caplog) -> None:
+    """A Kubernetes Service named shieldserve sets SHIELDSERVE_PORT=tcp://IP:PORT in every pod,
+    the `port` setting's variable: start-up failed on "port: Input should be a valid integer".
+    The link is ignored, said once; a port number in it is still read, and anything else is
+    still refused."""
+    import logging
+
+    from service.settings import load_settings
+
+    monkeypatch.setenv("SHIELDSERVE_PORT", "tcp://10.96.12.7:8000")
+    with caplog.at_level(logging.WARNING, logger="shieldserve"):
+        assert load_settings().port == 8000
+        assert load_settings(port=9001).port == 9001
+    assert sum("SHIELDSERVE_PORT=tcp://10.96.12.7:8000 is ignored" in r.getMessage() for r in caplog.records) == 2
+    monkeypatch.setenv("SHIELDSERVE_PORT", "8123")
+    assert load_settings().port == 8123
+    monkeypatch.setenv("SHIELDSERVE_PORT", "http://10.96.12.7:8000")
+    with pytest.raises(ValueError, match="port"):
+        load_settings()
+
+
 def test_settings_errors_never_show_a_secret_a_config_line_or_a_reversed_key(tmp_path) -> None:
     """PyYAML quotes the offending line (an unclosed quote on `admin_api_key:` showed the key),
     and an `api_keys` mapping written the wrong way round (`KEY: name`) put the key in the
