@@ -216,6 +216,13 @@ def test_dockerfiles(name: str) -> None:
     else:
         assert re.search(r"TORCH_INDEX=https://download\.pytorch\.org/whl/cu\d+", text)
         assert ".[gpu,redis]" in text and "SHIELDSERVE_DEVICE=cuda" in text
+    # every version the lock pins, as make install does: docker/Dockerfile.gpu installed without
+    # it, so its image got whatever versions were newest on the day it was built
+    assert "COPY requirements ./requirements" in text
+    install = re.search(r'^RUN pip install "\.\[[a-z,]+\]" (.*)$', text, re.M)
+    assert install and re.fullmatch(r"(-c|-r) requirements/\w+\.lock", install.group(1).strip()), \
+        (install and install.group(0))
+    assert (REPO / install.group(1).split()[1]).is_file()
     # the extras the images install exist in pyproject.toml
     import tomllib
 
@@ -290,3 +297,69 @@ def test_fixed_addresses_are_outside_the_dynamic_pool(compose: dict) -> None:
 def test_prometheus_has_no_lifecycle_api(compose: dict) -> None:
     # --web.enable-lifecycle lets anyone who reaches :9090 POST /-/quit (or /-/reload)
     assert not any("lifecycle" in arg for arg in compose["services"]["prometheus"]["command"])
+
+
+def test_the_documented_gpu_change_serves_on_cuda(compose: dict) -> None:
+    """docs/operations.md ("GPU image") gives the compose override that puts the replicas on
+    docker/Dockerfile.gpu. Applied to docker-compose.yml as `docker compose -f docker-compose.yml
+    -f <override>` merges it (mappings merged key by key, the override's values win), the
+    replicas get the GPU image, under its own tag, a GPU, and SHIELDSERVE_DEVICE=cuda: before,
+    the docs named the Dockerfile only, and the compose file's `SHIELDSERVE_DEVICE: cpu`, which
+    overrides an image's ENV, kept the replicas on the CPU (tagged shieldserve:cpu)."""
+    doc = (REPO / "docs" / "operations.md").read_text()
+    section = doc[doc.index("**GPU image**"):]
+    section = section[:section.index("\n## ")]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block, 'docs/operations.md, "GPU image": no compose override (a ```yaml block)'
+    override = yaml.safe_load(block.group(1))
+
+    def merged(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+                else value
+        return out
+
+    gpu = (DOCKER / "Dockerfile.gpu").read_text()
+    final_stage = gpu[gpu.rindex("\nFROM "):]
+    image_env = dict(re.findall(r"(\w+)=(\S+)", re.search(r"^ENV (.*?)\n(?=\S)", final_stage, re.S | re.M).group(1)))
+    assert image_env["SHIELDSERVE_DEVICE"] == "cuda"
+    assert set(override["services"]) == set(REPLICAS)
+    for r in REPLICAS:
+        replica = merged(compose["services"][r], override["services"][r])
+        assert replica["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+        assert (REPO / replica["build"]["context"] / replica["build"]["dockerfile"]).is_file()
+        assert replica["image"] != compose["services"][r]["image"], "the GPU image under the CPU image's tag"
+        # compose's `environment:` wins over the image's ENV
+        effective = {**image_env, **{k: str(v) for k, v in replica["environment"].items()}}
+        assert effective["SHIELDSERVE_DEVICE"] == "cuda", effective["SHIELDSERVE_DEVICE"]
+        devices = replica["deploy"]["resources"]["reservations"]["devices"]
+        assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices), devices
+        # the replica's other settings unchanged
+        assert {k: v for k, v in replica["environment"].items() if k != "SHIELDSERVE_DEVICE"} == \
+            {k: v for k, v in compose["services"][r]["environment"].items() if k != "SHIELDSERVE_DEVICE"}
+
+
+def test_the_gateways_own_answers_carry_the_request_id(nginx: str) -> None:
+    """Every location of docker/nginx.conf that answers itself (`return`: its errors, the
+    hidden routes, its healthz) adds X-Request-ID (tests/test_deploy.py sees it on each it can
+    provoke; the 504 only here), each error_page names a location that exists, and no
+    add_header sits at server level: nginx drops a server's add_header in any location that has
+    one of its own, and on the proxied routes it would double the replicas' X-Request-ID."""
+    code = re.sub(r"#.*", "", nginx)
+    blocks = {}
+    for m in re.finditer(r"^\s*location\s+([^{]+?)\s*\{", code, re.M):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(code[i], 0)
+            i += 1
+        blocks[m.group(1)] = code[m.end():i - 1]
+    answering = {name: body for name, body in blocks.items() if re.search(r"^\s*return\s", body, re.M)}
+    for name, body in answering.items():
+        assert "add_header X-Request-ID $shieldserve_request_id always;" in body, name
+    assert len(answering) >= 12, sorted(answering)  # 9 error statuses, /metrics, /admin, healthz
+    server = code[code.index("server {"):]
+    server_level = re.sub(r"^\s*location\s+[^{]+\{.*?^        \}", "", server, flags=re.S | re.M)
+    assert "add_header" not in server_level
+    for target in re.findall(r"^\s*error_page [^;]*?(\S+);", code, re.M):
+        assert (target if target.startswith("@") else f"= {target}") in blocks, target

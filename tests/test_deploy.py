@@ -15,6 +15,7 @@ identity through the gateway with a forged X-Forwarded-For.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -709,9 +711,14 @@ class StubReplica:
     """A stand-in replica on 127.0.0.1 that answers what the gateway's behaviour depends on:
     GET /certify a 503 `store_unavailable` (its store's Redis down) and POST /predict?overloaded
     a 503 `overloaded` (admission), both with the replica's own Retry-After: 7 (the gateway's own
-    503 says 1); anything else a 200 naming the replica. It records each request it gets."""
+    503 says 1); a path ending in `/` Starlette's trailing-slash 307, its Location built from the
+    Host header received, or without one from the replica's own address (as Starlette builds
+    it); anything else a 200 naming the replica. Each answer carries the X-Request-ID received,
+    as the service's does. It records each request it gets in `seen`, and its headers in
+    `received`."""
 
-    def __init__(self, name: str, seen: list[tuple[str, str, str, str | None]]) -> None:
+    def __init__(self, name: str, seen: list[tuple[str, str, str, str | None]],
+                 received: list[tuple[str, list[tuple[str, str]]]] | None = None) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         class Handler(BaseHTTPRequestHandler):
@@ -724,19 +731,32 @@ class StubReplica:
                 length = int(self.headers.get("content-length") or 0)
                 if length:
                     self.rfile.read(length)
-                seen.append((name, self.command, self.path, self.headers.get("x-request-id")))
+                request_id = self.headers.get("x-request-id")
+                seen.append((name, self.command, self.path, request_id))
+                if received is not None:
+                    received.append((self.path, [(k.lower(), v) for k, v in self.headers.items()]))
+                path, _, query = self.path.partition("?")
+                host = self.headers.get("host") or "%s:%d" % self.server.server_address
+                headers: dict[str, str] = {}
                 if self.path.startswith("/certify"):
                     status, body = 503, {"error": {"code": "store_unavailable", "message": "stub: store down"}}
                 elif self.path.startswith("/predict?overloaded"):
                     status, body = 503, {"error": {"code": "overloaded", "message": "stub: overloaded"}}
+                elif len(path) > 1 and path.endswith("/"):
+                    status, body = 307, None
+                    headers["location"] = f"http://{host}{path.rstrip('/')}" + (f"?{query}" if query else "")
                 else:
                     status, body = 200, {"replica": name}
-                data = json.dumps(body).encode()
+                if status == 503:
+                    headers["retry-after"] = "7"
+                data = json.dumps(body).encode() if body is not None else b""
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
-                if status == 503:
-                    self.send_header("retry-after", "7")
+                if request_id:
+                    headers["x-request-id"] = request_id
+                for k, v in headers.items():
+                    self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -754,37 +774,67 @@ class StubReplica:
 
 
 class StubGateway:
-    def __init__(self, tmp: Path, port: int, seen: list) -> None:
-        self.tmp, self.port, self.seen = tmp, port, seen
+    def __init__(self, tmp: Path, port: int, seen: list, received: list, stubs: list[StubReplica]) -> None:
+        self.tmp, self.port, self.seen, self.received, self.stubs = tmp, port, seen, received, stubs
         self.url = f"http://127.0.0.1:{port}"
 
     def access_log(self) -> str:
         return (self.tmp / "nginx-access.log").read_text(errors="replace")
 
+    def error_log(self) -> str:
+        path = self.tmp / "nginx-error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
-@pytest.fixture(scope="module")
-def stub_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StubGateway]:
-    """nginx on the shipped docker/nginx.conf (rendered as for the topology) in front of two
-    StubReplicas: what the gateway itself does, without models."""
+
+@contextlib.contextmanager
+def run_gateway(tmp: Path, ports: dict[str, int], ready: str = "/gateway/healthz") -> Iterator[subprocess.Popen]:
+    """nginx on the shipped docker/nginx.conf (rendered as for the topology), in the foreground
+    until the block ends."""
     bins = need("nginx")
-    tmp = tmp_path_factory.mktemp("gateway")
-    seen: list[tuple[str, str, str, str | None]] = []
-    stubs = {name: StubReplica(name, seen) for name in ("replica1", "replica2")}
-    ports = {"gateway": free_port(), **{name: s.port for name, s in stubs.items()}}
     conf = tmp / "nginx.conf"
     conf.write_text(render_nginx(ports, tmp))
     log = open(tmp / "nginx.log", "ab")
     proc = subprocess.Popen([bins["nginx"], "-p", str(tmp), "-e", "stderr", "-c", str(conf), "-g", "daemon off;"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
     try:
-        wait_for("gateway", lambda: http_get(ports["gateway"], "/gateway/healthz").status_code == 200, 20, [proc])
-        yield StubGateway(tmp, ports["gateway"], seen)
+        wait_for("gateway", lambda: http_get(ports["gateway"], ready).status_code == 200, 20, [proc])
+        yield proc
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def stub_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StubGateway]:
+    """nginx on the shipped docker/nginx.conf (rendered as for the topology) in front of two
+    StubReplicas: what the gateway itself does, without models."""
+    need("nginx")
+    tmp = tmp_path_factory.mktemp("gateway")
+    seen: list[tuple[str, str, str, str | None]] = []
+    received: list[tuple[str, list[tuple[str, str]]]] = []
+    stubs = {name: StubReplica(name, seen, received) for name in ("replica1", "replica2")}
+    ports = {"gateway": free_port(), **{name: s.port for name, s in stubs.items()}}
+    try:
+        with run_gateway(tmp, ports):
+            yield StubGateway(tmp, ports["gateway"], seen, received, list(stubs.values()))
+    finally:
         for s in stubs.values():
             s.close()
+
+
+def raw_http(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, list[tuple[str, str]], bytes]:
+    """`data` sent as is on a new connection to 127.0.0.1:port, read until the server closes it:
+    (status, headers as sent, body). For what an HTTP client refuses to send."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines)]
+    return int(status_line.split()[1]), headers, body
 
 
 def test_a_replicas_own_503_is_passed_on_and_never_ejects_a_replica(stub_gateway: StubGateway) -> None:
@@ -818,10 +868,11 @@ def test_a_replicas_own_503_is_passed_on_and_never_ejects_a_replica(stub_gateway
 
 
 def test_the_gateways_own_errors_are_in_the_contracts_shape(stub_gateway: StubGateway) -> None:
-    """nginx's own 414 (request line too long), 400 (a header too large) and 413 (body over
-    8 MiB) are JSON: {"error": {"code", "message"}}, and {"error": "<message>"} on /v2/* (the
-    Open Inference Protocol's shape, as the replicas answer there). They were nginx's HTML
-    pages (414, 400), and the /v2 shape was never used."""
+    """nginx's own 414 (request line too long), 400 (a header too large), 413 (body over
+    8 MiB), 501 (an unknown Transfer-Encoding), 505 (another HTTP version) and 405 (TRACE) are
+    JSON: {"error": {"code", "message"}}, and {"error": "<message>"} on /v2/* (the Open
+    Inference Protocol's shape, as the replicas answer there). They were nginx's HTML pages
+    (414, 400, 501, 505, 405), and the /v2 shape was never used."""
     import httpx
 
     with httpx.Client(base_url=stub_gateway.url, timeout=10) as c:
@@ -841,6 +892,26 @@ def test_the_gateways_own_errors_are_in_the_contracts_shape(stub_gateway: StubGa
         assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
         r = c.post("/v2/models/default/infer", content=big, headers={"content-type": "application/json"})
         assert r.status_code == 413 and isinstance(r.json()["error"], str), r.text
+    # what an HTTP client will not send, on a raw socket: an unknown Transfer-Encoding (501), a
+    # request line of another HTTP version (505), TRACE (405): nginx's HTML pages before
+    port = stub_gateway.port
+    for data, status, v2 in (
+            (b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nContent-Type: image/png\r\n\r\n",
+             501, False),
+            (b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501, True),
+            (b"GET /pipelines HTTP/2.0\r\nHost: x\r\n\r\n", 505, False),
+            (b"GET /v2/health/ready HTTP/3.0\r\nHost: x\r\n\r\n", 505, False),  # unread path: first shape
+            (b"TRACE /pipelines HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405, False),
+            (b"TRACE /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405, True)):
+        got, headers, body = raw_http(port, data)
+        what = data.split(b"\r\n")[0]
+        assert got == status and dict(headers).get("content-type") == "application/json", (what, got, headers, body)
+        error = json.loads(body)["error"]
+        if v2:
+            assert isinstance(error, str) and error, (what, body)
+        else:
+            assert set(error) == {"code", "message"} and error["message"], (what, body)
+            assert error["code"] == ("method_not_allowed" if status == 405 else "bad_request"), (what, body)
 
 
 def test_the_gateways_access_log_carries_the_request_id(stub_gateway: StubGateway) -> None:
@@ -858,3 +929,223 @@ def test_the_gateways_access_log_carries_the_request_id(stub_gateway: StubGatewa
     lines = stub_gateway.access_log().splitlines()
     assert any("/pipelines " in line and "request_id=ops-log-given" in line for line in lines), lines[-5:]
     assert any("/pipelines?no-id " in line and f"request_id={made}" in line for line in lines), lines[-5:]
+    # a client's id the service would refuse (service/api/middleware.py takes [A-Za-z0-9._:-]{1,128})
+    # is replaced by nginx's own: it was passed on and written as is, so a client could forge
+    # fields of the gateway's access log (`request_id=x upstream=...`)
+    bad_ids = {"bad-spaces": "x upstream=10.6.6.6:8000 upstream_status=200",
+               "bad-long": "a" * 129, "bad-slash": "../../etc", "bad-quote": 'a"b'}
+    for tag, bad in bad_ids.items():
+        before = len(seen)
+        with httpx.Client(base_url=stub_gateway.url, timeout=10) as c:
+            assert c.get(f"/pipelines?{tag}", headers={"x-request-id": bad}).status_code == 200
+        [(_, _, _, made)] = seen[before:]
+        assert made and re.fullmatch(r"[0-9a-f]{32}", made), (tag, made)
+        [line] = [line for line in stub_gateway.access_log().splitlines() if f"/pipelines?{tag} " in line]
+        assert f"request_id={made} " in line and bad not in line, line
+        assert line.count("upstream=") == 1, line
+    # the longest id the service takes, and every character it allows, pass unchanged
+    for good in ("b" * 128, "Az09._:-"):
+        before = len(seen)
+        with httpx.Client(base_url=stub_gateway.url, timeout=10) as c:
+            r = c.get("/pipelines", headers={"x-request-id": good})
+        assert r.status_code == 200 and r.headers.get_list("x-request-id") == [good]
+        assert [s[3] for s in seen[before:]] == [good]
+
+
+def test_a_replicas_redirect_keeps_the_gateways_host_and_port(stub_gateway: StubGateway) -> None:
+    """Starlette's trailing-slash 307 (`POST /predict/` -> `/predict`) builds its Location from
+    the Host header it receives: nginx sent `$host`, which has no port, so the redirect pointed
+    at port 80 of the gateway's host. It sends the client's Host as given (`$http_host`), and
+    nginx's `$host` only where a client sent none (HTTP/1.0): an empty value drops the line, and
+    a replica without Host builds the Location from its own internal address."""
+    import httpx
+
+    port = stub_gateway.port
+    with httpx.Client(base_url=stub_gateway.url, timeout=10) as c:
+        r = c.post("/predict/", content=b"\x89PNG", headers={"content-type": "image/png"})
+        assert r.status_code == 307 and r.headers["location"] == f"http://127.0.0.1:{port}/predict", r.headers
+        r = c.get("/pipelines/?x=1", headers={"host": "shieldserve.example:8443"})
+        assert r.status_code == 307 and r.headers["location"] == "http://shieldserve.example:8443/pipelines?x=1"
+    # HTTP/1.0 without Host: the replica still gets one, never points the client at itself
+    received = stub_gateway.received
+    before = len(received)
+    status, headers, body = raw_http(port, b"POST /predict/?http10 HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    assert status == 307, body
+    [(_, sent)] = received[before:]
+    assert dict(sent).get("host"), sent
+    replicas = [str(s.port) for s in stub_gateway.stubs]
+    assert not any(p in dict(headers)["location"] for p in replicas), (dict(headers)["location"], replicas)
+
+
+def test_the_gateway_drops_rays_timeout_header(stub_gateway: StubGateway) -> None:
+    """Ray's proxy lets a request set its own timeout with `X-Request-Timeout-Seconds` (0 turns
+    it off): the gateway never passes it on. The service's own `X-Request-Timeout` (clamped to
+    max_request_timeout_s by the replica) still passes."""
+    import httpx
+
+    received = stub_gateway.received
+    before = len(received)
+    with httpx.Client(base_url=stub_gateway.url, timeout=10) as c:
+        for r in (c.post("/predict?ray-timeout", content=b"\x89PNG",
+                         headers={"content-type": "image/png", "x-request-timeout-seconds": "0",
+                                  "x-request-timeout": "5"}),
+                  c.get("/pipelines?ray-timeout", headers={"x-request-timeout-seconds": "0"}),
+                  c.post("/v2/models/m/infer", content=b"{}",
+                         headers={"content-type": "application/json", "x-request-timeout-seconds": "0"})):
+            assert r.status_code == 200, r.text
+    got = received[before:]
+    assert len(got) == 3
+    for path, headers in got:
+        assert "x-request-timeout-seconds" not in dict(headers), (path, headers)
+    assert dict(got[0][1])["x-request-timeout"] == "5"
+
+
+GIVEN_ID = "client-id-7"
+
+
+def test_the_gateways_own_errors_carry_the_request_id(stub_gateway: StubGateway,
+                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    """nginx's own answers (404 on /metrics and /admin, 413, 414, 400, 405, 501, 505, and its
+    503 when no replica answers) carry X-Request-ID, as the replicas' answers do: the client's
+    when it sent a valid one and nginx read it, else nginx's own (the one in its access log).
+    A replica's answer keeps its own single X-Request-ID."""
+    import httpx
+
+    nginx_id = re.compile(r"[0-9a-f]{32}")
+
+    def check(r_headers: list[tuple[str, str]], given: str | None, what: str) -> None:
+        ids = [v for k, v in r_headers if k.lower() == "x-request-id"]
+        assert len(ids) == 1, (what, r_headers)
+        if given:
+            assert ids[0] == given, (what, ids)
+        else:
+            assert nginx_id.fullmatch(ids[0]), (what, ids)
+
+    with httpx.Client(base_url=stub_gateway.url, timeout=10) as c:
+        for given in (GIVEN_ID, None):
+            h = {"x-request-id": given} if given else {}
+            for path in ("/metrics", "/admin/reload", "/_gateway_error/bad_request"):
+                r = c.get(path, headers=h)
+                assert r.status_code == 404, (path, r.text)
+                check(r.headers.multi_items(), given, path)
+            r = c.post("/predict", content=b"\0" * (9 * 1024 * 1024), headers={"content-type": "image/png", **h})
+            assert r.status_code == 413
+            check(r.headers.multi_items(), given, "413")
+            r = c.get("/pipelines", headers={**h, "x-big": "y" * 9000})  # the header read before it
+            assert r.status_code == 400
+            check(r.headers.multi_items(), given, "400 header too large")
+            r = c.get("/gateway/healthz", headers=h)
+            check(r.headers.multi_items(), given, "/gateway/healthz")
+            r = c.get("/pipelines", headers=h)  # the replica's
+            assert r.status_code == 200
+            check(r.headers.multi_items(), given, "replica")
+        # a request line nginx could not read: no header read, nginx's id
+        r = c.get("/pipelines?" + "x" * 9000, headers={"x-request-id": GIVEN_ID})
+        assert r.status_code == 414
+        check(r.headers.multi_items(), None, "414")
+    port = stub_gateway.port
+    for data, status, given in (
+            (b"TRACE /pipelines HTTP/1.1\r\nHost: x\r\nX-Request-ID: %s\r\nConnection: close\r\n\r\n", 405, True),
+            (b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Request-ID: %s\r\nTransfer-Encoding: gzip\r\n\r\n", 501, True),
+            (b"GET /pipelines HTTP/1.1\r\nHost: x\r\nX-Request-ID: %s\r\nContent-Length: 1\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, True),
+            (b"GET /pipelines HTTP/2.0\r\nHost: x\r\nX-Request-ID: %s\r\n\r\n", 505, False)):
+        got, headers, body = raw_http(port, data.replace(b"%s", GIVEN_ID.encode()))
+        assert got == status, (got, body)
+        check(headers, GIVEN_ID if given else None, str(status))
+    # no replica to answer: the gateway's own 503 (both upstream servers refuse connections)
+    tmp = tmp_path_factory.mktemp("gateway-no-replica")
+    gateway, dead1, dead2 = free_ports(3)
+    with run_gateway(tmp, {"gateway": gateway, "replica1": dead1, "replica2": dead2}):
+        answered = []
+        for given in (GIVEN_ID, None):
+            h = {"x-request-id": given} if given else {}
+            for path in ("/predict", "/v2/models/m/infer"):
+                r = httpx.post(f"http://127.0.0.1:{gateway}{path}", content=b"\x89PNG", headers=h, timeout=10)
+                assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+                check(r.headers.multi_items(), given, f"503 {path}")
+                answered.append(r.headers["x-request-id"])
+    # the id answered is the one in the access log
+    logged = re.findall(r'"POST \S+ HTTP/1.1" 503 .* request_id=(\S+)', (tmp / "nginx-access.log").read_text())
+    assert logged == answered, (logged, answered)
+
+
+def test_keyless_uploads_through_the_gateway_never_eject_the_replica(quick_bundle: Path, mnist,
+                                                                       tmp_path: Path) -> None:
+    """With api_keys on, a replica answers a keyless POST /predict 401 from its headers. It
+    answered with `Connection: close` and the body unread: nginx, still sending the 8 MiB it
+    had buffered, got a broken pipe, counted it toward max_fails=3 (and retried, non_idempotent)
+    and after a few such uploads took every replica out: every client got the gateway's 503.
+    One real replica (its trusted proxy the gateway: it reads and drops a refused body from
+    it) behind the shipped nginx.conf, both upstream lines pointing at it: 12 keyless uploads
+    of 8 MiB - 1 KiB (4 clients at once) are each the replica's JSON 401, each client's GET
+    /pipelines between them and a keyed upload then answer 200, and nginx's error log has no
+    failed attempt and never took a server out. Also Starlette's trailing-slash 307 through the
+    gateway keeps the gateway's port (the Host nginx passes on)."""
+    import hashlib
+
+    import httpx
+
+    need("nginx")
+    key = "deploy-test-key-1"
+    gateway, replica = free_ports(2)
+    env = dict(os.environ, PYTHONPATH=str(REPO), SHIELDSERVE_BUNDLE=str(quick_bundle), SHIELDSERVE_PROGRESS="0",
+               SHIELDSERVE_WARMUP="true", SHIELDSERVE_TORCH_THREADS="1", SHIELDSERVE_LOG_LEVEL="warning",
+               SHIELDSERVE_API_KEYS=json.dumps({"deploy": hashlib.sha256(key.encode()).hexdigest()}),
+               SHIELDSERVE_TRUSTED_PROXIES='["127.0.0.1"]')
+    env.pop("SHIELDSERVE_CONFIG", None)
+    log = open(tmp_path / "replica.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(replica)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        wait_for("replica", lambda: http_get(replica, "/readyz").status_code == 200, 120, [proc])
+        with run_gateway(tmp_path, {"gateway": gateway, "replica1": replica, "replica2": replica}), \
+                httpx.Client(base_url=f"http://127.0.0.1:{gateway}", timeout=30) as c:
+            # 4 clients at once, 3 uploads each, each followed by a GET /pipelines: before the
+            # replica read the refused body, 12 sequential uploads ejected it in some runs only
+            # (a race between nginx reading the 401 and its next write failing), these in every
+            # run tried
+            upload = b"\0" * (8 * 1024 * 1024 - 1024)
+            answers: list[tuple[int, str]] = []
+
+            def client() -> None:
+                with httpx.Client(base_url=f"http://127.0.0.1:{gateway}", timeout=30) as own:
+                    for _ in range(3):
+                        r = own.post("/predict", content=upload, headers={"content-type": "image/png"})
+                        code = r.json()["error"]["code"] if r.headers.get("content-type") == "application/json" else ""
+                        answers.append((r.status_code, code))
+                        answers.append((own.get("/pipelines").status_code, "pipelines"))
+
+            threads = [threading.Thread(target=client) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            assert sorted(answers) == [(200, "pipelines")] * 12 + [(401, "unauthorized")] * 12, Counter(answers)
+            digit = digits(mnist, 1)[0][0]
+            r = c.post("/predict", content=digit, headers={"content-type": "image/png", "x-api-key": key})
+            assert r.status_code == 200 and len(r.json()["results"]) == 1, r.text
+            assert c.get("/pipelines").status_code == 200
+            # Starlette's redirect, built from the Host nginx passed on: the gateway's port
+            r = c.post("/predict/", content=digit, headers={"content-type": "image/png", "x-api-key": key})
+            assert r.status_code == 307 and r.headers["location"] == f"http://127.0.0.1:{gateway}/predict", \
+                (r.status_code, r.headers)
+        errors = (tmp_path / "nginx-error.log").read_text(errors="replace")
+        for sign in ("temporarily disabled", "no live upstreams", "[error]"):  # a failed attempt is an [error]
+            assert sign not in errors, errors[-3000:]
+        # each refused upload sent once, answered by the replica (not retried, not the gateway's)
+        lines = [line for line in (tmp_path / "nginx-access.log").read_text().splitlines()
+                 if '"POST /predict HTTP/1.1" 401 ' in line]
+        assert len(lines) == 12 and all(" upstream_status=401 " in line for line in lines), lines
+    except BaseException:
+        log.flush()
+        print("---- replica log\n", (tmp_path / "replica.log").read_text(errors="replace")[-3000:])
+        raise
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
