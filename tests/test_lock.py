@@ -71,3 +71,18 @@ def test_lock_pins_every_dependency_within_its_range_and_no_torch(lock: str, ext
 def test_serve_lock_agrees_with_test_lock() -> None:
     serve, test = _pins(REPO / "requirements" / "serve.lock"), _pins(REPO / "requirements" / "test.lock")
     assert {n: v for n, v in serve.items() if test.get(n) != v} == {}
+
+
+def test_every_faiss_extra_asks_for_the_read_limits_rmc_needs() -> None:
+    """RMC refuses a FAISS without deserialization limits (service.defenses.rmc.SAFE_FAISS): an
+    extra that allowed one (`gpu` asked for faiss-gpu>=1.8) installed a FAISS the service then
+    refused to load an index with."""
+    from packaging.version import Version
+
+    from service.defenses.rmc import SAFE_FAISS
+
+    faiss = [r for r in _requirements(["knn", "gpu"]) if r.name.startswith("faiss")]
+    assert {r.name for r in faiss} == {"faiss-cpu", "faiss-gpu"}
+    for r in faiss:
+        floors = [Version(s.version) for s in r.specifier if s.operator in (">=", "==")]
+        assert floors and min(floors) >= Version(SAFE_FAISS), r
