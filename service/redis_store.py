@@ -140,10 +140,13 @@ def refused_errors() -> tuple[type[BaseException], ...]:
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:
-    """What a Redis that is down or refusing raises."""
+    """What a Redis that is down or refusing raises: any of redis-py's errors. A URL answered by
+    something else (an HTTP server, a proxy) raises InvalidResponse, which is neither a
+    ConnectionError nor a ResponseError: it was a 500 on every monitored request, and on
+    /predict with the certify store, where the store was to degrade."""
     import redis
 
-    return redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError
+    return (redis.exceptions.RedisError,)
 
 
 # KEYS: the entry, its owner's index; ARGV: value, TTL in ms, the owner's cap. The index scores

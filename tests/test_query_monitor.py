@@ -23,6 +23,7 @@ from service.defenses.query_monitor import (
 )
 from tests.conftest import MovedClock
 from tests.test_redis_store import redis_url  # noqa: F401 - the real redis-server fixture
+from tests.test_redis_store import not_redis  # noqa: F401 - a server at a redis:// URL that is not Redis
 from tests.test_redis_store import silent_redis  # noqa: F401 - a Redis that accepts and never answers
 
 PNG = {"content-type": "image/png"}
@@ -934,6 +935,19 @@ def test_an_app_whose_monitor_redis_never_answers_still_answers_and_says_degrade
     assert time.monotonic() - t0 < 10  # at most one 0.25 s timeout on top of the prediction; generous
     assert r.status_code == 200, r.text
     assert not any(j["defense"] == "query_monitor" for j in r.json()["results"][0]["rejected_by"])
+    text = c.get("/metrics").text
+    assert "shieldserve_query_monitor_degraded 1.0" in text
+    assert "shieldserve_query_monitor_store_errors_total 1.0" in text  # one outage
+
+
+def test_a_monitor_url_that_is_not_redis_degrades_as_a_redis_down_does(make_client, mnist, not_redis) -> None:  # noqa: F811
+    """A monitor URL answered by something else (redis-py's InvalidResponse, neither a
+    ConnectionError nor a ResponseError) made every monitored request a 500 with a traceback,
+    the monitor not marked degraded: it degrades, as for a Redis that is down."""
+    c = make_client(warmup=False, query_monitor={"store": "redis", "redis_url": not_redis.url, "secret": "s" * 32})
+    for _ in range(2):
+        r = c.post("/predict?pipeline=magnet", content=png(mnist.test.x[3:4]), headers=PNG)
+        assert r.status_code == 200, r.text
     text = c.get("/metrics").text
     assert "shieldserve_query_monitor_degraded 1.0" in text
     assert "shieldserve_query_monitor_store_errors_total 1.0" in text  # one outage

@@ -86,6 +86,37 @@ class SilentRedis:
         self._listener.close()
 
 
+class NotRedis:
+    """A server at a redis:// URL that is not Redis: it answers every command as an HTTP server
+    would (a URL pointing at the wrong service)."""
+
+    def __init__(self) -> None:
+        import socketserver
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                while self.request.recv(65536):
+                    self.request.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"redis://127.0.0.1:{self.server.server_address[1]}/0"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def not_redis() -> Iterator[NotRedis]:
+    server = NotRedis()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture
 def silent_redis() -> Iterator[SilentRedis]:
     server = SilentRedis()
@@ -373,6 +404,18 @@ def test_app_with_a_redis_that_never_answers_answers_503_and_still_predicts(make
     assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
     assert r.json()["error"]["code"] == "store_unavailable"
     r = client.post("/predict?pipeline=smoothing", content=body, headers=PNG)  # remembering it fails quietly
+    assert r.status_code == 200, r.text
+
+
+def test_app_whose_store_url_is_not_redis_answers_503_and_still_predicts(make_client, digit, not_redis) -> None:
+    """A store URL answered by something that is not Redis (redis-py's InvalidResponse): GET
+    /certify a 503 `store_unavailable`, /predict answered; both were 500s."""
+    body, _ = digit
+    digest = hashlib.sha256(body).hexdigest()
+    client = make_client(warmup=False, certify={"store": "redis", "redis_prefix": prefix(), "redis_url": not_redis.url})
+    r = client.get(f"/certify?image_sha256={digest}&n=500&n0=32")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+    r = client.post("/predict?pipeline=smoothing", content=body, headers=PNG)
     assert r.status_code == 200, r.text
 
 
