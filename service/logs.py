@@ -84,3 +84,7 @@ def configure_logging(level: str = "info", json_logs: bool = True) -> None:
         lg.propagate = True
     # our access log (service.api.middleware.RequestIdMiddleware) replaces uvicorn's
     logging.getLogger("uvicorn.access").disabled = True
+    # python-multipart writes a WARNING for each malformed body a client sends ("Expected
+    # boundary character ..."): the client's error, answered 400 and in the access log already;
+    # a client could double the log's lines with them
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)

@@ -172,10 +172,11 @@ def restore_logging() -> Iterator[None]:
 @pytest.fixture
 def logging_restored_all():
     """Put back what service.logs.configure_logging changes in the process: the root logger's
-    handlers and level, uvicorn's loggers' handlers and propagation, uvicorn.access disabled."""
+    handlers and level, uvicorn's loggers' handlers and propagation, uvicorn.access disabled,
+    python-multipart's level."""
     import logging
 
-    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
+    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "python_multipart")
     saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level, logging.getLogger(n).propagate,
                  logging.getLogger(n).disabled) for n in names}
     yield

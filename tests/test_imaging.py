@@ -398,6 +398,56 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
+def _idat_split_png(pixels: np.ndarray, pieces: int) -> bytes:
+    """A gray PNG whose image data is cut into `pieces` IDAT chunks (some empty: legal)."""
+    h, w = pixels.shape
+    z = zlib.compress(b"".join(b"\0" + pixels[r].tobytes() for r in range(h)))
+    cuts = [z[j * len(z) // pieces:(j + 1) * len(z) // pieces] for j in range(pieces)]
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + b"".join(_chunk(b"IDAT", c) for c in cuts) + _chunk(b"IEND", b""))
+
+
+def test_decode_batch_bounds_the_png_chunks_of_a_request_before_opening(monkeypatch) -> None:
+    """The chunk bounds hold for a request's PNGs together: 64 files of 1,000 tEXt chunks each,
+    or of 4,000 IDAT chunks, every one within MAX_PNG_CHUNKS, were up to 256k steps of Python per
+    request (an auditor's 8 clients: /healthz p95 307-430 ms). The chunks before the image data,
+    which Pillow's open walks, have the tighter budget. Refused (400) with Pillow never opening
+    a file past a budget, counted in at most the budgets' steps; 64 ordinary PNGs, and files at
+    the bounds, still decode; one file over its own bound keeps its own message."""
+    import service.imaging as imaging
+    from service.imaging import MAX_PNG_CHUNKS, MAX_REQUEST_PNG_CHUNKS, MAX_REQUEST_PNG_HEADER_CHUNKS
+
+    assert MAX_REQUEST_PNG_HEADER_CHUNKS <= MAX_REQUEST_PNG_CHUNKS <= MAX_PNG_CHUNKS
+    plain = save(Image.fromarray(digit_like(3)))
+    texty = plain[:33] + _chunk(b"tEXt", b"k\0v") * 1000 + plain[33:]  # after IHDR (8 + 25 bytes)
+    idaty = _idat_split_png(digit_like(3), 1000)
+    assert decode_batch([(plain, "image/png")] * 64, MNIST, DEFAULT, max_images=64).shape == (64, 1, 28, 28)
+    assert decode_batch([(texty, "image/png")], MNIST, DEFAULT, max_images=64).shape == (1, 1, 28, 28)
+    assert decode_batch([(idaty, "image/png")] * 4, MNIST, DEFAULT, max_images=64).shape == (4, 1, 28, 28)
+    opened: list[int] = []
+    real_open = imaging._open_checked
+    monkeypatch.setattr(imaging, "_open_checked", lambda *a: opened.append(1) or real_open(*a))
+    for file, within, what in ((texty, 1, "before the image data"), (idaty, 4, "PNG chunks in all")):
+        opened.clear()
+        with pytest.raises(ImageError) as info:
+            decode_batch([(file, "image/png")] * 64, MNIST, DEFAULT, max_images=64)
+        assert info.value.status == 400 and f"files 0 to {within} hold more than" in info.value.message, info.value
+        assert what in info.value.message and len(opened) == within  # the file past the budget is never opened
+    counted: list[int] = []
+    real_count, real_header = imaging.png_chunk_counts, imaging.png_header_chunks
+    monkeypatch.setattr(imaging, "png_chunk_counts", lambda d, stop=MAX_PNG_CHUNKS + 1:
+                        (counted.append(real_count(d, stop)[0]) or counted[-1], 0))
+    monkeypatch.setattr(imaging, "png_header_chunks", lambda d, stop: counted.append(real_header(d, stop)) or counted[-1])
+    with pytest.raises(ImageError):
+        decode_batch([(idaty, "image/png")] * 64, MNIST, DEFAULT, max_images=64)
+    # the budgets' steps, and each opened file's own count: not 64 files' worth
+    assert sum(counted) <= (MAX_REQUEST_PNG_CHUNKS + 1) + 5 * 1 + 4 * 1002, sum(counted)  # IHDR, 1,000 IDAT, IEND
+    over = _idat_split_png(digit_like(3), MAX_PNG_CHUNKS + 1)
+    with pytest.raises(ImageError) as info:
+        decode_batch([(over, "image/png")], MNIST, DEFAULT, max_images=64)
+    assert info.value.message.startswith("file 0: ") and "chunks" in info.value.message, info.value
+
+
 def _paeth(a: int, b: int, c: int) -> int:
     p = a + b - c
     pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)

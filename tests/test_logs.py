@@ -122,3 +122,23 @@ def test_work_moved_to_a_worker_thread_logs_with_the_requests_id():
             request_id_var.reset(token)
 
     assert asyncio.run(main()) == "req-43"
+
+
+def test_python_multiparts_warning_per_malformed_body_is_not_logged(make_client, logging_restored_all, caplog):
+    """python-multipart logs a WARNING for each malformed multipart body ("Expected boundary
+    character ..."): a client's error, answered 400 and written in the access log already; with
+    the service's logging it is not written again (a client could double the log's lines)."""
+    from service.logs import configure_logging
+
+    body = b"--XyQ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n\x89PNG\r\n--XyQ--\r\n"  # not its boundary
+    headers = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+    client = make_client()
+    logging.getLogger("python_multipart").setLevel(logging.NOTSET)  # as before the service's logging
+    with caplog.at_level(logging.WARNING):
+        assert client.post("/predict", content=body, headers=headers).status_code == 400
+    assert any(r.name.startswith("python_multipart") for r in caplog.records)  # what it writes by default
+    caplog.clear()
+    configure_logging("info", json_logs=True)
+    with caplog.at_level(logging.WARNING):
+        assert client.post("/predict", content=body, headers=headers).status_code == 400
+    assert not any(r.name.startswith("python_multipart") for r in caplog.records), caplog.records
