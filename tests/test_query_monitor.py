@@ -883,6 +883,47 @@ def test_a_block_recorded_while_redis_was_down_holds_when_it_is_back(redis_url, 
     assert m.screen(policy, mnist.test.x[62:63], "ip:2.2.2.2").flagged == [False]  # others are answered
 
 
+def test_a_block_seen_in_redis_holds_on_this_replica_when_redis_is_down_or_restarted(redis_url, mnist,  # noqa: F811
+                                                                                     monkeypatch) -> None:
+    """A block recorded in Redis was enforced only through Redis: with Redis down, even the
+    replica that made it answered the client; after a restart (the compose file's monitor Redis
+    keeps nothing on disk) nobody remembered it. The replica keeps the blocks it made or saw
+    for their cooldown; other clients are answered as before."""
+    import uuid
+
+    import redis as redis_lib
+
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    policy = MonitorPolicy(action="block", block_after=1, cooldown_s=600, suspect_linf=0.0)
+    x = mnist.test.x[3:4]
+    maker = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix, secret="s", retry_redis_s=0.0)
+    seer = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix, secret="s", retry_redis_s=0.0)
+    maker.screen(policy, x, "ip:1.1.1.1")
+    maker.screen(policy, _near(x, 0), "ip:1.1.1.1")
+    assert maker.screen(policy, _near(x, 1), "ip:1.1.1.1").blocked_now  # blocked, in Redis
+    with pytest.raises(AttackSuspected):  # the other replica reads the block from Redis
+        seer.screen(policy, mnist.test.x[60:61], "ip:1.1.1.1")
+
+    def down(*args, **kwargs):
+        raise redis_lib.exceptions.ConnectionError("down")
+
+    for m in (maker, seer):
+        with monkeypatch.context() as outage:
+            for name in ("screen", "add_flags", "mark_suspect", "recall", "blocked_count", "status"):
+                outage.setattr(m.redis, name, down)
+            with pytest.raises(AttackSuspected):
+                m.screen(policy, mnist.test.x[61:62], "ip:1.1.1.1")
+    client = redis_lib.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{prefix}*"):  # a restart without persistence: everything gone
+        client.delete(key)
+    for m in (maker, seer):
+        with pytest.raises(AttackSuspected):
+            m.screen(policy, mnist.test.x[62:63], "ip:1.1.1.1")
+        assert m.screen(policy, mnist.test.x[63:64], "ip:2.2.2.2").flagged == [False]  # others are answered
+    for m in (maker, seer):
+        m.close()
+
+
 _Clock = MovedClock
 
 

@@ -409,6 +409,14 @@ class MemoryStore:
             return 0.0
         return left
 
+    def hold_block(self, client: str, seconds: float) -> None:
+        """Keep a block the shared store reported (for `seconds` more), so that this replica
+        still enforces it while Redis is down, or after a restart lost it."""
+        now = time.time()
+        with self._lock:
+            self._blocked[client] = max(self._blocked.get(client, 0.0), now + seconds)
+            _trim(self._blocked, lambda until: until <= now, lambda until: until)
+
     def add_flags(self, client: str, count: int, window_s: float, block_after: int, cooldown_s: float) -> bool:
         """Record `count` flags of `client`; True when that blocks it."""
         now = time.time()
@@ -793,8 +801,9 @@ class QueryMonitor:
         """One request's fingerprints against the store (Redis, or this process's); a
         suspect's images also against its own recent ones in pixel space."""
         tag = self.client_tag(client)
-        # a block or suspect mark this replica recorded in its own store while Redis was down
-        # holds until it ends, Redis back or not (read from Redis alone, a block was dropped)
+        # a block or suspect mark this replica recorded in its own store while Redis was down,
+        # or a block it saw in Redis (hold_block), holds until it ends, Redis back or not (read
+        # from Redis alone, a block was dropped; and a Redis down or restarted lost them all)
         local_blocked, local_suspect = self.memory.blocked_for(tag), self.memory.suspect(tag)
         if policy.action == "block" and local_blocked > 0:
             raise AttackSuspected(max(1, int(np.ceil(local_blocked))))
@@ -804,6 +813,8 @@ class QueryMonitor:
             try:
                 blocked_for, suspect, matches = self.redis.screen(tag, digests, hashes,
                                                                   skip_blocked=policy.action == "block")
+                if policy.action == "block" and blocked_for > 0:
+                    self.memory.hold_block(tag, blocked_for)
                 if matches:
                     # not for a blocked client's script, which only reads: a full Redis answers it
                     # too, and a blocked client's queries would turn the outage off and on
@@ -883,6 +894,8 @@ class QueryMonitor:
             try:
                 blocked = self.redis.add_flags(*args)
                 self._redis_ok()
+                if blocked:
+                    self.memory.hold_block(tag, policy.cooldown_s)
                 return blocked
             except self.redis.errors as exc:
                 self._redis_failed("add_flags", exc)
