@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_ports, png
+from tests.conftest import free_ports, png, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -1142,10 +1142,5 @@ def test_keyless_uploads_through_the_gateway_never_eject_the_replica(quick_bundl
         print("---- replica log\n", (tmp_path / "replica.log").read_text(errors="replace")[-3000:])
         raise
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
         log.close()

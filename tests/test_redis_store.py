@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.conftest import free_ports, png
+from tests.conftest import free_ports, png, stop_process
 
 pytest.importorskip("redis")
 
@@ -153,12 +153,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc, timeout=10)
 
 
 def prefix() -> str:
