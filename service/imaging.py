@@ -299,6 +299,9 @@ MAX_REQUEST_PNG_CHUNKS = MAX_PNG_CHUNKS
 # every file, tighter: an ordinary PNG has a handful (IHDR, pHYs, gAMA, sRGB, a few tEXt);
 # 64 files of 256 tEXt chunks kept /healthz p95 at 78 ms under 8 clients with only the bound above
 MAX_REQUEST_PNG_HEADER_CHUNKS = 1024
+# both grow with limits.max_images_per_request past its default of 64: per file allowed, 16
+# before the image data and 64 in all (256 ordinary files of 5 header chunks were refused)
+PNG_HEADER_CHUNKS_PER_FILE, PNG_CHUNKS_PER_FILE = 16, 64
 
 
 def png_chunk_counts(data: bytes, stop: int = MAX_PNG_CHUNKS + 1) -> tuple[int, int]:
@@ -723,6 +726,8 @@ def decode_batch(items: Sequence[tuple[bytes, str | None]], spec: InputSpec, lim
     opened: list[Image.Image] = []
     try:
         total = png_chunks = png_header = 0
+        max_chunks = max(MAX_REQUEST_PNG_CHUNKS, PNG_CHUNKS_PER_FILE * max_images)
+        max_header = max(MAX_REQUEST_PNG_HEADER_CHUNKS, PNG_HEADER_CHUNKS_PER_FILE * max_images)
         for i, item in enumerate(items):
             try:
                 data, content_type = item
@@ -730,21 +735,19 @@ def decode_batch(items: Sequence[tuple[bytes, str | None]], spec: InputSpec, lim
                 if isinstance(data, (bytes, bytearray)) and data[:8] == _PNG_SIGNATURE:
                     # counted up to what is left of each budget: the counts cost at most the
                     # budgets' steps, however many files
-                    png_header += png_header_chunks(data, stop=MAX_REQUEST_PNG_HEADER_CHUNKS - png_header + 1)
-                    png_chunks += png_chunk_counts(data, stop=MAX_REQUEST_PNG_CHUNKS - png_chunks + 1)[0]
-                if png_header <= MAX_REQUEST_PNG_HEADER_CHUNKS and (png_chunks <= MAX_REQUEST_PNG_CHUNKS or i == 0):
+                    png_header += png_header_chunks(data, stop=max_header - png_header + 1)
+                    png_chunks += png_chunk_counts(data, stop=max_chunks - png_chunks + 1)[0]
+                if png_header <= max_header and (png_chunks <= max_chunks or i == 0):
                     im = _guarded(_open_checked, data, limits)  # one file over the chunk bound: its own check says why
             except Exception as exc:  # noqa: BLE001 - a malformed item tuple, say
                 raise _numbered(i, exc) from None
             held = "file 0 holds" if i == 0 else f"files 0 to {i} hold"
-            if png_header > MAX_REQUEST_PNG_HEADER_CHUNKS:
-                raise _invalid(f"{held} more than {MAX_REQUEST_PNG_HEADER_CHUNKS} PNG chunks before the image data "
-                               f"in all; the limit is {MAX_REQUEST_PNG_HEADER_CHUNKS} per request (a PNG needs a "
-                               f"handful)")
-            if png_chunks > MAX_REQUEST_PNG_CHUNKS:
-                raise _invalid(f"{held} more than {MAX_REQUEST_PNG_CHUNKS} PNG chunks in all; the limit is "
-                               f"{MAX_REQUEST_PNG_CHUNKS} per request (a PNG needs a handful, plus one per "
-                               f"IDAT block)")
+            if png_header > max_header:
+                raise _invalid(f"{held} more than {max_header} PNG chunks before the image data in all; the "
+                               f"limit is {max_header} per request (a PNG needs a handful)")
+            if png_chunks > max_chunks:
+                raise _invalid(f"{held} more than {max_chunks} PNG chunks in all; the limit is {max_chunks} per "
+                               f"request (a PNG needs a handful, plus one per IDAT block)")
             opened.append(im)
             total += im.size[0] * im.size[1]
             if max_request_pixels is not None and total > max_request_pixels:

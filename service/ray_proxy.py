@@ -13,7 +13,9 @@ nginx gateway does (docker/nginx.conf):
     401 `unauthorized` from its headers, before any of its body is read;
   * the body is capped at `limits.max_body_bytes`: 413 `payload_too_large` from
     `Content-Length`, else as soon as the bytes received pass it (`Connection: close`: the
-    rest is never read);
+    rest is never read; from one of `trusted_proxies`, the nginx gateway, the refused body is
+    read and thrown away first and the connection kept, as the replicas do: closed on it,
+    nginx took the proxy for a failed upstream, service.api.middleware.drain_body);
   * the whole body is read before Ray routes the request, each read within `body_timeout_s`
     (nginx's `client_body_timeout`, 15 s; 408 `request_timeout` after it): a replica's slot
     is taken only by a request whose body is in;
@@ -48,8 +50,9 @@ from typing import Any
 from starlette.middleware import Middleware
 from starlette.requests import Request
 
-from service.api.clients import api_key_of, key_digests
+from service.api.clients import api_key_of, key_digests, peer_is_trusted
 from service.api.errors import endpoint_of, error_body
+from service.api.middleware import _REQUEST_ID, declared_length, drain_body
 from service.logs import escape_controls, logged_path
 
 # what ray_app sets in the proxies' environment
@@ -68,12 +71,14 @@ class ProxyConfig:
     body_timeout_s: float = 15.0  # longest wait for the next part of a body
     api_keys: tuple[str, ...] = ()  # the sha256 hex digests of api_keys (no key in them)
     retry_after_s: int = 1  # admission.retry_after_s: the Retry-After of a 503 `unavailable`
+    trusted_proxies: tuple[str, ...] = ()  # whose refused bodies are read to keep the connection
 
     @classmethod
     def of(cls, settings: Any, body_timeout_s: float) -> ProxyConfig:
         return cls(max_body_bytes=settings.limits.max_body_bytes, body_timeout_s=body_timeout_s,
                    api_keys=tuple(sorted(set(settings.api_keys.values()))),
-                   retry_after_s=settings.admission.retry_after_s)
+                   retry_after_s=settings.admission.retry_after_s,
+                   trusted_proxies=tuple(settings.trusted_proxies))
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -87,6 +92,7 @@ class ProxyConfig:
             return cls()
         data = json.loads(raw)
         data["api_keys"] = tuple(data.get("api_keys", ()))
+        data["trusted_proxies"] = tuple(data.get("trusted_proxies", ()))
         config = cls(**data)
         if config.max_body_bytes <= 0 or config.body_timeout_s <= 0:
             raise ValueError(f"{CONFIG_ENV}: max_body_bytes and body_timeout_s must be > 0")
@@ -157,10 +163,12 @@ class ProxyEdgeMiddleware:
             self.refused.inc(tags={"status": str(status), "code": code})
         if log.isEnabledFor(logging.INFO):
             client = scope.get("client")
-            # Ray's formatter writes the line: the client's path and request id escaped here
-            log.info("refused at the proxy: %s %s %s %s (request id %s, client %s)", scope.get("method"),
-                     escape_controls(logged_path(scope["path"])), status, code,
-                     escape_controls(request_id.decode("latin-1")[:128]), client[0] if client else "-")
+            # Ray's formatter writes the line: the client's text in it cannot pass for fields of
+            # the line (a request id only when the service would take it; the path quoted, escaped)
+            rid = request_id.decode("latin-1")
+            log.info("refused at the proxy: %s %s %s (request id %s, client %s, path %s)", scope.get("method"),
+                     status, code, rid if _REQUEST_ID.fullmatch(rid) else "(not shown: not a token)",
+                     client[0] if client else "-", escape_controls(repr(logged_path(scope["path"]))))
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"].startswith("/-/"):
@@ -173,10 +181,17 @@ class ProxyEdgeMiddleware:
             scope["headers"] = [*(scope.get("headers") or []), (b"x-request-id", request_id)]
         path = scope["path"]
 
-        async def refuse(status: int, code: str, message: str, headers: Any = ()) -> None:
-            """An answer of this middleware's own, before Ray saw the request (its body left unread)."""
+        async def refuse(status: int, code: str, message: str, headers: Any = (), read: int | None = 0,
+                         complete: bool = False) -> None:
+            """An answer of this middleware's own, before Ray saw the request: its body left unread
+            and the connection closed, or, from a trusted proxy, read (`read` bytes taken
+            already; None: it cannot be, it stopped arriving) and the connection kept, as it is
+            when the whole body was in (`complete`)."""
             self._refused(scope, request_id, status, code)
-            await answer(status, code, message, headers, close=True)
+            kept = complete or (read is not None and peer_is_trusted(scope, config.trusted_proxies)
+                                and await drain_body(receive, read, declared_length(scope.get("headers")),
+                                                     config.body_timeout_s))
+            await answer(status, code, message, headers, close=not kept)
 
         async def answer(status: int, code: str, message: str, headers: Any = (), close: bool = False) -> None:
             body = json.dumps(error_body(path, code, message))
@@ -201,7 +216,7 @@ class ProxyEdgeMiddleware:
         declared = _header(scope.get("headers"), b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                return await refuse(400, "bad_request", "Content-Length is not a number")
+                return await refuse(400, "bad_request", "Content-Length is not a number", read=None)
             if int(declared) > config.max_body_bytes:
                 return await refuse(413, "payload_too_large", too_big)
 
@@ -212,13 +227,14 @@ class ProxyEdgeMiddleware:
                     message = await receive()
             except TimeoutError:
                 return await refuse(408, "request_timeout", f"the request body stopped arriving (nothing for "
-                                                            f"{config.body_timeout_s:g} s)")
+                                                            f"{config.body_timeout_s:g} s)", read=None)
             if message["type"] == "http.disconnect":
                 return  # gone during its upload: nobody to answer
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > config.max_body_bytes:
-                return await refuse(413, "payload_too_large", too_big)
+                return await refuse(413, "payload_too_large", too_big, read=size,
+                                    complete=not message.get("more_body", False))
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)

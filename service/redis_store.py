@@ -140,13 +140,15 @@ def refused_errors() -> tuple[type[BaseException], ...]:
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:
-    """What a Redis that is down or refusing raises: any of redis-py's errors. A URL answered by
-    something else (an HTTP server, a proxy) raises InvalidResponse, which is neither a
-    ConnectionError nor a ResponseError: it was a 500 on every monitored request, and on
-    /predict with the certify store, where the store was to degrade."""
+    """What a Redis that is down, refusing, or not Redis raises. A URL answered by something else
+    (an HTTP server, a proxy) raises InvalidResponse, which is neither a ConnectionError nor a
+    ResponseError: it was a 500 on every monitored request, and on /predict with the certify
+    store, where the store was to degrade. Not every RedisError: DataError is redis-py refusing
+    an argument of ours, a bug to see, not an outage."""
     import redis
 
-    return (redis.exceptions.RedisError,)
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError,
+            redis.exceptions.InvalidResponse)
 
 
 # KEYS: the entry, its owner's index; ARGV: value, TTL in ms, the owner's cap. The index scores

@@ -130,7 +130,7 @@ def test_a_refused_body_from_the_trusted_gateway_is_read_and_the_connection_kept
     connection: answered with `Connection: close` and the body unread, nginx took the broken
     pipe for a failed replica and, keyless 8 MiB uploads 3 in 5 s, took every replica out
     (every client's request a 503). The body is read to its end, never past DRAIN_BYTES."""
-    from service.api.middleware import BodyLimitMiddleware
+    from service.api.middleware import DRAIN_BYTES
 
     part = {"type": "http.request", "body": b"\0" * 65536, "more_body": True}
     last = {"type": "http.request", "body": b"\0" * 100, "more_body": False}
@@ -145,13 +145,15 @@ def test_a_refused_body_from_the_trusted_gateway_is_read_and_the_connection_kept
         assert sent[0]["status"] == status, sent
         assert calls == 4, (status, calls)  # every part read, no more
         assert b"connection" not in {k.lower() for k, _ in sent[0]["headers"]}, sent[0]["headers"]
-    # a body that goes on past DRAIN_BYTES: read up to there, then closed as for any client
-    declared = [(b"content-type", b"image/png"), (b"content-length", str(BodyLimitMiddleware.DRAIN_BYTES * 2).encode())]
+    # a body declared past DRAIN_BYTES is not read at all; one that goes on past it (chunked) is
+    # read up to there; both then closed as for any client
     big = {"type": "http.request", "body": b"\0" * (1 << 20), "more_body": True}
-    sent, calls = _call(keyed_behind_gateway, "POST", "/predict?pipeline=baseline", declared,
-                        [big] * (BodyLimitMiddleware.DRAIN_BYTES // (1 << 20) + 5))
-    assert sent[0]["status"] == 401 and calls == BodyLimitMiddleware.DRAIN_BYTES // (1 << 20) + 1
-    assert dict(sent[0]["headers"])[b"connection"] == b"close"
+    for headers, reads in (([(b"content-length", str(DRAIN_BYTES * 2).encode())], 0),
+                           ([], DRAIN_BYTES // (1 << 20) + 1)):
+        sent, calls = _call(keyed_behind_gateway, "POST", "/predict?pipeline=baseline",
+                            [(b"content-type", b"image/png"), *headers], [big] * (DRAIN_BYTES // (1 << 20) + 5))
+        assert sent[0]["status"] == 401 and calls == reads, (headers, calls)
+        assert dict(sent[0]["headers"])[b"connection"] == b"close"
 
 
 def test_a_request_with_a_key_is_served_as_before(keyed, digit):

@@ -442,6 +442,9 @@ def test_decode_batch_bounds_the_png_chunks_of_a_request_before_opening(monkeypa
         decode_batch([(idaty, "image/png")] * 64, MNIST, DEFAULT, max_images=64)
     # the budgets' steps, and each opened file's own count: not 64 files' worth
     assert sum(counted) <= (MAX_REQUEST_PNG_CHUNKS + 1) + 5 * 1 + 4 * 1002, sum(counted)  # IHDR, 1,000 IDAT, IEND
+    # the budgets grow with the images a request may hold: 256 files of 5 header chunks each
+    five = plain[:33] + _chunk(b"tEXt", b"k\0v") * 4 + plain[33:]
+    assert decode_batch([(five, "image/png")] * 256, MNIST, DEFAULT, max_images=256).shape == (256, 1, 28, 28)
     over = _idat_split_png(digit_like(3), MAX_PNG_CHUNKS + 1)
     with pytest.raises(ImageError) as info:
         decode_batch([(over, "image/png")], MNIST, DEFAULT, max_images=64)

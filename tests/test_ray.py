@@ -335,8 +335,9 @@ def test_proxy_edge_checks_the_key_and_the_size_before_reading_the_body() -> Non
 def test_proxy_edge_counts_and_logs_what_it_refuses(caplog) -> None:
     """The proxy's own 401/400/413/408 never reach Ray's proxy, so neither Ray's metrics nor
     the replicas' saw them: each is counted (the Ray counter, by status and code) and logged in
-    the proxy's log (Ray Serve's logger), without the key; the control characters of a client's
-    path and request id are escaped; what passes to Ray is neither counted nor logged."""
+    the proxy's log (Ray Serve's logger), without the key; a client's request id is written only
+    when the service would take it and its path quoted, so neither can pass for fields of the
+    line; what passes to Ray is neither counted nor logged."""
     import hashlib
     import logging
 
@@ -360,21 +361,46 @@ def test_proxy_edge_counts_and_logs_what_it_refuses(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="ray.serve.shieldserve"):
         assert _asgi(edge, "/predict", {"X-API-Key": "k-wrong-2"}, [b"x"])[0]["status"] == 401
         assert _asgi(edge, "/predict", {"X-API-Key": "k-secret-1", "Content-Length": "2x"}, [b"x"])[0]["status"] == 400
-        assert _asgi(edge, "/predict", {"X-API-Key": "k-secret-1", "X-Request-ID": "t\x07forged"},
+        assert _asgi(edge, "/predict", {"X-API-Key": "k-secret-1", "X-Request-ID": "z, client 10.0.0.7) forged"},
                      [b"x" * 11])[0]["status"] == 413
         assert _asgi(edge, "/predict", {"Authorization": "Bearer k-secret-1"}, None)[0]["status"] == 408
         assert _asgi(edge, "/predict", {"X-API-Key": "k-secret-1"}, [b"x"])[0]["status"] == 200
     assert counter.seen == [{"status": "401", "code": "unauthorized"}, {"status": "400", "code": "bad_request"},
                             {"status": "413", "code": "payload_too_large"}, {"status": "408", "code": "request_timeout"}]
     lines = [r.getMessage() for r in caplog.records if r.name == "ray.serve.shieldserve"]
-    assert len(lines) == 4 and all(line.startswith("refused at the proxy: POST /predict ") for line in lines), lines
-    assert "413 payload_too_large" in lines[2] and "client 127.0.0.1" in lines[2]
-    assert "\x07" not in "".join(lines) and "request id t\\x07forged," in lines[2], lines[2]
+    assert len(lines) == 4 and all(line.startswith("refused at the proxy: POST ") for line in lines), lines
+    assert all(line.endswith(", path '/predict')") for line in lines), lines
+    assert lines[2].startswith("refused at the proxy: POST 413 payload_too_large (request id (not shown: not a token), "
+                               "client 127.0.0.1, path"), lines[2]
+    assert "forged" not in "".join(lines)
     assert not any("k-wrong-2" in line or "k-secret-1" in line or key in line for line in lines)
     # outside a Ray worker there is no counter to record to (a metric recorded there fails)
     if not ray.is_initialized():
         assert _refused_counter() is None
     assert REFUSED_METRIC == "shieldserve_proxy_refused_requests"
+
+
+def test_proxy_edge_reads_a_refused_body_from_a_trusted_proxy_and_keeps_the_connection() -> None:
+    """Behind the nginx gateway (docs/operations.md), a 401 or 413 answered with the body unread
+    and `Connection: close` made nginx take Ray's proxy for a failed upstream, as it did the
+    replicas (tests/test_deploy.py): from a trusted proxy the body is read and thrown away, the
+    connection kept; from anyone else, as before."""
+    import hashlib
+
+    from service.ray_proxy import ProxyConfig, ProxyEdgeMiddleware
+
+    async def ray_proxy(scope, receive, send):  # never reached here
+        raise AssertionError("Ray got a refused request")
+
+    key = hashlib.sha256(b"k-1").hexdigest()
+    for trusted, kept in ((("127.0.0.1",), True), (("10.0.0.0/8",), False)):
+        edge = ProxyEdgeMiddleware(ray_proxy, ProxyConfig(max_body_bytes=100, body_timeout_s=0.2, api_keys=(key,),
+                                                          trusted_proxies=trusted))
+        for headers, status in (({}, 401), ({"X-API-Key": "k-1", "Content-Length": "200"}, 413),
+                                ({"X-API-Key": "k-1"}, 413)):
+            start, h, _, read = _asgi(edge, "/predict", headers, [b"x" * 50] * 4)
+            assert start["status"] == status and ("connection" not in h) == kept, (trusted, headers, h)
+            assert read == [4 if kept else (3 if "Content-Length" not in headers and status == 413 else 0)], read
 
 
 def test_proxy_edge_answers_rays_own_errors_in_the_contracts_json() -> None:

@@ -67,11 +67,15 @@ def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
     return ip is not None and any(ip in net for net in networks)
 
 
-def from_trusted_proxy(scope: dict) -> bool:
-    """Whether the connection's peer is one of `trusted_proxies` (the gateway)."""
+def peer_is_trusted(scope: dict, proxies: tuple[str, ...]) -> bool:
+    """Whether the connection's peer is one of `proxies` (trusted_proxies: the gateway)."""
     client = scope.get("client")
-    proxies = tuple(scope["app"].state.runtime.settings.trusted_proxies)
     return client is not None and bool(proxies) and _trusted(client[0], _networks(proxies))
+
+
+def from_trusted_proxy(scope: dict) -> bool:
+    """peer_is_trusted, with the app's trusted_proxies."""
+    return peer_is_trusted(scope, tuple(scope["app"].state.runtime.settings.trusted_proxies))
 
 
 def forwarded_client(peer: str, forwarded_for: str | None, trusted_proxies: tuple[str, ...]) -> str:

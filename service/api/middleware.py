@@ -30,6 +30,43 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
+# what is read and thrown away of a refused request's body from a trusted proxy, at most
+# (nginx's limit is 8 MiB; past this the connection is closed as for any client)
+DRAIN_BYTES = 64 * 1024 * 1024
+
+
+async def drain_body(receive: Any, read: int, declared: int | None, timeout_s: float | None = None) -> bool:
+    """Read and throw away the rest of a refused request's body (`read` bytes of it taken
+    already), so that the answer can keep the connection: True when the whole body was read,
+    False on a disconnect, past DRAIN_BYTES (or a declared length past it: not read at all), or
+    when a part takes longer than `timeout_s`. For a trusted proxy's requests only: nginx, still
+    sending the body it buffered when the replica answered and closed, took the broken
+    connection for a failed replica and, after 3 in 5 s (max_fails), took every replica out:
+    keyless 8 MiB uploads made every client's request a 503."""
+    if declared is not None and declared > DRAIN_BYTES:
+        return False
+    more = True
+    while more:
+        try:
+            async with asyncio.timeout(timeout_s):
+                message = await receive()
+        except TimeoutError:
+            return False
+        if message["type"] == "http.disconnect":
+            return False
+        read += len(message.get("body", b""))
+        if read > DRAIN_BYTES:
+            return False
+        more = message.get("more_body", False)
+    return True
+
+
+def declared_length(headers: Any) -> int | None:
+    """Content-Length as a number, or None (absent, or not a number)."""
+    value = dict(headers or []).get(b"content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
 def _replay_once(body: bytes, receive: Any) -> Any:
     replayed = False
 
@@ -59,10 +96,6 @@ class BodyLimitMiddleware:
     /certify's sampling loop; the request is counted with outcome `client_closed`.
     """
 
-    # what is read and thrown away of a refused request's body from a trusted proxy, at most
-    # (nginx's limit is 8 MiB; past this the connection is closed as for any client)
-    DRAIN_BYTES = 64 * 1024 * 1024
-
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
@@ -71,7 +104,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         scope.setdefault("state", {}).setdefault("received_at", time.monotonic())
         pipeline_route = endpoint_of(scope["path"]) is not None
-        if pipeline_route and await self._unauthorized(scope, receive, send, self.DRAIN_BYTES):
+        if pipeline_route and await self._unauthorized(scope, receive, send):
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
@@ -81,7 +114,7 @@ class BodyLimitMiddleware:
             except ValueError:
                 return await self._reject(scope, send, 400, "bad_request", "Content-Length is not a number")
             if too_big:
-                return await self._too_big(scope, send, await self._drained(scope, receive, 0, self.DRAIN_BYTES))
+                return await self._too_big(scope, send, await self._drained(scope, receive, 0))
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -96,8 +129,7 @@ class BodyLimitMiddleware:
             size += len(chunk)
             if size > self.max_bytes:
                 rest = message.get("more_body", False)
-                return await self._too_big(scope, send, not rest or await self._drained(scope, receive, size,
-                                                                                     self.DRAIN_BYTES))
+                return await self._too_big(scope, send, not rest or await self._drained(scope, receive, size))
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
@@ -141,28 +173,15 @@ class BodyLimitMiddleware:
             watcher.cancel()
 
     @staticmethod
-    async def _drained(scope: dict, receive: Any, read: int, limit: int) -> bool:
-        """Read and throw away the rest of a refused request's body when it comes from a trusted
-        proxy, so that the answer can keep the connection: True when the whole body was read.
-        A direct client's body is never read (its refusal closes the connection instead). Why:
-        nginx, still sending the body it buffered when the replica answered and closed, took
-        the broken connection for a failed replica and, after 3 in 5 s (max_fails), took
-        every replica out: keyless 8 MiB uploads made every client's request a 503."""
+    async def _drained(scope: dict, receive: Any, read: int) -> bool:
+        """The rest of a refused body read and thrown away (drain_body), from a trusted proxy
+        only: a direct client's body is never read (its refusal closes the connection)."""
         if not from_trusted_proxy(scope):
             return False
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return False
-            read += len(message.get("body", b""))
-            if read > limit:
-                return False
-            more = message.get("more_body", False)
-        return True
+        return await drain_body(receive, read, declared_length(scope.get("headers")))
 
     @classmethod
-    async def _unauthorized(cls, scope: dict, receive: Any, send: Any, drain_limit: int) -> bool:
+    async def _unauthorized(cls, scope: dict, receive: Any, send: Any) -> bool:
         """Answer the 401 of a request without a known key (api_keys set) and say so; False for
         one with a key, or with keys off. The route's dependency (require_api_key) runs the same
         check: the same 401, counted as it counts one, with `Connection: close` as the 413's
@@ -172,7 +191,7 @@ class BodyLimitMiddleware:
             check_api_key(Request(scope))
         except ApiError as exc:
             response = refused_response(scope.get("app"), scope["path"], exc, scope["state"]["received_at"])
-            if not await cls._drained(scope, receive, 0, drain_limit):
+            if not await cls._drained(scope, receive, 0):
                 response.headers["connection"] = "close"
             await response(scope, receive, send)
             return True
