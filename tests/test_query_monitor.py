@@ -1009,6 +1009,34 @@ def test_a_replica_started_before_redis_reads_the_shared_key_when_it_is_up(redis
     assert not late._key_pending and late.fingerprinter.key == first.fingerprinter.key
 
 
+def test_a_block_made_before_the_shared_key_was_read_still_holds(redis_url, mnist) -> None:  # noqa: F811
+    """A replica that started with Redis down (no `secret`) runs on a key of its own and blocks
+    a client in its own store; once Redis is back it reads the shared key and tags clients
+    anew: the block, stored under the old tag, was dropped (the client answered again). It
+    holds for its cooldown."""
+    import uuid
+
+    import redis as redis_lib
+
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix).close()  # the shared key, set
+    late = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix, retry_redis_s=0.0,
+                        redis_client=_Flaky(redis_lib.Redis.from_url(redis_url)))
+    policy = MonitorPolicy(action="block", block_after=1, cooldown_s=600, suspect_linf=0.0)
+    x = mnist.test.x[3:4]
+    late.screen(policy, x, "ip:6.6.6.6")
+    late.screen(policy, _near(x, 0), "ip:6.6.6.6")
+    assert late.screen(policy, _near(x, 1), "ip:6.6.6.6").blocked_now and late._key_pending
+    late.redis.client.down = False  # type: ignore[union-attr]
+    with pytest.raises(AttackSuspected):
+        late.screen(policy, mnist.test.x[30:31], "ip:6.6.6.6")
+    assert not late._key_pending  # the shared key read: clients are tagged anew
+    with pytest.raises(AttackSuspected):
+        late.screen(policy, mnist.test.x[31:32], "ip:6.6.6.6")
+    assert late.screen(policy, mnist.test.x[32:33], "ip:7.7.7.7").flagged == [False]
+    late.close()
+
+
 class _Flaky:
     """A Redis client that refuses connections while `down`."""
 

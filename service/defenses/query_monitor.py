@@ -719,7 +719,15 @@ class QueryMonitor:
 
     def _set_key(self, key: bytes) -> None:
         self.fingerprinter = Fingerprinter(key, *self._params)
+        earlier = getattr(self, "_client_key", None)
         self._client_key = hashlib.sha256(b"client" + key).digest()
+        # the blocks and suspect marks this replica's own store holds under the key it had (a
+        # replica that started with Redis down, then read the shared key) are still looked up
+        # under it: tagged anew, they were dropped
+        kept: list[bytes] = getattr(self, "_earlier_client_keys", [])
+        if earlier is not None and earlier != self._client_key:
+            kept = [*kept, earlier][-4:]  # a key is read once: one in practice
+        self._earlier_client_keys = kept
         self._shared = key if self.redis is not None and not self._key_pending else None
 
     def shared_derived_key(self, purpose: bytes) -> bytes | None:
@@ -729,9 +737,9 @@ class QueryMonitor:
         key itself."""
         return hashlib.sha256(purpose + self._shared).digest() if self._shared is not None else None
 
-    def client_tag(self, client: str) -> str:
+    def client_tag(self, client: str, key: bytes | None = None) -> str:
         """The keyed hash under which a client's flags are stored (no raw address or key name)."""
-        return hashlib.blake2b(client.encode(), key=self._client_key, digest_size=12).hexdigest()
+        return hashlib.blake2b(client.encode(), key=key or self._client_key, digest_size=12).hexdigest()
 
     # ------------------------------------------------------------------ the store, or its fallback
     def _use_redis(self) -> bool:
@@ -805,6 +813,10 @@ class QueryMonitor:
         # or a block it saw in Redis (hold_block), holds until it ends, Redis back or not (read
         # from Redis alone, a block was dropped; and a Redis down or restarted lost them all)
         local_blocked, local_suspect = self.memory.blocked_for(tag), self.memory.suspect(tag)
+        for earlier in self._earlier_client_keys:
+            old = self.client_tag(client, earlier)
+            local_blocked, local_suspect = (max(local_blocked, self.memory.blocked_for(old)),
+                                            local_suspect or self.memory.suspect(old))
         if policy.action == "block" and local_blocked > 0:
             raise AttackSuspected(max(1, int(np.ceil(local_blocked))))
         blocked_for, suspect, matches = 0.0, False, None
