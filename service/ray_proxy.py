@@ -52,7 +52,7 @@ from starlette.requests import Request
 
 from service.api.clients import api_key_of, key_digests, peer_is_trusted
 from service.api.errors import endpoint_of, error_body
-from service.api.middleware import _REQUEST_ID, declared_length, drain_body
+from service.api.middleware import REQUEST_ID, declared_length, drain_body
 from service.logs import escape_controls, logged_path
 
 # what ray_app sets in the proxies' environment
@@ -167,7 +167,7 @@ class ProxyEdgeMiddleware:
             # the line (a request id only when the service would take it; the path quoted, escaped)
             rid = request_id.decode("latin-1")
             log.info("refused at the proxy: %s %s %s (request id %s, client %s, path %s)", scope.get("method"),
-                     status, code, rid if _REQUEST_ID.fullmatch(rid) else "(not shown: not a token)",
+                     status, code, rid if REQUEST_ID.fullmatch(rid) else "(not shown: not a token)",
                      client[0] if client else "-", escape_controls(repr(logged_path(scope["path"]))))
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:

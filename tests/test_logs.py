@@ -48,7 +48,7 @@ def test_a_hostile_request_id_is_replaced(make_client):
 
 
 def test_a_request_id_is_echoed_up_to_128_sane_characters_and_replaced_over(make_client):
-    """The X-Request-ID bound (service/api/middleware.py, `_REQUEST_ID`): 1 to 128 of
+    """The X-Request-ID bound (service/api/middleware.py, `REQUEST_ID`): 1 to 128 of
     [A-Za-z0-9._:-], the whole value (fullmatch), is echoed back; anything else gets a fresh
     32-hex id, so a client cannot put a log line break or a huge value in the access log."""
     import re

@@ -19,7 +19,7 @@ from service.logs import logged_path, request_id_var
 
 access_log = logging.getLogger("shieldserve.access")
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch: "$" would let a trailing newline in
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch: "$" would let a trailing newline in
 # Generated ids: 32 hex digits, a random per-process prefix and a counter (unique, and without
 # a system call per request as uuid4 makes)
 _ID_PREFIX = secrets.token_hex(8)
@@ -225,7 +225,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.fullmatch(given) else new_request_id()
+        request_id = given if REQUEST_ID.fullmatch(given) else new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
         started = time.perf_counter()

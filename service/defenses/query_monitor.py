@@ -705,6 +705,10 @@ class QueryMonitor:
         self._params = (quantization, window, top_n, informative, layout, lines)
         key = secret.encode() if secret else None
         self._key_pending = False  # the shared key is still to be read from Redis
+        # the client key a replica had before it read the shared one: the blocks and suspect
+        # marks its own store holds under it are still looked up under it (tagged anew, they
+        # were dropped)
+        self._earlier_client_key: bytes | None = None
         if store == "redis":
             self.redis = RedisStore(redis_url, redis_prefix, memory_window_s, max_queries, client=redis_client)
             if key is None:
@@ -719,15 +723,7 @@ class QueryMonitor:
 
     def _set_key(self, key: bytes) -> None:
         self.fingerprinter = Fingerprinter(key, *self._params)
-        earlier = getattr(self, "_client_key", None)
         self._client_key = hashlib.sha256(b"client" + key).digest()
-        # the blocks and suspect marks this replica's own store holds under the key it had (a
-        # replica that started with Redis down, then read the shared key) are still looked up
-        # under it: tagged anew, they were dropped
-        kept: list[bytes] = getattr(self, "_earlier_client_keys", [])
-        if earlier is not None and earlier != self._client_key:
-            kept = [*kept, earlier][-4:]  # a key is read once: one in practice
-        self._earlier_client_keys = kept
         self._shared = key if self.redis is not None and not self._key_pending else None
 
     def shared_derived_key(self, purpose: bytes) -> bytes | None:
@@ -784,6 +780,7 @@ class QueryMonitor:
             try:
                 key = self.redis.shared_key()
                 self._key_pending = False  # before _set_key: its shared derived keys are the replicas' now
+                self._earlier_client_key = self._client_key
                 self._set_key(key)
                 self._redis_ok()
             except self.redis.errors as exc:
@@ -813,8 +810,8 @@ class QueryMonitor:
         # or a block it saw in Redis (hold_block), holds until it ends, Redis back or not (read
         # from Redis alone, a block was dropped; and a Redis down or restarted lost them all)
         local_blocked, local_suspect = self.memory.blocked_for(tag), self.memory.suspect(tag)
-        for earlier in self._earlier_client_keys:
-            old = self.client_tag(client, earlier)
+        if self._earlier_client_key is not None:
+            old = self.client_tag(client, self._earlier_client_key)
             local_blocked, local_suspect = (max(local_blocked, self.memory.blocked_for(old)),
                                             local_suspect or self.memory.suspect(old))
         if policy.action == "block" and local_blocked > 0:
