@@ -876,7 +876,9 @@ def test_a_block_recorded_while_redis_was_down_holds_when_it_is_back(redis_url, 
         with pytest.raises(AttackSuspected):
             m.screen(policy, mnist.test.x[60:61], "ip:1.1.1.1")
     assert events == [True]
-    assert m.blocked_count() == 0  # Redis, back, holds no block; the scrape says it is back
+    # Redis, back, holds no block (the scrape says it is back), and the block this replica
+    # still enforces is counted: the gauge read Redis alone and said 0
+    assert m.blocked_count() == 1
     assert events == [True, False]
     with pytest.raises(AttackSuspected):  # the block made during the outage still holds
         m.screen(policy, mnist.test.x[61:62], "ip:1.1.1.1")
@@ -920,6 +922,11 @@ def test_a_block_seen_in_redis_holds_on_this_replica_when_redis_is_down_or_resta
         with pytest.raises(AttackSuspected):
             m.screen(policy, mnist.test.x[62:63], "ip:1.1.1.1")
         assert m.screen(policy, mnist.test.x[63:64], "ip:2.2.2.2").flagged == [False]  # others are answered
+        # the block each replica holds for the restarted Redis is counted once (the gauge read
+        # Redis alone: 0), and not twice once Redis records a block for the same client again
+        assert m.blocked_count() == 1
+    client.zadd(f"{prefix}qm:blocked", {maker.client_tag("ip:1.1.1.1"): time.time() + 600})
+    assert [m.blocked_count() for m in (maker, seer)] == [1, 1]
     for m in (maker, seer):
         m.close()
 

@@ -434,8 +434,11 @@ class MemoryStore:
         return False
 
     def blocked_count(self) -> int:
+        return len(self.blocked_clients())
+
+    def blocked_clients(self) -> list[str]:
         now = time.time()
-        return sum(1 for until in list(self._blocked.values()) if until > now)
+        return [client for client, until in list(self._blocked.items()) if until > now]
 
 
 def _slot(t: float, half_s: float) -> int:
@@ -633,10 +636,17 @@ class RedisStore:
         return bool(self._flags(args=[self.prefix, client, count, max(1, int(window_s * 1000)), block_after,
                                       int(cooldown_s * 1000), f"{time.time():.3f}"]))
 
-    def blocked_count(self) -> int:
+    def blocked_count(self, also: Sequence[str] = ()) -> int:
+        """Clients blocked in Redis, and those of `also` (blocks a replica holds in its own
+        store) that Redis does not hold: made while it was down, or lost by its restart."""
         now = time.time()
-        self.client.zremrangebyscore(self.prefix + "blocked", "-inf", now)
-        return int(self.client.zcard(self.prefix + "blocked"))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zremrangebyscore(self.prefix + "blocked", "-inf", now)
+        pipe.zcard(self.prefix + "blocked")
+        for client in also:
+            pipe.zscore(self.prefix + "blocked", client)
+        _, count, *scores = pipe.execute()
+        return int(count) + sum(1 for score in scores if score is None)
 
 
 # --------------------------------------------------------------------------- policy
@@ -915,7 +925,9 @@ class QueryMonitor:
         if (self._use_redis() or self._refused) and not self._key_pending:
             assert self.redis is not None
             try:
-                count = self.redis.blocked_count()
+                # the blocks this replica holds for a Redis that lost them (or never had them)
+                # are enforced here, so they are counted too
+                count = self.redis.blocked_count(also=self.memory.blocked_clients())
                 if not self._refused:  # Redis is back (a full one answers reads and still refuses writes)
                     self._redis_ok()
                 return count
