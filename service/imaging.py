@@ -557,6 +557,9 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
                        f"{', '.join(limits.formats)})") from None
     except (OSError, SyntaxError, ValueError, struct.error, zlib.error, EOFError,
             IndexError, KeyError, TypeError, AttributeError) as exc:
+        if isinstance(exc, ValueError) and "decompressed data too large" in str(exc).lower():  # Pillow's words
+            raise _invalid(f"a PNG text or ICC profile chunk inflates past "
+                           f"{PngImagePlugin.MAX_TEXT_CHUNK // 1024} KiB (this service's bound)") from None
         raise _invalid(f"the image header is malformed ({type(exc).__name__})") from None
 
 

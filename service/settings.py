@@ -306,8 +306,13 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
             for name, p in v.items():
                 if p is None:
                     merged.pop(name, None)
+                elif isinstance(p, dict) and "defenses" not in p and isinstance(merged.get(name), dict):
+                    # `magnet: {query_monitor: ...}` changes that setting of the packaged
+                    # pipeline; it replaced the pipeline, whose defenses ([] absent) were gone
+                    # without a word: magnet and robust served the bare classifier
+                    merged[name] = {**merged[name], **p}
                 else:
-                    merged[name] = p
+                    merged[name] = p  # its own defenses: a pipeline of its own under that name
             out[k] = merged
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _deep_merge(out[k], v)

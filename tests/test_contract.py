@@ -16,6 +16,7 @@ budget (every noise sample agrees whatever the seed: certified, the same radius 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -872,3 +873,37 @@ def test_the_packaged_configuration_serves_the_documented_pipelines(packaged) ->
     assert smoothing["sigma"] == 0.5 and smoothing["target_radius"] == 0.5 and smoothing["norm"] == "L2"
     assert {p: served[p]["certifies"] for p in served} == {
         p: p in ("default", "smoothing", "denoised") for p in served}
+
+
+# --------------------------------------------------------------------------- the operator's unblock
+def test_an_operator_lifts_a_block_with_the_admin_key(quick_bundle, mnist, caplog) -> None:
+    """POST /admin/query-monitor/unblock?client=ip:ADDRESS: a blocked client (a false alarm)
+    is answered again at once, not after its cooldown; the admin key gates it, a client id the service cannot name is a 422, and the log line names
+    the client, never the admin key. Before it, an operator's only ways were a restart or
+    waiting out `cooldown_s`."""
+    admin = "admin-key-for-unblock-" + "k" * 16
+    with _started(quick_bundle, peer=("198.51.100.60", 999), pipelines=WATCH, admin_api_key=admin) as client:
+        _flag_and_block(client, mnist.test.x[20], None)
+        r = _post_watch(client, mnist.test.x[22], None)
+        assert r.status_code == 429, r.text
+        assert client.post("/admin/query-monitor/unblock?client=ip:198.51.100.60").status_code == 401
+        r = client.post("/admin/query-monitor/unblock?client=ip:198.51.100.60", headers={"X-API-Key": "wrong"})
+        assert r.status_code == 403
+        for bad in ("198.51.100.60", "key:alice", "ip:", "ip:1.2.3.4 5", "x" * 300):
+            r = client.post("/admin/query-monitor/unblock", params={"client": bad}, headers={"X-API-Key": admin})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", (bad, r.text)
+        with caplog.at_level(logging.WARNING, logger="shieldserve"):
+            r = client.post("/admin/query-monitor/unblock?client=ip:198.51.100.60", headers={"X-API-Key": admin})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["client"] == "ip:198.51.100.60" and body["was_blocked"] is True and body["scope"] == "process"
+        lines = [rec.getMessage() for rec in caplog.records if "query monitor unblock" in rec.getMessage()]
+        assert len(lines) == 1 and "client=ip:198.51.100.60" in lines[0] and admin not in lines[0]
+        r = _post_watch(client, mnist.test.x[22], None)
+        assert r.status_code == 200 and r.json()["results"][0]["status"] == "accepted", r.text
+        assert "shieldserve_blocked_clients 0.0" in client.get("/metrics").text
+        r = client.post("/admin/query-monitor/unblock?client=ip:198.51.100.60", headers={"X-API-Key": admin})
+        assert r.status_code == 200 and r.json()["was_blocked"] is False
+    with _started(quick_bundle, query_monitor={"policy": {"enabled": False}}, admin_api_key=admin) as client:
+        r = client.post("/admin/query-monitor/unblock?client=ip:1.2.3.4", headers={"X-API-Key": admin})
+        assert r.status_code == 422 and "query monitor is off" in r.json()["error"]["message"]

@@ -887,3 +887,17 @@ def test_pillow_never_walks_more_jpeg_markers_than_counted(data: bytes) -> None:
         decode_image(data, MNIST, DEFAULT)
     except ImageError:
         pass
+
+
+def test_a_text_chunk_over_the_bound_is_named_in_the_400() -> None:
+    """A zTXt or iCCP chunk that inflates past MAX_TEXT_CHUNK was "the image header is
+    malformed (ValueError)": the 400 now says which bound it crossed."""
+    from PIL import PngImagePlugin
+
+    from service.imaging import ImageError, ImageLimits, decode_image
+
+    for kind, key in ((b"zTXt", b"Comment"), (b"iCCP", b"icc")):
+        data = inflating_png(chunks=1, each=PngImagePlugin.MAX_TEXT_CHUNK + 1, key=key, kind=kind)
+        with pytest.raises(ImageError) as err:
+            decode_image(data, MNIST, ImageLimits())
+        assert err.value.status == 400 and "inflates past 64 KiB" in err.value.message, err.value.message

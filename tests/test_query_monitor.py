@@ -1214,3 +1214,78 @@ def test_replicas_sharing_a_redis_monitor_share_the_noise_key(make_client, redis
         alone = make_client(warmup=False, workers=2)
     assert alone.app.state.runtime.noise_key != key_a
     assert any("noise key is this process's own" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unblock_through_redis_lifts_the_block_every_replica_holds_and_no_later_one(  # noqa: F811
+        redis_url, mnist, monkeypatch) -> None:
+    """An operator's unblock (QueryMonitor.unblock, behind POST /admin/query-monitor/unblock)
+    on one replica: the client is answered by every replica, also one that held the block in
+    its own store (deleting `blocked:<client>` in Redis did not lift that copy); another
+    client's block stays; a block made after the unblock, in Redis or in a replica's own store
+    while Redis was down, is not lifted by it."""
+    import uuid
+
+    import redis as redis_lib
+
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    policy = MonitorPolicy(action="block", block_after=1, cooldown_s=600, suspect_linf=0.0)
+    maker = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix, secret="s", retry_redis_s=0.0)
+    seer = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix, secret="s", retry_redis_s=0.0)
+
+    def block(m: QueryMonitor, client: str, k: int) -> None:
+        x = mnist.test.x[k:k + 1]
+        m.screen(policy, x, client)
+        m.screen(policy, _near(x, 0), client)
+        assert m.screen(policy, _near(x, 1), client).blocked_now
+
+    block(maker, "ip:1.1.1.1", 3)
+    block(maker, "ip:2.2.2.2", 4)
+    for client in ("ip:1.1.1.1", "ip:2.2.2.2"):
+        with pytest.raises(AttackSuspected):  # the seer reads the blocks in Redis, and holds them
+            seer.screen(policy, mnist.test.x[60:61], client)
+    assert seer.memory.blocked_for(seer.client_tag("ip:1.1.1.1")) > 0
+    assert maker.unblock("ip:1.1.1.1", hold_s=600) == {"was_blocked": True, "scope": "shared"}
+    for m in (maker, seer):
+        assert m.screen(policy, mnist.test.x[61:62], "ip:1.1.1.1").flagged == [False]
+        with pytest.raises(AttackSuspected):
+            m.screen(policy, mnist.test.x[62:63], "ip:2.2.2.2")
+    assert seer.memory.blocked_for(seer.client_tag("ip:1.1.1.1")) == 0
+    assert maker.blocked_count() == seer.blocked_count() == 1
+    # blocked again after the unblock: in Redis (the unblock's record goes with the new block)
+    block(maker, "ip:1.1.1.1", 5)
+    with pytest.raises(AttackSuspected):
+        seer.screen(policy, mnist.test.x[63:64], "ip:1.1.1.1")
+    assert maker.unblock("ip:1.1.1.1", hold_s=600)["was_blocked"]
+    assert seer.screen(policy, mnist.test.x[64:65], "ip:1.1.1.1").flagged == [False]
+
+    # and in the seer's own store while Redis was down, after the unblock: it holds
+    def down(*args, **kwargs):
+        raise redis_lib.exceptions.ConnectionError("down")
+
+    time.sleep(0.01)  # the unblock's time and the new block's differ
+    with monkeypatch.context() as outage:
+        for name in ("screen", "add_flags", "mark_suspect", "recall", "blocked_count", "status", "unblocked_at"):
+            outage.setattr(seer.redis, name, down)
+        block(seer, "ip:1.1.1.1", 6)
+    with pytest.raises(AttackSuspected):  # Redis back, its record of the earlier unblock there
+        seer.screen(policy, mnist.test.x[65:66], "ip:1.1.1.1")
+    assert maker.screen(policy, mnist.test.x[66:67], "ip:1.1.1.1").flagged == [False]  # not blocked in Redis
+    for m in (maker, seer):
+        m.close()
+
+
+def test_an_unblock_on_the_memory_store_lifts_the_block_flags_and_suspect_mark(mnist) -> None:
+    monitor = QueryMonitor(secret="unblock")
+    policy = MonitorPolicy(action="block", block_after=2, cooldown_s=600, suspect_linf=0.0)
+    x = mnist.test.x[3:4]
+    monitor.screen(policy, x, "ip:1.1.1.1")
+    for k in range(3):
+        monitor.screen(policy, _near(x, k), "ip:1.1.1.1")
+    with pytest.raises(AttackSuspected):
+        monitor.screen(policy, mnist.test.x[60:61], "ip:1.1.1.1")
+    assert monitor.unblock("ip:1.1.1.1", hold_s=600) == {"was_blocked": True, "scope": "process"}
+    tag = monitor.client_tag("ip:1.1.1.1")
+    assert not monitor.memory.suspect(tag) and tag not in monitor.memory._flags
+    assert monitor.screen(policy, mnist.test.x[61:62], "ip:1.1.1.1").flagged == [False]
+    assert monitor.blocked_count() == 0
+    assert monitor.unblock("ip:1.1.1.1", hold_s=600)["was_blocked"] is False

@@ -217,3 +217,21 @@ def test_the_port_is_one_tcp_can_listen_on() -> None:
         with pytest.raises(ValidationError, match="port"):
             load_settings(port=bad)
     assert load_settings(port=0).port == 0 and load_settings(port=65535).port == 65535
+
+
+def test_a_pipeline_named_without_defenses_keeps_the_packaged_defenses(tmp_path):
+    """`pipelines.magnet.query_monitor` in a file (the settings table's own example) replaced
+    the packaged pipeline: `magnet` and `robust` then served the bare classifier, without a
+    word, while the same setting in the environment merged field by field. A pipeline that
+    gives its own `defenses` still replaces the packaged one of that name."""
+    packaged = load_settings().pipelines
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pipelines:\n  magnet:\n    query_monitor: {action: block}\n  robust:\n    threads: 1\n"
+                   "  smoothing:\n    defenses: []\n    description: mine\n")
+    s = load_settings(cfg)
+    assert s.pipelines["magnet"].defenses == packaged["magnet"].defenses != []
+    assert s.pipelines["magnet"].query_monitor == {"action": "block"}
+    assert s.pipelines["magnet"].description == packaged["magnet"].description
+    assert s.pipelines["robust"].defenses == packaged["robust"].defenses != [] and s.pipelines["robust"].threads == 1
+    assert s.pipelines["smoothing"].defenses == [] and s.pipelines["smoothing"].description == "mine"
+    assert s.pipelines["smoothing"].query_monitor is None  # replaced: nothing of the packaged one kept

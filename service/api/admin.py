@@ -11,6 +11,13 @@ response names it, `process`, and says `scope: "process"`); with `--workers N` e
 and every replica, has its own stream (docs/defenses/rmc.md). A reset changes what every
 client gets next, so each one is logged (WARNING, logger `shieldserve`) with the caller's
 address, never the key.
+
+`POST /admin/query-monitor/unblock?client=ID` lifts the query monitor's block on a client
+(`ip:ADDRESS`, or `key:NAME` where API keys are on), with its flags and suspect mark: one an
+operator judged a false alarm. On the Redis store it reaches every replica (`scope:
+"shared"`), also those holding the block in their own store, which lift it when they next see
+the client; on the memory store only the process that answers (`scope: "process"`). Logged
+like a reset.
 """
 
 from __future__ import annotations
@@ -19,14 +26,15 @@ import asyncio
 import hmac
 import logging
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, Field
 
-from service.api.clients import forwarded_client, forwarded_for
+from service.api.clients import client_network, forwarded_client, forwarded_for, parse_address
 from service.api.errors import ApiError, echo
 from service.api.schemas import ErrorBody
+from service.store import StoreUnavailable
 
 log = logging.getLogger("shieldserve")
 
@@ -92,3 +100,62 @@ async def rmc_reset(request: Request,
                 pipeline, to, outcome["restored"], outcome["discarded_images"], outcome["mode"], os.getpid(),
                 client)
     return RmcResetResponse(pipeline=pipeline, process=os.getpid(), workers=runtime.settings.workers, **outcome)
+
+
+class UnblockResponse(BaseModel):
+    client: str = Field(description="the client, as the service names it (an IPv6 address: its network)")
+    was_blocked: bool = Field(description="whether the client was blocked (in Redis, or in this process)")
+    scope: Literal["shared", "process"] = Field(
+        description="shared: every replica of the Redis store (one holding the block in its own store lifts it "
+                    "at the client's next request); process: only the server process that answered (memory store)")
+    process: int = Field(description="the id (pid) of the server process that answered")
+
+
+def _client_id(text: str, settings: Any) -> str:
+    """The client id the monitor knows `text` by (service/api/clients.py), or 422."""
+    kind, _, rest = text.partition(":")
+    if len(text) > 256 or not text.isprintable() or any(ch.isspace() for ch in text) or not rest:
+        raise ApiError(422, "invalid_parameter", "client must be ip:ADDRESS or key:NAME (printable, no spaces, "
+                                                 "256 characters at most)")
+    if kind == "key":
+        if not settings.api_keys:
+            raise ApiError(422, "invalid_parameter", "API keys are off: clients are named by address (ip:ADDRESS)")
+        if rest not in settings.api_keys:
+            raise ApiError(422, "invalid_parameter", f"no API key is named {echo(rest)}")
+        return text
+    if kind == "ip":
+        if settings.api_keys:
+            raise ApiError(422, "invalid_parameter", "API keys are on: clients are named by key (key:NAME)")
+        # an address as a request names it (an IPv6 address: its network); anything else as given
+        return "ip:" + (client_network(rest, settings.client_ipv6_prefix) if parse_address(rest) else rest)
+    raise ApiError(422, "invalid_parameter", "client must be ip:ADDRESS or key:NAME")
+
+
+@router.post("/query-monitor/unblock", response_model=UnblockResponse,
+             responses={c: {"model": ErrorBody} for c in (401, 403, 422, 503)},
+             dependencies=[Depends(require_admin_key)],
+             summary="Lift the query monitor's block on a client")
+async def query_monitor_unblock(request: Request,
+                                client: str = Query(..., description="ip:ADDRESS, or key:NAME where API keys are on")
+                                ) -> UnblockResponse:
+    runtime = request.app.state.runtime
+    if runtime.monitor is None:
+        raise ApiError(422, "invalid_parameter", "the query monitor is off: no pipeline is monitored")
+    name = _client_id(client, runtime.settings)
+    # a replica may hold the block in its own store for as long as the longest cooldown
+    hold_s = max((p.monitor.cooldown_s for p in runtime.pipelines.values() if p.monitor is not None), default=1.0)
+    monitor = runtime.monitor
+    errors = monitor.redis.errors if monitor.redis is not None else ()
+    try:
+        outcome = await runtime.offload(lambda: monitor.unblock(name, hold_s))
+    except errors as exc:
+        raise StoreUnavailable(f"the query monitor's Redis did not take the unblock ({type(exc).__name__}): this "
+                               f"process lifted it, the other replicas did not; try again") from None
+    runtime._refresh_blocked()
+    peer = request.client.host if request.client is not None else "unknown"
+    caller = forwarded_client(peer, forwarded_for(request), tuple(runtime.settings.trusted_proxies))
+    caller = "".join(ch if ch.isprintable() and not ch.isspace() else "?" for ch in caller)
+    # the client's id (an address or a key's name, never a key) is what the operator gave
+    log.warning("admin: query monitor unblock client=%s was_blocked=%s scope=%s process=%d admin=ip:%s",
+                name, outcome["was_blocked"], outcome["scope"], os.getpid(), caller)
+    return UnblockResponse(client=name, process=os.getpid(), **outcome)

@@ -334,6 +334,9 @@ class MemoryStore:
         self._started = time.monotonic()
         self._flags: dict[str, list[float]] = {}
         self._blocked: dict[str, float] = {}
+        # when this store began to hold each block: an operator's unblock (its time in Redis)
+        # lifts a block held from before it, never one recorded after it
+        self._block_began: dict[str, float] = {}
         self._suspects: dict[str, float] = {}  # client -> until when it is held to suspect_threshold
         # suspect -> (until when, its last images), least recently used first; NEAR_MEMORY_BYTES at most
         self._near: OrderedDict[str, tuple[float, list[np.ndarray]]] = OrderedDict()
@@ -406,16 +409,41 @@ class MemoryStore:
         left = until - time.time()
         if left <= 0:
             self._blocked.pop(client, None)
+            self._block_began.pop(client, None)
             return 0.0
         return left
+
+    def block_began(self, client: str) -> float:
+        """When this store began to hold the client's block (0: it holds none)."""
+        return self._block_began.get(client, 0.0) if self.blocked_for(client) > 0 else 0.0
+
+    def _block(self, client: str, until: float, now: float) -> None:
+        """Under the lock: hold the client's block until `until` (a later end of one it holds
+        extends it, and keeps when it began)."""
+        if self._blocked.get(client, 0.0) <= now:
+            self._block_began[client] = now
+        self._blocked[client] = max(self._blocked.get(client, 0.0), until)
+        if len(self._blocked) > MAX_CLIENTS:
+            _trim(self._blocked, lambda until: until <= now, lambda until: until)
+            for c in [c for c in self._block_began if c not in self._blocked]:
+                del self._block_began[c]
 
     def hold_block(self, client: str, seconds: float) -> None:
         """Keep a block the shared store reported (for `seconds` more), so that this replica
         still enforces it while Redis is down, or after a restart lost it."""
         now = time.time()
         with self._lock:
-            self._blocked[client] = max(self._blocked.get(client, 0.0), now + seconds)
-            _trim(self._blocked, lambda until: until <= now, lambda until: until)
+            self._block(client, now + seconds, now)
+
+    def unblock(self, client: str) -> bool:
+        """Lift the client's block, flags and suspect mark in this store; True if it was blocked."""
+        now = time.time()
+        with self._lock:
+            was = self._blocked.pop(client, 0.0) > now
+            self._block_began.pop(client, None)
+            self._flags.pop(client, None)
+            self._suspects.pop(client, None)
+        return was
 
     def add_flags(self, client: str, count: int, window_s: float, block_after: int, cooldown_s: float) -> bool:
         """Record `count` flags of `client`; True when that blocks it."""
@@ -424,11 +452,11 @@ class MemoryStore:
             times = [t for t in self._flags.get(client, []) if t > now - window_s] + [now] * count
             self._flags[client] = times[-(block_after + 1):]  # enough to decide, bounded
             if len(times) > block_after:
-                self._blocked[client] = now + cooldown_s
+                # bounded (_block): without a bound, every client ever blocked would stay, an
+                # entry going only when its own client asks again after its cooldown
+                self._blocked.pop(client, None)  # a new block: it begins now
+                self._block(client, now + cooldown_s, now)
                 self._flags.pop(client, None)
-                # without a bound, every client ever blocked would stay: an entry goes only when
-                # its own client asks again after its cooldown
-                _trim(self._blocked, lambda until: until <= now, lambda until: until)
                 return True
             _trim(self._flags, lambda times: times[-1] <= now - window_s, lambda times: times[-1])
         return False
@@ -528,7 +556,7 @@ local total = redis.call('INCRBY', k, count)
 if total == count then redis.call('PEXPIRE', k, window) end
 if total > after then
   redis.call('SET', p .. 'blocked:' .. client, '1', 'PX', cooldown)
-  redis.call('DEL', k)
+  redis.call('DEL', k, p .. 'unblocked:' .. client)  -- an operator's earlier unblock lifts no new block
   redis.call('ZADD', p .. 'blocked', now + cooldown / 1000, client)  -- now in s, cooldown in ms
   return 1
 end
@@ -574,7 +602,8 @@ class RedisStore:
     `gen_started`, `g<N>:h` (hash -> count), `g<N>:d` (digests), `g<N>:n`, `flags:<client>`,
     `blocked:<client>`, `suspect:<client>`, `near:<client>` (a suspect's last images, 8-bit),
     `near_lru` (sorted set: suspects by last use), `near_bytes` (hash: bytes of each `near:` list),
-    `near_total`, `near_seq`, `blocked` (sorted set), `key` (the shared hashing key)."""
+    `near_total`, `near_seq`, `blocked` (sorted set), `key` (the shared hashing key),
+    `unblocked:<client>` (when an operator last lifted the client's block)."""
 
     def __init__(self, url: str, prefix: str, window_s: float, max_queries: int, timeout_s: float = 0.25,
                  client: Any = None) -> None:
@@ -635,6 +664,22 @@ class RedisStore:
         # seconds would cut 1.5 s to 1), then start again
         return bool(self._flags(args=[self.prefix, client, count, max(1, int(window_s * 1000)), block_after,
                                       int(cooldown_s * 1000), f"{time.time():.3f}"]))
+
+    def unblock(self, client: str, hold_s: float) -> bool:
+        """Lift the client's block, flags and suspect mark, and record when (for `hold_s`: the
+        replicas that hold the block in their own stores lift it when they next see the client);
+        True if Redis held a block."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.prefix + "blocked:" + client)
+        pipe.delete(self.prefix + "flags:" + client, self.prefix + "suspect:" + client)
+        pipe.zrem(self.prefix + "blocked", client)
+        pipe.set(self.prefix + "unblocked:" + client, f"{time.time():.3f}", px=max(1, int(hold_s * 1000)))
+        return int(pipe.execute()[0]) > 0
+
+    def unblocked_at(self, client: str) -> float | None:
+        """When an operator last lifted the client's block (None: not since its last block)."""
+        at = self.client.get(self.prefix + "unblocked:" + client)
+        return float(at) if at is not None else None
 
     def blocked_count(self, also: Sequence[str] = ()) -> int:
         """Clients blocked in Redis, and those of `also` (blocks a replica holds in its own
@@ -819,13 +864,13 @@ class QueryMonitor:
         # a block or suspect mark this replica recorded in its own store while Redis was down,
         # or a block it saw in Redis (hold_block), holds until it ends, Redis back or not (read
         # from Redis alone, a block was dropped; and a Redis down or restarted lost them all)
-        local_blocked, local_suspect = self.memory.blocked_for(tag), self.memory.suspect(tag)
-        if self._earlier_client_key is not None:
-            old = self.client_tag(client, self._earlier_client_key)
-            local_blocked, local_suspect = (max(local_blocked, self.memory.blocked_for(old)),
-                                            local_suspect or self.memory.suspect(old))
+        tags = [tag] if self._earlier_client_key is None else [tag, self.client_tag(client, self._earlier_client_key)]
+        local_blocked = max(self.memory.blocked_for(t) for t in tags)
+        local_suspect = any(self.memory.suspect(t) for t in tags)
         if policy.action == "block" and local_blocked > 0:
-            raise AttackSuspected(max(1, int(np.ceil(local_blocked))))
+            if not self._lifted_in_redis(tag, tags):
+                raise AttackSuspected(max(1, int(np.ceil(local_blocked))))
+            local_suspect = False
         blocked_for, suspect, matches = 0.0, False, None
         if self._use_redis() and not self._key_pending:
             assert self.redis is not None
@@ -919,6 +964,44 @@ class QueryMonitor:
             except self.redis.errors as exc:
                 self._redis_failed("add_flags", exc)
         return self.memory.add_flags(*args)
+
+    def _lifted_in_redis(self, tag: str, tags: list[str]) -> bool:
+        """Whether an operator lifted, through Redis, the block this replica holds for the
+        client (`unblock` on any replica since this one began to hold it); if so it is lifted
+        here too. A Redis down or restarted (its record gone) lifts nothing."""
+        if not (self._use_redis() and not self._key_pending):
+            return False
+        assert self.redis is not None
+        try:
+            at = self.redis.unblocked_at(tag)
+        except self.redis.errors as exc:
+            self._redis_failed("unblocked_at", exc)
+            return False
+        began = max(self.memory.block_began(t) for t in tags)
+        if at is None or at < began:
+            return False
+        for t in tags:
+            self.memory.unblock(t)
+        return True
+
+    def unblock(self, client: str, hold_s: float) -> dict[str, Any]:
+        """Lift the client's block, flags and suspect mark: in Redis (every replica, also those
+        that hold the block in their own store, when they next see the client; `hold_s`: how
+        long they may hold it, the longest cooldown) and in this process. Raises the store's
+        error when Redis cannot be told."""
+        if self.redis is not None and self._key_pending:
+            # this replica's tags are not the shared ones until it has read the shared key
+            raise self.redis.errors[0]("the shared hashing key has not been read from Redis yet")
+        tags = [self.client_tag(client)]
+        if self._earlier_client_key is not None:
+            tags.append(self.client_tag(client, self._earlier_client_key))
+        here = any([self.memory.unblock(t) for t in tags])
+        shared = self.redis is not None and not self._key_pending
+        in_redis = False
+        if shared:
+            assert self.redis is not None
+            in_redis = self.redis.unblock(tags[0], hold_s)
+        return {"was_blocked": here or in_redis, "scope": "shared" if shared else "process"}
 
     def blocked_count(self) -> int:
         # a full Redis (refusing writes) still answers this, as it does the client's block
