@@ -114,8 +114,17 @@ def _train(args: argparse.Namespace) -> int:
         classifier = parse_classifier(args.classifier, args.classifier_weights, args.classifier_kwargs or {})
         classifier.feature_layer = args.feature_layer
         _check_classifier(classifier)
-    elif args.feature_layer:
-        raise ValueError("--feature-layer is for a classifier you bring (--classifier)")
+    else:
+        # each modifies --classifier: without it, the built-in classifier was trained (hours)
+        # with no word that a weights file (even a missing one) was never read
+        given = [flag for flag, value in (("--classifier-weights", args.classifier_weights),
+                                          ("--classifier-kwargs", args.classifier_kwargs),
+                                          ("--feature-layer", args.feature_layer)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for a classifier you bring: "
+                             f"add --classifier import:MODULE:FACTORY (or torchscript:FILE)")
+    if args.std and not args.mean:
+        raise ValueError("--std goes with --mean (the input is (x - mean) / std): give both (--mean 0 to scale only)")
     if args.dataset is not None:  # None: the bundle's recorded dataset (models.train.build_bundle)
         _check_dataset(args.dataset)
     overrides = {}
@@ -299,7 +308,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         p = export(_bundle(args), args.pipeline, args.out, config=args.config, force=args.force)
     except ExportRefused as exc:
-        print(f"export refused: {exc}", file=sys.stderr)
+        print(f"shieldserve: error: export refused: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"out": str(args.out), "pipeline": p.pipeline, "input": "[0, 1] NCHW float32",
                       "output": "logits", "parts": p.parts, "left_out": p.left_out, "exact": p.exact}, indent=2))

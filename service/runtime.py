@@ -106,20 +106,23 @@ class Runtime:
                         settings.default_pipeline, self.unavailable[settings.default_pipeline], fallback)
             self.settings = settings = settings.model_copy(update={"default_pipeline": fallback})
         certify_with = settings.certify.pipeline
-        if certify_with not in self.pipelines:
+        if certify_with not in self.pipelines or not self.pipelines[certify_with].certifies:
             # /certify without pipeline= would fall back to the default pipeline quietly, which
-            # need not certify: say which pipeline it uses instead, or that none certifies
-            why = self.unavailable.get(certify_with, "not configured")
+            # need not certify: say which pipeline it uses instead, or that none certifies. A
+            # served one without a certificate (a config that gave it other defenses) too: it
+            # answered a 422 saying it was not served
+            why = ("served, but it does not certify" if certify_with in self.pipelines
+                   else self.unavailable.get(certify_with, "not configured"))
             certifying = [n for n, p in self.pipelines.items() if getattr(p.decider, "certifies", False)]
             instead = (settings.default_pipeline if settings.default_pipeline in certifying
                        else certifying[0] if certifying else None)
             if instead is not None:
-                log.warning("certify.pipeline %s is not served (%s); /certify without pipeline= uses %s instead",
+                log.warning("certify.pipeline %s is not used (%s); /certify without pipeline= uses %s instead",
                             certify_with, why, instead)
                 self.settings = settings = settings.model_copy(
                     update={"certify": settings.certify.model_copy(update={"pipeline": instead})})
             else:
-                log.warning("certify.pipeline %s is not served (%s) and no served pipeline certifies: /certify "
+                log.warning("certify.pipeline %s is not used (%s) and no served pipeline certifies: /certify "
                             "answers 422", certify_with, why)
         if settings.default_pipeline not in self.pipelines:
             raise PipelineConfigError(f"default_pipeline {settings.default_pipeline!r} is not configured; "

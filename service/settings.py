@@ -440,6 +440,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     explicit = {k: v for k, v in overrides.items() if v is not None}
 
     class _Loaded(Settings):
+        # a validation error is titled by the model: "settings", not this class's name
+        model_config = SettingsConfigDict(**{**Settings.model_config, "title": "settings"})
+
         @classmethod
         def settings_customise_sources(cls, settings_cls: type[BaseSettings],
                                        init_settings: PydanticBaseSettingsSource,

@@ -321,7 +321,7 @@ def test_without_pipeline_a_certify_pipeline_not_served_is_said_not_hidden(make_
     headers = {"content-type": "image/png"}
     with caplog.at_level(logging.WARNING, logger="shieldserve"):
         client = make_client(warmup=False, default_pipeline="baseline", certify={"pipeline": "gone"})
-    assert any("certify.pipeline gone is not served (not configured); /certify without pipeline= uses default"
+    assert any("certify.pipeline gone is not used (not configured); /certify without pipeline= uses default"
                in r.getMessage() for r in caplog.records)  # the first certifying one
     r = client.post("/certify?n=100", content=body, headers=headers)
     assert r.status_code == 200 and r.json()["pipeline"] == "default"
@@ -331,6 +331,22 @@ def test_without_pipeline_a_certify_pipeline_not_served_is_said_not_hidden(make_
     r = client.post("/certify?n=100", content=body, headers=headers)
     assert r.status_code == 422
     assert "certify.pipeline 'smoothing' is not served (not configured) and no served pipeline certifies" in \
+        r.json()["error"]["message"]
+    # served, but with no certificate (a config gave it other defenses): it answered a 422 that
+    # said it was not served; the certifying default is used, and start-up says so
+    caplog.clear()
+    config.write_text("pipelines: {smoothing: {defenses: []}}\n")
+    with caplog.at_level(logging.WARNING, logger="shieldserve"):
+        client = make_client(warmup=False, config=str(config))
+    assert any("certify.pipeline smoothing is not used (served, but it does not certify); /certify without "
+               "pipeline= uses default" in r.getMessage() for r in caplog.records)
+    r = client.post("/certify?n=100", content=body, headers=headers)
+    assert r.status_code == 200 and r.json()["pipeline"] == "default"
+    config.write_text("default_pipeline: baseline\npipelines: {default: null, denoised: null, "
+                      "smoothing: {defenses: []}}\n")
+    r = make_client(warmup=False, config=str(config)).post("/certify?n=100", content=body, headers=headers)
+    assert r.status_code == 422
+    assert "certify.pipeline 'smoothing' does not certify and no served pipeline certifies" in \
         r.json()["error"]["message"]
 
 

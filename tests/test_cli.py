@@ -305,6 +305,11 @@ def test_train_mistakes_are_one_line_and_status_2(tmp_path, no_build, capsys) ->
         "missing weights": (["--classifier", "import:examples.photo_cnn:PhotoCNN",
                              "--classifier-weights", str(tmp_path / "none.safetensors")], "no such file"),
         "feature layer alone": (["--feature-layer", "fc1"], "--feature-layer is for a classifier you bring"),
+        # each was ignored, and the built-in classifier trained for hours (an auditor, stop 46)
+        "weights alone": (["--classifier-weights", str(tmp_path / "none.safetensors")],
+                          "--classifier-weights is for a classifier you bring"),
+        "kwargs alone": (["--classifier-kwargs", '{"x": 1}'], "--classifier-kwargs is for a classifier you bring"),
+        "std alone": (["--std", "0.5"], "--std goes with --mean"),
         # an existing file: os.makedirs' FileExistsError traceback
         "out is a file": (["--out", str(no_x_test)], f"--out {no_x_test} is a file; --out names the bundle directory"),
     }

@@ -58,7 +58,7 @@ def test_export_refuses_a_pipeline_the_service_does_not_serve_on_the_bundle(quic
     capsys.readouterr()
     assert main(["export", "--bundle", str(bundle), "--pipeline", "robust", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("export refused: ") and err.count("\n") == 1 and reason in err
+    assert err.startswith("shieldserve: error: export refused: ") and err.count("\n") == 1 and reason in err
     assert not out.exists() and os.listdir(tmp_path) == ["bundle"]  # no temporary file either
 
     export(bundle, "baseline", tmp_path / "baseline.pt")  # a served pipeline of the same bundle still exports
@@ -91,7 +91,7 @@ def test_export_never_replaces_a_file_that_is_not_an_export_unless_forced(quick_
     assert precious.read_text() == "three weeks of notes\n"
     assert main(["export", "--bundle", str(quick_bundle), "--pipeline", "baseline", "--out", str(precious)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("export refused: ") and err.count("\n") == 1 and "--force" in err
+    assert err.startswith("shieldserve: error: export refused: ") and err.count("\n") == 1 and "--force" in err
     assert precious.read_text() == "three weeks of notes\n"
 
     plain = tmp_path / "plain.pt"  # TorchScript, but not one of ours: refused too

@@ -1216,8 +1216,8 @@ def test_replicas_sharing_a_redis_monitor_share_the_noise_key(make_client, redis
     assert any("noise key is this process's own" in r.getMessage() for r in caplog.records)
 
 
-def test_an_unblock_through_redis_lifts_the_block_every_replica_holds_and_no_later_one(  # noqa: F811
-        redis_url, mnist, monkeypatch) -> None:
+def test_an_unblock_through_redis_lifts_the_block_every_replica_holds_and_no_later_one(
+        redis_url, mnist, monkeypatch) -> None:  # noqa: F811
     """An operator's unblock (QueryMonitor.unblock, behind POST /admin/query-monitor/unblock)
     on one replica: the client is answered by every replica, also one that held the block in
     its own store (deleting `blocked:<client>` in Redis did not lift that copy); another

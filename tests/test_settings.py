@@ -235,3 +235,11 @@ def test_a_pipeline_named_without_defenses_keeps_the_packaged_defenses(tmp_path)
     assert s.pipelines["robust"].defenses == packaged["robust"].defenses != [] and s.pipelines["robust"].threads == 1
     assert s.pipelines["smoothing"].defenses == [] and s.pipelines["smoothing"].description == "mine"
     assert s.pipelines["smoothing"].query_monitor is None  # replaced: nothing of the packaged one kept
+
+
+def test_a_validation_error_names_the_settings_not_an_internal_class():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        load_settings(port=70000)
+    assert "validation error for settings" in str(err.value) and "_Loaded" not in str(err.value)

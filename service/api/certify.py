@@ -88,10 +88,11 @@ def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int 
         raise ApiError(404, "unknown_pipeline", f"no pipeline {echo(name)}; configured: {', '.join(sorted(runtime.pipelines))}")
     decider = runtime.pipelines[name].decider
     if not getattr(decider, "certifies", False):
-        if pipeline is None:  # certify.pipeline is not served, and no served pipeline certifies
-            raise ApiError(422, "invalid_parameter", f"certify.pipeline {cfg.pipeline!r} is not served "
-                           f"({runtime.unavailable.get(cfg.pipeline, 'not configured')}) and no served pipeline "
-                           f"certifies")
+        if pipeline is None:  # certify.pipeline is not served or does not certify, and no served pipeline certifies
+            why = ("does not certify" if cfg.pipeline in runtime.pipelines
+                   else f"is not served ({runtime.unavailable.get(cfg.pipeline, 'not configured')})")
+            raise ApiError(422, "invalid_parameter", f"certify.pipeline {cfg.pipeline!r} {why} and no served "
+                           f"pipeline certifies")
         raise ApiError(422, "invalid_parameter", f"pipeline {name!r} does not certify; use a smoothing pipeline")
     n = cfg.default_n if n is None else n
     n0 = cfg.default_n0 if n0 is None else n0
