@@ -1227,6 +1227,9 @@ def test_an_unblock_through_redis_lifts_the_block_every_replica_holds_and_no_lat
 
     import redis as redis_lib
 
+    import service.defenses.query_monitor as qm
+
+    monkeypatch.setattr(qm, "LIFT_CHECK_S", 0.0)  # Redis asked at every request (its throttle: below)
     prefix = f"t-{uuid.uuid4().hex[:8]}:"
     policy = MonitorPolicy(action="block", block_after=1, cooldown_s=600, suspect_linf=0.0)
     maker = QueryMonitor(store="redis", redis_url=redis_url, redis_prefix=prefix, secret="s", retry_redis_s=0.0)
@@ -1270,6 +1273,16 @@ def test_an_unblock_through_redis_lifts_the_block_every_replica_holds_and_no_lat
     with pytest.raises(AttackSuspected):  # Redis back, its record of the earlier unblock there
         seer.screen(policy, mnist.test.x[65:66], "ip:1.1.1.1")
     assert maker.screen(policy, mnist.test.x[66:67], "ip:1.1.1.1").flagged == [False]  # not blocked in Redis
+    # a blocked client's requests ask Redis about an unblock at most once a second each
+    monkeypatch.setattr(qm, "LIFT_CHECK_S", 60.0)
+    asked: list[str] = []
+    real = seer.redis.unblocked_at
+    monkeypatch.setattr(seer.redis, "unblocked_at", lambda tag: (asked.append(tag), real(tag))[1])
+    block(maker, "ip:3.3.3.3", 7)
+    for k in range(6):  # the first reads the block in Redis; the next five hold it here
+        with pytest.raises(AttackSuspected):
+            seer.screen(policy, mnist.test.x[70 + k:71 + k], "ip:3.3.3.3")
+    assert len(asked) == 1
     for m in (maker, seer):
         m.close()
 

@@ -117,6 +117,7 @@ NEAR_REDIS_PER_IMAGE, NEAR_REDIS_PER_SUSPECT = 64, 512
 # pass over the table, is needed once per MAX_CLIENTS - KEEP_CLIENTS new clients, not each one)
 MAX_CLIENTS = 100_000
 KEEP_CLIENTS = 50_000
+LIFT_CHECK_S = 1.0  # how often a replica asks Redis whether a block it holds was lifted
 
 
 # the quality gate's key for the monitor (models/recipes/quality.py measures it on the
@@ -764,6 +765,7 @@ class QueryMonitor:
         # marks its own store holds under it are still looked up under it (tagged anew, they
         # were dropped)
         self._earlier_client_key: bytes | None = None
+        self._lift_asked: OrderedDict[str, float] = OrderedDict()  # client tag -> when Redis was last asked
         if store == "redis":
             self.redis = RedisStore(redis_url, redis_prefix, memory_window_s, max_queries, client=redis_client)
             if key is None:
@@ -972,6 +974,15 @@ class QueryMonitor:
         if not (self._use_redis() and not self._key_pending):
             return False
         assert self.redis is not None
+        # asked at most once a second per client: a blocked client's every request would
+        # otherwise cost a Redis round trip on the thread the pipelines share
+        now = time.monotonic()
+        if now - self._lift_asked.get(tag, -math.inf) < LIFT_CHECK_S:
+            return False
+        self._lift_asked[tag] = now
+        self._lift_asked.move_to_end(tag)
+        while len(self._lift_asked) > KEEP_CLIENTS:
+            self._lift_asked.popitem(last=False)
         try:
             at = self.redis.unblocked_at(tag)
         except self.redis.errors as exc:
