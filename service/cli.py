@@ -119,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
         # with no word that a weights file (even a missing one) was never read
         given = [flag for flag, value in (("--classifier-weights", args.classifier_weights),
                                           ("--classifier-kwargs", args.classifier_kwargs),
-                                          ("--feature-layer", args.feature_layer)) if value]
+                                          ("--feature-layer", args.feature_layer)) if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for a classifier you bring: "
                              f"add --classifier import:MODULE:FACTORY (or torchscript:FILE)")

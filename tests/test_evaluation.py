@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -199,7 +200,14 @@ def test_cli_jobs_gives_the_serial_results(quick_bundle, tmp_path, monkeypatch):
               "oblivious,transfer,adaptive", "--transfer-surrogates", "1", "--transfer-steps", "2",
               "--transfer-norms", "linf", "--threads", "1"]
     assert main(common + ["--out", str(tmp_path / "serial")]) == 0
+    # an earlier run's part (an interrupted run started over): a worker that failed before its
+    # first save was reported with that part's numbers as its own; parts are cleared first
+    stale = tmp_path / "jobs" / "parts" / "magnet"
+    stale.mkdir(parents=True)
+    (stale / "report.json").write_text(json.dumps({"pipelines": {"magnet": {"clean": {"accuracy": 0.123}}}}))
+    (stale / "earlier.txt").write_text("an earlier run")
     assert main(common + ["--out", str(tmp_path / "jobs"), "--jobs", "2"]) == 0
+    assert not (stale / "earlier.txt").exists()
     serial = json.loads((tmp_path / "serial" / "report.json").read_text())
     jobs = json.loads((tmp_path / "jobs" / "report.json").read_text())
     assert list(jobs["pipelines"]) == ["baseline", "magnet"] and jobs["jobs"] == 2
@@ -495,7 +503,20 @@ def test_http_black_box_is_scored_from_the_answers_it_got(make_client, quick_bun
                      api_key=key, out=str(tmp_path / "eval"), threads=0,
                      command=f"shieldserve evaluate --url {url} --api-key {key}")
     ev = Evaluation(cfg)
-    assert ev.http_client().headers["authorization"] == f"Bearer {key}"
+    # the URL's credentials (a gateway's Basic auth) go in Authorization as httpx sends it: the
+    # key in X-API-Key beside them (a Bearer header was replaced, and every request was a 401)
+    import base64
+
+    import httpx
+
+    seen: list[httpx.Request] = []
+    with monkeypatch.context() as wire:  # what httpx sends, its auth applied
+        wire.setattr(httpx.HTTPTransport, "handle_request", lambda self, req: (seen.append(req), httpx.Response(200))[1])
+        ev.http_client().post("/predict")
+        Evaluation(dataclasses.replace(cfg, url="http://testserver")).http_client().post("/predict")
+    assert seen[0].headers["authorization"] == "Basic " + base64.b64encode(b"eve:pw-secret").decode()
+    assert seen[0].headers["x-api-key"] == key
+    assert seen[1].headers["authorization"] == f"Bearer {key}" and "x-api-key" not in seen[1].headers
     monkeypatch.setattr(Evaluation, "http_client", lambda self: client)
     report = ev.run_all()
     row = report["pipelines"]["baseline"]["attacks"]["blackbox/square_linf_0.3"]

@@ -1219,10 +1219,12 @@ def test_replicas_sharing_a_redis_monitor_share_the_noise_key(make_client, redis
 def test_an_unblock_through_redis_lifts_the_block_every_replica_holds_and_no_later_one(
         redis_url, mnist, monkeypatch) -> None:  # noqa: F811
     """An operator's unblock (QueryMonitor.unblock, behind POST /admin/query-monitor/unblock)
-    on one replica: the client is answered by every replica, also one that held the block in
-    its own store (deleting `blocked:<client>` in Redis did not lift that copy); another
-    client's block stays; a block made after the unblock, in Redis or in a replica's own store
-    while Redis was down, is not lifted by it."""
+    on one replica: the client is answered by every replica, also one that held a copy of the
+    block in its own store (deleting `blocked:<client>` in Redis did not lift that copy), and
+    the gauge drops at once; another client's block stays; a later block holds; a block a
+    replica made in its own store while Redis was down is not lifted by Redis' state. No
+    clocks are compared (a first version compared the unblock's time, rounded to the
+    millisecond, with the copy's: flaky, and racy)."""
     import uuid
 
     import redis as redis_lib
@@ -1247,38 +1249,43 @@ def test_an_unblock_through_redis_lifts_the_block_every_replica_holds_and_no_lat
         with pytest.raises(AttackSuspected):  # the seer reads the blocks in Redis, and holds them
             seer.screen(policy, mnist.test.x[60:61], client)
     assert seer.memory.blocked_for(seer.client_tag("ip:1.1.1.1")) > 0
-    assert maker.unblock("ip:1.1.1.1", hold_s=600) == {"was_blocked": True, "scope": "shared"}
-    for m in (maker, seer):
-        assert m.screen(policy, mnist.test.x[61:62], "ip:1.1.1.1").flagged == [False]
-        with pytest.raises(AttackSuspected):
-            m.screen(policy, mnist.test.x[62:63], "ip:2.2.2.2")
+    assert maker.unblock("ip:1.1.1.1") == {"was_blocked": True, "scope": "shared"}
+    assert seer.blocked_count() == 1  # the copy of the lifted block is not counted, and goes
     assert seer.memory.blocked_for(seer.client_tag("ip:1.1.1.1")) == 0
-    assert maker.blocked_count() == seer.blocked_count() == 1
-    # blocked again after the unblock: in Redis (the unblock's record goes with the new block)
-    block(maker, "ip:1.1.1.1", 5)
+    block(maker, "ip:1.1.1.1", 5)  # blocked again, the seer holding a copy again
     with pytest.raises(AttackSuspected):
-        seer.screen(policy, mnist.test.x[63:64], "ip:1.1.1.1")
-    assert maker.unblock("ip:1.1.1.1", hold_s=600)["was_blocked"]
-    assert seer.screen(policy, mnist.test.x[64:65], "ip:1.1.1.1").flagged == [False]
+        seer.screen(policy, mnist.test.x[61:62], "ip:1.1.1.1")
+    assert maker.unblock("ip:1.1.1.1")["was_blocked"]
+    for m in (maker, seer):  # lifted at the next request (no scrape in between this time)
+        assert m.screen(policy, mnist.test.x[62:63], "ip:1.1.1.1").flagged == [False]
+        with pytest.raises(AttackSuspected):
+            m.screen(policy, mnist.test.x[63:64], "ip:2.2.2.2")
+    assert maker.blocked_count() == seer.blocked_count() == 1
+    # a DEL of the block in Redis (by hand) lifts the copies too
+    block(maker, "ip:1.1.1.1", 6)
+    with pytest.raises(AttackSuspected):
+        seer.screen(policy, mnist.test.x[64:65], "ip:1.1.1.1")
+    client = redis_lib.Redis.from_url(redis_url)
+    client.delete(f"{prefix}qm:blocked:{maker.client_tag('ip:1.1.1.1')}")
+    assert seer.screen(policy, mnist.test.x[65:66], "ip:1.1.1.1").flagged == [False]
 
-    # and in the seer's own store while Redis was down, after the unblock: it holds
+    # a block made in the seer's own store while Redis was down: Redis never had it, it holds
     def down(*args, **kwargs):
         raise redis_lib.exceptions.ConnectionError("down")
 
-    time.sleep(0.01)  # the unblock's time and the new block's differ
     with monkeypatch.context() as outage:
-        for name in ("screen", "add_flags", "mark_suspect", "recall", "blocked_count", "status", "unblocked_at"):
+        for name in ("screen", "add_flags", "mark_suspect", "recall", "blocked_count", "status", "block_status"):
             outage.setattr(seer.redis, name, down)
-        block(seer, "ip:1.1.1.1", 6)
-    with pytest.raises(AttackSuspected):  # Redis back, its record of the earlier unblock there
-        seer.screen(policy, mnist.test.x[65:66], "ip:1.1.1.1")
-    assert maker.screen(policy, mnist.test.x[66:67], "ip:1.1.1.1").flagged == [False]  # not blocked in Redis
-    # a blocked client's requests ask Redis about an unblock at most once a second each
+        block(seer, "ip:9.9.9.9", 7)
+    with pytest.raises(AttackSuspected):
+        seer.screen(policy, mnist.test.x[66:67], "ip:9.9.9.9")
+    assert maker.screen(policy, mnist.test.x[67:68], "ip:9.9.9.9").flagged == [False]  # not blocked in Redis
+    # a blocked client's requests ask Redis about its block at most once a second each
     monkeypatch.setattr(qm, "LIFT_CHECK_S", 60.0)
     asked: list[str] = []
-    real = seer.redis.unblocked_at
-    monkeypatch.setattr(seer.redis, "unblocked_at", lambda tag: (asked.append(tag), real(tag))[1])
-    block(maker, "ip:3.3.3.3", 7)
+    real = seer.redis.block_status
+    monkeypatch.setattr(seer.redis, "block_status", lambda tag: (asked.append(tag), real(tag))[1])
+    block(maker, "ip:3.3.3.3", 8)
     for k in range(6):  # the first reads the block in Redis; the next five hold it here
         with pytest.raises(AttackSuspected):
             seer.screen(policy, mnist.test.x[70 + k:71 + k], "ip:3.3.3.3")
@@ -1296,9 +1303,9 @@ def test_an_unblock_on_the_memory_store_lifts_the_block_flags_and_suspect_mark(m
         monitor.screen(policy, _near(x, k), "ip:1.1.1.1")
     with pytest.raises(AttackSuspected):
         monitor.screen(policy, mnist.test.x[60:61], "ip:1.1.1.1")
-    assert monitor.unblock("ip:1.1.1.1", hold_s=600) == {"was_blocked": True, "scope": "process"}
+    assert monitor.unblock("ip:1.1.1.1") == {"was_blocked": True, "scope": "process"}
     tag = monitor.client_tag("ip:1.1.1.1")
     assert not monitor.memory.suspect(tag) and tag not in monitor.memory._flags
     assert monitor.screen(policy, mnist.test.x[61:62], "ip:1.1.1.1").flagged == [False]
     assert monitor.blocked_count() == 0
-    assert monitor.unblock("ip:1.1.1.1", hold_s=600)["was_blocked"] is False
+    assert monitor.unblock("ip:1.1.1.1")["was_blocked"] is False

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 from typing import Any, Literal
@@ -126,8 +127,14 @@ def _client_id(text: str, settings: Any) -> str:
     if kind == "ip":
         if settings.api_keys:
             raise ApiError(422, "invalid_parameter", "API keys are on: clients are named by key (key:NAME)")
-        # an address as a request names it (an IPv6 address: its network); anything else as given
-        return "ip:" + (client_network(rest, settings.client_ipv6_prefix) if parse_address(rest) else rest)
+        # an address as a request names it (an IPv6 address: its network), a network in its
+        # canonical spelling (as client_network writes it); anything else as given
+        if parse_address(rest):
+            return "ip:" + client_network(rest, settings.client_ipv6_prefix)
+        try:
+            return "ip:" + str(ipaddress.ip_network(rest, strict=False))
+        except ValueError:
+            return text
     raise ApiError(422, "invalid_parameter", "client must be ip:ADDRESS or key:NAME")
 
 
@@ -142,15 +149,14 @@ async def query_monitor_unblock(request: Request,
     if runtime.monitor is None:
         raise ApiError(422, "invalid_parameter", "the query monitor is off: no pipeline is monitored")
     name = _client_id(client, runtime.settings)
-    # a replica may hold the block in its own store for as long as the longest cooldown
-    hold_s = max((p.monitor.cooldown_s for p in runtime.pipelines.values() if p.monitor is not None), default=1.0)
     monitor = runtime.monitor
     errors = monitor.redis.errors if monitor.redis is not None else ()
     try:
-        outcome = await runtime.offload(lambda: monitor.unblock(name, hold_s))
+        outcome = await runtime.offload(lambda: monitor.unblock(name))
     except errors as exc:
         raise StoreUnavailable(f"the query monitor's Redis did not take the unblock ({type(exc).__name__}): this "
-                               f"process lifted it, the other replicas did not; try again") from None
+                               f"process lifted its own copy of the block, Redis and the other replicas did not; "
+                               f"try again when Redis answers") from None
     runtime._refresh_blocked()
     peer = request.client.host if request.client is not None else "unknown"
     caller = forwarded_client(peer, forwarded_for(request), tuple(runtime.settings.trusted_proxies))

@@ -335,9 +335,10 @@ class MemoryStore:
         self._started = time.monotonic()
         self._flags: dict[str, list[float]] = {}
         self._blocked: dict[str, float] = {}
-        # when this store began to hold each block: an operator's unblock (its time in Redis)
-        # lifts a block held from before it, never one recorded after it
-        self._block_began: dict[str, float] = {}
+        # for a block this store holds as a copy of one in Redis, that Redis' epoch (None: a
+        # block made here, while Redis was down): gone from the same Redis, it was lifted there
+        # (an operator's unblock); gone from a restarted one (a new epoch), it was lost
+        self._block_epoch: dict[str, str | None] = {}
         self._suspects: dict[str, float] = {}  # client -> until when it is held to suspect_threshold
         # suspect -> (until when, its last images), least recently used first; NEAR_MEMORY_BYTES at most
         self._near: OrderedDict[str, tuple[float, list[np.ndarray]]] = OrderedDict()
@@ -410,38 +411,48 @@ class MemoryStore:
         left = until - time.time()
         if left <= 0:
             self._blocked.pop(client, None)
-            self._block_began.pop(client, None)
+            self._block_epoch.pop(client, None)
             return 0.0
         return left
 
-    def block_began(self, client: str) -> float:
-        """When this store began to hold the client's block (0: it holds none)."""
-        return self._block_began.get(client, 0.0) if self.blocked_for(client) > 0 else 0.0
+    def block_epoch(self, client: str) -> str | None:
+        """The Redis epoch of the block this store holds for the client (None: made here, or none)."""
+        return self._block_epoch.get(client) if self.blocked_for(client) > 0 else None
 
-    def _block(self, client: str, until: float, now: float) -> None:
+    def held_blocks(self) -> list[tuple[str, str | None]]:
+        """(client, its block's Redis epoch) for every block this store holds now."""
+        now = time.time()
+        return [(c, self._block_epoch.get(c)) for c, until in list(self._blocked.items()) if until > now]
+
+    def _block(self, client: str, until: float, now: float, epoch: str | None) -> None:
         """Under the lock: hold the client's block until `until` (a later end of one it holds
-        extends it, and keeps when it began)."""
-        if self._blocked.get(client, 0.0) <= now:
-            self._block_began[client] = now
+        extends it); `epoch`: the Redis that holds it too, if any."""
+        if epoch is not None or self._blocked.get(client, 0.0) <= now:
+            self._block_epoch[client] = epoch
         self._blocked[client] = max(self._blocked.get(client, 0.0), until)
         if len(self._blocked) > MAX_CLIENTS:
             _trim(self._blocked, lambda until: until <= now, lambda until: until)
-            for c in [c for c in self._block_began if c not in self._blocked]:
-                del self._block_began[c]
+            for c in [c for c in self._block_epoch if c not in self._blocked]:
+                del self._block_epoch[c]
 
-    def hold_block(self, client: str, seconds: float) -> None:
-        """Keep a block the shared store reported (for `seconds` more), so that this replica
-        still enforces it while Redis is down, or after a restart lost it."""
+    def hold_block(self, client: str, seconds: float, epoch: str | None = None) -> None:
+        """Keep a block the shared store reported (for `seconds` more; `epoch`: that Redis'),
+        so that this replica still enforces it while Redis is down, or after a restart lost it."""
         now = time.time()
         with self._lock:
-            self._block(client, now + seconds, now)
+            self._block(client, now + seconds, now, epoch)
+
+    def drop_block(self, client: str) -> None:
+        with self._lock:
+            self._blocked.pop(client, None)
+            self._block_epoch.pop(client, None)
 
     def unblock(self, client: str) -> bool:
         """Lift the client's block, flags and suspect mark in this store; True if it was blocked."""
         now = time.time()
         with self._lock:
             was = self._blocked.pop(client, 0.0) > now
-            self._block_began.pop(client, None)
+            self._block_epoch.pop(client, None)
             self._flags.pop(client, None)
             self._suspects.pop(client, None)
         return was
@@ -455,19 +466,15 @@ class MemoryStore:
             if len(times) > block_after:
                 # bounded (_block): without a bound, every client ever blocked would stay, an
                 # entry going only when its own client asks again after its cooldown
-                self._blocked.pop(client, None)  # a new block: it begins now
-                self._block(client, now + cooldown_s, now)
+                self._blocked.pop(client, None)  # a new block, made here
+                self._block(client, now + cooldown_s, now, None)
                 self._flags.pop(client, None)
                 return True
             _trim(self._flags, lambda times: times[-1] <= now - window_s, lambda times: times[-1])
         return False
 
     def blocked_count(self) -> int:
-        return len(self.blocked_clients())
-
-    def blocked_clients(self) -> list[str]:
-        now = time.time()
-        return [client for client, until in list(self._blocked.items()) if until > now]
+        return len(self.held_blocks())
 
 
 def _slot(t: float, half_s: float) -> int:
@@ -498,6 +505,11 @@ local ttl = tonumber(ARGV[5]); local n = tonumber(ARGV[6]); local client = ARGV[
 local out = {}
 out[1] = redis.call('PTTL', p .. 'blocked:' .. client)
 out[2] = redis.call('PTTL', p .. 'suspect:' .. client)
+-- this Redis' epoch: made once (ARGV[9], a replica's random one), lost with everything else by
+-- a restart without persistence; a replica's copy of a block names it (QueryMonitor._lifted)
+local epoch = redis.call('GET', p .. 'epoch')
+if not epoch then epoch = ARGV[9]; redis.call('SET', p .. 'epoch', epoch) end
+out[3] = epoch
 -- block mode: a blocked client's queries are refused, so they are neither matched nor
 -- remembered (remembered, they got other clients' copies of those images rejected)
 if ARGV[8] == '1' and tonumber(out[1]) > 0 then return out end
@@ -522,7 +534,7 @@ if slots > 0 or count >= cap then
 end
 local ch, cd = p .. 'g' .. gen .. ':h', p .. 'g' .. gen .. ':d'
 local oh, od = p .. 'g' .. (gen - 1) .. ':h', p .. 'g' .. (gen - 1) .. ':d'
-local i = 9
+local i = 10
 while i <= #ARGV do
   local d = ARGV[i]
   local in_cur = redis.call('SISMEMBER', cd, d)
@@ -557,7 +569,7 @@ local total = redis.call('INCRBY', k, count)
 if total == count then redis.call('PEXPIRE', k, window) end
 if total > after then
   redis.call('SET', p .. 'blocked:' .. client, '1', 'PX', cooldown)
-  redis.call('DEL', k, p .. 'unblocked:' .. client)  -- an operator's earlier unblock lifts no new block
+  redis.call('DEL', k)
   redis.call('ZADD', p .. 'blocked', now + cooldown / 1000, client)  -- now in s, cooldown in ms
   return 1
 end
@@ -603,8 +615,8 @@ class RedisStore:
     `gen_started`, `g<N>:h` (hash -> count), `g<N>:d` (digests), `g<N>:n`, `flags:<client>`,
     `blocked:<client>`, `suspect:<client>`, `near:<client>` (a suspect's last images, 8-bit),
     `near_lru` (sorted set: suspects by last use), `near_bytes` (hash: bytes of each `near:` list),
-    `near_total`, `near_seq`, `blocked` (sorted set), `key` (the shared hashing key),
-    `unblocked:<client>` (when an operator last lifted the client's block)."""
+    `near_total`, `near_seq`, `blocked` (sorted set), `key` (the shared hashing key), `epoch`
+    (this Redis' random id, made by the first screen after it started empty)."""
 
     def __init__(self, url: str, prefix: str, window_s: float, max_queries: int, timeout_s: float = 0.25,
                  client: Any = None) -> None:
@@ -626,20 +638,23 @@ class RedisStore:
         return bytes(self.client.get(self.prefix + "key"))
 
     def screen(self, client: str, digests: Sequence[bytes], hashes: np.ndarray,
-               skip_blocked: bool = False) -> tuple[float, bool, list[int]]:
-        """(seconds the client stays blocked, whether it is a suspect, matches per query);
-        `skip_blocked` (block mode): a blocked client's queries are neither matched nor
-        remembered (no matches returned)."""
+               skip_blocked: bool = False) -> tuple[float, bool, list[int], str]:
+        """(seconds the client stays blocked, whether it is a suspect, matches per query, this
+        Redis' epoch); `skip_blocked` (block mode): a blocked client's queries are neither
+        matched nor remembered (no matches returned)."""
         n = hashes.shape[1]
         args: list[Any] = [self.prefix, f"{time.time():.3f}", self.half_s, self.cap, self.ttl_s, n, client,
-                           "1" if skip_blocked else "0"]
+                           # a new epoch, taken if Redis has none (fresh at every call: a Redis
+                           # restarted empty must get another one than before)
+                           "1" if skip_blocked else "0", os.urandom(8).hex()]
         for d, hs in zip(digests, hashes):
             raw = hs.astype(">u8").tobytes()
             args.append(d)
             args.extend(raw[k:k + 8] for k in range(0, 8 * n, 8))
         out = self._screen(args=args)
         pttl = int(out[0])
-        return (pttl / 1000.0 if pttl > 0 else 0.0), int(out[1]) > 0, [int(m) for m in out[2:]]
+        epoch = out[2].decode() if isinstance(out[2], bytes) else str(out[2])
+        return (pttl / 1000.0 if pttl > 0 else 0.0), int(out[1]) > 0, [int(m) for m in out[3:]], epoch
 
     def mark_suspect(self, client: str, seconds: float) -> None:
         self.client.set(self.prefix + "suspect:" + client, "1", px=max(1, int(seconds * 1000)))
@@ -666,33 +681,40 @@ class RedisStore:
         return bool(self._flags(args=[self.prefix, client, count, max(1, int(window_s * 1000)), block_after,
                                       int(cooldown_s * 1000), f"{time.time():.3f}"]))
 
-    def unblock(self, client: str, hold_s: float) -> bool:
-        """Lift the client's block, flags and suspect mark, and record when (for `hold_s`: the
-        replicas that hold the block in their own stores lift it when they next see the client);
-        True if Redis held a block."""
-        pipe = self.client.pipeline(transaction=True)
+    def unblock(self, client: str) -> bool:
+        """Lift the client's block, flags and suspect mark (deletions alone, which a full
+        `noeviction` Redis still takes; the replicas holding a copy of the block see it gone
+        from this epoch's Redis); True if Redis held a block."""
+        pipe = self.client.pipeline(transaction=False)
         pipe.delete(self.prefix + "blocked:" + client)
         pipe.delete(self.prefix + "flags:" + client, self.prefix + "suspect:" + client)
         pipe.zrem(self.prefix + "blocked", client)
-        pipe.set(self.prefix + "unblocked:" + client, f"{time.time():.3f}", px=max(1, int(hold_s * 1000)))
         return int(pipe.execute()[0]) > 0
 
-    def unblocked_at(self, client: str) -> float | None:
-        """When an operator last lifted the client's block (None: not since its last block)."""
-        at = self.client.get(self.prefix + "unblocked:" + client)
-        return float(at) if at is not None else None
+    def block_status(self, client: str) -> tuple[float, str | None]:
+        """(seconds the client stays blocked here, this Redis' epoch: None before its first screen)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.pttl(self.prefix + "blocked:" + client)
+        pipe.get(self.prefix + "epoch")
+        pttl, epoch = pipe.execute()
+        return (int(pttl) / 1000.0 if int(pttl) > 0 else 0.0), (epoch.decode() if epoch is not None else None)
 
-    def blocked_count(self, also: Sequence[str] = ()) -> int:
-        """Clients blocked in Redis, and those of `also` (blocks a replica holds in its own
-        store) that Redis does not hold: made while it was down, or lost by its restart."""
+    def blocked_count(self, also: Sequence[tuple[str, str | None]] = ()) -> tuple[int, list[str]]:
+        """(clients blocked in Redis, and those of `also` that Redis does not hold: blocks a
+        replica holds in its own store, (client, epoch), made while Redis was down or lost by
+        its restart; the clients of `also` whose block this Redis held and no longer does,
+        lifted here: not counted)."""
         now = time.time()
         pipe = self.client.pipeline(transaction=False)
         pipe.zremrangebyscore(self.prefix + "blocked", "-inf", now)
         pipe.zcard(self.prefix + "blocked")
-        for client in also:
+        pipe.get(self.prefix + "epoch")
+        for client, _ in also:
             pipe.zscore(self.prefix + "blocked", client)
-        _, count, *scores = pipe.execute()
-        return int(count) + sum(1 for score in scores if score is None)
+        _, count, epoch, *scores = pipe.execute()
+        epoch = epoch.decode() if epoch is not None else None
+        lifted = [c for (c, e), score in zip(also, scores) if score is None and e is not None and e == epoch]
+        return int(count) + sum(1 for score in scores if score is None) - len(lifted), lifted
 
 
 # --------------------------------------------------------------------------- policy
@@ -766,6 +788,7 @@ class QueryMonitor:
         # were dropped)
         self._earlier_client_key: bytes | None = None
         self._lift_asked: OrderedDict[str, float] = OrderedDict()  # client tag -> when Redis was last asked
+        self._lift_lock = threading.Lock()
         if store == "redis":
             self.redis = RedisStore(redis_url, redis_prefix, memory_window_s, max_queries, client=redis_client)
             if key is None:
@@ -870,17 +893,17 @@ class QueryMonitor:
         local_blocked = max(self.memory.blocked_for(t) for t in tags)
         local_suspect = any(self.memory.suspect(t) for t in tags)
         if policy.action == "block" and local_blocked > 0:
-            if not self._lifted_in_redis(tag, tags):
+            if not self._lifted(tag, tags):
                 raise AttackSuspected(max(1, int(np.ceil(local_blocked))))
             local_suspect = False
-        blocked_for, suspect, matches = 0.0, False, None
+        blocked_for, suspect, matches, epoch = 0.0, False, None, None
         if self._use_redis() and not self._key_pending:
             assert self.redis is not None
             try:
-                blocked_for, suspect, matches = self.redis.screen(tag, digests, hashes,
-                                                                  skip_blocked=policy.action == "block")
+                blocked_for, suspect, matches, epoch = self.redis.screen(tag, digests, hashes,
+                                                                         skip_blocked=policy.action == "block")
                 if policy.action == "block" and blocked_for > 0:
-                    self.memory.hold_block(tag, blocked_for)
+                    self.memory.hold_block(tag, blocked_for, epoch)
                 if matches:
                     # not for a blocked client's script, which only reads: a full Redis answers it
                     # too, and a blocked client's queries would turn the outage off and on
@@ -928,7 +951,7 @@ class QueryMonitor:
         if any(flagged):
             self._mark_suspect(tag, policy.block_window_s)
         if policy.action == "block" and any(flagged):
-            verdict.blocked_now = self._add_flags(tag, sum(flagged), policy)
+            verdict.blocked_now = self._add_flags(tag, sum(flagged), policy, epoch)
         return verdict
 
     def _mark_suspect(self, tag: str, seconds: float) -> None:
@@ -953,7 +976,7 @@ class QueryMonitor:
                 self._redis_failed("recall", exc)
         return self.memory.recall(tag, pixels, self.suspect_history, seconds)
 
-    def _add_flags(self, tag: str, count: int, policy: MonitorPolicy) -> bool:
+    def _add_flags(self, tag: str, count: int, policy: MonitorPolicy, epoch: str | None) -> bool:
         args = (tag, count, policy.block_window_s, policy.block_after, policy.cooldown_s)
         if self._use_redis() and not self._key_pending:
             assert self.redis is not None
@@ -961,58 +984,55 @@ class QueryMonitor:
                 blocked = self.redis.add_flags(*args)
                 self._redis_ok()
                 if blocked:
-                    self.memory.hold_block(tag, policy.cooldown_s)
+                    self.memory.hold_block(tag, policy.cooldown_s, epoch)
                 return blocked
             except self.redis.errors as exc:
                 self._redis_failed("add_flags", exc)
         return self.memory.add_flags(*args)
 
-    def _lifted_in_redis(self, tag: str, tags: list[str]) -> bool:
-        """Whether an operator lifted, through Redis, the block this replica holds for the
-        client (`unblock` on any replica since this one began to hold it); if so it is lifted
-        here too. A Redis down or restarted (its record gone) lifts nothing."""
-        if not (self._use_redis() and not self._key_pending):
+    def _lifted(self, tag: str, tags: list[str]) -> bool:
+        """Whether the block this replica holds for the client, a copy of one in Redis, is gone
+        from that same Redis (an operator's unblock, or a DEL): then it goes here too, and the
+        client is answered. A block made here while Redis was down, or one a restarted Redis
+        lost (another epoch), holds for its cooldown."""
+        mine = self.memory.block_epoch(tag)
+        if mine is None or not (self._use_redis() and not self._key_pending):
             return False
         assert self.redis is not None
         # asked at most once a second per client: a blocked client's every request would
         # otherwise cost a Redis round trip on the thread the pipelines share
         now = time.monotonic()
-        if now - self._lift_asked.get(tag, -math.inf) < LIFT_CHECK_S:
-            return False
-        self._lift_asked[tag] = now
-        self._lift_asked.move_to_end(tag)
-        while len(self._lift_asked) > KEEP_CLIENTS:
-            self._lift_asked.popitem(last=False)
+        with self._lift_lock:
+            if now - self._lift_asked.get(tag, -math.inf) < LIFT_CHECK_S:
+                return False
+            self._lift_asked[tag] = now
+            self._lift_asked.move_to_end(tag)
+            while len(self._lift_asked) > KEEP_CLIENTS:
+                self._lift_asked.popitem(last=False)
         try:
-            at = self.redis.unblocked_at(tag)
+            blocked_for, epoch = self.redis.block_status(tag)
         except self.redis.errors as exc:
-            self._redis_failed("unblocked_at", exc)
+            self._redis_failed("block_status", exc)
             return False
-        began = max(self.memory.block_began(t) for t in tags)
-        if at is None or at < began:
+        if blocked_for > 0 or epoch != mine:
             return False
-        for t in tags:
-            self.memory.unblock(t)
-        return True
+        self.memory.unblock(tag)
+        return all(self.memory.blocked_for(t) <= 0 for t in tags)
 
-    def unblock(self, client: str, hold_s: float) -> dict[str, Any]:
-        """Lift the client's block, flags and suspect mark: in Redis (every replica, also those
-        that hold the block in their own store, when they next see the client; `hold_s`: how
-        long they may hold it, the longest cooldown) and in this process. Raises the store's
-        error when Redis cannot be told."""
-        if self.redis is not None and self._key_pending:
-            # this replica's tags are not the shared ones until it has read the shared key
-            raise self.redis.errors[0]("the shared hashing key has not been read from Redis yet")
+    def unblock(self, client: str) -> dict[str, Any]:
+        """Lift the client's block, flags and suspect mark in this process, then in Redis (where
+        the other replicas holding a copy of the block see it gone at the client's next
+        request). Raises the store's error when Redis cannot be told (this process's lifted)."""
         tags = [self.client_tag(client)]
         if self._earlier_client_key is not None:
             tags.append(self.client_tag(client, self._earlier_client_key))
         here = any([self.memory.unblock(t) for t in tags])
-        shared = self.redis is not None and not self._key_pending
-        in_redis = False
-        if shared:
-            assert self.redis is not None
-            in_redis = self.redis.unblock(tags[0], hold_s)
-        return {"was_blocked": here or in_redis, "scope": "shared" if shared else "process"}
+        if self.redis is None:
+            return {"was_blocked": here, "scope": "process"}
+        if self._key_pending:
+            # this replica's client tags are not the shared ones until it has read the shared key
+            raise self.redis.errors[0]("this replica has not reached Redis since it started")
+        return {"was_blocked": self.redis.unblock(tags[0]) or here, "scope": "shared"}
 
     def blocked_count(self) -> int:
         # a full Redis (refusing writes) still answers this, as it does the client's block
@@ -1020,8 +1040,10 @@ class QueryMonitor:
             assert self.redis is not None
             try:
                 # the blocks this replica holds for a Redis that lost them (or never had them)
-                # are enforced here, so they are counted too
-                count = self.redis.blocked_count(also=self.memory.blocked_clients())
+                # are enforced here, so they are counted too; those lifted in Redis go here
+                count, lifted = self.redis.blocked_count(also=self.memory.held_blocks())
+                for tag in lifted:
+                    self.memory.drop_block(tag)
                 if not self._refused:  # Redis is back (a full one answers reads and still refuses writes)
                     self._redis_ok()
                 return count

@@ -18,7 +18,8 @@ an accepted wrong answer within the ball exists; the final adversarial is not po
 
 HTTP answers other than 200 (`HttpOracle`): 429 `attack_suspected` (the query monitor's
 block) ends that digit's attack (`Blocked`, a `BudgetExhausted`: the blocked request's
-images count against the budget, what the attack found before stands); another 429
+images count against the budget, what the attack found before stands, the answers of the
+same call's earlier requests included); another 429
 (`overloaded`) or a 503 is a refusal of that request's images (they count against the
 budget and break nothing, as a rejection would) and the attack goes on; 401/403 and any other
 error stop the run with `ServiceError` (a pipeline that fails). Every answer's
@@ -29,10 +30,14 @@ ART attacks run on an `art` BlackBoxClassifier whose probabilities are built fro
 answer: accepted -> `confidence` on the label, the rest spread evenly; rejected or
 abstained -> all mass on the true label (a refusal is a failure for the attacker).
 Square (score-only, L-inf) uses these scores; HopSkipJump (label-only, L2) only their argmax.
+HopSkipJump's starting point is chosen here (`hsj_start`, random images drawn from the seed),
+not by ART, whose random starting images are not seeded: with the same answers, the same run
+gives the same result.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,11 +55,13 @@ class BudgetExhausted(Exception):
 class Blocked(BudgetExhausted):
     """429 attack_suspected: the service blocked this client; the attack on this digit ends
     (a subclass of BudgetExhausted, so ART's loop stops). `sent`: images of the call that
-    reached the service, the blocked request's included (counted against the budget)."""
+    reached the service, the blocked request's included (counted against the budget);
+    `answers`: those of the call's images answered before the blocked request, in order."""
 
-    def __init__(self, message: str = "blocked", sent: int = 0) -> None:
+    def __init__(self, message: str = "blocked", sent: int = 0,
+                 answers: list[tuple[str, int, float]] | None = None) -> None:
         super().__init__(message)
-        self.sent = sent
+        self.sent, self.answers = sent, list(answers or [])
 
 
 class ServiceError(RuntimeError):
@@ -137,7 +144,7 @@ class HttpOracle:
             code = _error_code(r)
             if r.status_code == 429 and code == "attack_suspected":
                 self.blocked += 1
-                raise Blocked(f"429 attack_suspected from {self.where}", sent=i + len(chunk))
+                raise Blocked(f"429 attack_suspected from {self.where}", sent=i + len(chunk), answers=out)
             if r.status_code in (429, 503):  # overloaded, unavailable: a refusal, the attack goes on
                 self.refused += len(chunk)
                 out += [("refused", -1, 0.0)] * len(chunk)
@@ -210,13 +217,21 @@ class BudgetedOracle:
             answers = self.oracle.answer(x)
         except Blocked as exc:  # the blocked request's images reached the service
             self.used += exc.sent
+            # a wrong label the service already gave (an earlier request of this call) is a finding
+            self._record(x[:len(exc.answers)], exc.answers)
             raise
         self.used += len(x)
+        return self._record(x, answers)
+
+    def _record(self, x: torch.Tensor, answers: list[tuple[str, int, float]]) -> np.ndarray:
+        """The answers to `x` as probabilities; the best adversarial among them is kept."""
         # what the service judged: an oracle that alters its queries (a disguise) says what it sent
         sent = getattr(self.oracle, "sent", None)
         if sent is not None:
-            x = sent
-        probs = np.zeros((len(x), self.num_classes), dtype=np.float32)
+            x = sent[:len(answers)]
+        probs = np.zeros((len(answers), self.num_classes), dtype=np.float32)
+        if not answers:
+            return probs
         dist = self._distance(x)
         for i, (status, label, conf) in enumerate(answers):
             if status == "accepted" and 0 <= label < self.num_classes:
@@ -235,15 +250,17 @@ def attack_one(kind: str, oracle: Oracle, x0: torch.Tensor, y: int, *, budget: i
                start: torch.Tensor | None = None) -> dict[str, Any]:
     """One digit, one black-box attack within `budget` queries. Returns the best adversarial
     found (or None), its distance and the queries used. HopSkipJump starts from `start` (a
-    digit of another class, as boundary attacks do) when given, else from random noise,
-    which a detector rejects."""
+    digit of another class, as boundary attacks do) when the model calls it adversarial, else
+    from seeded random noise (`hsj_start`); with neither, the attack fails. The same `seed`
+    and answers give the same result."""
     from art.attacks.evasion import HopSkipJump, SquareAttack
     from art.estimators.classification import BlackBoxClassifierNeuralNetwork
 
-    np.random.seed(seed)
+    np.random.seed(seed)  # ART's own draws (Square's squares, HopSkipJump's directions)
     norm = "linf" if kind == "square" else "l2"
     q = BudgetedOracle(oracle, x0, y, budget, norm=norm, num_classes=num_classes, http=http)
-    clf = BlackBoxClassifierNeuralNetwork(q, input_shape=tuple(x0.shape), nb_classes=num_classes,
+    ask = _Primed(q)
+    clf = BlackBoxClassifierNeuralNetwork(ask, input_shape=tuple(x0.shape), nb_classes=num_classes,
                                           clip_values=(0.0, 1.0))
     xa = x0.unsqueeze(0).numpy().astype(np.float32)
     try:
@@ -254,8 +271,10 @@ def attack_one(kind: str, oracle: Oracle, x0: torch.Tensor, y: int, *, budget: i
         elif kind == "hsj":
             atk = HopSkipJump(clf, batch_size=32, targeted=False, norm=2, max_iter=100, max_eval=40, init_eval=10,
                               init_size=20, verbose=False)
-            init = None if start is None else start.unsqueeze(0).numpy().astype(np.float32)
-            atk.generate(x=xa, y=np.array([y]), x_adv_init=init)
+            init = hsj_start(ask, xa[0], None if start is None else start.numpy(),
+                             np.random.default_rng(seed), tries=atk.init_size)
+            if init is not None:  # else ART would draw its own (unseeded) random images and give up too
+                atk.generate(x=xa, y=np.array([y]), x_adv_init=init[None])
         else:
             raise ValueError(f"unknown black-box attack {kind!r}")
     except BudgetExhausted:
@@ -264,6 +283,48 @@ def attack_one(kind: str, oracle: Oracle, x0: torch.Tensor, y: int, *, budget: i
     return {"x": b.x, "distance": b.distance if b.x is not None else None, "queries": q.used,
             "queries_to_best": b.queries_at if b.x is not None else None,
             "label": b.label if b.x is not None else None, "confidence": b.confidence if b.x is not None else None}
+
+
+class _Primed:
+    """The budgeted oracle as ART's classifier sees it, except that an answer already received
+    for an image (`prime`) is handed back, once, when ART asks for that image alone: HopSkipJump
+    asks again for the clean digit and its start, and a noisy pipeline (smoothing) could then
+    call the start not adversarial, which sends ART to its unseeded random draws. No image is
+    sent for a primed answer, so none is counted."""
+
+    def __init__(self, q: BudgetedOracle) -> None:
+        self.q = q
+        self.known: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def prime(self, img: np.ndarray) -> np.ndarray:
+        """Ask the oracle about one image; its answer (a row of probabilities) is kept for ART."""
+        probs = self.q(img[None])[0]
+        self.known.append((img, probs))
+        return probs
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=np.float32)
+        if len(batch) == 1:
+            for i, (img, probs) in enumerate(self.known):
+                if np.array_equal(img, batch[0]):
+                    del self.known[i]
+                    return probs[None]
+        return self.q(batch)
+
+
+def hsj_start(ask: _Primed, x0: np.ndarray, start: np.ndarray | None, rng: np.random.Generator,
+              tries: int = 20) -> np.ndarray | None:
+    """HopSkipJump's starting point for the untargeted attack on `x0`: an image the model
+    labels otherwise (argmax of its answer, as ART judges): `start` if so, else the first of
+    up to `tries` uniform random images drawn from `rng`; None when none is. Every image is
+    asked through `ask` (so counted against the budget, and not asked again by ART)."""
+    clean = int(ask.prime(x0).argmax())
+    randoms = (rng.uniform(0.0, 1.0, size=x0.shape).astype(np.float32) for _ in range(tries))
+    for img in itertools.chain([] if start is None else [start.astype(np.float32)], randoms):
+        if int(ask.prime(img).argmax()) != clean:
+            return img
+        ask.known.pop()  # ART will not ask about it
+    return None
 
 
 def attack_many(kind: str, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, budget: int, eps: float = 0.3,

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Collection
@@ -233,7 +234,13 @@ class Evaluation:
         """The HTTP client of the black-box section's `--url` mode (a test replaces it)."""
         import httpx
 
-        headers = {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else {}
+        headers = {}
+        if self.cfg.api_key:
+            # a URL with credentials (a gateway's Basic auth) has httpx put them in
+            # Authorization, over a Bearer key: the key then goes in the service's other header
+            has_userinfo = "@" in self.cfg.url.split("://", 1)[-1].split("/", 1)[0]
+            headers = ({"X-API-Key": self.cfg.api_key} if has_userinfo
+                       else {"Authorization": f"Bearer {self.cfg.api_key}"})
         return httpx.Client(base_url=self.cfg.url, timeout=120.0, headers=headers)
 
     def _unusable(self, settings: Any, name: str) -> str | None:
@@ -781,6 +788,10 @@ def _run_parallel(ev: Evaluation) -> dict[str, Any]:
     names = list(ev.pipes)
     order = sorted(names, key=lambda n: -_expected_cost(ev, n))
     parts = Path(cfg.out) / "parts"
+    # an earlier run's parts (an interrupted run started over, or one replaced with --force):
+    # a worker that failed before its first save was reported with their numbers as its own
+    for n in names:
+        shutil.rmtree(parts / n, ignore_errors=True)
     results: dict[str, dict[str, Any]] = {}
     log.info("evaluating %d pipelines in %d processes, costliest first: %s", len(names), cfg.jobs, ", ".join(order))
     with cf.ProcessPoolExecutor(max_workers=min(cfg.jobs, len(names)), mp_context=mp.get_context("spawn")) as pool:
