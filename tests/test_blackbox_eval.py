@@ -133,3 +133,15 @@ def test_answers_before_a_block_are_recorded():
     outcome = blackbox.answered_outcome([{"distance": q.best.distance, "label": q.best.label,
                                           "confidence": q.best.confidence}], eps=2.0, norm="l2")
     assert outcome.status[0] == "accepted" and outcome.labels[0] == WRONG
+
+
+def test_report_md_prints_the_interval_rounded_outwards() -> None:
+    """report.json's interval is rounded outwards (it stays >= 95%); report.md printed it to
+    the nearest, narrower: 1 of 10 digits, 0.00253-0.44502, as 0.003-0.445."""
+    from service.evaluation.metrics import clopper_pearson
+    from service.evaluation.report import _with_ci
+
+    for k, n, shown in ((1, 10, "0.002-0.446"), (0, 10, "0.000-0.309"), (9, 10, "0.554-0.998")):
+        lo, hi = clopper_pearson(k, n)
+        row = {"n": n, "robust_accuracy": k / n, "robust_accuracy_ci95": [lo, hi]}
+        assert f"95% CI {shown}" in _with_ci(k / n, "x", row), (k, n)

@@ -408,3 +408,11 @@ def test_the_report_files_are_replaced_whole(tmp_path, monkeypatch) -> None:
         harness.Evaluation.save(fake)  # type: ignore[arg-type]
     assert (out / "report.json").read_text() == before
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_coverage_table_gives_each_black_box_attack_its_own_budget() -> None:
+    """The coverage column showed the first black-box row's budget (Square's) for both attacks."""
+    from service.evaluation import report
+
+    row = report.coverage(_fake_report())[0]
+    assert "square 50" in row[4] and "hsj 40" in row[4], row

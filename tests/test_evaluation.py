@@ -644,6 +644,9 @@ def test_cw_counts_a_success_within_the_runs_l2_budget_only(quick_bundle, tmp_pa
     assert row["beyond_eps"] > 0  # a short CW run's adversarials go past L2 1 here (5 of 8 past 2)
     assert row["mean_l2"] <= 1.0 + 1e-4  # what is scored: in the ball, or the clean digit
     assert "Carlini-Wagner L2, a success counted within L2 1" in (out / "report.md").read_text()
+    # the base classifier's table counts by the same rule (it counted CW at any distance)
+    base = report["oblivious_attacks"]["cw_l2"]
+    assert base["counted_within_l2"] == 1.0 and base["success_on_base"] <= 1.0 - row["beyond_eps"] + 1e-9
 
 
 def test_autoattack_records_the_targets_it_ran_and_auc_uses_the_digits_an_attack_changed(quick_bundle, tmp_path):

@@ -287,7 +287,13 @@ class Evaluation:
             secs = time.perf_counter() - t
             self.oblivious[label] = adv
             with torch.no_grad():
-                fooled = float((self.base(adv).argmax(1) != y).float().mean())
+                wrong = self.base(adv).argmax(1) != y
+            if kind == "cw":
+                # within the run's largest L2 budget, as the pipelines' rows count it (at any
+                # size, the base table said 0.50 fooled where the baseline row said 0.40)
+                wrong &= (adv - x).flatten(1).norm(dim=1) <= max(b.l2_eps) + 1e-6
+                kw = {**kw, "counted_within_l2": max(b.l2_eps)}
+            fooled = float(wrong.float().mean())
             self.report["oblivious_attacks"][label] = {"attack": kind, **kw, "n": len(y),
                                                        "success_on_base": round(fooled, 4),
                                                        **{k: round(v, 4) for k, v in metrics.norms(x, adv).items()},

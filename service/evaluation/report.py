@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -55,7 +56,10 @@ def ci95(row: dict[str, Any]) -> tuple[float, float] | None:
 def _with_ci(value: float, name: str, row: dict[str, Any]) -> str:
     """`value (name; n=N, 95% CI lo-hi)`: the worst row of rows on different digits says its own."""
     ci = ci95(row)
-    return (f"{_f(value)} ({name}; n={row.get('n')}" + (f", 95% CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else "") + ")")
+    # rounded outwards, as report.json's: to the nearest it was narrower than the interval
+    # (1 of 10 digits: 0.00253-0.44502 printed "0.003-0.445")
+    shown = f", 95% CI {math.floor(ci[0] * 1000) / 1000:.3f}-{math.ceil(ci[1] * 1000) / 1000:.3f}" if ci else ""
+    return f"{_f(value)} ({name}; n={row.get('n')}{shown})"
 
 
 def autoattack_notes(report: dict[str, Any]) -> list[str]:
@@ -365,9 +369,12 @@ def coverage(report: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for name, rep in report["pipelines"].items():
         bb = [r for k, r in rep.get("attacks", {}).items() if r["section"] == "blackbox"]
+        # each attack's own budget (Square's was shown for HopSkipJump too)
+        budgets = {k.split("/", 1)[1].split("_", 1)[0]: r.get("query_budget")
+                   for k, r in rep.get("attacks", {}).items() if r["section"] == "blackbox"}
         cert = rep.get("certified")
         rows.append([name, rep.get("digits", 0), rep.get("attack_digits", rep.get("digits", 0)), bb[0]["n"] if bb else 0,
-                     bb[0]["query_budget"] if bb else "-", rep.get("smoothing_n") or ("service default" if rep.get("certifies") else "-"),
+                     ", ".join(f"{a} {b}" for a, b in budgets.items()) if bb else "-", rep.get("smoothing_n") or ("service default" if rep.get("certifies") else "-"),
                      f"{cert['digits']} (n={cert['n']})" if cert else "-",
                      rep["seconds"] if "seconds" in rep else (f"failed, sections missing: {rep['error']}" if rep.get("error")
                                                               else "partial: stopped at the deadline, sections missing")])
