@@ -918,6 +918,8 @@ def test_a_block_seen_in_redis_holds_on_this_replica_when_redis_is_down_or_resta
     client = redis_lib.Redis.from_url(redis_url)
     for key in client.scan_iter(f"{prefix}*"):  # a restart without persistence: everything gone
         client.delete(key)
+    for m in (maker, seer):  # ... and another run id
+        monkeypatch.setattr(m.redis, "run_id", lambda: "restarted")
     for m in (maker, seer):
         with pytest.raises(AttackSuspected):
             m.screen(policy, mnist.test.x[62:63], "ip:1.1.1.1")
@@ -1220,11 +1222,11 @@ def test_an_unblock_through_redis_lifts_the_block_every_replica_holds_and_no_lat
         redis_url, mnist, monkeypatch) -> None:  # noqa: F811
     """An operator's unblock (QueryMonitor.unblock, behind POST /admin/query-monitor/unblock)
     on one replica: the client is answered by every replica, also one that held a copy of the
-    block in its own store (deleting `blocked:<client>` in Redis did not lift that copy), and
-    the gauge drops at once; another client's block stays; a later block holds; a block a
-    replica made in its own store while Redis was down is not lifted by Redis' state. No
-    clocks are compared (a first version compared the unblock's time, rounded to the
-    millisecond, with the copy's: flaky, and racy)."""
+    block in its own store, and the gauge drops at once; another client's block stays; a later
+    block holds; a DEL in Redis lifts the copies too; after a restart (another run id) a copy
+    holds until an unblock; a block a replica made in its own store while Redis was down is not
+    lifted by Redis' state. No clocks are compared (a first version compared the unblock's
+    time, rounded to the millisecond, with the copy's: flaky, and racy)."""
     import uuid
 
     import redis as redis_lib
@@ -1249,13 +1251,13 @@ def test_an_unblock_through_redis_lifts_the_block_every_replica_holds_and_no_lat
         with pytest.raises(AttackSuspected):  # the seer reads the blocks in Redis, and holds them
             seer.screen(policy, mnist.test.x[60:61], client)
     assert seer.memory.blocked_for(seer.client_tag("ip:1.1.1.1")) > 0
-    assert maker.unblock("ip:1.1.1.1") == {"was_blocked": True, "scope": "shared"}
+    assert maker.unblock("ip:1.1.1.1", hold_s=600) == {"was_blocked": True, "scope": "shared"}
     assert seer.blocked_count() == 1  # the copy of the lifted block is not counted, and goes
     assert seer.memory.blocked_for(seer.client_tag("ip:1.1.1.1")) == 0
     block(maker, "ip:1.1.1.1", 5)  # blocked again, the seer holding a copy again
     with pytest.raises(AttackSuspected):
         seer.screen(policy, mnist.test.x[61:62], "ip:1.1.1.1")
-    assert maker.unblock("ip:1.1.1.1")["was_blocked"]
+    assert maker.unblock("ip:1.1.1.1", hold_s=600)["was_blocked"]
     for m in (maker, seer):  # lifted at the next request (no scrape in between this time)
         assert m.screen(policy, mnist.test.x[62:63], "ip:1.1.1.1").flagged == [False]
         with pytest.raises(AttackSuspected):
@@ -1268,6 +1270,23 @@ def test_an_unblock_through_redis_lifts_the_block_every_replica_holds_and_no_lat
     client = redis_lib.Redis.from_url(redis_url)
     client.delete(f"{prefix}qm:blocked:{maker.client_tag('ip:1.1.1.1')}")
     assert seer.screen(policy, mnist.test.x[65:66], "ip:1.1.1.1").flagged == [False]
+    client.zrem(f"{prefix}qm:blocked", maker.client_tag("ip:1.1.1.1"))  # the gauge's set, by hand too
+    # a restart (its keys gone, another run id): the seer's copy holds, until an unblock
+    block(maker, "ip:4.4.4.4", 9)
+    with pytest.raises(AttackSuspected):
+        seer.screen(policy, mnist.test.x[80:81], "ip:4.4.4.4")
+    client.delete(f"{prefix}qm:blocked:{maker.client_tag('ip:4.4.4.4')}")
+    client.zrem(f"{prefix}qm:blocked", maker.client_tag("ip:4.4.4.4"))
+    real_run_id = seer.redis.run_id
+    for m in (maker, seer):
+        monkeypatch.setattr(m.redis, "run_id", lambda: "restarted")
+    with pytest.raises(AttackSuspected):
+        seer.screen(policy, mnist.test.x[81:82], "ip:4.4.4.4")
+    assert seer.blocked_count() == 2  # 2.2.2.2 in Redis, 4.4.4.4 held here for the lost block
+    assert maker.unblock("ip:4.4.4.4", hold_s=600) == {"was_blocked": True, "scope": "shared"}  # its own copy
+    assert seer.screen(policy, mnist.test.x[82:83], "ip:4.4.4.4").flagged == [False]
+    for m in (maker, seer):
+        monkeypatch.setattr(m.redis, "run_id", real_run_id)
 
     # a block made in the seer's own store while Redis was down: Redis never had it, it holds
     def down(*args, **kwargs):
@@ -1303,9 +1322,9 @@ def test_an_unblock_on_the_memory_store_lifts_the_block_flags_and_suspect_mark(m
         monitor.screen(policy, _near(x, k), "ip:1.1.1.1")
     with pytest.raises(AttackSuspected):
         monitor.screen(policy, mnist.test.x[60:61], "ip:1.1.1.1")
-    assert monitor.unblock("ip:1.1.1.1") == {"was_blocked": True, "scope": "process"}
+    assert monitor.unblock("ip:1.1.1.1", hold_s=600) == {"was_blocked": True, "scope": "process"}
     tag = monitor.client_tag("ip:1.1.1.1")
     assert not monitor.memory.suspect(tag) and tag not in monitor.memory._flags
     assert monitor.screen(policy, mnist.test.x[61:62], "ip:1.1.1.1").flagged == [False]
     assert monitor.blocked_count() == 0
-    assert monitor.unblock("ip:1.1.1.1")["was_blocked"] is False
+    assert monitor.unblock("ip:1.1.1.1", hold_s=600)["was_blocked"] is False

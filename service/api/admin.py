@@ -132,9 +132,12 @@ def _client_id(text: str, settings: Any) -> str:
         if parse_address(rest):
             return "ip:" + client_network(rest, settings.client_ipv6_prefix)
         try:
-            return "ip:" + str(ipaddress.ip_network(rest, strict=False))
+            net = ipaddress.ip_network(rest, strict=False)
         except ValueError:
             return text
+        # a whole-address network (1.2.3.4/32) is the address
+        return "ip:" + (client_network(str(net.network_address), settings.client_ipv6_prefix)
+                        if net.prefixlen == net.max_prefixlen else str(net))
     raise ApiError(422, "invalid_parameter", "client must be ip:ADDRESS or key:NAME")
 
 
@@ -149,10 +152,12 @@ async def query_monitor_unblock(request: Request,
     if runtime.monitor is None:
         raise ApiError(422, "invalid_parameter", "the query monitor is off: no pipeline is monitored")
     name = _client_id(client, runtime.settings)
+    # a replica's copy of the block lasts at most the longest cooldown
+    hold_s = max((p.monitor.cooldown_s for p in runtime.pipelines.values() if p.monitor is not None), default=1.0)
     monitor = runtime.monitor
     errors = monitor.redis.errors if monitor.redis is not None else ()
     try:
-        outcome = await runtime.offload(lambda: monitor.unblock(name))
+        outcome = await runtime.offload(lambda: monitor.unblock(name, hold_s))
     except errors as exc:
         raise StoreUnavailable(f"the query monitor's Redis did not take the unblock ({type(exc).__name__}): this "
                                f"process lifted its own copy of the block, Redis and the other replicas did not; "

@@ -335,9 +335,10 @@ class MemoryStore:
         self._started = time.monotonic()
         self._flags: dict[str, list[float]] = {}
         self._blocked: dict[str, float] = {}
-        # for a block this store holds as a copy of one in Redis, that Redis' epoch (None: a
-        # block made here, while Redis was down): gone from the same Redis, it was lifted there
-        # (an operator's unblock); gone from a restarted one (a new epoch), it was lost
+        # for a block this store holds as a copy of one in Redis, that Redis server's run id
+        # (None: a block made here, while Redis was down): gone from the same server, it was
+        # lifted there (an operator's unblock, a DEL); from a restarted one (another run id,
+        # whether or not it kept its data), it was lifted only if the unblock says so
         self._block_epoch: dict[str, str | None] = {}
         self._suspects: dict[str, float] = {}  # client -> until when it is held to suspect_threshold
         # suspect -> (until when, its last images), least recently used first; NEAR_MEMORY_BYTES at most
@@ -410,23 +411,25 @@ class MemoryStore:
             return 0.0
         left = until - time.time()
         if left <= 0:
-            self._blocked.pop(client, None)
-            self._block_epoch.pop(client, None)
+            with self._lock:  # _trim walks these tables under the lock: never beside it
+                if self._blocked.get(client, 0.0) <= time.time():
+                    self._blocked.pop(client, None)
+                    self._block_epoch.pop(client, None)
             return 0.0
         return left
 
     def block_epoch(self, client: str) -> str | None:
-        """The Redis epoch of the block this store holds for the client (None: made here, or none)."""
+        """The Redis run id of the block this store holds for the client (None: made here, or none)."""
         return self._block_epoch.get(client) if self.blocked_for(client) > 0 else None
 
     def held_blocks(self) -> list[tuple[str, str | None]]:
-        """(client, its block's Redis epoch) for every block this store holds now."""
+        """(client, its block's Redis run id) for every block this store holds now."""
         now = time.time()
         return [(c, self._block_epoch.get(c)) for c, until in list(self._blocked.items()) if until > now]
 
     def _block(self, client: str, until: float, now: float, epoch: str | None) -> None:
         """Under the lock: hold the client's block until `until` (a later end of one it holds
-        extends it); `epoch`: the Redis that holds it too, if any."""
+        extends it); `epoch`: the run id of the Redis server that holds it too, if any."""
         if epoch is not None or self._blocked.get(client, 0.0) <= now:
             self._block_epoch[client] = epoch
         self._blocked[client] = max(self._blocked.get(client, 0.0), until)
@@ -436,7 +439,7 @@ class MemoryStore:
                 del self._block_epoch[c]
 
     def hold_block(self, client: str, seconds: float, epoch: str | None = None) -> None:
-        """Keep a block the shared store reported (for `seconds` more; `epoch`: that Redis'),
+        """Keep a block the shared store reported (for `seconds` more; `epoch`: that server's run id),
         so that this replica still enforces it while Redis is down, or after a restart lost it."""
         now = time.time()
         with self._lock:
@@ -505,11 +508,6 @@ local ttl = tonumber(ARGV[5]); local n = tonumber(ARGV[6]); local client = ARGV[
 local out = {}
 out[1] = redis.call('PTTL', p .. 'blocked:' .. client)
 out[2] = redis.call('PTTL', p .. 'suspect:' .. client)
--- this Redis' epoch: made once (ARGV[9], a replica's random one), lost with everything else by
--- a restart without persistence; a replica's copy of a block names it (QueryMonitor._lifted)
-local epoch = redis.call('GET', p .. 'epoch')
-if not epoch then epoch = ARGV[9]; redis.call('SET', p .. 'epoch', epoch) end
-out[3] = epoch
 -- block mode: a blocked client's queries are refused, so they are neither matched nor
 -- remembered (remembered, they got other clients' copies of those images rejected)
 if ARGV[8] == '1' and tonumber(out[1]) > 0 then return out end
@@ -534,7 +532,7 @@ if slots > 0 or count >= cap then
 end
 local ch, cd = p .. 'g' .. gen .. ':h', p .. 'g' .. gen .. ':d'
 local oh, od = p .. 'g' .. (gen - 1) .. ':h', p .. 'g' .. (gen - 1) .. ':d'
-local i = 10
+local i = 9
 while i <= #ARGV do
   local d = ARGV[i]
   local in_cur = redis.call('SISMEMBER', cd, d)
@@ -569,7 +567,7 @@ local total = redis.call('INCRBY', k, count)
 if total == count then redis.call('PEXPIRE', k, window) end
 if total > after then
   redis.call('SET', p .. 'blocked:' .. client, '1', 'PX', cooldown)
-  redis.call('DEL', k)
+  redis.call('DEL', k, p .. 'lifted:' .. client)  -- an earlier unblock lifts no copy of this block
   redis.call('ZADD', p .. 'blocked', now + cooldown / 1000, client)  -- now in s, cooldown in ms
   return 1
 end
@@ -615,8 +613,9 @@ class RedisStore:
     `gen_started`, `g<N>:h` (hash -> count), `g<N>:d` (digests), `g<N>:n`, `flags:<client>`,
     `blocked:<client>`, `suspect:<client>`, `near:<client>` (a suspect's last images, 8-bit),
     `near_lru` (sorted set: suspects by last use), `near_bytes` (hash: bytes of each `near:` list),
-    `near_total`, `near_seq`, `blocked` (sorted set), `key` (the shared hashing key), `epoch`
-    (this Redis' random id, made by the first screen after it started empty)."""
+    `near_total`, `near_seq`, `blocked` (sorted set), `key` (the shared hashing key),
+    `lifted:<client>` (an operator's unblock, for the replicas holding a copy of the block
+    made on an earlier run of this Redis)."""
 
     def __init__(self, url: str, prefix: str, window_s: float, max_queries: int, timeout_s: float = 0.25,
                  client: Any = None) -> None:
@@ -631,6 +630,7 @@ class RedisStore:
         self._screen = self.client.register_script(_SCREEN)
         self._flags = self.client.register_script(_FLAGS)
         self._recall = self.client.register_script(_RECALL)
+        self._unblock = self.client.register_script(_UNBLOCK)
 
     def shared_key(self) -> bytes:
         """The hashing key every replica uses: the first replica's random key wins."""
@@ -638,23 +638,20 @@ class RedisStore:
         return bytes(self.client.get(self.prefix + "key"))
 
     def screen(self, client: str, digests: Sequence[bytes], hashes: np.ndarray,
-               skip_blocked: bool = False) -> tuple[float, bool, list[int], str]:
-        """(seconds the client stays blocked, whether it is a suspect, matches per query, this
-        Redis' epoch); `skip_blocked` (block mode): a blocked client's queries are neither
-        matched nor remembered (no matches returned)."""
+               skip_blocked: bool = False) -> tuple[float, bool, list[int]]:
+        """(seconds the client stays blocked, whether it is a suspect, matches per query);
+        `skip_blocked` (block mode): a blocked client's queries are neither matched nor
+        remembered (no matches returned)."""
         n = hashes.shape[1]
         args: list[Any] = [self.prefix, f"{time.time():.3f}", self.half_s, self.cap, self.ttl_s, n, client,
-                           # a new epoch, taken if Redis has none (fresh at every call: a Redis
-                           # restarted empty must get another one than before)
-                           "1" if skip_blocked else "0", os.urandom(8).hex()]
+                           "1" if skip_blocked else "0"]
         for d, hs in zip(digests, hashes):
             raw = hs.astype(">u8").tobytes()
             args.append(d)
             args.extend(raw[k:k + 8] for k in range(0, 8 * n, 8))
         out = self._screen(args=args)
         pttl = int(out[0])
-        epoch = out[2].decode() if isinstance(out[2], bytes) else str(out[2])
-        return (pttl / 1000.0 if pttl > 0 else 0.0), int(out[1]) > 0, [int(m) for m in out[3:]], epoch
+        return (pttl / 1000.0 if pttl > 0 else 0.0), int(out[1]) > 0, [int(m) for m in out[2:]]
 
     def mark_suspect(self, client: str, seconds: float) -> None:
         self.client.set(self.prefix + "suspect:" + client, "1", px=max(1, int(seconds * 1000)))
@@ -681,40 +678,60 @@ class RedisStore:
         return bool(self._flags(args=[self.prefix, client, count, max(1, int(window_s * 1000)), block_after,
                                       int(cooldown_s * 1000), f"{time.time():.3f}"]))
 
-    def unblock(self, client: str) -> bool:
-        """Lift the client's block, flags and suspect mark (deletions alone, which a full
-        `noeviction` Redis still takes; the replicas holding a copy of the block see it gone
-        from this epoch's Redis); True if Redis held a block."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.delete(self.prefix + "blocked:" + client)
-        pipe.delete(self.prefix + "flags:" + client, self.prefix + "suspect:" + client)
-        pipe.zrem(self.prefix + "blocked", client)
-        return int(pipe.execute()[0]) > 0
+    def run_id(self) -> str:
+        """This Redis server's run id: another after every restart, with or without its data."""
+        return str(self.client.info("server")["run_id"])
 
-    def block_status(self, client: str) -> tuple[float, str | None]:
-        """(seconds the client stays blocked here, this Redis' epoch: None before its first screen)."""
+    def unblock(self, client: str, hold_s: float) -> bool:
+        """Lift the client's block, flags and suspect mark, in one script of deletions (which a
+        full `noeviction` Redis still runs), and say so for `hold_s` to the replicas holding a
+        copy of the block made on an earlier run of this Redis; True if Redis held a block."""
+        return bool(self._unblock(args=[self.prefix, client, max(1, int(hold_s * 1000))]))
+
+    def block_status(self, client: str) -> tuple[float, bool, str]:
+        """(seconds the client stays blocked here, whether an operator lifted its block since its
+        last one, this server's run id)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.pttl(self.prefix + "blocked:" + client)
-        pipe.get(self.prefix + "epoch")
-        pttl, epoch = pipe.execute()
-        return (int(pttl) / 1000.0 if int(pttl) > 0 else 0.0), (epoch.decode() if epoch is not None else None)
+        pipe.exists(self.prefix + "lifted:" + client)
+        pttl, lifted = pipe.execute()
+        return (int(pttl) / 1000.0 if int(pttl) > 0 else 0.0), bool(lifted), self.run_id()
 
     def blocked_count(self, also: Sequence[tuple[str, str | None]] = ()) -> tuple[int, list[str]]:
         """(clients blocked in Redis, and those of `also` that Redis does not hold: blocks a
-        replica holds in its own store, (client, epoch), made while Redis was down or lost by
-        its restart; the clients of `also` whose block this Redis held and no longer does,
-        lifted here: not counted)."""
+        replica holds in its own store, (client, run id), made while Redis was down or lost by
+        its restart; the clients of `also` whose block this Redis held and an operator lifted,
+        to be dropped there: not counted)."""
         now = time.time()
         pipe = self.client.pipeline(transaction=False)
         pipe.zremrangebyscore(self.prefix + "blocked", "-inf", now)
         pipe.zcard(self.prefix + "blocked")
-        pipe.get(self.prefix + "epoch")
         for client, _ in also:
             pipe.zscore(self.prefix + "blocked", client)
-        _, count, epoch, *scores = pipe.execute()
-        epoch = epoch.decode() if epoch is not None else None
-        lifted = [c for (c, e), score in zip(also, scores) if score is None and e is not None and e == epoch]
-        return int(count) + sum(1 for score in scores if score is None) - len(lifted), lifted
+            pipe.exists(self.prefix + "lifted:" + client)
+        _, count, *rest = pipe.execute()
+        run_id = self.run_id() if also else ""
+        lifted, missing = [], 0
+        for (client, mine), score, marked in zip(also, rest[0::2], rest[1::2]):
+            if score is None:
+                if mine is not None and (mine == run_id or marked):
+                    lifted.append(client)
+                else:
+                    missing += 1
+        return int(count) + missing, lifted
+
+
+# An operator's unblock: deletions (a full noeviction Redis runs them), then the record for the
+# copies of the block made on an earlier run of this server (refused on a full Redis: pcall,
+# the deletions stand)
+_UNBLOCK = """
+local p = ARGV[1]; local c = ARGV[2]
+local was = redis.call('DEL', p .. 'blocked:' .. c)
+redis.call('DEL', p .. 'flags:' .. c, p .. 'suspect:' .. c)
+redis.call('ZREM', p .. 'blocked', c)
+redis.pcall('SET', p .. 'lifted:' .. c, '1', 'PX', ARGV[3])
+return was
+"""
 
 
 # --------------------------------------------------------------------------- policy
@@ -896,14 +913,14 @@ class QueryMonitor:
             if not self._lifted(tag, tags):
                 raise AttackSuspected(max(1, int(np.ceil(local_blocked))))
             local_suspect = False
-        blocked_for, suspect, matches, epoch = 0.0, False, None, None
+        blocked_for, suspect, matches = 0.0, False, None
         if self._use_redis() and not self._key_pending:
             assert self.redis is not None
             try:
-                blocked_for, suspect, matches, epoch = self.redis.screen(tag, digests, hashes,
-                                                                         skip_blocked=policy.action == "block")
+                blocked_for, suspect, matches = self.redis.screen(tag, digests, hashes,
+                                                                  skip_blocked=policy.action == "block")
                 if policy.action == "block" and blocked_for > 0:
-                    self.memory.hold_block(tag, blocked_for, epoch)
+                    self.memory.hold_block(tag, blocked_for, self._run_id())
                 if matches:
                     # not for a blocked client's script, which only reads: a full Redis answers it
                     # too, and a blocked client's queries would turn the outage off and on
@@ -951,7 +968,7 @@ class QueryMonitor:
         if any(flagged):
             self._mark_suspect(tag, policy.block_window_s)
         if policy.action == "block" and any(flagged):
-            verdict.blocked_now = self._add_flags(tag, sum(flagged), policy, epoch)
+            verdict.blocked_now = self._add_flags(tag, sum(flagged), policy)
         return verdict
 
     def _mark_suspect(self, tag: str, seconds: float) -> None:
@@ -976,7 +993,16 @@ class QueryMonitor:
                 self._redis_failed("recall", exc)
         return self.memory.recall(tag, pixels, self.suspect_history, seconds)
 
-    def _add_flags(self, tag: str, count: int, policy: MonitorPolicy, epoch: str | None) -> bool:
+    def _run_id(self) -> str | None:
+        """The Redis server's run id, for a copy of a block it holds (None: not read; the copy
+        then holds for its cooldown, as one made here)."""
+        assert self.redis is not None
+        try:
+            return self.redis.run_id()
+        except self.redis.errors:
+            return None
+
+    def _add_flags(self, tag: str, count: int, policy: MonitorPolicy) -> bool:
         args = (tag, count, policy.block_window_s, policy.block_after, policy.cooldown_s)
         if self._use_redis() and not self._key_pending:
             assert self.redis is not None
@@ -984,17 +1010,18 @@ class QueryMonitor:
                 blocked = self.redis.add_flags(*args)
                 self._redis_ok()
                 if blocked:
-                    self.memory.hold_block(tag, policy.cooldown_s, epoch)
+                    self.memory.hold_block(tag, policy.cooldown_s, self._run_id())
                 return blocked
             except self.redis.errors as exc:
                 self._redis_failed("add_flags", exc)
         return self.memory.add_flags(*args)
 
     def _lifted(self, tag: str, tags: list[str]) -> bool:
-        """Whether the block this replica holds for the client, a copy of one in Redis, is gone
-        from that same Redis (an operator's unblock, or a DEL): then it goes here too, and the
-        client is answered. A block made here while Redis was down, or one a restarted Redis
-        lost (another epoch), holds for its cooldown."""
+        """Whether the block this replica holds for the client, a copy of one in Redis, was
+        lifted there: gone from the same Redis server (an operator's unblock, a DEL), or, from
+        a restarted one (another run id: it may have lost the block), gone with an unblock's
+        record (`lifted:<client>`). Then it goes here too, and the client is answered. A block
+        made here while Redis was down holds for its cooldown."""
         mine = self.memory.block_epoch(tag)
         if mine is None or not (self._use_redis() and not self._key_pending):
             return False
@@ -1010,19 +1037,20 @@ class QueryMonitor:
             while len(self._lift_asked) > KEEP_CLIENTS:
                 self._lift_asked.popitem(last=False)
         try:
-            blocked_for, epoch = self.redis.block_status(tag)
+            blocked_for, lifted, run_id = self.redis.block_status(tag)
         except self.redis.errors as exc:
             self._redis_failed("block_status", exc)
             return False
-        if blocked_for > 0 or epoch != mine:
+        if blocked_for > 0 or not (run_id == mine or lifted):
             return False
         self.memory.unblock(tag)
         return all(self.memory.blocked_for(t) <= 0 for t in tags)
 
-    def unblock(self, client: str) -> dict[str, Any]:
+    def unblock(self, client: str, hold_s: float) -> dict[str, Any]:
         """Lift the client's block, flags and suspect mark in this process, then in Redis (where
         the other replicas holding a copy of the block see it gone at the client's next
-        request). Raises the store's error when Redis cannot be told (this process's lifted)."""
+        request; `hold_s`: how long a copy may last, the longest cooldown). Raises the store's
+        error when Redis cannot be told (this process's lifted)."""
         tags = [self.client_tag(client)]
         if self._earlier_client_key is not None:
             tags.append(self.client_tag(client, self._earlier_client_key))
@@ -1032,7 +1060,7 @@ class QueryMonitor:
         if self._key_pending:
             # this replica's client tags are not the shared ones until it has read the shared key
             raise self.redis.errors[0]("this replica has not reached Redis since it started")
-        return {"was_blocked": self.redis.unblock(tags[0]) or here, "scope": "shared"}
+        return {"was_blocked": self.redis.unblock(tags[0], hold_s) or here, "scope": "shared"}
 
     def blocked_count(self) -> int:
         # a full Redis (refusing writes) still answers this, as it does the client's block
