@@ -339,7 +339,7 @@ class MemoryStore:
         # (None: a block made here, while Redis was down): gone from the same server, it was
         # lifted there (an operator's unblock, a DEL); from a restarted one (another run id,
         # whether or not it kept its data), it was lifted only if the unblock says so
-        self._block_epoch: dict[str, str | None] = {}
+        self._block_run_id: dict[str, str | None] = {}
         self._suspects: dict[str, float] = {}  # client -> until when it is held to suspect_threshold
         # suspect -> (until when, its last images), least recently used first; NEAR_MEMORY_BYTES at most
         self._near: OrderedDict[str, tuple[float, list[np.ndarray]]] = OrderedDict()
@@ -414,48 +414,48 @@ class MemoryStore:
             with self._lock:  # _trim walks these tables under the lock: never beside it
                 if self._blocked.get(client, 0.0) <= time.time():
                     self._blocked.pop(client, None)
-                    self._block_epoch.pop(client, None)
+                    self._block_run_id.pop(client, None)
             return 0.0
         return left
 
-    def block_epoch(self, client: str) -> str | None:
+    def block_run_id(self, client: str) -> str | None:
         """The Redis run id of the block this store holds for the client (None: made here, or none)."""
-        return self._block_epoch.get(client) if self.blocked_for(client) > 0 else None
+        return self._block_run_id.get(client) if self.blocked_for(client) > 0 else None
 
     def held_blocks(self) -> list[tuple[str, str | None]]:
         """(client, its block's Redis run id) for every block this store holds now."""
         now = time.time()
-        return [(c, self._block_epoch.get(c)) for c, until in list(self._blocked.items()) if until > now]
+        return [(c, self._block_run_id.get(c)) for c, until in list(self._blocked.items()) if until > now]
 
-    def _block(self, client: str, until: float, now: float, epoch: str | None) -> None:
+    def _block(self, client: str, until: float, now: float, run_id: str | None) -> None:
         """Under the lock: hold the client's block until `until` (a later end of one it holds
-        extends it); `epoch`: the run id of the Redis server that holds it too, if any."""
-        if epoch is not None or self._blocked.get(client, 0.0) <= now:
-            self._block_epoch[client] = epoch
+        extends it); `run_id`: the Redis server that holds it too, if any."""
+        if run_id is not None or self._blocked.get(client, 0.0) <= now:
+            self._block_run_id[client] = run_id
         self._blocked[client] = max(self._blocked.get(client, 0.0), until)
         if len(self._blocked) > MAX_CLIENTS:
             _trim(self._blocked, lambda until: until <= now, lambda until: until)
-            for c in [c for c in self._block_epoch if c not in self._blocked]:
-                del self._block_epoch[c]
+            for c in [c for c in self._block_run_id if c not in self._blocked]:
+                del self._block_run_id[c]
 
-    def hold_block(self, client: str, seconds: float, epoch: str | None = None) -> None:
-        """Keep a block the shared store reported (for `seconds` more; `epoch`: that server's run id),
+    def hold_block(self, client: str, seconds: float, run_id: str | None = None) -> None:
+        """Keep a block the shared store reported (for `seconds` more; `run_id`: that server's),
         so that this replica still enforces it while Redis is down, or after a restart lost it."""
         now = time.time()
         with self._lock:
-            self._block(client, now + seconds, now, epoch)
+            self._block(client, now + seconds, now, run_id)
 
     def drop_block(self, client: str) -> None:
         with self._lock:
             self._blocked.pop(client, None)
-            self._block_epoch.pop(client, None)
+            self._block_run_id.pop(client, None)
 
     def unblock(self, client: str) -> bool:
         """Lift the client's block, flags and suspect mark in this store; True if it was blocked."""
         now = time.time()
         with self._lock:
             was = self._blocked.pop(client, 0.0) > now
-            self._block_epoch.pop(client, None)
+            self._block_run_id.pop(client, None)
             self._flags.pop(client, None)
             self._suspects.pop(client, None)
         return was
@@ -1022,7 +1022,7 @@ class QueryMonitor:
         a restarted one (another run id: it may have lost the block), gone with an unblock's
         record (`lifted:<client>`). Then it goes here too, and the client is answered. A block
         made here while Redis was down holds for its cooldown."""
-        mine = self.memory.block_epoch(tag)
+        mine = self.memory.block_run_id(tag)
         if mine is None or not (self._use_redis() and not self._key_pending):
             return False
         assert self.redis is not None
