@@ -539,3 +539,13 @@ def test_fuzz_v2_json_and_binary_bodies_never_5xx(client):
             assert_contract_error(r)
 
     run()
+
+
+def test_a_truncated_multipart_body_says_it_may_be_cut_short(client, digit):
+    """A body cut before its closing boundary (python-multipart drops the unfinished part) was
+    answered "the multipart body has no 'file' part", which sends a client looking for a
+    misnamed field."""
+    body = multipart(part(digit))
+    r = client.post("/predict", content=body[: len(body) // 2], headers={"content-type": CT})
+    assert_contract_error(r, 400)
+    assert "cut short" in r.json()["error"]["message"]

@@ -179,7 +179,9 @@ async def read_images(request: Request, runtime: Runtime) -> list[Upload]:
         finally:
             await form.close()
         if not items:
-            raise ApiError(400, "invalid_image", "the multipart body has no 'file' part")
+            # python-multipart drops a part cut short, so a truncated upload ends up here too
+            raise ApiError(400, "invalid_image", "the multipart body has no complete 'file' part (is it cut short, "
+                                                 "before its closing boundary?)")
         return items
     if content_type and not (content_type.startswith("image/") or content_type == "application/octet-stream"):
         raise ApiError(415, "unsupported_media_type",
