@@ -113,7 +113,7 @@ class Runtime:
             # answered a 422 saying it was not served
             why = ("served, but it does not certify" if certify_with in self.pipelines
                    else self.unavailable.get(certify_with, "not configured"))
-            certifying = [n for n, p in self.pipelines.items() if getattr(p.decider, "certifies", False)]
+            certifying = [n for n, p in self.pipelines.items() if p.certifies]
             instead = (settings.default_pipeline if settings.default_pipeline in certifying
                        else certifying[0] if certifying else None)
             if instead is not None:

@@ -74,6 +74,13 @@ class RmcResetResponse(BaseModel):
                                      "all of them only once that many distinct `process` ids have answered")
 
 
+def _caller(request: Request, runtime: Any) -> str:
+    """The admin caller's address for the log line: one token on one line."""
+    peer = request.client.host if request.client is not None else "unknown"
+    caller = forwarded_client(peer, forwarded_for(request), tuple(runtime.settings.trusted_proxies))
+    return "".join(ch if ch.isprintable() and not ch.isspace() else "?" for ch in caller)
+
+
 @router.post("/rmc/reset", response_model=RmcResetResponse,
              responses={c: {"model": ErrorBody} for c in (401, 403, 404, 422)},
              dependencies=[Depends(require_admin_key)],
@@ -94,9 +101,7 @@ async def rmc_reset(request: Request,
     # on the compute thread, as every torch call: after the batch running now, never inside it
     outcome = await asyncio.wrap_future(runtime.compute.submit(adapters[0].reset, to))
     # every later answer changes: leave a trace (who, what, how much), never the key
-    peer = request.client.host if request.client is not None else "unknown"
-    client = forwarded_client(peer, forwarded_for(request), tuple(runtime.settings.trusted_proxies))
-    client = "".join(ch if ch.isprintable() and not ch.isspace() else "?" for ch in client)  # one line, one token
+    client = _caller(request, runtime)
     log.warning("admin: rmc reset pipeline=%s to=%s restored=%s discarded=%d mode=%s process=%d client=ip:%s",
                 pipeline, to, outcome["restored"], outcome["discarded_images"], outcome["mode"], os.getpid(),
                 client)
@@ -163,9 +168,7 @@ async def query_monitor_unblock(request: Request,
                                f"process lifted its own copy of the block, Redis and the other replicas did not; "
                                f"try again when Redis answers") from None
     runtime._refresh_blocked()
-    peer = request.client.host if request.client is not None else "unknown"
-    caller = forwarded_client(peer, forwarded_for(request), tuple(runtime.settings.trusted_proxies))
-    caller = "".join(ch if ch.isprintable() and not ch.isspace() else "?" for ch in caller)
+    caller = _caller(request, runtime)
     # the client's id (an address or a key's name, never a key) is what the operator gave
     log.warning("admin: query monitor unblock client=%s was_blocked=%s scope=%s process=%d admin=ip:%s",
                 name, outcome["was_blocked"], outcome["scope"], os.getpid(), caller)

@@ -413,8 +413,7 @@ class MemoryStore:
         if left <= 0:
             with self._lock:  # _trim walks these tables under the lock: never beside it
                 if self._blocked.get(client, 0.0) <= time.time():
-                    self._blocked.pop(client, None)
-                    self._block_run_id.pop(client, None)
+                    self._drop(client)
             return 0.0
         return left
 
@@ -445,17 +444,20 @@ class MemoryStore:
         with self._lock:
             self._block(client, now + seconds, now, run_id)
 
+    def _drop(self, client: str) -> float:
+        """Under the lock: forget the client's block; when it was to end (0: none)."""
+        self._block_run_id.pop(client, None)
+        return self._blocked.pop(client, 0.0)
+
     def drop_block(self, client: str) -> None:
         with self._lock:
-            self._blocked.pop(client, None)
-            self._block_run_id.pop(client, None)
+            self._drop(client)
 
     def unblock(self, client: str) -> bool:
         """Lift the client's block, flags and suspect mark in this store; True if it was blocked."""
         now = time.time()
         with self._lock:
-            was = self._blocked.pop(client, 0.0) > now
-            self._block_run_id.pop(client, None)
+            was = self._drop(client) > now
             self._flags.pop(client, None)
             self._suspects.pop(client, None)
         return was
@@ -469,7 +471,7 @@ class MemoryStore:
             if len(times) > block_after:
                 # bounded (_block): without a bound, every client ever blocked would stay, an
                 # entry going only when its own client asks again after its cooldown
-                self._blocked.pop(client, None)  # a new block, made here
+                self._drop(client)  # a new block, made here
                 self._block(client, now + cooldown_s, now, None)
                 self._flags.pop(client, None)
                 return True

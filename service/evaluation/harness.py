@@ -238,8 +238,7 @@ class Evaluation:
         if self.cfg.api_key:
             # a URL with credentials (a gateway's Basic auth) has httpx put them in
             # Authorization, over a Bearer key: the key then goes in the service's other header
-            has_userinfo = "@" in self.cfg.url.split("://", 1)[-1].split("/", 1)[0]
-            headers = ({"X-API-Key": self.cfg.api_key} if has_userinfo
+            headers = ({"X-API-Key": self.cfg.api_key} if httpx.URL(self.cfg.url).userinfo
                        else {"Authorization": f"Bearer {self.cfg.api_key}"})
         return httpx.Client(base_url=self.cfg.url, timeout=120.0, headers=headers)
 
