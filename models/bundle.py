@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import logging
 import math
 import numbers
@@ -531,9 +532,14 @@ class Bundle:
         pending = [str(s) for s in build.get("pending_steps") or []]
         steps = ",".join(pending) or "STEPS"
         trust = "".join(f" --trust-import {t}" for t in trust_needed(self.manifest))
+        given = build.get("options")
+        # the build's --options for the steps still to run (and the gate's): without them the
+        # rest was built with the preset's settings
+        wanted = {k: v for k, v in given.items() if k in pending or k == "quality"} if isinstance(given, dict) else {}
+        options = f" --options {shlex.quote(json.dumps(wanted))}" if wanted else ""
         raise BundleError(f"{self.path}: its build has not finished (the steps {steps} did not run): run its "
                           f"command again ({str(build.get('command', 'shieldserve train ...'))[:300]}), or "
-                          f"`shieldserve train --out {self.path} --steps {steps}{trust}`")
+                          f"`shieldserve train --out {self.path} --steps {steps}{options}{trust}`")
 
     def read_verified(self, name: str) -> bytes:
         """An artifact's bytes, after its sha256 has been checked."""

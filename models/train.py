@@ -28,12 +28,15 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import platform
 import shlex
 import signal
 import sys
 import threading
 import time
+import types
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +44,7 @@ from typing import Any
 
 import torch
 
-from models.bundle import Bundle, BundleWriter, Classifier, InputSpec, require_trusted, torchscript_trust
+from models.bundle import Bundle, BundleError, BundleWriter, Classifier, InputSpec, require_trusted, torchscript_trust
 from models.bundle import is_unfinished as is_incomplete  # the service refuses such a bundle (Bundle.require_finished)
 from models.features import FeatureError
 from models.datasets import Dataset, load_dataset
@@ -256,15 +259,89 @@ def _step_settings(step: str) -> set[str]:
     return fields | _STEP_EXTRAS.get(step, set())
 
 
-def _check_options(options: dict[str, Any]) -> None:
+# settings that count something that must be there at least once (0 epochs, a batch of 0, a
+# network of width 0 were tracebacks deep in a step); every other whole-number setting is >= 0
+_AT_LEAST_ONE = {"epochs", "batch_size", "width", "hidden", "latent_dim"}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value is of the recipe field's annotated type (JSON arrays for tuples, an
+    int where a float goes); a type this does not know is left to the recipe."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if hint in (tuple, list) or origin in (tuple, list):
+        if not isinstance(value, list):
+            return False
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        if origin is tuple and args:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return True
+    return True
+
+
+def _check_values(options: dict[str, Any], preset: str) -> None:
+    """Each step's --options values are of its recipe's types and within the bounds every
+    recipe shares, and the recipe takes them (its own checks: methods, ranges), before anything
+    is written or trained: `"adversarial": "PGD"` trained a plain classifier without a word,
+    `"method": "PGD"` recorded `robust` unusable after the whole build, and `"epochs": "2"` or
+    `"batch_size": 0` were tracebacks."""
+    for section, value in options.items():
+        make = getattr(importlib.import_module(dict(STEPS)[section]), "recipe", None) if section in dict(STEPS) else None
+        if make is None:
+            continue
+        settings = dict(value)
+        if section == "defensegan":
+            settings = {**settings.pop("recipe", {}), **settings}
+        settings = {k: v for k, v in settings.items() if k not in _STEP_EXTRAS.get(section, ())}
+        hints = typing.get_type_hints(type(make("quick")))
+        for key, v in settings.items():
+            hint = hints.get(key, Any)
+            if not _fits(v, hint):
+                want = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+                raise ValueError(f"--options {section}.{key}: {v!r} is not of its type ({want})")
+            if isinstance(v, int) and not isinstance(v, bool) and hint in (int, int | str):
+                least = 1 if key in _AT_LEAST_ONE or key.endswith("_batch_size") else 0
+                if v < least:
+                    raise ValueError(f"--options {section}.{key}: {v!r} must be at least {least}")
+        try:
+            make(preset, **settings)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--options {section}: {exc}") from None
+
+
+def _check_options(options: dict[str, Any], chosen: list[str] | None = None) -> None:
     """--options' sections are steps' names (or `quality`), and each section's settings are its
     step's: refused here, before anything is written or trained (a misspelt key was a traceback
     once the classifier step had written a manifest, or, in a defense step, that defense
-    recorded unusable after every other step had run, and the command exiting 0)."""
+    recorded unusable after every other step had run, and the command exiting 0). With
+    `--steps` (`chosen`), a section of a step that does not run is named in a warning: its
+    settings are ignored (silently, before; one options file for several `--steps` runs is
+    fine, a section meant for a step left out is not)."""
     sections = [name for name, _ in STEPS] + ["quality"]
     for section, value in options.items():
         if section not in sections:
             raise ValueError(f"--options: unknown section {section!r}; sections: {', '.join(sections)}")
+        if chosen is not None and section != "quality" and section not in chosen:
+            log.warning("--options %s: the %s step does not run (--steps %s): its settings are ignored", section,
+                        section, ",".join(chosen))
         if not isinstance(value, dict):
             raise ValueError(f"--options: {section!r} must be an object of settings, got {type(value).__name__}")
         if section == "quality":
@@ -354,7 +431,7 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     if classifier is not None and "classifier" not in chosen:
         raise ValueError("--classifier replaces the bundle's classifier: add `classifier` to --steps")
     _check_device(device)
-    _check_options(options or {})
+    _check_options(options or {}, chosen if steps else None)
     if classifier is not None and classifier.feature_layer:
         _check_feature_layer(classifier)  # a mistyped layer is refused now, not after the steps trained
     if config is not None:  # a config that does not load fails now, not after hours of training
@@ -363,7 +440,7 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
         load_settings(config)
     extending = bool(steps) and (out / "manifest.json").exists()
     previous_text = (out / "manifest.json").read_text() if extending else ""
-    previous = json.loads(previous_text) if extending else {}
+    previous = _previous_manifest(out / "manifest.json") if extending else {}
     # the user's own --classifier is trusted (they named it: the import: factory, the
     # torchscript: file by its content); a bundle's recorded one is code like any other and
     # needs --trust-import, refused here before the data is loaded
@@ -395,8 +472,13 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     build = previous.get("build", {})
     preset = _as_built(out, "preset", preset, build.get("preset"), "default")
     seed = _as_built(out, "seed", seed, build.get("seed"), 0)
+    _check_values(options or {}, preset)
+    # the gate as this bundle's last measure ran it, unless --options says otherwise: a step
+    # added to a quick bundle measured with `{"quality": {"images": 300, ...}}` was not measured
+    # (the preset's 0 images), and kept the verdict of the defense it replaced
+    gate_options = {**(_recorded_gate(previous) if extending else {}), **(options or {}).get("quality", {})}
     gate_asked = {k for k in (options or {}).get("quality", {}) if k != "images"}
-    if gate_asked and quality.recipe(preset, **(options or {})["quality"]).images <= 0:
+    if gate_asked and quality.recipe(preset, **gate_options).images <= 0:
         raise ValueError(f"--options quality / --max-accuracy-drop set {', '.join(sorted(gate_asked))}, but the "
                          f"quality gate does not run here (the {preset} preset measures 0 images): "
                          f"add --options '{{\"quality\": {{\"images\": 300}}}}' to run it")
@@ -427,11 +509,19 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
         writer.manifest["build"].update({"seed": seed, "preset": preset, "dataset": dataset,
                                          "command": command,
                                          "versions": {"python": platform.python_version(),
-                                                      "torch": torch.__version__}})
+                                                      "torch": torch.__version__,
+                                                      # float sums differ by thread count: a rebuild
+                                                      # reproduces the metrics at the same count
+                                                      "torch_threads": torch.get_num_threads()}})
     if not extending:
         # unfinished until the last save below: an interrupted new build (or replacement) must not
         # be served with only its first steps' defenses, or none (the classifier alone)
         writer.manifest["build"].update({"complete": False, "pending_steps": [s for s in known if s in chosen]})
+        if options:
+            # for the command that finishes an interrupted build (Bundle.require_finished): its
+            # `--steps` without them built the rest with the preset's settings, under a manifest
+            # whose command named these
+            writer.manifest["build"]["options"] = options
         if exists:  # --force, or an unfinished build again: its old manifest, then the files it named
             # but never what this build reads: `--classifier torchscript:OUT/classifier.torchscript`
             # (or its weights) named the old bundle's own file, deleted before it was read
@@ -450,7 +540,7 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
         build["pending_steps"] = [*[s for s in build.get("pending_steps") or [] if s != "quality"], "quality"]
     ctx = BuildContext(ds, writer, preset, seed, torch.device(device), command, dict(options or {}),
                        byo_classifier=classifier is not None, extending=extending, config=config)
-    gate = dict(ctx.options.get("quality", {}))
+    gate = gate_options
     try:
         with _signals_stop_the_step():
             _run_steps(ctx, chosen, classifier, gate, command)
@@ -478,6 +568,35 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
                          + "; ".join(ctx.broken_pipelines) + " (fix the config, then measure it with "
                          f"`shieldserve train --out {out} --steps quality --config CONFIG`)")
     return path
+
+
+def _previous_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the bundle `--steps` extends, checked as Bundle.load checks it, and the
+    sections read here objects (`[]`, or a `build` that is a string, were tracebacks)."""
+    from models.bundle import _check_manifest, _read_manifest
+
+    manifest = _read_manifest(path)
+    _check_manifest(path, manifest)
+    for section in ("build", "dataset", "quality", "metrics"):
+        if not isinstance(manifest.get(section, {}), dict):
+            raise BundleError(f"{path}: {section!r} must be an object")
+    return manifest
+
+
+def _recorded_gate(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The quality gate's settings a bundle's manifest records from its last measure (images,
+    max_accuracy_drop, enforce), where the gate ran; {} otherwise."""
+    q = manifest.get("quality")
+    if not isinstance(q, dict) or not isinstance(q.get("images"), int) or isinstance(q["images"], bool) \
+            or q["images"] <= 0:
+        return {}
+    out: dict[str, Any] = {"images": q["images"]}
+    if isinstance(q.get("enforce"), bool):
+        out["enforce"] = q["enforce"]
+    drop = q.get("max_accuracy_drop")
+    if isinstance(drop, (int, float)) and not isinstance(drop, bool) and -1 < drop < 1:
+        out["max_accuracy_drop"] = drop
+    return out
 
 
 def _read_json(path: Path) -> Any:
@@ -647,6 +766,8 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
             writer.save()
             quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device,
                             trusted_imports=writer.trusted_imports)
+        elif name in writer.manifest.get("defenses", {}) and name in quality.STEP_KEYS:
+            quality.forget(writer.manifest, name)  # the verdicts were about the defense it replaced
         _done(writer.manifest, name)  # saved with the step's verdicts: an unfinished build resumes after it
         writer.save()
         log.info("step %s done in %.1fs", name, time.monotonic() - t0)
@@ -654,10 +775,20 @@ def _run_steps(ctx: BuildContext, chosen: list[str], classifier: ClassifierSourc
         # a new classifier under defenses kept from before: their verdicts (and MagNet's, squeeze's,
         # RMC's calibrations) were about the old one; measured again with the new one, a defense
         # that no longer holds (or refuses a classifier it was not calibrated for) is not served
+        now = writer.manifest["artifacts"]["classifier"]["sha256"]
         for name in quality.STEP_KEYS:
             if name not in chosen and name in writer.manifest.get("defenses", {}):
-                quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device,
-                                trusted_imports=writer.trusted_imports)
+                if gate_runs:
+                    quality.measure(writer.path, writer.manifest, name, ds, preset, gate, ctx.device,
+                                    trusted_imports=writer.trusted_imports)
+                    continue
+                # unmeasured: their verdicts go; a defense calibrated jointly with the old
+                # classifier is refused by the service's loader, which failed `serve` at start-up
+                # after this command exited 0: recorded unusable, it is left out with the reason
+                built_for = writer.manifest["defenses"][name].get("classifier_sha256")
+                quality.forget(writer.manifest, name, None if built_for in (None, now) else (
+                    f"calibrated with the classifier this build replaced (the quality gate did not run to measure it "
+                    f"with the new one): rebuild it with `shieldserve train --out BUNDLE --steps {name}`"))
         quality.measure_monitor(writer.path, writer.manifest, ds, preset, gate)  # a new bundle: the monitor on its data
         _done(writer.manifest, "quality")
         writer.save()
@@ -700,6 +831,9 @@ def _defense_step(ctx: BuildContext, name: str, module_path: str, gate: dict[str
             log.error("step %s stopped, the bundle unchanged by it: %s", name, exc)
             raise
         if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: undone, not recorded
+            if isinstance(exc, (KeyboardInterrupt, _Stopped)):  # one line, where Ctrl-C printed a traceback
+                log.error("step %s stopped (%s); the bundle is as it was before the step",
+                          name, "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else f"signal {exc.code - 128}")
             raise
         if kept:
             log.error("step %s failed; the bundle keeps the %s defense it had: %s", name, name, exc)

@@ -579,6 +579,12 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.traceback:
+            raise
+        # what was stopped said so in its log line (a train step: the bundle as before it)
+        print("shieldserve: interrupted", file=sys.stderr)
+        return 130  # the shell's status for a process ended by SIGINT
     except Exception as exc:
         if args.traceback or not _user_error(exc):
             raise

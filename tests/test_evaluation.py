@@ -315,7 +315,7 @@ def test_offset_splits_one_run_into_disjoint_parts(quick_bundle):
     whole, first, second = digits(23), digits(11), digits(12, offset=11)
     assert torch.equal(torch.cat([first.x, second.x]), whole.x) and torch.equal(torch.cat([first.y, second.y]), whole.y)
     assert second.report["offset"] == 11 and "digits 12-23" in second.report["dataset"]
-    with pytest.raises(SystemExit, match="offset"):
+    with pytest.raises(ValueError, match="offset"):
         digits(5, offset=100_000)
 
 

@@ -49,7 +49,10 @@ PRESETS: dict[str, ClassifierRecipe] = {
 def recipe(preset: str, **overrides: Any) -> ClassifierRecipe:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return replace(PRESETS[preset], **overrides)
+    r = replace(PRESETS[preset], **overrides)
+    if r.adversarial not in ("none", "pgd"):  # another spelling trained a plain classifier without a word
+        raise ValueError(f"classifier adversarial must be 'none' or 'pgd', got {r.adversarial!r}")
+    return r
 
 
 def architecture_spec(r: ClassifierRecipe, dataset: Dataset) -> dict[str, Any]:

@@ -208,11 +208,39 @@ def measure(bundle_path: Any, manifest: dict[str, Any], step: str, dataset: Any,
         raise
     if note:
         q["base"]["reason"] = note
-    for rec in (q.get("pipelines") or {}).values():
-        if set(rec.get("keys", [])) & set(keys):
-            rec["stale"] = True  # measured with this step's old defense: measure_pipelines runs it again
+    _stale(q, keys)
     for key in keys:
         q["defenses"][key] = gate.score(gated(key), f"quality gate {key}", r)
+
+
+def _stale(q: dict[str, Any], keys: list[str]) -> None:
+    """The compositions measured with these defenses' old versions: measure_pipelines runs them
+    again, and until it does Bundle.composition does not read them."""
+    for rec in (q.get("pipelines") or {}).values():
+        if isinstance(rec, dict) and set(rec.get("keys", [])) & set(keys):
+            rec["stale"] = True
+
+
+def forget(manifest: dict[str, Any], step: str, reason: str | None = None) -> None:
+    """The step's defenses changed (rebuilt, or a new classifier under them) and the gate does
+    not run here: the verdicts about what they were are dropped, not kept for what they are (a
+    step rebuilt with the gate off kept its old "usable", and a defense rejecting a quarter of
+    the clean digits was served as passed). Where the bundle's gate enforces, a defense without
+    a verdict is not served (Bundle.unusable) until `--steps quality` measures it; `reason`:
+    record it unusable with that reason instead (it cannot be served as it is)."""
+    q = manifest.get("quality")
+    if not isinstance(q, dict):
+        if reason is None:
+            return
+        q = manifest.setdefault("quality", {})
+    keys = step_keys(step, manifest)
+    verdicts = q.setdefault("defenses", {})
+    for key in keys:
+        if reason is None:
+            verdicts.pop(key, None)
+        else:
+            verdicts[key] = {"usable": False, "reason": reason, "pipeline": gated(key)}
+    _stale(q, keys)
 
 
 @torch.no_grad()

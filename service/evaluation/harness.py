@@ -154,6 +154,23 @@ def check_names(flag: str, given: Collection[str], valid: Collection[str], what:
                          + (choices or f"choose from {', '.join(valid)}"))
 
 
+def _same_data(ds: Any, bundle: Any) -> None:
+    """The data the bundle was built on, by content (the manifest's `dataset.sha256`, as
+    `train --steps` checks it): an npz or IDX directory replaced in place was evaluated
+    without a word, its report under the bundle's name."""
+    from models.recipes.common import dataset_sha256
+
+    recorded = (bundle.manifest.get("dataset") or {}).get("sha256")
+    if not isinstance(recorded, str):
+        return  # bundles built before it was recorded
+    content = dataset_sha256(ds, ("train", "val", "test"))
+    if content != recorded:
+        where = (bundle.manifest.get("build") or {}).get("dataset", "its dataset")
+        raise ValueError(f"{where} is not the data the bundle at {bundle.path} was built on (its content's sha256 is "
+                         f"{content[:12]}..., the manifest's {recorded[:12]}...); restore that data, or evaluate a "
+                         f"bundle built on this data")
+
+
 def _bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not progress_enabled(),
                 file=sys.stderr, dynamic_ncols=True)
@@ -191,8 +208,9 @@ class Evaluation:
         names = cfg.pipelines or [n for n in settings.pipelines if not self._unusable(settings, n)]
         # the bundle's own dataset: a user's bundle is evaluated on its test split, not on MNIST
         ds = load_dataset(self.bundle.manifest.get("build", {}).get("dataset", "mnist5k"))
+        _same_data(ds, self.bundle)
         if cfg.offset < 0 or cfg.limit < 1:
-            raise SystemExit("--limit must be >= 1 and --offset >= 0")
+            raise ValueError("--limit must be >= 1 and --offset >= 0")
         # the stratified order is the same whatever the count (any prefix is balanced), so digits
         # [offset, offset + limit) of it are exactly those a run over offset + limit adds
         per = max(1, math.ceil((cfg.offset + cfg.limit) / len(ds.class_names)))
@@ -200,7 +218,7 @@ class Evaluation:
         part = slice(cfg.offset, cfg.offset + cfg.limit)
         self.x, self.y = test.x[part], test.y[part]
         if not len(self.y):
-            raise SystemExit(f"--offset {cfg.offset} is past the {len(test.y)} test digits of the stratified order")
+            raise ValueError(f"--offset {cfg.offset} is past the {len(test.y)} test digits of the stratified order")
         span = f"first {len(self.y)} digits" if not cfg.offset else f"digits {cfg.offset + 1}-{cfg.offset + len(self.y)}"
         self.pipes = {n: Pipeline.build(n, settings.pipelines[n].model_dump(), env) for n in names}
         if not cfg.pipelines:  # as the service: a composition the gate did not pass as a whole is left out
