@@ -423,7 +423,8 @@ def test_a_resent_image_gets_the_same_noise_and_answer_alone_or_in_company(make_
 def test_an_images_seed_is_its_pixels_and_what_it_is_asked_not_its_format_or_company(mnist) -> None:
     """The keyed seed reads the image as the query monitor tells copies apart (8-bit pixels on
     the grid): a gray digit as an RGB PNG is the same image, with the same noise; in a batch its
-    seed is its own; another question (radius) or key is another draw."""
+    seed is its own; another noise level or key is another draw (what the decider passes as
+    `asked` is the sigma and f alone: test_a_question_asked_another_way_gets_the_same_noise)."""
     import io
 
     from PIL import Image
@@ -443,6 +444,30 @@ def test_an_images_seed_is_its_pixels_and_what_it_is_asked_not_its_format_or_com
     assert image_seeds(key, torch.cat([other, a]), asked)[2] == image_seeds(key, a, asked)[0]
     assert image_seeds(key, a, asked) != image_seeds(key, a, (0.5, 4000, 0, 0.001, 0.75, False))
     assert image_seeds(key, a, asked) != image_seeds(b"j" * 32, a, asked)
+
+
+def test_a_question_asked_another_way_gets_the_same_noise(make_client, mnist) -> None:
+    """A client varying what it asks (a radius, alpha or budget jittered by 1e-12) gets no fresh
+    draw of an image's noise: the seed is the same, and the same radius asked two ways gets the
+    same certificate (the auditor's abstaining blend got a label 16 times in 30 so)."""
+    client = make_client(warmup=False)
+    test = mnist.test.per_class(1)
+    body = png(0.5 * test.x[2] + 0.5 * test.x[3])
+
+    def answer(query: str) -> tuple:
+        r = client.post(f"/predict?pipeline=smoothing&{query}", files={"file": ("d.png", body, "image/png")})
+        assert r.status_code == 200, r.text
+        res = r.json()["results"][0]
+        return res["status"], res["label"], res["certified"], res["samples"]
+
+    base = answer("radius=0.5")
+    for query in ("radius=0.500000000001", "radius=0.499999999999", "alpha=0.0010000000001", "n=3999"):
+        assert answer(query) == base, query
+    posted = [client.post(f"/certify?pipeline=smoothing&n=500&n0=20&{q}", content=body, headers=PNG).json()
+              for q in ("alpha=0.001", "alpha=0.0010000000001", "n=501")]
+    assert len({c["seed"] for c in posted}) == 1 and posted[0]["label"] == posted[1]["label"]
+    # the same 500 copies, another alpha: the same count, so bounds 1e-13 of alpha apart
+    assert posted[0]["p_a_lower"] == pytest.approx(posted[1]["p_a_lower"], abs=1e-9)
 
 
 def test_a_certificate_the_cache_no_longer_holds_is_computed_from_the_same_noise(make_client, mnist, monkeypatch) -> None:

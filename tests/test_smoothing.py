@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy.stats import binom, norm
 
 from service.defenses.smoothing import (
-    ABSTAIN, CERTIFIED, CONTINUE, MIN_ALPHA, NOISE_GRID, REFUSED, NoiseSampler, NormalStream, SequentialTest,
+    ABSTAIN, CERTIFIED, CONTINUE, MIN_ALPHA, NOISE_GRID, REFUSED, CopyNoise, NoiseSampler, SequentialTest,
     alpha_spending, certify, certify_at_radius, certify_batch_at_radius, geometric_schedule, lower_bounds,
     lower_confidence_bound, noisy_copies, optimize_for_cpu, predict_from_counts, radius_from, resolve_precision,
     sampling_network, standard_normal64, threshold_counts, upper_bounds, upper_confidence_bound,
@@ -198,14 +198,14 @@ def test_sequential_test_error_rate_stays_below_alpha(sigma: float) -> None:
 def test_sound_noise_lies_on_the_grid_and_is_float64_gaussian() -> None:
     x = torch.rand(2, 1, 28, 28)
     out, work = torch.empty(2 * 500, 1, 28, 28), torch.empty(2 * 500, 1, 28, 28, dtype=torch.float64)
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
-    noisy = noisy_copies(out, x, 0.5, gens, work)
+    streams = [CopyNoise(784, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    noisy = noisy_copies(out, x, 0.5, streams, work)
     cells = noisy.double() / NOISE_GRID
     assert torch.equal(cells, cells.round())  # Q(x + e): every value a multiple of the grid
     e = (noisy.view(2, 500, -1) - x.view(2, 1, -1)) / 0.5
     assert abs(float(e.std()) - 1) < 0.01 and abs(float(e.mean())) < 0.01
-    # the same image's copies depend only on its own generator, not on the others drawn with it
-    alone = noisy_copies(torch.empty(500, 1, 28, 28), x[1:], 0.5, [torch.Generator().manual_seed(2)],
+    # the same image's copies depend only on its own stream, not on the others drawn with it
+    alone = noisy_copies(torch.empty(500, 1, 28, 28), x[1:], 0.5, [CopyNoise(784, torch.Generator().manual_seed(2))],
                          torch.empty(500, 1, 28, 28, dtype=torch.float64))
     assert torch.equal(alone, noisy[500:])
     # float64 noise: not float32 noise widened (Voracek & Hein's lattice comes from the latter)
@@ -483,20 +483,57 @@ def test_a_radius_no_count_could_certify_asks_only_for_the_label() -> None:
             assert all(c.abstained for c, _ in out)
 
 
-@pytest.mark.parametrize("numel", [1, 2, 7, 784 * 33 + 1])
-def test_a_normal_stream_in_pieces_is_the_one_draw(numel: int) -> None:
-    whole = standard_normal64(torch.empty(numel, dtype=torch.float64), torch.Generator().manual_seed(4))
-    after = torch.Generator().manual_seed(4)
-    standard_normal64(torch.empty(numel, dtype=torch.float64), after)
-    rng = np.random.default_rng(numel)
+@pytest.mark.parametrize("per_copy", [1, 2, 7, 784])
+def test_copy_noise_is_addressed_by_copy(per_copy: int) -> None:
+    """Copy j of a stream is the same values however the copies are cut into draws, and where
+    a draw starts: a later look, a chunk, another question's schedule reads the same copies."""
+    copies = 300
+    whole = CopyNoise(per_copy, torch.Generator().manual_seed(4)).fill(
+        torch.empty(copies, per_copy, dtype=torch.float64), 0)
+    rng = np.random.default_rng(per_copy)
     for _ in range(4):
-        cuts = sorted({0, numel, *(int(c) for c in rng.integers(0, numel + 1, size=5))})
-        g = torch.Generator().manual_seed(4)
-        stream, out = NormalStream(numel, g), torch.empty(numel, dtype=torch.float64)
-        for a, b in zip(cuts, cuts[1:]):
+        cuts = sorted({0, copies, *(int(c) for c in rng.integers(0, copies + 1, size=5))})
+        stream, out = CopyNoise(per_copy, torch.Generator().manual_seed(4)), torch.empty(copies, per_copy,
+                                                                                           dtype=torch.float64)
+        for a, b in reversed(list(zip(cuts, cuts[1:]))):  # in any order
             stream.fill(out[a:b], a)
         assert torch.equal(out, whole), cuts
-        assert torch.equal(g.get_state(), after.get_state())  # the generator moved as by one draw
+    # another seed, or the stream after it from the same generator (the estimation copies after
+    # the selection copies: copy_noise), is another draw
+    g = torch.Generator().manual_seed(4)
+    CopyNoise(per_copy, g)
+    second = CopyNoise(per_copy, g).fill(torch.empty(copies, per_copy, dtype=torch.float64), 0)
+    assert not torch.equal(second, whole)
+    x = whole.numpy().ravel()
+    if x.size > 10_000:  # a standard normal, copy after copy (within-copy Box-Muller pairs too)
+        se = 1 / math.sqrt(x.size)
+        assert abs(x.mean()) < 5 * se and abs(x.var() - 1) < 5 * math.sqrt(2) * se
+        assert abs(float(np.corrcoef(x[:-1], x[1:])[0, 1])) < 5 * se
+        half = per_copy // 2  # a copy's value i and i + half come from one pair of uniforms
+        pairs = whole[:, :half].numpy().ravel(), whole[:, half:2 * half].numpy().ravel()
+        assert abs(float(np.corrcoef(*pairs)[0, 1])) < 5 / math.sqrt(pairs[0].size)
+
+
+def test_a_question_asked_another_way_reads_the_same_copies() -> None:
+    """The estimation copies of one seed are the same at another radius, alpha or budget, and
+    whatever n0: the counts after the same number of copies agree, so a client varying what it
+    asks gets no fresh draw of the noise (image_seeds keys only the image, sigma and f)."""
+    from service.defenses.smoothing import copy_noise
+
+    f = _known_pa(0.8, 0.5)
+    x = torch.zeros(1, 1, 1, 1)
+    runs = [certify_batch_at_radius(f, x, 0.5, r, n0, n, a, [9], 10, batch_size=bs)[0]
+            for r, n0, n, a, bs in [(0.25, 0, 2000, 0.001, 8000), (0.3, 0, 2000, 0.001, 64),
+                                    (0.25, 50, 2000, 0.01, 8000), (0.6, 100, 5000, 0.001, 8000)]]
+    ns = [c.n for c, _ in runs]
+    least = min(ns)
+    # counts are cumulative over the same copies: compare each run's counts with a direct read
+    # of its first n estimation copies
+    for (cert, counts), n in zip(runs, ns):
+        _, est = copy_noise(9, 1)
+        direct = NoiseSampler(f, 0.5, 10, batch_size=997).counts(x[0], n, est)
+        assert torch.equal(counts, direct), (cert, n)
+    assert least > 0
 
 
 def test_a_draw_larger_than_batch_size_is_chunked_with_the_same_noise() -> None:

@@ -29,12 +29,14 @@ What the certificate covers (the `denoiser` option):
                    pipeline's classifier function and so part of f too.
 The certificate is about the smoothed classifier g only; detectors before it are not covered.
 
-All noise comes from a torch.Generator seeded with the certificate's `seed`; with the same
-seed, n0, n and batch size a certificate is reproduced exactly. It is drawn soundly in float64
-and rounded to a grid (see NOISE_GRID: Voracek & Hein 2023). Sampling is batched: one
-forward pass per `batch_size` noisy copies, never a Python loop per sample, and never more
-than `batch_size` copies of one image drawn at once (a larger draw is made in chunks of the
-same stream, the deadline checked between them: `_count_batch`).
+All noise comes from the certificate's `seed`: two streams per image (`copy_noise`: the
+selection copies and the estimation copies), each addressed by copy (`CopyNoise`: copy j
+depends on the seed and j alone), so the same seed reproduces a certificate whatever the
+batch size, and another n, n0, alpha or target radius reads the same copies. It is drawn
+soundly in float64 and rounded to a grid (see NOISE_GRID: Voracek & Hein 2023). Sampling is
+batched: one forward pass per `batch_size` noisy copies, never a Python loop per sample, and
+never more than `batch_size` copies of one image drawn at once (a larger draw is made in
+chunks, the deadline checked between them: `_count_batch`).
 """
 
 from __future__ import annotations
@@ -308,21 +310,18 @@ def sequential_test(radius: float, sigma: float, n_max: int, alpha: float, first
 NOISE_GRID = 2.0 ** -10
 
 
-def noisy_copies(out: torch.Tensor, x: torch.Tensor, sigma: float, generators: list[torch.Generator],
-                 work: torch.Tensor | None) -> torch.Tensor:
-    """Fill `out` (m * G, *shape) with m noisy copies of each of the G images x (G, *shape), the
-    copies of image j drawn from generators[j] in one call. With `work` (a float64 buffer
-    shaped like out): Q(x + sigma * e) computed soundly as described above; without it:
-    x + sigma * e in out's dtype (float32 sampling, the practice Voracek & Hein show can be
-    unsound). The arithmetic runs once over all G images (a few large passes, not G small ones)."""
+def noisy_copies(out: torch.Tensor, x: torch.Tensor, sigma: float, streams: list[CopyNoise],
+                 work: torch.Tensor | None, first: int = 0) -> torch.Tensor:
+    """Fill `out` (m * G, *shape) with copies [first, first + m) of each of the G images x
+    (G, *shape), image j's noise from streams[j]. With `work` (a float64 buffer shaped like
+    out): Q(x + sigma * e) computed soundly as described above; without it: x + sigma * e in
+    out's dtype (float32 sampling, the practice Voracek & Hein show can be unsound). The
+    arithmetic runs once over all G images (a few large passes, not G small ones)."""
     m = out.shape[0] // x.shape[0]
 
     def fill(noise: torch.Tensor) -> None:
-        for j, gen in enumerate(generators):
-            if work is None:
-                torch.randn((m, *x.shape[1:]), generator=gen, out=noise[j * m:(j + 1) * m])
-            else:
-                standard_normal64(noise[j * m:(j + 1) * m], gen)
+        for j, stream in enumerate(streams):
+            stream.fill(noise[j * m:(j + 1) * m], first)
     return _noisy(out, x, sigma, work, fill)
 
 
@@ -375,53 +374,56 @@ def standard_normal64(out: torch.Tensor, generator: torch.Generator) -> torch.Te
     return out
 
 
-class NormalStream:
-    """The `numel` standard normals that one `standard_normal64(out, generator)` call would
-    write, made in pieces: `fill(out, start)` writes values [start, start + out.numel()) of
-    that call's output. On the CPU the pieces are the same bits as the one call, however the
-    stream is cut (each piece jumps the PCG64 stream to the uniforms it needs with `advance`,
-    and Box-Muller pairs uniform i with uniform numel//2 + i, wherever the two lie), so a draw
-    cut into `batch_size` chunks gives the certificate the whole draw gives. It takes its key
-    from `generator` when made, as the call does. On other devices each piece is a
-    `standard_normal64` call of its own (a fresh key each): reproducible from the seed and the
-    chunking, not the bits of one call."""
+class CopyNoise:
+    """The standard normal noise of one image's noisy copies, addressed by copy: on the CPU,
+    copy j is made from uniforms [j * U, (j + 1) * U) of one PCG64 stream keyed by a draw of
+    `generator` (U: the copy's values rounded up to even), by Box-Muller within the copy (its
+    first U/2 uniforms the radii, the rest the angles, both cosines and sines kept). So copy j's
+    values depend on the key and j alone: not on how many copies a call draws, where a chunk
+    starts, or how many an earlier look drew. One image asked at another radius, alpha or
+    budget (another schedule of looks) reads the same copies further or less far, and a client
+    jittering what it asks gets no fresh draw (image_seeds keys only the image, sigma and f).
 
-    def __init__(self, numel: int, generator: torch.Generator) -> None:
-        self.numel, self.half, self.generator = numel, numel // 2, generator
+    `fill(out, first)` writes copies [first, first + m) into `out` (m, *shape): float64 on the
+    CPU as above; float32 (`sound: false`) or another device: draws of `generator` in call
+    order (torch.randn, standard_normal64), reproducible from the seed and the schedule, not
+    addressed by copy."""
+
+    def __init__(self, per_copy: int, generator: torch.Generator) -> None:
+        self.per_copy, self.generator = int(per_copy), generator
+        self.half = (self.per_copy + 1) // 2
         self.cpu = torch.device(generator.device).type == "cpu"
         self.key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator)) if self.cpu else None
 
-    def _uniforms(self, out: torch.Tensor, start: int) -> None:
-        bits = np.random.PCG64(self.key)
-        bits.advance(int(start))  # one 64-bit draw per float64 uniform
-        np.random.Generator(bits).random(out=out.numpy())
-
-    def fill(self, out: torch.Tensor, start: int) -> torch.Tensor:
-        flat = out.view(-1)
-        if not self.cpu:
+    def fill(self, out: torch.Tensor, first: int) -> torch.Tensor:
+        if out.dtype != torch.float64:
+            return torch.randn(out.shape, generator=self.generator, out=out)
+        if not self.cpu or self.key is None:
             return standard_normal64(out, self.generator)
-        end, half = start + flat.numel(), self.half
-        if not 0 <= start <= end <= self.numel:
-            raise ValueError(f"values [{start}, {end}) are outside the stream's {self.numel}")
-        a0, a1 = start, min(end, half)            # r cos(2 pi u2): r from u[p], u2 = u[half + p]
-        if a1 > a0:
-            r, theta = flat[:a1 - a0], torch.empty(a1 - a0, dtype=torch.float64)
-            self._uniforms(r, a0)
-            self._uniforms(theta, half + a0)
-            r.neg_().log1p_().mul_(-2.0).sqrt_()
-            r.mul_(theta.mul_(2.0 * math.pi).cos_())
-        b0, b1 = max(start, half), min(end, 2 * half)  # r sin(2 pi u2): r from u[p - half], u2 = u[p]
-        if b1 > b0:
-            theta, r = flat[b0 - start:b1 - start], torch.empty(b1 - b0, dtype=torch.float64)
-            self._uniforms(theta, b0)
-            self._uniforms(r, b0 - half)
-            r.neg_().log1p_().mul_(-2.0).sqrt_()
-            theta.mul_(2.0 * math.pi).sin_().mul_(r)
-        if self.numel % 2 and end == self.numel:  # the odd last value: after all the uniforms
-            bits = np.random.PCG64(self.key)
-            bits.advance(2 * half)
-            flat[-1] = float(np.random.Generator(bits).standard_normal())
+        m, d, h = out.shape[0], self.per_copy, self.half
+        if out.numel() != m * d:
+            raise ValueError(f"copies of {d} values expected, got a tensor of shape {tuple(out.shape)}")
+        u = out.view(m, d) if d == 2 * h else torch.empty(m, 2 * h, dtype=torch.float64)
+        bits = np.random.PCG64(self.key)
+        bits.advance(int(first) * 2 * h)  # one 64-bit draw per float64 uniform
+        np.random.Generator(bits).random(out=u.numpy().reshape(-1))
+        r, theta = u[:, :h], u[:, h:]
+        r.neg_().log1p_().mul_(-2.0).sqrt_()     # u1 in [0, 1): log(1 - u1) is finite
+        theta.mul_(2.0 * math.pi)
+        cos = torch.cos(theta)
+        theta.sin_().mul_(r)                     # r sin(2 pi u2)
+        r.mul_(cos)                              # r cos(2 pi u2)
+        if d != 2 * h:
+            out.view(m, d).copy_(u[:, :d])
         return out
+
+
+def copy_noise(seed: int, per_copy: int, device: torch.device | str = "cpu") -> tuple[CopyNoise, CopyNoise]:
+    """An image's two streams from its seed: the selection copies (n0, c_A) and the
+    estimation copies (the counts), apart so that n0 does not shift the estimation noise."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return CopyNoise(per_copy, g), CopyNoise(per_copy, g)
 
 
 # ---------------------------------------------------------------------- precision
@@ -507,8 +509,8 @@ class NoiseSampler:
     Noise is drawn `batch_size` copies at a time into one preallocated buffer and f runs on
     `forward_batch` copies per forward pass (default min(batch_size, 1000): on a CPU a few
     hundred to a thousand copies per pass keep activations in cache; larger batches are
-    slower). The noise depends only on the seed, n0, n, batch_size and `sound`, never on
-    forward_batch. No Python loop per sample. `sound` (default): `noisy_copies` with float64
+    slower). Copy j's noise depends only on the seed, j and `sound` (CopyNoise; with `sound`
+    off, on batch_size too), never on forward_batch. No Python loop per sample. `sound` (default): `noisy_copies` with float64
     noise and the grid (see NOISE_GRID).
     """
 
@@ -527,23 +529,26 @@ class NoiseSampler:
             bufs = self._buffers = (torch.empty(shape, dtype=x.dtype, device=x.device), work)
         return bufs
 
-    def counts(self, x: torch.Tensor, num: int, generator: torch.Generator,
-               ctx: RunContext | None = None) -> torch.Tensor:
-        """(K,) int64 counts of f(x + e) over `num` noise draws; x is one (C, H, W) image."""
+    def counts(self, x: torch.Tensor, num: int, noise: CopyNoise | torch.Generator,
+               ctx: RunContext | None = None, first: int = 0) -> torch.Tensor:
+        """(K,) int64 counts of f(x + e) over copies [first, first + num) of `noise` (a
+        generator: a CopyNoise keyed by it); x is one (C, H, W) image."""
+        if isinstance(noise, torch.Generator):
+            noise = CopyNoise(x.numel(), noise)
         counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
-        remaining = num
+        done = 0
         with torch.inference_mode():
             buf, work = self._noise_buffers(x)
-            while remaining > 0:
+            while done < num:
                 if ctx is not None:
                     ctx.check()
-                m = min(self.batch_size, remaining)
-                noisy = noisy_copies(buf[:m], x.unsqueeze(0), self.sigma, [generator],
-                                     None if work is None else work[:m])
+                m = min(self.batch_size, num - done)
+                noisy = noisy_copies(buf[:m], x.unsqueeze(0), self.sigma, [noise],
+                                     None if work is None else work[:m], first + done)
                 for i in range(0, m, self.forward_batch):
                     labels = self.f(noisy[i:i + self.forward_batch]).argmax(1)
                     counts += torch.bincount(labels, minlength=self.num_classes)
-                remaining -= m
+                done += m
             if ctx is not None:  # the last batch may have run past the deadline too
                 ctx.check()
         return counts.cpu()
@@ -575,10 +580,9 @@ def certify(sampler: NoiseSampler, x: torch.Tensor, n0: int, n: int, alpha: floa
             ctx: RunContext | None = None) -> tuple[Certificate, torch.Tensor]:
     """CERTIFY (Cohen et al. 2019, Algorithm 1). Returns the certificate and the n-sample counts."""
     started = time.perf_counter()
-    g = torch.Generator(device=x.device)
-    g.manual_seed(seed)
-    c_a = int(sampler.counts(x, n0, g, ctx).argmax())
-    counts = sampler.counts(x, n, g, ctx)
+    selection, estimation = copy_noise(seed, x.numel(), x.device)
+    c_a = int(sampler.counts(x, n0, selection, ctx).argmax())
+    counts = sampler.counts(x, n, estimation, ctx)
     k = int(counts[c_a])
     p_lower = lower_confidence_bound(k, n, alpha)
     abstained = not p_lower > 0.5  # Cohen et al.: a label only when pA > 1/2 is shown
@@ -602,20 +606,19 @@ def certify_at_radius(sampler: NoiseSampler, x: torch.Tensor, radius: float, n0:
     return cert, counts
 
 
-def _count_batch(f: Classify, xs: torch.Tensor, idx: list[int], need: int, generators: list[torch.Generator],
+def _count_batch(f: Classify, xs: torch.Tensor, idx: list[int], need: int, streams: list[CopyNoise],
                  sigma: float, num_classes: int, buffers: "_Buffers", forward_batch: int,
-                 ctx: RunContext | None, clean_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """(len(idx), K) counts of f on `need` fresh noisy copies of each image xs[i], i in idx.
+                 ctx: RunContext | None, clean_labels: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
+    """(len(idx), K) counts of f on copies [first, first + need) of each image xs[i], i in idx.
 
     The copies of many images share each forward pass (images grouped up to the buffers'
     rows), so the network runs at efficient batch sizes however few copies each image needs.
-    Each image's noise is one draw of `need` copies from its own generator: it depends only on
-    its seed and the schedule, never on the other images of the batch. A draw larger than the
-    buffers' rows (`batch_size`) is made in chunks of at most that many rows, of the same
-    stream (`NormalStream`: the sound noise is the same bits as one draw; the float32 noise of
-    `sound: false` is torch.randn per chunk, the same values as one draw when an image has a
-    multiple of 16 values, as 28x28 has, torch filling in blocks of 16), so memory stays
-    bounded by batch_size whatever n, n0 or the look asks. `ctx.check()` (the deadline, a
+    Each image's noise comes from its own stream (`CopyNoise`): copy j of it depends only on
+    its seed and j, never on the other images of the batch nor on how the copies are cut. A
+    draw larger than the buffers' rows (`batch_size`) is made in chunks of at most that many
+    rows (the float32 noise of `sound: false` is torch.randn per chunk, the same values as one
+    draw when an image has a multiple of 16 values, as 28x28 has, torch filling in blocks of
+    16), so memory stays bounded by batch_size whatever n, n0 or the look asks. `ctx.check()` (the deadline, a
     client gone, the queued batches let in) runs before every group or chunk and once before
     returning. With `clean_labels` (one entry per image of xs), f's answer on each clean image
     xs[i], i in idx, is written to entry i, the clean images riding in their group's (or
@@ -627,10 +630,8 @@ def _count_batch(f: Classify, xs: torch.Tensor, idx: list[int], need: int, gener
         return torch.cat([f(noisy[r:r + forward_batch]).argmax(1) for r in range(0, noisy.shape[0], forward_batch)])
 
     if need > buffers.rows:  # one image at a time, in chunks
-        per_image = int(np.prod(xs.shape[1:]))
         for j, i in enumerate(idx):
-            gen = generators[i]
-            stream = NormalStream(need * per_image, gen) if buffers.sound else None
+            stream = streams[i]
             done = 0
             while done < need:
                 if ctx is not None:
@@ -639,11 +640,8 @@ def _count_batch(f: Classify, xs: torch.Tensor, idx: list[int], need: int, gener
                 extra = 1 if clean_labels is not None and done + m == need else 0
                 noisy, work = buffers.get(m + extra)
 
-                def fill(noise: torch.Tensor, start: int = done) -> None:
-                    if stream is None:
-                        torch.randn(noise.shape, generator=gen, out=noise)
-                    else:
-                        stream.fill(noise, start * per_image)
+                def fill(noise: torch.Tensor, start: int = first + done) -> None:
+                    stream.fill(noise, start)
                 _noisy(noisy[:m], xs[i:i + 1], sigma, None if work is None else work[:m], fill)
                 if extra:
                     noisy[m] = xs[i]
@@ -661,8 +659,8 @@ def _count_batch(f: Classify, xs: torch.Tensor, idx: list[int], need: int, gener
             rows = len(group) * need
             extra = len(group) if clean_labels is not None else 0
             noisy, work = buffers.get(rows + extra)
-            noisy_copies(noisy[:rows], xs[group], sigma, [generators[i] for i in group],
-                         None if work is None else work[:rows])
+            noisy_copies(noisy[:rows], xs[group], sigma, [streams[i] for i in group],
+                         None if work is None else work[:rows], first)
             if extra:
                 noisy[rows:] = xs[group]
             answers = labels_of(noisy[:rows + extra])
@@ -716,11 +714,8 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
     started = time.perf_counter()
     b = xs.shape[0]
     test = sequential_test(float(radius), float(sigma), int(n_max), float(alpha), first, factor)
-    generators = []
-    for s in seeds:
-        g = torch.Generator(device=xs.device)
-        g.manual_seed(s)
-        generators.append(g)
+    per_image = int(np.prod(xs.shape[1:]))
+    selection, estimation = zip(*(copy_noise(s, per_image, xs.device) for s in seeds)) if b else ((), ())
     buffers = _Buffers(tuple(xs.shape[1:]), batch_size, sound, xs.device, xs.dtype)
     counts = torch.zeros(b, num_classes, dtype=torch.long)
     lower = np.zeros(b)
@@ -730,14 +725,15 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
     refused = np.full(b, not test.certifiable)
     used = np.zeros(b, dtype=np.int64)
     with torch.inference_mode():
-        c_a = (_count_batch(f, xs, list(range(b)), n0, generators, sigma, num_classes, buffers, forward_batch,
+        c_a = (_count_batch(f, xs, list(range(b)), n0, list(selection), sigma, num_classes, buffers, forward_batch,
                             ctx).argmax(1) if n0 > 0 else torch.zeros(b, dtype=torch.long))
         active, drawn = list(range(b)), 0
         for look, size in enumerate(test.schedule):
             # n0 = 0: c_A is f's answer on the clean image, computed in the first look's passes
             # (it is known before any count is read, and no noise enters it)
-            counts[active] += _count_batch(f, xs, active, size - drawn, generators, sigma, num_classes, buffers,
-                                           forward_batch, ctx, clean_labels=c_a if n0 == 0 and look == 0 else None)
+            counts[active] += _count_batch(f, xs, active, size - drawn, list(estimation), sigma, num_classes, buffers,
+                                           forward_batch, ctx, clean_labels=c_a if n0 == 0 and look == 0 else None,
+                                           first=drawn)
             drawn = size
             k = counts[active, c_a[active]].numpy()
             v = test.verdicts(look, k)
@@ -769,11 +765,14 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
 
 
 def image_seeds(key: bytes, x: torch.Tensor, asked: tuple[Any, ...]) -> list[int]:
-    """One seed per image of `x`: a keyed hash of its pixels and of what it is asked (sigma, n,
-    n0, alpha, target radius, ...). The same image asked the same thing is answered from the
-    same noise, whatever its batch company or how often it is sent: a certificate holds with
-    probability 1 - alpha over one draw, and a client resending an image until one certifies
-    would get a wrong one far more often. Without the key the seeds cannot be predicted."""
+    """One seed per image of `x`: a keyed hash of its pixels and of `asked` (the noise level
+    and the network sampled; never what the client may vary freely: a radius, alpha or budget
+    jittered by 1e-12 was a fresh draw, and an image that abstained at r = 0.5 got a label 16
+    times in 30). The same image is answered from the same noise, whatever its batch company,
+    how often it is sent or what it is asked (CopyNoise: another question reads the same
+    copies): a certificate holds with probability 1 - alpha over one draw, and a client
+    resending an image until one certifies would get a wrong one far more often. Without the
+    key the seeds cannot be predicted."""
     tail = repr(asked).encode()
     # the image as the query monitor tells copies apart (base.exact_bytes): a resend of the same
     # pixels in another lossless format is one image there, never evidence, so it must not be a
@@ -864,7 +863,9 @@ class SmoothingDecider(Component):
             base_seed = int(opts.get("seed", ctx.seed))
             seeds = [(base_seed + i) % 2**63 for i in range(b)]  # one recorded seed per image
         else:
-            seeds = image_seeds(ctx.noise_key, x, (sigma, n, n0, alpha, target, self.use_denoiser))
+            # the image, sigma and f alone: its noise is then the same copies whatever it is asked
+            # (CopyNoise), and another radius, alpha or budget reads them, never draws afresh
+            seeds = image_seeds(ctx.noise_key, x, (sigma, self.use_denoiser))
         if target is None:
             sampler = NoiseSampler(f, sigma, self.num_classes, self.batch_size, self.forward_batch, self.sound)
             done = [certify(sampler, x[i], n0, n, alpha, seeds[i], ctx) for i in range(b)]
@@ -971,7 +972,7 @@ def _frozen(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 __all__ = ["ABSTAIN", "CERTIFIED", "CONTINUE", "Certificate", "MAX_RADIUS", "MIN_ALPHA", "NOISE_GRID", "NoiseSampler",
-           "NormalStream", "threshold_counts",
+           "CopyNoise", "copy_noise", "threshold_counts",
            "REFUSED", "SequentialTest", "sequential_test", "SmoothingDecider", "alpha_spending", "build", "certify",
            "certify_at_radius", "certify_batch_at_radius", "lower_bounds", "noisy_copies", "upper_bounds", "geometric_schedule", "lower_confidence_bound", "optimize_for_cpu",
            "predict_from_counts", "radius_from", "upper_confidence_bound"]
