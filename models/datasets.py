@@ -55,6 +55,7 @@ class Dataset:
     val: Split
     test: Split
     class_names: list[str]
+    val_carved: bool = False  # the validation split was carved from the training images given
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -226,11 +227,15 @@ def _assemble(source: str, raw: dict[str, tuple[np.ndarray, np.ndarray]], names:
                          f"0..K-1, K >= 2{', and as many class_names' if class_names is not None else ''})")
     # a class with no training image (labels 10-19 for 10 classes, a gap) would have no
     # examples to calibrate its detectors on: the labels are almost surely not 0..K-1
-    missing = sorted(set(range(k)) - set(np.unique(ys["train"]).tolist()))
-    if missing:
-        raise ValueError(f"{source}: {len(missing)} of the {k} classes {'has' if len(missing) == 1 else 'have'} "
+    # counted without a range over 0..K-1: a label of 10**9 made a set of a billion ints (a
+    # MemoryError traceback, gigabytes resident) before this said one line
+    present = set(np.unique(ys["train"]).tolist())
+    n_missing = k - len(present)
+    if n_missing:
+        missing = [c for c in range(min(k, len(present) + 6)) if c not in present][:6]
+        raise ValueError(f"{source}: {n_missing} of the {k} classes {'has' if n_missing == 1 else 'have'} "
                          f"no training image (class "
-                         f"{', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}); "
+                         f"{', '.join(map(str, missing[:5]))}{', ...' if n_missing > 5 else ''}); "
                          f"labels must be 0..K-1 with every class in {names['train'][1]}")
     scaled = _scale(source, xs)
     splits = {s: Split(torch.from_numpy(np.ascontiguousarray(scaled[s])), torch.from_numpy(ys[s]))
@@ -246,22 +251,26 @@ def _row_keys(x: torch.Tensor) -> list[bytes]:
 
 
 def check_disjoint(ds: "Dataset") -> None:
-    """Refuse a dataset whose test images are also train or validation ones (see MAX_SHARED_FRACTION):
-    accuracy would be measured, and detectors calibrated, on images the networks were fit to."""
-    test = _row_keys(ds.test.x)
-    test_set = set(test)
-    for label, split in (("validation", ds.val), ("training", ds.train)):
-        keys = _row_keys(split.x)
-        shared = sum(k in test_set for k in keys)
+    """Refuse a dataset whose test images are also train or validation ones, or whose
+    validation images are training ones (see MAX_SHARED_FRACTION): accuracy would be measured,
+    or detectors calibrated and the quality gate run, on images the networks were fit to (an
+    x_val copied from x_train passed, and the gate measured every defense on memorised digits)."""
+    keys = {name: _row_keys(split.x) for name, split in (("test", ds.test), ("validation", ds.val),
+                                                          ("training", ds.train))}
+    for label, other in (("validation", "test"), ("training", "test"), ("validation", "training")):
+        mine, theirs = keys[label], keys[other]
+        their_set = set(theirs)
+        shared = sum(k in their_set for k in mine)
         if not shared:
             continue
-        key_set = set(keys)
-        in_test = sum(k in key_set for k in test)
-        msg = (f"{ds.name}: {shared} of the {len(keys)} {label} images are also in the test split "
-               f"({in_test} of its {len(test)} images)")
+        key_set = set(mine)
+        in_other = sum(k in key_set for k in theirs)
+        msg = (f"{ds.name}: {shared} of the {len(mine)} {label} images are also in the {other} split "
+               f"({in_other} of its {len(theirs)} images)")
         # one image is always tolerated: a split under 100 images would otherwise be refused
         # for a single chance duplicate
-        if shared > max(1.0, MAX_SHARED_FRACTION * len(keys)) or in_test > max(1.0, MAX_SHARED_FRACTION * len(test)):
+        if shared > max(1.0, MAX_SHARED_FRACTION * len(mine)) or \
+                in_other > max(1.0, MAX_SHARED_FRACTION * len(theirs)):
             raise ValueError(f"{msg}: remove them from one of the two (more than "
                              f"{MAX_SHARED_FRACTION:.0%} of a split is a mistake, not chance)")
         log.warning("%s: tolerated, a few exact duplicates occur by chance; the test metrics count them", msg)
@@ -279,7 +288,7 @@ def _finish(name: str, splits: dict[str, Split], class_names: list[str], val_per
                              f"split was given: at least 2 per class are needed (one is kept for validation); "
                              f"give more images of it, or x_val/y_val")
         train, val = _carve_validation(train, _val_share(train, val_per_class), SPLIT_SEED)
-    ds = Dataset(name, train, val, splits["test"], class_names)
+    ds = Dataset(name, train, val, splits["test"], class_names, val_carved=splits.get("val") is None)
     check_disjoint(ds)
     return ds
 
@@ -348,6 +357,13 @@ def _check_npz_size(path: Path) -> None:
                     shape, _, dtype = read(fh)
                 except ValueError as exc:
                     raise ValueError(f"{path}: {info.filename} is not a valid .npy array ({exc})") from exc
+            if dtype.hasobject:
+                # pickled Python objects: never loaded (allow_pickle=False); without this an
+                # object array was "truncated" (its 8-byte pointers against the pickle's size) or
+                # numpy's error naming no array
+                raise ValueError(f"{path}: {info.filename[:-4]} is an array of Python objects ({dtype}), which "
+                                 f"shieldserve never unpickles: store images and labels as numbers, and class "
+                                 f"names as a string array (np.array(names, dtype=str))")
             declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
             total += declared
             where = f"{path}: {info.filename[:-4]} declares {shape} {dtype} ({declared / 2**20:.1f} MiB)"

@@ -190,6 +190,41 @@ def parse_classifier(spec: str, weights: str | None, kwargs: dict[str, Any]) -> 
                      "or 'torchscript:FILE'")
 
 
+def _load_torchscript(source: Any, name: Any) -> Any:
+    """torch.jit.load, its failure one ValueError naming the file (torch's loader says only
+    "[enforce fail ...]" or "PytorchStreamReader failed locating file constants.pkl"); a
+    torch.save file (a pickle in the same zip format) is named as such."""
+    import zipfile
+
+    try:
+        return torch.jit.load(source, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - whatever the loader raises on a file that is not TorchScript
+        hint = ""
+        try:
+            if hasattr(source, "seek"):
+                source.seek(0)
+            with zipfile.ZipFile(source) as zf:
+                if any(n.endswith("/data.pkl") for n in zf.namelist()) and \
+                        not any(n.endswith("/constants.pkl") for n in zf.namelist()):
+                    hint = ("; it is a torch.save file (a pickle, which shieldserve never loads): export the "
+                            "network with torch.jit.trace or torch.jit.script, then .save(FILE)")
+        except (zipfile.BadZipFile, OSError, ValueError):
+            pass
+        raise ValueError(f"{name} is not a TorchScript file (torch.jit.save's output): "
+                         f"{type(exc).__name__}{hint}") from None
+
+
+def _cause(exc: BaseException) -> str:
+    """The line of an exception's message that says what went wrong: TorchScript's first line is
+    "The following operation failed in the TorchScript interpreter.", its cause the last."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and "TorchScript interpreter" in lines[0]:
+        return lines[-1][:300]
+    return lines[0][:300]
+
+
 @torch.no_grad()
 def _check_fits(net: Any, dataset: Dataset, source: str) -> None:
     """ValueError, before anything is written, where the user's classifier does not run on the
@@ -199,9 +234,8 @@ def _check_fits(net: Any, dataset: Dataset, source: str) -> None:
     try:
         out = net(torch.zeros(shape))
     except Exception as exc:  # noqa: BLE001 - whatever the user's network raises, said in one line
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"the classifier {source} does not run on this data's input {tuple(shape)} "
-                         f"(N, C, H, W; pixels scaled by --mean/--std): {first}") from None
+                         f"(N, C, H, W; pixels scaled by --mean/--std): {_cause(exc)}") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or tuple(out.shape) != (2, classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the classifier {source} answers {got} for a batch of 2, but the data has {classes} "
@@ -216,11 +250,7 @@ def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dat
         import io
 
         data = Path(src.target).read_bytes()
-        try:
-            net = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
-        except Exception as exc:  # noqa: BLE001 - torch's loader says only "[enforce fail ...]"
-            raise ValueError(f"{src.target} is not a TorchScript file (torch.jit.save's output): "
-                             f"{type(exc).__name__}") from None
+        net = _load_torchscript(io.BytesIO(data), src.target).eval()
         _check_fits(net, dataset, str(src.target))
         record = writer.add_file("classifier", "classifier.torchscript", data, format="torchscript",
                                  architecture={"kind": "torchscript"}, preprocess="bundle", source=str(src.target))
@@ -486,6 +516,12 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     # the manifest, run from anywhere (a relative one was relative to where train ran)
     dataset = absolute_dataset(dataset)
     ds = load_dataset(dataset)
+    if classifier is not None and ds.val_carved:
+        # README, "Your data": said there, and missed (the UCI example gives none): the gate then
+        # measured every defense against a base near 100% on digits the network had learned
+        log.warning("%s has no x_val/y_val: the validation split is carved from x_train, which the classifier you "
+                    "bring was probably trained on; the quality gate and the detectors' calibration then run on "
+                    "images it knows, and look better than they will be: give a held-out x_val/y_val", dataset)
     content = dataset_sha256(ds, ("train", "val", "test"))
     recorded_sha = previous.get("dataset", {}).get("sha256")
     if recorded_sha and recorded_sha != content:
@@ -651,7 +687,7 @@ def _check_feature_layer(src: ClassifierSource) -> None:
     before the data is loaded or anything trains (a misspelt one surfaced after the classifier
     step, as RMC recorded unusable, and the command exited 0)."""
     if src.kind == "torchscript":
-        net = torch.jit.load(str(src.target), map_location="cpu")
+        net = _load_torchscript(str(src.target), src.target)
     else:
         from models.architectures import build_architecture
 
