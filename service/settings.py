@@ -103,6 +103,14 @@ class LimitsConfig(Section):
                                        "before any is decoded (413 above)")
     formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG"])
     resize: Literal["resize", "pad", "reject"] = "resize"
+    # 15 s: nginx's client_body_timeout and the Ray proxy's SHIELDSERVE_RAY_BODY_TIMEOUT_S. uvicorn
+    # has no timeout of its own while a body arrives: without this a client that sent part of a
+    # body and stalled held its connection, and up to max_body_bytes of memory, for ever.
+    body_idle_timeout_s: float = Field(
+        15.0, gt=0, allow_inf_nan=False,
+        description="longest wait for the next part of a request body: 408 request_timeout after it, the "
+                    "connection closed (on /predict, /certify and /v2 infer the request's deadline also bounds "
+                    "the whole read: 504 deadline_exceeded)")
 
 
 class BatchingConfig(Section):

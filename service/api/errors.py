@@ -68,7 +68,7 @@ class ApiError(Exception):
 
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
+                 405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout", 413: "payload_too_large",
                  415: "unsupported_media_type", 422: "invalid_parameter", 429: "overloaded",
                  503: "overloaded", 504: "deadline_exceeded"}
 

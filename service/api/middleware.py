@@ -33,6 +33,12 @@ def new_request_id() -> str:
 # what is read and thrown away of a refused request's body from a trusted proxy, at most
 # (nginx's limit is 8 MiB; past this the connection is closed as for any client)
 DRAIN_BYTES = 64 * 1024 * 1024
+# The body a route that takes none (everything but /predict, /certify and /v2 infer: health,
+# metadata, metrics, admin, a path with no route) may come with: read, as uvicorn holds this much
+# of a body it was not asked for anyway (its flow control's high-water mark), and ignored. A
+# larger one is 413 from its headers (or at this many bytes, chunked), unread: every path read up
+# to max_body_bytes, so a client without a key could hold 8 MiB per connection on /healthz.
+NO_BODY_BYTES = 64 * 1024
 
 
 async def drain_body(receive: Any, read: int, declared: int | None, timeout_s: float | None = None) -> bool:
@@ -80,6 +86,26 @@ def _replay_once(body: bytes, receive: Any) -> Any:
     return replay
 
 
+def _idle_timeout(scope: dict) -> float:
+    """limits.body_idle_timeout_s of the app serving `scope`."""
+    return scope["app"].state.settings.limits.body_idle_timeout_s
+
+
+async def _deadline(scope: dict) -> Any:
+    """The pipeline request's deadline (predict.Deadline), as its route's request_deadline
+    makes it: from its arrival, `X-Request-Timeout` or request_timeout_s. A malformed header
+    is the route's 422 to give once the body is in; meanwhile the server's deadline applies."""
+    # imported here, not above: service.ray_proxy imports this module in Ray's HTTP proxies,
+    # which must not load torch (service.api.predict does)
+    from service.api.predict import TIMEOUT_HEADER, request_deadline
+
+    request = Request(scope)
+    try:
+        return await request_deadline(request, request.headers.get(TIMEOUT_HEADER))
+    except ApiError:
+        return await request_deadline(request, None)
+
+
 class BodyLimitMiddleware:
     """Refuse bodies over `max_bytes` with 413, also chunked ones with no Content-Length;
     then watch the connection and stop the request's work when its client goes away.
@@ -94,6 +120,12 @@ class BodyLimitMiddleware:
     is complete cancels the handler's task. The cancellation reaches the batcher (the job is
     dropped, or the batch stops at its next `ctx.check()` when no one else waits for it) and
     /certify's sampling loop; the request is counted with outcome `client_closed`.
+
+    Only the pipeline routes take a body: any other route's is capped at NO_BODY_BYTES. Each
+    wait for the next part of a body is bounded (uvicorn bounds none): by
+    `limits.body_idle_timeout_s` (408 `request_timeout`), and on a pipeline route by what is
+    left of the request's deadline (504 `deadline_exceeded`), which counts from its arrival;
+    both answered with `Connection: close`, the rest of the body never read.
     """
 
     def __init__(self, app: Any, max_bytes: int) -> None:
@@ -106,18 +138,30 @@ class BodyLimitMiddleware:
         pipeline_route = endpoint_of(scope["path"]) is not None
         if pipeline_route and await self._unauthorized(scope, receive, send):
             return
+        limit = self.max_bytes if pipeline_route else min(self.max_bytes, NO_BODY_BYTES)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
-                too_big = int(declared) > self.max_bytes
+                too_big = int(declared) > limit
             except ValueError:
                 return await self._reject(scope, send, 400, "bad_request", "Content-Length is not a number")
             if too_big:
-                return await self._too_big(scope, send, await self._drained(scope, receive, 0))
+                return await self._too_big(scope, send, limit, await self._drained(scope, receive, 0))
+        idle_s = _idle_timeout(scope)
+        deadline = await _deadline(scope) if pipeline_route else None
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            wait, late = idle_s, False
+            if deadline is not None and deadline.remaining() <= idle_s:
+                # past the deadline too (<= 0): a part already in is still taken, as it comes
+                # back without a wait; only waiting for one is cut short
+                wait, late = deadline.remaining(), True
+            try:
+                async with asyncio.timeout(wait):
+                    message = await receive()
+            except TimeoutError:
+                return await self._timed_out(scope, send, idle_s, deadline if late else None)
             if message["type"] == "http.disconnect":
                 # gone during its upload: as a client gone later is (tracked, and the 499 of
                 # RequestIdMiddleware's access line), not a 500 counted nowhere
@@ -127,9 +171,10 @@ class BodyLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
+            if size > limit:
                 rest = message.get("more_body", False)
-                return await self._too_big(scope, send, not rest or await self._drained(scope, receive, size))
+                return await self._too_big(scope, send, limit,
+                                           not rest or await self._drained(scope, receive, size))
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
@@ -175,10 +220,11 @@ class BodyLimitMiddleware:
     @staticmethod
     async def _drained(scope: dict, receive: Any, read: int) -> bool:
         """The rest of a refused body read and thrown away (drain_body), from a trusted proxy
-        only: a direct client's body is never read (its refusal closes the connection)."""
+        only: a direct client's body is never read (its refusal closes the connection). Each
+        part within body_idle_timeout_s: a gateway that stalls is closed on as anyone is."""
         if not from_trusted_proxy(scope):
             return False
-        return await drain_body(receive, read, declared_length(scope.get("headers")))
+        return await drain_body(receive, read, declared_length(scope.get("headers")), _idle_timeout(scope))
 
     @classmethod
     async def _unauthorized(cls, scope: dict, receive: Any, send: Any) -> bool:
@@ -197,14 +243,32 @@ class BodyLimitMiddleware:
             return True
         return False
 
-    async def _too_big(self, scope: dict, send: Any, drained: bool = False) -> None:
-        await self._reject(scope, send, 413, "payload_too_large",
-                           f"request body is larger than the limit of {self.max_bytes} bytes", keep_alive=drained)
+    async def _too_big(self, scope: dict, send: Any, limit: int, drained: bool = False) -> None:
+        message = (f"request body is larger than the limit of {limit} bytes" if limit == self.max_bytes else
+                   f"this route takes no request body (one of up to {limit} bytes is read and ignored)")
+        await self._reject(scope, send, 413, "payload_too_large", message, keep_alive=drained)
+
+    async def _timed_out(self, scope: dict, send: Any, idle_s: float, deadline: Any) -> None:
+        """The body stopped arriving: 408 after `idle_s` without a part, or the 504 of the
+        `deadline` it ran into. Closed, the rest unread (from a trusted proxy too: what does not
+        arrive cannot be drained). A 504 here counts as `client_deadline` even on the server's
+        deadline: the server only waited for the client's bytes (a slow upload is not the
+        overload the `deadline_exceeded` alert is for)."""
+        received_at = scope["state"]["received_at"]
+        if deadline is None:
+            await self._reject(scope, send, 408, "request_timeout",
+                               f"the request body stopped arriving (nothing for {idle_s:g} s)",
+                               outcome="error", received_at=received_at)
+        else:
+            await self._reject(scope, send, 504, "deadline_exceeded",
+                               f"{deadline.error().message}: its body was still arriving",
+                               outcome="client_deadline", received_at=received_at)
 
     @staticmethod
-    async def _reject(scope: dict, send: Any, status: int, code: str, message: str, keep_alive: bool = False) -> None:
+    async def _reject(scope: dict, send: Any, status: int, code: str, message: str, keep_alive: bool = False,
+                      outcome: str = "error", received_at: float | None = None) -> None:
         """The refusal; `Connection: close` unless the whole body was read (`keep_alive`)."""
-        count_refused(scope.get("app"), scope["path"])
+        count_refused(scope.get("app"), scope["path"], outcome, received_at=received_at)
         payload = {"error": message} if is_oip(scope["path"]) else {"error": {"code": code, "message": message}}
         body = json.dumps(payload).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
