@@ -26,7 +26,7 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -697,20 +697,23 @@ class Bundle:
             return str(q.get("reason", "marked unusable by the quality gate"))
         return None
 
-    def composition_refusal(self, entries: Any, digest: str | None = None) -> str | None:
+    def composition_refusal(self, entries: Any, digest: str | None = None,
+                            here: Callable[[list[Any]], str | None] | None = None) -> str | None:
         """Why a pipeline of these defenses (built with `settings_digest` `digest`) is not served
         as a whole on this bundle, or None: `composition` found it unusable. The service, `shieldserve
         evaluate` and `shieldserve export` all leave such a pipeline out."""
-        together = self.composition(entries, digest)
+        together = self.composition(entries, digest, here)
         if together is not None and not together.get("usable", True):
             return str(together.get("reason", "marked unusable by the quality gate"))
         return None
 
-    def composition(self, entries: Any, digest: str | None = None) -> dict[str, Any] | None:
-        """The quality gate's verdict on a pipeline that composes two or more trained defenses;
-        None for fewer (its defense's own verdict is the pipeline's) or where a part has no
-        verdict (`unusable` speaks for that part). Two parts that each pass can fail together:
-        MagNet's rejections and smoothing's abstentions fall on different images.
+    def composition(self, entries: Any, digest: str | None = None,
+                    here: Callable[[list[Any]], str | None] | None = None) -> dict[str, Any] | None:
+        """The quality gate's verdict on a pipeline that composes two or more trained defenses,
+        or has one with other settings than the gate measured it with (`_own_settings`); None
+        where its one defense's verdict is the pipeline's, or a part has no verdict (`unusable`
+        speaks for that part). Two parts that each pass can fail together: MagNet's rejections
+        and smoothing's abstentions fall on different images.
 
         Measured where the gate ran the same pipeline (`quality.pipelines`: the packaged
         configuration's compositions, and those of the `--config` given to `shieldserve train`),
@@ -728,6 +731,8 @@ class Bundle:
         entries = list(entries or [])
         keys = [defense_key(e) for e in entries]
         trained = [k for k in keys if defense_name(k) in TRAINED_DEFENSES]
+        if len(trained) == 1:
+            return self._own_settings(trained[0], digest, here)
         if len(trained) < 2:
             return None
         gate = self.manifest.get("quality", {})
@@ -762,6 +767,41 @@ class Bundle:
         return {"passes": passes, "usable": passes or not enforce, "how": "bound", "accuracy_drop_bound": round(bound, 4),
                 "reason": f"{why}, within the {allowed:.2f} allowed" if passes else
                           f"{why}, more than the {allowed:.2f} allowed, and the gate has not measured it: {fix}"}
+
+    def _own_settings(self, key: str, digest: str | None,
+                      here: Callable[[list[Any]], str | None] | None) -> dict[str, Any] | None:
+        """The verdict on a pipeline whose one trained defense is `key`, built with `settings_digest`
+        `digest`: None where that defense's verdict is the pipeline's. The gate measures each
+        defense with the packaged settings (models.recipes.quality.GATED) and records that
+        pipeline's digest in the verdict; a config that gives the defense other settings
+        (Defense-GAN projecting 2 steps from a random start, RMC's or smoothing's options,
+        another certify budget) serves another pipeline, and that verdict says nothing of it
+        (such a Defense-GAN answered 7 of 40 digits, served as "passed"). Judged by the gate's
+        measurement of it (`quality.pipelines`, matched by digest: `shieldserve train --steps
+        quality --config`), else unmeasured: not served where the gate enforces.
+
+        The same settings on another machine are the same pipeline: where `here`
+        (service.runtime.gated_digests) gives the verdict's pipeline, built on this machine with
+        the packaged settings, this digest, what differs is the machine (smoothing's bfloat16,
+        RMC's parallel images on a GPU), as it always could; without `here`, unmeasured. A verdict
+        without a digest (a bundle gated before it was recorded) is the pipeline's, as before."""
+        q = self.quality(key)
+        measured = q.get("settings_digest") if isinstance(q, dict) else None
+        if not measured or not digest or digest == measured:
+            return None
+        gate = self.manifest.get("quality", {})
+        for name, rec in (gate.get("pipelines") or {}).items():
+            if isinstance(rec, dict) and not rec.get("stale") and rec.get("settings_digest") == digest:
+                return {**rec, "how": "measured", "measured_as": name}
+        as_gated = q.get("pipeline") if isinstance(q, dict) else None
+        if here is not None and isinstance(as_gated, list) and here(as_gated) == digest:
+            return None
+        return {"passes": None, "usable": not gate.get("enforce"), "how": "unmeasured",
+                "reason": f"the quality gate measured {key} with other settings ({canonical_defenses(as_gated or [])}, "
+                          f"settings digest {measured}) than this pipeline's (settings digest {digest}), and has "
+                          f"not measured this one on this bundle: measure it with `shieldserve train --out BUNDLE "
+                          f"--steps quality --config YOUR_CONFIG.yaml` (with the SHIELDSERVE_* variables it is "
+                          f"served with)"}
 
 
 class BundleWriter:

@@ -150,10 +150,12 @@ def export(bundle: str | Path, pipeline: str, out: str | Path, config: str | Non
             if reason is not None:  # the service leaves it out (404): no export claims to be it
                 raise ExportRefused(f"pipeline {pipeline!r} is not served on this bundle ({key}: {reason}), "
                                     f"so there is no served pipeline to export")
-    _, pipes = load_pipelines(bundle, [pipeline], config)
-    if pipeline in settings.pipelines:
+    base, pipes = load_pipelines(bundle, [pipeline], config)
+    if pipeline in settings.pipelines:  # as the service: a composition, or a defense with other settings
+        from service.runtime import gated_digests
+
         reason = b.composition_refusal(settings.pipelines[pipeline].model_dump().get("defenses", []) or [],
-                                       pipes[pipeline].settings_digest)
+                                       pipes[pipeline].settings_digest, gated_digests(b, base, torch.device("cpu")))
         if reason is not None:
             raise ExportRefused(f"pipeline {pipeline!r} is not served on this bundle ({reason}), so there is no "
                                 f"served pipeline to export")

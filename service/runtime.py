@@ -16,8 +16,9 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import torch
+from pydantic_settings import PydanticBaseSettingsSource, SettingsConfigDict
 
-from models.bundle import TRAINED_DEFENSES, Bundle, defense_key, defense_name
+from models.bundle import TRAINED_DEFENSES, Bundle, canonical_defenses, defense_key, defense_name
 from service.admission import Admission, image_cost, sample_weights, sampling_cost
 from service.batcher import Batcher, BatchReport, Screen
 from service.compute import ComputeThread
@@ -26,7 +27,7 @@ from service.defenses.query_monitor import GATE_KEY, NEAR_GATE_KEY, AttackSuspec
 from service.imaging import ImageLimits
 from service.metrics import Metrics, multiprocess_dir
 from service.pipeline import ImageResult, Pipeline, PipelineConfigError, Rejection, Stage
-from service.settings import Settings
+from service.settings import Settings, read_config_file
 
 T = TypeVar("T")
 log = logging.getLogger("shieldserve")
@@ -53,6 +54,51 @@ def monitor_result(verdict: Verdict, i: int) -> ImageResult:
     batches and on /certify alike, so the two count it alike)."""
     return ImageResult(status="rejected", rejected_by=[monitor_rejection(verdict, i)],
                        stages=[Stage("query_monitor", "monitor", verdict.seconds)])
+
+
+def packaged_settings(bundle: Any) -> Settings:
+    """The settings of the packaged configuration alone (service/default_config.yaml), with no
+    config file, SHIELDSERVE_CONFIG or SHIELDSERVE_* variable: the ones the quality gate measures
+    each defense with (models.recipes.quality.GATED), and builds its pipeline with again wherever a
+    verdict's digest is matched on another machine (`gated_digests`). Read from the environment, a
+    variable set while training (SHIELDSERVE_CERTIFY__PREDICT_N) would have the gate measure, and
+    `gated_digests` rebuild, another pipeline than the packaged one. Here, not in the gate's module:
+    serving never imports a training recipe."""
+
+    class _Packaged(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "title": "settings"})
+
+        @classmethod
+        def settings_customise_sources(cls, settings_cls: Any, init_settings: PydanticBaseSettingsSource,
+                                       **others: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings,)  # the packaged file's values only: no environment, no .env
+
+    return _Packaged(**{**read_config_file(None), "bundle": str(bundle)})
+
+
+def gated_digests(bundle: Bundle, classifier: Any, device: torch.device) -> Callable[[list[Any]], str | None]:
+    """The `here` of models.bundle.Bundle.composition: a function giving the `settings_digest` a
+    verdict's pipeline (its recorded `pipeline` entries) has when built on this machine with the
+    packaged settings, or None where it does not build. A digest also records what the machine
+    decides (smoothing's bfloat16 on a CPU that has it natively, RMC's parallel images and faiss
+    index on a GPU): a bundle gated on a GPU and served on a CPU differs from the verdict's digest
+    in its packaged pipelines too, and is not refused them for it. Each pipeline is built once,
+    when first asked (RMC's takes seconds), and only where the recorded digest differs."""
+    cache: dict[str, str | None] = {}
+
+    def digest(entries: list[Any]) -> str | None:
+        key = canonical_defenses(entries)
+        if key not in cache:
+            try:
+                env = DefenseEnv(bundle=bundle, classifier=classifier, device=device,
+                                 settings=packaged_settings(bundle.path))
+                cache[key] = Pipeline.build("quality:gated", {"defenses": list(entries)}, env).settings_digest
+            except Exception as exc:  # noqa: BLE001 - unknown is not "the same": the pipeline stays unmeasured
+                log.warning("the quality gate's pipeline %s does not build here: %s", key, exc)
+                cache[key] = None
+        return cache[key]
+
+    return digest
 
 
 class Runtime:
@@ -84,8 +130,13 @@ class Runtime:
         self.pipelines: dict[str, Pipeline] = {}
         # pipelines left out because a defense they need is unusable on this bundle, and why
         self.unavailable: dict[str, str] = {}
-        # each served pipeline's own gate verdict as a whole (None: one trained defense or fewer)
+        # each served pipeline's own gate verdict as a whole (None: its one trained defense's verdict,
+        # or none, speaks for it; models.bundle.Bundle.composition)
         together: dict[str, dict[str, Any] | None] = {}
+        # the digests the gate's own pipelines have here, with the packaged settings: asked only of
+        # a pipeline whose one defense's verdict records another digest than it has (another
+        # machine, or other settings), each built once
+        here = gated_digests(self.bundle, self.classifier, self.device)
         for name, cfg in settings.pipelines.items():
             config = cfg.model_dump()
             reason = self._unusable(config)
@@ -93,7 +144,7 @@ class Runtime:
                 pipeline = Pipeline.build(name, config, env)  # a config error fails start-up
                 # its parts pass one by one; together? (built first: a pipeline that does not build
                 # is a configuration error, not a gate verdict)
-                together[name] = self.bundle.composition(config.get("defenses", []), pipeline.settings_digest)
+                together[name] = self.bundle.composition(config.get("defenses", []), pipeline.settings_digest, here)
                 if together[name] is None or together[name].get("usable", True):
                     self.pipelines[name] = pipeline
                     continue
@@ -400,7 +451,9 @@ class Runtime:
                 why = str(whole.get("reason"))
                 if "not enforced" not in why:
                     why += "; quality.enforce is false on this bundle"
-                note = f"pipeline {name} is served {'below the quality gate' if below else 'unmeasured'} as a whole: {why}"
+                # one trained defense: its verdict passed, but with other settings than these
+                what = "as a whole" if len(keys) > 1 else "with its own settings"
+                note = f"pipeline {name} is served {'below the quality gate' if below else 'unmeasured'} {what}: {why}"
                 log.warning("%s", note)
                 said.append(note)
             if base_note:  # every pipeline serves the base classifier (or is measured against it)

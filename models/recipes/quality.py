@@ -20,6 +20,14 @@ client's images within reach of one of its previous ones (`query_monitor:suspect
 the same bound (low-resolution data with few levels) the monitor runs without that check, and
 is measured without it.
 
+Each verdict records the `settings_digest` of the pipeline it was measured with (GATED's, built
+with the packaged configuration alone: service.runtime.packaged_settings). A served pipeline
+whose one trained defense has other settings (Defense-GAN projecting 2 steps from a random
+start, RMC's or smoothing's options, another certify budget) is not that pipeline: served on
+the packaged settings' verdict, such a Defense-GAN answered 7 of 40 digits and was "passed". It
+is judged by its own measurement (`measure_pipelines`, recorded in `quality.pipelines` with its
+digest), and without one it is not served where the gate enforces (models.bundle.Bundle.composition).
+
 Options: {"quality": {"images": N, "max_accuracy_drop": D, "enforce": true}} (`shieldserve
 train --max-accuracy-drop D`). The quick preset (seconds of training, for tests) measures
 nothing unless `images` is set, and then records the verdicts without enforcing them.
@@ -247,25 +255,30 @@ def forget(manifest: dict[str, Any], step: str, reason: str | None = None) -> No
 def measure_pipelines(bundle_path: Any, manifest: dict[str, Any], dataset: Any, preset: str,
                       options: dict[str, Any], device: torch.device, config: str | None = None,
                       trusted_imports: tuple[str, ...] = ()) -> list[str]:
-    """The served compositions, each as a whole: every pipeline of the service's configuration
-    (the packaged one, with `config` merged over it: the file the bundle will be served with,
-    whose settings the pipelines are built with, as `serve` builds them) that composes two or
-    more trained defenses, all of them usable on this bundle, is run on the gate's images like
-    a single defense and recorded in `quality.pipelines` (its name -> the record, with its
-    defense list and the built pipeline's `settings_digest`, by which the service matches it:
-    models.bundle.Bundle.composition). Measured again: a record `measure` marked stale (a step
-    it used was rebuilt), whichever config gave it. A pipeline that does not build is not
-    recorded (serving it fails start-up with the same error): returned, one line each, for
-    `shieldserve train` to fail on once the bundle is saved."""
+    """The served pipelines the defenses' verdicts do not speak for, each as a whole: every
+    pipeline of the service's configuration (the packaged one, with `config` merged over it: the
+    file the bundle will be served with, whose settings the pipelines are built with, as `serve`
+    builds them) whose trained defenses are all usable on this bundle and that composes two or
+    more of them, or has one with other settings than the gate measured it with (its built
+    `settings_digest` is not the one its verdict records, nor that of the verdict's pipeline
+    built here with the packaged settings: Defense-GAN's 2-step projection, the packaged
+    `denoised` at n 1000 where `smoothing:denoised` is measured at certify.predict_n), is run on
+    the gate's images like a single defense and recorded in `quality.pipelines` (its name -> the
+    record, with its defense list and the built pipeline's `settings_digest`, by which the
+    service matches it: models.bundle.Bundle.composition). Measured again: a record `measure`
+    marked stale (a step it used was rebuilt), whichever config gave it. A pipeline that does not
+    build is not recorded (serving it fails start-up with the same error): returned, one line
+    each, for `shieldserve train` to fail on once the bundle is saved."""
     from models.bundle import Bundle, TRAINED_DEFENSES, defense_key, defense_name
     from service.pipeline import Pipeline
+    from service.runtime import gated_digests
     from service.settings import load_settings
 
     r = recipe(preset, **options)
     if r.images <= 0:
         if config is not None:
             log.warning("--config %s: the quality gate is off (quality.images 0, the quick preset's default), so its "
-                        "compositions are not measured", config)
+                        "pipelines are not measured", config)
         return []
     q = _section(manifest, r)
     done = q.setdefault("pipelines", {})
@@ -276,6 +289,7 @@ def measure_pipelines(bundle_path: Any, manifest: dict[str, Any], dataset: Any, 
         if rec.get("stale"):
             wanted.setdefault(name, rec.get("defenses") or [])
     gate = None
+    here = None  # the gate's own pipelines' digests on this machine, built when first needed
     measured: set[str] = set()
     broken: list[str] = []
     for name, entries in wanted.items():
@@ -291,9 +305,11 @@ def measure_pipelines(bundle_path: Any, manifest: dict[str, Any], dataset: Any, 
                 log.warning("quality gate: pipeline %s does not build, not measured: %s", name, exc)
                 broken.append(f"pipeline {name!r} does not build: {exc}")
             continue
-        if len(trained) < 2:
-            continue  # a single defense's verdict is the pipeline's
         digest = pipe.settings_digest
+        if len(trained) < 2:
+            here = here or gated_digests(bundle, gate.env.classifier, device)
+            if not trained or bundle.composition(entries, digest, here) is None:
+                continue  # built as the gate measured its defense: that verdict is the pipeline's
         if digest in measured or any(rec.get("settings_digest") == digest and not rec.get("stale")
                                      for rec in done.values()):
             continue  # measured already, this run or before
@@ -322,11 +338,12 @@ class _Gate:
              trusted_imports: tuple[str, ...], settings: Any = None) -> "_Gate":
         from models.bundle import Bundle
         from service.defenses.base import DefenseEnv
-        from service.settings import load_settings
+        from service.runtime import packaged_settings
 
         bundle = Bundle.load(bundle_path, trusted_imports=trusted_imports)
         base = bundle.classifier(device)
-        settings = settings or load_settings(None, bundle=str(bundle_path))
+        # each defense with the packaged settings (GATED), the ones its verdict's digest records
+        settings = settings or packaged_settings(bundle_path)
         env = DefenseEnv(bundle=bundle, classifier=base, device=device, settings=settings)
         x, y = _gate_images(dataset, r, device)
         base_acc = float((base(x).argmax(1) == y).float().mean())
@@ -357,6 +374,9 @@ class _Gate:
         except Exception as exc:  # a defense that cannot run on this bundle is not served
             return {"usable": False, "reason": f"could not run its pipeline: {exc}", "pipeline": entries}
         seconds = time.monotonic() - started
+        # what it was measured as: a served pipeline of the same defense with another digest is
+        # another pipeline (models.bundle.Bundle.composition)
+        digest = pipe.settings_digest
         labels = torch.tensor([-1 if res.label is None else res.label for res in results], device=self.device)
         status = [res.status for res in results]
         right = (torch.tensor([s == "accepted" for s in status], device=self.device) & (labels == y))
@@ -368,6 +388,7 @@ class _Gate:
             "abstention_rate": round(sum(s == "abstained" for s in status) / len(status), 4),
             "images": len(status), "seconds": round(seconds, 1),
             "seconds_per_image": round(seconds / max(1, len(status)), 4), "pipeline": entries,
+            "settings_digest": digest,
         }
         within = base_acc - acc <= r.max_accuracy_drop + 1e-9
         passes = within and self.too_few is None

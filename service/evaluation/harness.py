@@ -221,9 +221,14 @@ class Evaluation:
             raise ValueError(f"--offset {cfg.offset} is past the {len(test.y)} test digits of the stratified order")
         span = f"first {len(self.y)} digits" if not cfg.offset else f"digits {cfg.offset + 1}-{cfg.offset + len(self.y)}"
         self.pipes = {n: Pipeline.build(n, settings.pipelines[n].model_dump(), env) for n in names}
-        if not cfg.pipelines:  # as the service: a composition the gate did not pass as a whole is left out
+        if not cfg.pipelines:  # as the service: a composition the gate did not pass as a whole is left out,
+            # and a defense with other settings than the gate measured it with (unmeasured where enforced)
+            from service.runtime import gated_digests
+
+            here = gated_digests(self.bundle, self.base, torch.device("cpu"))
             for n in list(self.pipes):
-                reason = self.bundle.composition_refusal(settings.pipelines[n].defenses, self.pipes[n].settings_digest)
+                reason = self.bundle.composition_refusal(settings.pipelines[n].defenses, self.pipes[n].settings_digest,
+                                                         here)
                 if reason is not None:
                     log.warning("pipeline %s is not evaluated: %s", n, reason)
                     del self.pipes[n]
