@@ -81,13 +81,13 @@ def main() -> None:
             answers = []
             for company in [None, *companies.values()]:
                 batch = me if company is None else torch.cat([me, company])
-                ctx = RunContext(device=rt.device, seed=1234 + i)
+                ctx = RunContext(device=rt.device, seed=1234 + i, noise_key=rt.noise_key)  # as served
                 answers.append(rt.compute.call(pipe.run, batch.to(rt.device), ctx)[0])
             # and last in a batch of 4, behind three different companies (its row, seed and noise
             # the same each time): only the others' pixels differ
             behind = []
             for company in companies.values():
-                ctx = RunContext(device=rt.device, seed=1234 + i)
+                ctx = RunContext(device=rt.device, seed=1234 + i, noise_key=rt.noise_key)  # as served
                 behind.append(rt.compute.call(pipe.run, torch.cat([company[:3], me]).to(rt.device), ctx)[3])
             for alone, other in [(answers[0], a) for a in answers[1:]] + [(behind[0], b) for b in behind[1:]]:
                 worst["label_flips"] += other.label != alone.label

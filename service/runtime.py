@@ -213,8 +213,8 @@ class Runtime:
         # (numpy, maybe Redis); bounded, so a flood of costly uploads takes at most its threads.
         self.executor = ThreadPoolExecutor(max_workers=max(2, min(8, len(self.pipelines))),
                                            thread_name_prefix="shieldserve-infer")
-        # smoothing's noise per image from a keyed hash of it (RunContext.noise_key): the same
-        # image asked the same thing gets the same answer. Derived from the query monitor's
+        # smoothing's noise (and Defense-GAN's restarts) per image from a keyed hash of it
+        # (RunContext.noise_key): the same image gets the same answer. Derived from the query monitor's
         # secret where one is set (docker-compose sets it), else from the key the monitor's
         # replicas share through Redis, so every worker and replica sharing either answers from
         # the same noise (a resend to another one draws nothing new); else per process
@@ -223,12 +223,17 @@ class Runtime:
         shared = self.monitor.shared_derived_key(purpose) if self.monitor is not None else None
         self.noise_key = (hashlib.sha256(purpose + qm_secret.get_secret_value().encode()).digest() if qm_secret
                           else shared or os.urandom(32))
+        # Defense-GAN's restarts are drawn with the same key (per image, since stop 47): a
+        # pipeline with one draws afresh in another process too, certifying or not
+        noisy = [n for n, p in self.pipelines.items() if p.certifies or any(
+            defense_name(defense_key(e)) == "defensegan" for e in settings.pipelines[n].defenses)]
         if not qm_secret and shared is None and (settings.workers > 1 or settings.query_monitor.store == "redis") \
-                and any(p.certifies for p in self.pipelines.values()):
-            log.warning("smoothing's noise key is this process's own (no query_monitor.secret%s): each of the %s "
-                        "answers a resent image from its own noise draw, so a client resending an image to "
-                        "another one gets a fresh try at its certificate; set query_monitor.secret, the same "
-                        "everywhere", "" if settings.query_monitor.store == "memory" else
+                and noisy:
+            log.warning("the noise key (smoothing's samples, Defense-GAN's restarts) is this process's own (no "
+                        "query_monitor.secret%s): each of the %s answers a resent image from its own noise draw, "
+                        "so a client resending an image to another one gets a fresh try at its answer or "
+                        "certificate; set query_monitor.secret, the same everywhere",
+                        "" if settings.query_monitor.store == "memory" else
                         ", and no key shared through Redis at start: it keeps its own until restarted",
                         "workers" if settings.workers > 1 else "replicas")
         b = settings.batching

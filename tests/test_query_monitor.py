@@ -1198,7 +1198,8 @@ def test_a_blocked_clients_refused_queries_are_not_remembered(store, request, mn
         assert monitor.redis is not None and monitor._down_since is None
 
 
-def test_replicas_sharing_a_redis_monitor_share_the_noise_key(make_client, redis_url, caplog) -> None:  # noqa: F811
+def test_replicas_sharing_a_redis_monitor_share_the_noise_key(make_client, redis_url, caplog,  # noqa: F811
+                                                               tmp_path) -> None:
     """Without query_monitor.secret the replicas' monitors agree on a key through Redis; the
     smoothing noise key is derived from it, so a resend to another replica is answered from the
     same noise (each replica had drawn its own: two answers to one image). A process with its
@@ -1215,7 +1216,17 @@ def test_replicas_sharing_a_redis_monitor_share_the_noise_key(make_client, redis
     with caplog.at_level(logging.WARNING, logger="shieldserve"):
         alone = make_client(warmup=False, workers=2)
     assert alone.app.state.runtime.noise_key != key_a
-    assert any("noise key is this process's own" in r.getMessage() for r in caplog.records)
+    assert any("noise key (smoothing's samples, Defense-GAN's restarts) is this process's own" in r.getMessage()
+               for r in caplog.records)
+    # a Defense-GAN pipeline alone draws with that key too (its restarts per image): said as well
+    uncertified = "pipelines: {default: null, smoothing: null, denoised: null%s}\ndefault_pipeline: baseline\n"
+    for left_out, said in (("", True), (", defensegan: null", False)):
+        config = tmp_path / f"c{int(said)}.yaml"
+        config.write_text(uncertified % left_out)  # null: the packaged pipeline left out
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="shieldserve"):
+            make_client(warmup=False, workers=2, config=str(config))
+        assert any("noise key" in r.getMessage() for r in caplog.records) is said, left_out
 
 
 def test_an_unblock_through_redis_lifts_the_block_every_replica_holds_and_no_later_one(
