@@ -13,6 +13,7 @@ and may return several components (MagNet is a detector set and a reformer).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,17 @@ def exact_bytes(x: torch.Tensor) -> list[bytes]:
     return exact_rows(x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).numpy())
 
 
+def image_seeds(key: bytes, x: torch.Tensor, asked: tuple[Any, ...]) -> list[int]:
+    """One 63-bit seed per image of `x`: a keyed hash of its identity (exact_bytes: a resend of
+    the same pixels in another lossless format is one image, never a fresh draw) and of `asked`,
+    what the noise depends on besides the image (smoothing: sigma and f; Defense-GAN: its tag and
+    projection settings). The same image gets the same noise whatever its batch company, position
+    or how often it is sent; without the key the seeds cannot be predicted."""
+    tail = repr(asked).encode()
+    return [int.from_bytes(hashlib.blake2b(row + tail, key=key, digest_size=8).digest(), "big") >> 1
+            for row in exact_bytes(x)]
+
+
 def exact_rows(a: np.ndarray) -> list[bytes]:
     """exact_bytes of images already flattened to float32 rows (B, N)."""
     scaled = a * np.float32(255.0)
@@ -65,10 +77,10 @@ class RunContext:
     # detector and purifier share one projection): it lives and dies with this run, so no
     # other request can ever read it
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)
-    # a secret of the serving process: with it, smoothing draws each image's noise from a keyed
-    # hash of the image and what it is asked (service.defenses.smoothing.image_seeds), not from
-    # `seed`, so a resent image gets the same answer: retrying cannot shop for a certificate
-    # that holds only with probability 1 - alpha per draw. None: `seed` (evaluation, tests)
+    # a secret of the serving process: with it, smoothing's noise and Defense-GAN's restarts are
+    # drawn per image from a keyed hash of it (image_seeds), not from `seed`, so a resent image
+    # gets the same answer: retrying cannot shop for a certificate that holds only with
+    # probability 1 - alpha per draw. None: `seed` (evaluation, tests)
     noise_key: bytes | None = field(default=None, repr=False)
     _generator: torch.Generator | None = field(default=None, repr=False)
 

@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from models.bundle import BundleError, finite_number
-from service.defenses.base import Classify, Component, DefenseEnv, Detection, Purified, RunContext, exact_bytes
+from service.defenses.base import Classify, Component, DefenseEnv, Detection, Purified, RunContext
+from service.defenses.base import image_seeds as keyed_seeds
 
 
 @dataclass(frozen=True)
@@ -163,15 +164,10 @@ def reconstruction_grad(generator: nn.Module, z: torch.Tensor,
 
 
 def image_seeds(key: bytes, x: torch.Tensor, settings: ProjectionSettings, latent: int) -> list[int]:
-    """One seed per image of `x`: a keyed hash of its pixels and of the projection's settings,
-    so its restarts' starts depend on nothing else (not its batch company, not its position).
-    The image is identified as the query monitor and smoothing identify it (base.exact_bytes):
-    a resend in another lossless format is the same image and draws nothing new. The tag keeps
-    these seeds apart from smoothing's under the same key. Without the key they cannot be
-    predicted."""
-    tail = repr(("defensegan", latent, tuple(sorted(settings.to_json().items())))).encode()
-    return [int.from_bytes(hashlib.blake2b(row + tail, key=key, digest_size=8).digest(), "big") >> 1
-            for row in exact_bytes(x)]
+    """One seed per image of `x` (base.image_seeds): its restarts' starts depend on its pixels
+    and the projection's settings alone, not its batch company or position. The tag keeps
+    these seeds apart from smoothing's under the same key."""
+    return keyed_seeds(key, x, ("defensegan", latent, tuple(sorted(settings.to_json().items()))))
 
 
 def _normal(b: int, r: int, latent: int, device: torch.device, rng: torch.Generator | None,

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import logging
 import math
 import time
@@ -55,7 +54,7 @@ import numpy as np
 import torch
 from scipy.stats import beta, binomtest, norm
 
-from service.defenses.base import (Classify, Component, Decision, DefenseEnv, RunContext, exact_bytes,
+from service.defenses.base import (Classify, Component, Decision, DefenseEnv, RunContext, image_seeds,
                                    optimize_for_cpu)
 
 log = logging.getLogger("shieldserve")
@@ -764,23 +763,6 @@ def certify_batch_at_radius(f: Classify, xs: torch.Tensor, sigma: float, radius:
     return out
 
 
-def image_seeds(key: bytes, x: torch.Tensor, asked: tuple[Any, ...]) -> list[int]:
-    """One seed per image of `x`: a keyed hash of its pixels and of `asked` (the noise level
-    and the network sampled; never what the client may vary freely: a radius, alpha or budget
-    jittered by 1e-12 was a fresh draw, and an image that abstained at r = 0.5 got a label 16
-    times in 30). The same image is answered from the same noise, whatever its batch company,
-    how often it is sent or what it is asked (CopyNoise: another question reads the same
-    copies): a certificate holds with probability 1 - alpha over one draw, and a client
-    resending an image until one certifies would get a wrong one far more often. Without the
-    key the seeds cannot be predicted."""
-    tail = repr(asked).encode()
-    # the image as the query monitor tells copies apart (base.exact_bytes): a resend of the same
-    # pixels in another lossless format is one image there, never evidence, so it must not be a
-    # fresh draw here
-    return [int.from_bytes(hashlib.blake2b(row + tail, key=key, digest_size=8).digest(), "big") >> 1
-            for row in exact_bytes(x)]
-
-
 # ---------------------------------------------------------------------- the decider
 _OPTIONS = {"sigma", "denoiser", "n", "n0", "alpha", "batch_size", "forward_batch", "optimize", "target_radius",
             "sound", "precision"}
@@ -863,8 +845,10 @@ class SmoothingDecider(Component):
             base_seed = int(opts.get("seed", ctx.seed))
             seeds = [(base_seed + i) % 2**63 for i in range(b)]  # one recorded seed per image
         else:
-            # the image, sigma and f alone: its noise is then the same copies whatever it is asked
-            # (CopyNoise), and another radius, alpha or budget reads them, never draws afresh
+            # the image, sigma and f alone, never what the client may vary freely (a radius, alpha
+            # or budget jittered by 1e-12 was a fresh draw: an image that abstained at r = 0.5 got a
+            # label 16 times in 30): its noise is the same copies whatever it is asked (CopyNoise),
+            # and a certificate holds with probability 1 - alpha over one draw, not over retries
             seeds = image_seeds(ctx.noise_key, x, (sigma, self.use_denoiser))
         if target is None:
             sampler = NoiseSampler(f, sigma, self.num_classes, self.batch_size, self.forward_batch, self.sound)
