@@ -364,13 +364,18 @@ def standard_normal64(out: torch.Tensor, generator: torch.Generator) -> torch.Te
         if flat.numel() % 2:
             torch.randn(1, generator=generator, dtype=torch.float64, device=flat.device, out=flat[-1:])
         torch.rand(2 * half, generator=generator, dtype=torch.float64, device=flat.device, out=flat[:2 * half])
-    r, theta = flat[:half], flat[half:2 * half]
+    _box_muller(flat[:half], flat[half:2 * half])
+    return out
+
+
+def _box_muller(r: torch.Tensor, theta: torch.Tensor) -> None:
+    """Uniforms in, standard normals out, in place: each pair (u1 in r, u2 in theta) becomes
+    (sqrt(-2 log(1 - u1)) cos(2 pi u2), ... sin(2 pi u2)), the cosines in r, the sines in theta."""
     r.neg_().log1p_().mul_(-2.0).sqrt_()     # u1 in [0, 1): log(1 - u1) is finite
     theta.mul_(2.0 * math.pi)
     cos = torch.cos(theta)
     theta.sin_().mul_(r)                     # r sin(2 pi u2)
     r.mul_(cos)                              # r cos(2 pi u2)
-    return out
 
 
 class CopyNoise:
@@ -406,12 +411,7 @@ class CopyNoise:
         bits = np.random.PCG64(self.key)
         bits.advance(int(first) * 2 * h)  # one 64-bit draw per float64 uniform
         np.random.Generator(bits).random(out=u.numpy().reshape(-1))
-        r, theta = u[:, :h], u[:, h:]
-        r.neg_().log1p_().mul_(-2.0).sqrt_()     # u1 in [0, 1): log(1 - u1) is finite
-        theta.mul_(2.0 * math.pi)
-        cos = torch.cos(theta)
-        theta.sin_().mul_(r)                     # r sin(2 pi u2)
-        r.mul_(cos)                              # r cos(2 pi u2)
+        _box_muller(u[:, :h], u[:, h:])  # within each copy: its first half the radii
         if d != 2 * h:
             out.view(m, d).copy_(u[:, :d])
         return out
