@@ -431,7 +431,7 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     checkpoints, in the work directory, resume), or finished with `--steps` naming the pending
     ones. Replacing a bundle (`force`, or an unfinished one) deletes its manifest and the files it
     names before the first step runs."""
-    from models.recipes.common import dataset_sha256
+    from models.recipes.common import require_same_data
 
     out = Path(out)
     started = time.monotonic()
@@ -522,12 +522,7 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
         log.warning("%s has no x_val/y_val: the validation split is carved from x_train, which the classifier you "
                     "bring was probably trained on; the quality gate and the detectors' calibration then run on "
                     "images it knows, and look better than they will be: give a held-out x_val/y_val", dataset)
-    content = dataset_sha256(ds, ("train", "val", "test"))
-    recorded_sha = previous.get("dataset", {}).get("sha256")
-    if recorded_sha and recorded_sha != content:
-        raise ValueError(f"{dataset} is not the data the bundle at {out} was built on (its content's sha256 is "
-                         f"{content[:12]}..., the manifest's {recorded_sha[:12]}...); restore that data, or build "
-                         f"a new bundle without --steps")
+    content = require_same_data(ds, previous, dataset, out, "build a new bundle without --steps")
     # artifacts the chosen steps write again are not verified: a step killed while writing them
     # (SIGKILL, out of memory) left files the manifest's hashes do not match, and nothing could
     # load the bundle to run that step again

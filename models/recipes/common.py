@@ -24,6 +24,19 @@ def seeded(seed: int, step: str) -> torch.Generator:
     return g
 
 
+def require_same_data(dataset: Any, manifest: dict[str, Any], where: str, bundle: Any, remedy: str) -> str:
+    """The content hash of all three splits, refused (ValueError) where the bundle's manifest
+    records another (`dataset.sha256`; none recorded: bundles built before it, not checked):
+    `train --steps` and `evaluate` on a file replaced in place would train, or report, on data
+    the manifest does not name. Returns the hash."""
+    content = dataset_sha256(dataset, ("train", "val", "test"))
+    recorded = (manifest.get("dataset") or {}).get("sha256")
+    if isinstance(recorded, str) and recorded != content:
+        raise ValueError(f"{where} is not the data the bundle at {bundle} was built on (its content's sha256 is "
+                         f"{content[:12]}..., the manifest's {recorded[:12]}...); restore that data, or {remedy}")
+    return content
+
+
 def dataset_sha256(dataset: Any, splits: tuple[str, ...] = ("train", "val")) -> str:
     """sha256 of the named splits' images and labels (shapes and dtypes included), computed once
     per dataset object. A dataset's name and split sizes say nothing of its content: the same

@@ -154,23 +154,6 @@ def check_names(flag: str, given: Collection[str], valid: Collection[str], what:
                          + (choices or f"choose from {', '.join(valid)}"))
 
 
-def _same_data(ds: Any, bundle: Any) -> None:
-    """The data the bundle was built on, by content (the manifest's `dataset.sha256`, as
-    `train --steps` checks it): an npz or IDX directory replaced in place was evaluated
-    without a word, its report under the bundle's name."""
-    from models.recipes.common import dataset_sha256
-
-    recorded = (bundle.manifest.get("dataset") or {}).get("sha256")
-    if not isinstance(recorded, str):
-        return  # bundles built before it was recorded
-    content = dataset_sha256(ds, ("train", "val", "test"))
-    if content != recorded:
-        where = (bundle.manifest.get("build") or {}).get("dataset", "its dataset")
-        raise ValueError(f"{where} is not the data the bundle at {bundle.path} was built on (its content's sha256 is "
-                         f"{content[:12]}..., the manifest's {recorded[:12]}...); restore that data, or evaluate a "
-                         f"bundle built on this data")
-
-
 def _bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not progress_enabled(),
                 file=sys.stderr, dynamic_ncols=True)
@@ -193,6 +176,7 @@ class Evaluation:
     def __init__(self, cfg: EvalConfig) -> None:
         from models.bundle import Bundle
         from models.datasets import load_dataset
+        from models.recipes.common import require_same_data
         from service.defenses.base import DefenseEnv
         from service.pipeline import Pipeline
         from service.settings import load_settings
@@ -208,7 +192,10 @@ class Evaluation:
         names = cfg.pipelines or [n for n in settings.pipelines if not self._unusable(settings, n)]
         # the bundle's own dataset: a user's bundle is evaluated on its test split, not on MNIST
         ds = load_dataset(self.bundle.manifest.get("build", {}).get("dataset", "mnist5k"))
-        _same_data(ds, self.bundle)
+        # by content, as `train --steps` checks it: an npz replaced in place was evaluated
+        # without a word, its report under the bundle's name
+        where = (self.bundle.manifest.get("build") or {}).get("dataset", "its dataset")
+        require_same_data(ds, self.bundle.manifest, where, self.bundle.path, "evaluate a bundle built on this data")
         if cfg.offset < 0 or cfg.limit < 1:
             raise ValueError("--limit must be >= 1 and --offset >= 0")
         # the stratified order is the same whatever the count (any prefix is balanced), so digits
