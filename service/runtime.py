@@ -56,6 +56,17 @@ def monitor_result(verdict: Verdict, i: int) -> ImageResult:
                        stages=[Stage("query_monitor", "monitor", verdict.seconds)])
 
 
+class _PackagedSettings(Settings):
+    """Settings from their init values alone: no environment, no .env (packaged_settings)."""
+
+    model_config = SettingsConfigDict(**{**Settings.model_config, "title": "settings"})
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: Any, init_settings: PydanticBaseSettingsSource,
+                                   **others: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def packaged_settings(bundle: Any) -> Settings:
     """The settings of the packaged configuration alone (service/default_config.yaml), with no
     config file, SHIELDSERVE_CONFIG or SHIELDSERVE_* variable: the ones the quality gate measures
@@ -64,16 +75,7 @@ def packaged_settings(bundle: Any) -> Settings:
     variable set while training (SHIELDSERVE_CERTIFY__PREDICT_N) would have the gate measure, and
     `gated_digests` rebuild, another pipeline than the packaged one. Here, not in the gate's module:
     serving never imports a training recipe."""
-
-    class _Packaged(Settings):
-        model_config = SettingsConfigDict(**{**Settings.model_config, "title": "settings"})
-
-        @classmethod
-        def settings_customise_sources(cls, settings_cls: Any, init_settings: PydanticBaseSettingsSource,
-                                       **others: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings,)  # the packaged file's values only: no environment, no .env
-
-    return _Packaged(**{**read_config_file(None), "bundle": str(bundle)})
+    return _PackagedSettings(**{**read_config_file(None), "bundle": str(bundle)})
 
 
 def gated_digests(bundle: Bundle, classifier: Any, device: torch.device) -> Callable[[list[Any]], str | None]:
@@ -85,13 +87,16 @@ def gated_digests(bundle: Bundle, classifier: Any, device: torch.device) -> Call
     in its packaged pipelines too, and is not refused them for it. Each pipeline is built once,
     when first asked (RMC's takes seconds), and only where the recorded digest differs."""
     cache: dict[str, str | None] = {}
+    envs: list[DefenseEnv] = []  # the packaged settings' environment, made at the first pipeline built
 
     def digest(entries: list[Any]) -> str | None:
         key = canonical_defenses(entries)
         if key not in cache:
             try:
-                env = DefenseEnv(bundle=bundle, classifier=classifier, device=device,
-                                 settings=packaged_settings(bundle.path))
+                if not envs:
+                    envs.append(DefenseEnv(bundle=bundle, classifier=classifier, device=device,
+                                           settings=packaged_settings(bundle.path)))
+                env = envs[0]
                 cache[key] = Pipeline.build("quality:gated", {"defenses": list(entries)}, env).settings_digest
             except Exception as exc:  # noqa: BLE001 - unknown is not "the same": the pipeline stays unmeasured
                 log.warning("the quality gate's pipeline %s does not build here: %s", key, exc)
