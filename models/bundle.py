@@ -740,13 +740,10 @@ class Bundle:
         allowed = float(gate.get("max_accuracy_drop", 0.02))
         fix = "measure it with `shieldserve train --out BUNDLE --steps quality --config YOUR_CONFIG.yaml`"
         want = canonical_defenses(entries)
-        for name, rec in (gate.get("pipelines") or {}).items():
-            if not isinstance(rec, dict) or rec.get("stale"):
-                continue
-            same = (rec.get("settings_digest") == digest if rec.get("settings_digest") and digest
-                    else canonical_defenses(rec.get("defenses")) == want)
-            if same:
-                return {**rec, "how": "measured", "measured_as": name}
+        measured = self._measured(lambda rec: rec.get("settings_digest") == digest if rec.get("settings_digest")
+                                  and digest else canonical_defenses(rec.get("defenses")) == want)
+        if measured is not None:
+            return measured
         parts = [self.quality(k) for k in keys]
         if any(q is None for q in parts):
             return None
@@ -767,6 +764,14 @@ class Bundle:
         return {"passes": passes, "usable": passes or not enforce, "how": "bound", "accuracy_drop_bound": round(bound, 4),
                 "reason": f"{why}, within the {allowed:.2f} allowed" if passes else
                           f"{why}, more than the {allowed:.2f} allowed, and the gate has not measured it: {fix}"}
+
+    def _measured(self, same: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+        """The gate's record of a pipeline measured whole (`quality.pipelines`) for which `same`
+        holds, not stale (a step it used was rebuilt since), with how it was found; else None."""
+        for name, rec in (self.manifest.get("quality", {}).get("pipelines") or {}).items():
+            if isinstance(rec, dict) and not rec.get("stale") and same(rec):
+                return {**rec, "how": "measured", "measured_as": name}
+        return None
 
     def _own_settings(self, key: str, digest: str | None,
                       here: Callable[[list[Any]], str | None] | None) -> dict[str, Any] | None:
@@ -790,9 +795,9 @@ class Bundle:
         if not measured or not digest or digest == measured:
             return None
         gate = self.manifest.get("quality", {})
-        for name, rec in (gate.get("pipelines") or {}).items():
-            if isinstance(rec, dict) and not rec.get("stale") and rec.get("settings_digest") == digest:
-                return {**rec, "how": "measured", "measured_as": name}
+        whole = self._measured(lambda rec: rec.get("settings_digest") == digest)
+        if whole is not None:
+            return whole
         as_gated = q.get("pipeline") if isinstance(q, dict) else None
         if here is not None and isinstance(as_gated, list) and here(as_gated) == digest:
             return None
