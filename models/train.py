@@ -333,8 +333,9 @@ def _check_values(options: dict[str, Any], preset: str) -> None:
     is written or trained: `"adversarial": "PGD"` trained a plain classifier without a word,
     `"method": "PGD"` recorded `robust` unusable after the whole build, and `"epochs": "2"` or
     `"batch_size": 0` were tracebacks."""
+    modules = dict(STEPS)
     for section, value in options.items():
-        make = getattr(importlib.import_module(dict(STEPS)[section]), "recipe", None) if section in dict(STEPS) else None
+        make = getattr(importlib.import_module(modules[section]), "recipe", None) if section in modules else None
         if make is None:
             continue
         settings = dict(value)
