@@ -242,6 +242,12 @@ def _check_fits(net: Any, dataset: Dataset, source: str) -> None:
                          f"classes: it must return logits of shape (N, {classes})")
 
 
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """Remove `out` if this build created it and a failure left nothing in it."""
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
 def add_byo_classifier(writer: BundleWriter, src: ClassifierSource, dataset: Dataset, device: torch.device) -> dict:
     """Put the user's pretrained classifier into the bundle unchanged, and measure it."""
     from models.recipes.common import accuracy
@@ -528,6 +534,7 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
     # (SIGKILL, out of memory) left files the manifest's hashes do not match, and nothing could
     # load the bundle to run that step again
     rebuilt = _step_artifacts(previous, chosen) if extending else ()
+    created = not out.exists()  # removed again if the build fails before writing anything in it
     writer = (StepWriter.extend(out, trusted, unverified=rebuilt) if extending
               else StepWriter(out, trusted_imports=trusted))
     command = "shieldserve train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
@@ -586,6 +593,11 @@ def build_bundle(out: str | Path, *, dataset: str | None = None, preset: str | N
             (out / "manifest.json").write_text(previous_text)
         else:
             writer.save()
+        _remove_if_empty(out, created)
+        raise
+    except BaseException:
+        # a --classifier refused when it is loaded left an empty --out directory behind
+        _remove_if_empty(out, created)
         raise
     writer.manifest["build"]["seconds"] = round(time.monotonic() - started, 1)
     build = writer.manifest["build"]

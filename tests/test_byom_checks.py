@@ -71,6 +71,7 @@ def test_a_torch_save_file_given_as_torchscript_is_one_line(data, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("shieldserve: error: ") and err.count("\n") == 1, err
     assert "is not a TorchScript file" in err and "torch.save file" in err
+    assert not (tmp_path / "b").exists()  # no empty --out directory left behind
 
 
 @pytest.mark.usefixtures("restore_logging")
@@ -83,6 +84,7 @@ def test_a_torchscript_network_failing_on_the_shape_says_why(data, tmp_path, cap
                      "--dataset", f"npz:{data[0]}", "--classifier", f"torchscript:{wrong}"]) == 2
     err = capsys.readouterr().err
     assert "does not run on this data's input" in err and "mat1 and mat2" in err, err
+    assert not (tmp_path / "b").exists()
 
 
 def test_the_robust_epoch_choice_never_keeps_a_network_at_chance():
