@@ -327,9 +327,12 @@ def _split_body(body: bytes, header_length: list[str] | None) -> tuple[bytes, by
     text = header_length[0].strip(" \t")
     if not (text.isascii() and text.isdigit()):  # int() would take "+144" and "14_4"
         raise _bad(f"{HEADER_LENGTH} must be a decimal integer, got {_echo(header_length[0])}")
-    n = int(text)
-    if n > len(body):
-        raise _bad(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
+    digits = text.lstrip("0") or "0"
+    # more digits than the body's length has is a lie, told before int(): it refuses strings of
+    # over 4,300 digits (a ValueError, which was a 500)
+    if len(digits) > len(str(len(body))) or int(digits) > len(body):
+        raise _bad(f"{HEADER_LENGTH} is {_echo(text)} but the body has {len(body)} bytes")
+    n = int(digits)
     return body[:n], body[n:]
 
 
@@ -452,11 +455,11 @@ def _decode_input(req: InferRequest, tail: bytes, rt: Runtime) -> torch.Tensor:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise _bad(f"binary_data_size must be a non-negative integer, got {_echo(size)}")
         if size != len(tail):
-            raise _bad(f"binary_data_size is {size} but {len(tail)} bytes of binary data follow the "
+            raise _bad(f"binary_data_size is {_echo(size)} but {len(tail)} bytes of binary data follow the "
                        f"JSON header ({HEADER_LENGTH})")
         itemsize = np.dtype(np_dtype).itemsize
         if size != count * itemsize:
-            raise _bad(f"binary_data_size is {size} bytes; shape {_echo(inp.shape)} of {datatype} needs "
+            raise _bad(f"binary_data_size is {_echo(size)} bytes; shape {_echo(inp.shape)} of {datatype} needs "
                        f"{_echo(count * itemsize)}")
         arr = np.frombuffer(tail, dtype=np_dtype)
     else:
