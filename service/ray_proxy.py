@@ -34,7 +34,9 @@ metrics nor the replicas' count them: each is counted in the Ray metric
 `shieldserve_proxy_refused_requests` (exported by Ray as
 `ray_shieldserve_proxy_refused_requests_total{status, code}`) and written as a line to the
 proxy's log (logger `ray.serve.shieldserve`, in Ray's proxy log file beside Ray's own lines):
-method, path, status, code, request id and client address, never a key.
+method, path, status, code, request id and client address, never a key; so is a client gone
+during its upload (499 `client_closed`, as the replica counts one). Ray's own per-request
+timeout header (`X-Request-Timeout-Seconds`) is dropped, as the gateway drops it.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ CONFIG_ENV = "SHIELDSERVE_RAY_PROXY"
 # proxy's log file; the root logger of a proxy's process is not ours to configure
 log = logging.getLogger("ray.serve.shieldserve")
 REFUSED_METRIC = "shieldserve_proxy_refused_requests"
+RAY_TIMEOUT_HEADER = b"x-request-timeout-seconds"
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,8 @@ def _refused_counter() -> Any:
     if not ray.is_initialized():
         return None
     return Counter(REFUSED_METRIC, description="requests answered by shieldserve's middleware in Ray Serve's "
-                                               "proxy, before Ray saw them (401, 400, 413, 408)",
+                                               "proxy, before Ray saw them (401, 400, 413, 408), and clients "
+                                               "gone during their upload (499)",
                    tag_keys=("status", "code"))
 
 
@@ -180,6 +184,10 @@ class ProxyEdgeMiddleware:
             request_id = str(uuid.uuid4()).encode()
             scope["headers"] = [*(scope.get("headers") or []), (b"x-request-id", request_id)]
         path = scope["path"]
+        # Ray's per-request timeout header, which a client could set to 0 to turn Ray's timeout
+        # off or to a few ms to have its request cancelled at the replica (counted there as a
+        # client gone): dropped, as the nginx gateway drops it
+        scope["headers"] = [(k, v) for k, v in scope.get("headers") or [] if k.lower() != RAY_TIMEOUT_HEADER]
 
         async def refuse(status: int, code: str, message: str, headers: Any = (), read: int | None = 0,
                          complete: bool = False) -> None:
@@ -217,7 +225,9 @@ class ProxyEdgeMiddleware:
         if declared is not None:
             if not declared.isdigit():
                 return await refuse(400, "bad_request", "Content-Length is not a number", read=None)
-            if int(declared) > config.max_body_bytes:
+            digits = declared.lstrip(b"0") or b"0"
+            # more digits than the limit has is over it (int() refuses over 4,300 digits)
+            if len(digits) > len(str(config.max_body_bytes)) or int(digits) > config.max_body_bytes:
                 return await refuse(413, "payload_too_large", too_big)
 
         chunks, size, more = [], 0, True
@@ -229,7 +239,10 @@ class ProxyEdgeMiddleware:
                 return await refuse(408, "request_timeout", f"the request body stopped arriving (nothing for "
                                                             f"{config.body_timeout_s:g} s)", read=None)
             if message["type"] == "http.disconnect":
-                return  # gone during its upload: nobody to answer
+                # gone during its upload: nobody to answer, but counted and logged as the replica
+                # counts one (`client_closed`, nginx's 499); Ray never saw it
+                self._refused(scope, request_id, 499, "client_closed")
+                return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > config.max_body_bytes:

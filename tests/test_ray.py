@@ -330,6 +330,56 @@ def test_proxy_edge_checks_the_key_and_the_size_before_reading_the_body() -> Non
     # keys are for the pipeline routes only (as the replica checks them); the size limit is for all
     assert _asgi(edge, "/healthz", {}, [b"x" * 100])[0]["status"] == 200
     assert _asgi(edge, "/healthz", {}, [b"x" * 101])[0]["status"] == 413
+    # a Content-Length of 5,000 digits is over the limit (int() raised on it), leading zeros are not
+    assert _asgi(edge, "/healthz", {"Content-Length": "9" * 5000}, [b"x"])[0]["status"] == 413
+    assert _asgi(edge, "/healthz", {"Content-Length": "0" * 5000 + "3"}, [b"xyz"])[0]["status"] == 200
+
+
+def test_proxy_edge_drops_rays_timeout_header_and_counts_a_client_gone_mid_upload() -> None:
+    """X-Request-Timeout-Seconds is Ray's own per-request timeout: 0 turned it off, a few ms had
+    Ray cancel the request at the replica (which counted it as a client gone); dropped, as the
+    nginx gateway drops it. A client gone during its upload was neither counted nor logged
+    (Ray never saw it); it is `client_closed` 499, as the replica counts one."""
+    import asyncio
+
+    from service.ray_proxy import ProxyConfig, ProxyEdgeMiddleware
+
+    headers_seen: list[list[bytes]] = []
+
+    class Counter:
+        def __init__(self) -> None:
+            self.seen: list[dict] = []
+
+        def inc(self, tags: dict) -> None:
+            self.seen.append(tags)
+
+    counter = Counter()
+
+    async def ray_proxy(scope, receive, send):
+        headers_seen.append([k for k, _ in scope["headers"]])
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    edge = ProxyEdgeMiddleware(ray_proxy, ProxyConfig(max_body_bytes=100, body_timeout_s=0.2), counter)
+    for name in ("X-Request-Timeout-Seconds", "x-request-timeout-seconds"):
+        assert _asgi(edge, "/predict", {name: "0", "X-Request-Timeout": "2"}, [b"x"])[0]["status"] == 200
+    assert all(b"x-request-timeout-seconds" not in seen and b"x-request-timeout" in seen for seen in headers_seen)
+    assert counter.seen == []
+
+    messages = [{"type": "http.request", "body": b"x" * 10, "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [(b"content-length", b"50")],
+             "client": ("127.0.0.1", 5000)}
+    asyncio.run(edge(scope, receive, send))
+    assert sent == [] and counter.seen == [{"status": "499", "code": "client_closed"}] and len(headers_seen) == 2
 
 
 def test_proxy_edge_counts_and_logs_what_it_refuses(caplog) -> None:

@@ -229,7 +229,7 @@ async def _observed(request: Request, name_hint: str | None, work) -> CertifyRes
     runtime: Runtime = request.app.state.runtime
     # the pipeline _params picks without pipeline=: its failures are counted under its name too
     name_hint = name_hint or _default_pipeline(runtime)
-    with tracked(runtime, "certify", name_hint) as t:
+    with tracked(runtime, "certify", name_hint, request) as t:
         body = await work()
         t.pipeline, t.outcome = body.pipeline, body.status
         return body

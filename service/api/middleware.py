@@ -86,6 +86,10 @@ def _replay_once(body: bytes, receive: Any) -> Any:
     return replay
 
 
+# how far past a request's deadline its body is still waited for (BodyLimitMiddleware)
+DEADLINE_GRACE_S = 0.1
+
+
 def _idle_timeout(scope: dict) -> float:
     """limits.body_idle_timeout_s of the app serving `scope`."""
     return scope["app"].state.settings.limits.body_idle_timeout_s
@@ -153,10 +157,12 @@ class BodyLimitMiddleware:
         chunks, size, more = [], 0, True
         while more:
             wait, late = idle_s, False
-            if deadline is not None and deadline.remaining() <= idle_s:
-                # past the deadline too (<= 0): a part already in is still taken, as it comes
-                # back without a wait; only waiting for one is cut short
-                wait, late = deadline.remaining(), True
+            if deadline is not None and deadline.remaining() + DEADLINE_GRACE_S <= idle_s:
+                # cut at the deadline and a little more: a body that is in but takes a moment to
+                # be handed on (Ray's replica receives it from its proxy in a few ms) reaches the
+                # route, whose own 504 counts it under its pipeline; a body still arriving is
+                # 504 here. Past the deadline too: a part already in is still taken
+                wait, late = deadline.remaining() + DEADLINE_GRACE_S, True
             try:
                 async with asyncio.timeout(wait):
                     message = await receive()
@@ -307,6 +313,12 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # cancelled before it was answered: under Ray Serve a client's disconnect reaches the
+            # replica as a cancellation (no http.disconnect), as does the proxy's timeout
+            if not started_response:
+                status = 499
+            raise
         except Exception:
             if started_response:
                 raise

@@ -691,7 +691,7 @@ async def _infer(request: Request, model: str, version: str | None, encodings: l
     # several lines of one header are one comma-separated list (RFC 9110 5.3): `_decompress`
     # takes a single coding, so two lines are refused as "gzip, br" on one line is
     encoding = ", ".join(encodings or [])
-    with tracked(rt, "infer", model) as t:
+    with tracked(rt, "infer", model, request) as t:
         client = client_of(request)
         _model(request, model, version)
         body = await request.body()

@@ -337,12 +337,14 @@ class tracked:
     A pipeline that is not configured is counted as `unknown`, so clients cannot create labels.
     """
 
-    def __init__(self, runtime: Runtime, endpoint: str, pipeline: str | None) -> None:
+    def __init__(self, runtime: Runtime, endpoint: str, pipeline: str | None, request: Request) -> None:
         self.runtime, self.endpoint, self.pipeline = runtime, endpoint, pipeline
         self.outcome = "error"
+        # timed from the request's arrival (BodyLimitMiddleware's stamp, its upload included), as
+        # a refusal before the handler is (errors.count_refused) and as its deadline counts
+        self.started = getattr(request.state, "received_at", None) or time.monotonic()
 
     def __enter__(self) -> "tracked":
-        self.started = time.perf_counter()
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
@@ -360,7 +362,7 @@ class tracked:
         label = self.pipeline if self.pipeline in self.runtime.pipelines else "unknown"
         m = self.runtime.metrics
         m.requests.labels(label, self.endpoint, self.outcome).inc()
-        m.request_duration.labels(label, self.endpoint).observe(time.perf_counter() - self.started)
+        m.request_duration.labels(label, self.endpoint).observe(max(0.0, time.monotonic() - self.started))
 
 
 def outcome_of(results: list[ImageResult]) -> str:
@@ -404,7 +406,7 @@ async def predict(request: Request,
                   deadline: Deadline = Depends(request_deadline),
                   runtime: Runtime = Depends(runtime_of)) -> PredictResponse:
     name = pipeline or runtime.settings.default_pipeline
-    with tracked(runtime, "predict", name) as t:
+    with tracked(runtime, "predict", name, request) as t:
         client = client_of(request)  # inside the count: a 401 is a request too
         known_pipeline(runtime, name)
         options = radius_options(runtime, name, radius)
