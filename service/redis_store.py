@@ -22,7 +22,10 @@ another tenant's images (its `GET /certify` then a 404). Size Redis' `maxmemory`
 `allkeys-lru` (docker-compose.yml does) as the backstop: then only an owner's own writes and the
 TTL forget its entries. A limit of 0 still turns the store off.
 When Redis cannot be reached, every method raises
-`StoreUnavailable` (503 `store_unavailable`, Retry-After: 1) within about a second.
+`StoreUnavailable` (503 `store_unavailable`, Retry-After: 1) within about a second; after such a
+failure every call raises it at once for `retry_s` (5 s), then one call at a time tries Redis
+again while the others keep failing at once (a Redis that hangs held every /predict of the
+replica for its timeout, and as many worker threads, for the whole outage).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import json
 import logging
 import re
 import struct
+import threading
+import time
 from urllib.parse import unquote_plus
 from collections.abc import Hashable
 from typing import Any
@@ -179,13 +184,16 @@ class RedisStore:
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", max_images: int = 4096,
                  max_certificates: int = 4096, max_age_s: float = 3600.0, prefix: str = "shieldserve:",
-                 timeout_s: float = 1.0, client: Any = None) -> None:
+                 timeout_s: float = 1.0, client: Any = None, retry_s: float = 5.0) -> None:
         self.url, self.prefix = redact(url), prefix
         self.max_images, self.max_certificates = max_images, max_certificates
         self.ttl_ms = max(1, int(round(max_age_s * 1000)))
         self.client = client or connect(url, timeout_s)  # a request waits ~timeout_s, then gets a 503
         self._errors = unavailable_errors()
         self._bounded_put: Any = None  # the registered _BOUNDED_PUT script (at the first write)
+        self.retry_s = retry_s
+        self._down_since: float | None = None  # the last failure of an outage (None: up)
+        self._probe = threading.Lock()  # held by the one call that tries a Redis found down
 
     # ----------------------------------------------------------------------------- keys
     def image_key(self, digest: str) -> str:
@@ -206,12 +214,31 @@ class RedisStore:
         self._call(what, script, keys=[key, self._index_key(kind, owner)], args=[value, self.ttl_ms, cap])
 
     def _call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
+        probing = False
+        if self._down_since is not None:
+            if time.monotonic() - self._down_since < self.retry_s or not self._probe.acquire(blocking=False):
+                raise self._unavailable("down")
+            probing = True
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except self._errors as exc:
-            log.warning("redis store (%s) %s failed: %s", self.url, what, exc)
-            raise StoreUnavailable(f"the shared image store (Redis) cannot be reached ({type(exc).__name__}); "
-                                   f"retry later, or POST the image to /certify") from None
+            if self._down_since is None:  # once an outage, not once a request
+                log.warning("redis store (%s) %s failed: %s; its calls fail at once for %g s, then one tries again",
+                            self.url, what, exc, self.retry_s)
+            self._down_since = time.monotonic()
+            raise self._unavailable(type(exc).__name__) from None
+        finally:
+            if probing:
+                self._probe.release()
+        if self._down_since is not None:
+            log.warning("redis store (%s) is back", self.url)
+            self._down_since = None
+        return result
+
+    @staticmethod
+    def _unavailable(why: str) -> StoreUnavailable:
+        return StoreUnavailable(f"the shared image store (Redis) cannot be reached ({why}); retry later, "
+                                f"or POST the image to /certify")
 
     # ----------------------------------------------------------------------------- Store
     def put_image(self, digest: str, x: torch.Tensor) -> None:

@@ -137,6 +137,15 @@ def test_gateway_config_matches_the_topology(compose: dict, nginx: str) -> None:
     default = float(env.get("SHIELDSERVE_REQUEST_TIMEOUT_S", setting_default("request_timeout_s")))
     read = int(re.search(r"proxy_read_timeout (\d+)s;", nginx).group(1))
     assert read > longest >= default
+    # an idle connection to a replica is dropped by nginx before the replica closes it: nginx
+    # reused ones being closed (30 s against uvicorn's 5 s), each reset a failed attempt
+    import uvicorn
+
+    from service.server import uvicorn_options
+
+    replica_idle = uvicorn.Config(app=None, **uvicorn_options(settings)).timeout_keep_alive
+    idle = int(re.search(r"^\s*keepalive_timeout (\d+)s;", upstream, re.M).group(1))
+    assert idle < replica_idle, (idle, replica_idle)
     # retries on another replica: connection errors, timeouts, 502; never after a replica's own
     # 504 (it ran its whole deadline) nor its own 503 (nginx counts each listed http_* code as a
     # failed attempt: a few deliberate 503s took both replicas out, tests/test_deploy.py); POST

@@ -282,27 +282,56 @@ def test_a_call_after_redis_closed_the_pooled_connection_reconnects(redis_url: s
     assert torch.equal(store.get_image("ab" * 32), torch.zeros(1, 2, 2))
 
 
-def test_a_redis_that_never_answers_is_a_503_store_unavailable_after_one_timeout(silent_redis) -> None:
-    """The store's 1 s socket timeout against a Redis that accepts and hangs: each call raises
+def test_a_redis_that_never_answers_is_a_503_store_unavailable_after_one_timeout(silent_redis, caplog) -> None:
+    """The store's 1 s socket timeout against a Redis that accepts and hangs: a call raises
     StoreUnavailable after one connection and one timeout. A timeout is not retried (that is
     for a pooled connection Redis closed): redis-py's default retry did, inside the handshake's
-    health check too, and held each call 4 s."""
+    health check too, and held each call 4 s. Then every call fails at once for `retry_s`,
+    without trying Redis (each waited the timeout: 8 requests/s where 177 were served, and one
+    warning per request), and after it one call tries again; one warning for the outage."""
+    import logging
+
     from service.redis_store import RedisStore
     from service.store import StoreUnavailable
 
-    store = RedisStore(silent_redis.url, prefix=prefix())  # timeout_s: the default 1.0
+    store = RedisStore(silent_redis.url, prefix=prefix(), retry_s=1.5)  # timeout_s: the default 1.0
     calls = (lambda: store.get_image("ab" * 32), lambda: store.put_certificate(("k",), {"label": 1}))
-    for i, call in enumerate(calls, start=1):
-        t0 = time.monotonic()
-        with pytest.raises(StoreUnavailable) as info:
-            call()
-        elapsed = time.monotonic() - t0
-        assert silent_redis.connections_after(i) == i  # one try per call
-        # about 1 s; the bound is generous for a loaded machine, yet under the 4 s of retries
-        assert elapsed < 3.5
-        err = info.value
-        assert (err.status, err.code, err.headers) == (503, "store_unavailable", {"Retry-After": "1"})
-        assert "TimeoutError" in err.message
+    with caplog.at_level(logging.WARNING, logger="shieldserve"):
+        for i, call in enumerate(calls, start=1):
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable) as info:
+                call()
+            elapsed = time.monotonic() - t0
+            assert silent_redis.connections_after(i) == i  # one try per call
+            # about 1 s; the bound is generous for a loaded machine, yet under the 4 s of retries
+            assert elapsed < 3.5
+            err = info.value
+            assert (err.status, err.code, err.headers) == (503, "store_unavailable", {"Retry-After": "1"})
+            assert "TimeoutError" in err.message
+            # within retry_s of that failure: at once, Redis not tried
+            t0 = time.monotonic()
+            for _ in range(20):
+                with pytest.raises(StoreUnavailable):
+                    store.put_image("cd" * 32, torch.zeros(1, 2, 2))
+            assert time.monotonic() - t0 < 0.5
+            assert silent_redis.connections == i
+            time.sleep(1.6)  # past retry_s: the next call tries Redis again
+    warnings = [r.getMessage() for r in caplog.records if "redis store" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+
+
+def test_a_store_back_from_an_outage_is_used_again(redis_url: str) -> None:
+    """After retry_s, the call that tries Redis again and succeeds ends the outage."""
+    from service.redis_store import RedisStore
+    from service.store import StoreUnavailable
+
+    store = RedisStore(redis_url, prefix=prefix(), retry_s=0.3)
+    store._down_since = time.monotonic()  # as a failure leaves it
+    with pytest.raises(StoreUnavailable):
+        store.get_image("ab" * 32)
+    time.sleep(0.35)
+    store.put_image("ab" * 32, torch.ones(1, 2, 2))
+    assert store._down_since is None and torch.equal(store.get_image("ab" * 32), torch.ones(1, 2, 2))
 
 
 @pytest.fixture(scope="module")
@@ -400,6 +429,38 @@ def test_app_with_a_redis_that_never_answers_answers_503_and_still_predicts(make
     assert r.json()["error"]["code"] == "store_unavailable"
     r = client.post("/predict?pipeline=smoothing", content=body, headers=PNG)  # remembering it fails quietly
     assert r.status_code == 200, r.text
+
+
+def test_a_store_that_hangs_does_not_hold_an_answer_past_its_deadline(quick_bundle, digit) -> None:
+    """/predict waited for its images to be stored (for a later GET /certify) before answering:
+    a Redis that hangs made a 300 ms deadline a 200 after its 1 s timeout. The write is waited
+    for until the deadline, then goes on in its thread."""
+    import threading
+
+    from service.store import MemoryStore
+
+    class Hanging(MemoryStore):
+        in_process = False  # as Redis: called from a worker thread
+        release = threading.Event()
+
+        def put_image(self, digest, x):  # type: ignore[no-untyped-def]
+            self.release.wait(10)
+            super().put_image(digest, x)
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    body, _ = digit
+    store = Hanging(16, 16, 60.0)
+    with TestClient(create_app(load_settings(bundle=quick_bundle, warmup=False), store=store)) as c:
+        t0 = time.monotonic()
+        r = c.post("/predict?pipeline=baseline", content=body, headers={**PNG, "X-Request-Timeout": "300ms"})
+        took = time.monotonic() - t0
+        Hanging.release.set()
+        assert r.status_code == 200, r.text
+        assert took < 3, took  # the deadline (0.3 s) and some; it was the store's wait (10 s here)
 
 
 def test_app_whose_store_url_is_not_redis_answers_503_and_still_predicts(make_client, digit, not_redis) -> None:

@@ -28,7 +28,7 @@ from service.api.clients import client_of, require_api_key
 from service.api.errors import ApiError, echo
 from service.api.predict import (
     Deadline, attack_suspected_error, check_uploads, decode_uploads, overloaded_error, read_images,
-    remember_images, request_deadline, store_call, tracked,
+    remember_within, request_deadline, store_call, tracked,
 )
 from service.api.render import rejection_out, render
 from service.api.schemas import ErrorBody, RejectionOut
@@ -310,7 +310,7 @@ async def certify_post(
             return rejected
         store = request.app.state.store
         owner = image_owner(runtime.settings, client)
-        await store_call(runtime, store, lambda: remember_images(store, [image_key(owner, digest)], x))
+        await remember_within(runtime, store, [image_key(owner, digest)], x, deadline)
         return await _certify(request, digest, owner, x[0], name, opts, deadline, client)
 
     return await _observed(request, pipeline, work)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Callable, Coroutine
@@ -45,6 +46,7 @@ from service.store import Store, StoreUnavailable, image_key, image_owner
 
 router = APIRouter(tags=["predict"])
 T = TypeVar("T")
+log = logging.getLogger("shieldserve")
 
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 # multipart text fields a /predict body may carry besides its files (Starlette's max_fields)
@@ -273,6 +275,23 @@ def remember_images(store: Store, digests: list[str], x: torch.Tensor) -> None:
         pass  # logged by the store; GET /certify for these images answers 404 or 503
 
 
+async def remember_within(runtime: Runtime, store: Store, keys: list[str], x: torch.Tensor,
+                          deadline: Deadline) -> None:
+    """remember_images, waited for until the request's deadline at most: the write is for a
+    later GET /certify, and a store that hangs (up to its timeout) must not hold an answer that
+    is ready past its client's deadline; a write still running then goes on in its thread."""
+    if getattr(store, "in_process", False):
+        return remember_images(store, keys, x)
+    write = asyncio.ensure_future(runtime.offload(lambda: remember_images(store, keys, x)))
+    write.add_done_callback(_log_failure)
+    await asyncio.wait({write}, timeout=max(0.0, deadline.remaining()))
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("remembering images for GET /certify failed", exc_info=task.exception())
+
+
 async def store_call(runtime: Runtime, store: Store, fn: Callable[[], T]) -> T:
     """fn(), a call on `store`, where it may block: on the event loop for the in-process store
     (a dict and a copy: cheaper than a hop between threads), in a worker thread for any other
@@ -419,7 +438,7 @@ async def predict(request: Request,
         # query monitor blocks gets nothing stored)
         store = request.app.state.store
         keys = [image_key(image_owner(runtime.settings, client), d) for d in digests]
-        await store_call(runtime, store, lambda: remember_images(store, keys, x))
+        await remember_within(runtime, store, keys, x, deadline)
         t.outcome = outcome_of(results)
         return PredictResponse(request_id=request.state.request_id, pipeline=name,
                                model_version=runtime.bundle.version,
