@@ -34,7 +34,9 @@ class Section(BaseModel):
     level, never ignored (the operator would believe it applied). Errors name the field, never
     its value (a secret may be in it)."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    # inf and nan refused in every float setting: `cooldown_s: .inf` started, and the first
+    # blocked client's Retry-After (int(inf)) was a 500 for every request batched with it
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
 
 
 class PipelineConfig(Section):
@@ -67,6 +69,14 @@ class MonitorPolicyConfig(Section):
     block_window_s: float = Field(600.0, gt=0)
     cooldown_s: float = Field(900.0, gt=0)
 
+    @model_validator(mode="after")
+    def _suspects_held_stricter(self) -> "MonitorPolicyConfig":
+        # a suspect_threshold above threshold held a flagged client to a laxer bar than others
+        if self.suspect_threshold > self.threshold:
+            raise ValueError(f"suspect_threshold ({self.suspect_threshold}) is above threshold ({self.threshold}): "
+                             f"a client flagged before is held to the stricter (lower) of the two")
+        return self
+
 
 class QueryMonitorConfig(Section):
     """The stateful detector of query-based attacks (service/defenses/query_monitor.py)."""
@@ -78,8 +88,9 @@ class QueryMonitorConfig(Section):
     informative: float = Field(0.25, ge=0, le=1, description="fraction of a window off the image's common level "
                                                              "for the window to count")
     memory_window_s: float = Field(3600.0, gt=0, description="a query is remembered at least half of this, never all of it (two generations in slots of half; docs/query_monitor.md)")
-    max_queries: int = Field(100_000, gt=1, description="queries remembered at most (per store; ~3.7 KB each for digits, up to "
-                                                 "5.8 KB in Redis at worst)")
+    max_queries: int = Field(100_000, gt=1, description="queries remembered at most (per store; ~8.5 KB each in the memory store for "
+                                                 "distinct real digits, ~3.7 KB for queries sharing hashes, up to 5.8 KB "
+                                                 "in Redis at worst)")
     suspect_history: int = Field(128, ge=1, description="a suspect's last queries kept for the suspect_linf check")
     store: Literal["memory", "redis"] = Field(
         "memory", description="memory: per process; redis: one store for every replica")
@@ -194,7 +205,7 @@ class AdmissionConfig(Section):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHIELDSERVE_", env_nested_delimiter="__",
-                                      extra="forbid", validate_default=True,
+                                      extra="forbid", validate_default=True, allow_inf_nan=False,
                                       hide_input_in_errors=True)  # a key pasted in by mistake is never echoed
 
     bundle: Path = Field(default_factory=_default_bundle)

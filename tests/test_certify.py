@@ -309,6 +309,46 @@ def test_certify_past_its_deadline_is_a_504_and_stops(make_client, digits) -> No
         assert time.monotonic() - started < 2, query
 
 
+def test_certify_is_answered_at_its_deadline_and_holds_its_cost_until_the_work_stops(make_client, digits) -> None:
+    """The sampling loop looks at the deadline between chunks of batch_size copies (~2 s a
+    chunk on `denoised`): a 0.5 s deadline was answered after 2.3-2.5 s. The answer comes at the
+    deadline; the loop is told to stop and its cost stays held until it has."""
+    import threading
+
+    from service.defenses.base import DeadlineExceeded
+
+    client = make_client(warmup=False)
+    body, _ = digits[5]
+    runtime = client.app.state.runtime
+    pipeline = runtime.pipelines["smoothing"]
+    running, finish = threading.Event(), threading.Event()
+    stopped_by: list[bool] = []
+
+    def one_long_chunk(x, ctx):  # type: ignore[no-untyped-def]  # a chunk that outlasts the deadline
+        running.set()
+        finish.wait(10)
+        stopped_by.append(ctx.cancelled())
+        raise DeadlineExceeded("stopped")
+
+    original = pipeline.run
+    pipeline.run = one_long_chunk  # type: ignore[method-assign]
+    try:
+        started = time.monotonic()
+        r = client.post("/certify?n=1000&n0=10", content=body, headers={**PNG, "X-Request-Timeout": "0.5"})
+        took = time.monotonic() - started
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+        assert took < 2.5 and running.is_set(), took  # not the chunk's 10 s
+        assert runtime.admission.cost_in_flight > 0  # held while the loop runs
+        finish.set()
+        deadline = time.monotonic() + 5
+        while runtime.admission.cost_in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert runtime.admission.cost_in_flight == 0 and stopped_by == [True]
+    finally:
+        finish.set()
+        pipeline.run = original  # type: ignore[method-assign]
+
+
 def test_without_pipeline_a_certify_pipeline_not_served_is_said_not_hidden(make_client, mnist, caplog,
                                                                            tmp_path) -> None:
     """certify.pipeline not served (removed, or left out by the quality gate): /certify without
@@ -381,6 +421,29 @@ def test_a_shown_radius_never_exceeds_its_bound(make_client, digits) -> None:
             exact = cert["sigma"] * norm.ppf(cert["p_a_lower"])
             assert cert["radius"] <= exact and exact - cert["radius"] < 1.01e-6, (cert, exact)
     assert seen >= 10
+
+
+def test_a_certified_answer_never_shows_a_radius_below_its_target() -> None:
+    """`certified` is true exactly when the radius shown is >= the target: a radius of
+    0.506110966866 (a unanimous first look of 49 samples) cut to 0.50611 was shown below a
+    target of 0.5061109658659239 that it was certified at. The target is shown then (below the
+    radius: still sound); anything else is cut to 6 decimals as before."""
+    from service.api.render import render
+    from service.pipeline import ImageResult
+
+    target, radius = 0.5061109658659239, 0.506110966866
+
+    def shown(certified: bool, r: float, t: float | None) -> float:
+        cert = {"target_radius": t, "certified": certified, "samples": 49, "alpha": 0.001, "sigma": 0.5}
+        out = render(ImageResult(status="accepted", label=1, confidence=0.99, certified_radius=r,
+                                 details={"certificate": cert}))
+        assert out.certified is certified and out.target_radius == t
+        return out.certified_radius
+
+    assert shown(True, radius, target) == target and target <= radius
+    assert shown(True, 0.7123456789, 0.5) == 0.712345  # well above its target: cut as before
+    assert shown(False, 0.4123456789, 0.5) == 0.412345  # not certified at the target
+    assert shown(True, radius, None) == 0.50611
 
 
 def test_the_v2_radius_tensor_never_rounds_a_radius_up() -> None:

@@ -660,9 +660,17 @@ def test_policies_from_pipeline_config() -> None:
     for bad, field in (({"cooldown_s": -5}, "cooldown_s"), ({"block_window_s": 0}, "block_window_s"),
                        ({"threshold": 0}, "threshold"), ({"suspect_threshold": 0}, "suspect_threshold"),
                        ({"suspect_linf": 1.5}, "suspect_linf"), ({"block_after": "ten"}, "block_after"),
-                       ({"block_after": -1}, "block_after")):
+                       ({"block_after": -1}, "block_after"),
+                       # an endless cooldown started, and the first block's Retry-After (int(inf))
+                       # was a 500 for every request batched with the blocked client's
+                       ({"cooldown_s": float("inf")}, "cooldown_s"), ({"block_window_s": float("inf")}, "block_window_s"),
+                       ({"cooldown_s": float("nan")}, "cooldown_s")):
         with pytest.raises(ValueError, match=f"pipeline 'p': query_monitor: {field}"):
             policy_from_config("p", bad, d)
+    # a flagged client held to a laxer bar than a client never flagged
+    with pytest.raises(ValueError, match="suspect_threshold \\(15\\) is above threshold \\(14\\)"):
+        policy_from_config("p", {"suspect_threshold": 15}, d)
+    assert policy_from_config("p", {"suspect_threshold": 14}, d).suspect_threshold == 14
     coerced = policy_from_config("p", {"threshold": "14", "cooldown_s": "60"}, d)
     assert coerced.threshold == 14 and type(coerced.threshold) is int and coerced.cooldown_s == 60.0
     assert policy_from_config("p", {"enabled": "no"}, d) is None  # "no" is off, not a truthy string

@@ -98,6 +98,20 @@ def test_a_redis_url_redis_cannot_read_is_named_without_its_password(pw, caplog)
         assert secret not in text and secret not in caplog.text
 
 
+def test_no_setting_takes_inf_or_nan() -> None:
+    """`query_monitor.policy.cooldown_s: .inf` started (a blocked client's Retry-After then a
+    500), as did an infinite memory window or request timeout: every float setting is finite."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    for bad in ({"query_monitor": {"policy": {"cooldown_s": float("inf")}}},
+                {"query_monitor": {"memory_window_s": float("inf")}}, {"request_timeout_s": float("inf")},
+                {"certify": {"store_max_age_s": float("nan")}}, {"admission": {"max_cost": float("inf")}}):
+        with pytest.raises(ValidationError, match="finite number"):
+            Settings(**bad)
+
+
 def test_the_certify_alpha_setting_has_the_bound_the_api_enforces() -> None:
     # one bound for a configured alpha and a requested one: service.defenses.smoothing.MIN_ALPHA
     from pydantic import ValidationError

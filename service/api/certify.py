@@ -32,7 +32,7 @@ from service.api.predict import (
 )
 from service.api.render import rejection_out, render
 from service.api.schemas import ErrorBody, RejectionOut
-from service.batcher import Overloaded
+from service.batcher import Overloaded, outlives
 from service.defenses.base import DeadlineExceeded, RunContext
 from service.defenses.query_monitor import AttackSuspected
 from service.defenses.smoothing import MAX_RADIUS, MIN_ALPHA
@@ -166,7 +166,16 @@ async def _certify(request: Request, digest: str, owner: str | None, x, name: st
             work = asyncio.wrap_future(runtime.compute.submit(pipeline.run, x.unsqueeze(0).to(runtime.device), ctx,
                                                                long=True))
             try:
-                [result] = await asyncio.shield(work)
+                # answered at the deadline, not when the sampling loop next looks at it (between
+                # chunks of batch_size copies: ~2 s on `denoised`): the loop is stopped, and
+                # the cost held until it has (admission.hold's outlives)
+                async with asyncio.timeout(max(0.0, deadline.remaining())):
+                    [result] = await asyncio.shield(work)
+            except TimeoutError:
+                gone.set()
+                let_go = outlives.get()()  # type: ignore[misc]  # set by admission.hold
+                work.add_done_callback(lambda done: (done.cancelled() or done.exception(), let_go()))
+                raise DeadlineExceeded("the request's deadline passed") from None
             except asyncio.CancelledError:
                 # the client went away: stop the sampling loop, and hold the cost until it has
                 gone.set()

@@ -56,6 +56,19 @@ def round_down(value: float, places: int = 6) -> float:
     return out if out <= value else (scaled - 1) / 10 ** places
 
 
+def shown_radius(radius: float | None, cert: dict | None) -> float | None:
+    """The certified radius as answered: cut to 6 decimals, but never below a target radius it
+    was certified at (`certified` is true exactly when the radius shown is >= the target: a
+    radius of 0.506110966 cut to 0.50611 fell below a target of 0.5061109658)."""
+    if radius is None:
+        return None
+    shown = round_down(radius)
+    target = cert.get("target_radius") if cert else None
+    if cert and cert.get("certified") and target is not None and shown < target <= radius:
+        return float(target)
+    return shown
+
+
 def render(r: ImageResult) -> Rendered:
     cert = r.details.get("certificate") if r.details else None  # a smoothing decider's, for this image
     return Rendered(
@@ -65,7 +78,7 @@ def render(r: ImageResult) -> Rendered:
         status=r.status, label=r.label, class_name=r.class_name,  # the pipeline sets these only when accepted
         # with a certificate, the confidence is its lower bound on pA
         confidence=None if r.confidence is None else round_down(r.confidence) if cert else round(r.confidence, 6),
-        certified_radius=round_down(r.certified_radius) if r.certified_radius is not None else None,
+        certified_radius=shown_radius(r.certified_radius, cert),
         probabilities=r.probabilities,
         rejected_by=[rejection_out(j) for j in r.rejected_by],
         stages=[StageOut(defense=s.defense, seconds=round(s.seconds, 6), **s.details) for s in r.stages])
