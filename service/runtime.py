@@ -23,7 +23,7 @@ from service.admission import Admission, image_cost, sample_weights, sampling_co
 from service.batcher import Batcher, BatchReport, Screen
 from service.compute import ComputeThread
 from service.defenses.base import DefenseEnv, RunContext, optimize_argmax_decision, optimize_for_cpu
-from service.defenses.query_monitor import GATE_KEY, NEAR_GATE_KEY, AttackSuspected, QueryMonitor, Verdict
+from service.defenses.query_monitor import GATE_KEY, NEAR_GATE_KEY, QueryMonitor, Verdict
 from service.imaging import ImageLimits
 from service.metrics import Metrics, multiprocess_dir
 from service.pipeline import ImageResult, Pipeline, PipelineConfigError, Rejection, Stage
@@ -357,7 +357,7 @@ class Runtime:
                 [parts[i] for i in judged])  # type: ignore[misc]
             report: list[Verdict] = []
             for i, verdict in zip(judged, verdicts):
-                if isinstance(verdict, AttackSuspected):
+                if isinstance(verdict, BaseException):  # AttackSuspected, or this request's failure alone
                     errors[i] = verdict
                     continue
                 report.append(verdict)

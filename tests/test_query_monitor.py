@@ -206,6 +206,27 @@ def test_a_uniform_image_has_a_full_fingerprint_that_only_its_copies_share() -> 
     assert store.match(da, ha) == [0]
 
 
+def test_one_requests_failure_in_a_screened_batch_is_its_own(mnist, monkeypatch) -> None:
+    """A request that fails to be judged (an endless cooldown's Retry-After, int(inf), before
+    such settings were refused) failed screen_parts for the whole batch: every request batched
+    with it was a 500. Its error is its own entry now; the others are judged as alone."""
+    mon = QueryMonitor(secret="s")
+    policy = MonitorPolicy()
+    judge = mon._judge
+
+    def failing_for_mallory(policy, client, *args):  # type: ignore[no-untyped-def]
+        if client == "ip:mallory":
+            raise OverflowError("cannot convert float infinity to integer")
+        return judge(policy, client, *args)
+
+    monkeypatch.setattr(mon, "_judge", failing_for_mallory)
+    out = mon.screen_parts(policy, mnist.test.x[:3], [("ip:alice", 1), ("ip:mallory", 1), ("ip:bob", 1)])
+    assert isinstance(out[1], OverflowError)
+    assert [type(v).__name__ for v in (out[0], out[2])] == ["Verdict", "Verdict"]
+    with pytest.raises(OverflowError):
+        mon.screen(policy, mnist.test.x[3:4], "ip:mallory")
+
+
 def test_a_flagged_client_is_held_to_the_suspect_threshold_and_others_are_not(mnist) -> None:
     """After a client's flag, a query sharing fewer than `threshold` but at least
     `suspect_threshold` hashes is flagged for that client, not for another one."""

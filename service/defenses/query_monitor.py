@@ -863,16 +863,18 @@ class QueryMonitor:
         """Check the client's block, fingerprint and match its images, remember them; in block
         mode record the flags and raise AttackSuspected for a blocked client."""
         verdict = self.screen_parts(policy, x, [(client, int(x.shape[0]))])[0]
-        if isinstance(verdict, AttackSuspected):
+        if isinstance(verdict, BaseException):
             raise verdict
         return verdict
 
     def screen_parts(self, policy: MonitorPolicy, x: torch.Tensor, parts: Sequence[tuple[str, int]]
-                     ) -> list[Verdict | AttackSuspected]:
+                     ) -> list[Verdict | Exception]:
         """`screen` for a batch of several requests' images: `parts` is each request's client
         and image count, in the rows' order. The fingerprints are computed for the whole batch
         at once (numpy's per-call cost shared); each request is then matched, remembered and
-        judged in turn, as if it came alone. A blocked client's entry is its AttackSuspected."""
+        judged in turn, as if it came alone. A blocked client's entry is its AttackSuspected,
+        and one that failed otherwise its error: that request's alone, not the batch's (one
+        client's block failing was a 500 for every request batched with it)."""
         started = time.perf_counter()
         if self._key_pending and self._use_redis():
             assert self.redis is not None
@@ -886,7 +888,7 @@ class QueryMonitor:
                 self._redis_failed("reading the shared key", exc)
         digests, hashes = self.fingerprinter.fingerprint(x)
         per_image = (time.perf_counter() - started) / max(1, len(digests))
-        out: list[Verdict | AttackSuspected] = []
+        out: list[Verdict | Exception] = []
         offset = 0
         for client, n in parts:
             t = time.perf_counter()
@@ -896,6 +898,8 @@ class QueryMonitor:
                 verdict.seconds = per_image * n + time.perf_counter() - t
                 out.append(verdict)
             except AttackSuspected as exc:
+                out.append(exc)
+            except Exception as exc:  # noqa: BLE001 - this request's 500, logged where it is answered
                 out.append(exc)
             offset += n
         return out
