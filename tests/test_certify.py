@@ -73,6 +73,9 @@ def test_predict_certifies_at_the_target_radius(make_client, digits) -> None:
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", bad
     r = client.post("/predict?pipeline=baseline&radius=0.5", content=digits[0][0], headers=PNG)
     assert r.status_code == 422
+    # -0.0 is 0.0 (it was echoed as -0.0, and cached under it for a later radius=0)
+    r = client.post("/predict?pipeline=smoothing&radius=-0.0", content=digits[0][0], headers=PNG)
+    assert r.status_code == 200 and str(r.json()["results"][0]["target_radius"]) == "0.0", r.text
     base = client.post("/predict?pipeline=baseline", content=digits[0][0], headers=PNG).json()["results"][0]
     assert base["target_radius"] is None and base["samples"] is None and base["certified"] is None
     assert base["alpha"] is None and base["sigma"] is None

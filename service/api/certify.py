@@ -125,7 +125,7 @@ def _params(runtime: Runtime, pipeline: str | None, sigma: float | None, n: int 
         raise ApiError(422, "invalid_parameter", f"sigma={sigma:g} is not served on pipeline {name!r}: {unusable}")
     opts: dict[str, Any] = {"sigma": sigma, "n": n, "n0": n0, "alpha": cfg.alpha if alpha is None else alpha}
     if radius is not None:
-        opts["radius"] = radius
+        opts["radius"] = radius + 0.0  # -0.0 as 0.0: echoed, and cached, as one radius
     else:
         opts["certify"] = True  # the full CERTIFY for the largest radius, not the pipeline's target
     if seed is not None:

@@ -402,7 +402,7 @@ def radius_options(runtime: Runtime, name: str, radius: float | None) -> dict[st
         return None
     if not runtime.pipelines[name].certifies:
         raise ApiError(422, "invalid_parameter", f"pipeline {name!r} does not certify; radius= needs a smoothing pipeline")
-    return {"radius": radius}
+    return {"radius": radius + 0.0}  # -0.0 as 0.0
 
 
 # ------------------------------------------------------------------ the route
