@@ -98,7 +98,8 @@ class Metrics:
         self.requests = Counter("shieldserve_requests", "Requests answered, by outcome.",
                                 ["pipeline", "endpoint", "outcome"], registry=r)
         self.request_duration = Histogram("shieldserve_request_duration_seconds",
-                                          "Time from a request's arrival (its body's upload included) to its response.", ["pipeline", "endpoint"],
+                                          "Time from a request's arrival (its body's upload included) to its "
+                                          "response.", ["pipeline", "endpoint"],
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.stage_duration = Histogram("shieldserve_stage_duration_seconds",
                                         "Time spent in one defense stage, per batch.",
