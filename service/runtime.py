@@ -106,6 +106,24 @@ def gated_digests(bundle: Bundle, classifier: Any, device: torch.device) -> Call
     return digest
 
 
+def serving_device(spec: str) -> torch.device:
+    """The torch device of the `device` setting, or a ValueError that names it: torch's own
+    error (a traceback and exit 1) for `tpu`, `cuda:x`, or `cuda` where torch sees no GPU."""
+    hint = "use cpu, cuda, cuda:N or auto"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"device {spec!r} is not a device torch knows: {hint}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r}: torch sees no CUDA GPU here (torch {torch.__version__}); {hint}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"device {spec!r}: shieldserve serves on the CPU or a CUDA GPU; {hint}")
+    return device
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         # Every torch call of this runtime runs on one thread, loading included (service/compute.py)
@@ -118,7 +136,7 @@ class Runtime:
 
     def _load(self, settings: Settings) -> None:
         self.settings = settings
-        self.device = torch.device(settings.device)
+        self.device = serving_device(settings.device)
         started = time.monotonic()
         self.bundle = Bundle.load(settings.bundle, trusted_imports=settings.trusted_imports)  # verifies every sha256; raises BundleError
         self.bundle.require_finished()

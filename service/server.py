@@ -145,6 +145,46 @@ def worker_app() -> Any:
     return app
 
 
+def check_worker_app() -> None:
+    """Build the app a `--workers` process builds, once, in a child process, before uvicorn
+    starts the workers: only they load the bundle, and a bundle or config it refuses (a
+    tampered artifact, an unknown default_pipeline or defense, a device torch cannot use) made
+    each worker die with a traceback and uvicorn's supervisor start another, for ever, the
+    service never answering. The child says why in the one line `serve` says it in, and its
+    exit status is the command's (SystemExit)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["SHIELDSERVE_LOG_LEVEL"] = "error"  # the workers log the start-up's warnings, once each
+    code = "import service.server as s; s._build_worker_app_or_exit()"
+    status = subprocess.run([sys.executable, "-c", code], env=env).returncode
+    if status != 0:
+        raise SystemExit(status)
+
+
+def _build_worker_app_or_exit() -> None:
+    """check_worker_app's child: the app from the environment's settings (without warm-up),
+    then exit 0; exit 2 with `shieldserve: error: ...` where `serve` would have said that."""
+    import sys
+
+    from service.app import create_app
+    from service.cli import _one_line, _user_error
+    from service.logs import configure_logging
+
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.json_logs)
+        create_app(settings)  # the Runtime: the bundle loaded and verified, every pipeline built
+    except Exception as exc:
+        if not _user_error(exc):
+            raise
+        print(f"shieldserve: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        os._exit(2)
+    sys.stdout.flush()
+    os._exit(0)  # not waiting for the runtime's threads
+
+
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's settings for serving `settings` (one process or `--workers N`; the live-server
     tests run with them too)."""
@@ -167,12 +207,13 @@ def serve(settings: Settings, config_file: str | None = None) -> None:
     configure_logging(settings.log_level, settings.json_logs)
     common = uvicorn_options(settings)
     if settings.workers > 1:
-        _prepare_multiprocess()
         # each worker builds its own app from the same settings, passed through the environment
         if config_file:
             os.environ["SHIELDSERVE_CONFIG"] = str(config_file)
         os.environ["SHIELDSERVE_BUNDLE"] = str(settings.bundle)
         os.environ["SHIELDSERVE_WORKERS"] = str(settings.workers)  # auto torch_threads shares the CPUs
+        check_worker_app()
+        _prepare_multiprocess()
         uvicorn.run("service.server:worker_app", factory=True, workers=settings.workers, **common)
         return
     from service.app import create_app

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from tests.conftest import free_ports, png
 
@@ -128,11 +129,43 @@ def test_serve_gives_uvicorn_whole_seconds_rounded_up_and_no_proxy_headers(monke
     runs: list[dict] = []
     monkeypatch.setattr(server.uvicorn, "run", lambda target, **kwargs: runs.append(kwargs))
     monkeypatch.setattr(server, "_prepare_multiprocess", lambda: None)
+    monkeypatch.setattr(server, "check_worker_app", lambda: None)
     for name in ("SHIELDSERVE_BUNDLE", "SHIELDSERVE_WORKERS"):  # serve sets them: restored after the test
         monkeypatch.setenv(name, os.environ.get(name, ""))
     server.serve(load_settings(bundle=tmp_path, graceful_timeout_s=0.5, workers=2))
     assert runs[-1]["workers"] == 2 and runs[-1]["timeout_graceful_shutdown"] == 1
     assert runs[-1]["proxy_headers"] is False
+
+
+def test_with_workers_a_refused_bundle_or_device_is_one_line_and_exit_2(quick_bundle, tmp_path):
+    """Only the --workers processes load the bundle: a tampered artifact (or an unknown
+    default_pipeline, a device torch cannot use) made each die with a traceback and uvicorn's
+    supervisor start another, for ever, never answering. One process said it in one line and
+    exit 2; --workers does too now, before any worker starts. A device torch cannot use was
+    torch's traceback and exit 1 in one process too."""
+    import shutil
+
+    tampered = tmp_path / "bundle"
+    shutil.copytree(quick_bundle, tampered)
+    artifact = tampered / "magnet_ae_i.safetensors"
+    data = bytearray(artifact.read_bytes())
+    data[-1] ^= 1
+    artifact.write_bytes(bytes(data))
+    cases = [(tampered, ("--workers", "2"), {}, "sha256"),
+             (quick_bundle, ("--workers", "2"), {"SHIELDSERVE_DEFAULT_PIPELINE": "nosuch"}, "default_pipeline 'nosuch'"),
+             (quick_bundle, (), {"SHIELDSERVE_DEVICE": "tpu"}, "device 'tpu'")]
+    if not torch.cuda.is_available():
+        cases.append((quick_bundle, (), {"SHIELDSERVE_DEVICE": "cuda"}, "torch sees no CUDA GPU"))
+    for bundle, args, env, said in cases:
+        proc = _start(bundle, _free_port(), *args, SHIELDSERVE_WARMUP="false", **env)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            _stop(proc)
+        text = out.decode(errors="replace")
+        errors = [line for line in text.splitlines() if line.startswith("shieldserve: error: ")]
+        assert proc.returncode == 2 and len(errors) == 1 and said in errors[0], (args, env, text[-3000:])
+        assert "Traceback" not in text, text[-3000:]
 
 
 @pytest.mark.slow
