@@ -198,6 +198,10 @@ class Runtime:
             else:
                 log.warning("certify.pipeline %s is not used (%s) and no served pipeline certifies: /certify "
                             "answers 422", certify_with, why)
+        unknown_costs = sorted(set(settings.admission.cost_per_image) - set(settings.pipelines))
+        if unknown_costs:  # a misspelt name was never used, silently
+            raise PipelineConfigError(f"admission.cost_per_image names pipelines that are not configured: "
+                                      f"{unknown_costs}; pipelines: {sorted(settings.pipelines)}")
         if settings.default_pipeline not in self.pipelines:
             raise PipelineConfigError(f"default_pipeline {settings.default_pipeline!r} is not configured; "
                                       f"pipelines: {sorted(self.pipelines)}")

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -113,6 +113,19 @@ class LimitsConfig(Section):
         4096 * 4096, gt=0, description="width*height summed over a request's images, read from their headers "
                                        "before any is decoded (413 above)")
     formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG"])
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v: list[str]) -> list[str]:
+        # a misspelt name (JEPG) started, and every upload of the format meant was a 415
+        from service.imaging import ALLOWED_CONTENT_TYPES, _FORMAT_ALIASES
+
+        known = sorted(set(ALLOWED_CONTENT_TYPES.values()))
+        unknown = [f for f in v if _FORMAT_ALIASES.get(str(f).upper(), str(f).upper()) not in known]
+        if unknown or not v:
+            raise ValueError(f"formats {unknown} are not image formats this service decodes; known: {known}"
+                             if unknown else "formats must name at least one image format")
+        return v
     resize: Literal["resize", "pad", "reject"] = "resize"
     # 15 s: nginx's client_body_timeout and the Ray proxy's SHIELDSERVE_RAY_BODY_TIMEOUT_S. uvicorn
     # has no timeout of its own while a body arrives: without this a client that sent part of a
@@ -195,7 +208,8 @@ class AdmissionConfig(Section):
 
     max_cost: float = Field(200_000, gt=0, description="sample units in flight per process before 503 overloaded")
     max_concurrent: int = Field(256, gt=0, description="pipeline requests in flight per process before 503 overloaded")
-    cost_per_image: dict[str, float] = Field(
+    # >= 0: a negative one took the units in flight below 0, and max_cost limited nothing
+    cost_per_image: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=dict, description="per-pipeline cost of one image; a certifying pipeline adds (n0 + n) x w, w its sampled networks' FLOPs over the base classifier's")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on a cost or concurrency refusal")
     max_client_cost: float | None = Field(
@@ -214,7 +228,8 @@ class Settings(BaseSettings):
     # ge/le: uvicorn took 99999 and listened on 99999 mod 65536 (34463), logging 99999
     port: int = Field(8000, ge=0, le=65535, description="TCP port `serve` listens on, 0-65535 (0: one the "
                                                           "system picks)")
-    log_level: str = "info"
+    # checked here: `verbose` named no setting, and `warn` failed in uvicorn after the whole load
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     json_logs: bool = True
     default_pipeline: str = "default"
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
@@ -298,6 +313,11 @@ class Settings(BaseSettings):
 
             return "cuda" if torch.cuda.is_available() else "cpu"
         return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _a_request_fits_the_queue(self) -> "Settings":

@@ -112,6 +112,32 @@ def test_no_setting_takes_inf_or_nan() -> None:
             Settings(**bad)
 
 
+def test_log_level_formats_and_costs_are_checked_at_start(quick_bundle) -> None:
+    """Values a start-up took and that failed later or silently (an auditor, stop 48):
+    log_level `warn` failed in uvicorn after the whole load, `verbose` named no setting; a
+    misspelt format (JEPG) turned JPEG off (every JPEG a 415); a negative cost_per_image took
+    the units in flight below 0 (max_cost then limited nothing), and a misspelt pipeline's was
+    never used."""
+    from pydantic import ValidationError
+
+    from service.runtime import Runtime
+    from service.pipeline import PipelineConfigError
+    from service.settings import Settings, load_settings
+
+    assert Settings(log_level="WARNING").log_level == "warning"
+    for bad in ("warn", "verbose", "fatal", 10):
+        with pytest.raises(ValidationError, match="log_level"):
+            Settings(log_level=bad)
+    assert Settings(limits={"formats": ["png", "jpg", "Webp"]}).limits.formats == ["png", "jpg", "Webp"]
+    for bad, said in ((["PNG", "JEPG"], "\\['JEPG'\\] are not image formats"), ([], "at least one")):
+        with pytest.raises(ValidationError, match=said):
+            Settings(limits={"formats": bad})
+    with pytest.raises(ValidationError, match="cost_per_image.magnet"):
+        Settings(admission={"cost_per_image": {"magnet": -1e9}})
+    with pytest.raises(PipelineConfigError, match="cost_per_image names pipelines that are not configured: \\['magnett'\\]"):
+        Runtime(load_settings(bundle=quick_bundle, warmup=False, admission={"cost_per_image": {"magnett": 5}}))
+
+
 def test_the_certify_alpha_setting_has_the_bound_the_api_enforces() -> None:
     # one bound for a configured alpha and a requested one: service.defenses.smoothing.MIN_ALPHA
     from pydantic import ValidationError
