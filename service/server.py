@@ -145,6 +145,26 @@ def worker_app() -> Any:
     return app
 
 
+def check_address(host: str, port: int) -> None:
+    """A ValueError naming host:port where `serve` could not listen (taken, not this machine's,
+    a name that does not resolve), found before the bundle loads: uvicorn found it after the
+    load and the warm-up (~12 s on models/default), and exited 3 with an error that named no
+    host. Bound as uvicorn binds (SO_REUSEADDR), then let go."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ValueError(f"host {host!r} does not resolve ({exc.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 def check_worker_app() -> None:
     """Build the app a `--workers` process builds, once, in a child process, before uvicorn
     starts the workers: only they load the bundle, and a bundle or config it refuses (a
@@ -212,12 +232,14 @@ def serve(settings: Settings, config_file: str | None = None) -> None:
             os.environ["SHIELDSERVE_CONFIG"] = str(config_file)
         os.environ["SHIELDSERVE_BUNDLE"] = str(settings.bundle)
         os.environ["SHIELDSERVE_WORKERS"] = str(settings.workers)  # auto torch_threads shares the CPUs
+        check_address(settings.host, settings.port)
         check_worker_app()
         _prepare_multiprocess()
         uvicorn.run("service.server:worker_app", factory=True, workers=settings.workers, **common)
         return
     from service.app import create_app
 
+    check_address(settings.host, settings.port)
     apply_process_settings(settings)
     app = create_app(settings)
     DrainingServer(uvicorn.Config(app, **common), app, settings.drain_seconds).run()

@@ -122,6 +122,7 @@ def test_serve_gives_uvicorn_whole_seconds_rounded_up_and_no_proxy_headers(monke
     monkeypatch.setattr(server, "apply_process_settings", lambda settings: None)
     monkeypatch.setattr("service.logs.configure_logging", lambda *args: None)
     monkeypatch.setattr("service.app.create_app", lambda settings: object())
+    monkeypatch.setattr(server, "check_address", lambda host, port: None)
     for given, want in ((0.5, 1), (2.01, 3), (30.0, 30), (0.0, 0)):
         server.serve(load_settings(bundle=tmp_path, graceful_timeout_s=given))
         assert configs[-1].timeout_graceful_shutdown == want, given
@@ -166,6 +167,29 @@ def test_with_workers_a_refused_bundle_or_device_is_one_line_and_exit_2(quick_bu
         errors = [line for line in text.splitlines() if line.startswith("shieldserve: error: ")]
         assert proc.returncode == 2 and len(errors) == 1 and said in errors[0], (args, env, text[-3000:])
         assert "Traceback" not in text, text[-3000:]
+
+
+def test_an_address_serve_cannot_listen_on_is_one_line_before_the_load(quick_bundle):
+    """A port in use (or a host that is not this machine's) was found by uvicorn after the
+    load and warm-up, exit 3, the host unnamed; it is one line and exit 2, at once."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args in (("--port", str(port)), ("--port", str(port), "--workers", "2")):
+            started = time.monotonic()
+            proc = subprocess.run([sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", *args],
+                                  cwd=REPO, env={**os.environ, "SHIELDSERVE_BUNDLE": str(quick_bundle)},
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            assert proc.stderr.strip().splitlines()[-1].startswith(f"shieldserve: error: cannot listen on 127.0.0.1:{port}")
+            assert "Traceback" not in proc.stderr and time.monotonic() - started < 30
+    proc = subprocess.run([sys.executable, "-m", "service", "serve", "--host", "no-such-host.invalid", "--port", "0"],
+                          cwd=REPO, env={**os.environ, "SHIELDSERVE_BUNDLE": str(quick_bundle)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "host 'no-such-host.invalid' does not resolve" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow
