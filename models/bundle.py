@@ -489,6 +489,9 @@ class Bundle:
         if not manifest_path.is_file():
             raise BundleError(f"{root}: no {MANIFEST_NAME}; build a bundle with `shieldserve train --out {root}`")
         manifest = _read_manifest(manifest_path)
+        if "format_version" not in manifest:
+            raise BundleError(f"{root}: its {MANIFEST_NAME} has no format_version: not a manifest `shieldserve train` "
+                              f"wrote (this shieldserve reads formats {', '.join(map(str, READS_FORMATS))})")
         if manifest.get("format_version") not in READS_FORMATS:
             raise BundleError(f"{root}: bundle format {manifest.get('format_version')!r}, "
                               f"this shieldserve reads {', '.join(map(str, READS_FORMATS))} (a newer release saved it?)")

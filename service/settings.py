@@ -374,7 +374,8 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
     if path:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
+            raise FileNotFoundError(f"config file {p} is a directory, not a file" if p.is_dir()
+                                    else f"config file {p} does not exist")
         try:
             user = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:

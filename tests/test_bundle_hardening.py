@@ -55,6 +55,8 @@ def test_tiny_bundle_loads_and_answers(tmp_path):
     (json.dumps({"format_version": 1, "input": {"class_names": ["a"]}}), "input is malformed"),
     (json.dumps({"format_version": 1, "input": {"shape": ["x", 1, 1], "class_names": ["a"]}}), "input is malformed"),
     (json.dumps({"format_version": 1, "input": [1]}), "input must be an object"),
+    # it said "bundle format None ... (a newer release saved it?)"
+    (json.dumps({"input": {"shape": [1, 4, 4], "class_names": ["a"]}}), "manifest.json has no format_version"),
 ])
 def test_malformed_manifest_is_a_bundle_error(tmp_path, text, problem):
     (tmp_path / "manifest.json").write_bytes(text if isinstance(text, bytes) else text.encode())

@@ -112,6 +112,13 @@ def test_no_setting_takes_inf_or_nan() -> None:
             Settings(**bad)
 
 
+def test_a_config_path_that_is_a_directory_says_so(tmp_path) -> None:
+    from service.settings import load_settings
+
+    with pytest.raises(FileNotFoundError, match="is a directory, not a file"):  # "does not exist" before
+        load_settings(tmp_path)
+
+
 def test_log_level_formats_and_costs_are_checked_at_start(quick_bundle) -> None:
     """Values a start-up took and that failed later or silently (an auditor, stop 48):
     log_level `warn` failed in uvicorn after the whole load, `verbose` named no setting; a
