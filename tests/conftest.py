@@ -181,6 +181,26 @@ def restore_logging() -> Iterator[None]:
 
 
 @pytest.fixture
+def access_records() -> Iterator[list]:
+    """The `shieldserve.access` log records written during the test (at INFO; the logger's
+    handlers and level put back after)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    access = logging.getLogger("shieldserve.access")
+    level = access.level
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+
+
+@pytest.fixture
 def logging_restored_all():
     """Put back what service.logs.configure_logging changes in the process: the root logger's
     handlers and level, uvicorn's loggers' handlers and propagation, uvicorn.access disabled,
@@ -195,6 +215,19 @@ def logging_restored_all():
         lg = logging.getLogger(n)
         lg.handlers[:], lg.propagate, lg.disabled = handlers, propagate, disabled
         lg.setLevel(level)
+
+
+def tampered_copy(bundle: Path, dest: Path, artifact: str) -> Path:
+    """A copy of `bundle` at `dest` with one bit of `artifact`'s file flipped (its sha256 no
+    longer the manifest's)."""
+    import shutil
+
+    shutil.copytree(bundle, dest)
+    path = dest / artifact
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    return dest
 
 
 def blobs_and_mlp(root: Path) -> tuple[Path, Path]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_ports, png
+from tests.conftest import free_ports, png, tampered_copy
 
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")
 ray = pytest.importorskip("ray")
@@ -123,18 +123,11 @@ def test_a_bad_bundle_is_refused_before_ray_starts(quick_bundle: Path, tmp_path:
     """The driver verifies the bundle as every replica would: a corrupted artifact is one line
     and exit 2 from `serve --ray`, before Ray starts (it was a failed deployment after the
     replicas had tried, 260 lines and a RuntimeError, 34 s)."""
-    import shutil
-
     from models.bundle import BundleError
     from service import cli, ray_app
     from service.ray_app import build_app
 
-    bad = tmp_path / "bundle"
-    shutil.copytree(quick_bundle, bad)
-    weights = bad / "classifier.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    bad = tampered_copy(quick_bundle, tmp_path / "bundle", "classifier.safetensors")
     with pytest.raises(BundleError, match="sha256"):
         build_app(options=RayOptions(max_replicas=1), bundle=bad)
     ray_init = []

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import free_ports, png
+from tests.conftest import free_ports, png, tampered_copy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,14 +144,7 @@ def test_with_workers_a_refused_bundle_or_device_is_one_line_and_exit_2(quick_bu
     supervisor start another, for ever, never answering. One process said it in one line and
     exit 2; --workers does too now, before any worker starts. A device torch cannot use was
     torch's traceback and exit 1 in one process too."""
-    import shutil
-
-    tampered = tmp_path / "bundle"
-    shutil.copytree(quick_bundle, tampered)
-    artifact = tampered / "magnet_ae_i.safetensors"
-    data = bytearray(artifact.read_bytes())
-    data[-1] ^= 1
-    artifact.write_bytes(bytes(data))
+    tampered = tampered_copy(quick_bundle, tmp_path / "bundle", "magnet_ae_i.safetensors")
     cases = [(tampered, ("--workers", "2"), {}, "sha256"),
              (quick_bundle, ("--workers", "2"), {"SHIELDSERVE_DEFAULT_PIPELINE": "nosuch"}, "default_pipeline 'nosuch'"),
              (quick_bundle, (), {"SHIELDSERVE_DEVICE": "tpu"}, "device 'tpu'")]
