@@ -145,6 +145,24 @@ def defense_env(path: str | Path):
     return DefenseEnv(bundle=bundle, classifier=bundle.classifier(), device=torch.device("cpu"))
 
 
+@pytest.fixture(scope="module")
+def env(quick_bundle: Path):
+    """The quick bundle's DefenseEnv, once per test module (a module that needs another kind
+    defines its own `env`)."""
+    return defense_env(quick_bundle)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for a module's tests, as before after them: Defense-GAN's generator
+    is tiny, per-op thread synchronisation costs more than it saves, and on a busy 2-core
+    machine two threads make the projection many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def png(x: torch.Tensor) -> bytes:
     from service.imaging import encode_png
 

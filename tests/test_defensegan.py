@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models.bundle import Bundle
-from service.defenses.base import DeadlineExceeded, DefenseEnv, RunContext
+from service.defenses.base import DeadlineExceeded, RunContext
 from tests.conftest import defense_env, png
 
 PIPELINES = {
@@ -22,19 +22,7 @@ PIPELINES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The generator is tiny: per-op thread synchronisation costs more than it saves, and on a
-    # busy 2-core machine two threads make the projection many times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def env(quick_bundle) -> DefenseEnv:
-    return defense_env(quick_bundle)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: the tiny generator's best
 
 
 @pytest.fixture(scope="module")

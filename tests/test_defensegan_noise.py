@@ -17,23 +17,12 @@ import torch
 
 import service.defenses.defensegan as dg
 from service.defenses.base import RunContext
-from tests.conftest import defense_env, png
+from tests.conftest import png
 
 KEY = b"k" * 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # as tests/test_defensegan.py: the tiny generator runs fastest on one thread
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def env(quick_bundle):
-    return defense_env(quick_bundle)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: the tiny generator's best
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,15 @@ import pytest
 import torch
 
 from service.attacks import fgsm
-from service.defenses.base import DefenseEnv, RunContext
+from service.defenses.base import RunContext
 from service.defenses.calibration import rejection_rate
-from tests.conftest import defense_env, png
+from tests.conftest import png
 
 PIPELINES = {
     "baseline": {"defenses": []},
     "magnet": {"defenses": [{"defense": "magnet"}]},
     "magnet_detect": {"defenses": [{"defense": "magnet", "reform": False}]},
 }
-
-
-@pytest.fixture(scope="module")
-def env(quick_bundle) -> DefenseEnv:
-    return defense_env(quick_bundle)
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,6 @@ PIPELINES = {
 
 
 @pytest.fixture(scope="module")
-def env(quick_bundle) -> DefenseEnv:
-    return defense_env(quick_bundle)
-
-
-@pytest.fixture(scope="module")
 def parts(env):
     from service.defenses.neuralfp import build
 
