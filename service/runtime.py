@@ -23,7 +23,7 @@ from service.admission import Admission, image_cost, sample_weights, sampling_co
 from service.batcher import Batcher, BatchReport, Screen
 from service.compute import ComputeThread
 from service.defenses.base import DefenseEnv, RunContext, optimize_argmax_decision, optimize_for_cpu
-from service.defenses.query_monitor import GATE_KEY, NEAR_GATE_KEY, QueryMonitor, Verdict
+from service.defenses.query_monitor import GATE_KEY, NEAR_GATE_KEY, QueryMonitor, Verdict, fingerprint_width
 from service.imaging import ImageLimits
 from service.metrics import Metrics, multiprocess_dir
 from service.pipeline import ImageResult, Pipeline, PipelineConfigError, Rejection, Stage
@@ -229,6 +229,15 @@ class Runtime:
             raise PipelineConfigError(f"query_monitor.window ({settings.query_monitor.window}) is larger than this "
                                       f"bundle's images ({values} values): lower it, or turn the monitor off "
                                       f"(query_monitor: false on each pipeline)")
+        width = fingerprint_width(tuple(self.input_spec.shape), settings.query_monitor.top_n)
+        too_high = {n: p.monitor.threshold for n, p in self.pipelines.items()
+                    if p.monitor is not None and p.monitor.threshold > width}
+        if too_high:
+            # a query shares at most `width` hashes with a remembered one: a higher threshold
+            # could never be met (it was once lowered to the width unsaid, flagging exact copies only)
+            raise PipelineConfigError(f"query_monitor threshold {too_high} is above the {width} hashes a query of "
+                                      f"this bundle has (top_n {settings.query_monitor.top_n} and one per column): "
+                                      f"set it to at most {width}")
         self.metrics = Metrics(shared_monitor=settings.query_monitor.store == "redis")
         self.monitor = self._build_monitor() if any(p.monitor for p in self.pipelines.values()) else None
         # exposed at 0 from the first scrape (QueryAttackSuspected)

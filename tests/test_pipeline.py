@@ -128,6 +128,24 @@ def test_a_monitor_window_larger_than_the_images_refuses_start_up(quick_bundle):
                                         "robust", "magnet", "neuralfp", "defensegan", "rmc")}))
 
 
+def test_a_monitor_threshold_above_the_fingerprint_width_refuses_start_up(quick_bundle):
+    """A 28x28 query has 80 + 28 hashes: a threshold above 108 could never be met, and was
+    lowered to 108 without a word (only exact copies flagged)."""
+    from service.app import create_app
+    from service.settings import load_settings
+
+    message = r"query_monitor threshold \{'magnet': 109\} is above the 108 hashes a query of this bundle has"
+    with pytest.raises(PipelineConfigError, match=message):
+        create_app(load_settings(bundle=quick_bundle, warmup=False,
+                                 pipelines={"magnet": {"query_monitor": {"threshold": 109}}}))
+    # the service-wide policy too, against a narrower fingerprint: 4 + 28 hashes
+    with pytest.raises(PipelineConfigError, match=r"'default': 40.* above the 32 hashes .*top_n 4"):
+        create_app(load_settings(bundle=quick_bundle, warmup=False,
+                                 query_monitor={"top_n": 4, "policy": {"threshold": 40}}))
+    create_app(load_settings(bundle=quick_bundle, warmup=False,
+                             pipelines={"magnet": {"query_monitor": {"threshold": 108}}}))
+
+
 class _Adapt(Component):
     role = "adapter"
     defense = "adapt"

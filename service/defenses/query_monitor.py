@@ -183,14 +183,11 @@ class Fingerprinter:
 
     def width(self, x: torch.Tensor) -> int:
         """Hashes per image: the top N windows, and one per line (column or row) when `lines`."""
-        return self.top_n + (self._line_shape(x)[0] if self.lines else 0)
+        return fingerprint_width(tuple(x.shape[1:]), self.top_n, self.layout, self.lines)
 
     def _line_shape(self, x: torch.Tensor) -> tuple[int, int]:
         """(lines per image, values per line) of the flattened image; (0, 0) for flat inputs."""
-        if x.dim() < 3:
-            return 0, 0
-        per = int(x.shape[-2] if self.layout == "columns" else x.shape[-1])
-        return int(np.prod(x.shape[1:])) // per, per
+        return _line_shape(tuple(x.shape[1:]), self.layout)
 
     def fingerprint(self, x: torch.Tensor) -> tuple[list[bytes], np.ndarray]:
         """Per image: a keyed digest of its exact pixels (what makes two queries the same
@@ -253,6 +250,21 @@ class Fingerprinter:
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: splitmix64's increment
+
+
+def _line_shape(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
+    """(lines per image, values per line) of an image of `shape` (no batch axis), flattened;
+    (0, 0) for flat inputs."""
+    if len(shape) < 2:
+        return 0, 0
+    per = int(shape[-2] if layout == "columns" else shape[-1])
+    return int(np.prod(shape)) // per, per
+
+
+def fingerprint_width(shape: tuple[int, ...], top_n: int, layout: str = "columns", lines: bool = True) -> int:
+    """Hashes per image of `shape` (no batch axis): the most a query can share with a
+    remembered one, so the highest threshold that can ever flag."""
+    return top_n + (_line_shape(shape, layout)[0] if lines else 0)
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
