@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+# prometheus_client picks its value class (in memory, or files in PROMETHEUS_MULTIPROC_DIR) when
+# first imported: imported inside the first test, while it sets the variable, it made every
+# later Metrics() of this file look for a directory that was gone (this file alone failed)
+import prometheus_client  # noqa: E402,F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 
