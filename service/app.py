@@ -56,8 +56,15 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
     if store is None and c.store == "redis":
         from service.redis_store import RedisStore
 
+        metrics = runtime.metrics
+
+        def down(now_down: bool) -> None:
+            metrics.certify_store_down.set(1 if now_down else 0)
+            if now_down:
+                metrics.certify_store_outages.inc()
+
         store = RedisStore(c.redis_url, c.store_max_images, c.store_max_certificates, c.store_max_age_s,
-                           prefix=c.redis_prefix)
+                           prefix=c.redis_prefix, on_down=down)
     store = store or MemoryStore(c.store_max_images, c.store_max_certificates, c.store_max_age_s)
 
     @asynccontextmanager

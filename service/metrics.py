@@ -150,6 +150,11 @@ class Metrics:
                                       multiprocess_mode="livemax")
         self.monitor_store_errors = Counter("shieldserve_query_monitor_store_errors", "Shared monitor store "
                                             "(Redis) outages seen by this replica.", registry=r)
+        self.certify_store_down = Gauge("shieldserve_certify_store_down", "1 while the shared image and certificate "
+                                        "store (Redis, certify.store: redis) cannot be reached: GET /certify "
+                                        "answers 503.", registry=r, multiprocess_mode="livemax")
+        self.certify_store_outages = Counter("shieldserve_certify_store_outages", "Outages of the shared image and "
+                                             "certificate store (Redis) seen by this replica.", registry=r)
         # requests no route answers (a scanner's paths, a wrong method): by status only, never
         # the path or method, which the client chooses (one series per path it tried)
         self.unrouted = Counter("shieldserve_unrouted_requests", "Requests for no route (404) or a route's "

@@ -38,7 +38,7 @@ import struct
 import threading
 import time
 from urllib.parse import unquote_plus
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
@@ -184,7 +184,8 @@ class RedisStore:
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", max_images: int = 4096,
                  max_certificates: int = 4096, max_age_s: float = 3600.0, prefix: str = "shieldserve:",
-                 timeout_s: float = 1.0, client: Any = None, retry_s: float = 5.0) -> None:
+                 timeout_s: float = 1.0, client: Any = None, retry_s: float = 5.0,
+                 on_down: Callable[[bool], None] | None = None) -> None:
         self.url, self.prefix = redact(url), prefix
         self.max_images, self.max_certificates = max_images, max_certificates
         self.ttl_ms = max(1, int(round(max_age_s * 1000)))
@@ -194,6 +195,9 @@ class RedisStore:
         self.retry_s = retry_s
         self._down_since: float | None = None  # the last failure of an outage (None: up)
         self._probe = threading.Lock()  # held by the one call that tries a Redis found down
+        self._state = threading.Lock()  # guards _down_since's changes
+        # told True when an outage begins and False when it ends (the app's metrics)
+        self._on_down = on_down or (lambda down: None)
 
     # ----------------------------------------------------------------------------- keys
     def image_key(self, digest: str) -> str:
@@ -222,17 +226,28 @@ class RedisStore:
         try:
             result = fn(*args, **kwargs)
         except self._errors as exc:
-            if self._down_since is None:  # once an outage, not once a request
+            # calls that fail together begin one outage; the callback inside the lock, so that
+            # an outage's end told by a call that succeeded meanwhile is never told before it
+            with self._state:
+                began = self._down_since is None
+                self._down_since = time.monotonic()
+                if began:
+                    self._on_down(True)
+            if began:  # once an outage, not once a request
                 log.warning("redis store (%s) %s failed: %s; its calls fail at once for %g s, then one tries again",
                             self.url, what, exc, self.retry_s)
-            self._down_since = time.monotonic()
             raise self._unavailable(type(exc).__name__) from None
         finally:
             if probing:
                 self._probe.release()
         if self._down_since is not None:
-            log.warning("redis store (%s) is back", self.url)
-            self._down_since = None
+            with self._state:
+                ended = self._down_since is not None
+                self._down_since = None
+                if ended:
+                    self._on_down(False)
+            if ended:
+                log.warning("redis store (%s) is back", self.url)
         return result
 
     @staticmethod

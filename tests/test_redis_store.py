@@ -334,6 +334,41 @@ def test_a_store_back_from_an_outage_is_used_again(redis_url: str) -> None:
     assert store._down_since is None and torch.equal(store.get_image("ab" * 32), torch.ones(1, 2, 2))
 
 
+def test_an_outage_is_told_once_when_it_begins_and_once_when_it_ends(redis_url: str) -> None:
+    """`on_down` (the app's `certify_store_down` gauge and outage counter): True at the first
+    failure of an outage, nothing for the calls failed at once or tried again in vain, False
+    at the call that finds Redis back."""
+    import redis
+
+    from service.redis_store import RedisStore
+    from service.store import StoreUnavailable
+
+    told: list[bool] = []
+    store = RedisStore(redis_url, prefix=prefix(), retry_s=0.2, on_down=told.append)
+    real_get, failing = store.client.get, [3]
+
+    def get(key):
+        if failing[0] > 0:
+            failing[0] -= 1
+            raise redis.exceptions.ConnectionError("refused")
+        return real_get(key)
+
+    store.client.get = get
+    for _ in range(2):  # one failure that begins the outage, then one failed at once
+        with pytest.raises(StoreUnavailable):
+            store.get_image("ab" * 32)
+    assert told == [True]
+    for _ in range(2):  # past retry_s: Redis tried again in vain, twice
+        time.sleep(0.25)
+        with pytest.raises(StoreUnavailable):
+            store.get_image("ab" * 32)
+    assert told == [True] and failing == [0]
+    time.sleep(0.25)
+    assert store.get_image("ab" * 32) is None  # back
+    store.get_image("ab" * 32)
+    assert told == [True, False]
+
+
 @pytest.fixture(scope="module")
 def digit(mnist) -> tuple[bytes, int]:
     test = mnist.test.per_class(1)
@@ -406,6 +441,9 @@ def test_app_with_redis_down_answers_503_and_still_predicts(make_client, digit) 
     r = client.get(f"/certify?image_sha256={digest}&n=500&n0=32")
     assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
     assert r.json()["error"]["code"] == "store_unavailable"
+    # the operator sees it (docker/alerts.yml, CertifyStoreDown)
+    metrics = client.get("/metrics").text
+    assert "shieldserve_certify_store_down 1.0" in metrics and "shieldserve_certify_store_outages_total 1.0" in metrics
     # a prediction does not need the store
     r = client.post("/predict?pipeline=smoothing", content=body, headers=PNG)
     assert r.status_code == 200, r.text
