@@ -136,6 +136,21 @@ def test_openapi_documents_the_infer_body(client):
     assert "/v2/models/{model}/versions/{version}/infer" in spec["paths"]
 
 
+def test_openapi_lists_no_422_on_v2_routes(client):
+    """/v2 answers a validation error with a 400 {"error": ...} (the protocol's shape): the 422
+    {"detail": [...]} FastAPI documents by default never comes, and a generated client must not
+    expect it. The other routes keep theirs, which they answer."""
+    spec = client.get("/openapi.json").json()
+    v2 = {p: ops for p, ops in spec["paths"].items() if p.startswith("/v2")}
+    assert len(v2) >= 6
+    for path, operations in v2.items():
+        for operation in operations.values():
+            assert "422" not in operation["responses"], path
+    for path in ("/v2/models/{model}", "/v2/models/{model}/infer"):
+        assert "400" in next(iter(spec["paths"][path].values()))["responses"]
+    assert "422" in spec["paths"]["/predict"]["post"]["responses"]
+
+
 def test_openapi_lists_the_infer_routes_401_and_429(client):
     # inference answers 401 (api_keys set, no known key) and 429 (attack_suspected) as
     # {"error": "..."}: a generated client must expect both
