@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
@@ -442,6 +443,13 @@ def jpeg_marker_excess(data: bytes) -> str | None:
         return f"the JPEG has more than {MAX_JPEG_SCANS} scans"
     return None
 
+
+# Pillow's warnings carry numbers from the upload (a declared pixel count, an EXIF tag's
+# sizes): under the default filter each distinct one was printed to stderr as plain text
+# (not a JSON log line) and kept in Pillow's __warningregistry__ for the process's life,
+# ~370 bytes a request of a client's choosing. What they warn of the service refuses
+# (max_pixels) or ignores (a broken EXIF block) on its own. "ignore" records nothing.
+warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
 
 # Pillow decodes a BMP's RLE8 and RLE4 compression (1, 2) in Python: a 17 KB 4096x4096 RLE8
 # file of one pixel per row was 2.9 s of CPU. Uncompressed and bit-field BMPs decode in C.
