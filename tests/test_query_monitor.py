@@ -1368,3 +1368,16 @@ def test_an_unblock_on_the_memory_store_lifts_the_block_flags_and_suspect_mark(m
     assert monitor.screen(policy, mnist.test.x[61:62], "ip:1.1.1.1").flagged == [False]
     assert monitor.blocked_count() == 0
     assert monitor.unblock("ip:1.1.1.1", hold_s=600)["was_blocked"] is False
+
+
+def test_a_suspects_remembered_images_hold_no_more_than_their_own_bytes() -> None:
+    """The rows a suspect's history keeps are copies: kept as views of the request's array, one
+    kept row held all 64 images of its request alive while the 64 MB bound counted one row
+    (an auditor's replica: 2.7 MiB counted, 43 MiB alive)."""
+    store = MemoryStore(3600, 1_000)
+    request = np.zeros((64, 784), dtype=np.uint8)
+    store.recall("client", request, keep=4, seconds=60)
+    kept = store.recall("client", np.zeros((1, 784), dtype=np.uint8), keep=4, seconds=60)
+    assert len(kept) == 4
+    assert all(a.base is None and a.nbytes == 784 for a in kept)
+    assert store._near_bytes == 4 * 784

@@ -409,7 +409,9 @@ class MemoryStore:
             until, images = self._near.pop(client, (0.0, []))
             self._near_bytes -= sum(a.nbytes for a in images)
             before = images if until > now else []
-            kept = (before + list(pixels.copy()))[-keep:]
+            # each row its own copy: kept as views, one row held its whole request's array alive
+            # (64 images for one kept), while the bound below counts the rows' bytes
+            kept = (before + [row.copy() for row in pixels[-keep:]])[-keep:]
             self._near[client] = (now + seconds, kept)
             self._near_bytes += sum(a.nbytes for a in kept)
             while self._near_bytes > NEAR_MEMORY_BYTES and len(self._near) > 1:
