@@ -24,7 +24,7 @@ Sections (each adds to bench/results/certify_seq.json as it finishes):
             yardstick of issue 20) and the seconds that ceiling allows (100,100 forwards at it).
   http      images/s of `default`, `smoothing` and `denoised` at 1 and 8 closed-loop clients
             (raw image/png bodies, keep-alive, httpx), this tree against --old (0.6.0:
-            `git -C /work/main archive main | tar -x -C DIR`), alternating old/new per
+            `git archive b1d3fb7 | tar -x -C DIR`), alternating old/new per
             pipeline, each server with its own defaults; uptime's load average beside.
 """
 
@@ -220,7 +220,8 @@ class Bench:
         # the README's plot only from the run it documents (the packaged bundle, test digits,
         # both sigmas); any other run's plot goes beside its JSON
         documented = (Path(self.args.bundle).resolve() == (REPO / "models" / "default").resolve()
-                      and self.args.split == "test" and sorted(self.args.sigmas) == [0.25, 0.5])
+                      and self.args.split == "test" and sorted(self.args.sigmas) == [0.25, 0.5]
+                      and self.args.digits >= 1000)  # a short trial run never replaces it
         path = REPO / "docs" / "defenses" / "smoothing_samples.png" if documented \
             else self.path.with_name(self.path.stem + "_samples.png")
         fig.savefig(path, dpi=110)
@@ -387,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "certify_seq.json"))
     args = p.parse_args(argv)
+    if "http" in args.sections.split(",") and not args.old:  # before hours of the other sections
+        p.error("--old DIR (0.6.0's tree: git archive b1d3fb7) is needed for the http section; "
+                "or leave http out of --sections")
     bench = Bench(args)
     for section in args.sections.split(","):
         log(f"section {section} (load {loadavg()})")
