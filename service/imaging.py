@@ -59,8 +59,9 @@ Mode conversion (to C = 1 or C = 3 channels)
       ``convert("RGB")``; a mode Pillow cannot convert is 400 ``invalid_image``.
     * Alpha ("LA", "RGBA", "PA", palette images with a transparent colour, a PNG colour key
       on a gray, RGB or 16-bit gray image) is composited over a BLACK background: value *
-      alpha. MNIST-style digits are white strokes on black, so a transparent background must read as black (background), not white (ink); a white
-      background would turn a transparent-background digit into a white page.
+      alpha. MNIST-style digits are white strokes on black, so a transparent background
+      must read as black (background), not white (ink); a white background would turn a
+      transparent-background digit into a white page.
     * Any other channel count C is accepted only when the decoded image already has exactly
       C bands; those bands are used raw (divided by 255), alpha included.
 

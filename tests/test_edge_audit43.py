@@ -216,6 +216,17 @@ def test_predict_and_certify_refuse_a_compressed_body(client, digit, route):
         assert r.status_code == 200, (encoding, r.text[:200])
 
 
+@pytest.mark.parametrize("route", ["/predict?pipeline=baseline", "/certify?pipeline=smoothing&n=1&n0=1"])
+def test_two_content_type_lines_are_refused_whatever_their_order(client, digit, route):
+    """Only the first line was read: `text/plain` then `image/png` was a 415, the other order a
+    200 (stop 49's audit). Two lines are one 400, in either order, as for one line of each."""
+    for first, second in (("text/plain", "image/png"), ("image/png", "text/plain"), ("image/png", "image/png")):
+        r = client.post(route, content=digit, headers=[("Content-Type", first), ("Content-Type", second)])
+        assert r.status_code == 400, (first, second, r.status_code, r.text[:200])
+        assert r.json()["error"]["code"] == "bad_request" and "Content-Type" in r.json()["error"]["message"]
+    assert client.post(route, content=digit, headers=[("Content-Type", "image/png")]).status_code == 200
+
+
 # ------------------------------------------------------------------ 5. every Content-Encoding line
 def test_v2_reads_every_content_encoding_line(client, mnist):
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32",

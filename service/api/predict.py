@@ -155,7 +155,13 @@ async def read_images(request: Request, runtime: Runtime) -> list[Upload]:
     """The uploaded images, as sent: every `file` part of a multipart body (Starlette's parser),
     or the raw body. Nothing is decoded here."""
     check_identity_encoding(request)
-    content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    declared = request.headers.getlist("content-type")
+    if len(declared) > 1:
+        # the first was read and the others not: `text/plain` then `image/png` was a 415 and
+        # the same two lines the other way round a 200
+        raise ApiError(400, "bad_request", f"the request has {len(declared)} Content-Type header lines; "
+                       f"send one")
+    content_type = (declared[0] if declared else "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         max_files = runtime.settings.limits.max_images_per_request + 1  # one more: the 413 says how many
         try:
