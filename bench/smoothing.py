@@ -336,14 +336,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-n-max", type=int, default=100_000)
     p.add_argument("--seq-radii", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--sections", nargs="+", default=["flops", "certified", "sequential", "art"])
-    p.add_argument("--out", default=str(RESULTS / "smoothing.json"))
+    p.add_argument("--out", help="the JSON (default bench/results/smoothing.json); with --combine the "
+                                 "plot (default bench/results/smoothing_combined.png)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="only draw one plot from the certified sections of earlier runs' JSON, to --out (.png)")
     args = p.parse_args(argv)
     if args.combine:
-        combine_plots(args.combine, Path(args.out))
+        combine_plots(args.combine, Path(args.out or RESULTS / "smoothing_combined.png"))
         return
+    args.out = args.out or str(RESULTS / "smoothing.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = Bench(args)
