@@ -285,8 +285,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/query_attacks.json and {args.out}/query_attacks.md")
         if not cfg.sections:
             return 0
+    created = not os.path.exists(args.out)
     os.makedirs(args.out, exist_ok=True)
-    report = evaluate(cfg)
+    try:
+        report = evaluate(cfg)
+    except BaseException:
+        # refused before any result (a bundle not trusted or not loadable): no empty --out left
+        if created and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)
+        raise
     print(f"wrote {args.out}/report.json, {args.out}/report.md and plots in {report['seconds'] / 60:.1f} min")
     failed = {n: r["error"] for n, r in report["pipelines"].items() if r.get("error")}
     for name, error in failed.items():

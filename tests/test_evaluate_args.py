@@ -416,3 +416,18 @@ def test_the_coverage_table_gives_each_black_box_attack_its_own_budget() -> None
 
     row = report.coverage(_fake_report())[0]
     assert "square 50" in row[4] and "hsj 40" in row[4], row
+
+
+def test_a_bundle_refused_at_load_leaves_no_empty_out_dir(tmp_path, capsys) -> None:
+    """The bundle is loaded after --out is made: a refusal there (here, a directory that is no
+    bundle; an untrusted TorchScript classifier alike) left an empty --out behind."""
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    out = tmp_path / "report"
+    assert cli.main(["evaluate", "--bundle", str(nothing), "--out", str(out), "--limit", "5"]) == 2
+    _one_error_line(capsys)
+    assert not out.exists()
+    kept = tmp_path / "kept"  # a directory the user made is theirs, even empty
+    kept.mkdir()
+    assert cli.main(["evaluate", "--bundle", str(nothing), "--out", str(kept), "--limit", "5"]) == 2
+    assert kept.is_dir()
