@@ -281,12 +281,13 @@ def test_promtool_checks_the_shipped_files() -> None:
     names = {r["alert"] for r in rules}
     assert {"ShieldserveRejectionRateSpike", "ShieldserveAbstentionSpike", "ShieldserveErrorRate",
             "ShieldserveP99LatencyHigh", "ShieldserveQueueSaturation", "QueryAttackSuspected",
-            "QueryMonitorStoreDegraded"} <= names
+            "QueryMonitorStoreDegraded", "CertifyStoreDown"} <= names
     used = set(re.findall(r"\b(shieldserve_[a-z_]+)", " ".join(r["expr"] for r in rules)))
     assert used <= {"shieldserve_requests_total", "shieldserve_request_duration_seconds_bucket",
                     "shieldserve_rejections_total", "shieldserve_abstentions_total", "shieldserve_images_total",
                     "shieldserve_queue_depth", "shieldserve_inflight_requests",
-                    "shieldserve_query_monitor_flags_total", "shieldserve_query_monitor_degraded"}, used
+                    "shieldserve_query_monitor_flags_total", "shieldserve_query_monitor_degraded",
+                    "shieldserve_certify_store_down"}, used
 
 
 def test_requests_through_the_gateway(topology: Topology, mnist) -> None:
