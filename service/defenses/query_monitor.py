@@ -185,10 +185,6 @@ class Fingerprinter:
         """Hashes per image: the top N windows, and one per line (column or row) when `lines`."""
         return fingerprint_width(tuple(x.shape[1:]), self.top_n, self.layout, self.lines)
 
-    def _line_shape(self, x: torch.Tensor) -> tuple[int, int]:
-        """(lines per image, values per line) of the flattened image; (0, 0) for flat inputs."""
-        return _line_shape(tuple(x.shape[1:]), self.layout)
-
     def fingerprint(self, x: torch.Tensor) -> tuple[list[bytes], np.ndarray]:
         """Per image: a keyed digest of its exact pixels (what makes two queries the same
         query) and its hashes, (B, width) uint64: the top-N distinct window hashes, then (with
@@ -211,7 +207,7 @@ class Fingerprinter:
         w = self.window
         if length < w:
             raise ValueError(f"images of {length} values are smaller than the window ({w})")
-        n_lines, per = self._line_shape(x) if self.lines else (0, 0)
+        n_lines, per = _line_shape(tuple(x.shape[1:]), self.layout) if self.lines else (0, 0)
         fwd, inv, starts, ends, line_fwd, line_at = self._plan(length, n_lines, per)
         n = length - w + 1
         prefix = np.zeros((b, length + 1), dtype=np.uint64)
